@@ -1,0 +1,832 @@
+//! The wire format: how one decoded change travels from a node's output plugin to a peer's
+//! apply worker.
+//!
+//! Every logical-decoding write is exactly one **frame**:
+//!
+//! ```text
+//! +----------------+----------------+---------+------+------------------+
+//! | length: u32 BE | crc32:  u32 BE | version | kind | body (JSON)      |
+//! +----------------+----------------+---------+------+------------------+
+//!   bytes after     CRC-32 (IEEE) of   u8        u8     serde_json of the
+//!   the crc field   version..body                       message's struct
+//! ```
+//!
+//! Why this way: the header is fixed-size binary so a receiver can reject a truncated or
+//! corrupted frame, an unknown protocol version or an unknown message kind *before* it
+//! spends time parsing the body, and each of those failures has its own error. The body is
+//! JSON (serde) because it is easy to read in a debugger and in `pg_logical_slot_peek_*`
+//! output; a binary body can be negotiated later under a new version number.
+//!
+//! Column values travel in text form (the type's output function on the sender, the
+//! local type's input function on the receiver), so nodes of different architectures and
+//! major versions interoperate. A value is SQL NULL, a text, or "unchanged TOAST" (an
+//! on-disk TOASTed value an UPDATE did not touch, which the sender does not have and must
+//! not invent).
+//!
+//! Invariants:
+//! - `decode_frame(&encode_frame(m, v)) == Ok(m)` for every message and supported version.
+//! - A decoder never returns a message from a frame whose CRC does not match, whose
+//!   version is outside the supported range, or whose kind byte it does not know.
+//! - Nothing here touches PostgreSQL: this module is unit-tested without a server.
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::ser::Serializer;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The lowest protocol version this build can speak.
+pub const PROTOCOL_VERSION_MIN: u8 = 1;
+/// The highest protocol version this build can speak.
+pub const PROTOCOL_VERSION_MAX: u8 = 1;
+/// Bytes before the body: length (4) + crc (4) + version (1) + kind (1).
+pub const HEADER_LEN: usize = 10;
+/// Prefix of transactional logical messages that belong to bdr (e.g. DDL replication).
+pub const MESSAGE_PREFIX: &str = "bdr";
+
+/// Everything that can go wrong turning bytes into a [`Message`]. Each is fatal for the
+/// stream: the apply worker stops with this text, it never skips a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("truncated frame: need {needed} bytes, have {have}")]
+    Truncated { needed: usize, have: usize },
+    #[error("frame checksum mismatch: header says {expected:#010x}, payload has {actual:#010x}")]
+    BadCrc { expected: u32, actual: u32 },
+    #[error(
+        "unsupported protocol version {version} (this node speaks {PROTOCOL_VERSION_MIN} to {PROTOCOL_VERSION_MAX})"
+    )]
+    UnsupportedVersion { version: u8 },
+    #[error("unknown message kind {kind:#04x} ({:?})", char::from(*kind))]
+    UnknownKind { kind: u8 },
+    #[error("malformed {kind} message body: {reason}")]
+    BadBody { kind: &'static str, reason: String },
+    #[error("trailing {extra} bytes after the frame")]
+    TrailingBytes { extra: usize },
+    #[error("protocol version ranges do not overlap: this node speaks {ours_min} to {ours_max}, the peer asked for {theirs_min} to {theirs_max}")]
+    NoCommonVersion {
+        ours_min: u8,
+        ours_max: u8,
+        theirs_min: u8,
+        theirs_max: u8,
+    },
+}
+
+/// One column value in text form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    /// SQL NULL.
+    Null,
+    /// An on-disk TOASTed value the change did not modify; the receiver keeps its own.
+    UnchangedToast,
+    /// The type output function's rendering of the value.
+    Text(String),
+}
+
+impl Value {
+    pub fn text(s: impl Into<String>) -> Self {
+        Value::Text(s.into())
+    }
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            Value::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+// JSON form: a string is a value, `null` is SQL NULL, `true` is "unchanged TOAST".
+impl Serialize for Value {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Value::Null => s.serialize_unit(),
+            Value::UnchangedToast => s.serialize_bool(true),
+            Value::Text(t) => s.serialize_str(t),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Value {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Value;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, null, or true (unchanged TOAST)")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+                Ok(Value::Null)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+                Ok(Value::Null)
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<Value, E> {
+                if b {
+                    Ok(Value::UnchangedToast)
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Bool(false), &self))
+                }
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Value, E> {
+                Ok(Value::Text(s.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, s: String) -> Result<Value, E> {
+                Ok(Value::Text(s))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Where a transaction came from when the stream forwards other origins' changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginInfo {
+    /// The replication origin's name on the sending node (`bdr_<node>` for our peers).
+    pub name: String,
+    /// The origin's LSN recorded with that transaction on the sending node.
+    pub lsn: u64,
+}
+
+/// Start of a transaction. Sent lazily, just before its first emitted change, so a
+/// transaction with nothing to replicate produces no frames at all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Begin {
+    pub xid: u32,
+    /// LSN of the commit record.
+    pub final_lsn: u64,
+    /// Commit timestamp, microseconds since 2000-01-01 UTC (PostgreSQL's epoch).
+    pub commit_time: i64,
+    /// Present only for transactions replayed from another origin (forwarding streams).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<OriginInfo>,
+}
+
+/// Replica identity of a relation, as `pg_class.relreplident`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaIdentity {
+    /// Primary key.
+    Default,
+    /// A chosen unique index.
+    Index,
+    /// All columns.
+    Full,
+    /// None: UPDATE/DELETE cannot be located on the receiver.
+    Nothing,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Column {
+    pub name: String,
+    /// `format_type` rendering, e.g. `integer`, `text[]`, `public.mood`.
+    pub type_name: String,
+    /// Part of the replica identity key.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub key: bool,
+}
+
+/// A relation's definition, sent before its first change in a stream and again after
+/// its definition changes. Later messages refer to it by `id` (the sender's OID).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relation {
+    pub id: u32,
+    pub schema: String,
+    pub name: String,
+    pub replica_identity: ReplicaIdentity,
+    /// Sent columns in attribute order (dropped and generated columns are not sent).
+    pub columns: Vec<Column>,
+}
+
+impl Relation {
+    /// Indexes (into `columns`) of the key columns, in attribute order.
+    pub fn key_columns(&self) -> Vec<usize> {
+        self.columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.key)
+            .map(|(i, _)| i)
+            .collect()
+    }
+    pub fn qualified_name(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+}
+
+/// The old row of an UPDATE or DELETE.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OldRow {
+    /// The key columns' values, in the order of [`Relation::key_columns`].
+    Key(Vec<Value>),
+    /// Every sent column (REPLICA IDENTITY FULL).
+    Full(Vec<Value>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Insert {
+    pub relation: u32,
+    pub new: Vec<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Update {
+    pub relation: u32,
+    /// Present when the key changed, or always under REPLICA IDENTITY FULL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<OldRow>,
+    pub new: Vec<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delete {
+    pub relation: u32,
+    pub old: OldRow,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Truncate {
+    pub relations: Vec<u32>,
+    pub cascade: bool,
+    pub restart_identity: bool,
+}
+
+/// A logical decoding message (`pg_logical_emit_message`) whose prefix starts with
+/// [`MESSAGE_PREFIX`]. The content is hex-encoded in JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogicalMessage {
+    pub transactional: bool,
+    pub lsn: u64,
+    pub prefix: String,
+    #[serde(with = "hex_bytes")]
+    pub content: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    /// LSN of the commit record.
+    pub commit_lsn: u64,
+    /// LSN just past the commit record: what the receiver stores as origin progress.
+    pub end_lsn: u64,
+    pub commit_time: i64,
+}
+
+/// Every message kind, with its kind byte on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Begin(Begin),
+    Relation(Relation),
+    Insert(Insert),
+    Update(Update),
+    Delete(Delete),
+    Truncate(Truncate),
+    Message(LogicalMessage),
+    Commit(Commit),
+}
+
+impl Message {
+    /// The kind byte (ASCII, like pgoutput's, to be readable in a hex dump).
+    pub fn kind_byte(&self) -> u8 {
+        match self {
+            Message::Begin(_) => b'B',
+            Message::Relation(_) => b'R',
+            Message::Insert(_) => b'I',
+            Message::Update(_) => b'U',
+            Message::Delete(_) => b'D',
+            Message::Truncate(_) => b'T',
+            Message::Message(_) => b'M',
+            Message::Commit(_) => b'C',
+        }
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        kind_name(self.kind_byte()).unwrap_or("unknown")
+    }
+}
+
+/// Name of a kind byte, or `None` if the byte is not a known kind.
+pub fn kind_name(kind: u8) -> Option<&'static str> {
+    Some(match kind {
+        b'B' => "begin",
+        b'R' => "relation",
+        b'I' => "insert",
+        b'U' => "update",
+        b'D' => "delete",
+        b'T' => "truncate",
+        b'M' => "message",
+        b'C' => "commit",
+        _ => return None,
+    })
+}
+
+/// Pick the highest version both sides speak, or say why there is none.
+pub fn negotiate_version(theirs_min: u8, theirs_max: u8) -> Result<u8, WireError> {
+    let lo = theirs_min.max(PROTOCOL_VERSION_MIN);
+    let hi = theirs_max.min(PROTOCOL_VERSION_MAX);
+    if theirs_min > theirs_max || lo > hi {
+        return Err(WireError::NoCommonVersion {
+            ours_min: PROTOCOL_VERSION_MIN,
+            ours_max: PROTOCOL_VERSION_MAX,
+            theirs_min,
+            theirs_max,
+        });
+    }
+    Ok(hi)
+}
+
+/// Append one frame for `msg` to `out`.
+pub fn encode_frame_into(msg: &Message, version: u8, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; 8]); // length and crc, filled in below
+    out.push(version);
+    out.push(msg.kind_byte());
+    // Serialising our own plain structs into a Vec cannot fail.
+    let res = match msg {
+        Message::Begin(m) => serde_json::to_writer(&mut *out, m),
+        Message::Relation(m) => serde_json::to_writer(&mut *out, m),
+        Message::Insert(m) => serde_json::to_writer(&mut *out, m),
+        Message::Update(m) => serde_json::to_writer(&mut *out, m),
+        Message::Delete(m) => serde_json::to_writer(&mut *out, m),
+        Message::Truncate(m) => serde_json::to_writer(&mut *out, m),
+        Message::Message(m) => serde_json::to_writer(&mut *out, m),
+        Message::Commit(m) => serde_json::to_writer(&mut *out, m),
+    };
+    res.expect("serialising a wire message to memory cannot fail");
+    let payload = &out[start + 8..];
+    let len = payload.len() as u32;
+    let crc = crc32fast::hash(payload);
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// One frame for `msg`.
+pub fn encode_frame(msg: &Message, version: u8) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    encode_frame_into(msg, version, &mut out);
+    out
+}
+
+/// Decode the frame at the start of `buf`; returns the message, its version and the bytes
+/// consumed. Use [`decode_frame`] when `buf` must be exactly one frame.
+pub fn decode_frame_prefix(buf: &[u8]) -> Result<(Message, u8, usize), WireError> {
+    if buf.len() < HEADER_LEN {
+        return Err(WireError::Truncated {
+            needed: HEADER_LEN,
+            have: buf.len(),
+        });
+    }
+    let len = u32::from_be_bytes(buf[0..4].try_into().unwrap()) as usize;
+    let expected = u32::from_be_bytes(buf[4..8].try_into().unwrap());
+    let total = 8 + len;
+    if len < 2 || buf.len() < total {
+        return Err(WireError::Truncated {
+            needed: total.max(HEADER_LEN),
+            have: buf.len(),
+        });
+    }
+    let payload = &buf[8..total];
+    let actual = crc32fast::hash(payload);
+    if actual != expected {
+        return Err(WireError::BadCrc { expected, actual });
+    }
+    let version = payload[0];
+    if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&version) {
+        return Err(WireError::UnsupportedVersion { version });
+    }
+    let kind = payload[1];
+    let name = kind_name(kind).ok_or(WireError::UnknownKind { kind })?;
+    let body = &payload[2..];
+    fn parse<'a, T: Deserialize<'a>>(name: &'static str, body: &'a [u8]) -> Result<T, WireError> {
+        serde_json::from_slice(body).map_err(|e| WireError::BadBody {
+            kind: name,
+            reason: e.to_string(),
+        })
+    }
+    let msg = match kind {
+        b'B' => Message::Begin(parse(name, body)?),
+        b'R' => Message::Relation(parse(name, body)?),
+        b'I' => Message::Insert(parse(name, body)?),
+        b'U' => Message::Update(parse(name, body)?),
+        b'D' => Message::Delete(parse(name, body)?),
+        b'T' => Message::Truncate(parse(name, body)?),
+        b'M' => Message::Message(parse(name, body)?),
+        b'C' => Message::Commit(parse(name, body)?),
+        _ => unreachable!("kind_name accepted an unknown kind"),
+    };
+    Ok((msg, version, total))
+}
+
+/// Decode `buf`, which must hold exactly one frame.
+pub fn decode_frame(buf: &[u8]) -> Result<Message, WireError> {
+    let (msg, _, used) = decode_frame_prefix(buf)?;
+    if used != buf.len() {
+        return Err(WireError::TrailingBytes {
+            extra: buf.len() - used,
+        });
+    }
+    Ok(msg)
+}
+
+/// Render an LSN the way PostgreSQL does (`16/B374D848`).
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// Parse PostgreSQL's `X/Y` LSN form.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.trim().split_once('/')?;
+    let hi = u32::from_str_radix(hi, 16).ok()? as u64;
+    let lo = u32::from_str_radix(lo, 16).ok()? as u64;
+    Some((hi << 32) | lo)
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(bytes.len() * 2);
+        for b in bytes {
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 0xf) as usize] as char);
+        }
+        s.serialize_str(&out)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        if s.len() % 2 != 0 {
+            return Err(serde::de::Error::custom("odd-length hex string"));
+        }
+        (0..s.len())
+            .step_by(2)
+            .map(|i| {
+                u8::from_str_radix(&s[i..i + 2], 16)
+                    .map_err(|_| serde::de::Error::custom("invalid hex digit"))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::Begin(Begin {
+                xid: 742,
+                final_lsn: 0x1_6B37_4D48,
+                commit_time: 817_000_000_123_456,
+                origin: None,
+            }),
+            Message::Begin(Begin {
+                xid: 1,
+                final_lsn: 2,
+                commit_time: -5,
+                origin: Some(OriginInfo {
+                    name: "bdr_node2".into(),
+                    lsn: 99,
+                }),
+            }),
+            Message::Relation(Relation {
+                id: 16384,
+                schema: "public".into(),
+                name: "t \"quoted\"".into(),
+                replica_identity: ReplicaIdentity::Default,
+                columns: vec![
+                    Column {
+                        name: "id".into(),
+                        type_name: "integer".into(),
+                        key: true,
+                    },
+                    Column {
+                        name: "tags".into(),
+                        type_name: "text[]".into(),
+                        key: false,
+                    },
+                ],
+            }),
+            Message::Insert(Insert {
+                relation: 16384,
+                new: vec![
+                    Value::text("1"),
+                    Value::Null,
+                    Value::text(""),
+                    Value::text("ünïcødé \u{0} \"q\""),
+                ],
+            }),
+            Message::Update(Update {
+                relation: 16384,
+                old: Some(OldRow::Key(vec![Value::text("1")])),
+                new: vec![Value::text("2"), Value::UnchangedToast],
+            }),
+            Message::Update(Update {
+                relation: 16384,
+                old: None,
+                new: vec![Value::text("2")],
+            }),
+            Message::Delete(Delete {
+                relation: 16384,
+                old: OldRow::Full(vec![Value::text("2"), Value::Null]),
+            }),
+            Message::Truncate(Truncate {
+                relations: vec![1, 2, 3],
+                cascade: true,
+                restart_identity: false,
+            }),
+            Message::Message(LogicalMessage {
+                transactional: true,
+                lsn: 77,
+                prefix: "bdr.ddl".into(),
+                content: vec![0, 1, 254, 255],
+            }),
+            Message::Commit(Commit {
+                commit_lsn: 10,
+                end_lsn: 20,
+                commit_time: 30,
+            }),
+        ]
+    }
+
+    #[test]
+    fn round_trip_every_kind() {
+        for m in samples() {
+            let f = encode_frame(&m, 1);
+            assert_eq!(decode_frame(&f).unwrap(), m, "kind {}", m.kind_name());
+        }
+    }
+
+    #[test]
+    fn null_and_empty_string_are_distinct() {
+        let m = Message::Insert(Insert {
+            relation: 1,
+            new: vec![Value::Null, Value::text("")],
+        });
+        let f = encode_frame(&m, 1);
+        let body = std::str::from_utf8(&f[HEADER_LEN..]).unwrap();
+        assert_eq!(body, r#"{"relation":1,"new":[null,""]}"#);
+        assert_eq!(decode_frame(&f).unwrap(), m);
+    }
+
+    #[test]
+    fn every_corrupted_byte_is_caught() {
+        for m in samples() {
+            let f = encode_frame(&m, 1);
+            for i in 4..f.len() {
+                let mut g = f.clone();
+                g[i] ^= 0x40;
+                let err = decode_frame(&g).unwrap_err();
+                assert!(
+                    matches!(err, WireError::BadCrc { .. }),
+                    "byte {i} of {} gave {err:?}",
+                    m.kind_name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn corrupted_length_is_caught() {
+        let f = encode_frame(&samples()[0], 1);
+        let mut g = f.clone();
+        g[3] = g[3].wrapping_add(1); // claims one byte more than there is
+        assert!(matches!(
+            decode_frame(&g).unwrap_err(),
+            WireError::Truncated { .. }
+        ));
+        let mut g = f.clone();
+        g[3] = g[3].wrapping_sub(1); // claims one byte less: crc over a shorter payload
+        assert!(decode_frame(&g).is_err());
+    }
+
+    #[test]
+    fn truncated_frames_are_caught() {
+        let f = encode_frame(&samples()[2], 1);
+        for cut in 0..f.len() {
+            let err = decode_frame(&f[..cut]).unwrap_err();
+            assert!(
+                matches!(err, WireError::Truncated { .. }),
+                "cut at {cut}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_caught() {
+        let mut f = encode_frame(&samples()[0], 1);
+        f.push(0);
+        assert_eq!(
+            decode_frame(&f).unwrap_err(),
+            WireError::TrailingBytes { extra: 1 }
+        );
+    }
+
+    /// Re-seal a frame's payload with a valid CRC, to test errors past the checksum.
+    fn reseal(mut f: Vec<u8>) -> Vec<u8> {
+        let crc = crc32fast::hash(&f[8..]);
+        f[4..8].copy_from_slice(&crc.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn unknown_version_is_caught() {
+        let mut f = encode_frame(&samples()[0], 1);
+        f[8] = PROTOCOL_VERSION_MAX + 1;
+        let f = reseal(f);
+        assert_eq!(
+            decode_frame(&f).unwrap_err(),
+            WireError::UnsupportedVersion {
+                version: PROTOCOL_VERSION_MAX + 1
+            }
+        );
+        let mut g = encode_frame(&samples()[0], 1);
+        g[8] = 0;
+        assert!(matches!(
+            decode_frame(&reseal(g)).unwrap_err(),
+            WireError::UnsupportedVersion { version: 0 }
+        ));
+    }
+
+    #[test]
+    fn unknown_kind_is_caught() {
+        let mut f = encode_frame(&samples()[0], 1);
+        f[9] = b'Z';
+        assert_eq!(
+            decode_frame(&reseal(f)).unwrap_err(),
+            WireError::UnknownKind { kind: b'Z' }
+        );
+    }
+
+    #[test]
+    fn malformed_body_is_caught() {
+        let mut f = encode_frame(&samples()[0], 1);
+        f[9] = b'C'; // a begin body under a commit kind byte
+        let err = decode_frame(&reseal(f)).unwrap_err();
+        assert!(
+            matches!(err, WireError::BadBody { kind: "commit", .. }),
+            "{err:?}"
+        );
+        // `false` is not a column value
+        let mut g = encode_frame(
+            &Message::Insert(Insert {
+                relation: 1,
+                new: vec![],
+            }),
+            1,
+        );
+        g.truncate(HEADER_LEN);
+        g.extend_from_slice(br#"{"relation":1,"new":[false]}"#);
+        let len = (g.len() - 8) as u32;
+        g[0..4].copy_from_slice(&len.to_be_bytes());
+        assert!(matches!(
+            decode_frame(&reseal(g)).unwrap_err(),
+            WireError::BadBody { kind: "insert", .. }
+        ));
+    }
+
+    #[test]
+    fn frames_concatenate() {
+        let mut buf = Vec::new();
+        for m in samples() {
+            encode_frame_into(&m, 1, &mut buf);
+        }
+        let mut at = 0;
+        let mut got = Vec::new();
+        while at < buf.len() {
+            let (m, v, used) = decode_frame_prefix(&buf[at..]).unwrap();
+            assert_eq!(v, 1);
+            got.push(m);
+            at += used;
+        }
+        assert_eq!(got, samples());
+    }
+
+    #[test]
+    fn version_negotiation() {
+        assert_eq!(negotiate_version(1, 1), Ok(1));
+        assert_eq!(negotiate_version(1, 9), Ok(PROTOCOL_VERSION_MAX));
+        assert_eq!(negotiate_version(0, 1), Ok(1));
+        let err = negotiate_version(2, 3).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "protocol version ranges do not overlap: this node speaks 1 to 1, the peer asked for 2 to 3"
+        );
+        assert!(negotiate_version(1, 0).is_err());
+    }
+
+    #[test]
+    fn lsn_text_form() {
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(parse_lsn("0/0"), Some(0));
+        assert_eq!(parse_lsn("nonsense"), None);
+    }
+
+    fn arb_value() -> impl Strategy<Value = Value> + Clone {
+        prop_oneof![
+            Just(Value::Null),
+            Just(Value::UnchangedToast),
+            any::<String>().prop_map(Value::Text),
+        ]
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        let vals = prop::collection::vec(arb_value(), 0..8);
+        prop_oneof![
+            (any::<u32>(), any::<u64>(), any::<i64>(), any::<Option<(String, u64)>>()).prop_map(
+                |(xid, final_lsn, commit_time, o)| Message::Begin(Begin {
+                    xid,
+                    final_lsn,
+                    commit_time,
+                    origin: o.map(|(name, lsn)| OriginInfo { name, lsn }),
+                })
+            ),
+            (
+                any::<u32>(),
+                any::<String>(),
+                any::<String>(),
+                prop::collection::vec((any::<String>(), any::<String>(), any::<bool>()), 0..6)
+            )
+                .prop_map(|(id, schema, name, cols)| Message::Relation(Relation {
+                    id,
+                    schema,
+                    name,
+                    replica_identity: ReplicaIdentity::Full,
+                    columns: cols
+                        .into_iter()
+                        .map(|(name, type_name, key)| Column {
+                            name,
+                            type_name,
+                            key
+                        })
+                        .collect(),
+                })),
+            (any::<u32>(), vals.clone())
+                .prop_map(|(relation, new)| Message::Insert(Insert { relation, new })),
+            (any::<u32>(), vals.clone(), vals.clone(), any::<bool>()).prop_map(
+                |(relation, old, new, has_old)| Message::Update(Update {
+                    relation,
+                    old: has_old.then_some(OldRow::Key(old)),
+                    new,
+                })
+            ),
+            (any::<u32>(), vals).prop_map(|(relation, v)| Message::Delete(Delete {
+                relation,
+                old: OldRow::Full(v),
+            })),
+            (
+                prop::collection::vec(any::<u32>(), 0..5),
+                any::<bool>(),
+                any::<bool>()
+            )
+                .prop_map(|(relations, cascade, restart_identity)| Message::Truncate(
+                    Truncate {
+                        relations,
+                        cascade,
+                        restart_identity
+                    }
+                )),
+            (
+                any::<bool>(),
+                any::<u64>(),
+                any::<String>(),
+                prop::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(transactional, lsn, prefix, content)| Message::Message(
+                    LogicalMessage {
+                        transactional,
+                        lsn,
+                        prefix,
+                        content
+                    }
+                )),
+            (any::<u64>(), any::<u64>(), any::<i64>()).prop_map(
+                |(commit_lsn, end_lsn, commit_time)| Message::Commit(Commit {
+                    commit_lsn,
+                    end_lsn,
+                    commit_time
+                })
+            ),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn prop_round_trip(m in arb_message()) {
+            let f = encode_frame(&m, PROTOCOL_VERSION_MAX);
+            prop_assert_eq!(decode_frame(&f).unwrap(), m);
+        }
+
+        #[test]
+        fn prop_bit_flip_never_yields_a_message(m in arb_message(), pos in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let mut f = encode_frame(&m, 1);
+            let i = pos.index(f.len());
+            f[i] ^= 1 << bit;
+            prop_assert!(decode_frame(&f).is_err());
+        }
+
+        #[test]
+        fn prop_garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode_frame(&bytes);
+        }
+    }
+}

@@ -1,0 +1,43 @@
+-- bdr catalog: hand-written, loaded first by CREATE EXTENSION (schema bdr).
+-- Tables here belong to the extension, so the output plugin never replicates them.
+
+-- One row per node of the group, as known by this node.
+CREATE TABLE bdr.nodes (
+    node_name    text PRIMARY KEY
+                 CHECK (node_name ~ '^[a-z0-9_]{1,48}$'),
+    node_id      bigint NOT NULL UNIQUE,
+    node_kind    text NOT NULL DEFAULT 'active'
+                 CHECK (node_kind IN ('active', 'standby')),
+    node_state   text NOT NULL DEFAULT 'joining'
+                 CHECK (node_state IN ('joining', 'catching_up', 'active', 'standby',
+                                       'parting', 'parted')),
+    node_dsn     text NOT NULL,
+    is_local     boolean NOT NULL DEFAULT false,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    joined_at    timestamptz
+);
+COMMENT ON TABLE bdr.nodes IS 'Nodes of the bdr group as known by this node';
+-- At most one local node.
+CREATE UNIQUE INDEX nodes_one_local ON bdr.nodes (is_local) WHERE is_local;
+
+-- One row per conflict resolved by an apply worker on this node, written in the
+-- transaction that applied the remote change.
+CREATE TABLE bdr.conflict_history (
+    conflict_id          bigserial PRIMARY KEY,
+    conflict_time        timestamptz NOT NULL DEFAULT clock_timestamp(),
+    local_node           text NOT NULL,
+    remote_node          text NOT NULL,
+    relation             text NOT NULL,
+    conflict_type        text NOT NULL,
+    conflict_resolution  text NOT NULL,
+    local_commit_time    timestamptz,
+    remote_commit_time   timestamptz,
+    remote_lsn           pg_lsn,
+    remote_xid           xid,
+    key                  jsonb,
+    local_tuple          jsonb,
+    remote_tuple         jsonb,
+    detail               text
+);
+CREATE INDEX conflict_history_time ON bdr.conflict_history (conflict_time);
+COMMENT ON TABLE bdr.conflict_history IS 'Every replication conflict resolved on this node';

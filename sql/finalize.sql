@@ -1,0 +1,3 @@
+-- Runs last in CREATE EXTENSION: nothing in schema bdr is usable by PUBLIC unless granted.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA bdr FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA bdr FROM PUBLIC;

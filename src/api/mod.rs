@@ -1,0 +1,53 @@
+//! The SQL API in schema `bdr`: admin and monitoring functions.
+//!
+//! Every function here is a thin shell: it checks its input, then calls into the catalog
+//! and worker modules. All are revoked from PUBLIC (see `sql/finalize.sql`).
+
+use pgrx::prelude::*;
+
+/// The extension's version and the wire protocol range it speaks.
+#[pg_extern]
+fn version() -> String {
+    format!(
+        "bdr {} (protocol {}..{})",
+        env!("CARGO_PKG_VERSION"),
+        bdr_core::wire::PROTOCOL_VERSION_MIN,
+        bdr_core::wire::PROTOCOL_VERSION_MAX
+    )
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn version_names_protocol() {
+        let v = Spi::get_one::<String>("SELECT bdr.version()").unwrap().unwrap();
+        assert!(v.starts_with("bdr "), "{v}");
+        assert!(v.contains("protocol 1..1"), "{v}");
+    }
+
+    #[pg_test]
+    fn catalog_tables_exist() {
+        let n = Spi::get_one::<i64>(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'bdr' AND c.relname IN ('nodes', 'conflict_history')",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(n, 2);
+    }
+
+    #[pg_test]
+    fn options_parse_and_negotiate() {
+        use crate::decode::DecodeOptions;
+        let o = DecodeOptions::parse([("forward_origins", Some("all"))]).unwrap();
+        assert!(o.forward_origins);
+        assert_eq!(o.version, 1);
+        let e = DecodeOptions::parse([("min_proto_version", Some("2"))]).unwrap_err();
+        assert_eq!(e.to_string(), "bdr output plugin cannot speak protocol versions 2 to 2");
+        assert!(DecodeOptions::parse([("bogus", None)]).is_err());
+        assert!(DecodeOptions::parse([("forward_origins", Some("some"))]).is_err());
+    }
+}

@@ -1,0 +1,125 @@
+//! Decode stage, policy half: what the output plugin sends and when.
+//!
+//! The raw callbacks in [`crate::pg::decoding`] read PostgreSQL's structures and call in
+//! here for every decision, so the rules are readable in one place:
+//!
+//! - **Options**: `min_proto_version`/`max_proto_version` pick the protocol version (the
+//!   highest both speak; no overlap is an ERROR naming both ranges); `forward_origins`
+//!   (`none`, the default, or `all`) decides whether changes that were themselves
+//!   replicated here (they carry a replication origin) are sent on.
+//! - **Lazy BEGIN**: a transaction's BEGIN frame is held back until its first emitted
+//!   change, so a transaction with nothing to replicate (rolled back, or touching only
+//!   unlogged, temporary or excluded tables) produces no frames at all.
+//! - **What replicates**: permanent tables outside the system schemas that do not belong
+//!   to an extension (that excludes bdr's own catalog and, e.g., a PostGIS table a peer may
+//!   lack — a known trap of `FOR ALL TABLES` publications).
+//! - **Relation metadata** is sent before a relation's first change in a stream and again
+//!   after its definition changed (relcache invalidation drops the cached entry).
+
+use crate::error::DecodeError;
+use bdr_core::wire::{self, Begin};
+
+/// Options negotiated at slot start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeOptions {
+    pub version: u8,
+    pub forward_origins: bool,
+}
+
+impl DecodeOptions {
+    /// Parse the `(name, value)` options of `START_REPLICATION` or
+    /// `pg_logical_slot_get_binary_changes`.
+    pub fn parse<'a>(
+        opts: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+    ) -> Result<Self, DecodeError> {
+        let mut min = wire::PROTOCOL_VERSION_MIN;
+        let mut max: Option<u8> = None;
+        let mut forward_origins = false;
+        for (name, value) in opts {
+            let bad = || DecodeError::BadOption {
+                option: name.to_owned(),
+                value: value.unwrap_or("").to_owned(),
+            };
+            match name {
+                "min_proto_version" | "max_proto_version" => {
+                    let v: u8 = value.and_then(|v| v.trim().parse().ok()).ok_or_else(bad)?;
+                    if name == "min_proto_version" {
+                        min = v
+                    } else {
+                        max = Some(v)
+                    }
+                }
+                "forward_origins" => {
+                    forward_origins = match value.map(str::to_ascii_lowercase).as_deref() {
+                        Some("all") => true,
+                        Some("none") | Some("") | None => false,
+                        _ => return Err(bad()),
+                    }
+                }
+                other => return Err(DecodeError::UnknownOption(other.to_owned())),
+            }
+        }
+        // Without an explicit maximum, the client accepts anything from its minimum up.
+        let max = max.unwrap_or(min.max(wire::PROTOCOL_VERSION_MAX));
+        let version = wire::negotiate_version(min, max).map_err(|_| DecodeError::Protocol {
+            theirs_min: min,
+            theirs_max: max,
+        })?;
+        Ok(DecodeOptions {
+            version,
+            forward_origins,
+        })
+    }
+}
+
+/// Holds a transaction's BEGIN until something of it is emitted.
+#[derive(Debug, Default)]
+pub struct TxnFraming {
+    pending: Option<Begin>,
+    sent: bool,
+}
+
+impl TxnFraming {
+    pub fn begin(&mut self, b: Begin) {
+        self.pending = Some(b);
+        self.sent = false;
+    }
+
+    /// Call before emitting a change: returns the BEGIN to emit first, once.
+    pub fn before_change(&mut self) -> Option<Begin> {
+        if self.sent {
+            return None;
+        }
+        let b = self.pending.take();
+        self.sent = b.is_some();
+        b
+    }
+
+    /// Call at commit: whether a COMMIT must be emitted (a BEGIN was).
+    pub fn commit(&mut self) -> bool {
+        self.pending = None;
+        std::mem::take(&mut self.sent)
+    }
+}
+
+/// What the plugin knows of a relation when deciding whether it replicates.
+pub struct RelFacts<'a> {
+    pub permanent: bool,
+    pub schema: &'a str,
+    pub owned_by_extension: bool,
+}
+
+/// Whether changes to a relation are sent to peers.
+pub fn replicates(f: &RelFacts<'_>) -> bool {
+    f.permanent
+        && !f.owned_by_extension
+        && f.schema != "pg_catalog"
+        && f.schema != "information_schema"
+        && !f.schema.starts_with("pg_toast")
+        && f.schema != "bdr"
+}
+
+/// Whether a logical message (`pg_logical_emit_message`) belongs to us.
+pub fn is_our_message(prefix: &str) -> bool {
+    prefix == wire::MESSAGE_PREFIX || prefix.starts_with("bdr.")
+}

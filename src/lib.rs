@@ -1,0 +1,55 @@
+//! bdr: multi-master logical replication for PostgreSQL, as one shared library.
+//!
+//! The library plays two roles:
+//! - a **logical decoding output plugin** (`_PG_output_plugin_init`, see [`pg::decoding`]
+//!   and [`decode`]) that turns a node's committed changes into framed messages
+//!   ([`bdr_core::wire`]);
+//! - an **extension** loaded through `shared_preload_libraries` ([`_PG_init`]) that
+//!   registers its settings, checks the server is configured for replication and offers
+//!   the SQL API in schema `bdr`.
+//!
+//! Invariants kept here: the library refuses to load outside `shared_preload_libraries`
+//! (a late load could not register workers or settings safely), and nothing starts
+//! replicating on a server whose `wal_level` or `track_commit_timestamp` cannot support it.
+
+use pgrx::prelude::*;
+
+pub mod api;
+pub mod decode;
+pub mod error;
+pub mod gucs;
+pub mod pg;
+
+::pgrx::pg_module_magic!(name, version);
+
+// The catalog comes first (tables the functions refer to), the grants last.
+pgrx::extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
+pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+/// Called by PostgreSQL when the library is loaded.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    if !pg::preload_in_progress() {
+        error::raise(&error::ConfigError::NotPreloaded);
+    }
+    gucs::init();
+    if let Err(e) = error::check_server_config() {
+        // The server must still start (a DBA fixes the setting and restarts), but
+        // nothing replicates: every replication entry point raises this same error.
+        error::warn(&e);
+    }
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'bdr'",
+            "wal_level = logical",
+            "track_commit_timestamp = on",
+        ]
+    }
+}

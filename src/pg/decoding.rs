@@ -1,0 +1,621 @@
+//! Decode stage, raw half: the logical decoding output plugin callbacks.
+//!
+//! PostgreSQL calls these with its own structures (`ReorderBufferTXN`,
+//! `ReorderBufferChange`, `Relation`); this module reads them, asks [`crate::decode`] what
+//! to send, builds [`bdr_core::wire`] messages and writes one frame per
+//! `OutputPluginWrite`.
+//!
+//! Why this way:
+//! - **Per-stream relation cache** (`State::rels`): the replicate/skip decision, the column
+//!   list, key columns and each column's output function (`FmgrInfo`) are looked up once
+//!   per relation per stream, not per change. A relcache invalidation callback records
+//!   which relations changed; entries are dropped (and their metadata re-sent) before the
+//!   next change. The callback only appends to a list, because it can fire re-entrantly
+//!   in the middle of a catalog lookup made while building an entry.
+//! - **Per-change memory context**: the text renderings of a change's values are
+//!   allocated in a context reset after every change, so memory does not grow with the
+//!   size of a transaction.
+//!
+//! Invariants: a frame is only written between the transaction's BEGIN and COMMIT frames
+//! (or standalone for non-transactional messages); a relation's metadata frame precedes
+//! its first change in the stream; a value this node does not have (unchanged on-disk
+//! TOAST) is sent as [`Value::UnchangedToast`], never as a guess.
+
+use crate::decode::{self, DecodeOptions, RelFacts, TxnFraming};
+use crate::error::{self, DecodeError};
+use bdr_core::wire::{
+    self, Begin, Column, Commit, Delete, Insert, LogicalMessage, Message, OldRow, OriginInfo,
+    ReplicaIdentity, Truncate, Update, Value,
+};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::PgList;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, CStr};
+
+/// One sent column of a relation.
+struct Col {
+    /// Index into the relation's tuple descriptor.
+    attidx: usize,
+    varlena: bool,
+    /// The type's output function, resolved once.
+    out: Box<pg_sys::FmgrInfo>,
+}
+
+/// What the plugin caches about a relation for the duration of a stream.
+struct RelEntry {
+    replicate: bool,
+    /// Whether `meta` has been sent in this stream.
+    sent: bool,
+    meta: wire::Relation,
+    cols: Vec<Col>,
+    /// Indexes into `cols` of the replica identity key columns.
+    key: Vec<usize>,
+}
+
+/// Per-decoding-context state, owned by `ctx->output_plugin_private`.
+struct State {
+    opts: DecodeOptions,
+    framing: TxnFraming,
+    rels: HashMap<pg_sys::Oid, RelEntry>,
+    buf: Vec<u8>,
+    change_cxt: pg_sys::MemoryContext,
+}
+
+#[derive(Default)]
+struct Invalidations {
+    all: bool,
+    rels: Vec<pg_sys::Oid>,
+}
+
+thread_local! {
+    static INVALIDATED: RefCell<Invalidations> = RefCell::new(Invalidations::default());
+    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+    static CACHE_CXT: Cell<pg_sys::MemoryContext> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Entry point PostgreSQL looks up when a slot uses the `bdr` plugin.
+///
+/// # Safety
+/// Called by PostgreSQL with a valid, writable callbacks struct.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPluginCallbacks) {
+    // SAFETY: PostgreSQL hands us a valid pointer to fill in.
+    let cb = unsafe { &mut *cb };
+    cb.startup_cb = Some(startup_cb);
+    cb.begin_cb = Some(begin_cb);
+    cb.change_cb = Some(change_cb);
+    cb.truncate_cb = Some(truncate_cb);
+    cb.commit_cb = Some(commit_cb);
+    cb.message_cb = Some(message_cb);
+    cb.filter_by_origin_cb = Some(filter_by_origin_cb);
+    cb.shutdown_cb = Some(shutdown_cb);
+}
+
+/// # Safety
+/// `ctx` must be a decoding context whose private pointer was set by `startup_cb`.
+unsafe fn state<'a>(ctx: *mut pg_sys::LogicalDecodingContext) -> &'a mut State {
+    // SAFETY: startup_cb stored a Box<State> there; it lives until shutdown_cb.
+    unsafe { &mut *((*ctx).output_plugin_private as *mut State) }
+}
+
+/// # Safety
+/// `p` must be NULL or a NUL-terminated string.
+unsafe fn cstring(p: *const c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: caller guarantees a NUL-terminated string.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn startup_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    opt: *mut pg_sys::OutputPluginOptions,
+    _is_init: bool,
+) {
+    // SAFETY: the options list holds DefElem nodes whose names and values PostgreSQL
+    // parsed from START_REPLICATION / the SQL function's variadic arguments.
+    let parsed: Vec<(String, Option<String>)> = unsafe {
+        PgList::<pg_sys::DefElem>::from_pg((*ctx).output_plugin_options)
+            .iter_ptr()
+            .map(|elem| {
+                let name = cstring((*elem).defname);
+                let value = if (*elem).arg.is_null() {
+                    None
+                } else {
+                    Some(cstring(pg_sys::defGetString(elem)))
+                };
+                (name, value)
+            })
+            .collect()
+    };
+    let opts = DecodeOptions::parse(parsed.iter().map(|(n, v)| (n.as_str(), v.as_deref())))
+        .unwrap_or_else(|e| error::raise(&e));
+
+    // SAFETY: ctx and opt are valid for the duration of the call; the memory context is
+    // a child of the decoding context and goes away with it.
+    unsafe {
+        (*opt).output_type = pg_sys::OutputPluginOutputType::OUTPUT_PLUGIN_BINARY_OUTPUT;
+        (*opt).receive_rewrites = false;
+        let change_cxt = pg_sys::AllocSetContextCreateInternal(
+            (*ctx).context,
+            c"bdr change".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        );
+        if !CALLBACK_REGISTERED.get() {
+            pg_sys::CacheRegisterRelcacheCallback(Some(relcache_cb), pg_sys::Datum::from(0));
+            CALLBACK_REGISTERED.set(true);
+        }
+        INVALIDATED.with(|i| *i.borrow_mut() = Invalidations::default());
+        let st = Box::new(State {
+            opts,
+            framing: TxnFraming::default(),
+            rels: HashMap::new(),
+            buf: Vec::with_capacity(8192),
+            change_cxt,
+        });
+        (*ctx).output_plugin_private = Box::into_raw(st) as *mut std::ffi::c_void;
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shutdown_cb(ctx: *mut pg_sys::LogicalDecodingContext) {
+    // SAFETY: we own the Box stored by startup_cb; clearing the pointer prevents reuse.
+    unsafe {
+        let p = (*ctx).output_plugin_private as *mut State;
+        if !p.is_null() {
+            drop(Box::from_raw(p));
+            (*ctx).output_plugin_private = std::ptr::null_mut();
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_cb(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    INVALIDATED.with(|i| {
+        let mut i = i.borrow_mut();
+        if relid == pg_sys::InvalidOid {
+            i.all = true;
+        } else {
+            i.rels.push(relid);
+        }
+    });
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn filter_by_origin_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    origin_id: pg_sys::RepOriginId,
+) -> bool {
+    // SAFETY: called between startup and shutdown.
+    let st = unsafe { state(ctx) };
+    origin_id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId && !st.opts.forward_origins
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn begin_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+) {
+    // SAFETY: txn is the transaction being replayed; its commit data is known because
+    // decoding only replays committed transactions.
+    unsafe {
+        let st = state(ctx);
+        let txn = &*txn;
+        let origin = if txn.origin_id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+            let mut name: *mut c_char = std::ptr::null_mut();
+            pg_sys::replorigin_by_oid(txn.origin_id, true, &mut name);
+            Some(OriginInfo {
+                name: if name.is_null() {
+                    format!("origin {}", txn.origin_id)
+                } else {
+                    cstring(name)
+                },
+                lsn: txn.origin_lsn,
+            })
+        } else {
+            None
+        };
+        st.framing.begin(Begin {
+            xid: txn.xid.into(),
+            final_lsn: txn.final_lsn,
+            commit_time: txn.xact_time.commit_time,
+            origin,
+        });
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn commit_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    commit_lsn: pg_sys::XLogRecPtr,
+) {
+    // SAFETY: as in begin_cb.
+    unsafe {
+        let st = state(ctx);
+        if st.framing.commit() {
+            let m = Message::Commit(Commit {
+                commit_lsn,
+                end_lsn: (*txn).end_lsn,
+                commit_time: (*txn).xact_time.commit_time,
+            });
+            write_frame(ctx, st, &m, true);
+        } else {
+            // Nothing was sent: let the walsender advance past it all the same.
+            pg_sys::OutputPluginUpdateProgress(ctx, true);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn change_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    _txn: *mut pg_sys::ReorderBufferTXN,
+    rel: pg_sys::Relation,
+    change: *mut pg_sys::ReorderBufferChange,
+) {
+    // SAFETY: rel and change are valid for the call; the tuples are decoded with the
+    // relation's descriptor from the historic snapshot the reorder buffer set up.
+    unsafe {
+        let st = state(ctx);
+        let relid = (*rel).rd_id;
+        let change_cxt = st.change_cxt;
+        let entry = entry(st, rel);
+        if !entry.replicate {
+            return;
+        }
+        let old_cxt = pg_sys::MemoryContextSwitchTo(change_cxt);
+        let tp = (*change).data.tp;
+        let desc = (*rel).rd_att;
+        let tuple = |buf: *mut pg_sys::ReorderBufferTupleBuf| -> *mut pg_sys::HeapTupleData {
+            if buf.is_null() {
+                std::ptr::null_mut()
+            } else {
+                &raw mut (*buf).tuple
+            }
+        };
+        let (newtup, oldtup) = (tuple(tp.newtuple), tuple(tp.oldtuple));
+        let old_row = |e: &RelEntry| -> Option<OldRow> {
+            if oldtup.is_null() {
+                return None;
+            }
+            Some(if e.meta.replica_identity == ReplicaIdentity::Full {
+                OldRow::Full(row_values(e, desc, oldtup, None))
+            } else {
+                OldRow::Key(row_values(e, desc, oldtup, Some(&e.key)))
+            })
+        };
+        use pg_sys::ReorderBufferChangeType::*;
+        let msg = match (*change).action {
+            REORDER_BUFFER_CHANGE_INSERT if !newtup.is_null() => Some(Message::Insert(Insert {
+                relation: relid.to_u32(),
+                new: row_values(entry, desc, newtup, None),
+            })),
+            REORDER_BUFFER_CHANGE_UPDATE if !newtup.is_null() => Some(Message::Update(Update {
+                relation: relid.to_u32(),
+                old: old_row(entry),
+                new: row_values(entry, desc, newtup, None),
+            })),
+            REORDER_BUFFER_CHANGE_DELETE => Some(Message::Delete(Delete {
+                relation: relid.to_u32(),
+                // No old tuple means the table has no replica identity: send an empty key,
+                // which the receiver reports as an apply error rather than guessing.
+                old: old_row(entry).unwrap_or(OldRow::Key(Vec::new())),
+            })),
+            _ => None,
+        };
+        if let Some(msg) = msg {
+            emit(ctx, st, &[relid], &msg);
+        }
+        pg_sys::MemoryContextSwitchTo(old_cxt);
+        pg_sys::MemoryContextReset(change_cxt);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn truncate_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    _txn: *mut pg_sys::ReorderBufferTXN,
+    nrelations: c_int,
+    relations: *mut pg_sys::Relation,
+    change: *mut pg_sys::ReorderBufferChange,
+) {
+    // SAFETY: `relations` holds `nrelations` open relations for the call.
+    unsafe {
+        let st = state(ctx);
+        let mut ids = Vec::new();
+        for i in 0..nrelations.max(0) as usize {
+            let rel = *relations.add(i);
+            if entry(st, rel).replicate {
+                ids.push((*rel).rd_id);
+            }
+        }
+        if ids.is_empty() {
+            return;
+        }
+        let t = (*change).data.truncate;
+        let msg = Message::Truncate(Truncate {
+            relations: ids.iter().map(|o| o.to_u32()).collect(),
+            cascade: t.cascade,
+            restart_identity: t.restart_seqs,
+        });
+        emit(ctx, st, &ids, &msg);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn message_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    _txn: *mut pg_sys::ReorderBufferTXN,
+    message_lsn: pg_sys::XLogRecPtr,
+    transactional: bool,
+    prefix: *const c_char,
+    message_size: pg_sys::Size,
+    message: *const c_char,
+) {
+    // SAFETY: prefix is NUL-terminated; message points at message_size bytes.
+    unsafe {
+        let prefix = cstring(prefix);
+        if !decode::is_our_message(&prefix) {
+            return;
+        }
+        let content = if message_size == 0 {
+            Vec::new()
+        } else {
+            std::slice::from_raw_parts(message as *const u8, message_size).to_vec()
+        };
+        let m = Message::Message(LogicalMessage {
+            transactional,
+            lsn: message_lsn,
+            prefix,
+            content,
+        });
+        let st = state(ctx);
+        if transactional {
+            emit(ctx, st, &[], &m);
+        } else {
+            write_frame(ctx, st, &m, true);
+        }
+    }
+}
+
+/// Write a transaction's pending BEGIN and any relation metadata not yet sent, then `msg`.
+///
+/// # Safety
+/// Called from a change-type callback with the context's state.
+unsafe fn emit(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    st: &mut State,
+    rels: &[pg_sys::Oid],
+    msg: &Message,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if let Some(b) = st.framing.before_change() {
+            write_frame(ctx, st, &Message::Begin(b), false);
+        }
+        for relid in rels {
+            let meta = match st.rels.get_mut(relid) {
+                Some(e) if !e.sent => {
+                    e.sent = true;
+                    e.meta.clone()
+                }
+                _ => continue,
+            };
+            write_frame(ctx, st, &Message::Relation(meta), false);
+        }
+        write_frame(ctx, st, msg, true);
+    }
+}
+
+/// # Safety
+/// `ctx` is a live decoding context inside a callback.
+unsafe fn write_frame(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    st: &mut State,
+    msg: &Message,
+    last_write: bool,
+) {
+    st.buf.clear();
+    wire::encode_frame_into(msg, st.opts.version, &mut st.buf);
+    // SAFETY: ctx->out is the StringInfo the walsender / SQL function collects.
+    unsafe {
+        pg_sys::OutputPluginPrepareWrite(ctx, last_write);
+        pg_sys::appendBinaryStringInfo(
+            (*ctx).out,
+            st.buf.as_ptr() as *const c_char,
+            st.buf.len() as c_int,
+        );
+        pg_sys::OutputPluginWrite(ctx, last_write);
+    }
+}
+
+/// The cache entry for `rel`, built on first use or after an invalidation.
+///
+/// # Safety
+/// `rel` is an open relation; catalog access is allowed (we are inside decoding's
+/// transaction).
+unsafe fn entry<'a>(st: &'a mut State, rel: pg_sys::Relation) -> &'a mut RelEntry {
+    INVALIDATED.with(|i| {
+        let mut i = i.borrow_mut();
+        if std::mem::take(&mut i.all) {
+            st.rels.clear();
+        }
+        for relid in i.rels.drain(..) {
+            st.rels.remove(&relid);
+        }
+    });
+    // SAFETY: forwarded from the caller.
+    let relid = unsafe { (*rel).rd_id };
+    if !st.rels.contains_key(&relid) {
+        let e = unsafe { build_entry(rel) };
+        st.rels.insert(relid, e);
+    }
+    st.rels.get_mut(&relid).expect("entry was just inserted")
+}
+
+/// A memory context that lives as long as the process, for cached `FmgrInfo`s.
+fn cache_cxt() -> pg_sys::MemoryContext {
+    CACHE_CXT.with(|c| {
+        if c.get().is_null() {
+            // SAFETY: TopMemoryContext is always valid in a backend.
+            let cxt = unsafe {
+                pg_sys::AllocSetContextCreateInternal(
+                    pg_sys::TopMemoryContext,
+                    c"bdr decode cache".as_ptr(),
+                    pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+                    pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                    pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+                )
+            };
+            c.set(cxt);
+        }
+        c.get()
+    })
+}
+
+/// # Safety
+/// `rel` is an open relation and catalog lookups are allowed.
+unsafe fn build_entry(rel: pg_sys::Relation) -> RelEntry {
+    // SAFETY: rd_rel and rd_att are valid for an open relation; the attribute array
+    // has `natts` entries.
+    unsafe {
+        let relid = (*rel).rd_id;
+        let form = &*(*rel).rd_rel;
+        let schema = cstring(pg_sys::get_namespace_name(form.relnamespace));
+        let name = cstring(form.relname.data.as_ptr());
+        let in_ext = pg_sys::getExtensionOfObject(pg_sys::RelationRelationId, relid);
+        let replicate = decode::replicates(&RelFacts {
+            permanent: form.relpersistence as u8 == pg_sys::RELPERSISTENCE_PERMANENT,
+            schema: &schema,
+            owned_by_extension: in_ext != pg_sys::InvalidOid,
+        });
+        let replica_identity = match form.relreplident as u8 {
+            pg_sys::REPLICA_IDENTITY_FULL => ReplicaIdentity::Full,
+            pg_sys::REPLICA_IDENTITY_INDEX => ReplicaIdentity::Index,
+            pg_sys::REPLICA_IDENTITY_NOTHING => ReplicaIdentity::Nothing,
+            _ => ReplicaIdentity::Default,
+        };
+        let keyattrs = pg_sys::RelationGetIndexAttrBitmap(
+            rel,
+            pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_IDENTITY_KEY,
+        );
+        let desc = (*rel).rd_att;
+        let mut columns = Vec::new();
+        let mut cols = Vec::new();
+        let mut key = Vec::new();
+        for i in 0..(*desc).natts as usize {
+            let att = &*(*desc).attrs.as_ptr().add(i);
+            if att.attisdropped || att.attgenerated != 0 {
+                continue;
+            }
+            let is_key = replica_identity != ReplicaIdentity::Full
+                && pg_sys::bms_is_member(
+                    att.attnum as c_int - pg_sys::FirstLowInvalidHeapAttributeNumber,
+                    keyattrs,
+                );
+            if is_key {
+                key.push(cols.len());
+            }
+            columns.push(Column {
+                name: cstring(att.attname.data.as_ptr()),
+                type_name: cstring(pg_sys::format_type_with_typemod(
+                    att.atttypid,
+                    att.atttypmod,
+                )),
+                key: is_key,
+            });
+            let mut foid = pg_sys::InvalidOid;
+            let mut isvarlena = false;
+            pg_sys::getTypeOutputInfo(att.atttypid, &mut foid, &mut isvarlena);
+            let mut out: Box<pg_sys::FmgrInfo> = Box::new(std::mem::zeroed());
+            pg_sys::fmgr_info_cxt(foid, &mut *out, cache_cxt());
+            cols.push(Col {
+                attidx: i,
+                varlena: att.attlen == -1,
+                out,
+            });
+        }
+        RelEntry {
+            replicate,
+            sent: false,
+            meta: wire::Relation {
+                id: relid.to_u32(),
+                schema,
+                name,
+                replica_identity,
+                columns,
+            },
+            cols,
+            key,
+        }
+    }
+}
+
+/// Whether a datum is a pointer to an on-disk TOASTed value (`VARATT_IS_EXTERNAL_ONDISK`):
+/// the value was not changed by this UPDATE, so WAL does not carry it.
+///
+/// # Safety
+/// `d` is a non-null varlena datum.
+unsafe fn is_external_ondisk(d: pg_sys::Datum) -> bool {
+    let p = d.cast_mut_ptr::<u8>();
+    // SAFETY: every varlena has at least a one-byte header; an external one has a tag byte.
+    unsafe {
+        #[cfg(target_endian = "little")]
+        let external = *p == 0x01;
+        #[cfg(target_endian = "big")]
+        let external = *p == 0x80;
+        external && *p.add(1) == pg_sys::vartag_external::VARTAG_ONDISK as u8
+    }
+}
+
+/// Render the columns of `tuple` (all of `e.cols`, or only those listed in `only`).
+///
+/// # Safety
+/// `tuple` is a heap tuple shaped by `desc`, and the current memory context may be reset
+/// after the values are copied out.
+unsafe fn row_values(
+    e: &RelEntry,
+    desc: pg_sys::TupleDesc,
+    tuple: *mut pg_sys::HeapTupleData,
+    only: Option<&[usize]>,
+) -> Vec<Value> {
+    // SAFETY: heap_deform_tuple fills natts datums/nulls; output functions return
+    // NUL-terminated strings in the current (per-change) memory context.
+    unsafe {
+        let natts = (*desc).natts as usize;
+        let mut datums = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![true; natts];
+        pg_sys::heap_deform_tuple(tuple, desc, datums.as_mut_ptr(), nulls.as_mut_ptr());
+        let render = |ci: usize| -> Value {
+            let c = &e.cols[ci];
+            // A column added after this tuple was written reads as NULL past its natts.
+            if nulls[c.attidx] {
+                return Value::Null;
+            }
+            let d = datums[c.attidx];
+            if c.varlena && is_external_ondisk(d) {
+                return Value::UnchangedToast;
+            }
+            let s = pg_sys::OutputFunctionCall(&*c.out as *const _ as *mut _, d);
+            match CStr::from_ptr(s).to_str() {
+                Ok(t) => Value::Text(t.to_owned()),
+                Err(_) => error::raise(&DecodeError::NotUtf8 {
+                    relation: e.meta.qualified_name(),
+                    column: e.meta.columns[ci].name.clone(),
+                }),
+            }
+        };
+        match only {
+            Some(idx) => idx.iter().map(|&ci| render(ci)).collect(),
+            None => (0..e.cols.len()).map(render).collect(),
+        }
+    }
+}
