@@ -1,1 +1,3 @@
+pub mod dsn;
+pub mod stream;
 pub mod wire;

@@ -732,14 +732,18 @@ mod tests {
     fn arb_message() -> impl Strategy<Value = Message> {
         let vals = prop::collection::vec(arb_value(), 0..8);
         prop_oneof![
-            (any::<u32>(), any::<u64>(), any::<i64>(), any::<Option<(String, u64)>>()).prop_map(
-                |(xid, final_lsn, commit_time, o)| Message::Begin(Begin {
+            (
+                any::<u32>(),
+                any::<u64>(),
+                any::<i64>(),
+                any::<Option<(String, u64)>>()
+            )
+                .prop_map(|(xid, final_lsn, commit_time, o)| Message::Begin(Begin {
                     xid,
                     final_lsn,
                     commit_time,
                     origin: o.map(|(name, lsn)| OriginInfo { name, lsn }),
-                })
-            ),
+                })),
             (
                 any::<u32>(),
                 any::<String>(),

@@ -16,6 +16,14 @@ fn version() -> String {
     )
 }
 
+/// Raise the configuration error that keeps replication from starting, if any
+/// (`wal_level`, `track_commit_timestamp`); returns true when the server is ready.
+#[pg_extern]
+fn check_replication_config() -> bool {
+    crate::error::check_server_config().unwrap_or_else(|e| crate::error::raise(&e));
+    true
+}
+
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
 mod tests {
@@ -23,7 +31,9 @@ mod tests {
 
     #[pg_test]
     fn version_names_protocol() {
-        let v = Spi::get_one::<String>("SELECT bdr.version()").unwrap().unwrap();
+        let v = Spi::get_one::<String>("SELECT bdr.version()")
+            .unwrap()
+            .unwrap();
         assert!(v.starts_with("bdr "), "{v}");
         assert!(v.contains("protocol 1..1"), "{v}");
     }
@@ -46,7 +56,10 @@ mod tests {
         assert!(o.forward_origins);
         assert_eq!(o.version, 1);
         let e = DecodeOptions::parse([("min_proto_version", Some("2"))]).unwrap_err();
-        assert_eq!(e.to_string(), "bdr output plugin cannot speak protocol versions 2 to 2");
+        assert_eq!(
+            e.to_string(),
+            "bdr output plugin cannot speak protocol versions 2 to 2"
+        );
         assert!(DecodeOptions::parse([("bogus", None)]).is_err());
         assert!(DecodeOptions::parse([("forward_origins", Some("some"))]).is_err());
     }
