@@ -143,3 +143,59 @@ impl PgError for DecodeError {
         })
     }
 }
+
+/// Problems while applying a peer's changes. Each stops the apply worker, which is
+/// restarted with backoff; nothing is skipped.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("bdr: internal query failed: {0}")]
+    Spi(String),
+    #[error("a replicated text value contains a NUL byte")]
+    NulInText,
+    #[error("table \"{schema}\".\"{name}\" does not exist on this node")]
+    MissingTable { schema: String, name: String },
+    #[error("table \"{schema}\".\"{name}\" has no column \"{column}\" on this node")]
+    MissingColumn {
+        schema: String,
+        name: String,
+        column: String,
+    },
+    #[error("table \"{table}\" has no replica identity: cannot find the row to {action}")]
+    NoIdentity { table: String, action: &'static str },
+    #[error("change for relation id {0} arrived before its metadata")]
+    UnknownRelation(u32),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("unchanged TOAST value for column \"{column}\" of \"{table}\" on an insert or a missing row")]
+    ToastWithoutRow { table: String, column: String },
+}
+
+impl PgError for ApplyError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        match self {
+            ApplyError::MissingTable { .. } => PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            ApplyError::MissingColumn { .. } => PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            ApplyError::NoIdentity { .. } => {
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
+            ApplyError::NulInText => PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            ApplyError::Protocol(_) | ApplyError::UnknownRelation(_) => {
+                PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION
+            }
+            _ => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        match self {
+            ApplyError::MissingTable { .. } | ApplyError::MissingColumn { .. } => Some(
+                "Create the table or column on this node with the same definition as on the \
+                 sending node; the apply worker retries and resumes where it stopped."
+                    .into(),
+            ),
+            ApplyError::NoIdentity { .. } => Some(
+                "Give the table a primary key (or REPLICA IDENTITY FULL) on every node.".into(),
+            ),
+            _ => None,
+        }
+    }
+}

@@ -15,10 +15,17 @@
 use pgrx::prelude::*;
 
 pub mod api;
+pub mod apply;
+pub mod catalog;
+pub mod conflict;
 pub mod decode;
 pub mod error;
 pub mod gucs;
+pub mod history;
 pub mod pg;
+pub mod receive;
+pub mod workers;
+pub mod write;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -33,10 +40,12 @@ pub extern "C-unwind" fn _PG_init() {
         error::raise(&error::ConfigError::NotPreloaded);
     }
     gucs::init();
-    if let Err(e) = error::check_server_config() {
+    pg::shmem::init();
+    match error::check_server_config() {
+        Ok(()) => workers::launcher::register(),
         // The server must still start (a DBA fixes the setting and restarts), but
         // nothing replicates: every replication entry point raises this same error.
-        error::warn(&e);
+        Err(e) => error::warn(&e),
     }
 }
 

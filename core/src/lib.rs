@@ -1,3 +1,4 @@
+pub mod conflict;
 pub mod dsn;
 pub mod stream;
 pub mod wire;

@@ -12,6 +12,8 @@
 //!   node's log tail printed) when it fails, or always with `BDR_TEST_KEEP=1`.
 //! - Servers never run as root: as root, the harness runs them as the `postgres` OS user.
 
+pub mod bdr;
+
 use std::collections::HashSet;
 use std::fs;
 use std::io::Write;

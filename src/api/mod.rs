@@ -5,6 +5,8 @@
 
 use pgrx::prelude::*;
 
+pub mod group;
+
 /// The extension's version and the wire protocol range it speaks.
 #[pg_extern]
 fn version() -> String {

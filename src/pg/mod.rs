@@ -2,7 +2,12 @@
 //! under `src/pg/`, each with a `SAFETY` note, so the rest of the code is plain Rust
 //! that decides things and the code here only reads and writes PostgreSQL's structures.
 
+pub mod bgw;
 pub mod decoding;
+pub mod exec;
+pub mod libpq;
+pub mod shmem;
+pub mod xact;
 
 /// Whether PostgreSQL is loading `shared_preload_libraries` right now (postmaster start).
 pub fn preload_in_progress() -> bool {

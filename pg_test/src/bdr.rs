@@ -1,0 +1,135 @@
+//! bdr-specific helpers for scenarios: form a group, wait for replication to catch up,
+//! compare tables across nodes.
+
+use crate::{db_error_text, try_wait_until, Cluster, Node};
+use std::time::Duration;
+
+/// How long a scenario waits for replication before failing.
+pub const CATCHUP: Duration = Duration::from_secs(60);
+
+/// CREATE EXTENSION on every node, group_create on the first, group_join of the others
+/// (each through the first), waiting for each join to complete.
+pub fn form_group(c: &Cluster) {
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION IF NOT EXISTS bdr");
+    }
+    let first = c.node(0);
+    first.execute(&format!(
+        "SELECT bdr.group_create(local_node_name := '{}', node_external_dsn := '{}')",
+        first.name(),
+        first.dsn()
+    ));
+    for n in &c.nodes()[1..] {
+        join(n, first);
+    }
+}
+
+/// group_join `n` through `via`, then wait_for_join.
+pub fn join(n: &Node, via: &Node) {
+    n.execute(&format!(
+        "SELECT bdr.group_join(local_node_name := '{}', node_external_dsn := '{}', join_using_dsn := '{}')",
+        n.name(),
+        n.dsn(),
+        via.dsn()
+    ));
+    n.execute("SELECT bdr.wait_for_join(120)");
+}
+
+/// Wait until every node has applied from every other node everything that node had
+/// flushed when this was called (bounded by [`CATCHUP`]).
+pub fn wait_for_catchup(c: &Cluster) {
+    let nodes: Vec<&Node> = c.nodes().iter().filter(|n| n.is_running()).collect();
+    let targets: Vec<(String, String)> = nodes
+        .iter()
+        .map(|n| {
+            (
+                n.name().to_string(),
+                n.query_scalar::<String>("SELECT pg_current_wal_flush_lsn()::text"),
+            )
+        })
+        .collect();
+    for n in &nodes {
+        for (peer, lsn) in &targets {
+            if peer == n.name() {
+                continue;
+            }
+            let sql = format!(
+                "SELECT coalesce((SELECT applied_lsn::pg_lsn >= '{lsn}'::pg_lsn \
+                 FROM bdr.apply_workers() WHERE peer = '{peer}'), false)"
+            );
+            let mut client = n.connect();
+            try_wait_until(
+                &format!("{} to apply {peer} up to {lsn}", n.name()),
+                CATCHUP,
+                || {
+                    client
+                        .query_one(&sql, &[])
+                        .map(|r| r.get::<_, bool>(0))
+                        .unwrap_or(false)
+                },
+            )
+            .unwrap_or_else(|e| {
+                let workers = n
+                    .connect()
+                    .query(
+                        "SELECT peer, state, applied_lsn, last_error FROM bdr.apply_workers()",
+                        &[],
+                    )
+                    .map(|rows| {
+                        rows.iter()
+                            .map(|r| {
+                                format!(
+                                    "{} {} {} {:?}",
+                                    r.get::<_, String>(0),
+                                    r.get::<_, String>(1),
+                                    r.get::<_, String>(2),
+                                    r.get::<_, Option<String>>(3)
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+                    .unwrap_or_else(|e| db_error_text(&e));
+                panic!("{e}\napply workers on {}:\n{workers}", n.name())
+            });
+        }
+    }
+}
+
+/// An ordered digest of a table's rows (md5 of every row's text form, in key order).
+pub fn table_digest(n: &Node, table: &str) -> String {
+    n.query_scalar(&format!(
+        "SELECT count(*)::text || ':' || coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"
+    ))
+}
+
+/// Assert `table` is identical on every running node; returns the digest.
+pub fn assert_same_everywhere(c: &Cluster, table: &str) -> String {
+    let digests: Vec<(String, String)> = c
+        .nodes()
+        .iter()
+        .filter(|n| n.is_running())
+        .map(|n| (n.name().to_string(), table_digest(n, table)))
+        .collect();
+    for d in &digests[1..] {
+        assert_eq!(
+            d.1, digests[0].1,
+            "{table} differs: {} has {}, {} has {}",
+            d.0, d.1, digests[0].0, digests[0].1
+        );
+    }
+    digests[0].1.clone()
+}
+
+/// Rows of bdr.conflict_history on `n` as (type, resolution, relation).
+pub fn conflicts(n: &Node) -> Vec<(String, String, String)> {
+    n.connect()
+        .query(
+            "SELECT conflict_type, conflict_resolution, relation FROM bdr.conflict_history ORDER BY conflict_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}

@@ -1,0 +1,757 @@
+//! Group formation: `bdr.group_create`, `bdr.group_join`, `bdr.wait_for_join`.
+//!
+//! `group_join` follows DESIGN.md §4 so that the joining node J misses no transaction of
+//! any member, including ones committed while the join runs:
+//!
+//! 1. Check every input and that every member is reachable (else fail, listing them).
+//! 2. Register J on every member as `joining`.
+//! 3. On every member Mi other than the join source S: create J's slot (point L_i), then
+//!    commit a small synchronisation message after it and wait until S has applied it, so
+//!    S's origin progress for Mi has passed L_i.
+//! 4. Read S's per-origin progress P_i, *then* create J's slot on S exporting a snapshot
+//!    (reading after could lose a transaction; reading before can only re-deliver one,
+//!    which the apply stage handles idempotently).
+//! 5. On J: create the replication origins, and J's own slots for every member (before
+//!    any copied row, so nothing committed on J afterwards is missed).
+//! 6. Copy the schema (when J has no tables) with `pg_dump --snapshot`, then every table's
+//!    rows with COPY, in S's snapshot. The copy session runs under S's origin, so J's own
+//!    slots do not send the copied rows back out.
+//! 7. Set J's origin for S to S's slot point and for each Mi to P_i; record every member
+//!    in J's catalog; mark J active on every member; start J's supervisor.
+//!
+//! Any failure undoes what was done remotely (slots, catalog rows) and locally, so a failed
+//! join leaves no slot, origin or catalog row behind.
+
+use crate::catalog::nodes::{self, Node};
+use crate::error::{raise, PgError};
+use crate::pg::libpq::{quote_ident, quote_literal, Conn, LibpqError};
+use crate::pg::shmem;
+use crate::receive::{origin_name, slot_name};
+use bdr_core::{dsn, wire};
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+use std::time::{Duration, Instant};
+
+/// Errors of group formation, each with a hint.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error("invalid node name \"{0}\"")]
+    BadName(String),
+    #[error("invalid connection string: {0}")]
+    BadDsn(String),
+    #[error("this node is already node \"{0}\" of a bdr group")]
+    AlreadyMember(String),
+    #[error("node_external_dsn does not reach this node: {0}")]
+    DsnNotLocal(String),
+    #[error("could not connect to the join source: {0}")]
+    SourceUnreachable(String),
+    #[error("the join source is not a bdr node: {0}")]
+    SourceNotNode(String),
+    #[error("join_using_dsn points at this node itself")]
+    JoinSelf,
+    #[error("a node named \"{0}\" is already a member of the group")]
+    DuplicateName(String),
+    #[error("cannot join: {} unreachable: {}", if .0.len() == 1 { "a member is" } else { "members are" }, .0.join(", "))]
+    Unreachable(Vec<String>),
+    #[error("cannot join: table {0} on this node already holds rows")]
+    LocalRows(String),
+    #[error("node kind \"{0}\" is not supported")]
+    BadKind(String),
+    #[error("join failed on node \"{node}\": {message}")]
+    Remote { node: String, message: String },
+    #[error("timed out after {secs} s waiting for {what}")]
+    Timeout { what: String, secs: u64 },
+    #[error("this node is not a member of a bdr group")]
+    NotMember,
+}
+
+impl PgError for GroupError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        use GroupError::*;
+        match self {
+            BadName(_) | BadDsn(_) | BadKind(_) | JoinSelf => {
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
+            }
+            AlreadyMember(_) | DuplicateName(_) => PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            DsnNotLocal(_) | SourceUnreachable(_) | Unreachable(_) => {
+                PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE
+            }
+            SourceNotNode(_) | NotMember | LocalRows(_) => {
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
+            Remote { .. } => PgSqlErrorCode::ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
+            Timeout { .. } => PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        use GroupError::*;
+        Some(match self {
+            BadName(_) => "Node names are 1 to 48 characters: lower-case letters, digits and underscores.".into(),
+            BadDsn(_) => "Use the key=value form, e.g. 'host=node1 port=5432 dbname=mydb'.".into(),
+            AlreadyMember(_) => "Run bdr.part() first to leave the current group.".into(),
+            DsnNotLocal(_) => "node_external_dsn must be how the other nodes reach this node and this database; check host, port and dbname.".into(),
+            SourceUnreachable(_) => "Check join_using_dsn, that the server is running and that pg_hba.conf allows this node (including replication connections).".into(),
+            SourceNotNode(_) => "Run CREATE EXTENSION bdr and bdr.group_create() on the join source first.".into(),
+            JoinSelf => "join_using_dsn must point at a node that is already a member of the group.".into(),
+            DuplicateName(_) => "Choose another local_node_name, or bdr.part() the old node first.".into(),
+            Unreachable(_) => "Every member must be reachable to join without losing a transaction; start them or bdr.part() the ones that are gone.".into(),
+            LocalRows(_) => "A joining node receives every row from the join source; empty the local tables, or drop them and let the join copy the schema.".into(),
+            BadKind(_) => "node_kind must be 'active'.".into(),
+            Remote { .. } => "Nothing was left behind; fix the cause on that node and run group_join again.".into(),
+            Timeout { .. } => "Check that the apply workers are running: SELECT * FROM bdr.apply_workers().".into(),
+            NotMember => "Run bdr.group_create() or bdr.group_join() first.".into(),
+        })
+    }
+}
+
+fn fail(e: GroupError) -> ! {
+    raise(&e)
+}
+
+fn check_name(name: &str) {
+    let ok = !name.is_empty()
+        && name.len() <= 48
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !ok {
+        fail(GroupError::BadName(name.into()));
+    }
+}
+
+fn check_dsn(d: &str) {
+    if let Err(e) = dsn::parse(d) {
+        fail(GroupError::BadDsn(e));
+    }
+}
+
+/// A stable node id from the name and this server's identity.
+fn node_id(name: &str) -> i64 {
+    let sysid =
+        nodes::read_one::<i64>("SELECT system_identifier FROM pg_control_system()").unwrap_or(0);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name
+        .bytes()
+        .chain(sysid.to_le_bytes())
+        .chain(nodes::my_database_oid().to_le_bytes())
+    {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h >> 1) as i64
+}
+
+/// Identity of the server+database a connection reaches.
+fn identity(c: &mut Conn) -> Result<String, LibpqError> {
+    Ok(c.query_value(
+        "SELECT (SELECT system_identifier FROM pg_control_system())::text || '/' || \
+             (SELECT oid FROM pg_database WHERE datname = current_database())::text",
+    )?
+    .unwrap_or_default())
+}
+
+fn local_identity() -> String {
+    nodes::read_one::<String>(
+        "SELECT (SELECT system_identifier FROM pg_control_system())::text || '/' || \
+         (SELECT oid FROM pg_database WHERE datname = current_database())::text",
+    )
+    .unwrap_or_default()
+}
+
+fn check_reaches_here(d: &str) {
+    let mut c = Conn::connect(d, "bdr_check_dsn")
+        .unwrap_or_else(|e| fail(GroupError::DsnNotLocal(e.to_string())));
+    let theirs = identity(&mut c).unwrap_or_else(|e| fail(GroupError::DsnNotLocal(e.to_string())));
+    if theirs != local_identity() {
+        fail(GroupError::DsnNotLocal(format!(
+            "it reaches database {theirs}, this is {}",
+            local_identity()
+        )));
+    }
+}
+
+fn already_member_notice(existing: &Node, name: &str) -> bool {
+    if existing.name == name {
+        pgrx::notice!("node \"{name}\" is already a member of the bdr group; nothing to do");
+        return true;
+    }
+    fail(GroupError::AlreadyMember(existing.name.clone()))
+}
+
+/// Create a new group with this node as its first member.
+#[pg_extern]
+fn group_create(local_node_name: &str, node_external_dsn: &str) {
+    crate::error::check_server_config().unwrap_or_else(|e| raise(&e));
+    check_name(local_node_name);
+    check_dsn(node_external_dsn);
+    if let Some(n) = nodes::local() {
+        already_member_notice(&n, local_node_name);
+        return;
+    }
+    check_reaches_here(node_external_dsn);
+    nodes::upsert(&Node {
+        name: local_node_name.into(),
+        id: node_id(local_node_name),
+        kind: "active".into(),
+        state: "active".into(),
+        dsn: node_external_dsn.into(),
+        is_local: true,
+    });
+    crate::workers::launcher::ensure_supervisor(nodes::my_database_oid());
+}
+
+/// A member reached during a join.
+struct Member {
+    node: Node,
+    conn: Conn,
+    dboid: u32,
+}
+
+/// What a join did remotely, undone if it fails.
+struct Undo {
+    joining: String,
+    /// (member dsn, slot name)
+    slots: Vec<(String, String)>,
+    /// member dsns where J was registered
+    registered: Vec<String>,
+    /// J's own dsn, for its local slots and origins
+    local_dsn: String,
+    local_slots: Vec<String>,
+    local_origins: Vec<String>,
+    done: bool,
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        for (d, slot) in &self.slots {
+            if let Ok(mut c) = Conn::connect(d, "bdr_join_undo") {
+                let _ = c.exec(&format!(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {}",
+                    quote_literal(slot)
+                ));
+            }
+        }
+        for d in &self.registered {
+            if let Ok(mut c) = Conn::connect(d, "bdr_join_undo") {
+                let _ = c.exec(&format!(
+                    "DELETE FROM bdr.nodes WHERE node_name = {}",
+                    quote_literal(&self.joining)
+                ));
+            }
+        }
+        if let Ok(mut c) = Conn::connect(&self.local_dsn, "bdr_join_undo") {
+            for slot in &self.local_slots {
+                let _ = c.exec(&format!(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {}",
+                    quote_literal(slot)
+                ));
+            }
+            for o in &self.local_origins {
+                let _ = c.exec(&format!(
+                    "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = {}",
+                    quote_literal(o)
+                ));
+            }
+        }
+    }
+}
+
+fn remote_err(node: &str) -> impl Fn(LibpqError) -> GroupError + '_ {
+    move |e| GroupError::Remote {
+        node: node.to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn dboid_of(c: &mut Conn) -> Result<u32, LibpqError> {
+    Ok(
+        c.query_value("SELECT oid FROM pg_database WHERE datname = current_database()")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    )
+}
+
+fn lsn_of(v: Option<String>) -> u64 {
+    v.as_deref().and_then(wire::parse_lsn).unwrap_or(0)
+}
+
+/// Tables of this database that replicate: permanent, not system, not an extension's.
+pub const REPLICATED_TABLES_SQL: &str = "\
+    SELECT n.nspname::text, c.relname::text FROM pg_class c \
+      JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.relkind = 'r' AND c.relpersistence = 'p' \
+       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'bdr') \
+       AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%' \
+       AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                       AND d.objid = c.oid AND d.deptype = 'e') \
+     ORDER BY 1, 2";
+
+/// Copy the schema of `source_dsn` (as of `snapshot`) into `target_dsn`.
+fn copy_schema(source_dsn: &str, target_dsn: &str, snapshot: &str) -> Result<(), String> {
+    use std::process::{Command, Stdio};
+    let bindir = crate::pg::bgw::pg_bindir();
+    let mut dump = Command::new(bindir.join("pg_dump"))
+        .args([
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+            "--exclude-schema=bdr",
+        ])
+        .arg(format!("--snapshot={snapshot}"))
+        .arg("-d")
+        .arg(source_dsn)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("pg_dump: {e}"))?;
+    let restore = Command::new(bindir.join("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+        .arg(target_dsn)
+        .stdin(dump.stdout.take().expect("piped"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("psql: {e}"))?;
+    let dumped = dump
+        .wait_with_output()
+        .map_err(|e| format!("pg_dump: {e}"))?;
+    if !dumped.status.success() {
+        return Err(format!(
+            "pg_dump failed: {}",
+            String::from_utf8_lossy(&dumped.stderr).trim()
+        ));
+    }
+    if !restore.status.success() {
+        return Err(format!(
+            "restoring the schema failed: {}",
+            String::from_utf8_lossy(&restore.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Join the group that the node at `join_using_dsn` belongs to.
+#[pg_extern]
+fn group_join(
+    local_node_name: &str,
+    node_external_dsn: &str,
+    join_using_dsn: &str,
+    node_kind: default!(&str, "'active'"),
+) {
+    crate::error::check_server_config().unwrap_or_else(|e| raise(&e));
+    check_name(local_node_name);
+    check_dsn(node_external_dsn);
+    check_dsn(join_using_dsn);
+    if node_kind != "active" {
+        fail(GroupError::BadKind(node_kind.into()));
+    }
+    if let Some(n) = nodes::local() {
+        already_member_notice(&n, local_node_name);
+        return;
+    }
+    check_reaches_here(node_external_dsn);
+    let me = local_identity();
+    let j = local_node_name;
+
+    // 1. The join source and the members it knows.
+    let mut src = Conn::connect(join_using_dsn, "bdr_join")
+        .unwrap_or_else(|e| fail(GroupError::SourceUnreachable(e.to_string())));
+    if identity(&mut src).unwrap_or_default() == me {
+        fail(GroupError::JoinSelf);
+    }
+    let rows = src
+        .exec(
+            "SELECT node_name, node_id::text, node_kind, node_state, node_dsn, is_local::text \
+             FROM bdr.nodes WHERE node_state NOT IN ('parting', 'parted') ORDER BY node_name",
+        )
+        .unwrap_or_else(|e| fail(GroupError::SourceNotNode(e.to_string())));
+    let members: Vec<Node> = rows
+        .into_iter()
+        .map(|r| Node {
+            name: r[0].clone().unwrap_or_default(),
+            id: r[1].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0),
+            kind: r[2].clone().unwrap_or_default(),
+            state: r[3].clone().unwrap_or_default(),
+            dsn: r[4].clone().unwrap_or_default(),
+            is_local: r[5].as_deref() == Some("true"),
+        })
+        .collect();
+    let Some(source) = members.iter().find(|n| n.is_local).cloned() else {
+        fail(GroupError::SourceNotNode(
+            "it has no local node in bdr.nodes".into(),
+        ))
+    };
+    if members.iter().any(|n| n.name == j) {
+        fail(GroupError::DuplicateName(j.into()));
+    }
+    drop(src);
+    let mut unreachable = Vec::new();
+    let mut reached = Vec::new();
+    for n in &members {
+        match Conn::connect(&n.dsn, "bdr_join").and_then(|mut c| {
+            let d = dboid_of(&mut c)?;
+            Ok((c, d))
+        }) {
+            Ok((conn, dboid)) => reached.push(Member {
+                node: n.clone(),
+                conn,
+                dboid,
+            }),
+            Err(e) => unreachable.push(format!("{} ({})", n.name, e)),
+        }
+    }
+    if !unreachable.is_empty() {
+        fail(GroupError::Unreachable(unreachable));
+    }
+
+    // Local checks: tables with rows, and whether the schema must be copied.
+    let mut jconn = Conn::connect(node_external_dsn, "bdr_join_local")
+        .unwrap_or_else(|e| fail(GroupError::DsnNotLocal(e.to_string())));
+    let local_tables = jconn
+        .exec(REPLICATED_TABLES_SQL)
+        .unwrap_or_else(|e| fail(remote_err(j)(e)));
+    for t in &local_tables {
+        let (s, n) = (
+            t[0].clone().unwrap_or_default(),
+            t[1].clone().unwrap_or_default(),
+        );
+        let has_rows = jconn
+            .query_value(&format!(
+                "SELECT EXISTS (SELECT 1 FROM {}.{})",
+                quote_ident(&s),
+                quote_ident(&n)
+            ))
+            .unwrap_or_else(|e| fail(remote_err(j)(e)));
+        if has_rows.as_deref() == Some("t") {
+            fail(GroupError::LocalRows(format!("{s}.{n}")));
+        }
+    }
+    let copy_schema_needed = local_tables.is_empty();
+    let my_dboid = nodes::my_database_oid();
+    let my_id = node_id(j);
+
+    let mut undo = Undo {
+        joining: j.into(),
+        slots: Vec::new(),
+        registered: Vec::new(),
+        local_dsn: node_external_dsn.into(),
+        local_slots: Vec::new(),
+        local_origins: Vec::new(),
+        done: false,
+    };
+
+    // 2. Register J everywhere as joining.
+    for m in reached.iter_mut() {
+        m.conn
+            .exec(&format!(
+                "INSERT INTO bdr.nodes (node_name, node_id, node_kind, node_state, node_dsn, is_local) \
+                 VALUES ({}, {my_id}, 'active', 'joining', {}, false)",
+                quote_literal(j),
+                quote_literal(node_external_dsn)
+            ))
+            .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
+        undo.registered.push(m.node.dsn.clone());
+    }
+
+    // 3. J's slot on every other member, and S past it.
+    let src_dboid = reached
+        .iter()
+        .find(|m| m.node.name == source.name)
+        .map(|m| m.dboid)
+        .expect("the source is a member");
+    let mut sync_targets = Vec::new();
+    for m in reached.iter_mut().filter(|m| m.node.name != source.name) {
+        let slot = slot_name(m.dboid, j);
+        m.conn
+            .exec(&format!(
+                "SELECT lsn FROM pg_create_logical_replication_slot({}, 'bdr')",
+                quote_literal(&slot)
+            ))
+            .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
+        undo.slots.push((m.node.dsn.clone(), slot));
+        let sync = m
+            .conn
+            .query_value(&format!(
+                "SELECT pg_logical_emit_message(true, 'bdr.sync', {})",
+                quote_literal(&format!("join {j}"))
+            ))
+            .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
+        sync_targets.push((m.node.name.clone(), lsn_of(sync)));
+    }
+    let src_m = reached
+        .iter_mut()
+        .find(|m| m.node.name == source.name)
+        .expect("the source is a member");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (mi, target) in &sync_targets {
+        let origin = origin_name(src_dboid, mi);
+        loop {
+            let p = src_m
+                .conn
+                .query_value(&format!(
+                    "SELECT remote_lsn FROM pg_replication_origin_status WHERE external_id = {}",
+                    quote_literal(&origin)
+                ))
+                .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
+            if lsn_of(p) > *target {
+                break;
+            }
+            if Instant::now() > deadline {
+                fail(GroupError::Timeout {
+                    what: format!(
+                        "node \"{}\" to apply the changes of node \"{mi}\"",
+                        source.name
+                    ),
+                    secs: 120,
+                });
+            }
+            pgrx::check_for_interrupts!();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    // 4. P_i before the snapshot, then J's slot on S with the snapshot.
+    let progress: Vec<(String, u64)> = src_m
+        .conn
+        .exec("SELECT external_id, remote_lsn::text FROM pg_replication_origin_status")
+        .unwrap_or_else(|e| fail(remote_err(&source.name)(e)))
+        .into_iter()
+        .map(|r| (r[0].clone().unwrap_or_default(), lsn_of(r[1].clone())))
+        .collect();
+    let mut repl = Conn::connect(
+        &dsn::with_default(&source.dsn, "replication", "database"),
+        "bdr_join_snapshot",
+    )
+    .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
+    let src_slot = slot_name(src_dboid, j);
+    let created = repl
+        .exec(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL bdr EXPORT_SNAPSHOT",
+            quote_ident(&src_slot)
+        ))
+        .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
+    undo.slots.push((source.dsn.clone(), src_slot));
+    let consistent_point = lsn_of(created[0][1].clone());
+    let snapshot = created[0][2].clone().unwrap_or_default();
+
+    // 5. J's origins and J's slots for every member.
+    let mut origin_points = vec![(origin_name(my_dboid, &source.name), consistent_point)];
+    for m in reached.iter().filter(|m| m.node.name != source.name) {
+        let p = progress
+            .iter()
+            .find(|(o, _)| *o == origin_name(src_dboid, &m.node.name))
+            .map(|(_, l)| *l)
+            .unwrap_or(0);
+        origin_points.push((origin_name(my_dboid, &m.node.name), p));
+    }
+    for (o, _) in &origin_points {
+        jconn
+            .exec(&format!(
+                "SELECT pg_replication_origin_create({0}) \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = {0})",
+                quote_literal(o)
+            ))
+            .unwrap_or_else(|e| fail(remote_err(j)(e)));
+        undo.local_origins.push(o.clone());
+    }
+    for m in &reached {
+        let slot = slot_name(my_dboid, &m.node.name);
+        jconn
+            .exec(&format!(
+                "SELECT pg_create_logical_replication_slot({}, 'bdr')",
+                quote_literal(&slot)
+            ))
+            .unwrap_or_else(|e| fail(remote_err(j)(e)));
+        undo.local_slots.push(slot);
+    }
+
+    // 6. Schema and rows, in S's snapshot.
+    if copy_schema_needed {
+        copy_schema(&source.dsn, node_external_dsn, &snapshot).unwrap_or_else(|e| {
+            fail(GroupError::Remote {
+                node: j.into(),
+                message: e,
+            })
+        });
+    }
+    let mut reader = Conn::connect(&source.dsn, "bdr_join_copy")
+        .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
+    reader
+        .exec("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .and_then(|_| {
+            reader.exec(&format!(
+                "SET TRANSACTION SNAPSHOT {}",
+                quote_literal(&snapshot)
+            ))
+        })
+        .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
+    let tables = reader
+        .exec(REPLICATED_TABLES_SQL)
+        .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
+    jconn
+        .exec(&format!(
+            "SELECT pg_replication_origin_session_setup({})",
+            quote_literal(&origin_points[0].0)
+        ))
+        .and_then(|_| jconn.exec("SET session_replication_role = replica"))
+        .unwrap_or_else(|e| fail(remote_err(j)(e)));
+    for t in &tables {
+        let name = format!(
+            "{}.{}",
+            quote_ident(t[0].as_deref().unwrap_or_default()),
+            quote_ident(t[1].as_deref().unwrap_or_default())
+        );
+        reader
+            .start_copy(&format!("COPY {name} TO STDOUT"))
+            .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
+        jconn
+            .start_copy(&format!("COPY {name} FROM STDIN"))
+            .unwrap_or_else(|e| fail(remote_err(j)(e)));
+        loop {
+            match reader
+                .get_copy_data(false)
+                .unwrap_or_else(|e| fail(remote_err(&source.name)(e)))
+            {
+                crate::pg::libpq::CopyData::Data(buf) => jconn
+                    .put_copy_data(&buf)
+                    .unwrap_or_else(|e| fail(remote_err(j)(e))),
+                crate::pg::libpq::CopyData::Done => break,
+                crate::pg::libpq::CopyData::WouldBlock => {}
+            }
+        }
+        jconn
+            .put_copy_end()
+            .unwrap_or_else(|e| fail(remote_err(j)(e)));
+        pgrx::check_for_interrupts!();
+    }
+    let _ = reader.exec("COMMIT");
+    drop(repl);
+    jconn
+        .exec("SELECT pg_replication_origin_session_reset()")
+        .unwrap_or_else(|e| fail(remote_err(j)(e)));
+
+    // 7. Origins to their starting points; catalogs; go.
+    for (o, lsn) in &origin_points {
+        jconn
+            .exec(&format!(
+                "SELECT pg_replication_origin_advance({}, {}::pg_lsn)",
+                quote_literal(o),
+                quote_literal(&wire::format_lsn(*lsn))
+            ))
+            .unwrap_or_else(|e| fail(remote_err(j)(e)));
+    }
+    for n in &members {
+        nodes::upsert(&Node {
+            is_local: false,
+            ..n.clone()
+        });
+    }
+    nodes::upsert(&Node {
+        name: j.into(),
+        id: my_id,
+        kind: "active".into(),
+        state: "active".into(),
+        dsn: node_external_dsn.into(),
+        is_local: true,
+    });
+    for m in reached.iter_mut() {
+        m.conn
+            .exec(&format!(
+                "UPDATE bdr.nodes SET node_state = 'active', joined_at = now() WHERE node_name = {}",
+                quote_literal(j)
+            ))
+            .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
+    }
+    undo.done = true;
+    crate::workers::launcher::ensure_supervisor(my_dboid);
+}
+
+/// Block until this node has applied, from every peer, everything that peer had written
+/// when the call started (or `timeout` seconds pass: an ERROR).
+#[pg_extern]
+fn wait_for_join(timeout: default!(i32, 300)) {
+    let Some(local) = nodes::local() else {
+        fail(GroupError::NotMember)
+    };
+    let dboid = nodes::my_database_oid();
+    let peers: Vec<Node> = nodes::all()
+        .into_iter()
+        .filter(|n| !n.is_local && n.state == "active" && n.kind == "active")
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(timeout.max(1) as u64);
+    for p in peers {
+        let target = Conn::connect(&p.dsn, "bdr_wait_for_join")
+            .and_then(|mut c| c.query_value("SELECT pg_current_wal_flush_lsn()::text"))
+            .map(lsn_of)
+            .unwrap_or_else(|e| fail(remote_err(&p.name)(e)));
+        loop {
+            let applied = shmem::find(shmem::Kind::Apply, dboid, &p.name)
+                .map(|i| shmem::get(i).applied_lsn)
+                .unwrap_or(0);
+            if applied >= target {
+                break;
+            }
+            if Instant::now() > deadline {
+                fail(GroupError::Timeout {
+                    what: format!(
+                        "node \"{}\" to catch up with node \"{}\" (applied {}, target {})",
+                        local.name,
+                        p.name,
+                        wire::format_lsn(applied),
+                        wire::format_lsn(target)
+                    ),
+                    secs: timeout as u64,
+                });
+            }
+            pgrx::check_for_interrupts!();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// One row per apply worker of this database: the peer it streams from, its state, its
+/// positions (remote LSNs) and its last error.
+#[pg_extern]
+#[allow(clippy::type_complexity)]
+fn apply_workers() -> TableIterator<
+    'static,
+    (
+        name!(peer, String),
+        name!(pid, i32),
+        name!(state, String),
+        name!(received_lsn, String),
+        name!(applied_lsn, String),
+        name!(flushed_lsn, String),
+        name!(last_error, Option<String>),
+        name!(last_error_time, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(error_count, i64),
+    ),
+> {
+    let dboid = nodes::my_database_oid();
+    let rows: Vec<_> = shmem::all()
+        .into_iter()
+        .filter(|s| s.kind == shmem::Kind::Apply && s.dboid == dboid)
+        .map(|s| {
+            let t = (s.last_error_time != 0).then(|| {
+                // SAFETY-free: a plain conversion of PostgreSQL-epoch microseconds.
+                pgrx::datum::TimestampWithTimeZone::try_from(s.last_error_time)
+                    .unwrap_or_else(|_| pgrx::datum::TimestampWithTimeZone::try_from(0i64).unwrap())
+            });
+            (
+                s.peer(),
+                s.pid,
+                s.state.name().to_string(),
+                wire::format_lsn(s.received_lsn),
+                wire::format_lsn(s.applied_lsn),
+                wire::format_lsn(s.flushed_lsn),
+                s.last_error(),
+                t,
+                s.error_count as i64,
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}

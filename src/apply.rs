@@ -1,0 +1,310 @@
+//! Apply stage: one local transaction per remote transaction, one message at a time.
+//!
+//! The receive loop hands every decoded frame to [`Applier::handle`]. BEGIN starts a local
+//! transaction; RELATION (re)binds a peer relation to a local table; INSERT/UPDATE/DELETE
+//! locate the local row by replica identity and write through the executor
+//! ([`crate::pg::exec`]); COMMIT commits under the peer's replication origin with the
+//! remote commit LSN and timestamp, and records (remote end LSN, local commit LSN) for
+//! flush feedback.
+//!
+//! Conflicts found on the way (a row that already exists, or is missing) are written to
+//! `bdr.conflict_history` in the same transaction; how each is resolved is decided in
+//! [`crate::conflict`].
+//!
+//! Invariants: memory used per change is released after the change (per-change memory
+//! context), so a transaction of any size is applied in bounded memory; a transaction that
+//! applied nothing still commits a record carrying the origin progress.
+
+use crate::conflict::{self, Conflict, Resolution};
+use crate::error::{raise, ApplyError};
+use crate::pg::exec::Target;
+use crate::pg::xact;
+use crate::write::RelMap;
+use bdr_core::stream::FlushTracker;
+use bdr_core::wire::{self, Message, Value};
+use pgrx::pg_sys;
+use std::collections::HashMap;
+
+struct Bound {
+    remote: wire::Relation,
+    map: Option<RelMap>,
+}
+
+pub struct Applier {
+    pub peer: String,
+    pub local: String,
+    rels: HashMap<u32, Bound>,
+    begin: Option<wire::Begin>,
+    changes: u64,
+    pub tracker: FlushTracker,
+    change_cxt: pg_sys::MemoryContext,
+    cache_cxt: pg_sys::MemoryContext,
+    pub last_commit_time: i64,
+    pub conflicts: u64,
+}
+
+fn memory_context(name: &'static std::ffi::CStr) -> pg_sys::MemoryContext {
+    // SAFETY: a child of TopMemoryContext, alive for the process.
+    unsafe {
+        pg_sys::AllocSetContextCreateInternal(
+            pg_sys::TopMemoryContext,
+            name.as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        )
+    }
+}
+
+fn row_json(rel: &wire::Relation, values: &[Value]) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (c, v) in rel.columns.iter().zip(values) {
+        m.insert(
+            c.name.clone(),
+            match v {
+                Value::Null => serde_json::Value::Null,
+                Value::UnchangedToast => serde_json::Value::String("(unchanged toast)".into()),
+                Value::Text(t) => serde_json::Value::String(t.clone()),
+            },
+        );
+    }
+    serde_json::Value::Object(m)
+}
+
+impl Applier {
+    pub fn new(peer: &str, local: &str, origin_progress: u64) -> Applier {
+        Applier {
+            peer: peer.into(),
+            local: local.into(),
+            rels: HashMap::new(),
+            begin: None,
+            changes: 0,
+            tracker: FlushTracker::new(origin_progress),
+            change_cxt: memory_context(c"bdr apply change"),
+            cache_cxt: memory_context(c"bdr apply cache"),
+            last_commit_time: 0,
+            conflicts: 0,
+        }
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.begin.is_some()
+    }
+
+    fn context(&self, action: &str, rel: Option<&str>) {
+        let b = self.begin.as_ref();
+        xact::set_context(Some(format!(
+            "bdr apply: {action}{} from node \"{}\" in remote transaction {} committed at LSN {}",
+            rel.map(|r| format!(" on relation {r}")).unwrap_or_default(),
+            self.peer,
+            b.map(|b| b.xid).unwrap_or(0),
+            wire::format_lsn(b.map(|b| b.final_lsn).unwrap_or(0)),
+        )));
+    }
+
+    /// Apply one message. Errors are raised as PostgreSQL errors (the worker exits and is
+    /// restarted; the transaction is rolled back and will be streamed again).
+    pub fn handle(&mut self, msg: Message) {
+        match msg {
+            Message::Begin(b) => {
+                if self.begin.is_some() {
+                    raise(&ApplyError::Protocol("BEGIN inside a transaction".into()));
+                }
+                self.begin = Some(b);
+                self.changes = 0;
+                self.context("begin", None);
+                xact::begin();
+            }
+            Message::Relation(r) => {
+                self.rels.insert(
+                    r.id,
+                    Bound {
+                        remote: r,
+                        map: None,
+                    },
+                );
+            }
+            Message::Insert(m) => self.change("INSERT", m.relation, |a, map| a.insert(map, &m.new)),
+            Message::Update(m) => self.change("UPDATE", m.relation, |a, map| {
+                a.update(map, m.old.as_ref(), &m.new)
+            }),
+            Message::Delete(m) => self.change("DELETE", m.relation, |a, map| a.delete(map, &m.old)),
+            Message::Truncate(t) => self.truncate(&t),
+            Message::Message(_) => {
+                // Our own logical messages (join synchronisation, later DDL) need nothing
+                // applied; the surrounding transaction still commits to record progress.
+                self.require_transaction("MESSAGE");
+            }
+            Message::Commit(c) => self.commit(&c),
+        }
+    }
+
+    fn require_transaction(&self, what: &str) {
+        if self.begin.is_none() {
+            raise(&ApplyError::Protocol(format!(
+                "{what} outside a transaction"
+            )));
+        }
+    }
+
+    fn change(&mut self, action: &str, relation: u32, f: impl FnOnce(&mut Self, &RelMap)) {
+        self.require_transaction(action);
+        let name = match self.rels.get(&relation) {
+            Some(b) => b.remote.qualified_name(),
+            None => raise(&ApplyError::UnknownRelation(relation)),
+        };
+        self.context(action, Some(&name));
+        let cache = self.cache_cxt;
+        let bound = self.rels.get_mut(&relation).expect("checked above");
+        if bound.map.is_none() {
+            // SAFETY: inside the applying transaction.
+            let map = unsafe { RelMap::build(&bound.remote, cache) };
+            bound.map = Some(map.unwrap_or_else(|e| raise(&e)));
+        }
+        // Move the map out while the closure borrows self mutably.
+        let map = bound.map.take().expect("built above");
+        // SAFETY: the per-change context is reset only after the target is closed.
+        let old = unsafe { pg_sys::MemoryContextSwitchTo(self.change_cxt) };
+        f(self, &map);
+        unsafe {
+            pg_sys::MemoryContextSwitchTo(old);
+            pg_sys::MemoryContextReset(self.change_cxt);
+        }
+        self.rels.get_mut(&relation).expect("still bound").map = Some(map);
+        self.changes += 1;
+    }
+
+    fn insert(&mut self, map: &RelMap, new: &[Value]) {
+        // SAFETY: inside the applying transaction, in the per-change context.
+        unsafe {
+            let t = Target::open(map.relid);
+            let row = map.row(new, None).unwrap_or_else(|e| raise(&e));
+            let existing = if map.remote.key_columns().is_empty() {
+                None
+            } else {
+                let key = map.search_row_new(new).unwrap_or_else(|e| raise(&e));
+                t.find(&key)
+            };
+            match existing {
+                None => t.insert(&row),
+                Some(local) => {
+                    let res = conflict::resolve(Conflict::InsertExists);
+                    self.record(map, Conflict::InsertExists, res, new);
+                    if res == Resolution::ApplyRemote {
+                        let base = local.values();
+                        let row = map.row(new, Some(&base)).unwrap_or_else(|e| raise(&e));
+                        t.update(&local, &row);
+                    }
+                }
+            }
+            t.close();
+        }
+    }
+
+    fn update(&mut self, map: &RelMap, old: Option<&wire::OldRow>, new: &[Value]) {
+        // SAFETY: as in insert.
+        unsafe {
+            let t = Target::open(map.relid);
+            let key = match old {
+                Some(o) => map.search_row_old(o, "update"),
+                None => map.search_row_new(new),
+            }
+            .unwrap_or_else(|e| raise(&e));
+            match t.find(&key) {
+                Some(local) => {
+                    let base = local.values();
+                    let row = map.row(new, Some(&base)).unwrap_or_else(|e| raise(&e));
+                    t.update(&local, &row);
+                }
+                None => {
+                    let res = conflict::resolve(Conflict::UpdateMissing);
+                    self.record(map, Conflict::UpdateMissing, res, new);
+                }
+            }
+            t.close();
+        }
+    }
+
+    fn delete(&mut self, map: &RelMap, old: &wire::OldRow) {
+        // SAFETY: as in insert.
+        unsafe {
+            let t = Target::open(map.relid);
+            let key = map
+                .search_row_old(old, "delete")
+                .unwrap_or_else(|e| raise(&e));
+            match t.find(&key) {
+                Some(local) => t.delete(&local),
+                None => {
+                    let values = match old {
+                        wire::OldRow::Key(k) | wire::OldRow::Full(k) => k.clone(),
+                    };
+                    let res = conflict::resolve(Conflict::DeleteMissing);
+                    self.record(map, Conflict::DeleteMissing, res, &values);
+                }
+            }
+            t.close();
+        }
+    }
+
+    fn truncate(&mut self, t: &wire::Truncate) {
+        self.require_transaction("TRUNCATE");
+        let names: Vec<String> = t
+            .relations
+            .iter()
+            .map(|id| match self.rels.get(id) {
+                Some(b) => format!(
+                    "{}.{}",
+                    crate::pg::libpq::quote_ident(&b.remote.schema),
+                    crate::pg::libpq::quote_ident(&b.remote.name)
+                ),
+                None => raise(&ApplyError::UnknownRelation(*id)),
+            })
+            .collect();
+        self.context("TRUNCATE", Some(&names.join(", ")));
+        xact::run_sql(&format!(
+            "TRUNCATE ONLY {}{}{}",
+            names.join(", "),
+            if t.restart_identity {
+                " RESTART IDENTITY"
+            } else {
+                ""
+            },
+            if t.cascade { " CASCADE" } else { "" }
+        ));
+        self.changes += 1;
+    }
+
+    fn record(&mut self, map: &RelMap, c: Conflict, r: Resolution, values: &[Value]) {
+        self.conflicts += 1;
+        let b = self.begin.as_ref().expect("inside a transaction");
+        crate::history::record(&crate::history::Entry {
+            local_node: &self.local,
+            remote_node: &self.peer,
+            relation: &map.name(),
+            conflict: c,
+            resolution: r,
+            remote_commit_time: b.commit_time,
+            remote_lsn: b.final_lsn,
+            remote_xid: b.xid,
+            remote_tuple: row_json(&map.remote, values),
+        });
+    }
+
+    fn commit(&mut self, c: &wire::Commit) {
+        self.require_transaction("COMMIT");
+        self.context("commit", None);
+        if self.changes == 0 {
+            // Nothing written: take an xid so the commit record (and with it the origin
+            // progress) is written all the same.
+            // SAFETY: inside a transaction.
+            unsafe {
+                pg_sys::GetCurrentTransactionId();
+            }
+        }
+        let local_end = xact::commit_remote(c.end_lsn, c.commit_time);
+        self.tracker.applied(c.end_lsn, local_end);
+        self.last_commit_time = c.commit_time;
+        self.begin = None;
+        xact::set_context(None);
+    }
+}

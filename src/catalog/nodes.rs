@@ -1,0 +1,123 @@
+//! `bdr.nodes`: one row per node of the group, as this node knows it.
+//!
+//! Names are the identity users see; `node_id` is a stable number derived at creation and
+//! copied to every member, used to order nodes when commit timestamps tie.
+
+use pgrx::prelude::*;
+use pgrx::spi::SpiResult;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub id: i64,
+    pub kind: String,
+    pub state: String,
+    pub dsn: String,
+    pub is_local: bool,
+}
+
+const COLUMNS: &str = "node_name, node_id, node_kind, node_state, node_dsn, is_local";
+
+fn read(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> SpiResult<Vec<Node>> {
+    Spi::connect(|c| {
+        let mut out = Vec::new();
+        for row in c.select(sql, None, args)? {
+            out.push(Node {
+                name: row.get(1)?.unwrap_or_default(),
+                id: row.get(2)?.unwrap_or_default(),
+                kind: row.get(3)?.unwrap_or_default(),
+                state: row.get(4)?.unwrap_or_default(),
+                dsn: row.get(5)?.unwrap_or_default(),
+                is_local: row.get(6)?.unwrap_or_default(),
+            });
+        }
+        Ok(out)
+    })
+}
+
+/// First column of the first row of a read-only query. (pgrx's `Spi::get_one` marks the
+/// transaction as writing, which assigns an xid: a backend holding one makes logical slot
+/// creation elsewhere wait for it, and a supervisor polling with it would burn xids.)
+pub fn read_one<T: pgrx::datum::FromDatum + pgrx::datum::IntoDatum>(sql: &str) -> Option<T> {
+    Spi::connect(|c| c.select(sql, Some(1), &[])?.first().get_one::<T>())
+        .unwrap_or_else(|e| spi_fail(e))
+}
+
+fn spi_fail(e: pgrx::spi::Error) -> ! {
+    crate::error::raise(&crate::error::ApplyError::Spi(e.to_string()))
+}
+
+/// Whether `CREATE EXTENSION bdr` has run in this database.
+pub fn extension_exists() -> bool {
+    read_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'bdr')")
+        .unwrap_or(false)
+}
+
+pub fn all() -> Vec<Node> {
+    read(
+        &format!("SELECT {COLUMNS} FROM bdr.nodes ORDER BY node_name"),
+        &[],
+    )
+    .unwrap_or_else(|e| spi_fail(e))
+}
+
+pub fn local() -> Option<Node> {
+    read(
+        &format!("SELECT {COLUMNS} FROM bdr.nodes WHERE is_local"),
+        &[],
+    )
+    .unwrap_or_else(|e| spi_fail(e))
+    .into_iter()
+    .next()
+}
+
+pub fn by_name(name: &str) -> Option<Node> {
+    read(
+        &format!("SELECT {COLUMNS} FROM bdr.nodes WHERE node_name = $1"),
+        &[name.into()],
+    )
+    .unwrap_or_else(|e| spi_fail(e))
+    .into_iter()
+    .next()
+}
+
+/// Insert or replace a node row.
+pub fn upsert(n: &Node) {
+    Spi::run_with_args(
+        "INSERT INTO bdr.nodes (node_name, node_id, node_kind, node_state, node_dsn, is_local) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (node_name) DO UPDATE SET node_id = EXCLUDED.node_id, \
+           node_kind = EXCLUDED.node_kind, node_state = EXCLUDED.node_state, \
+           node_dsn = EXCLUDED.node_dsn, is_local = EXCLUDED.is_local",
+        &[
+            n.name.as_str().into(),
+            n.id.into(),
+            n.kind.as_str().into(),
+            n.state.as_str().into(),
+            n.dsn.as_str().into(),
+            n.is_local.into(),
+        ],
+    )
+    .unwrap_or_else(|e| spi_fail(e));
+}
+
+pub fn set_state(name: &str, state: &str) {
+    Spi::run_with_args(
+        "UPDATE bdr.nodes SET node_state = $2, \
+           joined_at = CASE WHEN $2 IN ('active', 'standby') THEN coalesce(joined_at, now()) ELSE joined_at END \
+         WHERE node_name = $1",
+        &[name.into(), state.into()],
+    )
+    .unwrap_or_else(|e| spi_fail(e));
+}
+
+pub fn delete(name: &str) {
+    Spi::run_with_args("DELETE FROM bdr.nodes WHERE node_name = $1", &[name.into()])
+        .unwrap_or_else(|e| spi_fail(e));
+}
+
+/// The current database's OID.
+pub fn my_database_oid() -> u32 {
+    // SAFETY: MyDatabaseId is set once the backend is connected.
+    unsafe { pgrx::pg_sys::MyDatabaseId }.to_u32()
+}

@@ -1,0 +1,101 @@
+//! Background-worker plumbing: waiting on latch and socket, listing databases without a
+//! database connection, starting dynamic workers.
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, DynamicBackgroundWorker};
+use pgrx::pg_sys;
+use pgrx::IntoDatum;
+use std::ffi::CStr;
+use std::time::Duration;
+
+/// Wait until the latch is set, `socket` (if any) is readable, or `timeout` passes.
+/// Exits the process if the postmaster died. Returns true if SIGTERM was received.
+pub fn wait(socket: Option<i32>, timeout: Duration) -> bool {
+    let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+    if socket.is_some() {
+        events |= pg_sys::WL_SOCKET_READABLE;
+    }
+    // SAFETY: MyLatch is this process's latch; the socket belongs to a live connection.
+    unsafe {
+        pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            events as i32,
+            socket.unwrap_or(-1),
+            timeout.as_millis() as i64,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pgrx::check_for_interrupts!();
+    if BackgroundWorker::sighup_received() {
+        // SAFETY: re-reading the configuration file is what SIGHUP asks for.
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    }
+    BackgroundWorker::sigterm_received()
+}
+
+/// Databases that accept connections and are not templates: (oid, name).
+pub fn list_databases() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    crate::pg::xact::begin();
+    // SAFETY: a catalog scan of the shared pg_database, inside a transaction.
+    unsafe {
+        let rel = pg_sys::table_open(pg_sys::DatabaseRelationId, pg_sys::AccessShareLock as i32);
+        let scan = pg_sys::table_beginscan_catalog(rel, 0, std::ptr::null_mut());
+        loop {
+            let tup = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tup.is_null() {
+                break;
+            }
+            let data = (*tup).t_data;
+            let form = (data as *const u8).add((*data).t_hoff as usize)
+                as *const pg_sys::FormData_pg_database;
+            if (*form).datallowconn && !(*form).datistemplate {
+                let name = CStr::from_ptr((*form).datname.data.as_ptr())
+                    .to_string_lossy()
+                    .into_owned();
+                out.push(((*form).oid.to_u32(), name));
+            }
+        }
+        pg_sys::table_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as i32);
+    }
+    crate::pg::xact::commit();
+    out
+}
+
+/// Start a dynamic background worker running `function` of this library.
+pub fn start_worker(
+    name: &str,
+    function: &str,
+    dboid: u32,
+    extra: &str,
+) -> Option<DynamicBackgroundWorker> {
+    BackgroundWorkerBuilder::new(name)
+        .set_type(name)
+        .set_library("bdr")
+        .set_function(function)
+        .set_argument(pg_sys::Oid::from(dboid).into_datum())
+        .set_extra(extra)
+        .enable_spi_access()
+        .set_restart_time(None)
+        .set_notify_pid(0)
+        .load_dynamic()
+        .ok()
+}
+
+/// The database OID passed as a worker's argument.
+pub fn arg_oid(arg: pg_sys::Datum) -> pg_sys::Oid {
+    pg_sys::Oid::from(arg.value() as u32)
+}
+
+/// Directory of the running postgres binary (pg_dump and psql live beside it).
+pub fn pg_bindir() -> std::path::PathBuf {
+    // SAFETY: my_exec_path is a NUL-terminated path set at process start, never changed.
+    let exe = unsafe { CStr::from_ptr((&raw const pg_sys::my_exec_path).cast()) }
+        .to_string_lossy()
+        .into_owned();
+    std::path::Path::new(&exe)
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default()
+}

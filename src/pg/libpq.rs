@@ -1,0 +1,296 @@
+//! libpq, for the connections the extension makes itself: apply workers streaming from a
+//! peer's walsender, and `group_join` talking to the members.
+//!
+//! Why libpq (through `pq-sys`) and not a Rust client: it is the library PostgreSQL's own
+//! walreceiver uses inside a backend, it speaks the replication sub-protocol, and it has no
+//! runtime of its own, so waiting happens on our latch and socket (`WaitLatchOrSocket`) and
+//! SIGTERM or a config reload interrupt a wait at once.
+//!
+//! Invariants: a [`Conn`] is closed (`PQfinish`) when dropped; every error message that
+//! may include the DSN is built from [`bdr_core::dsn::redact`]ed text.
+
+use bdr_core::dsn;
+use pq_sys as pq;
+use std::ffi::{c_char, c_int, CStr, CString};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LibpqError {
+    #[error("could not connect to \"{dsn}\": {message}")]
+    Connect { dsn: String, message: String },
+    #[error("{message}")]
+    Query {
+        sqlstate: Option<String>,
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    },
+    #[error("connection to \"{dsn}\" lost: {message}")]
+    Lost { dsn: String, message: String },
+}
+
+/// A row of text values (NULL as None).
+pub type Row = Vec<Option<String>>;
+
+/// What `get_copy_data` found.
+pub enum CopyData {
+    Data(Vec<u8>),
+    WouldBlock,
+    Done,
+}
+
+pub struct Conn {
+    raw: *mut pq::PGconn,
+    safe_dsn: String,
+}
+
+fn cstr_lossy(p: *const c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: libpq returns NUL-terminated strings.
+    unsafe { CStr::from_ptr(p) }
+        .to_string_lossy()
+        .trim_end()
+        .to_owned()
+}
+
+impl Conn {
+    /// Connect (blocking, bounded by `connect_timeout`, default 10 s).
+    pub fn connect(conninfo: &str, application_name: &str) -> Result<Conn, LibpqError> {
+        let safe_dsn = dsn::redact(conninfo);
+        let full = dsn::with_default(conninfo, "connect_timeout", "10");
+        let full = dsn::with_default(&full, "application_name", application_name);
+        let c = CString::new(full).map_err(|_| LibpqError::Connect {
+            dsn: safe_dsn.clone(),
+            message: "connection string contains a NUL byte".into(),
+        })?;
+        // SAFETY: c is a valid C string; the result is checked and owned by Conn.
+        let raw = unsafe { pq::PQconnectdb(c.as_ptr()) };
+        let conn = Conn { raw, safe_dsn };
+        // SAFETY: raw is a connection object (possibly failed), valid until PQfinish.
+        if raw.is_null() || unsafe { pq::PQstatus(raw) } != pq::ConnStatusType::CONNECTION_OK {
+            return Err(LibpqError::Connect {
+                dsn: conn.safe_dsn.clone(),
+                message: conn.error_message(),
+            });
+        }
+        Ok(conn)
+    }
+
+    pub fn safe_dsn(&self) -> &str {
+        &self.safe_dsn
+    }
+
+    fn error_message(&self) -> String {
+        if self.raw.is_null() {
+            return "out of memory".into();
+        }
+        // SAFETY: raw is valid until drop.
+        cstr_lossy(unsafe { pq::PQerrorMessage(self.raw) })
+    }
+
+    fn result_error(&self, res: *mut pq::PGresult) -> LibpqError {
+        // SAFETY: res is a live result; fields are NUL-terminated or NULL.
+        unsafe {
+            let field = |code: u8| {
+                let p = pq::PQresultErrorField(res, code as c_int);
+                (!p.is_null()).then(|| cstr_lossy(p))
+            };
+            let message = field(b'M').unwrap_or_else(|| {
+                let m = cstr_lossy(pq::PQresultErrorMessage(res));
+                if m.is_empty() {
+                    self.error_message()
+                } else {
+                    m
+                }
+            });
+            LibpqError::Query {
+                sqlstate: field(b'C'),
+                message,
+                detail: field(b'D'),
+                hint: field(b'H'),
+            }
+        }
+    }
+
+    /// Run one statement and return its rows (none for a command).
+    pub fn exec(&mut self, sql: &str) -> Result<Vec<Row>, LibpqError> {
+        let q = CString::new(sql).expect("SQL without NUL bytes");
+        // SAFETY: raw is connected; the result is cleared before returning.
+        unsafe {
+            let res = pq::PQexec(self.raw, q.as_ptr());
+            let status = pq::PQresultStatus(res);
+            let out = match status {
+                pq::ExecStatusType::PGRES_TUPLES_OK | pq::ExecStatusType::PGRES_COMMAND_OK => {
+                    let (n, m) = (pq::PQntuples(res), pq::PQnfields(res));
+                    Ok((0..n)
+                        .map(|r| {
+                            (0..m)
+                                .map(|f| {
+                                    (pq::PQgetisnull(res, r, f) == 0)
+                                        .then(|| cstr_lossy(pq::PQgetvalue(res, r, f)))
+                                })
+                                .collect()
+                        })
+                        .collect())
+                }
+                _ => Err(self.result_error(res)),
+            };
+            pq::PQclear(res);
+            out
+        }
+    }
+
+    /// Run a statement returning exactly one value.
+    pub fn query_value(&mut self, sql: &str) -> Result<Option<String>, LibpqError> {
+        let rows = self.exec(sql)?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next().flatten()))
+    }
+
+    /// Send a statement that enters COPY BOTH (START_REPLICATION) or COPY OUT/IN mode.
+    pub fn start_copy(&mut self, sql: &str) -> Result<(), LibpqError> {
+        let q = CString::new(sql).expect("SQL without NUL bytes");
+        // SAFETY: as in exec.
+        unsafe {
+            let res = pq::PQexec(self.raw, q.as_ptr());
+            let ok = matches!(
+                pq::PQresultStatus(res),
+                pq::ExecStatusType::PGRES_COPY_BOTH
+                    | pq::ExecStatusType::PGRES_COPY_OUT
+                    | pq::ExecStatusType::PGRES_COPY_IN
+            );
+            let err = (!ok).then(|| self.result_error(res));
+            pq::PQclear(res);
+            err.map_or(Ok(()), Err)
+        }
+    }
+
+    /// One CopyData message, or WouldBlock (async) / Done (COPY finished).
+    pub fn get_copy_data(&mut self, nonblocking: bool) -> Result<CopyData, LibpqError> {
+        let mut buf: *mut c_char = std::ptr::null_mut();
+        // SAFETY: libpq allocates buf; we copy it and free it with PQfreemem.
+        unsafe {
+            let n = pq::PQgetCopyData(self.raw, &mut buf, nonblocking as c_int);
+            if n > 0 {
+                let data = std::slice::from_raw_parts(buf as *const u8, n as usize).to_vec();
+                pq::PQfreemem(buf as *mut std::ffi::c_void);
+                Ok(CopyData::Data(data))
+            } else if n == 0 {
+                Ok(CopyData::WouldBlock)
+            } else if n == -1 {
+                // COPY done: collect the final result.
+                let res = pq::PQgetResult(self.raw);
+                let status = pq::PQresultStatus(res);
+                let err = (!matches!(status, pq::ExecStatusType::PGRES_COMMAND_OK))
+                    .then(|| self.result_error(res));
+                pq::PQclear(res);
+                while {
+                    let r = pq::PQgetResult(self.raw);
+                    let more = !r.is_null();
+                    pq::PQclear(r);
+                    more
+                } {}
+                err.map_or(Ok(CopyData::Done), Err)
+            } else {
+                Err(LibpqError::Lost {
+                    dsn: self.safe_dsn.clone(),
+                    message: self.error_message(),
+                })
+            }
+        }
+    }
+
+    pub fn put_copy_data(&mut self, data: &[u8]) -> Result<(), LibpqError> {
+        // SAFETY: data is valid for its length.
+        let r = unsafe {
+            pq::PQputCopyData(
+                self.raw,
+                data.as_ptr() as *const c_char,
+                data.len() as c_int,
+            )
+        };
+        if r == 1 {
+            Ok(())
+        } else {
+            Err(LibpqError::Lost {
+                dsn: self.safe_dsn.clone(),
+                message: self.error_message(),
+            })
+        }
+    }
+
+    /// Finish a COPY IN and check its result.
+    pub fn put_copy_end(&mut self) -> Result<(), LibpqError> {
+        // SAFETY: connected, in COPY IN mode.
+        unsafe {
+            if pq::PQputCopyEnd(self.raw, std::ptr::null()) != 1 {
+                return Err(LibpqError::Lost {
+                    dsn: self.safe_dsn.clone(),
+                    message: self.error_message(),
+                });
+            }
+            let mut err = None;
+            loop {
+                let res = pq::PQgetResult(self.raw);
+                if res.is_null() {
+                    break;
+                }
+                if pq::PQresultStatus(res) != pq::ExecStatusType::PGRES_COMMAND_OK {
+                    err = Some(self.result_error(res));
+                }
+                pq::PQclear(res);
+            }
+            err.map_or(Ok(()), Err)
+        }
+    }
+
+    pub fn flush(&mut self) -> Result<(), LibpqError> {
+        // SAFETY: connected.
+        if unsafe { pq::PQflush(self.raw) } < 0 {
+            return Err(LibpqError::Lost {
+                dsn: self.safe_dsn.clone(),
+                message: self.error_message(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Read what the socket has, without blocking.
+    pub fn consume_input(&mut self) -> Result<(), LibpqError> {
+        // SAFETY: connected.
+        if unsafe { pq::PQconsumeInput(self.raw) } == 0 {
+            return Err(LibpqError::Lost {
+                dsn: self.safe_dsn.clone(),
+                message: self.error_message(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn socket(&self) -> c_int {
+        // SAFETY: connected.
+        unsafe { pq::PQsocket(self.raw) }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if !self.raw.is_null() {
+            // SAFETY: we own the connection; it is not used after this.
+            unsafe { pq::PQfinish(self.raw) };
+        }
+    }
+}
+
+/// Quote a SQL literal (standard_conforming_strings on).
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Quote an identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}

@@ -1,0 +1,139 @@
+//! Transactions, replication origins and WAL positions for the apply worker.
+//!
+//! Invariant: a remote transaction is applied in exactly one local transaction whose commit
+//! carries the remote origin, LSN and commit timestamp (`replorigin_session_origin_*` set
+//! before `CommitTransactionCommand`), so the origin's progress is durable exactly when the
+//! applied rows are: after a crash, streaming resumes right after the last applied commit.
+
+use pgrx::pg_sys;
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, CString};
+
+/// Start a transaction with a snapshot, for catalog reads or applying a remote one.
+pub fn begin() {
+    // SAFETY: called outside any transaction (the apply loop's invariant).
+    unsafe {
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+}
+
+/// Commit a plain (not replicated-from-anywhere) transaction.
+pub fn commit() {
+    // SAFETY: a transaction started by `begin` is open.
+    unsafe {
+        pg_sys::PopActiveSnapshot();
+        pg_sys::CommitTransactionCommand();
+    }
+}
+
+/// Commit the transaction that applied a remote one; returns the local commit record's
+/// end LSN (for flush tracking).
+pub fn commit_remote(remote_end_lsn: u64, remote_commit_time: i64) -> u64 {
+    // SAFETY: a transaction started by `begin` is open and this session has an origin.
+    unsafe {
+        pg_sys::PopActiveSnapshot();
+        pg_sys::replorigin_session_origin_lsn = remote_end_lsn;
+        pg_sys::replorigin_session_origin_timestamp = remote_commit_time;
+        pg_sys::CommitTransactionCommand();
+        pg_sys::replorigin_session_origin_lsn = 0;
+        pg_sys::replorigin_session_origin_timestamp = 0;
+        pg_sys::XactLastCommitEnd
+    }
+}
+
+/// Make this session apply under the replication origin `name` (created if missing);
+/// returns the origin's progress: the end LSN of the last remote commit applied here.
+pub fn setup_origin(name: &str) -> u64 {
+    let c = CString::new(name).expect("origin name without NUL");
+    begin();
+    // SAFETY: inside a transaction; the origin is acquired for the life of the process.
+    let progress = unsafe {
+        let mut id = pg_sys::replorigin_by_name(c.as_ptr(), true);
+        if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+            id = pg_sys::replorigin_create(c.as_ptr());
+        }
+        pg_sys::replorigin_session_setup(id);
+        pg_sys::replorigin_session_origin = id;
+        pg_sys::replorigin_session_get_progress(false)
+    };
+    commit();
+    progress
+}
+
+/// WAL flushed to disk on this node.
+pub fn flush_lsn() -> u64 {
+    // SAFETY: plain read of shared WAL state.
+    unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) }
+}
+
+/// Current time, PostgreSQL epoch microseconds.
+pub fn now() -> i64 {
+    // SAFETY: no preconditions.
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+/// Set a GUC for this session with superuser rights.
+pub fn set_config(name: &str, value: &str) {
+    let n = CString::new(name).unwrap();
+    let v = CString::new(value).unwrap();
+    // SAFETY: valid C strings; SetConfigOption raises an ERROR on a bad value.
+    unsafe {
+        pg_sys::SetConfigOption(
+            n.as_ptr(),
+            v.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
+}
+
+extern "C-unwind" {
+    // Variadic, not in pgrx's bindings; exported by the postgres binary.
+    fn errcontext_msg(fmt: *const c_char, ...) -> c_int;
+}
+
+thread_local! {
+    static CONTEXT: RefCell<Option<CString>> = const { RefCell::new(None) };
+}
+
+static mut CONTEXT_CALLBACK: pg_sys::ErrorContextCallback = pg_sys::ErrorContextCallback {
+    previous: std::ptr::null_mut(),
+    callback: None,
+    arg: std::ptr::null_mut(),
+};
+
+unsafe extern "C-unwind" fn context_callback(_arg: *mut std::ffi::c_void) {
+    CONTEXT.with(|c| {
+        if let Some(s) = c.borrow().as_ref() {
+            // SAFETY: called by errfinish while building an error report.
+            unsafe {
+                errcontext_msg(c"%s".as_ptr(), s.as_ptr());
+            }
+        }
+    });
+}
+
+/// Install the apply worker's error-context callback (once per process): every ERROR
+/// raised while applying gets a `CONTEXT:` line with what [`set_context`] last said.
+pub fn install_error_context() {
+    // SAFETY: the callback struct is a static that outlives every error; the worker never
+    // pops it (it exits on error).
+    unsafe {
+        let cb = &raw mut CONTEXT_CALLBACK;
+        (*cb).callback = Some(context_callback);
+        (*cb).previous = pg_sys::error_context_stack;
+        pg_sys::error_context_stack = cb;
+    }
+}
+
+/// What the worker is doing now, for error reports (`None` clears it).
+pub fn set_context(text: Option<String>) {
+    CONTEXT.with(|c| *c.borrow_mut() = text.and_then(|t| CString::new(t).ok()));
+}
+
+/// Run `sql` through SPI (a statement not worth executor plumbing, e.g. TRUNCATE).
+pub fn run_sql(sql: &str) {
+    pgrx::Spi::run(sql)
+        .unwrap_or_else(|e| crate::error::raise(&crate::error::ApplyError::Spi(e.to_string())));
+}

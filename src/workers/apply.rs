@@ -1,0 +1,53 @@
+//! The apply worker: streams one peer's changes into this database.
+
+use crate::catalog::nodes;
+use crate::pg::{bgw, shmem, xact};
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn bdr_apply_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let dboid = bgw::arg_oid(arg);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
+    let dboid = dboid.to_u32();
+    let peer_name = BackgroundWorker::get_extra().to_string();
+    let Some(slot) = shmem::find(shmem::Kind::Apply, dboid, &peer_name) else {
+        pgrx::warning!("bdr: apply worker for \"{peer_name}\" has no slot; exiting");
+        return;
+    };
+    shmem::update(slot, |s| {
+        s.pid = std::process::id() as i32;
+        s.state = shmem::State::Starting;
+        s.started_at = xact::now();
+    });
+    // Replicated rows do not fire ordinary triggers (only ENABLE REPLICA / ALWAYS ones);
+    // durability comes from flush feedback, not from waiting for each commit.
+    xact::set_config("session_replication_role", "replica");
+    xact::set_config("synchronous_commit", "off");
+    xact::begin();
+    let (local, peer) = (nodes::local(), nodes::by_name(&peer_name));
+    xact::commit();
+    let (Some(local), Some(peer)) = (local, peer) else {
+        pgrx::log!("bdr: node \"{peer_name}\" or the local node is gone; apply worker exits");
+        return;
+    };
+    xact::install_error_context();
+    PgTryBuilder::new(|| crate::receive::run(slot, dboid, &local.name, &peer.name, &peer.dsn))
+        .catch_others(|e| {
+            let msg = match &e {
+                CaughtError::PostgresError(r)
+                | CaughtError::ErrorReport(r)
+                | CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+            };
+            shmem::update(slot, |s| {
+                s.state = shmem::State::Erroring;
+                s.set_error(&msg, xact::now());
+            });
+            e.rethrow()
+        })
+        .execute();
+    shmem::update(slot, |s| s.state = shmem::State::Stopped);
+}

@@ -1,0 +1,57 @@
+//! The launcher: a static background worker that gives every database a supervisor.
+
+use crate::pg::{bgw, shmem, xact};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use std::time::Duration;
+
+/// Register the launcher; called from `_PG_init`.
+pub fn register() {
+    BackgroundWorkerBuilder::new("bdr launcher")
+        .set_type("bdr launcher")
+        .set_library("bdr")
+        .set_function("bdr_launcher_main")
+        .enable_shmem_access(None)
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}
+
+/// Make sure database `dboid` has a supervisor; true if one was started now.
+pub fn ensure_supervisor(dboid: u32) -> bool {
+    let Some(slot) = shmem::claim(shmem::Kind::Supervisor, dboid, "", xact::now()) else {
+        return false;
+    };
+    let started = bgw::start_worker(
+        &format!("bdr supervisor {dboid}"),
+        "bdr_supervisor_main",
+        dboid,
+        "",
+    );
+    if started.is_none() {
+        shmem::release(slot);
+        pgrx::warning!(
+            "bdr: could not start a supervisor for database {dboid}: no background worker slot free"
+        );
+    }
+    started.is_some()
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn bdr_launcher_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    if crate::error::check_server_config().is_err() {
+        // _PG_init already logged why; nothing to launch.
+        return;
+    }
+    loop {
+        for (dboid, _name) in bgw::list_databases() {
+            ensure_supervisor(dboid);
+        }
+        if bgw::wait(None, Duration::from_secs(10)) {
+            return;
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! The per-database supervisor: one apply worker per peer, restarted with backoff.
+
+use crate::catalog::nodes;
+use crate::pg::{bgw, shmem, xact};
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerStatus, DynamicBackgroundWorker, SignalWakeFlags,
+};
+use pgrx::prelude::*;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// How long a supervisor waits for a local node to appear before giving up (e.g. right
+/// after `group_create` started it, before that transaction committed).
+const IDLE_GRACE: Duration = Duration::from_secs(30);
+
+struct Worker {
+    handle: Option<DynamicBackgroundWorker>,
+    slot: usize,
+    failures: u32,
+    started: Instant,
+    next_start: Instant,
+}
+
+/// Delay before restart number `failures` (1, 2, 4, ... 30 s).
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_secs((1u64 << failures.min(5).saturating_sub(1)).min(30))
+}
+
+/// Peers this node applies from: every other node that is a member (not parting/parted).
+fn peers(all: &[nodes::Node]) -> Vec<nodes::Node> {
+    all.iter()
+        .filter(|n| !n.is_local && matches!(n.state.as_str(), "active" | "standby" | "catching_up"))
+        .filter(|n| n.kind == "active")
+        .cloned()
+        .collect()
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn bdr_supervisor_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let dboid = bgw::arg_oid(arg);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
+    let dboid = dboid.to_u32();
+    let me = shmem::find(shmem::Kind::Supervisor, dboid, "");
+    if let Some(i) = me {
+        shmem::update(i, |s| {
+            s.pid = std::process::id() as i32;
+            s.state = shmem::State::Streaming;
+        });
+    }
+    let started = Instant::now();
+    let mut workers: HashMap<String, Worker> = HashMap::new();
+    loop {
+        xact::begin();
+        let all = if nodes::extension_exists() {
+            nodes::all()
+        } else {
+            Vec::new()
+        };
+        xact::commit();
+        let has_local = all.iter().any(|n| n.is_local);
+        if !has_local && (all.is_empty() && started.elapsed() > IDLE_GRACE || !workers.is_empty()) {
+            break;
+        }
+        let wanted = peers(&all);
+        // Stop workers for nodes that left.
+        let gone: Vec<String> = workers
+            .keys()
+            .filter(|k| !wanted.iter().any(|n| &n.name == *k))
+            .cloned()
+            .collect();
+        for name in gone {
+            let w = workers.remove(&name).expect("listed");
+            if let Some(h) = w.handle {
+                let _ = h.terminate().wait_for_shutdown();
+            }
+            shmem::release(w.slot);
+        }
+        for peer in &wanted {
+            let w = workers.entry(peer.name.clone()).or_insert_with(|| {
+                let slot = shmem::find(shmem::Kind::Apply, dboid, &peer.name)
+                    .or_else(|| shmem::claim(shmem::Kind::Apply, dboid, &peer.name, xact::now()))
+                    .expect("a free worker slot in shared memory");
+                Worker {
+                    handle: None,
+                    slot,
+                    failures: 0,
+                    started: Instant::now(),
+                    next_start: Instant::now(),
+                }
+            });
+            let running = matches!(
+                w.handle.as_ref().map(|h| h.pid()),
+                Some(Ok(_)) | Some(Err(BackgroundWorkerStatus::NotYetStarted))
+            );
+            if running {
+                continue;
+            }
+            if w.handle.take().is_some() {
+                // It stopped: count the failure (a long healthy run resets the count).
+                w.failures = if w.started.elapsed() > Duration::from_secs(60) {
+                    1
+                } else {
+                    w.failures + 1
+                };
+                w.next_start = Instant::now() + backoff(w.failures);
+                shmem::update(w.slot, |s| {
+                    s.state = shmem::State::Erroring;
+                    s.pid = 0;
+                });
+            }
+            if Instant::now() >= w.next_start {
+                w.handle = bgw::start_worker(
+                    &format!("bdr apply {} from {}", dboid, peer.name),
+                    "bdr_apply_main",
+                    dboid,
+                    &peer.name,
+                );
+                w.started = Instant::now();
+            }
+        }
+        if bgw::wait(None, Duration::from_millis(500)) {
+            break;
+        }
+    }
+    for (_, w) in workers {
+        if let Some(h) = w.handle {
+            let _ = h.terminate().wait_for_shutdown();
+        }
+        shmem::release(w.slot);
+    }
+    if let Some(i) = me {
+        shmem::release(i);
+    }
+}

@@ -1,0 +1,209 @@
+//! Write stage, mapping half: turn a peer's relation and rows (text values by column name)
+//! into rows of the local table (datums by attribute number).
+//!
+//! Rules: the local table is found by schema and name; every column the peer sends must
+//! exist locally (else an apply error naming the column, retried until a DBA adds it); local
+//! columns the peer does not send are NULL on INSERT and keep their value on UPDATE;
+//! generated columns are computed locally; an unchanged-TOAST value keeps the local value.
+
+use crate::error::ApplyError;
+use crate::pg::exec::{self, InputFn, LocalAttr, Row};
+use bdr_core::wire::{self, OldRow, ReplicaIdentity, Value};
+use pgrx::pg_sys;
+
+/// Local position of each remote column, or the name of the first one missing.
+pub fn map_columns(remote: &[wire::Column], local: &[LocalAttr]) -> Result<Vec<usize>, String> {
+    remote
+        .iter()
+        .map(|c| {
+            local
+                .iter()
+                .position(|a| !a.dropped && !a.generated && a.name == c.name)
+                .ok_or_else(|| c.name.clone())
+        })
+        .collect()
+}
+
+/// A peer relation bound to a local table.
+pub struct RelMap {
+    pub remote: wire::Relation,
+    pub relid: pg_sys::Oid,
+    pub natts: usize,
+    /// For each remote column, the local attribute index.
+    local_of: Vec<usize>,
+    /// Input function per remote column.
+    inputs: Vec<InputFn>,
+    /// Remote column indexes of the key.
+    key: Vec<usize>,
+}
+
+impl RelMap {
+    /// # Safety
+    /// Inside a transaction.
+    pub unsafe fn build(
+        remote: &wire::Relation,
+        cxt: pg_sys::MemoryContext,
+    ) -> Result<RelMap, ApplyError> {
+        // SAFETY: catalog lookups inside a transaction.
+        unsafe {
+            let relid = exec::find_table(&remote.schema, &remote.name).ok_or_else(|| {
+                ApplyError::MissingTable {
+                    schema: remote.schema.clone(),
+                    name: remote.name.clone(),
+                }
+            })?;
+            let attrs = exec::table_attrs(relid);
+            let local_of = map_columns(&remote.columns, &attrs).map_err(|column| {
+                ApplyError::MissingColumn {
+                    schema: remote.schema.clone(),
+                    name: remote.name.clone(),
+                    column,
+                }
+            })?;
+            let inputs = local_of
+                .iter()
+                .map(|&i| InputFn::new(attrs[i].typid, attrs[i].typmod, cxt))
+                .collect();
+            Ok(RelMap {
+                key: remote.key_columns(),
+                remote: remote.clone(),
+                relid,
+                natts: attrs.len(),
+                local_of,
+                inputs,
+            })
+        }
+    }
+
+    pub fn name(&self) -> String {
+        self.remote.qualified_name()
+    }
+
+    fn toast_error(&self, ri: usize) -> ApplyError {
+        ApplyError::ToastWithoutRow {
+            table: self.name(),
+            column: self.remote.columns[ri].name.clone(),
+        }
+    }
+
+    /// A full local row from the remote values; unchanged-TOAST (and unsent) columns come
+    /// from `base` (the local row being updated).
+    ///
+    /// # Safety
+    /// Inside a transaction; datums live in the current memory context.
+    pub unsafe fn row(&self, values: &[Value], base: Option<&Row>) -> Result<Row, ApplyError> {
+        if values.len() != self.local_of.len() {
+            return Err(ApplyError::Protocol(format!(
+                "row for {} has {} values, its metadata {} columns",
+                self.name(),
+                values.len(),
+                self.local_of.len()
+            )));
+        }
+        let mut row: Row = match base {
+            Some(b) => b.clone(),
+            None => vec![None; self.natts],
+        };
+        for (ri, v) in values.iter().enumerate() {
+            let li = self.local_of[ri];
+            row[li] = match v {
+                Value::Null => None,
+                // SAFETY: forwarded.
+                Value::Text(t) => Some(unsafe { self.inputs[ri].call(t) }),
+                Value::UnchangedToast => match base {
+                    Some(b) => b[li],
+                    None => return Err(self.toast_error(ri)),
+                },
+            };
+        }
+        Ok(row)
+    }
+
+    /// The search row for the old key of an UPDATE/DELETE: key (or all, under FULL)
+    /// columns set, the rest NULL.
+    ///
+    /// # Safety
+    /// As [`RelMap::row`].
+    pub unsafe fn search_row_old(
+        &self,
+        old: &OldRow,
+        action: &'static str,
+    ) -> Result<Row, ApplyError> {
+        match old {
+            // SAFETY: forwarded.
+            OldRow::Full(values) => unsafe { self.row(values, None) },
+            OldRow::Key(values) => {
+                if self.key.is_empty() || values.len() != self.key.len() {
+                    return Err(ApplyError::NoIdentity {
+                        table: self.name(),
+                        action,
+                    });
+                }
+                let mut row = vec![None; self.natts];
+                for (k, &ri) in values.iter().zip(&self.key) {
+                    row[self.local_of[ri]] = match k {
+                        Value::Null => None,
+                        // SAFETY: forwarded.
+                        Value::Text(t) => Some(unsafe { self.inputs[ri].call(t) }),
+                        Value::UnchangedToast => return Err(self.toast_error(ri)),
+                    };
+                }
+                Ok(row)
+            }
+        }
+    }
+
+    /// The search row for an UPDATE whose key did not change: the key columns of `new`.
+    ///
+    /// # Safety
+    /// As [`RelMap::row`].
+    pub unsafe fn search_row_new(&self, new: &[Value]) -> Result<Row, ApplyError> {
+        if self.remote.replica_identity == ReplicaIdentity::Full {
+            // Under FULL every update carries its old row; none means a protocol bug.
+            return Err(ApplyError::Protocol(format!(
+                "UPDATE of {} (REPLICA IDENTITY FULL) without its old row",
+                self.name()
+            )));
+        }
+        let key: Vec<Value> = self.key.iter().map(|&ri| new[ri].clone()).collect();
+        // SAFETY: forwarded.
+        unsafe { self.search_row_old(&OldRow::Key(key), "update") }
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pgrx::pg_schema]
+mod tests {
+    use super::*;
+    use pgrx::prelude::*;
+
+    fn attr(name: &str, dropped: bool, generated: bool) -> LocalAttr {
+        LocalAttr {
+            name: name.into(),
+            dropped,
+            generated,
+            typid: pg_sys::INT4OID,
+            typmod: -1,
+        }
+    }
+    fn col(name: &str) -> wire::Column {
+        wire::Column {
+            name: name.into(),
+            type_name: "integer".into(),
+            key: false,
+        }
+    }
+
+    #[pg_test]
+    fn columns_map_by_name_skipping_dropped_and_generated() {
+        let local = [
+            attr("a", false, false),
+            attr("b", true, false),
+            attr("c", false, true),
+            attr("b", false, false),
+        ];
+        assert_eq!(map_columns(&[col("b"), col("a")], &local), Ok(vec![3, 0]));
+        assert_eq!(map_columns(&[col("c")], &local), Err("c".to_string()));
+        assert_eq!(map_columns(&[col("zz")], &local), Err("zz".to_string()));
+    }
+}
