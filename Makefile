@@ -51,7 +51,7 @@ test-pg: bootstrap
 	  cargo pgrx test pg15
 
 test-cluster: bootstrap
-	cargo test -p pg_test -- --test-threads=$(TEST_THREADS)
+	cargo test -p pg_test -- --test-threads=$(TEST_THREADS) --nocapture
 
 demo: install
 	@bash scripts/demo.sh start "$(DEMO_DIR)"

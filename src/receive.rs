@@ -65,6 +65,25 @@ pub fn run(slot: usize, dboid: u32, local: &str, peer: &str, peer_dsn: &str) {
     let mut last_feedback = Instant::now() - Duration::from_secs(10);
     let mut last_reported = (0u64, 0u64);
     loop {
+        // Pause (bdr.apply_pause) takes effect between transactions; the connection stays
+        // open and keeps answering, so the walsender does not time out.
+        if !applier.in_transaction() && shmem::get(slot).pause_requested {
+            shmem::update(slot, |s| s.state = shmem::State::Paused);
+            while shmem::get(slot).pause_requested {
+                if bgw::wait(None, Duration::from_millis(200)) {
+                    return;
+                }
+                if last_feedback.elapsed() > Duration::from_secs(5) {
+                    let flushed = applier.tracker.flushed(xact::flush_lsn());
+                    let applied = applier.tracker.applied_position();
+                    let upd = status_update(received, flushed, applied, xact::now(), false);
+                    conn.put_copy_data(&upd).unwrap_or_else(|e| lib_err(e));
+                    conn.flush().unwrap_or_else(|e| lib_err(e));
+                    last_feedback = Instant::now();
+                }
+            }
+            shmem::update(slot, |s| s.state = shmem::State::Streaming);
+        }
         match conn.get_copy_data(true).unwrap_or_else(|e| lib_err(e)) {
             CopyData::Data(buf) => {
                 let m = parse_server_message(&buf)

@@ -63,6 +63,8 @@ pub enum GroupError {
     Timeout { what: String, secs: u64 },
     #[error("this node is not a member of a bdr group")]
     NotMember,
+    #[error("\"{0}\" is not a peer node of this group")]
+    UnknownPeer(String),
 }
 
 impl PgError for GroupError {
@@ -76,6 +78,7 @@ impl PgError for GroupError {
             DsnNotLocal(_) | SourceUnreachable(_) | Unreachable(_) => {
                 PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE
             }
+            UnknownPeer(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             SourceNotNode(_) | NotMember | LocalRows(_) => {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
@@ -100,6 +103,7 @@ impl PgError for GroupError {
             Remote { .. } => "Nothing was left behind; fix the cause on that node and run group_join again.".into(),
             Timeout { .. } => "Check that the apply workers are running: SELECT * FROM bdr.apply_workers().".into(),
             NotMember => "Run bdr.group_create() or bdr.group_join() first.".into(),
+            UnknownPeer(_) => "See SELECT node_name FROM bdr.nodes WHERE NOT is_local.".into(),
         })
     }
 }
@@ -218,11 +222,18 @@ struct Undo {
     local_dsn: String,
     local_slots: Vec<String>,
     local_origins: Vec<String>,
+    /// the join source while its apply is paused
+    paused: Option<String>,
     done: bool,
 }
 
 impl Drop for Undo {
     fn drop(&mut self) {
+        if let Some(d) = &self.paused {
+            if let Ok(mut c) = Conn::connect(d, "bdr_join_undo") {
+                let _ = c.exec("SELECT bdr.apply_resume()");
+            }
+        }
         if self.done {
             return;
         }
@@ -440,6 +451,7 @@ fn group_join(
         local_dsn: node_external_dsn.into(),
         local_slots: Vec::new(),
         local_origins: Vec::new(),
+        paused: None,
         done: false,
     };
 
@@ -513,7 +525,31 @@ fn group_join(
         }
     }
 
-    // 4. P_i before the snapshot, then J's slot on S with the snapshot.
+    // 4. P_i before the snapshot, then J's slot on S with the snapshot. S's apply is
+    // paused meanwhile, so P_i is exactly what the snapshot contains: no re-delivery.
+    src_m
+        .conn
+        .exec("SELECT bdr.apply_pause()")
+        .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
+    undo.paused = Some(source.dsn.clone());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let busy = src_m
+            .conn
+            .query_value("SELECT count(*) FROM bdr.apply_workers() WHERE state = 'streaming'")
+            .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
+        if busy.as_deref() == Some("0") {
+            break;
+        }
+        if Instant::now() > deadline {
+            fail(GroupError::Timeout {
+                what: format!("node \"{}\" to pause its apply workers", source.name),
+                secs: 120,
+            });
+        }
+        pgrx::check_for_interrupts!();
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let progress: Vec<(String, u64)> = src_m
         .conn
         .exec("SELECT external_id, remote_lsn::text FROM pg_replication_origin_status")
@@ -534,6 +570,11 @@ fn group_join(
         ))
         .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
     undo.slots.push((source.dsn.clone(), src_slot));
+    src_m
+        .conn
+        .exec("SELECT bdr.apply_resume()")
+        .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
+    undo.paused = None;
     let consistent_point = lsn_of(created[0][1].clone());
     let snapshot = created[0][2].clone().unwrap_or_default();
 
@@ -754,4 +795,35 @@ fn apply_workers() -> TableIterator<
         })
         .collect();
     TableIterator::new(rows)
+}
+
+fn set_pause(peer: Option<&str>, pause: bool) -> i32 {
+    let dboid = nodes::my_database_oid();
+    if let Some(p) = peer {
+        if nodes::by_name(p).is_none_or(|n| n.is_local) {
+            fail(GroupError::UnknownPeer(p.into()));
+        }
+    }
+    let mut n = 0;
+    for (i, s) in shmem::all_indexed() {
+        if s.kind == shmem::Kind::Apply && s.dboid == dboid && peer.is_none_or(|p| s.peer() == p) {
+            shmem::update(i, |s| s.pause_requested = pause);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Hold applying changes from `peer` (all peers when NULL) at the next transaction
+/// boundary; changes queue up on the peers. Returns how many workers were asked. Not
+/// persistent: a server restart resumes.
+#[pg_extern]
+fn apply_pause(peer: default!(Option<&str>, "NULL")) -> i32 {
+    set_pause(peer, true)
+}
+
+/// Resume applying from `peer` (all peers when NULL).
+#[pg_extern]
+fn apply_resume(peer: default!(Option<&str>, "NULL")) -> i32 {
+    set_pause(peer, false)
 }

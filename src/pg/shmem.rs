@@ -188,3 +188,15 @@ pub fn all() -> Vec<Slot> {
         .copied()
         .collect()
 }
+
+/// Every slot in use with its index.
+pub fn all_indexed() -> Vec<(usize, Slot)> {
+    WORKERS
+        .share()
+        .slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.kind != Kind::Free)
+        .map(|(i, s)| (i, *s))
+        .collect()
+}

@@ -1,0 +1,355 @@
+//! Apply scenarios on real postmasters: bad joins, apply errors, crashes, joins under
+//! load, restarts and one very large transaction.
+
+use pg_test::bdr::{
+    assert_same_everywhere, conflicts, form_group, join, wait_for_catchup, CATCHUP,
+};
+use pg_test::{db_error_text, wait_until, Cluster, Node};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Everything bdr created that a failed join must not leave behind, as a comparable string.
+fn leftovers(n: &Node) -> String {
+    n.query_scalar(
+        "SELECT format('slots=%s origins=%s nodes=%s',
+            (SELECT string_agg(slot_name, ',' ORDER BY slot_name) FROM pg_replication_slots),
+            (SELECT string_agg(roname, ',' ORDER BY roname) FROM pg_replication_origin),
+            (SELECT string_agg(node_name || ':' || node_state, ',' ORDER BY node_name) FROM bdr.nodes))",
+    )
+}
+
+fn join_err(n: &Node, name: &str, dsn: &str, via: &str) -> String {
+    let e = n
+        .try_execute(&format!(
+            "SELECT bdr.group_join(local_node_name := '{name}', node_external_dsn := '{dsn}', join_using_dsn := '{via}')"
+        ))
+        .expect_err("the join must fail");
+    db_error_text(&e)
+}
+
+#[test]
+fn invalid_joins_fail_clearly_and_leave_nothing() {
+    let c = Cluster::builder().name("badjoin").nodes(3).start();
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr; CREATE TABLE t (id int PRIMARY KEY, v text);");
+    }
+    let (a, b, x) = (c.node(0), c.node(1), c.node(2));
+    a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+    let before: Vec<String> = c.nodes().iter().map(leftovers).collect();
+
+    let e = join_err(b, "Bad-Name", &b.dsn(), &a.dsn());
+    assert!(
+        e.contains("invalid node name \"Bad-Name\"") && e.contains("HINT"),
+        "{e}"
+    );
+    let e = join_err(b, "node2", "host=127.0.0.1 port", &a.dsn());
+    assert!(e.contains("invalid connection string"), "{e}");
+    let e = join_err(
+        b,
+        "node2",
+        &b.dsn(),
+        "host=127.0.0.1 port=1 dbname=x connect_timeout=2",
+    );
+    assert!(e.contains("could not connect to the join source"), "{e}");
+    assert!(e.contains("HINT: Check join_using_dsn"), "{e}");
+    let e = join_err(b, "node2", &a.dsn(), &a.dsn());
+    assert!(
+        e.contains("node_external_dsn does not reach this node"),
+        "{e}"
+    );
+    let e = join_err(b, "node2", &b.dsn(), &b.dsn());
+    assert!(
+        e.contains("join_using_dsn points at this node itself"),
+        "{e}"
+    );
+    let e = join_err(b, "node1", &b.dsn(), &a.dsn());
+    assert!(
+        e.contains("a node named \"node1\" is already a member"),
+        "{e}"
+    );
+    // Rows in a local table.
+    b.execute("INSERT INTO t VALUES (1, 'local')");
+    let e = join_err(b, "node2", &b.dsn(), &a.dsn());
+    assert!(
+        e.contains("table public.t on this node already holds rows"),
+        "{e}"
+    );
+    b.execute("DELETE FROM t");
+    // An unreachable member: node3 joined, then stopped.
+    join(x, a);
+    let before_x: Vec<String> = vec![leftovers(a)];
+    x.stop();
+    let e = join_err(b, "node2", &b.dsn(), &a.dsn());
+    assert!(
+        e.contains("cannot join: a member is unreachable: node3"),
+        "{e}"
+    );
+    assert_eq!(vec![leftovers(a)], before_x, "nothing left on node1");
+    x.start();
+    // Nothing was left behind by any failed attempt on node1 or node2.
+    assert_eq!(leftovers(b), before[1]);
+    // Joining works after all, and a second join is a no-op with a notice.
+    join(b, a);
+    let joined = leftovers(b);
+    b.execute(&format!(
+        "SELECT bdr.group_join('node2', '{}', '{}')",
+        b.dsn(),
+        a.dsn()
+    ));
+    assert_eq!(leftovers(b), joined, "a repeated join changes nothing");
+    let e = join_err(b, "node9", &b.dsn(), &a.dsn());
+    assert!(e.contains("this node is already node \"node2\""), "{e}");
+}
+
+#[test]
+fn apply_error_is_logged_retried_and_resumes_without_loss() {
+    let c = Cluster::builder().name("applyerr").nodes(2).start();
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr; CREATE TABLE t (id int PRIMARY KEY, v text);");
+    }
+    form_group(&c);
+    let (a, b) = (c.node(0), c.node(1));
+    // A column exists on node1 only: its rows cannot be applied on node2.
+    a.execute("ALTER TABLE t ADD COLUMN extra int");
+    a.execute("INSERT INTO t VALUES (1, 'one', 10); INSERT INTO t VALUES (2, 'two', 20);");
+    wait_until("the apply error to be visible on node2", CATCHUP, || {
+        b.query_scalar::<bool>(
+            "SELECT coalesce(bool_or(last_error LIKE '%has no column \"extra\"%'), false) FROM bdr.apply_workers()",
+        )
+    });
+    wait_until(
+        "the error logged with its context on node2",
+        CATCHUP,
+        || {
+            let log = b.log();
+            log.contains("ERROR:  table \"public\".\"t\" has no column \"extra\" on this node")
+                && log.contains(
+                    "CONTEXT:  bdr apply: INSERT on relation public.t from node \"node1\"",
+                )
+        },
+    );
+    // It retries (the error count grows), and nothing was applied meanwhile.
+    wait_until("a retry", CATCHUP, || {
+        b.query_scalar::<i64>("SELECT max(error_count) FROM bdr.apply_workers()") >= 2
+    });
+    assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM t"), 0);
+    // The DBA fixes the cause: replication resumes with nothing lost.
+    b.execute("ALTER TABLE t ADD COLUMN extra int");
+    wait_for_catchup(&c);
+    assert_eq!(assert_same_everywhere(&c, "t").split(':').next(), Some("2"));
+    assert_eq!(conflicts(b), vec![]);
+}
+
+/// Numbered single-row transactions from `n` until `stop` is set; returns how many.
+fn writer(
+    n: &Node,
+    table: &str,
+    start: i64,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<i64> {
+    let dsn = n.dsn();
+    let table = table.to_string();
+    std::thread::spawn(move || {
+        let mut i = start;
+        while !stop.load(Ordering::SeqCst) {
+            // The node may be down for a while (crash scenarios): keep trying.
+            let Ok(mut cl) = postgres::Client::connect(&dsn, postgres::NoTls) else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            while !stop.load(Ordering::SeqCst) {
+                match cl.execute(&format!("INSERT INTO {table} VALUES ($1)"), &[&i]) {
+                    Ok(_) => i += 1,
+                    // The server crashed after committing row i but before acknowledging
+                    // it: the row is there, go on with the next one.
+                    Err(e) if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                        i += 1
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        i - start
+    })
+}
+
+#[test]
+fn join_under_load_misses_nothing() {
+    for round in 0..3 {
+        let c = Cluster::builder()
+            .name(&format!("loadjoin{round}"))
+            .nodes(3)
+            .start();
+        c.node(0)
+            .execute("CREATE EXTENSION bdr; CREATE TABLE seq (id int8 PRIMARY KEY)");
+        c.node(1)
+            .execute("CREATE EXTENSION bdr; CREATE TABLE seq (id int8 PRIMARY KEY)");
+        c.node(2).execute("CREATE EXTENSION bdr");
+        let (a, b, j) = (c.node(0), c.node(1), c.node(2));
+        a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+        join(b, a);
+        let stop = Arc::new(AtomicBool::new(false));
+        let wa = writer(a, "seq", 1_000_000, stop.clone());
+        let wb = writer(b, "seq", 2_000_000, stop.clone());
+        wait_until("some load", CATCHUP, || {
+            a.query_scalar::<i64>("SELECT count(*) FROM seq") > 200
+        });
+        // Round 0 joins through node1, round 1 through node2 (the busy third node is the
+        // other writer), round 2 through node1 again.
+        let via = if round == 1 { b } else { a };
+        join(j, via);
+        let at_join: i64 = a.query_scalar("SELECT count(*) FROM seq");
+        wait_until("more load after the join", CATCHUP, || {
+            a.query_scalar::<i64>("SELECT count(*) FROM seq") > at_join + 300
+        });
+        stop.store(true, Ordering::SeqCst);
+        let (na, nb) = (wa.join().unwrap(), wb.join().unwrap());
+        wait_for_catchup(&c);
+        let d = assert_same_everywhere(&c, "seq");
+        assert_eq!(
+            d.split(':').next().unwrap(),
+            (na + nb).to_string(),
+            "round {round}"
+        );
+        for n in c.nodes() {
+            assert_eq!(
+                conflicts(n),
+                vec![],
+                "round {round}: conflicts on {}",
+                n.name()
+            );
+        }
+    }
+}
+
+fn crash_scenario(kill_index: usize, name: &str) {
+    let c = Cluster::builder().name(name).nodes(3).start();
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr; CREATE TABLE seq (id int8 PRIMARY KEY);");
+    }
+    form_group(&c);
+    let stop = Arc::new(AtomicBool::new(false));
+    // node1 writes a stream of numbered transactions; node2 and node3 receive it.
+    let w = writer(c.node(0), "seq", 1, stop.clone());
+    let victim = c.node(kill_index);
+    wait_until("some rows on the victim", CATCHUP, || {
+        victim.query_scalar::<i64>("SELECT count(*) FROM seq") > 300
+    });
+    victim.kill9();
+    std::thread::sleep(Duration::from_millis(300)); // let the writer run into the crash
+    victim.start();
+    wait_until("more rows after the restart", CATCHUP, || {
+        c.node(0).query_scalar::<i64>("SELECT count(*) FROM seq") > 1500
+    });
+    stop.store(true, Ordering::SeqCst);
+    let written = w.join().unwrap();
+    wait_for_catchup(&c);
+    let d = assert_same_everywhere(&c, "seq");
+    // Every committed transaction exactly once: the count is the number of commits the
+    // writer saw succeed (a commit lost in the crash of node1 was never acknowledged), and
+    // ids are 1..n without gaps on every node.
+    let n: i64 = c.node(1).query_scalar("SELECT count(*) FROM seq");
+    assert!(
+        n >= written - 1 && n <= written + 1,
+        "{d}: {n} rows, writer saw {written}"
+    );
+    assert_eq!(
+        c.node(2)
+            .query_scalar::<i64>("SELECT max(id) - min(id) + 1 FROM seq"),
+        n
+    );
+    for node in c.nodes() {
+        assert_eq!(
+            conflicts(node),
+            vec![],
+            "duplicate apply on {}",
+            node.name()
+        );
+    }
+}
+
+#[test]
+fn crash_of_a_receiving_node_loses_and_duplicates_nothing() {
+    crash_scenario(1, "crashrecv");
+}
+
+#[test]
+fn crash_of_the_sending_node_loses_and_duplicates_nothing() {
+    crash_scenario(0, "crashsend");
+}
+
+#[test]
+fn stop_and_start_all_nodes_resumes() {
+    let c = Cluster::builder().name("restartall").nodes(3).start();
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr; CREATE TABLE t (id int PRIMARY KEY, v text);");
+    }
+    form_group(&c);
+    c.node(0)
+        .execute("INSERT INTO t SELECT g, 'before' FROM generate_series(1, 100) g");
+    wait_for_catchup(&c);
+    for n in c.nodes() {
+        n.stop();
+    }
+    for n in c.nodes() {
+        n.start();
+    }
+    c.node(1)
+        .execute("INSERT INTO t SELECT g, 'after' FROM generate_series(101, 200) g");
+    c.node(2)
+        .execute("UPDATE t SET v = 'updated' WHERE id <= 10");
+    wait_for_catchup(&c);
+    assert!(assert_same_everywhere(&c, "t").starts_with("200:"));
+    assert_eq!(
+        c.node(0)
+            .query_scalar::<i64>("SELECT count(*) FROM t WHERE v = 'updated'"),
+        10
+    );
+}
+
+/// Peak resident memory (VmHWM, kB) of the apply worker streaming from `peer` on `n`.
+fn apply_worker_peak_kb(n: &Node, peer: &str) -> i64 {
+    let pid: i32 = n.query_scalar(&format!(
+        "SELECT pid FROM bdr.apply_workers() WHERE peer = '{peer}'"
+    ));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_million_row_transaction_replicates_in_bounded_memory() {
+    let c = Cluster::builder()
+        .name("bigtx")
+        .nodes(2)
+        .conf("logical_decoding_work_mem", "'64MB'")
+        .start();
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr; CREATE TABLE big (id int8 PRIMARY KEY, v text);");
+    }
+    form_group(&c);
+    let (a, b) = (c.node(0), c.node(1));
+    a.execute("INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, 100000) g");
+    wait_for_catchup(&c);
+    let after_100k = apply_worker_peak_kb(b, "node1");
+    a.execute("INSERT INTO big SELECT g, 'row ' || g FROM generate_series(100001, 1100000) g");
+    wait_until("1,100,000 rows on node2", Duration::from_secs(900), || {
+        b.query_scalar::<i64>("SELECT count(*) FROM big") == 1_100_000
+    });
+    let after_1m = apply_worker_peak_kb(b, "node1");
+    println!(
+        "apply worker peak memory (VmHWM): {after_100k} kB after a 100k-row transaction, \
+         {after_1m} kB after a 1,000,000-row transaction"
+    );
+    assert_same_everywhere(&c, "big");
+    // Ten times the rows must not take anywhere near ten times the memory.
+    assert!(
+        after_1m < after_100k + 64 * 1024,
+        "peak grew from {after_100k} kB to {after_1m} kB"
+    );
+}
