@@ -260,7 +260,9 @@ impl Node {
         let pid = self.postmaster_pid();
         run(self.pg_ctl(&["-w", "-m", "fast", "stop"]), "pg_ctl stop")
             .unwrap_or_else(|e| panic!("{e}"));
-        pid.map(reap);
+        if let Some(p) = pid {
+            reap(p);
+        }
     }
 
     /// Immediate shutdown: no checkpoint, crash recovery on next start.
@@ -270,7 +272,9 @@ impl Node {
             self.pg_ctl(&["-w", "-m", "immediate", "stop"]),
             "pg_ctl stop",
         );
-        pid.map(reap);
+        if let Some(p) = pid {
+            reap(p);
+        }
     }
 
     pub fn restart(&self) {

@@ -442,7 +442,7 @@ unsafe fn write_frame(
 /// # Safety
 /// `rel` is an open relation; catalog access is allowed (we are inside decoding's
 /// transaction).
-unsafe fn entry<'a>(st: &'a mut State, rel: pg_sys::Relation) -> &'a mut RelEntry {
+unsafe fn entry(st: &mut State, rel: pg_sys::Relation) -> &mut RelEntry {
     INVALIDATED.with(|i| {
         let mut i = i.borrow_mut();
         if std::mem::take(&mut i.all) {
@@ -454,11 +454,10 @@ unsafe fn entry<'a>(st: &'a mut State, rel: pg_sys::Relation) -> &'a mut RelEntr
     });
     // SAFETY: forwarded from the caller.
     let relid = unsafe { (*rel).rd_id };
-    if !st.rels.contains_key(&relid) {
-        let e = unsafe { build_entry(rel) };
-        st.rels.insert(relid, e);
-    }
-    st.rels.get_mut(&relid).expect("entry was just inserted")
+    // SAFETY: forwarded from the caller.
+    st.rels
+        .entry(relid)
+        .or_insert_with(|| unsafe { build_entry(rel) })
 }
 
 /// A memory context that lives as long as the process, for cached `FmgrInfo`s.
