@@ -169,6 +169,9 @@ impl Applier {
         unsafe {
             pg_sys::MemoryContextSwitchTo(old);
             pg_sys::MemoryContextReset(self.change_cxt);
+            // Later changes of this transaction must see this one (an INSERT then an
+            // UPDATE of the same row in one remote transaction).
+            pg_sys::CommandCounterIncrement();
         }
         self.rels.get_mut(&relation).expect("still bound").map = Some(map);
         self.changes += 1;

@@ -45,9 +45,23 @@ fn three_nodes_replicate_every_type_and_never_loop() {
         n.execute(&insert_row(base + 10));
         n.execute(&format!("DELETE FROM alltypes WHERE id = {}", base + 11));
     }
+    // One remote transaction that changes the same row several times.
+    c.node(1).execute(
+        "BEGIN;
+         INSERT INTO alltypes (id, c_text) VALUES (900, 'a');
+         UPDATE alltypes SET c_text = 'b' WHERE id = 900;
+         UPDATE alltypes SET id = 901 WHERE id = 900;
+         INSERT INTO alltypes (id, c_text) VALUES (902, 'gone');
+         DELETE FROM alltypes WHERE id = 902;
+         COMMIT;",
+    );
     wait_for_catchup(&c);
     let digest = assert_same_everywhere(&c, "alltypes");
-    assert!(digest.starts_with("9:"), "3 nodes x 3 rows: {digest}");
+    assert!(digest.starts_with("10:"), "3 nodes x 3 rows + 1: {digest}");
+    for n in c.nodes() {
+        let t: String = n.query_scalar("SELECT c_text FROM alltypes WHERE id = 901");
+        assert_eq!(t, "b", "on {}", n.name());
+    }
     // The TOASTed column survived the update that did not touch it, everywhere.
     for n in c.nodes() {
         let len: i32 = n.query_scalar("SELECT length(c_big) FROM alltypes WHERE id = 200");
@@ -78,5 +92,45 @@ fn three_nodes_replicate_every_type_and_never_loop() {
     // Applied exactly once, never back to its origin: no conflict anywhere.
     for n in c.nodes() {
         assert_eq!(conflicts(n), vec![], "conflicts on {}", n.name());
+    }
+}
+
+#[test]
+fn tables_without_primary_key_refuse_updates_or_replicate_with_full_identity() {
+    let c = Cluster::builder().name("nopk").nodes(2).start();
+    for n in c.nodes() {
+        n.execute(
+            "CREATE EXTENSION bdr;
+             CREATE TABLE log (at int, msg text);
+             CREATE TABLE full_t (a int, b text);
+             ALTER TABLE full_t REPLICA IDENTITY FULL;",
+        );
+    }
+    form_group(&c);
+    let (a, b) = (c.node(0), c.node(1));
+    // INSERT-only use works.
+    a.execute("INSERT INTO log VALUES (1, 'x'), (2, 'y')");
+    // UPDATE/DELETE are refused at the writing node, with the reason and a hint.
+    let e = a
+        .try_execute("UPDATE log SET msg = 'z' WHERE at = 1")
+        .unwrap_err();
+    let text = pg_test::db_error_text(&e);
+    assert!(text.contains("does not have a replica identity"), "{text}");
+    assert!(text.contains("HINT"), "{text}");
+    let e = b.try_execute("DELETE FROM log").unwrap_err();
+    assert!(pg_test::db_error_text(&e).contains("does not have a replica identity"));
+    // With REPLICA IDENTITY FULL, updates and deletes replicate.
+    a.execute("INSERT INTO full_t VALUES (1, 'one'), (2, 'two'), (3, 'three')");
+    wait_for_catchup(&c);
+    b.execute("UPDATE full_t SET b = 'uno' WHERE a = 1; DELETE FROM full_t WHERE a = 3;");
+    wait_for_catchup(&c);
+    assert!(assert_same_everywhere(&c, "full_t").starts_with("2:"));
+    assert!(assert_same_everywhere(&c, "log").starts_with("2:"));
+    assert_eq!(
+        a.query_scalar::<String>("SELECT b FROM full_t WHERE a = 1"),
+        "uno"
+    );
+    for n in c.nodes() {
+        assert_eq!(conflicts(n), vec![], "on {}", n.name());
     }
 }

@@ -182,6 +182,29 @@ fn already_member_notice(existing: &Node, name: &str) -> bool {
     fail(GroupError::AlreadyMember(existing.name.clone()))
 }
 
+/// Name of the publication that makes PostgreSQL refuse UPDATE/DELETE on tables with no
+/// replica identity (see [`refuse_unidentifiable_writes`]).
+pub const IDENTITY_PUBLICATION: &str = "bdr_require_replica_identity";
+
+/// Tables without a primary key (and without REPLICA IDENTITY FULL or an identity index)
+/// cannot have their UPDATEs and DELETEs located on a peer. Rather than let peers diverge,
+/// the writing node refuses them, exactly as native logical replication does: a
+/// publication FOR ALL TABLES that publishes updates and deletes makes the executor raise
+/// "cannot update table ... because it does not have a replica identity" with a hint.
+/// The publication is never used to send anything.
+fn refuse_unidentifiable_writes() {
+    let exists = nodes::read_one::<bool>(&format!(
+        "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '{IDENTITY_PUBLICATION}')"
+    ))
+    .unwrap_or(false);
+    if !exists {
+        Spi::run(&format!(
+            "CREATE PUBLICATION {IDENTITY_PUBLICATION} FOR ALL TABLES WITH (publish = 'update, delete')"
+        ))
+        .unwrap_or_else(|e| raise(&crate::error::ApplyError::Spi(e.to_string())));
+    }
+}
+
 /// Create a new group with this node as its first member.
 #[pg_extern]
 fn group_create(local_node_name: &str, node_external_dsn: &str) {
@@ -193,6 +216,7 @@ fn group_create(local_node_name: &str, node_external_dsn: &str) {
         return;
     }
     check_reaches_here(node_external_dsn);
+    refuse_unidentifiable_writes();
     nodes::upsert(&Node {
         name: local_node_name.into(),
         id: node_id(local_node_name),
@@ -309,6 +333,8 @@ fn copy_schema(source_dsn: &str, target_dsn: &str, snapshot: &str) -> Result<(),
             "--schema-only",
             "--no-owner",
             "--no-privileges",
+            "--no-publications",
+            "--no-subscriptions",
             "--exclude-schema=bdr",
         ])
         .arg(format!("--snapshot={snapshot}"))
@@ -684,6 +710,7 @@ fn group_join(
             ))
             .unwrap_or_else(|e| fail(remote_err(j)(e)));
     }
+    refuse_unidentifiable_writes();
     for n in &members {
         nodes::upsert(&Node {
             is_local: false,
