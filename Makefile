@@ -19,7 +19,7 @@ TEST_THREADS ?= 2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo --sudo)
 
 .PHONY: all bootstrap build install test test-unit test-pg test-cluster demo demo-stop \
-        bench soak fmt lint clean
+        bench fmt lint clean
 
 all: build
 
@@ -59,12 +59,9 @@ demo: install
 demo-stop:
 	@bash scripts/demo.sh stop "$(DEMO_DIR)"
 
-bench: install
-	@bash scripts/bootstrap.sh --bench
-	@bash bench/run.sh
-
-soak: install
-	BDR_SOAK_SEEDS=$${BDR_SOAK_SEEDS:-500} cargo test -p pg_test --release --test conflicts -- --ignored soak
+bench:
+	@echo "make bench: the benchmarks are not built yet (see docs/limitations.md)" >&2
+	@exit 1
 
 fmt:
 	cargo fmt --all
