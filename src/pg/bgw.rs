@@ -83,9 +83,14 @@ pub fn start_worker(
         .ok()
 }
 
-/// The database OID passed as a worker's argument.
-pub fn arg_oid(arg: pg_sys::Datum) -> pg_sys::Oid {
-    pg_sys::Oid::from(arg.value() as u32)
+/// Start-up of a per-database worker: signal handlers, then a connection to the database
+/// whose OID is the worker's argument. Returns that OID.
+pub fn connect_to_arg_database(arg: pg_sys::Datum) -> u32 {
+    use pgrx::bgworkers::SignalWakeFlags;
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let dboid = pg_sys::Oid::from(arg.value() as u32);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
+    dboid.to_u32()
 }
 
 /// Directory of the running postgres binary (pg_dump and psql live beside it).

@@ -237,14 +237,14 @@ impl Target {
         }
     }
 
-    /// Replace `old` by `row`.
+    /// Run `f` with an initialised EvalPlanQual state (what ExecSimpleRelationUpdate and
+    /// ...Delete need for concurrent-update rechecks), ended afterwards.
     ///
     /// # Safety
-    /// `old` was returned by [`Target::find`] on this target.
-    pub unsafe fn update(&self, old: &LocalRow, row: &Row) {
-        // SAFETY: as in find; the EPQ state lives for the call.
+    /// See [`Target::open`].
+    unsafe fn with_epq(&self, f: impl FnOnce(*mut pg_sys::EPQState)) {
+        // SAFETY: the EPQ state lives on this stack frame for the duration of `f`.
         unsafe {
-            let slot = self.virtual_slot(row);
             let mut epq: pg_sys::EPQState = std::mem::zeroed();
             pg_sys::EvalPlanQualInit(
                 &mut epq,
@@ -253,8 +253,22 @@ impl Target {
                 std::ptr::null_mut(),
                 -1,
             );
-            pg_sys::ExecSimpleRelationUpdate(self.rri, self.estate, &mut epq, old.slot, slot);
+            f(&mut epq);
             pg_sys::EvalPlanQualEnd(&mut epq);
+        }
+    }
+
+    /// Replace `old` by `row`.
+    ///
+    /// # Safety
+    /// `old` was returned by [`Target::find`] on this target.
+    pub unsafe fn update(&self, old: &LocalRow, row: &Row) {
+        // SAFETY: as in find.
+        unsafe {
+            let slot = self.virtual_slot(row);
+            self.with_epq(|epq| {
+                pg_sys::ExecSimpleRelationUpdate(self.rri, self.estate, epq, old.slot, slot)
+            });
         }
     }
 
@@ -265,16 +279,9 @@ impl Target {
     pub unsafe fn delete(&self, old: &LocalRow) {
         // SAFETY: as in update.
         unsafe {
-            let mut epq: pg_sys::EPQState = std::mem::zeroed();
-            pg_sys::EvalPlanQualInit(
-                &mut epq,
-                self.estate,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                -1,
-            );
-            pg_sys::ExecSimpleRelationDelete(self.rri, self.estate, &mut epq, old.slot);
-            pg_sys::EvalPlanQualEnd(&mut epq);
+            self.with_epq(|epq| {
+                pg_sys::ExecSimpleRelationDelete(self.rri, self.estate, epq, old.slot)
+            });
         }
     }
 }

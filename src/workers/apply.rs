@@ -2,17 +2,14 @@
 
 use crate::catalog::nodes;
 use crate::pg::{bgw, shmem, xact};
-use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn bdr_apply_main(arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let dboid = bgw::arg_oid(arg);
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
-    let dboid = dboid.to_u32();
+    let dboid = bgw::connect_to_arg_database(arg);
     let peer_name = BackgroundWorker::get_extra().to_string();
     let Some(slot) = shmem::find(shmem::Kind::Apply, dboid, &peer_name) else {
         pgrx::warning!("bdr: apply worker for \"{peer_name}\" has no slot; exiting");

@@ -2,9 +2,7 @@
 
 use crate::catalog::nodes;
 use crate::pg::{bgw, shmem, xact};
-use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerStatus, DynamicBackgroundWorker, SignalWakeFlags,
-};
+use pgrx::bgworkers::{BackgroundWorkerStatus, DynamicBackgroundWorker};
 use pgrx::prelude::*;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -38,10 +36,7 @@ fn peers(all: &[nodes::Node]) -> Vec<nodes::Node> {
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn bdr_supervisor_main(arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let dboid = bgw::arg_oid(arg);
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
-    let dboid = dboid.to_u32();
+    let dboid = bgw::connect_to_arg_database(arg);
     let me = shmem::find(shmem::Kind::Supervisor, dboid, "");
     if let Some(i) = me {
         shmem::update(i, |s| {
