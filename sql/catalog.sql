@@ -41,3 +41,13 @@ CREATE TABLE bdr.conflict_history (
 );
 CREATE INDEX conflict_history_time ON bdr.conflict_history (conflict_time);
 COMMENT ON TABLE bdr.conflict_history IS 'Every replication conflict resolved on this node';
+
+-- Deleted keys, so that an older change arriving after a delete cannot bring the row back.
+-- The version of a tombstone (commit time and node of the delete) is that of the
+-- transaction that wrote the tombstone row: its xmin's commit timestamp and origin.
+CREATE TABLE bdr.tombstones (
+    relid  oid  NOT NULL,
+    key    text NOT NULL,
+    PRIMARY KEY (relid, key)
+);
+COMMENT ON TABLE bdr.tombstones IS 'Recently deleted keys (last-update-wins through deletes)';

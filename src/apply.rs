@@ -15,15 +15,25 @@
 //! context), so a transaction of any size is applied in bounded memory; a transaction that
 //! applied nothing still commits a record carrying the origin progress.
 
-use crate::conflict::{self, Conflict, Resolution};
+use crate::catalog::tombstones;
+use crate::conflict::{
+    self, decide, Action, Change, Conflict, Decision, Local, Resolution, Version,
+};
 use crate::error::{raise, ApplyError};
-use crate::pg::exec::Target;
+use crate::pg::exec::{LocalRow, Row, Target};
 use crate::pg::xact;
 use crate::write::RelMap;
 use bdr_core::stream::FlushTracker;
 use bdr_core::wire::{self, Message, Value};
 use pgrx::pg_sys;
 use std::collections::HashMap;
+
+/// What a history row says about the local side.
+struct Recorded {
+    local_version: Option<Version>,
+    local_row: Option<String>,
+    key: Option<String>,
+}
 
 struct Bound {
     remote: wire::Relation,
@@ -33,6 +43,9 @@ struct Bound {
 pub struct Applier {
     pub peer: String,
     pub local: String,
+    peer_id: i64,
+    local_id: i64,
+    origin_nodes: HashMap<u16, i64>,
     rels: HashMap<u32, Bound>,
     begin: Option<wire::Begin>,
     changes: u64,
@@ -72,10 +85,13 @@ fn row_json(rel: &wire::Relation, values: &[Value]) -> serde_json::Value {
 }
 
 impl Applier {
-    pub fn new(peer: &str, local: &str, origin_progress: u64) -> Applier {
+    pub fn new(peer: (&str, i64), local: (&str, i64), origin_progress: u64) -> Applier {
         Applier {
-            peer: peer.into(),
-            local: local.into(),
+            peer: peer.0.into(),
+            local: local.0.into(),
+            peer_id: peer.1,
+            local_id: local.1,
+            origin_nodes: HashMap::new(),
             rels: HashMap::new(),
             begin: None,
             changes: 0,
@@ -177,29 +193,138 @@ impl Applier {
         self.changes += 1;
     }
 
+    /// The remote transaction's version.
+    fn remote_version(&self) -> Version {
+        Version {
+            commit_time: self.begin.as_ref().map(|b| b.commit_time).unwrap_or(0),
+            node_id: self.peer_id,
+        }
+    }
+
+    /// The node id behind a replication origin (0 = this node).
+    fn node_of_origin(&mut self, origin: u16) -> Option<i64> {
+        if origin == 0 {
+            return Some(self.local_id);
+        }
+        if let Some(id) = self.origin_nodes.get(&origin) {
+            return Some(*id);
+        }
+        // Our origins are named bdr_<dboid>_<node>.
+        let name = xact::origin_name(origin)?;
+        let node = name.strip_prefix("bdr_")?.split_once('_')?.1.to_string();
+        let id = crate::catalog::nodes::by_name(&node)?.id;
+        self.origin_nodes.insert(origin, id);
+        Some(id)
+    }
+
+    fn version_of(&mut self, xid: pg_sys::TransactionId) -> Option<Version> {
+        let (ts, origin) = xact::commit_ts(xid)?;
+        Some(Version {
+            commit_time: ts,
+            node_id: self.node_of_origin(origin)?,
+        })
+    }
+
+    /// What is there locally for a key: the row found, else a tombstone, else nothing.
+    fn local_state(&mut self, t: &Target, found: Option<&LocalRow>, key: Option<&str>) -> Local {
+        if let Some(r) = found {
+            // SAFETY: the target is open.
+            let xmin = unsafe { r.xmin() };
+            if xact::is_current_xact(xmin) {
+                return Local::Row {
+                    version: None,
+                    same_transaction: true,
+                };
+            }
+            return Local::Row {
+                version: self.version_of(xmin),
+                same_transaction: false,
+            };
+        }
+        match key.and_then(|k| tombstones::lookup(t.relid(), k)) {
+            // A tombstone too old to know its time is older than anything.
+            Some(xid) => Local::Deleted(self.version_of(xid).unwrap_or(Version {
+                commit_time: i64::MIN,
+                node_id: 0,
+            })),
+            None => Local::Missing,
+        }
+    }
+
+    /// Insert `row`, first resolving collisions on other unique indexes: a colliding
+    /// local row that is older than the remote change is deleted (and remembered as
+    /// deleted); a newer one keeps its place and the remote row is not inserted.
+    ///
+    /// # Safety
+    /// Inside the applying transaction, with `t` open.
+    unsafe fn insert_resolving_unique(
+        &mut self,
+        t: &Target,
+        map: &RelMap,
+        row: &Row,
+        new: &[Value],
+    ) {
+        let remote = self.remote_version();
+        // SAFETY: forwarded.
+        unsafe {
+            for (index, _cols) in t.other_unique_indexes() {
+                let Some(other) = t.find_by_index(index, row) else {
+                    continue;
+                };
+                let local = self.version_of(other.xmin());
+                let wins = conflict::unique_key_remote_wins(local, remote);
+                let base = other.values();
+                let info = Recorded {
+                    local_version: local,
+                    local_row: Some(t.row_json(&base)),
+                    key: t.key_text(&base),
+                };
+                if wins {
+                    if let Some(k) = &info.key {
+                        tombstones::upsert(t.relid(), k);
+                    }
+                    t.delete(&other);
+                }
+                let res = if wins {
+                    Resolution::ApplyRemote
+                } else {
+                    Resolution::KeepLocal
+                };
+                self.record(map, Conflict::UniqueKey, res, new, info);
+                if !wins {
+                    return;
+                }
+            }
+            t.insert(row);
+        }
+    }
+
     fn insert(&mut self, map: &RelMap, new: &[Value]) {
         // SAFETY: inside the applying transaction, in the per-change context.
         unsafe {
             let t = Target::open(map.relid);
             let row = map.row(new, None).unwrap_or_else(|e| raise(&e));
-            let existing = if map.remote.key_columns().is_empty() {
-                None
-            } else {
+            let keyed = !map.remote.key_columns().is_empty();
+            let found = if keyed {
                 let key = map.search_row_new(new).unwrap_or_else(|e| raise(&e));
                 t.find(&key)
+            } else {
+                None
             };
-            match existing {
-                None => t.insert(&row),
-                Some(local) => {
-                    let res = conflict::resolve(Conflict::InsertExists);
-                    self.record(map, Conflict::InsertExists, res, new);
-                    if res == Resolution::ApplyRemote {
-                        let base = local.values();
-                        let row = map.row(new, Some(&base)).unwrap_or_else(|e| raise(&e));
-                        t.update(&local, &row);
-                    }
+            let key = t.key_text(&row);
+            let local = self.local_state(&t, found.as_ref(), key.as_deref());
+            let d = decide(Change::Insert, local, self.remote_version());
+            let base = found.as_ref().map(|f| f.values());
+            match d.action {
+                Action::Insert => self.insert_resolving_unique(&t, map, &row, new),
+                Action::Update => {
+                    let f = found.as_ref().expect("update needs the row");
+                    let row = map.row(new, base.as_ref()).unwrap_or_else(|e| raise(&e));
+                    t.update(f, &row);
                 }
+                Action::Delete | Action::Nothing => {}
             }
+            self.record_decision(&t, map, &d, new, local, base.as_ref(), key);
             t.close();
         }
     }
@@ -208,22 +333,41 @@ impl Applier {
         // SAFETY: as in insert.
         unsafe {
             let t = Target::open(map.relid);
-            let key = match old {
+            let key_row = match old {
                 Some(o) => map.search_row_old(o, "update"),
                 None => map.search_row_new(new),
             }
             .unwrap_or_else(|e| raise(&e));
-            match t.find(&key) {
-                Some(local) => {
-                    let base = local.values();
-                    let row = map.row(new, Some(&base)).unwrap_or_else(|e| raise(&e));
-                    t.update(&local, &row);
+            let found = t.find(&key_row);
+            let key = t.key_text(&key_row);
+            let local = self.local_state(&t, found.as_ref(), key.as_deref());
+            let mut d = decide(Change::Update, local, self.remote_version());
+            let base = found.as_ref().map(|f| f.values());
+            match d.action {
+                Action::Update => {
+                    let f = found.as_ref().expect("update needs the row");
+                    let row = map.row(new, base.as_ref()).unwrap_or_else(|e| raise(&e));
+                    t.update(f, &row);
+                    // A key change removes the old key: remember it as deleted.
+                    if let (Some(_), Some(k)) = (old, &key) {
+                        if t.key_text(&row).as_ref() != Some(k) {
+                            tombstones::upsert(t.relid(), k);
+                        }
+                    }
                 }
-                None => {
-                    let res = conflict::resolve(Conflict::UpdateMissing);
-                    self.record(map, Conflict::UpdateMissing, res, new);
+                Action::Insert => {
+                    if new.iter().any(|v| *v == Value::UnchangedToast) {
+                        // The row must come back but the sender did not send every column.
+                        d.action = Action::Nothing;
+                        d.conflict = d.conflict.map(|(c, _)| (c, Resolution::Skip));
+                    } else {
+                        let row = map.row(new, None).unwrap_or_else(|e| raise(&e));
+                        self.insert_resolving_unique(&t, map, &row, new);
+                    }
                 }
+                Action::Delete | Action::Nothing => {}
             }
+            self.record_decision(&t, map, &d, new, local, base.as_ref(), key);
             t.close();
         }
     }
@@ -232,20 +376,64 @@ impl Applier {
         // SAFETY: as in insert.
         unsafe {
             let t = Target::open(map.relid);
-            let key = map
+            let key_row = map
                 .search_row_old(old, "delete")
                 .unwrap_or_else(|e| raise(&e));
-            match t.find(&key) {
-                Some(local) => t.delete(&local),
-                None => {
-                    let values = match old {
-                        wire::OldRow::Key(k) | wire::OldRow::Full(k) => k.clone(),
-                    };
-                    let res = conflict::resolve(Conflict::DeleteMissing);
-                    self.record(map, Conflict::DeleteMissing, res, &values);
-                }
+            let found = t.find(&key_row);
+            let key = t.key_text(&key_row);
+            let local = self.local_state(&t, found.as_ref(), key.as_deref());
+            let d = decide(Change::Delete, local, self.remote_version());
+            let base = found.as_ref().map(|f| f.values());
+            if d.action == Action::Delete {
+                t.delete(found.as_ref().expect("delete needs the row"));
             }
+            let values = match old {
+                wire::OldRow::Key(k) | wire::OldRow::Full(k) => k.clone(),
+            };
+            self.record_decision(&t, map, &d, &values, local, base.as_ref(), key);
             t.close();
+        }
+    }
+
+    /// Write the tombstone and the conflict history row a decision asks for.
+    ///
+    /// # Safety
+    /// `t` is open; `base` holds its datums.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn record_decision(
+        &mut self,
+        t: &Target,
+        map: &RelMap,
+        d: &Decision,
+        remote: &[Value],
+        local: Local,
+        base: Option<&Row>,
+        key: Option<String>,
+    ) {
+        if d.tombstone {
+            if let Some(k) = &key {
+                tombstones::upsert(t.relid(), k);
+            }
+        }
+        if let Some((c, r)) = d.conflict {
+            let local_version = match local {
+                Local::Row { version, .. } => version,
+                Local::Deleted(v) => Some(v),
+                Local::Missing => None,
+            };
+            // SAFETY: forwarded.
+            let local_row = base.map(|b| unsafe { t.row_json(b) });
+            self.record(
+                map,
+                c,
+                r,
+                remote,
+                Recorded {
+                    local_version,
+                    local_row,
+                    key,
+                },
+            );
         }
     }
 
@@ -277,7 +465,14 @@ impl Applier {
         self.changes += 1;
     }
 
-    fn record(&mut self, map: &RelMap, c: Conflict, r: Resolution, values: &[Value]) {
+    fn record(
+        &mut self,
+        map: &RelMap,
+        c: Conflict,
+        r: Resolution,
+        values: &[Value],
+        info: Recorded,
+    ) {
         self.conflicts += 1;
         let b = self.begin.as_ref().expect("inside a transaction");
         crate::history::record(&crate::history::Entry {
@@ -286,9 +481,15 @@ impl Applier {
             relation: &map.name(),
             conflict: c,
             resolution: r,
+            local_commit_time: info
+                .local_version
+                .map(|v| v.commit_time)
+                .filter(|t| *t != i64::MIN),
             remote_commit_time: b.commit_time,
             remote_lsn: b.final_lsn,
             remote_xid: b.xid,
+            key: info.key,
+            local_tuple: info.local_row,
             remote_tuple: row_json(&map.remote, values),
         });
     }

@@ -12,28 +12,39 @@ pub struct Entry<'a> {
     pub conflict: Conflict,
     pub resolution: Resolution,
     /// PostgreSQL-epoch microseconds.
+    pub local_commit_time: Option<i64>,
     pub remote_commit_time: i64,
     pub remote_lsn: u64,
     pub remote_xid: u32,
+    pub key: Option<String>,
+    pub local_tuple: Option<String>,
     pub remote_tuple: serde_json::Value,
 }
 
+fn to_unix(t: i64) -> f64 {
+    t as f64 / 1_000_000.0 + 946_684_800.0
+}
+
 pub fn record(e: &Entry<'_>) {
-    let ts = e.remote_commit_time as f64 / 1_000_000.0 + 946_684_800.0;
     Spi::run_with_args(
         "INSERT INTO bdr.conflict_history (local_node, remote_node, relation, conflict_type, \
-           conflict_resolution, remote_commit_time, remote_lsn, remote_xid, remote_tuple) \
-         VALUES ($1, $2, $3, $4, $5, to_timestamp($6), $7::text::pg_lsn, $8::text::xid, $9::jsonb)",
+           conflict_resolution, remote_commit_time, remote_lsn, remote_xid, remote_tuple, \
+           local_commit_time, key, local_tuple) \
+         VALUES ($1, $2, $3, $4, $5, to_timestamp($6), $7::text::pg_lsn, $8::text::xid, $9::jsonb, \
+           to_timestamp($10), $11::jsonb, $12::jsonb)",
         &[
             e.local_node.into(),
             e.remote_node.into(),
             e.relation.into(),
             e.conflict.name().into(),
             e.resolution.name().into(),
-            ts.into(),
+            to_unix(e.remote_commit_time).into(),
             bdr_core::wire::format_lsn(e.remote_lsn).into(),
             e.remote_xid.to_string().into(),
             e.remote_tuple.to_string().into(),
+            e.local_commit_time.map(to_unix).into(),
+            e.key.clone().into(),
+            e.local_tuple.clone().into(),
         ],
     )
     .unwrap_or_else(|err| crate::error::raise(&crate::error::ApplyError::Spi(err.to_string())));

@@ -31,9 +31,10 @@ fn lib_err(e: crate::pg::libpq::LibpqError) -> ! {
 }
 
 /// Stream from `peer` until SIGTERM. Errors are raised (the worker exits, is restarted).
-pub fn run(slot: usize, dboid: u32, local: &str, peer: &str, peer_dsn: &str) {
+pub fn run(slot: usize, dboid: u32, local: (&str, i64), peer: (&str, i64), peer_dsn: &str) {
+    let (local, peer, ids) = (local.0, peer.0, (local.1, peer.1));
     let progress = xact::setup_origin(&origin_name(dboid, peer));
-    let mut applier = Applier::new(peer, local, progress);
+    let mut applier = Applier::new((peer, ids.1), (local, ids.0), progress);
     shmem::update(slot, |s| {
         s.state = shmem::State::Connecting;
         s.applied_lsn = progress;

@@ -217,6 +217,7 @@ fn group_create(local_node_name: &str, node_external_dsn: &str) {
     }
     check_reaches_here(node_external_dsn);
     refuse_unidentifiable_writes();
+    crate::catalog::tombstones::attach_tombstone_triggers();
     nodes::upsert(&Node {
         name: local_node_name.into(),
         id: node_id(local_node_name),
@@ -312,6 +313,9 @@ fn dboid_of(c: &mut Conn) -> Result<u32, LibpqError> {
 fn lsn_of(v: Option<String>) -> u64 {
     v.as_deref().and_then(wire::parse_lsn).unwrap_or(0)
 }
+
+/// Commit time given to the rows a join copies: older than any real change.
+const COPY_VERSION_TIME: &str = "2000-01-01 00:00:00.000001+00";
 
 /// Tables of this database that replicate: permanent, not system, not an extension's.
 pub const REPLICATED_TABLES_SQL: &str = "\
@@ -664,6 +668,16 @@ fn group_join(
             quote_literal(&origin_points[0].0)
         ))
         .and_then(|_| jconn.exec("SET session_replication_role = replica"))
+        // One transaction whose commit timestamp is the oldest possible: copied rows carry
+        // no real version, and any change that reaches them later must win over the copy
+        // (the copy already reflects every change it contains).
+        .and_then(|_| jconn.exec("BEGIN"))
+        .and_then(|_| {
+            jconn.exec(&format!(
+                "SELECT pg_replication_origin_xact_setup('0/0', {})",
+                quote_literal(COPY_VERSION_TIME)
+            ))
+        })
         .unwrap_or_else(|e| fail(remote_err(j)(e)));
     for t in &tables {
         let name = format!(
@@ -697,7 +711,8 @@ fn group_join(
     let _ = reader.exec("COMMIT");
     drop(repl);
     jconn
-        .exec("SELECT pg_replication_origin_session_reset()")
+        .exec("COMMIT")
+        .and_then(|_| jconn.exec("SELECT pg_replication_origin_session_reset()"))
         .unwrap_or_else(|e| fail(remote_err(j)(e)));
 
     // 7. Origins to their starting points; catalogs; go.
@@ -711,6 +726,7 @@ fn group_join(
             .unwrap_or_else(|e| fail(remote_err(j)(e)));
     }
     refuse_unidentifiable_writes();
+    crate::catalog::tombstones::attach_tombstone_triggers();
     for n in &members {
         nodes::upsert(&Node {
             is_local: false,

@@ -2,3 +2,4 @@
 //! in schema `bdr`, never replicated: they belong to the extension).
 
 pub mod nodes;
+pub mod tombstones;

@@ -309,3 +309,201 @@ impl LocalRow {
         }
     }
 }
+
+/// Render datums as the canonical key text: a JSON array of the type output functions'
+/// text (NULL as null). Tombstones are keyed by it, on the apply side and in the trigger.
+///
+/// # Safety
+/// Inside a transaction; `desc` describes `values`.
+unsafe fn key_text_of(
+    desc: pg_sys::TupleDesc,
+    attidx: &[usize],
+    values: &[Option<pg_sys::Datum>],
+) -> String {
+    let mut parts = Vec::with_capacity(attidx.len());
+    for &i in attidx {
+        // SAFETY: i < natts; output functions return palloc'd C strings.
+        unsafe {
+            let a = &*(*desc).attrs.as_ptr().add(i);
+            parts.push(match values[i] {
+                None => serde_json::Value::Null,
+                Some(d) => {
+                    let mut foid = pg_sys::InvalidOid;
+                    let mut varlena = false;
+                    pg_sys::getTypeOutputInfo(a.atttypid, &mut foid, &mut varlena);
+                    let s = pg_sys::OidOutputFunctionCall(foid, d);
+                    serde_json::Value::String(CStr::from_ptr(s).to_string_lossy().into_owned())
+                }
+            });
+        }
+    }
+    serde_json::Value::Array(parts).to_string()
+}
+
+/// Attribute indexes (0-based) of a relation's replica identity key.
+///
+/// # Safety
+/// `rel` is open.
+unsafe fn identity_attrs(rel: pg_sys::Relation) -> Vec<usize> {
+    // SAFETY: the bitmap is palloc'd and only read here.
+    unsafe {
+        let bms = pg_sys::RelationGetIndexAttrBitmap(
+            rel,
+            pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_IDENTITY_KEY,
+        );
+        (0..(*(*rel).rd_att).natts as usize)
+            .filter(|&i| {
+                pg_sys::bms_is_member(
+                    i as i32 + 1 - pg_sys::FirstLowInvalidHeapAttributeNumber,
+                    bms,
+                )
+            })
+            .collect()
+    }
+}
+
+impl Target {
+    pub fn relid(&self) -> pg_sys::Oid {
+        // SAFETY: the relation is open while the target lives.
+        unsafe { (*self.rel).rd_id }
+    }
+
+    /// `row` as a JSON object of column name to text form (for conflict history).
+    ///
+    /// # Safety
+    /// See [`Target::open`].
+    pub unsafe fn row_json(&self, row: &Row) -> String {
+        // SAFETY: the descriptor matches `row`.
+        unsafe {
+            let desc = (*self.rel).rd_att;
+            let attrs: Vec<usize> = (0..row.len())
+                .filter(|&i| !(*(*desc).attrs.as_ptr().add(i)).attisdropped)
+                .collect();
+            let values: Vec<serde_json::Value> =
+                serde_json::from_str(&key_text_of(desc, &attrs, row)).unwrap_or_default();
+            let mut m = serde_json::Map::new();
+            for (i, v) in attrs.iter().zip(values) {
+                let a = &*(*desc).attrs.as_ptr().add(*i);
+                m.insert(
+                    CStr::from_ptr(a.attname.data.as_ptr())
+                        .to_string_lossy()
+                        .into_owned(),
+                    v,
+                );
+            }
+            serde_json::Value::Object(m).to_string()
+        }
+    }
+
+    /// The canonical key text of `row` (identity columns), or None without an identity.
+    ///
+    /// # Safety
+    /// See [`Target::open`].
+    pub unsafe fn key_text(&self, row: &Row) -> Option<String> {
+        // SAFETY: forwarded.
+        unsafe {
+            let attrs = identity_attrs(self.rel);
+            (!attrs.is_empty()).then(|| key_text_of((*self.rel).rd_att, &attrs, row))
+        }
+    }
+
+    /// Unique indexes other than the replica identity index, usable to find a row
+    /// (plain columns, no predicate): (index oid, its attribute indexes).
+    ///
+    /// # Safety
+    /// See [`Target::open`].
+    pub unsafe fn other_unique_indexes(&self) -> Vec<(pg_sys::Oid, Vec<usize>)> {
+        let mut out = Vec::new();
+        // SAFETY: the index list is a palloc'd OID list; each index is opened and closed.
+        unsafe {
+            let list = pg_sys::RelationGetIndexList(self.rel);
+            for oid in PgList::<std::ffi::c_void>::from_pg(list).iter_oid() {
+                if oid == self.identity_index {
+                    continue;
+                }
+                let idx = pg_sys::index_open(oid, pg_sys::AccessShareLock as i32);
+                let form = &*(*idx).rd_index;
+                let usable = form.indisunique
+                    && form.indimmediate
+                    && (*idx).rd_indexprs.is_null()
+                    && pg_sys::heap_attisnull(
+                        (*idx).rd_indextuple,
+                        pg_sys::Anum_pg_index_indpred as i32,
+                        std::ptr::null_mut(),
+                    );
+                let natts = form.indnkeyatts as usize;
+                let keys: Vec<usize> = (0..natts)
+                    .map(|k| *form.indkey.values.as_ptr().add(k) as usize)
+                    .collect();
+                pg_sys::index_close(idx, pg_sys::AccessShareLock as i32);
+                if usable && keys.iter().all(|&a| a > 0) {
+                    out.push((oid, keys.into_iter().map(|a| a - 1).collect()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Find (and lock) the row whose values in `index`'s columns equal `row`'s.
+    ///
+    /// # Safety
+    /// See [`Target::open`].
+    pub unsafe fn find_by_index(&self, index: pg_sys::Oid, row: &Row) -> Option<LocalRow> {
+        // SAFETY: as in find.
+        unsafe {
+            let search = self.virtual_slot(row);
+            let found = pg_sys::table_slot_create(self.rel, &mut (*self.estate).es_tupleTable);
+            pg_sys::RelationFindReplTupleByIndex(
+                self.rel,
+                index,
+                pg_sys::LockTupleMode::LockTupleExclusive,
+                search,
+                found,
+            )
+            .then_some(LocalRow { slot: found })
+        }
+    }
+}
+
+impl LocalRow {
+    /// The xid that wrote this row version.
+    ///
+    /// # Safety
+    /// The target that found this row is still open.
+    pub unsafe fn xmin(&self) -> pg_sys::TransactionId {
+        let mut isnull = false;
+        // SAFETY: a heap tuple slot has the xmin system attribute.
+        let d = unsafe {
+            pg_sys::slot_getsysattr(
+                self.slot,
+                pg_sys::MinTransactionIdAttributeNumber,
+                &mut isnull,
+            )
+        };
+        pg_sys::TransactionId::from(d.value() as u32)
+    }
+}
+
+/// The canonical key text of a heap tuple of `rel` (for the tombstone trigger).
+///
+/// # Safety
+/// `rel` is open and `tuple` is one of its tuples.
+pub unsafe fn tuple_key_text(
+    rel: pg_sys::Relation,
+    tuple: *mut pg_sys::HeapTupleData,
+) -> Option<String> {
+    // SAFETY: deform the tuple with the relation's descriptor.
+    unsafe {
+        let attrs = identity_attrs(rel);
+        if attrs.is_empty() {
+            return None;
+        }
+        let desc = (*rel).rd_att;
+        let n = (*desc).natts as usize;
+        let mut datums = vec![pg_sys::Datum::from(0); n];
+        let mut nulls = vec![true; n];
+        pg_sys::heap_deform_tuple(tuple, desc, datums.as_mut_ptr(), nulls.as_mut_ptr());
+        let row: Row = (0..n).map(|i| (!nulls[i]).then_some(datums[i])).collect();
+        Some(key_text_of(desc, &attrs, &row))
+    }
+}

@@ -137,3 +137,39 @@ pub fn run_sql(sql: &str) {
     pgrx::Spi::run(sql)
         .unwrap_or_else(|e| crate::error::raise(&crate::error::ApplyError::Spi(e.to_string())));
 }
+
+/// Commit timestamp and replication origin of a committed transaction, if known
+/// (`track_commit_timestamp` was on and the data was not truncated).
+pub fn commit_ts(xid: pg_sys::TransactionId) -> Option<(i64, u16)> {
+    let mut ts: pg_sys::TimestampTz = 0;
+    let mut origin: pg_sys::RepOriginId = 0;
+    // SAFETY: plain lookups; out-parameters are valid.
+    let found = unsafe {
+        u32::from(xid) >= pg_sys::FirstNormalTransactionId.into()
+            && pg_sys::TransactionIdGetCommitTsData(xid, &mut ts, &mut origin)
+    };
+    (found && ts != 0).then_some((ts, origin))
+}
+
+/// Whether `xid` is (part of) the current transaction.
+pub fn is_current_xact(xid: pg_sys::TransactionId) -> bool {
+    // SAFETY: plain lookup.
+    unsafe { pg_sys::TransactionIdIsCurrentTransactionId(xid) }
+}
+
+/// The name of a replication origin.
+pub fn origin_name(id: u16) -> Option<String> {
+    let mut name: *mut c_char = std::ptr::null_mut();
+    // SAFETY: lookup with missing_ok; the name is palloc'd.
+    unsafe {
+        if pg_sys::replorigin_by_oid(id, true, &mut name) && !name.is_null() {
+            Some(
+                std::ffi::CStr::from_ptr(name)
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        } else {
+            None
+        }
+    }
+}

@@ -32,19 +32,27 @@ pub extern "C-unwind" fn bdr_apply_main(arg: pg_sys::Datum) {
         return;
     };
     xact::install_error_context();
-    PgTryBuilder::new(|| crate::receive::run(slot, dboid, &local.name, &peer.name, &peer.dsn))
-        .catch_others(|e| {
-            let msg = match &e {
-                CaughtError::PostgresError(r)
-                | CaughtError::ErrorReport(r)
-                | CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
-            };
-            shmem::update(slot, |s| {
-                s.state = shmem::State::Erroring;
-                s.set_error(&msg, xact::now());
-            });
-            e.rethrow()
-        })
-        .execute();
+    PgTryBuilder::new(|| {
+        crate::receive::run(
+            slot,
+            dboid,
+            (&local.name, local.id),
+            (&peer.name, peer.id),
+            &peer.dsn,
+        )
+    })
+    .catch_others(|e| {
+        let msg = match &e {
+            CaughtError::PostgresError(r)
+            | CaughtError::ErrorReport(r)
+            | CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+        };
+        shmem::update(slot, |s| {
+            s.state = shmem::State::Erroring;
+            s.set_error(&msg, xact::now());
+        });
+        e.rethrow()
+    })
+    .execute();
     shmem::update(slot, |s| s.state = shmem::State::Stopped);
 }

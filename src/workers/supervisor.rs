@@ -19,6 +19,32 @@ struct Worker {
     next_start: Instant,
 }
 
+const GC_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Drop tombstones no change can still need: a delete older than the last transaction we
+/// applied from *every* peer. Each peer streams in commit order, so anything it committed
+/// before that point has already arrived here; anything later is newer than the tombstone
+/// and would win against it anyway.
+fn collect_tombstones(dboid: u32, peers: usize) {
+    let times: Vec<i64> = shmem::all()
+        .into_iter()
+        .filter(|s| s.kind == shmem::Kind::Apply && s.dboid == dboid)
+        .map(|s| s.last_applied_commit_time)
+        .collect();
+    if times.len() < peers || times.iter().any(|t| *t == 0) {
+        return;
+    }
+    let Some(before) = times.into_iter().min() else {
+        return;
+    };
+    xact::begin();
+    let n = crate::catalog::tombstones::collect_garbage(before);
+    xact::commit();
+    if n > 0 {
+        pgrx::debug1!("bdr: removed {n} tombstones");
+    }
+}
+
 /// Delay before restart number `failures` (1, 2, 4, ... 30 s).
 pub fn backoff(failures: u32) -> Duration {
     Duration::from_secs((1u64 << failures.min(5).saturating_sub(1)).min(30))
@@ -45,6 +71,7 @@ pub extern "C-unwind" fn bdr_supervisor_main(arg: pg_sys::Datum) {
         });
     }
     let started = Instant::now();
+    let mut last_gc = Instant::now();
     let mut workers: HashMap<String, Worker> = HashMap::new();
     loop {
         xact::begin();
@@ -114,6 +141,10 @@ pub extern "C-unwind" fn bdr_supervisor_main(arg: pg_sys::Datum) {
                 );
                 w.started = Instant::now();
             }
+        }
+        if last_gc.elapsed() > GC_INTERVAL {
+            collect_tombstones(dboid, wanted.len());
+            last_gc = Instant::now();
         }
         if bgw::wait(None, Duration::from_millis(500)) {
             break;

@@ -1,0 +1,117 @@
+//! `bdr.tombstones`: keys deleted recently, with the delete's version carried by the
+//! tombstone row's own xmin (commit timestamp and origin of the deleting transaction).
+//!
+//! Written by the apply worker for remote deletes, and by the `bdr_tombstone` trigger for
+//! local ones (ordinary triggers do not fire in the apply worker). Removed by the
+//! supervisor once every peer has sent us transactions committed after them.
+
+use crate::api::group::REPLICATED_TABLES_SQL;
+use pgrx::prelude::*;
+
+fn spi_fail(e: pgrx::spi::Error) -> ! {
+    crate::error::raise(&crate::error::ApplyError::Spi(e.to_string()))
+}
+
+/// The xmin of the tombstone for (`relid`, `key`), if any.
+pub fn lookup(relid: pg_sys::Oid, key: &str) -> Option<pg_sys::TransactionId> {
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT xmin::text FROM bdr.tombstones WHERE relid = $1 AND key = $2",
+            Some(1),
+            &[relid.into(), key.into()],
+        )?;
+        match rows.into_iter().next() {
+            Some(r) => r.get::<String>(1),
+            None => Ok(None),
+        }
+    })
+    .unwrap_or_else(|e| spi_fail(e))
+    .and_then(|x| x.parse::<u32>().ok())
+    .map(pg_sys::TransactionId::from)
+}
+
+/// Create or refresh the tombstone (its version becomes the current transaction's).
+pub fn upsert(relid: pg_sys::Oid, key: &str) {
+    Spi::run_with_args(
+        "INSERT INTO bdr.tombstones (relid, key) VALUES ($1, $2) \
+         ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key",
+        &[relid.into(), key.into()],
+    )
+    .unwrap_or_else(|e| spi_fail(e));
+}
+
+/// Remove tombstones of deletes committed before `before` (PostgreSQL-epoch µs).
+pub fn collect_garbage(before: i64) -> i64 {
+    let secs = before as f64 / 1_000_000.0 + 946_684_800.0;
+    Spi::connect_mut(|c| {
+        c.update(
+            "WITH gone AS (DELETE FROM bdr.tombstones \
+               WHERE coalesce(pg_xact_commit_timestamp(xmin), '-infinity') < to_timestamp($1) \
+               RETURNING 1) SELECT count(*) FROM gone",
+            None,
+            &[secs.into()],
+        )?
+        .first()
+        .get_one::<i64>()
+    })
+    .unwrap_or_else(|e| spi_fail(e))
+    .unwrap_or(0)
+}
+
+/// Records a tombstone for the key a local DELETE (or key-changing UPDATE) removed.
+#[pg_trigger]
+fn tombstone_trigger<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::trigger_support::PgTriggerError> {
+    let rel = trigger.relation()?;
+    let relid = rel.oid();
+    // SAFETY: the trigger's relation is open and its tuples belong to it.
+    unsafe {
+        let old = trigger.old().map(|t| t.into_pg());
+        let new = trigger.new().map(|t| t.into_pg());
+        let Some(old) = old else { return Ok(None) };
+        let old_key = crate::pg::exec::tuple_key_text(rel.as_ptr(), old);
+        let new_key = new.and_then(|n| crate::pg::exec::tuple_key_text(rel.as_ptr(), n));
+        if let Some(k) = old_key {
+            if new_key.as_deref() != Some(k.as_str()) {
+                upsert(relid, &k);
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Give every replicated table that lacks it the `bdr_tombstone` trigger; returns how many
+/// were added.
+#[pg_extern]
+pub fn attach_tombstone_triggers() -> i32 {
+    let tables: Vec<(String, String)> = Spi::connect(|c| {
+        let mut v = Vec::new();
+        for r in c.select(
+            &format!(
+                "SELECT * FROM ({REPLICATED_TABLES_SQL}) t(s, n) WHERE NOT EXISTS ( \
+                   SELECT 1 FROM pg_trigger g WHERE g.tgname = 'bdr_tombstone' \
+                     AND g.tgrelid = (quote_ident(t.s) || '.' || quote_ident(t.n))::regclass)"
+            ),
+            None,
+            &[],
+        )? {
+            v.push((
+                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<String>(2)?.unwrap_or_default(),
+            ));
+        }
+        Ok::<_, pgrx::spi::Error>(v)
+    })
+    .unwrap_or_else(|e| spi_fail(e));
+    for (s, n) in &tables {
+        Spi::run(&format!(
+            "CREATE TRIGGER bdr_tombstone AFTER DELETE OR UPDATE ON {}.{} \
+             FOR EACH ROW EXECUTE FUNCTION bdr.tombstone_trigger()",
+            crate::pg::libpq::quote_ident(s),
+            crate::pg::libpq::quote_ident(n)
+        ))
+        .unwrap_or_else(|e| spi_fail(e));
+    }
+    tables.len() as i32
+}
