@@ -46,6 +46,8 @@ pub struct Applier {
     peer_id: i64,
     local_id: i64,
     origin_nodes: HashMap<u16, i64>,
+    /// Per transaction: whether a table has tombstones (true once we write one).
+    has_tombstones: HashMap<pg_sys::Oid, bool>,
     rels: HashMap<u32, Bound>,
     begin: Option<wire::Begin>,
     changes: u64,
@@ -53,7 +55,8 @@ pub struct Applier {
     change_cxt: pg_sys::MemoryContext,
     cache_cxt: pg_sys::MemoryContext,
     pub last_commit_time: i64,
-    pub conflicts: u64,
+    /// Conflicts resolved since the worker started, per type (like `Conflict::ALL`).
+    pub conflict_counts: [u64; 9],
 }
 
 fn memory_context(name: &'static std::ffi::CStr) -> pg_sys::MemoryContext {
@@ -92,6 +95,7 @@ impl Applier {
             peer_id: peer.1,
             local_id: local.1,
             origin_nodes: HashMap::new(),
+            has_tombstones: HashMap::new(),
             rels: HashMap::new(),
             begin: None,
             changes: 0,
@@ -99,7 +103,7 @@ impl Applier {
             change_cxt: memory_context(c"bdr apply change"),
             cache_cxt: memory_context(c"bdr apply cache"),
             last_commit_time: 0,
-            conflicts: 0,
+            conflict_counts: [0; 9],
         }
     }
 
@@ -241,7 +245,16 @@ impl Applier {
                 same_transaction: false,
             };
         }
-        match key.and_then(|k| tombstones::lookup(t.relid(), k)) {
+        let relid = t.relid();
+        // Most tables have no tombstones at all: ask once per transaction, not per row.
+        let any = *self
+            .has_tombstones
+            .entry(relid)
+            .or_insert_with(|| tombstones::any(relid));
+        if !any {
+            return Local::Missing;
+        }
+        match key.and_then(|k| tombstones::lookup(relid, k)) {
             // A tombstone too old to know its time is older than anything.
             Some(xid) => Local::Deleted(self.version_of(xid).unwrap_or(Version {
                 commit_time: i64::MIN,
@@ -281,7 +294,7 @@ impl Applier {
                 };
                 if wins {
                     if let Some(k) = &info.key {
-                        tombstones::upsert(t.relid(), k);
+                        self.tombstone(t.relid(), k);
                     }
                     t.delete(&other);
                 }
@@ -351,12 +364,12 @@ impl Applier {
                     // A key change removes the old key: remember it as deleted.
                     if let (Some(_), Some(k)) = (old, &key) {
                         if t.key_text(&row).as_ref() != Some(k) {
-                            tombstones::upsert(t.relid(), k);
+                            self.tombstone(t.relid(), k);
                         }
                     }
                 }
                 Action::Insert => {
-                    if new.iter().any(|v| *v == Value::UnchangedToast) {
+                    if new.contains(&Value::UnchangedToast) {
                         // The row must come back but the sender did not send every column.
                         d.action = Action::Nothing;
                         d.conflict = d.conflict.map(|(c, _)| (c, Resolution::Skip));
@@ -395,6 +408,11 @@ impl Applier {
         }
     }
 
+    fn tombstone(&mut self, relid: pg_sys::Oid, key: &str) {
+        tombstones::upsert(relid, key);
+        self.has_tombstones.insert(relid, true);
+    }
+
     /// Write the tombstone and the conflict history row a decision asks for.
     ///
     /// # Safety
@@ -412,7 +430,7 @@ impl Applier {
     ) {
         if d.tombstone {
             if let Some(k) = &key {
-                tombstones::upsert(t.relid(), k);
+                self.tombstone(t.relid(), k);
             }
         }
         if let Some((c, r)) = d.conflict {
@@ -473,7 +491,12 @@ impl Applier {
         values: &[Value],
         info: Recorded,
     ) {
-        self.conflicts += 1;
+        if let Some(i) = Conflict::ALL.iter().position(|x| *x == c) {
+            self.conflict_counts[i] += 1;
+        }
+        if !crate::gucs::LOG_CONFLICTS_TO_TABLE.get() {
+            return;
+        }
         let b = self.begin.as_ref().expect("inside a transaction");
         crate::history::record(&crate::history::Entry {
             local_node: &self.local,
@@ -507,6 +530,7 @@ impl Applier {
         }
         let local_end = xact::commit_remote(c.end_lsn, c.commit_time);
         self.tracker.applied(c.end_lsn, local_end);
+        self.has_tombstones.clear();
         self.last_commit_time = c.commit_time;
         self.begin = None;
         xact::set_context(None);

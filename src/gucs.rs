@@ -5,10 +5,23 @@
 //! Settings are added here as the features that read them land; each one is documented
 //! in `docs/settings.md`.
 
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
+
+/// `bdr.log_conflicts_to_table`: write a `bdr.conflict_history` row per conflict.
+pub static LOG_CONFLICTS_TO_TABLE: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 /// Register the settings; called once from `_PG_init`.
 pub fn init() {
+    GucRegistry::define_bool_guc(
+        c"bdr.log_conflicts_to_table",
+        c"Record every replication conflict in bdr.conflict_history.",
+        c"When off, conflicts are still resolved and counted (bdr.conflict_counters()), \
+          but no history row is written.",
+        &LOG_CONFLICTS_TO_TABLE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     // SAFETY: called from _PG_init in the postmaster, with a static NUL-terminated name.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"bdr".as_ptr()) };
 }

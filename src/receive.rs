@@ -106,7 +106,11 @@ pub fn run(slot: usize, dboid: u32, local: (&str, i64), peer: (&str, i64), peer_
                         if !applier.in_transaction() {
                             let (applied, t) =
                                 (applier.tracker.applied_position(), applier.last_commit_time);
+                            let counts = applier.conflict_counts;
                             shmem::update(slot, |s| {
+                                for (total, new) in s.conflicts.iter_mut().zip(counts) {
+                                    *total = (*total).max(new);
+                                }
                                 s.received_lsn = received;
                                 s.applied_lsn = applied;
                                 s.last_applied_commit_time = t;

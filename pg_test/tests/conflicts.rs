@@ -292,3 +292,36 @@ fn randomized_concurrent_writes_converge() {
         "only {resolved} conflicts in {seeds} seeds"
     );
 }
+
+#[test]
+fn counters_remain_when_table_logging_is_off() {
+    let c = group("counters");
+    let (a, b) = (c.node(0), c.node(1));
+    for n in c.nodes() {
+        n.execute("ALTER SYSTEM SET bdr.log_conflicts_to_table = off");
+        n.execute("SELECT pg_reload_conf()");
+    }
+    for n in c.nodes() {
+        wait_until("the setting reloaded", CATCHUP, || {
+            n.query_scalar::<String>("SHOW bdr.log_conflicts_to_table") == "off"
+        });
+    }
+    pause_all(&c);
+    a.execute("INSERT INTO t VALUES (7, 'a')");
+    b.execute("INSERT INTO t VALUES (7, 'b')");
+    resume_all(&c);
+    assert_same_everywhere(&c, "t");
+    for n in c.nodes() {
+        assert_eq!(
+            n.query_scalar::<i64>("SELECT count(*) FROM bdr.conflict_history"),
+            0
+        );
+    }
+    // Counters are refreshed by the apply worker right after the transaction.
+    wait_until("node1 counts the insert_exists from node2", CATCHUP, || {
+        a.query_scalar::<i64>(
+            "SELECT coalesce(sum(count), 0)::int8 FROM bdr.conflict_counters() \
+             WHERE peer = 'node2' AND conflict_type = 'insert_exists'",
+        ) == 1
+    });
+}

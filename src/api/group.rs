@@ -870,3 +870,29 @@ fn apply_pause(peer: default!(Option<&str>, "NULL")) -> i32 {
 fn apply_resume(peer: default!(Option<&str>, "NULL")) -> i32 {
     set_pause(peer, false)
 }
+
+/// Conflicts resolved on this node since the server started, per peer and type (kept
+/// whether or not `bdr.log_conflicts_to_table` is on).
+#[pg_extern]
+fn conflict_counters() -> TableIterator<
+    'static,
+    (
+        name!(peer, String),
+        name!(conflict_type, String),
+        name!(count, i64),
+    ),
+> {
+    let dboid = nodes::my_database_oid();
+    let mut rows = Vec::new();
+    for s in shmem::all() {
+        if s.kind != shmem::Kind::Apply || s.dboid != dboid {
+            continue;
+        }
+        for (c, n) in crate::conflict::Conflict::ALL.iter().zip(s.conflicts) {
+            if n > 0 {
+                rows.push((s.peer(), c.name().to_string(), n as i64));
+            }
+        }
+    }
+    TableIterator::new(rows)
+}

@@ -39,7 +39,7 @@ fn read(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> SpiResult<Vec<Node
 /// transaction as writing, which assigns an xid: a backend holding one makes logical slot
 /// creation elsewhere wait for it, and a supervisor polling with it would burn xids.)
 pub fn read_one<T: pgrx::datum::FromDatum + pgrx::datum::IntoDatum>(sql: &str) -> Option<T> {
-    Spi::connect(|c| match c.select(sql, Some(1), &[])?.into_iter().next() {
+    Spi::connect(|c| match c.select(sql, Some(1), &[])?.next() {
         Some(r) => r.get::<T>(1),
         None => Ok(None),
     })

@@ -30,6 +30,19 @@ pub fn lookup(relid: pg_sys::Oid, key: &str) -> Option<pg_sys::TransactionId> {
     .map(pg_sys::TransactionId::from)
 }
 
+/// Whether any tombstone exists for `relid`.
+pub fn any(relid: pg_sys::Oid) -> bool {
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT 1 FROM bdr.tombstones WHERE relid = $1 LIMIT 1",
+            Some(1),
+            &[relid.into()],
+        )?;
+        Ok::<_, pgrx::spi::Error>(!rows.is_empty())
+    })
+    .unwrap_or_else(|e| spi_fail(e))
+}
+
 /// Create or refresh the tombstone (its version becomes the current transaction's).
 pub fn upsert(relid: pg_sys::Oid, key: &str) {
     Spi::run_with_args(

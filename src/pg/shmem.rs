@@ -62,6 +62,8 @@ pub struct Slot {
     pub last_applied_commit_time: i64,
     pub last_message_time: i64,
     pub started_at: i64,
+    /// Conflicts resolved, per type (indexed like `Conflict::ALL`).
+    pub conflicts: [u64; 9],
 }
 
 impl Slot {
@@ -81,6 +83,7 @@ impl Slot {
         last_applied_commit_time: 0,
         last_message_time: 0,
         started_at: 0,
+        conflicts: [0; 9],
     };
 
     pub fn peer(&self) -> String {

@@ -31,7 +31,7 @@ fn collect_tombstones(dboid: u32, peers: usize) {
         .filter(|s| s.kind == shmem::Kind::Apply && s.dboid == dboid)
         .map(|s| s.last_applied_commit_time)
         .collect();
-    if times.len() < peers || times.iter().any(|t| *t == 0) {
+    if times.len() < peers || times.contains(&0) {
         return;
     }
     let Some(before) = times.into_iter().min() else {
