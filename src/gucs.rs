@@ -11,8 +11,22 @@ use pgrx::pg_sys;
 /// `bdr.log_conflicts_to_table`: write a `bdr.conflict_history` row per conflict.
 pub static LOG_CONFLICTS_TO_TABLE: GucSetting<bool> = GucSetting::<bool>::new(true);
 
+/// `bdr.slot_wal_warning_mb`: `node_status()` warns when a slot feeding an unreachable
+/// node retains more WAL than this.
+pub static SLOT_WAL_WARNING_MB: GucSetting<i32> = GucSetting::<i32>::new(1024);
+
 /// Register the settings; called once from `_PG_init`.
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"bdr.slot_wal_warning_mb",
+        c"WAL retained for an unreachable node above which node_status() and health_check() warn.",
+        c"In megabytes.",
+        &SLOT_WAL_WARNING_MB,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MB,
+    );
     GucRegistry::define_bool_guc(
         c"bdr.log_conflicts_to_table",
         c"Record every replication conflict in bdr.conflict_history.",

@@ -14,6 +14,8 @@
 
 use pgrx::prelude::*;
 
+use api::group::{apply_workers, conflict_counters};
+
 pub mod api;
 pub mod apply;
 pub mod catalog;
@@ -31,6 +33,11 @@ pub mod write;
 
 // The catalog comes first (tables the functions refer to), the grants last.
 pgrx::extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
+pgrx::extension_sql_file!(
+    "../sql/monitoring.sql",
+    name = "monitoring",
+    requires = ["catalog", apply_workers, conflict_counters]
+);
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 /// Called by PostgreSQL when the library is loaded.

@@ -800,7 +800,7 @@ fn wait_for_join(timeout: default!(i32, 300)) {
 /// positions (remote LSNs) and its last error.
 #[pg_extern]
 #[allow(clippy::type_complexity)]
-fn apply_workers() -> TableIterator<
+pub fn apply_workers() -> TableIterator<
     'static,
     (
         name!(peer, String),
@@ -812,18 +812,23 @@ fn apply_workers() -> TableIterator<
         name!(last_error, Option<String>),
         name!(last_error_time, Option<pgrx::datum::TimestampWithTimeZone>),
         name!(error_count, i64),
+        name!(
+            last_applied_commit_time,
+            Option<pgrx::datum::TimestampWithTimeZone>
+        ),
+        name!(started_at, Option<pgrx::datum::TimestampWithTimeZone>),
     ),
 > {
+    let ts = |t: i64| {
+        (t != 0)
+            .then(|| pgrx::datum::TimestampWithTimeZone::try_from(t).ok())
+            .flatten()
+    };
     let dboid = nodes::my_database_oid();
     let rows: Vec<_> = shmem::all()
         .into_iter()
         .filter(|s| s.kind == shmem::Kind::Apply && s.dboid == dboid)
         .map(|s| {
-            let t = (s.last_error_time != 0).then(|| {
-                // SAFETY-free: a plain conversion of PostgreSQL-epoch microseconds.
-                pgrx::datum::TimestampWithTimeZone::try_from(s.last_error_time)
-                    .unwrap_or_else(|_| pgrx::datum::TimestampWithTimeZone::try_from(0i64).unwrap())
-            });
             (
                 s.peer(),
                 s.pid,
@@ -832,8 +837,10 @@ fn apply_workers() -> TableIterator<
                 wire::format_lsn(s.applied_lsn),
                 wire::format_lsn(s.flushed_lsn),
                 s.last_error(),
-                t,
+                ts(s.last_error_time),
                 s.error_count as i64,
+                ts(s.last_applied_commit_time),
+                ts(s.started_at),
             )
         })
         .collect();
@@ -874,7 +881,7 @@ fn apply_resume(peer: default!(Option<&str>, "NULL")) -> i32 {
 /// Conflicts resolved on this node since the server started, per peer and type (kept
 /// whether or not `bdr.log_conflicts_to_table` is on).
 #[pg_extern]
-fn conflict_counters() -> TableIterator<
+pub fn conflict_counters() -> TableIterator<
     'static,
     (
         name!(peer, String),

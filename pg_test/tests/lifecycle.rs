@@ -1,0 +1,228 @@
+//! Node lifecycle and monitoring, and the BDR runbook (`../shared/seeds/000_*.txt`) run as
+//! written: its SQL is read from the seed file itself; only the DSNs' host, port and
+//! database are replaced by the test nodes'.
+
+use pg_test::bdr::{assert_same_everywhere, wait_for_catchup, CATCHUP};
+use pg_test::{wait_until, Cluster, Node};
+use std::path::PathBuf;
+
+fn runbook() -> String {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/seeds");
+    let entry = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("the runbook lives in {}: {e}", dir.display()))
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("000_"))
+        .expect("seeds/000_*.txt");
+    std::fs::read_to_string(entry.path()).unwrap()
+}
+
+/// The text of the runbook from `start` through the first `end` after it.
+fn excerpt(book: &str, start: &str, end: &str) -> String {
+    let a = book
+        .find(start)
+        .unwrap_or_else(|| panic!("runbook lacks {start:?}"));
+    let b = a
+        + book[a..]
+            .find(end)
+            .unwrap_or_else(|| panic!("runbook lacks {end:?}"))
+        + end.len();
+    book[a..b].to_string()
+}
+
+/// The runbook's DSN for `host` (as written), pointed at test node `n`.
+fn localize(sql: &str, nodes: &[(&str, &Node)]) -> String {
+    let mut s = sql.to_string();
+    for (host, n) in nodes {
+        s = s.replace(
+            &format!("host={host} port=5432 dbname=mydb user=bdr_user"),
+            &format!(
+                "host=127.0.0.1 port={} dbname=bdrtest user=bdr_user",
+                n.port()
+            ),
+        );
+    }
+    s
+}
+
+fn rows(n: &Node, sql: &str) -> Vec<Vec<Option<String>>> {
+    n.connect()
+        .simple_query(sql)
+        .unwrap_or_else(|e| panic!("on {}: {sql}\n{}", n.name(), pg_test::db_error_text(&e)))
+        .into_iter()
+        .filter_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(String::from)).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn runbook_sql_runs_as_written() {
+    let c = Cluster::builder().name("runbook").nodes(3).start();
+    for n in c.nodes() {
+        n.execute(
+            "CREATE ROLE bdr_user SUPERUSER LOGIN; CREATE EXTENSION bdr;
+             CREATE TABLE accounts (id int PRIMARY KEY, balance numeric);",
+        );
+    }
+    let (n1, n2, n3) = (c.node(0), c.node(1), c.node(2));
+    let book = runbook();
+    let hosts = [
+        ("node1", n1),
+        ("node2", n2),
+        ("node3", n3),
+        ("active_node", n1),
+        ("recovered_node", n3),
+    ];
+
+    // Scenario 3, steps 3 and 4: create the group, join the others.
+    let create = excerpt(&book, "SELECT bdr.bdr_group_create(", ");");
+    n1.execute(&localize(&create, &hosts));
+    let join = excerpt(
+        &book,
+        "SELECT bdr.bdr_group_join(\n       local_node_name := 'node2'",
+        ");",
+    );
+    n2.execute(&localize(&join, &hosts));
+    n2.execute("SELECT bdr.wait_for_join(120)");
+    let join3 = join
+        .replace("'node2'", "'node3'")
+        .replace("host=node2", "host=node3");
+    n3.execute(&localize(&join3, &hosts));
+    n3.execute("SELECT bdr.wait_for_join(120)");
+    n1.execute("INSERT INTO accounts VALUES (1, 100)");
+    n3.execute("INSERT INTO accounts VALUES (3, 300)");
+    wait_for_catchup(&c);
+    assert_same_everywhere(&c, "accounts");
+
+    // Status queries as written.
+    let nodes = rows(n1, "SELECT * FROM bdr.bdr_nodes;");
+    assert_eq!(nodes.len(), 3);
+    let detection = excerpt(
+        &book,
+        "SELECT \n    node_name,\n    node_status,",
+        "FROM bdr.bdr_nodes;",
+    );
+    let health: Vec<_> = rows(n2, &detection);
+    assert_eq!(health.len(), 3);
+    assert!(
+        health
+            .iter()
+            .all(|r| r[1].as_deref() == Some("active") && r[2].as_deref() == Some("OK")),
+        "{health:?}"
+    );
+    rows(n1, "SELECT pg_last_xact_replay_timestamp();");
+    let status = rows(n1, "SELECT * FROM bdr.bdr_node_status();");
+    assert_eq!(status.len(), 3, "{status:?}");
+
+    // The health-check function, exactly as written, then run.
+    let func = excerpt(
+        &book,
+        "CREATE OR REPLACE FUNCTION bdr_health_check()",
+        "$$ LANGUAGE plpgsql;",
+    );
+    n1.execute(&func);
+    let checks = rows(n1, "SELECT * FROM bdr_health_check();");
+    assert_eq!(checks.len(), 3, "{checks:?}");
+    for r in &checks {
+        assert_eq!(r[1].as_deref(), Some("OK"), "{checks:?}");
+    }
+    assert_eq!(checks[0][2].as_deref(), Some("3 nodes active"));
+
+    // Scenario 1: a node fails; the others show it inactive and keep replicating; it
+    // comes back, the rejoin call is a no-op, and it catches up.
+    n3.kill9();
+    wait_until("node3 shown inactive on node1", CATCHUP, || {
+        rows(
+            n1,
+            "SELECT node_status FROM bdr.bdr_nodes WHERE node_name = 'node3'",
+        )[0][0]
+            .as_deref()
+            == Some("inactive")
+    });
+    let checks = rows(n1, "SELECT * FROM bdr_health_check();");
+    assert_eq!(checks[0][2].as_deref(), Some("2 nodes active"));
+    n2.execute("INSERT INTO accounts VALUES (2, 200)");
+    wait_until("node1 has node2's row while node3 is down", CATCHUP, || {
+        n1.query_scalar::<i64>("SELECT count(*) FROM accounts") == 3
+    });
+    n3.start();
+    let rejoin = excerpt(
+        &book,
+        "SELECT bdr.bdr_group_join(\n    local_node_name := 'recovered_node'",
+        ");",
+    );
+    let rejoin = rejoin.replace("'recovered_node'", "'node3'");
+    n3.execute(&localize(&rejoin, &hosts));
+    wait_for_catchup(&c);
+    assert_same_everywhere(&c, "accounts");
+    wait_until("node3 active again", CATCHUP, || {
+        rows(
+            n2,
+            "SELECT node_status FROM bdr.bdr_nodes WHERE node_name = 'node3'",
+        )[0][0]
+            .as_deref()
+            == Some("active")
+    });
+
+    // Our own names: node_status and health_check.
+    let st = rows(
+        n1,
+        "SELECT node_name, reachable, apply_state, replication_lag_time FROM bdr.node_status()",
+    );
+    assert_eq!(st.len(), 3);
+    let hc = rows(n1, "SELECT check_name, status FROM bdr.health_check()");
+    assert_eq!(hc.len(), 5, "{hc:?}");
+    assert!(hc.iter().all(|r| r[1].as_deref() == Some("OK")), "{hc:?}");
+    // The conflict history compat view has conflict_time.
+    rows(n1, "SELECT conflict_time FROM bdr.bdr_conflict_history");
+}
+
+#[test]
+fn down_node_shows_unreachable_with_growing_retained_wal_then_catches_up() {
+    let c = Cluster::builder()
+        .name("downback")
+        .nodes(3)
+        .conf("bdr.slot_wal_warning_mb", "1")
+        .start();
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr; CREATE TABLE t (id int PRIMARY KEY, v text);");
+    }
+    pg_test::bdr::form_group(&c);
+    let (a, b, x) = (c.node(0), c.node(1), c.node(2));
+    x.kill9();
+    wait_until("node3 unreachable on node1", CATCHUP, || {
+        !a.query_scalar::<bool>("SELECT reachable FROM bdr.node_status() WHERE node_name = 'node3'")
+    });
+    let before: i64 = a.query_scalar(
+        "SELECT retained_wal_bytes::int8 FROM bdr.node_status() WHERE node_name = 'node3'",
+    );
+    // Load while it is down: the others keep replicating.
+    a.execute("INSERT INTO t SELECT g, repeat('x', 500) FROM generate_series(1, 5000) g");
+    b.execute("INSERT INTO t SELECT g, 'b' FROM generate_series(5001, 6000) g");
+    wait_until("node2 has everything", CATCHUP, || {
+        b.query_scalar::<i64>("SELECT count(*) FROM t") == 6000
+    });
+    let after: i64 = a.query_scalar(
+        "SELECT retained_wal_bytes::int8 FROM bdr.node_status() WHERE node_name = 'node3'",
+    );
+    assert!(
+        after > before + 1024 * 1024,
+        "retained WAL grew: {before} -> {after}"
+    );
+    let warning: Option<String> =
+        a.query_scalar("SELECT warning FROM bdr.node_status() WHERE node_name = 'node3'");
+    assert!(
+        warning.as_deref().unwrap_or("").contains("retains"),
+        "{warning:?}"
+    );
+    let hc: String = a.query_scalar(
+        "SELECT status FROM bdr.health_check() WHERE check_name = 'Slots Retaining WAL'",
+    );
+    assert_eq!(hc, "WARNING");
+    x.start();
+    wait_for_catchup(&c);
+    assert!(assert_same_everywhere(&c, "t").starts_with("6000:"));
+}
