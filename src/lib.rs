@@ -14,6 +14,9 @@
 
 use pgrx::prelude::*;
 
+// Named in `extension_sql_file!(... requires = [...])` below (used only when pgrx
+// generates the schema, hence the allow).
+#[allow(unused_imports)]
 use api::group::{apply_workers, conflict_counters};
 
 pub mod api;
