@@ -9,6 +9,9 @@ BEGIN
     IF EXISTS (SELECT 1 FROM bdr.nodes WHERE is_local) THEN
         PERFORM bdr.attach_tombstone_triggers();
     END IF;
+    IF EXISTS (SELECT 1 FROM bdr.nodes WHERE is_local AND node_kind = 'standby') THEN
+        PERFORM bdr.refresh_standby_triggers();
+    END IF;
 END
 $$;
 CREATE EVENT TRIGGER bdr_new_tables ON ddl_command_end

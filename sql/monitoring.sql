@@ -136,3 +136,17 @@ AS $$
 $$;
 
 CREATE VIEW bdr.bdr_conflict_history AS SELECT * FROM bdr.conflict_history;
+
+-- Refuses user writes on a standby (statement trigger added to every replicated table).
+CREATE FUNCTION bdr.standby_guard() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'node "%" is a bdr standby: it does not accept writes',
+          (SELECT node_name FROM bdr.nodes WHERE is_local)
+    USING ERRCODE = 'read_only_sql_transaction',
+          HINT = 'Write on an active node, or promote this node with bdr.promote().';
+END
+$$;
+
+CREATE FUNCTION bdr.bdr_node_promote(node_name text) RETURNS void
+LANGUAGE sql AS $$ SELECT bdr.promote(node_name) $$;

@@ -17,7 +17,9 @@ use pgrx::prelude::*;
 // Named in `extension_sql_file!(... requires = [...])` below (used only when pgrx
 // generates the schema, hence the allow).
 #[allow(unused_imports)]
-use api::group::{apply_workers, conflict_counters};
+use api::group::{apply_workers, conflict_counters, group_create, group_join};
+#[allow(unused_imports)]
+use api::lifecycle::promote;
 
 pub mod api;
 pub mod apply;
@@ -39,7 +41,14 @@ pgrx::extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
 pgrx::extension_sql_file!(
     "../sql/monitoring.sql",
     name = "monitoring",
-    requires = ["catalog", apply_workers, conflict_counters]
+    requires = [
+        "catalog",
+        apply_workers,
+        conflict_counters,
+        group_create,
+        group_join,
+        promote
+    ]
 );
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 

@@ -226,3 +226,118 @@ fn down_node_shows_unreachable_with_growing_retained_wal_then_catches_up() {
     wait_for_catchup(&c);
     assert!(assert_same_everywhere(&c, "t").starts_with("6000:"));
 }
+
+fn count(n: &Node, sql: &str) -> i64 {
+    n.query_scalar(sql)
+}
+
+#[test]
+fn parting_a_stopped_node_leaves_no_slot_and_the_rest_replicate_on() {
+    let c = Cluster::start(3);
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr; CREATE TABLE t (id int PRIMARY KEY, v text);");
+    }
+    pg_test::bdr::form_group(&c);
+    let (a, b, x) = (c.node(0), c.node(1), c.node(2));
+    x.stop();
+    a.execute("SELECT bdr.part('node3')");
+    for n in [a, b] {
+        assert_eq!(
+            count(
+                n,
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '%\\_node3'"
+            ),
+            0,
+            "slot for node3 left on {}",
+            n.name()
+        );
+        assert_eq!(
+            count(
+                n,
+                "SELECT count(*) FROM pg_replication_origin WHERE roname LIKE '%\\_node3'"
+            ),
+            0,
+            "origin for node3 left on {}",
+            n.name()
+        );
+        let state: String =
+            n.query_scalar("SELECT node_state FROM bdr.nodes WHERE node_name = 'node3'");
+        assert_eq!(state, "parted");
+    }
+    wait_until("no apply worker for node3", CATCHUP, || {
+        count(
+            a,
+            "SELECT count(*) FROM bdr.apply_workers() WHERE peer = 'node3'",
+        ) == 0
+    });
+    b.execute("INSERT INTO t VALUES (1, 'after part')");
+    wait_until("node1 has node2's row", CATCHUP, || {
+        count(a, "SELECT count(*) FROM t") == 1
+    });
+    let e = a.try_execute("SELECT bdr.part('node1')").unwrap_err();
+    assert!(pg_test::db_error_text(&e).contains("cannot part itself"));
+}
+
+#[test]
+fn standby_receives_refuses_writes_then_promotes_without_loss() {
+    let c = Cluster::start(3);
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr");
+    }
+    let (a, b, s) = (c.node(0), c.node(1), c.node(2));
+    a.execute("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+    pg_test::bdr::join(b, a);
+    s.execute(&format!(
+        "SELECT bdr.bdr_group_join(local_node_name := 'node3', node_external_dsn := '{}', \
+         join_using_dsn := '{}', node_kind := 'standby')",
+        s.dsn(),
+        a.dsn()
+    ));
+    s.execute("SELECT bdr.wait_for_join(120)");
+    a.execute("INSERT INTO t VALUES (1, 'from node1')");
+    b.execute("INSERT INTO t VALUES (2, 'from node2')");
+    wait_until("the standby has every change", CATCHUP, || {
+        count(s, "SELECT count(*) FROM t") == 2
+    });
+    // It refuses user writes, clearly.
+    let e = s
+        .try_execute("INSERT INTO t VALUES (3, 'on the standby')")
+        .unwrap_err();
+    let text = pg_test::db_error_text(&e);
+    assert!(
+        text.contains("node \"node3\" is a bdr standby: it does not accept writes"),
+        "{text}"
+    );
+    assert!(text.contains("HINT: Write on an active node"), "{text}");
+    // It sends nothing: no member applies from it.
+    assert_eq!(
+        count(
+            a,
+            "SELECT count(*) FROM bdr.apply_workers() WHERE peer = 'node3'"
+        ),
+        0
+    );
+    // Promotion: writable, and its writes reach every member; writes keep flowing in.
+    a.execute("INSERT INTO t VALUES (4, 'during')");
+    s.execute("SELECT bdr.bdr_node_promote('node3')");
+    s.execute("INSERT INTO t VALUES (3, 'on node3 after promote')");
+    b.execute("INSERT INTO t VALUES (5, 'from node2 after')");
+    wait_for_catchup(&c);
+    assert!(assert_same_everywhere(&c, "t").starts_with("5:"));
+    let kinds: String = a.query_scalar(
+        "SELECT string_agg(node_name || '=' || node_kind || '/' || node_state, ',' ORDER BY node_name) FROM bdr.nodes",
+    );
+    assert_eq!(
+        kinds,
+        "node1=active/active,node2=active/active,node3=active/active"
+    );
+    for n in c.nodes() {
+        assert_eq!(
+            count(n, "SELECT count(*) FROM bdr.conflict_history"),
+            0,
+            "on {}",
+            n.name()
+        );
+    }
+}

@@ -65,6 +65,12 @@ pub enum GroupError {
     NotMember,
     #[error("\"{0}\" is not a peer node of this group")]
     UnknownPeer(String),
+    #[error("a node cannot part itself")]
+    PartSelf,
+    #[error("bdr.promote() must run on the standby \"{0}\" itself")]
+    PromoteElsewhere(String),
+    #[error("node \"{0}\" is a bdr standby: it does not accept writes")]
+    StandbyReadOnly(String),
 }
 
 impl PgError for GroupError {
@@ -79,6 +85,8 @@ impl PgError for GroupError {
                 PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE
             }
             UnknownPeer(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            PartSelf | PromoteElsewhere(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            StandbyReadOnly(_) => PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
             SourceNotNode(_) | NotMember | LocalRows(_) => {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
@@ -99,11 +107,14 @@ impl PgError for GroupError {
             DuplicateName(_) => "Choose another local_node_name, or bdr.part() the old node first.".into(),
             Unreachable(_) => "Every member must be reachable to join without losing a transaction; start them or bdr.part() the ones that are gone.".into(),
             LocalRows(_) => "A joining node receives every row from the join source; empty the local tables, or drop them and let the join copy the schema.".into(),
-            BadKind(_) => "node_kind must be 'active'.".into(),
+            BadKind(_) => "node_kind must be 'active' or 'standby'.".into(),
             Remote { .. } => "Nothing was left behind; fix the cause on that node and run group_join again.".into(),
             Timeout { .. } => "Check that the apply workers are running: SELECT * FROM bdr.apply_workers().".into(),
             NotMember => "Run bdr.group_create() or bdr.group_join() first.".into(),
             UnknownPeer(_) => "See SELECT node_name FROM bdr.nodes WHERE NOT is_local.".into(),
+            PartSelf => "Run bdr.part() on another member of the group.".into(),
+            PromoteElsewhere(_) => "Connect to the standby and run SELECT bdr.promote('<its name>') there.".into(),
+            StandbyReadOnly(_) => "Write on an active node, or promote this node with bdr.promote().".into(),
         })
     }
 }
@@ -207,7 +218,7 @@ fn refuse_unidentifiable_writes() {
 
 /// Create a new group with this node as its first member.
 #[pg_extern]
-fn group_create(local_node_name: &str, node_external_dsn: &str) {
+pub fn group_create(local_node_name: &str, node_external_dsn: &str) {
     crate::error::check_server_config().unwrap_or_else(|e| raise(&e));
     check_name(local_node_name);
     check_dsn(node_external_dsn);
@@ -376,7 +387,7 @@ fn copy_schema(source_dsn: &str, target_dsn: &str, snapshot: &str) -> Result<(),
 
 /// Join the group that the node at `join_using_dsn` belongs to.
 #[pg_extern]
-fn group_join(
+pub fn group_join(
     local_node_name: &str,
     node_external_dsn: &str,
     join_using_dsn: &str,
@@ -386,9 +397,12 @@ fn group_join(
     check_name(local_node_name);
     check_dsn(node_external_dsn);
     check_dsn(join_using_dsn);
-    if node_kind != "active" {
+    if node_kind != "active" && node_kind != "standby" {
         fail(GroupError::BadKind(node_kind.into()));
     }
+    let standby = node_kind == "standby";
+    // A standby's state is 'standby' once joined; an active node's is 'active'.
+    let joined_state = if standby { "standby" } else { "active" };
     if let Some(n) = nodes::local() {
         already_member_notice(&n, local_node_name);
         return;
@@ -490,8 +504,9 @@ fn group_join(
         m.conn
             .exec(&format!(
                 "INSERT INTO bdr.nodes (node_name, node_id, node_kind, node_state, node_dsn, is_local) \
-                 VALUES ({}, {my_id}, 'active', 'joining', {}, false)",
+                 VALUES ({}, {my_id}, {}, 'joining', {}, false)",
                 quote_literal(j),
+                quote_literal(node_kind),
                 quote_literal(node_external_dsn)
             ))
             .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
@@ -628,7 +643,8 @@ fn group_join(
             .unwrap_or_else(|e| fail(remote_err(j)(e)));
         undo.local_origins.push(o.clone());
     }
-    for m in &reached {
+    // A standby sends nothing: its slots are created when it is promoted.
+    for m in reached.iter().filter(|_| !standby) {
         let slot = slot_name(my_dboid, &m.node.name);
         jconn
             .exec(&format!(
@@ -736,15 +752,19 @@ fn group_join(
     nodes::upsert(&Node {
         name: j.into(),
         id: my_id,
-        kind: "active".into(),
-        state: "active".into(),
+        kind: node_kind.into(),
+        state: joined_state.into(),
         dsn: node_external_dsn.into(),
         is_local: true,
     });
+    if standby {
+        crate::api::lifecycle::set_standby_triggers(true);
+    }
     for m in reached.iter_mut() {
         m.conn
             .exec(&format!(
-                "UPDATE bdr.nodes SET node_state = 'active', joined_at = now() WHERE node_name = {}",
+                "UPDATE bdr.nodes SET node_state = {}, joined_at = now() WHERE node_name = {}",
+                quote_literal(joined_state),
                 quote_literal(j)
             ))
             .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));

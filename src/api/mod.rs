@@ -6,6 +6,7 @@
 use pgrx::prelude::*;
 
 pub mod group;
+pub mod lifecycle;
 
 /// The extension's version and the wire protocol range it speaks.
 #[pg_extern]

@@ -81,7 +81,7 @@ pub extern "C-unwind" fn bdr_supervisor_main(arg: pg_sys::Datum) {
             Vec::new()
         };
         xact::commit();
-        let has_local = all.iter().any(|n| n.is_local);
+        let has_local = all.iter().any(|n| n.is_local && n.state != "parted");
         if !has_local && (all.is_empty() && started.elapsed() > IDLE_GRACE || !workers.is_empty()) {
             break;
         }
