@@ -341,3 +341,45 @@ fn standby_receives_refuses_writes_then_promotes_without_loss() {
         );
     }
 }
+
+#[test]
+fn complete_cluster_failure_rebuild_per_runbook_ends_identical() {
+    let c = Cluster::builder().name("fullfail").nodes(3).start();
+    for n in c.nodes() {
+        n.execute(
+            "CREATE ROLE bdr_user SUPERUSER LOGIN; CREATE EXTENSION bdr;
+             CREATE TABLE accounts (id int PRIMARY KEY, balance numeric);",
+        );
+    }
+    let (n1, n2, n3) = (c.node(0), c.node(1), c.node(2));
+    let book = runbook();
+    let hosts = [("node1", n1), ("node2", n2), ("node3", n3)];
+    let create = excerpt(&book, "SELECT bdr.bdr_group_create(", ");");
+    let join = excerpt(&book, "SELECT bdr.bdr_group_join(\n       local_node_name := 'node2'", ");");
+    let join3 = join.replace("'node2'", "'node3'").replace("host=node2", "host=node3");
+    n1.execute(&localize(&create, &hosts));
+    n2.execute(&localize(&join, &hosts));
+    n3.execute(&localize(&join3, &hosts));
+    n3.execute("SELECT bdr.wait_for_join(120)");
+    // Writes, some still in flight when everything fails at once.
+    n1.execute("INSERT INTO accounts SELECT g, g FROM generate_series(1, 500) g");
+    n2.execute("INSERT INTO accounts SELECT g, g FROM generate_series(501, 1000) g");
+    for n in c.nodes() {
+        n.kill9();
+    }
+    // Recovery steps 1-4: the most recent node first, then recreate and join.
+    n1.start();
+    n1.query_scalar::<Option<String>>("SELECT pg_last_xact_replay_timestamp()::text");
+    n1.execute(&localize(&create, &hosts));
+    n2.start();
+    n3.start();
+    n2.execute(&localize(&join, &hosts));
+    n3.execute(&localize(&join3, &hosts));
+    wait_for_catchup(&c);
+    assert!(assert_same_everywhere(&c, "accounts").starts_with("1000:"));
+    // No stale slot or origin: exactly one slot and one origin per peer on every node.
+    for n in c.nodes() {
+        assert_eq!(count(n, "SELECT count(*) FROM pg_replication_slots"), 2, "{}", n.name());
+        assert_eq!(count(n, "SELECT count(*) FROM pg_replication_origin"), 2, "{}", n.name());
+    }
+}
