@@ -59,9 +59,9 @@ demo: install
 demo-stop:
 	@bash scripts/demo.sh stop "$(DEMO_DIR)"
 
-bench:
-	@echo "make bench: the benchmarks are not built yet (see docs/limitations.md)" >&2
-	@exit 1
+bench: bootstrap
+	@bash scripts/bootstrap.sh --bench
+	@bash bench/run.sh
 
 fmt:
 	cargo fmt --all

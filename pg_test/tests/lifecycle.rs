@@ -355,8 +355,14 @@ fn complete_cluster_failure_rebuild_per_runbook_ends_identical() {
     let book = runbook();
     let hosts = [("node1", n1), ("node2", n2), ("node3", n3)];
     let create = excerpt(&book, "SELECT bdr.bdr_group_create(", ");");
-    let join = excerpt(&book, "SELECT bdr.bdr_group_join(\n       local_node_name := 'node2'", ");");
-    let join3 = join.replace("'node2'", "'node3'").replace("host=node2", "host=node3");
+    let join = excerpt(
+        &book,
+        "SELECT bdr.bdr_group_join(\n       local_node_name := 'node2'",
+        ");",
+    );
+    let join3 = join
+        .replace("'node2'", "'node3'")
+        .replace("host=node2", "host=node3");
     n1.execute(&localize(&create, &hosts));
     n2.execute(&localize(&join, &hosts));
     n3.execute(&localize(&join3, &hosts));
@@ -379,7 +385,17 @@ fn complete_cluster_failure_rebuild_per_runbook_ends_identical() {
     assert!(assert_same_everywhere(&c, "accounts").starts_with("1000:"));
     // No stale slot or origin: exactly one slot and one origin per peer on every node.
     for n in c.nodes() {
-        assert_eq!(count(n, "SELECT count(*) FROM pg_replication_slots"), 2, "{}", n.name());
-        assert_eq!(count(n, "SELECT count(*) FROM pg_replication_origin"), 2, "{}", n.name());
+        assert_eq!(
+            count(n, "SELECT count(*) FROM pg_replication_slots"),
+            2,
+            "{}",
+            n.name()
+        );
+        assert_eq!(
+            count(n, "SELECT count(*) FROM pg_replication_origin"),
+            2,
+            "{}",
+            n.name()
+        );
     }
 }

@@ -1,0 +1,499 @@
+//! `make bench`: replication throughput, latency, writer overhead and decode cost of bdr,
+//! side by side with native logical replication and pglogical, on this machine, in this run.
+//!
+//! Every system gets its own fresh nodes from the pg_test harness (same settings, one-way
+//! A -> B replication of the same tables); bdr's group is bidirectional but only A writes.
+//! Apply throughput is measured by holding apply on B (bdr.apply_pause / ALTER SUBSCRIPTION
+//! DISABLE / pglogical.alter_subscription_disable), committing the workload on A, then
+//! timing from release until B has every row. Ratios are ours / baseline with >1 meaning bdr
+//! is better (for latency and memory, baseline / ours).
+//!
+//! `BENCH_SCALE` (default 1.0) scales the row counts; the table also goes to
+//! `bench/results/latest.md`.
+
+use pg_test::{wait_until, Cluster, Node};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum System {
+    Bdr,
+    Native,
+    Pglogical,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::Bdr => "bdr",
+            System::Native => "native",
+            System::Pglogical => "pglogical",
+        }
+    }
+}
+
+const TABLES: &str = "
+    CREATE TABLE small (id bigserial PRIMARY KEY, v int);
+    CREATE TABLE big (id int8 PRIMARY KEY, v text);
+    CREATE TABLE probe (id bigserial PRIMARY KEY, sent_at timestamptz, recv_at timestamptz);";
+
+/// Start A and B (and C for the writer-overhead run) wired up for `sys`.
+fn setup(sys: System, nodes: usize) -> Cluster {
+    let mut b = Cluster::builder()
+        .name(&format!("bench-{}", sys.name()))
+        .nodes(nodes)
+        .conf("shared_buffers", "'256MB'")
+        .conf("max_wal_size", "'4GB'")
+        .conf("checkpoint_timeout", "'30min'")
+        .conf("logical_decoding_work_mem", "'64MB'");
+    b = match sys {
+        System::Bdr => b,
+        System::Native => b.preload_bdr(false),
+        System::Pglogical => b
+            .preload_bdr(false)
+            .conf("shared_preload_libraries", "'pglogical'"),
+    };
+    let c = b.start();
+    for n in c.nodes() {
+        n.execute(TABLES);
+        // The receiving side stamps arrival (fires in every apply worker: ENABLE ALWAYS).
+        n.execute(
+            "CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN NEW.recv_at := clock_timestamp(); RETURN NEW; END $$;
+             CREATE TRIGGER stamp BEFORE INSERT ON probe FOR EACH ROW EXECUTE FUNCTION stamp();
+             ALTER TABLE probe ENABLE ALWAYS TRIGGER stamp;",
+        );
+    }
+    let a = c.node(0);
+    match sys {
+        System::Bdr => {
+            for n in c.nodes() {
+                n.execute("CREATE EXTENSION bdr");
+            }
+            a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+            for n in &c.nodes()[1..] {
+                pg_test::bdr::join(n, a);
+            }
+        }
+        System::Native => {
+            a.execute("CREATE PUBLICATION p FOR ALL TABLES");
+            for (i, n) in c.nodes()[1..].iter().enumerate() {
+                n.execute(&format!(
+                    "CREATE SUBSCRIPTION s{i} CONNECTION '{}' PUBLICATION p WITH (copy_data = false)",
+                    a.dsn()
+                ));
+            }
+        }
+        System::Pglogical => {
+            for n in c.nodes() {
+                n.execute(&format!(
+                    "CREATE EXTENSION pglogical; SELECT pglogical.create_node(node_name := '{}', dsn := '{}')",
+                    n.name(),
+                    n.dsn()
+                ));
+            }
+            a.execute(
+                "SELECT pglogical.replication_set_add_all_tables('default', ARRAY['public'])",
+            );
+            for (i, n) in c.nodes()[1..].iter().enumerate() {
+                n.execute(&format!(
+                    "SELECT pglogical.create_subscription(subscription_name := 's{i}', \
+                     provider_dsn := '{}', synchronize_data := false)",
+                    a.dsn()
+                ));
+                wait_until(
+                    "pglogical subscription replicating",
+                    Duration::from_secs(120),
+                    || {
+                        n.query_scalar::<String>(
+                            "SELECT status FROM pglogical.show_subscription_status()",
+                        ) == "replicating"
+                    },
+                );
+            }
+        }
+    }
+    // Replication works before measuring anything.
+    a.execute("INSERT INTO small (v) VALUES (0)");
+    for n in &c.nodes()[1..] {
+        wait_until("setup replicates", Duration::from_secs(120), || {
+            n.query_scalar::<i64>("SELECT count(*) FROM small") == 1
+        });
+    }
+    a.execute("TRUNCATE small");
+    for n in &c.nodes()[1..] {
+        wait_until("truncate replicates", Duration::from_secs(120), || {
+            n.query_scalar::<i64>("SELECT count(*) FROM small") == 0
+        });
+    }
+    c
+}
+
+fn hold(sys: System, b: &Node) {
+    match sys {
+        System::Bdr => {
+            b.execute("SELECT bdr.apply_pause()");
+            wait_until("bdr apply paused", Duration::from_secs(60), || {
+                b.query_scalar::<bool>("SELECT bool_and(state = 'paused') FROM bdr.apply_workers()")
+            });
+        }
+        System::Native => {
+            b.execute("ALTER SUBSCRIPTION s0 DISABLE");
+            wait_until("native apply stopped", Duration::from_secs(60), || {
+                b.query_scalar::<i64>(
+                    "SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL",
+                ) == 0
+            });
+        }
+        System::Pglogical => {
+            b.execute("SELECT pglogical.alter_subscription_disable('s0', true)");
+        }
+    }
+}
+
+fn release(sys: System, b: &Node) {
+    match sys {
+        System::Bdr => b.execute("SELECT bdr.apply_resume()"),
+        System::Native => b.execute("ALTER SUBSCRIPTION s0 ENABLE"),
+        System::Pglogical => b.execute("SELECT pglogical.alter_subscription_enable('s0', true)"),
+    }
+}
+
+/// PID of B's apply process for `sys`.
+fn apply_pid(sys: System, b: &Node) -> Option<i32> {
+    let sql = match sys {
+        System::Bdr => "SELECT pid FROM bdr.apply_workers() WHERE pid > 0 LIMIT 1",
+        System::Native => "SELECT pid FROM pg_stat_subscription WHERE pid IS NOT NULL LIMIT 1",
+        System::Pglogical => {
+            "SELECT pid FROM pg_stat_activity WHERE backend_type LIKE 'pglogical apply%' LIMIT 1"
+        }
+    };
+    b.connect()
+        .query_opt(sql, &[])
+        .ok()
+        .flatten()
+        .map(|r| r.get(0))
+}
+
+fn rss_anon_kb(pid: i32) -> i64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("RssAnon:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Release apply and time until `table` on B has `rows` rows; returns (seconds, peak
+/// private memory of the apply process in kB).
+fn timed_apply(sys: System, b: &Node, table: &str, rows: i64) -> (f64, i64) {
+    let t0 = Instant::now();
+    release(sys, b);
+    let mut peak = 0;
+    let mut client = b.connect();
+    let sql = format!("SELECT count(*) FROM {table}");
+    wait_until(
+        &format!("{} to apply {rows} rows", sys.name()),
+        Duration::from_secs(1800),
+        || {
+            if let Some(pid) = apply_pid(sys, b) {
+                peak = peak.max(rss_anon_kb(pid));
+            }
+            client
+                .query_one(&sql, &[])
+                .map(|r| r.get::<_, i64>(0))
+                .unwrap_or(0)
+                >= rows
+        },
+    );
+    (t0.elapsed().as_secs_f64(), peak)
+}
+
+fn pgbench(n: &Node, args: &[&str], script: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("bdr-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("script.sql");
+    std::fs::write(&file, script).unwrap();
+    let out = Command::new(pg_test::pg_bindir().join("pgbench"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &n.port().to_string(),
+            "-U",
+            "postgres",
+            "-n",
+        ])
+        .args(args)
+        .arg("-f")
+        .arg(&file)
+        .arg(n.dbname())
+        .output()
+        .expect("pgbench");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "pgbench failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn tps(pgbench_output: &str) -> f64 {
+    pgbench_output
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+struct Row {
+    workload: String,
+    metric: String,
+    higher_is_better: bool,
+    values: [Option<f64>; 3],
+}
+
+fn scale() -> f64 {
+    std::env::var("BENCH_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0)
+}
+
+fn run_system(sys: System, rows: &mut Vec<Row>) {
+    let idx = sys as usize;
+    let mut put = |workload: &str, metric: &str, hib: bool, v: f64| {
+        if let Some(r) = rows
+            .iter_mut()
+            .find(|r| r.workload == workload && r.metric == metric)
+        {
+            r.values[idx] = Some(v);
+        } else {
+            let mut values = [None; 3];
+            values[idx] = Some(v);
+            rows.push(Row {
+                workload: workload.into(),
+                metric: metric.into(),
+                higher_is_better: hib,
+                values,
+            });
+        }
+    };
+    let small_n = (200_000.0 * scale()) as i64;
+    let big_n = (1_000_000.0 * scale()) as i64;
+    eprintln!("== {}: 2 nodes", sys.name());
+    let c = setup(sys, 2);
+    let (a, b) = (c.node(0), c.node(1));
+
+    // 1. Small transactions.
+    hold(sys, b);
+    let clients = 4;
+    pgbench(
+        a,
+        &[
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-t",
+            &(small_n / clients).to_string(),
+        ],
+        "INSERT INTO small (v) VALUES (1);\n",
+    );
+    let committed: i64 = a.query_scalar("SELECT count(*) FROM small");
+    let (secs, _) = timed_apply(sys, b, "small", committed);
+    put(
+        "1. small txns (single-row INSERT)",
+        "rows/s applied",
+        true,
+        committed as f64 / secs,
+    );
+    eprintln!("   small: {committed} rows in {secs:.1}s");
+
+    // 2. One big transaction.
+    hold(sys, b);
+    a.execute(&format!(
+        "INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, {big_n}) g"
+    ));
+    let (secs, peak) = timed_apply(sys, b, "big", big_n);
+    put(
+        "2. one big txn (INSERT)",
+        "rows/s applied",
+        true,
+        big_n as f64 / secs,
+    );
+    put(
+        "2. one big txn (INSERT)",
+        "apply peak private MB",
+        false,
+        peak as f64 / 1024.0,
+    );
+    eprintln!("   big: {big_n} rows in {secs:.1}s, peak {peak} kB");
+
+    // 3. Latency at a steady rate.
+    let secs = (20.0 * scale().max(0.25)) as u64;
+    pgbench(
+        a,
+        &["-c", "2", "-j", "2", "-R", "500", "-T", &secs.to_string()],
+        "INSERT INTO probe (sent_at) VALUES (clock_timestamp());\n",
+    );
+    let sent: i64 = a.query_scalar("SELECT count(*) FROM probe");
+    wait_until("probes arrive", Duration::from_secs(300), || {
+        b.query_scalar::<i64>("SELECT count(*) FROM probe") == sent
+    });
+    let (p50, p99): (f64, f64) = {
+        let r = b
+            .connect()
+            .query_one(
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), \
+                        percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) \
+                   FROM (SELECT extract(epoch FROM recv_at - sent_at) * 1000 AS ms FROM probe) x",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    put("3. latency at 500 TPS", "p50 ms", false, p50);
+    put("3. latency at 500 TPS", "p99 ms", false, p99);
+    eprintln!("   latency: p50 {p50:.2} ms, p99 {p99:.2} ms over {sent} commits");
+    drop(c);
+
+    // 4. Writer overhead with two peers attached.
+    eprintln!("== {}: 3 nodes (writer overhead)", sys.name());
+    let c = setup(sys, 3);
+    let a = c.node(0);
+    let t = pgbench(
+        a,
+        &["-c", "2", "-j", "2", "-T", &secs.to_string()],
+        "INSERT INTO small (v) VALUES (1);\nUPDATE small SET v = v + 1 WHERE id = (SELECT max(id) FROM small);\n",
+    );
+    put("4. writer TPS, 2 peers", "TPS on the writer", true, tps(&t));
+    drop(c);
+}
+
+/// Writer TPS with no replication at all (the baseline of workload 4).
+fn writer_alone(secs: u64) -> f64 {
+    let c = Cluster::builder()
+        .name("bench-alone")
+        .nodes(1)
+        .preload_bdr(false)
+        .start();
+    c.node(0).execute(TABLES);
+    tps(&pgbench(
+        c.node(0),
+        &["-c", "2", "-j", "2", "-T", &secs.to_string()],
+        "INSERT INTO small (v) VALUES (1);\nUPDATE small SET v = v + 1 WHERE id = (SELECT max(id) FROM small);\n",
+    ))
+}
+
+/// WAL decoded per second by the bdr plugin and by pgoutput, over the same WAL.
+fn decode_cost(rows: &mut Vec<Row>) {
+    let n = (500_000.0 * scale()) as i64;
+    let c = Cluster::builder().name("bench-decode").nodes(1).start();
+    let a = c.node(0);
+    a.execute(TABLES);
+    a.execute("CREATE EXTENSION bdr; CREATE PUBLICATION p FOR ALL TABLES;");
+    a.execute("SELECT pg_create_logical_replication_slot('s_bdr', 'bdr')");
+    a.execute("SELECT pg_create_logical_replication_slot('s_pgoutput', 'pgoutput')");
+    let start: String = a.query_scalar("SELECT pg_current_wal_lsn()::text");
+    a.execute(&format!(
+        "INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, {n}) g"
+    ));
+    a.execute("UPDATE big SET v = v || '!' WHERE id % 4 = 0");
+    let wal: f64 = a.query_scalar(&format!(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{start}')::float8"
+    ));
+    let time = |sql: &str| {
+        let t0 = Instant::now();
+        a.execute(sql);
+        t0.elapsed().as_secs_f64()
+    };
+    let ours =
+        time("SELECT count(*) FROM pg_logical_slot_peek_binary_changes('s_bdr', NULL, NULL)");
+    let base = time(
+        "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('s_pgoutput', NULL, NULL, \
+         'proto_version', '1', 'publication_names', 'p')",
+    );
+    let mb = wal / 1024.0 / 1024.0;
+    eprintln!("== decode: {mb:.0} MB of WAL: bdr {ours:.1}s, pgoutput {base:.1}s");
+    rows.push(Row {
+        workload: "5. decode (plugin vs pgoutput)".into(),
+        metric: "MB of WAL decoded/s".into(),
+        higher_is_better: true,
+        values: [Some(mb / ours), Some(mb / base), None],
+    });
+}
+
+fn main() {
+    let mut rows = Vec::new();
+    for sys in [System::Bdr, System::Native, System::Pglogical] {
+        run_system(sys, &mut rows);
+    }
+    let secs = (20.0 * scale().max(0.25)) as u64;
+    let alone = writer_alone(secs);
+    rows.push(Row {
+        workload: "4. writer TPS, no replication".into(),
+        metric: "TPS on the writer".into(),
+        higher_is_better: true,
+        values: [Some(alone), Some(alone), Some(alone)],
+    });
+    decode_cost(&mut rows);
+
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+        / 1024.0;
+    let pgver = String::from_utf8_lossy(
+        &Command::new(pg_test::pg_bindir().join("postgres"))
+            .arg("--version")
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default(),
+    )
+    .trim()
+    .to_string();
+    let fmt = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
+    let ratio = |r: &Row, base: Option<f64>| match (r.values[0], base) {
+        (Some(o), Some(b)) if o > 0.0 && b > 0.0 => {
+            format!("{:.2}", if r.higher_is_better { o / b } else { b / o })
+        }
+        _ => "-".into(),
+    };
+    let mut out = format!(
+        "Machine: {cores} cores, {mem:.0} GiB; {pgver}; scale {}\n\n\
+         | workload | metric | bdr | native LR | ratio vs native | pglogical | ratio vs pglogical |\n\
+         |---|---|---|---|---|---|---|\n",
+        scale()
+    );
+    for r in &rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            r.workload,
+            r.metric,
+            fmt(r.values[0]),
+            fmt(r.values[1]),
+            ratio(r, r.values[1]),
+            fmt(r.values[2]),
+            ratio(r, r.values[2]),
+        ));
+    }
+    out.push_str("\nratio > 1 means bdr is better (for latency and memory: lower is better, the ratio is baseline / bdr).\n");
+    println!("{out}");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("latest.md"), &out).unwrap();
+    eprintln!("written to {}", dir.join("latest.md").display());
+}
