@@ -19,7 +19,7 @@ TEST_THREADS ?= 2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo --sudo)
 
 .PHONY: all bootstrap build install test test-unit test-pg test-cluster demo demo-stop \
-        bench fmt lint clean
+        bench soak fmt lint clean
 
 all: build
 
@@ -58,6 +58,9 @@ demo: install
 
 demo-stop:
 	@bash scripts/demo.sh stop "$(DEMO_DIR)"
+
+soak: install
+	BDR_SOAK_SEEDS=$${BDR_SOAK_SEEDS:-300} cargo test -p pg_test --test conflicts randomized -- --nocapture
 
 bench: bootstrap
 	@bash scripts/bootstrap.sh --bench

@@ -150,3 +150,11 @@ $$;
 
 CREATE FUNCTION bdr.bdr_node_promote(node_name text) RETURNS void
 LANGUAGE sql AS $$ SELECT bdr.promote(node_name) $$;
+
+-- Delete conflict history rows older than an interval; returns how many.
+CREATE FUNCTION bdr.conflict_history_purge(older_than interval) RETURNS bigint
+LANGUAGE sql AS $$
+  WITH gone AS (DELETE FROM bdr.conflict_history WHERE conflict_time < now() - older_than
+                RETURNING 1)
+  SELECT count(*) FROM gone
+$$;

@@ -21,7 +21,7 @@ use crate::conflict::{
 };
 use crate::error::{raise, ApplyError};
 use crate::pg::exec::{LocalRow, Row, Target};
-use crate::pg::xact;
+use crate::pg::{shmem, xact};
 use crate::write::RelMap;
 use bdr_core::stream::FlushTracker;
 use bdr_core::wire::{self, Message, Value};
@@ -46,8 +46,10 @@ pub struct Applier {
     peer_id: i64,
     local_id: i64,
     origin_nodes: HashMap<u16, i64>,
-    /// Per transaction: whether a table has tombstones (true once we write one).
+    /// Whether a table has tombstones, valid while no tombstone is written anywhere on
+    /// this server (`tombstone_epoch` unchanged).
     has_tombstones: HashMap<pg_sys::Oid, bool>,
+    tombstone_epoch: u64,
     rels: HashMap<u32, Bound>,
     begin: Option<wire::Begin>,
     changes: u64,
@@ -96,6 +98,7 @@ impl Applier {
             local_id: local.1,
             origin_nodes: HashMap::new(),
             has_tombstones: HashMap::new(),
+            tombstone_epoch: u64::MAX,
             rels: HashMap::new(),
             begin: None,
             changes: 0,
@@ -246,7 +249,12 @@ impl Applier {
             };
         }
         let relid = t.relid();
-        // Most tables have no tombstones at all: ask once per transaction, not per row.
+        // Most tables have no tombstones at all: ask again only when one was written.
+        let epoch = shmem::tombstone_epoch();
+        if epoch != self.tombstone_epoch {
+            self.has_tombstones.clear();
+            self.tombstone_epoch = epoch;
+        }
         let any = *self
             .has_tombstones
             .entry(relid)
@@ -530,7 +538,6 @@ impl Applier {
         }
         let local_end = xact::commit_remote(c.end_lsn, c.commit_time);
         self.tracker.applied(c.end_lsn, local_end);
-        self.has_tombstones.clear();
         self.last_commit_time = c.commit_time;
         self.begin = None;
         xact::set_context(None);

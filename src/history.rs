@@ -49,3 +49,28 @@ pub fn record(e: &Entry<'_>) {
     )
     .unwrap_or_else(|err| crate::error::raise(&crate::error::ApplyError::Spi(err.to_string())));
 }
+
+/// Record that applying a change from `remote_node` failed (the worker stops and retries
+/// it), in a transaction of its own: the failed one is rolled back. `context` says what was
+/// being applied (relation, action, remote transaction and LSN).
+pub fn record_apply_error(local_node: &str, remote_node: &str, message: &str, context: &str) {
+    if !crate::gucs::LOG_CONFLICTS_TO_TABLE.get() {
+        return;
+    }
+    let relation = context
+        .split(" on relation ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap_or("");
+    Spi::run_with_args(
+        "INSERT INTO bdr.conflict_history (local_node, remote_node, relation, conflict_type, \
+           conflict_resolution, detail) VALUES ($1, $2, $3, 'apply_error', 'retry', $4)",
+        &[
+            local_node.into(),
+            remote_node.into(),
+            relation.into(),
+            format!("{message} ({context})").into(),
+        ],
+    )
+    .unwrap_or_else(|err| crate::error::raise(&crate::error::ApplyError::Spi(err.to_string())));
+}

@@ -68,9 +68,9 @@ pub fn run(slot: usize, dboid: u32, local: (&str, i64), peer: (&str, i64), peer_
     loop {
         // Pause (bdr.apply_pause) takes effect between transactions; the connection stays
         // open and keeps answering, so the walsender does not time out.
-        if !applier.in_transaction() && shmem::get(slot).pause_requested {
+        if !applier.in_transaction() && shmem::pause_requested(slot) {
             shmem::update(slot, |s| s.state = shmem::State::Paused);
-            while shmem::get(slot).pause_requested {
+            while shmem::pause_requested(slot) {
                 if bgw::wait(None, Duration::from_millis(200)) {
                     return;
                 }

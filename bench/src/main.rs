@@ -49,9 +49,19 @@ fn setup(sys: System, nodes: usize) -> Cluster {
     b = match sys {
         System::Bdr => b,
         System::Native => b.preload_bdr(false),
-        System::Pglogical => b
-            .preload_bdr(false)
-            .conf("shared_preload_libraries", "'pglogical'"),
+        System::Pglogical => {
+            let b = b
+                .preload_bdr(false)
+                .conf("shared_preload_libraries", "'pglogical'");
+            if pg_test::has_output_plugin_libraries() {
+                b.conf(
+                    "output_plugin_libraries",
+                    "'pgoutput, test_decoding, bdr, pglogical_output'",
+                )
+            } else {
+                b
+            }
+        }
     };
     let c = b.start();
     for n in c.nodes() {
@@ -175,16 +185,6 @@ fn apply_pid(sys: System, b: &Node) -> Option<i32> {
         .map(|r| r.get(0))
 }
 
-fn rss_anon_kb(pid: i32) -> i64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("RssAnon:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Release apply and time until `table` on B has `rows` rows; returns (seconds, peak
 /// private memory of the apply process in kB).
 fn timed_apply(sys: System, b: &Node, table: &str, rows: i64) -> (f64, i64) {
@@ -198,7 +198,7 @@ fn timed_apply(sys: System, b: &Node, table: &str, rows: i64) -> (f64, i64) {
         Duration::from_secs(1800),
         || {
             if let Some(pid) = apply_pid(sys, b) {
-                peak = peak.max(rss_anon_kb(pid));
+                peak = peak.max(pg_test::rss_anon_kb(pid));
             }
             client
                 .query_one(&sql, &[])

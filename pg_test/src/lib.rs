@@ -372,6 +372,18 @@ fn reap(pid: i32) {
     }
 }
 
+/// Private (anonymous) resident memory of a process in kB (0 if it is gone). Unlike
+/// VmHWM it does not count shared buffers the process touched.
+pub fn rss_anon_kb(pid: i32) -> i64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("RssAnon:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn child_pids(pid: i32) -> Vec<i32> {
     let Ok(s) = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) else {
         return Vec::new();

@@ -308,19 +308,12 @@ fn stop_and_start_all_nodes_resumes() {
     );
 }
 
-/// Private (anonymous) resident memory in kB of the apply worker streaming from `peer` on
-/// `n`. (VmHWM would also count the shared buffers the worker touched.)
+/// Private memory (kB) of the apply worker streaming from `peer` on `n`.
 fn apply_worker_anon_kb(n: &Node, peer: &str) -> i64 {
     let pid: i32 = n.query_scalar(&format!(
         "SELECT pid FROM bdr.apply_workers() WHERE peer = '{peer}'"
     ));
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("RssAnon:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    pg_test::rss_anon_kb(pid)
 }
 
 /// Wait until `table` on `n` has `rows` rows, sampling the apply worker's private memory;

@@ -212,8 +212,22 @@ fn update_racing_delete_converges_in_both_orders_and_insert_after_delete() {
             n.name()
         );
     }
-    let types: Vec<String> = history(b, "public.t").into_iter().map(|x| x.0).collect();
-    assert!(types.contains(&"update_deleted".to_string()), "{types:?}");
+    // node1 updated row 1 then saw node2's later delete; it updated row 2 after node2's
+    // delete of it. node2 saw the reverse.
+    assert_eq!(
+        history(a, "public.t"),
+        vec![
+            h("delete_origin_differs", "apply_remote", "node2"),
+            h("delete_origin_differs", "keep_local", "node2")
+        ]
+    );
+    assert_eq!(
+        history(b, "public.t"),
+        vec![
+            h("update_deleted", "keep_local", "node1"),
+            h("update_deleted", "apply_remote", "node1")
+        ]
+    );
 
     // INSERT re-creating a deleted key, after the delete: it comes back everywhere.
     b.execute("INSERT INTO t VALUES (1, 'reborn')");
@@ -291,6 +305,26 @@ fn randomized_concurrent_writes_converge() {
         resolved > seeds as i64,
         "only {resolved} conflicts in {seeds} seeds"
     );
+}
+
+#[test]
+fn an_apply_error_is_recorded_and_retried() {
+    let c = group("applyerror");
+    let (a, b) = (c.node(0), c.node(1));
+    b.execute("ALTER TABLE t ADD CONSTRAINT short CHECK (length(v) < 5)");
+    a.execute("INSERT INTO t VALUES (1, 'too long for node2')");
+    wait_until("an apply_error row on node2", CATCHUP, || {
+        b.query_scalar::<i64>(
+            "SELECT count(*) FROM bdr.conflict_history WHERE conflict_type = 'apply_error' \
+             AND conflict_resolution = 'retry' AND remote_node = 'node1' AND relation = 'public.t' \
+             AND detail LIKE '%violates check constraint \"short\"%'",
+        ) >= 1
+    });
+    b.execute("ALTER TABLE t DROP CONSTRAINT short");
+    wait_for_catchup(&c);
+    assert_same_everywhere(&c, "t");
+    let purged: i64 = b.query_scalar("SELECT bdr.conflict_history_purge('0 seconds')");
+    assert!(purged >= 1, "purged {purged}");
 }
 
 #[test]

@@ -58,40 +58,61 @@ fn rows(n: &Node, sql: &str) -> Vec<Vec<Option<String>>> {
         .collect()
 }
 
-#[test]
-fn runbook_sql_runs_as_written() {
-    let c = Cluster::builder().name("runbook").nodes(3).start();
+/// The runbook's statements, localized for a 3-node cluster.
+struct Runbook {
+    book: String,
+    create: String,
+    join2: String,
+    join3: String,
+}
+
+/// Three nodes with the runbook's `bdr_user` and an `accounts` table, grouped with the
+/// runbook's own group-create and group-join statements (scenario 3, steps 3 and 4).
+fn runbook_group(name: &str) -> (Cluster, Runbook) {
+    let c = Cluster::builder().name(name).nodes(3).start();
     for n in c.nodes() {
         n.execute(
             "CREATE ROLE bdr_user SUPERUSER LOGIN; CREATE EXTENSION bdr;
              CREATE TABLE accounts (id int PRIMARY KEY, balance numeric);",
         );
     }
-    let (n1, n2, n3) = (c.node(0), c.node(1), c.node(2));
     let book = runbook();
     let hosts = [
-        ("node1", n1),
-        ("node2", n2),
-        ("node3", n3),
-        ("active_node", n1),
-        ("recovered_node", n3),
+        ("node1", c.node(0)),
+        ("node2", c.node(1)),
+        ("node3", c.node(2)),
     ];
-
-    // Scenario 3, steps 3 and 4: create the group, join the others.
-    let create = excerpt(&book, "SELECT bdr.bdr_group_create(", ");");
-    n1.execute(&localize(&create, &hosts));
     let join = excerpt(
         &book,
         "SELECT bdr.bdr_group_join(\n       local_node_name := 'node2'",
         ");",
     );
-    n2.execute(&localize(&join, &hosts));
-    n2.execute("SELECT bdr.wait_for_join(120)");
     let join3 = join
         .replace("'node2'", "'node3'")
         .replace("host=node2", "host=node3");
-    n3.execute(&localize(&join3, &hosts));
-    n3.execute("SELECT bdr.wait_for_join(120)");
+    let rb = Runbook {
+        create: localize(
+            &excerpt(&book, "SELECT bdr.bdr_group_create(", ");"),
+            &hosts,
+        ),
+        join2: localize(&join, &hosts),
+        join3: localize(&join3, &hosts),
+        book,
+    };
+    c.node(0).execute(&rb.create);
+    c.node(1).execute(&rb.join2);
+    c.node(1).execute("SELECT bdr.wait_for_join(120)");
+    c.node(2).execute(&rb.join3);
+    c.node(2).execute("SELECT bdr.wait_for_join(120)");
+    (c, rb)
+}
+
+#[test]
+fn runbook_sql_runs_as_written() {
+    let (c, rb) = runbook_group("runbook");
+    let (n1, n2, n3) = (c.node(0), c.node(1), c.node(2));
+    let book = &rb.book;
+    let hosts = [("active_node", n1), ("recovered_node", n3)];
     n1.execute("INSERT INTO accounts VALUES (1, 100)");
     n3.execute("INSERT INTO accounts VALUES (3, 300)");
     wait_for_catchup(&c);
@@ -101,7 +122,7 @@ fn runbook_sql_runs_as_written() {
     let nodes = rows(n1, "SELECT * FROM bdr.bdr_nodes;");
     assert_eq!(nodes.len(), 3);
     let detection = excerpt(
-        &book,
+        book,
         "SELECT \n    node_name,\n    node_status,",
         "FROM bdr.bdr_nodes;",
     );
@@ -119,7 +140,7 @@ fn runbook_sql_runs_as_written() {
 
     // The health-check function, exactly as written, then run.
     let func = excerpt(
-        &book,
+        book,
         "CREATE OR REPLACE FUNCTION bdr_health_check()",
         "$$ LANGUAGE plpgsql;",
     );
@@ -150,7 +171,7 @@ fn runbook_sql_runs_as_written() {
     });
     n3.start();
     let rejoin = excerpt(
-        &book,
+        book,
         "SELECT bdr.bdr_group_join(\n    local_node_name := 'recovered_node'",
         ");",
     );
@@ -344,29 +365,8 @@ fn standby_receives_refuses_writes_then_promotes_without_loss() {
 
 #[test]
 fn complete_cluster_failure_rebuild_per_runbook_ends_identical() {
-    let c = Cluster::builder().name("fullfail").nodes(3).start();
-    for n in c.nodes() {
-        n.execute(
-            "CREATE ROLE bdr_user SUPERUSER LOGIN; CREATE EXTENSION bdr;
-             CREATE TABLE accounts (id int PRIMARY KEY, balance numeric);",
-        );
-    }
+    let (c, rb) = runbook_group("fullfail");
     let (n1, n2, n3) = (c.node(0), c.node(1), c.node(2));
-    let book = runbook();
-    let hosts = [("node1", n1), ("node2", n2), ("node3", n3)];
-    let create = excerpt(&book, "SELECT bdr.bdr_group_create(", ");");
-    let join = excerpt(
-        &book,
-        "SELECT bdr.bdr_group_join(\n       local_node_name := 'node2'",
-        ");",
-    );
-    let join3 = join
-        .replace("'node2'", "'node3'")
-        .replace("host=node2", "host=node3");
-    n1.execute(&localize(&create, &hosts));
-    n2.execute(&localize(&join, &hosts));
-    n3.execute(&localize(&join3, &hosts));
-    n3.execute("SELECT bdr.wait_for_join(120)");
     // Writes, some still in flight when everything fails at once.
     n1.execute("INSERT INTO accounts SELECT g, g FROM generate_series(1, 500) g");
     n2.execute("INSERT INTO accounts SELECT g, g FROM generate_series(501, 1000) g");
@@ -376,11 +376,11 @@ fn complete_cluster_failure_rebuild_per_runbook_ends_identical() {
     // Recovery steps 1-4: the most recent node first, then recreate and join.
     n1.start();
     n1.query_scalar::<Option<String>>("SELECT pg_last_xact_replay_timestamp()::text");
-    n1.execute(&localize(&create, &hosts));
+    n1.execute(&rb.create);
     n2.start();
     n3.start();
-    n2.execute(&localize(&join, &hosts));
-    n3.execute(&localize(&join3, &hosts));
+    n2.execute(&rb.join2);
+    n3.execute(&rb.join3);
     wait_for_catchup(&c);
     assert!(assert_same_everywhere(&c, "accounts").starts_with("1000:"));
     // No stale slot or origin: exactly one slot and one origin per peer on every node.

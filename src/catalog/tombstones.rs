@@ -45,6 +45,7 @@ pub fn any(relid: pg_sys::Oid) -> bool {
 
 /// Create or refresh the tombstone (its version becomes the current transaction's).
 pub fn upsert(relid: pg_sys::Oid, key: &str) {
+    crate::pg::shmem::bump_tombstone_epoch();
     Spi::run_with_args(
         "INSERT INTO bdr.tombstones (relid, key) VALUES ($1, $2) \
          ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key",
@@ -71,6 +72,26 @@ pub fn collect_garbage(before: i64) -> i64 {
     .unwrap_or(0)
 }
 
+thread_local! {
+    static COMMIT_BUMP_REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Bump the tombstone epoch again when this transaction commits (the trigger's tombstone
+/// becomes visible only then), once per transaction.
+fn bump_at_commit() {
+    if COMMIT_BUMP_REGISTERED.get() {
+        return;
+    }
+    COMMIT_BUMP_REGISTERED.set(true);
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
+        crate::pg::shmem::bump_tombstone_epoch();
+        COMMIT_BUMP_REGISTERED.set(false);
+    });
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || {
+        COMMIT_BUMP_REGISTERED.set(false);
+    });
+}
+
 /// Records a tombstone for the key a local DELETE (or key-changing UPDATE) removed.
 #[pg_trigger]
 fn tombstone_trigger<'a>(
@@ -88,6 +109,7 @@ fn tombstone_trigger<'a>(
         if let Some(k) = old_key {
             if new_key.as_deref() != Some(k.as_str()) {
                 upsert(relid, &k);
+                bump_at_commit();
             }
         }
     }

@@ -117,14 +117,32 @@ fn put(dst: &mut [u8], s: &str) {
 #[derive(Copy, Clone)]
 pub struct Workers {
     pub slots: [Slot; MAX_WORKERS],
+    /// Bumped whenever any tombstone is written on this server, so apply workers can cache
+    /// "this table has no tombstones" until it changes instead of asking every transaction.
+    pub tombstone_epoch: u64,
 }
 
 impl Default for Workers {
     fn default() -> Self {
         Workers {
             slots: [Slot::EMPTY; MAX_WORKERS],
+            tombstone_epoch: 0,
         }
     }
+}
+
+/// Note that a tombstone was written (by the trigger or an apply worker).
+pub fn bump_tombstone_epoch() {
+    WORKERS.exclusive().tombstone_epoch += 1;
+}
+
+pub fn tombstone_epoch() -> u64 {
+    WORKERS.share().tombstone_epoch
+}
+
+/// Whether apply from slot `i` should pause (a cheap read of one field).
+pub fn pause_requested(i: usize) -> bool {
+    WORKERS.share().slots[i].pause_requested
 }
 
 // SAFETY: plain old data with no pointers; every access goes through the LWLock.

@@ -127,6 +127,21 @@ pub fn install_error_context() {
     }
 }
 
+/// The current error context text (what the worker was doing), if any.
+pub fn context() -> Option<String> {
+    CONTEXT.with(|c| {
+        c.borrow()
+            .as_ref()
+            .map(|s| s.to_string_lossy().into_owned())
+    })
+}
+
+/// Roll back whatever transaction an error interrupted (the apply worker's error path).
+pub fn abort() {
+    // SAFETY: valid in any transaction state after an error has been caught.
+    unsafe { pg_sys::AbortCurrentTransaction() }
+}
+
 /// What the worker is doing now, for error reports (`None` clears it).
 pub fn set_context(text: Option<String>) {
     CONTEXT.with(|c| *c.borrow_mut() = text.and_then(|t| CString::new(t).ok()));

@@ -51,6 +51,20 @@ pub extern "C-unwind" fn bdr_apply_main(arg: pg_sys::Datum) {
             s.state = shmem::State::Erroring;
             s.set_error(&msg, xact::now());
         });
+        // Record it as an apply_error conflict, in a transaction of its own (the failed one
+        // is rolled back first). Best effort: the error is re-raised and logged either way.
+        let context = xact::context().unwrap_or_default();
+        xact::abort();
+        PgTryBuilder::new(|| {
+            xact::begin();
+            crate::history::record_apply_error(&local.name, &peer.name, &msg, &context);
+            xact::commit();
+        })
+        .catch_others(|_| {
+            pgrx::log!("bdr: could not record the apply error in bdr.conflict_history");
+            xact::abort();
+        })
+        .execute();
         e.rethrow()
     })
     .execute();
