@@ -35,6 +35,28 @@ struct Recorded {
     key: Option<String>,
 }
 
+/// A row's canonical key text, rendered only if something needs it (a tombstone lookup or
+/// write, a history row): most inserts need none.
+struct LazyKey<'a> {
+    t: &'a Target,
+    row: &'a Row,
+    text: Option<Option<String>>,
+}
+
+impl<'a> LazyKey<'a> {
+    fn new(t: &'a Target, row: &'a Row) -> Self {
+        LazyKey { t, row, text: None }
+    }
+
+    fn get(&mut self) -> Option<String> {
+        let (t, row) = (self.t, self.row);
+        // SAFETY: the target is open and `row` holds its datums (per-change context).
+        self.text
+            .get_or_insert_with(|| unsafe { t.key_text(row) })
+            .clone()
+    }
+}
+
 struct Bound {
     remote: wire::Relation,
     map: Option<RelMap>,
@@ -233,7 +255,7 @@ impl Applier {
     }
 
     /// What is there locally for a key: the row found, else a tombstone, else nothing.
-    fn local_state(&mut self, t: &Target, found: Option<&LocalRow>, key: Option<&str>) -> Local {
+    fn local_state(&mut self, t: &Target, found: Option<&LocalRow>, key: &mut LazyKey) -> Local {
         if let Some(r) = found {
             // SAFETY: the target is open.
             let xmin = unsafe { r.xmin() };
@@ -262,7 +284,7 @@ impl Applier {
         if !any {
             return Local::Missing;
         }
-        match key.and_then(|k| tombstones::lookup(relid, k)) {
+        match key.get().and_then(|k| tombstones::lookup(relid, &k)) {
             // A tombstone too old to know its time is older than anything.
             Some(xid) => Local::Deleted(self.version_of(xid).unwrap_or(Version {
                 commit_time: i64::MIN,
@@ -332,8 +354,8 @@ impl Applier {
             } else {
                 None
             };
-            let key = t.key_text(&row);
-            let local = self.local_state(&t, found.as_ref(), key.as_deref());
+            let mut key = LazyKey::new(&t, &row);
+            let local = self.local_state(&t, found.as_ref(), &mut key);
             let d = decide(Change::Insert, local, self.remote_version());
             let base = found.as_ref().map(|f| f.values());
             match d.action {
@@ -345,7 +367,7 @@ impl Applier {
                 }
                 Action::Delete | Action::Nothing => {}
             }
-            self.record_decision(&t, map, &d, new, local, base.as_ref(), key);
+            self.record_decision(&t, map, &d, new, local, base.as_ref(), &mut key);
             t.close();
         }
     }
@@ -360,8 +382,8 @@ impl Applier {
             }
             .unwrap_or_else(|e| raise(&e));
             let found = t.find(&key_row);
-            let key = t.key_text(&key_row);
-            let local = self.local_state(&t, found.as_ref(), key.as_deref());
+            let mut key = LazyKey::new(&t, &key_row);
+            let local = self.local_state(&t, found.as_ref(), &mut key);
             let mut d = decide(Change::Update, local, self.remote_version());
             let base = found.as_ref().map(|f| f.values());
             match d.action {
@@ -370,9 +392,9 @@ impl Applier {
                     let row = map.row(new, base.as_ref()).unwrap_or_else(|e| raise(&e));
                     t.update(f, &row);
                     // A key change removes the old key: remember it as deleted.
-                    if let (Some(_), Some(k)) = (old, &key) {
-                        if t.key_text(&row).as_ref() != Some(k) {
-                            self.tombstone(t.relid(), k);
+                    if let (Some(_), Some(k)) = (old, key.get()) {
+                        if t.key_text(&row).as_ref() != Some(&k) {
+                            self.tombstone(t.relid(), &k);
                         }
                     }
                 }
@@ -388,7 +410,7 @@ impl Applier {
                 }
                 Action::Delete | Action::Nothing => {}
             }
-            self.record_decision(&t, map, &d, new, local, base.as_ref(), key);
+            self.record_decision(&t, map, &d, new, local, base.as_ref(), &mut key);
             t.close();
         }
     }
@@ -401,8 +423,8 @@ impl Applier {
                 .search_row_old(old, "delete")
                 .unwrap_or_else(|e| raise(&e));
             let found = t.find(&key_row);
-            let key = t.key_text(&key_row);
-            let local = self.local_state(&t, found.as_ref(), key.as_deref());
+            let mut key = LazyKey::new(&t, &key_row);
+            let local = self.local_state(&t, found.as_ref(), &mut key);
             let d = decide(Change::Delete, local, self.remote_version());
             let base = found.as_ref().map(|f| f.values());
             if d.action == Action::Delete {
@@ -411,7 +433,7 @@ impl Applier {
             let values = match old {
                 wire::OldRow::Key(k) | wire::OldRow::Full(k) => k.clone(),
             };
-            self.record_decision(&t, map, &d, &values, local, base.as_ref(), key);
+            self.record_decision(&t, map, &d, &values, local, base.as_ref(), &mut key);
             t.close();
         }
     }
@@ -434,11 +456,11 @@ impl Applier {
         remote: &[Value],
         local: Local,
         base: Option<&Row>,
-        key: Option<String>,
+        key: &mut LazyKey,
     ) {
         if d.tombstone {
-            if let Some(k) = &key {
-                self.tombstone(t.relid(), k);
+            if let Some(k) = key.get() {
+                self.tombstone(t.relid(), &k);
             }
         }
         if let Some((c, r)) = d.conflict {
@@ -457,7 +479,7 @@ impl Applier {
                 Recorded {
                     local_version,
                     local_row,
-                    key,
+                    key: key.get(),
                 },
             );
         }
