@@ -138,7 +138,16 @@ fn apply_error_is_logged_retried_and_resumes_without_loss() {
     b.execute("ALTER TABLE t ADD COLUMN extra int");
     wait_for_catchup(&c);
     assert_eq!(assert_same_everywhere(&c, "t").split(':').next(), Some("2"));
-    assert_eq!(conflicts(b), vec![]);
+    // Each failed attempt is in the history as an apply_error, nothing else is.
+    let history = conflicts(b);
+    assert!(!history.is_empty());
+    assert!(
+        history
+            .iter()
+            .all(|h| (h.0.as_str(), h.1.as_str(), h.2.as_str())
+                == ("apply_error", "retry", "public.t")),
+        "{history:?}"
+    );
 }
 
 /// Numbered single-row transactions from `n` until `stop` is set; returns how many.

@@ -5,6 +5,7 @@ use crate::pg::{bgw, shmem, xact};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
 
 #[pg_guard]
 #[no_mangle]
@@ -42,10 +43,12 @@ pub extern "C-unwind" fn bdr_apply_main(arg: pg_sys::Datum) {
         )
     })
     .catch_others(|e| {
-        let msg = match &e {
+        let (msg, code) = match &e {
             CaughtError::PostgresError(r)
             | CaughtError::ErrorReport(r)
-            | CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+            | CaughtError::RustPanic { ereport: r, .. } => {
+                (r.message().to_string(), r.sql_error_code())
+            }
         };
         shmem::update(slot, |s| {
             s.state = shmem::State::Erroring;
@@ -55,16 +58,26 @@ pub extern "C-unwind" fn bdr_apply_main(arg: pg_sys::Datum) {
         // is rolled back first). Best effort: the error is re-raised and logged either way.
         let context = xact::context().unwrap_or_default();
         xact::abort();
-        PgTryBuilder::new(|| {
-            xact::begin();
-            crate::history::record_apply_error(&local.name, &peer.name, &msg, &context);
-            xact::commit();
-        })
-        .catch_others(|_| {
-            pgrx::log!("bdr: could not record the apply error in bdr.conflict_history");
-            xact::abort();
-        })
-        .execute();
+        // Only a change that could not be applied is an apply_error; a lost connection or
+        // a protocol problem (SQLSTATE class 08) is not about any row.
+        let connection = matches!(
+            code,
+            PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION
+                | PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE
+                | PgSqlErrorCode::ERRCODE_CONNECTION_EXCEPTION
+        );
+        if !connection && context.contains(" on relation ") {
+            PgTryBuilder::new(|| {
+                xact::begin();
+                crate::history::record_apply_error(&local.name, &peer.name, &msg, &context);
+                xact::commit();
+            })
+            .catch_others(|_| {
+                pgrx::log!("bdr: could not record the apply error in bdr.conflict_history");
+                xact::abort();
+            })
+            .execute();
+        }
         e.rethrow()
     })
     .execute();
