@@ -72,6 +72,8 @@ pub struct Applier {
     /// this server (`tombstone_epoch` unchanged).
     has_tombstones: HashMap<pg_sys::Oid, bool>,
     tombstone_epoch: u64,
+    /// This transaction wrote a tombstone (bump the epoch again after commit).
+    wrote_tombstone: bool,
     rels: HashMap<u32, Bound>,
     begin: Option<wire::Begin>,
     changes: u64,
@@ -121,6 +123,7 @@ impl Applier {
             origin_nodes: HashMap::new(),
             has_tombstones: HashMap::new(),
             tombstone_epoch: u64::MAX,
+            wrote_tombstone: false,
             rels: HashMap::new(),
             begin: None,
             changes: 0,
@@ -271,6 +274,11 @@ impl Applier {
             };
         }
         let relid = t.relid();
+        // No row: serialize with any other apply worker deciding about this key (it may be
+        // writing its tombstone right now), then look with what it committed.
+        if let Some(k) = key.get() {
+            xact::lock_key(relid, &k);
+        }
         // Most tables have no tombstones at all: ask again only when one was written.
         let epoch = shmem::tombstone_epoch();
         if epoch != self.tombstone_epoch {
@@ -439,8 +447,10 @@ impl Applier {
     }
 
     fn tombstone(&mut self, relid: pg_sys::Oid, key: &str) {
+        xact::lock_key(relid, key);
         tombstones::upsert(relid, key);
         self.has_tombstones.insert(relid, true);
+        self.wrote_tombstone = true;
     }
 
     /// Write the tombstone and the conflict history row a decision asks for.
@@ -560,6 +570,10 @@ impl Applier {
         }
         let local_end = xact::commit_remote(c.end_lsn, c.commit_time);
         self.tracker.applied(c.end_lsn, local_end);
+        if std::mem::take(&mut self.wrote_tombstone) {
+            // Visible to other apply workers only now: make them look again.
+            shmem::bump_tombstone_epoch();
+        }
         self.last_commit_time = c.commit_time;
         self.begin = None;
         xact::set_context(None);

@@ -14,8 +14,10 @@ fn spi_fail(e: pgrx::spi::Error) -> ! {
 
 /// The xmin of the tombstone for (`relid`, `key`), if any.
 pub fn lookup(relid: pg_sys::Oid, key: &str) -> Option<pg_sys::TransactionId> {
-    Spi::connect(|c| {
-        let rows = c.select(
+    // A fresh snapshot (read-write SPI), not the transaction's first one: the tombstone may
+    // have been committed by another apply worker we just waited for.
+    Spi::connect_mut(|c| {
+        let rows = c.update(
             "SELECT xmin::text FROM bdr.tombstones WHERE relid = $1 AND key = $2",
             Some(1),
             &[relid.into(), key.into()],
@@ -32,8 +34,8 @@ pub fn lookup(relid: pg_sys::Oid, key: &str) -> Option<pg_sys::TransactionId> {
 
 /// Whether any tombstone exists for `relid`.
 pub fn any(relid: pg_sys::Oid) -> bool {
-    Spi::connect(|c| {
-        let rows = c.select(
+    Spi::connect_mut(|c| {
+        let rows = c.update(
             "SELECT 1 FROM bdr.tombstones WHERE relid = $1 LIMIT 1",
             Some(1),
             &[relid.into()],
