@@ -274,11 +274,6 @@ impl Applier {
             };
         }
         let relid = t.relid();
-        // No row: serialize with any other apply worker deciding about this key (it may be
-        // writing its tombstone right now), then look with what it committed.
-        if let Some(k) = key.get() {
-            xact::lock_key(relid, &k);
-        }
         // Most tables have no tombstones at all: ask again only when one was written.
         let epoch = shmem::tombstone_epoch();
         if epoch != self.tombstone_epoch {
@@ -447,7 +442,6 @@ impl Applier {
     }
 
     fn tombstone(&mut self, relid: pg_sys::Oid, key: &str) {
-        xact::lock_key(relid, key);
         tombstones::upsert(relid, key);
         self.has_tombstones.insert(relid, true);
         self.wrote_tombstone = true;

@@ -188,28 +188,3 @@ pub fn origin_name(id: u16) -> Option<String> {
         }
     }
 }
-
-/// Lock a key of a table until the end of the transaction (lock manager, advisory-type
-/// tag in our own field4 space, so it cannot meet user advisory locks). Two apply workers
-/// deciding about the same key — one writing a tombstone, the other finding no row — are
-/// serialized by it, so the second sees what the first committed.
-pub fn lock_key(relid: pg_sys::Oid, key: &str) {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in key.bytes() {
-        h ^= b as u32;
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    let tag = pg_sys::LOCKTAG {
-        // SAFETY: plain read of this backend's database id.
-        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
-        locktag_field2: relid.to_u32(),
-        locktag_field3: h,
-        locktag_field4: 0xBD,
-        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
-        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
-    };
-    // SAFETY: a transaction-scoped lock (sessionLock = false), released at commit/abort.
-    unsafe {
-        pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, false);
-    }
-}
