@@ -30,7 +30,7 @@ pub use postgres;
 pub use cluster::{Cluster, ClusterBuilder, DEFAULT_DB, DEFAULT_TEST_DIR};
 pub use node::{db_error_text, Node, CONNECT_TIMEOUT};
 pub use sys::{
-    claim_port, free_port, has_output_plugin_libraries, is_root, pg_bindir, pg_command, pg_config,
-    port_is_free, rss_anon_kb,
+    claim_port, free_port, has_output_plugin_libraries, is_root, is_zombie, pg_bindir, pg_command,
+    pg_config, port_is_free, rss_anon_kb,
 };
 pub use wait::{try_wait_until, wait_until, POLL_INTERVAL};

@@ -270,8 +270,8 @@ pub(crate) fn child_pids(pid: i32) -> Vec<i32> {
         .collect()
 }
 
-/// Whether `pid` is a zombie (or gone).
-pub(crate) fn is_zombie(pid: i32) -> bool {
+/// Whether `pid` has exited: no such process, or a zombie not yet reaped.
+pub fn is_zombie(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
             s.rsplit(')')

@@ -9,19 +9,6 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-/// Whether `pid` has exited (no such process, or a zombie).
-fn gone(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(true)
-}
-
 fn show(n: &Node, setting: &str) -> String {
     n.query_scalar(&format!("SELECT current_setting('{setting}')"))
 }
@@ -175,7 +162,7 @@ fn failed_test_keeps_directory_and_stops_nodes() {
         dir.display()
     );
     wait_until("the node to be stopped", Duration::from_secs(10), || {
-        gone(pid)
+        pg_test::is_zombie(pid)
     });
     std::fs::remove_dir_all(&dir).unwrap();
 }
