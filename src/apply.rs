@@ -72,8 +72,9 @@ pub struct Applier {
     /// this server (`tombstone_epoch` unchanged).
     has_tombstones: HashMap<pg_sys::Oid, bool>,
     tombstone_epoch: u64,
-    /// This transaction wrote a tombstone (bump the epoch again after commit).
-    wrote_tombstone: bool,
+    /// The tombstone epoch when the current change looked for its key (see
+    /// [`Applier::verify_no_new_tombstone`]).
+    decision_epoch: u64,
     rels: HashMap<u32, Bound>,
     begin: Option<wire::Begin>,
     changes: u64,
@@ -96,6 +97,12 @@ fn memory_context(name: &'static std::ffi::CStr) -> pg_sys::MemoryContext {
             pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
         )
     }
+}
+
+/// A table's name for messages.
+fn t_name(t: &Target) -> String {
+    // SAFETY: the target's relation is open.
+    unsafe { crate::pg::exec::relation_name(t.relid()) }
 }
 
 fn row_json(rel: &wire::Relation, values: &[Value]) -> serde_json::Value {
@@ -123,7 +130,7 @@ impl Applier {
             origin_nodes: HashMap::new(),
             has_tombstones: HashMap::new(),
             tombstone_epoch: u64::MAX,
-            wrote_tombstone: false,
+            decision_epoch: 0,
             rels: HashMap::new(),
             begin: None,
             changes: 0,
@@ -275,7 +282,8 @@ impl Applier {
         }
         let relid = t.relid();
         // Most tables have no tombstones at all: ask again only when one was written.
-        let epoch = shmem::tombstone_epoch();
+        let (epoch, _) = shmem::tombstone_state();
+        self.decision_epoch = epoch;
         if epoch != self.tombstone_epoch {
             self.has_tombstones.clear();
             self.tombstone_epoch = epoch;
@@ -362,7 +370,10 @@ impl Applier {
             let d = decide(Change::Insert, local, self.remote_version());
             let base = found.as_ref().map(|f| f.values());
             match d.action {
-                Action::Insert => self.insert_resolving_unique(&t, map, &row, new),
+                Action::Insert => {
+                    self.insert_resolving_unique(&t, map, &row, new);
+                    self.verify_no_new_tombstone(&t, local, &mut key);
+                }
                 Action::Update => {
                     let f = found.as_ref().expect("update needs the row");
                     let row = map.row(new, base.as_ref()).unwrap_or_else(|e| raise(&e));
@@ -409,6 +420,7 @@ impl Applier {
                     } else {
                         let row = map.row(new, None).unwrap_or_else(|e| raise(&e));
                         self.insert_resolving_unique(&t, map, &row, new);
+                        self.verify_no_new_tombstone(&t, local, &mut key);
                     }
                 }
                 Action::Delete | Action::Nothing => {}
@@ -444,7 +456,63 @@ impl Applier {
     fn tombstone(&mut self, relid: pg_sys::Oid, key: &str) {
         tombstones::upsert(relid, key);
         self.has_tombstones.insert(relid, true);
-        self.wrote_tombstone = true;
+    }
+
+    /// Two apply workers (changes from two peers) can decide about the same absent key at
+    /// once; nothing locks a row that is not there. Each writer therefore checks, after
+    /// its write, that the other kind of write did not appear meanwhile: one that inserted
+    /// a row looks for a new tombstone, one that wrote a tombstone looks for a new row.
+    /// Both lookups see uncommitted writes and wait for their transactions, and each
+    /// write precedes its own check, so of two racing workers at least one sees the
+    /// other's write; it rolls back and applies the transaction again (SQLSTATE 40001),
+    /// deciding then on committed state.
+    ///
+    /// The re-check after a row insert is skipped when no transaction anywhere was
+    /// writing tombstones meanwhile (nothing in flight and the epoch unchanged since this
+    /// change looked), which is the common case.
+    fn verify_no_new_tombstone(&mut self, t: &Target, local: Local, key: &mut LazyKey) {
+        if matches!(local, Local::Deleted(_)) {
+            // The tombstone we decided on is share-locked: nobody can replace it.
+            return;
+        }
+        let (epoch, writers) = shmem::tombstone_state();
+        if writers == 0 && epoch == self.decision_epoch {
+            return;
+        }
+        if let Some(k) = key.get() {
+            if tombstones::lookup(t.relid(), &k).is_some() {
+                raise(&ApplyError::ConcurrentKey {
+                    table: t_name(t),
+                    key: k,
+                });
+            }
+        }
+    }
+
+    /// Write the tombstone for an absent key (see [`Applier::verify_no_new_tombstone`]):
+    /// only if none appeared since we looked, then check no row appeared either.
+    ///
+    /// # Safety
+    /// `t` is open; `key` holds a search row for it.
+    unsafe fn tombstone_absent_key(&mut self, t: &Target, local: Local, key: &mut LazyKey) {
+        let Some(k) = key.get() else { return };
+        let relid = t.relid();
+        let fresh = match local {
+            // Share-locked by us since the lookup: refresh it.
+            Local::Deleted(_) => {
+                tombstones::upsert(relid, &k);
+                true
+            }
+            _ => tombstones::insert_new(relid, &k),
+        };
+        self.has_tombstones.insert(relid, true);
+        // SAFETY: forwarded.
+        if !fresh || unsafe { t.find(key.row) }.is_some() {
+            raise(&ApplyError::ConcurrentKey {
+                table: t_name(t),
+                key: k,
+            });
+        }
     }
 
     /// Write the tombstone and the conflict history row a decision asks for.
@@ -463,8 +531,17 @@ impl Applier {
         key: &mut LazyKey,
     ) {
         if d.tombstone {
-            if let Some(k) = key.get() {
-                self.tombstone(t.relid(), &k);
+            match local {
+                // SAFETY: forwarded.
+                Local::Missing | Local::Deleted(_) => unsafe {
+                    self.tombstone_absent_key(t, local, key)
+                },
+                Local::Row { .. } => {
+                    // The row is locked: nobody else decides about this key meanwhile.
+                    if let Some(k) = key.get() {
+                        self.tombstone(t.relid(), &k);
+                    }
+                }
             }
         }
         if let Some((c, r)) = d.conflict {
@@ -564,10 +641,6 @@ impl Applier {
         }
         let local_end = xact::commit_remote(c.end_lsn, c.commit_time);
         self.tracker.applied(c.end_lsn, local_end);
-        if std::mem::take(&mut self.wrote_tombstone) {
-            // Visible to other apply workers only now: make them look again.
-            shmem::bump_tombstone_epoch();
-        }
         self.last_commit_time = c.commit_time;
         self.begin = None;
         xact::set_context(None);

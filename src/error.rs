@@ -166,6 +166,8 @@ pub enum ApplyError {
     UnknownRelation(u32),
     #[error("{0}")]
     Protocol(String),
+    #[error("another apply worker wrote key {key} of \"{table}\" at the same time; the transaction is applied again")]
+    ConcurrentKey { table: String, key: String },
     #[error("unchanged TOAST value for column \"{column}\" of \"{table}\" on an insert or a missing row")]
     ToastWithoutRow { table: String, column: String },
 }
@@ -179,6 +181,7 @@ impl PgError for ApplyError {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             ApplyError::NulInText => PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            ApplyError::ConcurrentKey { .. } => PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
             ApplyError::Protocol(_) | ApplyError::UnknownRelation(_) => {
                 PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION
             }
@@ -190,6 +193,11 @@ impl PgError for ApplyError {
             ApplyError::MissingTable { .. } | ApplyError::MissingColumn { .. } => Some(
                 "Create the table or column on this node with the same definition as on the \
                  sending node; the apply worker retries and resumes where it stopped."
+                    .into(),
+            ),
+            ApplyError::ConcurrentKey { .. } => Some(
+                "Nothing to do: changes from two peers about the same absent row raced; the \
+                 apply worker restarts and decides again on committed data."
                     .into(),
             ),
             ApplyError::NoIdentity { .. } => Some(

@@ -12,24 +12,21 @@ fn spi_fail(e: pgrx::spi::Error) -> ! {
     crate::error::raise(&crate::error::ApplyError::Spi(e.to_string()))
 }
 
-/// The xmin of the tombstone for (`relid`, `key`), if any.
+/// The xmin of the tombstone for (`relid`, `key`), if any, share-locked until the
+/// transaction ends (so nobody replaces it while we act on it). A tombstone another
+/// transaction is writing is waited for, not missed.
 pub fn lookup(relid: pg_sys::Oid, key: &str) -> Option<pg_sys::TransactionId> {
-    // A fresh snapshot (read-write SPI), not the transaction's first one: the tombstone may
-    // have been committed by another apply worker we just waited for.
-    Spi::connect_mut(|c| {
-        let rows = c.update(
-            "SELECT xmin::text FROM bdr.tombstones WHERE relid = $1 AND key = $2",
-            Some(1),
-            &[relid.into(), key.into()],
-        )?;
-        match rows.into_iter().next() {
-            Some(r) => r.get::<String>(1),
-            None => Ok(None),
-        }
-    })
-    .unwrap_or_else(|e| spi_fail(e))
-    .and_then(|x| x.parse::<u32>().ok())
-    .map(pg_sys::TransactionId::from)
+    // SAFETY: inside the applying transaction; the text datum is palloc'd in the current
+    // (per-change) memory context and only read during the lookup.
+    unsafe {
+        let table = crate::pg::exec::find_table("bdr", "tombstones")?;
+        let k = std::ffi::CString::new(key).ok()?;
+        let key_row = vec![
+            Some(pg_sys::Datum::from(u32::from(relid))),
+            Some(pg_sys::Datum::from(pg_sys::cstring_to_text(k.as_ptr()))),
+        ];
+        crate::pg::exec::lock_by_identity(table, &key_row)
+    }
 }
 
 /// Whether any tombstone exists for `relid`.
@@ -47,13 +44,29 @@ pub fn any(relid: pg_sys::Oid) -> bool {
 
 /// Create or refresh the tombstone (its version becomes the current transaction's).
 pub fn upsert(relid: pg_sys::Oid, key: &str) {
-    crate::pg::shmem::bump_tombstone_epoch();
+    note_writer();
     Spi::run_with_args(
         "INSERT INTO bdr.tombstones (relid, key) VALUES ($1, $2) \
          ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key",
         &[relid.into(), key.into()],
     )
     .unwrap_or_else(|e| spi_fail(e));
+}
+
+/// Create the tombstone only if there is none; false if one exists (another transaction
+/// wrote it since we looked).
+pub fn insert_new(relid: pg_sys::Oid, key: &str) -> bool {
+    note_writer();
+    Spi::connect_mut(|c| {
+        let rows = c.update(
+            "INSERT INTO bdr.tombstones (relid, key) VALUES ($1, $2) \
+             ON CONFLICT (relid, key) DO NOTHING RETURNING 1",
+            None,
+            &[relid.into(), key.into()],
+        )?;
+        Ok::<_, pgrx::spi::Error>(!rows.is_empty())
+    })
+    .unwrap_or_else(|e| spi_fail(e))
 }
 
 /// Remove tombstones of deletes committed before `before` (PostgreSQL-epoch µs).
@@ -75,23 +88,25 @@ pub fn collect_garbage(before: i64) -> i64 {
 }
 
 thread_local! {
-    static COMMIT_BUMP_REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static WRITING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Bump the tombstone epoch again when this transaction commits (the trigger's tombstone
-/// becomes visible only then), once per transaction.
-fn bump_at_commit() {
-    if COMMIT_BUMP_REGISTERED.get() {
+/// Count this transaction among the tombstone writers until it ends (once per
+/// transaction): apply workers that inserted a row where they saw no tombstone re-check
+/// while any writer is in flight, and the epoch moves at both ends so cached "this table
+/// has no tombstones" answers are dropped.
+fn note_writer() {
+    if WRITING.get() {
         return;
     }
-    COMMIT_BUMP_REGISTERED.set(true);
-    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
-        crate::pg::shmem::bump_tombstone_epoch();
-        COMMIT_BUMP_REGISTERED.set(false);
-    });
-    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || {
-        COMMIT_BUMP_REGISTERED.set(false);
-    });
+    WRITING.set(true);
+    crate::pg::shmem::tombstone_writer_start();
+    let end = || {
+        crate::pg::shmem::tombstone_writer_end();
+        WRITING.set(false);
+    };
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, end);
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, end);
 }
 
 /// Records a tombstone for the key a local DELETE (or key-changing UPDATE) removed.
@@ -111,7 +126,6 @@ fn tombstone_trigger<'a>(
         if let Some(k) = old_key {
             if new_key.as_deref() != Some(k.as_str()) {
                 upsert(relid, &k);
-                bump_at_commit();
             }
         }
     }

@@ -507,3 +507,59 @@ pub unsafe fn tuple_key_text(
         Some(key_text_of(desc, &attrs, &row))
     }
 }
+
+/// Find the row of table `relid` whose replica identity (primary key) columns equal
+/// `key`'s, share-lock it and return its xmin. Uses a dirty snapshot that sees rows other
+/// transactions are writing and waits for those transactions to end (like [`Target::find`]),
+/// so a row being written concurrently is either waited for or not there yet.
+///
+/// # Safety
+/// Inside a transaction with an active snapshot; `key` has one entry per attribute.
+pub unsafe fn lock_by_identity(relid: pg_sys::Oid, key: &Row) -> Option<pg_sys::TransactionId> {
+    // SAFETY: the relation is open for the whole lookup; both slots are dropped before
+    // it is closed; the lock stays until the transaction ends.
+    unsafe {
+        let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
+        let index = pg_sys::RelationGetReplicaIndex(rel);
+        let search = pg_sys::MakeSingleTupleTableSlot((*rel).rd_att, &pg_sys::TTSOpsVirtual);
+        pg_sys::ExecClearTuple(search);
+        for (i, v) in key.iter().enumerate() {
+            *(*search).tts_values.add(i) = v.unwrap_or(pg_sys::Datum::from(0));
+            *(*search).tts_isnull.add(i) = v.is_none();
+        }
+        pg_sys::ExecStoreVirtualTuple(search);
+        let found = pg_sys::table_slot_create(rel, std::ptr::null_mut());
+        let xmin = pg_sys::RelationFindReplTupleByIndex(
+            rel,
+            index,
+            pg_sys::LockTupleMode::LockTupleShare,
+            search,
+            found,
+        )
+        .then(|| LocalRow { slot: found }.xmin());
+        pg_sys::ExecDropSingleTupleTableSlot(found);
+        pg_sys::ExecDropSingleTupleTableSlot(search);
+        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+        xmin
+    }
+}
+
+/// "schema.name" of a relation, for messages.
+///
+/// # Safety
+/// Inside a transaction.
+pub unsafe fn relation_name(relid: pg_sys::Oid) -> String {
+    // SAFETY: catalog lookups; NULL results (a dropped relation) are handled.
+    unsafe {
+        let name = pg_sys::get_rel_name(relid);
+        let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
+        let s = |p: *mut c_char| {
+            if p.is_null() {
+                "?".to_string()
+            } else {
+                CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        format!("{}.{}", s(nsp), s(name))
+    }
+}

@@ -120,6 +120,10 @@ pub struct Workers {
     /// Bumped whenever any tombstone is written on this server, so apply workers can cache
     /// "this table has no tombstones" until it changes instead of asking every transaction.
     pub tombstone_epoch: u64,
+    /// Transactions that have written a tombstone and not yet ended. An apply worker that
+    /// inserted a row where it saw no tombstone re-checks for one while this is non-zero
+    /// (or the epoch moved): see `Applier::verify_no_new_tombstone`.
+    pub tombstone_writers: u32,
 }
 
 impl Default for Workers {
@@ -127,17 +131,30 @@ impl Default for Workers {
         Workers {
             slots: [Slot::EMPTY; MAX_WORKERS],
             tombstone_epoch: 0,
+            tombstone_writers: 0,
         }
     }
 }
 
-/// Note that a tombstone was written (by the trigger or an apply worker).
-pub fn bump_tombstone_epoch() {
-    WORKERS.exclusive().tombstone_epoch += 1;
+/// A transaction starts writing tombstones (called before its first tombstone write).
+pub fn tombstone_writer_start() {
+    let mut w = WORKERS.exclusive();
+    w.tombstone_epoch += 1;
+    w.tombstone_writers += 1;
 }
 
-pub fn tombstone_epoch() -> u64 {
-    WORKERS.share().tombstone_epoch
+/// A transaction that wrote tombstones ended (commit or abort): its tombstones are now
+/// visible, or gone.
+pub fn tombstone_writer_end() {
+    let mut w = WORKERS.exclusive();
+    w.tombstone_epoch += 1;
+    w.tombstone_writers = w.tombstone_writers.saturating_sub(1);
+}
+
+/// (epoch, transactions writing tombstones right now).
+pub fn tombstone_state() -> (u64, u32) {
+    let w = WORKERS.share();
+    (w.tombstone_epoch, w.tombstone_writers)
 }
 
 /// Whether apply from slot `i` should pause (a cheap read of one field).

@@ -59,14 +59,18 @@ pub extern "C-unwind" fn bdr_apply_main(arg: pg_sys::Datum) {
         let context = xact::context().unwrap_or_default();
         xact::abort();
         // Only a change that could not be applied is an apply_error; a lost connection or
-        // a protocol problem (SQLSTATE class 08) is not about any row.
-        let connection = matches!(
+        // a protocol problem (SQLSTATE class 08) is not about any row, and a serialization
+        // failure or deadlock between two apply workers is a race that the retry resolves
+        // (logged, not a conflict).
+        let not_about_a_row = matches!(
             code,
             PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION
                 | PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE
                 | PgSqlErrorCode::ERRCODE_CONNECTION_EXCEPTION
+                | PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE
+                | PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED
         );
-        if !connection && context.contains(" on relation ") {
+        if !not_about_a_row && context.contains(" on relation ") {
             PgTryBuilder::new(|| {
                 xact::begin();
                 crate::history::record_apply_error(&local.name, &peer.name, &msg, &context);
