@@ -59,11 +59,14 @@ impl<'a> LazyKey<'a> {
 
 struct Bound {
     remote: wire::Relation,
+    /// "schema.name", for error contexts.
+    name: std::rc::Rc<str>,
     map: Option<RelMap>,
 }
 
 pub struct Applier {
     pub peer: String,
+    peer_rc: std::rc::Rc<str>,
     pub local: String,
     peer_id: i64,
     local_id: i64,
@@ -76,6 +79,8 @@ pub struct Applier {
     /// [`Applier::verify_no_new_tombstone`]).
     decision_epoch: u64,
     rels: HashMap<u32, Bound>,
+    /// A change was applied since the last CommandCounterIncrement.
+    pending_cci: bool,
     begin: Option<wire::Begin>,
     changes: u64,
     pub tracker: FlushTracker,
@@ -124,6 +129,7 @@ impl Applier {
     pub fn new(peer: (&str, i64), local: (&str, i64), origin_progress: u64) -> Applier {
         Applier {
             peer: peer.0.into(),
+            peer_rc: peer.0.into(),
             local: local.0.into(),
             peer_id: peer.1,
             local_id: local.1,
@@ -132,6 +138,7 @@ impl Applier {
             tombstone_epoch: u64::MAX,
             decision_epoch: 0,
             rels: HashMap::new(),
+            pending_cci: false,
             begin: None,
             changes: 0,
             tracker: FlushTracker::new(origin_progress),
@@ -146,15 +153,15 @@ impl Applier {
         self.begin.is_some()
     }
 
-    fn context(&self, action: &str, rel: Option<&str>) {
+    fn context(&self, action: &'static str, relation: Option<std::rc::Rc<str>>) {
         let b = self.begin.as_ref();
-        xact::set_context(Some(format!(
-            "bdr apply: {action}{} from node \"{}\" in remote transaction {} committed at LSN {}",
-            rel.map(|r| format!(" on relation {r}")).unwrap_or_default(),
-            self.peer,
-            b.map(|b| b.xid).unwrap_or(0),
-            wire::format_lsn(b.map(|b| b.final_lsn).unwrap_or(0)),
-        )));
+        xact::set_context(Some(xact::ApplyContext {
+            action,
+            relation,
+            peer: self.peer_rc.clone(),
+            xid: b.map(|b| b.xid).unwrap_or(0),
+            lsn: b.map(|b| b.final_lsn).unwrap_or(0),
+        }));
     }
 
     /// Apply one message. Errors are raised as PostgreSQL errors (the worker exits and is
@@ -167,6 +174,7 @@ impl Applier {
                 }
                 self.begin = Some(b);
                 self.changes = 0;
+                self.pending_cci = false;
                 self.context("begin", None);
                 xact::begin();
             }
@@ -174,6 +182,7 @@ impl Applier {
                 self.rels.insert(
                     r.id,
                     Bound {
+                        name: r.qualified_name().into(),
                         remote: r,
                         map: None,
                     },
@@ -202,13 +211,29 @@ impl Applier {
         }
     }
 
-    fn change(&mut self, action: &str, relation: u32, f: impl FnOnce(&mut Self, &RelMap)) {
+    /// Make the previous change of this transaction visible to the next one (an INSERT
+    /// then an UPDATE of the same row in one remote transaction). Done lazily, so a
+    /// transaction of one change pays nothing for it.
+    fn see_previous_change(&mut self) {
+        if std::mem::take(&mut self.pending_cci) {
+            // SAFETY: inside the applying transaction.
+            unsafe { pg_sys::CommandCounterIncrement() };
+        }
+    }
+
+    fn change(
+        &mut self,
+        action: &'static str,
+        relation: u32,
+        f: impl FnOnce(&mut Self, &RelMap),
+    ) {
         self.require_transaction(action);
         let name = match self.rels.get(&relation) {
-            Some(b) => b.remote.qualified_name(),
+            Some(b) => b.name.clone(),
             None => raise(&ApplyError::UnknownRelation(relation)),
         };
-        self.context(action, Some(&name));
+        self.context(action, Some(name));
+        self.see_previous_change();
         let cache = self.cache_cxt;
         let bound = self.rels.get_mut(&relation).expect("checked above");
         if bound.map.is_none() {
@@ -224,10 +249,8 @@ impl Applier {
         unsafe {
             pg_sys::MemoryContextSwitchTo(old);
             pg_sys::MemoryContextReset(self.change_cxt);
-            // Later changes of this transaction must see this one (an INSERT then an
-            // UPDATE of the same row in one remote transaction).
-            pg_sys::CommandCounterIncrement();
         }
+        self.pending_cci = true;
         self.rels.get_mut(&relation).expect("still bound").map = Some(map);
         self.changes += 1;
     }
@@ -580,7 +603,8 @@ impl Applier {
                 None => raise(&ApplyError::UnknownRelation(*id)),
             })
             .collect();
-        self.context("TRUNCATE", Some(&names.join(", ")));
+        self.context("TRUNCATE", Some(names.join(", ").into()));
+        self.see_previous_change();
         xact::run_sql(&format!(
             "TRUNCATE ONLY {}{}{}",
             names.join(", "),
@@ -591,6 +615,7 @@ impl Applier {
             },
             if t.cascade { " CASCADE" } else { "" }
         ));
+        self.pending_cci = true;
         self.changes += 1;
     }
 

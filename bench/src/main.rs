@@ -333,6 +333,35 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
     );
     eprintln!("   big: {big_n} rows in {secs:.1}s, peak {peak} kB");
 
+    // 1b. Small transactions updating random rows of the (now 1M-row) big table. Apply
+    // is in commit order, so a marker row committed last tells when B has them all.
+    hold(sys, b);
+    let upd_n = (100_000.0 * scale()) as i64;
+    pgbench(
+        a,
+        &[
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-t",
+            &(upd_n / clients).to_string(),
+        ],
+        &format!(
+            "\\set id random(1, {big_n})\nUPDATE big SET v = 'updated' WHERE id = :id;\n"
+        ),
+    );
+    a.execute("INSERT INTO small (v) VALUES (-1)");
+    let (secs, _) = timed_apply(sys, b, "small", committed + 1);
+    let updates = (upd_n / clients) * clients;
+    put(
+        "1b. small txns (UPDATE random rows of 1M)",
+        "rows/s applied",
+        true,
+        updates as f64 / secs,
+    );
+    eprintln!("   updates: {updates} in {secs:.1}s");
+
     // 3. Latency at a steady rate.
     let secs = (20.0 * scale().max(0.25)) as u64;
     pgbench(
@@ -427,7 +456,93 @@ fn decode_cost(rows: &mut Vec<Row>) {
     });
 }
 
+/// `bdr-bench profile [bdr|native|pglogical]`: record a flat `perf` profile of B's apply
+/// process while it catches up on small transactions (the workload where bdr trails), and
+/// write the top symbols to `bench/results/profile-<system>.txt`.
+fn profile(sys: System) {
+    let n = (100_000.0 * scale()) as i64;
+    let c = setup(sys, 2);
+    let (a, b) = (c.node(0), c.node(1));
+    hold(sys, b);
+    pgbench(
+        a,
+        &["-c", "4", "-j", "2", "-t", &(n / 4).to_string()],
+        "INSERT INTO small (v) VALUES (1);\n",
+    );
+    let committed: i64 = a.query_scalar("SELECT count(*) FROM small");
+    // The bdr worker stays up while paused; the baselines' workers start on release.
+    let pid_before = apply_pid(sys, b);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = std::env::temp_dir().join(format!("bdr-apply-{}.perf", sys.name()));
+    let t0 = Instant::now();
+    release(sys, b);
+    let pid = pid_before.unwrap_or_else(|| {
+        let mut pid = None;
+        wait_until("apply process", Duration::from_secs(60), || {
+            pid = apply_pid(sys, b);
+            pid.is_some()
+        });
+        pid.unwrap()
+    });
+    let graph = std::env::var("BENCH_PROFILE_GRAPH").is_ok();
+    let mut perf = Command::new("perf")
+        .args(["record", "-F", "2000"])
+        .args(if graph {
+            &["--call-graph", "dwarf,16384"][..]
+        } else {
+            &[][..]
+        })
+        .arg("-o")
+        .arg(&data)
+        .args(["-p", &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("perf (install linux-perf)");
+    wait_until("catch-up", Duration::from_secs(1800), || {
+        b.query_scalar::<i64>("SELECT count(*) FROM small") >= committed
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    let _ = Command::new("kill")
+        .args(["-INT", &perf.id().to_string()])
+        .status();
+    perf.wait().unwrap();
+    let report = Command::new("perf")
+        .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol", "-i"])
+        .arg(&data)
+        .args(["--percent-limit", "0.7"])
+        .output()
+        .expect("perf report");
+    let text: String = String::from_utf8_lossy(&report.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .take(60)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let out = format!(
+        "{} apply process, {committed} single-row INSERT transactions in {secs:.1}s \
+         ({:.0} rows/s); perf record -F 2000, self time by symbol:\n\n{text}\n",
+        sys.name(),
+        committed as f64 / secs
+    );
+    println!("{out}");
+    let file = dir.join(format!("profile-{}.txt", sys.name()));
+    std::fs::write(&file, out).unwrap();
+    eprintln!("written to {}", file.display());
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("profile") {
+        let sys = match args.get(2).map(String::as_str) {
+            None | Some("bdr") => System::Bdr,
+            Some("native") => System::Native,
+            Some("pglogical") => System::Pglogical,
+            Some(other) => panic!("unknown system {other}: bdr, native or pglogical"),
+        };
+        profile(sys);
+        return;
+    }
     let mut rows = Vec::new();
     for sys in [System::Bdr, System::Native, System::Pglogical] {
         run_system(sys, &mut rows);
@@ -441,6 +556,7 @@ fn main() {
         values: [Some(alone), Some(alone), Some(alone)],
     });
     decode_cost(&mut rows);
+    rows.sort_by(|x, y| x.workload.cmp(&y.workload));
 
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
