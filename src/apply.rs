@@ -221,12 +221,7 @@ impl Applier {
         }
     }
 
-    fn change(
-        &mut self,
-        action: &'static str,
-        relation: u32,
-        f: impl FnOnce(&mut Self, &RelMap),
-    ) {
+    fn change(&mut self, action: &'static str, relation: u32, f: impl FnOnce(&mut Self, &RelMap)) {
         self.require_transaction(action);
         let name = match self.rels.get(&relation) {
             Some(b) => b.name.clone(),
@@ -287,6 +282,21 @@ impl Applier {
         })
     }
 
+    /// Whether table `relid` may have tombstones. Most tables have none at all: ask again
+    /// only when one was written anywhere. Notes the epoch this decision is based on.
+    fn may_have_tombstones(&mut self, relid: pg_sys::Oid) -> bool {
+        let (epoch, _) = shmem::tombstone_state();
+        self.decision_epoch = epoch;
+        if epoch != self.tombstone_epoch {
+            self.has_tombstones.clear();
+            self.tombstone_epoch = epoch;
+        }
+        *self
+            .has_tombstones
+            .entry(relid)
+            .or_insert_with(|| tombstones::any(relid))
+    }
+
     /// What is there locally for a key: the row found, else a tombstone, else nothing.
     fn local_state(&mut self, t: &Target, found: Option<&LocalRow>, key: &mut LazyKey) -> Local {
         if let Some(r) = found {
@@ -304,18 +314,7 @@ impl Applier {
             };
         }
         let relid = t.relid();
-        // Most tables have no tombstones at all: ask again only when one was written.
-        let (epoch, _) = shmem::tombstone_state();
-        self.decision_epoch = epoch;
-        if epoch != self.tombstone_epoch {
-            self.has_tombstones.clear();
-            self.tombstone_epoch = epoch;
-        }
-        let any = *self
-            .has_tombstones
-            .entry(relid)
-            .or_insert_with(|| tombstones::any(relid));
-        if !any {
+        if !self.may_have_tombstones(relid) {
             return Local::Missing;
         }
         match key.get().and_then(|k| tombstones::lookup(relid, &k)) {
@@ -381,7 +380,19 @@ impl Applier {
         unsafe {
             let t = Target::open(map.relid);
             let row = map.row(new, None).unwrap_or_else(|e| raise(&e));
-            let keyed = !map.remote.key_columns().is_empty();
+            let keyed = map.remote.columns.iter().any(|c| c.key);
+            // The common case, a new key in a table without tombstones: insert directly,
+            // unless a unique index already holds the key (then decide as below).
+            if keyed
+                && t.can_try_insert()
+                && !self.may_have_tombstones(t.relid())
+                && t.try_insert(&row)
+            {
+                let mut key = LazyKey::new(&t, &row);
+                self.verify_no_new_tombstone(&t, Local::Missing, &mut key);
+                t.close();
+                return;
+            }
             let found = if keyed {
                 let key = map.search_row_new(new).unwrap_or_else(|e| raise(&e));
                 t.find(&key)

@@ -347,9 +347,7 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
             "-t",
             &(upd_n / clients).to_string(),
         ],
-        &format!(
-            "\\set id random(1, {big_n})\nUPDATE big SET v = 'updated' WHERE id = :id;\n"
-        ),
+        &format!("\\set id random(1, {big_n})\nUPDATE big SET v = 'updated' WHERE id = :id;\n"),
     );
     a.execute("INSERT INTO small (v) VALUES (-1)");
     let (secs, _) = timed_apply(sys, b, "small", committed + 1);
@@ -508,7 +506,14 @@ fn profile(sys: System) {
         .status();
     perf.wait().unwrap();
     let report = Command::new("perf")
-        .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol", "-i"])
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--sort",
+            "dso,symbol",
+            "-i",
+        ])
         .arg(&data)
         .args(["--percent-limit", "0.7"])
         .output()

@@ -206,6 +206,83 @@ impl Target {
         }
     }
 
+    /// Whether [`Target::try_insert`] can be used on this table: no BEFORE ROW INSERT
+    /// triggers (they would run again if the attempt gives way) and no stored generated
+    /// columns (computed by a function the bindings do not expose).
+    pub fn can_try_insert(&self) -> bool {
+        // SAFETY: the relation and its result-relation info are open.
+        unsafe {
+            let trig = (*self.rri).ri_TrigDesc;
+            let constr = (*(*self.rel).rd_att).constr;
+            (trig.is_null() || !(*trig).trig_insert_before_row)
+                && (constr.is_null() || !(*constr).has_generated_stored)
+        }
+    }
+
+    /// Insert `row` unless some unique index already holds one of its keys (a row live
+    /// or being written by another transaction), in one pass: the row goes in as a
+    /// speculative insertion (as INSERT ... ON CONFLICT does) and its index entries are
+    /// checked as they are made; on a clash the insertion is undone, nothing else
+    /// happened, and `false` tells the caller to take the careful path (look the row up,
+    /// decide). This spares the lookup before every remote INSERT, which is nearly
+    /// always of a new key.
+    ///
+    /// # Safety
+    /// See [`Target::open`]; only when [`Target::can_try_insert`].
+    pub unsafe fn try_insert(&self, row: &Row) -> bool {
+        // SAFETY: the steps of ExecSimpleRelationInsert, with the speculative insertion
+        // protocol of ExecInsert's ON CONFLICT branch around the heap and index writes.
+        unsafe {
+            let slot = self.virtual_slot(row);
+            pg_sys::CheckCmdReplicaIdentity(self.rel, pg_sys::CmdType::CMD_INSERT);
+            if !(*(*self.rel).rd_att).constr.is_null() {
+                pg_sys::ExecConstraints(self.rri, slot, self.estate);
+            }
+            if (*(*self.rel).rd_rel).relispartition {
+                pg_sys::ExecPartitionCheck(self.rri, slot, self.estate, true);
+            }
+            let xid = pg_sys::GetCurrentTransactionId();
+            let token = pg_sys::SpeculativeInsertionLockAcquire(xid);
+            pg_sys::table_tuple_insert_speculative(
+                self.rel,
+                slot,
+                (*self.estate).es_output_cid,
+                0,
+                std::ptr::null_mut(),
+                token,
+            );
+            let mut clash = false;
+            let clashing = if (*self.rri).ri_NumIndices > 0 {
+                pg_sys::ExecInsertIndexTuples(
+                    self.rri,
+                    slot,
+                    self.estate,
+                    false,
+                    true,
+                    &mut clash,
+                    std::ptr::null_mut(),
+                )
+            } else {
+                std::ptr::null_mut()
+            };
+            // Any index listed (a unique, deferrable or exclusion one) is a possible clash.
+            let ok = !clash && clashing.is_null();
+            pg_sys::table_tuple_complete_speculative(self.rel, slot, token, ok);
+            pg_sys::SpeculativeInsertionLockRelease(xid);
+            pg_sys::list_free(clashing);
+            if ok {
+                pg_sys::ExecARInsertTriggers(
+                    self.estate,
+                    self.rri,
+                    slot,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                );
+            }
+            ok
+        }
+    }
+
     /// Find the local row matching `key` (identity columns set, others NULL) and lock it.
     /// Uses the replica identity index, or compares whole rows when there is none
     /// (REPLICA IDENTITY FULL).
