@@ -121,6 +121,12 @@ fn tombstone_trigger<'a>(
         let old = trigger.old().map(|t| t.into_pg());
         let new = trigger.new().map(|t| t.into_pg());
         let Some(old) = old else { return Ok(None) };
+        // Most UPDATEs keep the key: compare binary datums before rendering any text.
+        if let Some(n) = new {
+            if !crate::pg::exec::identity_changed(rel.as_ptr(), old, n) {
+                return Ok(None);
+            }
+        }
         let old_key = crate::pg::exec::tuple_key_text(rel.as_ptr(), old);
         let new_key = new.and_then(|n| crate::pg::exec::tuple_key_text(rel.as_ptr(), n));
         if let Some(k) = old_key {

@@ -640,3 +640,48 @@ pub unsafe fn relation_name(relid: pg_sys::Oid) -> String {
         format!("{}.{}", s(nsp), s(name))
     }
 }
+
+extern "C-unwind" {
+    // utils/datum.h, exported by the postgres binary; not in pgrx's bindings.
+    fn datumIsEqual(
+        value1: pg_sys::Datum,
+        value2: pg_sys::Datum,
+        typ_by_val: bool,
+        typ_len: std::ffi::c_int,
+    ) -> bool;
+}
+
+/// Whether an UPDATE from `old` to `new` changed the replica identity key (compared as
+/// binary datums; no output functions run). False when the table has no identity.
+///
+/// # Safety
+/// `rel` is open and both tuples are its tuples.
+pub unsafe fn identity_changed(
+    rel: pg_sys::Relation,
+    old: *mut pg_sys::HeapTupleData,
+    new: *mut pg_sys::HeapTupleData,
+) -> bool {
+    // SAFETY: both tuples are deformed with the relation's descriptor; datumIsEqual reads
+    // datums of the attribute's own type.
+    unsafe {
+        let attrs = identity_attrs(rel);
+        if attrs.is_empty() {
+            return false;
+        }
+        let desc = (*rel).rd_att;
+        let n = (*desc).natts as usize;
+        let deform = |t: *mut pg_sys::HeapTupleData| {
+            let mut datums = vec![pg_sys::Datum::from(0); n];
+            let mut nulls = vec![true; n];
+            pg_sys::heap_deform_tuple(t, desc, datums.as_mut_ptr(), nulls.as_mut_ptr());
+            (datums, nulls)
+        };
+        let (od, on) = deform(old);
+        let (nd, nn) = deform(new);
+        attrs.iter().any(|&i| {
+            let a = &*(*desc).attrs.as_ptr().add(i);
+            on[i] != nn[i]
+                || (!on[i] && !datumIsEqual(od[i], nd[i], a.attbyval, a.attlen as std::ffi::c_int))
+        })
+    }
+}
