@@ -426,3 +426,31 @@ fn counters_remain_when_table_logging_is_off() {
         ) == 1
     });
 }
+
+/// Local deletes and key changes leave a tombstone for the old key (so an older remote
+/// change cannot bring it back); an UPDATE that keeps the key leaves none.
+#[test]
+fn local_deletes_and_key_changes_leave_tombstones_other_updates_do_not() {
+    let c = Cluster::builder().name("tombtrig").nodes(1).start();
+    let n = c.node(0);
+    n.execute(
+        "CREATE EXTENSION bdr;
+         CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'v' FROM generate_series(1, 4) g;",
+    );
+    n.execute(&format!("SELECT bdr.group_create('node1', '{}')", n.dsn()));
+    n.execute("UPDATE t SET v = 'changed' WHERE id = 1");
+    n.execute("UPDATE t SET id = 20 WHERE id = 2");
+    n.execute("DELETE FROM t WHERE id = 3");
+    let keys: Vec<String> = n
+        .connect()
+        .query(
+            "SELECT key FROM bdr.tombstones WHERE relid = 't'::regclass ORDER BY key",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(keys, vec![r#"["2"]"#.to_string(), r#"["3"]"#.to_string()]);
+}
