@@ -454,6 +454,44 @@ fn decode_cost(rows: &mut Vec<Row>) {
     });
 }
 
+/// CPU time (clock ticks, user + system) of every child process of the nodes'
+/// postmasters, by pid, with its process title.
+fn cpu_by_process(nodes: &[&Node]) -> std::collections::HashMap<i32, (String, u64)> {
+    let parents: Vec<i32> = nodes.iter().filter_map(|n| n.postmaster_pid()).collect();
+    let mut out = std::collections::HashMap::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command: state ppid ... utime(14) stime(15).
+        let Some(rest) = stat.rsplit_once(')').map(|x| x.1) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ppid: i32 = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        if !parents.contains(&ppid) {
+            continue;
+        }
+        let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let title = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .replace('\0', " ")
+            .trim()
+            .to_string();
+        let port = nodes
+            .iter()
+            .find(|n| n.postmaster_pid() == Some(ppid))
+            .map(|n| n.name().to_string())
+            .unwrap_or_default();
+        out.insert(pid, (format!("{port}: {title}"), ticks));
+    }
+    out
+}
+
 /// `bdr-bench profile [bdr|native|pglogical]`: record a flat `perf` profile of B's apply
 /// process while it catches up on small transactions (the workload where bdr trails), and
 /// write the top symbols to `bench/results/profile-<system>.txt`.
@@ -473,6 +511,7 @@ fn profile(sys: System) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
     std::fs::create_dir_all(&dir).unwrap();
     let data = std::env::temp_dir().join(format!("bdr-apply-{}.perf", sys.name()));
+    let cpu_before = cpu_by_process(&[a, b]);
     let t0 = Instant::now();
     release(sys, b);
     let pid = pid_before.unwrap_or_else(|| {
@@ -501,6 +540,21 @@ fn profile(sys: System) {
         b.query_scalar::<i64>("SELECT count(*) FROM small") >= committed
     });
     let secs = t0.elapsed().as_secs_f64();
+    let cpu_after = cpu_by_process(&[a, b]);
+    let mut used: Vec<(f64, String)> = cpu_after
+        .iter()
+        .map(|(pid, (title, t))| {
+            let before = cpu_before.get(pid).map(|x| x.1).unwrap_or(0);
+            // Clock ticks are 1/100 s on Linux.
+            ((t - before) as f64 / 100.0, title.clone())
+        })
+        .filter(|(s, _)| *s > 0.0)
+        .collect();
+    used.sort_by(|x, y| y.0.total_cmp(&x.0));
+    let cpu_table: String = used
+        .iter()
+        .map(|(s, t)| format!("  {s:5.2} s  {t}\n"))
+        .collect();
     let _ = Command::new("kill")
         .args(["-INT", &perf.id().to_string()])
         .status();
@@ -526,7 +580,8 @@ fn profile(sys: System) {
         .join("\n");
     let out = format!(
         "{} apply process, {committed} single-row INSERT transactions in {secs:.1}s \
-         ({:.0} rows/s); perf record -F 2000, self time by symbol:\n\n{text}\n",
+         ({:.0} rows/s)\n\nCPU used during the catch-up, by process (both nodes):\n{cpu_table}\n\
+         perf record -F 2000 of the apply process, self time by symbol:\n\n{text}\n",
         sys.name(),
         committed as f64 / secs
     );
