@@ -4,6 +4,7 @@
 #   make test      every test tier: pure Rust, #[pg_test] in a server, multi-node scenarios
 #   make install   build and install the extension into the system PostgreSQL 15
 #   make bench     benchmarks against native logical replication and pglogical
+#   make bench-profile  perf profiles of the bdr and native apply processes
 #   make clean     remove build output and scratch clusters
 #
 # Every target bootstraps what it needs first (scripts/bootstrap.sh, idempotent).
@@ -19,7 +20,7 @@ TEST_THREADS ?= 2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo --sudo)
 
 .PHONY: all bootstrap build install test test-unit test-pg test-cluster demo demo-stop \
-        bench soak fmt lint clean
+        bench bench-profile soak fmt lint clean
 
 all: build
 
@@ -65,6 +66,10 @@ soak: install
 bench: bootstrap
 	@bash scripts/bootstrap.sh --bench
 	@bash bench/run.sh
+
+bench-profile: bootstrap
+	@bash scripts/bootstrap.sh --bench
+	@bash bench/run.sh profile
 
 fmt:
 	cargo fmt --all

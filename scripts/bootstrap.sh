@@ -25,7 +25,7 @@ fi
 # --- Debian packages -----------------------------------------------------------------
 pkgs=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-client-$PG_MAJOR
       libpq-dev libclang-dev clang pkg-config sudo util-linux)
-[ "$WANT_BENCH" = 1 ] && pkgs+=(postgresql-$PG_MAJOR-pglogical)
+[ "$WANT_BENCH" = 1 ] && pkgs+=(postgresql-$PG_MAJOR-pglogical linux-perf)
 
 installed_version() { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null | awk '$3=="installed"{print $4}'; }
 

@@ -522,15 +522,8 @@ fn profile(sys: System) {
         });
         pid.unwrap()
     });
-    let graph = std::env::var("BENCH_PROFILE_GRAPH").is_ok();
     let mut perf = Command::new("perf")
-        .args(["record", "-F", "2000"])
-        .args(if graph {
-            &["--call-graph", "dwarf,16384"][..]
-        } else {
-            &[][..]
-        })
-        .arg("-o")
+        .args(["record", "-F", "2000", "--call-graph", "dwarf,16384", "-o"])
         .arg(&data)
         .args(["-p", &pid.to_string()])
         .stderr(std::process::Stdio::null())
@@ -559,29 +552,42 @@ fn profile(sys: System) {
         .args(["-INT", &perf.id().to_string()])
         .status();
     perf.wait().unwrap();
-    let report = Command::new("perf")
-        .args([
-            "report",
-            "--stdio",
-            "--no-children",
-            "--sort",
-            "dso,symbol",
-            "-i",
-        ])
-        .arg(&data)
-        .args(["--percent-limit", "0.7"])
-        .output()
-        .expect("perf report");
-    let text: String = String::from_utf8_lossy(&report.stdout)
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .take(60)
-        .collect::<Vec<_>>()
-        .join("\n");
+    let report = |args: &[&str], keep: &dyn Fn(&str) -> bool, max: usize| {
+        let out = Command::new("perf")
+            .args(["report", "--stdio", "-g", "none", "-i"])
+            .arg(&data)
+            .args(args)
+            .output()
+            .expect("perf report");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty() && keep(l))
+            .take(max)
+            .map(|l| l.trim_end().to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let text = report(
+        &["--no-children", "--sort", "dso,symbol", "--percent-limit", "0.7"],
+        &|_| true,
+        50,
+    );
+    // Inclusive time of the apply loop's own stages and the PostgreSQL calls they make.
+    let stages = report(
+        &["--children", "--sort", "symbol", "--percent-limit", "1.5"],
+        &|l| {
+            !["inlined", "closure", "cee_scape", "call_from_c", "pg_guard", "catch_unwind"]
+                .iter()
+                .any(|x| l.contains(x))
+                && !l.contains("0x0000")
+        },
+        60,
+    );
     let out = format!(
         "{} apply process, {committed} single-row INSERT transactions in {secs:.1}s \
          ({:.0} rows/s)\n\nCPU used during the catch-up, by process (both nodes):\n{cpu_table}\n\
-         perf record -F 2000 of the apply process, self time by symbol:\n\n{text}\n",
+         perf record -F 2000 of the apply process, self time by symbol:\n\n{text}\n\n\
+         inclusive time (children included):\n\n{stages}\n",
         sys.name(),
         committed as f64 / secs
     );
