@@ -568,7 +568,13 @@ fn profile(sys: System) {
             .join("\n")
     };
     let text = report(
-        &["--no-children", "--sort", "dso,symbol", "--percent-limit", "0.7"],
+        &[
+            "--no-children",
+            "--sort",
+            "dso,symbol",
+            "--percent-limit",
+            "0.7",
+        ],
         &|_| true,
         50,
     );
@@ -576,9 +582,16 @@ fn profile(sys: System) {
     let stages = report(
         &["--children", "--sort", "symbol", "--percent-limit", "1.5"],
         &|l| {
-            !["inlined", "closure", "cee_scape", "call_from_c", "pg_guard", "catch_unwind"]
-                .iter()
-                .any(|x| l.contains(x))
+            ![
+                "inlined",
+                "closure",
+                "cee_scape",
+                "call_from_c",
+                "pg_guard",
+                "catch_unwind",
+            ]
+            .iter()
+            .any(|x| l.contains(x))
                 && !l.contains("0x0000")
         },
         60,
