@@ -57,11 +57,13 @@ mod tests {
         use crate::decode::DecodeOptions;
         let o = DecodeOptions::parse([("forward_origins", Some("all"))]).unwrap();
         assert!(o.forward_origins);
+        assert_eq!(o.version, bdr_core::wire::PROTOCOL_VERSION_MAX);
+        let o = DecodeOptions::parse([("max_proto_version", Some("1"))]).unwrap();
         assert_eq!(o.version, 1);
-        let e = DecodeOptions::parse([("min_proto_version", Some("2"))]).unwrap_err();
+        let e = DecodeOptions::parse([("min_proto_version", Some("3"))]).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "bdr output plugin cannot speak protocol versions 2 to 2"
+            "bdr output plugin cannot speak protocol versions 3 to 3"
         );
         assert!(DecodeOptions::parse([("bogus", None)]).is_err());
         assert!(DecodeOptions::parse([("forward_origins", Some("some"))]).is_err());
