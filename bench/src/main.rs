@@ -240,6 +240,22 @@ fn pgbench(n: &Node, args: &[&str], script: &str) -> String {
     text
 }
 
+/// `total` transactions of `script` on `n`, spread over `clients` pgbench clients.
+fn pgbench_transactions(n: &Node, clients: i64, total: i64, script: &str) -> String {
+    pgbench(
+        n,
+        &[
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-t",
+            &(total / clients).to_string(),
+        ],
+        script,
+    )
+}
+
 fn tps(pgbench_output: &str) -> f64 {
     pgbench_output
         .lines()
@@ -291,18 +307,7 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
     // 1. Small transactions.
     hold(sys, b);
     let clients = 4;
-    pgbench(
-        a,
-        &[
-            "-c",
-            &clients.to_string(),
-            "-j",
-            "2",
-            "-t",
-            &(small_n / clients).to_string(),
-        ],
-        "INSERT INTO small (v) VALUES (1);\n",
-    );
+    pgbench_transactions(a, clients, small_n, "INSERT INTO small (v) VALUES (1);\n");
     let committed: i64 = a.query_scalar("SELECT count(*) FROM small");
     let (secs, _) = timed_apply(sys, b, "small", committed);
     put(
@@ -337,16 +342,10 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
     // is in commit order, so a marker row committed last tells when B has them all.
     hold(sys, b);
     let upd_n = (100_000.0 * scale()) as i64;
-    pgbench(
+    pgbench_transactions(
         a,
-        &[
-            "-c",
-            &clients.to_string(),
-            "-j",
-            "2",
-            "-t",
-            &(upd_n / clients).to_string(),
-        ],
+        clients,
+        upd_n,
         &format!("\\set id random(1, {big_n})\nUPDATE big SET v = 'updated' WHERE id = :id;\n"),
     );
     a.execute("INSERT INTO small (v) VALUES (-1)");
@@ -500,11 +499,7 @@ fn profile(sys: System) {
     let c = setup(sys, 2);
     let (a, b) = (c.node(0), c.node(1));
     hold(sys, b);
-    pgbench(
-        a,
-        &["-c", "4", "-j", "2", "-t", &(n / 4).to_string()],
-        "INSERT INTO small (v) VALUES (1);\n",
-    );
+    pgbench_transactions(a, 4, n, "INSERT INTO small (v) VALUES (1);\n");
     let committed: i64 = a.query_scalar("SELECT count(*) FROM small");
     // The bdr worker stays up while paused; the baselines' workers start on release.
     let pid_before = apply_pid(sys, b);

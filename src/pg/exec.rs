@@ -561,6 +561,21 @@ impl LocalRow {
     }
 }
 
+/// Every attribute of a heap tuple (NULL as None).
+///
+/// # Safety
+/// `desc` describes `tuple`.
+unsafe fn deform(desc: pg_sys::TupleDesc, tuple: *mut pg_sys::HeapTupleData) -> Row {
+    // SAFETY: forwarded; the arrays have natts entries.
+    unsafe {
+        let n = (*desc).natts as usize;
+        let mut datums = vec![pg_sys::Datum::from(0); n];
+        let mut nulls = vec![true; n];
+        pg_sys::heap_deform_tuple(tuple, desc, datums.as_mut_ptr(), nulls.as_mut_ptr());
+        (0..n).map(|i| (!nulls[i]).then_some(datums[i])).collect()
+    }
+}
+
 /// The canonical key text of a heap tuple of `rel` (for the tombstone trigger).
 ///
 /// # Safety
@@ -576,12 +591,7 @@ pub unsafe fn tuple_key_text(
             return None;
         }
         let desc = (*rel).rd_att;
-        let n = (*desc).natts as usize;
-        let mut datums = vec![pg_sys::Datum::from(0); n];
-        let mut nulls = vec![true; n];
-        pg_sys::heap_deform_tuple(tuple, desc, datums.as_mut_ptr(), nulls.as_mut_ptr());
-        let row: Row = (0..n).map(|i| (!nulls[i]).then_some(datums[i])).collect();
-        Some(key_text_of(desc, &attrs, &row))
+        Some(key_text_of(desc, &attrs, &deform(desc, tuple)))
     }
 }
 
@@ -669,19 +679,14 @@ pub unsafe fn identity_changed(
             return false;
         }
         let desc = (*rel).rd_att;
-        let n = (*desc).natts as usize;
-        let deform = |t: *mut pg_sys::HeapTupleData| {
-            let mut datums = vec![pg_sys::Datum::from(0); n];
-            let mut nulls = vec![true; n];
-            pg_sys::heap_deform_tuple(t, desc, datums.as_mut_ptr(), nulls.as_mut_ptr());
-            (datums, nulls)
-        };
-        let (od, on) = deform(old);
-        let (nd, nn) = deform(new);
+        let (o, n) = (deform(desc, old), deform(desc, new));
         attrs.iter().any(|&i| {
             let a = &*(*desc).attrs.as_ptr().add(i);
-            on[i] != nn[i]
-                || (!on[i] && !datumIsEqual(od[i], nd[i], a.attbyval, a.attlen as std::ffi::c_int))
+            match (o[i], n[i]) {
+                (None, None) => false,
+                (Some(x), Some(y)) => !datumIsEqual(x, y, a.attbyval, a.attlen as std::ffi::c_int),
+                _ => true,
+            }
         })
     }
 }
