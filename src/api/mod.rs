@@ -38,7 +38,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(v.starts_with("bdr "), "{v}");
-        assert!(v.contains("protocol 1..1"), "{v}");
+        assert!(v.contains("protocol 1..2"), "{v}");
     }
 
     #[pg_test]
