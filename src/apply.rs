@@ -65,8 +65,8 @@ struct Bound {
 }
 
 pub struct Applier {
-    pub peer: String,
-    peer_rc: std::rc::Rc<str>,
+    /// The peer's name (shared with every error context).
+    pub peer: std::rc::Rc<str>,
     pub local: String,
     peer_id: i64,
     local_id: i64,
@@ -104,10 +104,12 @@ fn memory_context(name: &'static std::ffi::CStr) -> pg_sys::MemoryContext {
     }
 }
 
-/// A table's name for messages.
-fn t_name(t: &Target) -> String {
+/// Another apply worker wrote `key` of `t`'s table at the same time: roll back and
+/// apply the transaction again (see [`Applier::verify_no_new_tombstone`]).
+fn raced(t: &Target, key: String) -> ! {
     // SAFETY: the target's relation is open.
-    unsafe { crate::pg::exec::relation_name(t.relid()) }
+    let table = unsafe { crate::pg::exec::relation_name(t.relid()) };
+    raise(&ApplyError::ConcurrentKey { table, key })
 }
 
 fn row_json(rel: &wire::Relation, values: &[Value]) -> serde_json::Value {
@@ -129,7 +131,6 @@ impl Applier {
     pub fn new(peer: (&str, i64), local: (&str, i64), origin_progress: u64) -> Applier {
         Applier {
             peer: peer.0.into(),
-            peer_rc: peer.0.into(),
             local: local.0.into(),
             peer_id: peer.1,
             local_id: local.1,
@@ -158,7 +159,7 @@ impl Applier {
         xact::set_context(Some(xact::ApplyContext {
             action,
             relation,
-            peer: self.peer_rc.clone(),
+            peer: self.peer.clone(),
             xid: b.map(|b| b.xid).unwrap_or(0),
             lsn: b.map(|b| b.final_lsn).unwrap_or(0),
         }));
@@ -515,10 +516,7 @@ impl Applier {
         }
         if let Some(k) = key.get() {
             if tombstones::lookup(t.relid(), &k).is_some() {
-                raise(&ApplyError::ConcurrentKey {
-                    table: t_name(t),
-                    key: k,
-                });
+                raced(t, k);
             }
         }
     }
@@ -542,10 +540,7 @@ impl Applier {
         self.has_tombstones.insert(relid, true);
         // SAFETY: forwarded.
         if !fresh || unsafe { t.find(key.row) }.is_some() {
-            raise(&ApplyError::ConcurrentKey {
-                table: t_name(t),
-                key: k,
-            });
+            raced(t, k);
         }
     }
 

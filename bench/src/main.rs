@@ -456,7 +456,10 @@ fn decode_cost(rows: &mut Vec<Row>) {
 /// CPU time (clock ticks, user + system) of every child process of the nodes'
 /// postmasters, by pid, with its process title.
 fn cpu_by_process(nodes: &[&Node]) -> std::collections::HashMap<i32, (String, u64)> {
-    let parents: Vec<i32> = nodes.iter().filter_map(|n| n.postmaster_pid()).collect();
+    let parents: Vec<(i32, &str)> = nodes
+        .iter()
+        .filter_map(|n| Some((n.postmaster_pid()?, n.name())))
+        .collect();
     let mut out = std::collections::HashMap::new();
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
@@ -471,9 +474,9 @@ fn cpu_by_process(nodes: &[&Node]) -> std::collections::HashMap<i32, (String, u6
         };
         let f: Vec<&str> = rest.split_whitespace().collect();
         let ppid: i32 = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
-        if !parents.contains(&ppid) {
+        let Some(&(_, node)) = parents.iter().find(|(p, _)| *p == ppid) else {
             continue;
-        }
+        };
         let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
             + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         let title = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
@@ -481,12 +484,7 @@ fn cpu_by_process(nodes: &[&Node]) -> std::collections::HashMap<i32, (String, u6
             .replace('\0', " ")
             .trim()
             .to_string();
-        let port = nodes
-            .iter()
-            .find(|n| n.postmaster_pid() == Some(ppid))
-            .map(|n| n.name().to_string())
-            .unwrap_or_default();
-        out.insert(pid, (format!("{port}: {title}"), ticks));
+        out.insert(pid, (format!("{node}: {title}"), ticks));
     }
     out
 }

@@ -17,14 +17,18 @@ fn group(name: &str) -> Cluster {
     c
 }
 
+fn wait_paused(n: &Node) {
+    wait_until(&format!("apply paused on {}", n.name()), CATCHUP, || {
+        n.query_scalar::<bool>("SELECT bool_and(state = 'paused') FROM bdr.apply_workers()")
+    });
+}
+
 fn pause_all(c: &Cluster) {
     for n in c.nodes() {
         n.execute("SELECT bdr.apply_pause()");
     }
     for n in c.nodes() {
-        wait_until(&format!("apply paused on {}", n.name()), CATCHUP, || {
-            n.query_scalar::<bool>("SELECT bool_and(state = 'paused') FROM bdr.apply_workers()")
-        });
+        wait_paused(n);
     }
 }
 
@@ -239,9 +243,7 @@ fn update_racing_delete_converges_in_both_orders_and_insert_after_delete() {
 /// Pause apply on `n` only (both peers) and wait until it is paused.
 fn pause_on(n: &Node) {
     n.execute("SELECT bdr.apply_pause()");
-    wait_until(&format!("apply paused on {}", n.name()), CATCHUP, || {
-        n.query_scalar::<bool>("SELECT bool_and(state = 'paused') FROM bdr.apply_workers()")
-    });
+    wait_paused(n);
 }
 
 fn count_where(n: &Node, sql_where: &str) -> i64 {

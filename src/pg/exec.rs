@@ -115,6 +115,22 @@ pub unsafe fn table_attrs(relid: pg_sys::Oid) -> Vec<LocalAttr> {
     }
 }
 
+/// Put `row` into the virtual slot `slot` (one entry per attribute of its descriptor).
+///
+/// # Safety
+/// `slot` is a virtual slot with at least `row.len()` attributes.
+unsafe fn store_row(slot: *mut pg_sys::TupleTableSlot, row: &Row) {
+    // SAFETY: the slot's value and null arrays have natts entries.
+    unsafe {
+        pg_sys::ExecClearTuple(slot);
+        for (i, v) in row.iter().enumerate() {
+            *(*slot).tts_values.add(i) = v.unwrap_or(pg_sys::Datum::from(0));
+            *(*slot).tts_isnull.add(i) = v.is_none();
+        }
+        pg_sys::ExecStoreVirtualTuple(slot);
+    }
+}
+
 /// A local table opened for writing, with its executor state.
 pub struct Target {
     rel: pg_sys::Relation,
@@ -184,12 +200,7 @@ impl Target {
                 (*self.rel).rd_att,
                 &pg_sys::TTSOpsVirtual,
             );
-            pg_sys::ExecClearTuple(slot);
-            for (i, v) in row.iter().enumerate() {
-                *(*slot).tts_values.add(i) = v.unwrap_or(pg_sys::Datum::from(0));
-                *(*slot).tts_isnull.add(i) = v.is_none();
-            }
-            pg_sys::ExecStoreVirtualTuple(slot);
+            store_row(slot, row);
             slot
         }
     }
@@ -609,12 +620,7 @@ pub unsafe fn lock_by_identity(relid: pg_sys::Oid, key: &Row) -> Option<pg_sys::
         let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
         let index = pg_sys::RelationGetReplicaIndex(rel);
         let search = pg_sys::MakeSingleTupleTableSlot((*rel).rd_att, &pg_sys::TTSOpsVirtual);
-        pg_sys::ExecClearTuple(search);
-        for (i, v) in key.iter().enumerate() {
-            *(*search).tts_values.add(i) = v.unwrap_or(pg_sys::Datum::from(0));
-            *(*search).tts_isnull.add(i) = v.is_none();
-        }
-        pg_sys::ExecStoreVirtualTuple(search);
+        store_row(search, key);
         let found = pg_sys::table_slot_create(rel, std::ptr::null_mut());
         let xmin = pg_sys::RelationFindReplTupleByIndex(
             rel,
