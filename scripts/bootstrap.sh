@@ -27,7 +27,7 @@ pkgs=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-client-$PG
       libpq-dev libclang-dev clang pkg-config sudo util-linux)
 [ "$WANT_BENCH" = 1 ] && pkgs+=(postgresql-$PG_MAJOR-pglogical linux-perf)
 
-installed_version() { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null | awk '$3=="installed"{print $4}'; }
+installed_version() { { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null || true; } | awk '$3=="installed"{print $4}'; }
 
 missing=()
 for p in "${pkgs[@]}"; do
