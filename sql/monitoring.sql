@@ -1,7 +1,9 @@
 -- Monitoring (node_status, health_check) and the BDR 1.x compatibility layer.
 -- Loaded after the Rust functions it calls (bdr.apply_workers, bdr.conflict_counters).
 
--- One row per node as seen from here.
+-- One row per node as seen from here. Lag is the receiving node's truth (bdr.apply_lag(),
+-- rules in core/src/lag.rs): it keeps growing while the worker is paused, erroring,
+-- reconnecting or cut off from the peer; NULL (never 0) when unknown.
 CREATE FUNCTION bdr.node_status()
 RETURNS TABLE (
     node_name             text,
@@ -21,84 +23,138 @@ RETURNS TABLE (
     slot_active           boolean,
     retained_wal_bytes    numeric,
     conflicts             jsonb,
-    warning               text
+    warning               text,
+    last_applied_commit_time timestamptz,
+    last_contact_time     timestamptz
 )
 LANGUAGE sql STABLE
+SECURITY DEFINER
 SET search_path = pg_catalog
 AS $$
 WITH w AS (SELECT * FROM bdr.apply_workers()),
+     l AS (SELECT * FROM bdr.apply_lag()),
      me AS (SELECT oid FROM pg_database WHERE datname = current_database()),
      s AS (SELECT sl.*, pg_wal_lsn_diff(pg_current_wal_lsn(), sl.restart_lsn) AS retained
              FROM pg_replication_slots sl WHERE sl.database = current_database()),
      c AS (SELECT peer, jsonb_object_agg(conflict_type, count) AS by_type
              FROM bdr.conflict_counters() GROUP BY peer),
      r AS (
-       SELECT n.*, w.state AS wstate, w.last_error AS werr, w.last_error_time AS werr_time,
+       SELECT n.node_name, n.node_id, n.node_kind, n.node_state, n.is_local,
+              w.state AS wstate, w.last_error AS werr, w.last_error_time AS werr_time,
               w.received_lsn::pg_lsn AS wrecv, w.applied_lsn::pg_lsn AS wapplied,
-              w.last_applied_commit_time AS wcommit, w.started_at AS wstarted,
+              w.started_at AS wstarted,
+              l.lag_bytes, l.lag_us, l.lag_is_bound, l.last_contact_time AS contact,
+              l.last_applied_commit_time AS lcommit,
               s.slot_name AS sname, s.active AS sactive, s.retained AS sretained,
-              c.by_type AS cby
+              s.wal_status AS swal,
+              c.by_type AS cby,
+              -- Applies from this node: an active member that is not us.
+              (NOT n.is_local AND n.node_kind = 'active'
+               AND n.node_state IN ('active', 'standby', 'catching_up')) AS feeds_us
          FROM bdr.nodes n
          LEFT JOIN w ON w.peer = n.node_name
+         LEFT JOIN l ON l.peer = n.node_name
          LEFT JOIN s ON s.slot_name = 'bdr_' || (SELECT oid FROM me) || '_' || n.node_name
          LEFT JOIN c ON c.peer = n.node_name)
 SELECT r.node_name, r.node_id, r.node_kind, r.node_state, r.is_local,
-       -- A peer is reachable when we stream from it or it streams from us.
-       r.is_local OR coalesce(r.wstate IN ('streaming', 'paused'), false)
+       -- Reachable: we heard from it within 10 s, or it streams from us right now.
+       r.is_local OR coalesce(r.wstate IN ('streaming', 'paused')
+                              AND r.contact > now() - interval '10 seconds', false)
                   OR coalesce(r.sactive, false),
        CASE WHEN r.is_local THEN 'local' ELSE coalesce(r.wstate, 'not running') END,
        r.werr, r.werr_time, r.wrecv, r.wapplied,
-       CASE WHEN r.is_local THEN 0 ELSE greatest(pg_wal_lsn_diff(r.wrecv, r.wapplied), 0) END,
-       CASE WHEN r.is_local OR r.wapplied >= r.wrecv THEN interval '0'
-            ELSE now() - coalesce(r.wcommit, r.wstarted) END,
+       CASE WHEN r.is_local THEN 0 ELSE r.lag_bytes::numeric END,
+       CASE WHEN r.is_local THEN interval '0'
+            ELSE make_interval(secs => r.lag_us / 1e6) END,
        r.sname, r.sactive, r.sretained,
        coalesce(r.cby, '{}'::jsonb),
        CASE
-         WHEN NOT r.is_local AND NOT coalesce(r.sactive, false)
+         WHEN r.is_local THEN NULL
+         WHEN r.swal = 'lost'
+           THEN format('slot %s for node %s was invalidated (WAL removed): the node must be parted and joined again',
+                       r.sname, r.node_name)
+         WHEN NOT coalesce(r.sactive, false)
               AND r.sretained > pg_size_bytes(current_setting('bdr.slot_wal_warning_mb'))
            THEN format('slot %s retains %s of WAL for node %s, which is not connected',
                        r.sname, pg_size_pretty(r.sretained), r.node_name)
          WHEN r.wstate = 'erroring' THEN format('apply from %s failing: %s', r.node_name, r.werr)
-       END
+         WHEN r.feeds_us AND r.wstate IS NULL
+           THEN format('no apply worker for node %s', r.node_name)
+         WHEN r.feeds_us AND r.lag_us IS NULL
+           THEN format('lag from %s unknown: not heard from it since the worker started at %s',
+                       r.node_name, r.wstarted)
+         WHEN r.feeds_us AND r.lag_is_bound
+           THEN format('no confirmation from %s since %s: lag is measured from the last known position',
+                       r.node_name, coalesce(r.contact::text, 'the worker started'))
+         WHEN r.wstate = 'paused' THEN format('apply from %s is paused', r.node_name)
+       END,
+       r.lcommit, r.contact
   FROM r
  ORDER BY r.node_name
 $$;
 COMMENT ON FUNCTION bdr.node_status() IS 'One row per node: state, reachability, apply state, lag, retained WAL, conflicts';
 
--- Health summary: one row per check.
+-- Health summary: one row per check, status OK, WARNING or CRITICAL.
 CREATE FUNCTION bdr.health_check()
 RETURNS TABLE (check_name text, status text, details text)
 LANGUAGE sql STABLE
+SECURITY DEFINER
 SET search_path = pg_catalog
 AS $$
+  WITH ns AS (SELECT * FROM bdr.node_status()),
+       members AS (SELECT * FROM ns WHERE node_state IN ('active', 'standby'))
   SELECT 'Node Count',
-         CASE WHEN count(*) FILTER (WHERE reachable AND node_state IN ('active', 'standby')) >= 2
-              THEN 'OK' ELSE 'WARNING' END,
-         (count(*) FILTER (WHERE reachable AND node_state IN ('active', 'standby')))::text
-           || ' of ' || count(*)::text || ' nodes reachable'
-    FROM bdr.node_status()
+         CASE WHEN count(*) FILTER (WHERE reachable) = count(*) THEN 'OK'
+              WHEN count(*) FILTER (WHERE reachable AND NOT is_local) = 0 AND count(*) > 1
+                THEN 'CRITICAL'
+              ELSE 'WARNING' END,
+         (count(*) FILTER (WHERE reachable))::text || ' of ' || count(*)::text
+           || ' nodes reachable'
+           || coalesce(' (unreachable: ' || string_agg(node_name, ', ') FILTER (WHERE NOT reachable) || ')', '')
+    FROM members
   UNION ALL
   SELECT 'Replication Lag',
-         CASE WHEN coalesce(max(replication_lag_time), interval '0') < interval '1 minute'
-              THEN 'OK' ELSE 'WARNING' END,
+         CASE WHEN bool_or(replication_lag_time IS NULL AND NOT is_local AND node_kind = 'active')
+                THEN 'WARNING'
+              WHEN coalesce(max(replication_lag_time), interval '0') >= interval '5 minutes' THEN 'CRITICAL'
+              WHEN coalesce(max(replication_lag_time), interval '0') >= interval '1 minute' THEN 'WARNING'
+              ELSE 'OK' END,
          coalesce(max(replication_lag_time), interval '0')::text
-    FROM bdr.node_status()
+           || coalesce(' (unknown for: ' || string_agg(node_name, ', ')
+                FILTER (WHERE replication_lag_time IS NULL AND NOT is_local AND node_kind = 'active') || ')', '')
+    FROM members
   UNION ALL
   SELECT 'Conflicts (1h)',
          CASE WHEN count(*) < 10 THEN 'OK' ELSE 'WARNING' END,
          count(*)::text || ' conflicts'
     FROM bdr.conflict_history WHERE conflict_time > now() - interval '1 hour'
   UNION ALL
-  SELECT 'Slots Retaining WAL',
-         CASE WHEN count(*) = 0 THEN 'OK' ELSE 'WARNING' END,
-         coalesce(string_agg(warning, '; '), 'no slot retains WAL for a disconnected node')
-    FROM bdr.node_status() WHERE warning LIKE 'slot %'
+  SELECT 'Slots',
+         CASE WHEN bool_or(warning LIKE 'slot % was invalidated%') THEN 'CRITICAL'
+              WHEN bool_or(slot_name IS NULL AND NOT is_local AND node_state = 'active') THEN 'CRITICAL'
+              WHEN bool_or(warning LIKE 'slot % retains %') THEN 'WARNING'
+              ELSE 'OK' END,
+         coalesce(string_agg(warning, '; ') FILTER (WHERE warning LIKE 'slot %'), '')
+           || coalesce('slot missing for: ' || string_agg(node_name, ', ')
+                FILTER (WHERE slot_name IS NULL AND NOT is_local AND node_state = 'active'), '')
+           || CASE WHEN bool_or(warning LIKE 'slot %' OR (slot_name IS NULL AND NOT is_local AND node_state = 'active'))
+                   THEN '' ELSE 'every member has a slot; none retains WAL for a disconnected node' END
+    FROM members
   UNION ALL
   SELECT 'Workers In Error',
-         CASE WHEN count(*) = 0 THEN 'OK' ELSE 'WARNING' END,
+         CASE WHEN count(*) = 0 THEN 'OK' ELSE 'CRITICAL' END,
          count(*)::text || ' apply workers erroring'
            || coalesce(': ' || string_agg(peer || ' (' || coalesce(last_error, '') || ')', ', '), '')
     FROM bdr.apply_workers() WHERE state = 'erroring'
+  UNION ALL
+  SELECT 'Peers Unreachable',
+         CASE WHEN count(*) = 0 THEN 'OK'
+              WHEN bool_or(coalesce(last_contact_time, 'epoch') < now() - interval '5 minutes') THEN 'CRITICAL'
+              ELSE 'WARNING' END,
+         CASE WHEN count(*) = 0 THEN 'every active peer heard from within 10 s'
+              ELSE string_agg(node_name || ' (last heard ' || coalesce(last_contact_time::text, 'never') || ')', ', ') END
+    FROM members
+   WHERE NOT is_local AND node_kind = 'active' AND NOT reachable
 $$;
 
 -- BDR 1.x names, as used by existing runbooks.
@@ -158,3 +214,27 @@ LANGUAGE sql AS $$
                 RETURNING 1)
   SELECT count(*) FROM gone
 $$;
+
+-- bdr_monitor: reads every monitoring view and function, but no DSN (passwords) and no
+-- row data (conflict tuples and keys). Roles are cluster-wide: created once, reused by
+-- every database that creates the extension.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'bdr_monitor') THEN
+        CREATE ROLE bdr_monitor NOLOGIN;
+    END IF;
+END
+$$;
+GRANT USAGE ON SCHEMA bdr TO bdr_monitor;
+GRANT EXECUTE ON FUNCTION bdr.node_status(), bdr.health_check(), bdr.bdr_node_status(),
+    bdr.apply_workers(), bdr.apply_lag(), bdr.apply_stats(), bdr.conflict_counters(),
+    bdr.version() TO bdr_monitor;
+GRANT SELECT ON bdr.bdr_nodes TO bdr_monitor;
+GRANT SELECT (node_name, node_id, node_kind, node_state, is_local, created_at, joined_at)
+    ON bdr.nodes TO bdr_monitor;
+GRANT SELECT (conflict_id, conflict_time, local_node, remote_node, relation, conflict_type,
+              conflict_resolution, local_commit_time, remote_commit_time, remote_lsn, remote_xid)
+    ON bdr.conflict_history TO bdr_monitor;
+GRANT SELECT (conflict_id, conflict_time, local_node, remote_node, relation, conflict_type,
+              conflict_resolution, local_commit_time, remote_commit_time, remote_lsn, remote_xid)
+    ON bdr.bdr_conflict_history TO bdr_monitor;

@@ -87,8 +87,10 @@ pub struct Applier {
     change_cxt: pg_sys::MemoryContext,
     cache_cxt: pg_sys::MemoryContext,
     pub last_commit_time: i64,
-    /// Conflicts resolved since the worker started, per type (like `Conflict::ALL`).
-    pub conflict_counts: [u64; 9],
+    /// Conflicts resolved since last published, per type (like `Conflict::ALL`).
+    conflict_counts: [u64; 9],
+    /// Changes and commits applied since last published (see [`Applier::take_counts`]).
+    counts: shmem::Stats,
 }
 
 fn memory_context(name: &'static std::ffi::CStr) -> pg_sys::MemoryContext {
@@ -147,11 +149,21 @@ impl Applier {
             cache_cxt: memory_context(c"bdr apply cache"),
             last_commit_time: 0,
             conflict_counts: [0; 9],
+            counts: shmem::Stats::default(),
         }
     }
 
     pub fn in_transaction(&self) -> bool {
         self.begin.is_some()
+    }
+
+    /// What was applied and which conflicts were resolved since the last call, to be
+    /// added to the shared-memory counters.
+    pub fn take_counts(&mut self) -> (shmem::Stats, [u64; 9]) {
+        (
+            std::mem::take(&mut self.counts),
+            std::mem::take(&mut self.conflict_counts),
+        )
     }
 
     fn context(&self, action: &'static str, relation: Option<std::rc::Rc<str>>) {
@@ -249,6 +261,11 @@ impl Applier {
         self.pending_cci = true;
         self.rels.get_mut(&relation).expect("still bound").map = Some(map);
         self.changes += 1;
+        match action {
+            "INSERT" => self.counts.inserts += 1,
+            "UPDATE" => self.counts.updates += 1,
+            _ => self.counts.deletes += 1,
+        }
     }
 
     /// The remote transaction's version.
@@ -623,6 +640,7 @@ impl Applier {
         ));
         self.pending_cci = true;
         self.changes += 1;
+        self.counts.truncates += 1;
     }
 
     fn record(
@@ -673,6 +691,7 @@ impl Applier {
         let local_end = xact::commit_remote(c.end_lsn, c.commit_time);
         self.tracker.applied(c.end_lsn, local_end);
         self.last_commit_time = c.commit_time;
+        self.counts.commits += 1;
         self.begin = None;
         xact::set_context(None);
     }

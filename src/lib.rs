@@ -20,6 +20,10 @@ use pgrx::prelude::*;
 use api::group::{apply_workers, conflict_counters, group_create, group_join};
 #[allow(unused_imports)]
 use api::lifecycle::promote;
+#[allow(unused_imports)]
+use api::monitor::{apply_lag, apply_stats, apply_stats_reset};
+#[allow(unused_imports)]
+use api::version;
 
 pub mod api;
 pub mod apply;
@@ -47,7 +51,11 @@ pgrx::extension_sql_file!(
         conflict_counters,
         group_create,
         group_join,
-        promote
+        promote,
+        apply_lag,
+        apply_stats,
+        apply_stats_reset,
+        version
     ]
 );
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
@@ -58,6 +66,11 @@ pub extern "C-unwind" fn _PG_init() {
     if !pg::preload_in_progress() {
         error::raise(&error::ConfigError::NotPreloaded);
     }
+    // A user-facing error is one line, a DETAIL and a HINT: never a Rust backtrace. pgrx
+    // attaches one to an error's DETAIL whenever backtraces are enabled in the
+    // environment (RUST_BACKTRACE=1 in the shell that started the server, say); this
+    // turns library backtraces off for the postmaster and every process it forks.
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
     gucs::init();
     pg::shmem::init();
     match error::check_server_config() {

@@ -1,17 +1,27 @@
 //! Receive stage: stream a peer's changes over a replication connection and feed them to
 //! the apply stage, one frame at a time.
 //!
-//! The worker connects to the peer with `replication=database`, starts streaming from its
-//! slot at this node's origin progress (the end of the last remote commit applied here),
-//! answers keepalives and sends standby status updates whose flush position only covers
-//! remote transactions whose local commit is flushed ([`FlushTracker`]). It waits on its
-//! latch and the socket together, so SIGTERM and config reloads act at once.
+//! The worker connects to the peer with `replication=database`, asks `IDENTIFY_SYSTEM`
+//! where the peer's WAL is, starts streaming from its slot at this node's origin progress
+//! (the end of the last remote commit applied here), answers keepalives and sends standby
+//! status updates whose flush position only covers remote transactions whose local commit
+//! is flushed ([`FlushTracker`]). It waits on its latch and the socket together, so SIGTERM
+//! and config reloads act at once.
+//!
+//! It also keeps, in shared memory, what lag needs (`bdr_core::lag`): the peer's WAL
+//! position as last heard, the commit time of a transaction that arrived and is not
+//! applied yet, and the last time a live stream confirmed nothing was pending. While idle
+//! it asks the walsender for a keepalive every second (a status update with the reply
+//! flag), so "caught up" is confirmed, not assumed. A pause (`bdr.apply_pause`) still
+//! reads up to the next transaction's BEGIN and keeps it aside, so a paused stream knows
+//! the commit time of the oldest transaction it is holding back.
 
 use crate::apply::Applier;
 use crate::error::{raise, ApplyError};
 use crate::pg::libpq::{quote_ident, quote_literal, Conn, CopyData};
 use crate::pg::{bgw, shmem, xact};
 use bdr_core::stream::{parse_server_message, status_update, ServerMessage};
+use bdr_core::wire::Message;
 use bdr_core::{dsn, wire};
 use std::time::{Duration, Instant};
 
@@ -30,19 +40,252 @@ fn lib_err(e: crate::pg::libpq::LibpqError) -> ! {
     raise(&ApplyError::Protocol(e.to_string()))
 }
 
+/// How often an idle stream asks the walsender to confirm its position.
+const PING: Duration = Duration::from_secs(1);
+
+/// One replication stream from a peer into the local apply stage.
+struct Stream {
+    conn: Conn,
+    slot: usize,
+    peer: std::rc::Rc<str>,
+    applier: Applier,
+    /// Highest peer position received (data or keepalive).
+    received: u64,
+    last_feedback: Instant,
+    last_reported: (u64, u64),
+    /// A transaction's first frame read while paused, applied first on resume.
+    held: Option<Message>,
+    /// The peer's DSN, for the position probe while paused.
+    peer_dsn: String,
+    probe: Option<(Conn, Instant)>,
+}
+
+impl Stream {
+    /// The peer told us (stream, probe or `IDENTIFY_SYSTEM`) its WAL is at least at
+    /// `peer_lsn`: note it and the time.
+    fn heard(&self, peer_lsn: u64) {
+        shmem::update(self.slot, |s| {
+            s.peer_lsn = s.peer_lsn.max(peer_lsn);
+            s.last_contact_time = xact::now();
+        });
+    }
+
+    /// Read one message without blocking. Data frames are returned; keepalives are
+    /// handled here. `None`: nothing more to read now.
+    fn read(&mut self) -> Option<(u64, Message)> {
+        match self.conn.get_copy_data(true).unwrap_or_else(|e| lib_err(e)) {
+            CopyData::Data(buf) => {
+                let m = parse_server_message(&buf)
+                    .unwrap_or_else(|e| raise(&ApplyError::Protocol(e.to_string())));
+                match m {
+                    ServerMessage::XLogData { start, data, .. } => {
+                        let msg = wire::decode_frame(data).unwrap_or_else(|e| {
+                            raise(&ApplyError::Protocol(format!(
+                                "bad frame from node \"{}\" at {}: {e}",
+                                self.peer,
+                                wire::format_lsn(start)
+                            )))
+                        });
+                        self.received = self.received.max(start);
+                        self.heard(start);
+                        if let Message::Begin(b) = &msg {
+                            // The peer has committed it: its WAL is at least there.
+                            let (t, lsn) = (b.commit_time, b.final_lsn);
+                            shmem::update(self.slot, |s| {
+                                s.pending_commit_time = t;
+                                s.peer_lsn = s.peer_lsn.max(lsn);
+                            });
+                        }
+                        Some((start, msg))
+                    }
+                    ServerMessage::Keepalive {
+                        end,
+                        reply_requested,
+                        ..
+                    } => {
+                        self.received = self.received.max(end);
+                        self.heard(end);
+                        if !self.applier.in_transaction() && self.held.is_none() {
+                            self.applier.tracker.idle_at(end);
+                            if self.applier.tracker.applied_position() >= end {
+                                shmem::update(self.slot, |s| s.caught_up_time = xact::now());
+                            }
+                        }
+                        if reply_requested {
+                            self.last_feedback = Instant::now() - Duration::from_secs(10);
+                        }
+                        self.read()
+                    }
+                }
+            }
+            CopyData::WouldBlock => None,
+            CopyData::Done => raise(&ApplyError::Protocol(format!(
+                "node \"{}\" ended the replication stream",
+                self.peer
+            ))),
+        }
+    }
+
+    /// Wait for the socket (or `timeout`); true on SIGTERM.
+    fn wait(&mut self, timeout: Duration) -> bool {
+        if bgw::wait(Some(self.conn.socket()), timeout) {
+            return true;
+        }
+        self.conn.consume_input().unwrap_or_else(|e| lib_err(e));
+        false
+    }
+
+    /// Send a standby status update; `ping` asks the walsender for a keepalive back.
+    fn feedback(&mut self, ping: bool) {
+        let flushed = self.applier.tracker.flushed(xact::flush_lsn());
+        let applied = self.applier.tracker.applied_position();
+        let upd = status_update(self.received, flushed, applied, xact::now(), ping);
+        self.conn.put_copy_data(&upd).unwrap_or_else(|e| lib_err(e));
+        self.conn.flush().unwrap_or_else(|e| lib_err(e));
+        self.last_feedback = Instant::now();
+        self.last_reported = (flushed, applied);
+        let received = self.received;
+        shmem::update(self.slot, |s| {
+            s.received_lsn = received;
+            s.flushed_lsn = flushed;
+            s.applied_lsn = applied;
+        });
+    }
+
+    /// Feedback at most every 100 ms when there is news, and a ping every second while
+    /// idle (at least every 10 s mid-transaction).
+    fn maybe_feedback(&mut self) {
+        let idle = !self.applier.in_transaction();
+        if !idle && self.last_feedback.elapsed() <= Duration::from_secs(10) {
+            return;
+        }
+        let flushed = self.applier.tracker.flushed(xact::flush_lsn());
+        let news = (flushed, self.applier.tracker.applied_position()) != self.last_reported;
+        let elapsed = self.last_feedback.elapsed();
+        if news && elapsed > Duration::from_millis(100) || elapsed > PING {
+            self.feedback(idle && self.held.is_none());
+        }
+    }
+
+    /// Apply one message, then publish progress once a transaction is complete.
+    fn apply(&mut self, msg: Message) {
+        self.applier.handle(msg);
+        if self.applier.in_transaction() {
+            return;
+        }
+        let (received, applied, t) = (
+            self.received,
+            self.applier.tracker.applied_position(),
+            self.applier.last_commit_time,
+        );
+        let (counts, conflicts) = self.applier.take_counts();
+        let now = xact::now();
+        shmem::update(self.slot, |s| {
+            for (total, new) in s.conflicts.iter_mut().zip(conflicts) {
+                *total += new;
+            }
+            s.stats.add(&counts);
+            // The apply-rate window restarts every minute.
+            if now - s.stats.rate_time > 60_000_000 {
+                s.stats.rate_commits = s.stats.commits;
+                s.stats.rate_time = now;
+            }
+            s.received_lsn = received;
+            s.applied_lsn = applied;
+            s.pending_commit_time = 0;
+            if t != 0 {
+                s.last_applied_commit_time = t;
+            }
+            s.last_message_time = now;
+        });
+    }
+
+    /// Paused (bdr.apply_pause): apply nothing, keep the connection answered, and read
+    /// ahead only to the next transaction's first frame, so its commit time is known.
+    /// True on SIGTERM.
+    fn paused(&mut self) -> bool {
+        shmem::update(self.slot, |s| s.state = shmem::State::Paused);
+        while shmem::pause_requested(self.slot) {
+            if self.held.is_none() {
+                if let Some((_, msg)) = self.read() {
+                    self.held = Some(msg);
+                    continue;
+                }
+            }
+            if self.held.is_none() {
+                if self.wait(Duration::from_millis(200)) {
+                    return true;
+                }
+            } else if bgw::wait(None, Duration::from_millis(200)) {
+                return true;
+            }
+            if self.last_feedback.elapsed() > PING {
+                self.feedback(self.held.is_none());
+            }
+            if self.held.is_some() {
+                self.probe_position();
+            }
+        }
+        self.probe = None;
+        shmem::update(self.slot, |s| s.state = shmem::State::Streaming);
+        false
+    }
+
+    /// While a paused stream holds a transaction back it reads nothing more, so ask the
+    /// peer over an ordinary connection where its WAL is (every 5 s), for lag in bytes.
+    /// Best effort: a failure only leaves the last known position.
+    fn probe_position(&mut self) {
+        if self
+            .probe
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() < Duration::from_secs(5))
+        {
+            return;
+        }
+        let mut conn = match self.probe.take() {
+            Some((c, _)) => c,
+            None => {
+                let dsn = dsn::with_default(&self.peer_dsn, "connect_timeout", "5");
+                match Conn::connect(&dsn, "bdr_position_probe") {
+                    Ok(c) => c,
+                    Err(_) => {
+                        self.probe = None;
+                        return;
+                    }
+                }
+            }
+        };
+        if let Ok(Some(v)) = conn.query_value("SELECT pg_catalog.pg_current_wal_lsn()::text") {
+            if let Some(lsn) = wire::parse_lsn(&v) {
+                self.heard(lsn);
+            }
+        }
+        self.probe = Some((conn, Instant::now()));
+    }
+}
+
 /// Stream from `peer` until SIGTERM. Errors are raised (the worker exits, is restarted).
 pub fn run(slot: usize, dboid: u32, local: (&str, i64), peer: (&str, i64), peer_dsn: &str) {
     let (local, peer, ids) = (local.0, peer.0, (local.1, peer.1));
     let progress = xact::setup_origin(&origin_name(dboid, peer));
-    let mut applier = Applier::new((peer, ids.1), (local, ids.0), progress);
+    let applier = Applier::new((peer, ids.1), (local, ids.0), progress);
     shmem::update(slot, |s| {
         s.state = shmem::State::Connecting;
         s.applied_lsn = progress;
         s.flushed_lsn = progress;
+        s.stats.connects += 1;
     });
     let repl_dsn = dsn::with_default(peer_dsn, "replication", "database");
     let mut conn = Conn::connect(&repl_dsn, &format!("bdr_apply_{local}_from_{peer}"))
         .unwrap_or_else(|e| lib_err(e));
+    // Where the peer's WAL is now: what lag in bytes is measured against until the
+    // stream reports more.
+    let identify = conn.exec("IDENTIFY_SYSTEM").unwrap_or_else(|e| lib_err(e));
+    let peer_lsn = identify
+        .first()
+        .and_then(|r| r.get(2).cloned().flatten())
+        .and_then(|v| wire::parse_lsn(&v))
+        .unwrap_or(0);
     let provider_dboid = conn
         .query_value("SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()")
         .unwrap_or_else(|e| lib_err(e))
@@ -62,111 +305,43 @@ pub fn run(slot: usize, dboid: u32, local: (&str, i64), peer: (&str, i64), peer_
         wire::format_lsn(progress)
     );
 
-    let mut received = progress;
-    let mut last_feedback = Instant::now() - Duration::from_secs(10);
-    let mut last_reported = (0u64, 0u64);
+    let mut st = Stream {
+        conn,
+        slot,
+        peer: applier.peer.clone(),
+        applier,
+        received: progress,
+        last_feedback: Instant::now() - Duration::from_secs(10),
+        last_reported: (0, 0),
+        held: None,
+        peer_dsn: peer_dsn.to_string(),
+        probe: None,
+    };
+    st.heard(peer_lsn);
     loop {
-        // Pause (bdr.apply_pause) takes effect between transactions; the connection stays
-        // open and keeps answering, so the walsender does not time out.
-        if !applier.in_transaction() && shmem::pause_requested(slot) {
-            shmem::update(slot, |s| s.state = shmem::State::Paused);
-            while shmem::pause_requested(slot) {
-                if bgw::wait(None, Duration::from_millis(200)) {
-                    return;
-                }
-                if last_feedback.elapsed() > Duration::from_secs(5) {
-                    let flushed = applier.tracker.flushed(xact::flush_lsn());
-                    let applied = applier.tracker.applied_position();
-                    let upd = status_update(received, flushed, applied, xact::now(), false);
-                    conn.put_copy_data(&upd).unwrap_or_else(|e| lib_err(e));
-                    conn.flush().unwrap_or_else(|e| lib_err(e));
-                    last_feedback = Instant::now();
-                }
-            }
-            shmem::update(slot, |s| s.state = shmem::State::Streaming);
+        // Pause takes effect between transactions; the connection stays open.
+        if !st.applier.in_transaction() && shmem::pause_requested(slot) && st.paused() {
+            return;
         }
-        match conn.get_copy_data(true).unwrap_or_else(|e| lib_err(e)) {
-            CopyData::Data(buf) => {
-                let m = parse_server_message(&buf)
-                    .unwrap_or_else(|e| raise(&ApplyError::Protocol(e.to_string())));
-                match m {
-                    ServerMessage::XLogData { start, data, .. } => {
-                        received = received.max(start);
-                        let msg = wire::decode_frame(data).unwrap_or_else(|e| {
-                            raise(&ApplyError::Protocol(format!(
-                                "bad frame from node \"{peer}\" at {}: {e}",
-                                wire::format_lsn(start)
-                            )))
-                        });
-                        applier.handle(msg);
-                        if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
-                            pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
-                            return;
-                        }
-                        if !applier.in_transaction() {
-                            let (applied, t) =
-                                (applier.tracker.applied_position(), applier.last_commit_time);
-                            let counts = applier.conflict_counts;
-                            shmem::update(slot, |s| {
-                                for (total, new) in s.conflicts.iter_mut().zip(counts) {
-                                    *total = (*total).max(new);
-                                }
-                                s.received_lsn = received;
-                                s.applied_lsn = applied;
-                                s.last_applied_commit_time = t;
-                                s.last_message_time = xact::now();
-                            });
-                        }
-                    }
-                    ServerMessage::Keepalive {
-                        end,
-                        reply_requested,
-                        ..
-                    } => {
-                        received = received.max(end);
-                        if !applier.in_transaction() {
-                            applier.tracker.idle_at(end);
-                        }
-                        if reply_requested {
-                            last_feedback = Instant::now() - Duration::from_secs(10);
-                        }
-                    }
-                }
-            }
-            CopyData::WouldBlock => {
-                if bgw::wait(Some(conn.socket()), Duration::from_millis(1000)) {
+        let next = match st.held.take() {
+            Some(m) => Some(m),
+            None => st.read().map(|(_, m)| m),
+        };
+        match next {
+            Some(msg) => {
+                st.apply(msg);
+                if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
                     pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
                     return;
                 }
-                conn.consume_input().unwrap_or_else(|e| lib_err(e));
             }
-            CopyData::Done => raise(&ApplyError::Protocol(format!(
-                "node \"{peer}\" ended the replication stream"
-            ))),
-        }
-        // Feedback at most every 100 ms when there is news, at least every 10 s.
-        if !applier.in_transaction() || last_feedback.elapsed() > Duration::from_secs(10) {
-            let flushed = applier.tracker.flushed(xact::flush_lsn());
-            let applied = applier.tracker.applied_position();
-            let news = (flushed, applied) != last_reported;
-            let due = last_feedback.elapsed()
-                > if news {
-                    Duration::from_millis(100)
-                } else {
-                    Duration::from_secs(10)
-                };
-            if due {
-                let upd = status_update(received, flushed, applied, xact::now(), false);
-                conn.put_copy_data(&upd).unwrap_or_else(|e| lib_err(e));
-                conn.flush().unwrap_or_else(|e| lib_err(e));
-                last_feedback = Instant::now();
-                last_reported = (flushed, applied);
-                shmem::update(slot, |s| {
-                    s.received_lsn = received;
-                    s.flushed_lsn = flushed;
-                    s.applied_lsn = applied;
-                });
+            None => {
+                if st.wait(Duration::from_millis(250)) {
+                    pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
+                    return;
+                }
             }
         }
+        st.maybe_feedback();
     }
 }

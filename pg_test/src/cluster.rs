@@ -389,7 +389,18 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let failed = std::thread::panicking();
+        let mut failed = std::thread::panicking();
+        let mut forbidden = Vec::new();
+        if !failed {
+            for n in &self.nodes {
+                forbidden.extend(
+                    n.forbidden_log_lines()
+                        .into_iter()
+                        .map(|l| format!("{}: {l}", n.name())),
+                );
+            }
+            failed = !forbidden.is_empty();
+        }
         for n in &self.nodes {
             if failed {
                 eprintln!(
@@ -414,6 +425,12 @@ impl Drop for Cluster {
             for d in &self.extra_dirs {
                 let _ = fs::remove_dir_all(d);
             }
+        }
+        if !forbidden.is_empty() {
+            panic!(
+                "the server logs show a Rust backtrace or a crashed backend:\n{}",
+                forbidden.join("\n")
+            );
         }
     }
 }

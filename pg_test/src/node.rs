@@ -189,6 +189,9 @@ impl Node {
     pub fn try_start(&self) -> Result<(), String> {
         let mut c = self.pg_ctl(&["-w", "-t", PG_CTL_TIMEOUT_SECS, "start"]);
         c.arg("-l").arg(self.log_path());
+        // As a developer's shell often has it: the server must still never show a Rust
+        // backtrace to a user (checked when the cluster is dropped).
+        c.env("RUST_BACKTRACE", "1");
         run(c, &format!("pg_ctl start {}", self.name))
             .map(|_| ())
             .map_err(|e| {
@@ -319,6 +322,23 @@ impl Node {
     }
 
     /// The last `lines` lines of the server log.
+    /// Lines of the server log that must never appear: a Rust backtrace in an error
+    /// report, or a backend that crashed (segfault, abort).
+    pub fn forbidden_log_lines(&self) -> Vec<String> {
+        const MARKS: [&str; 5] = [
+            "pgrx_pg_sys::submodules::panic",
+            "std::backtrace",
+            "stack backtrace:",
+            "terminated by signal 11",
+            "terminated by signal 6",
+        ];
+        self.log()
+            .lines()
+            .filter(|l| MARKS.iter().any(|m| l.contains(m)))
+            .map(str::to_owned)
+            .collect()
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         let s = self.log();
         let all: Vec<&str> = s.lines().collect();

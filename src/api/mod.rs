@@ -7,10 +7,11 @@ use pgrx::prelude::*;
 
 pub mod group;
 pub mod lifecycle;
+pub mod monitor;
 
 /// The extension's version and the wire protocol range it speaks.
 #[pg_extern]
-fn version() -> String {
+pub fn version() -> String {
     format!(
         "bdr {} (protocol {}..{})",
         env!("CARGO_PKG_VERSION"),

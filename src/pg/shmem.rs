@@ -62,8 +62,60 @@ pub struct Slot {
     pub last_applied_commit_time: i64,
     pub last_message_time: i64,
     pub started_at: i64,
-    /// Conflicts resolved, per type (indexed like `Conflict::ALL`).
+    /// Conflicts resolved, per type (indexed like `Conflict::ALL`), since `stats.reset`.
     pub conflicts: [u64; 9],
+    /// What the worker knows of the peer, for lag (see `bdr_core::lag`).
+    pub peer_lsn: u64,
+    pub pending_commit_time: i64,
+    pub caught_up_time: i64,
+    /// Last time anything (data or keepalive) arrived from the peer.
+    pub last_contact_time: i64,
+    pub stats: Stats,
+    /// Logical messages from the peer that were not ours and were skipped.
+    pub skipped_messages: u64,
+}
+
+/// Apply counters since `reset` (`bdr.apply_stats()`, `bdr.apply_stats_reset()`).
+#[derive(Copy, Clone, Default, Debug, PartialEq, Eq)]
+pub struct Stats {
+    pub inserts: u64,
+    pub updates: u64,
+    pub deletes: u64,
+    pub truncates: u64,
+    pub commits: u64,
+    pub ddl: u64,
+    pub errors: u64,
+    pub connects: u64,
+    pub reset: i64,
+    /// Commits and time at the start of the apply-rate window.
+    pub rate_commits: u64,
+    pub rate_time: i64,
+}
+
+impl Stats {
+    const ZERO: Stats = Stats {
+        inserts: 0,
+        updates: 0,
+        deletes: 0,
+        truncates: 0,
+        commits: 0,
+        ddl: 0,
+        errors: 0,
+        connects: 0,
+        reset: 0,
+        rate_commits: 0,
+        rate_time: 0,
+    };
+
+    /// Add what one worker counted since it last published.
+    pub fn add(&mut self, d: &Stats) {
+        self.inserts += d.inserts;
+        self.updates += d.updates;
+        self.deletes += d.deletes;
+        self.truncates += d.truncates;
+        self.commits += d.commits;
+        self.ddl += d.ddl;
+    }
 }
 
 impl Slot {
@@ -84,6 +136,12 @@ impl Slot {
         last_message_time: 0,
         started_at: 0,
         conflicts: [0; 9],
+        peer_lsn: 0,
+        pending_commit_time: 0,
+        caught_up_time: 0,
+        last_contact_time: 0,
+        stats: Stats::ZERO,
+        skipped_messages: 0,
     };
 
     pub fn peer(&self) -> String {
@@ -97,6 +155,16 @@ impl Slot {
         put(&mut self.last_error, msg);
         self.last_error_time = at;
         self.error_count += 1;
+        self.stats.errors += 1;
+    }
+
+    /// Zero the counters (conflicts included), starting a new window at `now`.
+    pub fn reset_stats(&mut self, now: i64) {
+        self.stats = Stats::ZERO;
+        self.stats.reset = now;
+        self.stats.rate_time = now;
+        self.conflicts = [0; 9];
+        self.skipped_messages = 0;
     }
 }
 
@@ -190,6 +258,7 @@ pub fn claim(kind: Kind, dboid: u32, peer: &str, now: i64) -> Option<usize> {
     put(&mut s.peer, peer);
     s.state = State::Starting;
     s.started_at = now;
+    s.reset_stats(now);
     w.slots[i] = s;
     Some(i)
 }

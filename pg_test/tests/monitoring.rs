@@ -1,0 +1,294 @@
+//! Monitoring that tells the truth (issue 11): lag keeps growing while a stream is paused,
+//! erroring or cut off, and falls back to zero once it flows; the runbook's health check
+//! warns; apply counters count; the `bdr_monitor` role sees state but no secrets or rows.
+//!
+//! Each lag scenario writes on node1 for 70 s (the scenario's duration, not a wait for
+//! replication) while node2 cannot apply, then checks node2's view of node1.
+
+use pg_test::bdr::{assert_same_everywhere, form_group, wait_for_catchup, CATCHUP};
+use pg_test::{wait_until, Cluster, Node};
+use postgres::{Client, NoTls};
+use std::time::{Duration, Instant};
+
+const OUTAGE: Duration = Duration::from_secs(70);
+
+fn pair(name: &str) -> Cluster {
+    let c = Cluster::builder().name(name).nodes(2).start();
+    for n in c.nodes() {
+        n.execute(
+            "CREATE EXTENSION bdr;
+             CREATE TABLE t (id bigint PRIMARY KEY, v text);
+             CREATE ROLE app LOGIN;
+             GRANT SELECT, INSERT, UPDATE, DELETE ON t TO app;",
+        );
+    }
+    form_group(&c);
+    c
+}
+
+/// node2's view of node1: (lag seconds, lag bytes, warning), NULLs as None.
+fn lag_of(n: &Node, peer: &str) -> (Option<f64>, Option<f64>, Option<String>) {
+    let r = n
+        .connect()
+        .query_one(
+            "SELECT extract(epoch FROM replication_lag_time)::float8,
+                    replication_lag_bytes::float8, warning
+               FROM bdr.node_status() WHERE node_name = $1",
+            &[&peer],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+/// The runbook's own lag check (seeds/000, `bdr_health_check()`), verbatim.
+fn runbook_lag_status(n: &Node) -> String {
+    n.query_scalar(
+        "SELECT CASE WHEN MAX(replication_lag_time) < INTERVAL '1 minute'
+                     THEN 'OK' ELSE 'WARNING' END
+           FROM bdr.bdr_node_status()",
+    )
+}
+
+fn health(n: &Node, check: &str) -> String {
+    n.connect()
+        .query_one(
+            "SELECT status || ': ' || details FROM bdr.health_check() WHERE check_name = $1",
+            &[&check],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// Write a row on `n` every 100 ms for `d`, as the application role; returns how many.
+fn write_for(n: &Node, d: Duration, from: i64) -> i64 {
+    let mut c = connect_as(n, "app");
+    let start = Instant::now();
+    let mut i = from;
+    while start.elapsed() < d {
+        c.execute("INSERT INTO t VALUES ($1, 'x')", &[&i]).unwrap();
+        i += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    i - from
+}
+
+/// After the outage: node2's lag for node1 is at least 60 s, both health checks warn.
+fn assert_outage_visible(b: &Node, expect_bound: bool) {
+    let (secs, bytes, warning) = lag_of(b, "node1");
+    let secs = secs.unwrap_or_else(|| panic!("lag time is NULL; warning: {warning:?}"));
+    assert!(secs >= 60.0, "lag time {secs} s after a 70 s outage");
+    assert!(bytes.is_some(), "lag bytes unknown; warning {warning:?}");
+    if expect_bound {
+        assert!(
+            warning
+                .as_deref()
+                .is_some_and(|w| w.contains("no confirmation") || w.contains("failing")),
+            "{warning:?}"
+        );
+    } else {
+        assert!(bytes.unwrap() > 0.0, "lag bytes {bytes:?}");
+    }
+    assert_eq!(runbook_lag_status(b), "WARNING");
+    let h = health(b, "Replication Lag");
+    assert!(h.starts_with("WARNING"), "{h}");
+}
+
+/// Back to zero within a bounded time once the stream flows again.
+fn assert_recovers(c: &Cluster) {
+    let b = c.node(1);
+    wait_for_catchup(c);
+    wait_until("node2's lag for node1 back to 0", CATCHUP, || {
+        lag_of(b, "node1").0 == Some(0.0)
+    });
+    assert_eq!(runbook_lag_status(b), "OK");
+    assert!(health(b, "Replication Lag").starts_with("OK"));
+    assert_same_everywhere(c, "t");
+}
+
+#[test]
+fn lag_grows_while_apply_is_paused() {
+    let c = pair("lag_paused");
+    let (a, b) = (c.node(0), c.node(1));
+    wait_until("node2 caught up with node1 (lag 0)", CATCHUP, || {
+        lag_of(b, "node1").0 == Some(0.0)
+    });
+    b.execute("SELECT bdr.apply_pause('node1')");
+    let n = write_for(a, OUTAGE, 1);
+    assert!(n > 100);
+    assert_outage_visible(b, false);
+    b.execute("SELECT bdr.apply_resume('node1')");
+    assert_recovers(&c);
+}
+
+#[test]
+fn lag_grows_while_the_worker_is_erroring() {
+    let c = pair("lag_erroring");
+    let (a, b) = (c.node(0), c.node(1));
+    // A table only node1 has: every change to it fails on node2.
+    a.execute("CREATE TABLE only_on_1 (id int PRIMARY KEY)");
+    a.execute("INSERT INTO only_on_1 VALUES (1)");
+    wait_until("node2's worker for node1 erroring", CATCHUP, || {
+        b.query_scalar::<bool>(
+            "SELECT coalesce(bool_or(state = 'erroring' OR error_count > 0), false) \
+             FROM bdr.apply_workers() WHERE peer = 'node1'",
+        )
+    });
+    write_for(a, OUTAGE, 1);
+    assert_outage_visible(b, false);
+    let h = health(b, "Workers In Error");
+    // The worker may be between two attempts; the counter says it failed meanwhile.
+    let errors: i64 =
+        b.query_scalar("SELECT errors FROM bdr.apply_stats() WHERE peer = 'node1'");
+    assert!(errors >= 1, "errors {errors}; {h}");
+    b.execute("CREATE TABLE only_on_1 (id int PRIMARY KEY)");
+    assert_recovers(&c);
+    assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM only_on_1"), 1);
+}
+
+#[test]
+fn lag_grows_while_the_peer_is_cut_off() {
+    let c = pair("lag_cut");
+    let (a, b) = (c.node(0), c.node(1));
+    wait_until("node2 caught up with node1 (lag 0)", CATCHUP, || {
+        lag_of(b, "node1").0 == Some(0.0)
+    });
+    // node1 refuses the replication role's connections (the apply workers connect as
+    // postgres; a logical replication connection matches its database, not the
+    // `replication` keyword) and drops the one it has: node2 cannot hear from node1,
+    // while the application keeps writing on node1.
+    let mut admin = a.connect();
+    let hba = a.datadir().join("pg_hba.conf");
+    let orig = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host all postgres 127.0.0.1/32 reject\nhost all postgres ::1/128 reject\n{orig}"),
+    )
+    .unwrap();
+    a.reload();
+    // The reload is asynchronous: drop walsenders until node2's worker stays out.
+    wait_until("node2's worker for node1 shut out", CATCHUP, || {
+        admin
+            .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_replication", &[])
+            .unwrap();
+        b.query_scalar::<bool>(
+            "SELECT coalesce(bool_and(state <> 'streaming'), true) FROM bdr.apply_workers()",
+        ) && admin
+            .query_one("SELECT count(*) FROM pg_stat_replication", &[])
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+    });
+    drop(admin);
+    write_for(a, OUTAGE, 1);
+    assert_outage_visible(b, true);
+    // node1 still streams from node2 (only node1 refuses connections), so it is
+    // reachable one way; what node2 applies from it is not flowing.
+    let state: String =
+        b.query_scalar("SELECT apply_state FROM bdr.node_status() WHERE node_name = 'node1'");
+    assert_ne!(state, "streaming");
+    std::fs::write(&hba, orig).unwrap();
+    a.reload();
+    assert_recovers(&c);
+}
+
+#[test]
+fn apply_counters_count_and_reset() {
+    let c = pair("apply_stats");
+    let (a, b) = (c.node(0), c.node(1));
+    a.execute("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 10) g");
+    a.execute("UPDATE t SET v = 'y' WHERE id <= 4");
+    a.execute("DELETE FROM t WHERE id = 10");
+    wait_for_catchup(&c);
+    let stats = |n: &Node| -> (i64, i64, i64, i64) {
+        let r = n
+            .connect()
+            .query_one(
+                "SELECT inserts, updates, deletes, commits FROM bdr.apply_stats() \
+                 WHERE peer = 'node1'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2), r.get(3))
+    };
+    let (i, u, d, commits) = stats(b);
+    assert_eq!((i, u, d), (10, 4, 1));
+    assert!(commits >= 3, "{commits}");
+    assert_eq!(
+        b.query_scalar::<i32>("SELECT bdr.apply_stats_reset('node1')"),
+        1
+    );
+    assert_eq!(stats(b), (0, 0, 0, 0));
+    a.execute("INSERT INTO t VALUES (100, 'z')");
+    wait_for_catchup(&c);
+    assert_eq!(stats(b).0, 1);
+    let last: bool = b.query_scalar(
+        "SELECT last_applied_commit_time > now() - interval '1 minute' FROM bdr.apply_stats() \
+         WHERE peer = 'node1'",
+    );
+    assert!(last);
+}
+
+fn connect_as(n: &Node, user: &str) -> Client {
+    Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} dbname={} user={user}",
+            n.port(),
+            n.dbname()
+        ),
+        NoTls,
+    )
+    .unwrap()
+}
+
+#[test]
+fn bdr_monitor_sees_state_but_no_secrets_or_rows() {
+    let c = pair("monitor_role");
+    let (a, b) = (c.node(0), c.node(1));
+    // A conflict, so conflict_history has a row with tuples in it.
+    for n in c.nodes() {
+        n.execute("SELECT bdr.apply_pause()");
+    }
+    a.execute("INSERT INTO t VALUES (1, 'secret from node1')");
+    b.execute("INSERT INTO t VALUES (1, 'secret from node2')");
+    for n in c.nodes() {
+        n.execute("SELECT bdr.apply_resume()");
+    }
+    wait_for_catchup(&c);
+    for n in c.nodes() {
+        n.execute("CREATE ROLE mon LOGIN IN ROLE bdr_monitor");
+    }
+    let mut m = connect_as(a, "mon");
+    for q in [
+        "SELECT count(*) FROM bdr.node_status()",
+        "SELECT count(*) FROM bdr.health_check()",
+        "SELECT count(*) FROM bdr.apply_stats()",
+        "SELECT count(*) FROM bdr.conflict_counters()",
+        "SELECT count(*) FROM bdr.bdr_node_status()",
+        "SELECT count(*) FROM bdr.bdr_nodes",
+        "SELECT count(conflict_type) FROM bdr.conflict_history",
+    ] {
+        let n: i64 = m
+            .query_one(q, &[])
+            .unwrap_or_else(|e| panic!("{q}: {e}"))
+            .get(0);
+        assert!(n > 0, "{q} returned no rows for bdr_monitor");
+    }
+    let conflicts: i64 = a.query_scalar::<i64>("SELECT count(*) FROM bdr.conflict_history")
+        + b.query_scalar::<i64>("SELECT count(*) FROM bdr.conflict_history");
+    assert!(conflicts > 0);
+    for q in [
+        "SELECT node_dsn FROM bdr.nodes",
+        "SELECT * FROM bdr.nodes",
+        "SELECT remote_tuple FROM bdr.conflict_history",
+        "SELECT local_tuple FROM bdr.conflict_history",
+        "SELECT key FROM bdr.conflict_history",
+        "SELECT * FROM bdr.bdr_conflict_history",
+        "SELECT * FROM t",
+        "SELECT bdr.apply_pause()",
+        "SELECT bdr.apply_stats_reset()",
+    ] {
+        let e = m.query(q, &[]).expect_err(q);
+        let text = pg_test::db_error_text(&e);
+        assert!(text.contains("permission denied"), "{q}: {text}");
+    }
+}
