@@ -21,7 +21,7 @@ use crate::conflict::{
 };
 use crate::error::{raise, ApplyError};
 use crate::pg::exec::{LocalRow, Row, Target};
-use crate::pg::{shmem, xact};
+use crate::pg::{relcache, shmem, xact};
 use crate::write::RelMap;
 use bdr_core::stream::FlushTracker;
 use bdr_core::wire::{self, Message, Value};
@@ -242,12 +242,31 @@ impl Applier {
         };
         self.context(action, Some(name));
         self.see_previous_change();
+        // Lock the table before trusting its cached mapping: taking the lock processes
+        // any change of its definition committed meanwhile, which drops the mapping.
+        if let Some(relid) = self.rels[&relation].map.as_ref().map(|m| m.relid) {
+            // SAFETY: inside the applying transaction.
+            let inv = unsafe { relcache::lock_and_take(relid) };
+            self.forget_mappings(&inv, None);
+        }
         let cache = self.cache_cxt;
         let bound = self.rels.get_mut(&relation).expect("checked above");
         if bound.map.is_none() {
             // SAFETY: inside the applying transaction.
             let map = unsafe { RelMap::build(&bound.remote, cache) };
             bound.map = Some(map.unwrap_or_else(|e| raise(&e)));
+            // Invalidations seen while building describe the table as just read.
+            let inv = relcache::take_invalidated();
+            self.forget_mappings(&inv, Some(relation));
+        }
+        let bound = self.rels.get_mut(&relation).expect("checked above");
+        let kind = match action {
+            "INSERT" => "insert",
+            "UPDATE" => "update",
+            _ => "delete",
+        };
+        if let Some(m) = &bound.map {
+            m.check_may(kind).unwrap_or_else(|e| raise(&e));
         }
         // Move the map out while the closure borrows self mutably.
         let map = bound.map.take().expect("built above");
@@ -265,6 +284,25 @@ impl Applier {
             "INSERT" => self.counts.inserts += 1,
             "UPDATE" => self.counts.updates += 1,
             _ => self.counts.deletes += 1,
+        }
+    }
+
+    /// Drop the cached mapping of every table whose definition changed (all of them on a
+    /// full reset), except peer relation `keep`.
+    fn forget_mappings(&mut self, inv: &relcache::Invalidated, keep: Option<u32>) {
+        if !inv.all && inv.relids.is_empty() {
+            return;
+        }
+        for (id, b) in self.rels.iter_mut() {
+            if Some(*id) == keep {
+                continue;
+            }
+            if b.map
+                .as_ref()
+                .is_some_and(|m| inv.all || inv.relids.contains(&m.relid))
+            {
+                b.map = None;
+            }
         }
     }
 
@@ -612,32 +650,56 @@ impl Applier {
         }
     }
 
+    /// TRUNCATE the local tables of the named peer relations: each must be a table that
+    /// replicates (checked like any change's target) and its owner may truncate it; the
+    /// statement runs as that owner. The peer's CASCADE is not repeated (as native apply
+    /// does not): the peer already listed every table its cascade emptied, and a local-only
+    /// table that refers to one of them makes this an apply error rather than losing rows
+    /// nobody replicated.
     fn truncate(&mut self, t: &wire::Truncate) {
         self.require_transaction("TRUNCATE");
-        let names: Vec<String> = t
+        let names: Vec<std::rc::Rc<str>> = t
             .relations
             .iter()
             .map(|id| match self.rels.get(id) {
-                Some(b) => format!(
-                    "{}.{}",
-                    crate::pg::libpq::quote_ident(&b.remote.schema),
-                    crate::pg::libpq::quote_ident(&b.remote.name)
-                ),
+                Some(b) => b.name.clone(),
                 None => raise(&ApplyError::UnknownRelation(*id)),
             })
             .collect();
         self.context("TRUNCATE", Some(names.join(", ").into()));
         self.see_previous_change();
-        xact::run_sql(&format!(
-            "TRUNCATE ONLY {}{}{}",
-            names.join(", "),
-            if t.restart_identity {
-                " RESTART IDENTITY"
-            } else {
-                ""
-            },
-            if t.cascade { " CASCADE" } else { "" }
-        ));
+        let cache = self.cache_cxt;
+        let mut targets: Vec<(pg_sys::Oid, pg_sys::Oid)> = Vec::new();
+        for id in &t.relations {
+            let bound = self.rels.get_mut(id).expect("checked above");
+            // Always from the catalog as it is now (no cached mapping trusted).
+            // SAFETY: inside the applying transaction.
+            let map = unsafe { RelMap::build(&bound.remote, cache) }.unwrap_or_else(|e| raise(&e));
+            map.check_may("truncate").unwrap_or_else(|e| raise(&e));
+            targets.push((map.relid, map.rights.owner));
+            bound.map = None;
+        }
+        let restart = if t.restart_identity {
+            " RESTART IDENTITY"
+        } else {
+            ""
+        };
+        let same_owner = targets.windows(2).all(|w| w[0].1 == w[1].1);
+        let groups: Vec<&[(pg_sys::Oid, pg_sys::Oid)]> = if same_owner {
+            vec![&targets[..]]
+        } else {
+            targets.chunks(1).collect()
+        };
+        for g in groups {
+            // Names read from the local catalog by OID, never the peer's text.
+            let list: Vec<String> = g
+                .iter()
+                // SAFETY: inside the applying transaction; the tables are known to exist.
+                .map(|(relid, _)| unsafe { relcache::quoted_name(*relid) })
+                .collect();
+            let sql = format!("TRUNCATE ONLY {}{restart}", list.join(", "));
+            crate::pg::exec::as_user(g[0].1, || xact::run_sql(&sql));
+        }
         self.pending_cci = true;
         self.changes += 1;
         self.counts.truncates += 1;

@@ -102,22 +102,7 @@ impl TxnFraming {
     }
 }
 
-/// What the plugin knows of a relation when deciding whether it replicates.
-pub struct RelFacts<'a> {
-    pub permanent: bool,
-    pub schema: &'a str,
-    pub owned_by_extension: bool,
-}
-
-/// Whether changes to a relation are sent to peers.
-pub fn replicates(f: &RelFacts<'_>) -> bool {
-    f.permanent
-        && !f.owned_by_extension
-        && f.schema != "pg_catalog"
-        && f.schema != "information_schema"
-        && !f.schema.starts_with("pg_toast")
-        && f.schema != "bdr"
-}
+pub use bdr_core::replication::{replicates, why_not_replicated, RelFacts};
 
 /// Whether a logical message (`pg_logical_emit_message`) belongs to us.
 pub fn is_our_message(prefix: &str) -> bool {

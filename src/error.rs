@@ -170,6 +170,22 @@ pub enum ApplyError {
     ConcurrentKey { table: String, key: String },
     #[error("unchanged TOAST value for column \"{column}\" of \"{table}\" on an insert or a missing row")]
     ToastWithoutRow { table: String, column: String },
+    #[error("\"{schema}\".\"{name}\" on this node cannot receive replicated changes: {why}")]
+    NotReplicatedTarget {
+        schema: String,
+        name: String,
+        why: &'static str,
+    },
+    #[error("table \"{table}\" changed while a change to it was being applied ({what})")]
+    ShapeChanged { table: String, what: String },
+    #[error("role \"{role}\", owner of \"{table}\", may not {action} it")]
+    OwnerCannotWrite {
+        role: String,
+        table: String,
+        action: &'static str,
+    },
+    #[error("role \"{role}\", owner of \"{table}\", is subject to its row-level security")]
+    RowLevelSecurity { role: String, table: String },
 }
 
 impl PgError for ApplyError {
@@ -184,6 +200,13 @@ impl PgError for ApplyError {
             ApplyError::ConcurrentKey { .. } => PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
             ApplyError::Protocol(_) | ApplyError::UnknownRelation(_) => {
                 PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION
+            }
+            ApplyError::NotReplicatedTarget { .. } => PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            ApplyError::ShapeChanged { .. } => {
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
+            ApplyError::OwnerCannotWrite { .. } | ApplyError::RowLevelSecurity { .. } => {
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE
             }
             _ => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
@@ -202,6 +225,27 @@ impl PgError for ApplyError {
             ),
             ApplyError::NoIdentity { .. } => Some(
                 "Give the table a primary key (or REPLICA IDENTITY FULL) on every node.".into(),
+            ),
+            ApplyError::NotReplicatedTarget { .. } => Some(
+                "Replicated changes go only into ordinary permanent tables outside the system \
+                 and bdr schemas that belong to no extension, as on the sending node. Make the \
+                 local relation such a table (same name, same columns); the apply worker \
+                 retries and resumes where it stopped."
+                    .into(),
+            ),
+            ApplyError::ShapeChanged { .. } => Some(
+                "Nothing to do: the apply worker re-reads the table's definition and retries."
+                    .into(),
+            ),
+            ApplyError::OwnerCannotWrite { .. } => Some(
+                "Changes are applied as the table's owner: grant the owner the privilege on \
+                 its table (or change the owner); the apply worker retries."
+                    .into(),
+            ),
+            ApplyError::RowLevelSecurity { .. } => Some(
+                "Changes are applied as the table's owner: disable FORCE ROW LEVEL SECURITY on \
+                 the table, or make its owner a role that bypasses row-level security."
+                    .into(),
             ),
             _ => None,
         }

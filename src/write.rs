@@ -1,13 +1,22 @@
 //! Write stage, mapping half: turn a peer's relation and rows (text values by column name)
 //! into rows of the local table (datums by attribute number).
 //!
-//! Rules: the local table is found by schema and name; every column the peer sends must
+//! Rules: the local table is found by schema and name, and must be a table that
+//! replicates by the same rule the sender uses (`decode::why_not_replicated`: an ordinary
+//! permanent table outside the system and bdr schemas, of no extension) — never a view, a
+//! partitioned table or a catalog, whatever the peer names; every column the peer sends must
 //! exist locally (else an apply error naming the column, retried until a DBA adds it); local
 //! columns the peer does not send are NULL on INSERT and keep their value on UPDATE;
 //! generated columns are computed locally; an unchanged-TOAST value keeps the local value.
+//!
+//! A mapping is cached per peer relation and dropped whenever the local table's definition
+//! changes (relcache invalidation, see `pg::relcache`), so it always describes the table as
+//! it is. Text values are converted by the column types' input functions as the table's
+//! owner (a domain's CHECK may call the owner's functions), and the owner's privileges on
+//! the table are checked before each kind of change.
 
 use crate::error::ApplyError;
-use crate::pg::exec::{self, InputFn, LocalAttr, Row};
+use crate::pg::exec::{self, InputFn, LocalAttr, OwnerRights, Row};
 use bdr_core::wire::{self, OldRow, ReplicaIdentity, Value};
 use pgrx::pg_sys;
 
@@ -35,6 +44,8 @@ pub struct RelMap {
     inputs: Vec<InputFn>,
     /// Remote column indexes of the key.
     key: Vec<usize>,
+    /// The table's owner and what it may do.
+    pub rights: OwnerRights,
 }
 
 impl RelMap {
@@ -46,13 +57,20 @@ impl RelMap {
     ) -> Result<RelMap, ApplyError> {
         // SAFETY: catalog lookups inside a transaction.
         unsafe {
-            let relid = exec::find_table(&remote.schema, &remote.name).ok_or_else(|| {
-                ApplyError::MissingTable {
+            let missing = || ApplyError::MissingTable {
+                schema: remote.schema.clone(),
+                name: remote.name.clone(),
+            };
+            let relid = exec::find_table(&remote.schema, &remote.name).ok_or_else(missing)?;
+            if let Some(why) = crate::pg::relcache::why_not_target(relid) {
+                return Err(ApplyError::NotReplicatedTarget {
                     schema: remote.schema.clone(),
                     name: remote.name.clone(),
-                }
-            })?;
+                    why,
+                });
+            }
             let attrs = exec::table_attrs(relid);
+            let rights = exec::owner_rights(relid).ok_or_else(missing)?;
             let local_of = map_columns(&remote.columns, &attrs).map_err(|column| {
                 ApplyError::MissingColumn {
                     schema: remote.schema.clone(),
@@ -71,6 +89,34 @@ impl RelMap {
                 natts: attrs.len(),
                 local_of,
                 inputs,
+                rights,
+            })
+        }
+    }
+
+    /// Whether the table's owner may make a change of kind `action` ("insert", "update",
+    /// "delete", "truncate") here, as every change is applied as that owner.
+    pub fn check_may(&self, action: &'static str) -> Result<(), ApplyError> {
+        let r = &self.rights;
+        if r.row_security {
+            return Err(ApplyError::RowLevelSecurity {
+                role: r.name.clone(),
+                table: self.name(),
+            });
+        }
+        let ok = match action {
+            "insert" => r.insert,
+            "update" => r.update,
+            "delete" => r.delete,
+            _ => r.truncate,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(ApplyError::OwnerCannotWrite {
+                role: r.name.clone(),
+                table: self.name(),
+                action,
             })
         }
     }
@@ -92,6 +138,15 @@ impl RelMap {
     /// # Safety
     /// Inside a transaction; datums live in the current memory context.
     pub unsafe fn row(&self, values: &[Value], base: Option<&Row>) -> Result<Row, ApplyError> {
+        // SAFETY: forwarded.
+        exec::as_user(self.rights.owner, || unsafe {
+            self.row_as_owner(values, base)
+        })
+    }
+
+    /// # Safety
+    /// As [`RelMap::row`].
+    unsafe fn row_as_owner(&self, values: &[Value], base: Option<&Row>) -> Result<Row, ApplyError> {
         if values.len() != self.local_of.len() {
             return Err(ApplyError::Protocol(format!(
                 "row for {} has {} values, its metadata {} columns",
@@ -132,7 +187,7 @@ impl RelMap {
         match old {
             // SAFETY: forwarded.
             OldRow::Full(values) => unsafe { self.row(values, None) },
-            OldRow::Key(values) => {
+            OldRow::Key(values) => exec::as_user(self.rights.owner, || {
                 if self.key.is_empty() || values.len() != self.key.len() {
                     return Err(ApplyError::NoIdentity {
                         table: self.name(),
@@ -149,7 +204,7 @@ impl RelMap {
                     };
                 }
                 Ok(row)
-            }
+            }),
         }
     }
 

@@ -1,5 +1,6 @@
 pub mod conflict;
 pub mod dsn;
 pub mod lag;
+pub mod replication;
 pub mod stream;
 pub mod wire;

@@ -137,8 +137,7 @@ fn lag_grows_while_the_worker_is_erroring() {
     assert_outage_visible(b, false);
     let h = health(b, "Workers In Error");
     // The worker may be between two attempts; the counter says it failed meanwhile.
-    let errors: i64 =
-        b.query_scalar("SELECT errors FROM bdr.apply_stats() WHERE peer = 'node1'");
+    let errors: i64 = b.query_scalar("SELECT errors FROM bdr.apply_stats() WHERE peer = 'node1'");
     assert!(errors >= 1, "errors {errors}; {h}");
     b.execute("CREATE TABLE only_on_1 (id int PRIMARY KEY)");
     assert_recovers(&c);
@@ -168,7 +167,10 @@ fn lag_grows_while_the_peer_is_cut_off() {
     // The reload is asynchronous: drop walsenders until node2's worker stays out.
     wait_until("node2's worker for node1 shut out", CATCHUP, || {
         admin
-            .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_replication", &[])
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_replication",
+                &[],
+            )
             .unwrap();
         b.query_scalar::<bool>(
             "SELECT coalesce(bool_and(state <> 'streaming'), true) FROM bdr.apply_workers()",

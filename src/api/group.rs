@@ -874,6 +874,9 @@ fn set_pause(peer: Option<&str>, pause: bool) -> i32 {
             fail(GroupError::UnknownPeer(p.into()));
         }
     }
+    if peer.is_none() {
+        shmem::set_pause_all(dboid, pause);
+    }
     let mut n = 0;
     for (i, s) in shmem::all_indexed() {
         if s.kind == shmem::Kind::Apply && s.dboid == dboid && peer.is_none_or(|p| s.peer() == p) {

@@ -34,6 +34,7 @@ fn apply_slots() -> Vec<shmem::Slot> {
 /// (`bdr_core::lag`): bytes and microseconds (NULL when unknown) and whether the time is
 /// an upper bound because the peer has not confirmed within the last 10 seconds.
 #[pg_extern]
+#[allow(clippy::type_complexity)]
 pub fn apply_lag() -> TableIterator<
     'static,
     (
@@ -80,6 +81,7 @@ pub fn apply_lag() -> TableIterator<
 /// commits, conflicts, errors, reconnects, skipped messages, and the apply rate (commits
 /// per second over the last one to two minutes).
 #[pg_extern]
+#[allow(clippy::type_complexity)]
 pub fn apply_stats() -> TableIterator<
     'static,
     (
@@ -140,8 +142,7 @@ pub fn apply_stats_reset(peer: default!(Option<&str>, "NULL")) -> i32 {
     let now = xact::now();
     let mut count = 0;
     for (i, s) in shmem::all_indexed() {
-        if s.kind == shmem::Kind::Apply && s.dboid == dboid && peer.is_none_or(|p| s.peer() == p)
-        {
+        if s.kind == shmem::Kind::Apply && s.dboid == dboid && peer.is_none_or(|p| s.peer() == p) {
             shmem::update(i, |s| {
                 // A reset does not forget that the worker is connected.
                 let connected = s.stats.connects.min(1);

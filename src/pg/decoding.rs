@@ -492,6 +492,7 @@ unsafe fn build_entry(rel: pg_sys::Relation) -> RelEntry {
         let name = cstring(form.relname.data.as_ptr());
         let in_ext = pg_sys::getExtensionOfObject(pg_sys::RelationRelationId, relid);
         let replicate = decode::replicates(&RelFacts {
+            plain_table: form.relkind as u8 == pg_sys::RELKIND_RELATION,
             permanent: form.relpersistence as u8 == pg_sys::RELPERSISTENCE_PERMANENT,
             schema: &schema,
             owned_by_extension: in_ext != pg_sys::InvalidOid,

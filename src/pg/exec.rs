@@ -8,11 +8,106 @@
 //!
 //! Invariants: every function here runs inside a transaction with an active snapshot; a
 //! [`Target`] is closed with [`Target::close`] (after-trigger queue flushed, executor state
-//! freed) before the transaction commits.
+//! freed) before the transaction commits. Everything that can run code a table's owner
+//! wrote (triggers, CHECK and index expressions, type input functions of domains) runs as
+//! that owner inside a security-restricted operation ([`as_user`]), as PostgreSQL 16+
+//! native apply does: a table owner cannot make the apply worker act as a superuser.
 
 use pgrx::pg_sys;
 use pgrx::{PgBox, PgList};
 use std::ffi::{c_char, CStr, CString};
+
+/// Restores the user and security context saved by [`as_user`], also when an error
+/// unwinds through it.
+struct RestoreUser(pg_sys::Oid, i32);
+
+impl Drop for RestoreUser {
+    fn drop(&mut self) {
+        // SAFETY: restores the values read by GetUserIdAndSecContext.
+        unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+    }
+}
+
+/// Run `f` as `role`, inside a security-restricted operation (no SET ROLE, no temp
+/// objects, no session-level changes; see `SECURITY_RESTRICTED_OPERATION`).
+pub fn as_user<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
+    // SAFETY: plain reads and writes of the backend's current user and context.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
+        pg_sys::SetUserIdAndSecContext(
+            role,
+            sec | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION)
+                as i32,
+        );
+    }
+    let _restore = RestoreUser(user, sec);
+    f()
+}
+
+/// The owner of `relid`, and whether that owner may insert, update and delete in it and
+/// is exempt from its row-level security; `None` if the table is gone.
+///
+/// # Safety
+/// Inside a transaction.
+pub unsafe fn owner_rights(relid: pg_sys::Oid) -> Option<OwnerRights> {
+    // SAFETY: syscache lookups inside a transaction.
+    unsafe {
+        let owner = rel_owner(relid)?;
+        let may = |mode: u32| {
+            pg_sys::pg_class_aclcheck(relid, owner, mode as pg_sys::AclMode)
+                == pg_sys::AclResult::ACLCHECK_OK
+        };
+        let rls = pg_sys::check_enable_rls(relid, owner, true)
+            == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32;
+        let name = pg_sys::GetUserNameFromId(owner, true);
+        Some(OwnerRights {
+            owner,
+            name: if name.is_null() {
+                owner.to_u32().to_string()
+            } else {
+                CStr::from_ptr(name).to_string_lossy().into_owned()
+            },
+            insert: may(pg_sys::ACL_INSERT),
+            update: may(pg_sys::ACL_UPDATE),
+            delete: may(pg_sys::ACL_DELETE),
+            truncate: may(pg_sys::ACL_TRUNCATE),
+            row_security: rls,
+        })
+    }
+}
+
+/// See [`owner_rights`].
+#[derive(Debug, Clone)]
+pub struct OwnerRights {
+    pub owner: pg_sys::Oid,
+    pub name: String,
+    pub insert: bool,
+    pub update: bool,
+    pub delete: bool,
+    pub truncate: bool,
+    /// Row-level security applies to the owner (FORCE ROW LEVEL SECURITY).
+    pub row_security: bool,
+}
+
+/// # Safety
+/// Inside a transaction.
+unsafe fn rel_owner(relid: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    // SAFETY: a syscache lookup, released before returning.
+    unsafe {
+        let tup = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::RELOID as i32,
+            pg_sys::Datum::from(relid),
+        );
+        if tup.is_null() {
+            return None;
+        }
+        let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tup);
+        let owner = (*form).relowner;
+        pg_sys::ReleaseSysCache(tup);
+        Some(owner)
+    }
+}
 
 /// What the mapping code needs to know about a local table's attributes.
 #[derive(Debug, Clone)]
@@ -139,6 +234,8 @@ pub struct Target {
     /// Replica identity index (primary key or chosen index), or InvalidOid.
     pub identity_index: pg_sys::Oid,
     pub natts: usize,
+    /// The table's owner: what runs its code runs as this role.
+    owner: pg_sys::Oid,
 }
 
 /// Values for every attribute of the table (index = attnum - 1); `None` is NULL.
@@ -173,6 +270,7 @@ impl Target {
                 rri,
                 identity_index: pg_sys::RelationGetReplicaIndex(rel),
                 natts: (*(*rel).rd_att).natts as usize,
+                owner: (*(*rel).rd_rel).relowner,
             }
         }
     }
@@ -183,7 +281,8 @@ impl Target {
         // SAFETY: reverses `open`; the relation stays locked until commit.
         unsafe {
             pg_sys::ExecCloseIndices(self.rri);
-            pg_sys::AfterTriggerEndQuery(self.estate);
+            // AFTER triggers fire here: as the owner.
+            as_user(self.owner, || pg_sys::AfterTriggerEndQuery(self.estate));
             pg_sys::ExecResetTupleTable((*self.estate).es_tupleTable, false);
             pg_sys::FreeExecutorState(self.estate);
             pg_sys::table_close(self.rel, pg_sys::NoLock as i32);
@@ -191,8 +290,16 @@ impl Target {
     }
 
     /// # Safety
-    /// `row.len() == natts`.
+    /// See [`Target::open`]. A row of another width than the table's is refused with an
+    /// ERROR (the table changed under a cached mapping), never stored.
     unsafe fn virtual_slot(&self, row: &Row) -> *mut pg_sys::TupleTableSlot {
+        if row.len() != self.natts {
+            crate::error::raise(&crate::error::ApplyError::ShapeChanged {
+                // SAFETY: the relation is open.
+                table: unsafe { relation_name(self.relid()) },
+                what: format!("{} columns now, {} in the row", self.natts, row.len()),
+            });
+        }
         // SAFETY: a virtual slot of the relation's descriptor, filled attribute by attribute.
         unsafe {
             let slot = pg_sys::ExecInitExtraTupleSlot(
@@ -213,7 +320,9 @@ impl Target {
         // SAFETY: slot built for this relation.
         unsafe {
             let slot = self.virtual_slot(row);
-            pg_sys::ExecSimpleRelationInsert(self.rri, self.estate, slot);
+            as_user(self.owner, || {
+                pg_sys::ExecSimpleRelationInsert(self.rri, self.estate, slot)
+            });
         }
     }
 
@@ -243,8 +352,8 @@ impl Target {
     pub unsafe fn try_insert(&self, row: &Row) -> bool {
         // SAFETY: the steps of ExecSimpleRelationInsert, with the speculative insertion
         // protocol of ExecInsert's ON CONFLICT branch around the heap and index writes.
-        unsafe {
-            let slot = self.virtual_slot(row);
+        let slot = unsafe { self.virtual_slot(row) };
+        as_user(self.owner, || unsafe {
             pg_sys::CheckCmdReplicaIdentity(self.rel, pg_sys::CmdType::CMD_INSERT);
             if !(*(*self.rel).rd_att).constr.is_null() {
                 pg_sys::ExecConstraints(self.rri, slot, self.estate);
@@ -291,7 +400,7 @@ impl Target {
                 );
             }
             ok
-        }
+        })
     }
 
     /// Find the local row matching `key` (identity columns set, others NULL) and lock it.
@@ -302,8 +411,8 @@ impl Target {
     /// See [`Target::open`].
     pub unsafe fn find(&self, key: &Row) -> Option<LocalRow> {
         // SAFETY: both slots belong to this relation and this executor state.
-        unsafe {
-            let search = self.virtual_slot(key);
+        let search = unsafe { self.virtual_slot(key) };
+        as_user(self.owner, || unsafe {
             let found = pg_sys::table_slot_create(self.rel, &mut (*self.estate).es_tupleTable);
             let ok = if self.identity_index != pg_sys::InvalidOid {
                 pg_sys::RelationFindReplTupleByIndex(
@@ -322,7 +431,7 @@ impl Target {
                 )
             };
             ok.then_some(LocalRow { slot: found })
-        }
+        })
     }
 
     /// Run `f` with an initialised EvalPlanQual state (what ExecSimpleRelationUpdate and
@@ -354,8 +463,10 @@ impl Target {
         // SAFETY: as in find.
         unsafe {
             let slot = self.virtual_slot(row);
-            self.with_epq(|epq| {
-                pg_sys::ExecSimpleRelationUpdate(self.rri, self.estate, epq, old.slot, slot)
+            as_user(self.owner, || {
+                self.with_epq(|epq| {
+                    pg_sys::ExecSimpleRelationUpdate(self.rri, self.estate, epq, old.slot, slot)
+                })
             });
         }
     }
@@ -367,8 +478,10 @@ impl Target {
     pub unsafe fn delete(&self, old: &LocalRow) {
         // SAFETY: as in update.
         unsafe {
-            self.with_epq(|epq| {
-                pg_sys::ExecSimpleRelationDelete(self.rri, self.estate, epq, old.slot)
+            as_user(self.owner, || {
+                self.with_epq(|epq| {
+                    pg_sys::ExecSimpleRelationDelete(self.rri, self.estate, epq, old.slot)
+                })
             });
         }
     }
@@ -538,8 +651,8 @@ impl Target {
     /// See [`Target::open`].
     pub unsafe fn find_by_index(&self, index: pg_sys::Oid, row: &Row) -> Option<LocalRow> {
         // SAFETY: as in find.
-        unsafe {
-            let search = self.virtual_slot(row);
+        let search = unsafe { self.virtual_slot(row) };
+        as_user(self.owner, || unsafe {
             let found = pg_sys::table_slot_create(self.rel, &mut (*self.estate).es_tupleTable);
             pg_sys::RelationFindReplTupleByIndex(
                 self.rel,
@@ -549,7 +662,7 @@ impl Target {
                 found,
             )
             .then_some(LocalRow { slot: found })
-        }
+        })
     }
 }
 

@@ -6,6 +6,7 @@ pub mod bgw;
 pub mod decoding;
 pub mod exec;
 pub mod libpq;
+pub mod relcache;
 pub mod shmem;
 pub mod xact;
 

@@ -192,6 +192,9 @@ pub struct Workers {
     /// inserted a row where it saw no tombstone re-checks for one while this is non-zero
     /// (or the epoch moved): see `Applier::verify_no_new_tombstone`.
     pub tombstone_writers: u32,
+    /// Databases where `bdr.apply_pause()` (all peers) is in force: a worker slot
+    /// created there later starts paused too.
+    pub paused_dbs: [u32; 16],
 }
 
 impl Default for Workers {
@@ -200,6 +203,22 @@ impl Default for Workers {
             slots: [Slot::EMPTY; MAX_WORKERS],
             tombstone_epoch: 0,
             tombstone_writers: 0,
+            paused_dbs: [0; 16],
+        }
+    }
+}
+
+/// Record that every apply worker of `dboid` is (or no longer is) to be paused, including
+/// those started later.
+pub fn set_pause_all(dboid: u32, pause: bool) {
+    let mut w = WORKERS.exclusive();
+    if let Some(p) = w.paused_dbs.iter_mut().find(|d| **d == dboid) {
+        if !pause {
+            *p = 0;
+        }
+    } else if pause {
+        if let Some(p) = w.paused_dbs.iter_mut().find(|d| **d == 0) {
+            *p = dboid;
         }
     }
 }
@@ -252,7 +271,9 @@ pub fn claim(kind: Kind, dboid: u32, peer: &str, now: i64) -> Option<usize> {
         return None;
     }
     let i = w.slots.iter().position(|s| s.kind == Kind::Free)?;
+    let paused = w.paused_dbs.contains(&dboid);
     let mut s = Slot::EMPTY;
+    s.pause_requested = paused && kind == Kind::Apply;
     s.kind = kind;
     s.dboid = dboid;
     put(&mut s.peer, peer);

@@ -33,6 +33,7 @@ pub extern "C-unwind" fn bdr_apply_main(arg: pg_sys::Datum) {
         return;
     };
     xact::install_error_context();
+    crate::pg::relcache::watch();
     PgTryBuilder::new(|| {
         crate::receive::run(
             slot,
