@@ -5,6 +5,7 @@
 #   make install   build and install the extension into the system PostgreSQL 15
 #   make bench     benchmarks against native logical replication and pglogical
 #   make bench-profile  perf profiles of the bdr and native apply processes
+#   make lint      rustfmt, clippy, shellcheck, and the tests of the scripts
 #   make clean     remove build output and scratch clusters
 #
 # Every target bootstraps what it needs first (scripts/bootstrap.sh, idempotent).
@@ -20,7 +21,7 @@ TEST_THREADS ?= 2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo --sudo)
 
 .PHONY: all bootstrap build install test test-unit test-pg test-cluster demo demo-stop \
-        bench bench-profile soak fmt lint clean
+        bench bench-profile soak fmt lint shellcheck test-scripts clean
 
 all: build
 
@@ -74,9 +75,21 @@ bench-profile: bootstrap
 fmt:
 	cargo fmt --all
 
-lint:
+# Every shell script in the repository (CI's entry point has no .sh suffix).
+SHELL_SCRIPTS = $(shell find . -name '*.sh' -not -path './target/*' -not -path './.demo/*' | sort) .ci/run
+
+lint: bootstrap
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	$(MAKE) --no-print-directory shellcheck test-scripts
+
+shellcheck:
+	shellcheck $(SHELL_SCRIPTS)
+
+# Tests of the scripts themselves (no build, no network): the bootstrap on a simulated
+# empty machine.
+test-scripts:
+	bash scripts/test-bootstrap.sh
 
 clean:
 	cargo clean
