@@ -2,7 +2,7 @@
 #
 #   make demo      build, install, start a 3-node local cluster and show replication
 #   make test      every test tier: pure Rust, #[pg_test] in a server, multi-node scenarios
-#   make install   build and install the extension into the system PostgreSQL 15
+#   make install   build (release) and install the extension into the system PostgreSQL 15
 #   make bench     benchmarks against native logical replication and pglogical
 #   make bench-profile  perf profiles of the bdr and native apply processes
 #   make lint      rustfmt, clippy, shellcheck, and the tests of the scripts
@@ -20,7 +20,7 @@ DEMO_DIR ?= $(CURDIR)/.demo
 TEST_THREADS ?= 2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo --sudo)
 
-.PHONY: all bootstrap build install test test-unit test-pg test-cluster demo demo-stop \
+.PHONY: all bootstrap build install install-debug test test-unit test-pg test-cluster demo demo-stop \
         bench bench-profile soak fmt lint shellcheck test-scripts clean
 
 all: build
@@ -32,7 +32,13 @@ build: bootstrap
 	cargo build
 
 install: bootstrap
-	@echo "==> building and installing the bdr extension into $$($(PG_CONFIG) --pkglibdir)"
+	@echo "==> building (release) and installing the bdr extension into $$($(PG_CONFIG) --pkglibdir)"
+	cargo pgrx install --release --pg-config $(PG_CONFIG) $(SUDO)
+
+# Internal: the debug build (debug assertions on, faster to compile) that the multi-node
+# test tier runs against. `make test` and `make soak` use it; `make install` is release.
+install-debug: bootstrap
+	@echo "==> building (debug, for the tests) and installing the bdr extension into $$($(PG_CONFIG) --pkglibdir)"
 	cargo pgrx install --pg-config $(PG_CONFIG) $(SUDO)
 
 test: bootstrap
@@ -40,8 +46,8 @@ test: bootstrap
 	cargo test -p bdr-core
 	@echo "==> [2/3] #[pg_test] tests inside a PostgreSQL server"
 	$(MAKE) --no-print-directory test-pg
-	@echo "==> [3/3] multi-node scenarios on real postmasters"
-	$(MAKE) --no-print-directory install
+	@echo "==> [3/3] multi-node scenarios on real postmasters (debug build)"
+	$(MAKE) --no-print-directory install-debug
 	$(MAKE) --no-print-directory test-cluster
 
 test-unit: bootstrap
@@ -61,7 +67,7 @@ demo: install
 demo-stop:
 	@bash scripts/demo.sh stop "$(DEMO_DIR)"
 
-soak: install
+soak: install-debug
 	BDR_SOAK_SEEDS=$${BDR_SOAK_SEEDS:-300} cargo test -p pg_test --test conflicts randomized -- --nocapture
 
 bench: bootstrap
