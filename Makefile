@@ -21,7 +21,7 @@ TEST_THREADS ?= 2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo --sudo)
 
 .PHONY: all bootstrap build install install-debug test test-unit test-pg test-cluster demo demo-stop \
-        bench bench-profile soak fmt lint shellcheck test-scripts clean
+        bench bench-profile soak fmt lint shellcheck test-scripts test-alerts clean
 
 all: build
 
@@ -87,10 +87,20 @@ SHELL_SCRIPTS = $(shell find . -name '*.sh' -not -path './target/*' -not -path '
 lint: bootstrap
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	$(MAKE) --no-print-directory shellcheck test-scripts
+	$(MAKE) --no-print-directory shellcheck test-scripts test-alerts
 
 shellcheck:
 	shellcheck $(SHELL_SCRIPTS)
+
+# The Prometheus alerting rules: syntax and unit tests (promtool, Debian package
+# `prometheus`; skipped with a note when it is not installed).
+PROMTOOL ?= promtool
+test-alerts:
+	@if command -v $(PROMTOOL) >/dev/null 2>&1; then \
+	  set -e; cd contrib/prometheus; \
+	  $(PROMTOOL) check rules bdr-alerts.yml; \
+	  $(PROMTOOL) test rules bdr-alerts.test.yml; \
+	else echo "note: $(PROMTOOL) not installed: alert rule tests skipped (apt-get install prometheus, or PROMTOOL=/path/to/promtool)"; fi
 
 # Tests of the scripts themselves (no build, no network): the bootstrap on a simulated
 # empty machine.
