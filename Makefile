@@ -3,6 +3,7 @@
 #   make demo      build, install, start a 3-node local cluster and show replication
 #   make test      every test tier: pure Rust, #[pg_test] in a server, multi-node scenarios
 #   make install   build (release) and install the extension into the system PostgreSQL 15
+#   make package   Debian package of the release build (target/debian/postgresql-15-bdr_*.deb)
 #   make bench     benchmarks against native logical replication and pglogical
 #   make bench-profile  perf profiles of the bdr and native apply processes
 #   make lint      rustfmt, clippy, shellcheck, and the tests of the scripts
@@ -20,7 +21,7 @@ DEMO_DIR ?= $(CURDIR)/.demo
 TEST_THREADS ?= 2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo --sudo)
 
-.PHONY: all bootstrap build install install-debug test test-unit test-pg test-cluster demo demo-stop \
+.PHONY: all bootstrap build install install-debug package test-package test test-unit test-pg test-cluster demo demo-stop \
         bench bench-profile soak fmt lint shellcheck test-scripts test-alerts clean
 
 all: build
@@ -40,6 +41,16 @@ install: bootstrap
 install-debug: bootstrap
 	@echo "==> building (debug, for the tests) and installing the bdr extension into $$($(PG_CONFIG) --pkglibdir)"
 	cargo pgrx install --pg-config $(PG_CONFIG) $(SUDO)
+
+# A Debian package of the release build, for servers without Rust (see README.md,
+# "Production install").
+package: bootstrap
+	@bash scripts/package.sh
+
+# On demand, not part of `make test`: builds the package, replaces any `make install` files
+# in the system PostgreSQL 15 with it (dpkg -i), runs a 2-node group, then dpkg -r.
+test-package: bootstrap
+	@bash scripts/test-package.sh
 
 test: bootstrap
 	@echo "==> [1/3] pure Rust tests (wire format, conflict policy)"
