@@ -2,9 +2,11 @@
 #
 #   make demo      build, install, start a 3-node local cluster and show replication
 #   make test      every test tier: pure Rust, #[pg_test] in a server, multi-node scenarios
-#   make install   build and install the extension into the system PostgreSQL 15
+#   make install   build (release) and install the extension into the system PostgreSQL 15
+#   make package   Debian package of the release build (target/debian/postgresql-15-bdr_*.deb)
 #   make bench     benchmarks against native logical replication and pglogical
 #   make bench-profile  perf profiles of the bdr and native apply processes
+#   make lint      rustfmt, clippy, shellcheck, and the tests of the scripts
 #   make clean     remove build output and scratch clusters
 #
 # Every target bootstraps what it needs first (scripts/bootstrap.sh, idempotent).
@@ -19,8 +21,8 @@ DEMO_DIR ?= $(CURDIR)/.demo
 TEST_THREADS ?= 2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo --sudo)
 
-.PHONY: all bootstrap build install test test-unit test-pg test-cluster demo demo-stop \
-        bench bench-profile soak fmt lint clean
+.PHONY: all bootstrap build install install-debug package test-package test test-unit test-pg test-cluster demo demo-stop \
+        bench bench-profile soak fmt lint shellcheck test-scripts test-alerts clean
 
 all: build
 
@@ -31,16 +33,32 @@ build: bootstrap
 	cargo build
 
 install: bootstrap
-	@echo "==> building and installing the bdr extension into $$($(PG_CONFIG) --pkglibdir)"
+	@echo "==> building (release) and installing the bdr extension into $$($(PG_CONFIG) --pkglibdir)"
+	cargo pgrx install --release --pg-config $(PG_CONFIG) $(SUDO)
+
+# Internal: the debug build (debug assertions on, faster to compile) that the multi-node
+# test tier runs against. `make test` and `make soak` use it; `make install` is release.
+install-debug: bootstrap
+	@echo "==> building (debug, for the tests) and installing the bdr extension into $$($(PG_CONFIG) --pkglibdir)"
 	cargo pgrx install --pg-config $(PG_CONFIG) $(SUDO)
+
+# A Debian package of the release build, for servers without Rust (see README.md,
+# "Production install").
+package: bootstrap
+	@bash scripts/package.sh
+
+# On demand, not part of `make test`: builds the package, replaces any `make install` files
+# in the system PostgreSQL 15 with it (dpkg -i), runs a 2-node group, then dpkg -r.
+test-package: bootstrap
+	@bash scripts/test-package.sh
 
 test: bootstrap
 	@echo "==> [1/3] pure Rust tests (wire format, conflict policy)"
 	cargo test -p bdr-core
 	@echo "==> [2/3] #[pg_test] tests inside a PostgreSQL server"
 	$(MAKE) --no-print-directory test-pg
-	@echo "==> [3/3] multi-node scenarios on real postmasters"
-	$(MAKE) --no-print-directory install
+	@echo "==> [3/3] multi-node scenarios on real postmasters (debug build)"
+	$(MAKE) --no-print-directory install-debug
 	$(MAKE) --no-print-directory test-cluster
 
 test-unit: bootstrap
@@ -60,7 +78,7 @@ demo: install
 demo-stop:
 	@bash scripts/demo.sh stop "$(DEMO_DIR)"
 
-soak: install
+soak: install-debug
 	BDR_SOAK_SEEDS=$${BDR_SOAK_SEEDS:-300} cargo test -p pg_test --test conflicts randomized -- --nocapture
 
 bench: bootstrap
@@ -74,9 +92,31 @@ bench-profile: bootstrap
 fmt:
 	cargo fmt --all
 
-lint:
+# Every shell script in the repository (CI's entry point has no .sh suffix).
+SHELL_SCRIPTS = $(shell find . -name '*.sh' -not -path './target/*' -not -path './.demo/*' | sort) .ci/run
+
+lint: bootstrap
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	$(MAKE) --no-print-directory shellcheck test-scripts test-alerts
+
+shellcheck:
+	shellcheck $(SHELL_SCRIPTS)
+
+# The Prometheus alerting rules: syntax and unit tests (promtool, Debian package
+# `prometheus`; skipped with a note when it is not installed).
+PROMTOOL ?= promtool
+test-alerts:
+	@if command -v $(PROMTOOL) >/dev/null 2>&1; then \
+	  set -e; cd contrib/prometheus; \
+	  $(PROMTOOL) check rules bdr-alerts.yml; \
+	  $(PROMTOOL) test rules bdr-alerts.test.yml; \
+	else echo "note: $(PROMTOOL) not installed: alert rule tests skipped (apt-get install prometheus, or PROMTOOL=/path/to/promtool)"; fi
+
+# Tests of the scripts themselves (no build, no network): the bootstrap on a simulated
+# empty machine.
+test-scripts:
+	bash scripts/test-bootstrap.sh
 
 clean:
 	cargo clean

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 SUDO=$([ "$(id -u)" = 0 ] || echo --sudo)
 echo "==> building and installing bdr (release, with line tables for profiles)"
-CARGO_PROFILE_RELEASE_DEBUG=line-tables-only cargo pgrx install --release --pg-config "$PG_CONFIG" $SUDO
+CARGO_PROFILE_RELEASE_DEBUG=line-tables-only cargo pgrx install --release --pg-config "$PG_CONFIG" ${SUDO:+"$SUDO"}
 if [ "${1:-}" = profile ]; then
   # make bench-profile: perf profiles of the apply process, bdr and native side by side.
   for sys in bdr native; do

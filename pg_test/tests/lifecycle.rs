@@ -1,19 +1,44 @@
-//! Node lifecycle and monitoring, and the BDR runbook (`../shared/seeds/000_*.txt`) run as
-//! written: its SQL is read from the seed file itself; only the DSNs' host, port and
-//! database are replaced by the test nodes'.
+//! Node lifecycle and monitoring, and the BDR runbook run as written: its SQL is read from
+//! the runbook itself (`pg_test/fixtures/runbook_000.txt`, a copy of `seeds/000_*.txt`);
+//! only the DSNs' host, port and database are replaced by the test nodes'.
 
 use pg_test::bdr::{assert_same_everywhere, wait_for_catchup, CATCHUP};
 use pg_test::{wait_until, Cluster, Node};
 use std::path::PathBuf;
 
+/// The runbook, from the repository's fixture (no file outside the repository is needed).
 fn runbook() -> String {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/seeds");
-    let entry = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("the runbook lives in {}: {e}", dir.display()))
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/runbook_000.txt");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Where a checkout sits beside the shared material (`../shared/seeds` from the repository
+/// root), the fixture must still be the seed it was copied from.
+#[test]
+fn runbook_fixture_equals_the_seed_when_present() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let seeds = root.join("../shared/seeds");
+    if !seeds.is_dir() {
+        println!(
+            "note: {} does not exist; fixture not compared with the seed",
+            seeds.display()
+        );
+        return;
+    }
+    let seed = std::fs::read_dir(&seeds)
+        .unwrap_or_else(|e| panic!("{}: {e}", seeds.display()))
         .filter_map(|e| e.ok())
         .find(|e| e.file_name().to_string_lossy().starts_with("000_"))
-        .expect("seeds/000_*.txt");
-    std::fs::read_to_string(entry.path()).unwrap()
+        .unwrap_or_else(|| panic!("no 000_*.txt in {}", seeds.display()))
+        .path();
+    let seed_text = std::fs::read_to_string(&seed).unwrap();
+    assert!(
+        seed_text == runbook(),
+        "pg_test/fixtures/runbook_000.txt differs from {}: copy the seed over the fixture \
+         (and check the runbook tests still pass)",
+        seed.display()
+    );
+    println!("fixture equals {}", seed.display());
 }
 
 /// The text of the runbook from `start` through the first `end` after it.
