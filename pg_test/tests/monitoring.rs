@@ -294,3 +294,47 @@ fn bdr_monitor_sees_state_but_no_secrets_or_rows() {
         assert!(text.contains("permission denied"), "{q}: {text}");
     }
 }
+
+#[test]
+fn user_facing_errors_carry_no_rust_backtrace() {
+    // The harness starts every server with RUST_BACKTRACE=1, as a developer's shell has.
+    let c = Cluster::builder().name("no_backtrace").nodes(1).start();
+    let n = c.node(0);
+    n.execute("CREATE EXTENSION bdr");
+    // An error PostgreSQL raises inside the extension's own catalog access (here a lock
+    // timeout) is re-raised through pgrx: where backtraces used to be attached.
+    let mut holder = n.connect();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE bdr.nodes IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let mut m = n.connect();
+    m.batch_execute("SET lock_timeout = '200ms'").unwrap();
+    let e = m
+        .query(
+            &format!(
+                "SELECT bdr.group_create(local_node_name := 'n1', node_external_dsn := '{}')",
+                n.dsn()
+            ),
+            &[],
+        )
+        .expect_err("lock timeout");
+    let db = e.as_db_error().expect("a server error");
+    let all = format!("{} {:?} {:?}", db.message(), db.detail(), db.hint());
+    assert!(db.message().contains("lock timeout"), "{all}");
+    assert!(!all.contains("pgrx") && !all.contains("backtrace"), "{all}");
+    holder.batch_execute("ROLLBACK").unwrap();
+    for q in [
+        "SELECT bdr.apply_pause('no_such_node')",
+        "SELECT bdr.group_join(local_node_name := 'x', node_external_dsn := 'host=127.0.0.1 port=1', join_using_dsn := 'host=127.0.0.1 port=1')",
+    ] {
+        let e = n.connect().query(q, &[]).expect_err(q);
+        let db = e.as_db_error().expect("a server error");
+        let all = format!("{} {:?} {:?}", db.message(), db.detail(), db.hint());
+        assert!(
+            !all.contains("backtrace") && !all.contains("pgrx") && !all.contains("::"),
+            "{q}: {all}"
+        );
+        assert!(!db.message().contains('\n'), "{q}: a multi-line message: {all}");
+    }
+    // The Cluster's drop also scans the server log for backtraces.
+}
