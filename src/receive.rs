@@ -98,6 +98,9 @@ pub fn run(slot: usize, dboid: u32, local: (&str, i64), peer: (&str, i64), peer_
                                 wire::format_lsn(start)
                             )))
                         });
+                        if skip_foreign_message(slot, peer, &msg, applier.in_transaction()) {
+                            continue;
+                        }
                         applier.handle(msg);
                         if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
                             pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
@@ -169,4 +172,21 @@ pub fn run(slot: usize, dboid: u32, local: (&str, i64), peer: (&str, i64), peer_
             }
         }
     }
+}
+
+/// A logical message that is not bdr's own (any role on the peer can emit one, and an
+/// older peer may forward it) is skipped and counted, never applied nor a reason to stop.
+fn skip_foreign_message(slot: usize, peer: &str, msg: &wire::Message, in_txn: bool) -> bool {
+    let wire::Message::Message(m) = msg else {
+        return false;
+    };
+    if in_txn && wire::is_our_message(&m.prefix, m.transactional) {
+        return false;
+    }
+    shmem::update(slot, |s| s.skipped_messages += 1);
+    pgrx::debug1!(
+        "bdr: skipped a logical message with prefix \"{}\" from node \"{peer}\"",
+        m.prefix
+    );
+    true
 }

@@ -6,8 +6,8 @@
 //! Application writes run as `app`, a role with no privilege beyond CREATE on schema
 //! public and what it owns: what a real application has.
 
-use pg_test::bdr::{assert_same_everywhere, form_group, wait_for_catchup};
-use pg_test::{db_error_text, Cluster, Node};
+use pg_test::bdr::{assert_same_everywhere, form_group, wait_for_catchup, CATCHUP};
+use pg_test::{db_error_text, wait_until, Cluster, Node};
 use postgres::{Client, NoTls};
 
 /// `CREATE ROLE app LOGIN` with CREATE on schema public, on every node (roles do not
@@ -100,4 +100,68 @@ fn plain_role_creates_writes_and_deletes_and_it_replicates() {
         "{}",
         db_error_text(&e)
     );
+}
+
+/// `SELECT count(*) FROM t` on `n`.
+fn rows_in_t(n: &Node) -> i64 {
+    count(n, "SELECT count(*) FROM t")
+}
+
+/// The apply workers of `n` as "peer:state:errors", sorted.
+fn workers(n: &Node) -> String {
+    n.query_scalar(
+        "SELECT coalesce(string_agg(peer || ':' || state || ':' || error_count, ',' ORDER BY peer), '') \
+         FROM bdr.apply_workers()",
+    )
+}
+
+#[test]
+fn logical_messages_from_any_role_do_not_stop_replication() {
+    let c = Cluster::builder().name("messages").nodes(2).start();
+    create_app_role(&c);
+    form_group(&c);
+    for n in c.nodes() {
+        app_exec(n, "CREATE TABLE t (id int PRIMARY KEY)");
+    }
+    let (a, b) = (c.node(0), c.node(1));
+    app_exec(a, "INSERT INTO t VALUES (1)");
+    wait_for_catchup(&c);
+    // pg_logical_emit_message is granted to PUBLIC: any role can put messages with any
+    // prefix in the WAL, transactional or not, of any size.
+    app_exec(
+        a,
+        "SELECT pg_logical_emit_message(false, 'bdr.x', ''); \
+         SELECT pg_logical_emit_message(true, 'bdr.x', ''); \
+         SELECT pg_logical_emit_message(false, 'bdr', 'x'); \
+         SELECT pg_logical_emit_message(false, 'bdr.sync', 'x'); \
+         BEGIN; INSERT INTO t VALUES (2); \
+           SELECT pg_logical_emit_message(true, 'bdr.sync', repeat('x', 2 * 1024 * 1024)); \
+         COMMIT;",
+    );
+    app_exec(a, "INSERT INTO t VALUES (3)");
+    wait_until(
+        "node2 to receive the rows written after the messages",
+        CATCHUP,
+        || rows_in_t(b) == 3,
+    );
+    // The oversized message was not sent, and the walsender said so.
+    a.wait_for_log(
+        "logical message with prefix \"bdr.sync\" of 2097152 bytes was not sent",
+        CATCHUP,
+    );
+    // Still streaming, no error, also after the apply worker restarts (it re-reads the
+    // stream from its last flushed position).
+    assert_eq!(workers(b), "node1:streaming:0");
+    b.execute("SELECT pg_terminate_backend(pid) FROM bdr.apply_workers()");
+    app_exec(a, "INSERT INTO t VALUES (4)");
+    wait_until(
+        "node2 to receive a row after its apply worker restarted",
+        CATCHUP,
+        || rows_in_t(b) == 4,
+    );
+    wait_until("node2's apply worker to stream again", CATCHUP, || {
+        workers(b) == "node1:streaming:0"
+    });
+    wait_for_catchup(&c);
+    assert_same_everywhere(&c, "t");
 }

@@ -837,6 +837,7 @@ pub fn apply_workers() -> TableIterator<
             Option<pgrx::datum::TimestampWithTimeZone>
         ),
         name!(started_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(skipped_messages, i64),
     ),
 > {
     let ts = |t: i64| {
@@ -861,6 +862,7 @@ pub fn apply_workers() -> TableIterator<
                 s.error_count as i64,
                 ts(s.last_applied_commit_time),
                 ts(s.started_at),
+                s.skipped_messages as i64,
             )
         })
         .collect();

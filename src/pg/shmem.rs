@@ -64,6 +64,8 @@ pub struct Slot {
     pub started_at: i64,
     /// Conflicts resolved, per type (indexed like `Conflict::ALL`).
     pub conflicts: [u64; 9],
+    /// Logical messages from the peer that are not bdr's own, skipped by the receiver.
+    pub skipped_messages: u64,
 }
 
 impl Slot {
@@ -84,6 +86,7 @@ impl Slot {
         last_message_time: 0,
         started_at: 0,
         conflicts: [0; 9],
+        skipped_messages: 0,
     };
 
     pub fn peer(&self) -> String {
