@@ -219,3 +219,25 @@ impl PgError for ApplyError {
         }
     }
 }
+
+/// Problems of the background workers (launcher, supervisors).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("bdr: no shared-memory worker slot free for the apply worker from node \"{peer}\" (all {max} in use)")]
+    NoSlot { peer: String, max: usize },
+}
+
+impl PgError for WorkerError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        match self {
+            WorkerError::NoSlot { .. } => PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        Some(match self {
+            WorkerError::NoSlot { .. } => "The supervisor retries every half second. Part nodes \
+                 that are gone, or use fewer bdr databases per server."
+                .into(),
+        })
+    }
+}

@@ -165,3 +165,173 @@ fn logical_messages_from_any_role_do_not_stop_replication() {
     wait_for_catchup(&c);
     assert_same_everywhere(&c, "t");
 }
+
+#[test]
+fn a_database_without_bdr_can_be_dropped() {
+    let c = Cluster::builder().name("dropdb").nodes(1).start();
+    let n = c.node(0);
+    for round in 0..3 {
+        n.execute("CREATE DATABASE scratch");
+        // Long enough for the launcher to have visited the new database (every 10 s).
+        std::thread::sleep(std::time::Duration::from_secs(12));
+        n.try_execute("DROP DATABASE scratch").unwrap_or_else(|e| {
+            let who: String = n.query_scalar(
+                "SELECT coalesce(string_agg(backend_type, ', '), 'nobody') FROM pg_stat_activity \
+                 WHERE datname = 'scratch'",
+            );
+            panic!("round {round}: {} (connected: {who})", db_error_text(&e))
+        });
+    }
+}
+
+/// Pid of the supervisor of `n`'s test database, if one runs.
+fn supervisor_pid(n: &Node) -> Option<i32> {
+    n.query_scalar(
+        "SELECT max(pid) FROM pg_stat_activity WHERE backend_type LIKE 'bdr supervisor %' \
+         AND datname = current_database()",
+    )
+}
+
+#[test]
+fn a_supervisor_that_failed_is_started_again() {
+    let c = Cluster::builder().name("supfail").nodes(2).start();
+    form_group(&c);
+    for n in c.nodes() {
+        n.execute("CREATE TABLE t (id int PRIMARY KEY)");
+    }
+    let (a, b) = (c.node(0), c.node(1));
+    // Make node1's next supervisor fail on a lock it cannot get at once: a short
+    // lock_timeout for new sessions of the database, then a supervisor that starts with it.
+    a.execute(&format!(
+        "ALTER DATABASE {} SET lock_timeout = '200ms'",
+        a.dbname()
+    ));
+    let first = supervisor_pid(a).expect("a supervisor runs");
+    a.execute(&format!("SELECT pg_terminate_backend({first})"));
+    wait_until("a new supervisor on node1", CATCHUP, || {
+        supervisor_pid(a).is_some_and(|p| p != first)
+    });
+    let second = supervisor_pid(a).unwrap();
+    // The supervisor reads bdr.nodes every half second: hold it locked until it failed.
+    let mut locker = a.connect();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE bdr.nodes IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    a.wait_for_log("canceling statement due to lock timeout", CATCHUP);
+    wait_until("the failed supervisor to exit", CATCHUP, || {
+        supervisor_pid(a) != Some(second)
+    });
+    locker.batch_execute("ROLLBACK").unwrap();
+    a.execute(&format!("ALTER DATABASE {} RESET lock_timeout", a.dbname()));
+    // It comes back, and does its job: a stopped apply worker is started again.
+    wait_until("node1's supervisor to be started again", CATCHUP, || {
+        supervisor_pid(a).is_some_and(|p| p != second)
+    });
+    a.execute("SELECT pg_terminate_backend(pid) FROM bdr.apply_workers() WHERE pid <> 0");
+    b.execute("INSERT INTO t VALUES (1)");
+    wait_until("node1 to apply node2's row", CATCHUP, || rows_in_t(a) == 1);
+    wait_until("node1's apply worker streaming", CATCHUP, || {
+        workers(a).starts_with("node2:streaming:")
+    });
+}
+
+/// Run `sql` on database `db` of `n`.
+fn exec_db(n: &Node, db: &str, sql: &str) {
+    n.connect_db(db)
+        .batch_execute(sql)
+        .unwrap_or_else(|e| panic!("on {} db {db}: {sql}\n{}", n.name(), db_error_text(&e)));
+}
+
+fn scalar_db<T: for<'a> postgres::types::FromSql<'a>>(n: &Node, db: &str, sql: &str) -> T {
+    n.connect_db(db)
+        .query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("on {} db {db}: {sql}\n{}", n.name(), db_error_text(&e)))
+        .get(0)
+}
+
+/// Slots and origins of database `db` on `n`, as a comparable string.
+fn replication_objects(n: &Node, db: &str) -> String {
+    scalar_db(
+        n,
+        db,
+        "SELECT format('slots=%s origins=%s', \
+           (SELECT string_agg(slot_name, ',' ORDER BY slot_name) FROM pg_replication_slots \
+             WHERE database = current_database()), \
+           (SELECT string_agg(roname, ',' ORDER BY roname) FROM pg_replication_origin \
+             WHERE roname LIKE 'bdr\\_' || (SELECT oid FROM pg_database \
+               WHERE datname = current_database()) || '\\_%'))",
+    )
+}
+
+#[test]
+fn parting_a_node_leaves_other_databases_alone() {
+    let c = Cluster::builder().name("partdb").nodes(2).start();
+    form_group(&c);
+    let (a, b) = (c.node(0), c.node(1));
+    // A second database on the same servers with a bdr group of its own.
+    for n in c.nodes() {
+        n.execute("CREATE DATABASE other");
+        exec_db(
+            n,
+            "other",
+            "CREATE EXTENSION bdr; CREATE TABLE t (id int PRIMARY KEY)",
+        );
+    }
+    exec_db(
+        a,
+        "other",
+        &format!("SELECT bdr.group_create('node1', '{}')", a.dsn_for("other")),
+    );
+    exec_db(
+        b,
+        "other",
+        &format!(
+            "SELECT bdr.group_join('node2', '{}', '{}')",
+            b.dsn_for("other"),
+            a.dsn_for("other")
+        ),
+    );
+    exec_db(b, "other", "SELECT bdr.wait_for_join(120)");
+    exec_db(a, "other", "INSERT INTO t VALUES (1)");
+    wait_until("the other database to replicate", CATCHUP, || {
+        scalar_db::<i64>(b, "other", "SELECT count(*) FROM t") == 1
+    });
+    let before: Vec<String> = c
+        .nodes()
+        .iter()
+        .map(|n| replication_objects(n, "other"))
+        .collect();
+    let started = std::time::Instant::now();
+    a.execute("SELECT bdr.part('node2')");
+    let took = started.elapsed();
+    // The other database's group kept everything and never noticed.
+    let after: Vec<String> = c
+        .nodes()
+        .iter()
+        .map(|n| replication_objects(n, "other"))
+        .collect();
+    assert_eq!(after, before, "slots and origins of database other");
+    for n in c.nodes() {
+        let w: String = scalar_db(
+            n,
+            "other",
+            "SELECT string_agg(peer || ':' || state || ':' || error_count, ',') FROM bdr.apply_workers()",
+        );
+        assert!(w.ends_with(":streaming:0"), "{}: {w}", n.name());
+    }
+    exec_db(a, "other", "INSERT INTO t VALUES (2)");
+    exec_db(b, "other", "INSERT INTO t VALUES (3)");
+    for n in c.nodes() {
+        wait_until(
+            &format!("{} to have rows 1-3 in other", n.name()),
+            CATCHUP,
+            || scalar_db::<i64>(n, "other", "SELECT count(*) FROM t") == 3,
+        );
+    }
+    // And the parted node of the first database holds nothing there any more.
+    assert_eq!(replication_objects(b, b.dbname()), "slots= origins=");
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "bdr.part took {took:?}"
+    );
+}

@@ -101,21 +101,34 @@ fn part(node_name: &str) {
             Err(e) => unreachable.push(format!("{} ({e})", m.name)),
         }
     }
-    // The parted node itself, if it is up: it stops applying and drops what it holds.
+    // The parted node itself, if it is up: it stops applying and drops what it holds in
+    // that database (slots and origins are named bdr_<dboid>_<node>; other databases of
+    // the server may belong to other bdr groups).
     if let Ok(mut c) = Conn::connect(&target.dsn, "bdr_part") {
         let _ = c.exec("UPDATE bdr.nodes SET node_state = 'parted'");
+        let dboid = c
+            .query_value("SELECT oid FROM pg_database WHERE datname = current_database()")
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let ours = quote_literal(&format!("bdr\\_{dboid}\\_%"));
         let _ = retry(
             &mut c,
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-              WHERE slot_name LIKE 'bdr\\_%' AND active_pid IS NOT NULL; \
-             SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-              WHERE slot_name LIKE 'bdr\\_%' AND database = current_database()",
+            &format!(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                  WHERE slot_name LIKE {ours} AND database = current_database() \
+                    AND active_pid IS NOT NULL; \
+                 SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                  WHERE slot_name LIKE {ours} AND database = current_database()"
+            ),
             30,
         );
         let _ = retry(
             &mut c,
-            "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin \
-              WHERE roname LIKE 'bdr\\_%'",
+            &format!(
+                "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin \
+                  WHERE roname LIKE {ours}"
+            ),
             30,
         );
     }
