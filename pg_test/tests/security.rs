@@ -335,3 +335,79 @@ fn parting_a_node_leaves_other_databases_alone() {
         "bdr.part took {took:?}"
     );
 }
+
+/// Every process command line on this machine that contains `needle`.
+fn command_lines_with(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(b) = std::fs::read(e.path().join("cmdline")) {
+            let s = String::from_utf8_lossy(&b).replace('\0', " ");
+            if s.contains(needle) {
+                out.push(s);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_join_keeps_secrets_off_command_lines_and_values_intact() {
+    // Peers that still read backslashes in string literals as escapes.
+    let c = Cluster::builder()
+        .name("secrets")
+        .nodes(2)
+        .conf("standard_conforming_strings", "off")
+        .start();
+    let (a, b) = (c.node(0), c.node(1));
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr");
+    }
+    // node2 has no table: the join copies the schema with pg_dump and psql.
+    a.execute("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    // Passwords (ignored by trust authentication, but passed along like real ones) with a
+    // quote and a backslash, and an sslpassword.
+    let a_dsn = format!(
+        "{} password='pw1\\\\x\\'Secret' sslpassword=SslSecret",
+        a.dsn()
+    );
+    let b_dsn = format!("{} password='pw2\\\\y\\'Secret'", b.dsn());
+    a.connect()
+        .execute("SELECT bdr.group_create('node1', $1)", &[&a_dsn])
+        .unwrap_or_else(|e| panic!("{}", db_error_text(&e)));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                seen.extend(command_lines_with("Secret"));
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            seen
+        })
+    };
+    let joined = b
+        .connect()
+        .execute("SELECT bdr.group_join('node2', $1, $2)", &[&b_dsn, &a_dsn]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = watcher.join().unwrap();
+    joined.unwrap_or_else(|e| panic!("the join failed: {}", db_error_text(&e)));
+    b.execute("SELECT bdr.wait_for_join(120)");
+    assert!(seen.is_empty(), "secrets on command lines: {seen:?}");
+    // The members store the DSNs exactly as given.
+    let stored: String = a.query_scalar("SELECT node_dsn FROM bdr.nodes WHERE node_name = 'node2'");
+    assert_eq!(stored, b_dsn);
+    // The schema was copied and rows flow.
+    a.execute("INSERT INTO t VALUES (1, 'one')");
+    wait_until("node2 to receive node1's row", CATCHUP, || {
+        rows_in_t(b) == 1
+    });
+    // No service file is left behind.
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("bdr_client_"))
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
