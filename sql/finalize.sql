@@ -3,9 +3,18 @@
 -- New tables of a node that belongs to a group get the tombstone trigger (local deletes
 -- must be remembered for last-update-wins). Tables of a joining node get it when the
 -- join completes.
+--
+-- It runs for whoever ran the CREATE (usually an application role without rights in
+-- schema bdr), so it is SECURITY DEFINER (see below); temporary tables never replicate
+-- and are ignored.
 CREATE FUNCTION bdr.on_ddl_command_end() RETURNS event_trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() d
+                     JOIN pg_class c ON c.oid = d.objid
+                    WHERE d.classid = 'pg_class'::regclass AND c.relpersistence = 'p') THEN
+        RETURN;
+    END IF;
     IF EXISTS (SELECT 1 FROM bdr.nodes WHERE is_local) THEN
         PERFORM bdr.attach_tombstone_triggers();
     END IF;
@@ -21,3 +30,12 @@ CREATE EVENT TRIGGER bdr_new_tables ON ddl_command_end
 -- Nothing in schema bdr is usable by PUBLIC unless granted.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA bdr FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA bdr FROM PUBLIC;
+
+-- The extension's triggers do their own writes in schema bdr for any role: they run as
+-- the extension owner, with a search_path nobody else can put objects in. Each writes
+-- only what the triggering statement implies (a tombstone for a key the statement
+-- deleted, a trigger on a table it created) and takes no argument from the caller;
+-- trigger functions cannot be called directly, and EXECUTE stays revoked from PUBLIC.
+ALTER FUNCTION bdr.on_ddl_command_end() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION bdr.tombstone_trigger() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION bdr.standby_guard() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;

@@ -13,6 +13,8 @@
 //! - **What replicates**: permanent tables outside the system schemas that do not belong
 //!   to an extension (that excludes bdr's own catalog and, e.g., a PostGIS table a peer may
 //!   lack — a known trap of `FOR ALL TABLES` publications).
+//! - **Logical messages**: only bdr's own (transactional, exact prefix), up to 1 MB; any
+//!   role can emit messages, so nothing else may reach a peer.
 //! - **Relation metadata** is sent before a relation's first change in a stream and again
 //!   after its definition changed (relcache invalidation drops the cached entry).
 
@@ -104,7 +106,19 @@ impl TxnFraming {
 
 pub use bdr_core::replication::{replicates, why_not_replicated, RelFacts};
 
-/// Whether a logical message (`pg_logical_emit_message`) belongs to us.
-pub fn is_our_message(prefix: &str) -> bool {
-    prefix == wire::MESSAGE_PREFIX || prefix.starts_with("bdr.")
+/// What the plugin does with a logical message (`pg_logical_emit_message`, which any role
+/// may call): only bdr's own transactional messages are sent, and only up to
+/// [`wire::MAX_MESSAGE_CONTENT`] bytes.
+pub fn message_policy(prefix: &str, transactional: bool, size: usize) -> Result<bool, DecodeError> {
+    if !wire::is_our_message(prefix, transactional) {
+        return Ok(false);
+    }
+    if size > wire::MAX_MESSAGE_CONTENT {
+        return Err(DecodeError::MessageTooLarge {
+            prefix: prefix.into(),
+            size,
+            max: wire::MAX_MESSAGE_CONTENT,
+        });
+    }
+    Ok(true)
 }

@@ -104,6 +104,12 @@ pub enum DecodeError {
     BadOption { option: String, value: String },
     #[error("column \"{column}\" of relation \"{relation}\" has a value that is not valid UTF-8")]
     NotUtf8 { relation: String, column: String },
+    #[error("bdr: logical message with prefix \"{prefix}\" of {size} bytes was not sent (limit {max} bytes)")]
+    MessageTooLarge {
+        prefix: String,
+        size: usize,
+        max: usize,
+    },
 }
 
 impl PgError for DecodeError {
@@ -114,6 +120,7 @@ impl PgError for DecodeError {
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
             }
             DecodeError::NotUtf8 { .. } => PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            DecodeError::MessageTooLarge { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
         }
     }
     fn detail(&self) -> Option<String> {
@@ -139,6 +146,11 @@ impl PgError for DecodeError {
             }
             DecodeError::NotUtf8 { .. } => {
                 "bdr replicates databases whose encoding is UTF8.".into()
+            }
+            DecodeError::MessageTooLarge { .. } => {
+                "Only bdr itself emits messages with bdr's prefixes; the rest of the \
+                 transaction was sent."
+                    .into()
             }
         })
     }
@@ -249,5 +261,27 @@ impl PgError for ApplyError {
             ),
             _ => None,
         }
+    }
+}
+
+/// Problems of the background workers (launcher, supervisors).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("bdr: no shared-memory worker slot free for the apply worker from node \"{peer}\" (all {max} in use)")]
+    NoSlot { peer: String, max: usize },
+}
+
+impl PgError for WorkerError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        match self {
+            WorkerError::NoSlot { .. } => PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        Some(match self {
+            WorkerError::NoSlot { .. } => "The supervisor retries every half second. Part nodes \
+                 that are gone, or use fewer bdr databases per server."
+                .into(),
+        })
     }
 }

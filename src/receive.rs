@@ -169,6 +169,9 @@ impl Stream {
 
     /// Apply one message, then publish progress once a transaction is complete.
     fn apply(&mut self, msg: Message) {
+        if skip_foreign_message(self.slot, &self.peer, &msg, self.applier.in_transaction()) {
+            return;
+        }
         self.applier.handle(msg);
         if self.applier.in_transaction() {
             return;
@@ -344,4 +347,21 @@ pub fn run(slot: usize, dboid: u32, local: (&str, i64), peer: (&str, i64), peer_
         }
         st.maybe_feedback();
     }
+}
+
+/// A logical message that is not bdr's own (any role on the peer can emit one, and an
+/// older peer may forward it) is skipped and counted, never applied nor a reason to stop.
+fn skip_foreign_message(slot: usize, peer: &str, msg: &wire::Message, in_txn: bool) -> bool {
+    let wire::Message::Message(m) = msg else {
+        return false;
+    };
+    if in_txn && wire::is_our_message(&m.prefix, m.transactional) {
+        return false;
+    }
+    shmem::update(slot, |s| s.skipped_messages += 1);
+    pgrx::debug1!(
+        "bdr: skipped a logical message with prefix \"{}\" from node \"{peer}\"",
+        m.prefix
+    );
+    true
 }

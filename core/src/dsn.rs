@@ -1,8 +1,18 @@
 //! Connection strings (libpq `key=value` conninfo): redaction for anything a user or a log
 //! can read, and small edits (adding a key when absent).
 //!
-//! Invariant: [`redact`] output never contains the value of a `password` key, whatever the
-//! quoting; it is what every message, log line and view shows.
+//! Invariants: [`redact`] output never contains the value of a secret key (`password`,
+//! `sslpassword`: [`SECRET_KEYS`]), whatever the quoting; it is what every message, log
+//! line and view shows. [`for_client`] keeps secrets off a child program's command line
+//! (which every local user can read in `/proc`).
+
+/// Keys whose values are secrets.
+pub const SECRET_KEYS: &[&str] = &["password", "sslpassword"];
+
+/// Whether `key` holds a secret.
+pub fn is_secret(key: &str) -> bool {
+    SECRET_KEYS.contains(&key)
+}
 
 /// One `key=value` pair of a conninfo string, value unquoted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,12 +129,13 @@ pub fn render(pairs: &[Pair]) -> String {
         .join(" ")
 }
 
-/// The DSN with any password replaced by `********`. Unparseable input is replaced whole.
+/// The DSN with any secret (password, sslpassword) replaced by `********`. Unparseable
+/// input is replaced whole.
 pub fn redact(dsn: &str) -> String {
     match parse(dsn) {
         Ok(mut pairs) => {
             for p in &mut pairs {
-                if p.key == "password" {
+                if is_secret(&p.key) {
                     p.value = "********".into();
                 }
             }
@@ -150,6 +161,60 @@ pub fn with_default(dsn: &str, key: &str, value: &str) -> String {
         return dsn.to_owned();
     }
     format!("{} {}={}", dsn.trim(), key, quote(value))
+}
+
+/// How to give a conninfo to a client program (`pg_dump`, `psql`) with no secret on its
+/// command line: `argv_dsn` is the conninfo without secrets (what goes on the command
+/// line); the password travels in `PGPASSWORD` (a process's environment is readable only
+/// by its own OS user), and an `sslpassword` in a service file (`service_file`: its
+/// contents, to be written with mode 0600 at the path given in `PGSERVICEFILE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConn {
+    pub argv_dsn: String,
+    pub env: Vec<(String, String)>,
+    pub service_file: Option<String>,
+}
+
+/// Name of the service section [`for_client`] writes.
+pub const CLIENT_SERVICE: &str = "bdr_client";
+
+/// Split `dsn` for a client program; `service_path` is where the caller will write
+/// `service_file`, if any.
+pub fn for_client(dsn: &str, service_path: &str) -> Result<ClientConn, String> {
+    let pairs = parse(dsn)?;
+    let (secrets, rest): (Vec<Pair>, Vec<Pair>) =
+        pairs.into_iter().partition(|p| is_secret(&p.key));
+    let mut out = ClientConn {
+        argv_dsn: render(&rest),
+        env: Vec::new(),
+        service_file: None,
+    };
+    // libpq: the last value of a key wins.
+    let last = |k: &str| {
+        secrets
+            .iter()
+            .rev()
+            .find(|p| p.key == k)
+            .map(|p| p.value.clone())
+    };
+    if let Some(pw) = last("password") {
+        out.env.push(("PGPASSWORD".into(), pw));
+    }
+    if let Some(ssl) = last("sslpassword") {
+        // A service file line is key=value up to the end of the line, trailing white space
+        // removed; a service named in the DSN itself would be replaced.
+        if ssl.contains(['\n', '\r', '\0']) || ssl.ends_with(char::is_whitespace) {
+            return Err("sslpassword ends with white space or contains a line break".into());
+        }
+        if rest.iter().any(|p| p.key == "service") {
+            return Err("a connection string with both service and sslpassword".into());
+        }
+        out.service_file = Some(format!("[{CLIENT_SERVICE}]\nsslpassword={ssl}\n"));
+        out.env
+            .push(("PGSERVICEFILE".into(), service_path.to_owned()));
+        out.argv_dsn = format!("service={CLIENT_SERVICE} {}", out.argv_dsn);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -180,6 +245,57 @@ mod tests {
             assert!(r.contains("password=********"), "{r}");
         }
         assert_eq!(redact("password='x"), "<unparseable connection string>");
+    }
+
+    #[test]
+    fn redacts_ssl_passwords_too() {
+        for dsn in [
+            "host=h sslpassword=secret sslkey=/k dbname=d",
+            "host=h sslpassword='se cret' password=secret2",
+            "sslpassword = 'sec\\'ret'",
+        ] {
+            let r = redact(dsn);
+            assert!(!r.contains("secret") && !r.contains("cret"), "{dsn} -> {r}");
+            assert!(r.contains("sslpassword=********"), "{r}");
+        }
+        // Keys that merely contain the word are not secrets.
+        assert_eq!(redact("passfile=/p"), "passfile=/p");
+    }
+
+    #[test]
+    fn client_programs_get_no_secret_on_their_command_line() {
+        let c = for_client(
+            "host=h port=5 password='p w' dbname=d sslpassword=k3y user=u",
+            "/tmp/svc",
+        )
+        .unwrap();
+        assert_eq!(
+            c.argv_dsn,
+            "service=bdr_client host=h port=5 dbname=d user=u"
+        );
+        assert!(!c.argv_dsn.contains("p w") && !c.argv_dsn.contains("k3y"));
+        assert_eq!(
+            c.env,
+            vec![
+                ("PGPASSWORD".to_string(), "p w".to_string()),
+                ("PGSERVICEFILE".to_string(), "/tmp/svc".to_string())
+            ]
+        );
+        assert_eq!(
+            c.service_file.as_deref(),
+            Some("[bdr_client]\nsslpassword=k3y\n")
+        );
+        // No secret: nothing to hide, nothing changes.
+        let plain = for_client("host=h dbname=d", "/tmp/svc").unwrap();
+        assert_eq!(plain.argv_dsn, "host=h dbname=d");
+        assert!(plain.env.is_empty() && plain.service_file.is_none());
+        // The last password wins, as in libpq.
+        let two = for_client("password=a password=b", "/x").unwrap();
+        assert_eq!(two.env, vec![("PGPASSWORD".to_string(), "b".to_string())]);
+        assert_eq!(two.argv_dsn, "");
+        assert!(for_client("sslpassword='x '", "/x").is_err());
+        assert!(for_client("service=s sslpassword=x", "/x").is_err());
+        assert!(for_client("password='open", "/x").is_err());
     }
 
     #[test]

@@ -45,6 +45,21 @@ pub const PROTOCOL_VERSION_MAX: u8 = 2;
 pub const HEADER_LEN: usize = 10;
 /// Prefix of transactional logical messages that belong to bdr (e.g. DDL replication).
 pub const MESSAGE_PREFIX: &str = "bdr";
+/// The exact prefixes of the logical messages bdr itself emits (`bdr.sync`: the join's
+/// synchronisation point). `pg_logical_emit_message` is granted to PUBLIC, so any role can
+/// write a message with any prefix: only transactional messages with one of these are
+/// ours ([`is_our_message`]).
+pub const MESSAGE_PREFIXES: &[&str] = &["bdr.sync"];
+/// Largest logical message content the plugin sends (hex in JSON doubles it; a frame must
+/// stay far below PostgreSQL's 1 GB allocation limit).
+pub const MAX_MESSAGE_CONTENT: usize = 1 << 20;
+
+/// Whether a logical message is one of bdr's own: transactional (it travels inside its
+/// transaction, so it is ordered and applied exactly once with it) and with exactly one of
+/// [`MESSAGE_PREFIXES`]. The sender forwards nothing else; a receiver skips anything else.
+pub fn is_our_message(prefix: &str, transactional: bool) -> bool {
+    transactional && MESSAGE_PREFIXES.contains(&prefix)
+}
 
 /// Everything that can go wrong turning bytes into a [`Message`]. Each is fatal for the
 /// stream: the apply worker stops with this text, it never skips a frame.
@@ -251,8 +266,8 @@ pub struct Truncate {
     pub restart_identity: bool,
 }
 
-/// A logical decoding message (`pg_logical_emit_message`) whose prefix starts with
-/// [`MESSAGE_PREFIX`]. The content is hex-encoded in JSON.
+/// A logical decoding message (`pg_logical_emit_message`) of bdr's own (see
+/// [`is_our_message`]). The content is hex-encoded in JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogicalMessage {
     pub transactional: bool,
@@ -939,6 +954,26 @@ mod tests {
             "protocol version ranges do not overlap: this node speaks 1 to 2, the peer asked for 3 to 4"
         );
         assert!(negotiate_version(1, 0).is_err());
+    }
+
+    #[test]
+    fn only_our_transactional_messages_are_ours() {
+        assert!(is_our_message("bdr.sync", true));
+        for (prefix, transactional) in [
+            ("bdr.sync", false),
+            ("bdr", true),
+            ("bdr.", true),
+            ("bdr.x", true),
+            ("bdr.sync.x", true),
+            ("BDR.SYNC", true),
+            ("other", true),
+            ("", true),
+        ] {
+            assert!(
+                !is_our_message(prefix, transactional),
+                "{prefix:?} transactional={transactional}"
+            );
+        }
     }
 
     #[test]

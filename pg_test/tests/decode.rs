@@ -204,10 +204,11 @@ fn decoded_stream_equals_what_was_committed() {
     // T5: rows to truncate, T6: the truncate.
     let t5 = commit(&mut c, "INSERT INTO trunc_me VALUES (1, 'a'), (2, 'b')");
     let t6 = commit(&mut c, "TRUNCATE trunc_me RESTART IDENTITY CASCADE");
-    // T7: our logical message; a foreign prefix is not sent.
+    // T7: our logical message; a foreign or merely similar prefix is not sent.
     let t7 = commit(
         &mut c,
-        "SELECT pg_logical_emit_message(true, 'bdr.test', 'hello');
+        "SELECT pg_logical_emit_message(true, 'bdr.sync', 'hello');
+         SELECT pg_logical_emit_message(true, 'bdr.test', 'ignored');
          SELECT pg_logical_emit_message(true, 'other', 'ignored');",
     );
     // T8: the definition changes: metadata is sent again with the new column.
@@ -338,7 +339,7 @@ fn decoded_stream_equals_what_was_committed() {
     };
     assert_eq!(
         (m.prefix.as_str(), m.content.as_slice()),
-        ("bdr.test", &b"hello"[..])
+        ("bdr.sync", &b"hello"[..])
     );
     assert!(m.transactional);
 

@@ -24,7 +24,7 @@
 
 use crate::catalog::nodes::{self, Node};
 use crate::error::{raise, PgError};
-use crate::pg::libpq::{quote_ident, quote_literal, Conn, LibpqError};
+use crate::pg::libpq::{quote_ident, Conn, LibpqError};
 use crate::pg::shmem;
 use crate::receive::{origin_name, slot_name};
 use bdr_core::{dsn, wire};
@@ -263,6 +263,13 @@ struct Undo {
     done: bool,
 }
 
+/// Drop slot `$1` if it exists.
+pub const DROP_SLOT_SQL: &str =
+    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1";
+/// Drop replication origin `$1` if it exists.
+pub const DROP_ORIGIN_SQL: &str =
+    "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1";
+
 impl Drop for Undo {
     fn drop(&mut self) {
         if let Some(d) = &self.paused {
@@ -275,32 +282,23 @@ impl Drop for Undo {
         }
         for (d, slot) in &self.slots {
             if let Ok(mut c) = Conn::connect(d, "bdr_join_undo") {
-                let _ = c.exec(&format!(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {}",
-                    quote_literal(slot)
-                ));
+                let _ = c.exec_params(DROP_SLOT_SQL, &[slot]);
             }
         }
         for d in &self.registered {
             if let Ok(mut c) = Conn::connect(d, "bdr_join_undo") {
-                let _ = c.exec(&format!(
-                    "DELETE FROM bdr.nodes WHERE node_name = {}",
-                    quote_literal(&self.joining)
-                ));
+                let _ = c.exec_params(
+                    "DELETE FROM bdr.nodes WHERE node_name = $1",
+                    &[&self.joining],
+                );
             }
         }
         if let Ok(mut c) = Conn::connect(&self.local_dsn, "bdr_join_undo") {
             for slot in &self.local_slots {
-                let _ = c.exec(&format!(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {}",
-                    quote_literal(slot)
-                ));
+                let _ = c.exec_params(DROP_SLOT_SQL, &[slot]);
             }
             for o in &self.local_origins {
-                let _ = c.exec(&format!(
-                    "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = {}",
-                    quote_literal(o)
-                ));
+                let _ = c.exec_params(DROP_ORIGIN_SQL, &[o]);
             }
         }
     }
@@ -325,6 +323,17 @@ fn lsn_of(v: Option<String>) -> u64 {
     v.as_deref().and_then(wire::parse_lsn).unwrap_or(0)
 }
 
+/// An exported snapshot's name as the source gave it (hex digits and dashes, e.g.
+/// `00000003-00000002-1`); anything else is replaced by a name no snapshot has, so the
+/// `SET TRANSACTION SNAPSHOT` fails instead of running something else.
+fn snapshot_name(s: &str) -> &str {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        s
+    } else {
+        "invalid"
+    }
+}
+
 /// Commit time given to the rows a join copies: older than any real change.
 const COPY_VERSION_TIME: &str = "2000-01-01 00:00:00.000001+00";
 
@@ -339,11 +348,62 @@ pub const REPLICATED_TABLES_SQL: &str = "\
                        AND d.objid = c.oid AND d.deptype = 'e') \
      ORDER BY 1, 2";
 
+/// A client program (`pg_dump`, `psql`) connecting with `dsn`, with no secret on its
+/// command line (every local user can read it in `/proc`): see [`dsn::for_client`]. The
+/// returned guard removes the 0600 service file, if one was needed, when dropped.
+fn client_command(
+    program: &str,
+    dsn_text: &str,
+) -> Result<(std::process::Command, Option<TempFile>), String> {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "bdr_client_{}_{}.conf",
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    let conn = dsn::for_client(dsn_text, &path.to_string_lossy())?;
+    let file = match &conn.service_file {
+        Some(text) => Some(TempFile::create(path, text)?),
+        None => None,
+    };
+    let mut cmd = std::process::Command::new(crate::pg::bgw::pg_bindir().join(program));
+    cmd.envs(conn.env.iter().map(|(k, v)| (k, v)));
+    cmd.arg("-d").arg(conn.argv_dsn);
+    Ok((cmd, file))
+}
+
+/// A file only this OS user can read, removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn create(path: std::path::PathBuf, text: &str) -> Result<TempFile, String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| format!("creating {}: {e}", path.display()))?;
+        let file = TempFile(path);
+        f.write_all(text.as_bytes())
+            .map_err(|e| format!("writing {}: {e}", file.0.display()))?;
+        Ok(file)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Copy the schema of `source_dsn` (as of `snapshot`) into `target_dsn`.
 fn copy_schema(source_dsn: &str, target_dsn: &str, snapshot: &str) -> Result<(), String> {
-    use std::process::{Command, Stdio};
-    let bindir = crate::pg::bgw::pg_bindir();
-    let mut dump = Command::new(bindir.join("pg_dump"))
+    use std::process::Stdio;
+    let (mut dump, _dump_secrets) = client_command("pg_dump", source_dsn)?;
+    let (mut restore, _restore_secrets) = client_command("psql", target_dsn)?;
+    let mut dump = dump
         .args([
             "--schema-only",
             "--no-owner",
@@ -353,15 +413,12 @@ fn copy_schema(source_dsn: &str, target_dsn: &str, snapshot: &str) -> Result<(),
             "--exclude-schema=bdr",
         ])
         .arg(format!("--snapshot={snapshot}"))
-        .arg("-d")
-        .arg(source_dsn)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("pg_dump: {e}"))?;
-    let restore = Command::new(bindir.join("psql"))
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
-        .arg(target_dsn)
+    let restore = restore
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
         .stdin(dump.stdout.take().expect("piped"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -502,13 +559,11 @@ pub fn group_join(
     // 2. Register J everywhere as joining.
     for m in reached.iter_mut() {
         m.conn
-            .exec(&format!(
+            .exec_params(
                 "INSERT INTO bdr.nodes (node_name, node_id, node_kind, node_state, node_dsn, is_local) \
-                 VALUES ({}, {my_id}, {}, 'joining', {}, false)",
-                quote_literal(j),
-                quote_literal(node_kind),
-                quote_literal(node_external_dsn)
-            ))
+                 VALUES ($1, $2, $3, 'joining', $4, false)",
+                &[j, &my_id.to_string(), node_kind, node_external_dsn],
+            )
             .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
         undo.registered.push(m.node.dsn.clone());
     }
@@ -523,18 +578,18 @@ pub fn group_join(
     for m in reached.iter_mut().filter(|m| m.node.name != source.name) {
         let slot = slot_name(m.dboid, j);
         m.conn
-            .exec(&format!(
-                "SELECT lsn FROM pg_create_logical_replication_slot({}, 'bdr')",
-                quote_literal(&slot)
-            ))
+            .exec_params(
+                "SELECT lsn FROM pg_create_logical_replication_slot($1, 'bdr')",
+                &[&slot],
+            )
             .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
         undo.slots.push((m.node.dsn.clone(), slot));
         let sync = m
             .conn
-            .query_value(&format!(
-                "SELECT pg_logical_emit_message(true, 'bdr.sync', {})",
-                quote_literal(&format!("join {j}"))
-            ))
+            .query_value_params(
+                "SELECT pg_logical_emit_message(true, 'bdr.sync', $1::text)",
+                &[&format!("join {j}")],
+            )
             .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
         sync_targets.push((m.node.name.clone(), lsn_of(sync)));
     }
@@ -548,10 +603,10 @@ pub fn group_join(
         loop {
             let p = src_m
                 .conn
-                .query_value(&format!(
-                    "SELECT remote_lsn FROM pg_replication_origin_status WHERE external_id = {}",
-                    quote_literal(&origin)
-                ))
+                .query_value_params(
+                    "SELECT remote_lsn FROM pg_replication_origin_status WHERE external_id = $1",
+                    &[&origin],
+                )
                 .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
             if lsn_of(p) > *target {
                 break;
@@ -635,11 +690,11 @@ pub fn group_join(
     }
     for (o, _) in &origin_points {
         jconn
-            .exec(&format!(
-                "SELECT pg_replication_origin_create({0}) \
-                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = {0})",
-                quote_literal(o)
-            ))
+            .exec_params(
+                "SELECT pg_replication_origin_create($1::text) \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1::text)",
+                &[o],
+            )
             .unwrap_or_else(|e| fail(remote_err(j)(e)));
         undo.local_origins.push(o.clone());
     }
@@ -647,10 +702,10 @@ pub fn group_join(
     for m in reached.iter().filter(|_| !standby) {
         let slot = slot_name(my_dboid, &m.node.name);
         jconn
-            .exec(&format!(
-                "SELECT pg_create_logical_replication_slot({}, 'bdr')",
-                quote_literal(&slot)
-            ))
+            .exec_params(
+                "SELECT pg_create_logical_replication_slot($1, 'bdr')",
+                &[&slot],
+            )
             .unwrap_or_else(|e| fail(remote_err(j)(e)));
         undo.local_slots.push(slot);
     }
@@ -669,9 +724,10 @@ pub fn group_join(
     reader
         .exec("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .and_then(|_| {
+            // A utility statement takes no parameters: the name is checked instead.
             reader.exec(&format!(
-                "SET TRANSACTION SNAPSHOT {}",
-                quote_literal(&snapshot)
+                "SET TRANSACTION SNAPSHOT '{}'",
+                snapshot_name(&snapshot)
             ))
         })
         .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
@@ -679,20 +735,20 @@ pub fn group_join(
         .exec(REPLICATED_TABLES_SQL)
         .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
     jconn
-        .exec(&format!(
-            "SELECT pg_replication_origin_session_setup({})",
-            quote_literal(&origin_points[0].0)
-        ))
+        .exec_params(
+            "SELECT pg_replication_origin_session_setup($1)",
+            &[&origin_points[0].0],
+        )
         .and_then(|_| jconn.exec("SET session_replication_role = replica"))
         // One transaction whose commit timestamp is the oldest possible: copied rows carry
         // no real version, and any change that reaches them later must win over the copy
         // (the copy already reflects every change it contains).
         .and_then(|_| jconn.exec("BEGIN"))
         .and_then(|_| {
-            jconn.exec(&format!(
-                "SELECT pg_replication_origin_xact_setup('0/0', {})",
-                quote_literal(COPY_VERSION_TIME)
-            ))
+            jconn.exec_params(
+                "SELECT pg_replication_origin_xact_setup('0/0', $1)",
+                &[COPY_VERSION_TIME],
+            )
         })
         .unwrap_or_else(|e| fail(remote_err(j)(e)));
     for t in &tables {
@@ -734,11 +790,10 @@ pub fn group_join(
     // 7. Origins to their starting points; catalogs; go.
     for (o, lsn) in &origin_points {
         jconn
-            .exec(&format!(
-                "SELECT pg_replication_origin_advance({}, {}::pg_lsn)",
-                quote_literal(o),
-                quote_literal(&wire::format_lsn(*lsn))
-            ))
+            .exec_params(
+                "SELECT pg_replication_origin_advance($1, $2::pg_lsn)",
+                &[o, &wire::format_lsn(*lsn)],
+            )
             .unwrap_or_else(|e| fail(remote_err(j)(e)));
     }
     refuse_unidentifiable_writes();
@@ -762,11 +817,10 @@ pub fn group_join(
     }
     for m in reached.iter_mut() {
         m.conn
-            .exec(&format!(
-                "UPDATE bdr.nodes SET node_state = {}, joined_at = now() WHERE node_name = {}",
-                quote_literal(joined_state),
-                quote_literal(j)
-            ))
+            .exec_params(
+                "UPDATE bdr.nodes SET node_state = $1, joined_at = now() WHERE node_name = $2",
+                &[joined_state, j],
+            )
             .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
     }
     undo.done = true;
@@ -837,6 +891,7 @@ pub fn apply_workers() -> TableIterator<
             Option<pgrx::datum::TimestampWithTimeZone>
         ),
         name!(started_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(skipped_messages, i64),
     ),
 > {
     let ts = |t: i64| {
@@ -861,6 +916,7 @@ pub fn apply_workers() -> TableIterator<
                 s.error_count as i64,
                 ts(s.last_applied_commit_time),
                 ts(s.started_at),
+                s.skipped_messages as i64,
             )
         })
         .collect();

@@ -6,10 +6,10 @@
 //! and refuses user writes; `promote` creates the promoted node's slots *before* it accepts
 //! writes, so nothing written after the switch is missed.
 
-use crate::api::group::{GroupError, REPLICATED_TABLES_SQL};
+use crate::api::group::{GroupError, DROP_ORIGIN_SQL, DROP_SLOT_SQL, REPLICATED_TABLES_SQL};
 use crate::catalog::nodes::{self, Node};
 use crate::error::raise;
-use crate::pg::libpq::{quote_ident, quote_literal, Conn};
+use crate::pg::libpq::{quote_ident, Conn};
 use crate::receive::{origin_name, slot_name};
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
@@ -18,12 +18,16 @@ fn fail(e: GroupError) -> ! {
     raise(&e)
 }
 
-/// Run `sql` on `c` until it succeeds or `secs` pass (e.g. dropping a slot whose walsender
-/// is still exiting, or an origin whose worker is stopping).
-fn retry(c: &mut Conn, sql: &str, secs: u64) -> Result<(), String> {
+/// Run `steps` (statements with their parameters) on `c`, in order, until all succeed or
+/// `secs` pass (e.g. dropping a slot whose walsender is still exiting, or an origin whose
+/// worker is stopping).
+fn retry(c: &mut Conn, steps: &[(&str, &[&str])], secs: u64) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
-        match c.exec(sql) {
+        match steps
+            .iter()
+            .try_for_each(|(sql, params)| c.exec_params(sql, params).map(|_| ()))
+        {
             Ok(_) => return Ok(()),
             Err(e) if Instant::now() > deadline => return Err(e.to_string()),
             Err(_) => {
@@ -42,32 +46,27 @@ fn part_on(c: &mut Conn, parted: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    c.exec(&format!(
-        "UPDATE bdr.nodes SET node_state = 'parted' WHERE node_name = {}",
-        quote_literal(parted)
-    ))
+    c.exec_params(
+        "UPDATE bdr.nodes SET node_state = 'parted' WHERE node_name = $1",
+        &[parted],
+    )
     .map_err(|e| e.to_string())?;
-    let slot = quote_literal(&slot_name(dboid, parted));
+    let slot = slot_name(dboid, parted);
     retry(
         c,
-        &format!(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-              WHERE slot_name = {slot} AND active_pid IS NOT NULL; \
-             SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-              WHERE slot_name = {slot}"
-        ),
+        &[
+            (
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                  WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                &[&slot],
+            ),
+            (DROP_SLOT_SQL, &[&slot]),
+        ],
         30,
     )?;
     // The supervisor stops the apply worker for the parted node within a second; until
     // then its origin is in use.
-    retry(
-        c,
-        &format!(
-            "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = {}",
-            quote_literal(&origin_name(dboid, parted))
-        ),
-        30,
-    )
+    retry(c, &[(DROP_ORIGIN_SQL, &[&origin_name(dboid, parted)])], 30)
 }
 
 /// Remove `node_name` from the group, on every reachable member. Works whether the node is
@@ -101,21 +100,41 @@ fn part(node_name: &str) {
             Err(e) => unreachable.push(format!("{} ({e})", m.name)),
         }
     }
-    // The parted node itself, if it is up: it stops applying and drops what it holds.
+    // The parted node itself, if it is up: it stops applying and drops what it holds in
+    // that database (slots and origins are named bdr_<dboid>_<node>; other databases of
+    // the server may belong to other bdr groups).
     if let Ok(mut c) = Conn::connect(&target.dsn, "bdr_part") {
         let _ = c.exec("UPDATE bdr.nodes SET node_state = 'parted'");
+        let dboid = c
+            .query_value("SELECT oid FROM pg_database WHERE datname = current_database()")
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let ours = format!("bdr\\_{dboid}\\_%");
         let _ = retry(
             &mut c,
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-              WHERE slot_name LIKE 'bdr\\_%' AND active_pid IS NOT NULL; \
-             SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-              WHERE slot_name LIKE 'bdr\\_%' AND database = current_database()",
+            &[
+                (
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                      WHERE slot_name LIKE $1 AND database = current_database() \
+                        AND active_pid IS NOT NULL",
+                    &[&ours],
+                ),
+                (
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                      WHERE slot_name LIKE $1 AND database = current_database()",
+                    &[&ours],
+                ),
+            ],
             30,
         );
         let _ = retry(
             &mut c,
-            "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin \
-              WHERE roname LIKE 'bdr\\_%'",
+            &[(
+                "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin \
+                  WHERE roname LIKE $1",
+                &[&ours],
+            )],
             30,
         );
     }
@@ -195,11 +214,11 @@ pub fn promote(node_name: &str) {
     });
     for m in &members {
         let slot = slot_name(my_dboid, &m.name);
-        me.exec(&format!(
-            "SELECT pg_create_logical_replication_slot({0}, 'bdr') \
-             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {0})",
-            quote_literal(&slot)
-        ))
+        me.exec_params(
+            "SELECT pg_create_logical_replication_slot($1::name, 'bdr') \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1::name)",
+            &[&slot],
+        )
         .unwrap_or_else(|e| {
             fail(GroupError::Remote {
                 node: local.name.clone(),
@@ -216,10 +235,10 @@ pub fn promote(node_name: &str) {
     });
     for m in &members {
         match Conn::connect(&m.dsn, "bdr_promote").and_then(|mut c| {
-            c.exec(&format!(
-                "UPDATE bdr.nodes SET node_kind = 'active', node_state = 'active' WHERE node_name = {}",
-                quote_literal(node_name)
-            ))
+            c.exec_params(
+                "UPDATE bdr.nodes SET node_kind = 'active', node_state = 'active' WHERE node_name = $1",
+                &[node_name],
+            )
         }) {
             Ok(_) => {}
             Err(e) => pgrx::warning!(

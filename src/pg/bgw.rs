@@ -2,6 +2,7 @@
 //! database connection, starting dynamic workers.
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, DynamicBackgroundWorker};
+use pgrx::pg_guard;
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
 use std::ffi::CStr;
@@ -103,4 +104,25 @@ pub fn pg_bindir() -> std::path::PathBuf {
         .parent()
         .map(|p| p.to_path_buf())
         .unwrap_or_default()
+}
+
+/// Release shared-memory slot `i` when this process exits, if it still holds it (its pid
+/// is ours), whatever the way out: an ERROR ends a background worker without returning
+/// from its main function, a FATAL without running any destructor.
+pub fn release_slot_at_exit(i: usize) {
+    #[pg_guard]
+    unsafe extern "C-unwind" fn release(_code: std::ffi::c_int, arg: pg_sys::Datum) {
+        let i = arg.value();
+        // SAFETY: MyProcPid is set at process start. No LWLock of a failed operation may
+        // still be held while we take ours (PostgreSQL's own exit path does the same).
+        let me = unsafe {
+            pg_sys::LWLockReleaseAll();
+            pg_sys::MyProcPid
+        };
+        if crate::pg::shmem::get(i).pid == me {
+            crate::pg::shmem::release(i);
+        }
+    }
+    // SAFETY: registers a callback run by proc_exit, before shared memory is detached.
+    unsafe { pg_sys::before_shmem_exit(Some(release), pg_sys::Datum::from(i)) };
 }

@@ -17,7 +17,7 @@
 //!   size of a transaction.
 //!
 //! Invariants: a frame is only written between the transaction's BEGIN and COMMIT frames
-//! (or standalone for non-transactional messages); a relation's metadata frame precedes
+//! (non-transactional messages are never sent); a relation's metadata frame precedes
 //! its first change in the stream; a value this node does not have (unchanged on-disk
 //! TOAST) is sent as [`Value::UnchangedToast`], never as a guess.
 
@@ -363,8 +363,13 @@ unsafe extern "C-unwind" fn message_cb(
     // SAFETY: prefix is NUL-terminated; message points at message_size bytes.
     unsafe {
         let prefix = cstring(prefix);
-        if !decode::is_our_message(&prefix) {
-            return;
+        match decode::message_policy(&prefix, transactional, message_size) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                crate::error::warn(&e);
+                return;
+            }
         }
         let content = if message_size == 0 {
             Vec::new()
@@ -377,12 +382,8 @@ unsafe extern "C-unwind" fn message_cb(
             prefix,
             content,
         });
-        let st = state(ctx);
-        if transactional {
-            emit(ctx, st, &[], &m);
-        } else {
-            write_frame(ctx, st, &m, true);
-        }
+        // Only transactional messages get here: inside their transaction's frames.
+        emit(ctx, state(ctx), &[], &m);
     }
 }
 

@@ -118,9 +118,63 @@ impl Conn {
     /// Run one statement and return its rows (none for a command).
     pub fn exec(&mut self, sql: &str) -> Result<Vec<Row>, LibpqError> {
         let q = CString::new(sql).expect("SQL without NUL bytes");
-        // SAFETY: raw is connected; the result is cleared before returning.
+        // SAFETY: raw is connected; the result is consumed (and cleared) by `rows`.
+        unsafe { self.rows(pq::PQexec(self.raw, q.as_ptr())) }
+    }
+
+    /// Run one statement with text parameters `$1`, `$2`, ... and return its rows. Values
+    /// never go through the SQL text, so nothing depends on the peer's quoting settings
+    /// (`standard_conforming_strings`) and no value can change the statement.
+    pub fn exec_params(&mut self, sql: &str, params: &[&str]) -> Result<Vec<Row>, LibpqError> {
+        let q = CString::new(sql).expect("SQL without NUL bytes");
+        let values: Vec<CString> = params
+            .iter()
+            .map(|p| CString::new(*p))
+            .collect::<Result<_, _>>()
+            .map_err(|_| LibpqError::Query {
+                sqlstate: None,
+                message: "a query parameter contains a NUL byte".into(),
+                detail: None,
+                hint: None,
+            })?;
+        let ptrs: Vec<*const c_char> = values.iter().map(|v| v.as_ptr()).collect();
+        // SAFETY: raw is connected; `ptrs` point into `values`, alive for the call; NULL
+        // types, lengths and formats mean text parameters whose types the server infers.
         unsafe {
-            let res = pq::PQexec(self.raw, q.as_ptr());
+            let res = pq::PQexecParams(
+                self.raw,
+                q.as_ptr(),
+                ptrs.len() as c_int,
+                std::ptr::null(),
+                ptrs.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                0,
+            );
+            self.rows(res)
+        }
+    }
+
+    /// Like [`Conn::query_value`], with parameters.
+    pub fn query_value_params(
+        &mut self,
+        sql: &str,
+        params: &[&str],
+    ) -> Result<Option<String>, LibpqError> {
+        Ok(self
+            .exec_params(sql, params)?
+            .into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next().flatten()))
+    }
+
+    /// The rows of `res` (or its error); clears it.
+    ///
+    /// # Safety
+    /// `res` is a result of this connection (or NULL), not used afterwards.
+    unsafe fn rows(&self, res: *mut pq::PGresult) -> Result<Vec<Row>, LibpqError> {
+        // SAFETY: forwarded from the caller.
+        unsafe {
             let status = pq::PQresultStatus(res);
             let out = match status {
                 pq::ExecStatusType::PGRES_TUPLES_OK | pq::ExecStatusType::PGRES_COMMAND_OK => {

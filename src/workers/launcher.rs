@@ -1,4 +1,9 @@
 //! The launcher: a static background worker that gives every database a supervisor.
+//!
+//! It connects to no database, so it cannot see which have bdr: every 10 s it starts a
+//! supervisor for each database that has none running, and a supervisor it started leaves
+//! at once where the extension is absent. A supervisor that failed releases its slot when
+//! its process exits, so the next round starts it again.
 
 use crate::pg::{bgw, shmem, xact};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
@@ -17,8 +22,18 @@ pub fn register() {
         .load();
 }
 
-/// Make sure database `dboid` has a supervisor; true if one was started now.
+/// The `extra` of a supervisor started by the launcher's round of every database: it
+/// leaves at once when its database does not have the extension (so that `DROP DATABASE`
+/// and `CREATE DATABASE ... TEMPLATE` of databases without bdr never find it there).
+pub const FROM_LAUNCHER: &str = "launcher";
+
+/// Make sure database `dboid` has a supervisor (asked for by bdr's own functions, e.g.
+/// `group_create`, `group_join`); true if one was started now.
 pub fn ensure_supervisor(dboid: u32) -> bool {
+    start_supervisor(dboid, "")
+}
+
+fn start_supervisor(dboid: u32, extra: &str) -> bool {
     let Some(slot) = shmem::claim(shmem::Kind::Supervisor, dboid, "", xact::now()) else {
         return false;
     };
@@ -26,7 +41,7 @@ pub fn ensure_supervisor(dboid: u32) -> bool {
         &format!("bdr supervisor {dboid}"),
         "bdr_supervisor_main",
         dboid,
-        "",
+        extra,
     );
     if started.is_none() {
         shmem::release(slot);
@@ -48,7 +63,7 @@ pub extern "C-unwind" fn bdr_launcher_main(_arg: pg_sys::Datum) {
     }
     loop {
         for (dboid, _name) in bgw::list_databases() {
-            ensure_supervisor(dboid);
+            start_supervisor(dboid, FROM_LAUNCHER);
         }
         if bgw::wait(None, Duration::from_secs(10)) {
             return;

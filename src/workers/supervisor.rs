@@ -2,9 +2,10 @@
 
 use crate::catalog::nodes;
 use crate::pg::{bgw, shmem, xact};
-use pgrx::bgworkers::{BackgroundWorkerStatus, DynamicBackgroundWorker};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerStatus, DynamicBackgroundWorker};
 use pgrx::prelude::*;
 use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How long a supervisor waits for a local node to appear before giving up (e.g. right
@@ -59,28 +60,72 @@ fn peers(all: &[nodes::Node]) -> Vec<nodes::Node> {
         .collect()
 }
 
+/// The apply workers of one supervisor, by peer name.
+/// (A mutex only to be shared with the error path; a supervisor has one thread.)
+type Workers = Mutex<HashMap<String, Worker>>;
+
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn bdr_supervisor_main(arg: pg_sys::Datum) {
     let dboid = bgw::connect_to_arg_database(arg);
+    let from_launcher = BackgroundWorker::get_extra() == crate::workers::launcher::FROM_LAUNCHER;
     let me = shmem::find(shmem::Kind::Supervisor, dboid, "");
     if let Some(i) = me {
         shmem::update(i, |s| {
             s.pid = std::process::id() as i32;
             s.state = shmem::State::Streaming;
         });
+        // However this process ends (an ERROR ends a background worker; a FATAL skips
+        // every destructor), its slot must not stay claimed: the launcher could never
+        // start a supervisor for this database again.
+        bgw::release_slot_at_exit(i);
     }
+    let workers: Workers = Mutex::new(HashMap::new());
+    PgTryBuilder::new(|| supervise(dboid, from_launcher, &workers))
+        .catch_others(|e| {
+            // Stop our apply workers with us: the next supervisor starts its own.
+            stop_all(&workers);
+            e.rethrow()
+        })
+        .execute();
+    stop_all(&workers);
+    if let Some(i) = me {
+        shmem::release(i);
+    }
+}
+
+/// The map, also after a panic poisoned the mutex (the error path only drains it).
+fn lock(workers: &Workers) -> MutexGuard<'_, HashMap<String, Worker>> {
+    workers.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn stop_all(workers: &Workers) {
+    for (_, w) in lock(workers).drain() {
+        if let Some(h) = w.handle {
+            let _ = h.terminate().wait_for_shutdown();
+        }
+        shmem::release(w.slot);
+    }
+}
+
+fn supervise(dboid: u32, from_launcher: bool, workers: &Workers) {
     let started = Instant::now();
     let mut last_gc = Instant::now();
-    let mut workers: HashMap<String, Worker> = HashMap::new();
+    let mut no_slot_warned = false;
     loop {
         xact::begin();
-        let all = if nodes::extension_exists() {
+        let has_extension = nodes::extension_exists();
+        let all = if has_extension {
             nodes::all()
         } else {
             Vec::new()
         };
         xact::commit();
+        if !has_extension && from_launcher {
+            // The launcher's round: nothing to do here, leave the database at once.
+            break;
+        }
+        let mut workers = lock(workers);
         let has_local = all.iter().any(|n| n.is_local && n.state != "parted");
         if !has_local && (all.is_empty() && started.elapsed() > IDLE_GRACE || !workers.is_empty()) {
             break;
@@ -100,18 +145,31 @@ pub extern "C-unwind" fn bdr_supervisor_main(arg: pg_sys::Datum) {
             shmem::release(w.slot);
         }
         for peer in &wanted {
-            let w = workers.entry(peer.name.clone()).or_insert_with(|| {
-                let slot = shmem::find(shmem::Kind::Apply, dboid, &peer.name)
+            if !workers.contains_key(&peer.name) {
+                let Some(slot) = shmem::find(shmem::Kind::Apply, dboid, &peer.name)
                     .or_else(|| shmem::claim(shmem::Kind::Apply, dboid, &peer.name, xact::now()))
-                    .expect("a free worker slot in shared memory");
-                Worker {
-                    handle: None,
-                    slot,
-                    failures: 0,
-                    started: Instant::now(),
-                    next_start: Instant::now(),
-                }
-            });
+                else {
+                    // Every slot is taken: say so once, and try again next round.
+                    if !std::mem::replace(&mut no_slot_warned, true) {
+                        crate::error::warn(&crate::error::WorkerError::NoSlot {
+                            peer: peer.name.clone(),
+                            max: shmem::MAX_WORKERS,
+                        });
+                    }
+                    continue;
+                };
+                workers.insert(
+                    peer.name.clone(),
+                    Worker {
+                        handle: None,
+                        slot,
+                        failures: 0,
+                        started: Instant::now(),
+                        next_start: Instant::now(),
+                    },
+                );
+            }
+            let w = workers.get_mut(&peer.name).expect("inserted");
             let running = matches!(
                 w.handle.as_ref().map(|h| h.pid()),
                 Some(Ok(_)) | Some(Err(BackgroundWorkerStatus::NotYetStarted))
@@ -146,17 +204,9 @@ pub extern "C-unwind" fn bdr_supervisor_main(arg: pg_sys::Datum) {
             collect_tombstones(dboid, wanted.len());
             last_gc = Instant::now();
         }
+        drop(workers);
         if bgw::wait(None, Duration::from_millis(500)) {
             break;
         }
-    }
-    for (_, w) in workers {
-        if let Some(h) = w.handle {
-            let _ = h.terminate().wait_for_shutdown();
-        }
-        shmem::release(w.slot);
-    }
-    if let Some(i) = me {
-        shmem::release(i);
     }
 }

@@ -1,0 +1,413 @@
+//! Least privilege and a receiver that trusts nothing (issue 12), on real postmasters:
+//! plain roles work on replicated tables, logical messages from anyone cannot stop
+//! replication, workers come back and leave other databases alone, parting touches only
+//! its own database, and a join killed half-way leaves nothing behind.
+//!
+//! Application writes run as `app`, a role with no privilege beyond CREATE on schema
+//! public and what it owns: what a real application has.
+
+use pg_test::bdr::{assert_same_everywhere, form_group, wait_for_catchup, CATCHUP};
+use pg_test::{db_error_text, wait_until, Cluster, Node};
+use postgres::{Client, NoTls};
+
+/// `CREATE ROLE app LOGIN` with CREATE on schema public, on every node (roles do not
+/// replicate).
+fn create_app_role(c: &Cluster) {
+    for n in c.nodes() {
+        n.execute("CREATE ROLE app LOGIN; GRANT CREATE ON SCHEMA public TO app;");
+    }
+}
+
+/// A session on `n`'s test database as role `app`.
+fn app(n: &Node) -> Client {
+    let dsn = format!(
+        "host=127.0.0.1 port={} dbname={} user=app",
+        n.port(),
+        n.dbname()
+    );
+    Client::connect(&dsn, NoTls).unwrap_or_else(|e| panic!("connect as app to {}: {e}", n.name()))
+}
+
+/// Run `sql` as `app` on `n`; panics with the server's error.
+fn app_exec(n: &Node, sql: &str) {
+    app(n)
+        .batch_execute(sql)
+        .unwrap_or_else(|e| panic!("as app on {}: {sql}\n{}", n.name(), db_error_text(&e)));
+}
+
+fn count(n: &Node, sql: &str) -> i64 {
+    n.query_scalar::<i64>(sql)
+}
+
+#[test]
+fn plain_role_creates_writes_and_deletes_and_it_replicates() {
+    let c = Cluster::builder().name("plainrole").nodes(3).start();
+    create_app_role(&c);
+    form_group(&c);
+    // The application's own tables, created by the application's role on every node
+    // (schema changes do not travel), and a temporary table of its own.
+    for n in c.nodes() {
+        app_exec(
+            n,
+            "CREATE TABLE t (id int PRIMARY KEY, v text); \
+             CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1);",
+        );
+        assert_eq!(
+            count(
+                n,
+                "SELECT count(*) FROM pg_trigger WHERE tgname = 'bdr_tombstone' \
+                 AND tgrelid = 'public.t'::regclass"
+            ),
+            1,
+            "{}: the app's new table gets the tombstone trigger",
+            n.name()
+        );
+    }
+    let a = c.node(0);
+    app_exec(
+        a,
+        "INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 5) g; \
+         UPDATE t SET id = 10 WHERE id = 1; \
+         UPDATE t SET v = 'changed' WHERE id = 3; \
+         DELETE FROM t WHERE id = 2;",
+    );
+    // The other nodes write too, as app.
+    app_exec(c.node(1), "DELETE FROM t WHERE id = 4");
+    wait_for_catchup(&c);
+    let digest = assert_same_everywhere(&c, "t");
+    assert!(digest.starts_with("3:"), "{digest}");
+    for n in c.nodes() {
+        let rows: String =
+            n.query_scalar("SELECT string_agg(id || '=' || v, ',' ORDER BY id) FROM t");
+        assert_eq!(rows, "3=changed,5=v5,10=v1", "on {}", n.name());
+        // Deleted keys (1 by the key change, 2 and 4 by DELETE) are remembered everywhere.
+        assert_eq!(
+            count(
+                n,
+                "SELECT count(*) FROM bdr.tombstones WHERE relid = 't'::regclass"
+            ),
+            3,
+            "tombstones on {}",
+            n.name()
+        );
+    }
+    // Still nothing in schema bdr for PUBLIC.
+    let e = app(a)
+        .batch_execute("SELECT * FROM bdr.tombstones")
+        .expect_err("app cannot read bdr's catalog");
+    assert!(
+        db_error_text(&e).contains("permission denied"),
+        "{}",
+        db_error_text(&e)
+    );
+}
+
+/// `SELECT count(*) FROM t` on `n`.
+fn rows_in_t(n: &Node) -> i64 {
+    count(n, "SELECT count(*) FROM t")
+}
+
+/// The apply workers of `n` as "peer:state:errors", sorted.
+fn workers(n: &Node) -> String {
+    n.query_scalar(
+        "SELECT coalesce(string_agg(peer || ':' || state || ':' || error_count, ',' ORDER BY peer), '') \
+         FROM bdr.apply_workers()",
+    )
+}
+
+#[test]
+fn logical_messages_from_any_role_do_not_stop_replication() {
+    let c = Cluster::builder().name("messages").nodes(2).start();
+    create_app_role(&c);
+    form_group(&c);
+    for n in c.nodes() {
+        app_exec(n, "CREATE TABLE t (id int PRIMARY KEY)");
+    }
+    let (a, b) = (c.node(0), c.node(1));
+    app_exec(a, "INSERT INTO t VALUES (1)");
+    wait_for_catchup(&c);
+    // pg_logical_emit_message is granted to PUBLIC: any role can put messages with any
+    // prefix in the WAL, transactional or not, of any size.
+    app_exec(
+        a,
+        "SELECT pg_logical_emit_message(false, 'bdr.x', ''); \
+         SELECT pg_logical_emit_message(true, 'bdr.x', ''); \
+         SELECT pg_logical_emit_message(false, 'bdr', 'x'); \
+         SELECT pg_logical_emit_message(false, 'bdr.sync', 'x'); \
+         BEGIN; INSERT INTO t VALUES (2); \
+           SELECT pg_logical_emit_message(true, 'bdr.sync', repeat('x', 2 * 1024 * 1024)); \
+         COMMIT;",
+    );
+    app_exec(a, "INSERT INTO t VALUES (3)");
+    wait_until(
+        "node2 to receive the rows written after the messages",
+        CATCHUP,
+        || rows_in_t(b) == 3,
+    );
+    // The oversized message was not sent, and the walsender said so.
+    a.wait_for_log(
+        "logical message with prefix \"bdr.sync\" of 2097152 bytes was not sent",
+        CATCHUP,
+    );
+    // Still streaming, no error, also after the apply worker restarts (it re-reads the
+    // stream from its last flushed position).
+    assert_eq!(workers(b), "node1:streaming:0");
+    b.execute("SELECT pg_terminate_backend(pid) FROM bdr.apply_workers()");
+    app_exec(a, "INSERT INTO t VALUES (4)");
+    wait_until(
+        "node2 to receive a row after its apply worker restarted",
+        CATCHUP,
+        || rows_in_t(b) == 4,
+    );
+    wait_until("node2's apply worker to stream again", CATCHUP, || {
+        workers(b) == "node1:streaming:0"
+    });
+    wait_for_catchup(&c);
+    assert_same_everywhere(&c, "t");
+}
+
+#[test]
+fn a_database_without_bdr_can_be_dropped() {
+    let c = Cluster::builder().name("dropdb").nodes(1).start();
+    let n = c.node(0);
+    for round in 0..3 {
+        n.execute("CREATE DATABASE scratch");
+        // Long enough for the launcher to have visited the new database (every 10 s).
+        std::thread::sleep(std::time::Duration::from_secs(12));
+        n.try_execute("DROP DATABASE scratch").unwrap_or_else(|e| {
+            let who: String = n.query_scalar(
+                "SELECT coalesce(string_agg(backend_type, ', '), 'nobody') FROM pg_stat_activity \
+                 WHERE datname = 'scratch'",
+            );
+            panic!("round {round}: {} (connected: {who})", db_error_text(&e))
+        });
+    }
+}
+
+/// Pid of the supervisor of `n`'s test database, if one runs.
+fn supervisor_pid(n: &Node) -> Option<i32> {
+    n.query_scalar(
+        "SELECT max(pid) FROM pg_stat_activity WHERE backend_type LIKE 'bdr supervisor %' \
+         AND datname = current_database()",
+    )
+}
+
+#[test]
+fn a_supervisor_that_failed_is_started_again() {
+    let c = Cluster::builder().name("supfail").nodes(2).start();
+    form_group(&c);
+    for n in c.nodes() {
+        n.execute("CREATE TABLE t (id int PRIMARY KEY)");
+    }
+    let (a, b) = (c.node(0), c.node(1));
+    // Make node1's next supervisor fail on a lock it cannot get at once: a short
+    // lock_timeout for new sessions of the database, then a supervisor that starts with it.
+    a.execute(&format!(
+        "ALTER DATABASE {} SET lock_timeout = '200ms'",
+        a.dbname()
+    ));
+    let first = supervisor_pid(a).expect("a supervisor runs");
+    a.execute(&format!("SELECT pg_terminate_backend({first})"));
+    wait_until("a new supervisor on node1", CATCHUP, || {
+        supervisor_pid(a).is_some_and(|p| p != first)
+    });
+    let second = supervisor_pid(a).unwrap();
+    // The supervisor reads bdr.nodes every half second: hold it locked until it failed.
+    let mut locker = a.connect();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE bdr.nodes IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    a.wait_for_log("canceling statement due to lock timeout", CATCHUP);
+    wait_until("the failed supervisor to exit", CATCHUP, || {
+        supervisor_pid(a) != Some(second)
+    });
+    locker.batch_execute("ROLLBACK").unwrap();
+    a.execute(&format!("ALTER DATABASE {} RESET lock_timeout", a.dbname()));
+    // It comes back, and does its job: a stopped apply worker is started again.
+    wait_until("node1's supervisor to be started again", CATCHUP, || {
+        supervisor_pid(a).is_some_and(|p| p != second)
+    });
+    a.execute("SELECT pg_terminate_backend(pid) FROM bdr.apply_workers() WHERE pid <> 0");
+    b.execute("INSERT INTO t VALUES (1)");
+    wait_until("node1 to apply node2's row", CATCHUP, || rows_in_t(a) == 1);
+    wait_until("node1's apply worker streaming", CATCHUP, || {
+        workers(a).starts_with("node2:streaming:")
+    });
+}
+
+/// Run `sql` on database `db` of `n`.
+fn exec_db(n: &Node, db: &str, sql: &str) {
+    n.connect_db(db)
+        .batch_execute(sql)
+        .unwrap_or_else(|e| panic!("on {} db {db}: {sql}\n{}", n.name(), db_error_text(&e)));
+}
+
+fn scalar_db<T: for<'a> postgres::types::FromSql<'a>>(n: &Node, db: &str, sql: &str) -> T {
+    n.connect_db(db)
+        .query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("on {} db {db}: {sql}\n{}", n.name(), db_error_text(&e)))
+        .get(0)
+}
+
+/// Slots and origins of database `db` on `n`, as a comparable string.
+fn replication_objects(n: &Node, db: &str) -> String {
+    scalar_db(
+        n,
+        db,
+        "SELECT format('slots=%s origins=%s', \
+           (SELECT string_agg(slot_name, ',' ORDER BY slot_name) FROM pg_replication_slots \
+             WHERE database = current_database()), \
+           (SELECT string_agg(roname, ',' ORDER BY roname) FROM pg_replication_origin \
+             WHERE roname LIKE 'bdr\\_' || (SELECT oid FROM pg_database \
+               WHERE datname = current_database()) || '\\_%'))",
+    )
+}
+
+#[test]
+fn parting_a_node_leaves_other_databases_alone() {
+    let c = Cluster::builder().name("partdb").nodes(2).start();
+    form_group(&c);
+    let (a, b) = (c.node(0), c.node(1));
+    // A second database on the same servers with a bdr group of its own.
+    for n in c.nodes() {
+        n.execute("CREATE DATABASE other");
+        exec_db(
+            n,
+            "other",
+            "CREATE EXTENSION bdr; CREATE TABLE t (id int PRIMARY KEY)",
+        );
+    }
+    exec_db(
+        a,
+        "other",
+        &format!("SELECT bdr.group_create('node1', '{}')", a.dsn_for("other")),
+    );
+    exec_db(
+        b,
+        "other",
+        &format!(
+            "SELECT bdr.group_join('node2', '{}', '{}')",
+            b.dsn_for("other"),
+            a.dsn_for("other")
+        ),
+    );
+    exec_db(b, "other", "SELECT bdr.wait_for_join(120)");
+    exec_db(a, "other", "INSERT INTO t VALUES (1)");
+    wait_until("the other database to replicate", CATCHUP, || {
+        scalar_db::<i64>(b, "other", "SELECT count(*) FROM t") == 1
+    });
+    let before: Vec<String> = c
+        .nodes()
+        .iter()
+        .map(|n| replication_objects(n, "other"))
+        .collect();
+    let started = std::time::Instant::now();
+    a.execute("SELECT bdr.part('node2')");
+    let took = started.elapsed();
+    // The other database's group kept everything and never noticed.
+    let after: Vec<String> = c
+        .nodes()
+        .iter()
+        .map(|n| replication_objects(n, "other"))
+        .collect();
+    assert_eq!(after, before, "slots and origins of database other");
+    for n in c.nodes() {
+        let w: String = scalar_db(
+            n,
+            "other",
+            "SELECT string_agg(peer || ':' || state || ':' || error_count, ',') FROM bdr.apply_workers()",
+        );
+        assert!(w.ends_with(":streaming:0"), "{}: {w}", n.name());
+    }
+    exec_db(a, "other", "INSERT INTO t VALUES (2)");
+    exec_db(b, "other", "INSERT INTO t VALUES (3)");
+    for n in c.nodes() {
+        wait_until(
+            &format!("{} to have rows 1-3 in other", n.name()),
+            CATCHUP,
+            || scalar_db::<i64>(n, "other", "SELECT count(*) FROM t") == 3,
+        );
+    }
+    // And the parted node of the first database holds nothing there any more.
+    assert_eq!(replication_objects(b, b.dbname()), "slots= origins=");
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "bdr.part took {took:?}"
+    );
+}
+
+/// Every process command line on this machine that contains `needle`.
+fn command_lines_with(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(b) = std::fs::read(e.path().join("cmdline")) {
+            let s = String::from_utf8_lossy(&b).replace('\0', " ");
+            if s.contains(needle) {
+                out.push(s);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_join_keeps_secrets_off_command_lines_and_values_intact() {
+    // Peers that still read backslashes in string literals as escapes.
+    let c = Cluster::builder()
+        .name("secrets")
+        .nodes(2)
+        .conf("standard_conforming_strings", "off")
+        .start();
+    let (a, b) = (c.node(0), c.node(1));
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr");
+    }
+    // node2 has no table: the join copies the schema with pg_dump and psql.
+    a.execute("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    // Passwords (ignored by trust authentication, but passed along like real ones) with a
+    // quote and a backslash, and an sslpassword.
+    let a_dsn = format!(
+        "{} password='pw1\\\\x\\'Secret' sslpassword=SslSecret",
+        a.dsn()
+    );
+    let b_dsn = format!("{} password='pw2\\\\y\\'Secret'", b.dsn());
+    a.connect()
+        .execute("SELECT bdr.group_create('node1', $1)", &[&a_dsn])
+        .unwrap_or_else(|e| panic!("{}", db_error_text(&e)));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                seen.extend(command_lines_with("Secret"));
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            seen
+        })
+    };
+    let joined = b
+        .connect()
+        .execute("SELECT bdr.group_join('node2', $1, $2)", &[&b_dsn, &a_dsn]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = watcher.join().unwrap();
+    joined.unwrap_or_else(|e| panic!("the join failed: {}", db_error_text(&e)));
+    b.execute("SELECT bdr.wait_for_join(120)");
+    assert!(seen.is_empty(), "secrets on command lines: {seen:?}");
+    // The members store the DSNs exactly as given.
+    let stored: String = a.query_scalar("SELECT node_dsn FROM bdr.nodes WHERE node_name = 'node2'");
+    assert_eq!(stored, b_dsn);
+    // The schema was copied and rows flow.
+    a.execute("INSERT INTO t VALUES (1, 'one')");
+    wait_until("node2 to receive node1's row", CATCHUP, || {
+        rows_in_t(b) == 1
+    });
+    // No service file is left behind.
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("bdr_client_"))
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
