@@ -264,9 +264,8 @@ fn down_node_shows_unreachable_with_growing_retained_wal_then_catches_up() {
         warning.as_deref().unwrap_or("").contains("retains"),
         "{warning:?}"
     );
-    let hc: String = a.query_scalar(
-        "SELECT status FROM bdr.health_check() WHERE check_name = 'Slots'",
-    );
+    let hc: String =
+        a.query_scalar("SELECT status FROM bdr.health_check() WHERE check_name = 'Slots'");
     assert_eq!(hc, "WARNING");
     x.start();
     wait_for_catchup(&c);

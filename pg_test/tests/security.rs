@@ -296,6 +296,16 @@ fn parting_a_node_leaves_other_databases_alone() {
     wait_until("the other database to replicate", CATCHUP, || {
         scalar_db::<i64>(b, "other", "SELECT count(*) FROM t") == 1
     });
+    // Both workers of the other database are up (each creates its origin as it starts).
+    for n in c.nodes() {
+        wait_until("the other database's workers streaming", CATCHUP, || {
+            scalar_db::<bool>(
+                n,
+                "other",
+                "SELECT coalesce(bool_and(state = 'streaming'), false) FROM bdr.apply_workers()",
+            )
+        });
+    }
     let before: Vec<String> = c
         .nodes()
         .iter()

@@ -88,7 +88,11 @@ impl Conn {
         // SAFETY: raw is valid until drop.
         let m = cstr_lossy(unsafe { pq::PQerrorMessage(self.raw) });
         // libpq continues a message on indented lines; an error shown to a user is one line.
-        m.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+        m.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     fn result_error(&self, res: *mut pq::PGresult) -> LibpqError {
