@@ -51,3 +51,16 @@ CREATE TABLE bdr.tombstones (
     PRIMARY KEY (relid, key)
 );
 COMMENT ON TABLE bdr.tombstones IS 'Recently deleted keys (last-update-wins through deletes)';
+
+-- Replicated schema changes made on this node, in the order they ran (src/ddl.rs): the
+-- output plugin sends each row, as it is inserted, as a `bdr.ddl` message inside its
+-- transaction. Only bdr itself writes here, so no role can forge a replicated DDL. Kept
+-- as a history; bdr.ddl_queue_purge(interval) removes old rows.
+CREATE TABLE bdr.ddl_queue (
+    ddl_id       bigserial PRIMARY KEY,
+    queued_at    timestamptz NOT NULL DEFAULT now(),
+    role_name    text NOT NULL,
+    search_path  text NOT NULL,
+    command      text NOT NULL
+);
+COMMENT ON TABLE bdr.ddl_queue IS 'Schema changes made on this node and replicated to the others';

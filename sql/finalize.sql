@@ -26,6 +26,9 @@ $$;
 CREATE EVENT TRIGGER bdr_new_tables ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
     EXECUTE FUNCTION bdr.on_ddl_command_end();
+-- Also in apply workers (session_replication_role = replica), so a table created by a
+-- replicated CREATE TABLE gets its triggers on every node.
+ALTER EVENT TRIGGER bdr_new_tables ENABLE ALWAYS;
 
 -- Nothing in schema bdr is usable by PUBLIC unless granted.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA bdr FROM PUBLIC;

@@ -193,6 +193,17 @@ $$;
 
 CREATE VIEW bdr.bdr_conflict_history AS SELECT * FROM bdr.conflict_history;
 
+-- BDR 1.x: run a schema change here and replicate it.
+CREATE FUNCTION bdr.bdr_replicate_ddl_command(cmd text) RETURNS void
+LANGUAGE sql AS $$ SELECT bdr.replicate_ddl_command(cmd) $$;
+
+-- Remove replicated-DDL history older than `older_than`; returns how many rows.
+CREATE FUNCTION bdr.ddl_queue_purge(older_than interval) RETURNS bigint
+LANGUAGE sql AS $$
+  WITH d AS (DELETE FROM bdr.ddl_queue WHERE queued_at < now() - older_than RETURNING 1)
+  SELECT count(*) FROM d
+$$;
+
 -- Refuses user writes on a standby (statement trigger added to every replicated table).
 CREATE FUNCTION bdr.standby_guard() RETURNS trigger
 LANGUAGE plpgsql AS $$

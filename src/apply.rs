@@ -91,6 +91,8 @@ pub struct Applier {
     conflict_counts: [u64; 9],
     /// Changes and commits applied since last published (see [`Applier::take_counts`]).
     counts: shmem::Stats,
+    /// The current transaction ran a replicated schema change.
+    ddl_applied: bool,
 }
 
 fn memory_context(name: &'static std::ffi::CStr) -> pg_sys::MemoryContext {
@@ -150,6 +152,7 @@ impl Applier {
             last_commit_time: 0,
             conflict_counts: [0; 9],
             counts: shmem::Stats::default(),
+            ddl_applied: false,
         }
     }
 
@@ -174,7 +177,30 @@ impl Applier {
             peer: self.peer.clone(),
             xid: b.map(|b| b.xid).unwrap_or(0),
             lsn: b.map(|b| b.final_lsn).unwrap_or(0),
+            statement: None,
         }));
+    }
+
+    /// Run a replicated schema change (see [`crate::ddl`]) in the applying transaction.
+    fn ddl(&mut self, content: &[u8]) {
+        self.require_transaction("DDL");
+        let cmd: bdr_core::ddl::DdlCommand = serde_json::from_slice(content)
+            .unwrap_or_else(|e| raise(&crate::error::DdlError::BadMessage(e.to_string())));
+        let b = self.begin.as_ref();
+        xact::set_context(Some(xact::ApplyContext {
+            action: "DDL",
+            relation: None,
+            peer: self.peer.clone(),
+            xid: b.map(|b| b.xid).unwrap_or(0),
+            lsn: b.map(|b| b.final_lsn).unwrap_or(0),
+            statement: Some(cmd.command.chars().take(500).collect::<String>().into()),
+        }));
+        self.see_previous_change();
+        crate::ddl::apply(&cmd);
+        self.pending_cci = true;
+        self.changes += 1;
+        self.counts.ddl += 1;
+        self.ddl_applied = true;
     }
 
     /// Apply one message. Errors are raised as PostgreSQL errors (the worker exits and is
@@ -188,6 +214,7 @@ impl Applier {
                 self.begin = Some(b);
                 self.changes = 0;
                 self.pending_cci = false;
+                self.ddl_applied = false;
                 self.context("begin", None);
                 xact::begin();
             }
@@ -207,8 +234,9 @@ impl Applier {
             }),
             Message::Delete(m) => self.change("DELETE", m.relation, |a, map| a.delete(map, &m.old)),
             Message::Truncate(t) => self.truncate(&t),
+            Message::Message(m) if m.prefix == bdr_core::ddl::DDL_PREFIX => self.ddl(&m.content),
             Message::Message(_) => {
-                // Our own logical messages (join synchronisation, later DDL) need nothing
+                // Our own other logical messages (join synchronisation) need nothing
                 // applied; the surrounding transaction still commits to record progress.
                 self.require_transaction("MESSAGE");
             }
@@ -755,6 +783,9 @@ impl Applier {
         self.last_commit_time = c.commit_time;
         self.counts.commits += 1;
         self.begin = None;
+        if std::mem::take(&mut self.ddl_applied) {
+            crate::ddl::applied_from(&self.peer);
+        }
         xact::set_context(None);
     }
 }

@@ -285,3 +285,76 @@ impl PgError for WorkerError {
         })
     }
 }
+
+/// Problems of DDL replication (`crate::ddl`).
+#[derive(Debug, thiserror::Error)]
+pub enum DdlError {
+    #[error("bdr: {why}")]
+    Refused {
+        why: &'static str,
+        hint: &'static str,
+    },
+    #[error("bdr: cannot replicate this schema change: members unreachable: {members}")]
+    Unreachable { members: String },
+    #[error("bdr: node \"{member}\" refused to hold writes for this schema change: {error}")]
+    FenceFailed { member: String, error: String },
+    #[error("bdr: the other nodes did not drain their writes within {waited_ms} ms: still waiting for {behind}")]
+    DrainTimeout { waited_ms: u64, behind: String },
+    #[error("bdr: table {table} is held for a schema change from node \"{origin}\"")]
+    Fenced { table: String, origin: String },
+    #[error("bdr: too many schema changes in progress at once on this server")]
+    TooManyFences,
+    #[error("bdr: could not queue the schema change for replication: {0}")]
+    Queue(String),
+    #[error("bdr: replicated schema change: {0}")]
+    Command(String),
+    #[error("bdr: unreadable replicated schema change: {0}")]
+    BadMessage(String),
+    #[error("bdr: role \"{0}\", which ran the replicated schema change on its origin, does not exist on this node")]
+    RoleMissing(String),
+    #[error("bdr: this node is not an active member of a bdr group")]
+    NotInGroup,
+}
+
+impl PgError for DdlError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        match self {
+            DdlError::Refused { .. } => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            DdlError::Unreachable { .. } => PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+            DdlError::FenceFailed { .. } | DdlError::DrainTimeout { .. } => {
+                PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE
+            }
+            DdlError::Fenced { .. } => PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+            DdlError::TooManyFences => PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            DdlError::RoleMissing(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            DdlError::NotInGroup => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            DdlError::BadMessage(_) => PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
+            DdlError::Queue(_) | DdlError::Command(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        Some(match self {
+            DdlError::Refused { hint, .. } => (*hint).into(),
+            DdlError::Unreachable { .. } => "A change to an existing table's shape needs every \
+                 member: bring them back, or part the ones that are gone (bdr.part). Creating \
+                 new objects works meanwhile."
+                .into(),
+            DdlError::FenceFailed { .. } | DdlError::DrainTimeout { .. } => {
+                "Retry when the members have caught up (bdr.node_status()), or raise \
+                 bdr.ddl_lock_timeout."
+                    .into()
+            }
+            DdlError::Fenced { .. } => "Retry the transaction: the table is writable again as \
+                 soon as this node has applied the schema change (bdr.ddl_unfence() lifts a \
+                 fence whose origin died)."
+                .into(),
+            DdlError::TooManyFences => "Wait for the running schema changes to finish.".into(),
+            DdlError::RoleMissing(_) => {
+                "Create the role on this node (roles do not replicate); the apply worker retries."
+                    .into()
+            }
+            DdlError::NotInGroup => "Use it on an active node of a group.".into(),
+            _ => return None,
+        })
+    }
+}

@@ -15,8 +15,36 @@ pub static LOG_CONFLICTS_TO_TABLE: GucSetting<bool> = GucSetting::<bool>::new(tr
 /// node retains more WAL than this.
 pub static SLOT_WAL_WARNING_MB: GucSetting<i32> = GucSetting::<i32>::new(1024);
 
+/// `bdr.ddl_replication`: replicate schema changes typed on this node.
+pub static DDL_REPLICATION: GucSetting<bool> = GucSetting::<bool>::new(true);
+
+/// `bdr.ddl_lock_timeout`: how long a schema change that drains other nodes' writes may
+/// wait for them (reach every member, fence, catch up) before it fails.
+pub static DDL_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+
 /// Register the settings; called once from `_PG_init`.
 pub fn init() {
+    GucRegistry::define_bool_guc(
+        c"bdr.ddl_replication",
+        c"Replicate schema changes (DDL) made in this session to the other nodes.",
+        c"Off: DDL runs on this node only (for statements that must run per node, such as \
+          CREATE INDEX CONCURRENTLY).",
+        &DDL_REPLICATION,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"bdr.ddl_lock_timeout",
+        c"Longest wait of a replicated schema change for the other nodes' writes to drain.",
+        c"A change to an existing table's shape fences writes to it on every member and waits \
+          until every member applied every other member's changes; past this it fails, \
+          naming the members it waited for.",
+        &DDL_LOCK_TIMEOUT_MS,
+        100,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_int_guc(
         c"bdr.slot_wal_warning_mb",
         c"WAL retained for an unreachable node above which node_status() and health_check() warn.",

@@ -24,11 +24,14 @@ use api::lifecycle::promote;
 use api::monitor::{apply_lag, apply_stats, apply_stats_reset};
 #[allow(unused_imports)]
 use api::version;
+#[allow(unused_imports)]
+use ddl::replicate_ddl_command;
 
 pub mod api;
 pub mod apply;
 pub mod catalog;
 pub mod conflict;
+pub mod ddl;
 pub mod decode;
 pub mod error;
 pub mod gucs;
@@ -55,7 +58,8 @@ pgrx::extension_sql_file!(
         apply_lag,
         apply_stats,
         apply_stats_reset,
-        version
+        version,
+        replicate_ddl_command
     ]
 );
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
@@ -73,6 +77,7 @@ pub extern "C-unwind" fn _PG_init() {
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
     gucs::init();
     pg::shmem::init();
+    pg::utility::install();
     match error::check_server_config() {
         Ok(()) => workers::launcher::register(),
         // The server must still start (a DBA fixes the setting and restarts), but

@@ -355,7 +355,9 @@ fn skip_foreign_message(slot: usize, peer: &str, msg: &wire::Message, in_txn: bo
     let wire::Message::Message(m) = msg else {
         return false;
     };
-    if in_txn && wire::is_our_message(&m.prefix, m.transactional) {
+    let ours = wire::is_our_message(&m.prefix, m.transactional)
+        || (m.transactional && m.prefix == bdr_core::ddl::DDL_PREFIX);
+    if in_txn && ours {
         return false;
     }
     shmem::update(slot, |s| s.skipped_messages += 1);

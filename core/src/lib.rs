@@ -1,4 +1,5 @@
 pub mod conflict;
+pub mod ddl;
 pub mod dsn;
 pub mod lag;
 pub mod replication;

@@ -403,6 +403,8 @@ fn copy_schema(source_dsn: &str, target_dsn: &str, snapshot: &str) -> Result<(),
     use std::process::Stdio;
     let (mut dump, _dump_secrets) = client_command("pg_dump", source_dsn)?;
     let (mut restore, _restore_secrets) = client_command("psql", target_dsn)?;
+    // The copied schema is already on every member: it must not be replicated again.
+    restore.env("PGOPTIONS", "-c bdr.ddl_replication=off");
     let mut dump = dump
         .args([
             "--schema-only",

@@ -46,6 +46,8 @@ struct Col {
 /// What the plugin caches about a relation for the duration of a stream.
 struct RelEntry {
     replicate: bool,
+    /// `bdr.ddl_queue`: an insert is sent as a `bdr.ddl` message (src/ddl.rs).
+    ddl_queue: bool,
     /// Whether `meta` has been sent in this stream.
     sent: bool,
     meta: wire::Relation,
@@ -269,6 +271,45 @@ unsafe extern "C-unwind" fn change_cb(
         let change_cxt = st.change_cxt;
         let entry = entry(st, rel);
         if !entry.replicate {
+            if entry.ddl_queue
+                && (*change).action == pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT
+                && !(*change).data.tp.newtuple.is_null()
+            {
+                let lsn = (*change).lsn;
+                let old_cxt = pg_sys::MemoryContextSwitchTo(change_cxt);
+                let values = row_values(
+                    entry,
+                    (*rel).rd_att,
+                    &raw mut (*(*change).data.tp.newtuple).tuple,
+                    None,
+                );
+                let col = |name: &str| -> String {
+                    entry
+                        .meta
+                        .columns
+                        .iter()
+                        .position(|c| c.name == name)
+                        .and_then(|i| match values.get(i) {
+                            Some(wire::Value::Text(t)) => Some(t.clone()),
+                            _ => None,
+                        })
+                        .unwrap_or_default()
+                };
+                let cmd = bdr_core::ddl::DdlCommand {
+                    role: col("role_name"),
+                    search_path: col("search_path"),
+                    command: col("command"),
+                };
+                let m = Message::Message(LogicalMessage {
+                    transactional: true,
+                    lsn,
+                    prefix: bdr_core::ddl::DDL_PREFIX.into(),
+                    content: serde_json::to_vec(&cmd).unwrap_or_default(),
+                });
+                emit(ctx, state(ctx), &[], &m);
+                pg_sys::MemoryContextSwitchTo(old_cxt);
+                pg_sys::MemoryContextReset(change_cxt);
+            }
             return;
         }
         let old_cxt = pg_sys::MemoryContextSwitchTo(change_cxt);
@@ -546,6 +587,7 @@ unsafe fn build_entry(rel: pg_sys::Relation) -> RelEntry {
         }
         RelEntry {
             replicate,
+            ddl_queue: schema == "bdr" && name == "ddl_queue",
             sent: false,
             meta: wire::Relation {
                 id: relid.to_u32(),

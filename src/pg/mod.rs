@@ -8,6 +8,7 @@ pub mod exec;
 pub mod libpq;
 pub mod relcache;
 pub mod shmem;
+pub mod utility;
 pub mod xact;
 
 /// Whether PostgreSQL is loading `shared_preload_libraries` right now (postmaster start).

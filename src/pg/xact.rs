@@ -102,6 +102,8 @@ pub struct ApplyContext {
     pub peer: std::rc::Rc<str>,
     pub xid: u32,
     pub lsn: u64,
+    /// The replicated statement being run (DDL).
+    pub statement: Option<std::rc::Rc<str>>,
 }
 
 impl std::fmt::Display for ApplyContext {
@@ -109,6 +111,9 @@ impl std::fmt::Display for ApplyContext {
         write!(f, "bdr apply: {}", self.action)?;
         if let Some(r) = &self.relation {
             write!(f, " on relation {r}")?;
+        }
+        if let Some(s) = &self.statement {
+            write!(f, " \"{s}\"")?;
         }
         write!(
             f,

@@ -34,6 +34,7 @@ pub extern "C-unwind" fn bdr_apply_main(arg: pg_sys::Datum) {
     };
     xact::install_error_context();
     crate::pg::relcache::watch();
+    crate::pg::utility::set_applying();
     PgTryBuilder::new(|| {
         crate::receive::run(
             slot,

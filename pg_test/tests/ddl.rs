@@ -1,0 +1,370 @@
+//! DDL replication (issue 13): a schema change made on one node reaches every node, in
+//! order with the data, applied exactly once, and never stalls apply. Application writes
+//! and most schema changes run as a plain role `app`.
+
+use pg_test::bdr::{assert_same_everywhere, form_group, wait_for_catchup, CATCHUP};
+use pg_test::{wait_until, Cluster, Node};
+use postgres::{Client, NoTls};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn connect_as(n: &Node, user: &str) -> Client {
+    Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} dbname={} user={user}",
+            n.port(),
+            n.dbname()
+        ),
+        NoTls,
+    )
+    .unwrap()
+}
+
+/// `n` nodes in a group, a plain role `app` on each that may create in schema public.
+fn group(name: &str, n: usize) -> Cluster {
+    let c = Cluster::builder().name(name).nodes(n).start();
+    for node in c.nodes() {
+        node.execute(
+            "CREATE EXTENSION bdr;
+             CREATE ROLE app LOGIN;
+             GRANT CREATE ON SCHEMA public TO app;",
+        );
+    }
+    form_group(&c);
+    c
+}
+
+/// Table shape as text: columns with types, and index names.
+fn shape(n: &Node, table: &str) -> String {
+    n.query_scalar(&format!(
+        "SELECT coalesce((SELECT string_agg(column_name || ' ' || data_type, ', ' ORDER BY ordinal_position)
+                   FROM information_schema.columns WHERE table_schema = 'public' AND table_name = '{table}'), '')
+         || ' | ' ||
+         coalesce((SELECT string_agg(indexname, ', ' ORDER BY indexname) FROM pg_indexes
+                   WHERE schemaname = 'public' AND tablename = '{table}'), '')"
+    ))
+}
+
+fn assert_same_shape(c: &Cluster, table: &str) -> String {
+    let s0 = shape(c.node(0), table);
+    for n in &c.nodes()[1..] {
+        assert_eq!(shape(n, table), s0, "{table} on {} vs node1", n.name());
+    }
+    s0
+}
+
+fn total_apply_errors(c: &Cluster) -> i64 {
+    c.nodes()
+        .iter()
+        .map(|n| {
+            n.query_scalar::<i64>("SELECT coalesce(sum(errors), 0)::int8 FROM bdr.apply_stats()")
+        })
+        .sum()
+}
+
+#[test]
+fn create_table_replicates_and_rows_written_everywhere_right_after_arrive() {
+    let c = group("ddl_create", 3);
+    let (a, b, x) = (c.node(0), c.node(1), c.node(2));
+    connect_as(a, "app")
+        .batch_execute(
+            "CREATE TABLE customers (id bigint PRIMARY KEY, name text);
+             CREATE TABLE orders (
+                 id bigserial PRIMARY KEY,
+                 customer bigint REFERENCES customers (id),
+                 n int GENERATED ALWAYS AS IDENTITY,
+                 note text);
+             CREATE INDEX orders_customer ON orders (customer);
+             INSERT INTO customers VALUES (1, 'one');",
+        )
+        .unwrap();
+    // Right after, every node writes (explicit keys: conflict-free keys are issue 14).
+    for (i, n) in c.nodes().iter().enumerate() {
+        let mut app = connect_as(n, "app");
+        wait_until(&format!("orders on {}", n.name()), CATCHUP, || {
+            app.execute("SELECT 1 FROM orders LIMIT 0", &[]).is_ok()
+        });
+        for k in 0..50i64 {
+            let id = (i as i64 + 1) * 1000 + k;
+            app.execute(
+                "INSERT INTO orders (id, customer, note) VALUES ($1, 1, 'x')",
+                &[&id],
+            )
+            .unwrap();
+        }
+    }
+    wait_for_catchup(&c);
+    assert_same_everywhere(&c, "orders");
+    assert_same_everywhere(&c, "customers");
+    assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM orders"), 150);
+    assert_same_shape(&c, "orders");
+    // The table belongs to the role that created it, on every node.
+    for n in [a, b, x] {
+        assert_eq!(
+            n.query_scalar::<String>(
+                "SELECT tableowner::text FROM pg_tables WHERE tablename = 'orders'"
+            ),
+            "app"
+        );
+    }
+    assert_eq!(total_apply_errors(&c), 0, "an apply worker errored");
+}
+
+/// Writers on every node insert into t continuously (retrying when a schema change holds
+/// the table); returns the ids that committed.
+fn start_writers(
+    c: &Cluster,
+    stop: &Arc<AtomicBool>,
+    base: i64,
+) -> Vec<std::thread::JoinHandle<Vec<i64>>> {
+    c.nodes()
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let mut app = connect_as(n, "app");
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut done = Vec::new();
+                let mut k = 0i64;
+                while !stop.load(Ordering::SeqCst) {
+                    let id = base + (i as i64 + 1) * 1_000_000 + k;
+                    match app.execute("INSERT INTO t (id, v) VALUES ($1, 'w')", &[&id]) {
+                        Ok(_) => {
+                            done.push(id);
+                            k += 1;
+                        }
+                        Err(e) => {
+                            let text = pg_test::db_error_text(&e);
+                            // Held for a schema change, or the table is gone: retry/stop.
+                            if text.contains("does not exist") {
+                                break;
+                            }
+                            assert!(text.contains("held for a schema change"), "{text}");
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                }
+                done
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn alter_table_on_each_node_while_all_write_ends_identical_and_loses_nothing() {
+    let c = group("ddl_alter", 3);
+    let pids: Vec<_> = c.nodes().iter().map(|n| n.postmaster_pid()).collect();
+    connect_as(c.node(0), "app")
+        .batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
+        .unwrap();
+    wait_for_catchup(&c);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(&c, &stop, 0);
+    let steps: [(usize, &str); 5] = [
+        (0, "ALTER TABLE t ADD COLUMN c2 int DEFAULT 5"),
+        (1, "ALTER TABLE t ALTER COLUMN v TYPE varchar(200)"),
+        (2, "ALTER TABLE t RENAME COLUMN c2 TO c3"),
+        (0, "CREATE INDEX t_v ON t (v)"),
+        (1, "ALTER TABLE t DROP COLUMN c3"),
+    ];
+    for (on, ddl) in steps {
+        std::thread::sleep(Duration::from_millis(300));
+        connect_as(c.node(on), "app")
+            .batch_execute(ddl)
+            .unwrap_or_else(|e| panic!("{ddl} on node{}: {}", on + 1, pg_test::db_error_text(&e)));
+        wait_for_catchup(&c);
+        assert_same_shape(&c, "t");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let committed: Vec<i64> = writers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    wait_for_catchup(&c);
+    assert_same_everywhere(&c, "t");
+    let shape = assert_same_shape(&c, "t");
+    assert!(
+        shape.starts_with("id bigint, v character varying"),
+        "{shape}"
+    );
+    assert!(shape.contains("t_v"), "{shape}");
+    for n in c.nodes() {
+        assert_eq!(
+            n.query_scalar::<i64>("SELECT count(*) FROM t"),
+            committed.len() as i64,
+            "rows on {}",
+            n.name()
+        );
+    }
+    assert!(
+        committed.len() > 30,
+        "writers made {} rows",
+        committed.len()
+    );
+    // Finally DROP TABLE from node3 while everyone writes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(&c, &stop, 10_000_000);
+    std::thread::sleep(Duration::from_millis(300));
+    connect_as(c.node(2), "app")
+        .batch_execute("DROP TABLE t")
+        .unwrap();
+    wait_for_catchup(&c);
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.join().unwrap();
+    }
+    for n in c.nodes() {
+        assert!(!n.query_scalar::<bool>("SELECT to_regclass('public.t') IS NOT NULL"));
+    }
+    let now: Vec<_> = c.nodes().iter().map(|n| n.postmaster_pid()).collect();
+    assert_eq!(now, pids, "a postmaster restarted");
+}
+
+#[test]
+fn bdr_replicate_ddl_command_works_as_in_bdr1() {
+    let c = group("ddl_bdr1", 2);
+    c.node(0).execute(
+        "SELECT bdr.bdr_replicate_ddl_command('CREATE TABLE public.replicated (id int PRIMARY KEY)')",
+    );
+    // Also with automatic capture off in the session.
+    c.node(1).execute(
+        "SET bdr.ddl_replication = off;
+         SELECT bdr.replicate_ddl_command('ALTER TABLE public.replicated ADD COLUMN v text');",
+    );
+    wait_for_catchup(&c);
+    assert_same_shape(&c, "replicated");
+    assert!(shape(c.node(0), "replicated").contains("v text"));
+}
+
+#[test]
+fn a_ddl_failing_on_a_peer_is_an_apply_error_retried_never_skipped() {
+    let c = group("ddl_fail", 2);
+    let (a, b) = (c.node(0), c.node(1));
+    // A name that exists only on node2.
+    b.execute("SET bdr.ddl_replication = off; CREATE TABLE clash (x int);");
+    a.execute(
+        "CREATE TABLE clash (id int PRIMARY KEY, v text); INSERT INTO clash VALUES (1, 'a');",
+    );
+    wait_until("node2's apply of the DDL to fail", CATCHUP, || {
+        b.query_scalar::<Option<String>>(
+            "SELECT last_error FROM bdr.apply_workers() WHERE peer = 'node1'",
+        )
+        .is_some_and(|e| e.contains("already exists"))
+    });
+    // The server log names the statement.
+    b.wait_for_log("CREATE TABLE clash", CATCHUP);
+    let errors: i64 = b.query_scalar("SELECT errors FROM bdr.apply_stats() WHERE peer = 'node1'");
+    wait_until("a retry", CATCHUP, || {
+        b.query_scalar::<i64>("SELECT errors FROM bdr.apply_stats() WHERE peer = 'node1'") > errors
+    });
+    b.execute("SET bdr.ddl_replication = off; DROP TABLE clash;");
+    wait_for_catchup(&c);
+    assert_same_everywhere(&c, "clash");
+    assert_same_shape(&c, "clash");
+}
+
+#[test]
+fn a_receiver_killed_while_applying_a_ddl_transaction_applies_it_once() {
+    let c = group("ddl_kill", 2);
+    let (a, b) = (c.node(0), c.node(1));
+    b.execute("SELECT bdr.apply_pause('node1')");
+    a.execute(
+        "BEGIN;
+         CREATE TABLE big (id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, 300000) g;
+         ALTER TABLE big ADD COLUMN w int;
+         COMMIT;",
+    );
+    b.execute("SELECT bdr.apply_resume('node1')");
+    // Mid-transaction: the worker has the BEGIN and has not committed.
+    wait_until("node2 applying the big transaction", CATCHUP, || {
+        b.query_scalar::<bool>(
+            "SELECT pending_commit_time IS NOT NULL FROM bdr.apply_lag() WHERE peer = 'node1'",
+        )
+    });
+    b.kill9();
+    b.start();
+    wait_for_catchup(&c);
+    assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM big"), 300000);
+    assert_same_shape(&c, "big");
+    assert_same_everywhere(&c, "big");
+}
+
+#[test]
+fn with_a_member_down_a_drained_ddl_fails_in_time_naming_it_and_create_table_works() {
+    let c = group("ddl_down", 3);
+    let (a, x) = (c.node(0), c.node(2));
+    a.execute("CREATE TABLE t (id int PRIMARY KEY)");
+    wait_for_catchup(&c);
+    x.stop();
+    let started = std::time::Instant::now();
+    let e = a
+        .connect()
+        .batch_execute("SET bdr.ddl_lock_timeout = '3s'; ALTER TABLE t ADD COLUMN v int DEFAULT 1")
+        .expect_err("a drained DDL with a member down");
+    let text = pg_test::db_error_text(&e);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(text.contains("node3"), "{text}");
+    assert!(text.contains("HINT"), "{text}");
+    // Nothing changed, and creating a new table works.
+    assert!(!shape(a, "t").contains(" v "));
+    a.execute("CREATE TABLE t2 (id int PRIMARY KEY)");
+    x.start();
+    wait_for_catchup(&c);
+    assert_same_shape(&c, "t2");
+    assert_same_shape(&c, "t");
+}
+
+#[test]
+fn temp_tables_replicate_nothing_and_break_nothing() {
+    let c = group("ddl_temp", 2);
+    let (a, b) = (c.node(0), c.node(1));
+    let before: i64 = a.query_scalar("SELECT count(*) FROM bdr.ddl_queue");
+    connect_as(a, "app")
+        .batch_execute(
+            "CREATE TEMP TABLE tt (id int PRIMARY KEY);
+             INSERT INTO tt VALUES (1);
+             ALTER TABLE tt ADD COLUMN v text;
+             DROP TABLE tt;
+             CREATE UNLOGGED TABLE ut (id int);
+             DROP TABLE ut;",
+        )
+        .unwrap();
+    assert_eq!(
+        a.query_scalar::<i64>("SELECT count(*) FROM bdr.ddl_queue"),
+        before
+    );
+    a.execute("CREATE TABLE after_temp (id int PRIMARY KEY)");
+    wait_for_catchup(&c);
+    assert_same_shape(&c, "after_temp");
+    assert_eq!(total_apply_errors(&c), 0);
+    assert!(b.query_scalar::<bool>("SELECT to_regclass('public.ut') IS NULL"));
+}
+
+#[test]
+fn statements_that_cannot_replicate_safely_are_refused_with_a_hint() {
+    let c = group("ddl_refuse", 2);
+    let a = c.node(0);
+    a.execute("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    for q in [
+        "CREATE INDEX CONCURRENTLY t_v ON t (v)",
+        "CREATE TABLE copy AS SELECT * FROM t",
+    ] {
+        let e = a.connect().batch_execute(q).expect_err(q);
+        let text = pg_test::db_error_text(&e);
+        assert!(text.contains("HINT"), "{q}: {text}");
+    }
+    // Per node, with capture off, it works.
+    let mut one = a.connect();
+    one.batch_execute("SET bdr.ddl_replication = off").unwrap();
+    one.batch_execute("CREATE INDEX CONCURRENTLY t_v ON t (v)")
+        .unwrap();
+    assert!(shape(a, "t").contains("t_v"));
+    assert!(!shape(c.node(1), "t").contains("t_v"));
+}

@@ -1,0 +1,378 @@
+//! DDL replication: a schema change made on one node reaches every node, in order with
+//! the data, and never stalls apply.
+//!
+//! Path of a replicated statement (policy in `bdr_core::ddl`, hooks in `pg::utility`):
+//! 1. **Capture** (origin, `ProcessUtility` hook): a statement typed by a client on a node
+//!    of an active group is described and decided on; refused ones fail with a hint.
+//! 2. **Drain** ([`before`]), only for a change to an existing table's shape: fence user
+//!    writes to those tables here and on every member (`bdr.ddl_fence`, which also waits
+//!    for writers already running there), then wait until every member has applied every
+//!    other member's changes up to the fence. Bounded by `bdr.ddl_lock_timeout`; an
+//!    unreachable or lagging member makes the statement fail at once, naming it.
+//! 3. **Transport** ([`after`]): the statement, the resolved `search_path` and the role
+//!    go into `bdr.ddl_queue` in the same transaction. The output plugin turns that row into
+//!    a `bdr.ddl` message inside the transaction's frames, so peers run it at its commit's
+//!    position. Only bdr's own code writes that table (as the bootstrap superuser, on
+//!    behalf of the role that ran the statement): no role can forge a replicated DDL, as it
+//!    could with `pg_logical_emit_message` (granted to PUBLIC).
+//! 4. **Apply** ([`apply`], receiver): run in the applying transaction, as the same role,
+//!    with the same `search_path`, under the peer's origin: exactly once across crashes,
+//!    never sent back out. A failure is an apply error (logged with the statement, retried,
+//!    never skipped). The fence the origin set here lifts when the apply commits.
+
+use crate::catalog::nodes;
+use crate::error::{raise, DdlError};
+use crate::pg::{libpq::Conn, shmem, utility, xact};
+use bdr_core::ddl::{self, DdlCommand, Decision, Shape};
+use bdr_core::{dsn, wire};
+use pgrx::prelude::*;
+use std::time::{Duration, Instant};
+
+/// How long a fence may hold writes back if the schema change never arrives (its origin
+/// died before committing): `bdr.ddl_unfence()` lifts it by hand.
+const FENCE_LIFETIME_US: i64 = 600_000_000;
+
+/// A statement to replicate.
+pub struct Plan {
+    pub command: DdlCommand,
+    /// Tables to drain first.
+    pub drain: Vec<String>,
+}
+
+/// The local node when it belongs to an active group (read as superuser: any role's DDL
+/// asks).
+fn active_local_node() -> Option<nodes::Node> {
+    utility::as_superuser(|| {
+        if !nodes::extension_exists() {
+            return None;
+        }
+        nodes::local().filter(|n| n.state == "active" && n.kind == "active")
+    })
+}
+
+/// What to do with a statement of `shape`: `None` runs it here only. Raises the refusal
+/// of a statement that cannot be replicated safely. Touches the catalog only for
+/// statements that would replicate.
+pub fn plan(shape: &Shape, text: impl FnOnce() -> String) -> Option<Plan> {
+    let drain = match ddl::decide(shape) {
+        Decision::Local => return None,
+        Decision::Refuse { why, hint } => {
+            active_local_node()?;
+            raise(&DdlError::Refused { why, hint })
+        }
+        Decision::Replicate { drain } => drain,
+    };
+    active_local_node()?;
+    let search_path = utility::as_superuser(|| {
+        Spi::get_one::<String>(
+            "SELECT coalesce(string_agg(pg_catalog.quote_ident(s), ', '), '') \
+             FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) s",
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or_default();
+    Some(Plan {
+        command: DdlCommand {
+            role: utility::current_role_name(),
+            search_path,
+            command: text(),
+        },
+        drain,
+    })
+}
+
+/// Before the statement runs: drain its tables (see the module note).
+pub fn before(p: &Plan) {
+    if !p.drain.is_empty() {
+        drain(&p.drain);
+    }
+}
+
+/// After the statement ran: queue it for the peers, in this transaction.
+pub fn after(p: &Plan) {
+    let c = &p.command;
+    utility::as_superuser(|| {
+        Spi::run_with_args(
+            "INSERT INTO bdr.ddl_queue (role_name, search_path, command) VALUES ($1, $2, $3)",
+            &[
+                c.role.as_str().into(),
+                c.search_path.as_str().into(),
+                c.command.as_str().into(),
+            ],
+        )
+    })
+    .unwrap_or_else(|e| raise(&DdlError::Queue(e.to_string())));
+}
+
+/// Refuse a user write to `relid` while a schema change from another node holds it.
+pub fn refuse_if_fenced(relid: pgrx::pg_sys::Oid) {
+    let dboid = nodes::my_database_oid();
+    if let Some(origin) = shmem::fenced_by(dboid, relid.to_u32(), utility::my_pid(), xact::now()) {
+        // SAFETY: inside a transaction (a statement is starting).
+        let table = unsafe { crate::pg::relcache::quoted_name(relid) };
+        raise(&DdlError::Fenced { table, origin });
+    }
+}
+
+/// A member the origin talks to while draining.
+struct Member {
+    name: String,
+    conn: Conn,
+}
+
+fn ms_left(deadline: Instant) -> u64 {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis()
+        .max(1) as u64
+}
+
+/// Fence `tables` everywhere and wait until every member applied every other member's
+/// changes up to the fence.
+fn drain(tables: &[String]) {
+    let timeout = Duration::from_millis(crate::gucs::DDL_LOCK_TIMEOUT_MS.get().max(1) as u64);
+    let deadline = Instant::now() + timeout;
+    let me = active_local_node().expect("checked by plan");
+    let dboid = nodes::my_database_oid();
+    let members: Vec<nodes::Node> = utility::as_superuser(nodes::all)
+        .into_iter()
+        .filter(|n| !n.is_local && n.kind == "active" && n.state == "active")
+        .collect();
+
+    // Here: refuse new user writes to the tables (this backend is exempt).
+    let mut relids = Vec::new();
+    for t in tables {
+        let relid: Option<pgrx::pg_sys::Oid> = Spi::get_one_with_args(
+            "SELECT pg_catalog.to_regclass($1)::oid",
+            &[t.as_str().into()],
+        )
+        .ok()
+        .flatten();
+        if let Some(r) = relid {
+            if !shmem::fence_add(
+                dboid,
+                r.to_u32(),
+                &me.name,
+                utility::my_pid(),
+                xact::now() + FENCE_LIFETIME_US,
+            ) {
+                raise(&DdlError::TooManyFences);
+            }
+            relids.push(r.to_u32());
+        }
+    }
+    let my_pid = utility::my_pid();
+    utility::at_transaction_end(Box::new(move |_| {
+        shmem::fence_clear(|f| f.exempt_pid == my_pid);
+    }));
+
+    // Every member: reachable within the timeout, else fail naming the unreachable.
+    let connect_timeout = timeout.as_secs().clamp(1, 30).to_string();
+    let mut reached = Vec::new();
+    let mut unreachable = Vec::new();
+    for m in &members {
+        let dsn = dsn::with_default(&m.dsn, "connect_timeout", &connect_timeout);
+        match Conn::connect(&dsn, "bdr_ddl_drain") {
+            Ok(conn) => reached.push(Member {
+                name: m.name.clone(),
+                conn,
+            }),
+            Err(e) => unreachable.push(format!("{} ({e})", m.name)),
+        }
+    }
+    if !unreachable.is_empty() {
+        raise(&DdlError::Unreachable {
+            members: unreachable.join(", "),
+        });
+    }
+    // If this transaction does not commit, lift the fences it set on the members (best
+    // effort; they also expire, and bdr.ddl_unfence() lifts them by hand).
+    let dsns: Vec<String> = members.iter().map(|m| m.dsn.clone()).collect();
+    let origin = me.name.clone();
+    utility::at_transaction_end(Box::new(move |committed| {
+        if !committed {
+            for d in &dsns {
+                let d = dsn::with_default(d, "connect_timeout", "2");
+                if let Ok(mut c) = Conn::connect(&d, "bdr_ddl_unfence") {
+                    let _ = c.exec_params("SELECT bdr.ddl_unfence($1)", &[&origin]);
+                }
+            }
+        }
+    }));
+
+    // Fence on every member; each answers once its running writers are done, with its
+    // WAL position then.
+    let tables_arr = format!(
+        "{{{}}}",
+        tables
+            .iter()
+            .map(|t| format!("\"{}\"", t.replace('\\', "\\\\").replace('"', "\\\"")))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut fence_lsn: Vec<(String, u64)> = Vec::new();
+    for m in reached.iter_mut() {
+        let r = m.conn.exec_params(
+            "SELECT bdr.ddl_fence($1::text[], $2, $3::int)::text",
+            &[&tables_arr, &me.name, &ms_left(deadline).to_string()],
+        );
+        match r {
+            Ok(rows) => {
+                let lsn = rows
+                    .first()
+                    .and_then(|r| r.first().cloned().flatten())
+                    .and_then(|v| wire::parse_lsn(&v))
+                    .unwrap_or(0);
+                fence_lsn.push((m.name.clone(), lsn));
+            }
+            Err(e) => raise(&DdlError::FenceFailed {
+                member: m.name.clone(),
+                error: e.to_string(),
+            }),
+        }
+    }
+
+    // Every node (members and here) applies every other member's changes up to its fence.
+    loop {
+        let mut behind = Vec::new();
+        let here = applied_here(dboid);
+        for (j, lsn) in &fence_lsn {
+            if here
+                .iter()
+                .find(|(p, _)| p == j)
+                .is_none_or(|(_, a)| a < lsn)
+            {
+                behind.push(format!(
+                    "{} applying {j} up to {}",
+                    me.name,
+                    wire::format_lsn(*lsn)
+                ));
+            }
+        }
+        for m in reached.iter_mut() {
+            let rows = m
+                .conn
+                .exec("SELECT peer, applied_lsn FROM bdr.apply_workers()")
+                .unwrap_or_default();
+            for (j, lsn) in fence_lsn.iter().filter(|(j, _)| *j != m.name) {
+                let applied = rows
+                    .iter()
+                    .find(|r| r.first().cloned().flatten().as_deref() == Some(j.as_str()))
+                    .and_then(|r| r.get(1).cloned().flatten())
+                    .and_then(|v| wire::parse_lsn(&v))
+                    .unwrap_or(0);
+                if applied < *lsn {
+                    behind.push(format!(
+                        "{} applying {j} up to {}",
+                        m.name,
+                        wire::format_lsn(*lsn)
+                    ));
+                }
+            }
+        }
+        if behind.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            raise(&DdlError::DrainTimeout {
+                waited_ms: timeout.as_millis() as u64,
+                behind: behind.join(", "),
+            });
+        }
+        pgrx::check_for_interrupts!();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// (peer, applied LSN) of this database's apply workers.
+fn applied_here(dboid: u32) -> Vec<(String, u64)> {
+    shmem::all()
+        .into_iter()
+        .filter(|s| s.kind == shmem::Kind::Apply && s.dboid == dboid)
+        .map(|s| (s.peer(), s.applied_lsn))
+        .collect()
+}
+
+/// Fence `tables` here for a schema change from `origin`, wait (at most `timeout_ms`)
+/// for transactions already writing to them, and return the WAL position after them.
+/// Called by the origin of a schema change over its connection; superuser only.
+#[pg_extern]
+fn ddl_fence(tables: Vec<String>, origin: &str, timeout_ms: i32) -> String {
+    let dboid = nodes::my_database_oid();
+    Spi::run(&format!("SET LOCAL lock_timeout = {}", timeout_ms.max(1)))
+        .unwrap_or_else(|e| raise(&DdlError::Queue(e.to_string())));
+    for t in &tables {
+        let relid: Option<pgrx::pg_sys::Oid> = Spi::get_one_with_args(
+            "SELECT pg_catalog.to_regclass($1)::oid",
+            &[t.as_str().into()],
+        )
+        .ok()
+        .flatten();
+        let Some(relid) = relid else { continue };
+        if !shmem::fence_add(
+            dboid,
+            relid.to_u32(),
+            origin,
+            0,
+            xact::now() + FENCE_LIFETIME_US,
+        ) {
+            raise(&DdlError::TooManyFences);
+        }
+        // SAFETY: inside this function's transaction.
+        unsafe { utility::wait_for_writers(relid) };
+    }
+    wire::format_lsn(utility::insert_lsn())
+}
+
+/// Lift every fence set here by schema changes from `origin` (every fence when NULL):
+/// for a schema change whose origin died before committing. Returns how many.
+#[pg_extern]
+fn ddl_unfence(origin: default!(Option<&str>, "NULL")) -> i32 {
+    let dboid = nodes::my_database_oid();
+    shmem::fence_clear(|f| f.dboid == dboid && origin.is_none_or(|o| shmem::fence_origin(f) == o))
+        as i32
+}
+
+/// Run `command` here and replicate it to every node, as typed DDL is (also when
+/// `bdr.ddl_replication` is off for the session). BDR 1.x: `bdr.bdr_replicate_ddl_command`.
+#[pg_extern]
+pub fn replicate_ddl_command(command: &str) -> bool {
+    if active_local_node().is_none() {
+        raise(&DdlError::NotInGroup);
+    }
+    utility::forced(|| Spi::run(command))
+        .unwrap_or_else(|e| raise(&DdlError::Command(e.to_string())));
+    true
+}
+
+/// Receiver: run a replicated statement in the applying transaction. Errors are raised
+/// (an apply error: logged with the statement, retried).
+pub fn apply(c: &DdlCommand) {
+    let Some(role) = utility::role_oid(&c.role) else {
+        raise(&DdlError::RoleMissing(c.role.clone()))
+    };
+    let old_path: String = Spi::get_one("SELECT pg_catalog.current_setting('search_path')")
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    Spi::run_with_args(
+        "SELECT pg_catalog.set_config('search_path', $1, true)",
+        &[c.search_path.as_str().into()],
+    )
+    .unwrap_or_else(|e| raise(&DdlError::Command(e.to_string())));
+    utility::as_role(role, || Spi::run(&c.command))
+        .unwrap_or_else(|e| raise(&DdlError::Command(e.to_string())));
+    Spi::run_with_args(
+        "SELECT pg_catalog.set_config('search_path', $1, true)",
+        &[old_path.as_str().into()],
+    )
+    .unwrap_or_else(|e| raise(&DdlError::Command(e.to_string())));
+}
+
+/// Receiver, after committing a transaction that applied DDL from `origin`: lift the
+/// fences that origin set here.
+pub fn applied_from(origin: &str) {
+    let dboid = nodes::my_database_oid();
+    shmem::fence_clear(|f| f.dboid == dboid && shmem::fence_origin(f) == origin);
+}

@@ -1,0 +1,603 @@
+//! The hooks DDL replication needs, raw half: a `ProcessUtility` hook that describes each
+//! schema change for the policy (`bdr_core::ddl::decide`) and hands replicated ones to
+//! [`crate::ddl`], and an `ExecutorStart` hook that refuses user writes to a table fenced
+//! for a schema change from another node (`crate::ddl`'s drain).
+//!
+//! Invariants: only statements typed by a client (top level), or run through
+//! `bdr.replicate_ddl_command`, are considered — never what a function, an event trigger,
+//! `CREATE EXTENSION` or the apply worker runs; targets are resolved before the statement
+//! runs (a DROP cannot be described afterwards); the text sent is exactly the one statement
+//! (`stmt_location`/`stmt_len`), never the rest of a multi-statement string.
+
+use bdr_core::ddl::{Shape, Table};
+use pgrx::pg_sys;
+use pgrx::PgList;
+use std::cell::Cell;
+use std::ffi::{c_char, CStr};
+
+static mut PREV_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
+
+thread_local! {
+    /// Nesting of utility statements run by this backend (a captured statement's own
+    /// sub-statements are not captured again).
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// `bdr.replicate_ddl_command` is running its command.
+    static FORCE: Cell<bool> = const { Cell::new(false) };
+    /// This process applies a peer's changes: it never captures or is fenced.
+    static APPLYING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Install both hooks; called from `_PG_init`.
+pub fn install() {
+    // SAFETY: _PG_init runs once per process before any query; the previous hooks are
+    // kept and called.
+    unsafe {
+        PREV_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(utility_hook);
+        PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
+        pg_sys::ExecutorStart_hook = Some(executor_start_hook);
+    }
+}
+
+/// Mark this process as an apply worker.
+pub fn set_applying() {
+    APPLYING.with(|a| a.set(true));
+}
+
+pub fn applying() -> bool {
+    APPLYING.with(|a| a.get())
+}
+
+/// Run `f` with capture forced for the statements it runs (`bdr.replicate_ddl_command`).
+pub fn forced<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            FORCE.with(|x| x.set(self.0));
+        }
+    }
+    let _reset = Reset(FORCE.with(|x| x.replace(true)));
+    f()
+}
+
+struct Depth;
+impl Depth {
+    fn enter() -> Depth {
+        DEPTH.with(|d| d.set(d.get() + 1));
+        Depth
+    }
+}
+impl Drop for Depth {
+    fn drop(&mut self) {
+        DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn utility_hook(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query_string: *const c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: pstmt and query_string are valid for the call (PostgreSQL's contract); the
+    // parse tree is only read.
+    unsafe {
+        let top = context == pg_sys::ProcessUtilityContext::PROCESS_UTILITY_TOPLEVEL;
+        let forced = FORCE.with(|f| f.get());
+        let considered = (top || forced)
+            && DEPTH.with(|d| d.get()) == 0
+            && !applying()
+            && !pg_sys::creating_extension
+            && (crate::gucs::DDL_REPLICATION.get() || forced)
+            && pg_sys::IsTransactionState();
+        check_fenced_utility((*pstmt).utilityStmt);
+        let plan = if considered {
+            let shape = describe((*pstmt).utilityStmt);
+            crate::ddl::plan(&shape, || statement_text(pstmt, query_string))
+        } else {
+            None
+        };
+        if let Some(p) = &plan {
+            crate::ddl::before(p);
+        }
+        {
+            let _depth = Depth::enter();
+            match PREV_UTILITY {
+                Some(prev) => prev(
+                    pstmt,
+                    query_string,
+                    read_only_tree,
+                    context,
+                    params,
+                    query_env,
+                    dest,
+                    qc,
+                ),
+                None => pg_sys::standard_ProcessUtility(
+                    pstmt,
+                    query_string,
+                    read_only_tree,
+                    context,
+                    params,
+                    query_env,
+                    dest,
+                    qc,
+                ),
+            }
+        }
+        if let Some(p) = plan {
+            crate::ddl::after(&p);
+        }
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn executor_start_hook(qd: *mut pg_sys::QueryDesc, eflags: i32) {
+    // SAFETY: the query descriptor is valid for the call; its plan's range table and
+    // result relation list are read only.
+    unsafe {
+        if !applying() {
+            let ps = (*qd).plannedstmt;
+            if !ps.is_null() && !(*ps).resultRelations.is_null() {
+                let rtable = PgList::<pg_sys::RangeTblEntry>::from_pg((*ps).rtable);
+                let results = PgList::<std::ffi::c_void>::from_pg((*ps).resultRelations);
+                for rti in results.iter_int() {
+                    if let Some(rte) = rtable.get_ptr((rti - 1) as usize) {
+                        crate::ddl::refuse_if_fenced((*rte).relid);
+                    }
+                }
+            }
+        }
+        match PREV_EXECUTOR_START {
+            Some(prev) => prev(qd, eflags),
+            None => pg_sys::standard_ExecutorStart(qd, eflags),
+        }
+    }
+}
+
+/// COPY FROM and TRUNCATE write without the executor's start: check their targets.
+///
+/// # Safety
+/// `stmt` is a valid parse tree node.
+unsafe fn check_fenced_utility(stmt: *mut pg_sys::Node) {
+    if applying() || stmt.is_null() {
+        return;
+    }
+    // SAFETY: the node tag says which struct it is.
+    unsafe {
+        match (*stmt).type_ {
+            pg_sys::NodeTag::T_CopyStmt => {
+                let c = stmt as *mut pg_sys::CopyStmt;
+                if (*c).is_from && !(*c).relation.is_null() {
+                    if let Some(relid) = resolve((*c).relation) {
+                        crate::ddl::refuse_if_fenced(relid);
+                    }
+                }
+            }
+            pg_sys::NodeTag::T_TruncateStmt => {
+                let t = stmt as *mut pg_sys::TruncateStmt;
+                for rv in PgList::<pg_sys::RangeVar>::from_pg((*t).relations).iter_ptr() {
+                    if let Some(relid) = resolve(rv) {
+                        crate::ddl::refuse_if_fenced(relid);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The one statement `pstmt` is, out of a possibly multi-statement string.
+///
+/// # Safety
+/// As the hook's arguments.
+unsafe fn statement_text(pstmt: *mut pg_sys::PlannedStmt, query: *const c_char) -> String {
+    // SAFETY: query_string is NUL-terminated; location and length index into it.
+    unsafe {
+        let all = CStr::from_ptr(query).to_string_lossy();
+        let bytes = all.as_bytes();
+        let start = ((*pstmt).stmt_location.max(0) as usize).min(bytes.len());
+        let end = match (*pstmt).stmt_len {
+            n if n > 0 => (start + n as usize).min(bytes.len()),
+            _ => bytes.len(),
+        };
+        String::from_utf8_lossy(&bytes[start..end])
+            .trim()
+            .to_string()
+    }
+}
+
+/// The relation a RangeVar names, if it exists (no lock taken: the statement takes its
+/// own).
+///
+/// # Safety
+/// Inside a transaction; `rv` is valid.
+unsafe fn resolve(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
+    // SAFETY: a catalog lookup with missing_ok.
+    let relid = unsafe {
+        pg_sys::RangeVarGetRelidExtended(
+            rv,
+            pg_sys::NoLock as i32,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        )
+    };
+    (relid != pg_sys::InvalidOid).then_some(relid)
+}
+
+/// A relation as the policy sees it: quoted name and whether it replicates.
+///
+/// # Safety
+/// Inside a transaction.
+unsafe fn table(relid: pg_sys::Oid) -> Table {
+    // SAFETY: forwarded.
+    unsafe {
+        Table {
+            name: crate::pg::relcache::quoted_name(relid),
+            replicates: crate::pg::relcache::why_not_target(relid).is_none(),
+        }
+    }
+}
+
+/// Whether a relation (of any kind) is local-only: temporary, unlogged, or in a schema or
+/// extension that never replicates.
+///
+/// # Safety
+/// Inside a transaction.
+unsafe fn local_only(relid: pg_sys::Oid) -> bool {
+    // SAFETY: syscache lookups.
+    unsafe {
+        let persistence = pg_sys::get_rel_persistence(relid) as u8;
+        let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
+        let schema = if nsp.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(nsp).to_string_lossy().into_owned()
+        };
+        persistence != pg_sys::RELPERSISTENCE_PERMANENT
+            || schema == "bdr"
+            || schema == "pg_catalog"
+            || schema.starts_with("pg_temp")
+            || pg_sys::getExtensionOfObject(pg_sys::RelationRelationId, relid) != pg_sys::InvalidOid
+    }
+}
+
+/// Whether a RangeVar names a permanent relation (as written: a missing object is
+/// judged by its persistence keyword and schema).
+///
+/// # Safety
+/// `rv` is valid.
+unsafe fn permanent(rv: *mut pg_sys::RangeVar) -> bool {
+    // SAFETY: plain reads of the parse node.
+    unsafe {
+        if rv.is_null() {
+            return true;
+        }
+        let schema = if (*rv).schemaname.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr((*rv).schemaname)
+                .to_string_lossy()
+                .into_owned()
+        };
+        (*rv).relpersistence as u8 == pg_sys::RELPERSISTENCE_PERMANENT
+            && schema != "bdr"
+            && schema != "pg_temp"
+    }
+}
+
+/// Other-kind objects named by a relation: `Other` unless local-only.
+///
+/// # Safety
+/// Inside a transaction; `rv` valid or NULL.
+unsafe fn other_on(rv: *mut pg_sys::RangeVar) -> Shape {
+    // SAFETY: forwarded.
+    unsafe {
+        match (!rv.is_null()).then(|| resolve(rv)).flatten() {
+            Some(relid) if local_only(relid) => Shape::NotReplicated,
+            _ => Shape::Other,
+        }
+    }
+}
+
+/// Whether every subcommand of an ALTER TABLE adds a plain nullable column without a
+/// default (no old-shaped row can be hurt: no drain needed).
+///
+/// # Safety
+/// `cmds` is the statement's command list.
+unsafe fn only_plain_add_column(cmds: *mut pg_sys::List) -> bool {
+    // SAFETY: the list holds AlterTableCmd nodes; `def` of ADD COLUMN is a ColumnDef.
+    unsafe {
+        let cmds = PgList::<pg_sys::AlterTableCmd>::from_pg(cmds);
+        !cmds.is_empty()
+            && cmds.iter_ptr().all(|c| {
+                let st = (*c).subtype;
+                if st != pg_sys::AlterTableType::AT_AddColumn
+                    && st != pg_sys::AlterTableType::AT_AddColumnRecurse
+                {
+                    return false;
+                }
+                let d = (*c).def as *mut pg_sys::ColumnDef;
+                !d.is_null()
+                    && (*d).raw_default.is_null()
+                    && (*d).cooked_default.is_null()
+                    && (*d).constraints.is_null()
+                    && (*d).identity == 0
+                    && (*d).generated == 0
+                    && !(*d).is_not_null
+            })
+    }
+}
+
+/// Describe a utility statement for the policy.
+///
+/// # Safety
+/// Inside a transaction; `stmt` is a valid parse tree node.
+unsafe fn describe(stmt: *mut pg_sys::Node) -> Shape {
+    use pg_sys::NodeTag::*;
+    use pg_sys::ObjectType::*;
+    if stmt.is_null() {
+        return Shape::NotReplicated;
+    }
+    // SAFETY: each cast follows the node's tag.
+    unsafe {
+        match (*stmt).type_ {
+            T_CreateStmt => Shape::Create {
+                permanent: permanent((*(stmt as *mut pg_sys::CreateStmt)).relation),
+            },
+            T_CreateTableAsStmt => {
+                let c = stmt as *mut pg_sys::CreateTableAsStmt;
+                let permanent = (*c).into.is_null() || permanent((*(*c).into).rel);
+                if (*c).objtype == OBJECT_MATVIEW {
+                    Shape::Create { permanent }
+                } else {
+                    Shape::CreateTableAs { permanent }
+                }
+            }
+            T_CreateSeqStmt => Shape::Create {
+                permanent: permanent((*(stmt as *mut pg_sys::CreateSeqStmt)).sequence),
+            },
+            T_ViewStmt => Shape::Create {
+                permanent: permanent((*(stmt as *mut pg_sys::ViewStmt)).view),
+            },
+            T_IndexStmt => {
+                let i = stmt as *mut pg_sys::IndexStmt;
+                if (*i).concurrent {
+                    return Shape::Concurrently;
+                }
+                Shape::Create {
+                    permanent: resolve((*i).relation).is_some_and(|r| !local_only(r)),
+                }
+            }
+            T_AlterTableStmt => {
+                let a = stmt as *mut pg_sys::AlterTableStmt;
+                let Some(relid) = resolve((*a).relation) else {
+                    return Shape::NotReplicated; // it fails (or IF EXISTS skips) here
+                };
+                if (*a).objtype == OBJECT_TABLE || (*a).objtype == OBJECT_FOREIGN_TABLE {
+                    Shape::Change {
+                        tables: vec![table(relid)],
+                        safe: only_plain_add_column((*a).cmds),
+                    }
+                } else if local_only(relid) {
+                    Shape::NotReplicated
+                } else {
+                    Shape::Other
+                }
+            }
+            T_DropStmt => {
+                let d = stmt as *mut pg_sys::DropStmt;
+                if (*d).concurrent {
+                    return Shape::Concurrently;
+                }
+                let rt = (*d).removeType;
+                let rels = || -> Vec<pg_sys::Oid> {
+                    PgList::<pg_sys::List>::from_pg((*d).objects)
+                        .iter_ptr()
+                        .filter_map(|names| resolve(pg_sys::makeRangeVarFromNameList(names)))
+                        .collect()
+                };
+                match rt {
+                    OBJECT_TABLE | OBJECT_FOREIGN_TABLE => {
+                        let tables: Vec<Table> = rels().into_iter().map(|r| table(r)).collect();
+                        if tables.is_empty() {
+                            Shape::NotReplicated
+                        } else {
+                            Shape::Change {
+                                tables,
+                                safe: false,
+                            }
+                        }
+                    }
+                    OBJECT_INDEX | OBJECT_SEQUENCE | OBJECT_VIEW | OBJECT_MATVIEW => {
+                        let r = rels();
+                        if !r.is_empty() && r.iter().all(|&x| local_only(x)) {
+                            Shape::NotReplicated
+                        } else {
+                            Shape::Other
+                        }
+                    }
+                    OBJECT_EXTENSION => Shape::NotReplicated,
+                    OBJECT_SCHEMA => {
+                        let bdr = PgList::<pg_sys::Node>::from_pg((*d).objects)
+                            .iter_ptr()
+                            .any(|n| {
+                                let s = (*(n as *mut pg_sys::String)).sval;
+                                !s.is_null() && CStr::from_ptr(s).to_bytes() == b"bdr"
+                            });
+                        if bdr {
+                            Shape::NotReplicated
+                        } else {
+                            Shape::Other
+                        }
+                    }
+                    _ => Shape::Other,
+                }
+            }
+            T_RenameStmt => {
+                let r = stmt as *mut pg_sys::RenameStmt;
+                let renames_table_shape =
+                    matches!(
+                        (*r).renameType,
+                        OBJECT_TABLE | OBJECT_COLUMN | OBJECT_TABCONSTRAINT
+                    ) && matches!((*r).relationType, OBJECT_TABLE | OBJECT_FOREIGN_TABLE)
+                        || (*r).renameType == OBJECT_TABLE;
+                match (!(*r).relation.is_null())
+                    .then(|| resolve((*r).relation))
+                    .flatten()
+                {
+                    Some(relid) if renames_table_shape => Shape::Change {
+                        tables: vec![table(relid)],
+                        safe: false,
+                    },
+                    Some(relid) if local_only(relid) => Shape::NotReplicated,
+                    _ => Shape::Other,
+                }
+            }
+            T_CreateTrigStmt => other_on((*(stmt as *mut pg_sys::CreateTrigStmt)).relation),
+            T_CreatePolicyStmt => other_on((*(stmt as *mut pg_sys::CreatePolicyStmt)).table),
+            T_AlterPolicyStmt => other_on((*(stmt as *mut pg_sys::AlterPolicyStmt)).table),
+            T_RuleStmt => other_on((*(stmt as *mut pg_sys::RuleStmt)).relation),
+            T_AlterSeqStmt => other_on((*(stmt as *mut pg_sys::AlterSeqStmt)).sequence),
+            T_CommentStmt
+            | T_GrantStmt
+            | T_CreateSchemaStmt
+            | T_CreateFunctionStmt
+            | T_AlterFunctionStmt
+            | T_DefineStmt
+            | T_CompositeTypeStmt
+            | T_CreateEnumStmt
+            | T_AlterEnumStmt
+            | T_CreateDomainStmt
+            | T_AlterDomainStmt
+            | T_AlterObjectSchemaStmt
+            | T_AlterOwnerStmt
+            | T_AlterDefaultPrivilegesStmt
+            | T_RefreshMatViewStmt
+            | T_CreateCastStmt
+            | T_AlterTypeStmt => Shape::Other,
+            _ => Shape::NotReplicated,
+        }
+    }
+}
+
+/// Name of the current role (`current_user`).
+pub fn current_role_name() -> String {
+    // SAFETY: the current user id always has a name while the backend runs.
+    unsafe {
+        let n = pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false);
+        CStr::from_ptr(n).to_string_lossy().into_owned()
+    }
+}
+
+/// The role named `name` here, if it exists.
+pub fn role_oid(name: &str) -> Option<pg_sys::Oid> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a catalog lookup with missing_ok.
+    let oid = unsafe { pg_sys::get_role_oid(c.as_ptr(), true) };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
+/// This backend's process id.
+pub fn my_pid() -> i32 {
+    // SAFETY: set once at backend start.
+    unsafe { pg_sys::MyProcPid }
+}
+
+/// Where WAL insertion is now: every transaction committed before this call ends below.
+pub fn insert_lsn() -> u64 {
+    // SAFETY: a read of shared WAL state.
+    unsafe { pg_sys::GetXLogInsertRecPtr() }
+}
+
+/// Wait (under the session's `lock_timeout`) until no transaction holds a write lock on
+/// `relid`, then keep a SHARE lock on it until the end of this transaction.
+///
+/// # Safety
+/// Inside a transaction.
+pub unsafe fn wait_for_writers(relid: pg_sys::Oid) {
+    // SAFETY: forwarded.
+    unsafe { pg_sys::LockRelationOid(relid, pg_sys::ShareLock as i32) };
+}
+
+/// Run `f` as the bootstrap superuser (for bdr's own catalog writes on behalf of any
+/// role: the DDL queue).
+pub fn as_superuser<R>(f: impl FnOnce() -> R) -> R {
+    let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
+    // SAFETY: plain reads and writes of the backend's current user and context.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
+        pg_sys::SetUserIdAndSecContext(
+            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+            sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+    }
+    struct Restore(pg_sys::Oid, i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: restores what was read above.
+            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        }
+    }
+    let _r = Restore(user, sec);
+    f()
+}
+
+/// Run `f` as role `role` (a replicated DDL runs as the role that ran it on its origin).
+pub fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
+    // SAFETY: as in as_superuser.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
+        pg_sys::SetUserIdAndSecContext(role, sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+    }
+    struct Restore(pg_sys::Oid, i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: restores what was read above.
+            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        }
+    }
+    let _r = Restore(user, sec);
+    f()
+}
+
+/// Call `f(committed)` once, when the current transaction ends. Nothing `f` does may
+/// raise an error (it runs inside commit or abort processing).
+pub fn at_transaction_end(f: Box<dyn FnOnce(bool)>) {
+    if !REGISTERED.with(|r| r.replace(true)) {
+        // SAFETY: a static function, registered once for the life of the process (never
+        // unregistered: PostgreSQL 15 walks the list without guarding against removal).
+        unsafe { pg_sys::RegisterXactCallback(Some(xact_end), std::ptr::null_mut()) };
+    }
+    AT_END.with(|v| v.borrow_mut().push(f));
+}
+
+thread_local! {
+    static REGISTERED: Cell<bool> = const { Cell::new(false) };
+    static AT_END: std::cell::RefCell<Vec<Box<dyn FnOnce(bool)>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn xact_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    let committed = match event {
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
+            true
+        }
+        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => false,
+        _ => return,
+    };
+    let fs: Vec<_> = AT_END.with(|v| std::mem::take(&mut *v.borrow_mut()));
+    for f in fs {
+        f(committed);
+    }
+}
