@@ -463,7 +463,8 @@ impl Applier {
         // SAFETY: inside the applying transaction, in the per-change context.
         unsafe {
             let t = Target::open(map.relid);
-            let row = map.row(new, None).unwrap_or_else(|e| raise(&e));
+            let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
+            t.fill_defaults(&mut row, map.local_only());
             let keyed = map.remote.columns.iter().any(|c| c.key);
             // The common case, a new key in a table without tombstones: insert directly,
             // unless a unique index already holds the key (then decide as below).
@@ -536,7 +537,8 @@ impl Applier {
                         d.action = Action::Nothing;
                         d.conflict = d.conflict.map(|(c, _)| (c, Resolution::Skip));
                     } else {
-                        let row = map.row(new, None).unwrap_or_else(|e| raise(&e));
+                        let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
+                        t.fill_defaults(&mut row, map.local_only());
                         self.insert_resolving_unique(&t, map, &row, new);
                         self.verify_no_new_tombstone(&t, local, &mut key);
                     }

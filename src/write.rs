@@ -5,9 +5,11 @@
 //! replicates by the same rule the sender uses (`decode::why_not_replicated`: an ordinary
 //! permanent table outside the system and bdr schemas, of no extension) — never a view, a
 //! partitioned table or a catalog, whatever the peer names; every column the peer sends must
-//! exist locally (else an apply error naming the column, retried until a DBA adds it); local
-//! columns the peer does not send are NULL on INSERT and keep their value on UPDATE;
-//! generated columns are computed locally; an unchanged-TOAST value keeps the local value.
+//! exist locally unless its value is NULL (a column dropped here, or added on the peer and
+//! not yet here: a non-NULL value for it is an apply error naming the column, retried until
+//! a DBA adds it — never a silent loss); local columns the peer does not send get their
+//! DEFAULT on INSERT and keep their value on UPDATE; generated columns are computed
+//! locally; an unchanged-TOAST value keeps the local value.
 //!
 //! A mapping is cached per peer relation and dropped whenever the local table's definition
 //! changes (relcache invalidation, see `pg::relcache`), so it always describes the table as
@@ -20,15 +22,14 @@ use crate::pg::exec::{self, InputFn, LocalAttr, OwnerRights, Row};
 use bdr_core::wire::{self, OldRow, ReplicaIdentity, Value};
 use pgrx::pg_sys;
 
-/// Local position of each remote column, or the name of the first one missing.
-pub fn map_columns(remote: &[wire::Column], local: &[LocalAttr]) -> Result<Vec<usize>, String> {
+/// Local position of each remote column (`None`: no such column here).
+pub fn map_columns(remote: &[wire::Column], local: &[LocalAttr]) -> Vec<Option<usize>> {
     remote
         .iter()
         .map(|c| {
             local
                 .iter()
                 .position(|a| !a.dropped && !a.generated && a.name == c.name)
-                .ok_or_else(|| c.name.clone())
         })
         .collect()
 }
@@ -38,10 +39,12 @@ pub struct RelMap {
     pub remote: wire::Relation,
     pub relid: pg_sys::Oid,
     pub natts: usize,
-    /// For each remote column, the local attribute index.
-    local_of: Vec<usize>,
-    /// Input function per remote column.
-    inputs: Vec<InputFn>,
+    /// For each remote column, the local attribute index (`None`: not here).
+    local_of: Vec<Option<usize>>,
+    /// Input function per remote column that exists here.
+    inputs: Vec<Option<InputFn>>,
+    /// Local attributes the peer does not send (they get their DEFAULT on INSERT).
+    local_only: Vec<usize>,
     /// Remote column indexes of the key.
     key: Vec<usize>,
     /// The table's owner and what it may do.
@@ -71,16 +74,14 @@ impl RelMap {
             }
             let attrs = exec::table_attrs(relid);
             let rights = exec::owner_rights(relid).ok_or_else(missing)?;
-            let local_of = map_columns(&remote.columns, &attrs).map_err(|column| {
-                ApplyError::MissingColumn {
-                    schema: remote.schema.clone(),
-                    name: remote.name.clone(),
-                    column,
-                }
-            })?;
+            let local_of = map_columns(&remote.columns, &attrs);
             let inputs = local_of
                 .iter()
-                .map(|&i| InputFn::new(attrs[i].typid, attrs[i].typmod, cxt))
+                .map(|i| i.map(|i| InputFn::new(attrs[i].typid, attrs[i].typmod, cxt)))
+                .collect();
+            let local_only = (0..attrs.len())
+                .filter(|i| !attrs[*i].dropped && !attrs[*i].generated)
+                .filter(|i| !local_of.contains(&Some(*i)))
                 .collect();
             Ok(RelMap {
                 key: remote.key_columns(),
@@ -89,6 +90,7 @@ impl RelMap {
                 natts: attrs.len(),
                 local_of,
                 inputs,
+                local_only,
                 rights,
             })
         }
@@ -123,6 +125,31 @@ impl RelMap {
 
     pub fn name(&self) -> String {
         self.remote.qualified_name()
+    }
+
+    /// Local attributes the peer does not send.
+    pub fn local_only(&self) -> &[usize] {
+        &self.local_only
+    }
+
+    fn missing_column(&self, ri: usize) -> ApplyError {
+        ApplyError::MissingColumn {
+            schema: self.remote.schema.clone(),
+            name: self.remote.name.clone(),
+            column: self.remote.columns[ri].name.clone(),
+        }
+    }
+
+    /// Convert remote column `ri`'s text here.
+    ///
+    /// # Safety
+    /// As [`RelMap::row`].
+    unsafe fn input(&self, ri: usize, text: &str) -> Result<pg_sys::Datum, ApplyError> {
+        match &self.inputs[ri] {
+            // SAFETY: forwarded.
+            Some(f) => Ok(unsafe { f.call(text) }),
+            None => Err(self.missing_column(ri)),
+        }
     }
 
     fn toast_error(&self, ri: usize) -> ApplyError {
@@ -160,11 +187,17 @@ impl RelMap {
             None => vec![None; self.natts],
         };
         for (ri, v) in values.iter().enumerate() {
-            let li = self.local_of[ri];
+            let Some(li) = self.local_of[ri] else {
+                // Not here: fine while the peer has nothing in it.
+                match v {
+                    Value::Null | Value::UnchangedToast => continue,
+                    Value::Text(_) => return Err(self.missing_column(ri)),
+                }
+            };
             row[li] = match v {
                 Value::Null => None,
                 // SAFETY: forwarded.
-                Value::Text(t) => Some(unsafe { self.inputs[ri].call(t) }),
+                Value::Text(t) => Some(unsafe { self.input(ri, t)? }),
                 Value::UnchangedToast => match base {
                     Some(b) => b[li],
                     None => return Err(self.toast_error(ri)),
@@ -196,10 +229,11 @@ impl RelMap {
                 }
                 let mut row = vec![None; self.natts];
                 for (k, &ri) in values.iter().zip(&self.key) {
-                    row[self.local_of[ri]] = match k {
+                    let li = self.local_of[ri].ok_or_else(|| self.missing_column(ri))?;
+                    row[li] = match k {
                         Value::Null => None,
                         // SAFETY: forwarded.
-                        Value::Text(t) => Some(unsafe { self.inputs[ri].call(t) }),
+                        Value::Text(t) => Some(unsafe { self.input(ri, t)? }),
                         Value::UnchangedToast => return Err(self.toast_error(ri)),
                     };
                 }
@@ -257,8 +291,11 @@ mod tests {
             attr("c", false, true),
             attr("b", false, false),
         ];
-        assert_eq!(map_columns(&[col("b"), col("a")], &local), Ok(vec![3, 0]));
-        assert_eq!(map_columns(&[col("c")], &local), Err("c".to_string()));
-        assert_eq!(map_columns(&[col("zz")], &local), Err("zz".to_string()));
+        assert_eq!(
+            map_columns(&[col("b"), col("a")], &local),
+            vec![Some(3), Some(0)]
+        );
+        assert_eq!(map_columns(&[col("c")], &local), vec![None]);
+        assert_eq!(map_columns(&[col("zz")], &local), vec![None]);
     }
 }

@@ -78,6 +78,13 @@ fn invalid_joins_fail_clearly_and_leave_nothing() {
     b.execute("DELETE FROM t");
     // An unreachable member: node3 joined, then stopped.
     join(x, a);
+    // node1's worker for node3 creates its origin as it starts: wait for it.
+    wait_until("node1 streaming from node3", CATCHUP, || {
+        a.query_scalar::<bool>(
+            "SELECT coalesce(bool_or(state = 'streaming'), false) FROM bdr.apply_workers() \
+             WHERE peer = 'node3'",
+        )
+    });
     let before_x: Vec<String> = vec![leftovers(a)];
     x.stop();
     let e = join_err(b, "node2", &b.dsn(), &a.dsn());
@@ -110,8 +117,9 @@ fn apply_error_is_logged_retried_and_resumes_without_loss() {
     }
     form_group(&c);
     let (a, b) = (c.node(0), c.node(1));
-    // A column exists on node1 only: its rows cannot be applied on node2.
-    a.execute("ALTER TABLE t ADD COLUMN extra int");
+    // A column exists on node1 only (added there alone): its rows cannot be applied on
+    // node2.
+    a.execute("SET bdr.ddl_replication = off; ALTER TABLE t ADD COLUMN extra int");
     a.execute("INSERT INTO t VALUES (1, 'one', 10); INSERT INTO t VALUES (2, 'two', 20);");
     wait_until("the apply error to be visible on node2", CATCHUP, || {
         b.query_scalar::<bool>(
@@ -135,7 +143,7 @@ fn apply_error_is_logged_retried_and_resumes_without_loss() {
     });
     assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM t"), 0);
     // The DBA fixes the cause: replication resumes with nothing lost.
-    b.execute("ALTER TABLE t ADD COLUMN extra int");
+    b.execute("SET bdr.ddl_replication = off; ALTER TABLE t ADD COLUMN extra int");
     wait_for_catchup(&c);
     assert_eq!(assert_same_everywhere(&c, "t").split(':').next(), Some("2"));
     // Each failed attempt is in the history as an apply_error, nothing else is.

@@ -56,7 +56,8 @@ fn a_table_owners_replica_trigger_runs_as_the_owner_not_as_superuser() {
     // tries to make itself a superuser.
     connect_as(b, "app")
         .batch_execute(
-            "CREATE FUNCTION escalate() RETURNS trigger LANGUAGE plpgsql AS $$
+            "SET bdr.ddl_replication = off;
+             CREATE FUNCTION escalate() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN
                  ALTER ROLE app SUPERUSER;
                  RETURN NEW;
@@ -78,7 +79,7 @@ fn a_table_owners_replica_trigger_runs_as_the_owner_not_as_superuser() {
     assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM t"), 0);
     // The owner removes the trigger: the row arrives, nothing was skipped.
     connect_as(b, "app")
-        .batch_execute("DROP TRIGGER escalate ON t")
+        .batch_execute("SET bdr.ddl_replication = off; DROP TRIGGER escalate ON t")
         .unwrap();
     wait_for_catchup(&c);
     assert_same_everywhere(&c, "t");
@@ -91,7 +92,7 @@ fn apply_refuses_a_table_its_owner_may_not_write() {
     let (a, b) = (c.node(0), c.node(1));
     // The owner of t on node2 revokes its own INSERT right.
     connect_as(b, "app")
-        .batch_execute("REVOKE INSERT ON t FROM app")
+        .batch_execute("SET bdr.ddl_replication = off; REVOKE INSERT ON t FROM app")
         .unwrap();
     connect_as(a, "app")
         .execute("INSERT INTO t VALUES (1, 'x')", &[])
@@ -103,7 +104,7 @@ fn apply_refuses_a_table_its_owner_may_not_write() {
     );
     assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM t"), 0);
     connect_as(b, "app")
-        .batch_execute("GRANT INSERT ON t TO app")
+        .batch_execute("SET bdr.ddl_replication = off; GRANT INSERT ON t TO app")
         .unwrap();
     wait_for_catchup(&c);
     assert_same_everywhere(&c, "t");
@@ -144,7 +145,10 @@ fn altering_the_receivers_table_under_a_running_stream_never_crashes() {
             std::thread::spawn(move || write_for(client, Duration::from_secs(2), from))
         };
         std::thread::sleep(Duration::from_millis(500));
-        connect_as(b, "app").batch_execute(ddl).unwrap();
+        // On node2 only: a local change under a running stream.
+        connect_as(b, "app")
+            .batch_execute(&format!("SET bdr.ddl_replication = off; {ddl}"))
+            .unwrap();
         next = writer.join().unwrap();
         wait_for_catchup(&c);
         assert_eq!(
@@ -160,7 +164,7 @@ fn altering_the_receivers_table_under_a_running_stream_never_crashes() {
     }
     // A column node1 sends and node2 dropped: an apply error, retried, never skipped.
     connect_as(b, "app")
-        .batch_execute("ALTER TABLE t DROP COLUMN v")
+        .batch_execute("SET bdr.ddl_replication = off; ALTER TABLE t DROP COLUMN v")
         .unwrap();
     connect_as(a, "app")
         .execute("INSERT INTO t VALUES (-1, 'after drop')", &[])
@@ -169,7 +173,7 @@ fn altering_the_receivers_table_under_a_running_stream_never_crashes() {
         worker_error(b, "node1").is_some_and(|e| e.contains("has no column \"v\""))
     });
     connect_as(b, "app")
-        .batch_execute("ALTER TABLE t ADD COLUMN v text")
+        .batch_execute("SET bdr.ddl_replication = off; ALTER TABLE t ADD COLUMN v text")
         .unwrap();
     wait_for_catchup(&c);
     assert_eq!(
@@ -191,11 +195,13 @@ fn a_peer_cannot_make_apply_write_into_a_partitioned_table_or_a_view() {
     // Same names, different kinds: node1 has plain tables, node2 a partitioned table
     // and a view.
     a.execute(
-        "CREATE TABLE pt (id int PRIMARY KEY, v text);
+        "SET bdr.ddl_replication = off;
+         CREATE TABLE pt (id int PRIMARY KEY, v text);
          CREATE TABLE vv (id int PRIMARY KEY, v text);",
     );
     b.execute(
-        "CREATE TABLE pt (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+        "SET bdr.ddl_replication = off;
+         CREATE TABLE pt (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
          CREATE TABLE pt_1 PARTITION OF pt FOR VALUES FROM (0) TO (1000);
          CREATE TABLE vv_base (id int PRIMARY KEY, v text);
          CREATE VIEW vv AS SELECT * FROM vv_base;",
@@ -224,7 +230,7 @@ fn a_peer_cannot_make_apply_write_into_a_partitioned_table_or_a_view() {
             .is_some_and(|e| e.contains("\"vv\"") && e.contains("not an ordinary table"))
     });
     assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM vv_base"), 0);
-    b.execute("DROP VIEW vv; CREATE TABLE vv (id int PRIMARY KEY, v text);");
+    b.execute("SET bdr.ddl_replication = off; DROP VIEW vv; CREATE TABLE vv (id int PRIMARY KEY, v text);");
     wait_for_catchup(&c);
     assert_same_everywhere(&c, "vv");
     assert_eq!(b.postmaster_pid(), pid);
@@ -253,7 +259,7 @@ fn truncate_applies_as_the_owner_and_never_cascades_into_local_tables() {
         || worker_error(b, "node1").is_some_and(|e| e.contains("foreign key")),
     );
     assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM local_ref"), 1);
-    b.execute("DROP TABLE local_ref");
+    b.execute("SET bdr.ddl_replication = off; DROP TABLE local_ref");
     wait_for_catchup(&c);
     assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM t"), 0);
     assert_same_everywhere(&c, "t");

@@ -312,6 +312,32 @@ impl Target {
         }
     }
 
+    /// Give the attributes `attrs` of a row to be inserted their DEFAULT (computed as the
+    /// table's owner); attributes without one stay NULL.
+    ///
+    /// # Safety
+    /// See [`Target::open`]; `row` has one entry per attribute.
+    pub unsafe fn fill_defaults(&self, row: &mut Row, attrs: &[usize]) {
+        if attrs.is_empty() {
+            return;
+        }
+        // SAFETY: default expressions of this relation, evaluated in its executor state;
+        // results live in the current (per-change) memory context.
+        as_user(self.owner, || unsafe {
+            let econtext = pg_sys::CreateExprContext(self.estate);
+            for &i in attrs {
+                let expr = pg_sys::build_column_default(self.rel, i as i32 + 1);
+                if expr.is_null() {
+                    continue;
+                }
+                let state = pg_sys::ExecPrepareExpr(expr as *mut pg_sys::Expr, self.estate);
+                let mut isnull = false;
+                let d = pg_sys::ExecEvalExpr(state, econtext, &mut isnull);
+                row[i] = (!isnull).then_some(d);
+            }
+        })
+    }
+
     /// Insert a row.
     ///
     /// # Safety
