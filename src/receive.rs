@@ -36,6 +36,22 @@ pub fn origin_name(local_dboid: u32, provider: &str) -> String {
     format!("bdr_{local_dboid}_{provider}")
 }
 
+thread_local! {
+    /// Commit time of the transaction whose BEGIN arrived and is not applied yet (0:
+    /// none). Published to shared memory only when it lasts (a long transaction, a pause)
+    /// or fails (see [`publish_pending`]), not for every transaction.
+    static PENDING: std::cell::Cell<(i64, Option<Instant>)> = const { std::cell::Cell::new((0, None)) };
+}
+
+/// Make the pending transaction's commit time visible (the worker's error path calls
+/// this before it exits, so lag keeps counting from it while the worker is down).
+pub fn publish_pending(slot: usize) {
+    let (t, _) = PENDING.with(|p| p.get());
+    if t != 0 {
+        shmem::update(slot, |s| s.pending_commit_time = t);
+    }
+}
+
 fn lib_err(e: crate::pg::libpq::LibpqError) -> ! {
     raise(&ApplyError::Protocol(e.to_string()))
 }
@@ -58,16 +74,25 @@ struct Stream {
     /// The peer's DSN, for the position probe while paused.
     peer_dsn: String,
     probe: Option<(Conn, Instant)>,
+    /// Highest peer position heard, and when it was last published to shared memory
+    /// (at most every 100 ms from the data path: one lock per frame would cost apply).
+    peer_lsn: u64,
+    last_published: Instant,
 }
 
 impl Stream {
     /// The peer told us (stream, probe or `IDENTIFY_SYSTEM`) its WAL is at least at
     /// `peer_lsn`: note it and the time.
-    fn heard(&self, peer_lsn: u64) {
-        shmem::update(self.slot, |s| {
-            s.peer_lsn = s.peer_lsn.max(peer_lsn);
-            s.last_contact_time = xact::now();
-        });
+    fn heard(&mut self, peer_lsn: u64, publish_now: bool) {
+        self.peer_lsn = self.peer_lsn.max(peer_lsn);
+        if publish_now || self.last_published.elapsed() > Duration::from_millis(100) {
+            let lsn = self.peer_lsn;
+            shmem::update(self.slot, |s| {
+                s.peer_lsn = s.peer_lsn.max(lsn);
+                s.last_contact_time = xact::now();
+            });
+            self.last_published = Instant::now();
+        }
     }
 
     /// Read one message without blocking. Data frames are returned; keepalives are
@@ -87,14 +112,12 @@ impl Stream {
                             )))
                         });
                         self.received = self.received.max(start);
-                        self.heard(start);
+                        self.heard(start, false);
                         if let Message::Begin(b) = &msg {
                             // The peer has committed it: its WAL is at least there.
-                            let (t, lsn) = (b.commit_time, b.final_lsn);
-                            shmem::update(self.slot, |s| {
-                                s.pending_commit_time = t;
-                                s.peer_lsn = s.peer_lsn.max(lsn);
-                            });
+                            self.peer_lsn = self.peer_lsn.max(b.final_lsn);
+                            let t = b.commit_time;
+                            PENDING.with(|p| p.set((t, Some(Instant::now()))));
                         }
                         Some((start, msg))
                     }
@@ -104,7 +127,7 @@ impl Stream {
                         ..
                     } => {
                         self.received = self.received.max(end);
-                        self.heard(end);
+                        self.heard(end, true);
                         if !self.applier.in_transaction() && self.held.is_none() {
                             self.applier.tracker.idle_at(end);
                             if self.applier.tracker.applied_position() >= end {
@@ -155,6 +178,12 @@ impl Stream {
     /// Feedback at most every 100 ms when there is news, and a ping every second while
     /// idle (at least every 10 s mid-transaction).
     fn maybe_feedback(&mut self) {
+        // A transaction applying for more than 100 ms: show its commit time.
+        let (t, since) = PENDING.with(|p| p.get());
+        if t != 0 && since.is_some_and(|s| s.elapsed() > Duration::from_millis(100)) {
+            publish_pending(self.slot);
+            PENDING.with(|p| p.set((t, None)));
+        }
         let idle = !self.applier.in_transaction();
         if !idle && self.last_feedback.elapsed() <= Duration::from_secs(10) {
             return;
@@ -182,8 +211,13 @@ impl Stream {
             self.applier.last_commit_time,
         );
         let (counts, conflicts) = self.applier.take_counts();
+        PENDING.with(|p| p.set((0, None)));
         let now = xact::now();
+        let peer_lsn = self.peer_lsn;
+        self.last_published = Instant::now();
         shmem::update(self.slot, |s| {
+            s.peer_lsn = s.peer_lsn.max(peer_lsn);
+            s.last_contact_time = now;
             for (total, new) in s.conflicts.iter_mut().zip(conflicts) {
                 *total += new;
             }
@@ -196,6 +230,7 @@ impl Stream {
             s.received_lsn = received;
             s.applied_lsn = applied;
             s.pending_commit_time = 0;
+            s.peer_lsn = s.peer_lsn.max(applied);
             if t != 0 {
                 s.last_applied_commit_time = t;
             }
@@ -212,6 +247,7 @@ impl Stream {
             if self.held.is_none() {
                 if let Some((_, msg)) = self.read() {
                     self.held = Some(msg);
+                    publish_pending(self.slot);
                     continue;
                 }
             }
@@ -260,7 +296,7 @@ impl Stream {
         };
         if let Ok(Some(v)) = conn.query_value("SELECT pg_catalog.pg_current_wal_lsn()::text") {
             if let Some(lsn) = wire::parse_lsn(&v) {
-                self.heard(lsn);
+                self.heard(lsn, true);
             }
         }
         self.probe = Some((conn, Instant::now()));
@@ -319,8 +355,10 @@ pub fn run(slot: usize, dboid: u32, local: (&str, i64), peer: (&str, i64), peer_
         held: None,
         peer_dsn: peer_dsn.to_string(),
         probe: None,
+        peer_lsn: 0,
+        last_published: Instant::now(),
     };
-    st.heard(peer_lsn);
+    st.heard(peer_lsn, true);
     loop {
         // Pause takes effect between transactions; the connection stays open.
         if !st.applier.in_transaction() && shmem::pause_requested(slot) && st.paused() {

@@ -228,6 +228,7 @@ fn bdr_replicate_ddl_command_works_as_in_bdr1() {
     c.node(0).execute(
         "SELECT bdr.bdr_replicate_ddl_command('CREATE TABLE public.replicated (id int PRIMARY KEY)')",
     );
+    wait_for_catchup(&c);
     // Also with automatic capture off in the session.
     c.node(1).execute(
         "SET bdr.ddl_replication = off;

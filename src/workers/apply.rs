@@ -56,6 +56,7 @@ pub extern "C-unwind" fn bdr_apply_main(arg: pg_sys::Datum) {
             s.state = shmem::State::Erroring;
             s.set_error(&msg, xact::now());
         });
+        crate::receive::publish_pending(slot);
         // Record it as an apply_error conflict, in a transaction of its own (the failed one
         // is rolled back first). Best effort: the error is re-raised and logged either way.
         let context = xact::context().unwrap_or_default();
