@@ -70,7 +70,7 @@ pub fn run(slot: usize, dboid: u32, local: (&str, i64), peer: (&str, i64), peer_
         // open and keeps answering, so the walsender does not time out.
         if !applier.in_transaction() && shmem::pause_requested(slot) {
             shmem::update(slot, |s| s.state = shmem::State::Paused);
-            while shmem::pause_requested(slot) {
+            while shmem::pause_requested(slot) && !pause_expired(slot, peer) {
                 if bgw::wait(None, Duration::from_millis(200)) {
                     return;
                 }
@@ -188,5 +188,20 @@ fn skip_foreign_message(slot: usize, peer: &str, msg: &wire::Message, in_txn: bo
         "bdr: skipped a logical message with prefix \"{}\" from node \"{peer}\"",
         m.prefix
     );
+    true
+}
+
+/// A pause with a time limit (a join's) that has run out is lifted, with a WARNING: a join
+/// that died cannot leave this worker paused for ever.
+fn pause_expired(slot: usize, peer: &str) -> bool {
+    let s = shmem::get(slot);
+    if s.pause_deadline == 0 || xact::now() < s.pause_deadline {
+        return false;
+    }
+    shmem::update(slot, |s| {
+        s.pause_requested = false;
+        s.pause_deadline = 0;
+    });
+    crate::error::warn(&crate::error::WorkerError::PauseExpired { peer: peer.into() });
     true
 }

@@ -411,3 +411,110 @@ fn a_join_keeps_secrets_off_command_lines_and_values_intact() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Slots on `n` (any database) whose name ends with `_<node>`.
+fn slots_for(n: &Node, node: &str) -> i64 {
+    count(
+        n,
+        &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'bdr%\\_{node}'"),
+    )
+}
+
+#[test]
+fn a_join_killed_half_way_leaves_nothing_behind() {
+    let c = Cluster::builder().name("deadjoin").nodes(3).start();
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr; CREATE TABLE t (id int PRIMARY KEY)");
+    }
+    let (a, b, j) = (c.node(0), c.node(1), c.node(2));
+    a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+    pg_test::bdr::join(b, a);
+    // Hold node1's apply from node2: the join of node3 through node1 then waits (step 3)
+    // with node3 registered everywhere and its slot created on node2.
+    a.execute("SELECT bdr.apply_pause('node2')");
+    let join = {
+        let (dsn, jdsn, adsn) = (j.dsn(), j.dsn(), a.dsn());
+        std::thread::spawn(move || {
+            Client::connect(&dsn, NoTls)
+                .unwrap()
+                .execute("SELECT bdr.group_join('node3', $1, $2)", &[&jdsn, &adsn])
+        })
+    };
+    wait_until("node3's slot on node2", CATCHUP, || {
+        slots_for(b, "node3") == 1
+    });
+    // The joining backend dies without a chance to undo anything (FATAL).
+    j.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%group_join(%' \
+         AND pid <> pg_backend_pid()",
+    );
+    let e = join.join().unwrap().expect_err("the join was terminated");
+    assert!(
+        db_error_text(&e).contains("terminating connection"),
+        "{}",
+        db_error_text(&e)
+    );
+    a.execute("SELECT bdr.apply_resume('node2')");
+    // Within a bounded time the members hold nothing for the dead joiner.
+    for n in [a, b] {
+        wait_until(
+            &format!("{} to drop what the dead join of node3 left", n.name()),
+            std::time::Duration::from_secs(120),
+            || {
+                slots_for(n, "node3") == 0
+                    && count(
+                        n,
+                        "SELECT count(*) FROM bdr.nodes WHERE node_name = 'node3'",
+                    ) == 0
+            },
+        );
+        assert_eq!(
+            workers(n)
+                .split(',')
+                .filter(|w| !w.contains(":streaming:"))
+                .count(),
+            0,
+            "{}",
+            workers(n)
+        );
+    }
+    // A new join of node3 works, and nothing it needs is removed while it runs.
+    pg_test::bdr::join(j, a);
+    b.execute("INSERT INTO t VALUES (1)");
+    wait_until("node3 to receive node2's row", CATCHUP, || {
+        rows_in_t(j) == 1
+    });
+    wait_for_catchup(&c);
+    assert_same_everywhere(&c, "t");
+}
+
+#[test]
+fn a_pause_with_a_time_limit_ends_by_itself() {
+    let c = Cluster::builder().name("pauselimit").nodes(2).start();
+    form_group(&c);
+    for n in c.nodes() {
+        n.execute("CREATE TABLE t (id int PRIMARY KEY)");
+    }
+    let (a, b) = (c.node(0), c.node(1));
+    a.execute("SELECT bdr.apply_pause(NULL, 3)");
+    wait_until("node1's apply to pause", CATCHUP, || {
+        workers(a).starts_with("node2:paused:")
+    });
+    b.execute("INSERT INTO t VALUES (1)");
+    wait_until(
+        "node1 to resume by itself and apply node2's row",
+        CATCHUP,
+        || rows_in_t(a) == 1,
+    );
+    a.wait_for_log("was paused for longer than", CATCHUP);
+    // A pause without a limit stays.
+    a.execute("SELECT bdr.apply_pause()");
+    wait_until("node1's apply to pause", CATCHUP, || {
+        workers(a).starts_with("node2:paused:")
+    });
+    b.execute("INSERT INTO t VALUES (2)");
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    assert_eq!(rows_in_t(a), 1, "an unlimited pause holds");
+    a.execute("SELECT bdr.apply_resume()");
+    wait_until("node1 to apply after resume", CATCHUP, || rows_in_t(a) == 2);
+}

@@ -66,6 +66,9 @@ pub struct Slot {
     pub conflicts: [u64; 9],
     /// Logical messages from the peer that are not bdr's own, skipped by the receiver.
     pub skipped_messages: u64,
+    /// When a pause with a time limit (`bdr.apply_pause(peer, seconds)`, as a join asks
+    /// for) ends by itself, PostgreSQL-epoch µs; 0: no limit.
+    pub pause_deadline: i64,
 }
 
 impl Slot {
@@ -87,6 +90,7 @@ impl Slot {
         started_at: 0,
         conflicts: [0; 9],
         skipped_messages: 0,
+        pause_deadline: 0,
     };
 
     pub fn peer(&self) -> String {
