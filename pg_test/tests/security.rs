@@ -518,3 +518,66 @@ fn a_pause_with_a_time_limit_ends_by_itself() {
     a.execute("SELECT bdr.apply_resume()");
     wait_until("node1 to apply after resume", CATCHUP, || rows_in_t(a) == 2);
 }
+
+/// The grants of docs/security.md ("Running with a non-superuser replication role").
+const REPLICATION_ROLE_SQL: &str = "
+CREATE ROLE bdr_user LOGIN REPLICATION;
+GRANT USAGE ON SCHEMA bdr TO bdr_user;
+GRANT SELECT, INSERT, UPDATE, DELETE ON bdr.nodes TO bdr_user;
+GRANT EXECUTE ON FUNCTION bdr.apply_pause(text, integer), bdr.apply_resume(text),
+                          bdr.apply_workers() TO bdr_user;
+GRANT SELECT ON pg_replication_origin_status TO bdr_user;
+GRANT EXECUTE ON FUNCTION pg_show_replication_origin_status() TO bdr_user;
+GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), pg_replication_origin_drop(text),
+                          pg_replication_origin_session_setup(text),
+                          pg_replication_origin_session_reset(),
+                          pg_replication_origin_xact_setup(pg_lsn, timestamptz),
+                          pg_replication_origin_advance(text, pg_lsn) TO bdr_user;
+GRANT SET ON PARAMETER session_replication_role TO bdr_user;
+GRANT CREATE ON SCHEMA public TO bdr_user;
+";
+
+#[test]
+fn a_non_superuser_replication_role_forms_and_parts_a_group() {
+    let c = Cluster::builder().name("replrole").nodes(3).start();
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr");
+        n.execute(REPLICATION_ROLE_SQL);
+    }
+    let (a, b, x) = (c.node(0), c.node(1), c.node(2));
+    // The schema exists everywhere (replaying pg_dump's output needs more than this role:
+    // it comments on the extension), readable and, for the join's copy, writable by it.
+    for n in c.nodes() {
+        n.execute("CREATE TABLE t (id int PRIMARY KEY); GRANT SELECT, INSERT ON t TO bdr_user;");
+    }
+    a.execute("INSERT INTO t VALUES (1)");
+    let dsn = |n: &Node| format!("{} user=bdr_user", n.dsn());
+    a.connect()
+        .execute("SELECT bdr.group_create('node1', $1)", &[&dsn(a)])
+        .unwrap_or_else(|e| panic!("group_create: {}", db_error_text(&e)));
+    for n in [b, x] {
+        n.connect()
+            .execute(
+                "SELECT bdr.group_join($1, $2, $3)",
+                &[&n.name(), &dsn(n), &dsn(a)],
+            )
+            .unwrap_or_else(|e| panic!("group_join of {}: {}", n.name(), db_error_text(&e)));
+        n.execute("SELECT bdr.wait_for_join(120)");
+    }
+    a.execute("INSERT INTO t VALUES (2)");
+    b.execute("INSERT INTO t VALUES (3)");
+    x.execute("INSERT INTO t VALUES (4)");
+    wait_for_catchup(&c);
+    assert!(assert_same_everywhere(&c, "t").starts_with("4:"));
+    // Parting node3 works through the role too, and leaves nothing for it.
+    a.execute("SELECT bdr.part('node3')");
+    for n in [a, b] {
+        assert_eq!(slots_for(n, "node3"), 0, "{}", n.name());
+    }
+    b.execute("INSERT INTO t VALUES (5)");
+    wait_until(
+        "node1 to receive node2's row after the part",
+        CATCHUP,
+        || rows_in_t(a) == 5,
+    );
+}
