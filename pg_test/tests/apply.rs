@@ -78,6 +78,13 @@ fn invalid_joins_fail_clearly_and_leave_nothing() {
     b.execute("DELETE FROM t");
     // An unreachable member: node3 joined, then stopped.
     join(x, a);
+    // node1's worker for node3 creates its origin when it starts: wait for it, so the
+    // picture below does not depend on how fast that start was.
+    wait_until("node1's origin for node3", CATCHUP, || {
+        a.query_scalar::<i64>(
+            "SELECT count(*) FROM pg_replication_origin WHERE roname LIKE 'bdr\\_%\\_node3'",
+        ) == 1
+    });
     let before_x: Vec<String> = vec![leftovers(a)];
     x.stop();
     let e = join_err(b, "node2", &b.dsn(), &a.dsn());
