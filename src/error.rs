@@ -269,18 +269,24 @@ impl PgError for ApplyError {
 pub enum WorkerError {
     #[error("bdr: no shared-memory worker slot free for the apply worker from node \"{peer}\" (all {max} in use)")]
     NoSlot { peer: String, max: usize },
+    #[error("bdr: apply from node \"{peer}\" was paused for longer than its time limit; resuming")]
+    PauseExpired { peer: String },
 }
 
 impl PgError for WorkerError {
     fn sqlstate(&self) -> PgSqlErrorCode {
         match self {
             WorkerError::NoSlot { .. } => PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            WorkerError::PauseExpired { .. } => PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
         }
     }
     fn hint(&self) -> Option<String> {
         Some(match self {
             WorkerError::NoSlot { .. } => "The supervisor retries every half second. Part nodes \
                  that are gone, or use fewer bdr databases per server."
+                .into(),
+            WorkerError::PauseExpired { .. } => "A join (or bdr.apply_pause with a time limit) \
+                 held it; a join still running fails and can be run again."
                 .into(),
         })
     }

@@ -243,7 +243,7 @@ impl Stream {
     /// True on SIGTERM.
     fn paused(&mut self) -> bool {
         shmem::update(self.slot, |s| s.state = shmem::State::Paused);
-        while shmem::pause_requested(self.slot) {
+        while shmem::pause_requested(self.slot) && !pause_expired(self.slot, &self.peer) {
             if self.held.is_none() {
                 if let Some((_, msg)) = self.read() {
                     self.held = Some(msg);
@@ -403,5 +403,20 @@ fn skip_foreign_message(slot: usize, peer: &str, msg: &wire::Message, in_txn: bo
         "bdr: skipped a logical message with prefix \"{}\" from node \"{peer}\"",
         m.prefix
     );
+    true
+}
+
+/// A pause with a time limit (a join's) that has run out is lifted, with a WARNING: a join
+/// that died cannot leave this worker paused for ever.
+fn pause_expired(slot: usize, peer: &str) -> bool {
+    let s = shmem::get(slot);
+    if s.pause_deadline == 0 || xact::now() < s.pause_deadline {
+        return false;
+    }
+    shmem::update(slot, |s| {
+        s.pause_requested = false;
+        s.pause_deadline = 0;
+    });
+    crate::error::warn(&crate::error::WorkerError::PauseExpired { peer: peer.into() });
     true
 }

@@ -44,13 +44,14 @@ fn plain_role_creates_writes_and_deletes_and_it_replicates() {
     let c = Cluster::builder().name("plainrole").nodes(3).start();
     create_app_role(&c);
     form_group(&c);
-    // The application's own tables, created by the application's role on every node
-    // (schema changes do not travel), and a temporary table of its own.
+    // The application's own table, created by the application's role on one node (the
+    // schema change replicates), and a temporary table of its own on every node.
+    app_exec(c.node(0), "CREATE TABLE t (id int PRIMARY KEY, v text)");
+    wait_for_catchup(&c);
     for n in c.nodes() {
         app_exec(
             n,
-            "CREATE TABLE t (id int PRIMARY KEY, v text); \
-             CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1);",
+            "CREATE TEMP TABLE scratch (x int); INSERT INTO scratch VALUES (1);",
         );
         assert_eq!(
             count(
@@ -120,9 +121,8 @@ fn logical_messages_from_any_role_do_not_stop_replication() {
     let c = Cluster::builder().name("messages").nodes(2).start();
     create_app_role(&c);
     form_group(&c);
-    for n in c.nodes() {
-        app_exec(n, "CREATE TABLE t (id int PRIMARY KEY)");
-    }
+    app_exec(c.node(0), "CREATE TABLE t (id int PRIMARY KEY)");
+    wait_for_catchup(&c);
     let (a, b) = (c.node(0), c.node(1));
     app_exec(a, "INSERT INTO t VALUES (1)");
     wait_for_catchup(&c);
@@ -196,9 +196,8 @@ fn supervisor_pid(n: &Node) -> Option<i32> {
 fn a_supervisor_that_failed_is_started_again() {
     let c = Cluster::builder().name("supfail").nodes(2).start();
     form_group(&c);
-    for n in c.nodes() {
-        n.execute("CREATE TABLE t (id int PRIMARY KEY)");
-    }
+    c.node(0).execute("CREATE TABLE t (id int PRIMARY KEY)");
+    wait_for_catchup(&c);
     let (a, b) = (c.node(0), c.node(1));
     // Make node1's next supervisor fail on a lock it cannot get at once: a short
     // lock_timeout for new sessions of the database, then a supervisor that starts with it.
@@ -420,4 +419,173 @@ fn a_join_keeps_secrets_off_command_lines_and_values_intact() {
         .map(|e| e.path())
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// Slots on `n` (any database) whose name ends with `_<node>`.
+fn slots_for(n: &Node, node: &str) -> i64 {
+    count(
+        n,
+        &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'bdr%\\_{node}'"),
+    )
+}
+
+#[test]
+fn a_join_killed_half_way_leaves_nothing_behind() {
+    let c = Cluster::builder().name("deadjoin").nodes(3).start();
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr; CREATE TABLE t (id int PRIMARY KEY)");
+    }
+    let (a, b, j) = (c.node(0), c.node(1), c.node(2));
+    a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+    pg_test::bdr::join(b, a);
+    // Hold node1's apply from node2: the join of node3 through node1 then waits (step 3)
+    // with node3 registered everywhere and its slot created on node2.
+    a.execute("SELECT bdr.apply_pause('node2')");
+    let join = {
+        let (dsn, jdsn, adsn) = (j.dsn(), j.dsn(), a.dsn());
+        std::thread::spawn(move || {
+            Client::connect(&dsn, NoTls)
+                .unwrap()
+                .execute("SELECT bdr.group_join('node3', $1, $2)", &[&jdsn, &adsn])
+        })
+    };
+    wait_until("node3's slot on node2", CATCHUP, || {
+        slots_for(b, "node3") == 1
+    });
+    // The joining backend dies without a chance to undo anything (FATAL).
+    j.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%group_join(%' \
+         AND pid <> pg_backend_pid()",
+    );
+    let e = join.join().unwrap().expect_err("the join was terminated");
+    assert!(
+        db_error_text(&e).contains("terminating connection"),
+        "{}",
+        db_error_text(&e)
+    );
+    a.execute("SELECT bdr.apply_resume('node2')");
+    // Within a bounded time the members hold nothing for the dead joiner.
+    for n in [a, b] {
+        wait_until(
+            &format!("{} to drop what the dead join of node3 left", n.name()),
+            std::time::Duration::from_secs(120),
+            || {
+                slots_for(n, "node3") == 0
+                    && count(
+                        n,
+                        "SELECT count(*) FROM bdr.nodes WHERE node_name = 'node3'",
+                    ) == 0
+            },
+        );
+        assert_eq!(
+            workers(n)
+                .split(',')
+                .filter(|w| !w.contains(":streaming:"))
+                .count(),
+            0,
+            "{}",
+            workers(n)
+        );
+    }
+    // A new join of node3 works, and nothing it needs is removed while it runs.
+    pg_test::bdr::join(j, a);
+    b.execute("INSERT INTO t VALUES (1)");
+    wait_until("node3 to receive node2's row", CATCHUP, || {
+        rows_in_t(j) == 1
+    });
+    wait_for_catchup(&c);
+    assert_same_everywhere(&c, "t");
+}
+
+#[test]
+fn a_pause_with_a_time_limit_ends_by_itself() {
+    let c = Cluster::builder().name("pauselimit").nodes(2).start();
+    form_group(&c);
+    c.node(0).execute("CREATE TABLE t (id int PRIMARY KEY)");
+    wait_for_catchup(&c);
+    let (a, b) = (c.node(0), c.node(1));
+    a.execute("SELECT bdr.apply_pause(NULL, 3)");
+    wait_until("node1's apply to pause", CATCHUP, || {
+        workers(a).starts_with("node2:paused:")
+    });
+    b.execute("INSERT INTO t VALUES (1)");
+    wait_until(
+        "node1 to resume by itself and apply node2's row",
+        CATCHUP,
+        || rows_in_t(a) == 1,
+    );
+    a.wait_for_log("was paused for longer than", CATCHUP);
+    // A pause without a limit stays.
+    a.execute("SELECT bdr.apply_pause()");
+    wait_until("node1's apply to pause", CATCHUP, || {
+        workers(a).starts_with("node2:paused:")
+    });
+    b.execute("INSERT INTO t VALUES (2)");
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    assert_eq!(rows_in_t(a), 1, "an unlimited pause holds");
+    a.execute("SELECT bdr.apply_resume()");
+    wait_until("node1 to apply after resume", CATCHUP, || rows_in_t(a) == 2);
+}
+
+/// The grants of docs/security.md ("Running with a non-superuser replication role").
+const REPLICATION_ROLE_SQL: &str = "
+CREATE ROLE bdr_user LOGIN REPLICATION;
+GRANT USAGE ON SCHEMA bdr TO bdr_user;
+GRANT SELECT, INSERT, UPDATE, DELETE ON bdr.nodes TO bdr_user;
+GRANT EXECUTE ON FUNCTION bdr.apply_pause(text, integer), bdr.apply_resume(text),
+                          bdr.apply_workers() TO bdr_user;
+GRANT SELECT ON pg_replication_origin_status TO bdr_user;
+GRANT EXECUTE ON FUNCTION pg_show_replication_origin_status() TO bdr_user;
+GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), pg_replication_origin_drop(text),
+                          pg_replication_origin_session_setup(text),
+                          pg_replication_origin_session_reset(),
+                          pg_replication_origin_xact_setup(pg_lsn, timestamptz),
+                          pg_replication_origin_advance(text, pg_lsn) TO bdr_user;
+GRANT SET ON PARAMETER session_replication_role TO bdr_user;
+GRANT CREATE ON SCHEMA public TO bdr_user;
+";
+
+#[test]
+fn a_non_superuser_replication_role_forms_and_parts_a_group() {
+    let c = Cluster::builder().name("replrole").nodes(3).start();
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr");
+        n.execute(REPLICATION_ROLE_SQL);
+    }
+    let (a, b, x) = (c.node(0), c.node(1), c.node(2));
+    // The schema exists everywhere (replaying pg_dump's output needs more than this role:
+    // it comments on the extension), readable and, for the join's copy, writable by it.
+    for n in c.nodes() {
+        n.execute("CREATE TABLE t (id int PRIMARY KEY); GRANT SELECT, INSERT ON t TO bdr_user;");
+    }
+    a.execute("INSERT INTO t VALUES (1)");
+    let dsn = |n: &Node| format!("{} user=bdr_user", n.dsn());
+    a.connect()
+        .execute("SELECT bdr.group_create('node1', $1)", &[&dsn(a)])
+        .unwrap_or_else(|e| panic!("group_create: {}", db_error_text(&e)));
+    for n in [b, x] {
+        n.connect()
+            .execute(
+                "SELECT bdr.group_join($1, $2, $3)",
+                &[&n.name(), &dsn(n), &dsn(a)],
+            )
+            .unwrap_or_else(|e| panic!("group_join of {}: {}", n.name(), db_error_text(&e)));
+        n.execute("SELECT bdr.wait_for_join(120)");
+    }
+    a.execute("INSERT INTO t VALUES (2)");
+    b.execute("INSERT INTO t VALUES (3)");
+    x.execute("INSERT INTO t VALUES (4)");
+    wait_for_catchup(&c);
+    assert!(assert_same_everywhere(&c, "t").starts_with("4:"));
+    // Parting node3 works through the role too, and leaves nothing for it.
+    a.execute("SELECT bdr.part('node3')");
+    for n in [a, b] {
+        assert_eq!(slots_for(n, "node3"), 0, "{}", n.name());
+    }
+    b.execute("INSERT INTO t VALUES (5)");
+    wait_until(
+        "node1 to receive node2's row after the part",
+        CATCHUP,
+        || rows_in_t(a) == 5,
+    );
 }

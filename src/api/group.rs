@@ -334,6 +334,16 @@ fn snapshot_name(s: &str) -> &str {
     }
 }
 
+/// Longest time a join holds its source's apply paused: the source's workers resume by
+/// themselves after it, even if the joining backend died without undoing anything.
+const JOIN_PAUSE_LIMIT_SECS: u64 = 60;
+
+/// `application_name` of a join's sessions on the members: while one is connected, the
+/// members' janitor keeps what the join of `joining` created (see `workers::supervisor`).
+pub fn join_application_name(joining: &str) -> String {
+    format!("bdr_join:{joining}")
+}
+
 /// Commit time given to the rows a join copies: older than any real change.
 const COPY_VERSION_TIME: &str = "2000-01-01 00:00:00.000001+00";
 
@@ -505,7 +515,10 @@ pub fn group_join(
     let mut unreachable = Vec::new();
     let mut reached = Vec::new();
     for n in &members {
-        match Conn::connect(&n.dsn, "bdr_join").and_then(|mut c| {
+        // The name is forced (a later key wins in a conninfo): members keep what this join
+        // creates only while a session of it is connected.
+        let forced = format!("{} application_name={}", n.dsn, join_application_name(j));
+        match Conn::connect(&forced, &join_application_name(j)).and_then(|mut c| {
             let d = dboid_of(&mut c)?;
             Ok((c, d))
         }) {
@@ -631,10 +644,12 @@ pub fn group_join(
     // paused meanwhile, so P_i is exactly what the snapshot contains: no re-delivery.
     src_m
         .conn
-        .exec("SELECT bdr.apply_pause()")
+        .exec(&format!(
+            "SELECT bdr.apply_pause(NULL, {JOIN_PAUSE_LIMIT_SECS})"
+        ))
         .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
     undo.paused = Some(source.dsn.clone());
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(JOIN_PAUSE_LIMIT_SECS - 10);
     loop {
         let busy = src_m
             .conn
@@ -646,7 +661,7 @@ pub fn group_join(
         if Instant::now() > deadline {
             fail(GroupError::Timeout {
                 what: format!("node \"{}\" to pause its apply workers", source.name),
-                secs: 120,
+                secs: JOIN_PAUSE_LIMIT_SECS - 10,
             });
         }
         pgrx::check_for_interrupts!();
@@ -672,6 +687,20 @@ pub fn group_join(
         ))
         .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
     undo.slots.push((source.dsn.clone(), src_slot));
+    // The pause must have held until the slot existed (its time limit may have ended it).
+    let resumed = src_m
+        .conn
+        .query_value("SELECT count(*) FROM bdr.apply_workers() WHERE state = 'streaming'")
+        .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
+    if resumed.as_deref() != Some("0") {
+        fail(GroupError::Timeout {
+            what: format!(
+                "node \"{}\" to create the joining node's slot while its apply was paused",
+                source.name
+            ),
+            secs: JOIN_PAUSE_LIMIT_SECS,
+        });
+    }
     src_m
         .conn
         .exec("SELECT bdr.apply_resume()")
@@ -925,7 +954,7 @@ pub fn apply_workers() -> TableIterator<
     TableIterator::new(rows)
 }
 
-fn set_pause(peer: Option<&str>, pause: bool) -> i32 {
+fn set_pause(peer: Option<&str>, pause: bool, limit_secs: Option<i32>) -> i32 {
     let dboid = nodes::my_database_oid();
     if let Some(p) = peer {
         if nodes::by_name(p).is_none_or(|n| n.is_local) {
@@ -938,7 +967,14 @@ fn set_pause(peer: Option<&str>, pause: bool) -> i32 {
     let mut n = 0;
     for (i, s) in shmem::all_indexed() {
         if s.kind == shmem::Kind::Apply && s.dboid == dboid && peer.is_none_or(|p| s.peer() == p) {
-            shmem::update(i, |s| s.pause_requested = pause);
+            let deadline = match limit_secs {
+                Some(secs) if pause => crate::pg::xact::now() + i64::from(secs.max(1)) * 1_000_000,
+                _ => 0,
+            };
+            shmem::update(i, |s| {
+                s.pause_requested = pause;
+                s.pause_deadline = deadline;
+            });
             n += 1;
         }
     }
@@ -947,16 +983,21 @@ fn set_pause(peer: Option<&str>, pause: bool) -> i32 {
 
 /// Hold applying changes from `peer` (all peers when NULL) at the next transaction
 /// boundary; changes queue up on the peers. Returns how many workers were asked. Not
-/// persistent: a server restart resumes.
+/// persistent: a server restart resumes. With `timeout_seconds`, the workers resume by
+/// themselves (with a WARNING) once that time has passed: what a join asks for, so that a
+/// join that dies cannot leave its source paused.
 #[pg_extern]
-fn apply_pause(peer: default!(Option<&str>, "NULL")) -> i32 {
-    set_pause(peer, true)
+fn apply_pause(
+    peer: default!(Option<&str>, "NULL"),
+    timeout_seconds: default!(Option<i32>, "NULL"),
+) -> i32 {
+    set_pause(peer, true, timeout_seconds)
 }
 
 /// Resume applying from `peer` (all peers when NULL).
 #[pg_extern]
 fn apply_resume(peer: default!(Option<&str>, "NULL")) -> i32 {
-    set_pause(peer, false)
+    set_pause(peer, false, None)
 }
 
 /// Conflicts resolved on this node since the server started, per peer and type (kept

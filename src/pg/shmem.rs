@@ -73,6 +73,9 @@ pub struct Slot {
     pub stats: Stats,
     /// Logical messages from the peer that were not ours and were skipped.
     pub skipped_messages: u64,
+    /// When a pause with a time limit (`bdr.apply_pause(peer, seconds)`, as a join asks
+    /// for) ends by itself, PostgreSQL-epoch µs; 0: no limit.
+    pub pause_deadline: i64,
 }
 
 /// Apply counters since `reset` (`bdr.apply_stats()`, `bdr.apply_stats_reset()`).
@@ -142,6 +145,7 @@ impl Slot {
         last_contact_time: 0,
         stats: Stats::ZERO,
         skipped_messages: 0,
+        pause_deadline: 0,
     };
 
     pub fn peer(&self) -> String {

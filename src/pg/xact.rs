@@ -55,7 +55,9 @@ pub fn setup_origin(name: &str) -> u64 {
         }
         pg_sys::replorigin_session_setup(id);
         pg_sys::replorigin_session_origin = id;
-        pg_sys::replorigin_session_get_progress(false)
+        // Flushed (`true`): the in-memory progress may cover asynchronous local commits
+        // not yet on disk, and this value is reported upstream as flushed.
+        pg_sys::replorigin_session_get_progress(true)
     };
     commit();
     progress

@@ -46,6 +46,119 @@ fn collect_tombstones(dboid: u32, peers: usize) {
     }
 }
 
+/// How long a node may stay `joining` here with no session of its join connected before
+/// the janitor takes the join for dead (its backend ended without undoing anything).
+const DEAD_JOIN_GRACE: Duration = Duration::from_secs(20);
+
+/// Run `sql` in a transaction of its own; false (and rolled back) if it fails.
+fn try_sql(sql: &str, args: &[&str]) -> bool {
+    PgTryBuilder::new(|| {
+        xact::begin();
+        let args: Vec<pgrx::datum::DatumWithOid> = args.iter().map(|a| (*a).into()).collect();
+        let ok = Spi::run_with_args(sql, &args).is_ok();
+        xact::commit();
+        ok
+    })
+    .catch_others(|_| {
+        xact::abort();
+        false
+    })
+    .execute()
+}
+
+/// First column of every row of a read-only query.
+fn strings(sql: &str, args: &[&str]) -> Vec<String> {
+    xact::begin();
+    let args: Vec<pgrx::datum::DatumWithOid> = args.iter().map(|a| (*a).into()).collect();
+    let out = Spi::connect(|c| {
+        let mut v = Vec::new();
+        for r in c.select(sql, None, &args)? {
+            v.extend(r.get::<String>(1)?);
+        }
+        Ok::<_, pgrx::spi::Error>(v)
+    })
+    .unwrap_or_default();
+    xact::commit();
+    out
+}
+
+/// Drop slot and origin `name` (terminating a walsender still using the slot: the slot is
+/// dropped on a later round).
+fn drop_slot_and_origin(name: &str) {
+    try_sql(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+          WHERE slot_name = $1 AND active_pid IS NOT NULL",
+        &[name],
+    );
+    try_sql(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+          WHERE slot_name = $1 AND active_pid IS NULL",
+        &[name],
+    );
+    try_sql(
+        "SELECT pg_replication_origin_drop(roname) FROM pg_replication_origin WHERE roname = $1",
+        &[name],
+    );
+}
+
+/// Remove what nobody will use again, which would otherwise hold WAL for ever: the slots
+/// and origins of this database (named `bdr_<dboid>_<node>`) for a node that is not in
+/// `bdr.nodes` or is parted, and everything of a join that died — a node still `joining`
+/// here while no session of its join (`application_name` `bdr_join:<node>`, held open for
+/// the whole join) has been connected for [`DEAD_JOIN_GRACE`]: its slot, its origin and
+/// its catalog row, as the join's own undo would have done.
+fn janitor(dboid: u32, all: &[nodes::Node], dead_joins: &mut HashMap<String, Instant>) {
+    let live: Vec<String> = strings(
+        "SELECT DISTINCT substr(application_name, 10) FROM pg_stat_activity \
+          WHERE application_name LIKE 'bdr\\_join:%'",
+        &[],
+    );
+    let joining: Vec<&str> = all
+        .iter()
+        .filter(|n| !n.is_local && n.state == "joining")
+        .map(|n| n.name.as_str())
+        .collect();
+    dead_joins.retain(|name, _| joining.contains(&name.as_str()));
+    for name in joining {
+        if live.iter().any(|l| l == name) {
+            dead_joins.remove(name);
+            continue;
+        }
+        let since = *dead_joins
+            .entry(name.to_string())
+            .or_insert_with(Instant::now);
+        if since.elapsed() < DEAD_JOIN_GRACE {
+            continue;
+        }
+        pgrx::warning!(
+            "bdr: the join of node \"{name}\" ended without finishing; removing what it left here"
+        );
+        drop_slot_and_origin(&crate::receive::slot_name(dboid, name));
+        if try_sql(
+            "DELETE FROM bdr.nodes WHERE node_name = $1 AND node_state = 'joining'",
+            &[name],
+        ) {
+            dead_joins.remove(name);
+        }
+    }
+    let prefix = crate::receive::slot_name(dboid, "");
+    let pattern = format!("{}%", prefix.replace('_', "\\_"));
+    let named = strings(
+        "SELECT slot_name::text FROM pg_replication_slots \
+          WHERE database = current_database() AND slot_name LIKE $1 \
+         UNION SELECT roname FROM pg_replication_origin WHERE roname LIKE $1",
+        &[&pattern],
+    );
+    for name in named {
+        let node = &name[prefix.len()..];
+        let known = all.iter().any(|n| n.name == node && n.state != "parted");
+        if !known {
+            pgrx::log!("bdr: dropping {name}, left for node \"{node}\" which is not a member");
+            drop_slot_and_origin(&name);
+        }
+    }
+}
+
 /// Delay before restart number `failures` (1, 2, 4, ... 30 s).
 pub fn backoff(failures: u32) -> Duration {
     Duration::from_secs((1u64 << failures.min(5).saturating_sub(1)).min(30))
@@ -112,6 +225,7 @@ fn supervise(dboid: u32, from_launcher: bool, workers: &Workers) {
     let started = Instant::now();
     let mut last_gc = Instant::now();
     let mut no_slot_warned = false;
+    let mut dead_joins: HashMap<String, Instant> = HashMap::new();
     loop {
         xact::begin();
         let has_extension = nodes::extension_exists();
@@ -202,6 +316,9 @@ fn supervise(dboid: u32, from_launcher: bool, workers: &Workers) {
         }
         if last_gc.elapsed() > GC_INTERVAL {
             collect_tombstones(dboid, wanted.len());
+            if has_local {
+                janitor(dboid, &all, &mut dead_joins);
+            }
             last_gc = Instant::now();
         }
         drop(workers);
