@@ -423,3 +423,122 @@ fn complete_cluster_failure_rebuild_per_runbook_ends_identical() {
         );
     }
 }
+
+/// The whole runbook played in order on one group (issue 15's defect): create, join, a
+/// standby join, split-brain detection, a node failure, the rejoin of a rebuilt node while
+/// the standby is a member, promotion, health check. Before the fix the rejoin timed out
+/// after 120 s waiting for the join source to apply the standby's changes (a standby sends
+/// nothing).
+#[test]
+fn the_runbook_played_in_order_on_one_group() {
+    let c = Cluster::builder()
+        .name("runbook_in_order")
+        .nodes(4)
+        .node_names(&["node1", "node2", "standby1", "recovered"])
+        .start();
+    for n in c.nodes() {
+        n.execute(
+            "CREATE ROLE bdr_user SUPERUSER LOGIN; CREATE EXTENSION bdr;
+             CREATE TABLE accounts (id int PRIMARY KEY, balance numeric);",
+        );
+    }
+    let (n1, n2, s1, r) = (c.node(0), c.node(1), c.node(2), c.node(3));
+    let book = runbook();
+    let hosts = [
+        ("node1", n1),
+        ("node2", n2),
+        ("standby1", s1),
+        ("active_node", n1),
+        ("recovered_node", r),
+    ];
+    // Group create and join, as written.
+    n1.execute(&localize(
+        &excerpt(&book, "SELECT bdr.bdr_group_create(", ");"),
+        &hosts,
+    ));
+    n2.execute(&localize(
+        &excerpt(
+            &book,
+            "SELECT bdr.bdr_group_join(\n       local_node_name := 'node2'",
+            ");",
+        ),
+        &hosts,
+    ));
+    n2.execute("SELECT bdr.wait_for_join(120)");
+    // The standby, as written.
+    let standby = excerpt(
+        &book,
+        "SELECT bdr.bdr_group_join(\n    local_node_name := 'standby1'",
+        ");",
+    );
+    s1.execute(&localize(&standby, &hosts));
+    s1.execute("SELECT bdr.wait_for_join(120)");
+    n1.execute("INSERT INTO accounts VALUES (1, 100)");
+    n2.execute("INSERT INTO accounts VALUES (2, 200)");
+    wait_until("the standby has both rows", CATCHUP, || {
+        s1.query_scalar::<i64>("SELECT count(*) FROM accounts") == 2
+    });
+    // Split-brain detection, as written.
+    let detection = excerpt(
+        &book,
+        "SELECT \n    node_name,\n    node_status,",
+        "FROM bdr.bdr_nodes;",
+    );
+    assert_eq!(rows(n1, &detection).len(), 3);
+    // Scenario 1: node2 fails; the others keep going.
+    n2.kill9();
+    wait_until("node2 shown inactive on node1", CATCHUP, || {
+        rows(
+            n1,
+            "SELECT node_status FROM bdr.bdr_nodes WHERE node_name = 'node2'",
+        )[0][0]
+            .as_deref()
+            == Some("inactive")
+    });
+    n2.start();
+    // A rebuilt node joins, as written, through the active node, while a standby is a
+    // member.
+    let rejoin = excerpt(
+        &book,
+        "SELECT bdr.bdr_group_join(\n    local_node_name := 'recovered_node'",
+        ");",
+    );
+    let started = std::time::Instant::now();
+    r.execute(&localize(&rejoin, &hosts));
+    r.execute("SELECT bdr.wait_for_join(120)");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    r.execute("INSERT INTO accounts VALUES (4, 400)");
+    wait_until("every node has every row", CATCHUP, || {
+        c.nodes()
+            .iter()
+            .all(|n| n.query_scalar::<i64>("SELECT count(*) FROM accounts") == 3)
+    });
+    // Promote the standby, as written; it then writes and its write arrives everywhere.
+    s1.execute(&excerpt(&book, "SELECT bdr.bdr_node_promote(", ");"));
+    wait_until("the promoted standby accepts writes", CATCHUP, || {
+        s1.try_execute("INSERT INTO accounts VALUES (3, 300)")
+            .is_ok()
+    });
+    wait_until("the promoted node's row everywhere", CATCHUP, || {
+        c.nodes()
+            .iter()
+            .all(|n| n.query_scalar::<i64>("SELECT count(*) FROM accounts") == 4)
+    });
+    assert_same_everywhere(&c, "accounts");
+    // The health check, as written, says OK everywhere.
+    let func = excerpt(
+        &book,
+        "CREATE OR REPLACE FUNCTION bdr_health_check()",
+        "$$ LANGUAGE plpgsql;",
+    );
+    n1.execute(&func);
+    wait_until("the runbook's health check all OK", CATCHUP, || {
+        rows(n1, "SELECT * FROM bdr_health_check();")
+            .iter()
+            .all(|r| r[1].as_deref() == Some("OK"))
+    });
+    assert_eq!(
+        rows(n1, "SELECT * FROM bdr_health_check();")[0][2].as_deref(),
+        Some("4 nodes active")
+    );
+}

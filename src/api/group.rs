@@ -590,7 +590,12 @@ pub fn group_join(
         .map(|m| m.dboid)
         .expect("the source is a member");
     let mut sync_targets = Vec::new();
-    for m in reached.iter_mut().filter(|m| m.node.name != source.name) {
+    // A standby member sends nothing: J does not stream from it (no slot there) and S
+    // applies nothing from it (nothing to wait for).
+    for m in reached
+        .iter_mut()
+        .filter(|m| m.node.name != source.name && m.node.kind == "active")
+    {
         let slot = slot_name(m.dboid, j);
         m.conn
             .exec_params(
@@ -711,7 +716,10 @@ pub fn group_join(
 
     // 5. J's origins and J's slots for every member.
     let mut origin_points = vec![(origin_name(my_dboid, &source.name), consistent_point)];
-    for m in reached.iter().filter(|m| m.node.name != source.name) {
+    for m in reached
+        .iter()
+        .filter(|m| m.node.name != source.name && m.node.kind == "active")
+    {
         let p = progress
             .iter()
             .find(|(o, _)| *o == origin_name(src_dboid, &m.node.name))

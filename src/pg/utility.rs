@@ -570,6 +570,9 @@ pub fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Something to run when the current transaction ends (`true`: it committed).
+type AtEnd = Box<dyn FnOnce(bool)>;
+
 /// Call `f(committed)` once, when the current transaction ends. Nothing `f` does may
 /// raise an error (it runs inside commit or abort processing).
 pub fn at_transaction_end(f: Box<dyn FnOnce(bool)>) {
@@ -583,7 +586,7 @@ pub fn at_transaction_end(f: Box<dyn FnOnce(bool)>) {
 
 thread_local! {
     static REGISTERED: Cell<bool> = const { Cell::new(false) };
-    static AT_END: std::cell::RefCell<Vec<Box<dyn FnOnce(bool)>>> =
+    static AT_END: std::cell::RefCell<Vec<AtEnd>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
