@@ -116,6 +116,25 @@ impl Node {
         format!("psql \"{}\"", self.dsn())
     }
 
+    /// Connect to the test database as role `user` (a plain application role, say).
+    pub fn connect_as(&self, user: &str) -> Client {
+        Client::connect(
+            &format!(
+                "host=127.0.0.1 port={} dbname={} user={user}",
+                self.port(),
+                self.dbname
+            ),
+            NoTls,
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "connecting to {} as {user}: {}",
+                self.name,
+                db_error_text(&e)
+            )
+        })
+    }
+
     /// Connect to the test database; see [`Node::connect_db`].
     pub fn connect(&self) -> Client {
         self.connect_db(&self.dbname)

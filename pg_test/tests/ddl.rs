@@ -4,21 +4,13 @@
 
 use pg_test::bdr::{assert_same_everywhere, form_group, wait_for_catchup, CATCHUP};
 use pg_test::{wait_until, Cluster, Node};
-use postgres::{Client, NoTls};
+use postgres::Client;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 fn connect_as(n: &Node, user: &str) -> Client {
-    Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} dbname={} user={user}",
-            n.port(),
-            n.dbname()
-        ),
-        NoTls,
-    )
-    .unwrap()
+    n.connect_as(user)
 }
 
 /// `n` nodes in a group, a plain role `app` on each that may create in schema public.

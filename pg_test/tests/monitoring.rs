@@ -7,7 +7,7 @@
 
 use pg_test::bdr::{assert_same_everywhere, form_group, wait_for_catchup, CATCHUP};
 use pg_test::{wait_until, Cluster, Node};
-use postgres::{Client, NoTls};
+use postgres::Client;
 use std::time::{Duration, Instant};
 
 const OUTAGE: Duration = Duration::from_secs(70);
@@ -231,15 +231,7 @@ fn apply_counters_count_and_reset() {
 }
 
 fn connect_as(n: &Node, user: &str) -> Client {
-    Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} dbname={} user={user}",
-            n.port(),
-            n.dbname()
-        ),
-        NoTls,
-    )
-    .unwrap()
+    n.connect_as(user)
 }
 
 #[test]

@@ -31,15 +31,21 @@ impl Drop for RestoreUser {
 /// Run `f` as `role`, inside a security-restricted operation (no SET ROLE, no temp
 /// objects, no session-level changes; see `SECURITY_RESTRICTED_OPERATION`).
 pub fn as_user<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    switch_user(
+        role,
+        pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION,
+        f,
+    )
+}
+
+/// Run `f` as `role` with `flags` added to the security context; both restored after,
+/// also when an error unwinds through.
+pub fn switch_user<R>(role: pg_sys::Oid, flags: u32, f: impl FnOnce() -> R) -> R {
     let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
     // SAFETY: plain reads and writes of the backend's current user and context.
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
-        pg_sys::SetUserIdAndSecContext(
-            role,
-            sec | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION)
-                as i32,
-        );
+        pg_sys::SetUserIdAndSecContext(role, sec | flags as i32);
     }
     let _restore = RestoreUser(user, sec);
     f()

@@ -531,43 +531,16 @@ pub unsafe fn wait_for_writers(relid: pg_sys::Oid) {
 /// Run `f` as the bootstrap superuser (for bdr's own catalog writes on behalf of any
 /// role: the DDL queue).
 pub fn as_superuser<R>(f: impl FnOnce() -> R) -> R {
-    let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
-    // SAFETY: plain reads and writes of the backend's current user and context.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
-        pg_sys::SetUserIdAndSecContext(
-            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
-            sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-    }
-    struct Restore(pg_sys::Oid, i32);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            // SAFETY: restores what was read above.
-            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
-        }
-    }
-    let _r = Restore(user, sec);
-    f()
+    crate::pg::exec::switch_user(
+        pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+        pg_sys::SECURITY_LOCAL_USERID_CHANGE,
+        f,
+    )
 }
 
 /// Run `f` as role `role` (a replicated DDL runs as the role that ran it on its origin).
 pub fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
-    // SAFETY: as in as_superuser.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
-        pg_sys::SetUserIdAndSecContext(role, sec | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
-    }
-    struct Restore(pg_sys::Oid, i32);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            // SAFETY: restores what was read above.
-            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
-        }
-    }
-    let _r = Restore(user, sec);
-    f()
+    crate::pg::exec::switch_user(role, pg_sys::SECURITY_LOCAL_USERID_CHANGE, f)
 }
 
 /// Something to run when the current transaction ends (`true`: it committed).
