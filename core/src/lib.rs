@@ -2,5 +2,6 @@ pub mod conflict;
 pub mod dsn;
 pub mod lag;
 pub mod replication;
+pub mod snowflake;
 pub mod stream;
 pub mod wire;
