@@ -35,6 +35,7 @@ pub mod gucs;
 pub mod history;
 pub mod pg;
 pub mod receive;
+pub mod sequence;
 pub mod workers;
 pub mod write;
 
