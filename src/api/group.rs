@@ -73,7 +73,7 @@ pub enum GroupError {
     StandbyReadOnly(String),
     #[error("invalid node number {0}")]
     BadNodeNumber(i32),
-    #[error("node number {number} is taken by node \"{by}\"")]
+    #[error("node number {number} is taken by {by}")]
     NodeNumberTaken { number: i32, by: String },
     #[error("no node number is left: the group has used all 1024")]
     NoNodeNumberLeft,
@@ -125,7 +125,7 @@ impl PgError for GroupError {
             PromoteElsewhere(_) => "Connect to the standby and run SELECT bdr.promote('<its name>') there.".into(),
             StandbyReadOnly(_) => "Write on an active node, or promote this node with bdr.promote().".into(),
             BadNodeNumber(_) => "node_number is 0 to 1023, or NULL to take the smallest free one.".into(),
-            NodeNumberTaken { .. } => "Pass node_number := NULL to take the smallest free one; see SELECT node_name, node_number FROM bdr.nodes.".into(),
+            NodeNumberTaken { .. } => "Nothing was left behind. Run group_join again (node_number := NULL takes the smallest free number); see SELECT node_name, node_number FROM bdr.nodes.".into(),
             NoNodeNumberLeft => "Numbers of parted nodes are not reused while they are listed in bdr.nodes (their ids may still be in flight); a group has at most 1024 nodes over its life.".into(),
         })
     }
@@ -277,7 +277,7 @@ fn choose_node_number(wanted: Option<i32>, used: &[(i32, String)]) -> i32 {
         if let Some((_, by)) = used.iter().find(|(n, _)| *n == w) {
             fail(GroupError::NodeNumberTaken {
                 number: w,
-                by: by.clone(),
+                by: format!("node \"{by}\""),
             });
         }
         return w;
@@ -634,7 +634,16 @@ pub fn group_join(
                    node_number) VALUES ($1, $2, $3, 'joining', $4, false, $5::int)",
                 &[j, &my_id.to_string(), node_kind, node_external_dsn, &my_number.to_string()],
             )
-            .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
+            .unwrap_or_else(|e| {
+                // Another join took the same number since we looked.
+                if e.to_string().contains("nodes_node_number_key") {
+                    fail(GroupError::NodeNumberTaken {
+                        number: my_number,
+                        by: "a node joining at the same time".into(),
+                    })
+                }
+                fail(remote_err(&m.node.name)(e))
+            });
         undo.registered.push(m.node.dsn.clone());
     }
 
