@@ -127,11 +127,9 @@ fn now_ms() -> u64 {
     snowflake::ms_since_epoch(unix)
 }
 
-/// This database's node number (cached in shared memory; read from `bdr.nodes` once).
-fn node_number(dboid: u32) -> u16 {
-    if let Some(n) = shmem::with_sequences(|t| t.node_number(dboid)) {
-        return n;
-    }
+/// This database's node number, read from `bdr.nodes` and cached in shared memory (the
+/// hot path reads the cache under the lock it takes anyway).
+fn load_node_number(dboid: u32) -> u16 {
     let n = pgseq::as_superuser(|| {
         nodes::read_one::<i32>("SELECT node_number FROM bdr.nodes WHERE is_local")
     });
@@ -166,6 +164,7 @@ fn forget_slot(relid: pg_sys::Oid) {
 }
 
 enum Outcome {
+    NoNodeNumber,
     NoSlot,
     Wait,
     Issue(i64, Option<i64>),
@@ -222,13 +221,15 @@ fn snowflake_nextval(seq: pg_sys::Oid) -> i64 {
     }
     pgseq::prevent_if_read_only();
     let dboid = nodes::my_database_oid();
-    let node = node_number(dboid);
     let relid = seq.to_u32();
     let me = pgseq::my_pid();
     loop {
         let now = now_ms();
         let hint = HINT.with(|h| h.get()).filter(|(r, _)| *r == relid);
         let outcome = shmem::with_sequences(|t| {
+            let Some(node) = t.node_number(dboid) else {
+                return (Outcome::NoNodeNumber, None);
+            };
             let Some(i) = t.find(dboid, relid, hint.map(|(_, i)| i)) else {
                 return (Outcome::NoSlot, None);
             };
@@ -282,6 +283,9 @@ fn snowflake_nextval(seq: pg_sys::Oid) -> i64 {
                 } else {
                     pgseq::short_wait();
                 }
+            }
+            Outcome::NoNodeNumber => {
+                load_node_number(dboid);
             }
             Outcome::NoSlot => {
                 if !pgseq::is_sequence(seq) {
