@@ -151,16 +151,13 @@ pub fn forget_node_number_at_commit() {
     });
 }
 
-/// Drop the shared slot of `relid` (its state is rebuilt from the sequence's value).
-fn forget_slot(relid: pg_sys::Oid) {
+/// After a kind change: the shared slot of `relid`, if any, counts only the sequence's
+/// current value as persisted (it may have been restarted, or moved past the old floor by
+/// plain `nextval`), and its generator stays above both (see `Sequences::refresh`).
+fn refresh_slot(relid: pg_sys::Oid) {
     let dboid = nodes::my_database_oid();
-    shmem::with_sequences(|t| {
-        if let Some(i) = t.find(dboid, relid.to_u32(), None) {
-            if t.slots[i].persisting == 0 {
-                t.slots[i] = shmem::SeqSlot::default();
-            }
-        }
-    });
+    let floor = pgseq::last_value(relid).unwrap_or(0);
+    shmem::with_sequences(|t| t.refresh(dboid, relid.to_u32(), floor));
 }
 
 enum Outcome {
@@ -555,7 +552,7 @@ fn set_kind(seq: u32, kind: Kind, node: Option<u16>) {
             }
         }
     }
-    forget_slot(pg_sys::Oid::from(seq));
+    refresh_slot(pg_sys::Oid::from(seq));
 }
 
 fn check_sequence(seq: &PgRelation) -> u32 {

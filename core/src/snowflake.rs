@@ -119,6 +119,16 @@ impl Generator {
         }
     }
 
+    /// The later of two states: a generator that must stay above both.
+    pub fn later(self, other: Generator) -> Generator {
+        match (self.started, other.started) {
+            (false, _) => other,
+            (_, false) => self,
+            _ if (other.last_ms, other.counter) > (self.last_ms, self.counter) => other,
+            _ => self,
+        }
+    }
+
     /// The next id for node `node` at clock reading `now_ms` (ms since the epoch).
     pub fn next(&self, now_ms: u64, node: u16) -> Step {
         let issue = |ms: u64, counter: u16| Step::Issue {
@@ -350,6 +360,22 @@ mod tests {
         }
         assert_eq!(Generator::after_floor(0), Generator::default());
         assert_eq!(Generator::after_floor(-5), Generator::default());
+    }
+
+    #[test]
+    fn later_keeps_the_larger_state() {
+        let a = Generator {
+            last_ms: 10,
+            counter: 5,
+            started: true,
+        };
+        let b = Generator::after_floor(compose(9, 1023, 4095));
+        assert_eq!(a.later(b), a);
+        assert_eq!(b.later(a), a);
+        let c = Generator::after_floor(floor_of_ms(10));
+        assert_eq!(a.later(c), c);
+        assert_eq!(Generator::default().later(a), a);
+        assert_eq!(a.later(Generator::default()), a);
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! Application writes run as `app`, a plain role with ordinary grants (or owning the
 //! tables it created).
 
-use pg_test::bdr::{assert_same_everywhere, form_group, join, wait_for_catchup};
-use pg_test::{db_error_text, Cluster, Node};
+use pg_test::bdr::{assert_same_everywhere, form_group, join, wait_for_catchup, CATCHUP};
+use pg_test::{db_error_text, wait_until, Cluster, Node};
 use postgres::{Client, NoTls};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -339,7 +339,10 @@ fn restart_with_the_clock_set_back_never_reissues_an_id() {
 #[test]
 fn node_numbers_are_unique_and_bad_input_is_refused() {
     let c = Cluster::builder().name("keys_numbers").nodes(4).start();
-    for n in c.nodes() {
+    // node4 has no tables: its join copies the schema (with node1's kinds and start
+    // values) and must make the sequences its own.
+    c.node(3).execute("CREATE EXTENSION bdr");
+    for n in &c.nodes()[..3] {
         n.execute(
             "CREATE EXTENSION bdr;
              CREATE TABLE orders (id bigserial PRIMARY KEY, v text);
@@ -424,12 +427,37 @@ fn node_numbers_are_unique_and_bad_input_is_refused() {
     assert_eq!(distinct.len(), numbers.len(), "numbers {numbers:?}");
     assert!(numbers.contains(&7));
     // A later join takes the smallest free number.
+    a.execute("INSERT INTO small (v) VALUES ('before node4'); INSERT INTO ident DEFAULT VALUES;");
     join(d, a);
     let n4: i32 = a.query_scalar("SELECT node_number FROM bdr.nodes WHERE node_name = 'node4'");
     assert!(
         !numbers.contains(&n4) && n4 <= 2,
         "node4 got {n4}, others {numbers:?}"
     );
+    // Its copied schema has its own kinds: snowflake ids with its number, offset
+    // sequences in its residue above the copied rows.
+    let kinds: String = d.query_scalar(
+        "SELECT bdr.sequence_kind('orders_id_seq') || ',' || bdr.sequence_kind('small_id_seq') \
+         || ',' || bdr.sequence_kind('ident_id_seq')",
+    );
+    assert_eq!(kinds, "snowflake,offset,offset");
+    let mut cl = d.connect();
+    let mut one = |sql: &str| -> i64 { cl.query_one(sql, &[]).unwrap().get(0) };
+    let s4 = one("INSERT INTO small (v) VALUES ('n4') RETURNING id::bigint");
+    let i4 = one("INSERT INTO ident DEFAULT VALUES RETURNING id");
+    let o4 = one("INSERT INTO orders (v) VALUES ('n4') RETURNING id");
+    let n4 = n4 as i64;
+    assert_eq!((s4 - 1) % 1024, n4, "small id {s4} on node number {n4}");
+    assert!(s4 > 1, "small id {s4} not above the copied row");
+    assert_eq!((i4 - 1) % 1024, n4, "ident id {i4} on node number {n4}");
+    assert_eq!((o4 >> 12) & 1023, n4, "orders id {o4} on node number {n4}");
+    // (Not wait_for_catchup: joins run at the same time do not learn of each other, and a
+    // failed one is no member; only node4 -> node1 matters here.)
+    wait_until("node4's rows on node1", CATCHUP, || {
+        a.query_scalar::<i64>(&format!("SELECT count(*) FROM orders WHERE id = {o4}")) == 1
+    });
+    let conflicts: i64 = a.query_scalar("SELECT count(*) FROM bdr.conflict_history");
+    assert_eq!(conflicts, 0);
 
     // Bad input to alter_sequence_set_kind: a clear error, nothing changed.
     for (sql, want) in [

@@ -418,6 +418,19 @@ impl Sequences {
         Some(i)
     }
 
+    /// The sequence's value changed under a slot (its kind was changed, so it may have been
+    /// restarted or moved on by plain `nextval`): the generator stays above both what it
+    /// handed out and `floor`, and only `floor` counts as persisted.
+    pub fn refresh(&mut self, dboid: u32, relid: u32, floor: i64) {
+        if let Some(i) = self.find(dboid, relid, None) {
+            let s = &mut self.slots[i];
+            s.generator = s
+                .generator
+                .later(bdr_core::snowflake::Generator::after_floor(floor));
+            s.persisted = floor.max(0);
+        }
+    }
+
     pub fn node_number(&self, dboid: u32) -> Option<u16> {
         self.node_numbers
             .iter()
