@@ -601,15 +601,18 @@ pub fn apply_default_kinds(table: Option<u32>) {
     let Some(node) = local_node_number() else {
         return;
     };
-    let tables: Vec<u32> = match table {
-        Some(t) => vec![t],
-        None => Spi::connect(|c| {
-            c.select(TABLES_SQL, None, &[])?
-                .map(|r| r.get::<pg_sys::Oid>(1).map(|o| o.map_or(0, |o| o.to_u32())))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .unwrap_or_else(|e| spi_fail(e)),
+    // A single table too must be one that replicates (not an extension's, say, created
+    // by CREATE EXTENSION on a member).
+    let sql = match table {
+        Some(t) => format!("{TABLES_SQL} AND c.oid = {t}"),
+        None => TABLES_SQL.to_string(),
     };
+    let tables: Vec<u32> = Spi::connect(|c| {
+        c.select(&sql, None, &[])?
+            .map(|r| r.get::<pg_sys::Oid>(1).map(|o| o.map_or(0, |o| o.to_u32())))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap_or_else(|e| spi_fail(e));
     let want = DEFAULT_SEQUENCE_KIND.get();
     for t in tables {
         let seqs: Vec<u32> = Spi::connect(|c| {
