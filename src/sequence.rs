@@ -269,8 +269,9 @@ fn snowflake_nextval(seq: pg_sys::Oid) -> i64 {
             Outcome::PersistFirst(i, f) => persist(i, dboid, seq, f),
             Outcome::Wait => pgseq::short_wait(),
             Outcome::Busy(i, pid) => {
-                if pid != me && !pgseq::backend_alive(pid) {
-                    // Its backend died while persisting: nobody else will clear the mark.
+                // This backend is not persisting (it is here), and a dead one never will
+                // clear its mark: take it over. Otherwise wait for the floor.
+                if pid == me || !pgseq::backend_alive(pid) {
                     shmem::with_sequences(|t| {
                         let s = &mut t.slots[i];
                         if s.dboid == dboid && s.relid == relid && s.persisting == pid {

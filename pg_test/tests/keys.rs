@@ -287,6 +287,12 @@ fn restart_with_the_clock_set_back_never_reissues_an_id() {
          GRANT SELECT, INSERT ON orders TO app;
          GRANT USAGE ON SEQUENCE orders_id_seq TO app;",
     );
+    // Not a member yet: no node number, no ids (an ERROR with a hint, never a guess).
+    let e = error_of(n, "SELECT bdr.snowflake_nextval('orders_id_seq')");
+    assert!(
+        e.contains("this node has no bdr node number") && e.contains("HINT"),
+        "{e}"
+    );
     form_group(&c);
     let mut before = insert_ids(n, 20_000);
     assert_eq!(before, ids(n));
@@ -506,6 +512,37 @@ fn node_numbers_are_unique_and_bad_input_is_refused() {
     let v2: i64 = a.query_scalar("INSERT INTO orders (v) VALUES ('s') RETURNING id");
     assert_eq!((v2 >> 12) & 1023, 7);
     assert!(v2 > v);
+    // snowflake_nextval checks like nextval: the caller's USAGE, read-only transactions;
+    // a sequence that cannot hold the floor fails clearly, every time (no stuck state).
+    a.execute("CREATE ROLE nobody LOGIN; CREATE SEQUENCE tiny AS integer;");
+    let mut as_nobody = Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} dbname={} user=nobody",
+            a.port(),
+            a.dbname()
+        ),
+        NoTls,
+    )
+    .unwrap();
+    a.execute("GRANT USAGE ON SCHEMA bdr TO nobody");
+    let e = db_error_text(
+        &as_nobody
+            .batch_execute("SELECT bdr.snowflake_nextval('orders_id_seq')")
+            .unwrap_err(),
+    );
+    assert!(
+        e.contains("permission denied for sequence orders_id_seq") && e.contains("GRANT USAGE"),
+        "{e}"
+    );
+    let e = error_of(
+        a,
+        "BEGIN READ ONLY; SELECT bdr.snowflake_nextval('orders_id_seq'); COMMIT;",
+    );
+    assert!(e.contains("read-only transaction"), "{e}");
+    for _ in 0..2 {
+        let e = error_of(a, "SELECT bdr.snowflake_nextval('tiny')");
+        assert!(e.contains("out of bounds for sequence \"tiny\""), "{e}");
+    }
     // Opting out: bdr.default_sequence_kind = local leaves new tables alone.
     a.execute(
         "SET bdr.default_sequence_kind = local; CREATE TABLE plain (id bigserial PRIMARY KEY);",
