@@ -6,6 +6,7 @@
 #   make package   Debian package of the release build (target/debian/postgresql-15-bdr_*.deb)
 #   make bench     benchmarks against native logical replication and pglogical
 #   make bench-profile  perf profiles of the bdr and native apply processes
+#   make bench-keys     ids/s of bdr.snowflake_nextval vs nextval on one node
 #   make lint      rustfmt, clippy, shellcheck, and the tests of the scripts
 #   make clean     remove build output and scratch clusters
 #
@@ -22,7 +23,7 @@ TEST_THREADS ?= 2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo --sudo)
 
 .PHONY: all bootstrap build install install-debug package test-package test test-unit test-pg test-cluster demo demo-stop \
-        bench bench-profile soak fmt lint shellcheck test-scripts test-alerts clean
+        bench bench-profile bench-keys soak fmt lint shellcheck test-scripts test-alerts clean
 
 all: build
 
@@ -88,6 +89,9 @@ bench: bootstrap
 bench-profile: bootstrap
 	@bash scripts/bootstrap.sh --bench
 	@bash bench/run.sh profile
+
+bench-keys: bootstrap
+	@bash bench/run.sh keys
 
 fmt:
 	cargo fmt --all

@@ -7,6 +7,11 @@ PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 SUDO=$([ "$(id -u)" = 0 ] || echo --sudo)
 echo "==> building and installing bdr (release, with line tables for profiles)"
 CARGO_PROFILE_RELEASE_DEBUG=line-tables-only cargo pgrx install --release --pg-config "$PG_CONFIG" ${SUDO:+"$SUDO"}
+if [ "${1:-}" = keys ]; then
+  # make bench-keys: ids/s of bdr.snowflake_nextval vs nextval on one node.
+  cargo run --release -q -p bdr-bench -- keys
+  exit 0
+fi
 if [ "${1:-}" = profile ]; then
   # make bench-profile: perf profiles of the apply process, bdr and native side by side.
   for sys in bdr native; do

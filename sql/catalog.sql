@@ -12,6 +12,10 @@ CREATE TABLE bdr.nodes (
                  CHECK (node_state IN ('joining', 'catching_up', 'active', 'standby',
                                        'parting', 'parted')),
     node_dsn     text NOT NULL,
+    -- Small number unique in the group (0-1023), inside every snowflake id the node makes
+    -- and the residue of its offset sequences. Never reused while the node is listed,
+    -- parted or not, so none of its ids can be made again by another node.
+    node_number  int UNIQUE CHECK (node_number BETWEEN 0 AND 1023),
     is_local     boolean NOT NULL DEFAULT false,
     created_at   timestamptz NOT NULL DEFAULT now(),
     joined_at    timestamptz

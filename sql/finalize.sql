@@ -1,8 +1,9 @@
 -- Runs last in CREATE EXTENSION.
 
 -- New tables of a node that belongs to a group get the tombstone trigger (local deletes
--- must be remembered for last-update-wins). Tables of a joining node get it when the
--- join completes.
+-- must be remembered for last-update-wins), and their serial and identity columns the
+-- sequence kind bdr.default_sequence_kind asks for (keys that cannot collide). Tables of
+-- a joining node get both when the join completes.
 --
 -- It runs for whoever ran the CREATE (usually an application role without rights in
 -- schema bdr), so it is SECURITY DEFINER (see below); temporary tables never replicate
@@ -17,6 +18,11 @@ BEGIN
     END IF;
     IF EXISTS (SELECT 1 FROM bdr.nodes WHERE is_local) THEN
         PERFORM bdr.attach_tombstone_triggers();
+        PERFORM bdr.apply_default_sequence_kinds(c.oid)
+           FROM pg_event_trigger_ddl_commands() d
+           JOIN pg_class c ON c.oid = d.objid
+          WHERE d.classid = 'pg_class'::regclass AND c.relkind IN ('r', 'p')
+            AND c.relpersistence = 'p';
     END IF;
     IF EXISTS (SELECT 1 FROM bdr.nodes WHERE is_local AND node_kind = 'standby') THEN
         PERFORM bdr.refresh_standby_triggers();
@@ -33,6 +39,11 @@ ALTER EVENT TRIGGER bdr_new_tables ENABLE ALWAYS;
 -- Nothing in schema bdr is usable by PUBLIC unless granted.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA bdr FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA bdr FROM PUBLIC;
+
+-- Column defaults call bdr.snowflake_nextval as whoever inserts: like nextval, it checks
+-- that role's USAGE (or UPDATE) on the sequence itself. (Running a stored default needs
+-- no USAGE on schema bdr.)
+GRANT EXECUTE ON FUNCTION bdr.snowflake_nextval(regclass) TO PUBLIC;
 
 -- The extension's triggers do their own writes in schema bdr for any role: they run as
 -- the extension owner, with a search_path nobody else can put objects in. Each writes

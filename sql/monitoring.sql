@@ -241,7 +241,8 @@ GRANT EXECUTE ON FUNCTION bdr.node_status(), bdr.health_check(), bdr.bdr_node_st
     bdr.apply_workers(), bdr.apply_lag(), bdr.apply_stats(), bdr.conflict_counters(),
     bdr.version() TO bdr_monitor;
 GRANT SELECT ON bdr.bdr_nodes TO bdr_monitor;
-GRANT SELECT (node_name, node_id, node_kind, node_state, is_local, created_at, joined_at)
+GRANT SELECT (node_name, node_id, node_kind, node_state, is_local, node_number, created_at,
+              joined_at)
     ON bdr.nodes TO bdr_monitor;
 GRANT SELECT (conflict_id, conflict_time, local_node, remote_node, relation, conflict_type,
               conflict_resolution, local_commit_time, remote_commit_time, remote_lsn, remote_xid)

@@ -5,8 +5,24 @@
 //! Settings are added here as the features that read them land; each one is documented
 //! in `docs/settings.md`.
 
-use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use pgrx::pg_sys;
+
+/// What `bdr.default_sequence_kind` gives serial, bigserial and identity columns of
+/// replicated tables (see `src/sequence.rs`).
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum DefaultSequenceKind {
+    /// bigint columns: `bdr.snowflake_nextval`; integer and identity columns: `offset`.
+    #[name = c"snowflake"]
+    Snowflake,
+    /// Leave them as plain PostgreSQL sequences.
+    #[name = c"local"]
+    Local,
+}
+
+/// `bdr.default_sequence_kind`.
+pub static DEFAULT_SEQUENCE_KIND: GucSetting<DefaultSequenceKind> =
+    GucSetting::<DefaultSequenceKind>::new(DefaultSequenceKind::Snowflake);
 
 /// `bdr.log_conflicts_to_table`: write a `bdr.conflict_history` row per conflict.
 pub static LOG_CONFLICTS_TO_TABLE: GucSetting<bool> = GucSetting::<bool>::new(true);
@@ -62,6 +78,16 @@ pub fn init() {
           but no history row is written.",
         &LOG_CONFLICTS_TO_TABLE,
         GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"bdr.default_sequence_kind",
+        c"Kind of sequence given to serial and identity columns of replicated tables.",
+        c"snowflake: bigint columns draw bdr.snowflake_nextval, integer and identity columns \
+          an offset sequence; local: plain PostgreSQL sequences. Applied when a table is \
+          created on a member, and to existing tables when a node creates or joins a group.",
+        &DEFAULT_SEQUENCE_KIND,
+        GucContext::Userset,
         GucFlags::default(),
     );
     // SAFETY: called from _PG_init in the postmaster, with a static NUL-terminated name.

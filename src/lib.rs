@@ -38,6 +38,7 @@ pub mod gucs;
 pub mod history;
 pub mod pg;
 pub mod receive;
+pub mod sequence;
 pub mod workers;
 pub mod write;
 

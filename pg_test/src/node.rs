@@ -206,7 +206,21 @@ impl Node {
     /// Start the server and wait until it accepts connections; `Err` with pg_ctl's output
     /// and the tail of the server log if it does not come up (for tests expecting that).
     pub fn try_start(&self) -> Result<(), String> {
+        self.try_start_with_env(&[])
+    }
+
+    /// Start the server with extra environment variables for `pg_ctl` and so the
+    /// postmaster (e.g. `LD_PRELOAD` of libfaketime with `FAKETIME="-1h"`, to run it with
+    /// its clock set back); they last until the server is stopped.
+    pub fn start_with_env(&self, env: &[(&str, &str)]) {
+        self.try_start_with_env(env)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// [`Node::try_start`] with extra environment variables (see [`Node::start_with_env`]).
+    pub fn try_start_with_env(&self, env: &[(&str, &str)]) -> Result<(), String> {
         let mut c = self.pg_ctl(&["-w", "-t", PG_CTL_TIMEOUT_SECS, "start"]);
+        c.envs(env.iter().copied());
         c.arg("-l").arg(self.log_path());
         // As a developer's shell often has it: the server must still never show a Rust
         // backtrace to a user (checked when the cluster is dropped).

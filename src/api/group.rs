@@ -71,16 +71,25 @@ pub enum GroupError {
     PromoteElsewhere(String),
     #[error("node \"{0}\" is a bdr standby: it does not accept writes")]
     StandbyReadOnly(String),
+    #[error("invalid node number {0}")]
+    BadNodeNumber(i32),
+    #[error("node number {number} is taken by {by}")]
+    NodeNumberTaken { number: i32, by: String },
+    #[error("no node number is left: the group has used all 1024")]
+    NoNodeNumberLeft,
 }
 
 impl PgError for GroupError {
     fn sqlstate(&self) -> PgSqlErrorCode {
         use GroupError::*;
         match self {
-            BadName(_) | BadDsn(_) | BadKind(_) | JoinSelf => {
+            BadName(_) | BadDsn(_) | BadKind(_) | JoinSelf | BadNodeNumber(_) => {
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
             }
-            AlreadyMember(_) | DuplicateName(_) => PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            AlreadyMember(_) | DuplicateName(_) | NodeNumberTaken { .. } => {
+                PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT
+            }
+            NoNodeNumberLeft => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             DsnNotLocal(_) | SourceUnreachable(_) | Unreachable(_) => {
                 PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE
             }
@@ -115,6 +124,9 @@ impl PgError for GroupError {
             PartSelf => "Run bdr.part() on another member of the group.".into(),
             PromoteElsewhere(_) => "Connect to the standby and run SELECT bdr.promote('<its name>') there.".into(),
             StandbyReadOnly(_) => "Write on an active node, or promote this node with bdr.promote().".into(),
+            BadNodeNumber(_) => "node_number is 0 to 1023, or NULL to take the smallest free one.".into(),
+            NodeNumberTaken { .. } => "Nothing was left behind. Run group_join again (node_number := NULL takes the smallest free number); see SELECT node_name, node_number FROM bdr.nodes.".into(),
+            NoNodeNumberLeft => "Numbers of parted nodes are not reused while they are listed in bdr.nodes (their ids may still be in flight); a group has at most 1024 nodes over its life.".into(),
         })
     }
 }
@@ -218,10 +230,15 @@ fn refuse_unidentifiable_writes() {
 
 /// Create a new group with this node as its first member.
 #[pg_extern]
-pub fn group_create(local_node_name: &str, node_external_dsn: &str) {
+pub fn group_create(
+    local_node_name: &str,
+    node_external_dsn: &str,
+    node_number: default!(Option<i32>, "NULL"),
+) {
     crate::error::check_server_config().unwrap_or_else(|e| raise(&e));
     check_name(local_node_name);
     check_dsn(node_external_dsn);
+    let number = check_node_number(node_number).unwrap_or(0);
     if let Some(n) = nodes::local() {
         already_member_notice(&n, local_node_name);
         return;
@@ -236,8 +253,38 @@ pub fn group_create(local_node_name: &str, node_external_dsn: &str) {
         state: "active".into(),
         dsn: node_external_dsn.into(),
         is_local: true,
+        number: Some(number),
     });
+    crate::sequence::forget_node_number_at_commit();
+    crate::sequence::apply_default_kinds(None);
     crate::workers::launcher::ensure_supervisor(nodes::my_database_oid());
+}
+
+fn check_node_number(n: Option<i32>) -> Option<i32> {
+    if let Some(v) = n {
+        if !(0..=bdr_core::snowflake::MAX_NODE_NUMBER as i32).contains(&v) {
+            fail(GroupError::BadNodeNumber(v));
+        }
+    }
+    n
+}
+
+/// The node number for a joining node: `wanted` if no member lists it, else the smallest
+/// number no member lists (`used`: (number, node name) from every member's catalog,
+/// parted nodes included, so their numbers are not reused).
+fn choose_node_number(wanted: Option<i32>, used: &[(i32, String)]) -> i32 {
+    if let Some(w) = wanted {
+        if let Some((_, by)) = used.iter().find(|(n, _)| *n == w) {
+            fail(GroupError::NodeNumberTaken {
+                number: w,
+                by: format!("node \"{by}\""),
+            });
+        }
+        return w;
+    }
+    (0..=bdr_core::snowflake::MAX_NODE_NUMBER as i32)
+        .find(|n| !used.iter().any(|(u, _)| u == n))
+        .unwrap_or_else(|| fail(GroupError::NoNodeNumberLeft))
 }
 
 /// A member reached during a join.
@@ -461,8 +508,10 @@ pub fn group_join(
     node_external_dsn: &str,
     join_using_dsn: &str,
     node_kind: default!(&str, "'active'"),
+    node_number: default!(Option<i32>, "NULL"),
 ) {
     crate::error::check_server_config().unwrap_or_else(|e| raise(&e));
+    let wanted_number = check_node_number(node_number);
     check_name(local_node_name);
     check_dsn(node_external_dsn);
     check_dsn(join_using_dsn);
@@ -488,7 +537,8 @@ pub fn group_join(
     }
     let rows = src
         .exec(
-            "SELECT node_name, node_id::text, node_kind, node_state, node_dsn, is_local::text \
+            "SELECT node_name, node_id::text, node_kind, node_state, node_dsn, is_local::text, \
+                    node_number::text \
              FROM bdr.nodes WHERE node_state NOT IN ('parting', 'parted') ORDER BY node_name",
         )
         .unwrap_or_else(|e| fail(GroupError::SourceNotNode(e.to_string())));
@@ -501,6 +551,7 @@ pub fn group_join(
             state: r[3].clone().unwrap_or_default(),
             dsn: r[4].clone().unwrap_or_default(),
             is_local: r[5].as_deref() == Some("true"),
+            number: r[6].as_deref().and_then(|v| v.parse().ok()),
         })
         .collect();
     let Some(source) = members.iter().find(|n| n.is_local).cloned() else {
@@ -533,6 +584,25 @@ pub fn group_join(
     if !unreachable.is_empty() {
         fail(GroupError::Unreachable(unreachable));
     }
+    // The node number: the smallest one no member lists (parted nodes included). Two
+    // joins at once may pick the same one; the UNIQUE constraint on bdr.nodes.node_number
+    // then fails the second registration (step 2) on a member both reached.
+    let mut used: Vec<(i32, String)> = Vec::new();
+    for m in reached.iter_mut() {
+        let rows = m
+            .conn
+            .exec(
+                "SELECT node_number::text, node_name FROM bdr.nodes WHERE node_number IS NOT NULL",
+            )
+            .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
+        used.extend(rows.into_iter().filter_map(|r| {
+            Some((
+                r[0].as_deref()?.parse().ok()?,
+                r[1].clone().unwrap_or_default(),
+            ))
+        }));
+    }
+    let my_number = choose_node_number(wanted_number, &used);
 
     // Local checks: tables with rows, and whether the schema must be copied.
     let mut jconn = Conn::connect(node_external_dsn, "bdr_join_local")
@@ -575,11 +645,20 @@ pub fn group_join(
     for m in reached.iter_mut() {
         m.conn
             .exec_params(
-                "INSERT INTO bdr.nodes (node_name, node_id, node_kind, node_state, node_dsn, is_local) \
-                 VALUES ($1, $2, $3, 'joining', $4, false)",
-                &[j, &my_id.to_string(), node_kind, node_external_dsn],
+                "INSERT INTO bdr.nodes (node_name, node_id, node_kind, node_state, node_dsn, is_local, \
+                   node_number) VALUES ($1, $2, $3, 'joining', $4, false, $5::int)",
+                &[j, &my_id.to_string(), node_kind, node_external_dsn, &my_number.to_string()],
             )
-            .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
+            .unwrap_or_else(|e| {
+                // Another join took the same number since we looked.
+                if e.to_string().contains("nodes_node_number_key") {
+                    fail(GroupError::NodeNumberTaken {
+                        number: my_number,
+                        by: "a node joining at the same time".into(),
+                    })
+                }
+                fail(remote_err(&m.node.name)(e))
+            });
         undo.registered.push(m.node.dsn.clone());
     }
 
@@ -850,7 +929,12 @@ pub fn group_join(
         state: joined_state.into(),
         dsn: node_external_dsn.into(),
         is_local: true,
+        number: Some(my_number),
     });
+    crate::sequence::forget_node_number_at_commit();
+    // Existing tables (created here before the join, or copied with the schema): their
+    // serial and identity columns get this node's kinds.
+    crate::sequence::apply_default_kinds(None);
     if standby {
         crate::api::lifecycle::set_standby_triggers(true);
     }

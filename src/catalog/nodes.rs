@@ -14,9 +14,11 @@ pub struct Node {
     pub state: String,
     pub dsn: String,
     pub is_local: bool,
+    /// The node number (0-1023) in snowflake ids and offset sequences.
+    pub number: Option<i32>,
 }
 
-const COLUMNS: &str = "node_name, node_id, node_kind, node_state, node_dsn, is_local";
+const COLUMNS: &str = "node_name, node_id, node_kind, node_state, node_dsn, is_local, node_number";
 
 fn read(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> SpiResult<Vec<Node>> {
     Spi::connect(|c| {
@@ -29,6 +31,7 @@ fn read(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> SpiResult<Vec<Node
                 state: row.get(4)?.unwrap_or_default(),
                 dsn: row.get(5)?.unwrap_or_default(),
                 is_local: row.get(6)?.unwrap_or_default(),
+                number: row.get(7)?,
             });
         }
         Ok(out)
@@ -87,11 +90,13 @@ pub fn by_name(name: &str) -> Option<Node> {
 /// Insert or replace a node row.
 pub fn upsert(n: &Node) {
     Spi::run_with_args(
-        "INSERT INTO bdr.nodes (node_name, node_id, node_kind, node_state, node_dsn, is_local) \
-         VALUES ($1, $2, $3, $4, $5, $6) \
+        "INSERT INTO bdr.nodes (node_name, node_id, node_kind, node_state, node_dsn, is_local, \
+           node_number) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) \
          ON CONFLICT (node_name) DO UPDATE SET node_id = EXCLUDED.node_id, \
            node_kind = EXCLUDED.node_kind, node_state = EXCLUDED.node_state, \
-           node_dsn = EXCLUDED.node_dsn, is_local = EXCLUDED.is_local",
+           node_dsn = EXCLUDED.node_dsn, is_local = EXCLUDED.is_local, \
+           node_number = EXCLUDED.node_number",
         &[
             n.name.as_str().into(),
             n.id.into(),
@@ -99,6 +104,7 @@ pub fn upsert(n: &Node) {
             n.state.as_str().into(),
             n.dsn.as_str().into(),
             n.is_local.into(),
+            n.number.into(),
         ],
     )
     .unwrap_or_else(|e| spi_fail(e));

@@ -7,6 +7,7 @@ pub mod decoding;
 pub mod exec;
 pub mod libpq;
 pub mod relcache;
+pub mod sequence;
 pub mod shmem;
 pub mod utility;
 pub mod xact;
