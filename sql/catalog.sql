@@ -7,7 +7,7 @@ CREATE TABLE bdr.nodes (
                  CHECK (node_name ~ '^[a-z0-9_]{1,48}$'),
     node_id      bigint NOT NULL UNIQUE,
     node_kind    text NOT NULL DEFAULT 'active'
-                 CHECK (node_kind IN ('active', 'standby')),
+                 CHECK (node_kind IN ('active', 'standby', 'witness')),
     node_state   text NOT NULL DEFAULT 'joining'
                  CHECK (node_state IN ('joining', 'catching_up', 'active', 'standby',
                                        'parting', 'parted')),

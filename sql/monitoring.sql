@@ -38,6 +38,7 @@ WITH w AS (SELECT * FROM bdr.apply_workers()),
              FROM pg_replication_slots sl WHERE sl.database = current_database()),
      c AS (SELECT peer, jsonb_object_agg(conflict_type, count) AS by_type
              FROM bdr.conflict_counters() GROUP BY peer),
+     pr AS (SELECT * FROM bdr.peers_reached()),
      r AS (
        SELECT n.node_name, n.node_id, n.node_kind, n.node_state, n.is_local,
               w.state AS wstate, w.last_error AS werr, w.last_error_time AS werr_time,
@@ -47,7 +48,7 @@ WITH w AS (SELECT * FROM bdr.apply_workers()),
               l.last_applied_commit_time AS lcommit,
               s.slot_name AS sname, s.active AS sactive, s.retained AS sretained,
               s.wal_status AS swal,
-              c.by_type AS cby,
+              c.by_type AS cby, pr.last_reached AS preached,
               -- Applies from this node: an active member that is not us.
               (NOT n.is_local AND n.node_kind = 'active'
                AND n.node_state IN ('active', 'standby', 'catching_up')) AS feeds_us
@@ -55,13 +56,17 @@ WITH w AS (SELECT * FROM bdr.apply_workers()),
          LEFT JOIN w ON w.peer = n.node_name
          LEFT JOIN l ON l.peer = n.node_name
          LEFT JOIN s ON s.slot_name = 'bdr_' || (SELECT oid FROM me) || '_' || n.node_name
-         LEFT JOIN c ON c.peer = n.node_name)
+         LEFT JOIN c ON c.peer = n.node_name
+         LEFT JOIN pr ON pr.peer = n.node_name)
 SELECT r.node_name, r.node_id, r.node_kind, r.node_state, r.is_local,
        -- Reachable: we heard from it within 10 s, or it streams from us right now.
        r.is_local OR coalesce(r.wstate IN ('streaming', 'paused')
                               AND r.contact > now() - interval '10 seconds', false)
-                  OR coalesce(r.sactive, false),
-       CASE WHEN r.is_local THEN 'local' ELSE coalesce(r.wstate, 'not running') END,
+                  OR coalesce(r.sactive, false)
+                  OR coalesce(r.preached > now() - interval '10 seconds', false),
+       CASE WHEN r.is_local THEN 'local'
+            WHEN r.node_kind = 'witness' THEN 'witness'
+            ELSE coalesce(r.wstate, 'not running') END,
        r.werr, r.werr_time, r.wrecv, r.wapplied,
        CASE WHEN r.is_local THEN 0 ELSE r.lag_bytes::numeric END,
        CASE WHEN r.is_local THEN interval '0'
@@ -131,13 +136,16 @@ AS $$
   UNION ALL
   SELECT 'Slots',
          CASE WHEN bool_or(warning LIKE 'slot % was invalidated%') THEN 'CRITICAL'
-              WHEN bool_or(slot_name IS NULL AND NOT is_local AND node_state = 'active') THEN 'CRITICAL'
+              WHEN bool_or(slot_name IS NULL AND NOT is_local AND node_state = 'active'
+                           AND node_kind <> 'witness') THEN 'CRITICAL'
               WHEN bool_or(warning LIKE 'slot % retains %') THEN 'WARNING'
               ELSE 'OK' END,
          coalesce(string_agg(warning, '; ') FILTER (WHERE warning LIKE 'slot %'), '')
            || coalesce('slot missing for: ' || string_agg(node_name, ', ')
-                FILTER (WHERE slot_name IS NULL AND NOT is_local AND node_state = 'active'), '')
-           || CASE WHEN bool_or(warning LIKE 'slot %' OR (slot_name IS NULL AND NOT is_local AND node_state = 'active'))
+                FILTER (WHERE slot_name IS NULL AND NOT is_local AND node_state = 'active'
+                        AND node_kind <> 'witness'), '')
+           || CASE WHEN bool_or(warning LIKE 'slot %' OR (slot_name IS NULL AND NOT is_local
+                                AND node_state = 'active' AND node_kind <> 'witness'))
                    THEN '' ELSE 'every member has a slot; none retains WAL for a disconnected node' END
     FROM members
   UNION ALL
@@ -154,7 +162,15 @@ AS $$
          CASE WHEN count(*) = 0 THEN 'every active peer heard from within 10 s'
               ELSE string_agg(node_name || ' (last heard ' || coalesce(last_contact_time::text, 'never') || ')', ', ') END
     FROM members
-   WHERE NOT is_local AND node_kind = 'active' AND NOT reachable
+   WHERE NOT is_local AND node_kind IN ('active', 'witness') AND NOT reachable
+  UNION ALL
+  SELECT 'Quorum',
+         CASE WHEN minimum_nodes = 0 OR writes_allowed THEN 'OK' ELSE 'CRITICAL' END,
+         CASE WHEN minimum_nodes = 0 THEN 'bdr.minimum_nodes is off'
+              WHEN writes_allowed THEN voters_reached || ' of ' || minimum_nodes || ' voting members reached'
+              ELSE 'writes refused: ' || coalesce(voters_reached, 0) || ' of ' || minimum_nodes
+                   || ' voting members reached; not reached: ' || coalesce(missing, '?') END
+    FROM bdr.quorum()
 $$;
 
 -- BDR 1.x names, as used by existing runbooks.
@@ -239,6 +255,7 @@ $$;
 GRANT USAGE ON SCHEMA bdr TO bdr_monitor;
 GRANT EXECUTE ON FUNCTION bdr.node_status(), bdr.health_check(), bdr.bdr_node_status(),
     bdr.apply_workers(), bdr.apply_lag(), bdr.apply_stats(), bdr.conflict_counters(),
+    bdr.quorum(), bdr.peers_reached(),
     bdr.version() TO bdr_monitor;
 GRANT SELECT ON bdr.bdr_nodes TO bdr_monitor;
 GRANT SELECT (node_name, node_id, node_kind, node_state, is_local, node_number, created_at,

@@ -84,6 +84,7 @@ pub fn plan(shape: &Shape, text: impl FnOnce() -> String) -> Option<Plan> {
 
 /// Before the statement runs: drain its tables (see the module note).
 pub fn before(p: &Plan) {
+    crate::quorum::refuse_writes_without_quorum();
     if !p.drain.is_empty() {
         drain(&p.drain);
     }

@@ -364,3 +364,33 @@ impl PgError for DdlError {
         })
     }
 }
+
+/// Writes refused for split-brain prevention (`crate::quorum`).
+#[derive(Debug, thiserror::Error)]
+pub enum QuorumError {
+    #[error("bdr: this node reaches {seen} of the {required} voting members bdr.minimum_nodes requires: writes are refused")]
+    NotEnough {
+        seen: u32,
+        required: u32,
+        missing: String,
+    },
+}
+
+impl PgError for QuorumError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION
+    }
+    fn detail(&self) -> Option<String> {
+        match self {
+            QuorumError::NotEnough { missing, .. } => Some(format!("Not reached: {missing}.")),
+        }
+    }
+    fn hint(&self) -> Option<String> {
+        Some(
+            "Writes resume by themselves as soon as enough members are reachable again \
+             (reads keep working); write on a node of the majority meanwhile. See \
+             bdr.health_check()."
+                .into(),
+        )
+    }
+}

@@ -38,8 +38,23 @@ pub static DDL_REPLICATION: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// wait for them (reach every member, fence, catch up) before it fails.
 pub static DDL_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 
+/// `bdr.minimum_nodes`: voting members (this node included) a node must reach to accept
+/// user writes; 0 turns the check off.
+pub static MINIMUM_NODES: GucSetting<i32> = GucSetting::<i32>::new(0);
+
 /// Register the settings; called once from `_PG_init`.
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"bdr.minimum_nodes",
+        c"Voting members (active and witness nodes, this one included) this node must reach to accept user writes.",
+        c"0 turns it off. Below it, user writes fail with an ERROR naming the missing members; \
+          reads and apply keep working.",
+        &MINIMUM_NODES,
+        0,
+        1024,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"bdr.ddl_replication",
         c"Replicate schema changes (DDL) made in this session to the other nodes.",

@@ -21,7 +21,7 @@ use api::group::{apply_workers, conflict_counters, group_create, group_join};
 #[allow(unused_imports)]
 use api::lifecycle::promote;
 #[allow(unused_imports)]
-use api::monitor::{apply_lag, apply_stats, apply_stats_reset};
+use api::monitor::{apply_lag, apply_stats, apply_stats_reset, peers_reached, quorum};
 #[allow(unused_imports)]
 use api::version;
 #[allow(unused_imports)]
@@ -37,6 +37,7 @@ pub mod error;
 pub mod gucs;
 pub mod history;
 pub mod pg;
+pub mod quorum;
 pub mod receive;
 pub mod sequence;
 pub mod workers;
@@ -59,6 +60,8 @@ pgrx::extension_sql_file!(
         apply_lag,
         apply_stats,
         apply_stats_reset,
+        quorum,
+        peers_reached,
         version,
         replicate_ddl_command
     ]

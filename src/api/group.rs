@@ -116,7 +116,7 @@ impl PgError for GroupError {
             DuplicateName(_) => "Choose another local_node_name, or bdr.part() the old node first.".into(),
             Unreachable(_) => "Every member must be reachable to join without losing a transaction; start them or bdr.part() the ones that are gone.".into(),
             LocalRows(_) => "A joining node receives every row from the join source; empty the local tables, or drop them and let the join copy the schema.".into(),
-            BadKind(_) => "node_kind must be 'active' or 'standby'.".into(),
+            BadKind(_) => "node_kind must be 'active', 'standby' or 'witness'.".into(),
             Remote { .. } => "Nothing was left behind; fix the cause on that node and run group_join again.".into(),
             Timeout { .. } => "Check that the apply workers are running: SELECT * FROM bdr.apply_workers().".into(),
             NotMember => "Run bdr.group_create() or bdr.group_join() first.".into(),
@@ -515,7 +515,7 @@ pub fn group_join(
     check_name(local_node_name);
     check_dsn(node_external_dsn);
     check_dsn(join_using_dsn);
-    if node_kind != "active" && node_kind != "standby" {
+    if node_kind != "active" && node_kind != "standby" && node_kind != "witness" {
         fail(GroupError::BadKind(node_kind.into()));
     }
     let standby = node_kind == "standby";
@@ -660,6 +660,38 @@ pub fn group_join(
                 fail(remote_err(&m.node.name)(e))
             });
         undo.registered.push(m.node.dsn.clone());
+    }
+
+    // A witness holds no data, applies nothing and sends nothing: it only votes
+    // (bdr.minimum_nodes). No slots, no copy, no origins: registered, it is a member.
+    if node_kind == "witness" {
+        for n in &members {
+            nodes::upsert(&Node {
+                is_local: false,
+                ..n.clone()
+            });
+        }
+        nodes::upsert(&Node {
+            name: j.into(),
+            id: my_id,
+            kind: node_kind.into(),
+            state: "active".into(),
+            dsn: node_external_dsn.into(),
+            is_local: true,
+            number: Some(my_number),
+        });
+        crate::sequence::forget_node_number_at_commit();
+        for m in reached.iter_mut() {
+            m.conn
+                .exec_params(
+                    "UPDATE bdr.nodes SET node_state = 'active', joined_at = now() WHERE node_name = $1",
+                    &[j],
+                )
+                .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
+        }
+        undo.done = true;
+        crate::workers::launcher::ensure_supervisor(nodes::my_database_oid());
+        return;
     }
 
     // 3. J's slot on every other member, and S past it.
@@ -957,6 +989,9 @@ fn wait_for_join(timeout: default!(i32, 300)) {
     let Some(local) = nodes::local() else {
         fail(GroupError::NotMember)
     };
+    if local.kind == "witness" {
+        return; // it applies nothing: joined as soon as registered
+    }
     let dboid = nodes::my_database_oid();
     let peers: Vec<Node> = nodes::all()
         .into_iter()

@@ -154,3 +154,56 @@ pub fn apply_stats_reset(peer: default!(Option<&str>, "NULL")) -> i32 {
     }
     count
 }
+
+/// Split-brain prevention state of this node (`bdr.minimum_nodes`): how many voting
+/// members it requires and reaches, whether user writes are allowed, who is missing.
+#[pg_extern]
+pub fn quorum() -> TableIterator<
+    'static,
+    (
+        name!(minimum_nodes, i32),
+        name!(voters_reached, Option<i32>),
+        name!(writes_allowed, bool),
+        name!(missing, Option<String>),
+        name!(since, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let min = crate::gucs::MINIMUM_NODES.get();
+    let q = shmem::quorum(nodes::my_database_oid()).filter(|_| min > 0);
+    let row = match q {
+        Some(q) => (
+            min,
+            Some(q.seen as i32),
+            q.ok,
+            Some(q.missing()).filter(|m| !m.is_empty()),
+            ts(q.since),
+        ),
+        None => (min, None, true, None, None),
+    };
+    TableIterator::new(vec![row])
+}
+
+/// When this node's supervisor last reached each voting peer it probes (witnesses always;
+/// every voting member while `bdr.minimum_nodes` is set).
+#[pg_extern]
+pub fn peers_reached() -> TableIterator<
+    'static,
+    (name!(peer, String), name!(last_reached, Option<TimestampWithTimeZone>)),
+> {
+    let dboid = nodes::my_database_oid();
+    let rows: Vec<_> = pgrx::Spi::connect(|c| {
+        c.select("SELECT node_name FROM bdr.nodes WHERE NOT is_local", None, &[])
+            .map(|t| {
+                t.filter_map(|r| r.get::<String>(1).ok().flatten())
+                    .collect::<Vec<_>>()
+            })
+    })
+    .unwrap_or_default()
+    .into_iter()
+    .map(|p| {
+        let at = shmem::seen_at(dboid, &p);
+        (p, ts(at))
+    })
+    .collect();
+    TableIterator::new(rows)
+}

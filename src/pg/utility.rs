@@ -146,6 +146,7 @@ unsafe extern "C-unwind" fn executor_start_hook(qd: *mut pg_sys::QueryDesc, efla
         if !applying() {
             let ps = (*qd).plannedstmt;
             if !ps.is_null() && !(*ps).resultRelations.is_null() {
+                crate::quorum::refuse_writes_without_quorum();
                 let rtable = PgList::<pg_sys::RangeTblEntry>::from_pg((*ps).rtable);
                 let results = PgList::<std::ffi::c_void>::from_pg((*ps).resultRelations);
                 for rti in results.iter_int() {
@@ -176,12 +177,14 @@ unsafe fn check_fenced_utility(stmt: *mut pg_sys::Node) {
             pg_sys::NodeTag::T_CopyStmt => {
                 let c = stmt as *mut pg_sys::CopyStmt;
                 if (*c).is_from && !(*c).relation.is_null() {
+                    crate::quorum::refuse_writes_without_quorum();
                     if let Some(relid) = resolve((*c).relation) {
                         crate::ddl::refuse_if_fenced(relid);
                     }
                 }
             }
             pg_sys::NodeTag::T_TruncateStmt => {
+                crate::quorum::refuse_writes_without_quorum();
                 let t = stmt as *mut pg_sys::TruncateStmt;
                 for rv in PgList::<pg_sys::RangeVar>::from_pg((*t).relations).iter_ptr() {
                     if let Some(relid) = resolve(rv) {

@@ -226,6 +226,7 @@ fn supervise(dboid: u32, from_launcher: bool, workers: &Workers) {
     let mut last_gc = Instant::now();
     let mut no_slot_warned = false;
     let mut dead_joins: HashMap<String, Instant> = HashMap::new();
+    let mut last_probe = Instant::now() - Duration::from_secs(10);
     loop {
         xact::begin();
         let has_extension = nodes::extension_exists();
@@ -244,7 +245,9 @@ fn supervise(dboid: u32, from_launcher: bool, workers: &Workers) {
         if !has_local && (all.is_empty() && started.elapsed() > IDLE_GRACE || !workers.is_empty()) {
             break;
         }
-        let wanted = peers(&all);
+        // A witness holds no data: it applies from nobody.
+        let witness = all.iter().any(|n| n.is_local && n.kind == "witness");
+        let wanted = if witness { Vec::new() } else { peers(&all) };
         // Stop workers for nodes that left.
         let gone: Vec<String> = workers
             .keys()
@@ -313,6 +316,10 @@ fn supervise(dboid: u32, from_launcher: bool, workers: &Workers) {
                 );
                 w.started = Instant::now();
             }
+        }
+        if has_local && last_probe.elapsed() > Duration::from_secs(2) {
+            crate::quorum::evaluate(dboid, &all);
+            last_probe = Instant::now();
         }
         if last_gc.elapsed() > GC_INTERVAL {
             collect_tombstones(dboid, wanted.len());

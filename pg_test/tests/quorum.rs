@@ -1,0 +1,100 @@
+//! Split-brain prevention (issue 15): a witness node votes and holds no data;
+//! `bdr.minimum_nodes` makes a node that cannot reach enough voting members refuse user
+//! writes, while reads and apply keep working, and write again once it can.
+
+use pg_test::{wait_until, Cluster, Node};
+use std::time::{Duration, Instant};
+
+fn count(n: &Node) -> i64 {
+    n.query_scalar("SELECT count(*) FROM t")
+}
+
+#[test]
+fn two_active_nodes_and_a_witness_fence_the_lone_survivor_and_lose_nothing() {
+    let c = Cluster::builder()
+        .name("quorum")
+        .node_names(&["node1", "node2", "witness1"])
+        .nodes(3)
+        .conf("bdr.minimum_nodes", "2")
+        .start();
+    for n in c.nodes() {
+        n.execute(
+            "CREATE EXTENSION bdr; CREATE ROLE app LOGIN; GRANT CREATE ON SCHEMA public TO app;",
+        );
+    }
+    let (a, b, w) = (c.node(0), c.node(1), c.node(2));
+    a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+    pg_test::bdr::join(b, a);
+    w.execute(&format!(
+        "SELECT bdr.group_join('witness1', '{}', '{}', node_kind := 'witness')",
+        w.dsn(),
+        a.dsn()
+    ));
+    w.execute("SELECT bdr.wait_for_join(60)");
+    a.connect_as("app")
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .unwrap();
+    wait_until("t on node2", Duration::from_secs(60), || {
+        b.query_scalar::<bool>("SELECT to_regclass('public.t') IS NOT NULL")
+    });
+    // The witness holds no data and applies nothing; it is shown, reachable, as a witness.
+    assert!(!w.query_scalar::<bool>("SELECT to_regclass('public.t') IS NOT NULL"));
+    assert_eq!(
+        w.query_scalar::<i64>("SELECT count(*) FROM bdr.apply_workers()"),
+        0
+    );
+    wait_until("node1 sees the witness", Duration::from_secs(60), || {
+        a.query_scalar::<bool>(
+            "SELECT coalesce(bool_and(reachable), false) FROM bdr.node_status() \
+             WHERE node_kind = 'witness' AND apply_state = 'witness'",
+        )
+    });
+    wait_until("node1 allows writes", Duration::from_secs(60), || {
+        a.query_scalar::<bool>("SELECT writes_allowed AND voters_reached = 3 FROM bdr.quorum()")
+    });
+    let mut app1 = a.connect_as("app");
+    app1.execute("INSERT INTO t VALUES (1, 'before')", &[]).unwrap();
+    b.connect_as("app")
+        .execute("INSERT INTO t VALUES (2, 'before')", &[])
+        .unwrap();
+    wait_until("both rows on both nodes", Duration::from_secs(60), || {
+        count(a) == 2 && count(b) == 2
+    });
+
+    // node2 and the witness go away: node1 reaches 1 of the 2 it needs.
+    b.kill9();
+    w.kill9();
+    let lost = Instant::now();
+    wait_until("node1 to refuse writes", Duration::from_secs(60), || {
+        app1.execute("INSERT INTO t VALUES (3, 'during')", &[])
+            .err()
+            .map(|e| pg_test::db_error_text(&e))
+            .is_some_and(|e| e.contains("voting members") && e.contains("SQLSTATE 25006"))
+    });
+    println!("writes refused {:?} after losing the majority", lost.elapsed());
+    assert!(lost.elapsed() < Duration::from_secs(30));
+    let e = pg_test::db_error_text(
+        &app1
+            .execute("UPDATE t SET v = 'x' WHERE id = 1", &[])
+            .expect_err("update refused"),
+    );
+    assert!(e.contains("node2") && e.contains("witness1") && e.contains("HINT"), "{e}");
+    // Reads keep working; the health check says why.
+    assert_eq!(count(a), 2);
+    let q: String = a.query_scalar("SELECT status FROM bdr.health_check() WHERE check_name = 'Quorum'");
+    assert_eq!(q, "CRITICAL");
+
+    // One voter back is enough: writes resume, and nothing written before is lost.
+    w.start();
+    wait_until("node1 to write again", Duration::from_secs(60), || {
+        app1.execute("INSERT INTO t VALUES (4, 'after')", &[]).is_ok()
+    });
+    b.start();
+    wait_until("node2 has every row again", Duration::from_secs(60), || {
+        count(b) == 3 && count(a) == 3
+    });
+    assert_eq!(
+        pg_test::bdr::table_digest(a, "t"),
+        pg_test::bdr::table_digest(b, "t")
+    );
+}
