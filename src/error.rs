@@ -382,6 +382,11 @@ impl PgError for QuorumError {
     }
     fn detail(&self) -> Option<String> {
         match self {
+            QuorumError::NotEnough { missing, .. } if missing.is_empty() => Some(
+                "Every voting member is reached: the group has fewer voting members than \
+                 bdr.minimum_nodes (or has just grown; the count is refreshed every 2 s)."
+                    .into(),
+            ),
             QuorumError::NotEnough { missing, .. } => Some(format!("Not reached: {missing}.")),
         }
     }

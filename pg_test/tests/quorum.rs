@@ -31,6 +31,10 @@ fn two_active_nodes_and_a_witness_fence_the_lone_survivor_and_lose_nothing() {
         a.dsn()
     ));
     w.execute("SELECT bdr.wait_for_join(60)");
+    // Alone, node1 refused user writes (1 of 2); with node2 and the witness it sees 3.
+    wait_until("node1 allows writes", Duration::from_secs(60), || {
+        a.query_scalar::<bool>("SELECT writes_allowed AND voters_reached = 3 FROM bdr.quorum()")
+    });
     a.connect_as("app")
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
         .unwrap();
@@ -49,11 +53,9 @@ fn two_active_nodes_and_a_witness_fence_the_lone_survivor_and_lose_nothing() {
              WHERE node_kind = 'witness' AND apply_state = 'witness'",
         )
     });
-    wait_until("node1 allows writes", Duration::from_secs(60), || {
-        a.query_scalar::<bool>("SELECT writes_allowed AND voters_reached = 3 FROM bdr.quorum()")
-    });
     let mut app1 = a.connect_as("app");
-    app1.execute("INSERT INTO t VALUES (1, 'before')", &[]).unwrap();
+    app1.execute("INSERT INTO t VALUES (1, 'before')", &[])
+        .unwrap();
     b.connect_as("app")
         .execute("INSERT INTO t VALUES (2, 'before')", &[])
         .unwrap();
@@ -65,36 +67,68 @@ fn two_active_nodes_and_a_witness_fence_the_lone_survivor_and_lose_nothing() {
     b.kill9();
     w.kill9();
     let lost = Instant::now();
+    // Writes made before node1 notices (at most ~10 s) are accepted, and kept.
+    let mut accepted = 0i64;
+    let mut next = 100;
     wait_until("node1 to refuse writes", Duration::from_secs(60), || {
-        app1.execute("INSERT INTO t VALUES (3, 'during')", &[])
-            .err()
-            .map(|e| pg_test::db_error_text(&e))
-            .is_some_and(|e| e.contains("voting members") && e.contains("SQLSTATE 25006"))
+        next += 1;
+        match app1.execute("INSERT INTO t VALUES ($1, 'during')", &[&next]) {
+            Ok(_) => {
+                accepted += 1;
+                false
+            }
+            Err(e) => {
+                let e = pg_test::db_error_text(&e);
+                assert!(
+                    e.contains("voting members") && e.contains("SQLSTATE 25006"),
+                    "{e}"
+                );
+                true
+            }
+        }
     });
-    println!("writes refused {:?} after losing the majority", lost.elapsed());
+    println!(
+        "writes refused {:?} after losing the majority",
+        lost.elapsed()
+    );
     assert!(lost.elapsed() < Duration::from_secs(30));
     let e = pg_test::db_error_text(
         &app1
             .execute("UPDATE t SET v = 'x' WHERE id = 1", &[])
             .expect_err("update refused"),
     );
-    assert!(e.contains("node2") && e.contains("witness1") && e.contains("HINT"), "{e}");
+    assert!(
+        e.contains("node2") && e.contains("witness1") && e.contains("HINT"),
+        "{e}"
+    );
     // Reads keep working; the health check says why.
-    assert_eq!(count(a), 2);
-    let q: String = a.query_scalar("SELECT status FROM bdr.health_check() WHERE check_name = 'Quorum'");
+    assert_eq!(count(a), 2 + accepted);
+    let q: String =
+        a.query_scalar("SELECT status FROM bdr.health_check() WHERE check_name = 'Quorum'");
     assert_eq!(q, "CRITICAL");
 
     // One voter back is enough: writes resume, and nothing written before is lost.
     w.start();
     wait_until("node1 to write again", Duration::from_secs(60), || {
-        app1.execute("INSERT INTO t VALUES (4, 'after')", &[]).is_ok()
+        app1.execute("INSERT INTO t VALUES (4, 'after')", &[])
+            .is_ok()
     });
     b.start();
+    let all = 3 + accepted;
     wait_until("node2 has every row again", Duration::from_secs(60), || {
-        count(b) == 3 && count(a) == 3
+        count(b) == all && count(a) == all
     });
     assert_eq!(
         pg_test::bdr::table_digest(a, "t"),
         pg_test::bdr::table_digest(b, "t")
     );
+    // A witness is parted like any node.
+    a.execute("SELECT bdr.part('witness1')");
+    for n in [a, b] {
+        wait_until("the witness parted", Duration::from_secs(60), || {
+            n.query_scalar::<String>(
+                "SELECT node_state FROM bdr.nodes WHERE node_name = 'witness1'",
+            ) == "parted"
+        });
+    }
 }

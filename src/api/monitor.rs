@@ -188,15 +188,22 @@ pub fn quorum() -> TableIterator<
 #[pg_extern]
 pub fn peers_reached() -> TableIterator<
     'static,
-    (name!(peer, String), name!(last_reached, Option<TimestampWithTimeZone>)),
+    (
+        name!(peer, String),
+        name!(last_reached, Option<TimestampWithTimeZone>),
+    ),
 > {
     let dboid = nodes::my_database_oid();
     let rows: Vec<_> = pgrx::Spi::connect(|c| {
-        c.select("SELECT node_name FROM bdr.nodes WHERE NOT is_local", None, &[])
-            .map(|t| {
-                t.filter_map(|r| r.get::<String>(1).ok().flatten())
-                    .collect::<Vec<_>>()
-            })
+        c.select(
+            "SELECT node_name FROM bdr.nodes WHERE NOT is_local",
+            None,
+            &[],
+        )
+        .map(|t| {
+            t.filter_map(|r| r.get::<String>(1).ok().flatten())
+                .collect::<Vec<_>>()
+        })
     })
     .unwrap_or_default()
     .into_iter()

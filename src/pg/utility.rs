@@ -146,12 +146,11 @@ unsafe extern "C-unwind" fn executor_start_hook(qd: *mut pg_sys::QueryDesc, efla
         if !applying() {
             let ps = (*qd).plannedstmt;
             if !ps.is_null() && !(*ps).resultRelations.is_null() {
-                crate::quorum::refuse_writes_without_quorum();
                 let rtable = PgList::<pg_sys::RangeTblEntry>::from_pg((*ps).rtable);
                 let results = PgList::<std::ffi::c_void>::from_pg((*ps).resultRelations);
                 for rti in results.iter_int() {
                     if let Some(rte) = rtable.get_ptr((rti - 1) as usize) {
-                        crate::ddl::refuse_if_fenced((*rte).relid);
+                        check_user_write((*rte).relid);
                     }
                 }
             }
@@ -177,23 +176,37 @@ unsafe fn check_fenced_utility(stmt: *mut pg_sys::Node) {
             pg_sys::NodeTag::T_CopyStmt => {
                 let c = stmt as *mut pg_sys::CopyStmt;
                 if (*c).is_from && !(*c).relation.is_null() {
-                    crate::quorum::refuse_writes_without_quorum();
                     if let Some(relid) = resolve((*c).relation) {
-                        crate::ddl::refuse_if_fenced(relid);
+                        check_user_write(relid);
                     }
                 }
             }
             pg_sys::NodeTag::T_TruncateStmt => {
-                crate::quorum::refuse_writes_without_quorum();
                 let t = stmt as *mut pg_sys::TruncateStmt;
                 for rv in PgList::<pg_sys::RangeVar>::from_pg((*t).relations).iter_ptr() {
                     if let Some(relid) = resolve(rv) {
-                        crate::ddl::refuse_if_fenced(relid);
+                        check_user_write(relid);
                     }
                 }
             }
             _ => {}
         }
+    }
+}
+
+/// A user write to `relid` is about to start: refuse it while a schema change holds the
+/// table, or, for a table that replicates, while this node lacks its quorum (bdr's own
+/// catalog, temporary and unlogged tables are never refused for that).
+///
+/// # Safety
+/// Inside a transaction.
+unsafe fn check_user_write(relid: pg_sys::Oid) {
+    crate::ddl::refuse_if_fenced(relid);
+    if crate::gucs::MINIMUM_NODES.get() > 0
+        // SAFETY: forwarded.
+        && unsafe { crate::pg::relcache::why_not_target(relid) }.is_none()
+    {
+        crate::quorum::refuse_writes_without_quorum();
     }
 }
 
