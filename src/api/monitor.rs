@@ -158,6 +158,7 @@ pub fn apply_stats_reset(peer: default!(Option<&str>, "NULL")) -> i32 {
 /// Split-brain prevention state of this node (`bdr.minimum_nodes`): how many voting
 /// members it requires and reaches, whether user writes are allowed, who is missing.
 #[pg_extern]
+#[allow(clippy::type_complexity)]
 pub fn quorum() -> TableIterator<
     'static,
     (
