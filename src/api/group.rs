@@ -665,13 +665,7 @@ pub fn group_join(
     // A witness holds no data, applies nothing and sends nothing: it only votes
     // (bdr.minimum_nodes). No slots, no copy, no origins: registered, it is a member.
     if node_kind == "witness" {
-        for n in &members {
-            nodes::upsert(&Node {
-                is_local: false,
-                ..n.clone()
-            });
-        }
-        nodes::upsert(&Node {
+        let me = Node {
             name: j.into(),
             id: my_id,
             kind: node_kind.into(),
@@ -679,16 +673,8 @@ pub fn group_join(
             dsn: node_external_dsn.into(),
             is_local: true,
             number: Some(my_number),
-        });
-        crate::sequence::forget_node_number_at_commit();
-        for m in reached.iter_mut() {
-            m.conn
-                .exec_params(
-                    "UPDATE bdr.nodes SET node_state = 'active', joined_at = now() WHERE node_name = $1",
-                    &[j],
-                )
-                .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
-        }
+        };
+        write_catalog_and_go(&members, &me, &mut reached);
         undo.done = true;
         crate::workers::launcher::ensure_supervisor(nodes::my_database_oid());
         return;
@@ -948,13 +934,7 @@ pub fn group_join(
     }
     refuse_unidentifiable_writes();
     crate::catalog::tombstones::attach_tombstone_triggers();
-    for n in &members {
-        nodes::upsert(&Node {
-            is_local: false,
-            ..n.clone()
-        });
-    }
-    nodes::upsert(&Node {
+    let me = Node {
         name: j.into(),
         id: my_id,
         kind: node_kind.into(),
@@ -962,24 +942,47 @@ pub fn group_join(
         dsn: node_external_dsn.into(),
         is_local: true,
         number: Some(my_number),
-    });
-    crate::sequence::forget_node_number_at_commit();
+    };
+    write_local_catalog(&members, &me);
     // Existing tables (created here before the join, or copied with the schema): their
     // serial and identity columns get this node's kinds.
     crate::sequence::apply_default_kinds(None);
     if standby {
         crate::api::lifecycle::set_standby_triggers(true);
     }
+    mark_joined(&me, &mut reached);
+    undo.done = true;
+    crate::workers::launcher::ensure_supervisor(my_dboid);
+}
+
+/// The joining node's own catalog: every member as seen by the source, and itself.
+fn write_local_catalog(members: &[Node], me: &Node) {
+    for n in members {
+        nodes::upsert(&Node {
+            is_local: false,
+            ..n.clone()
+        });
+    }
+    nodes::upsert(me);
+    crate::sequence::forget_node_number_at_commit();
+}
+
+/// Mark the joining node `me` as joined (its final state) on every member.
+fn mark_joined(me: &Node, reached: &mut [Member]) {
     for m in reached.iter_mut() {
         m.conn
             .exec_params(
                 "UPDATE bdr.nodes SET node_state = $1, joined_at = now() WHERE node_name = $2",
-                &[joined_state, j],
+                &[&me.state, &me.name],
             )
             .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
     }
-    undo.done = true;
-    crate::workers::launcher::ensure_supervisor(my_dboid);
+}
+
+/// A witness's whole join after registration: its catalog, then joined everywhere.
+fn write_catalog_and_go(members: &[Node], me: &Node, reached: &mut [Member]) {
+    write_local_catalog(members, me);
+    mark_joined(me, reached);
 }
 
 /// Block until this node has applied, from every peer, everything that peer had written
