@@ -287,15 +287,14 @@ impl Applier {
             let inv = relcache::take_invalidated();
             self.forget_mappings(&inv, Some(relation));
         }
-        let bound = self.rels.get_mut(&relation).expect("checked above");
         let kind = match action {
             "INSERT" => "insert",
             "UPDATE" => "update",
             _ => "delete",
         };
-        if let Some(m) = &bound.map {
-            m.check_may(kind).unwrap_or_else(|e| raise(&e));
-        }
+        let bound = self.rels.get_mut(&relation).expect("checked above");
+        let map = bound.map.as_ref().expect("built above");
+        map.check_may(kind).unwrap_or_else(|e| raise(&e));
         // Move the map out while the closure borrows self mutably.
         let map = bound.map.take().expect("built above");
         // SAFETY: the per-change context is reset only after the target is closed.
@@ -308,9 +307,9 @@ impl Applier {
         self.pending_cci = true;
         self.rels.get_mut(&relation).expect("still bound").map = Some(map);
         self.changes += 1;
-        match action {
-            "INSERT" => self.counts.inserts += 1,
-            "UPDATE" => self.counts.updates += 1,
+        match kind {
+            "insert" => self.counts.inserts += 1,
+            "update" => self.counts.updates += 1,
             _ => self.counts.deletes += 1,
         }
     }

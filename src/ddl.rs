@@ -142,26 +142,8 @@ fn drain(tables: &[String]) {
         .collect();
 
     // Here: refuse new user writes to the tables (this backend is exempt).
-    let mut relids = Vec::new();
     for t in tables {
-        let relid: Option<pgrx::pg_sys::Oid> = Spi::get_one_with_args(
-            "SELECT pg_catalog.to_regclass($1)::oid",
-            &[t.as_str().into()],
-        )
-        .ok()
-        .flatten();
-        if let Some(r) = relid {
-            if !shmem::fence_add(
-                dboid,
-                r.to_u32(),
-                &me.name,
-                utility::my_pid(),
-                xact::now() + FENCE_LIFETIME_US,
-            ) {
-                raise(&DdlError::TooManyFences);
-            }
-            relids.push(r.to_u32());
-        }
+        fence(dboid, t, &me.name, utility::my_pid());
     }
     let my_pid = utility::my_pid();
     utility::at_transaction_end(Box::new(move |_| {
@@ -288,11 +270,29 @@ fn drain(tables: &[String]) {
 
 /// (peer, applied LSN) of this database's apply workers.
 fn applied_here(dboid: u32) -> Vec<(String, u64)> {
-    shmem::all()
+    shmem::apply_slots(dboid)
         .into_iter()
-        .filter(|s| s.kind == shmem::Kind::Apply && s.dboid == dboid)
         .map(|s| (s.peer(), s.applied_lsn))
         .collect()
+}
+
+/// Fence the table named `table` (if it exists here) of `dboid` for a schema change from
+/// `origin`, `exempt_pid` excepted; returns its OID.
+fn fence(dboid: u32, table: &str, origin: &str, exempt_pid: i32) -> Option<pgrx::pg_sys::Oid> {
+    let relid: pgrx::pg_sys::Oid =
+        Spi::get_one_with_args("SELECT pg_catalog.to_regclass($1)::oid", &[table.into()])
+            .ok()
+            .flatten()?;
+    if !shmem::fence_add(
+        dboid,
+        relid.to_u32(),
+        origin,
+        exempt_pid,
+        xact::now() + FENCE_LIFETIME_US,
+    ) {
+        raise(&DdlError::TooManyFences);
+    }
+    Some(relid)
 }
 
 /// Fence `tables` here for a schema change from `origin`, wait (at most `timeout_ms`)
@@ -304,24 +304,10 @@ fn ddl_fence(tables: Vec<String>, origin: &str, timeout_ms: i32) -> String {
     Spi::run(&format!("SET LOCAL lock_timeout = {}", timeout_ms.max(1)))
         .unwrap_or_else(|e| raise(&DdlError::Queue(e.to_string())));
     for t in &tables {
-        let relid: Option<pgrx::pg_sys::Oid> = Spi::get_one_with_args(
-            "SELECT pg_catalog.to_regclass($1)::oid",
-            &[t.as_str().into()],
-        )
-        .ok()
-        .flatten();
-        let Some(relid) = relid else { continue };
-        if !shmem::fence_add(
-            dboid,
-            relid.to_u32(),
-            origin,
-            0,
-            xact::now() + FENCE_LIFETIME_US,
-        ) {
-            raise(&DdlError::TooManyFences);
+        if let Some(relid) = fence(dboid, t, origin, 0) {
+            // SAFETY: inside this function's transaction.
+            unsafe { utility::wait_for_writers(relid) };
         }
-        // SAFETY: inside this function's transaction.
-        unsafe { utility::wait_for_writers(relid) };
     }
     wire::format_lsn(utility::insert_lsn())
 }

@@ -47,9 +47,8 @@ pub fn evaluate(dboid: u32, all: &[nodes::Node]) {
         shmem::set_quorum(dboid, None);
         return;
     }
-    let streams: Vec<(String, i64)> = shmem::all()
+    let streams: Vec<(String, i64)> = shmem::apply_slots(dboid)
         .into_iter()
-        .filter(|s| s.kind == shmem::Kind::Apply && s.dboid == dboid)
         .map(|s| (s.peer(), s.last_contact_time))
         .collect();
     let reached = |n: &nodes::Node| {
@@ -77,19 +76,24 @@ pub fn evaluate(dboid: u32, all: &[nodes::Node]) {
     );
 }
 
+/// Why a user write must be refused now: this node does not see `bdr.minimum_nodes`
+/// voting members (never for an apply worker; nothing is read while the minimum is 0).
+pub fn refusal() -> Option<QuorumError> {
+    if crate::gucs::MINIMUM_NODES.get() <= 0 || utility::applying() {
+        return None;
+    }
+    shmem::quorum(nodes::my_database_oid())
+        .filter(|q| !q.ok)
+        .map(|q| QuorumError::NotEnough {
+            seen: q.seen,
+            required: q.required,
+            missing: q.missing(),
+        })
+}
+
 /// Refuse a user write when this node does not see `bdr.minimum_nodes` voting members.
 pub fn refuse_writes_without_quorum() {
-    if crate::gucs::MINIMUM_NODES.get() <= 0 || utility::applying() {
-        return;
-    }
-    let dboid = nodes::my_database_oid();
-    if let Some(q) = shmem::quorum(dboid) {
-        if !q.ok {
-            raise(&QuorumError::NotEnough {
-                seen: q.seen,
-                required: q.required,
-                missing: q.missing(),
-            });
-        }
+    if let Some(e) = refusal() {
+        raise(&e);
     }
 }

@@ -4,14 +4,9 @@
 
 use pg_test::bdr::{assert_same_everywhere, form_group, wait_for_catchup, CATCHUP};
 use pg_test::{wait_until, Cluster, Node};
-use postgres::Client;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-fn connect_as(n: &Node, user: &str) -> Client {
-    n.connect_as(user)
-}
 
 /// `n` nodes in a group, a plain role `app` on each that may create in schema public.
 fn group(name: &str, n: usize) -> Cluster {
@@ -59,7 +54,7 @@ fn total_apply_errors(c: &Cluster) -> i64 {
 fn create_table_replicates_and_rows_written_everywhere_right_after_arrive() {
     let c = group("ddl_create", 3);
     let (a, b, x) = (c.node(0), c.node(1), c.node(2));
-    connect_as(a, "app")
+    a.connect_as("app")
         .batch_execute(
             "CREATE TABLE customers (id bigint PRIMARY KEY, name text);
              CREATE TABLE orders (
@@ -74,7 +69,7 @@ fn create_table_replicates_and_rows_written_everywhere_right_after_arrive() {
     // Right after, every node writes, with the keys the table gives (snowflake ids, set
     // up by the replicated CREATE TABLE on every node).
     for n in c.nodes() {
-        let mut app = connect_as(n, "app");
+        let mut app = n.connect_as("app");
         wait_until(&format!("orders on {}", n.name()), CATCHUP, || {
             app.execute("SELECT 1 FROM orders LIMIT 0", &[]).is_ok()
         });
@@ -119,7 +114,7 @@ fn start_writers(
         .iter()
         .enumerate()
         .map(|(i, n)| {
-            let mut app = connect_as(n, "app");
+            let mut app = n.connect_as("app");
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let mut done = Vec::new();
@@ -152,7 +147,8 @@ fn start_writers(
 fn alter_table_on_each_node_while_all_write_ends_identical_and_loses_nothing() {
     let c = group("ddl_alter", 3);
     let pids: Vec<_> = c.nodes().iter().map(|n| n.postmaster_pid()).collect();
-    connect_as(c.node(0), "app")
+    c.node(0)
+        .connect_as("app")
         .batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
         .unwrap();
     wait_for_catchup(&c);
@@ -167,7 +163,8 @@ fn alter_table_on_each_node_while_all_write_ends_identical_and_loses_nothing() {
     ];
     for (on, ddl) in steps {
         std::thread::sleep(Duration::from_millis(300));
-        connect_as(c.node(on), "app")
+        c.node(on)
+            .connect_as("app")
             .batch_execute(ddl)
             .unwrap_or_else(|e| panic!("{ddl} on node{}: {}", on + 1, pg_test::db_error_text(&e)));
         wait_for_catchup(&c);
@@ -204,7 +201,8 @@ fn alter_table_on_each_node_while_all_write_ends_identical_and_loses_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     let writers = start_writers(&c, &stop, 10_000_000);
     std::thread::sleep(Duration::from_millis(300));
-    connect_as(c.node(2), "app")
+    c.node(2)
+        .connect_as("app")
         .batch_execute("DROP TABLE t")
         .unwrap();
     wait_for_catchup(&c);
@@ -324,7 +322,7 @@ fn temp_tables_replicate_nothing_and_break_nothing() {
     let c = group("ddl_temp", 2);
     let (a, b) = (c.node(0), c.node(1));
     let before: i64 = a.query_scalar("SELECT count(*) FROM bdr.ddl_queue");
-    connect_as(a, "app")
+    a.connect_as("app")
         .batch_execute(
             "CREATE TEMP TABLE tt (id int PRIMARY KEY);
              INSERT INTO tt VALUES (1);

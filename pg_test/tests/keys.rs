@@ -18,13 +18,9 @@ const WRITERS_PER_NODE: usize = 4;
 
 const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
+/// A session on `n`'s test database as role `app`.
 fn app(n: &Node) -> Client {
-    let dsn = format!(
-        "host=127.0.0.1 port={} dbname={} user=app",
-        n.port(),
-        n.dbname()
-    );
-    Client::connect(&dsn, NoTls).unwrap_or_else(|e| panic!("connect as app to {}: {e}", n.name()))
+    n.connect_as("app")
 }
 
 /// Run `sql` on `n` expecting an error; returns its full text (with DETAIL and HINT).
@@ -126,6 +122,24 @@ fn create_app_role(c: &Cluster) {
     }
 }
 
+/// Every writer inserts into `tables` for [`WRITE_FOR`]; then: no INSERT error, enough
+/// rows, every row on every node and no conflict anywhere.
+fn write_and_check(c: &Cluster, tables: &[&str], what: &str) {
+    let (rows, errors) = write_everywhere(c, tables);
+    println!("{what}: {rows} rows per table on 3 nodes by 12 writers in {WRITE_FOR:?}");
+    assert!(
+        errors.is_empty(),
+        "{} INSERT errors: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert!(rows > 1000, "only {rows} rows written");
+    wait_for_catchup(c);
+    for t in tables {
+        assert_all_rows_no_conflicts(c, t, rows);
+    }
+}
+
 #[test]
 fn bigserial_takes_writes_on_every_node_at_once() {
     let c = Cluster::builder().name("keys_bigserial").nodes(3).start();
@@ -154,17 +168,7 @@ fn bigserial_takes_writes_on_every_node_at_once() {
         let kind: String = n.query_scalar("SELECT bdr.sequence_kind('orders_id_seq')");
         assert_eq!(kind, "snowflake", "on {}", n.name());
     }
-    let (rows, errors) = write_everywhere(&c, &["orders"]);
-    println!("bigserial: {rows} rows inserted on 3 nodes by 12 writers in {WRITE_FOR:?}");
-    assert!(
-        errors.is_empty(),
-        "{} INSERT errors: {:?}",
-        errors.len(),
-        &errors[..errors.len().min(5)]
-    );
-    assert!(rows > 1000, "only {rows} rows written");
-    wait_for_catchup(&c);
-    assert_all_rows_no_conflicts(&c, "orders", rows);
+    write_and_check(&c, &["orders"], "bigserial");
     // Every id carries the number of the node that made it.
     for n in c.nodes() {
         let wrong: i64 = n.query_scalar(
@@ -197,18 +201,7 @@ fn serial_and_identity_take_writes_on_every_node_at_once() {
             assert_eq!(kind, "offset", "{seq} on {}", n.name());
         }
     }
-    let (rows, errors) = write_everywhere(&c, &["items", "events"]);
-    println!("serial + identity: {rows} rows per table on 3 nodes by 12 writers in {WRITE_FOR:?}");
-    assert!(
-        errors.is_empty(),
-        "{} INSERT errors: {:?}",
-        errors.len(),
-        &errors[..errors.len().min(5)]
-    );
-    assert!(rows > 1000, "only {rows} rows written");
-    wait_for_catchup(&c);
-    assert_all_rows_no_conflicts(&c, "items", rows);
-    assert_all_rows_no_conflicts(&c, "events", rows);
+    write_and_check(&c, &["items", "events"], "serial + identity");
     for n in c.nodes() {
         for t in ["items", "events"] {
             let wrong: i64 = n.query_scalar(&format!(

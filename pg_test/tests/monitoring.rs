@@ -7,7 +7,6 @@
 
 use pg_test::bdr::{assert_same_everywhere, form_group, wait_for_catchup, CATCHUP};
 use pg_test::{wait_until, Cluster, Node};
-use postgres::Client;
 use std::time::{Duration, Instant};
 
 const OUTAGE: Duration = Duration::from_secs(70);
@@ -61,7 +60,7 @@ fn health(n: &Node, check: &str) -> String {
 
 /// Write a row on `n` every 100 ms for `d`, as the application role; returns how many.
 fn write_for(n: &Node, d: Duration, from: i64) -> i64 {
-    let mut c = connect_as(n, "app");
+    let mut c = n.connect_as("app");
     let start = Instant::now();
     let mut i = from;
     while start.elapsed() < d {
@@ -230,10 +229,6 @@ fn apply_counters_count_and_reset() {
     assert!(last);
 }
 
-fn connect_as(n: &Node, user: &str) -> Client {
-    n.connect_as(user)
-}
-
 #[test]
 fn bdr_monitor_sees_state_but_no_secrets_or_rows() {
     let c = pair("monitor_role");
@@ -251,7 +246,7 @@ fn bdr_monitor_sees_state_but_no_secrets_or_rows() {
     for n in c.nodes() {
         n.execute("CREATE ROLE mon LOGIN IN ROLE bdr_monitor");
     }
-    let mut m = connect_as(a, "mon");
+    let mut m = a.connect_as("mon");
     for q in [
         "SELECT count(*) FROM bdr.node_status()",
         "SELECT count(*) FROM bdr.health_check()",

@@ -10,10 +10,6 @@ use pg_test::{wait_until, Cluster, Node};
 use postgres::Client;
 use std::time::{Duration, Instant};
 
-fn connect_as(n: &Node, user: &str) -> Client {
-    n.connect_as(user)
-}
-
 /// Two nodes; on each a plain role `app` that owns table `t`.
 fn pair_owned_by_app(name: &str) -> Cluster {
     let c = Cluster::builder().name(name).nodes(2).start();
@@ -46,7 +42,7 @@ fn a_table_owners_replica_trigger_runs_as_the_owner_not_as_superuser() {
     let (a, b) = (c.node(0), c.node(1));
     // On node2, the owner of t adds a trigger that fires in apply (ENABLE REPLICA) and
     // tries to make itself a superuser.
-    connect_as(b, "app")
+    b.connect_as("app")
         .batch_execute(
             "SET bdr.ddl_replication = off;
              CREATE FUNCTION escalate() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -59,7 +55,7 @@ fn a_table_owners_replica_trigger_runs_as_the_owner_not_as_superuser() {
              ALTER TABLE t ENABLE REPLICA TRIGGER escalate;",
         )
         .unwrap();
-    connect_as(a, "app")
+    a.connect_as("app")
         .execute("INSERT INTO t VALUES (1, 'from node1')", &[])
         .unwrap();
     // Apply on node2 fails in the trigger (as app, ALTER ROLE is refused) and retries.
@@ -70,7 +66,7 @@ fn a_table_owners_replica_trigger_runs_as_the_owner_not_as_superuser() {
     assert!(!su, "the table owner became a superuser through apply");
     assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM t"), 0);
     // The owner removes the trigger: the row arrives, nothing was skipped.
-    connect_as(b, "app")
+    b.connect_as("app")
         .batch_execute("SET bdr.ddl_replication = off; DROP TRIGGER escalate ON t")
         .unwrap();
     wait_for_catchup(&c);
@@ -83,10 +79,10 @@ fn apply_refuses_a_table_its_owner_may_not_write() {
     let c = pair_owned_by_app("owner_rights");
     let (a, b) = (c.node(0), c.node(1));
     // The owner of t on node2 revokes its own INSERT right.
-    connect_as(b, "app")
+    b.connect_as("app")
         .batch_execute("SET bdr.ddl_replication = off; REVOKE INSERT ON t FROM app")
         .unwrap();
-    connect_as(a, "app")
+    a.connect_as("app")
         .execute("INSERT INTO t VALUES (1, 'x')", &[])
         .unwrap();
     wait_until(
@@ -95,7 +91,7 @@ fn apply_refuses_a_table_its_owner_may_not_write() {
         || worker_error(b, "node1").is_some_and(|e| e.contains("may not insert")),
     );
     assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM t"), 0);
-    connect_as(b, "app")
+    b.connect_as("app")
         .batch_execute("SET bdr.ddl_replication = off; GRANT INSERT ON t TO app")
         .unwrap();
     wait_for_catchup(&c);
@@ -132,13 +128,13 @@ fn altering_the_receivers_table_under_a_running_stream_never_crashes() {
         "ALTER TABLE t DROP COLUMN n",
     ] {
         let writer = {
-            let client = connect_as(a, "app");
+            let client = a.connect_as("app");
             let from = next;
             std::thread::spawn(move || write_for(client, Duration::from_secs(2), from))
         };
         std::thread::sleep(Duration::from_millis(500));
         // On node2 only: a local change under a running stream.
-        connect_as(b, "app")
+        b.connect_as("app")
             .batch_execute(&format!("SET bdr.ddl_replication = off; {ddl}"))
             .unwrap();
         next = writer.join().unwrap();
@@ -155,16 +151,16 @@ fn altering_the_receivers_table_under_a_running_stream_never_crashes() {
         );
     }
     // A column node1 sends and node2 dropped: an apply error, retried, never skipped.
-    connect_as(b, "app")
+    b.connect_as("app")
         .batch_execute("SET bdr.ddl_replication = off; ALTER TABLE t DROP COLUMN v")
         .unwrap();
-    connect_as(a, "app")
+    a.connect_as("app")
         .execute("INSERT INTO t VALUES (-1, 'after drop')", &[])
         .unwrap();
     wait_until("apply error for the dropped column", CATCHUP, || {
         worker_error(b, "node1").is_some_and(|e| e.contains("has no column \"v\""))
     });
-    connect_as(b, "app")
+    b.connect_as("app")
         .batch_execute("SET bdr.ddl_replication = off; ALTER TABLE t ADD COLUMN v text")
         .unwrap();
     wait_for_catchup(&c);
@@ -232,7 +228,7 @@ fn a_peer_cannot_make_apply_write_into_a_partitioned_table_or_a_view() {
 fn truncate_applies_as_the_owner_and_never_cascades_into_local_tables() {
     let c = pair_owned_by_app("receiver_truncate");
     let (a, b) = (c.node(0), c.node(1));
-    connect_as(a, "app")
+    a.connect_as("app")
         .batch_execute("INSERT INTO t SELECT g, 'x' FROM generate_series(1, 5) g")
         .unwrap();
     wait_for_catchup(&c);
@@ -242,7 +238,7 @@ fn truncate_applies_as_the_owner_and_never_cascades_into_local_tables() {
         "CREATE UNLOGGED TABLE local_ref (id int PRIMARY KEY, t_id int REFERENCES t);
          INSERT INTO local_ref VALUES (1, 1);",
     );
-    connect_as(a, "app")
+    a.connect_as("app")
         .batch_execute("TRUNCATE t CASCADE")
         .unwrap();
     wait_until(

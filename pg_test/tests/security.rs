@@ -20,12 +20,7 @@ fn create_app_role(c: &Cluster) {
 
 /// A session on `n`'s test database as role `app`.
 fn app(n: &Node) -> Client {
-    let dsn = format!(
-        "host=127.0.0.1 port={} dbname={} user=app",
-        n.port(),
-        n.dbname()
-    );
-    Client::connect(&dsn, NoTls).unwrap_or_else(|e| panic!("connect as app to {}: {e}", n.name()))
+    n.connect_as("app")
 }
 
 /// Run `sql` as `app` on `n`; panics with the server's error.

@@ -1055,15 +1055,9 @@ pub fn apply_workers() -> TableIterator<
         name!(skipped_messages, i64),
     ),
 > {
-    let ts = |t: i64| {
-        (t != 0)
-            .then(|| pgrx::datum::TimestampWithTimeZone::try_from(t).ok())
-            .flatten()
-    };
-    let dboid = nodes::my_database_oid();
-    let rows: Vec<_> = shmem::all()
+    use crate::api::monitor::ts;
+    let rows: Vec<_> = shmem::apply_slots(nodes::my_database_oid())
         .into_iter()
-        .filter(|s| s.kind == shmem::Kind::Apply && s.dboid == dboid)
         .map(|s| {
             (
                 s.peer(),
@@ -1141,12 +1135,8 @@ pub fn conflict_counters() -> TableIterator<
         name!(count, i64),
     ),
 > {
-    let dboid = nodes::my_database_oid();
     let mut rows = Vec::new();
-    for s in shmem::all() {
-        if s.kind != shmem::Kind::Apply || s.dboid != dboid {
-            continue;
-        }
+    for s in shmem::apply_slots(nodes::my_database_oid()) {
         for (c, n) in crate::conflict::Conflict::ALL.iter().zip(s.conflicts) {
             if n > 0 {
                 rows.push((s.peer(), c.name().to_string(), n as i64));

@@ -16,18 +16,14 @@ use pgrx::prelude::*;
 /// for a confirmation every second while idle).
 pub const FRESH_US: i64 = 10_000_000;
 
-fn ts(t: i64) -> Option<TimestampWithTimeZone> {
+pub fn ts(t: i64) -> Option<TimestampWithTimeZone> {
     (t != 0)
         .then(|| TimestampWithTimeZone::try_from(t).ok())
         .flatten()
 }
 
 fn apply_slots() -> Vec<shmem::Slot> {
-    let dboid = nodes::my_database_oid();
-    shmem::all()
-        .into_iter()
-        .filter(|s| s.kind == shmem::Kind::Apply && s.dboid == dboid)
-        .collect()
+    shmem::apply_slots(nodes::my_database_oid())
 }
 
 /// Lag per peer this node applies from, computed from what its apply worker last knew

@@ -70,6 +70,26 @@ pub fn take_invalidated() -> Invalidated {
 /// # Safety
 /// Inside a transaction.
 pub unsafe fn why_not_target(relid: pg_sys::Oid) -> Option<&'static str> {
+    // SAFETY: forwarded.
+    unsafe { judge(relid, true) }
+}
+
+/// Why a relation of any kind (an index, a sequence, a view as much as a table) lives
+/// where nothing replicates — temporary, unlogged, in a system or bdr schema, of an
+/// extension — or `None`. What DDL capture asks of the objects a statement names.
+///
+/// # Safety
+/// Inside a transaction.
+pub unsafe fn why_local(relid: pg_sys::Oid) -> Option<&'static str> {
+    // SAFETY: forwarded.
+    unsafe { judge(relid, false) }
+}
+
+/// The replication rule on `relid`'s facts; `kind_matters`: it must be an ordinary table.
+///
+/// # Safety
+/// Inside a transaction.
+unsafe fn judge(relid: pg_sys::Oid, kind_matters: bool) -> Option<&'static str> {
     // SAFETY: syscache lookups inside a transaction; NULL results are handled.
     unsafe {
         let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
@@ -79,7 +99,8 @@ pub unsafe fn why_not_target(relid: pg_sys::Oid) -> Option<&'static str> {
         let schema = CStr::from_ptr(nsp).to_string_lossy();
         let in_ext = pg_sys::getExtensionOfObject(pg_sys::RelationRelationId, relid);
         decode::why_not_replicated(&RelFacts {
-            plain_table: pg_sys::get_rel_relkind(relid) as u8 == pg_sys::RELKIND_RELATION,
+            plain_table: !kind_matters
+                || pg_sys::get_rel_relkind(relid) as u8 == pg_sys::RELKIND_RELATION,
             permanent: pg_sys::get_rel_persistence(relid) as u8 == pg_sys::RELPERSISTENCE_PERMANENT,
             schema: &schema,
             owned_by_extension: in_ext != pg_sys::InvalidOid,

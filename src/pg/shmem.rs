@@ -539,6 +539,17 @@ pub fn all() -> Vec<Slot> {
         .collect()
 }
 
+/// Copies of the apply workers' slots of database `dboid`.
+pub fn apply_slots(dboid: u32) -> Vec<Slot> {
+    WORKERS
+        .share()
+        .slots
+        .iter()
+        .filter(|s| s.kind == Kind::Apply && s.dboid == dboid)
+        .copied()
+        .collect()
+}
+
 /// Every slot in use with its index.
 pub fn all_indexed() -> Vec<(usize, Slot)> {
     WORKERS

@@ -202,11 +202,12 @@ unsafe fn check_fenced_utility(stmt: *mut pg_sys::Node) {
 /// Inside a transaction.
 unsafe fn check_user_write(relid: pg_sys::Oid) {
     crate::ddl::refuse_if_fenced(relid);
-    if crate::gucs::MINIMUM_NODES.get() > 0
+    // The verdict first (a shared-memory read); the catalog only when it refuses.
+    if let Some(e) = crate::quorum::refusal() {
         // SAFETY: forwarded.
-        && unsafe { crate::pg::relcache::why_not_target(relid) }.is_none()
-    {
-        crate::quorum::refuse_writes_without_quorum();
+        if unsafe { crate::pg::relcache::why_not_target(relid) }.is_none() {
+            crate::error::raise(&e);
+        }
     }
 }
 
@@ -264,26 +265,13 @@ unsafe fn table(relid: pg_sys::Oid) -> Table {
 }
 
 /// Whether a relation (of any kind) is local-only: temporary, unlogged, or in a schema or
-/// extension that never replicates.
+/// extension that never replicates (the replication rule, relkind aside).
 ///
 /// # Safety
 /// Inside a transaction.
 unsafe fn local_only(relid: pg_sys::Oid) -> bool {
-    // SAFETY: syscache lookups.
-    unsafe {
-        let persistence = pg_sys::get_rel_persistence(relid) as u8;
-        let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
-        let schema = if nsp.is_null() {
-            String::new()
-        } else {
-            CStr::from_ptr(nsp).to_string_lossy().into_owned()
-        };
-        persistence != pg_sys::RELPERSISTENCE_PERMANENT
-            || schema == "bdr"
-            || schema == "pg_catalog"
-            || schema.starts_with("pg_temp")
-            || pg_sys::getExtensionOfObject(pg_sys::RelationRelationId, relid) != pg_sys::InvalidOid
-    }
+    // SAFETY: forwarded.
+    unsafe { crate::pg::relcache::why_local(relid) }.is_some()
 }
 
 /// Whether a RangeVar names a permanent relation (as written: a missing object is

@@ -27,9 +27,8 @@ const GC_INTERVAL: Duration = Duration::from_secs(10);
 /// before that point has already arrived here; anything later is newer than the tombstone
 /// and would win against it anyway.
 fn collect_tombstones(dboid: u32, peers: usize) {
-    let times: Vec<i64> = shmem::all()
+    let times: Vec<i64> = shmem::apply_slots(dboid)
         .into_iter()
-        .filter(|s| s.kind == shmem::Kind::Apply && s.dboid == dboid)
         .map(|s| s.last_applied_commit_time)
         .collect();
     if times.len() < peers || times.contains(&0) {
