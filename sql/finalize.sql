@@ -45,6 +45,9 @@ REVOKE ALL ON ALL TABLES IN SCHEMA bdr FROM PUBLIC;
 -- no USAGE on schema bdr.)
 GRANT EXECUTE ON FUNCTION bdr.snowflake_nextval(regclass) TO PUBLIC;
 
+-- A session's own outcome of bdr.synchronous_commit_peers (nothing about anyone else).
+GRANT EXECUTE ON FUNCTION bdr.last_synchronous_commit() TO PUBLIC;
+
 -- The extension's triggers do their own writes in schema bdr for any role: they run as
 -- the extension owner, with a search_path nobody else can put objects in. Each writes
 -- only what the triggering statement implies (a tombstone for a key the statement

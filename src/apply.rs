@@ -93,6 +93,9 @@ pub struct Applier {
     counts: shmem::Stats,
     /// The current transaction ran a replicated schema change.
     ddl_applied: bool,
+    /// The current transaction is a synchronous commit on its origin: flush and
+    /// acknowledge it as soon as it is committed here (see `crate::sync_commit`).
+    pub ack_now: bool,
 }
 
 fn memory_context(name: &'static std::ffi::CStr) -> pg_sys::MemoryContext {
@@ -153,6 +156,7 @@ impl Applier {
             conflict_counts: [0; 9],
             counts: shmem::Stats::default(),
             ddl_applied: false,
+            ack_now: false,
         }
     }
 
@@ -215,6 +219,7 @@ impl Applier {
                 self.changes = 0;
                 self.pending_cci = false;
                 self.ddl_applied = false;
+                self.ack_now = false;
                 self.context("begin", None);
                 xact::begin();
             }
@@ -235,6 +240,10 @@ impl Applier {
             Message::Delete(m) => self.change("DELETE", m.relation, |a, map| a.delete(map, &m.old)),
             Message::Truncate(t) => self.truncate(&t),
             Message::Message(m) if m.prefix == bdr_core::ddl::DDL_PREFIX => self.ddl(&m.content),
+            Message::Message(m) if m.prefix == bdr_core::wire::SYNC_COMMIT_PREFIX => {
+                self.require_transaction("MESSAGE");
+                self.ack_now = true;
+            }
             Message::Message(_) => {
                 // Our own other logical messages (join synchronisation) need nothing
                 // applied; the surrounding transaction still commits to record progress.

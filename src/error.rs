@@ -365,6 +365,61 @@ impl PgError for DdlError {
     }
 }
 
+/// How a synchronous commit (`crate::sync_commit`) fell short. Always a WARNING: the
+/// transaction is committed on this node when these are reported.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncCommitError {
+    #[error("bdr: synchronous commit not confirmed after {ms} ms: {confirmed} of {wanted} peers have the transaction")]
+    TimedOut {
+        ms: u64,
+        wanted: usize,
+        confirmed: usize,
+        missing: String,
+    },
+    #[error("bdr: canceling the wait for synchronous commit {}: {confirmed} of {wanted} peers confirmed", if *.terminate { "and terminating the connection" } else { "due to user request" })]
+    Canceled {
+        terminate: bool,
+        wanted: usize,
+        confirmed: usize,
+    },
+    #[error("bdr: synchronous commit wants {wanted} peers but this node has {have}")]
+    TooFewPeers { wanted: usize, have: usize },
+}
+
+impl PgError for SyncCommitError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        match self {
+            SyncCommitError::TimedOut { .. } => PgSqlErrorCode::ERRCODE_WARNING,
+            SyncCommitError::Canceled {
+                terminate: true, ..
+            } => PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN,
+            SyncCommitError::Canceled { .. } => PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+            SyncCommitError::TooFewPeers { .. } => PgSqlErrorCode::ERRCODE_WARNING,
+        }
+    }
+    fn detail(&self) -> Option<String> {
+        let committed = "The transaction has committed on this node and will replicate when the peers receive it";
+        Some(match self {
+            SyncCommitError::TimedOut { missing, .. } => {
+                format!("{committed}, but it is not known to be durable on enough peers. Not confirmed by: {missing}.")
+            }
+            SyncCommitError::Canceled { .. } => {
+                format!("{committed}, but it might not be durable on enough peers.")
+            }
+            SyncCommitError::TooFewPeers { .. } => format!(
+                "{committed}; it was not waited for (a node counts one peer per bdr replication slot it feeds)."
+            ),
+        })
+    }
+    fn hint(&self) -> Option<String> {
+        Some(match self {
+            SyncCommitError::TimedOut { .. } => "Check bdr.node_status() for the peers that did not confirm; raise bdr.synchronous_commit_timeout or lower bdr.synchronous_commit_peers.".into(),
+            SyncCommitError::Canceled { .. } => "bdr.last_synchronous_commit() reports how the last commit ended.".into(),
+            SyncCommitError::TooFewPeers { .. } => "Set bdr.synchronous_commit_peers to at most the number of other data nodes in the group.".into(),
+        })
+    }
+}
+
 /// Writes refused for split-brain prevention (`crate::quorum`).
 #[derive(Debug, thiserror::Error)]
 pub enum QuorumError {

@@ -42,8 +42,54 @@ pub static DDL_LOCK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000)
 /// user writes; 0 turns the check off.
 pub static MINIMUM_NODES: GucSetting<i32> = GucSetting::<i32>::new(0);
 
+/// `bdr.synchronous_commit_peers`: peers that must confirm a transaction (applied and
+/// flushed) before its COMMIT returns; 0 turns it off (see `src/sync_commit.rs`).
+pub static SYNCHRONOUS_COMMIT_PEERS: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// `bdr.synchronous_commit_timeout`: longest wait for those confirmations; 0 waits for
+/// ever.
+pub static SYNCHRONOUS_COMMIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+/// `bdr.apply_retry_max_delay`: the longest pause before an apply worker that stopped
+/// (an error, a lost connection) is started again.
+pub static APPLY_RETRY_MAX_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+
 /// Register the settings; called once from `_PG_init`.
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"bdr.apply_retry_max_delay",
+        c"Longest pause before an apply worker that stopped is started again.",
+        c"After an error or a lost connection the pause doubles from 1 s up to this.",
+        &APPLY_RETRY_MAX_DELAY_MS,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"bdr.synchronous_commit_peers",
+        c"Peers that must have applied and flushed a transaction before its COMMIT returns.",
+        c"0 (the default) turns it off. Set per session or per transaction (SET LOCAL) for \
+          critical data. Past bdr.synchronous_commit_timeout the COMMIT returns with a WARNING: \
+          the transaction is committed here and still replicates, but is not confirmed on \
+          that many peers.",
+        &SYNCHRONOUS_COMMIT_PEERS,
+        0,
+        1024,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"bdr.synchronous_commit_timeout",
+        c"Longest wait of a synchronous COMMIT for its peers' confirmation; 0 waits without limit.",
+        c"When it expires the COMMIT returns with a WARNING and \
+          bdr.last_synchronous_commit() reports timed_out.",
+        &SYNCHRONOUS_COMMIT_TIMEOUT_MS,
+        0,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_int_guc(
         c"bdr.minimum_nodes",
         c"Voting members (active and witness nodes, this one included) this node must reach to accept user writes.",

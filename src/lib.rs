@@ -40,6 +40,7 @@ pub mod pg;
 pub mod quorum;
 pub mod receive;
 pub mod sequence;
+pub mod sync_commit;
 pub mod workers;
 pub mod write;
 
@@ -82,6 +83,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     pg::shmem::init();
     pg::utility::install();
+    sync_commit::install();
     match error::check_server_config() {
         Ok(()) => workers::launcher::register(),
         // The server must still start (a DBA fixes the setting and restarts), but

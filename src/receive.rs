@@ -210,6 +210,12 @@ impl Stream {
             self.applier.tracker.applied_position(),
             self.applier.last_commit_time,
         );
+        if std::mem::take(&mut self.applier.ack_now) {
+            // The origin waits for this commit (bdr.synchronous_commit_peers): make it
+            // durable now rather than at the WAL writer's next round, and say so.
+            xact::flush_last_commit();
+            self.feedback(false);
+        }
         let (counts, conflicts) = self.applier.take_counts();
         PENDING.with(|p| p.set((0, None)));
         let now = xact::now();

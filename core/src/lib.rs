@@ -5,4 +5,5 @@ pub mod lag;
 pub mod replication;
 pub mod snowflake;
 pub mod stream;
+pub mod sync_commit;
 pub mod wire;

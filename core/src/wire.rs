@@ -49,7 +49,12 @@ pub const MESSAGE_PREFIX: &str = "bdr";
 /// synchronisation point). `pg_logical_emit_message` is granted to PUBLIC, so any role can
 /// write a message with any prefix: only transactional messages with one of these are
 /// ours ([`is_our_message`]).
-pub const MESSAGE_PREFIXES: &[&str] = &["bdr.sync"];
+pub const MESSAGE_PREFIXES: &[&str] = &["bdr.sync", SYNC_COMMIT_PREFIX];
+
+/// The marker a synchronous commit (`bdr.synchronous_commit_peers`) puts in its
+/// transaction: the receiving apply worker flushes that commit and acknowledges it at once
+/// instead of at its next periodic status update.
+pub const SYNC_COMMIT_PREFIX: &str = "bdr.sync_commit";
 /// Largest logical message content the plugin sends (hex in JSON doubles it; a frame must
 /// stay far below PostgreSQL's 1 GB allocation limit).
 pub const MAX_MESSAGE_CONTENT: usize = 1 << 20;

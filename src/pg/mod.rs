@@ -9,6 +9,7 @@ pub mod libpq;
 pub mod relcache;
 pub mod sequence;
 pub mod shmem;
+pub mod syncrep;
 pub mod utility;
 pub mod xact;
 

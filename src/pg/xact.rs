@@ -63,6 +63,20 @@ pub fn setup_origin(name: &str) -> u64 {
     progress
 }
 
+/// Flush this node's WAL up to the end of the last commit this process wrote (an apply
+/// worker commits with `synchronous_commit = off`; a synchronous commit on the origin
+/// waits for this).
+pub fn flush_last_commit() {
+    // SAFETY: XactLastCommitEnd is this backend's own; XLogFlush of a position already
+    // written is allowed outside a critical section.
+    unsafe {
+        let end = pg_sys::XactLastCommitEnd;
+        if end != 0 {
+            pg_sys::XLogFlush(end);
+        }
+    }
+}
+
 /// WAL flushed to disk on this node.
 pub fn flush_lsn() -> u64 {
     // SAFETY: plain read of shared WAL state.

@@ -158,9 +158,11 @@ fn janitor(dboid: u32, all: &[nodes::Node], dead_joins: &mut HashMap<String, Ins
     }
 }
 
-/// Delay before restart number `failures` (1, 2, 4, ... 30 s).
+/// Delay before restart number `failures` (1, 2, 4, ... 30 s), at most
+/// `bdr.apply_retry_max_delay`.
 pub fn backoff(failures: u32) -> Duration {
-    Duration::from_secs((1u64 << failures.min(5).saturating_sub(1)).min(30))
+    let max = Duration::from_millis(crate::gucs::APPLY_RETRY_MAX_DELAY_MS.get().max(100) as u64);
+    Duration::from_secs((1u64 << failures.min(5).saturating_sub(1)).min(30)).min(max)
 }
 
 /// Peers this node applies from: every other node that is a member (not parting/parted).

@@ -1,0 +1,156 @@
+//! Synchronous commit for critical data: `bdr.synchronous_commit_peers = N` makes a
+//! COMMIT return only after N peers have applied *and flushed* the transaction.
+//!
+//! How: at `PRE_COMMIT` a transaction that wrote something gets a marker message
+//! ([`bdr_core::wire::SYNC_COMMIT_PREFIX`]) so the peers' apply workers flush their copy
+//! of the commit and report it at once; after the commit record is flushed here, the
+//! committing backend waits until N of this database's bdr slots report a
+//! `confirmed_flush` at or past the end of its commit record (see
+//! [`bdr_core::sync_commit`]). That position is only ever reported by a peer's apply
+//! worker once its own commit of the transaction is on its disk, so a transaction whose
+//! COMMIT returned without a WARNING survives the loss of this node (SIGKILL, power cut)
+//! on N peers.
+//!
+//! Why not PostgreSQL's own synchronous replication alone: `synchronous_standby_names`
+//! is server-wide (reload only), while critical data is usually a few transactions of an
+//! application; this setting is per session or per transaction (`SET LOCAL`). Both can be
+//! used together: PostgreSQL's wait (for the standbys or apply connections named in
+//! `synchronous_standby_names`) happens inside the commit, this one right after it
+//! (docs/settings.md).
+//!
+//! Invariants: the wait happens after the commit, so it can never turn a committed
+//! transaction into an error: a timeout or a cancel is a WARNING (and
+//! `bdr.last_synchronous_commit()` says which), the same contract as PostgreSQL's
+//! `synchronous_commit`. Only client backends wait: bdr's apply workers, walsenders and
+//! other background processes never do (an apply worker waiting on its peers could wait
+//! on itself).
+
+use crate::error::{self, SyncCommitError};
+use crate::gucs::{SYNCHRONOUS_COMMIT_PEERS, SYNCHRONOUS_COMMIT_TIMEOUT_MS};
+use crate::pg::syncrep::{self, Interrupt};
+use bdr_core::sync_commit::{peer_of_slot, Outcome, Tally};
+use pgrx::prelude::*;
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+thread_local! {
+    /// Peers the committing transaction waits for (set at PRE_COMMIT).
+    static WANTED: Cell<usize> = const { Cell::new(0) };
+    /// The last synchronous commit of this session: outcome, wanted, confirmed, waited.
+    static LAST: Cell<(Outcome, usize, usize, Duration)> =
+        const { Cell::new((Outcome::NotRequested, 0, 0, Duration::ZERO)) };
+}
+
+/// Hook the transaction callbacks; called from `_PG_init`.
+pub fn install() {
+    syncrep::install(syncrep::Hooks {
+        pre_commit,
+        commit,
+        abort: || WANTED.with(|w| w.set(0)),
+    });
+}
+
+fn pre_commit() {
+    let wanted = SYNCHRONOUS_COMMIT_PEERS.get().max(0) as usize;
+    WANTED.with(|w| w.set(0));
+    // Read-only transactions (the one that asks bdr.last_synchronous_commit(), say)
+    // leave the last outcome alone.
+    if !syncrep::is_client_backend() || !syncrep::has_xid() {
+        return;
+    }
+    if wanted == 0 {
+        LAST.with(|l| l.set((Outcome::NotRequested, 0, 0, Duration::ZERO)));
+        return;
+    }
+    let prefix = std::ffi::CString::new(bdr_core::wire::SYNC_COMMIT_PREFIX).expect("no NUL");
+    syncrep::emit_marker(&prefix);
+    WANTED.with(|w| w.set(wanted));
+}
+
+fn commit() {
+    let wanted = WANTED.with(|w| w.replace(0));
+    if wanted == 0 {
+        return;
+    }
+    let (outcome, confirmed, waited) = wait(wanted, syncrep::last_commit_end());
+    LAST.with(|l| l.set((outcome, wanted, confirmed, waited)));
+}
+
+/// This database's peers and how far each confirmed.
+fn peer_slots() -> Vec<(String, u64)> {
+    let dboid = crate::catalog::nodes::my_database_oid();
+    let prefix = format!("bdr_{dboid}_");
+    syncrep::slots(dboid, &prefix)
+        .into_iter()
+        .filter_map(|(name, flush)| peer_of_slot(&name, &prefix).map(|p| (p.to_string(), flush)))
+        .collect()
+}
+
+fn wait(wanted: usize, commit_end: u64) -> (Outcome, usize, Duration) {
+    let start = Instant::now();
+    let timeout_ms = SYNCHRONOUS_COMMIT_TIMEOUT_MS.get();
+    let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms as u64));
+    loop {
+        let slots = peer_slots();
+        let tally = Tally::of(&slots, commit_end);
+        if tally.enough(wanted) {
+            return (Outcome::Confirmed, tally.confirmed.len(), start.elapsed());
+        }
+        if slots.len() < wanted {
+            error::warn(&SyncCommitError::TooFewPeers {
+                wanted,
+                have: slots.len(),
+            });
+            return (Outcome::TooFewPeers, tally.confirmed.len(), start.elapsed());
+        }
+        let waited = start.elapsed();
+        if timeout.is_some_and(|t| waited >= t) {
+            error::warn(&SyncCommitError::TimedOut {
+                ms: waited.as_millis() as u64,
+                wanted,
+                confirmed: tally.confirmed.len(),
+                missing: tally.missing.join(", "),
+            });
+            return (Outcome::TimedOut, tally.confirmed.len(), waited);
+        }
+        // A peer on the same machine answers within a millisecond or two; back off to
+        // 10 ms naps once the wait is clearly longer than a round trip.
+        let nap = if waited < Duration::from_millis(50) {
+            1
+        } else {
+            10
+        };
+        if let Some(why) = syncrep::nap(nap) {
+            error::warn(&SyncCommitError::Canceled {
+                terminate: why == Interrupt::Terminate,
+                wanted,
+                confirmed: tally.confirmed.len(),
+            });
+            return (Outcome::Canceled, tally.confirmed.len(), start.elapsed());
+        }
+    }
+}
+
+/// How this session's last COMMIT of a transaction that wrote ended with respect to
+/// `bdr.synchronous_commit_peers`: `confirmed`, `timed_out`, `canceled`,
+/// `too_few_peers`, or `not_requested` (the setting was 0). Read-only transactions do
+/// not change it.
+#[pg_extern]
+#[allow(clippy::type_complexity)]
+pub fn last_synchronous_commit() -> TableIterator<
+    'static,
+    (
+        name!(status, String),
+        name!(peers_wanted, i32),
+        name!(peers_confirmed, i32),
+        name!(wait_ms, f64),
+    ),
+> {
+    let (o, wanted, confirmed, waited) = LAST.with(|l| l.get());
+    TableIterator::once((
+        o.as_str().to_string(),
+        wanted as i32,
+        confirmed as i32,
+        waited.as_secs_f64() * 1000.0,
+    ))
+}
