@@ -16,6 +16,9 @@ CREATE TABLE bdr.nodes (
     -- and the residue of its offset sequences. Never reused while the node is listed,
     -- parted or not, so none of its ids can be made again by another node.
     node_number  int UNIQUE CHECK (node_number BETWEEN 0 AND 1023),
+    -- Hub and spoke: the hub a spoke streams through (to and from it only; the hub
+    -- forwards every other node's changes). NULL in a full mesh.
+    hub_node     text CHECK (hub_node IS NULL OR hub_node ~ '^[a-z0-9_]{1,48}$'),
     is_local     boolean NOT NULL DEFAULT false,
     created_at   timestamptz NOT NULL DEFAULT now(),
     joined_at    timestamptz

@@ -25,7 +25,8 @@ RETURNS TABLE (
     conflicts             jsonb,
     warning               text,
     last_applied_commit_time timestamptz,
-    last_contact_time     timestamptz
+    last_contact_time     timestamptz,
+    hub_node              text
 )
 LANGUAGE sql STABLE
 SECURITY DEFINER
@@ -39,7 +40,8 @@ WITH w AS (SELECT * FROM bdr.apply_workers()),
      c AS (SELECT peer, jsonb_object_agg(conflict_type, count) AS by_type
              FROM bdr.conflict_counters() GROUP BY peer),
      pr AS (SELECT * FROM bdr.peers_reached()),
-     r AS (
+     lo AS (SELECT node_name, hub_node FROM bdr.nodes WHERE is_local),
+     r0 AS (
        SELECT n.node_name, n.node_id, n.node_kind, n.node_state, n.is_local,
               w.state AS wstate, w.last_error AS werr, w.last_error_time AS werr_time,
               w.received_lsn::pg_lsn AS wrecv, w.applied_lsn::pg_lsn AS wapplied,
@@ -49,15 +51,24 @@ WITH w AS (SELECT * FROM bdr.apply_workers()),
               s.slot_name AS sname, s.active AS sactive, s.retained AS sretained,
               s.wal_status AS swal,
               c.by_type AS cby, pr.last_reached AS preached,
-              -- Applies from this node: an active member that is not us.
+              -- Streams with this node: a data node that is not us (in a hub and spoke,
+              -- a spoke streams with its hub only, the hub with its spokes).
               (NOT n.is_local AND n.node_kind = 'active'
-               AND n.node_state IN ('active', 'standby', 'catching_up')) AS feeds_us
+               AND CASE WHEN (SELECT hub_node FROM lo) IS NOT NULL
+                          THEN n.node_name = (SELECT hub_node FROM lo)
+                        WHEN n.hub_node IS NOT NULL
+                          THEN n.hub_node = (SELECT node_name FROM lo)
+                        ELSE true END) AS linked,
+              n.hub_node
          FROM bdr.nodes n
          LEFT JOIN w ON w.peer = n.node_name
          LEFT JOIN l ON l.peer = n.node_name
          LEFT JOIN s ON s.slot_name = 'bdr_' || (SELECT oid FROM me) || '_' || n.node_name
          LEFT JOIN c ON c.peer = n.node_name
-         LEFT JOIN pr ON pr.peer = n.node_name)
+         LEFT JOIN pr ON pr.peer = n.node_name),
+     r AS (SELECT r0.*, r0.linked AND r0.node_state IN ('active', 'standby', 'catching_up') AS feeds_us,
+                  NOT r0.is_local AND r0.node_kind = 'active' AND NOT r0.linked AS via_hub
+             FROM r0 r0)
 SELECT r.node_name, r.node_id, r.node_kind, r.node_state, r.is_local,
        -- Reachable: we heard from it within 10 s, or it streams from us right now.
        r.is_local OR coalesce(r.wstate IN ('streaming', 'paused')
@@ -66,6 +77,7 @@ SELECT r.node_name, r.node_id, r.node_kind, r.node_state, r.is_local,
                   OR coalesce(r.preached > now() - interval '10 seconds', false),
        CASE WHEN r.is_local THEN 'local'
             WHEN r.node_kind = 'witness' THEN 'witness'
+            WHEN r.via_hub THEN 'via hub'
             ELSE coalesce(r.wstate, 'not running') END,
        r.werr, r.werr_time, r.wrecv, r.wapplied,
        CASE WHEN r.is_local THEN 0 ELSE r.lag_bytes::numeric END,
@@ -93,7 +105,7 @@ SELECT r.node_name, r.node_id, r.node_kind, r.node_state, r.is_local,
                        r.node_name, coalesce(r.contact::text, 'the worker started'))
          WHEN r.wstate = 'paused' THEN format('apply from %s is paused', r.node_name)
        END,
-       r.lcommit, r.contact
+       r.lcommit, r.contact, r.hub_node
   FROM r
  ORDER BY r.node_name
 $$;
@@ -107,7 +119,10 @@ SECURITY DEFINER
 SET search_path = pg_catalog
 AS $$
   WITH ns AS (SELECT * FROM bdr.node_status()),
-       members AS (SELECT * FROM ns WHERE node_state IN ('active', 'standby'))
+       -- A spoke does not stream with the other spokes (apply_state 'via hub'): the hub's
+       -- own checks cover those links.
+       members AS (SELECT * FROM ns WHERE node_state IN ('active', 'standby')
+                     AND apply_state IS DISTINCT FROM 'via hub')
   SELECT 'Node Count',
          CASE WHEN count(*) FILTER (WHERE reachable) = count(*) THEN 'OK'
               WHEN count(*) FILTER (WHERE reachable AND NOT is_local) = 0 AND count(*) > 1

@@ -96,6 +96,16 @@ pub struct Applier {
     /// The current transaction is a synchronous commit on its origin: flush and
     /// acknowledge it as soon as it is committed here (see `crate::sync_commit`).
     pub ack_now: bool,
+    /// Hub and spoke (see [`Applier::set_link`]).
+    link: crate::receive::Link,
+    dboid: u32,
+    /// The replication origin this session commits under now: the peer's, or (for a
+    /// transaction the hub forwarded) the original node's.
+    origin_now: String,
+    /// The current transaction was forwarded by the hub: its original node and id.
+    forwarded: Option<(std::rc::Rc<str>, i64)>,
+    /// The current transaction is not applied (already applied, or our own coming back).
+    skipping: bool,
 }
 
 fn memory_context(name: &'static std::ffi::CStr) -> pg_sys::MemoryContext {
@@ -157,6 +167,69 @@ impl Applier {
             counts: shmem::Stats::default(),
             ddl_applied: false,
             ack_now: false,
+            link: crate::receive::Link::default(),
+            dboid: 0,
+            origin_now: String::new(),
+            forwarded: None,
+            skipping: false,
+        }
+    }
+
+    /// How this stream is linked (hub and spoke), and this database, whose peer origin
+    /// the session was set up with.
+    pub fn set_link(&mut self, dboid: u32, link: crate::receive::Link) {
+        self.link = link;
+        self.dboid = dboid;
+        self.origin_now = crate::receive::origin_name(dboid, &self.peer);
+    }
+
+    /// The node whose change is being applied: the peer, or the node a forwarded
+    /// transaction came from.
+    fn origin_node(&self) -> &str {
+        self.forwarded.as_ref().map(|f| &*f.0).unwrap_or(&self.peer)
+    }
+
+    /// At BEGIN: under which origin to commit, and whether to apply at all. A transaction
+    /// the hub forwarded carries its original node's origin name and LSN: it is applied
+    /// under that node's origin (so its rows keep that node's identity for later
+    /// conflicts) unless that origin's progress shows it arrived already (the hub sends it
+    /// again after a restart), and never if it is this node's own change.
+    fn route_origin(&mut self) {
+        self.forwarded = None;
+        self.skipping = false;
+        let origin = self.begin.as_ref().and_then(|b| b.origin.clone());
+        let target = match origin {
+            None => crate::receive::origin_name(self.dboid, &self.peer),
+            Some(o) if self.link.forwarded => {
+                let node = crate::receive::node_of_origin_name(&o.name).unwrap_or_else(|| {
+                    raise(&ApplyError::Protocol(format!(
+                        "forwarded transaction with a foreign replication origin \"{}\"",
+                        o.name
+                    )))
+                });
+                if node == self.local {
+                    self.skipping = true;
+                    return;
+                }
+                let Some(n) = crate::catalog::nodes::by_name(node) else {
+                    raise(&ApplyError::Protocol(format!(
+                        "forwarded transaction from node \"{node}\", which this node does not know"
+                    )))
+                };
+                let name = crate::receive::origin_name(self.dboid, node);
+                if xact::origin_progress(&name) >= o.lsn {
+                    self.skipping = true;
+                    return;
+                }
+                self.forwarded = Some((node.into(), n.id));
+                name
+            }
+            // Not asked for: a peer that forwards anyway is applied as its own change.
+            Some(_) => crate::receive::origin_name(self.dboid, &self.peer),
+        };
+        if target != self.origin_now {
+            xact::switch_origin(&target);
+            self.origin_now = target;
         }
     }
 
@@ -201,6 +274,11 @@ impl Applier {
         }));
         self.see_previous_change();
         crate::ddl::apply(&cmd);
+        if self.link.requeue_ddl {
+            // Hub and spoke: queued here too, it travels on in this transaction to the
+            // other spokes (under the original node's origin; never back to it).
+            crate::ddl::requeue(&cmd);
+        }
         self.pending_cci = true;
         self.changes += 1;
         self.counts.ddl += 1;
@@ -210,6 +288,14 @@ impl Applier {
     /// Apply one message. Errors are raised as PostgreSQL errors (the worker exits and is
     /// restarted; the transaction is rolled back and will be streamed again).
     pub fn handle(&mut self, msg: Message) {
+        if self.skipping
+            && !matches!(
+                msg,
+                Message::Begin(_) | Message::Relation(_) | Message::Commit(_)
+            )
+        {
+            return;
+        }
         match msg {
             Message::Begin(b) => {
                 if self.begin.is_some() {
@@ -222,6 +308,7 @@ impl Applier {
                 self.ack_now = false;
                 self.context("begin", None);
                 xact::begin();
+                self.route_origin();
             }
             Message::Relation(r) => {
                 self.rels.insert(
@@ -346,7 +433,7 @@ impl Applier {
     fn remote_version(&self) -> Version {
         Version {
             commit_time: self.begin.as_ref().map(|b| b.commit_time).unwrap_or(0),
-            node_id: self.peer_id,
+            node_id: self.forwarded.as_ref().map(|f| f.1).unwrap_or(self.peer_id),
         }
     }
 
@@ -358,10 +445,9 @@ impl Applier {
         if let Some(id) = self.origin_nodes.get(&origin) {
             return Some(*id);
         }
-        // Our origins are named bdr_<dboid>_<node>.
         let name = xact::origin_name(origin)?;
-        let node = name.strip_prefix("bdr_")?.split_once('_')?.1.to_string();
-        let id = crate::catalog::nodes::by_name(&node)?.id;
+        let node = crate::receive::node_of_origin_name(&name)?;
+        let id = crate::catalog::nodes::by_name(node)?.id;
         self.origin_nodes.insert(origin, id);
         Some(id)
     }
@@ -760,7 +846,7 @@ impl Applier {
         let b = self.begin.as_ref().expect("inside a transaction");
         crate::history::record(&crate::history::Entry {
             local_node: &self.local,
-            remote_node: &self.peer,
+            remote_node: self.origin_node(),
             relation: &map.name(),
             conflict: c,
             resolution: r,
@@ -780,6 +866,15 @@ impl Applier {
     fn commit(&mut self, c: &wire::Commit) {
         self.require_transaction("COMMIT");
         self.context("commit", None);
+        if std::mem::take(&mut self.skipping) {
+            // Nothing of it was applied (see `route_origin`): nothing to commit, and the
+            // position is as good as flushed.
+            xact::abort();
+            self.tracker.applied(c.end_lsn, 0);
+            self.begin = None;
+            xact::set_context(None);
+            return;
+        }
         if self.changes == 0 {
             // Nothing written: take an xid so the commit record (and with it the origin
             // progress) is written all the same.
@@ -788,13 +883,24 @@ impl Applier {
                 pg_sys::GetCurrentTransactionId();
             }
         }
-        let local_end = xact::commit_remote(c.end_lsn, c.commit_time);
+        // A forwarded transaction records its original node's LSN under that node's
+        // origin; the peer's own transactions their end LSN under the peer's.
+        let origin_lsn = match (
+            &self.forwarded,
+            self.begin.as_ref().and_then(|b| b.origin.as_ref()),
+        ) {
+            (Some(_), Some(o)) => o.lsn,
+            _ => c.end_lsn,
+        };
+        let origin: String = self.origin_node().into();
+        let local_end = xact::commit_remote(origin_lsn, c.commit_time);
         self.tracker.applied(c.end_lsn, local_end);
         self.last_commit_time = c.commit_time;
         self.counts.commits += 1;
         self.begin = None;
+        self.forwarded = None;
         if std::mem::take(&mut self.ddl_applied) {
-            crate::ddl::applied_from(&self.peer);
+            crate::ddl::applied_from(&origin);
         }
         xact::set_context(None);
     }

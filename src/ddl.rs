@@ -92,7 +92,16 @@ pub fn before(p: &Plan) {
 
 /// After the statement ran: queue it for the peers, in this transaction.
 pub fn after(p: &Plan) {
-    let c = &p.command;
+    queue(&p.command);
+}
+
+/// A hub applying a spoke's schema change queues it again, so that the output plugin
+/// forwards it to the other spokes inside the same transaction (see `crate::decode`).
+pub fn requeue(c: &DdlCommand) {
+    queue(c);
+}
+
+fn queue(c: &DdlCommand) {
     utility::as_superuser(|| {
         Spi::run_with_args(
             "INSERT INTO bdr.ddl_queue (role_name, search_path, command) VALUES ($1, $2, $3)",

@@ -6,7 +6,9 @@
 //! - **Options**: `min_proto_version`/`max_proto_version` pick the protocol version (the
 //!   highest both speak; no overlap is an ERROR naming both ranges); `forward_origins`
 //!   (`none`, the default, or `all`) decides whether changes that were themselves
-//!   replicated here (they carry a replication origin) are sent on.
+//!   replicated here (they carry a replication origin) are sent on: a spoke asks its hub
+//!   for `all` (hub and spoke), and the hub then sends every origin's changes except the
+//!   spoke's own ([`loops_back`]).
 //! - **Lazy BEGIN**: a transaction's BEGIN frame is held back until its first emitted
 //!   change, so a transaction with nothing to replicate (rolled back, or touching only
 //!   unlogged, temporary or excluded tables) produces no frames at all.
@@ -105,6 +107,15 @@ impl TxnFraming {
 }
 
 pub use bdr_core::replication::{replicates, why_not_replicated, RelFacts};
+
+/// Whether a transaction that was applied here from replication origin `origin` would go
+/// back to where it came from on slot `slot`. On a node, the origin of changes applied
+/// from node X is `bdr_<dboid>_X` and the slot X streams from is `bdr_<dboid>_X`
+/// (`crate::receive::origin_name` / `slot_name`), so they are the same name exactly when
+/// the subscriber is the change's origin.
+pub fn loops_back(origin: &str, slot: &str) -> bool {
+    !slot.is_empty() && origin == slot
+}
 
 /// What the plugin does with a logical message (`pg_logical_emit_message`, which any role
 /// may call): only bdr's own transactional messages are sent, and only up to

@@ -36,6 +36,13 @@ pub fn origin_name(local_dboid: u32, provider: &str) -> String {
     format!("bdr_{local_dboid}_{provider}")
 }
 
+/// The node an [`origin_name`] (or a [`slot_name`]) names: `bdr_<dboid>_<node>`.
+pub fn node_of_origin_name(name: &str) -> Option<&str> {
+    let (dboid, node) = name.strip_prefix("bdr_")?.split_once('_')?;
+    (!dboid.is_empty() && dboid.bytes().all(|b| b.is_ascii_digit()) && !node.is_empty())
+        .then_some(node)
+}
+
 thread_local! {
     /// Commit time of the transaction whose BEGIN arrived and is not applied yet (0:
     /// none). Published to shared memory only when it lasts (a long transaction, a pause)
@@ -309,11 +316,30 @@ impl Stream {
     }
 }
 
+/// How this node streams from a peer (hub and spoke; both false in a full mesh).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Link {
+    /// Ask the peer (our hub) to forward every node's changes, each under its original
+    /// origin (`forward_origins 'all'`).
+    pub forwarded: bool,
+    /// The peer is our spoke: its schema changes are queued again here so that they
+    /// travel on to the other spokes.
+    pub requeue_ddl: bool,
+}
+
 /// Stream from `peer` until SIGTERM. Errors are raised (the worker exits, is restarted).
-pub fn run(slot: usize, dboid: u32, local: (&str, i64), peer: (&str, i64), peer_dsn: &str) {
+pub fn run(
+    slot: usize,
+    dboid: u32,
+    local: (&str, i64),
+    peer: (&str, i64),
+    peer_dsn: &str,
+    link: Link,
+) {
     let (local, peer, ids) = (local.0, peer.0, (local.1, peer.1));
     let progress = xact::setup_origin(&origin_name(dboid, peer));
-    let applier = Applier::new((peer, ids.1), (local, ids.0), progress);
+    let mut applier = Applier::new((peer, ids.1), (local, ids.0), progress);
+    applier.set_link(dboid, link);
     shmem::update(slot, |s| {
         s.state = shmem::State::Connecting;
         s.applied_lsn = progress;
@@ -337,11 +363,16 @@ pub fn run(slot: usize, dboid: u32, local: (&str, i64), peer: (&str, i64), peer_
         .unwrap_or_default();
     let slot_name = slot_name(provider_dboid.parse().unwrap_or(0), local);
     conn.start_copy(&format!(
-        "START_REPLICATION SLOT {} LOGICAL {} (\"min_proto_version\" {}, \"max_proto_version\" {})",
+        "START_REPLICATION SLOT {} LOGICAL {} (\"min_proto_version\" {}, \"max_proto_version\" {}{})",
         quote_ident(&slot_name),
         wire::format_lsn(progress),
         quote_literal(&wire::PROTOCOL_VERSION_MIN.to_string()),
         quote_literal(&wire::PROTOCOL_VERSION_MAX.to_string()),
+        if link.forwarded {
+            ", \"forward_origins\" 'all'"
+        } else {
+            ""
+        },
     ))
     .unwrap_or_else(|e| lib_err(e));
     shmem::update(slot, |s| s.state = shmem::State::Streaming);

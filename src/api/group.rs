@@ -57,6 +57,10 @@ pub enum GroupError {
     LocalRows(String),
     #[error("node kind \"{0}\" is not supported")]
     BadKind(String),
+    #[error("topology \"{0}\" is not supported for this node")]
+    BadTopology(String),
+    #[error("cannot join with this topology: {0}")]
+    Topology(String),
     #[error("join failed on node \"{node}\": {message}")]
     Remote { node: String, message: String },
     #[error("timed out after {secs} s waiting for {what}")]
@@ -83,7 +87,7 @@ impl PgError for GroupError {
     fn sqlstate(&self) -> PgSqlErrorCode {
         use GroupError::*;
         match self {
-            BadName(_) | BadDsn(_) | BadKind(_) | JoinSelf | BadNodeNumber(_) => {
+            BadName(_) | BadDsn(_) | BadKind(_) | BadTopology(_) | JoinSelf | BadNodeNumber(_) => {
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
             }
             AlreadyMember(_) | DuplicateName(_) | NodeNumberTaken { .. } => {
@@ -96,7 +100,7 @@ impl PgError for GroupError {
             UnknownPeer(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             PartSelf | PromoteElsewhere(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             StandbyReadOnly(_) => PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
-            SourceNotNode(_) | NotMember | LocalRows(_) => {
+            SourceNotNode(_) | NotMember | LocalRows(_) | Topology(_) => {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             Remote { .. } => PgSqlErrorCode::ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
@@ -117,6 +121,8 @@ impl PgError for GroupError {
             Unreachable(_) => "Every member must be reachable to join without losing a transaction; start them or bdr.part() the ones that are gone.".into(),
             LocalRows(_) => "A joining node receives every row from the join source; empty the local tables, or drop them and let the join copy the schema.".into(),
             BadKind(_) => "node_kind must be 'active', 'standby' or 'witness'.".into(),
+            BadTopology(_) => "topology is 'mesh' (the default: every data node streams with every other) or 'spoke' (an active node that streams with the join source, its hub, only).".into(),
+            Topology(_) => "See docs/runbook.md, \"Hub and spoke\".".into(),
             Remote { .. } => "Nothing was left behind; fix the cause on that node and run group_join again.".into(),
             Timeout { .. } => "Check that the apply workers are running: SELECT * FROM bdr.apply_workers().".into(),
             NotMember => "Run bdr.group_create() or bdr.group_join() first.".into(),
@@ -254,6 +260,7 @@ pub fn group_create(
         dsn: node_external_dsn.into(),
         is_local: true,
         number: Some(number),
+        hub: None,
     });
     crate::sequence::forget_node_number_at_commit();
     crate::sequence::apply_default_kinds(None);
@@ -509,9 +516,15 @@ pub fn group_join(
     join_using_dsn: &str,
     node_kind: default!(&str, "'active'"),
     node_number: default!(Option<i32>, "NULL"),
+    topology: default!(&str, "'mesh'"),
 ) {
     crate::error::check_server_config().unwrap_or_else(|e| raise(&e));
     let wanted_number = check_node_number(node_number);
+    let spoke = match topology {
+        "mesh" => false,
+        "spoke" if node_kind == "active" => true,
+        _ => fail(GroupError::BadTopology(topology.into())),
+    };
     check_name(local_node_name);
     check_dsn(node_external_dsn);
     check_dsn(join_using_dsn);
@@ -538,7 +551,7 @@ pub fn group_join(
     let rows = src
         .exec(
             "SELECT node_name, node_id::text, node_kind, node_state, node_dsn, is_local::text, \
-                    node_number::text \
+                    node_number::text, hub_node \
              FROM bdr.nodes WHERE node_state NOT IN ('parting', 'parted') ORDER BY node_name",
         )
         .unwrap_or_else(|e| fail(GroupError::SourceNotNode(e.to_string())));
@@ -552,6 +565,7 @@ pub fn group_join(
             dsn: r[4].clone().unwrap_or_default(),
             is_local: r[5].as_deref() == Some("true"),
             number: r[6].as_deref().and_then(|v| v.parse().ok()),
+            hub: r[7].clone(),
         })
         .collect();
     let Some(source) = members.iter().find(|n| n.is_local).cloned() else {
@@ -562,6 +576,8 @@ pub fn group_join(
     if members.iter().any(|n| n.name == j) {
         fail(GroupError::DuplicateName(j.into()));
     }
+    check_topology(&members, &source, node_kind, spoke);
+    let hub = spoke.then(|| source.name.clone());
     drop(src);
     let mut unreachable = Vec::new();
     let mut reached = Vec::new();
@@ -646,8 +662,16 @@ pub fn group_join(
         m.conn
             .exec_params(
                 "INSERT INTO bdr.nodes (node_name, node_id, node_kind, node_state, node_dsn, is_local, \
-                   node_number) VALUES ($1, $2, $3, 'joining', $4, false, $5::int)",
-                &[j, &my_id.to_string(), node_kind, node_external_dsn, &my_number.to_string()],
+                   node_number, hub_node) VALUES ($1, $2, $3, 'joining', $4, false, $5::int, \
+                   nullif($6, ''))",
+                &[
+                    j,
+                    &my_id.to_string(),
+                    node_kind,
+                    node_external_dsn,
+                    &my_number.to_string(),
+                    hub.as_deref().unwrap_or(""),
+                ],
             )
             .unwrap_or_else(|e| {
                 // Another join took the same number since we looked.
@@ -673,6 +697,7 @@ pub fn group_join(
             dsn: node_external_dsn.into(),
             is_local: true,
             number: Some(my_number),
+            hub: None,
         };
         write_catalog_and_go(&members, &me, &mut reached);
         undo.done = true;
@@ -680,6 +705,24 @@ pub fn group_join(
         return;
     }
 
+    // The members J streams with: they get a slot for J and J one for them (a witness
+    // streams nothing; a spoke streams with its hub only; a standby member follows the
+    // mesh members).
+    let me_for_links = Node {
+        name: j.into(),
+        id: my_id,
+        kind: "active".into(),
+        state: "joining".into(),
+        dsn: String::new(),
+        is_local: true,
+        number: None,
+        hub: hub.clone(),
+    };
+    let streams_with: Vec<String> = me_for_links
+        .links(&members)
+        .chain(members.iter().filter(|n| n.kind == "standby" && !spoke))
+        .map(|n| n.name.clone())
+        .collect();
     // 3. J's slot on every other member, and S past it.
     let src_dboid = reached
         .iter()
@@ -692,6 +735,7 @@ pub fn group_join(
     for m in reached
         .iter_mut()
         .filter(|m| m.node.name != source.name && m.node.kind == "active")
+        .filter(|m| streams_with.contains(&m.node.name))
     {
         let slot = slot_name(m.dboid, j);
         m.conn
@@ -816,6 +860,7 @@ pub fn group_join(
     for m in reached
         .iter()
         .filter(|m| m.node.name != source.name && m.node.kind == "active")
+        .filter(|m| streams_with.contains(&m.node.name))
     {
         let p = progress
             .iter()
@@ -835,7 +880,10 @@ pub fn group_join(
         undo.local_origins.push(o.clone());
     }
     // A standby sends nothing: its slots are created when it is promoted.
-    for m in reached.iter().filter(|_| !standby) {
+    for m in reached
+        .iter()
+        .filter(|m| !standby && streams_with.contains(&m.node.name))
+    {
         let slot = slot_name(my_dboid, &m.node.name);
         jconn
             .exec_params(
@@ -942,6 +990,7 @@ pub fn group_join(
         dsn: node_external_dsn.into(),
         is_local: true,
         number: Some(my_number),
+        hub,
     };
     write_local_catalog(&members, &me);
     // Existing tables (created here before the join, or copied with the schema): their
@@ -953,6 +1002,45 @@ pub fn group_join(
     mark_joined(&me, &mut reached);
     undo.done = true;
     crate::workers::launcher::ensure_supervisor(my_dboid);
+}
+
+/// Hub and spoke: a spoke joins through the hub, the group's one mesh data node, and
+/// nothing else mixes with spokes (a second mesh node would not see the spokes' changes,
+/// and a standby would have no stream to follow).
+fn check_topology(members: &[Node], source: &Node, kind: &str, spoke: bool) {
+    let has_spokes = members.iter().any(|n| n.hub.is_some());
+    let mesh_data: Vec<&Node> = members
+        .iter()
+        .filter(|n| n.kind == "active" && n.hub.is_none())
+        .collect();
+    let why = if spoke && (source.kind != "active" || source.hub.is_some()) {
+        Some(format!(
+            "the join source \"{}\" is not a mesh data node, so it cannot be a hub",
+            source.name
+        ))
+    } else if spoke && mesh_data.len() > 1 {
+        Some(format!(
+            "the group already has {} mesh data nodes ({}); a hub-and-spoke group has one hub",
+            mesh_data.len(),
+            mesh_data
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    } else if spoke && members.iter().any(|n| n.kind == "standby") {
+        Some("the group has a standby node, which cannot follow spokes".into())
+    } else if !spoke && has_spokes && kind != "witness" {
+        Some(format!(
+            "the group is a hub and spokes; join with topology := 'spoke' through the hub \"{}\"",
+            mesh_data.first().map(|n| n.name.as_str()).unwrap_or("?")
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        fail(GroupError::Topology(why));
+    }
 }
 
 /// The joining node's own catalog: every member as seen by the source, and itself.
@@ -996,9 +1084,12 @@ fn wait_for_join(timeout: default!(i32, 300)) {
         return; // it applies nothing: joined as soon as registered
     }
     let dboid = nodes::my_database_oid();
-    let peers: Vec<Node> = nodes::all()
-        .into_iter()
-        .filter(|n| !n.is_local && n.state == "active" && n.kind == "active")
+    // The nodes it streams from (a spoke: its hub, which forwards the others).
+    let all = nodes::all();
+    let peers: Vec<Node> = local
+        .links(&all)
+        .filter(|n| n.state == "active")
+        .cloned()
         .collect();
     let deadline = Instant::now() + Duration::from_secs(timeout.max(1) as u64);
     for p in peers {

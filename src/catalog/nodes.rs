@@ -16,9 +16,32 @@ pub struct Node {
     pub is_local: bool,
     /// The node number (0-1023) in snowflake ids and offset sequences.
     pub number: Option<i32>,
+    /// A spoke's hub (hub and spoke); `None` in a full mesh.
+    pub hub: Option<String>,
 }
 
-const COLUMNS: &str = "node_name, node_id, node_kind, node_state, node_dsn, is_local, node_number";
+impl Node {
+    /// The nodes this node streams with (applies from, and is applied by), given the
+    /// whole catalog: a spoke only with its hub; a hub with its spokes and the other
+    /// mesh members; a mesh member with every other mesh member. Only data nodes
+    /// (`active`) stream; standbys apply from the mesh members and witnesses stream with
+    /// nobody.
+    pub fn links<'a>(&self, all: &'a [Node]) -> impl Iterator<Item = &'a Node> + 'a {
+        let me = self.clone();
+        all.iter().filter(move |n| {
+            n.name != me.name
+                && n.kind == "active"
+                && match (&me.hub, &n.hub) {
+                    (Some(h), _) => *h == n.name,
+                    (None, Some(h)) => *h == me.name,
+                    (None, None) => true,
+                }
+        })
+    }
+}
+
+const COLUMNS: &str =
+    "node_name, node_id, node_kind, node_state, node_dsn, is_local, node_number, hub_node";
 
 fn read(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> SpiResult<Vec<Node>> {
     Spi::connect(|c| {
@@ -32,6 +55,7 @@ fn read(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> SpiResult<Vec<Node
                 dsn: row.get(5)?.unwrap_or_default(),
                 is_local: row.get(6)?.unwrap_or_default(),
                 number: row.get(7)?,
+                hub: row.get(8)?,
             });
         }
         Ok(out)
@@ -91,12 +115,12 @@ pub fn by_name(name: &str) -> Option<Node> {
 pub fn upsert(n: &Node) {
     Spi::run_with_args(
         "INSERT INTO bdr.nodes (node_name, node_id, node_kind, node_state, node_dsn, is_local, \
-           node_number) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+           node_number, hub_node) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
          ON CONFLICT (node_name) DO UPDATE SET node_id = EXCLUDED.node_id, \
            node_kind = EXCLUDED.node_kind, node_state = EXCLUDED.node_state, \
            node_dsn = EXCLUDED.node_dsn, is_local = EXCLUDED.is_local, \
-           node_number = EXCLUDED.node_number",
+           node_number = EXCLUDED.node_number, hub_node = EXCLUDED.hub_node",
         &[
             n.name.as_str().into(),
             n.id.into(),
@@ -105,6 +129,7 @@ pub fn upsert(n: &Node) {
             n.dsn.as_str().into(),
             n.is_local.into(),
             n.number.into(),
+            n.hub.as_deref().into(),
         ],
     )
     .unwrap_or_else(|e| spi_fail(e));

@@ -59,6 +59,11 @@ struct RelEntry {
 /// Per-decoding-context state, owned by `ctx->output_plugin_private`.
 struct State {
     opts: DecodeOptions,
+    /// The slot's name (`bdr_<dboid>_<subscriber>`), to recognise the subscriber's own
+    /// changes when forwarding ([`decode::loops_back`]).
+    slot_name: String,
+    /// The current transaction is not sent (a forwarded change of the subscriber itself).
+    skip: bool,
     framing: TxnFraming,
     rels: HashMap<pg_sys::Oid, RelEntry>,
     buf: Vec<u8>,
@@ -155,8 +160,15 @@ unsafe extern "C-unwind" fn startup_cb(
             CALLBACK_REGISTERED.set(true);
         }
         INVALIDATED.with(|i| *i.borrow_mut() = Invalidations::default());
+        let slot_name = if (*ctx).slot.is_null() {
+            String::new()
+        } else {
+            cstring((*(*ctx).slot).data.name.data.as_ptr())
+        };
         let st = Box::new(State {
             opts,
+            slot_name,
+            skip: false,
             framing: TxnFraming::default(),
             rels: HashMap::new(),
             buf: Vec::with_capacity(8192),
@@ -224,6 +236,11 @@ unsafe extern "C-unwind" fn begin_cb(
         } else {
             None
         };
+        // Forwarding (hub and spoke): a spoke's own change, applied here, never goes back
+        // to it.
+        st.skip = origin
+            .as_ref()
+            .is_some_and(|o| decode::loops_back(&o.name, &st.slot_name));
         st.framing.begin(Begin {
             xid: txn.xid.into(),
             final_lsn: txn.final_lsn,
@@ -438,6 +455,9 @@ unsafe fn emit(
     rels: &[pg_sys::Oid],
     msg: &Message,
 ) {
+    if st.skip {
+        return;
+    }
     // SAFETY: forwarded from the caller.
     unsafe {
         if let Some(b) = st.framing.before_change() {

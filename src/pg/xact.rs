@@ -63,6 +63,49 @@ pub fn setup_origin(name: &str) -> u64 {
     progress
 }
 
+/// The id of replication origin `name`, created if `create` and missing (`None` if
+/// missing and not created). Inside a transaction.
+fn origin_id(name: &str, create: bool) -> Option<pg_sys::RepOriginId> {
+    let c = CString::new(name).expect("origin name without NUL");
+    // SAFETY: inside a transaction (catalog access).
+    unsafe {
+        let id = pg_sys::replorigin_by_name(c.as_ptr(), true);
+        if id != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+            Some(id)
+        } else if create {
+            Some(pg_sys::replorigin_create(c.as_ptr()))
+        } else {
+            None
+        }
+    }
+}
+
+/// Apply under replication origin `name` (created if missing) from now on: a spoke
+/// commits each forwarded transaction under its original node's origin, so the rows
+/// carry that node's identity and that origin's progress says what arrived from it.
+/// Inside a transaction, before anything is written.
+pub fn switch_origin(name: &str) {
+    let id = origin_id(name, true).expect("created");
+    // SAFETY: this session set up an origin at start (setup_origin); resetting it and
+    // setting up another is what PostgreSQL's own apply worker does between streams.
+    unsafe {
+        pg_sys::replorigin_session_reset();
+        pg_sys::replorigin_session_setup(id);
+        pg_sys::replorigin_session_origin = id;
+    }
+}
+
+/// Progress of replication origin `name` (0 if it does not exist): the remote end LSN of
+/// the last transaction committed under it. Inside a transaction.
+pub fn origin_progress(name: &str) -> u64 {
+    match origin_id(name, false) {
+        // SAFETY: a valid origin id; `false`: the in-memory value, which includes
+        // asynchronous commits not flushed yet (they are in this server's WAL).
+        Some(id) => unsafe { pg_sys::replorigin_get_progress(id, false) },
+        None => 0,
+    }
+}
+
 /// Flush this node's WAL up to the end of the last commit this process wrote (an apply
 /// worker commits with `synchronous_commit = off`; a synchronous commit on the origin
 /// waits for this).

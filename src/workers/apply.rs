@@ -42,6 +42,12 @@ pub extern "C-unwind" fn bdr_apply_main(arg: pg_sys::Datum) {
             (&local.name, local.id),
             (&peer.name, peer.id),
             &peer.dsn,
+            crate::receive::Link {
+                // A spoke asks its hub for every node's changes (forwarding).
+                forwarded: local.hub.as_deref() == Some(peer.name.as_str()),
+                // A hub passes its spokes' schema changes on to the other spokes.
+                requeue_ddl: peer.hub.as_deref() == Some(local.name.as_str()),
+            },
         )
     })
     .catch_others(|e| {

@@ -165,11 +165,15 @@ pub fn backoff(failures: u32) -> Duration {
     Duration::from_secs((1u64 << failures.min(5).saturating_sub(1)).min(30)).min(max)
 }
 
-/// Peers this node applies from: every other node that is a member (not parting/parted).
+/// Peers this node applies from: every other data node it streams with
+/// ([`nodes::Node::links`]: all of them in a mesh; the hub for a spoke; the spokes for
+/// the hub) that is a member (not parting/parted).
 fn peers(all: &[nodes::Node]) -> Vec<nodes::Node> {
-    all.iter()
-        .filter(|n| !n.is_local && matches!(n.state.as_str(), "active" | "standby" | "catching_up"))
-        .filter(|n| n.kind == "active")
+    let Some(me) = all.iter().find(|n| n.is_local) else {
+        return Vec::new();
+    };
+    me.links(all)
+        .filter(|n| matches!(n.state.as_str(), "active" | "standby" | "catching_up"))
         .cloned()
         .collect()
 }
