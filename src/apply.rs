@@ -349,10 +349,9 @@ impl Applier {
         if let Some(id) = self.origin_nodes.get(&origin) {
             return Some(*id);
         }
-        // Our origins are named bdr_<dboid>_<node>.
         let name = xact::origin_name(origin)?;
-        let node = name.strip_prefix("bdr_")?.split_once('_')?.1.to_string();
-        let id = crate::catalog::nodes::by_name(&node)?.id;
+        let (_, node) = bdr_core::names::parse(&name)?;
+        let id = crate::catalog::nodes::by_name(node)?.id;
         self.origin_nodes.insert(origin, id);
         Some(id)
     }

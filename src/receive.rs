@@ -20,21 +20,11 @@ use crate::apply::Applier;
 use crate::error::{raise, ApplyError};
 use crate::pg::libpq::{quote_ident, quote_literal, Conn, CopyData};
 use crate::pg::{bgw, shmem, xact};
+use bdr_core::names::{origin_name, slot_name};
 use bdr_core::stream::{parse_server_message, status_update, ServerMessage};
 use bdr_core::wire::Message;
 use bdr_core::{dsn, wire};
 use std::time::{Duration, Instant};
-
-/// Name of the slot on a provider (database `provider_dboid`) that feeds `subscriber`.
-pub fn slot_name(provider_dboid: u32, subscriber: &str) -> String {
-    format!("bdr_{provider_dboid}_{subscriber}")
-}
-
-/// Name of the replication origin on a subscriber (database `local_dboid`) for changes
-/// coming from `provider`.
-pub fn origin_name(local_dboid: u32, provider: &str) -> String {
-    format!("bdr_{local_dboid}_{provider}")
-}
 
 thread_local! {
     /// Commit time of the transaction whose BEGIN arrived and is not applied yet (0:

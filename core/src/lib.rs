@@ -2,6 +2,7 @@ pub mod conflict;
 pub mod ddl;
 pub mod dsn;
 pub mod lag;
+pub mod names;
 pub mod replication;
 pub mod snowflake;
 pub mod stream;

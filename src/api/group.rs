@@ -26,7 +26,8 @@ use crate::catalog::nodes::{self, Node};
 use crate::error::{raise, PgError};
 use crate::pg::libpq::{quote_ident, Conn, LibpqError};
 use crate::pg::shmem;
-use crate::receive::{origin_name, slot_name};
+use bdr_core::names::{origin_name, slot_name};
+use bdr_core::replication::REPLICATED_TABLES_SQL;
 use bdr_core::{dsn, wire};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
@@ -393,17 +394,6 @@ pub fn join_application_name(joining: &str) -> String {
 
 /// Commit time given to the rows a join copies: older than any real change.
 const COPY_VERSION_TIME: &str = "2000-01-01 00:00:00.000001+00";
-
-/// Tables of this database that replicate: permanent, not system, not an extension's.
-pub const REPLICATED_TABLES_SQL: &str = "\
-    SELECT n.nspname::text, c.relname::text FROM pg_class c \
-      JOIN pg_namespace n ON n.oid = c.relnamespace \
-     WHERE c.relkind = 'r' AND c.relpersistence = 'p' \
-       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'bdr') \
-       AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%' \
-       AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
-                       AND d.objid = c.oid AND d.deptype = 'e') \
-     ORDER BY 1, 2";
 
 /// A client program (`pg_dump`, `psql`) connecting with `dsn`, with no secret on its
 /// command line (every local user can read it in `/proc`): see [`dsn::for_client`]. The

@@ -6,11 +6,12 @@
 //! and refuses user writes; `promote` creates the promoted node's slots *before* it accepts
 //! writes, so nothing written after the switch is missed.
 
-use crate::api::group::{GroupError, DROP_ORIGIN_SQL, DROP_SLOT_SQL, REPLICATED_TABLES_SQL};
+use crate::api::group::{GroupError, DROP_ORIGIN_SQL, DROP_SLOT_SQL};
 use crate::catalog::nodes::{self, Node};
 use crate::error::raise;
 use crate::pg::libpq::{quote_ident, Conn};
-use crate::receive::{origin_name, slot_name};
+use bdr_core::names::{origin_name, slot_name};
+use bdr_core::replication::REPLICATED_TABLES_SQL;
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
 

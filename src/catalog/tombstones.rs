@@ -5,7 +5,7 @@
 //! local ones (ordinary triggers do not fire in the apply worker). Removed by the
 //! supervisor once every peer has sent us transactions committed after them.
 
-use crate::api::group::REPLICATED_TABLES_SQL;
+use bdr_core::replication::REPLICATED_TABLES_SQL;
 use pgrx::prelude::*;
 
 fn spi_fail(e: pgrx::spi::Error) -> ! {

@@ -132,7 +132,7 @@ fn janitor(dboid: u32, all: &[nodes::Node], dead_joins: &mut HashMap<String, Ins
         pgrx::warning!(
             "bdr: the join of node \"{name}\" ended without finishing; removing what it left here"
         );
-        drop_slot_and_origin(&crate::receive::slot_name(dboid, name));
+        drop_slot_and_origin(&bdr_core::names::slot_name(dboid, name));
         if try_sql(
             "DELETE FROM bdr.nodes WHERE node_name = $1 AND node_state = 'joining'",
             &[name],
@@ -140,7 +140,7 @@ fn janitor(dboid: u32, all: &[nodes::Node], dead_joins: &mut HashMap<String, Ins
             dead_joins.remove(name);
         }
     }
-    let prefix = crate::receive::slot_name(dboid, "");
+    let prefix = bdr_core::names::slot_name(dboid, "");
     let pattern = format!("{}%", prefix.replace('_', "\\_"));
     let named = strings(
         "SELECT slot_name::text FROM pg_replication_slots \
