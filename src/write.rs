@@ -18,7 +18,11 @@
 //! the table are checked before each kind of change.
 
 use crate::error::ApplyError;
-use crate::pg::exec::{self, InputFn, LocalAttr, OwnerRights, Row};
+use crate::pg::exec::{self, InputFn, LocalAttr, OwnerRights};
+/// The write stage's raw half ([`crate::pg::exec`]): a local table opened for writing,
+/// the rows it writes and the locked rows it finds. The conflict stage writes through
+/// these, never through `pg::exec` directly.
+pub use crate::pg::exec::{relation_name, LocalRow, Row, Target};
 use bdr_core::wire::{self, OldRow, ReplicaIdentity, Value};
 use pgrx::pg_sys;
 
