@@ -15,6 +15,7 @@
 
 use crate::conflict::Resolver;
 use crate::error::{raise, ApplyError};
+use crate::pg::memcxt::MemCxt;
 use crate::pg::{relcache, shmem, xact};
 use crate::write::RelMap;
 use bdr_core::stream::FlushTracker;
@@ -40,26 +41,15 @@ pub struct Applier {
     begin: Option<wire::Begin>,
     changes: u64,
     pub tracker: FlushTracker,
-    change_cxt: pg_sys::MemoryContext,
-    cache_cxt: pg_sys::MemoryContext,
+    /// Memory of one change, freed after it (bounded memory for any transaction).
+    change_cxt: MemCxt,
+    /// Input functions of the cached mappings, kept for the process.
+    cache_cxt: MemCxt,
     pub last_commit_time: i64,
     /// Changes and commits applied since last published (see [`Applier::take_counts`]).
     counts: shmem::Stats,
     /// The current transaction ran a replicated schema change.
     ddl_applied: bool,
-}
-
-fn memory_context(name: &'static std::ffi::CStr) -> pg_sys::MemoryContext {
-    // SAFETY: a child of TopMemoryContext, alive for the process.
-    unsafe {
-        pg_sys::AllocSetContextCreateInternal(
-            pg_sys::TopMemoryContext,
-            name.as_ptr(),
-            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
-            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
-            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
-        )
-    }
 }
 
 impl Applier {
@@ -73,8 +63,8 @@ impl Applier {
             begin: None,
             changes: 0,
             tracker: FlushTracker::new(origin_progress),
-            change_cxt: memory_context(c"bdr apply change"),
-            cache_cxt: memory_context(c"bdr apply cache"),
+            change_cxt: MemCxt::new(c"bdr apply change"),
+            cache_cxt: MemCxt::new(c"bdr apply cache"),
             last_commit_time: 0,
             counts: shmem::Stats::default(),
             ddl_applied: false,
@@ -183,8 +173,7 @@ impl Applier {
     /// transaction of one change pays nothing for it.
     fn see_previous_change(&mut self) {
         if std::mem::take(&mut self.pending_cci) {
-            // SAFETY: inside the applying transaction.
-            unsafe { pg_sys::CommandCounterIncrement() };
+            xact::command_counter_increment();
         }
     }
 
@@ -204,15 +193,12 @@ impl Applier {
         // Lock the table before trusting its cached mapping: taking the lock processes
         // any change of its definition committed meanwhile, which drops the mapping.
         if let Some(relid) = self.rels[&relation].map.as_ref().map(|m| m.relid) {
-            // SAFETY: inside the applying transaction.
-            let inv = unsafe { relcache::lock_and_take(relid) };
+            let inv = relcache::lock_and_take(relid);
             self.forget_mappings(&inv, None);
         }
-        let cache = self.cache_cxt;
         let bound = self.rels.get_mut(&relation).expect("checked above");
         if bound.map.is_none() {
-            // SAFETY: inside the applying transaction.
-            let map = unsafe { RelMap::build(&bound.remote, cache) };
+            let map = RelMap::build(&bound.remote, &self.cache_cxt);
             bound.map = Some(map.unwrap_or_else(|e| raise(&e)));
             // Invalidations seen while building describe the table as just read.
             let inv = relcache::take_invalidated();
@@ -226,17 +212,12 @@ impl Applier {
         let bound = self.rels.get_mut(&relation).expect("checked above");
         let map = bound.map.as_ref().expect("built above");
         map.check_may(kind).unwrap_or_else(|e| raise(&e));
-        // Move the map out while the closure borrows self mutably.
-        let map = bound.map.take().expect("built above");
-        // SAFETY: the per-change context is reset only after the target is closed.
-        let old = unsafe { pg_sys::MemoryContextSwitchTo(self.change_cxt) };
-        f(&mut self.resolver, &map);
-        unsafe {
-            pg_sys::MemoryContextSwitchTo(old);
-            pg_sys::MemoryContextReset(self.change_cxt);
+        {
+            // Everything the change allocates is freed when it is done.
+            let _change = self.change_cxt.scope();
+            f(&mut self.resolver, map);
         }
         self.pending_cci = true;
-        self.rels.get_mut(&relation).expect("still bound").map = Some(map);
         self.changes += 1;
         match kind {
             "insert" => self.counts.inserts += 1,
@@ -282,13 +263,11 @@ impl Applier {
             .collect();
         self.context("TRUNCATE", Some(names.join(", ").into()));
         self.see_previous_change();
-        let cache = self.cache_cxt;
         let mut targets: Vec<(pg_sys::Oid, pg_sys::Oid)> = Vec::new();
         for id in &t.relations {
             let bound = self.rels.get_mut(id).expect("checked above");
             // Always from the catalog as it is now (no cached mapping trusted).
-            // SAFETY: inside the applying transaction.
-            let map = unsafe { RelMap::build(&bound.remote, cache) }.unwrap_or_else(|e| raise(&e));
+            let map = RelMap::build(&bound.remote, &self.cache_cxt).unwrap_or_else(|e| raise(&e));
             map.check_may("truncate").unwrap_or_else(|e| raise(&e));
             targets.push((map.relid, map.rights.owner));
             bound.map = None;
@@ -308,8 +287,7 @@ impl Applier {
             // Names read from the local catalog by OID, never the peer's text.
             let list: Vec<String> = g
                 .iter()
-                // SAFETY: inside the applying transaction; the tables are known to exist.
-                .map(|(relid, _)| unsafe { relcache::quoted_name(*relid) })
+                .map(|(relid, _)| relcache::quoted_name(*relid))
                 .collect();
             let sql = format!("TRUNCATE ONLY {}{restart}", list.join(", "));
             crate::pg::exec::as_user(g[0].1, || xact::run_sql(&sql));
@@ -325,10 +303,7 @@ impl Applier {
         if self.changes == 0 {
             // Nothing written: take an xid so the commit record (and with it the origin
             // progress) is written all the same.
-            // SAFETY: inside a transaction.
-            unsafe {
-                pg_sys::GetCurrentTransactionId();
-            }
+            xact::assign_xid();
         }
         let local_end = xact::commit_remote(c.end_lsn, c.commit_time);
         self.tracker.applied(c.end_lsn, local_end);

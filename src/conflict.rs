@@ -51,18 +51,14 @@ impl<'a> LazyKey<'a> {
 
     fn get(&mut self) -> Option<String> {
         let (t, row) = (self.t, self.row);
-        // SAFETY: the target is open and `row` holds its datums (per-change context).
-        self.text
-            .get_or_insert_with(|| unsafe { t.key_text(row) })
-            .clone()
+        self.text.get_or_insert_with(|| t.key_text(row)).clone()
     }
 }
 
 /// Another apply worker wrote `key` of `t`'s table at the same time: roll back and
 /// apply the transaction again (see [`Resolver::verify_no_new_tombstone`]).
 fn raced(t: &Target, key: String) -> ! {
-    // SAFETY: the target's relation is open.
-    let table = unsafe { crate::write::relation_name(t.relid()) };
+    let table = crate::write::relation_name(t.relid());
     raise(&ApplyError::ConcurrentKey { table, key })
 }
 
@@ -200,8 +196,7 @@ impl Resolver {
     /// What is there locally for a key: the row found, else a tombstone, else nothing.
     fn local_state(&mut self, t: &Target, found: Option<&LocalRow>, key: &mut LazyKey) -> Local {
         if let Some(r) = found {
-            // SAFETY: the target is open.
-            let xmin = unsafe { r.xmin() };
+            let xmin = r.xmin();
             if xact::is_current_xact(xmin) {
                 return Local::Row {
                     version: None,
@@ -231,192 +226,170 @@ impl Resolver {
     /// local row that is older than the remote change is deleted (and remembered as
     /// deleted); a newer one keeps its place and the remote row is not inserted.
     ///
-    /// # Safety
     /// Inside the applying transaction, with `t` open.
-    unsafe fn insert_resolving_unique(
-        &mut self,
-        t: &Target,
-        map: &RelMap,
-        row: &Row,
-        new: &[Value],
-    ) {
+    fn insert_resolving_unique(&mut self, t: &Target, map: &RelMap, row: &Row, new: &[Value]) {
         let remote = self.remote_version();
-        // SAFETY: forwarded.
-        unsafe {
-            for (index, _cols) in t.other_unique_indexes() {
-                let Some(other) = t.find_by_index(index, row) else {
-                    continue;
-                };
-                let local = self.version_of(other.xmin());
-                let wins = unique_key_remote_wins(local, remote);
-                let base = other.values();
-                let info = Recorded {
-                    local_version: local,
-                    local_row: Some(t.row_json(&base)),
-                    key: t.key_text(&base),
-                };
-                if wins {
-                    if let Some(k) = &info.key {
-                        self.tombstone(t.relid(), k);
-                    }
-                    t.delete(&other);
+        for (index, _cols) in t.other_unique_indexes() {
+            let Some(other) = t.find_by_index(index, row) else {
+                continue;
+            };
+            let local = self.version_of(other.xmin());
+            let wins = unique_key_remote_wins(local, remote);
+            let base = other.values();
+            let info = Recorded {
+                local_version: local,
+                local_row: Some(t.row_json(&base)),
+                key: t.key_text(&base),
+            };
+            if wins {
+                if let Some(k) = &info.key {
+                    self.tombstone(t.relid(), k);
                 }
-                let res = if wins {
-                    Resolution::ApplyRemote
-                } else {
-                    Resolution::KeepLocal
-                };
-                self.record(map, Conflict::UniqueKey, res, new, info);
-                if !wins {
-                    return;
-                }
+                t.delete(&other);
             }
-            t.insert(row);
+            let res = if wins {
+                Resolution::ApplyRemote
+            } else {
+                Resolution::KeepLocal
+            };
+            self.record(map, Conflict::UniqueKey, res, new, info);
+            if !wins {
+                return;
+            }
         }
+        t.insert(row);
     }
 
     pub fn insert(&mut self, map: &RelMap, new: &[Value]) {
-        // SAFETY: inside the applying transaction, in the per-change context.
-        unsafe {
-            let t = Target::open(map.relid);
-            let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
-            t.fill_defaults(&mut row, map.local_only());
-            let keyed = map.remote.columns.iter().any(|c| c.key);
-            // The common case, a new key in a table without tombstones: insert directly,
-            // unless a unique index already holds the key (then decide as below).
-            if keyed
-                && t.can_try_insert()
-                && !self.may_have_tombstones(t.relid())
-                && t.try_insert(&row)
-            {
-                let mut key = LazyKey::new(&t, &row);
-                self.verify_no_new_tombstone(&t, Local::Missing, &mut key);
-                t.close();
-                return;
-            }
-            let found = if keyed {
-                let key = map.search_row_new(new).unwrap_or_else(|e| raise(&e));
-                t.find(&key)
-            } else {
-                None
-            };
+        let t = Target::open(map.relid);
+        let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
+        t.fill_defaults(&mut row, map.local_only());
+        let keyed = map.remote.columns.iter().any(|c| c.key);
+        // The common case, a new key in a table without tombstones: insert directly,
+        // unless a unique index already holds the key (then decide as below).
+        if keyed && t.can_try_insert() && !self.may_have_tombstones(t.relid()) && t.try_insert(&row)
+        {
             let mut key = LazyKey::new(&t, &row);
-            let local = self.local_state(&t, found.as_ref(), &mut key);
-            let d = decide(Change::Insert, local, self.remote_version());
-            let base = found.as_ref().map(|f| f.values());
-            match d.action {
-                Action::Insert => {
-                    self.insert_resolving_unique(&t, map, &row, new);
-                    self.verify_no_new_tombstone(&t, local, &mut key);
-                }
-                Action::Update => {
-                    let f = found.as_ref().expect("update needs the row");
-                    let row = map.row(new, base.as_ref()).unwrap_or_else(|e| raise(&e));
-                    t.update(f, &row);
-                }
-                Action::Delete | Action::Nothing => {}
-            }
-            self.record_decision(
-                &t,
-                map,
-                &mut key,
-                Decided {
-                    decision: &d,
-                    remote: new,
-                    local,
-                    base: base.as_ref(),
-                },
-            );
+            self.verify_no_new_tombstone(&t, Local::Missing, &mut key);
             t.close();
+            return;
         }
+        let found = if keyed {
+            let key = map.search_row_new(new).unwrap_or_else(|e| raise(&e));
+            t.find(&key)
+        } else {
+            None
+        };
+        let mut key = LazyKey::new(&t, &row);
+        let local = self.local_state(&t, found.as_ref(), &mut key);
+        let d = decide(Change::Insert, local, self.remote_version());
+        let base = found.as_ref().map(|f| f.values());
+        match d.action {
+            Action::Insert => {
+                self.insert_resolving_unique(&t, map, &row, new);
+                self.verify_no_new_tombstone(&t, local, &mut key);
+            }
+            Action::Update => {
+                let f = found.as_ref().expect("update needs the row");
+                let row = map.row(new, base.as_ref()).unwrap_or_else(|e| raise(&e));
+                t.update(f, &row);
+            }
+            Action::Delete | Action::Nothing => {}
+        }
+        self.record_decision(
+            &t,
+            map,
+            &mut key,
+            Decided {
+                decision: &d,
+                remote: new,
+                local,
+                base: base.as_ref(),
+            },
+        );
+        t.close();
     }
 
     pub fn update(&mut self, map: &RelMap, old: Option<&wire::OldRow>, new: &[Value]) {
-        // SAFETY: as in insert.
-        unsafe {
-            let t = Target::open(map.relid);
-            let key_row = match old {
-                Some(o) => map.search_row_old(o, "update"),
-                None => map.search_row_new(new),
-            }
-            .unwrap_or_else(|e| raise(&e));
-            let found = t.find(&key_row);
-            let mut key = LazyKey::new(&t, &key_row);
-            let local = self.local_state(&t, found.as_ref(), &mut key);
-            let mut d = decide(Change::Update, local, self.remote_version());
-            let base = found.as_ref().map(|f| f.values());
-            match d.action {
-                Action::Update => {
-                    let f = found.as_ref().expect("update needs the row");
-                    let row = map.row(new, base.as_ref()).unwrap_or_else(|e| raise(&e));
-                    t.update(f, &row);
-                    // A key change removes the old key: remember it as deleted.
-                    if let (Some(_), Some(k)) = (old, key.get()) {
-                        if t.key_text(&row).as_ref() != Some(&k) {
-                            self.tombstone(t.relid(), &k);
-                        }
-                    }
-                }
-                Action::Insert => {
-                    if new.contains(&Value::UnchangedToast) {
-                        // The row must come back but the sender did not send every column.
-                        d.action = Action::Nothing;
-                        d.conflict = d.conflict.map(|(c, _)| (c, Resolution::Skip));
-                    } else {
-                        let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
-                        t.fill_defaults(&mut row, map.local_only());
-                        self.insert_resolving_unique(&t, map, &row, new);
-                        self.verify_no_new_tombstone(&t, local, &mut key);
-                    }
-                }
-                Action::Delete | Action::Nothing => {}
-            }
-            self.record_decision(
-                &t,
-                map,
-                &mut key,
-                Decided {
-                    decision: &d,
-                    remote: new,
-                    local,
-                    base: base.as_ref(),
-                },
-            );
-            t.close();
+        let t = Target::open(map.relid);
+        let key_row = match old {
+            Some(o) => map.search_row_old(o, "update"),
+            None => map.search_row_new(new),
         }
+        .unwrap_or_else(|e| raise(&e));
+        let found = t.find(&key_row);
+        let mut key = LazyKey::new(&t, &key_row);
+        let local = self.local_state(&t, found.as_ref(), &mut key);
+        let mut d = decide(Change::Update, local, self.remote_version());
+        let base = found.as_ref().map(|f| f.values());
+        match d.action {
+            Action::Update => {
+                let f = found.as_ref().expect("update needs the row");
+                let row = map.row(new, base.as_ref()).unwrap_or_else(|e| raise(&e));
+                t.update(f, &row);
+                // A key change removes the old key: remember it as deleted.
+                if let (Some(_), Some(k)) = (old, key.get()) {
+                    if t.key_text(&row).as_ref() != Some(&k) {
+                        self.tombstone(t.relid(), &k);
+                    }
+                }
+            }
+            Action::Insert => {
+                if new.contains(&Value::UnchangedToast) {
+                    // The row must come back but the sender did not send every column.
+                    d.action = Action::Nothing;
+                    d.conflict = d.conflict.map(|(c, _)| (c, Resolution::Skip));
+                } else {
+                    let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
+                    t.fill_defaults(&mut row, map.local_only());
+                    self.insert_resolving_unique(&t, map, &row, new);
+                    self.verify_no_new_tombstone(&t, local, &mut key);
+                }
+            }
+            Action::Delete | Action::Nothing => {}
+        }
+        self.record_decision(
+            &t,
+            map,
+            &mut key,
+            Decided {
+                decision: &d,
+                remote: new,
+                local,
+                base: base.as_ref(),
+            },
+        );
+        t.close();
     }
 
     pub fn delete(&mut self, map: &RelMap, old: &wire::OldRow) {
-        // SAFETY: as in insert.
-        unsafe {
-            let t = Target::open(map.relid);
-            let key_row = map
-                .search_row_old(old, "delete")
-                .unwrap_or_else(|e| raise(&e));
-            let found = t.find(&key_row);
-            let mut key = LazyKey::new(&t, &key_row);
-            let local = self.local_state(&t, found.as_ref(), &mut key);
-            let d = decide(Change::Delete, local, self.remote_version());
-            let base = found.as_ref().map(|f| f.values());
-            if d.action == Action::Delete {
-                t.delete(found.as_ref().expect("delete needs the row"));
-            }
-            let values = match old {
-                wire::OldRow::Key(k) | wire::OldRow::Full(k) => k.clone(),
-            };
-            self.record_decision(
-                &t,
-                map,
-                &mut key,
-                Decided {
-                    decision: &d,
-                    remote: &values,
-                    local,
-                    base: base.as_ref(),
-                },
-            );
-            t.close();
+        let t = Target::open(map.relid);
+        let key_row = map
+            .search_row_old(old, "delete")
+            .unwrap_or_else(|e| raise(&e));
+        let found = t.find(&key_row);
+        let mut key = LazyKey::new(&t, &key_row);
+        let local = self.local_state(&t, found.as_ref(), &mut key);
+        let d = decide(Change::Delete, local, self.remote_version());
+        let base = found.as_ref().map(|f| f.values());
+        if d.action == Action::Delete {
+            t.delete(found.as_ref().expect("delete needs the row"));
         }
+        let values = match old {
+            wire::OldRow::Key(k) | wire::OldRow::Full(k) => k.clone(),
+        };
+        self.record_decision(
+            &t,
+            map,
+            &mut key,
+            Decided {
+                decision: &d,
+                remote: &values,
+                local,
+                base: base.as_ref(),
+            },
+        );
+        t.close();
     }
 
     fn tombstone(&mut self, relid: pg_sys::Oid, key: &str) {
@@ -455,9 +428,8 @@ impl Resolver {
     /// Write the tombstone for an absent key (see [`Resolver::verify_no_new_tombstone`]):
     /// only if none appeared since we looked, then check no row appeared either.
     ///
-    /// # Safety
-    /// `t` is open; `key` holds a search row for it.
-    unsafe fn tombstone_absent_key(&mut self, t: &Target, local: Local, key: &mut LazyKey) {
+    /// `key` holds a search row for `t`.
+    fn tombstone_absent_key(&mut self, t: &Target, local: Local, key: &mut LazyKey) {
         let Some(k) = key.get() else { return };
         let relid = t.relid();
         let fresh = match local {
@@ -469,23 +441,15 @@ impl Resolver {
             _ => tombstones::insert_new(relid, &k),
         };
         self.has_tombstones.insert(relid, true);
-        // SAFETY: forwarded.
-        if !fresh || unsafe { t.find(key.row) }.is_some() {
+        if !fresh || t.find(key.row).is_some() {
             raced(t, k);
         }
     }
 
     /// Write the tombstone and the conflict history row a decision asks for.
     ///
-    /// # Safety
-    /// `t` is open; `base` holds its datums.
-    unsafe fn record_decision(
-        &mut self,
-        t: &Target,
-        map: &RelMap,
-        key: &mut LazyKey,
-        what: Decided,
-    ) {
+    /// `base` holds `t`'s datums.
+    fn record_decision(&mut self, t: &Target, map: &RelMap, key: &mut LazyKey, what: Decided) {
         let Decided {
             decision: d,
             remote,
@@ -494,10 +458,7 @@ impl Resolver {
         } = what;
         if d.tombstone {
             match local {
-                // SAFETY: forwarded.
-                Local::Missing | Local::Deleted(_) => unsafe {
-                    self.tombstone_absent_key(t, local, key)
-                },
+                Local::Missing | Local::Deleted(_) => self.tombstone_absent_key(t, local, key),
                 Local::Row { .. } => {
                     // The row is locked: nobody else decides about this key meanwhile.
                     if let Some(k) = key.get() {
@@ -512,8 +473,7 @@ impl Resolver {
                 Local::Deleted(v) => Some(v),
                 Local::Missing => None,
             };
-            // SAFETY: forwarded.
-            let local_row = base.map(|b| unsafe { t.row_json(b) });
+            let local_row = base.map(|b| t.row_json(b));
             self.record(
                 map,
                 c,

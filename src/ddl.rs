@@ -110,8 +110,7 @@ pub fn after(p: &Plan) {
 pub fn refuse_if_fenced(relid: pgrx::pg_sys::Oid) {
     let dboid = nodes::my_database_oid();
     if let Some(origin) = shmem::fenced_by(dboid, relid.to_u32(), utility::my_pid(), xact::now()) {
-        // SAFETY: inside a transaction (a statement is starting).
-        let table = unsafe { crate::pg::relcache::quoted_name(relid) };
+        let table = crate::pg::relcache::quoted_name(relid);
         raise(&DdlError::Fenced { table, origin });
     }
 }
@@ -305,8 +304,7 @@ fn ddl_fence(tables: Vec<String>, origin: &str, timeout_ms: i32) -> String {
         .unwrap_or_else(|e| raise(&DdlError::Queue(e.to_string())));
     for t in &tables {
         if let Some(relid) = fence(dboid, t, origin, 0) {
-            // SAFETY: inside this function's transaction.
-            unsafe { utility::wait_for_writers(relid) };
+            utility::wait_for_writers(relid);
         }
     }
     wire::format_lsn(utility::insert_lsn())

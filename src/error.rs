@@ -77,8 +77,7 @@ impl PgError for ConfigError {
 
 /// Check the server settings replication depends on.
 pub fn check_server_config() -> Result<(), ConfigError> {
-    // SAFETY: plain reads of GUC-backed globals, set before any library is loaded.
-    let (level, commit_ts) = unsafe { (pg_sys::wal_level, pg_sys::track_commit_timestamp) };
+    let (level, commit_ts) = crate::pg::wal_settings();
     if level != pg_sys::WalLevel::WAL_LEVEL_LOGICAL as i32 {
         let name = if level == pg_sys::WalLevel::WAL_LEVEL_MINIMAL as i32 {
             "minimal"

@@ -11,6 +11,9 @@
 //! Invariants kept here: the library refuses to load outside `shared_preload_libraries`
 //! (a late load could not register workers or settings safely), and nothing starts
 //! replicating on a server whose `wal_level` or `track_commit_timestamp` cannot support it.
+//!
+//! Raw PostgreSQL calls live in [`pg`] only, behind safe functions: the compiler keeps it
+//! so (`[lints.rust]` in Cargo.toml denies them crate-wide; `pg/mod.rs` alone allows them).
 
 use pgrx::prelude::*;
 

@@ -127,6 +127,5 @@ pub fn delete(name: &str) {
 
 /// The current database's OID.
 pub fn my_database_oid() -> u32 {
-    // SAFETY: MyDatabaseId is set once the backend is connected.
-    unsafe { pgrx::pg_sys::MyDatabaseId }.to_u32()
+    crate::pg::database_oid()
 }

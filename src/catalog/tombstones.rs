@@ -16,17 +16,8 @@ fn spi_fail(e: pgrx::spi::Error) -> ! {
 /// transaction ends (so nobody replaces it while we act on it). A tombstone another
 /// transaction is writing is waited for, not missed.
 pub fn lookup(relid: pg_sys::Oid, key: &str) -> Option<pg_sys::TransactionId> {
-    // SAFETY: inside the applying transaction; the text datum is palloc'd in the current
-    // (per-change) memory context and only read during the lookup.
-    unsafe {
-        let table = crate::pg::exec::find_table("bdr", "tombstones")?;
-        let k = std::ffi::CString::new(key).ok()?;
-        let key_row = vec![
-            Some(pg_sys::Datum::from(u32::from(relid))),
-            Some(pg_sys::Datum::from(pg_sys::cstring_to_text(k.as_ptr()))),
-        ];
-        crate::pg::exec::lock_by_identity(table, &key_row)
-    }
+    let table = crate::pg::exec::find_table("bdr", "tombstones")?;
+    crate::pg::exec::lock_by_oid_and_text(table, relid, key)
 }
 
 /// Whether any tombstone exists for `relid`.
@@ -114,26 +105,9 @@ fn note_writer() {
 fn tombstone_trigger<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::trigger_support::PgTriggerError> {
-    let rel = trigger.relation()?;
-    let relid = rel.oid();
-    // SAFETY: the trigger's relation is open and its tuples belong to it.
-    unsafe {
-        let old = trigger.old().map(|t| t.into_pg());
-        let new = trigger.new().map(|t| t.into_pg());
-        let Some(old) = old else { return Ok(None) };
-        // Most UPDATEs keep the key: compare binary datums before rendering any text.
-        if let Some(n) = new {
-            if !crate::pg::exec::identity_changed(rel.as_ptr(), old, n) {
-                return Ok(None);
-            }
-        }
-        let old_key = crate::pg::exec::tuple_key_text(rel.as_ptr(), old);
-        let new_key = new.and_then(|n| crate::pg::exec::tuple_key_text(rel.as_ptr(), n));
-        if let Some(k) = old_key {
-            if new_key.as_deref() != Some(k.as_str()) {
-                upsert(relid, &k);
-            }
-        }
+    let relid = trigger.relation()?.oid();
+    if let Some(k) = crate::pg::exec::removed_key(trigger)? {
+        upsert(relid, &k);
     }
     Ok(None)
 }

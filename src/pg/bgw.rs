@@ -126,3 +126,25 @@ pub fn release_slot_at_exit(i: usize) {
     // SAFETY: registers a callback run by proc_exit, before shared memory is detached.
     unsafe { pg_sys::before_shmem_exit(Some(release), pg_sys::Datum::from(i)) };
 }
+
+// Entry points PostgreSQL starts background workers at, by symbol name (hence
+// `no_mangle`, which only `pg/` may declare): each hands over to its body in
+// `crate::workers`.
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn bdr_launcher_main(arg: pg_sys::Datum) {
+    crate::workers::launcher::main(arg)
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn bdr_supervisor_main(arg: pg_sys::Datum) {
+    crate::workers::supervisor::main(arg)
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn bdr_apply_main(arg: pg_sys::Datum) {
+    crate::workers::apply::main(arg)
+}

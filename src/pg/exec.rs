@@ -13,9 +13,11 @@
 //! that owner inside a security-restricted operation ([`as_user`]), as PostgreSQL 16+
 //! native apply does: a table owner cannot make the apply worker act as a superuser.
 
+use crate::pg::memcxt::MemCxt;
 use pgrx::pg_sys;
 use pgrx::{PgBox, PgList};
 use std::ffi::{c_char, CStr, CString};
+use std::marker::PhantomData;
 
 /// Restores the user and security context saved by [`as_user`], also when an error
 /// unwinds through it.
@@ -54,9 +56,10 @@ pub fn switch_user<R>(role: pg_sys::Oid, flags: u32, f: impl FnOnce() -> R) -> R
 /// The owner of `relid`, and whether that owner may insert, update and delete in it and
 /// is exempt from its row-level security; `None` if the table is gone.
 ///
-/// # Safety
+/// # Preconditions
 /// Inside a transaction.
-pub unsafe fn owner_rights(relid: pg_sys::Oid) -> Option<OwnerRights> {
+pub fn owner_rights(relid: pg_sys::Oid) -> Option<OwnerRights> {
+    crate::pg::xact::require_transaction();
     // SAFETY: syscache lookups inside a transaction.
     unsafe {
         let owner = rel_owner(relid)?;
@@ -133,16 +136,17 @@ pub struct InputFn {
 }
 
 impl InputFn {
-    /// # Safety
+    /// # Preconditions
     /// Catalog access must be allowed (inside a transaction).
-    pub unsafe fn new(typid: pg_sys::Oid, typmod: i32, cxt: pg_sys::MemoryContext) -> InputFn {
+    pub fn new(typid: pg_sys::Oid, typmod: i32, cxt: &MemCxt) -> InputFn {
+        crate::pg::xact::require_transaction();
         // SAFETY: forwarded; the FmgrInfo lives in a Box for as long as this value.
         unsafe {
             let mut func = pg_sys::InvalidOid;
             let mut typioparam = pg_sys::InvalidOid;
             pg_sys::getTypeInputInfo(typid, &mut func, &mut typioparam);
             let mut flinfo: Box<pg_sys::FmgrInfo> = Box::new(std::mem::zeroed());
-            pg_sys::fmgr_info_cxt(func, &mut *flinfo, cxt);
+            pg_sys::fmgr_info_cxt(func, &mut *flinfo, cxt.raw());
             InputFn {
                 flinfo,
                 typioparam,
@@ -153,9 +157,9 @@ impl InputFn {
 
     /// Convert a text form into a datum in the current memory context.
     ///
-    /// # Safety
+    /// # Preconditions
     /// Inside a transaction; errors are raised as PostgreSQL errors.
-    pub unsafe fn call(&self, text: &str) -> pg_sys::Datum {
+    pub fn call(&self, text: &str) -> pg_sys::Datum {
         let c = CString::new(text)
             .unwrap_or_else(|_| crate::error::raise(&crate::error::ApplyError::NulInText));
         // SAFETY: flinfo was set up by fmgr_info_cxt; the string is NUL-terminated.
@@ -172,9 +176,10 @@ impl InputFn {
 
 /// Look up a table by schema and name; `None` if there is none.
 ///
-/// # Safety
+/// # Preconditions
 /// Inside a transaction.
-pub unsafe fn find_table(schema: &str, name: &str) -> Option<pg_sys::Oid> {
+pub fn find_table(schema: &str, name: &str) -> Option<pg_sys::Oid> {
+    crate::pg::xact::require_transaction();
     let s = CString::new(schema).ok()?;
     let n = CString::new(name).ok()?;
     // SAFETY: catalog lookups with valid C strings.
@@ -190,9 +195,10 @@ pub unsafe fn find_table(schema: &str, name: &str) -> Option<pg_sys::Oid> {
 
 /// The attributes of a table, in attribute order (index = attnum - 1).
 ///
-/// # Safety
+/// # Preconditions
 /// Inside a transaction; `relid` exists.
-pub unsafe fn table_attrs(relid: pg_sys::Oid) -> Vec<LocalAttr> {
+pub fn table_attrs(relid: pg_sys::Oid) -> Vec<LocalAttr> {
+    crate::pg::xact::require_transaction();
     // SAFETY: the relation is opened and closed here; the descriptor is read while open.
     unsafe {
         let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as i32);
@@ -248,9 +254,14 @@ pub struct Target {
 pub type Row = Vec<Option<pg_sys::Datum>>;
 
 impl Target {
-    /// # Safety
+    /// # Preconditions
     /// Inside a transaction with an active snapshot.
-    pub unsafe fn open(relid: pg_sys::Oid) -> Target {
+    pub fn open(relid: pg_sys::Oid) -> Target {
+        crate::pg::xact::require_transaction();
+        // SAFETY: a plain read of the snapshot stack.
+        if !unsafe { pg_sys::ActiveSnapshotSet() } {
+            pgrx::error!("bdr: internal error: table write without an active snapshot");
+        }
         // SAFETY: standard executor setup, as execReplication's callers do it.
         unsafe {
             let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
@@ -281,9 +292,9 @@ impl Target {
         }
     }
 
-    /// # Safety
+    /// # Preconditions
     /// Once, before the transaction ends.
-    pub unsafe fn close(self) {
+    pub fn close(self) {
         // SAFETY: reverses `open`; the relation stays locked until commit.
         unsafe {
             pg_sys::ExecCloseIndices(self.rri);
@@ -301,8 +312,7 @@ impl Target {
     unsafe fn virtual_slot(&self, row: &Row) -> *mut pg_sys::TupleTableSlot {
         if row.len() != self.natts {
             crate::error::raise(&crate::error::ApplyError::ShapeChanged {
-                // SAFETY: the relation is open.
-                table: unsafe { relation_name(self.relid()) },
+                table: relation_name(self.relid()),
                 what: format!("{} columns now, {} in the row", self.natts, row.len()),
             });
         }
@@ -321,9 +331,9 @@ impl Target {
     /// Give the attributes `attrs` of a row to be inserted their DEFAULT (computed as the
     /// table's owner); attributes without one stay NULL.
     ///
-    /// # Safety
+    /// # Preconditions
     /// See [`Target::open`]; `row` has one entry per attribute.
-    pub unsafe fn fill_defaults(&self, row: &mut Row, attrs: &[usize]) {
+    pub fn fill_defaults(&self, row: &mut Row, attrs: &[usize]) {
         if attrs.is_empty() {
             return;
         }
@@ -346,9 +356,9 @@ impl Target {
 
     /// Insert a row.
     ///
-    /// # Safety
+    /// # Preconditions
     /// See [`Target::open`].
-    pub unsafe fn insert(&self, row: &Row) {
+    pub fn insert(&self, row: &Row) {
         // SAFETY: slot built for this relation.
         unsafe {
             let slot = self.virtual_slot(row);
@@ -379,9 +389,9 @@ impl Target {
     /// decide). This spares the lookup before every remote INSERT, which is nearly
     /// always of a new key.
     ///
-    /// # Safety
+    /// # Preconditions
     /// See [`Target::open`]; only when [`Target::can_try_insert`].
-    pub unsafe fn try_insert(&self, row: &Row) -> bool {
+    pub fn try_insert(&self, row: &Row) -> bool {
         // SAFETY: the steps of ExecSimpleRelationInsert, with the speculative insertion
         // protocol of ExecInsert's ON CONFLICT branch around the heap and index writes.
         let slot = unsafe { self.virtual_slot(row) };
@@ -439,9 +449,9 @@ impl Target {
     /// Uses the replica identity index, or compares whole rows when there is none
     /// (REPLICA IDENTITY FULL).
     ///
-    /// # Safety
+    /// # Preconditions
     /// See [`Target::open`].
-    pub unsafe fn find(&self, key: &Row) -> Option<LocalRow> {
+    pub fn find(&self, key: &Row) -> Option<LocalRow<'_>> {
         // SAFETY: both slots belong to this relation and this executor state.
         let search = unsafe { self.virtual_slot(key) };
         as_user(self.owner, || unsafe {
@@ -462,7 +472,11 @@ impl Target {
                     found,
                 )
             };
-            ok.then_some(LocalRow { slot: found })
+            ok.then_some(LocalRow {
+                slot: found,
+                estate: self.estate,
+                _target: PhantomData,
+            })
         })
     }
 
@@ -487,11 +501,19 @@ impl Target {
         }
     }
 
+    /// Refuse a row another target found (its slot belongs to another executor state).
+    fn own(&self, old: &LocalRow) {
+        if old.estate != self.estate {
+            pgrx::error!("bdr: internal error: a row written through another table's target");
+        }
+    }
+
     /// Replace `old` by `row`.
     ///
-    /// # Safety
+    /// # Preconditions
     /// `old` was returned by [`Target::find`] on this target.
-    pub unsafe fn update(&self, old: &LocalRow, row: &Row) {
+    pub fn update(&self, old: &LocalRow, row: &Row) {
+        self.own(old);
         // SAFETY: as in find.
         unsafe {
             let slot = self.virtual_slot(row);
@@ -505,9 +527,10 @@ impl Target {
 
     /// Delete `old`.
     ///
-    /// # Safety
+    /// # Preconditions
     /// `old` was returned by [`Target::find`] on this target.
-    pub unsafe fn delete(&self, old: &LocalRow) {
+    pub fn delete(&self, old: &LocalRow) {
+        self.own(old);
         // SAFETY: as in update.
         unsafe {
             as_user(self.owner, || {
@@ -519,17 +542,22 @@ impl Target {
     }
 }
 
-/// A locked local row found by [`Target::find`].
-pub struct LocalRow {
+/// A locked local row found by [`Target::find`], valid while the target that found it
+/// is open (the borrow keeps it so).
+pub struct LocalRow<'t> {
     slot: *mut pg_sys::TupleTableSlot,
+    /// The executor state of the target that found it (null: found by
+    /// [`lock_by_identity`]): a row is written back only through its own target.
+    estate: *mut pg_sys::EState,
+    _target: PhantomData<&'t Target>,
 }
 
-impl LocalRow {
+impl LocalRow<'_> {
     /// Every attribute's datum (NULL as None), valid until the target is closed.
     ///
-    /// # Safety
+    /// # Preconditions
     /// The target that found this row is still open.
-    pub unsafe fn values(&self) -> Row {
+    pub fn values(&self) -> Row {
         // SAFETY: slot_getallattrs fills tts_values/tts_isnull for natts attributes.
         unsafe {
             pg_sys::slot_getallattrs(self.slot);
@@ -603,9 +631,9 @@ impl Target {
 
     /// `row` as a JSON object of column name to text form (for conflict history).
     ///
-    /// # Safety
+    /// # Preconditions
     /// See [`Target::open`].
-    pub unsafe fn row_json(&self, row: &Row) -> String {
+    pub fn row_json(&self, row: &Row) -> String {
         // SAFETY: the descriptor matches `row`.
         unsafe {
             let desc = (*self.rel).rd_att;
@@ -630,9 +658,9 @@ impl Target {
 
     /// The canonical key text of `row` (identity columns), or None without an identity.
     ///
-    /// # Safety
+    /// # Preconditions
     /// See [`Target::open`].
-    pub unsafe fn key_text(&self, row: &Row) -> Option<String> {
+    pub fn key_text(&self, row: &Row) -> Option<String> {
         // SAFETY: forwarded.
         unsafe {
             let attrs = identity_attrs(self.rel);
@@ -643,9 +671,9 @@ impl Target {
     /// Unique indexes other than the replica identity index, usable to find a row
     /// (plain columns, no predicate): (index oid, its attribute indexes).
     ///
-    /// # Safety
+    /// # Preconditions
     /// See [`Target::open`].
-    pub unsafe fn other_unique_indexes(&self) -> Vec<(pg_sys::Oid, Vec<usize>)> {
+    pub fn other_unique_indexes(&self) -> Vec<(pg_sys::Oid, Vec<usize>)> {
         let mut out = Vec::new();
         // SAFETY: the index list is a palloc'd OID list; each index is opened and closed.
         unsafe {
@@ -679,9 +707,9 @@ impl Target {
 
     /// Find (and lock) the row whose values in `index`'s columns equal `row`'s.
     ///
-    /// # Safety
+    /// # Preconditions
     /// See [`Target::open`].
-    pub unsafe fn find_by_index(&self, index: pg_sys::Oid, row: &Row) -> Option<LocalRow> {
+    pub fn find_by_index(&self, index: pg_sys::Oid, row: &Row) -> Option<LocalRow<'_>> {
         // SAFETY: as in find.
         let search = unsafe { self.virtual_slot(row) };
         as_user(self.owner, || unsafe {
@@ -693,17 +721,21 @@ impl Target {
                 search,
                 found,
             )
-            .then_some(LocalRow { slot: found })
+            .then_some(LocalRow {
+                slot: found,
+                estate: self.estate,
+                _target: PhantomData,
+            })
         })
     }
 }
 
-impl LocalRow {
+impl LocalRow<'_> {
     /// The xid that wrote this row version.
     ///
-    /// # Safety
+    /// # Preconditions
     /// The target that found this row is still open.
-    pub unsafe fn xmin(&self) -> pg_sys::TransactionId {
+    pub fn xmin(&self) -> pg_sys::TransactionId {
         let mut isnull = false;
         // SAFETY: a heap tuple slot has the xmin system attribute.
         let d = unsafe {
@@ -736,7 +768,7 @@ unsafe fn deform(desc: pg_sys::TupleDesc, tuple: *mut pg_sys::HeapTupleData) -> 
 ///
 /// # Safety
 /// `rel` is open and `tuple` is one of its tuples.
-pub unsafe fn tuple_key_text(
+unsafe fn tuple_key_text(
     rel: pg_sys::Relation,
     tuple: *mut pg_sys::HeapTupleData,
 ) -> Option<String> {
@@ -756,13 +788,18 @@ pub unsafe fn tuple_key_text(
 /// transactions are writing and waits for those transactions to end (like [`Target::find`]),
 /// so a row being written concurrently is either waited for or not there yet.
 ///
-/// # Safety
+/// # Preconditions
 /// Inside a transaction with an active snapshot; `key` has one entry per attribute.
-pub unsafe fn lock_by_identity(relid: pg_sys::Oid, key: &Row) -> Option<pg_sys::TransactionId> {
+pub fn lock_by_identity(relid: pg_sys::Oid, key: &Row) -> Option<pg_sys::TransactionId> {
+    crate::pg::xact::require_transaction();
     // SAFETY: the relation is open for the whole lookup; both slots are dropped before
     // it is closed; the lock stays until the transaction ends.
     unsafe {
         let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
+        if key.len() != (*(*rel).rd_att).natts as usize {
+            pg_sys::table_close(rel, pg_sys::NoLock as i32);
+            pgrx::error!("bdr: internal error: a search row of another width than its table");
+        }
         let index = pg_sys::RelationGetReplicaIndex(rel);
         let search = pg_sys::MakeSingleTupleTableSlot((*rel).rd_att, &pg_sys::TTSOpsVirtual);
         store_row(search, key);
@@ -774,7 +811,14 @@ pub unsafe fn lock_by_identity(relid: pg_sys::Oid, key: &Row) -> Option<pg_sys::
             search,
             found,
         )
-        .then(|| LocalRow { slot: found }.xmin());
+        .then(|| {
+            LocalRow {
+                slot: found,
+                estate: std::ptr::null_mut(),
+                _target: PhantomData,
+            }
+            .xmin()
+        });
         pg_sys::ExecDropSingleTupleTableSlot(found);
         pg_sys::ExecDropSingleTupleTableSlot(search);
         pg_sys::table_close(rel, pg_sys::NoLock as i32);
@@ -782,11 +826,53 @@ pub unsafe fn lock_by_identity(relid: pg_sys::Oid, key: &Row) -> Option<pg_sys::
     }
 }
 
+/// [`lock_by_identity`] on a table whose identity key is (an oid column, a text column),
+/// as `bdr.tombstones`' (relid, key).
+pub fn lock_by_oid_and_text(
+    relid: pg_sys::Oid,
+    oid: pg_sys::Oid,
+    text: &str,
+) -> Option<pg_sys::TransactionId> {
+    crate::pg::xact::require_transaction();
+    let t = CString::new(text).ok()?;
+    // SAFETY: inside a transaction; the text datum is palloc'd in the current memory
+    // context and only read during the lookup.
+    let text_datum = unsafe { pg_sys::Datum::from(pg_sys::cstring_to_text(t.as_ptr())) };
+    lock_by_identity(
+        relid,
+        &vec![Some(pg_sys::Datum::from(oid)), Some(text_datum)],
+    )
+}
+
+/// The canonical key text a row trigger's DELETE, or key-changing UPDATE, removed from
+/// its table; `None` when the UPDATE kept the key or the table has no identity.
+pub fn removed_key(
+    trigger: &pgrx::PgTrigger<'_>,
+) -> Result<Option<String>, pgrx::trigger_support::PgTriggerError> {
+    let rel = trigger.relation()?;
+    // SAFETY: the trigger's relation is open and its tuples belong to it.
+    unsafe {
+        let old = trigger.old().map(|t| t.into_pg());
+        let new = trigger.new().map(|t| t.into_pg());
+        let Some(old) = old else { return Ok(None) };
+        // Most UPDATEs keep the key: compare binary datums before rendering any text.
+        if let Some(n) = new {
+            if !identity_changed(rel.as_ptr(), old, n) {
+                return Ok(None);
+            }
+        }
+        let old_key = tuple_key_text(rel.as_ptr(), old);
+        let new_key = new.and_then(|n| tuple_key_text(rel.as_ptr(), n));
+        Ok(old_key.filter(|k| new_key.as_deref() != Some(k.as_str())))
+    }
+}
+
 /// "schema.name" of a relation, for messages.
 ///
-/// # Safety
+/// # Preconditions
 /// Inside a transaction.
-pub unsafe fn relation_name(relid: pg_sys::Oid) -> String {
+pub fn relation_name(relid: pg_sys::Oid) -> String {
+    crate::pg::xact::require_transaction();
     // SAFETY: catalog lookups; NULL results (a dropped relation) are handled.
     unsafe {
         let name = pg_sys::get_rel_name(relid);
@@ -817,7 +903,7 @@ extern "C-unwind" {
 ///
 /// # Safety
 /// `rel` is open and both tuples are its tuples.
-pub unsafe fn identity_changed(
+unsafe fn identity_changed(
     rel: pg_sys::Relation,
     old: *mut pg_sys::HeapTupleData,
     new: *mut pg_sys::HeapTupleData,

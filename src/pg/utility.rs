@@ -197,15 +197,11 @@ unsafe fn check_fenced_utility(stmt: *mut pg_sys::Node) {
 /// A user write to `relid` is about to start: refuse it while a schema change holds the
 /// table, or, for a table that replicates, while this node lacks its quorum (bdr's own
 /// catalog, temporary and unlogged tables are never refused for that).
-///
-/// # Safety
-/// Inside a transaction.
-unsafe fn check_user_write(relid: pg_sys::Oid) {
+fn check_user_write(relid: pg_sys::Oid) {
     crate::ddl::refuse_if_fenced(relid);
     // The verdict first (a shared-memory read); the catalog only when it refuses.
     if let Some(e) = crate::quorum::refusal() {
-        // SAFETY: forwarded.
-        if unsafe { crate::pg::relcache::why_not_target(relid) }.is_none() {
+        if crate::pg::relcache::why_not_target(relid).is_none() {
             crate::error::raise(&e);
         }
     }
@@ -251,27 +247,17 @@ unsafe fn resolve(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
 }
 
 /// A relation as the policy sees it: quoted name and whether it replicates.
-///
-/// # Safety
-/// Inside a transaction.
-unsafe fn table(relid: pg_sys::Oid) -> Table {
-    // SAFETY: forwarded.
-    unsafe {
-        Table {
-            name: crate::pg::relcache::quoted_name(relid),
-            replicates: crate::pg::relcache::why_not_target(relid).is_none(),
-        }
+fn table(relid: pg_sys::Oid) -> Table {
+    Table {
+        name: crate::pg::relcache::quoted_name(relid),
+        replicates: crate::pg::relcache::why_not_target(relid).is_none(),
     }
 }
 
 /// Whether a relation (of any kind) is local-only: temporary, unlogged, or in a schema or
 /// extension that never replicates (the replication rule, relkind aside).
-///
-/// # Safety
-/// Inside a transaction.
-unsafe fn local_only(relid: pg_sys::Oid) -> bool {
-    // SAFETY: forwarded.
-    unsafe { crate::pg::relcache::why_local(relid) }.is_some()
+fn local_only(relid: pg_sys::Oid) -> bool {
+    crate::pg::relcache::why_local(relid).is_some()
 }
 
 /// Whether a RangeVar names a permanent relation (as written: a missing object is
@@ -411,7 +397,7 @@ unsafe fn describe(stmt: *mut pg_sys::Node) -> Shape {
                 };
                 match rt {
                     OBJECT_TABLE | OBJECT_FOREIGN_TABLE => {
-                        let tables: Vec<Table> = rels().into_iter().map(|r| table(r)).collect();
+                        let tables: Vec<Table> = rels().into_iter().map(table).collect();
                         if tables.is_empty() {
                             Shape::NotReplicated
                         } else {
@@ -525,9 +511,10 @@ pub fn insert_lsn() -> u64 {
 /// Wait (under the session's `lock_timeout`) until no transaction holds a write lock on
 /// `relid`, then keep a SHARE lock on it until the end of this transaction.
 ///
-/// # Safety
+/// # Preconditions
 /// Inside a transaction.
-pub unsafe fn wait_for_writers(relid: pg_sys::Oid) {
+pub fn wait_for_writers(relid: pg_sys::Oid) {
+    crate::pg::xact::require_transaction();
     // SAFETY: forwarded.
     unsafe { pg_sys::LockRelationOid(relid, pg_sys::ShareLock as i32) };
 }

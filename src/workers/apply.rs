@@ -7,9 +7,8 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 
-#[pg_guard]
-#[no_mangle]
-pub extern "C-unwind" fn bdr_apply_main(arg: pg_sys::Datum) {
+/// The worker's body, started through [`crate::pg::bgw::bdr_apply_main`].
+pub fn main(arg: pg_sys::Datum) {
     let dboid = bgw::connect_to_arg_database(arg);
     let peer_name = BackgroundWorker::get_extra().to_string();
     let Some(slot) = shmem::find(shmem::Kind::Apply, dboid, &peer_name) else {

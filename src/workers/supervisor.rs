@@ -176,9 +176,8 @@ fn peers(all: &[nodes::Node]) -> Vec<nodes::Node> {
 /// (A mutex only to be shared with the error path; a supervisor has one thread.)
 type Workers = Mutex<HashMap<String, Worker>>;
 
-#[pg_guard]
-#[no_mangle]
-pub extern "C-unwind" fn bdr_supervisor_main(arg: pg_sys::Datum) {
+/// The worker's body, started through [`crate::pg::bgw::bdr_supervisor_main`].
+pub fn main(arg: pg_sys::Datum) {
     let dboid = bgw::connect_to_arg_database(arg);
     let from_launcher = BackgroundWorker::get_extra() == crate::workers::launcher::FROM_LAUNCHER;
     let me = shmem::find(shmem::Kind::Supervisor, dboid, "");
