@@ -51,7 +51,7 @@ WITH w AS (SELECT * FROM bdr.apply_workers()),
               c.by_type AS cby, pr.last_reached AS preached,
               -- Applies from this node: an active member that is not us.
               (NOT n.is_local AND n.node_kind = 'active'
-               AND n.node_state IN ('active', 'standby', 'catching_up')) AS feeds_us
+               AND n.node_state IN ('active', 'standby')) AS feeds_us
          FROM bdr.nodes n
          LEFT JOIN w ON w.peer = n.node_name
          LEFT JOIN l ON l.peer = n.node_name

@@ -13,6 +13,7 @@
 //! context), so a transaction of any size is applied in bounded memory; a transaction that
 //! applied nothing still commits a record carrying the origin progress.
 
+use crate::catalog::nodes::Node;
 use crate::conflict::Resolver;
 use crate::error::{raise, ApplyError};
 use crate::pg::memcxt::MemCxt;
@@ -53,10 +54,10 @@ pub struct Applier {
 }
 
 impl Applier {
-    pub fn new(peer: (&str, i64), local: (&str, i64), origin_progress: u64) -> Applier {
-        let peer_name: std::rc::Rc<str> = peer.0.into();
+    pub fn new(peer: &Node, local: &Node, origin_progress: u64) -> Applier {
+        let peer_name: std::rc::Rc<str> = peer.name.as_str().into();
         Applier {
-            resolver: Resolver::new((peer_name.clone(), peer.1), local),
+            resolver: Resolver::new(peer_name.clone(), peer.id, local),
             peer: peer_name,
             rels: HashMap::new(),
             pending_cci: false,

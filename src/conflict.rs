@@ -21,6 +21,7 @@
 
 pub use bdr_core::conflict::*;
 
+use crate::catalog::nodes::Node;
 use crate::catalog::tombstones;
 use crate::error::{raise, ApplyError};
 use crate::pg::{shmem, xact};
@@ -118,12 +119,13 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    pub fn new(peer: (std::rc::Rc<str>, i64), local: (&str, i64)) -> Resolver {
+    /// Resolves changes from the peer named `peer` (its node id `peer_id`) here, on `local`.
+    pub fn new(peer: std::rc::Rc<str>, peer_id: i64, local: &Node) -> Resolver {
         Resolver {
-            peer: peer.0,
-            local: local.0.into(),
-            peer_id: peer.1,
-            local_id: local.1,
+            peer,
+            local: local.name.clone(),
+            peer_id,
+            local_id: local.id,
             origin_nodes: HashMap::new(),
             has_tombstones: HashMap::new(),
             tombstone_epoch: u64::MAX,

@@ -20,7 +20,7 @@
 //!    never sent back out. A failure is an apply error (logged with the statement, retried,
 //!    never skipped). The fence the origin set here lifts when the apply commits.
 
-use crate::catalog::nodes;
+use crate::catalog::nodes::{self, NodeKind, NodeState};
 use crate::error::{raise, DdlError};
 use crate::pg::{libpq::Conn, shmem, utility, xact};
 use bdr_core::ddl::{self, DdlCommand, Decision, Shape};
@@ -46,7 +46,7 @@ fn active_local_node() -> Option<nodes::Node> {
         if !nodes::extension_exists() {
             return None;
         }
-        nodes::local().filter(|n| n.state == "active" && n.kind == "active")
+        nodes::local().filter(|n| n.state == NodeState::Active && n.kind == NodeKind::Active)
     })
 }
 
@@ -137,7 +137,7 @@ fn drain(tables: &[String]) {
     let dboid = nodes::my_database_oid();
     let members: Vec<nodes::Node> = utility::as_superuser(nodes::all)
         .into_iter()
-        .filter(|n| !n.is_local && n.kind == "active" && n.state == "active")
+        .filter(|n| !n.is_local && n.kind == NodeKind::Active && n.state == NodeState::Active)
         .collect();
 
     // Here: refuse new user writes to the tables (this backend is exempt).

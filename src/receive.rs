@@ -17,6 +17,7 @@
 //! the commit time of the oldest transaction it is holding back.
 
 use crate::apply::Applier;
+use crate::catalog::nodes::Node;
 use crate::error::{raise, ApplyError};
 use crate::pg::libpq::{quote_ident, quote_literal, Conn, CopyData};
 use crate::pg::{bgw, shmem, xact};
@@ -294,10 +295,10 @@ impl Stream {
 }
 
 /// Stream from `peer` until SIGTERM. Errors are raised (the worker exits, is restarted).
-pub fn run(slot: usize, dboid: u32, local: (&str, i64), peer: (&str, i64), peer_dsn: &str) {
-    let (local, peer, ids) = (local.0, peer.0, (local.1, peer.1));
+pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
+    let (local, peer, peer_dsn) = (&local_node.name, &peer_node.name, &peer_node.dsn);
     let progress = xact::setup_origin(&origin_name(dboid, peer));
-    let applier = Applier::new((peer, ids.1), (local, ids.0), progress);
+    let applier = Applier::new(peer_node, local_node, progress);
     shmem::update(slot, |s| {
         s.state = shmem::State::Connecting;
         s.applied_lsn = progress;

@@ -22,7 +22,7 @@
 //! Any failure undoes what was done remotely (slots, catalog rows) and locally, so a failed
 //! join leaves no slot, origin or catalog row behind.
 
-use crate::catalog::nodes::{self, Node};
+use crate::catalog::nodes::{self, Node, NodeKind, NodeState};
 use crate::error::{raise, PgError};
 use crate::pg::libpq::{quote_ident, Conn, LibpqError};
 use crate::pg::shmem;
@@ -250,8 +250,8 @@ pub fn group_create(
     nodes::upsert(&Node {
         name: local_node_name.into(),
         id: node_id(local_node_name),
-        kind: "active".into(),
-        state: "active".into(),
+        kind: NodeKind::Active,
+        state: NodeState::Active,
         dsn: node_external_dsn.into(),
         is_local: true,
         number: Some(number),
@@ -505,7 +505,7 @@ pub fn group_join(
     check_name(local_node_name);
     check_dsn(node_external_dsn);
     check_dsn(join_using_dsn);
-    if node_kind != "active" && node_kind != "standby" && node_kind != "witness" {
+    if NodeKind::parse(node_kind).is_none() {
         fail(GroupError::BadKind(node_kind.into()));
     }
     let standby = node_kind == "standby";
@@ -537,8 +537,8 @@ pub fn group_join(
         .map(|r| Node {
             name: r[0].clone().unwrap_or_default(),
             id: r[1].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0),
-            kind: r[2].clone().unwrap_or_default(),
-            state: r[3].clone().unwrap_or_default(),
+            kind: nodes::kind_from(r[2].as_deref().unwrap_or_default()),
+            state: nodes::state_from(r[3].as_deref().unwrap_or_default()),
             dsn: r[4].clone().unwrap_or_default(),
             is_local: r[5].as_deref() == Some("true"),
             number: r[6].as_deref().and_then(|v| v.parse().ok()),
@@ -658,8 +658,8 @@ pub fn group_join(
         let me = Node {
             name: j.into(),
             id: my_id,
-            kind: node_kind.into(),
-            state: "active".into(),
+            kind: nodes::kind_from(node_kind),
+            state: NodeState::Active,
             dsn: node_external_dsn.into(),
             is_local: true,
             number: Some(my_number),
@@ -681,7 +681,7 @@ pub fn group_join(
     // applies nothing from it (nothing to wait for).
     for m in reached
         .iter_mut()
-        .filter(|m| m.node.name != source.name && m.node.kind == "active")
+        .filter(|m| m.node.name != source.name && m.node.kind == NodeKind::Active)
     {
         let slot = slot_name(m.dboid, j);
         m.conn
@@ -805,7 +805,7 @@ pub fn group_join(
     let mut origin_points = vec![(origin_name(my_dboid, &source.name), consistent_point)];
     for m in reached
         .iter()
-        .filter(|m| m.node.name != source.name && m.node.kind == "active")
+        .filter(|m| m.node.name != source.name && m.node.kind == NodeKind::Active)
     {
         let p = progress
             .iter()
@@ -927,8 +927,8 @@ pub fn group_join(
     let me = Node {
         name: j.into(),
         id: my_id,
-        kind: node_kind.into(),
-        state: joined_state.into(),
+        kind: nodes::kind_from(node_kind),
+        state: nodes::state_from(joined_state),
         dsn: node_external_dsn.into(),
         is_local: true,
         number: Some(my_number),
@@ -963,7 +963,7 @@ fn mark_joined(me: &Node, reached: &mut [Member]) {
         m.conn
             .exec_params(
                 "UPDATE bdr.nodes SET node_state = $1, joined_at = now() WHERE node_name = $2",
-                &[&me.state, &me.name],
+                &[me.state.as_str(), &me.name],
             )
             .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
     }
@@ -982,13 +982,13 @@ fn wait_for_join(timeout: default!(i32, 300)) {
     let Some(local) = nodes::local() else {
         fail(GroupError::NotMember)
     };
-    if local.kind == "witness" {
+    if local.kind == NodeKind::Witness {
         return; // it applies nothing: joined as soon as registered
     }
     let dboid = nodes::my_database_oid();
     let peers: Vec<Node> = nodes::all()
         .into_iter()
-        .filter(|n| !n.is_local && n.state == "active" && n.kind == "active")
+        .filter(|n| !n.is_local && n.state == NodeState::Active && n.kind == NodeKind::Active)
         .collect();
     let deadline = Instant::now() + Duration::from_secs(timeout.max(1) as u64);
     for p in peers {

@@ -7,7 +7,7 @@
 //! writes, so nothing written after the switch is missed.
 
 use crate::api::group::{GroupError, DROP_ORIGIN_SQL, DROP_SLOT_SQL};
-use crate::catalog::nodes::{self, Node};
+use crate::catalog::nodes::{self, Node, NodeKind, NodeState};
 use crate::error::raise;
 use crate::pg::libpq::{quote_ident, Conn};
 use bdr_core::names::{origin_name, slot_name};
@@ -85,7 +85,7 @@ fn part(node_name: &str) {
     };
     let members: Vec<Node> = nodes::all()
         .into_iter()
-        .filter(|n| n.name != node_name && n.state != "parted")
+        .filter(|n| n.name != node_name && n.state != NodeState::Parted)
         .collect();
     let mut unreachable = Vec::new();
     for m in &members {
@@ -151,7 +151,7 @@ fn part(node_name: &str) {
 /// active node); run after CREATE TABLE by the event trigger. Returns the tables touched.
 #[pg_extern]
 fn refresh_standby_triggers() -> i32 {
-    let standby = nodes::local().is_some_and(|n| n.kind == "standby");
+    let standby = nodes::local().is_some_and(|n| n.kind == NodeKind::Standby);
     set_standby_triggers(standby)
 }
 
@@ -196,13 +196,13 @@ pub fn promote(node_name: &str) {
     if local.name != node_name {
         fail(GroupError::PromoteElsewhere(node_name.into()));
     }
-    if local.kind != "standby" {
+    if local.kind != NodeKind::Standby {
         pgrx::notice!("node \"{node_name}\" is already active; nothing to do");
         return;
     }
     let members: Vec<Node> = nodes::all()
         .into_iter()
-        .filter(|n| !n.is_local && n.state != "parted")
+        .filter(|n| !n.is_local && n.state != NodeState::Parted)
         .collect();
     let my_dboid = nodes::my_database_oid();
     // 1. Slots first (through another session: this transaction must hold no xid while
@@ -230,8 +230,8 @@ pub fn promote(node_name: &str) {
     // 2. Writable here, 3. active everywhere.
     set_standby_triggers(false);
     nodes::upsert(&Node {
-        kind: "active".into(),
-        state: "active".into(),
+        kind: NodeKind::Active,
+        state: NodeState::Active,
         ..local.clone()
     });
     for m in &members {

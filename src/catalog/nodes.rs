@@ -3,6 +3,7 @@
 //! Names are the identity users see; `node_id` is a stable number derived at creation and
 //! copied to every member, used to order nodes when commit timestamps tie.
 
+pub use bdr_core::node::{NodeKind, NodeState};
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 
@@ -10,8 +11,8 @@ use pgrx::spi::SpiResult;
 pub struct Node {
     pub name: String,
     pub id: i64,
-    pub kind: String,
-    pub state: String,
+    pub kind: NodeKind,
+    pub state: NodeState,
     pub dsn: String,
     pub is_local: bool,
     /// The node number (0-1023) in snowflake ids and offset sequences.
@@ -27,8 +28,8 @@ fn read(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> SpiResult<Vec<Node
             out.push(Node {
                 name: row.get(1)?.unwrap_or_default(),
                 id: row.get(2)?.unwrap_or_default(),
-                kind: row.get(3)?.unwrap_or_default(),
-                state: row.get(4)?.unwrap_or_default(),
+                kind: kind_from(&row.get::<String>(3)?.unwrap_or_default()),
+                state: state_from(&row.get::<String>(4)?.unwrap_or_default()),
                 dsn: row.get(5)?.unwrap_or_default(),
                 is_local: row.get(6)?.unwrap_or_default(),
                 number: row.get(7)?,
@@ -47,6 +48,23 @@ pub fn read_one<T: pgrx::datum::FromDatum + pgrx::datum::IntoDatum>(sql: &str) -
         None => Ok(None),
     })
     .unwrap_or_else(|e| spi_fail(e))
+}
+
+/// A `node_kind` as the catalog (this node's or a member's) holds it; anything the CHECK
+/// constraint does not allow is an ERROR.
+pub fn kind_from(text: &str) -> NodeKind {
+    NodeKind::parse(text).unwrap_or_else(|| unknown("node_kind", text))
+}
+
+/// A `node_state` as the catalog holds it (see [`kind_from`]).
+pub fn state_from(text: &str) -> NodeState {
+    NodeState::parse(text).unwrap_or_else(|| unknown("node_state", text))
+}
+
+fn unknown(column: &str, text: &str) -> ! {
+    crate::error::raise(&crate::error::ApplyError::Spi(format!(
+        "bdr.nodes.{column} holds an unknown value \"{text}\""
+    )))
 }
 
 fn spi_fail(e: pgrx::spi::Error) -> ! {

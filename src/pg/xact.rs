@@ -184,6 +184,11 @@ pub fn install_error_context() {
     }
 }
 
+/// What the worker was doing (see [`set_context`]), if anything.
+pub fn current_context() -> Option<ApplyContext> {
+    CONTEXT.with(|c| c.borrow().clone())
+}
+
 /// The current error context text (what the worker was doing), if any.
 pub fn context() -> Option<String> {
     CONTEXT.with(|c| c.borrow().as_ref().map(|s| s.to_string()))

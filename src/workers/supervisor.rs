@@ -1,6 +1,6 @@
 //! The per-database supervisor: one apply worker per peer, restarted with backoff.
 
-use crate::catalog::nodes;
+use crate::catalog::nodes::{self, NodeKind, NodeState};
 use crate::pg::{bgw, shmem, xact};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerStatus, DynamicBackgroundWorker};
 use pgrx::prelude::*;
@@ -114,7 +114,7 @@ fn janitor(dboid: u32, all: &[nodes::Node], dead_joins: &mut HashMap<String, Ins
     );
     let joining: Vec<&str> = all
         .iter()
-        .filter(|n| !n.is_local && n.state == "joining")
+        .filter(|n| !n.is_local && n.state == NodeState::Joining)
         .map(|n| n.name.as_str())
         .collect();
     dead_joins.retain(|name, _| joining.contains(&name.as_str()));
@@ -150,7 +150,9 @@ fn janitor(dboid: u32, all: &[nodes::Node], dead_joins: &mut HashMap<String, Ins
     );
     for name in named {
         let node = &name[prefix.len()..];
-        let known = all.iter().any(|n| n.name == node && n.state != "parted");
+        let known = all
+            .iter()
+            .any(|n| n.name == node && n.state != NodeState::Parted);
         if !known {
             pgrx::log!("bdr: dropping {name}, left for node \"{node}\" which is not a member");
             drop_slot_and_origin(&name);
@@ -166,8 +168,8 @@ pub fn backoff(failures: u32) -> Duration {
 /// Peers this node applies from: every other node that is a member (not parting/parted).
 fn peers(all: &[nodes::Node]) -> Vec<nodes::Node> {
     all.iter()
-        .filter(|n| !n.is_local && matches!(n.state.as_str(), "active" | "standby" | "catching_up"))
-        .filter(|n| n.kind == "active")
+        .filter(|n| !n.is_local && matches!(n.state, NodeState::Active | NodeState::Standby))
+        .filter(|n| n.kind == NodeKind::Active)
         .cloned()
         .collect()
 }
@@ -239,12 +241,16 @@ fn supervise(dboid: u32, from_launcher: bool, workers: &Workers) {
             break;
         }
         let mut workers = lock(workers);
-        let has_local = all.iter().any(|n| n.is_local && n.state != "parted");
+        let has_local = all
+            .iter()
+            .any(|n| n.is_local && n.state != NodeState::Parted);
         if !has_local && (all.is_empty() && started.elapsed() > IDLE_GRACE || !workers.is_empty()) {
             break;
         }
         // A witness holds no data: it applies from nobody.
-        let witness = all.iter().any(|n| n.is_local && n.kind == "witness");
+        let witness = all
+            .iter()
+            .any(|n| n.is_local && n.kind == NodeKind::Witness);
         let wanted = if witness { Vec::new() } else { peers(&all) };
         // Stop workers for nodes that left.
         let gone: Vec<String> = workers
