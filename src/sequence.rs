@@ -21,7 +21,7 @@
 //! - bad input to `alter_sequence_set_kind` is an ERROR with a hint before any change.
 
 use crate::catalog::nodes;
-use crate::error::{raise, PgError};
+use crate::error::{raise, OrRaise, PgError};
 use crate::gucs::{DefaultSequenceKind, DEFAULT_SEQUENCE_KIND};
 use crate::pg::libpq::quote_ident;
 use crate::pg::sequence as pgseq;
@@ -53,6 +53,13 @@ pub enum SequenceError {
     TableBusy,
     #[error("{0}")]
     Spi(String),
+}
+
+impl SequenceError {
+    /// One of bdr's own queries failed (a bug).
+    fn spi(e: pgrx::spi::Error) -> Self {
+        SequenceError::Spi(e.to_string())
+    }
 }
 
 impl PgError for SequenceError {
@@ -103,14 +110,6 @@ impl PgError for SequenceError {
     }
 }
 
-fn fail(e: SequenceError) -> ! {
-    raise(&e)
-}
-
-fn spi_fail(e: pgrx::spi::Error) -> ! {
-    fail(SequenceError::Spi(e.to_string()))
-}
-
 // ---------------------------------------------------------------------------------------
 // snowflake_nextval
 
@@ -138,7 +137,7 @@ fn load_node_number(dboid: u32) -> u16 {
             shmem::with_sequences(|t| t.set_node_number(dboid, Some(n as u16)));
             n as u16
         }
-        _ => fail(SequenceError::NoNodeNumber),
+        _ => raise(&SequenceError::NoNodeNumber),
     }
 }
 
@@ -214,7 +213,7 @@ COMMENT ON FUNCTION bdr.snowflake_nextval(regclass) IS
 ")]
 fn snowflake_nextval(seq: pg_sys::Oid) -> i64 {
     if !pgseq::may_use(seq) {
-        fail(SequenceError::PermissionDenied(seq_name(seq)));
+        raise(&SequenceError::PermissionDenied(seq_name(seq)));
     }
     pgseq::prevent_if_read_only();
     let dboid = nodes::my_database_oid();
@@ -287,11 +286,11 @@ fn snowflake_nextval(seq: pg_sys::Oid) -> i64 {
             }
             Outcome::NoSlot => {
                 if !pgseq::is_sequence(seq) {
-                    fail(SequenceError::NotSequence(seq_name(seq)));
+                    raise(&SequenceError::NotSequence(seq_name(seq)));
                 }
                 let floor = pgseq::last_value(seq).unwrap_or(0);
                 if shmem::with_sequences(|t| t.insert(dboid, relid, floor)).is_none() {
-                    fail(SequenceError::TableBusy);
+                    raise(&SequenceError::TableBusy);
                 }
             }
         }
@@ -399,7 +398,7 @@ fn columns_of(seq: u32) -> Vec<Column> {
         }
         Ok(out)
     })
-    .unwrap_or_else(|e: pgrx::spi::Error| spi_fail(e))
+    .or_raise_as(SequenceError::spi)
 }
 
 struct SeqFacts {
@@ -430,7 +429,7 @@ fn facts(seq: u32) -> SeqFacts {
             r.get::<i64>(4)?.unwrap_or(i64::MAX),
         ))
     })
-    .unwrap_or_else(|e| spi_fail(e));
+    .or_raise_as(SequenceError::spi);
     let current = nodes::read_one::<i64>(&format!(
         "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {}",
         row.0
@@ -446,7 +445,7 @@ fn facts(seq: u32) -> SeqFacts {
 }
 
 fn run(sql: &str) {
-    Spi::run(sql).unwrap_or_else(|e| spi_fail(e));
+    Spi::run(sql).or_raise_as(SequenceError::spi);
 }
 
 /// The kind `seq` has now: `snowflake` if a column's DEFAULT calls
@@ -477,22 +476,22 @@ fn set_kind(seq: u32, kind: Kind, node: Option<u16>) {
     match kind {
         Kind::Snowflake => {
             if let Some(c) = cols.iter().find(|c| c.identity) {
-                fail(SequenceError::Identity(c.label()));
+                raise(&SequenceError::Identity(c.label()));
             }
             if let Some(c) = cols.iter().find(|c| c.typid != INT8OID) {
-                fail(SequenceError::NotBigint {
+                raise(&SequenceError::NotBigint {
                     column: c.label(),
                     ty: c.ty.clone(),
                 });
             }
             if f.ty != "bigint" {
-                fail(SequenceError::SequenceNotBigint {
+                raise(&SequenceError::SequenceNotBigint {
                     seq: f.name.clone(),
                     ty: f.ty.clone(),
                 });
             }
             if node.is_none() {
-                fail(SequenceError::NoNodeNumber);
+                raise(&SequenceError::NoNodeNumber);
             }
             if f.increment != 1 {
                 run(&format!("ALTER SEQUENCE {} INCREMENT BY 1", f.name));
@@ -507,7 +506,7 @@ fn set_kind(seq: u32, kind: Kind, node: Option<u16>) {
         }
         Kind::Offset => {
             let Some(node) = node else {
-                fail(SequenceError::NoNodeNumber)
+                raise(&SequenceError::NoNodeNumber)
             };
             let mut current = f.current;
             for c in &cols {
@@ -522,7 +521,7 @@ fn set_kind(seq: u32, kind: Kind, node: Option<u16>) {
             let start = snowflake::offset_start(current, node)
                 .filter(|s| *s <= f.max)
                 .unwrap_or_else(|| {
-                    fail(SequenceError::OffsetExhausted {
+                    raise(&SequenceError::OffsetExhausted {
                         seq: f.name.clone(),
                         current,
                         max: f.max,
@@ -559,7 +558,7 @@ fn set_kind(seq: u32, kind: Kind, node: Option<u16>) {
 fn check_sequence(seq: &PgRelation) -> u32 {
     let oid = seq.oid();
     if !pgseq::is_sequence(oid) {
-        fail(SequenceError::NotSequence(seq_name(oid)));
+        raise(&SequenceError::NotSequence(seq_name(oid)));
     }
     oid.to_u32()
 }
@@ -570,7 +569,7 @@ fn check_sequence(seq: &PgRelation) -> u32 {
 #[pg_extern]
 fn alter_sequence_set_kind(seq: PgRelation, kind: &str) {
     let Some(k) = Kind::parse(kind) else {
-        fail(SequenceError::BadKind(kind.into()))
+        raise(&SequenceError::BadKind(kind.into()))
     };
     let oid = check_sequence(&seq);
     set_kind(oid, k, local_node_number());
@@ -613,7 +612,7 @@ pub fn apply_default_kinds(table: Option<u32>) {
             .map(|r| r.get::<pg_sys::Oid>(1).map(|o| o.map_or(0, |o| o.to_u32())))
             .collect::<Result<Vec<_>, _>>()
     })
-    .unwrap_or_else(|e| spi_fail(e));
+    .or_raise_as(SequenceError::spi);
     let want = DEFAULT_SEQUENCE_KIND.get();
     for t in tables {
         let seqs: Vec<u32> = Spi::connect(|c| {
@@ -630,7 +629,7 @@ pub fn apply_default_kinds(table: Option<u32>) {
             .map(|r| r.get::<pg_sys::Oid>(1).map(|o| o.map_or(0, |o| o.to_u32())))
             .collect::<Result<Vec<_>, _>>()
         })
-        .unwrap_or_else(|e| spi_fail(e));
+        .or_raise_as(SequenceError::spi);
         for seq in seqs {
             let cols = columns_of(seq);
             let f = facts(seq);

@@ -15,10 +15,6 @@ use bdr_core::replication::REPLICATED_TABLES_SQL;
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
 
-fn fail(e: GroupError) -> ! {
-    raise(&e)
-}
-
 /// Run `steps` (statements with their parameters) on `c`, in order, until all succeed or
 /// `secs` pass (e.g. dropping a slot whose walsender is still exiting, or an origin whose
 /// worker is stopping).
@@ -75,13 +71,13 @@ fn part_on(c: &mut Conn, parted: &str) -> Result<(), String> {
 #[pg_extern]
 fn part(node_name: &str) {
     let Some(local) = nodes::local() else {
-        fail(GroupError::NotMember)
+        raise(&GroupError::NotMember)
     };
     if local.name == node_name {
-        fail(GroupError::PartSelf);
+        raise(&GroupError::PartSelf);
     }
     let Some(target) = nodes::by_name(node_name) else {
-        fail(GroupError::UnknownPeer(node_name.into()))
+        raise(&GroupError::UnknownPeer(node_name.into()))
     };
     let members: Vec<Node> = nodes::all()
         .into_iter()
@@ -92,7 +88,7 @@ fn part(node_name: &str) {
         match Conn::connect(&m.dsn, "bdr_part") {
             Ok(mut c) => {
                 if let Err(e) = part_on(&mut c, node_name) {
-                    fail(GroupError::Remote {
+                    raise(&GroupError::Remote {
                         node: m.name.clone(),
                         message: e,
                     });
@@ -191,10 +187,10 @@ pub fn set_standby_triggers(on: bool) -> i32 {
 #[pg_extern]
 pub fn promote(node_name: &str) {
     let Some(local) = nodes::local() else {
-        fail(GroupError::NotMember)
+        raise(&GroupError::NotMember)
     };
     if local.name != node_name {
-        fail(GroupError::PromoteElsewhere(node_name.into()));
+        raise(&GroupError::PromoteElsewhere(node_name.into()));
     }
     if local.kind != NodeKind::Standby {
         pgrx::notice!("node \"{node_name}\" is already active; nothing to do");
@@ -208,7 +204,7 @@ pub fn promote(node_name: &str) {
     // 1. Slots first (through another session: this transaction must hold no xid while
     //    slot creation waits for running transactions).
     let mut me = Conn::connect(&local.dsn, "bdr_promote").unwrap_or_else(|e| {
-        fail(GroupError::Remote {
+        raise(&GroupError::Remote {
             node: local.name.clone(),
             message: e.to_string(),
         })
@@ -221,7 +217,7 @@ pub fn promote(node_name: &str) {
             &[&slot],
         )
         .unwrap_or_else(|e| {
-            fail(GroupError::Remote {
+            raise(&GroupError::Remote {
                 node: local.name.clone(),
                 message: e.to_string(),
             })

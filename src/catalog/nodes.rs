@@ -3,6 +3,7 @@
 //! Names are the identity users see; `node_id` is a stable number derived at creation and
 //! copied to every member, used to order nodes when commit timestamps tie.
 
+use crate::error::{ApplyError, OrRaise};
 pub use bdr_core::node::{NodeKind, NodeState};
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
@@ -47,7 +48,7 @@ pub fn read_one<T: pgrx::datum::FromDatum + pgrx::datum::IntoDatum>(sql: &str) -
         Some(r) => r.get::<T>(1),
         None => Ok(None),
     })
-    .unwrap_or_else(|e| spi_fail(e))
+    .or_raise_as(ApplyError::spi)
 }
 
 /// A `node_kind` as the catalog (this node's or a member's) holds it; anything the CHECK
@@ -67,10 +68,6 @@ fn unknown(column: &str, text: &str) -> ! {
     )))
 }
 
-fn spi_fail(e: pgrx::spi::Error) -> ! {
-    crate::error::raise(&crate::error::ApplyError::Spi(e.to_string()))
-}
-
 /// Whether `CREATE EXTENSION bdr` has run in this database.
 pub fn extension_exists() -> bool {
     read_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'bdr')")
@@ -82,7 +79,7 @@ pub fn all() -> Vec<Node> {
         &format!("SELECT {COLUMNS} FROM bdr.nodes ORDER BY node_name"),
         &[],
     )
-    .unwrap_or_else(|e| spi_fail(e))
+    .or_raise_as(ApplyError::spi)
 }
 
 pub fn local() -> Option<Node> {
@@ -90,7 +87,7 @@ pub fn local() -> Option<Node> {
         &format!("SELECT {COLUMNS} FROM bdr.nodes WHERE is_local"),
         &[],
     )
-    .unwrap_or_else(|e| spi_fail(e))
+    .or_raise_as(ApplyError::spi)
     .into_iter()
     .next()
 }
@@ -100,7 +97,7 @@ pub fn by_name(name: &str) -> Option<Node> {
         &format!("SELECT {COLUMNS} FROM bdr.nodes WHERE node_name = $1"),
         &[name.into()],
     )
-    .unwrap_or_else(|e| spi_fail(e))
+    .or_raise_as(ApplyError::spi)
     .into_iter()
     .next()
 }
@@ -125,7 +122,7 @@ pub fn upsert(n: &Node) {
             n.number.into(),
         ],
     )
-    .unwrap_or_else(|e| spi_fail(e));
+    .or_raise_as(ApplyError::spi);
 }
 
 pub fn set_state(name: &str, state: &str) {
@@ -135,12 +132,12 @@ pub fn set_state(name: &str, state: &str) {
          WHERE node_name = $1",
         &[name.into(), state.into()],
     )
-    .unwrap_or_else(|e| spi_fail(e));
+    .or_raise_as(ApplyError::spi);
 }
 
 pub fn delete(name: &str) {
     Spi::run_with_args("DELETE FROM bdr.nodes WHERE node_name = $1", &[name.into()])
-        .unwrap_or_else(|e| spi_fail(e));
+        .or_raise_as(ApplyError::spi);
 }
 
 /// The current database's OID.

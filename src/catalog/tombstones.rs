@@ -5,12 +5,9 @@
 //! local ones (ordinary triggers do not fire in the apply worker). Removed by the
 //! supervisor once every peer has sent us transactions committed after them.
 
+use crate::error::{ApplyError, OrRaise};
 use bdr_core::replication::REPLICATED_TABLES_SQL;
 use pgrx::prelude::*;
-
-fn spi_fail(e: pgrx::spi::Error) -> ! {
-    crate::error::raise(&crate::error::ApplyError::Spi(e.to_string()))
-}
 
 /// The xmin of the tombstone for (`relid`, `key`), if any, share-locked until the
 /// transaction ends (so nobody replaces it while we act on it). A tombstone another
@@ -30,7 +27,7 @@ pub fn any(relid: pg_sys::Oid) -> bool {
         )?;
         Ok::<_, pgrx::spi::Error>(!rows.is_empty())
     })
-    .unwrap_or_else(|e| spi_fail(e))
+    .or_raise_as(ApplyError::spi)
 }
 
 /// Create or refresh the tombstone (its version becomes the current transaction's).
@@ -41,7 +38,7 @@ pub fn upsert(relid: pg_sys::Oid, key: &str) {
          ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key",
         &[relid.into(), key.into()],
     )
-    .unwrap_or_else(|e| spi_fail(e));
+    .or_raise_as(ApplyError::spi);
 }
 
 /// Create the tombstone only if there is none; false if one exists (another transaction
@@ -57,7 +54,7 @@ pub fn insert_new(relid: pg_sys::Oid, key: &str) -> bool {
         )?;
         Ok::<_, pgrx::spi::Error>(!rows.is_empty())
     })
-    .unwrap_or_else(|e| spi_fail(e))
+    .or_raise_as(ApplyError::spi)
 }
 
 /// Remove tombstones of deletes committed before `before` (PostgreSQL-epoch µs).
@@ -74,7 +71,7 @@ pub fn collect_garbage(before: i64) -> i64 {
         .first()
         .get_one::<i64>()
     })
-    .unwrap_or_else(|e| spi_fail(e))
+    .or_raise_as(ApplyError::spi)
     .unwrap_or(0)
 }
 
@@ -134,7 +131,7 @@ pub fn attach_tombstone_triggers() -> i32 {
         }
         Ok::<_, pgrx::spi::Error>(v)
     })
-    .unwrap_or_else(|e| spi_fail(e));
+    .or_raise_as(ApplyError::spi);
     for (s, n) in &tables {
         Spi::run(&format!(
             "CREATE TRIGGER bdr_tombstone AFTER DELETE OR UPDATE ON {}.{} \
@@ -142,7 +139,7 @@ pub fn attach_tombstone_triggers() -> i32 {
             crate::pg::libpq::quote_ident(s),
             crate::pg::libpq::quote_ident(n)
         ))
-        .unwrap_or_else(|e| spi_fail(e));
+        .or_raise_as(ApplyError::spi);
     }
     tables.len() as i32
 }
