@@ -20,13 +20,15 @@ use pgrx::prelude::*;
 // Named in `extension_sql_file!(... requires = [...])` below (used only when pgrx
 // generates the schema, hence the allow).
 #[allow(unused_imports)]
-use api::group::{apply_workers, conflict_counters, group_create, group_join};
+use api::group::{group_create, group_join};
 #[allow(unused_imports)]
 use api::lifecycle::promote;
 #[allow(unused_imports)]
 use api::monitor::{apply_lag, apply_stats, apply_stats_reset, peers_reached, quorum};
 #[allow(unused_imports)]
 use api::version;
+#[allow(unused_imports)]
+use api::workers::{apply_workers, conflict_counters};
 #[allow(unused_imports)]
 use ddl::replicate_ddl_command;
 
