@@ -291,7 +291,7 @@ impl Applier {
                 .map(|(relid, _)| relcache::quoted_name(*relid))
                 .collect();
             let sql = format!("TRUNCATE ONLY {}{restart}", list.join(", "));
-            crate::pg::exec::as_user(g[0].1, || xact::run_sql(&sql));
+            crate::pg::owner::as_user(g[0].1, || xact::run_sql(&sql));
         }
         self.pending_cci = true;
         self.changes += 1;

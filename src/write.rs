@@ -18,12 +18,14 @@
 //! the table are checked before each kind of change.
 
 use crate::error::ApplyError;
-use crate::pg::exec::{self, InputFn, LocalAttr, OwnerRights};
 /// The write stage's raw half ([`crate::pg::exec`]): a local table opened for writing,
 /// the rows it writes and the locked rows it finds. The conflict stage writes through
 /// these, never through `pg::exec` directly.
-pub use crate::pg::exec::{relation_name, LocalRow, Row, Target};
+pub use crate::pg::exec::{LocalRow, Row, Target};
 use crate::pg::memcxt::MemCxt;
+use crate::pg::owner::{self, OwnerRights};
+pub use crate::pg::tables::relation_name;
+use crate::pg::tables::{self, InputFn, LocalAttr};
 use bdr_core::wire::{self, OldRow, ReplicaIdentity, Value};
 use pgrx::pg_sys;
 
@@ -63,7 +65,7 @@ impl RelMap {
             schema: remote.schema.clone(),
             name: remote.name.clone(),
         };
-        let relid = exec::find_table(&remote.schema, &remote.name).ok_or_else(missing)?;
+        let relid = tables::find_table(&remote.schema, &remote.name).ok_or_else(missing)?;
         if let Some(why) = crate::pg::relcache::why_not_target(relid) {
             return Err(ApplyError::NotReplicatedTarget {
                 schema: remote.schema.clone(),
@@ -71,8 +73,8 @@ impl RelMap {
                 why,
             });
         }
-        let attrs = exec::table_attrs(relid);
-        let rights = exec::owner_rights(relid).ok_or_else(missing)?;
+        let attrs = tables::table_attrs(relid);
+        let rights = owner::owner_rights(relid).ok_or_else(missing)?;
         let local_of = map_columns(&remote.columns, &attrs);
         let inputs = local_of
             .iter()
@@ -160,7 +162,7 @@ impl RelMap {
     ///
     /// Inside a transaction; datums live in the current memory context.
     pub fn row(&self, values: &[Value], base: Option<&Row>) -> Result<Row, ApplyError> {
-        exec::as_user(self.rights.owner, || self.row_as_owner(values, base))
+        owner::as_user(self.rights.owner, || self.row_as_owner(values, base))
     }
 
     /// As [`RelMap::row`].
@@ -204,7 +206,7 @@ impl RelMap {
     pub fn search_row_old(&self, old: &OldRow, action: &'static str) -> Result<Row, ApplyError> {
         match old {
             OldRow::Full(values) => self.row(values, None),
-            OldRow::Key(values) => exec::as_user(self.rights.owner, || {
+            OldRow::Key(values) => owner::as_user(self.rights.owner, || {
                 if self.key.is_empty() || values.len() != self.key.len() {
                     return Err(ApplyError::NoIdentity {
                         table: self.name(),

@@ -13,7 +13,7 @@ use pgrx::prelude::*;
 /// transaction ends (so nobody replaces it while we act on it). A tombstone another
 /// transaction is writing is waited for, not missed.
 pub fn lookup(relid: pg_sys::Oid, key: &str) -> Option<pg_sys::TransactionId> {
-    let table = crate::pg::exec::find_table("bdr", "tombstones")?;
+    let table = crate::pg::tables::find_table("bdr", "tombstones")?;
     crate::pg::exec::lock_by_oid_and_text(table, relid, key)
 }
 
@@ -103,7 +103,7 @@ fn tombstone_trigger<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::trigger_support::PgTriggerError> {
     let relid = trigger.relation()?.oid();
-    if let Some(k) = crate::pg::exec::removed_key(trigger)? {
+    if let Some(k) = crate::pg::exec::keys::removed_key(trigger)? {
         upsert(relid, &k);
     }
     Ok(None)

@@ -11,9 +11,11 @@ pub mod decoding;
 pub mod exec;
 pub mod libpq;
 pub mod memcxt;
+pub mod owner;
 pub mod relcache;
 pub mod sequence;
 pub mod shmem;
+pub mod tables;
 pub mod utility;
 pub mod xact;
 

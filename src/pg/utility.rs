@@ -522,7 +522,7 @@ pub fn wait_for_writers(relid: pg_sys::Oid) {
 /// Run `f` as the bootstrap superuser (for bdr's own catalog writes on behalf of any
 /// role: the DDL queue).
 pub fn as_superuser<R>(f: impl FnOnce() -> R) -> R {
-    crate::pg::exec::switch_user(
+    crate::pg::owner::switch_user(
         pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
         pg_sys::SECURITY_LOCAL_USERID_CHANGE,
         f,
@@ -531,7 +531,7 @@ pub fn as_superuser<R>(f: impl FnOnce() -> R) -> R {
 
 /// Run `f` as role `role` (a replicated DDL runs as the role that ran it on its origin).
 pub fn as_role<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    crate::pg::exec::switch_user(role, pg_sys::SECURITY_LOCAL_USERID_CHANGE, f)
+    crate::pg::owner::switch_user(role, pg_sys::SECURITY_LOCAL_USERID_CHANGE, f)
 }
 
 /// Something to run when the current transaction ends (`true`: it committed).
