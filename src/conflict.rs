@@ -25,7 +25,7 @@ use crate::catalog::nodes::Node;
 use crate::catalog::tombstones;
 use crate::error::{raise, ApplyError};
 use crate::pg::{shmem, xact};
-use crate::write::{LocalRow, RelMap, Row, Target};
+use crate::write::{LazyKey, LocalRow, RelMap, Row, Target};
 use bdr_core::wire::{self, Value};
 use pgrx::pg_sys;
 use std::collections::HashMap;
@@ -37,45 +37,11 @@ struct Recorded {
     key: Option<String>,
 }
 
-/// A row's canonical key text, rendered only if something needs it (a tombstone lookup or
-/// write, a history row): most inserts need none.
-struct LazyKey<'a> {
-    t: &'a Target,
-    row: &'a Row,
-    text: Option<Option<String>>,
-}
-
-impl<'a> LazyKey<'a> {
-    fn new(t: &'a Target, row: &'a Row) -> Self {
-        LazyKey { t, row, text: None }
-    }
-
-    fn get(&mut self) -> Option<String> {
-        let (t, row) = (self.t, self.row);
-        self.text.get_or_insert_with(|| t.key_text(row)).clone()
-    }
-}
-
 /// Another apply worker wrote `key` of `t`'s table at the same time: roll back and
 /// apply the transaction again (see [`Resolver::verify_no_new_tombstone`]).
 fn raced(t: &Target, key: String) -> ! {
     let table = crate::write::relation_name(t.relid());
     raise(&ApplyError::ConcurrentKey { table, key })
-}
-
-fn row_json(rel: &wire::Relation, values: &[Value]) -> serde_json::Value {
-    let mut m = serde_json::Map::new();
-    for (c, v) in rel.columns.iter().zip(values) {
-        m.insert(
-            c.name.clone(),
-            match v {
-                Value::Null => serde_json::Value::Null,
-                Value::UnchangedToast => serde_json::Value::String("(unchanged toast)".into()),
-                Value::Text(t) => serde_json::Value::String(t.clone()),
-            },
-        );
-    }
-    serde_json::Value::Object(m)
 }
 
 /// The remote transaction a change belongs to, as its history rows name it.
@@ -519,7 +485,7 @@ impl Resolver {
             remote_xid: self.txn.xid,
             key: info.key,
             local_tuple: info.local_row,
-            remote_tuple: row_json(&map.remote, values),
+            remote_tuple: crate::history::row_json(&map.remote, values),
         });
     }
 }

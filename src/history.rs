@@ -3,6 +3,7 @@
 //! took effect).
 
 use crate::conflict::{Conflict, Resolution};
+use bdr_core::wire::{self, Value};
 use pgrx::prelude::*;
 
 pub struct Entry<'a> {
@@ -111,4 +112,20 @@ pub fn record_apply_error(local_node: &str, remote_node: &str, failed: &ApplyFai
         ],
     )
     .unwrap_or_else(|err| crate::error::raise(&crate::error::ApplyError::Spi(err.to_string())));
+}
+
+/// A peer's row as a JSON object of column name to text (the `remote_tuple` column).
+pub fn row_json(rel: &wire::Relation, values: &[Value]) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (c, v) in rel.columns.iter().zip(values) {
+        m.insert(
+            c.name.clone(),
+            match v {
+                Value::Null => serde_json::Value::Null,
+                Value::UnchangedToast => serde_json::Value::String("(unchanged toast)".into()),
+                Value::Text(t) => serde_json::Value::String(t.clone()),
+            },
+        );
+    }
+    serde_json::Value::Object(m)
 }

@@ -243,6 +243,25 @@ impl RelMap {
     }
 }
 
+/// A row's canonical key text, rendered only if something needs it (a tombstone lookup or
+/// write, a history row): most inserts need none.
+pub struct LazyKey<'a> {
+    t: &'a Target,
+    pub row: &'a Row,
+    text: Option<Option<String>>,
+}
+
+impl<'a> LazyKey<'a> {
+    pub fn new(t: &'a Target, row: &'a Row) -> Self {
+        LazyKey { t, row, text: None }
+    }
+
+    pub fn get(&mut self) -> Option<String> {
+        let (t, row) = (self.t, self.row);
+        self.text.get_or_insert_with(|| t.key_text(row)).clone()
+    }
+}
+
 #[cfg(any(test, feature = "pg_test"))]
 #[pgrx::pg_schema]
 mod tests {
