@@ -125,21 +125,6 @@ pub fn upsert(n: &Node) {
     .or_raise_as(ApplyError::spi);
 }
 
-pub fn set_state(name: &str, state: &str) {
-    Spi::run_with_args(
-        "UPDATE bdr.nodes SET node_state = $2, \
-           joined_at = CASE WHEN $2 IN ('active', 'standby') THEN coalesce(joined_at, now()) ELSE joined_at END \
-         WHERE node_name = $1",
-        &[name.into(), state.into()],
-    )
-    .or_raise_as(ApplyError::spi);
-}
-
-pub fn delete(name: &str) {
-    Spi::run_with_args("DELETE FROM bdr.nodes WHERE node_name = $1", &[name.into()])
-        .or_raise_as(ApplyError::spi);
-}
-
 /// The current database's OID.
 pub fn my_database_oid() -> u32 {
     crate::pg::database_oid()
