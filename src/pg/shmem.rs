@@ -205,7 +205,7 @@ pub struct Workers {
     pub tombstone_epoch: u64,
     /// Transactions that have written a tombstone and not yet ended. An apply worker that
     /// inserted a row where it saw no tombstone re-checks for one while this is non-zero
-    /// (or the epoch moved): see `Applier::verify_no_new_tombstone`.
+    /// (or the epoch moved): see `conflict::Resolver::verify_no_new_tombstone`.
     pub tombstone_writers: u32,
     /// Databases where `bdr.apply_pause()` (all peers) is in force: a worker slot
     /// created there later starts paused too.
