@@ -2,7 +2,7 @@
 //! transaction that applied the remote change (so it exists exactly when the resolution
 //! took effect).
 
-use crate::conflict::{Conflict, Resolution};
+use bdr_core::conflict::{Conflict, Resolution};
 use bdr_core::wire::{self, Value};
 use pgrx::prelude::*;
 

@@ -7,7 +7,9 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 
-/// The worker's body, started through [`crate::pg::bgw::bdr_apply_main`].
+crate::pg::bgw::worker_entry!(bdr_apply_main => main);
+
+/// The worker's body, started by PostgreSQL at `bdr_apply_main`.
 pub fn main(arg: pg_sys::Datum) {
     let dboid = bgw::connect_to_arg_database(arg);
     let peer_name = BackgroundWorker::get_extra().to_string();

@@ -52,7 +52,9 @@ fn start_supervisor(dboid: u32, extra: &str) -> bool {
     started.is_some()
 }
 
-/// The worker's body, started through [`crate::pg::bgw::bdr_launcher_main`].
+crate::pg::bgw::worker_entry!(bdr_launcher_main => main);
+
+/// The worker's body, started by PostgreSQL at `bdr_launcher_main`.
 pub fn main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(None, None);

@@ -178,7 +178,9 @@ fn peers(all: &[nodes::Node]) -> Vec<nodes::Node> {
 /// (A mutex only to be shared with the error path; a supervisor has one thread.)
 type Workers = Mutex<HashMap<String, Worker>>;
 
-/// The worker's body, started through [`crate::pg::bgw::bdr_supervisor_main`].
+crate::pg::bgw::worker_entry!(bdr_supervisor_main => main);
+
+/// The worker's body, started by PostgreSQL at `bdr_supervisor_main`.
 pub fn main(arg: pg_sys::Datum) {
     let dboid = bgw::connect_to_arg_database(arg);
     let from_launcher = BackgroundWorker::get_extra() == crate::workers::launcher::FROM_LAUNCHER;
