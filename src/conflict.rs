@@ -37,6 +37,21 @@ struct Recorded {
     key: Option<String>,
 }
 
+/// Replace the found local row by the remote values (unsent and unchanged-TOAST columns
+/// keep the local ones, from `base`); returns the row written.
+fn replace_row(
+    t: &Target,
+    map: &RelMap,
+    found: Option<&LocalRow>,
+    new: &[Value],
+    base: Option<&Row>,
+) -> Row {
+    let f = found.expect("update needs the row");
+    let row = map.row(new, base).unwrap_or_else(|e| raise(&e));
+    t.update(f, &row);
+    row
+}
+
 /// Another apply worker wrote `key` of `t`'s table at the same time: roll back and
 /// apply the transaction again (see [`Resolver::verify_no_new_tombstone`]).
 fn raced(t: &Target, key: String) -> ! {
@@ -60,6 +75,22 @@ struct Decided<'a> {
     local: Local,
     /// The local row the decision was made against, if any.
     base: Option<&'a Row>,
+}
+
+impl<'a> Decided<'a> {
+    fn of(
+        decision: &'a Decision,
+        remote: &'a [Value],
+        local: Local,
+        base: Option<&'a Row>,
+    ) -> Self {
+        Decided {
+            decision,
+            remote,
+            local,
+            base,
+        }
+    }
 }
 
 /// Resolves one peer's changes against this node's rows, with what it caches between
@@ -190,6 +221,21 @@ impl Resolver {
         }
     }
 
+    /// Insert `row` (see [`Resolver::insert_resolving_unique`]), then check that no other
+    /// worker wrote the key's tombstone meanwhile.
+    fn insert_checked(
+        &mut self,
+        t: &Target,
+        map: &RelMap,
+        row: &Row,
+        new: &[Value],
+        local: Local,
+        key: &mut LazyKey,
+    ) {
+        self.insert_resolving_unique(t, map, row, new);
+        self.verify_no_new_tombstone(t, local, key);
+    }
+
     /// Insert `row`, first resolving collisions on other unique indexes: a colliding
     /// local row that is older than the remote change is deleted (and remembered as
     /// deleted); a newer one keeps its place and the remote row is not inserted.
@@ -253,14 +299,9 @@ impl Resolver {
         let d = decide(Change::Insert, local, self.remote_version());
         let base = found.as_ref().map(|f| f.values());
         match d.action {
-            Action::Insert => {
-                self.insert_resolving_unique(&t, map, &row, new);
-                self.verify_no_new_tombstone(&t, local, &mut key);
-            }
+            Action::Insert => self.insert_checked(&t, map, &row, new, local, &mut key),
             Action::Update => {
-                let f = found.as_ref().expect("update needs the row");
-                let row = map.row(new, base.as_ref()).unwrap_or_else(|e| raise(&e));
-                t.update(f, &row);
+                replace_row(&t, map, found.as_ref(), new, base.as_ref());
             }
             Action::Delete | Action::Nothing => {}
         }
@@ -268,12 +309,7 @@ impl Resolver {
             &t,
             map,
             &mut key,
-            Decided {
-                decision: &d,
-                remote: new,
-                local,
-                base: base.as_ref(),
-            },
+            Decided::of(&d, new, local, base.as_ref()),
         );
         t.close();
     }
@@ -292,9 +328,7 @@ impl Resolver {
         let base = found.as_ref().map(|f| f.values());
         match d.action {
             Action::Update => {
-                let f = found.as_ref().expect("update needs the row");
-                let row = map.row(new, base.as_ref()).unwrap_or_else(|e| raise(&e));
-                t.update(f, &row);
+                let row = replace_row(&t, map, found.as_ref(), new, base.as_ref());
                 // A key change removes the old key: remember it as deleted.
                 if let (Some(_), Some(k)) = (old, key.get()) {
                     if t.key_text(&row).as_ref() != Some(&k) {
@@ -310,8 +344,7 @@ impl Resolver {
                 } else {
                     let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
                     t.fill_defaults(&mut row, map.local_only());
-                    self.insert_resolving_unique(&t, map, &row, new);
-                    self.verify_no_new_tombstone(&t, local, &mut key);
+                    self.insert_checked(&t, map, &row, new, local, &mut key);
                 }
             }
             Action::Delete | Action::Nothing => {}
@@ -320,12 +353,7 @@ impl Resolver {
             &t,
             map,
             &mut key,
-            Decided {
-                decision: &d,
-                remote: new,
-                local,
-                base: base.as_ref(),
-            },
+            Decided::of(&d, new, local, base.as_ref()),
         );
         t.close();
     }
@@ -350,12 +378,7 @@ impl Resolver {
             &t,
             map,
             &mut key,
-            Decided {
-                decision: &d,
-                remote: &values,
-                local,
-                base: base.as_ref(),
-            },
+            Decided::of(&d, &values, local, base.as_ref()),
         );
         t.close();
     }
