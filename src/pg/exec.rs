@@ -6,12 +6,20 @@
 //! ones fire under `session_replication_role = replica`), with no SQL text parsed or
 //! planned per row.
 //!
-//! Invariants: every function here runs inside a transaction with an active snapshot; a
-//! [`Target`] is closed with [`Target::close`] (after-trigger queue flushed, executor state
-//! freed) before the transaction commits. Everything that can run code a table's owner
-//! wrote (triggers, CHECK and index expressions, type input functions of domains) runs as
-//! that owner inside a security-restricted operation ([`crate::pg::owner::as_user`]), as PostgreSQL 16+
-//! native apply does: a table owner cannot make the apply worker act as a superuser.
+//! Invariants: every function here runs inside a transaction with an active snapshot
+//! ([`Target::open`] checks both and raises an ERROR otherwise); a [`Target`] is closed with
+//! [`Target::close`] (after-trigger queue flushed, executor state freed) before the
+//! transaction commits; a [`LocalRow`] borrows the target that found it and is written
+//! back only through that target; a row of another width than the table's is an ERROR.
+//! Everything that can run code a table's owner wrote (triggers, CHECK and index
+//! expressions, type input functions of domains) runs as that owner inside a
+//! security-restricted operation ([`crate::pg::owner::as_user`]), as PostgreSQL 16+ native
+//! apply does: a table owner cannot make the apply worker act as a superuser.
+//!
+//! Why the write functions are safe to call: what can be checked is checked (above); what
+//! cannot is the datums a [`Row`] holds, so by convention only this module's own functions
+//! make them (`tables::InputFn::call`, [`LocalRow::values`], [`Target::fill_defaults`]),
+//! in the current (per-change) memory context, and code outside `pg/` only passes them on.
 //!
 //! Beside it: [`keys`] (a table's key text, unique indexes, key changes),
 //! `pg::tables` (catalog facts of local tables) and `pg::owner` (acting as the owner).
