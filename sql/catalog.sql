@@ -9,8 +9,7 @@ CREATE TABLE bdr.nodes (
     node_kind    text NOT NULL DEFAULT 'active'
                  CHECK (node_kind IN ('active', 'standby', 'witness')),
     node_state   text NOT NULL DEFAULT 'joining'
-                 CHECK (node_state IN ('joining', 'catching_up', 'active', 'standby',
-                                       'parting', 'parted')),
+                 CHECK (node_state IN ('joining', 'active', 'standby', 'parted')),
     node_dsn     text NOT NULL,
     -- Small number unique in the group (0-1023), inside every snowflake id the node makes
     -- and the residue of its offset sequences. Never reused while the node is listed,

@@ -66,7 +66,7 @@ WITH w AS (SELECT * FROM bdr.apply_workers()),
          LEFT JOIN s ON s.slot_name = 'bdr_' || (SELECT oid FROM me) || '_' || n.node_name
          LEFT JOIN c ON c.peer = n.node_name
          LEFT JOIN pr ON pr.peer = n.node_name),
-     r AS (SELECT r0.*, r0.linked AND r0.node_state IN ('active', 'standby', 'catching_up') AS feeds_us,
+     r AS (SELECT r0.*, r0.linked AND r0.node_state IN ('active', 'standby') AS feeds_us,
                   NOT r0.is_local AND r0.node_kind = 'active' AND NOT r0.linked AS via_hub
              FROM r0 r0)
 SELECT r.node_name, r.node_id, r.node_kind, r.node_state, r.is_local,

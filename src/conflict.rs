@@ -1,4 +1,519 @@
-//! Conflict stage: the policy lives in `bdr_core::conflict` (plain Rust, unit-tested
-//! without a server); this module is where the apply stage reaches it.
+//! Conflict stage: what is there locally for a remote change's key, what to do about it,
+//! and the record of the decision.
+//!
+//! The policy itself (last-update-wins on (commit timestamp, node id), and which conflict
+//! each case is) lives in `bdr_core::conflict`: plain Rust, unit-tested without a server
+//! over every arrival order. This module gathers its inputs — the local row's version from
+//! its xmin (commit timestamp and origin), else the key's tombstone, else nothing — and
+//! carries the decision out through the write stage ([`crate::write`]): apply → conflict →
+//! write → pg, nothing calling back up.
+//!
+//! Invariants kept here:
+//! - **Convergence**: a row's version is read from the row, a deleted key's from its
+//!   tombstone; every node keeps the greatest version per key.
+//! - **Two apply workers and one absent key** (write-then-verify, see
+//!   [`Resolver::verify_no_new_tombstone`]): a worker that inserted a row where it saw no
+//!   tombstone looks for a new tombstone, one that wrote a tombstone for an absent key
+//!   looks for a new row; of two racing workers at least one sees the other and rolls back
+//!   with SQLSTATE 40001.
+//! - **No silent skip**: every conflict is counted and, with `bdr.log_conflicts_to_table`,
+//!   written to `bdr.conflict_history` in the applying transaction.
 
 pub use bdr_core::conflict::*;
+
+use crate::catalog::nodes::Node;
+use crate::catalog::tombstones;
+use crate::error::{raise, ApplyError};
+use crate::pg::{shmem, xact};
+use crate::write::{LazyKey, LocalRow, RelMap, Row, Target};
+use bdr_core::wire::{self, Value};
+use pgrx::pg_sys;
+use std::collections::HashMap;
+
+/// What a history row says about the local side.
+struct Recorded {
+    local_version: Option<Version>,
+    local_row: Option<String>,
+    key: Option<String>,
+}
+
+/// Replace the found local row by the remote values (unsent and unchanged-TOAST columns
+/// keep the local ones, from `base`); returns the row written.
+fn replace_row(
+    t: &Target,
+    map: &RelMap,
+    found: Option<&LocalRow>,
+    new: &[Value],
+    base: Option<&Row>,
+) -> Row {
+    let f = found.expect("update needs the row");
+    let row = map.row(new, base).unwrap_or_else(|e| raise(&e));
+    t.update(f, &row);
+    row
+}
+
+/// Another apply worker wrote `key` of `t`'s table at the same time: roll back and
+/// apply the transaction again (see [`Resolver::verify_no_new_tombstone`]).
+fn raced(t: &Target, key: String) -> ! {
+    let table = crate::write::relation_name(t.relid());
+    raise(&ApplyError::ConcurrentKey { table, key })
+}
+
+/// The remote transaction a change belongs to, as its history rows name it.
+#[derive(Clone, Default)]
+struct RemoteTxn {
+    commit_time: i64,
+    lsn: u64,
+    xid: u32,
+    /// The node it came from when the hub forwarded it (name, id); else the peer.
+    forwarded: Option<(std::rc::Rc<str>, i64)>,
+}
+
+/// A decision to carry out and record (see [`Resolver::record_decision`]).
+struct Decided<'a> {
+    decision: &'a Decision,
+    /// The remote values (new row, or the old key of a DELETE).
+    remote: &'a [Value],
+    local: Local,
+    /// The local row the decision was made against, if any.
+    base: Option<&'a Row>,
+}
+
+impl<'a> Decided<'a> {
+    fn of(
+        decision: &'a Decision,
+        remote: &'a [Value],
+        local: Local,
+        base: Option<&'a Row>,
+    ) -> Self {
+        Decided {
+            decision,
+            remote,
+            local,
+            base,
+        }
+    }
+}
+
+/// Resolves one peer's changes against this node's rows, with what it caches between
+/// changes (the node behind each origin, which tables have tombstones).
+pub struct Resolver {
+    /// The peer's and this node's names, as history rows name them.
+    peer: std::rc::Rc<str>,
+    local: String,
+    peer_id: i64,
+    local_id: i64,
+    origin_nodes: HashMap<u16, i64>,
+    /// Whether a table has tombstones, valid while no tombstone is written anywhere on
+    /// this server (`tombstone_epoch` unchanged).
+    has_tombstones: HashMap<pg_sys::Oid, bool>,
+    tombstone_epoch: u64,
+    /// The tombstone epoch when the current change looked for its key (see
+    /// [`Resolver::verify_no_new_tombstone`]).
+    decision_epoch: u64,
+    /// The remote transaction being applied.
+    txn: RemoteTxn,
+    /// Conflicts resolved since last taken, per type (like `Conflict::ALL`).
+    conflict_counts: [u64; 9],
+}
+
+impl Resolver {
+    /// Resolves changes from the peer named `peer` (its node id `peer_id`) here, on `local`.
+    pub fn new(peer: std::rc::Rc<str>, peer_id: i64, local: &Node) -> Resolver {
+        Resolver {
+            peer,
+            local: local.name.clone(),
+            peer_id,
+            local_id: local.id,
+            origin_nodes: HashMap::new(),
+            has_tombstones: HashMap::new(),
+            tombstone_epoch: u64::MAX,
+            decision_epoch: 0,
+            txn: RemoteTxn::default(),
+            conflict_counts: [0; 9],
+        }
+    }
+
+    /// A remote transaction starts: its changes are decided against its version (its
+    /// commit time and the node it came from: the peer, or for a transaction the hub
+    /// forwarded, its original node).
+    pub fn begin(&mut self, b: &wire::Begin, forwarded: Option<(std::rc::Rc<str>, i64)>) {
+        self.txn = RemoteTxn {
+            commit_time: b.commit_time,
+            lsn: b.final_lsn,
+            xid: b.xid,
+            forwarded,
+        };
+    }
+
+    /// Conflicts resolved since the last call, per type (like `Conflict::ALL`).
+    pub fn take_counts(&mut self) -> [u64; 9] {
+        std::mem::take(&mut self.conflict_counts)
+    }
+
+    /// The remote transaction's version.
+    fn remote_version(&self) -> Version {
+        Version {
+            commit_time: self.txn.commit_time,
+            node_id: self.txn.forwarded.as_ref().map_or(self.peer_id, |f| f.1),
+        }
+    }
+
+    /// The node id behind a replication origin (0 = this node).
+    fn node_of_origin(&mut self, origin: u16) -> Option<i64> {
+        if origin == 0 {
+            return Some(self.local_id);
+        }
+        if let Some(id) = self.origin_nodes.get(&origin) {
+            return Some(*id);
+        }
+        let name = xact::origin_name(origin)?;
+        let (_, node) = bdr_core::names::parse(&name)?;
+        let id = crate::catalog::nodes::by_name(node)?.id;
+        self.origin_nodes.insert(origin, id);
+        Some(id)
+    }
+
+    fn version_of(&mut self, xid: pg_sys::TransactionId) -> Option<Version> {
+        let (ts, origin) = xact::commit_ts(xid)?;
+        Some(Version {
+            commit_time: ts,
+            node_id: self.node_of_origin(origin)?,
+        })
+    }
+
+    /// Whether table `relid` may have tombstones. Most tables have none at all: ask again
+    /// only when one was written anywhere. Notes the epoch this decision is based on.
+    fn may_have_tombstones(&mut self, relid: pg_sys::Oid) -> bool {
+        let (epoch, _) = shmem::tombstone_state();
+        self.decision_epoch = epoch;
+        if epoch != self.tombstone_epoch {
+            self.has_tombstones.clear();
+            self.tombstone_epoch = epoch;
+        }
+        *self
+            .has_tombstones
+            .entry(relid)
+            .or_insert_with(|| tombstones::any(relid))
+    }
+
+    /// What is there locally for a key: the row found, else a tombstone, else nothing.
+    fn local_state(&mut self, t: &Target, found: Option<&LocalRow>, key: &mut LazyKey) -> Local {
+        if let Some(r) = found {
+            let xmin = r.xmin();
+            if xact::is_current_xact(xmin) {
+                return Local::Row {
+                    version: None,
+                    same_transaction: true,
+                };
+            }
+            return Local::Row {
+                version: self.version_of(xmin),
+                same_transaction: false,
+            };
+        }
+        let relid = t.relid();
+        if !self.may_have_tombstones(relid) {
+            return Local::Missing;
+        }
+        match key.get().and_then(|k| tombstones::lookup(relid, &k)) {
+            // A tombstone too old to know its time is older than anything.
+            Some(xid) => Local::Deleted(self.version_of(xid).unwrap_or(Version {
+                commit_time: i64::MIN,
+                node_id: 0,
+            })),
+            None => Local::Missing,
+        }
+    }
+
+    /// Insert `row` (see [`Resolver::insert_resolving_unique`]), then check that no other
+    /// worker wrote the key's tombstone meanwhile.
+    fn insert_checked(
+        &mut self,
+        t: &Target,
+        map: &RelMap,
+        row: &Row,
+        new: &[Value],
+        local: Local,
+        key: &mut LazyKey,
+    ) {
+        self.insert_resolving_unique(t, map, row, new);
+        self.verify_no_new_tombstone(t, local, key);
+    }
+
+    /// Insert `row`, first resolving collisions on other unique indexes: a colliding
+    /// local row that is older than the remote change is deleted (and remembered as
+    /// deleted); a newer one keeps its place and the remote row is not inserted.
+    ///
+    /// Inside the applying transaction, with `t` open.
+    fn insert_resolving_unique(&mut self, t: &Target, map: &RelMap, row: &Row, new: &[Value]) {
+        let remote = self.remote_version();
+        for (index, _cols) in t.other_unique_indexes() {
+            let Some(other) = t.find_by_index(index, row) else {
+                continue;
+            };
+            let local = self.version_of(other.xmin());
+            let wins = unique_key_remote_wins(local, remote);
+            let base = other.values();
+            let info = Recorded {
+                local_version: local,
+                local_row: Some(t.row_json(&base)),
+                key: t.key_text(&base),
+            };
+            if wins {
+                if let Some(k) = &info.key {
+                    self.tombstone(t.relid(), k);
+                }
+                t.delete(&other);
+            }
+            let res = if wins {
+                Resolution::ApplyRemote
+            } else {
+                Resolution::KeepLocal
+            };
+            self.record(map, Conflict::UniqueKey, res, new, info);
+            if !wins {
+                return;
+            }
+        }
+        t.insert(row);
+    }
+
+    pub fn insert(&mut self, map: &RelMap, new: &[Value]) {
+        let t = Target::open(map.relid);
+        let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
+        t.fill_defaults(&mut row, map.local_only());
+        let keyed = map.remote.columns.iter().any(|c| c.key);
+        // The common case, a new key in a table without tombstones: insert directly,
+        // unless a unique index already holds the key (then decide as below).
+        if keyed && t.can_try_insert() && !self.may_have_tombstones(t.relid()) && t.try_insert(&row)
+        {
+            let mut key = LazyKey::new(&t, &row);
+            self.verify_no_new_tombstone(&t, Local::Missing, &mut key);
+            t.close();
+            return;
+        }
+        let found = if keyed {
+            let key = map.search_row_new(new).unwrap_or_else(|e| raise(&e));
+            t.find(&key)
+        } else {
+            None
+        };
+        let mut key = LazyKey::new(&t, &row);
+        let local = self.local_state(&t, found.as_ref(), &mut key);
+        let d = decide(Change::Insert, local, self.remote_version());
+        let base = found.as_ref().map(|f| f.values());
+        match d.action {
+            Action::Insert => self.insert_checked(&t, map, &row, new, local, &mut key),
+            Action::Update => {
+                replace_row(&t, map, found.as_ref(), new, base.as_ref());
+            }
+            Action::Delete | Action::Nothing => {}
+        }
+        self.record_decision(
+            &t,
+            map,
+            &mut key,
+            Decided::of(&d, new, local, base.as_ref()),
+        );
+        t.close();
+    }
+
+    pub fn update(&mut self, map: &RelMap, old: Option<&wire::OldRow>, new: &[Value]) {
+        let t = Target::open(map.relid);
+        let key_row = match old {
+            Some(o) => map.search_row_old(o, "update"),
+            None => map.search_row_new(new),
+        }
+        .unwrap_or_else(|e| raise(&e));
+        let found = t.find(&key_row);
+        let mut key = LazyKey::new(&t, &key_row);
+        let local = self.local_state(&t, found.as_ref(), &mut key);
+        let mut d = decide(Change::Update, local, self.remote_version());
+        let base = found.as_ref().map(|f| f.values());
+        match d.action {
+            Action::Update => {
+                let row = replace_row(&t, map, found.as_ref(), new, base.as_ref());
+                // A key change removes the old key: remember it as deleted.
+                if let (Some(_), Some(k)) = (old, key.get()) {
+                    if t.key_text(&row).as_ref() != Some(&k) {
+                        self.tombstone(t.relid(), &k);
+                    }
+                }
+            }
+            Action::Insert => {
+                if new.contains(&Value::UnchangedToast) {
+                    // The row must come back but the sender did not send every column.
+                    d.action = Action::Nothing;
+                    d.conflict = d.conflict.map(|(c, _)| (c, Resolution::Skip));
+                } else {
+                    let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
+                    t.fill_defaults(&mut row, map.local_only());
+                    self.insert_checked(&t, map, &row, new, local, &mut key);
+                }
+            }
+            Action::Delete | Action::Nothing => {}
+        }
+        self.record_decision(
+            &t,
+            map,
+            &mut key,
+            Decided::of(&d, new, local, base.as_ref()),
+        );
+        t.close();
+    }
+
+    pub fn delete(&mut self, map: &RelMap, old: &wire::OldRow) {
+        let t = Target::open(map.relid);
+        let key_row = map
+            .search_row_old(old, "delete")
+            .unwrap_or_else(|e| raise(&e));
+        let found = t.find(&key_row);
+        let mut key = LazyKey::new(&t, &key_row);
+        let local = self.local_state(&t, found.as_ref(), &mut key);
+        let d = decide(Change::Delete, local, self.remote_version());
+        let base = found.as_ref().map(|f| f.values());
+        if d.action == Action::Delete {
+            t.delete(found.as_ref().expect("delete needs the row"));
+        }
+        let values = match old {
+            wire::OldRow::Key(k) | wire::OldRow::Full(k) => k.clone(),
+        };
+        self.record_decision(
+            &t,
+            map,
+            &mut key,
+            Decided::of(&d, &values, local, base.as_ref()),
+        );
+        t.close();
+    }
+
+    fn tombstone(&mut self, relid: pg_sys::Oid, key: &str) {
+        tombstones::upsert(relid, key);
+        self.has_tombstones.insert(relid, true);
+    }
+
+    /// Two apply workers (changes from two peers) can decide about the same absent key at
+    /// once; nothing locks a row that is not there. Each writer therefore checks, after
+    /// its write, that the other kind of write did not appear meanwhile: one that inserted
+    /// a row looks for a new tombstone, one that wrote a tombstone looks for a new row.
+    /// Both lookups see uncommitted writes and wait for their transactions, and each
+    /// write precedes its own check, so of two racing workers at least one sees the
+    /// other's write; it rolls back and applies the transaction again (SQLSTATE 40001),
+    /// deciding then on committed state.
+    ///
+    /// The re-check after a row insert is skipped when no transaction anywhere was
+    /// writing tombstones meanwhile (nothing in flight and the epoch unchanged since this
+    /// change looked), which is the common case.
+    fn verify_no_new_tombstone(&mut self, t: &Target, local: Local, key: &mut LazyKey) {
+        if matches!(local, Local::Deleted(_)) {
+            // The tombstone we decided on is share-locked: nobody can replace it.
+            return;
+        }
+        let (epoch, writers) = shmem::tombstone_state();
+        if writers == 0 && epoch == self.decision_epoch {
+            return;
+        }
+        if let Some(k) = key.get() {
+            if tombstones::lookup(t.relid(), &k).is_some() {
+                raced(t, k);
+            }
+        }
+    }
+
+    /// Write the tombstone for an absent key (see [`Resolver::verify_no_new_tombstone`]):
+    /// only if none appeared since we looked, then check no row appeared either.
+    ///
+    /// `key` holds a search row for `t`.
+    fn tombstone_absent_key(&mut self, t: &Target, local: Local, key: &mut LazyKey) {
+        let Some(k) = key.get() else { return };
+        let relid = t.relid();
+        let fresh = match local {
+            // Share-locked by us since the lookup: refresh it.
+            Local::Deleted(_) => {
+                tombstones::upsert(relid, &k);
+                true
+            }
+            _ => tombstones::insert_new(relid, &k),
+        };
+        self.has_tombstones.insert(relid, true);
+        if !fresh || t.find(key.row).is_some() {
+            raced(t, k);
+        }
+    }
+
+    /// Write the tombstone and the conflict history row a decision asks for.
+    ///
+    /// `base` holds `t`'s datums.
+    fn record_decision(&mut self, t: &Target, map: &RelMap, key: &mut LazyKey, what: Decided) {
+        let Decided {
+            decision: d,
+            remote,
+            local,
+            base,
+        } = what;
+        if d.tombstone {
+            match local {
+                Local::Missing | Local::Deleted(_) => self.tombstone_absent_key(t, local, key),
+                Local::Row { .. } => {
+                    // The row is locked: nobody else decides about this key meanwhile.
+                    if let Some(k) = key.get() {
+                        self.tombstone(t.relid(), &k);
+                    }
+                }
+            }
+        }
+        if let Some((c, r)) = d.conflict {
+            let local_version = match local {
+                Local::Row { version, .. } => version,
+                Local::Deleted(v) => Some(v),
+                Local::Missing => None,
+            };
+            let local_row = base.map(|b| t.row_json(b));
+            self.record(
+                map,
+                c,
+                r,
+                remote,
+                Recorded {
+                    local_version,
+                    local_row,
+                    key: key.get(),
+                },
+            );
+        }
+    }
+
+    fn record(
+        &mut self,
+        map: &RelMap,
+        c: Conflict,
+        r: Resolution,
+        values: &[Value],
+        info: Recorded,
+    ) {
+        if let Some(i) = Conflict::ALL.iter().position(|x| *x == c) {
+            self.conflict_counts[i] += 1;
+        }
+        if !crate::gucs::LOG_CONFLICTS_TO_TABLE.get() {
+            return;
+        }
+        crate::history::record(&crate::history::Entry {
+            local_node: &self.local,
+            remote_node: self.txn.forwarded.as_ref().map_or(&self.peer, |f| &f.0),
+            relation: &map.name(),
+            conflict: c,
+            resolution: r,
+            local_commit_time: info
+                .local_version
+                .map(|v| v.commit_time)
+                .filter(|t| *t != i64::MIN),
+            remote_commit_time: self.txn.commit_time,
+            remote_lsn: self.txn.lsn,
+            remote_xid: self.txn.xid,
+            key: info.key,
+            local_tuple: info.local_row,
+            remote_tuple: crate::history::row_json(&map.remote, values),
+        });
+    }
+}

@@ -20,7 +20,7 @@
 //!    never sent back out. A failure is an apply error (logged with the statement, retried,
 //!    never skipped). The fence the origin set here lifts when the apply commits.
 
-use crate::catalog::nodes;
+use crate::catalog::nodes::{self, NodeKind, NodeState};
 use crate::error::{raise, DdlError};
 use crate::pg::{libpq::Conn, shmem, utility, xact};
 use bdr_core::ddl::{self, DdlCommand, Decision, Shape};
@@ -46,7 +46,7 @@ fn active_local_node() -> Option<nodes::Node> {
         if !nodes::extension_exists() {
             return None;
         }
-        nodes::local().filter(|n| n.state == "active" && n.kind == "active")
+        nodes::local().filter(|n| n.state == NodeState::Active && n.kind == NodeKind::Active)
     })
 }
 
@@ -119,8 +119,7 @@ fn queue(c: &DdlCommand) {
 pub fn refuse_if_fenced(relid: pgrx::pg_sys::Oid) {
     let dboid = nodes::my_database_oid();
     if let Some(origin) = shmem::fenced_by(dboid, relid.to_u32(), utility::my_pid(), xact::now()) {
-        // SAFETY: inside a transaction (a statement is starting).
-        let table = unsafe { crate::pg::relcache::quoted_name(relid) };
+        let table = crate::pg::relcache::quoted_name(relid);
         raise(&DdlError::Fenced { table, origin });
     }
 }
@@ -147,7 +146,7 @@ fn drain(tables: &[String]) {
     let dboid = nodes::my_database_oid();
     let members: Vec<nodes::Node> = utility::as_superuser(nodes::all)
         .into_iter()
-        .filter(|n| !n.is_local && n.kind == "active" && n.state == "active")
+        .filter(|n| !n.is_local && n.kind == NodeKind::Active && n.state == NodeState::Active)
         .collect();
 
     // Here: refuse new user writes to the tables (this backend is exempt).
@@ -159,11 +158,34 @@ fn drain(tables: &[String]) {
         shmem::fence_clear(|f| f.exempt_pid == my_pid);
     }));
 
-    // Every member: reachable within the timeout, else fail naming the unreachable.
+    let mut reached = connect_all(&members, timeout);
+    unfence_if_rolled_back(&members, &me.name);
+
+    let fence_lsn = fence_all(&mut reached, tables, &me.name, deadline);
+
+    // Every node (members and here) applies every other member's changes up to its fence.
+    loop {
+        let behind = behind(&me.name, dboid, &mut reached, &fence_lsn);
+        if behind.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            raise(&DdlError::DrainTimeout {
+                waited_ms: timeout.as_millis() as u64,
+                behind: behind.join(", "),
+            });
+        }
+        pgrx::check_for_interrupts!();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A connection to every member within the timeout; else fail naming the unreachable.
+fn connect_all(members: &[nodes::Node], timeout: Duration) -> Vec<Member> {
     let connect_timeout = timeout.as_secs().clamp(1, 30).to_string();
     let mut reached = Vec::new();
     let mut unreachable = Vec::new();
-    for m in &members {
+    for m in members {
         let dsn = dsn::with_default(&m.dsn, "connect_timeout", &connect_timeout);
         match Conn::connect(&dsn, "bdr_ddl_drain") {
             Ok(conn) => reached.push(Member {
@@ -178,10 +200,14 @@ fn drain(tables: &[String]) {
             members: unreachable.join(", "),
         });
     }
-    // If this transaction does not commit, lift the fences it set on the members (best
-    // effort; they also expire, and bdr.ddl_unfence() lifts them by hand).
+    reached
+}
+
+/// If this transaction does not commit, lift the fences it set on the members (best
+/// effort; they also expire, and bdr.ddl_unfence() lifts them by hand).
+fn unfence_if_rolled_back(members: &[nodes::Node], origin: &str) {
     let dsns: Vec<String> = members.iter().map(|m| m.dsn.clone()).collect();
-    let origin = me.name.clone();
+    let origin = origin.to_string();
     utility::at_transaction_end(Box::new(move |committed| {
         if !committed {
             for d in &dsns {
@@ -192,9 +218,16 @@ fn drain(tables: &[String]) {
             }
         }
     }));
+}
 
-    // Fence on every member; each answers once its running writers are done, with its
-    // WAL position then.
+/// Fence `tables` on every member; each answers once its running writers are done, with
+/// its WAL position then: (member, fence LSN).
+fn fence_all(
+    reached: &mut [Member],
+    tables: &[String],
+    origin: &str,
+    deadline: Instant,
+) -> Vec<(String, u64)> {
     let tables_arr = format!(
         "{{{}}}",
         tables
@@ -207,7 +240,7 @@ fn drain(tables: &[String]) {
     for m in reached.iter_mut() {
         let r = m.conn.exec_params(
             "SELECT bdr.ddl_fence($1::text[], $2, $3::int)::text",
-            &[&tables_arr, &me.name, &ms_left(deadline).to_string()],
+            &[&tables_arr, origin, &ms_left(deadline).to_string()],
         );
         match r {
             Ok(rows) => {
@@ -224,57 +257,54 @@ fn drain(tables: &[String]) {
             }),
         }
     }
+    fence_lsn
+}
 
-    // Every node (members and here) applies every other member's changes up to its fence.
-    loop {
-        let mut behind = Vec::new();
-        let here = applied_here(dboid);
-        for (j, lsn) in &fence_lsn {
-            if here
+/// Who still has to apply whose changes up to the fences ("X applying Y up to LSN"): this
+/// node (`me`) and every member.
+fn behind(
+    me: &str,
+    dboid: u32,
+    reached: &mut [Member],
+    fence_lsn: &[(String, u64)],
+) -> Vec<String> {
+    let mut behind = Vec::new();
+    let here = applied_here(dboid);
+    for (j, lsn) in fence_lsn {
+        if here
+            .iter()
+            .find(|(p, _)| p == j)
+            .is_none_or(|(_, a)| a < lsn)
+        {
+            behind.push(format!(
+                "{} applying {j} up to {}",
+                me,
+                wire::format_lsn(*lsn)
+            ));
+        }
+    }
+    for m in reached.iter_mut() {
+        let rows = m
+            .conn
+            .exec("SELECT peer, applied_lsn FROM bdr.apply_workers()")
+            .unwrap_or_default();
+        for (j, lsn) in fence_lsn.iter().filter(|(j, _)| *j != m.name) {
+            let applied = rows
                 .iter()
-                .find(|(p, _)| p == j)
-                .is_none_or(|(_, a)| a < lsn)
-            {
+                .find(|r| r.first().cloned().flatten().as_deref() == Some(j.as_str()))
+                .and_then(|r| r.get(1).cloned().flatten())
+                .and_then(|v| wire::parse_lsn(&v))
+                .unwrap_or(0);
+            if applied < *lsn {
                 behind.push(format!(
                     "{} applying {j} up to {}",
-                    me.name,
+                    m.name,
                     wire::format_lsn(*lsn)
                 ));
             }
         }
-        for m in reached.iter_mut() {
-            let rows = m
-                .conn
-                .exec("SELECT peer, applied_lsn FROM bdr.apply_workers()")
-                .unwrap_or_default();
-            for (j, lsn) in fence_lsn.iter().filter(|(j, _)| *j != m.name) {
-                let applied = rows
-                    .iter()
-                    .find(|r| r.first().cloned().flatten().as_deref() == Some(j.as_str()))
-                    .and_then(|r| r.get(1).cloned().flatten())
-                    .and_then(|v| wire::parse_lsn(&v))
-                    .unwrap_or(0);
-                if applied < *lsn {
-                    behind.push(format!(
-                        "{} applying {j} up to {}",
-                        m.name,
-                        wire::format_lsn(*lsn)
-                    ));
-                }
-            }
-        }
-        if behind.is_empty() {
-            return;
-        }
-        if Instant::now() >= deadline {
-            raise(&DdlError::DrainTimeout {
-                waited_ms: timeout.as_millis() as u64,
-                behind: behind.join(", "),
-            });
-        }
-        pgrx::check_for_interrupts!();
-        std::thread::sleep(Duration::from_millis(20));
     }
+    behind
 }
 
 /// (peer, applied LSN) of this database's apply workers.
@@ -314,8 +344,7 @@ fn ddl_fence(tables: Vec<String>, origin: &str, timeout_ms: i32) -> String {
         .unwrap_or_else(|e| raise(&DdlError::Queue(e.to_string())));
     for t in &tables {
         if let Some(relid) = fence(dboid, t, origin, 0) {
-            // SAFETY: inside this function's transaction.
-            unsafe { utility::wait_for_writers(relid) };
+            utility::wait_for_writers(relid);
         }
     }
     wire::format_lsn(utility::insert_lsn())

@@ -37,6 +37,29 @@ pub fn raise(e: &dyn PgError) -> ! {
     unreachable!("ereport(ERROR) returned")
 }
 
+/// [`raise`] in method form, for results: the value, or the error raised.
+pub trait OrRaise<T, E> {
+    /// The value, or the error (a domain error already) raised as an ERROR.
+    fn or_raise(self) -> T
+    where
+        E: PgError;
+    /// The value, or the error turned into a domain error by `f` and raised.
+    fn or_raise_as<D: PgError>(self, f: impl FnOnce(E) -> D) -> T;
+}
+
+impl<T, E> OrRaise<T, E> for Result<T, E> {
+    fn or_raise(self) -> T
+    where
+        E: PgError,
+    {
+        self.unwrap_or_else(|e| raise(&e))
+    }
+
+    fn or_raise_as<D: PgError>(self, f: impl FnOnce(E) -> D) -> T {
+        self.unwrap_or_else(|e| raise(&f(e)))
+    }
+}
+
 /// Log `e` as a WARNING and carry on.
 pub fn warn(e: &dyn PgError) {
     report(e).report(PgLogLevel::WARNING);
@@ -77,8 +100,7 @@ impl PgError for ConfigError {
 
 /// Check the server settings replication depends on.
 pub fn check_server_config() -> Result<(), ConfigError> {
-    // SAFETY: plain reads of GUC-backed globals, set before any library is loaded.
-    let (level, commit_ts) = unsafe { (pg_sys::wal_level, pg_sys::track_commit_timestamp) };
+    let (level, commit_ts) = crate::pg::wal_settings();
     if level != pg_sys::WalLevel::WAL_LEVEL_LOGICAL as i32 {
         let name = if level == pg_sys::WalLevel::WAL_LEVEL_MINIMAL as i32 {
             "minimal"
@@ -198,6 +220,13 @@ pub enum ApplyError {
     },
     #[error("role \"{role}\", owner of \"{table}\", is subject to its row-level security")]
     RowLevelSecurity { role: String, table: String },
+}
+
+impl ApplyError {
+    /// One of bdr's own queries failed (a bug).
+    pub fn spi(e: pgrx::spi::Error) -> Self {
+        ApplyError::Spi(e.to_string())
+    }
 }
 
 impl PgError for ApplyError {

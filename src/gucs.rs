@@ -6,7 +6,6 @@
 //! in `docs/settings.md`.
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
-use pgrx::pg_sys;
 
 /// What `bdr.default_sequence_kind` gives serial, bigserial and identity columns of
 /// replicated tables (see `src/sequence.rs`).
@@ -151,6 +150,5 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
-    // SAFETY: called from _PG_init in the postmaster, with a static NUL-terminated name.
-    unsafe { pg_sys::MarkGUCPrefixReserved(c"bdr".as_ptr()) };
+    crate::pg::reserve_guc_prefix(c"bdr");
 }

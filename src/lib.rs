@@ -11,19 +11,24 @@
 //! Invariants kept here: the library refuses to load outside `shared_preload_libraries`
 //! (a late load could not register workers or settings safely), and nothing starts
 //! replicating on a server whose `wal_level` or `track_commit_timestamp` cannot support it.
+//!
+//! Raw PostgreSQL calls live in [`pg`] only, behind safe functions: the compiler keeps it
+//! so (`[lints.rust]` in Cargo.toml denies them crate-wide; `pg/mod.rs` alone allows them).
 
 use pgrx::prelude::*;
 
 // Named in `extension_sql_file!(... requires = [...])` below (used only when pgrx
 // generates the schema, hence the allow).
 #[allow(unused_imports)]
-use api::group::{apply_workers, conflict_counters, group_create, group_join};
+use api::group::{group_create, group_join};
 #[allow(unused_imports)]
 use api::lifecycle::promote;
 #[allow(unused_imports)]
 use api::monitor::{apply_lag, apply_stats, apply_stats_reset, peers_reached, quorum};
 #[allow(unused_imports)]
 use api::version;
+#[allow(unused_imports)]
+use api::workers::{apply_workers, conflict_counters};
 #[allow(unused_imports)]
 use ddl::replicate_ddl_command;
 

@@ -13,7 +13,7 @@
 //! receives what the majority writes, and converges when the partition heals); with
 //! `bdr.minimum_nodes = 0` (the default) nothing is checked at all.
 
-use crate::catalog::nodes;
+use crate::catalog::nodes::{self, NodeKind, NodeState};
 use crate::error::{raise, QuorumError};
 use crate::pg::{libpq::Conn, shmem, utility, xact};
 use bdr_core::dsn;
@@ -23,7 +23,7 @@ pub const SEEN_WINDOW_US: i64 = 6_000_000;
 
 /// Whether `n` votes.
 pub fn votes(n: &nodes::Node) -> bool {
-    n.state == "active" && (n.kind == "active" || n.kind == "witness")
+    n.state == NodeState::Active && matches!(n.kind, NodeKind::Active | NodeKind::Witness)
 }
 
 /// Probe every voting peer (the supervisor, every 2 s) and store the verdict.
@@ -34,7 +34,7 @@ pub fn evaluate(dboid: u32, all: &[nodes::Node]) {
     // voters only when a minimum is set.
     for n in all
         .iter()
-        .filter(|n| !n.is_local && votes(n) && (required > 0 || n.kind == "witness"))
+        .filter(|n| !n.is_local && votes(n) && (required > 0 || n.kind == NodeKind::Witness))
     {
         let d = dsn::with_default(&n.dsn, "connect_timeout", "2");
         if let Ok(mut c) = Conn::connect(&d, "bdr_quorum_probe") {

@@ -17,31 +17,15 @@
 //! the commit time of the oldest transaction it is holding back.
 
 use crate::apply::Applier;
+use crate::catalog::nodes::Node;
 use crate::error::{raise, ApplyError};
 use crate::pg::libpq::{quote_ident, quote_literal, Conn, CopyData};
 use crate::pg::{bgw, shmem, xact};
+use bdr_core::names::{origin_name, slot_name};
 use bdr_core::stream::{parse_server_message, status_update, ServerMessage};
 use bdr_core::wire::Message;
 use bdr_core::{dsn, wire};
 use std::time::{Duration, Instant};
-
-/// Name of the slot on a provider (database `provider_dboid`) that feeds `subscriber`.
-pub fn slot_name(provider_dboid: u32, subscriber: &str) -> String {
-    format!("bdr_{provider_dboid}_{subscriber}")
-}
-
-/// Name of the replication origin on a subscriber (database `local_dboid`) for changes
-/// coming from `provider`.
-pub fn origin_name(local_dboid: u32, provider: &str) -> String {
-    format!("bdr_{local_dboid}_{provider}")
-}
-
-/// The node an [`origin_name`] (or a [`slot_name`]) names: `bdr_<dboid>_<node>`.
-pub fn node_of_origin_name(name: &str) -> Option<&str> {
-    let (dboid, node) = name.strip_prefix("bdr_")?.split_once('_')?;
-    (!dboid.is_empty() && dboid.bytes().all(|b| b.is_ascii_digit()) && !node.is_empty())
-        .then_some(node)
-}
 
 thread_local! {
     /// Commit time of the transaction whose BEGIN arrived and is not applied yet (0:
@@ -328,17 +312,16 @@ pub struct Link {
 }
 
 /// Stream from `peer` until SIGTERM. Errors are raised (the worker exits, is restarted).
-pub fn run(
-    slot: usize,
-    dboid: u32,
-    local: (&str, i64),
-    peer: (&str, i64),
-    peer_dsn: &str,
-    link: Link,
-) {
-    let (local, peer, ids) = (local.0, peer.0, (local.1, peer.1));
+pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
+    let (local, peer, peer_dsn) = (&local_node.name, &peer_node.name, &peer_node.dsn);
     let progress = xact::setup_origin(&origin_name(dboid, peer));
-    let mut applier = Applier::new((peer, ids.1), (local, ids.0), progress);
+    let link = Link {
+        // A spoke asks its hub for every node's changes (forwarding).
+        forwarded: local_node.hub.as_deref() == Some(peer.as_str()),
+        // A hub passes its spokes' schema changes on to the other spokes.
+        requeue_ddl: peer_node.hub.as_deref() == Some(local.as_str()),
+    };
+    let mut applier = Applier::new(peer_node, local_node, progress);
     applier.set_link(dboid, link);
     shmem::update(slot, |s| {
         s.state = shmem::State::Connecting;

@@ -21,15 +21,17 @@
 //! - bad input to `alter_sequence_set_kind` is an ERROR with a hint before any change.
 
 use crate::catalog::nodes;
-use crate::error::{raise, PgError};
-use crate::gucs::{DefaultSequenceKind, DEFAULT_SEQUENCE_KIND};
-use crate::pg::libpq::quote_ident;
+use crate::error::{raise, OrRaise, PgError};
 use crate::pg::sequence as pgseq;
 use crate::pg::shmem;
-use bdr_core::snowflake::{self, Persist, Step, OFFSET_INCREMENT};
+use bdr_core::snowflake::{self, Persist, Step};
 use pgrx::prelude::*;
-use pgrx::{PgRelation, PgSqlErrorCode};
+use pgrx::PgSqlErrorCode;
 use std::cell::Cell;
+
+mod kinds;
+
+pub use kinds::{apply_default_kinds, Kind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SequenceError {
@@ -53,6 +55,13 @@ pub enum SequenceError {
     TableBusy,
     #[error("{0}")]
     Spi(String),
+}
+
+impl SequenceError {
+    /// One of bdr's own queries failed (a bug).
+    fn spi(e: pgrx::spi::Error) -> Self {
+        SequenceError::Spi(e.to_string())
+    }
 }
 
 impl PgError for SequenceError {
@@ -103,14 +112,6 @@ impl PgError for SequenceError {
     }
 }
 
-fn fail(e: SequenceError) -> ! {
-    raise(&e)
-}
-
-fn spi_fail(e: pgrx::spi::Error) -> ! {
-    fail(SequenceError::Spi(e.to_string()))
-}
-
 // ---------------------------------------------------------------------------------------
 // snowflake_nextval
 
@@ -138,7 +139,7 @@ fn load_node_number(dboid: u32) -> u16 {
             shmem::with_sequences(|t| t.set_node_number(dboid, Some(n as u16)));
             n as u16
         }
-        _ => fail(SequenceError::NoNodeNumber),
+        _ => raise(&SequenceError::NoNodeNumber),
     }
 }
 
@@ -214,7 +215,7 @@ COMMENT ON FUNCTION bdr.snowflake_nextval(regclass) IS
 ")]
 fn snowflake_nextval(seq: pg_sys::Oid) -> i64 {
     if !pgseq::may_use(seq) {
-        fail(SequenceError::PermissionDenied(seq_name(seq)));
+        raise(&SequenceError::PermissionDenied(seq_name(seq)));
     }
     pgseq::prevent_if_read_only();
     let dboid = nodes::my_database_oid();
@@ -287,11 +288,11 @@ fn snowflake_nextval(seq: pg_sys::Oid) -> i64 {
             }
             Outcome::NoSlot => {
                 if !pgseq::is_sequence(seq) {
-                    fail(SequenceError::NotSequence(seq_name(seq)));
+                    raise(&SequenceError::NotSequence(seq_name(seq)));
                 }
                 let floor = pgseq::last_value(seq).unwrap_or(0);
                 if shmem::with_sequences(|t| t.insert(dboid, relid, floor)).is_none() {
-                    fail(SequenceError::TableBusy);
+                    raise(&SequenceError::TableBusy);
                 }
             }
         }
@@ -301,376 +302,4 @@ fn snowflake_nextval(seq: pg_sys::Oid) -> i64 {
 fn seq_name(seq: pg_sys::Oid) -> String {
     nodes::read_one::<String>(&format!("SELECT {}::oid::regclass::text", seq.to_u32()))
         .unwrap_or_else(|| seq.to_u32().to_string())
-}
-
-// ---------------------------------------------------------------------------------------
-// Kinds
-
-/// The kinds a sequence can have.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Snowflake,
-    Offset,
-    Local,
-}
-
-impl Kind {
-    fn parse(s: &str) -> Option<Kind> {
-        match s {
-            "snowflake" => Some(Kind::Snowflake),
-            "offset" => Some(Kind::Offset),
-            "local" => Some(Kind::Local),
-            _ => None,
-        }
-    }
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Snowflake => "snowflake",
-            Kind::Offset => "offset",
-            Kind::Local => "local",
-        }
-    }
-}
-
-const INT8OID: u32 = 20;
-
-/// A column drawing from a sequence.
-struct Column {
-    table: String,
-    table_oid: u32,
-    name: String,
-    ty: String,
-    typid: u32,
-    identity: bool,
-    snowflake_default: bool,
-}
-
-impl Column {
-    fn label(&self) -> String {
-        let plain = self
-            .name
-            .starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if plain {
-            format!("{}.{}", self.table, self.name)
-        } else {
-            format!("{}.{}", self.table, quote_ident(&self.name))
-        }
-    }
-}
-
-/// Columns that own `seq` (serial, identity) or whose DEFAULT calls it.
-fn columns_of(seq: u32) -> Vec<Column> {
-    let sql = format!(
-        "WITH cols AS ( \
-           SELECT d.refobjid AS relid, d.refobjsubid::int2 AS attnum FROM pg_depend d \
-            WHERE d.classid = 'pg_class'::regclass AND d.objid = {seq} \
-              AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') \
-              AND d.refobjsubid > 0 \
-           UNION \
-           SELECT ad.adrelid, ad.adnum FROM pg_attrdef ad \
-             JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid \
-            WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = {seq}) \
-         SELECT c.relid::regclass::text, c.relid::oid, a.attname::text, \
-                format_type(a.atttypid, a.atttypmod), a.atttypid::oid, a.attidentity <> '', \
-                EXISTS (SELECT 1 FROM pg_attrdef ad JOIN pg_depend d \
-                          ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid \
-                         WHERE ad.adrelid = c.relid AND ad.adnum = c.attnum \
-                           AND d.refclassid = 'pg_proc'::regclass \
-                           AND d.refobjid = 'bdr.snowflake_nextval(regclass)'::regprocedure) \
-           FROM cols c JOIN pg_attribute a ON a.attrelid = c.relid AND a.attnum = c.attnum \
-          WHERE NOT a.attisdropped ORDER BY 1, 3"
-    );
-    Spi::connect(|c| {
-        let mut out = Vec::new();
-        for r in c.select(&sql, None, &[])? {
-            out.push(Column {
-                table: r.get(1)?.unwrap_or_default(),
-                table_oid: r.get::<pg_sys::Oid>(2)?.map(|o| o.to_u32()).unwrap_or(0),
-                name: r.get(3)?.unwrap_or_default(),
-                ty: r.get(4)?.unwrap_or_default(),
-                typid: r.get::<pg_sys::Oid>(5)?.map(|o| o.to_u32()).unwrap_or(0),
-                identity: r.get(6)?.unwrap_or(false),
-                snowflake_default: r.get(7)?.unwrap_or(false),
-            });
-        }
-        Ok(out)
-    })
-    .unwrap_or_else(|e: pgrx::spi::Error| spi_fail(e))
-}
-
-struct SeqFacts {
-    name: String,
-    ty: String,
-    increment: i64,
-    max: i64,
-    /// The last value handed out (0 if none).
-    current: i64,
-}
-
-fn facts(seq: u32) -> SeqFacts {
-    let row = Spi::connect(|c| {
-        let r = c
-            .select(
-                &format!(
-                    "SELECT {seq}::oid::regclass::text, format_type(seqtypid, NULL), \
-                            seqincrement, seqmax FROM pg_sequence WHERE seqrelid = {seq}"
-                ),
-                Some(1),
-                &[],
-            )?
-            .first();
-        Ok::<_, pgrx::spi::Error>((
-            r.get::<String>(1)?.unwrap_or_default(),
-            r.get::<String>(2)?.unwrap_or_default(),
-            r.get::<i64>(3)?.unwrap_or(1),
-            r.get::<i64>(4)?.unwrap_or(i64::MAX),
-        ))
-    })
-    .unwrap_or_else(|e| spi_fail(e));
-    let current = nodes::read_one::<i64>(&format!(
-        "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {}",
-        row.0
-    ))
-    .unwrap_or(0);
-    SeqFacts {
-        name: row.0,
-        ty: row.1,
-        increment: row.2,
-        max: row.3,
-        current,
-    }
-}
-
-fn run(sql: &str) {
-    Spi::run(sql).unwrap_or_else(|e| spi_fail(e));
-}
-
-/// The kind `seq` has now: `snowflake` if a column's DEFAULT calls
-/// `bdr.snowflake_nextval` on it, `offset` if it steps by 1024, else `local`.
-fn current_kind(cols: &[Column], f: &SeqFacts) -> Kind {
-    if cols.iter().any(|c| c.snowflake_default) {
-        Kind::Snowflake
-    } else if f.increment == OFFSET_INCREMENT {
-        Kind::Offset
-    } else {
-        Kind::Local
-    }
-}
-
-/// The local node's number, read in this transaction (so a group_create or group_join in
-/// progress sees its own row).
-fn local_node_number() -> Option<u16> {
-    nodes::read_one::<i32>("SELECT node_number FROM bdr.nodes WHERE is_local")
-        .filter(|n| (0..=snowflake::MAX_NODE_NUMBER as i32).contains(n))
-        .map(|n| n as u16)
-}
-
-/// Make `seq` of kind `kind` on this node. Checks everything before changing anything.
-fn set_kind(seq: u32, kind: Kind, node: Option<u16>) {
-    let cols = columns_of(seq);
-    let f = facts(seq);
-    let oid_lit = format!("'{seq}'::regclass");
-    match kind {
-        Kind::Snowflake => {
-            if let Some(c) = cols.iter().find(|c| c.identity) {
-                fail(SequenceError::Identity(c.label()));
-            }
-            if let Some(c) = cols.iter().find(|c| c.typid != INT8OID) {
-                fail(SequenceError::NotBigint {
-                    column: c.label(),
-                    ty: c.ty.clone(),
-                });
-            }
-            if f.ty != "bigint" {
-                fail(SequenceError::SequenceNotBigint {
-                    seq: f.name.clone(),
-                    ty: f.ty.clone(),
-                });
-            }
-            if node.is_none() {
-                fail(SequenceError::NoNodeNumber);
-            }
-            if f.increment != 1 {
-                run(&format!("ALTER SEQUENCE {} INCREMENT BY 1", f.name));
-            }
-            for c in &cols {
-                run(&format!(
-                    "ALTER TABLE {} ALTER COLUMN {} SET DEFAULT bdr.snowflake_nextval({oid_lit})",
-                    c.table,
-                    quote_ident(&c.name)
-                ));
-            }
-        }
-        Kind::Offset => {
-            let Some(node) = node else {
-                fail(SequenceError::NoNodeNumber)
-            };
-            let mut current = f.current;
-            for c in &cols {
-                let m = nodes::read_one::<i64>(&format!(
-                    "SELECT max({})::bigint FROM {}",
-                    quote_ident(&c.name),
-                    c.table
-                ))
-                .unwrap_or(0);
-                current = current.max(m);
-            }
-            let start = snowflake::offset_start(current, node)
-                .filter(|s| *s <= f.max)
-                .unwrap_or_else(|| {
-                    fail(SequenceError::OffsetExhausted {
-                        seq: f.name.clone(),
-                        current,
-                        max: f.max,
-                    })
-                });
-            run(&format!(
-                "ALTER SEQUENCE {} INCREMENT BY {OFFSET_INCREMENT} RESTART WITH {start}",
-                f.name
-            ));
-            for c in cols.iter().filter(|c| c.snowflake_default) {
-                run(&format!(
-                    "ALTER TABLE {} ALTER COLUMN {} SET DEFAULT nextval({oid_lit})",
-                    c.table,
-                    quote_ident(&c.name)
-                ));
-            }
-        }
-        Kind::Local => {
-            if f.increment != 1 {
-                run(&format!("ALTER SEQUENCE {} INCREMENT BY 1", f.name));
-            }
-            for c in cols.iter().filter(|c| c.snowflake_default) {
-                run(&format!(
-                    "ALTER TABLE {} ALTER COLUMN {} SET DEFAULT nextval({oid_lit})",
-                    c.table,
-                    quote_ident(&c.name)
-                ));
-            }
-        }
-    }
-    refresh_slot(pg_sys::Oid::from(seq));
-}
-
-fn check_sequence(seq: &PgRelation) -> u32 {
-    let oid = seq.oid();
-    if !pgseq::is_sequence(oid) {
-        fail(SequenceError::NotSequence(seq_name(oid)));
-    }
-    oid.to_u32()
-}
-
-/// Give sequence `seq` kind `kind` ('snowflake', 'offset' or 'local') on this node,
-/// switching the DEFAULT of the columns that draw from it. Run it on every node (DDL
-/// does not replicate).
-#[pg_extern]
-fn alter_sequence_set_kind(seq: PgRelation, kind: &str) {
-    let Some(k) = Kind::parse(kind) else {
-        fail(SequenceError::BadKind(kind.into()))
-    };
-    let oid = check_sequence(&seq);
-    set_kind(oid, k, local_node_number());
-}
-
-/// The kind sequence `seq` has on this node.
-#[pg_extern]
-fn sequence_kind(seq: PgRelation) -> &'static str {
-    let oid = check_sequence(&seq);
-    let cols = columns_of(oid);
-    current_kind(&cols, &facts(oid)).name()
-}
-
-/// Replicated tables of this database (permanent, user schemas, not an extension's).
-const TABLES_SQL: &str = "\
-    SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-     WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p' \
-       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'bdr') \
-       AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%' \
-       AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
-                       AND d.objid = c.oid AND d.deptype = 'e')";
-
-/// Give the serial and identity columns of `table` (every replicated table when `None`)
-/// the kind `bdr.default_sequence_kind` asks for. A sequence that is already `offset` is
-/// made `offset` again for this node (a schema copied from another node carries that
-/// node's start value); `snowflake` ones are left alone. Nothing happens on a node that
-/// has no node number (not a member).
-pub fn apply_default_kinds(table: Option<u32>) {
-    let Some(node) = local_node_number() else {
-        return;
-    };
-    // A single table too must be one that replicates (not an extension's, say, created
-    // by CREATE EXTENSION on a member).
-    let sql = match table {
-        Some(t) => format!("{TABLES_SQL} AND c.oid = {t}"),
-        None => TABLES_SQL.to_string(),
-    };
-    let tables: Vec<u32> = Spi::connect(|c| {
-        c.select(&sql, None, &[])?
-            .map(|r| r.get::<pg_sys::Oid>(1).map(|o| o.map_or(0, |o| o.to_u32())))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .unwrap_or_else(|e| spi_fail(e));
-    let want = DEFAULT_SEQUENCE_KIND.get();
-    for t in tables {
-        let seqs: Vec<u32> = Spi::connect(|c| {
-            c.select(
-                &format!(
-                    "SELECT d.objid FROM pg_depend d JOIN pg_class s ON s.oid = d.objid \
-                      WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass \
-                        AND d.refobjid = {t} AND d.refobjsubid > 0 AND d.deptype IN ('a', 'i') \
-                        AND s.relkind = 'S' ORDER BY d.refobjsubid"
-                ),
-                None,
-                &[],
-            )?
-            .map(|r| r.get::<pg_sys::Oid>(1).map(|o| o.map_or(0, |o| o.to_u32())))
-            .collect::<Result<Vec<_>, _>>()
-        })
-        .unwrap_or_else(|e| spi_fail(e));
-        for seq in seqs {
-            let cols = columns_of(seq);
-            let f = facts(seq);
-            match current_kind(&cols, &f) {
-                Kind::Snowflake => {}
-                Kind::Offset => set_kind(seq, Kind::Offset, Some(node)),
-                Kind::Local if want == DefaultSequenceKind::Local => {}
-                Kind::Local => {
-                    let owner = cols.iter().find(|c| c.table_oid == t);
-                    match owner {
-                        Some(c) if !c.identity && c.typid == INT8OID && f.ty == "bigint" => {
-                            set_kind(seq, Kind::Snowflake, Some(node))
-                        }
-                        Some(c) => {
-                            set_kind(seq, Kind::Offset, Some(node));
-                            let why = if c.identity {
-                                "an identity column"
-                            } else {
-                                "not bigint"
-                            };
-                            pgrx::notice!(
-                                "column {} is {why} ({}): it gets an offset sequence \
-                                 (this node's values are {} + k * {OFFSET_INCREMENT}), \
-                                 not snowflake ids",
-                                c.label(),
-                                c.ty,
-                                node as i64 + 1
-                            );
-                        }
-                        None => {}
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Event-trigger helper: default sequence kinds for one new table (see
-/// [`apply_default_kinds`]). Not for direct use (EXECUTE is not granted).
-#[pg_extern]
-fn apply_default_sequence_kinds(rel: pg_sys::Oid) {
-    apply_default_kinds(Some(rel.to_u32()));
 }

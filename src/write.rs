@@ -18,7 +18,14 @@
 //! the table are checked before each kind of change.
 
 use crate::error::ApplyError;
-use crate::pg::exec::{self, InputFn, LocalAttr, OwnerRights, Row};
+/// The write stage's raw half ([`crate::pg::exec`]): a local table opened for writing,
+/// the rows it writes and the locked rows it finds. The conflict stage writes through
+/// these, never through `pg::exec` directly.
+pub use crate::pg::exec::{LocalRow, Row, Target};
+use crate::pg::memcxt::MemCxt;
+use crate::pg::owner::{self, OwnerRights};
+pub use crate::pg::tables::relation_name;
+use crate::pg::tables::{self, InputFn, LocalAttr};
 use bdr_core::wire::{self, OldRow, ReplicaIdentity, Value};
 use pgrx::pg_sys;
 
@@ -52,48 +59,41 @@ pub struct RelMap {
 }
 
 impl RelMap {
-    /// # Safety
-    /// Inside a transaction.
-    pub unsafe fn build(
-        remote: &wire::Relation,
-        cxt: pg_sys::MemoryContext,
-    ) -> Result<RelMap, ApplyError> {
-        // SAFETY: catalog lookups inside a transaction.
-        unsafe {
-            let missing = || ApplyError::MissingTable {
+    /// Inside a transaction; input functions are kept in `cxt`.
+    pub fn build(remote: &wire::Relation, cxt: &MemCxt) -> Result<RelMap, ApplyError> {
+        let missing = || ApplyError::MissingTable {
+            schema: remote.schema.clone(),
+            name: remote.name.clone(),
+        };
+        let relid = tables::find_table(&remote.schema, &remote.name).ok_or_else(missing)?;
+        if let Some(why) = crate::pg::relcache::why_not_target(relid) {
+            return Err(ApplyError::NotReplicatedTarget {
                 schema: remote.schema.clone(),
                 name: remote.name.clone(),
-            };
-            let relid = exec::find_table(&remote.schema, &remote.name).ok_or_else(missing)?;
-            if let Some(why) = crate::pg::relcache::why_not_target(relid) {
-                return Err(ApplyError::NotReplicatedTarget {
-                    schema: remote.schema.clone(),
-                    name: remote.name.clone(),
-                    why,
-                });
-            }
-            let attrs = exec::table_attrs(relid);
-            let rights = exec::owner_rights(relid).ok_or_else(missing)?;
-            let local_of = map_columns(&remote.columns, &attrs);
-            let inputs = local_of
-                .iter()
-                .map(|i| i.map(|i| InputFn::new(attrs[i].typid, attrs[i].typmod, cxt)))
-                .collect();
-            let local_only = (0..attrs.len())
-                .filter(|i| !attrs[*i].dropped && !attrs[*i].generated)
-                .filter(|i| !local_of.contains(&Some(*i)))
-                .collect();
-            Ok(RelMap {
-                key: remote.key_columns(),
-                remote: remote.clone(),
-                relid,
-                natts: attrs.len(),
-                local_of,
-                inputs,
-                local_only,
-                rights,
-            })
+                why,
+            });
         }
+        let attrs = tables::table_attrs(relid);
+        let rights = owner::owner_rights(relid).ok_or_else(missing)?;
+        let local_of = map_columns(&remote.columns, &attrs);
+        let inputs = local_of
+            .iter()
+            .map(|i| i.map(|i| InputFn::new(attrs[i].typid, attrs[i].typmod, cxt)))
+            .collect();
+        let local_only = (0..attrs.len())
+            .filter(|i| !attrs[*i].dropped && !attrs[*i].generated)
+            .filter(|i| !local_of.contains(&Some(*i)))
+            .collect();
+        Ok(RelMap {
+            key: remote.key_columns(),
+            remote: remote.clone(),
+            relid,
+            natts: attrs.len(),
+            local_of,
+            inputs,
+            local_only,
+            rights,
+        })
     }
 
     /// Whether the table's owner may make a change of kind `action` ("insert", "update",
@@ -142,12 +142,10 @@ impl RelMap {
 
     /// Convert remote column `ri`'s text here.
     ///
-    /// # Safety
     /// As [`RelMap::row`].
-    unsafe fn input(&self, ri: usize, text: &str) -> Result<pg_sys::Datum, ApplyError> {
+    fn input(&self, ri: usize, text: &str) -> Result<pg_sys::Datum, ApplyError> {
         match &self.inputs[ri] {
-            // SAFETY: forwarded.
-            Some(f) => Ok(unsafe { f.call(text) }),
+            Some(f) => Ok(f.call(text)),
             None => Err(self.missing_column(ri)),
         }
     }
@@ -162,18 +160,13 @@ impl RelMap {
     /// A full local row from the remote values; unchanged-TOAST (and unsent) columns come
     /// from `base` (the local row being updated).
     ///
-    /// # Safety
     /// Inside a transaction; datums live in the current memory context.
-    pub unsafe fn row(&self, values: &[Value], base: Option<&Row>) -> Result<Row, ApplyError> {
-        // SAFETY: forwarded.
-        exec::as_user(self.rights.owner, || unsafe {
-            self.row_as_owner(values, base)
-        })
+    pub fn row(&self, values: &[Value], base: Option<&Row>) -> Result<Row, ApplyError> {
+        owner::as_user(self.rights.owner, || self.row_as_owner(values, base))
     }
 
-    /// # Safety
     /// As [`RelMap::row`].
-    unsafe fn row_as_owner(&self, values: &[Value], base: Option<&Row>) -> Result<Row, ApplyError> {
+    fn row_as_owner(&self, values: &[Value], base: Option<&Row>) -> Result<Row, ApplyError> {
         if values.len() != self.local_of.len() {
             return Err(ApplyError::Protocol(format!(
                 "row for {} has {} values, its metadata {} columns",
@@ -196,8 +189,7 @@ impl RelMap {
             };
             row[li] = match v {
                 Value::Null => None,
-                // SAFETY: forwarded.
-                Value::Text(t) => Some(unsafe { self.input(ri, t)? }),
+                Value::Text(t) => Some(self.input(ri, t)?),
                 Value::UnchangedToast => match base {
                     Some(b) => b[li],
                     None => return Err(self.toast_error(ri)),
@@ -210,17 +202,11 @@ impl RelMap {
     /// The search row for the old key of an UPDATE/DELETE: key (or all, under FULL)
     /// columns set, the rest NULL.
     ///
-    /// # Safety
     /// As [`RelMap::row`].
-    pub unsafe fn search_row_old(
-        &self,
-        old: &OldRow,
-        action: &'static str,
-    ) -> Result<Row, ApplyError> {
+    pub fn search_row_old(&self, old: &OldRow, action: &'static str) -> Result<Row, ApplyError> {
         match old {
-            // SAFETY: forwarded.
-            OldRow::Full(values) => unsafe { self.row(values, None) },
-            OldRow::Key(values) => exec::as_user(self.rights.owner, || {
+            OldRow::Full(values) => self.row(values, None),
+            OldRow::Key(values) => owner::as_user(self.rights.owner, || {
                 if self.key.is_empty() || values.len() != self.key.len() {
                     return Err(ApplyError::NoIdentity {
                         table: self.name(),
@@ -232,8 +218,7 @@ impl RelMap {
                     let li = self.local_of[ri].ok_or_else(|| self.missing_column(ri))?;
                     row[li] = match k {
                         Value::Null => None,
-                        // SAFETY: forwarded.
-                        Value::Text(t) => Some(unsafe { self.input(ri, t)? }),
+                        Value::Text(t) => Some(self.input(ri, t)?),
                         Value::UnchangedToast => return Err(self.toast_error(ri)),
                     };
                 }
@@ -244,9 +229,8 @@ impl RelMap {
 
     /// The search row for an UPDATE whose key did not change: the key columns of `new`.
     ///
-    /// # Safety
     /// As [`RelMap::row`].
-    pub unsafe fn search_row_new(&self, new: &[Value]) -> Result<Row, ApplyError> {
+    pub fn search_row_new(&self, new: &[Value]) -> Result<Row, ApplyError> {
         if self.remote.replica_identity == ReplicaIdentity::Full {
             // Under FULL every update carries its old row; none means a protocol bug.
             return Err(ApplyError::Protocol(format!(
@@ -255,8 +239,26 @@ impl RelMap {
             )));
         }
         let key: Vec<Value> = self.key.iter().map(|&ri| new[ri].clone()).collect();
-        // SAFETY: forwarded.
-        unsafe { self.search_row_old(&OldRow::Key(key), "update") }
+        self.search_row_old(&OldRow::Key(key), "update")
+    }
+}
+
+/// A row's canonical key text, rendered only if something needs it (a tombstone lookup or
+/// write, a history row): most inserts need none.
+pub struct LazyKey<'a> {
+    t: &'a Target,
+    pub row: &'a Row,
+    text: Option<Option<String>>,
+}
+
+impl<'a> LazyKey<'a> {
+    pub fn new(t: &'a Target, row: &'a Row) -> Self {
+        LazyKey { t, row, text: None }
+    }
+
+    pub fn get(&mut self) -> Option<String> {
+        let (t, row) = (self.t, self.row);
+        self.text.get_or_insert_with(|| t.key_text(row)).clone()
     }
 }
 

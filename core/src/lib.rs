@@ -2,6 +2,8 @@ pub mod conflict;
 pub mod ddl;
 pub mod dsn;
 pub mod lag;
+pub mod names;
+pub mod node;
 pub mod replication;
 pub mod snowflake;
 pub mod stream;

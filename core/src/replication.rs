@@ -41,6 +41,19 @@ pub fn replicates(f: &RelFacts<'_>) -> bool {
     why_not_replicated(f).is_none()
 }
 
+/// [`why_not_replicated`] as SQL: the (schema, name) of this database's tables that
+/// replicate, for the code that lists them (join, standby triggers, tombstone triggers).
+/// Kept beside the rule; the test below checks it names every excluded schema.
+pub const REPLICATED_TABLES_SQL: &str = "\
+    SELECT n.nspname::text, c.relname::text FROM pg_class c \
+      JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.relkind = 'r' AND c.relpersistence = 'p' \
+       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'bdr') \
+       AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%' \
+       AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                       AND d.objid = c.oid AND d.deptype = 'e') \
+     ORDER BY 1, 2";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,6 +71,20 @@ mod tests {
     fn ordinary_tables_replicate() {
         assert!(replicates(&facts("public")));
         assert!(replicates(&facts("app_schema")));
+    }
+
+    #[test]
+    fn the_sql_form_excludes_what_the_rule_excludes() {
+        for part in [
+            "relkind = 'r'",
+            "relpersistence = 'p'",
+            "'pg_catalog', 'information_schema', 'bdr'",
+            "NOT LIKE 'pg_toast%'",
+            "NOT LIKE 'pg_temp%'",
+            "deptype = 'e'",
+        ] {
+            assert!(REPLICATED_TABLES_SQL.contains(part), "{part}");
+        }
     }
 
     #[test]

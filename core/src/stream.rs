@@ -150,10 +150,6 @@ impl FlushTracker {
     pub fn applied_position(&self) -> u64 {
         self.applied
     }
-
-    pub fn pending_len(&self) -> usize {
-        self.pending.len()
-    }
 }
 
 #[cfg(test)]

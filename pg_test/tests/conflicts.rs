@@ -389,7 +389,8 @@ fn an_apply_error_is_recorded_and_retried() {
         b.query_scalar::<i64>(
             "SELECT count(*) FROM bdr.conflict_history WHERE conflict_type = 'apply_error' \
              AND conflict_resolution = 'retry' AND remote_node = 'node1' AND relation = 'public.t' \
-             AND detail LIKE '%violates check constraint \"short\"%'",
+             AND detail LIKE '%violates check constraint \"short\"%' \
+             AND detail LIKE '%[SQLSTATE 23514]%'",
         ) >= 1
     });
     b.execute("SET bdr.ddl_replication = off; ALTER TABLE t DROP CONSTRAINT short");

@@ -22,11 +22,12 @@
 //! Any failure undoes what was done remotely (slots, catalog rows) and locally, so a failed
 //! join leaves no slot, origin or catalog row behind.
 
-use crate::catalog::nodes::{self, Node};
+use crate::catalog::nodes::{self, Node, NodeKind, NodeState};
 use crate::error::{raise, PgError};
 use crate::pg::libpq::{quote_ident, Conn, LibpqError};
 use crate::pg::shmem;
-use crate::receive::{origin_name, slot_name};
+use bdr_core::names::{origin_name, slot_name};
+use bdr_core::replication::REPLICATED_TABLES_SQL;
 use bdr_core::{dsn, wire};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
@@ -255,8 +256,8 @@ pub fn group_create(
     nodes::upsert(&Node {
         name: local_node_name.into(),
         id: node_id(local_node_name),
-        kind: "active".into(),
-        state: "active".into(),
+        kind: NodeKind::Active,
+        state: NodeState::Active,
         dsn: node_external_dsn.into(),
         is_local: true,
         number: Some(number),
@@ -401,17 +402,6 @@ pub fn join_application_name(joining: &str) -> String {
 /// Commit time given to the rows a join copies: older than any real change.
 const COPY_VERSION_TIME: &str = "2000-01-01 00:00:00.000001+00";
 
-/// Tables of this database that replicate: permanent, not system, not an extension's.
-pub const REPLICATED_TABLES_SQL: &str = "\
-    SELECT n.nspname::text, c.relname::text FROM pg_class c \
-      JOIN pg_namespace n ON n.oid = c.relnamespace \
-     WHERE c.relkind = 'r' AND c.relpersistence = 'p' \
-       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'bdr') \
-       AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%' \
-       AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
-                       AND d.objid = c.oid AND d.deptype = 'e') \
-     ORDER BY 1, 2";
-
 /// A client program (`pg_dump`, `psql`) connecting with `dsn`, with no secret on its
 /// command line (every local user can read it in `/proc`): see [`dsn::for_client`]. The
 /// returned guard removes the 0600 service file, if one was needed, when dropped.
@@ -528,7 +518,7 @@ pub fn group_join(
     check_name(local_node_name);
     check_dsn(node_external_dsn);
     check_dsn(join_using_dsn);
-    if node_kind != "active" && node_kind != "standby" && node_kind != "witness" {
+    if NodeKind::parse(node_kind).is_none() {
         fail(GroupError::BadKind(node_kind.into()));
     }
     let standby = node_kind == "standby";
@@ -560,8 +550,8 @@ pub fn group_join(
         .map(|r| Node {
             name: r[0].clone().unwrap_or_default(),
             id: r[1].as_deref().and_then(|v| v.parse().ok()).unwrap_or(0),
-            kind: r[2].clone().unwrap_or_default(),
-            state: r[3].clone().unwrap_or_default(),
+            kind: nodes::kind_from(r[2].as_deref().unwrap_or_default()),
+            state: nodes::state_from(r[3].as_deref().unwrap_or_default()),
             dsn: r[4].clone().unwrap_or_default(),
             is_local: r[5].as_deref() == Some("true"),
             number: r[6].as_deref().and_then(|v| v.parse().ok()),
@@ -692,8 +682,8 @@ pub fn group_join(
         let me = Node {
             name: j.into(),
             id: my_id,
-            kind: node_kind.into(),
-            state: "active".into(),
+            kind: nodes::kind_from(node_kind),
+            state: NodeState::Active,
             dsn: node_external_dsn.into(),
             is_local: true,
             number: Some(my_number),
@@ -711,8 +701,8 @@ pub fn group_join(
     let me_for_links = Node {
         name: j.into(),
         id: my_id,
-        kind: "active".into(),
-        state: "joining".into(),
+        kind: NodeKind::Active,
+        state: NodeState::Joining,
         dsn: String::new(),
         is_local: true,
         number: None,
@@ -720,7 +710,11 @@ pub fn group_join(
     };
     let streams_with: Vec<String> = me_for_links
         .links(&members)
-        .chain(members.iter().filter(|n| n.kind == "standby" && !spoke))
+        .chain(
+            members
+                .iter()
+                .filter(|n| n.kind == NodeKind::Standby && !spoke),
+        )
         .map(|n| n.name.clone())
         .collect();
     // 3. J's slot on every other member, and S past it.
@@ -734,7 +728,7 @@ pub fn group_join(
     // applies nothing from it (nothing to wait for).
     for m in reached
         .iter_mut()
-        .filter(|m| m.node.name != source.name && m.node.kind == "active")
+        .filter(|m| m.node.name != source.name && m.node.kind == NodeKind::Active)
         .filter(|m| streams_with.contains(&m.node.name))
     {
         let slot = slot_name(m.dboid, j);
@@ -859,7 +853,7 @@ pub fn group_join(
     let mut origin_points = vec![(origin_name(my_dboid, &source.name), consistent_point)];
     for m in reached
         .iter()
-        .filter(|m| m.node.name != source.name && m.node.kind == "active")
+        .filter(|m| m.node.name != source.name && m.node.kind == NodeKind::Active)
         .filter(|m| streams_with.contains(&m.node.name))
     {
         let p = progress
@@ -985,8 +979,8 @@ pub fn group_join(
     let me = Node {
         name: j.into(),
         id: my_id,
-        kind: node_kind.into(),
-        state: joined_state.into(),
+        kind: nodes::kind_from(node_kind),
+        state: nodes::state_from(joined_state),
         dsn: node_external_dsn.into(),
         is_local: true,
         number: Some(my_number),
@@ -1011,9 +1005,9 @@ fn check_topology(members: &[Node], source: &Node, kind: &str, spoke: bool) {
     let has_spokes = members.iter().any(|n| n.hub.is_some());
     let mesh_data: Vec<&Node> = members
         .iter()
-        .filter(|n| n.kind == "active" && n.hub.is_none())
+        .filter(|n| n.kind == NodeKind::Active && n.hub.is_none())
         .collect();
-    let why = if spoke && (source.kind != "active" || source.hub.is_some()) {
+    let why = if spoke && (source.kind != NodeKind::Active || source.hub.is_some()) {
         Some(format!(
             "the join source \"{}\" is not a mesh data node, so it cannot be a hub",
             source.name
@@ -1028,7 +1022,7 @@ fn check_topology(members: &[Node], source: &Node, kind: &str, spoke: bool) {
                 .collect::<Vec<_>>()
                 .join(", ")
         ))
-    } else if spoke && members.iter().any(|n| n.kind == "standby") {
+    } else if spoke && members.iter().any(|n| n.kind == NodeKind::Standby) {
         Some("the group has a standby node, which cannot follow spokes".into())
     } else if !spoke && has_spokes && kind != "witness" {
         Some(format!(
@@ -1061,7 +1055,7 @@ fn mark_joined(me: &Node, reached: &mut [Member]) {
         m.conn
             .exec_params(
                 "UPDATE bdr.nodes SET node_state = $1, joined_at = now() WHERE node_name = $2",
-                &[&me.state, &me.name],
+                &[me.state.as_str(), &me.name],
             )
             .unwrap_or_else(|e| fail(remote_err(&m.node.name)(e)));
     }
@@ -1080,7 +1074,7 @@ fn wait_for_join(timeout: default!(i32, 300)) {
     let Some(local) = nodes::local() else {
         fail(GroupError::NotMember)
     };
-    if local.kind == "witness" {
+    if local.kind == NodeKind::Witness {
         return; // it applies nothing: joined as soon as registered
     }
     let dboid = nodes::my_database_oid();
@@ -1088,7 +1082,7 @@ fn wait_for_join(timeout: default!(i32, 300)) {
     let all = nodes::all();
     let peers: Vec<Node> = local
         .links(&all)
-        .filter(|n| n.state == "active")
+        .filter(|n| n.state == NodeState::Active)
         .cloned()
         .collect();
     let deadline = Instant::now() + Duration::from_secs(timeout.max(1) as u64);
@@ -1120,119 +1114,4 @@ fn wait_for_join(timeout: default!(i32, 300)) {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-}
-
-/// One row per apply worker of this database: the peer it streams from, its state, its
-/// positions (remote LSNs) and its last error.
-#[pg_extern]
-#[allow(clippy::type_complexity)]
-pub fn apply_workers() -> TableIterator<
-    'static,
-    (
-        name!(peer, String),
-        name!(pid, i32),
-        name!(state, String),
-        name!(received_lsn, String),
-        name!(applied_lsn, String),
-        name!(flushed_lsn, String),
-        name!(last_error, Option<String>),
-        name!(last_error_time, Option<pgrx::datum::TimestampWithTimeZone>),
-        name!(error_count, i64),
-        name!(
-            last_applied_commit_time,
-            Option<pgrx::datum::TimestampWithTimeZone>
-        ),
-        name!(started_at, Option<pgrx::datum::TimestampWithTimeZone>),
-        name!(skipped_messages, i64),
-    ),
-> {
-    use crate::api::monitor::ts;
-    let rows: Vec<_> = shmem::apply_slots(nodes::my_database_oid())
-        .into_iter()
-        .map(|s| {
-            (
-                s.peer(),
-                s.pid,
-                s.state.name().to_string(),
-                wire::format_lsn(s.received_lsn),
-                wire::format_lsn(s.applied_lsn),
-                wire::format_lsn(s.flushed_lsn),
-                s.last_error(),
-                ts(s.last_error_time),
-                s.error_count as i64,
-                ts(s.last_applied_commit_time),
-                ts(s.started_at),
-                s.skipped_messages as i64,
-            )
-        })
-        .collect();
-    TableIterator::new(rows)
-}
-
-fn set_pause(peer: Option<&str>, pause: bool, limit_secs: Option<i32>) -> i32 {
-    let dboid = nodes::my_database_oid();
-    if let Some(p) = peer {
-        if nodes::by_name(p).is_none_or(|n| n.is_local) {
-            fail(GroupError::UnknownPeer(p.into()));
-        }
-    }
-    if peer.is_none() {
-        shmem::set_pause_all(dboid, pause);
-    }
-    let mut n = 0;
-    for (i, s) in shmem::all_indexed() {
-        if s.kind == shmem::Kind::Apply && s.dboid == dboid && peer.is_none_or(|p| s.peer() == p) {
-            let deadline = match limit_secs {
-                Some(secs) if pause => crate::pg::xact::now() + i64::from(secs.max(1)) * 1_000_000,
-                _ => 0,
-            };
-            shmem::update(i, |s| {
-                s.pause_requested = pause;
-                s.pause_deadline = deadline;
-            });
-            n += 1;
-        }
-    }
-    n
-}
-
-/// Hold applying changes from `peer` (all peers when NULL) at the next transaction
-/// boundary; changes queue up on the peers. Returns how many workers were asked. Not
-/// persistent: a server restart resumes. With `timeout_seconds`, the workers resume by
-/// themselves (with a WARNING) once that time has passed: what a join asks for, so that a
-/// join that dies cannot leave its source paused.
-#[pg_extern]
-fn apply_pause(
-    peer: default!(Option<&str>, "NULL"),
-    timeout_seconds: default!(Option<i32>, "NULL"),
-) -> i32 {
-    set_pause(peer, true, timeout_seconds)
-}
-
-/// Resume applying from `peer` (all peers when NULL).
-#[pg_extern]
-fn apply_resume(peer: default!(Option<&str>, "NULL")) -> i32 {
-    set_pause(peer, false, None)
-}
-
-/// Conflicts resolved on this node since the server started, per peer and type (kept
-/// whether or not `bdr.log_conflicts_to_table` is on).
-#[pg_extern]
-pub fn conflict_counters() -> TableIterator<
-    'static,
-    (
-        name!(peer, String),
-        name!(conflict_type, String),
-        name!(count, i64),
-    ),
-> {
-    let mut rows = Vec::new();
-    for s in shmem::apply_slots(nodes::my_database_oid()) {
-        for (c, n) in crate::conflict::Conflict::ALL.iter().zip(s.conflicts) {
-            if n > 0 {
-                rows.push((s.peer(), c.name().to_string(), n as i64));
-            }
-        }
-    }
-    TableIterator::new(rows)
 }

@@ -6,17 +6,14 @@
 //! and refuses user writes; `promote` creates the promoted node's slots *before* it accepts
 //! writes, so nothing written after the switch is missed.
 
-use crate::api::group::{GroupError, DROP_ORIGIN_SQL, DROP_SLOT_SQL, REPLICATED_TABLES_SQL};
-use crate::catalog::nodes::{self, Node};
+use crate::api::group::{GroupError, DROP_ORIGIN_SQL, DROP_SLOT_SQL};
+use crate::catalog::nodes::{self, Node, NodeKind, NodeState};
 use crate::error::raise;
 use crate::pg::libpq::{quote_ident, Conn};
-use crate::receive::{origin_name, slot_name};
+use bdr_core::names::{origin_name, slot_name};
+use bdr_core::replication::REPLICATED_TABLES_SQL;
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
-
-fn fail(e: GroupError) -> ! {
-    raise(&e)
-}
 
 /// Run `steps` (statements with their parameters) on `c`, in order, until all succeed or
 /// `secs` pass (e.g. dropping a slot whose walsender is still exiting, or an origin whose
@@ -74,24 +71,24 @@ fn part_on(c: &mut Conn, parted: &str) -> Result<(), String> {
 #[pg_extern]
 fn part(node_name: &str) {
     let Some(local) = nodes::local() else {
-        fail(GroupError::NotMember)
+        raise(&GroupError::NotMember)
     };
     if local.name == node_name {
-        fail(GroupError::PartSelf);
+        raise(&GroupError::PartSelf);
     }
     let Some(target) = nodes::by_name(node_name) else {
-        fail(GroupError::UnknownPeer(node_name.into()))
+        raise(&GroupError::UnknownPeer(node_name.into()))
     };
     let members: Vec<Node> = nodes::all()
         .into_iter()
-        .filter(|n| n.name != node_name && n.state != "parted")
+        .filter(|n| n.name != node_name && n.state != NodeState::Parted)
         .collect();
     let mut unreachable = Vec::new();
     for m in &members {
         match Conn::connect(&m.dsn, "bdr_part") {
             Ok(mut c) => {
                 if let Err(e) = part_on(&mut c, node_name) {
-                    fail(GroupError::Remote {
+                    raise(&GroupError::Remote {
                         node: m.name.clone(),
                         message: e,
                     });
@@ -150,7 +147,7 @@ fn part(node_name: &str) {
 /// active node); run after CREATE TABLE by the event trigger. Returns the tables touched.
 #[pg_extern]
 fn refresh_standby_triggers() -> i32 {
-    let standby = nodes::local().is_some_and(|n| n.kind == "standby");
+    let standby = nodes::local().is_some_and(|n| n.kind == NodeKind::Standby);
     set_standby_triggers(standby)
 }
 
@@ -190,24 +187,24 @@ pub fn set_standby_triggers(on: bool) -> i32 {
 #[pg_extern]
 pub fn promote(node_name: &str) {
     let Some(local) = nodes::local() else {
-        fail(GroupError::NotMember)
+        raise(&GroupError::NotMember)
     };
     if local.name != node_name {
-        fail(GroupError::PromoteElsewhere(node_name.into()));
+        raise(&GroupError::PromoteElsewhere(node_name.into()));
     }
-    if local.kind != "standby" {
+    if local.kind != NodeKind::Standby {
         pgrx::notice!("node \"{node_name}\" is already active; nothing to do");
         return;
     }
     let members: Vec<Node> = nodes::all()
         .into_iter()
-        .filter(|n| !n.is_local && n.state != "parted")
+        .filter(|n| !n.is_local && n.state != NodeState::Parted)
         .collect();
     let my_dboid = nodes::my_database_oid();
     // 1. Slots first (through another session: this transaction must hold no xid while
     //    slot creation waits for running transactions).
     let mut me = Conn::connect(&local.dsn, "bdr_promote").unwrap_or_else(|e| {
-        fail(GroupError::Remote {
+        raise(&GroupError::Remote {
             node: local.name.clone(),
             message: e.to_string(),
         })
@@ -220,7 +217,7 @@ pub fn promote(node_name: &str) {
             &[&slot],
         )
         .unwrap_or_else(|e| {
-            fail(GroupError::Remote {
+            raise(&GroupError::Remote {
                 node: local.name.clone(),
                 message: e.to_string(),
             })
@@ -229,8 +226,8 @@ pub fn promote(node_name: &str) {
     // 2. Writable here, 3. active everywhere.
     set_standby_triggers(false);
     nodes::upsert(&Node {
-        kind: "active".into(),
-        state: "active".into(),
+        kind: NodeKind::Active,
+        state: NodeState::Active,
         ..local.clone()
     });
     for m in &members {

@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 pub mod group;
 pub mod lifecycle;
 pub mod monitor;
+pub mod workers;
 
 /// The extension's version and the wire protocol range it speaks.
 #[pg_extern]

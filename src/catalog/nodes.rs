@@ -3,6 +3,8 @@
 //! Names are the identity users see; `node_id` is a stable number derived at creation and
 //! copied to every member, used to order nodes when commit timestamps tie.
 
+use crate::error::{ApplyError, OrRaise};
+pub use bdr_core::node::{NodeKind, NodeState};
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 
@@ -10,8 +12,8 @@ use pgrx::spi::SpiResult;
 pub struct Node {
     pub name: String,
     pub id: i64,
-    pub kind: String,
-    pub state: String,
+    pub kind: NodeKind,
+    pub state: NodeState,
     pub dsn: String,
     pub is_local: bool,
     /// The node number (0-1023) in snowflake ids and offset sequences.
@@ -30,7 +32,7 @@ impl Node {
         let me = self.clone();
         all.iter().filter(move |n| {
             n.name != me.name
-                && n.kind == "active"
+                && n.kind == NodeKind::Active
                 && match (&me.hub, &n.hub) {
                     (Some(h), _) => *h == n.name,
                     (None, Some(h)) => *h == me.name,
@@ -50,8 +52,8 @@ fn read(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>]) -> SpiResult<Vec<Node
             out.push(Node {
                 name: row.get(1)?.unwrap_or_default(),
                 id: row.get(2)?.unwrap_or_default(),
-                kind: row.get(3)?.unwrap_or_default(),
-                state: row.get(4)?.unwrap_or_default(),
+                kind: kind_from(&row.get::<String>(3)?.unwrap_or_default()),
+                state: state_from(&row.get::<String>(4)?.unwrap_or_default()),
                 dsn: row.get(5)?.unwrap_or_default(),
                 is_local: row.get(6)?.unwrap_or_default(),
                 number: row.get(7)?,
@@ -70,11 +72,24 @@ pub fn read_one<T: pgrx::datum::FromDatum + pgrx::datum::IntoDatum>(sql: &str) -
         Some(r) => r.get::<T>(1),
         None => Ok(None),
     })
-    .unwrap_or_else(|e| spi_fail(e))
+    .or_raise_as(ApplyError::spi)
 }
 
-fn spi_fail(e: pgrx::spi::Error) -> ! {
-    crate::error::raise(&crate::error::ApplyError::Spi(e.to_string()))
+/// A `node_kind` as the catalog (this node's or a member's) holds it; anything the CHECK
+/// constraint does not allow is an ERROR.
+pub fn kind_from(text: &str) -> NodeKind {
+    NodeKind::parse(text).unwrap_or_else(|| unknown("node_kind", text))
+}
+
+/// A `node_state` as the catalog holds it (see [`kind_from`]).
+pub fn state_from(text: &str) -> NodeState {
+    NodeState::parse(text).unwrap_or_else(|| unknown("node_state", text))
+}
+
+fn unknown(column: &str, text: &str) -> ! {
+    crate::error::raise(&crate::error::ApplyError::Spi(format!(
+        "bdr.nodes.{column} holds an unknown value \"{text}\""
+    )))
 }
 
 /// Whether `CREATE EXTENSION bdr` has run in this database.
@@ -88,7 +103,7 @@ pub fn all() -> Vec<Node> {
         &format!("SELECT {COLUMNS} FROM bdr.nodes ORDER BY node_name"),
         &[],
     )
-    .unwrap_or_else(|e| spi_fail(e))
+    .or_raise_as(ApplyError::spi)
 }
 
 pub fn local() -> Option<Node> {
@@ -96,7 +111,7 @@ pub fn local() -> Option<Node> {
         &format!("SELECT {COLUMNS} FROM bdr.nodes WHERE is_local"),
         &[],
     )
-    .unwrap_or_else(|e| spi_fail(e))
+    .or_raise_as(ApplyError::spi)
     .into_iter()
     .next()
 }
@@ -106,7 +121,7 @@ pub fn by_name(name: &str) -> Option<Node> {
         &format!("SELECT {COLUMNS} FROM bdr.nodes WHERE node_name = $1"),
         &[name.into()],
     )
-    .unwrap_or_else(|e| spi_fail(e))
+    .or_raise_as(ApplyError::spi)
     .into_iter()
     .next()
 }
@@ -132,26 +147,10 @@ pub fn upsert(n: &Node) {
             n.hub.as_deref().into(),
         ],
     )
-    .unwrap_or_else(|e| spi_fail(e));
-}
-
-pub fn set_state(name: &str, state: &str) {
-    Spi::run_with_args(
-        "UPDATE bdr.nodes SET node_state = $2, \
-           joined_at = CASE WHEN $2 IN ('active', 'standby') THEN coalesce(joined_at, now()) ELSE joined_at END \
-         WHERE node_name = $1",
-        &[name.into(), state.into()],
-    )
-    .unwrap_or_else(|e| spi_fail(e));
-}
-
-pub fn delete(name: &str) {
-    Spi::run_with_args("DELETE FROM bdr.nodes WHERE node_name = $1", &[name.into()])
-        .unwrap_or_else(|e| spi_fail(e));
+    .or_raise_as(ApplyError::spi);
 }
 
 /// The current database's OID.
 pub fn my_database_oid() -> u32 {
-    // SAFETY: MyDatabaseId is set once the backend is connected.
-    unsafe { pgrx::pg_sys::MyDatabaseId }.to_u32()
+    crate::pg::database_oid()
 }

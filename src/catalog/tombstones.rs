@@ -5,28 +5,16 @@
 //! local ones (ordinary triggers do not fire in the apply worker). Removed by the
 //! supervisor once every peer has sent us transactions committed after them.
 
-use crate::api::group::REPLICATED_TABLES_SQL;
+use crate::error::{ApplyError, OrRaise};
+use bdr_core::replication::REPLICATED_TABLES_SQL;
 use pgrx::prelude::*;
-
-fn spi_fail(e: pgrx::spi::Error) -> ! {
-    crate::error::raise(&crate::error::ApplyError::Spi(e.to_string()))
-}
 
 /// The xmin of the tombstone for (`relid`, `key`), if any, share-locked until the
 /// transaction ends (so nobody replaces it while we act on it). A tombstone another
 /// transaction is writing is waited for, not missed.
 pub fn lookup(relid: pg_sys::Oid, key: &str) -> Option<pg_sys::TransactionId> {
-    // SAFETY: inside the applying transaction; the text datum is palloc'd in the current
-    // (per-change) memory context and only read during the lookup.
-    unsafe {
-        let table = crate::pg::exec::find_table("bdr", "tombstones")?;
-        let k = std::ffi::CString::new(key).ok()?;
-        let key_row = vec![
-            Some(pg_sys::Datum::from(u32::from(relid))),
-            Some(pg_sys::Datum::from(pg_sys::cstring_to_text(k.as_ptr()))),
-        ];
-        crate::pg::exec::lock_by_identity(table, &key_row)
-    }
+    let table = crate::pg::tables::find_table("bdr", "tombstones")?;
+    crate::pg::exec::lock_by_oid_and_text(table, relid, key)
 }
 
 /// Whether any tombstone exists for `relid`.
@@ -39,7 +27,7 @@ pub fn any(relid: pg_sys::Oid) -> bool {
         )?;
         Ok::<_, pgrx::spi::Error>(!rows.is_empty())
     })
-    .unwrap_or_else(|e| spi_fail(e))
+    .or_raise_as(ApplyError::spi)
 }
 
 /// Create or refresh the tombstone (its version becomes the current transaction's).
@@ -50,7 +38,7 @@ pub fn upsert(relid: pg_sys::Oid, key: &str) {
          ON CONFLICT (relid, key) DO UPDATE SET key = EXCLUDED.key",
         &[relid.into(), key.into()],
     )
-    .unwrap_or_else(|e| spi_fail(e));
+    .or_raise_as(ApplyError::spi);
 }
 
 /// Create the tombstone only if there is none; false if one exists (another transaction
@@ -66,7 +54,7 @@ pub fn insert_new(relid: pg_sys::Oid, key: &str) -> bool {
         )?;
         Ok::<_, pgrx::spi::Error>(!rows.is_empty())
     })
-    .unwrap_or_else(|e| spi_fail(e))
+    .or_raise_as(ApplyError::spi)
 }
 
 /// Remove tombstones of deletes committed before `before` (PostgreSQL-epoch µs).
@@ -83,7 +71,7 @@ pub fn collect_garbage(before: i64) -> i64 {
         .first()
         .get_one::<i64>()
     })
-    .unwrap_or_else(|e| spi_fail(e))
+    .or_raise_as(ApplyError::spi)
     .unwrap_or(0)
 }
 
@@ -114,26 +102,9 @@ fn note_writer() {
 fn tombstone_trigger<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::trigger_support::PgTriggerError> {
-    let rel = trigger.relation()?;
-    let relid = rel.oid();
-    // SAFETY: the trigger's relation is open and its tuples belong to it.
-    unsafe {
-        let old = trigger.old().map(|t| t.into_pg());
-        let new = trigger.new().map(|t| t.into_pg());
-        let Some(old) = old else { return Ok(None) };
-        // Most UPDATEs keep the key: compare binary datums before rendering any text.
-        if let Some(n) = new {
-            if !crate::pg::exec::identity_changed(rel.as_ptr(), old, n) {
-                return Ok(None);
-            }
-        }
-        let old_key = crate::pg::exec::tuple_key_text(rel.as_ptr(), old);
-        let new_key = new.and_then(|n| crate::pg::exec::tuple_key_text(rel.as_ptr(), n));
-        if let Some(k) = old_key {
-            if new_key.as_deref() != Some(k.as_str()) {
-                upsert(relid, &k);
-            }
-        }
+    let relid = trigger.relation()?.oid();
+    if let Some(k) = crate::pg::exec::keys::removed_key(trigger)? {
+        upsert(relid, &k);
     }
     Ok(None)
 }
@@ -160,7 +131,7 @@ pub fn attach_tombstone_triggers() -> i32 {
         }
         Ok::<_, pgrx::spi::Error>(v)
     })
-    .unwrap_or_else(|e| spi_fail(e));
+    .or_raise_as(ApplyError::spi);
     for (s, n) in &tables {
         Spi::run(&format!(
             "CREATE TRIGGER bdr_tombstone AFTER DELETE OR UPDATE ON {}.{} \
@@ -168,7 +139,7 @@ pub fn attach_tombstone_triggers() -> i32 {
             crate::pg::libpq::quote_ident(s),
             crate::pg::libpq::quote_ident(n)
         ))
-        .unwrap_or_else(|e| spi_fail(e));
+        .or_raise_as(ApplyError::spi);
     }
     tables.len() as i32
 }

@@ -126,3 +126,20 @@ pub fn release_slot_at_exit(i: usize) {
     // SAFETY: registers a callback run by proc_exit, before shared memory is detached.
     unsafe { pg_sys::before_shmem_exit(Some(release), pg_sys::Datum::from(i)) };
 }
+
+/// Define the entry point PostgreSQL starts a background worker at, by symbol name:
+/// `worker_entry!(bdr_apply_main => main)` exports `bdr_apply_main`, which runs `main`
+/// (a safe `fn(pg_sys::Datum)`) under `pg_guard`. Exporting an unmangled symbol is an
+/// unsafe attribute; this macro is where the crate allows it, so the workers' modules
+/// define their entry points without any raw construct of their own.
+macro_rules! worker_entry {
+    ($symbol:ident => $body:path) => {
+        #[allow(unsafe_code)]
+        #[pgrx::pg_guard]
+        #[no_mangle]
+        pub extern "C-unwind" fn $symbol(arg: pgrx::pg_sys::Datum) {
+            $body(arg)
+        }
+    };
+}
+pub(crate) use worker_entry;

@@ -21,11 +21,15 @@
 //! its first change in the stream; a value this node does not have (unchanged on-disk
 //! TOAST) is sent as [`Value::UnchangedToast`], never as a guess.
 
-use crate::decode::{self, DecodeOptions, RelFacts, TxnFraming};
-use crate::error::{self, DecodeError};
+mod relations;
+
+use relations::{entry, row_values, RelEntry};
+
+use crate::decode::{self, DecodeOptions, TxnFraming};
+use crate::error;
 use bdr_core::wire::{
-    self, Begin, Column, Commit, Delete, Insert, LogicalMessage, Message, OldRow, OriginInfo,
-    ReplicaIdentity, Truncate, Update, Value,
+    self, Begin, Commit, Delete, Insert, LogicalMessage, Message, OldRow, OriginInfo,
+    ReplicaIdentity, Truncate, Update,
 };
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -33,28 +37,6 @@ use pgrx::PgList;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, CStr};
-
-/// One sent column of a relation.
-struct Col {
-    /// Index into the relation's tuple descriptor.
-    attidx: usize,
-    varlena: bool,
-    /// The type's output function, resolved once.
-    out: Box<pg_sys::FmgrInfo>,
-}
-
-/// What the plugin caches about a relation for the duration of a stream.
-struct RelEntry {
-    replicate: bool,
-    /// `bdr.ddl_queue`: an insert is sent as a `bdr.ddl` message (src/ddl.rs).
-    ddl_queue: bool,
-    /// Whether `meta` has been sent in this stream.
-    sent: bool,
-    meta: wire::Relation,
-    cols: Vec<Col>,
-    /// Indexes into `cols` of the replica identity key columns.
-    key: Vec<usize>,
-}
 
 /// Per-decoding-context state, owned by `ctx->output_plugin_private`.
 struct State {
@@ -496,189 +478,5 @@ unsafe fn write_frame(
             st.buf.len() as c_int,
         );
         pg_sys::OutputPluginWrite(ctx, last_write);
-    }
-}
-
-/// The cache entry for `rel`, built on first use or after an invalidation.
-///
-/// # Safety
-/// `rel` is an open relation; catalog access is allowed (we are inside decoding's
-/// transaction).
-unsafe fn entry(st: &mut State, rel: pg_sys::Relation) -> &mut RelEntry {
-    INVALIDATED.with(|i| {
-        let mut i = i.borrow_mut();
-        if std::mem::take(&mut i.all) {
-            st.rels.clear();
-        }
-        for relid in i.rels.drain(..) {
-            st.rels.remove(&relid);
-        }
-    });
-    // SAFETY: forwarded from the caller.
-    let relid = unsafe { (*rel).rd_id };
-    // SAFETY: forwarded from the caller.
-    st.rels
-        .entry(relid)
-        .or_insert_with(|| unsafe { build_entry(rel) })
-}
-
-/// A memory context that lives as long as the process, for cached `FmgrInfo`s.
-fn cache_cxt() -> pg_sys::MemoryContext {
-    CACHE_CXT.with(|c| {
-        if c.get().is_null() {
-            // SAFETY: TopMemoryContext is always valid in a backend.
-            let cxt = unsafe {
-                pg_sys::AllocSetContextCreateInternal(
-                    pg_sys::TopMemoryContext,
-                    c"bdr decode cache".as_ptr(),
-                    pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
-                    pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
-                    pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
-                )
-            };
-            c.set(cxt);
-        }
-        c.get()
-    })
-}
-
-/// # Safety
-/// `rel` is an open relation and catalog lookups are allowed.
-unsafe fn build_entry(rel: pg_sys::Relation) -> RelEntry {
-    // SAFETY: rd_rel and rd_att are valid for an open relation; the attribute array
-    // has `natts` entries.
-    unsafe {
-        let relid = (*rel).rd_id;
-        let form = &*(*rel).rd_rel;
-        let schema = cstring(pg_sys::get_namespace_name(form.relnamespace));
-        let name = cstring(form.relname.data.as_ptr());
-        let in_ext = pg_sys::getExtensionOfObject(pg_sys::RelationRelationId, relid);
-        let replicate = decode::replicates(&RelFacts {
-            plain_table: form.relkind as u8 == pg_sys::RELKIND_RELATION,
-            permanent: form.relpersistence as u8 == pg_sys::RELPERSISTENCE_PERMANENT,
-            schema: &schema,
-            owned_by_extension: in_ext != pg_sys::InvalidOid,
-        });
-        let replica_identity = match form.relreplident as u8 {
-            pg_sys::REPLICA_IDENTITY_FULL => ReplicaIdentity::Full,
-            pg_sys::REPLICA_IDENTITY_INDEX => ReplicaIdentity::Index,
-            pg_sys::REPLICA_IDENTITY_NOTHING => ReplicaIdentity::Nothing,
-            _ => ReplicaIdentity::Default,
-        };
-        let keyattrs = pg_sys::RelationGetIndexAttrBitmap(
-            rel,
-            pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_IDENTITY_KEY,
-        );
-        let desc = (*rel).rd_att;
-        let mut columns = Vec::new();
-        let mut cols = Vec::new();
-        let mut key = Vec::new();
-        for i in 0..(*desc).natts as usize {
-            let att = &*(*desc).attrs.as_ptr().add(i);
-            if att.attisdropped || att.attgenerated != 0 {
-                continue;
-            }
-            let is_key = replica_identity != ReplicaIdentity::Full
-                && pg_sys::bms_is_member(
-                    att.attnum as c_int - pg_sys::FirstLowInvalidHeapAttributeNumber,
-                    keyattrs,
-                );
-            if is_key {
-                key.push(cols.len());
-            }
-            columns.push(Column {
-                name: cstring(att.attname.data.as_ptr()),
-                type_name: cstring(pg_sys::format_type_with_typemod(
-                    att.atttypid,
-                    att.atttypmod,
-                )),
-                key: is_key,
-            });
-            let mut foid = pg_sys::InvalidOid;
-            let mut isvarlena = false;
-            pg_sys::getTypeOutputInfo(att.atttypid, &mut foid, &mut isvarlena);
-            let mut out: Box<pg_sys::FmgrInfo> = Box::new(std::mem::zeroed());
-            pg_sys::fmgr_info_cxt(foid, &mut *out, cache_cxt());
-            cols.push(Col {
-                attidx: i,
-                varlena: att.attlen == -1,
-                out,
-            });
-        }
-        RelEntry {
-            replicate,
-            ddl_queue: schema == "bdr" && name == "ddl_queue",
-            sent: false,
-            meta: wire::Relation {
-                id: relid.to_u32(),
-                schema,
-                name,
-                replica_identity,
-                columns,
-            },
-            cols,
-            key,
-        }
-    }
-}
-
-/// Whether a datum is a pointer to an on-disk TOASTed value (`VARATT_IS_EXTERNAL_ONDISK`):
-/// the value was not changed by this UPDATE, so WAL does not carry it.
-///
-/// # Safety
-/// `d` is a non-null varlena datum.
-unsafe fn is_external_ondisk(d: pg_sys::Datum) -> bool {
-    let p = d.cast_mut_ptr::<u8>();
-    // SAFETY: every varlena has at least a one-byte header; an external one has a tag byte.
-    unsafe {
-        #[cfg(target_endian = "little")]
-        let external = *p == 0x01;
-        #[cfg(target_endian = "big")]
-        let external = *p == 0x80;
-        external && *p.add(1) == pg_sys::vartag_external::VARTAG_ONDISK as u8
-    }
-}
-
-/// Render the columns of `tuple` (all of `e.cols`, or only those listed in `only`).
-///
-/// # Safety
-/// `tuple` is a heap tuple shaped by `desc`, and the current memory context may be reset
-/// after the values are copied out.
-unsafe fn row_values(
-    e: &RelEntry,
-    desc: pg_sys::TupleDesc,
-    tuple: *mut pg_sys::HeapTupleData,
-    only: Option<&[usize]>,
-) -> Vec<Value> {
-    // SAFETY: heap_deform_tuple fills natts datums/nulls; output functions return
-    // NUL-terminated strings in the current (per-change) memory context.
-    unsafe {
-        let natts = (*desc).natts as usize;
-        let mut datums = vec![pg_sys::Datum::from(0); natts];
-        let mut nulls = vec![true; natts];
-        pg_sys::heap_deform_tuple(tuple, desc, datums.as_mut_ptr(), nulls.as_mut_ptr());
-        let render = |ci: usize| -> Value {
-            let c = &e.cols[ci];
-            // A column added after this tuple was written reads as NULL past its natts.
-            if nulls[c.attidx] {
-                return Value::Null;
-            }
-            let d = datums[c.attidx];
-            if c.varlena && is_external_ondisk(d) {
-                return Value::UnchangedToast;
-            }
-            let s = pg_sys::OutputFunctionCall(&*c.out as *const _ as *mut _, d);
-            match CStr::from_ptr(s).to_str() {
-                Ok(t) => Value::Text(t.to_owned()),
-                Err(_) => error::raise(&DecodeError::NotUtf8 {
-                    relation: e.meta.qualified_name(),
-                    column: e.meta.columns[ci].name.clone(),
-                }),
-            }
-        };
-        match only {
-            Some(idx) => idx.iter().map(|&ci| render(ci)).collect(),
-            None => (0..e.cols.len()).map(render).collect(),
-        }
     }
 }

@@ -6,215 +6,32 @@
 //! ones fire under `session_replication_role = replica`), with no SQL text parsed or
 //! planned per row.
 //!
-//! Invariants: every function here runs inside a transaction with an active snapshot; a
-//! [`Target`] is closed with [`Target::close`] (after-trigger queue flushed, executor state
-//! freed) before the transaction commits. Everything that can run code a table's owner
-//! wrote (triggers, CHECK and index expressions, type input functions of domains) runs as
-//! that owner inside a security-restricted operation ([`as_user`]), as PostgreSQL 16+
-//! native apply does: a table owner cannot make the apply worker act as a superuser.
+//! Invariants: every function here runs inside a transaction with an active snapshot
+//! ([`Target::open`] checks both and raises an ERROR otherwise); a [`Target`] is closed with
+//! [`Target::close`] (after-trigger queue flushed, executor state freed) before the
+//! transaction commits; a [`LocalRow`] borrows the target that found it and is written
+//! back only through that target; a row of another width than the table's is an ERROR.
+//! Everything that can run code a table's owner wrote (triggers, CHECK and index
+//! expressions, type input functions of domains) runs as that owner inside a
+//! security-restricted operation ([`crate::pg::owner::as_user`]), as PostgreSQL 16+ native
+//! apply does: a table owner cannot make the apply worker act as a superuser.
+//!
+//! Why the write functions are safe to call: what can be checked is checked (above); what
+//! cannot is the datums a [`Row`] holds, so by convention only this module's own functions
+//! make them (`tables::InputFn::call`, [`LocalRow::values`], [`Target::fill_defaults`]),
+//! in the current (per-change) memory context, and code outside `pg/` only passes them on.
+//!
+//! Beside it: [`keys`] (a table's key text, unique indexes, key changes),
+//! `pg::tables` (catalog facts of local tables) and `pg::owner` (acting as the owner).
 
+pub mod keys;
+
+use crate::pg::owner::as_user;
+use crate::pg::tables::relation_name;
 use pgrx::pg_sys;
 use pgrx::{PgBox, PgList};
-use std::ffi::{c_char, CStr, CString};
-
-/// Restores the user and security context saved by [`as_user`], also when an error
-/// unwinds through it.
-struct RestoreUser(pg_sys::Oid, i32);
-
-impl Drop for RestoreUser {
-    fn drop(&mut self) {
-        // SAFETY: restores the values read by GetUserIdAndSecContext.
-        unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
-    }
-}
-
-/// Run `f` as `role`, inside a security-restricted operation (no SET ROLE, no temp
-/// objects, no session-level changes; see `SECURITY_RESTRICTED_OPERATION`).
-pub fn as_user<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    switch_user(
-        role,
-        pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION,
-        f,
-    )
-}
-
-/// Run `f` as `role` with `flags` added to the security context; both restored after,
-/// also when an error unwinds through.
-pub fn switch_user<R>(role: pg_sys::Oid, flags: u32, f: impl FnOnce() -> R) -> R {
-    let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
-    // SAFETY: plain reads and writes of the backend's current user and context.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
-        pg_sys::SetUserIdAndSecContext(role, sec | flags as i32);
-    }
-    let _restore = RestoreUser(user, sec);
-    f()
-}
-
-/// The owner of `relid`, and whether that owner may insert, update and delete in it and
-/// is exempt from its row-level security; `None` if the table is gone.
-///
-/// # Safety
-/// Inside a transaction.
-pub unsafe fn owner_rights(relid: pg_sys::Oid) -> Option<OwnerRights> {
-    // SAFETY: syscache lookups inside a transaction.
-    unsafe {
-        let owner = rel_owner(relid)?;
-        let may = |mode: u32| {
-            pg_sys::pg_class_aclcheck(relid, owner, mode as pg_sys::AclMode)
-                == pg_sys::AclResult::ACLCHECK_OK
-        };
-        let rls = pg_sys::check_enable_rls(relid, owner, true)
-            == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32;
-        let name = pg_sys::GetUserNameFromId(owner, true);
-        Some(OwnerRights {
-            owner,
-            name: if name.is_null() {
-                owner.to_u32().to_string()
-            } else {
-                CStr::from_ptr(name).to_string_lossy().into_owned()
-            },
-            insert: may(pg_sys::ACL_INSERT),
-            update: may(pg_sys::ACL_UPDATE),
-            delete: may(pg_sys::ACL_DELETE),
-            truncate: may(pg_sys::ACL_TRUNCATE),
-            row_security: rls,
-        })
-    }
-}
-
-/// See [`owner_rights`].
-#[derive(Debug, Clone)]
-pub struct OwnerRights {
-    pub owner: pg_sys::Oid,
-    pub name: String,
-    pub insert: bool,
-    pub update: bool,
-    pub delete: bool,
-    pub truncate: bool,
-    /// Row-level security applies to the owner (FORCE ROW LEVEL SECURITY).
-    pub row_security: bool,
-}
-
-/// # Safety
-/// Inside a transaction.
-unsafe fn rel_owner(relid: pg_sys::Oid) -> Option<pg_sys::Oid> {
-    // SAFETY: a syscache lookup, released before returning.
-    unsafe {
-        let tup = pg_sys::SearchSysCache1(
-            pg_sys::SysCacheIdentifier::RELOID as i32,
-            pg_sys::Datum::from(relid),
-        );
-        if tup.is_null() {
-            return None;
-        }
-        let form = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tup);
-        let owner = (*form).relowner;
-        pg_sys::ReleaseSysCache(tup);
-        Some(owner)
-    }
-}
-
-/// What the mapping code needs to know about a local table's attributes.
-#[derive(Debug, Clone)]
-pub struct LocalAttr {
-    pub name: String,
-    pub dropped: bool,
-    pub generated: bool,
-    pub typid: pg_sys::Oid,
-    pub typmod: i32,
-}
-
-/// A type's input function, resolved once.
-pub struct InputFn {
-    flinfo: Box<pg_sys::FmgrInfo>,
-    typioparam: pg_sys::Oid,
-    typmod: i32,
-}
-
-impl InputFn {
-    /// # Safety
-    /// Catalog access must be allowed (inside a transaction).
-    pub unsafe fn new(typid: pg_sys::Oid, typmod: i32, cxt: pg_sys::MemoryContext) -> InputFn {
-        // SAFETY: forwarded; the FmgrInfo lives in a Box for as long as this value.
-        unsafe {
-            let mut func = pg_sys::InvalidOid;
-            let mut typioparam = pg_sys::InvalidOid;
-            pg_sys::getTypeInputInfo(typid, &mut func, &mut typioparam);
-            let mut flinfo: Box<pg_sys::FmgrInfo> = Box::new(std::mem::zeroed());
-            pg_sys::fmgr_info_cxt(func, &mut *flinfo, cxt);
-            InputFn {
-                flinfo,
-                typioparam,
-                typmod,
-            }
-        }
-    }
-
-    /// Convert a text form into a datum in the current memory context.
-    ///
-    /// # Safety
-    /// Inside a transaction; errors are raised as PostgreSQL errors.
-    pub unsafe fn call(&self, text: &str) -> pg_sys::Datum {
-        let c = CString::new(text)
-            .unwrap_or_else(|_| crate::error::raise(&crate::error::ApplyError::NulInText));
-        // SAFETY: flinfo was set up by fmgr_info_cxt; the string is NUL-terminated.
-        unsafe {
-            pg_sys::InputFunctionCall(
-                &*self.flinfo as *const _ as *mut _,
-                c.as_ptr() as *mut c_char,
-                self.typioparam,
-                self.typmod,
-            )
-        }
-    }
-}
-
-/// Look up a table by schema and name; `None` if there is none.
-///
-/// # Safety
-/// Inside a transaction.
-pub unsafe fn find_table(schema: &str, name: &str) -> Option<pg_sys::Oid> {
-    let s = CString::new(schema).ok()?;
-    let n = CString::new(name).ok()?;
-    // SAFETY: catalog lookups with valid C strings.
-    unsafe {
-        let nsp = pg_sys::get_namespace_oid(s.as_ptr(), true);
-        if nsp == pg_sys::InvalidOid {
-            return None;
-        }
-        let rel = pg_sys::get_relname_relid(n.as_ptr(), nsp);
-        (rel != pg_sys::InvalidOid).then_some(rel)
-    }
-}
-
-/// The attributes of a table, in attribute order (index = attnum - 1).
-///
-/// # Safety
-/// Inside a transaction; `relid` exists.
-pub unsafe fn table_attrs(relid: pg_sys::Oid) -> Vec<LocalAttr> {
-    // SAFETY: the relation is opened and closed here; the descriptor is read while open.
-    unsafe {
-        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as i32);
-        let desc = (*rel).rd_att;
-        let attrs = (0..(*desc).natts as usize)
-            .map(|i| {
-                let a = &*(*desc).attrs.as_ptr().add(i);
-                LocalAttr {
-                    name: CStr::from_ptr(a.attname.data.as_ptr())
-                        .to_string_lossy()
-                        .into_owned(),
-                    dropped: a.attisdropped,
-                    generated: a.attgenerated != 0,
-                    typid: a.atttypid,
-                    typmod: a.atttypmod,
-                }
-            })
-            .collect();
-        pg_sys::table_close(rel, pg_sys::NoLock as i32);
-        attrs
-    }
-}
+use std::ffi::CString;
+use std::marker::PhantomData;
 
 /// Put `row` into the virtual slot `slot` (one entry per attribute of its descriptor).
 ///
@@ -248,9 +65,14 @@ pub struct Target {
 pub type Row = Vec<Option<pg_sys::Datum>>;
 
 impl Target {
-    /// # Safety
+    /// # Preconditions
     /// Inside a transaction with an active snapshot.
-    pub unsafe fn open(relid: pg_sys::Oid) -> Target {
+    pub fn open(relid: pg_sys::Oid) -> Target {
+        crate::pg::xact::require_transaction();
+        // SAFETY: a plain read of the snapshot stack.
+        if !unsafe { pg_sys::ActiveSnapshotSet() } {
+            pgrx::error!("bdr: internal error: table write without an active snapshot");
+        }
         // SAFETY: standard executor setup, as execReplication's callers do it.
         unsafe {
             let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
@@ -281,9 +103,9 @@ impl Target {
         }
     }
 
-    /// # Safety
+    /// # Preconditions
     /// Once, before the transaction ends.
-    pub unsafe fn close(self) {
+    pub fn close(self) {
         // SAFETY: reverses `open`; the relation stays locked until commit.
         unsafe {
             pg_sys::ExecCloseIndices(self.rri);
@@ -301,8 +123,7 @@ impl Target {
     unsafe fn virtual_slot(&self, row: &Row) -> *mut pg_sys::TupleTableSlot {
         if row.len() != self.natts {
             crate::error::raise(&crate::error::ApplyError::ShapeChanged {
-                // SAFETY: the relation is open.
-                table: unsafe { relation_name(self.relid()) },
+                table: relation_name(self.relid()),
                 what: format!("{} columns now, {} in the row", self.natts, row.len()),
             });
         }
@@ -321,9 +142,9 @@ impl Target {
     /// Give the attributes `attrs` of a row to be inserted their DEFAULT (computed as the
     /// table's owner); attributes without one stay NULL.
     ///
-    /// # Safety
+    /// # Preconditions
     /// See [`Target::open`]; `row` has one entry per attribute.
-    pub unsafe fn fill_defaults(&self, row: &mut Row, attrs: &[usize]) {
+    pub fn fill_defaults(&self, row: &mut Row, attrs: &[usize]) {
         if attrs.is_empty() {
             return;
         }
@@ -346,9 +167,9 @@ impl Target {
 
     /// Insert a row.
     ///
-    /// # Safety
+    /// # Preconditions
     /// See [`Target::open`].
-    pub unsafe fn insert(&self, row: &Row) {
+    pub fn insert(&self, row: &Row) {
         // SAFETY: slot built for this relation.
         unsafe {
             let slot = self.virtual_slot(row);
@@ -379,9 +200,9 @@ impl Target {
     /// decide). This spares the lookup before every remote INSERT, which is nearly
     /// always of a new key.
     ///
-    /// # Safety
+    /// # Preconditions
     /// See [`Target::open`]; only when [`Target::can_try_insert`].
-    pub unsafe fn try_insert(&self, row: &Row) -> bool {
+    pub fn try_insert(&self, row: &Row) -> bool {
         // SAFETY: the steps of ExecSimpleRelationInsert, with the speculative insertion
         // protocol of ExecInsert's ON CONFLICT branch around the heap and index writes.
         let slot = unsafe { self.virtual_slot(row) };
@@ -439,9 +260,9 @@ impl Target {
     /// Uses the replica identity index, or compares whole rows when there is none
     /// (REPLICA IDENTITY FULL).
     ///
-    /// # Safety
+    /// # Preconditions
     /// See [`Target::open`].
-    pub unsafe fn find(&self, key: &Row) -> Option<LocalRow> {
+    pub fn find(&self, key: &Row) -> Option<LocalRow<'_>> {
         // SAFETY: both slots belong to this relation and this executor state.
         let search = unsafe { self.virtual_slot(key) };
         as_user(self.owner, || unsafe {
@@ -462,7 +283,11 @@ impl Target {
                     found,
                 )
             };
-            ok.then_some(LocalRow { slot: found })
+            ok.then_some(LocalRow {
+                slot: found,
+                estate: self.estate,
+                _target: PhantomData,
+            })
         })
     }
 
@@ -487,11 +312,19 @@ impl Target {
         }
     }
 
+    /// Refuse a row another target found (its slot belongs to another executor state).
+    fn own(&self, old: &LocalRow) {
+        if old.estate != self.estate {
+            pgrx::error!("bdr: internal error: a row written through another table's target");
+        }
+    }
+
     /// Replace `old` by `row`.
     ///
-    /// # Safety
+    /// # Preconditions
     /// `old` was returned by [`Target::find`] on this target.
-    pub unsafe fn update(&self, old: &LocalRow, row: &Row) {
+    pub fn update(&self, old: &LocalRow, row: &Row) {
+        self.own(old);
         // SAFETY: as in find.
         unsafe {
             let slot = self.virtual_slot(row);
@@ -505,9 +338,10 @@ impl Target {
 
     /// Delete `old`.
     ///
-    /// # Safety
+    /// # Preconditions
     /// `old` was returned by [`Target::find`] on this target.
-    pub unsafe fn delete(&self, old: &LocalRow) {
+    pub fn delete(&self, old: &LocalRow) {
+        self.own(old);
         // SAFETY: as in update.
         unsafe {
             as_user(self.owner, || {
@@ -519,17 +353,22 @@ impl Target {
     }
 }
 
-/// A locked local row found by [`Target::find`].
-pub struct LocalRow {
+/// A locked local row found by [`Target::find`], valid while the target that found it
+/// is open (the borrow keeps it so).
+pub struct LocalRow<'t> {
     slot: *mut pg_sys::TupleTableSlot,
+    /// The executor state of the target that found it (null: found by
+    /// [`lock_by_identity`]): a row is written back only through its own target.
+    estate: *mut pg_sys::EState,
+    _target: PhantomData<&'t Target>,
 }
 
-impl LocalRow {
+impl LocalRow<'_> {
     /// Every attribute's datum (NULL as None), valid until the target is closed.
     ///
-    /// # Safety
+    /// # Preconditions
     /// The target that found this row is still open.
-    pub unsafe fn values(&self) -> Row {
+    pub fn values(&self) -> Row {
         // SAFETY: slot_getallattrs fills tts_values/tts_isnull for natts attributes.
         unsafe {
             pg_sys::slot_getallattrs(self.slot);
@@ -543,167 +382,19 @@ impl LocalRow {
     }
 }
 
-/// Render datums as the canonical key text: a JSON array of the type output functions'
-/// text (NULL as null). Tombstones are keyed by it, on the apply side and in the trigger.
-///
-/// # Safety
-/// Inside a transaction; `desc` describes `values`.
-unsafe fn key_text_of(
-    desc: pg_sys::TupleDesc,
-    attidx: &[usize],
-    values: &[Option<pg_sys::Datum>],
-) -> String {
-    let mut parts = Vec::with_capacity(attidx.len());
-    for &i in attidx {
-        // SAFETY: i < natts; output functions return palloc'd C strings.
-        unsafe {
-            let a = &*(*desc).attrs.as_ptr().add(i);
-            parts.push(match values[i] {
-                None => serde_json::Value::Null,
-                Some(d) => {
-                    let mut foid = pg_sys::InvalidOid;
-                    let mut varlena = false;
-                    pg_sys::getTypeOutputInfo(a.atttypid, &mut foid, &mut varlena);
-                    let s = pg_sys::OidOutputFunctionCall(foid, d);
-                    serde_json::Value::String(CStr::from_ptr(s).to_string_lossy().into_owned())
-                }
-            });
-        }
-    }
-    serde_json::Value::Array(parts).to_string()
-}
-
-/// Attribute indexes (0-based) of a relation's replica identity key.
-///
-/// # Safety
-/// `rel` is open.
-unsafe fn identity_attrs(rel: pg_sys::Relation) -> Vec<usize> {
-    // SAFETY: the bitmap is palloc'd and only read here.
-    unsafe {
-        let bms = pg_sys::RelationGetIndexAttrBitmap(
-            rel,
-            pg_sys::IndexAttrBitmapKind::INDEX_ATTR_BITMAP_IDENTITY_KEY,
-        );
-        (0..(*(*rel).rd_att).natts as usize)
-            .filter(|&i| {
-                pg_sys::bms_is_member(
-                    i as i32 + 1 - pg_sys::FirstLowInvalidHeapAttributeNumber,
-                    bms,
-                )
-            })
-            .collect()
-    }
-}
-
 impl Target {
     pub fn relid(&self) -> pg_sys::Oid {
         // SAFETY: the relation is open while the target lives.
         unsafe { (*self.rel).rd_id }
     }
-
-    /// `row` as a JSON object of column name to text form (for conflict history).
-    ///
-    /// # Safety
-    /// See [`Target::open`].
-    pub unsafe fn row_json(&self, row: &Row) -> String {
-        // SAFETY: the descriptor matches `row`.
-        unsafe {
-            let desc = (*self.rel).rd_att;
-            let attrs: Vec<usize> = (0..row.len())
-                .filter(|&i| !(*(*desc).attrs.as_ptr().add(i)).attisdropped)
-                .collect();
-            let values: Vec<serde_json::Value> =
-                serde_json::from_str(&key_text_of(desc, &attrs, row)).unwrap_or_default();
-            let mut m = serde_json::Map::new();
-            for (i, v) in attrs.iter().zip(values) {
-                let a = &*(*desc).attrs.as_ptr().add(*i);
-                m.insert(
-                    CStr::from_ptr(a.attname.data.as_ptr())
-                        .to_string_lossy()
-                        .into_owned(),
-                    v,
-                );
-            }
-            serde_json::Value::Object(m).to_string()
-        }
-    }
-
-    /// The canonical key text of `row` (identity columns), or None without an identity.
-    ///
-    /// # Safety
-    /// See [`Target::open`].
-    pub unsafe fn key_text(&self, row: &Row) -> Option<String> {
-        // SAFETY: forwarded.
-        unsafe {
-            let attrs = identity_attrs(self.rel);
-            (!attrs.is_empty()).then(|| key_text_of((*self.rel).rd_att, &attrs, row))
-        }
-    }
-
-    /// Unique indexes other than the replica identity index, usable to find a row
-    /// (plain columns, no predicate): (index oid, its attribute indexes).
-    ///
-    /// # Safety
-    /// See [`Target::open`].
-    pub unsafe fn other_unique_indexes(&self) -> Vec<(pg_sys::Oid, Vec<usize>)> {
-        let mut out = Vec::new();
-        // SAFETY: the index list is a palloc'd OID list; each index is opened and closed.
-        unsafe {
-            let list = pg_sys::RelationGetIndexList(self.rel);
-            for oid in PgList::<std::ffi::c_void>::from_pg(list).iter_oid() {
-                if oid == self.identity_index {
-                    continue;
-                }
-                let idx = pg_sys::index_open(oid, pg_sys::AccessShareLock as i32);
-                let form = &*(*idx).rd_index;
-                let usable = form.indisunique
-                    && form.indimmediate
-                    && (*idx).rd_indexprs.is_null()
-                    && pg_sys::heap_attisnull(
-                        (*idx).rd_indextuple,
-                        pg_sys::Anum_pg_index_indpred as i32,
-                        std::ptr::null_mut(),
-                    );
-                let natts = form.indnkeyatts as usize;
-                let keys: Vec<usize> = (0..natts)
-                    .map(|k| *form.indkey.values.as_ptr().add(k) as usize)
-                    .collect();
-                pg_sys::index_close(idx, pg_sys::AccessShareLock as i32);
-                if usable && keys.iter().all(|&a| a > 0) {
-                    out.push((oid, keys.into_iter().map(|a| a - 1).collect()));
-                }
-            }
-        }
-        out
-    }
-
-    /// Find (and lock) the row whose values in `index`'s columns equal `row`'s.
-    ///
-    /// # Safety
-    /// See [`Target::open`].
-    pub unsafe fn find_by_index(&self, index: pg_sys::Oid, row: &Row) -> Option<LocalRow> {
-        // SAFETY: as in find.
-        let search = unsafe { self.virtual_slot(row) };
-        as_user(self.owner, || unsafe {
-            let found = pg_sys::table_slot_create(self.rel, &mut (*self.estate).es_tupleTable);
-            pg_sys::RelationFindReplTupleByIndex(
-                self.rel,
-                index,
-                pg_sys::LockTupleMode::LockTupleExclusive,
-                search,
-                found,
-            )
-            .then_some(LocalRow { slot: found })
-        })
-    }
 }
 
-impl LocalRow {
+impl LocalRow<'_> {
     /// The xid that wrote this row version.
     ///
-    /// # Safety
+    /// # Preconditions
     /// The target that found this row is still open.
-    pub unsafe fn xmin(&self) -> pg_sys::TransactionId {
+    pub fn xmin(&self) -> pg_sys::TransactionId {
         let mut isnull = false;
         // SAFETY: a heap tuple slot has the xmin system attribute.
         let d = unsafe {
@@ -717,52 +408,23 @@ impl LocalRow {
     }
 }
 
-/// Every attribute of a heap tuple (NULL as None).
-///
-/// # Safety
-/// `desc` describes `tuple`.
-unsafe fn deform(desc: pg_sys::TupleDesc, tuple: *mut pg_sys::HeapTupleData) -> Row {
-    // SAFETY: forwarded; the arrays have natts entries.
-    unsafe {
-        let n = (*desc).natts as usize;
-        let mut datums = vec![pg_sys::Datum::from(0); n];
-        let mut nulls = vec![true; n];
-        pg_sys::heap_deform_tuple(tuple, desc, datums.as_mut_ptr(), nulls.as_mut_ptr());
-        (0..n).map(|i| (!nulls[i]).then_some(datums[i])).collect()
-    }
-}
-
-/// The canonical key text of a heap tuple of `rel` (for the tombstone trigger).
-///
-/// # Safety
-/// `rel` is open and `tuple` is one of its tuples.
-pub unsafe fn tuple_key_text(
-    rel: pg_sys::Relation,
-    tuple: *mut pg_sys::HeapTupleData,
-) -> Option<String> {
-    // SAFETY: deform the tuple with the relation's descriptor.
-    unsafe {
-        let attrs = identity_attrs(rel);
-        if attrs.is_empty() {
-            return None;
-        }
-        let desc = (*rel).rd_att;
-        Some(key_text_of(desc, &attrs, &deform(desc, tuple)))
-    }
-}
-
 /// Find the row of table `relid` whose replica identity (primary key) columns equal
 /// `key`'s, share-lock it and return its xmin. Uses a dirty snapshot that sees rows other
 /// transactions are writing and waits for those transactions to end (like [`Target::find`]),
 /// so a row being written concurrently is either waited for or not there yet.
 ///
-/// # Safety
+/// # Preconditions
 /// Inside a transaction with an active snapshot; `key` has one entry per attribute.
-pub unsafe fn lock_by_identity(relid: pg_sys::Oid, key: &Row) -> Option<pg_sys::TransactionId> {
+pub fn lock_by_identity(relid: pg_sys::Oid, key: &Row) -> Option<pg_sys::TransactionId> {
+    crate::pg::xact::require_transaction();
     // SAFETY: the relation is open for the whole lookup; both slots are dropped before
     // it is closed; the lock stays until the transaction ends.
     unsafe {
         let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
+        if key.len() != (*(*rel).rd_att).natts as usize {
+            pg_sys::table_close(rel, pg_sys::NoLock as i32);
+            pgrx::error!("bdr: internal error: a search row of another width than its table");
+        }
         let index = pg_sys::RelationGetReplicaIndex(rel);
         let search = pg_sys::MakeSingleTupleTableSlot((*rel).rd_att, &pg_sys::TTSOpsVirtual);
         store_row(search, key);
@@ -774,7 +436,14 @@ pub unsafe fn lock_by_identity(relid: pg_sys::Oid, key: &Row) -> Option<pg_sys::
             search,
             found,
         )
-        .then(|| LocalRow { slot: found }.xmin());
+        .then(|| {
+            LocalRow {
+                slot: found,
+                estate: std::ptr::null_mut(),
+                _target: PhantomData,
+            }
+            .xmin()
+        });
         pg_sys::ExecDropSingleTupleTableSlot(found);
         pg_sys::ExecDropSingleTupleTableSlot(search);
         pg_sys::table_close(rel, pg_sys::NoLock as i32);
@@ -782,62 +451,20 @@ pub unsafe fn lock_by_identity(relid: pg_sys::Oid, key: &Row) -> Option<pg_sys::
     }
 }
 
-/// "schema.name" of a relation, for messages.
-///
-/// # Safety
-/// Inside a transaction.
-pub unsafe fn relation_name(relid: pg_sys::Oid) -> String {
-    // SAFETY: catalog lookups; NULL results (a dropped relation) are handled.
-    unsafe {
-        let name = pg_sys::get_rel_name(relid);
-        let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
-        let s = |p: *mut c_char| {
-            if p.is_null() {
-                "?".to_string()
-            } else {
-                CStr::from_ptr(p).to_string_lossy().into_owned()
-            }
-        };
-        format!("{}.{}", s(nsp), s(name))
-    }
-}
-
-extern "C-unwind" {
-    // utils/datum.h, exported by the postgres binary; not in pgrx's bindings.
-    fn datumIsEqual(
-        value1: pg_sys::Datum,
-        value2: pg_sys::Datum,
-        typ_by_val: bool,
-        typ_len: std::ffi::c_int,
-    ) -> bool;
-}
-
-/// Whether an UPDATE from `old` to `new` changed the replica identity key (compared as
-/// binary datums; no output functions run). False when the table has no identity.
-///
-/// # Safety
-/// `rel` is open and both tuples are its tuples.
-pub unsafe fn identity_changed(
-    rel: pg_sys::Relation,
-    old: *mut pg_sys::HeapTupleData,
-    new: *mut pg_sys::HeapTupleData,
-) -> bool {
-    // SAFETY: both tuples are deformed with the relation's descriptor; datumIsEqual reads
-    // datums of the attribute's own type.
-    unsafe {
-        let attrs = identity_attrs(rel);
-        if attrs.is_empty() {
-            return false;
-        }
-        let desc = (*rel).rd_att;
-        let (o, n) = (deform(desc, old), deform(desc, new));
-        attrs.iter().any(|&i| {
-            let a = &*(*desc).attrs.as_ptr().add(i);
-            match (o[i], n[i]) {
-                (None, None) => false,
-                (Some(x), Some(y)) => !datumIsEqual(x, y, a.attbyval, a.attlen as std::ffi::c_int),
-                _ => true,
-            }
-        })
-    }
+/// [`lock_by_identity`] on a table whose identity key is (an oid column, a text column),
+/// as `bdr.tombstones`' (relid, key).
+pub fn lock_by_oid_and_text(
+    relid: pg_sys::Oid,
+    oid: pg_sys::Oid,
+    text: &str,
+) -> Option<pg_sys::TransactionId> {
+    crate::pg::xact::require_transaction();
+    let t = CString::new(text).ok()?;
+    // SAFETY: inside a transaction; the text datum is palloc'd in the current memory
+    // context and only read during the lookup.
+    let text_datum = unsafe { pg_sys::Datum::from(pg_sys::cstring_to_text(t.as_ptr())) };
+    lock_by_identity(
+        relid,
+        &vec![Some(pg_sys::Datum::from(oid)), Some(text_datum)],
+    )
 }

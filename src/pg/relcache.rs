@@ -52,9 +52,10 @@ pub fn watch() {
 /// Lock `relid` for writing (processing any pending invalidation of it), then return
 /// (and forget) every invalidation recorded so far.
 ///
-/// # Safety
+/// # Preconditions
 /// Inside a transaction.
-pub unsafe fn lock_and_take(relid: pg_sys::Oid) -> Invalidated {
+pub fn lock_and_take(relid: pg_sys::Oid) -> Invalidated {
+    crate::pg::xact::require_transaction();
     // SAFETY: forwarded; a lock held until the end of the transaction, as table_open's.
     unsafe { pg_sys::LockRelationOid(relid, pg_sys::RowExclusiveLock as i32) };
     take_invalidated()
@@ -67,9 +68,9 @@ pub fn take_invalidated() -> Invalidated {
 
 /// Why local relation `relid` may not receive replicated changes, or `None`.
 ///
-/// # Safety
+/// # Preconditions
 /// Inside a transaction.
-pub unsafe fn why_not_target(relid: pg_sys::Oid) -> Option<&'static str> {
+pub fn why_not_target(relid: pg_sys::Oid) -> Option<&'static str> {
     // SAFETY: forwarded.
     unsafe { judge(relid, true) }
 }
@@ -78,9 +79,9 @@ pub unsafe fn why_not_target(relid: pg_sys::Oid) -> Option<&'static str> {
 /// where nothing replicates — temporary, unlogged, in a system or bdr schema, of an
 /// extension — or `None`. What DDL capture asks of the objects a statement names.
 ///
-/// # Safety
+/// # Preconditions
 /// Inside a transaction.
-pub unsafe fn why_local(relid: pg_sys::Oid) -> Option<&'static str> {
+pub fn why_local(relid: pg_sys::Oid) -> Option<&'static str> {
     // SAFETY: forwarded.
     unsafe { judge(relid, false) }
 }
@@ -90,6 +91,7 @@ pub unsafe fn why_local(relid: pg_sys::Oid) -> Option<&'static str> {
 /// # Safety
 /// Inside a transaction.
 unsafe fn judge(relid: pg_sys::Oid, kind_matters: bool) -> Option<&'static str> {
+    crate::pg::xact::require_transaction();
     // SAFETY: syscache lookups inside a transaction; NULL results are handled.
     unsafe {
         let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
@@ -110,9 +112,10 @@ unsafe fn judge(relid: pg_sys::Oid, kind_matters: bool) -> Option<&'static str> 
 
 /// `"schema"."name"` of `relid`, quoted for SQL.
 ///
-/// # Safety
+/// # Preconditions
 /// Inside a transaction; `relid` exists.
-pub unsafe fn quoted_name(relid: pg_sys::Oid) -> String {
+pub fn quoted_name(relid: pg_sys::Oid) -> String {
+    crate::pg::xact::require_transaction();
     // SAFETY: syscache lookups; NULL results become "?" (the statement then fails).
     unsafe {
         let part = |p: *mut std::ffi::c_char| {

@@ -1,10 +1,20 @@
 //! Shared memory: one slot per bdr background worker, so SQL (`bdr.apply_workers()`,
 //! later `bdr.node_status()`) can see every worker's state, positions and last error, and
 //! so a supervisor is never started twice for a database; and the state of every
-//! snowflake sequence in use (see the section at the end).
+//! snowflake sequence in use (`shmem/sequences.rs`); fences of replicated schema
+//! changes (`shmem/fences.rs`) and the quorum verdict (`shmem/quorum.rs`) live in the
+//! worker table too.
 //!
 //! Invariant: a slot is claimed under the exclusive lock before its worker is registered,
 //! and released by its owner; shared memory is rebuilt from scratch after a crash restart.
+
+mod fences;
+mod quorum;
+mod sequences;
+
+pub use fences::{fence_add, fence_clear, fence_origin, fenced_by, Fence, FENCES_ACTIVE};
+pub use quorum::{quorum, seen_at, set_quorum, set_seen, Quorum, Seen};
+pub use sequences::{with_sequences, SeqSlot, Sequences, MAX_SEQUENCES, SEQUENCES};
 
 use pgrx::lwlock::PgLwLock;
 use pgrx::prelude::*;
@@ -195,7 +205,7 @@ pub struct Workers {
     pub tombstone_epoch: u64,
     /// Transactions that have written a tombstone and not yet ended. An apply worker that
     /// inserted a row where it saw no tombstone re-checks for one while this is non-zero
-    /// (or the epoch moved): see `Applier::verify_no_new_tombstone`.
+    /// (or the epoch moved): see `conflict::Resolver::verify_no_new_tombstone`.
     pub tombstone_writers: u32,
     /// Databases where `bdr.apply_pause()` (all peers) is in force: a worker slot
     /// created there later starts paused too.
@@ -209,206 +219,7 @@ pub struct Workers {
     pub seen: [Seen; MAX_WORKERS],
 }
 
-/// The supervisor's last verdict on `bdr.minimum_nodes` for database `dboid`.
-#[derive(Copy, Clone)]
-pub struct Quorum {
-    pub dboid: u32,
-    pub required: u32,
-    pub seen: u32,
-    pub ok: bool,
-    /// Voting members not reached, comma-separated.
-    pub missing: [u8; ERROR_LEN],
-    pub since: i64,
-}
-
-impl Quorum {
-    const EMPTY: Quorum = Quorum {
-        dboid: 0,
-        required: 0,
-        seen: 0,
-        ok: true,
-        missing: [0; ERROR_LEN],
-        since: 0,
-    };
-    pub fn missing(&self) -> String {
-        text(&self.missing)
-    }
-}
-
-/// When a voting peer was last reached by this node's supervisor.
-#[derive(Copy, Clone)]
-pub struct Seen {
-    pub dboid: u32,
-    pub peer: [u8; NAME_LEN],
-    pub at: i64,
-}
-
-/// Record that `peer` of `dboid` was reached at `at`.
-pub fn set_seen(dboid: u32, peer: &str, at: i64) {
-    let mut w = WORKERS.exclusive();
-    let i = w
-        .seen
-        .iter()
-        .position(|s| s.dboid == dboid && text(&s.peer) == peer)
-        .or_else(|| w.seen.iter().position(|s| s.dboid == 0));
-    if let Some(i) = i {
-        let mut s = Seen {
-            dboid,
-            peer: [0; NAME_LEN],
-            at,
-        };
-        put(&mut s.peer, peer);
-        w.seen[i] = s;
-    }
-}
-
-/// When `peer` of `dboid` was last reached (0: never).
-pub fn seen_at(dboid: u32, peer: &str) -> i64 {
-    WORKERS
-        .share()
-        .seen
-        .iter()
-        .find(|s| s.dboid == dboid && text(&s.peer) == peer)
-        .map(|s| s.at)
-        .unwrap_or(0)
-}
-
-/// Store the quorum verdict for `dboid`; `None` forgets it (no requirement).
-pub fn set_quorum(dboid: u32, q: Option<(u32, u32, bool, &str, i64)>) {
-    let mut w = WORKERS.exclusive();
-    let i = w.quorum.iter().position(|x| x.dboid == dboid);
-    match q {
-        None => {
-            if let Some(i) = i {
-                w.quorum[i] = Quorum::EMPTY;
-            }
-        }
-        Some((required, seen, ok, missing, now)) => {
-            let Some(i) = i.or_else(|| w.quorum.iter().position(|x| x.dboid == 0)) else {
-                return;
-            };
-            let changed = w.quorum[i].dboid != dboid || w.quorum[i].ok != ok;
-            let mut x = w.quorum[i];
-            x.dboid = dboid;
-            x.required = required;
-            x.seen = seen;
-            x.ok = ok;
-            put(&mut x.missing, missing);
-            if changed {
-                x.since = now;
-            }
-            w.quorum[i] = x;
-        }
-    }
-}
-
-/// The quorum verdict for `dboid`, if any.
-pub fn quorum(dboid: u32) -> Option<Quorum> {
-    WORKERS
-        .share()
-        .quorum
-        .iter()
-        .find(|x| x.dboid == dboid)
-        .copied()
-}
-
 pub const MAX_FENCES: usize = 32;
-
-/// Writes to table `relid` of database `dboid` are refused (except by `exempt_pid`, the
-/// backend running the schema change) until the schema change from `origin` is applied
-/// here, or until `deadline`.
-#[derive(Copy, Clone)]
-pub struct Fence {
-    pub dboid: u32,
-    pub relid: u32,
-    pub origin: [u8; NAME_LEN],
-    pub exempt_pid: i32,
-    pub deadline: i64,
-}
-
-impl Fence {
-    const EMPTY: Fence = Fence {
-        dboid: 0,
-        relid: 0,
-        origin: [0; NAME_LEN],
-        exempt_pid: 0,
-        deadline: 0,
-    };
-}
-
-/// How many fences are set on this server: one atomic read spares every query the lock
-/// while none is.
-pub static FENCES_ACTIVE: pgrx::PgAtomic<std::sync::atomic::AtomicU32> =
-    // SAFETY: the name is unique to this extension.
-    unsafe { pgrx::PgAtomic::new(c"bdr_fences_active") };
-
-fn count_fences(w: &Workers) {
-    let n = w.fences.iter().filter(|f| f.dboid != 0).count() as u32;
-    FENCES_ACTIVE
-        .get()
-        .store(n, std::sync::atomic::Ordering::SeqCst);
-}
-
-/// Fence table `relid` of `dboid` for a schema change from `origin`; false when the
-/// fence table is full.
-pub fn fence_add(dboid: u32, relid: u32, origin: &str, exempt_pid: i32, deadline: i64) -> bool {
-    let mut w = WORKERS.exclusive();
-    let now_free = w.fences.iter().position(|f| {
-        f.dboid == 0 || (f.dboid == dboid && f.relid == relid && text(&f.origin) == origin)
-    });
-    let Some(i) = now_free else { return false };
-    let mut f = Fence::EMPTY;
-    f.dboid = dboid;
-    f.relid = relid;
-    put(&mut f.origin, origin);
-    f.exempt_pid = exempt_pid;
-    f.deadline = deadline;
-    w.fences[i] = f;
-    count_fences(&w);
-    true
-}
-
-/// Lift the fences matching `pred`; returns how many.
-pub fn fence_clear(pred: impl Fn(&Fence) -> bool) -> usize {
-    if FENCES_ACTIVE
-        .get()
-        .load(std::sync::atomic::Ordering::SeqCst)
-        == 0
-    {
-        return 0;
-    }
-    let mut w = WORKERS.exclusive();
-    let mut n = 0;
-    for f in w.fences.iter_mut() {
-        if f.dboid != 0 && pred(f) {
-            *f = Fence::EMPTY;
-            n += 1;
-        }
-    }
-    count_fences(&w);
-    n
-}
-
-/// The node whose schema change set fence `f`.
-pub fn fence_origin(f: &Fence) -> String {
-    text(&f.origin)
-}
-
-/// The origin of a fence on `relid` of `dboid` that applies to backend `pid` at `now`.
-pub fn fenced_by(dboid: u32, relid: u32, pid: i32, now: i64) -> Option<String> {
-    if FENCES_ACTIVE
-        .get()
-        .load(std::sync::atomic::Ordering::SeqCst)
-        == 0
-    {
-        return None;
-    }
-    let w = WORKERS.share();
-    w.fences
-        .iter()
-        .find(|f| f.dboid == dboid && f.relid == relid && f.exempt_pid != pid && f.deadline > now)
-        .map(|f| text(&f.origin))
-}
 
 impl Default for Workers {
     fn default() -> Self {
@@ -560,132 +371,4 @@ pub fn all_indexed() -> Vec<(usize, Slot)> {
         .filter(|(_, s)| s.kind != Kind::Free)
         .map(|(i, s)| (i, *s))
         .collect()
-}
-
-// ---------------------------------------------------------------------------------------
-// Snowflake sequences (src/sequence.rs): one slot per sequence in use, under its own
-// LWLock so id generation never waits for the worker table.
-//
-// Invariant: a slot's `persisted` is at most the value last written to its sequence by
-// `setval` (it is raised only after `setval` returned), and every id handed out from the
-// slot is at most `persisted`. So any slot that no backend is persisting for can be
-// dropped at any time (LRU eviction when the table is full): it is rebuilt from the
-// sequence's value, above every id it handed out.
-
-/// How many sequences can be in use at once before the least recently used is evicted.
-pub const MAX_SEQUENCES: usize = 512;
-/// How many databases' node numbers are cached.
-const MAX_DATABASES: usize = 64;
-
-#[derive(Copy, Clone, Default)]
-pub struct SeqSlot {
-    /// 0: free.
-    pub dboid: u32,
-    pub relid: u32,
-    pub generator: bdr_core::snowflake::Generator,
-    /// The floor known to be in the sequence.
-    pub persisted: i64,
-    /// Pid of the backend writing a new floor (0: none).
-    pub persisting: i32,
-    pub last_used: u64,
-}
-
-#[derive(Copy, Clone)]
-pub struct Sequences {
-    pub slots: [SeqSlot; MAX_SEQUENCES],
-    pub tick: u64,
-    /// (database, node number + 1): 0 means unknown.
-    pub node_numbers: [(u32, i32); MAX_DATABASES],
-}
-
-impl Default for Sequences {
-    fn default() -> Self {
-        Sequences {
-            slots: [SeqSlot::default(); MAX_SEQUENCES],
-            tick: 0,
-            node_numbers: [(0, 0); MAX_DATABASES],
-        }
-    }
-}
-
-impl Sequences {
-    /// Index of the slot of (`dboid`, `relid`), trying `hint` first.
-    pub fn find(&self, dboid: u32, relid: u32, hint: Option<usize>) -> Option<usize> {
-        if let Some(i) = hint.filter(|&i| i < MAX_SEQUENCES) {
-            let s = &self.slots[i];
-            if s.dboid == dboid && s.relid == relid {
-                return Some(i);
-            }
-        }
-        self.slots
-            .iter()
-            .position(|s| s.dboid == dboid && s.relid == relid)
-    }
-
-    /// A slot for (`dboid`, `relid`) starting above `floor`: an existing one if another
-    /// backend made it meanwhile, else a free one, else the least recently used one that
-    /// nobody is persisting for. `None` only if every slot is being persisted right now.
-    pub fn insert(&mut self, dboid: u32, relid: u32, floor: i64) -> Option<usize> {
-        if let Some(i) = self.find(dboid, relid, None) {
-            return Some(i);
-        }
-        let i = self.slots.iter().position(|s| s.dboid == 0).or_else(|| {
-            self.slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.persisting == 0)
-                .min_by_key(|(_, s)| s.last_used)
-                .map(|(i, _)| i)
-        })?;
-        self.tick += 1;
-        self.slots[i] = SeqSlot {
-            dboid,
-            relid,
-            generator: bdr_core::snowflake::Generator::after_floor(floor),
-            persisted: floor.max(0),
-            persisting: 0,
-            last_used: self.tick,
-        };
-        Some(i)
-    }
-
-    /// The sequence's value changed under a slot (its kind was changed, so it may have been
-    /// restarted or moved on by plain `nextval`): the generator stays above both what it
-    /// handed out and `floor`, and only `floor` counts as persisted.
-    pub fn refresh(&mut self, dboid: u32, relid: u32, floor: i64) {
-        if let Some(i) = self.find(dboid, relid, None) {
-            let s = &mut self.slots[i];
-            s.generator = s
-                .generator
-                .later(bdr_core::snowflake::Generator::after_floor(floor));
-            s.persisted = floor.max(0);
-        }
-    }
-
-    pub fn node_number(&self, dboid: u32) -> Option<u16> {
-        self.node_numbers
-            .iter()
-            .find(|(d, n)| *d == dboid && *n > 0)
-            .map(|(_, n)| (*n - 1) as u16)
-    }
-
-    pub fn set_node_number(&mut self, dboid: u32, number: Option<u16>) {
-        let v = number.map_or(0, |n| n as i32 + 1);
-        if let Some(e) = self.node_numbers.iter_mut().find(|(d, _)| *d == dboid) {
-            e.1 = v;
-        } else if let Some(e) = self.node_numbers.iter_mut().find(|(d, _)| *d == 0) {
-            *e = (dboid, v);
-        }
-    }
-}
-
-// SAFETY: plain old data with no pointers; every access goes through the LWLock.
-unsafe impl PGRXSharedMemory for Sequences {}
-
-// SAFETY: the name is unique to this extension.
-pub static SEQUENCES: PgLwLock<Sequences> = unsafe { PgLwLock::new(c"bdr_sequences") };
-
-/// Run `f` on the sequence table under the exclusive lock (keep it short: no I/O).
-pub fn with_sequences<R>(f: impl FnOnce(&mut Sequences) -> R) -> R {
-    f(&mut SEQUENCES.exclusive())
 }

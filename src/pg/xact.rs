@@ -18,6 +18,30 @@ pub fn begin() {
     }
 }
 
+/// Raise an internal error unless a transaction is open: what the safe functions of
+/// `pg/` that read catalogs or write tables check first.
+pub fn require_transaction() {
+    // SAFETY: a plain read of the transaction state.
+    if !unsafe { pg_sys::IsTransactionState() } {
+        pgrx::error!("bdr: internal error: catalog access outside a transaction");
+    }
+}
+
+/// Make the changes made so far in this transaction visible to the next command.
+pub fn command_counter_increment() {
+    require_transaction();
+    // SAFETY: inside a transaction.
+    unsafe { pg_sys::CommandCounterIncrement() };
+}
+
+/// Give the current transaction an xid (so its commit record is written even if it
+/// wrote nothing).
+pub fn assign_xid() {
+    require_transaction();
+    // SAFETY: inside a transaction.
+    unsafe { pg_sys::GetCurrentTransactionId() };
+}
+
 /// Commit a plain (not replicated-from-anywhere) transaction.
 pub fn commit() {
     // SAFETY: a transaction started by `begin` is open.
@@ -215,6 +239,11 @@ pub fn install_error_context() {
         (*cb).previous = pg_sys::error_context_stack;
         pg_sys::error_context_stack = cb;
     }
+}
+
+/// What the worker was doing (see [`set_context`]), if anything.
+pub fn current_context() -> Option<ApplyContext> {
+    CONTEXT.with(|c| c.borrow().clone())
 }
 
 /// The current error context text (what the worker was doing), if any.

@@ -7,9 +7,10 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 
-#[pg_guard]
-#[no_mangle]
-pub extern "C-unwind" fn bdr_apply_main(arg: pg_sys::Datum) {
+crate::pg::bgw::worker_entry!(bdr_apply_main => main);
+
+/// The worker's body, started by PostgreSQL at `bdr_apply_main`.
+pub fn main(arg: pg_sys::Datum) {
     let dboid = bgw::connect_to_arg_database(arg);
     let peer_name = BackgroundWorker::get_extra().to_string();
     let Some(slot) = shmem::find(shmem::Kind::Apply, dboid, &peer_name) else {
@@ -35,64 +36,59 @@ pub extern "C-unwind" fn bdr_apply_main(arg: pg_sys::Datum) {
     xact::install_error_context();
     crate::pg::relcache::watch();
     crate::pg::utility::set_applying();
-    PgTryBuilder::new(|| {
-        crate::receive::run(
-            slot,
-            dboid,
-            (&local.name, local.id),
-            (&peer.name, peer.id),
-            &peer.dsn,
-            crate::receive::Link {
-                // A spoke asks its hub for every node's changes (forwarding).
-                forwarded: local.hub.as_deref() == Some(peer.name.as_str()),
-                // A hub passes its spokes' schema changes on to the other spokes.
-                requeue_ddl: peer.hub.as_deref() == Some(local.name.as_str()),
-            },
-        )
-    })
-    .catch_others(|e| {
-        let (msg, code) = match &e {
-            CaughtError::PostgresError(r)
-            | CaughtError::ErrorReport(r)
-            | CaughtError::RustPanic { ereport: r, .. } => {
-                (r.message().to_string(), r.sql_error_code())
+    PgTryBuilder::new(|| crate::receive::run(slot, dboid, &local, &peer))
+        .catch_others(|e| {
+            let report = match &e {
+                CaughtError::PostgresError(r)
+                | CaughtError::ErrorReport(r)
+                | CaughtError::RustPanic { ereport: r, .. } => r,
+            };
+            let (msg, code) = (report.message().to_string(), report.sql_error_code());
+            shmem::update(slot, |s| {
+                s.state = shmem::State::Erroring;
+                s.set_error(&msg, xact::now());
+            });
+            crate::receive::publish_pending(slot);
+            // Record it as an apply_error conflict, in a transaction of its own (the failed one
+            // is rolled back first). Best effort: the error is re-raised and logged either way.
+            let context = xact::current_context();
+            xact::abort();
+            // Only a change that could not be applied is an apply_error; a lost connection or
+            // a protocol problem (SQLSTATE class 08) is not about any row, and a serialization
+            // failure or deadlock between two apply workers is a race that the retry resolves
+            // (logged, not a conflict).
+            let not_about_a_row = matches!(
+                code,
+                PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION
+                    | PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE
+                    | PgSqlErrorCode::ERRCODE_CONNECTION_EXCEPTION
+                    | PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE
+                    | PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED
+            );
+            // A change to a row: the context names its relation.
+            let relation = context.as_ref().and_then(|c| c.relation.clone());
+            if let (false, Some(relation)) = (not_about_a_row, relation) {
+                let failed = crate::history::ApplyFailure {
+                    relation: &relation,
+                    message: &msg,
+                    sqlstate: code,
+                    detail: report.detail(),
+                    hint: report.hint(),
+                    context: &context.as_ref().map(|c| c.to_string()).unwrap_or_default(),
+                };
+                PgTryBuilder::new(|| {
+                    xact::begin();
+                    crate::history::record_apply_error(&local.name, &peer.name, &failed);
+                    xact::commit();
+                })
+                .catch_others(|_| {
+                    pgrx::log!("bdr: could not record the apply error in bdr.conflict_history");
+                    xact::abort();
+                })
+                .execute();
             }
-        };
-        shmem::update(slot, |s| {
-            s.state = shmem::State::Erroring;
-            s.set_error(&msg, xact::now());
-        });
-        crate::receive::publish_pending(slot);
-        // Record it as an apply_error conflict, in a transaction of its own (the failed one
-        // is rolled back first). Best effort: the error is re-raised and logged either way.
-        let context = xact::context().unwrap_or_default();
-        xact::abort();
-        // Only a change that could not be applied is an apply_error; a lost connection or
-        // a protocol problem (SQLSTATE class 08) is not about any row, and a serialization
-        // failure or deadlock between two apply workers is a race that the retry resolves
-        // (logged, not a conflict).
-        let not_about_a_row = matches!(
-            code,
-            PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION
-                | PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE
-                | PgSqlErrorCode::ERRCODE_CONNECTION_EXCEPTION
-                | PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE
-                | PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED
-        );
-        if !not_about_a_row && context.contains(" on relation ") {
-            PgTryBuilder::new(|| {
-                xact::begin();
-                crate::history::record_apply_error(&local.name, &peer.name, &msg, &context);
-                xact::commit();
-            })
-            .catch_others(|_| {
-                pgrx::log!("bdr: could not record the apply error in bdr.conflict_history");
-                xact::abort();
-            })
-            .execute();
-        }
-        e.rethrow()
-    })
-    .execute();
+            e.rethrow()
+        })
+        .execute();
     shmem::update(slot, |s| s.state = shmem::State::Stopped);
 }

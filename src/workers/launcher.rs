@@ -52,9 +52,10 @@ fn start_supervisor(dboid: u32, extra: &str) -> bool {
     started.is_some()
 }
 
-#[pg_guard]
-#[no_mangle]
-pub extern "C-unwind" fn bdr_launcher_main(_arg: pg_sys::Datum) {
+crate::pg::bgw::worker_entry!(bdr_launcher_main => main);
+
+/// The worker's body, started by PostgreSQL at `bdr_launcher_main`.
+pub fn main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(None, None);
     if crate::error::check_server_config().is_err() {

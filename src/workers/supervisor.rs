@@ -1,6 +1,6 @@
 //! The per-database supervisor: one apply worker per peer, restarted with backoff.
 
-use crate::catalog::nodes;
+use crate::catalog::nodes::{self, NodeKind, NodeState};
 use crate::pg::{bgw, shmem, xact};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerStatus, DynamicBackgroundWorker};
 use pgrx::prelude::*;
@@ -114,7 +114,7 @@ fn janitor(dboid: u32, all: &[nodes::Node], dead_joins: &mut HashMap<String, Ins
     );
     let joining: Vec<&str> = all
         .iter()
-        .filter(|n| !n.is_local && n.state == "joining")
+        .filter(|n| !n.is_local && n.state == NodeState::Joining)
         .map(|n| n.name.as_str())
         .collect();
     dead_joins.retain(|name, _| joining.contains(&name.as_str()));
@@ -132,7 +132,7 @@ fn janitor(dboid: u32, all: &[nodes::Node], dead_joins: &mut HashMap<String, Ins
         pgrx::warning!(
             "bdr: the join of node \"{name}\" ended without finishing; removing what it left here"
         );
-        drop_slot_and_origin(&crate::receive::slot_name(dboid, name));
+        drop_slot_and_origin(&bdr_core::names::slot_name(dboid, name));
         if try_sql(
             "DELETE FROM bdr.nodes WHERE node_name = $1 AND node_state = 'joining'",
             &[name],
@@ -140,7 +140,7 @@ fn janitor(dboid: u32, all: &[nodes::Node], dead_joins: &mut HashMap<String, Ins
             dead_joins.remove(name);
         }
     }
-    let prefix = crate::receive::slot_name(dboid, "");
+    let prefix = bdr_core::names::slot_name(dboid, "");
     let pattern = format!("{}%", prefix.replace('_', "\\_"));
     let named = strings(
         "SELECT slot_name::text FROM pg_replication_slots \
@@ -150,7 +150,9 @@ fn janitor(dboid: u32, all: &[nodes::Node], dead_joins: &mut HashMap<String, Ins
     );
     for name in named {
         let node = &name[prefix.len()..];
-        let known = all.iter().any(|n| n.name == node && n.state != "parted");
+        let known = all
+            .iter()
+            .any(|n| n.name == node && n.state != NodeState::Parted);
         if !known {
             pgrx::log!("bdr: dropping {name}, left for node \"{node}\" which is not a member");
             drop_slot_and_origin(&name);
@@ -173,7 +175,7 @@ fn peers(all: &[nodes::Node]) -> Vec<nodes::Node> {
         return Vec::new();
     };
     me.links(all)
-        .filter(|n| matches!(n.state.as_str(), "active" | "standby" | "catching_up"))
+        .filter(|n| matches!(n.state, NodeState::Active | NodeState::Standby))
         .cloned()
         .collect()
 }
@@ -182,9 +184,10 @@ fn peers(all: &[nodes::Node]) -> Vec<nodes::Node> {
 /// (A mutex only to be shared with the error path; a supervisor has one thread.)
 type Workers = Mutex<HashMap<String, Worker>>;
 
-#[pg_guard]
-#[no_mangle]
-pub extern "C-unwind" fn bdr_supervisor_main(arg: pg_sys::Datum) {
+crate::pg::bgw::worker_entry!(bdr_supervisor_main => main);
+
+/// The worker's body, started by PostgreSQL at `bdr_supervisor_main`.
+pub fn main(arg: pg_sys::Datum) {
     let dboid = bgw::connect_to_arg_database(arg);
     let from_launcher = BackgroundWorker::get_extra() == crate::workers::launcher::FROM_LAUNCHER;
     let me = shmem::find(shmem::Kind::Supervisor, dboid, "");
@@ -246,12 +249,16 @@ fn supervise(dboid: u32, from_launcher: bool, workers: &Workers) {
             break;
         }
         let mut workers = lock(workers);
-        let has_local = all.iter().any(|n| n.is_local && n.state != "parted");
+        let has_local = all
+            .iter()
+            .any(|n| n.is_local && n.state != NodeState::Parted);
         if !has_local && (all.is_empty() && started.elapsed() > IDLE_GRACE || !workers.is_empty()) {
             break;
         }
         // A witness holds no data: it applies from nobody.
-        let witness = all.iter().any(|n| n.is_local && n.kind == "witness");
+        let witness = all
+            .iter()
+            .any(|n| n.is_local && n.kind == NodeKind::Witness);
         let wanted = if witness { Vec::new() } else { peers(&all) };
         // Stop workers for nodes that left.
         let gone: Vec<String> = workers

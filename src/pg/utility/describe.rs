@@ -1,0 +1,304 @@
+//! Statement description, the raw half of DDL capture: what a utility statement does to
+//! which tables, as `bdr_core::ddl::Shape` (the policy decides from it), and the exact text
+//! of the one statement.
+//!
+//! Invariant: targets are resolved before the statement runs (a DROP cannot be described
+//! afterwards), without taking locks (the statement takes its own).
+
+use bdr_core::ddl::{Shape, Table};
+use pgrx::pg_sys;
+use pgrx::PgList;
+use std::ffi::{c_char, CStr};
+
+/// The one statement `pstmt` is, out of a possibly multi-statement string.
+///
+/// # Safety
+/// As the hook's arguments.
+pub(super) unsafe fn statement_text(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const c_char,
+) -> String {
+    // SAFETY: query_string is NUL-terminated; location and length index into it.
+    unsafe {
+        let all = CStr::from_ptr(query).to_string_lossy();
+        let bytes = all.as_bytes();
+        let start = ((*pstmt).stmt_location.max(0) as usize).min(bytes.len());
+        let end = match (*pstmt).stmt_len {
+            n if n > 0 => (start + n as usize).min(bytes.len()),
+            _ => bytes.len(),
+        };
+        String::from_utf8_lossy(&bytes[start..end])
+            .trim()
+            .to_string()
+    }
+}
+
+/// The relation a RangeVar names, if it exists (no lock taken: the statement takes its
+/// own).
+///
+/// # Safety
+/// Inside a transaction; `rv` is valid.
+pub(super) unsafe fn resolve(rv: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
+    // SAFETY: a catalog lookup with missing_ok.
+    let relid = unsafe {
+        pg_sys::RangeVarGetRelidExtended(
+            rv,
+            pg_sys::NoLock as i32,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        )
+    };
+    (relid != pg_sys::InvalidOid).then_some(relid)
+}
+
+/// A relation as the policy sees it: quoted name and whether it replicates.
+fn table(relid: pg_sys::Oid) -> Table {
+    Table {
+        name: crate::pg::relcache::quoted_name(relid),
+        replicates: crate::pg::relcache::why_not_target(relid).is_none(),
+    }
+}
+
+/// Whether a relation (of any kind) is local-only: temporary, unlogged, or in a schema or
+/// extension that never replicates (the replication rule, relkind aside).
+fn local_only(relid: pg_sys::Oid) -> bool {
+    crate::pg::relcache::why_local(relid).is_some()
+}
+
+/// Whether a RangeVar names a permanent relation (as written: a missing object is
+/// judged by its persistence keyword and schema).
+///
+/// # Safety
+/// `rv` is valid.
+unsafe fn permanent(rv: *mut pg_sys::RangeVar) -> bool {
+    // SAFETY: plain reads of the parse node.
+    unsafe {
+        if rv.is_null() {
+            return true;
+        }
+        let schema = if (*rv).schemaname.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr((*rv).schemaname)
+                .to_string_lossy()
+                .into_owned()
+        };
+        (*rv).relpersistence as u8 == pg_sys::RELPERSISTENCE_PERMANENT
+            && schema != "bdr"
+            && schema != "pg_temp"
+    }
+}
+
+/// Other-kind objects named by a relation: `Other` unless local-only.
+///
+/// # Safety
+/// Inside a transaction; `rv` valid or NULL.
+unsafe fn other_on(rv: *mut pg_sys::RangeVar) -> Shape {
+    // SAFETY: forwarded.
+    unsafe {
+        match (!rv.is_null()).then(|| resolve(rv)).flatten() {
+            Some(relid) if local_only(relid) => Shape::NotReplicated,
+            _ => Shape::Other,
+        }
+    }
+}
+
+/// Whether every subcommand of an ALTER TABLE adds a plain nullable column without a
+/// default (no old-shaped row can be hurt: no drain needed).
+///
+/// # Safety
+/// `cmds` is the statement's command list.
+unsafe fn only_plain_add_column(cmds: *mut pg_sys::List) -> bool {
+    // SAFETY: the list holds AlterTableCmd nodes; `def` of ADD COLUMN is a ColumnDef.
+    unsafe {
+        let cmds = PgList::<pg_sys::AlterTableCmd>::from_pg(cmds);
+        !cmds.is_empty()
+            && cmds.iter_ptr().all(|c| {
+                let st = (*c).subtype;
+                if st != pg_sys::AlterTableType::AT_AddColumn
+                    && st != pg_sys::AlterTableType::AT_AddColumnRecurse
+                {
+                    return false;
+                }
+                let d = (*c).def as *mut pg_sys::ColumnDef;
+                !d.is_null()
+                    && (*d).raw_default.is_null()
+                    && (*d).cooked_default.is_null()
+                    && (*d).constraints.is_null()
+                    && (*d).identity == 0
+                    && (*d).generated == 0
+                    && !(*d).is_not_null
+            })
+    }
+}
+
+/// Describe a utility statement for the policy.
+///
+/// # Safety
+/// Inside a transaction; `stmt` is a valid parse tree node.
+pub(super) unsafe fn describe(stmt: *mut pg_sys::Node) -> Shape {
+    use pg_sys::NodeTag::*;
+    use pg_sys::ObjectType::*;
+    if stmt.is_null() {
+        return Shape::NotReplicated;
+    }
+    // SAFETY: each cast follows the node's tag.
+    unsafe {
+        match (*stmt).type_ {
+            T_CreateStmt => Shape::Create {
+                permanent: permanent((*(stmt as *mut pg_sys::CreateStmt)).relation),
+            },
+            T_CreateTableAsStmt => {
+                let c = stmt as *mut pg_sys::CreateTableAsStmt;
+                let permanent = (*c).into.is_null() || permanent((*(*c).into).rel);
+                if (*c).objtype == OBJECT_MATVIEW {
+                    Shape::Create { permanent }
+                } else {
+                    Shape::CreateTableAs { permanent }
+                }
+            }
+            T_CreateSeqStmt => Shape::Create {
+                permanent: permanent((*(stmt as *mut pg_sys::CreateSeqStmt)).sequence),
+            },
+            T_ViewStmt => Shape::Create {
+                permanent: permanent((*(stmt as *mut pg_sys::ViewStmt)).view),
+            },
+            T_IndexStmt => {
+                let i = stmt as *mut pg_sys::IndexStmt;
+                if (*i).concurrent {
+                    return Shape::Concurrently;
+                }
+                Shape::Create {
+                    permanent: resolve((*i).relation).is_some_and(|r| !local_only(r)),
+                }
+            }
+            T_AlterTableStmt => {
+                let a = stmt as *mut pg_sys::AlterTableStmt;
+                let Some(relid) = resolve((*a).relation) else {
+                    return Shape::NotReplicated; // it fails (or IF EXISTS skips) here
+                };
+                if (*a).objtype == OBJECT_TABLE || (*a).objtype == OBJECT_FOREIGN_TABLE {
+                    Shape::Change {
+                        tables: vec![table(relid)],
+                        safe: only_plain_add_column((*a).cmds),
+                    }
+                } else if local_only(relid) {
+                    Shape::NotReplicated
+                } else {
+                    Shape::Other
+                }
+            }
+            T_DropStmt => describe_drop(stmt as *mut pg_sys::DropStmt),
+            T_RenameStmt => describe_rename(stmt as *mut pg_sys::RenameStmt),
+            T_CreateTrigStmt => other_on((*(stmt as *mut pg_sys::CreateTrigStmt)).relation),
+            T_CreatePolicyStmt => other_on((*(stmt as *mut pg_sys::CreatePolicyStmt)).table),
+            T_AlterPolicyStmt => other_on((*(stmt as *mut pg_sys::AlterPolicyStmt)).table),
+            T_RuleStmt => other_on((*(stmt as *mut pg_sys::RuleStmt)).relation),
+            T_AlterSeqStmt => other_on((*(stmt as *mut pg_sys::AlterSeqStmt)).sequence),
+            T_CommentStmt
+            | T_GrantStmt
+            | T_CreateSchemaStmt
+            | T_CreateFunctionStmt
+            | T_AlterFunctionStmt
+            | T_DefineStmt
+            | T_CompositeTypeStmt
+            | T_CreateEnumStmt
+            | T_AlterEnumStmt
+            | T_CreateDomainStmt
+            | T_AlterDomainStmt
+            | T_AlterObjectSchemaStmt
+            | T_AlterOwnerStmt
+            | T_AlterDefaultPrivilegesStmt
+            | T_RefreshMatViewStmt
+            | T_CreateCastStmt
+            | T_AlterTypeStmt => Shape::Other,
+            _ => Shape::NotReplicated,
+        }
+    }
+}
+
+/// [`describe`] of a DROP.
+///
+/// # Safety
+/// Inside a transaction; `d` is a valid DropStmt.
+unsafe fn describe_drop(d: *mut pg_sys::DropStmt) -> Shape {
+    use pg_sys::ObjectType::*;
+    // SAFETY: the statement's lists hold name lists (relations) or String nodes (schemas).
+    unsafe {
+        if (*d).concurrent {
+            return Shape::Concurrently;
+        }
+        let rt = (*d).removeType;
+        let rels = || -> Vec<pg_sys::Oid> {
+            PgList::<pg_sys::List>::from_pg((*d).objects)
+                .iter_ptr()
+                .filter_map(|names| resolve(pg_sys::makeRangeVarFromNameList(names)))
+                .collect()
+        };
+        match rt {
+            OBJECT_TABLE | OBJECT_FOREIGN_TABLE => {
+                let tables: Vec<Table> = rels().into_iter().map(table).collect();
+                if tables.is_empty() {
+                    Shape::NotReplicated
+                } else {
+                    Shape::Change {
+                        tables,
+                        safe: false,
+                    }
+                }
+            }
+            OBJECT_INDEX | OBJECT_SEQUENCE | OBJECT_VIEW | OBJECT_MATVIEW => {
+                let r = rels();
+                if !r.is_empty() && r.iter().all(|&x| local_only(x)) {
+                    Shape::NotReplicated
+                } else {
+                    Shape::Other
+                }
+            }
+            OBJECT_EXTENSION => Shape::NotReplicated,
+            OBJECT_SCHEMA => {
+                let bdr = PgList::<pg_sys::Node>::from_pg((*d).objects)
+                    .iter_ptr()
+                    .any(|n| {
+                        let s = (*(n as *mut pg_sys::String)).sval;
+                        !s.is_null() && CStr::from_ptr(s).to_bytes() == b"bdr"
+                    });
+                if bdr {
+                    Shape::NotReplicated
+                } else {
+                    Shape::Other
+                }
+            }
+            _ => Shape::Other,
+        }
+    }
+}
+
+/// [`describe`] of a RENAME.
+///
+/// # Safety
+/// Inside a transaction; `r` is a valid RenameStmt.
+unsafe fn describe_rename(r: *mut pg_sys::RenameStmt) -> Shape {
+    use pg_sys::ObjectType::*;
+    // SAFETY: plain reads of the parse node; the relation is resolved with missing_ok.
+    unsafe {
+        let renames_table_shape =
+            matches!(
+                (*r).renameType,
+                OBJECT_TABLE | OBJECT_COLUMN | OBJECT_TABCONSTRAINT
+            ) && matches!((*r).relationType, OBJECT_TABLE | OBJECT_FOREIGN_TABLE)
+                || (*r).renameType == OBJECT_TABLE;
+        match (!(*r).relation.is_null())
+            .then(|| resolve((*r).relation))
+            .flatten()
+        {
+            Some(relid) if renames_table_shape => Shape::Change {
+                tables: vec![table(relid)],
+                safe: false,
+            },
+            Some(relid) if local_only(relid) => Shape::NotReplicated,
+            _ => Shape::Other,
+        }
+    }
+}
