@@ -66,6 +66,10 @@ pub struct Applier {
     skipping: bool,
     /// This node's name (a forwarded transaction of its own is never applied).
     local: String,
+    /// The peer's replication origin here.
+    peer_origin: String,
+    /// Node ids of forwarded transactions' nodes, by name.
+    node_ids: HashMap<String, i64>,
 }
 
 impl Applier {
@@ -91,6 +95,8 @@ impl Applier {
             forwarded: None,
             skipping: false,
             local: local.name.clone(),
+            peer_origin: String::new(),
+            node_ids: HashMap::new(),
         }
     }
 
@@ -99,7 +105,8 @@ impl Applier {
     pub fn set_link(&mut self, dboid: u32, link: crate::receive::Link) {
         self.link = link;
         self.dboid = dboid;
-        self.origin_now = bdr_core::names::origin_name(dboid, &self.peer);
+        self.peer_origin = bdr_core::names::origin_name(dboid, &self.peer);
+        self.origin_now = self.peer_origin.clone();
     }
 
     /// The node whose change is being applied: the peer, or the node a forwarded
@@ -116,42 +123,52 @@ impl Applier {
     fn route_origin(&mut self) {
         self.forwarded = None;
         self.skipping = false;
-        let origin = self.begin.as_ref().and_then(|b| b.origin.clone());
-        let target = match origin {
-            None => bdr_core::names::origin_name(self.dboid, &self.peer),
-            Some(o) if self.link.forwarded => {
-                let node = bdr_core::names::parse(&o.name)
-                    .map(|(_, n)| n)
-                    .filter(|n| !n.is_empty());
-                let node = node.unwrap_or_else(|| {
-                    raise(&ApplyError::Protocol(format!(
-                        "forwarded transaction with a foreign replication origin \"{}\"",
-                        o.name
-                    )))
-                });
-                if node == self.local {
-                    self.skipping = true;
-                    return;
-                }
+        // A peer that forwards without being asked is applied as its own change.
+        let forwarded = self
+            .begin
+            .as_ref()
+            .and_then(|b| b.origin.as_ref())
+            .filter(|_| self.link.forwarded)
+            .cloned();
+        let Some(o) = forwarded else {
+            // The common case: the peer's own transaction, under the peer's origin.
+            if self.origin_now != self.peer_origin {
+                xact::switch_origin(&self.peer_origin);
+                self.origin_now = self.peer_origin.clone();
+            }
+            return;
+        };
+        let Some((_, node)) = bdr_core::names::parse(&o.name).filter(|(_, n)| !n.is_empty()) else {
+            raise(&ApplyError::Protocol(format!(
+                "forwarded transaction with a foreign replication origin \"{}\"",
+                o.name
+            )))
+        };
+        if node == self.local {
+            self.skipping = true;
+            return;
+        }
+        let id = match self.node_ids.get(node) {
+            Some(id) => *id,
+            None => {
                 let Some(n) = crate::catalog::nodes::by_name(node) else {
                     raise(&ApplyError::Protocol(format!(
                         "forwarded transaction from node \"{node}\", which this node does not know"
                     )))
                 };
-                let name = bdr_core::names::origin_name(self.dboid, node);
-                if xact::origin_progress(&name) >= o.lsn {
-                    self.skipping = true;
-                    return;
-                }
-                self.forwarded = Some((node.into(), n.id));
-                name
+                self.node_ids.insert(node.to_string(), n.id);
+                n.id
             }
-            // Not asked for: a peer that forwards anyway is applied as its own change.
-            Some(_) => bdr_core::names::origin_name(self.dboid, &self.peer),
         };
-        if target != self.origin_now {
-            xact::switch_origin(&target);
-            self.origin_now = target;
+        let name = bdr_core::names::origin_name(self.dboid, node);
+        if xact::origin_progress(&name) >= o.lsn {
+            self.skipping = true;
+            return;
+        }
+        self.forwarded = Some((node.into(), id));
+        if name != self.origin_now {
+            xact::switch_origin(&name);
+            self.origin_now = name;
         }
     }
 

@@ -140,11 +140,15 @@ fn spokes_see_each_other_through_the_hub_converge_on_conflicts_and_survive_a_hub
     hub.execute("SELECT bdr.apply_resume('spoke1')");
     // The result is the same before and after the hub applies spoke1's older update:
     // wait for the conflict it records (the hub kept spoke2's newer row).
-    wait_until("the hub to record spoke1's update losing", bdr::CATCHUP, || {
-        bdr::conflicts(hub)
-            .iter()
-            .any(|(_, r, rel)| r == "keep_local" && rel == "public.t")
-    });
+    wait_until(
+        "the hub to record spoke1's update losing",
+        bdr::CATCHUP,
+        || {
+            bdr::conflicts(hub)
+                .iter()
+                .any(|(_, r, rel)| r == "keep_local" && rel == "public.t")
+        },
+    );
     converged(&c, 4);
     for n in c.nodes() {
         assert_eq!(
