@@ -1,0 +1,142 @@
+//! Joins under conflicting writes (issue 18): a member's change that is in flight to the
+//! join source when the source's snapshot is taken, and older than the source's own
+//! version of the row (or than its delete of the row), must lose on the joining node as it
+//! loses on the source. Deterministic: the join is held at a known step and the source's
+//! apply from that member is paused, so the in-flight changes are certain.
+
+use pg_test::bdr::{wait_for_catchup, CATCHUP};
+use pg_test::{wait_until, Cluster, Node};
+
+/// Every row of `hot` as "id=v", in key order.
+fn rows(n: &Node) -> String {
+    n.query_scalar("SELECT coalesce(string_agg(id || '=' || v, ',' ORDER BY id), '') FROM hot")
+}
+
+/// Conflicts recorded on `n` for changes from `peer` (type/resolution in arrival order).
+fn conflicts_from(n: &Node, peer: &str) -> Vec<String> {
+    n.connect()
+        .query(
+            "SELECT conflict_type || '/' || conflict_resolution || ' ' || coalesce(key::text, '') \
+             FROM bdr.conflict_history WHERE remote_node = $1 ORDER BY conflict_id",
+            &[&peer],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Wait until `n` has applied everything `peer` has written so far.
+fn wait_applied(n: &Node, peer: &Node) {
+    let lsn: String = peer.query_scalar("SELECT pg_current_wal_flush_lsn()::text");
+    let sql = format!(
+        "SELECT coalesce((SELECT applied_lsn::pg_lsn >= '{lsn}'::pg_lsn \
+         FROM bdr.apply_workers() WHERE peer = '{}'), false)",
+        peer.name()
+    );
+    wait_until(
+        &format!("{} to apply {} up to {lsn}", n.name(), peer.name()),
+        CATCHUP,
+        || n.query_scalar::<bool>(&sql),
+    );
+}
+
+#[test]
+fn join_under_conflicting_writes_converges() {
+    let c = Cluster::builder().name("joinconf").nodes(4).start();
+    let (s, m, m2, j) = (c.node(0), c.node(1), c.node(2), c.node(3));
+    // A group of three (node1 = join source S, node2 = member M, node3 = member M2);
+    // node4 (J) joins later through S.
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr");
+    }
+    s.execute(&format!(
+        "SELECT bdr.group_create(local_node_name := 'node1', node_external_dsn := '{}')",
+        s.dsn()
+    ));
+    for n in [m, m2] {
+        pg_test::bdr::join(n, s);
+    }
+    s.execute(
+        "CREATE TABLE hot (id int PRIMARY KEY, v text NOT NULL);
+         INSERT INTO hot SELECT g, 'orig' FROM generate_series(1, 8) g;",
+    );
+    // (wait_for_catchup would wait for node4 too, which is no member yet.)
+    for (a, b) in [(m, s), (m2, s), (s, m), (m2, m), (s, m2), (m, m2)] {
+        wait_applied(a, b);
+    }
+
+    // Hold the join just after J's slot and sync message on M: an open transaction with an
+    // xid on M2 makes the creation of J's slot there wait.
+    let mut blocker = m2.connect();
+    blocker
+        .batch_execute("BEGIN; SELECT txid_current();")
+        .unwrap();
+    std::thread::scope(|scope| {
+        let joiner = scope.spawn(|| pg_test::bdr::join(j, s));
+        wait_until("the join to wait for its slot on node3", CATCHUP, || {
+            m2.query_scalar::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+                  WHERE application_name = 'bdr_join:node4' AND state = 'active' \
+                    AND query LIKE '%pg_create_logical_replication_slot%')",
+            )
+        });
+        // J's slot on M exists and M's sync message is committed: once S has applied it,
+        // pause S's apply from M. Everything M commits from now on is in flight to S when
+        // S's snapshot is taken, and reaches J through J's own slot on M.
+        wait_applied(s, m);
+        s.execute("SELECT bdr.apply_pause('node2')");
+        wait_until("node1's apply from node2 paused", CATCHUP, || {
+            s.query_scalar::<bool>(
+                "SELECT state = 'paused' FROM bdr.apply_workers() WHERE peer = 'node2'",
+            )
+        });
+        // S writes id 5 first (M's later update of it wins everywhere), then M writes, then
+        // S writes newer versions of M's keys (S wins them everywhere).
+        s.execute("UPDATE hot SET v = 'node1 old' WHERE id = 5");
+        for sql in [
+            "UPDATE hot SET v = 'node2 old' WHERE id = 1",
+            "UPDATE hot SET v = 'node2 old' WHERE id = 2",
+            "DELETE FROM hot WHERE id = 3",
+            "INSERT INTO hot VALUES (9, 'node2 old')",
+            "UPDATE hot SET v = 'node2 new' WHERE id = 5",
+        ] {
+            m.execute(sql);
+        }
+        for sql in [
+            "UPDATE hot SET v = 'node1 new' WHERE id = 1",
+            "DELETE FROM hot WHERE id = 2",
+            "UPDATE hot SET v = 'node1 new' WHERE id = 3",
+            "INSERT INTO hot VALUES (9, 'node1 new')",
+        ] {
+            s.execute(sql);
+        }
+        // Let the join go on: S's snapshot holds S's new versions, not M's changes.
+        blocker.batch_execute("COMMIT").unwrap();
+        joiner.join().unwrap();
+    });
+    s.execute("SELECT bdr.apply_resume('node2')");
+    wait_for_catchup(&c);
+    let expected = "1=node1 new,3=node1 new,4=orig,5=node2 new,6=orig,7=orig,8=orig,9=node1 new";
+    let got: Vec<(String, String)> = c
+        .nodes()
+        .iter()
+        .map(|n| (n.name().to_string(), rows(n)))
+        .collect();
+    let report = got
+        .iter()
+        .map(|(n, r)| format!("  {n}: {r}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for (n, r) in &got {
+        assert_eq!(r, expected, "{n} differs; every node:\n{report}");
+    }
+    // J resolved M's in-flight changes as S did: same conflicts, same winners.
+    assert_eq!(conflicts_from(j, "node2"), conflicts_from(s, "node2"));
+    assert_eq!(
+        conflicts_from(s, "node2").len(),
+        5,
+        "{:?}",
+        conflicts_from(s, "node2")
+    );
+}
