@@ -131,6 +131,14 @@ fn join_under_conflicting_writes_converges() {
     for (n, r) in &got {
         assert_eq!(r, expected, "{n} differs; every node:\n{report}");
     }
+    // The copy carried S's rows with their versions, and S's tombstone of id 2.
+    let log = j.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("join of \"node4\" copied"))
+        .unwrap_or_else(|| panic!("no copy line in node4's log"));
+    assert!(line.contains("copied 8 rows and 1 tombstones"), "{line}");
+    eprintln!("{line}");
     // J resolved M's in-flight changes as S did: same conflicts, same winners.
     assert_eq!(conflicts_from(j, "node2"), conflicts_from(s, "node2"));
     assert_eq!(
