@@ -148,3 +148,52 @@ fn join_under_conflicting_writes_converges() {
         conflicts_from(s, "node2")
     );
 }
+
+/// Timing of the join's copy (run by hand: `cargo test -p pg_test --test join_conflicts
+/// -- --ignored --nocapture`): 100k rows written by one transaction, and 100k rows each
+/// written by its own transaction.
+#[test]
+#[ignore]
+fn join_copy_timing() {
+    let c = Cluster::builder().name("jointime").nodes(3).start();
+    let (s, m, j) = (c.node(0), c.node(1), c.node(2));
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr");
+    }
+    s.execute(&format!(
+        "SELECT bdr.group_create(local_node_name := 'node1', node_external_dsn := '{}')",
+        s.dsn()
+    ));
+    pg_test::bdr::join(m, s);
+    s.execute(
+        "CREATE TABLE one_version (id int PRIMARY KEY, v text NOT NULL);
+         CREATE TABLE many_versions (id int PRIMARY KEY, v text NOT NULL);
+         INSERT INTO one_version SELECT g, md5(g::text) FROM generate_series(1, 100000) g;
+         CREATE PROCEDURE fill() LANGUAGE plpgsql AS $$
+         BEGIN
+           FOR i IN 1..100000 LOOP
+             INSERT INTO many_versions VALUES (i, md5(i::text));
+             COMMIT;
+           END LOOP;
+         END $$;",
+    );
+    let mut fill = s.connect();
+    fill.batch_execute("SET synchronous_commit = off").unwrap();
+    fill.batch_execute("CALL fill()").unwrap();
+    wait_applied(m, s);
+    let t = std::time::Instant::now();
+    pg_test::bdr::join(j, s);
+    let took = t.elapsed();
+    let log = j.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("copied"))
+        .unwrap_or("(no copy line: the build before versioned copies)");
+    eprintln!("join of 200k rows (100k x 1 version, 100k x 100k versions): {took:.2?}\n{line}");
+    for t in ["one_version", "many_versions"] {
+        assert_eq!(
+            pg_test::bdr::table_digest(j, t),
+            pg_test::bdr::table_digest(s, t)
+        );
+    }
+}
