@@ -534,6 +534,7 @@ const REPLICATION_ROLE_SQL: &str = "
 CREATE ROLE bdr_user LOGIN REPLICATION;
 GRANT USAGE ON SCHEMA bdr TO bdr_user;
 GRANT SELECT, INSERT, UPDATE, DELETE ON bdr.nodes TO bdr_user;
+GRANT SELECT, INSERT, DELETE ON bdr.tombstones TO bdr_user;
 GRANT EXECUTE ON FUNCTION bdr.apply_pause(text, integer), bdr.apply_resume(text),
                           bdr.apply_workers() TO bdr_user;
 GRANT SELECT ON pg_replication_origin_status TO bdr_user;

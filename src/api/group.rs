@@ -14,8 +14,9 @@
 //! 5. On J: create the replication origins, and J's own slots for every member (before
 //!    any copied row, so nothing committed on J afterwards is missed).
 //! 6. Copy the schema (when J has no tables) with `pg_dump --snapshot`, then every table's
-//!    rows with COPY, in S's snapshot. The copy session runs under S's origin, so J's own
-//!    slots do not send the copied rows back out.
+//!    rows and S's tombstones, in S's snapshot, each with the version it has on S
+//!    (`join_copy`). The copy commits under J's origins, so J's own slots do not send the
+//!    copied rows back out.
 //! 7. Set J's origin for S to S's slot point and for each Mi to P_i; record every member
 //!    in J's catalog; mark J active on every member; start J's supervisor.
 //!

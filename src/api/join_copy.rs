@@ -185,7 +185,9 @@ impl Origins {
         let mut map = HashMap::new();
         map.insert(0, (t.source_origin.clone(), true));
         for r in reader
-            .exec("SELECT roident::text, roname FROM pg_replication_origin")
+            // (The status view lists every origin that ever committed here, which is every
+            // origin a row can carry; a join's role may read it, see docs/security.md.)
+            .exec("SELECT local_id::text, external_id FROM pg_replication_origin_status")
             .map_err(on(t.source))?
         {
             let (Some(id), Some(name)) = (
