@@ -41,6 +41,9 @@ thread_local! {
     /// none). Published to shared memory only when it lasts (a long transaction, a pause)
     /// or fails (see [`publish_pending`]), not for every transaction.
     static PENDING: std::cell::Cell<(i64, Option<Instant>)> = const { std::cell::Cell::new((0, None)) };
+    /// The last BEGIN's commit time minus our clock when it arrived (see
+    /// `shmem::Slot::peer_clock_ahead`), published with the transaction's progress.
+    static CLOCK_AHEAD: std::cell::Cell<Option<i64>> = const { std::cell::Cell::new(None) };
 }
 
 /// Make the pending transaction's commit time visible (the worker's error path calls
@@ -118,6 +121,7 @@ impl Stream {
                             self.peer_lsn = self.peer_lsn.max(b.final_lsn);
                             let t = b.commit_time;
                             PENDING.with(|p| p.set((t, Some(Instant::now()))));
+                            CLOCK_AHEAD.with(|c| c.set(Some(t - xact::now())));
                         }
                         Some((start, msg))
                     }
@@ -233,6 +237,10 @@ impl Stream {
             s.peer_lsn = s.peer_lsn.max(applied);
             if t != 0 {
                 s.last_applied_commit_time = t;
+            }
+            if let Some(ahead) = CLOCK_AHEAD.with(|c| c.get()) {
+                s.peer_clock_ahead = ahead;
+                s.peer_clock_seen = true;
             }
             s.last_message_time = now;
         });

@@ -182,3 +182,132 @@ fn wait_for_catchup_from(c: &Cluster, from: &Node) {
         );
     }
 }
+
+/// `node_status()` warning for `peer` as seen on `n` (None: no warning).
+fn warning(n: &Node, peer: &str) -> Option<String> {
+    n.connect()
+        .query_one(
+            "SELECT warning FROM bdr.node_status() WHERE node_name = $1",
+            &[&peer],
+        )
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn a_node_whose_clock_runs_ahead_wins_by_its_timestamps_and_is_warned_about() {
+    // node3's postmaster runs one minute ahead (libfaketime).
+    let c = Cluster::builder()
+        .name("skew")
+        .nodes(3)
+        .clock_offset(2, "+1m")
+        .start();
+    let (a, b, x) = (c.node(0), c.node(1), c.node(2));
+    let ahead: f64 = x.query_scalar::<f64>("SELECT extract(epoch FROM clock_timestamp())::float8")
+        - a.query_scalar::<f64>("SELECT extract(epoch FROM clock_timestamp())::float8");
+    assert!((55.0..65.0).contains(&ahead), "node3 runs {ahead} s ahead");
+    form_group(&c);
+    a.execute(
+        "CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL);
+         INSERT INTO kv SELECT g, 'orig' FROM generate_series(1, 50) g;",
+    );
+    wait_for_catchup(&c);
+
+    // 1. One after the other: node3 writes, node1 sees it, then node1 writes the same row
+    // (and deletes another node3 wrote, and re-inserts a key node3 deleted). node1's
+    // writes come later in real time but carry earlier timestamps than node3's.
+    x.execute("UPDATE kv SET v = 'node3 first' WHERE id = 1");
+    x.execute("UPDATE kv SET v = 'node3 first' WHERE id = 2");
+    x.execute("DELETE FROM kv WHERE id = 3");
+    wait_for_catchup_from(&c, x);
+    a.execute("UPDATE kv SET v = 'node1 after' WHERE id = 1");
+    a.execute("DELETE FROM kv WHERE id = 2");
+    a.execute("INSERT INTO kv VALUES (3, 'node1 after')");
+    wait_for_catchup(&c);
+    let got: Vec<String> = c
+        .nodes()
+        .iter()
+        .map(|n| {
+            format!(
+                "{}: {}",
+                n.name(),
+                n.query_scalar::<String>(
+                    "SELECT coalesce(string_agg(id || '=' || v, ',' ORDER BY id), '') \
+                       FROM kv WHERE id <= 3"
+                )
+            )
+        })
+        .collect();
+    for g in &got[1..] {
+        assert_eq!(
+            g.split_once(": ").unwrap().1,
+            got[0].split_once(": ").unwrap().1,
+            "nodes differ: {got:?}"
+        );
+    }
+
+    // 2. All three update, delete and re-insert the same keys at once.
+    let stop = AtomicBool::new(false);
+    let stop = &stop;
+    std::thread::scope(|scope| {
+        for (i, n) in c.nodes().iter().enumerate() {
+            scope.spawn(move || {
+                let mut cl = n.connect();
+                let mut k = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    k += 1;
+                    let id = (k * 7 + i as u64 * 13) % 50 + 1;
+                    let sql = match k % 5 {
+                        0 => format!("DELETE FROM kv WHERE id = {id}"),
+                        1 => format!(
+                            "INSERT INTO kv VALUES ({id}, '{} {k}') \
+                             ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v",
+                            n.name()
+                        ),
+                        _ => format!("UPDATE kv SET v = '{} {k}' WHERE id = {id}", n.name()),
+                    };
+                    cl.batch_execute(&sql).unwrap();
+                }
+            });
+        }
+        wait_until("conflicts on node1 and node2", CATCHUP, || {
+            [a, b]
+                .iter()
+                .all(|n| n.query_scalar::<i64>("SELECT count(*) FROM bdr.conflict_history") > 20)
+        });
+        std::thread::sleep(std::time::Duration::from_secs(3)); // the workload's length
+        stop.store(true, Ordering::SeqCst);
+    });
+    wait_for_catchup(&c);
+    assert_same_everywhere(&c, "kv");
+    for n in c.nodes() {
+        assert_eq!(wrong_winners(n), Vec::<String>::new(), "on {}", n.name());
+    }
+    // node3 won every conflict against the others on node1 and node2.
+    for n in [a, b] {
+        let lost: i64 = n.query_scalar(
+            "SELECT count(*) FROM bdr.conflict_history WHERE remote_node = 'node3' \
+              AND conflict_resolution = 'keep_local' AND conflict_type <> 'delete_missing'",
+        );
+        assert_eq!(lost, 0, "node3 lost conflicts on {}", n.name());
+    }
+
+    // 3. node1 and node2 warn about node3's clock, and about nobody else's; node3 warns
+    // about nobody (the others' timestamps are in its past).
+    for n in [a, b] {
+        let w = warning(n, "node3").unwrap_or_default();
+        assert!(
+            w.contains("clock of node3 runs at least"),
+            "on {}: {w}",
+            n.name()
+        );
+    }
+    for (n, peer) in [(a, "node2"), (b, "node1"), (x, "node1"), (x, "node2")] {
+        let w = warning(n, peer);
+        assert!(
+            !w.as_deref().unwrap_or("").contains("clock"),
+            "on {} about {peer}: {w:?}",
+            n.name()
+        );
+    }
+}
