@@ -2,7 +2,9 @@
 //! tombstones while nodes update the same keys, and a node whose clock runs ahead. Every
 //! node must pick the same winner for every conflict and end identical.
 
-use pg_test::bdr::{assert_same_everywhere, form_group, wait_for_catchup, CATCHUP};
+use pg_test::bdr::{
+    assert_same_everywhere, form_group, wait_for_catchup, wait_for_catchup_within, CATCHUP,
+};
 use pg_test::{wait_until, Cluster, Node};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -168,6 +170,10 @@ fn vacuum_freeze_keeps_versions_comparable() {
 
 /// Wait until every other node has applied what `from` has written.
 fn wait_for_catchup_from(c: &Cluster, from: &Node) {
+    wait_for_catchup_from_within(c, from, CATCHUP)
+}
+
+fn wait_for_catchup_from_within(c: &Cluster, from: &Node, limit: std::time::Duration) {
     let lsn: String = from.query_scalar("SELECT pg_current_wal_flush_lsn()::text");
     for n in c.nodes().iter().filter(|n| n.name() != from.name()) {
         let sql = format!(
@@ -177,7 +183,7 @@ fn wait_for_catchup_from(c: &Cluster, from: &Node) {
         );
         wait_until(
             &format!("{} to apply {}", n.name(), from.name()),
-            CATCHUP,
+            limit,
             || n.query_scalar::<bool>(&sql),
         );
     }
@@ -193,6 +199,10 @@ fn warning(n: &Node, peer: &str) -> Option<String> {
         .unwrap()
         .get(0)
 }
+
+/// node3's changes reach the others once their clocks pass node3's commit times: a minute
+/// later, plus the usual catch-up time.
+const SKEW_CATCHUP: std::time::Duration = std::time::Duration::from_secs(150);
 
 #[test]
 fn a_node_whose_clock_runs_ahead_wins_by_its_timestamps_and_is_warned_about() {
@@ -211,7 +221,7 @@ fn a_node_whose_clock_runs_ahead_wins_by_its_timestamps_and_is_warned_about() {
         "CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL);
          INSERT INTO kv SELECT g, 'orig' FROM generate_series(1, 50) g;",
     );
-    wait_for_catchup(&c);
+    wait_for_catchup_within(&c, SKEW_CATCHUP);
 
     // 1. One after the other: node3 writes, node1 sees it, then node1 writes the same row
     // (and deletes another node3 wrote, and re-inserts a key node3 deleted). node1's
@@ -219,11 +229,11 @@ fn a_node_whose_clock_runs_ahead_wins_by_its_timestamps_and_is_warned_about() {
     x.execute("UPDATE kv SET v = 'node3 first' WHERE id = 1");
     x.execute("UPDATE kv SET v = 'node3 first' WHERE id = 2");
     x.execute("DELETE FROM kv WHERE id = 3");
-    wait_for_catchup_from(&c, x);
+    wait_for_catchup_from_within(&c, x, SKEW_CATCHUP);
     a.execute("UPDATE kv SET v = 'node1 after' WHERE id = 1");
     a.execute("DELETE FROM kv WHERE id = 2");
     a.execute("INSERT INTO kv VALUES (3, 'node1 after')");
-    wait_for_catchup(&c);
+    wait_for_catchup_within(&c, SKEW_CATCHUP);
     let got: Vec<String> = c
         .nodes()
         .iter()
@@ -278,7 +288,7 @@ fn a_node_whose_clock_runs_ahead_wins_by_its_timestamps_and_is_warned_about() {
         std::thread::sleep(std::time::Duration::from_secs(3)); // the workload's length
         stop.store(true, Ordering::SeqCst);
     });
-    wait_for_catchup(&c);
+    wait_for_catchup_within(&c, SKEW_CATCHUP);
     assert_same_everywhere(&c, "kv");
     for n in c.nodes() {
         assert_eq!(wrong_winners(n), Vec::<String>::new(), "on {}", n.name());

@@ -29,8 +29,8 @@ fn apply_slots() -> Vec<shmem::Slot> {
 /// Lag per peer this node applies from, computed from what its apply worker last knew
 /// (`bdr_core::lag`): bytes and microseconds (NULL when unknown) and whether the time is
 /// an upper bound because the peer has not confirmed within the last 10 seconds; and how
-/// far the peer's commit timestamps ran ahead of this node's clock (last transaction
-/// received; negative when behind; NULL before any).
+/// far the peer's commit timestamps ran ahead of this node's clock (the most seen on
+/// arrival in the last 10 minutes; negative when behind; NULL before any).
 #[pg_extern]
 #[allow(clippy::type_complexity)]
 pub fn apply_lag() -> TableIterator<
