@@ -23,10 +23,14 @@ pub fn split_versioned_row(line: &[u8]) -> Option<VersionedRow<'_>> {
     let last = line.iter().rposition(|&b| b == b'\t')?;
     let origin = std::str::from_utf8(&line[last + 1..]).ok()?.parse().ok()?;
     let rest = &line[..last];
-    let prev = rest.iter().rposition(|&b| b == b'\t')?;
-    let ts = std::str::from_utf8(&rest[prev + 1..]).ok()?;
+    // No tab left: a table without columns (its rows are empty lines in COPY).
+    let (fields, ts) = match rest.iter().rposition(|&b| b == b'\t') {
+        Some(prev) => (&rest[..prev], &rest[prev + 1..]),
+        None => (&rest[..0], rest),
+    };
+    let ts = std::str::from_utf8(ts).ok()?;
     Some(VersionedRow {
-        fields: &rest[..prev],
+        fields,
         commit_time: (ts != "\\N").then_some(ts),
         origin,
     })
@@ -54,15 +58,22 @@ mod tests {
         assert_eq!(r.fields, b"\\N");
         assert_eq!(r.commit_time, None);
         assert_eq!(r.origin, 0);
-        // A table with no columns: the row is empty.
+        // A row whose only column is the empty string.
         let r = split_versioned_row(b"\t\\N\t0\n").unwrap();
         assert_eq!(r.fields, b"");
+        assert_eq!(r.commit_time, None);
+        // A table with no columns: only the version.
+        let r = split_versioned_row(b"2026-11-29 22:00:00+00\t7\n").unwrap();
+        assert_eq!(r.fields, b"");
+        assert_eq!(r.commit_time, Some("2026-11-29 22:00:00+00"));
+        assert_eq!(r.origin, 7);
     }
 
     #[test]
     fn refuses_lines_without_a_version() {
         assert_eq!(split_versioned_row(b"1\n"), None);
         assert_eq!(split_versioned_row(b"1\tx\n"), None);
+        assert_eq!(split_versioned_row(b"1\t\xff\t3\n"), None);
         assert_eq!(split_versioned_row(b"a\tb\tnot a number\n"), None);
     }
 

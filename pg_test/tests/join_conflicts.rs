@@ -59,8 +59,13 @@ fn join_under_conflicting_writes_converges() {
     }
     s.execute(
         "CREATE TABLE hot (id int PRIMARY KEY, v text NOT NULL);
-         INSERT INTO hot SELECT g, 'orig' FROM generate_series(1, 8) g;",
+         INSERT INTO hot SELECT g, 'orig' FROM generate_series(1, 8) g;
+         CREATE TABLE gen (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) STORED);
+         INSERT INTO gen (id, a) SELECT g, g FROM generate_series(1, 5) g;",
     );
+    // Rows last written by node2 and node3 (copied under node4's origins for them).
+    m.execute("INSERT INTO hot VALUES (10, 'from node2')");
+    m2.execute("INSERT INTO hot VALUES (11, 'from node3')");
     // (wait_for_catchup would wait for node4 too, which is no member yet.)
     for (a, b) in [(m, s), (m2, s), (s, m), (m2, m), (s, m2), (m, m2)] {
         wait_applied(a, b);
@@ -117,7 +122,8 @@ fn join_under_conflicting_writes_converges() {
     });
     s.execute("SELECT bdr.apply_resume('node2')");
     wait_for_catchup(&c);
-    let expected = "1=node1 new,3=node1 new,4=orig,5=node2 new,6=orig,7=orig,8=orig,9=node1 new";
+    let expected = "1=node1 new,3=node1 new,4=orig,5=node2 new,6=orig,7=orig,8=orig,9=node1 new,\
+                    10=from node2,11=from node3";
     let got: Vec<(String, String)> = c
         .nodes()
         .iter()
@@ -137,8 +143,14 @@ fn join_under_conflicting_writes_converges() {
         .lines()
         .find(|l| l.contains("join of \"node4\" copied"))
         .unwrap_or_else(|| panic!("no copy line in node4's log"));
-    assert!(line.contains("copied 8 rows and 1 tombstones"), "{line}");
+    assert!(line.contains("copied 15 rows and 1 tombstones"), "{line}");
     eprintln!("{line}");
+    // A generated column is computed on J, not copied.
+    assert_eq!(
+        pg_test::bdr::assert_same_everywhere(&c, "gen"),
+        pg_test::bdr::table_digest(s, "gen")
+    );
+    assert_eq!(j.query_scalar::<i64>("SELECT sum(b)::int8 FROM gen"), 30);
     // J resolved M's in-flight changes as S did: same conflicts, same winners.
     assert_eq!(conflicts_from(j, "node2"), conflicts_from(s, "node2"));
     assert_eq!(

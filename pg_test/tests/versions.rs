@@ -321,3 +321,45 @@ fn a_node_whose_clock_runs_ahead_wins_by_its_timestamps_and_is_warned_about() {
         );
     }
 }
+
+#[test]
+fn a_node_whose_clock_is_behind_joins_without_losing_its_later_writes() {
+    // node2's postmaster runs 20 s behind: the rows it copies were written in its future.
+    let c = Cluster::builder()
+        .name("skewjoin")
+        .nodes(2)
+        .clock_offset(1, "-20")
+        .start();
+    let (a, j) = (c.node(0), c.node(1));
+    let behind: f64 = a.query_scalar::<f64>("SELECT extract(epoch FROM clock_timestamp())::float8")
+        - j.query_scalar::<f64>("SELECT extract(epoch FROM clock_timestamp())::float8");
+    assert!(
+        (17.0..23.0).contains(&behind),
+        "node2 runs {behind} s behind"
+    );
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr");
+    }
+    a.execute(&format!(
+        "SELECT bdr.group_create(local_node_name := 'node1', node_external_dsn := '{}')",
+        a.dsn()
+    ));
+    a.execute(
+        "CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL);
+         INSERT INTO kv SELECT g, 'orig' FROM generate_series(1, 10) g;
+         UPDATE kv SET v = 'node1 before the join' WHERE id = 1;",
+    );
+    let t = std::time::Instant::now();
+    pg_test::bdr::join(j, a);
+    let took = t.elapsed();
+    // The join waited for node2's clock to pass the newest copied version.
+    assert!(took.as_secs_f64() > 10.0, "the join took {took:?}");
+    // node2's write right after the join is later than the row it overwrites, everywhere.
+    j.execute("UPDATE kv SET v = 'node2 after the join' WHERE id = 1");
+    wait_for_catchup(&c);
+    assert_same_everywhere(&c, "kv");
+    assert_eq!(
+        a.query_scalar::<String>("SELECT v FROM kv WHERE id = 1"),
+        "node2 after the join"
+    );
+}

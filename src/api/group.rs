@@ -78,6 +78,8 @@ pub enum GroupError {
     NodeNumberTaken { number: i32, by: String },
     #[error("no node number is left: the group has used all 1024")]
     NoNodeNumberLeft,
+    #[error("this node's clock is {secs} s behind the newest row version it copied")]
+    ClockBehind { secs: i64 },
 }
 
 impl PgError for GroupError {
@@ -91,6 +93,7 @@ impl PgError for GroupError {
                 PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT
             }
             NoNodeNumberLeft => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            ClockBehind { .. } => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             DsnNotLocal(_) | SourceUnreachable(_) | Unreachable(_) => {
                 PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE
             }
@@ -127,6 +130,7 @@ impl PgError for GroupError {
             StandbyReadOnly(_) => "Write on an active node, or promote this node with bdr.promote().".into(),
             BadNodeNumber(_) => "node_number is 0 to 1023, or NULL to take the smallest free one.".into(),
             NodeNumberTaken { .. } => "Nothing was left behind. Run group_join again (node_number := NULL takes the smallest free number); see SELECT node_name, node_number FROM bdr.nodes.".into(),
+            ClockBehind { .. } => "Nothing was left behind. A write here to a row stamped in this node's future would be lost on every other node: synchronise this node's clock (NTP) and run group_join again.".into(),
             NoNodeNumberLeft => "Numbers of parted nodes are not reused while they are listed in bdr.nodes (their ids may still be in flight); a group has at most 1024 nodes over its life.".into(),
         })
     }
@@ -938,7 +942,17 @@ pub fn group_join(
                 origin_points.iter().any(|(p, _)| *p == o).then_some((n, o))
             })
             .collect(),
-        horizon,
+        // Nor may it be after this node's clock: this node's own later writes must be
+        // newer than every version that was collapsed.
+        horizon: jconn
+            .query_value_params(
+                "SELECT CASE WHEN $1 = '-infinity' THEN $1 ELSE \
+                   to_char(least($1::timestamptz, clock_timestamp() - interval '1 second') \
+                           AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00' END",
+                &[&horizon],
+            )
+            .unwrap_or_else(|e| fail(remote_err(j)(e)))
+            .unwrap_or_else(|| "-infinity".into()),
     };
     let copied = crate::api::join_copy::copy_versioned(&mut reader, &mut jconn, &tables, &target)
         .unwrap_or_else(|e| fail(e));
@@ -951,6 +965,9 @@ pub fn group_join(
     );
     let _ = reader.exec("COMMIT");
     drop(repl);
+    if let Some(latest) = &copied.latest {
+        wait_for_clock(&mut jconn, j, latest);
+    }
 
     // 7. Origins to their starting points; catalogs; go.
     for (o, lsn) in &origin_points {
@@ -982,6 +999,37 @@ pub fn group_join(
     mark_joined(&me, &mut reached);
     undo.done = true;
     crate::workers::launcher::ensure_supervisor(my_dboid);
+}
+
+/// Longest the join waits for this node's clock to pass the versions it copied.
+const JOIN_CLOCK_WAIT_SECS: f64 = 60.0;
+
+/// Copied rows may carry versions from this node's future (its clock is behind the node
+/// that wrote them). A local write to such a row would be older than the row in
+/// last-update-wins, kept here and lost everywhere else: wait until this node's clock
+/// passes `latest` (as the apply stage does for each remote transaction), or fail if that
+/// is more than [`JOIN_CLOCK_WAIT_SECS`] away.
+fn wait_for_clock(jconn: &mut Conn, j: &str, latest: &str) {
+    loop {
+        let ahead: f64 = jconn
+            .query_value_params(
+                "SELECT extract(epoch FROM $1::timestamptz - clock_timestamp())::float8",
+                &[latest],
+            )
+            .unwrap_or_else(|e| fail(remote_err(j)(e)))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if ahead <= 0.0 {
+            return;
+        }
+        if ahead > JOIN_CLOCK_WAIT_SECS {
+            fail(GroupError::ClockBehind {
+                secs: ahead.ceil() as i64,
+            });
+        }
+        pgrx::check_for_interrupts!();
+        std::thread::sleep(Duration::from_secs_f64(ahead.min(1.0)));
+    }
 }
 
 /// The joining node's own catalog: every member as seen by the source, and itself.

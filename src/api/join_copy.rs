@@ -20,13 +20,18 @@
 //! transactions 100k commits. Versions older than the *horizon* H are not needed exactly:
 //! every change that can still reach J is newer than H (from each member Mi, J receives
 //! only what Mi commits after S's applied position, whose commit time S knows; S's own
-//! later writes are newer than S's clock at the snapshot; H is the least of these minus a
-//! second for clock steps). A change newer than H wins over any version older than H, so
+//! later writes are newer than S's clock at the snapshot; J's own writes are newer than
+//! J's clock; H is the least of these minus a second for clock steps). A change newer than H wins over any version older than H, so
 //! those rows are copied with the oldest possible timestamp, keeping only their node:
 //! one transaction per node. Only rows written in the last moments before the join (or
 //! after the oldest member's last applied change) are copied one version per transaction.
 //! When S does not know a member's last applied commit time (its worker restarted and
 //! applied nothing since), there is no horizon and every version is copied exactly.
+//!
+//! Versions kept exactly may be in J's future (J's clock behind the node that wrote
+//! them): the join then waits until J's clock passes the latest (`CopyStats::latest`), as
+//! the apply stage does for every remote transaction, so no local write can be older
+//! than a row it overwrites.
 //!
 //! Invariants: J's origin progress is not touched by the copy (commits carry origin LSN
 //! 0/0, which never moves an origin's progress; the join sets the real starting points
@@ -49,6 +54,9 @@ pub struct CopyStats {
     pub rows: u64,
     pub tombstones: u64,
     pub transactions: u64,
+    /// The latest commit time given to a copied row or tombstone (ISO text, UTC), if any
+    /// was kept exactly.
+    pub latest: Option<String>,
 }
 
 /// Where the copy writes, and how it names versions.
@@ -82,6 +90,7 @@ struct Stamper<'a> {
     version: Option<(String, String)>,
     copying: bool,
     transactions: u64,
+    latest: Option<String>,
 }
 
 impl Stamper<'_> {
@@ -115,6 +124,11 @@ impl Stamper<'_> {
         ));
         self.version = Some((origin.to_string(), ts.to_string()));
         self.transactions += 1;
+        // S's ISO text in UTC, microseconds with trailing zeros dropped: the text order is
+        // the time order ('+' and '.' sort before digits).
+        if ts != OLDEST_VERSION_TIME && self.latest.as_deref().is_none_or(|l| l < ts) {
+            self.latest = Some(ts.to_string());
+        }
         sql
     }
 
@@ -273,6 +287,7 @@ pub fn copy_versioned(
         version: None,
         copying: false,
         transactions: 0,
+        latest: None,
     };
     for (schema, table) in tables {
         let name = format!("{}.{}", quote_ident(schema), quote_ident(table));
@@ -370,6 +385,7 @@ pub fn copy_versioned(
     }
     st.finish()?;
     stats.transactions = st.transactions;
+    stats.latest = st.latest.take();
     jconn
         .exec("RESET synchronous_commit")
         .map_err(on(t.joining))?;
