@@ -63,13 +63,17 @@ fn join_under_conflicting_writes_converges() {
          CREATE TABLE gen (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) STORED);
          INSERT INTO gen (id, a) SELECT g, g FROM generate_series(1, 5) g;",
     );
+    // (wait_for_catchup would wait for node4 too, which is no member yet.)
+    let catch_up = || {
+        for (a, b) in [(m, s), (m2, s), (s, m), (m2, m), (s, m2), (m, m2)] {
+            wait_applied(a, b);
+        }
+    };
+    catch_up();
     // Rows last written by node2 and node3 (copied under node4's origins for them).
     m.execute("INSERT INTO hot VALUES (10, 'from node2')");
     m2.execute("INSERT INTO hot VALUES (11, 'from node3')");
-    // (wait_for_catchup would wait for node4 too, which is no member yet.)
-    for (a, b) in [(m, s), (m2, s), (s, m), (m2, m), (s, m2), (m, m2)] {
-        wait_applied(a, b);
-    }
+    catch_up();
 
     // Hold the join just after J's slot and sync message on M: an open transaction with an
     // xid on M2 makes the creation of J's slot there wait.
