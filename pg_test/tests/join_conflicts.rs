@@ -213,3 +213,59 @@ fn join_copy_timing() {
         );
     }
 }
+
+/// The copy commits as it goes (one transaction per version): a join that fails half-way
+/// through it must still leave the joining node empty, so that it can be run again.
+#[test]
+fn a_join_that_fails_during_its_copy_leaves_nothing_and_can_be_run_again() {
+    let c = Cluster::builder().name("joinfail").nodes(2).start();
+    let (s, j) = (c.node(0), c.node(1));
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr");
+    }
+    s.execute(&format!(
+        "SELECT bdr.group_create(local_node_name := 'node1', node_external_dsn := '{}')",
+        s.dsn()
+    ));
+    s.execute(
+        "CREATE TABLE a (id int PRIMARY KEY);
+         INSERT INTO a SELECT generate_series(1, 100);
+         CREATE TABLE b (id int PRIMARY KEY);
+         INSERT INTO b SELECT generate_series(1, 10);
+         DELETE FROM b WHERE id = 10;",
+    );
+    // node2's b refuses one of the rows: the copy of a (first) commits, b's fails.
+    j.execute(
+        "CREATE TABLE a (id int PRIMARY KEY);
+         CREATE TABLE b (id int PRIMARY KEY CONSTRAINT no_seven CHECK (id <> 7));",
+    );
+    let e = j
+        .try_execute(&format!(
+            "SELECT bdr.group_join(local_node_name := 'node2', node_external_dsn := '{}', \
+             join_using_dsn := '{}')",
+            j.dsn(),
+            s.dsn()
+        ))
+        .expect_err("the copy of b must fail");
+    let text = pg_test::db_error_text(&e);
+    assert!(text.contains("no_seven"), "{text}");
+    let left: String = j.query_scalar(
+        "SELECT format('a=%s b=%s tombstones=%s origins=%s slots=%s', \
+           (SELECT count(*) FROM a), (SELECT count(*) FROM b), \
+           (SELECT count(*) FROM bdr.tombstones), \
+           (SELECT count(*) FROM pg_replication_origin), \
+           (SELECT count(*) FROM pg_replication_slots))",
+    );
+    assert_eq!(left, "a=0 b=0 tombstones=0 origins=0 slots=0");
+    j.execute("ALTER TABLE b DROP CONSTRAINT no_seven");
+    pg_test::bdr::join(j, s);
+    wait_for_catchup(&c);
+    for t in ["a", "b"] {
+        pg_test::bdr::assert_same_everywhere(&c, t);
+    }
+    // The tombstone of b's id 10 came with the copy.
+    assert_eq!(
+        j.query_scalar::<i64>("SELECT count(*) FROM bdr.tombstones"),
+        1
+    );
+}
