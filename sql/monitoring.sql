@@ -47,7 +47,7 @@ WITH w AS (SELECT * FROM bdr.apply_workers()),
               w.received_lsn::pg_lsn AS wrecv, w.applied_lsn::pg_lsn AS wapplied,
               w.started_at AS wstarted,
               l.lag_bytes, l.lag_us, l.lag_is_bound, l.last_contact_time AS contact,
-              l.last_applied_commit_time AS lcommit,
+              l.last_applied_commit_time AS lcommit, l.peer_clock_ahead_us AS ahead_us,
               s.slot_name AS sname, s.active AS sactive, s.retained AS sretained,
               s.wal_status AS swal,
               c.by_type AS cby, pr.last_reached AS preached,
@@ -103,6 +103,12 @@ SELECT r.node_name, r.node_id, r.node_kind, r.node_state, r.is_local,
          WHEN r.feeds_us AND r.lag_is_bound
            THEN format('no confirmation from %s since %s: lag is measured from the last known position',
                        r.node_name, coalesce(r.contact::text, 'the worker started'))
+         WHEN r.feeds_us AND r.ahead_us > 0
+              AND make_interval(secs => r.ahead_us / 1e6)
+                  > current_setting('bdr.max_clock_skew')::interval
+           THEN format('the clock of %s runs at least %s s ahead of this node''s (its commit timestamps are in the future here, more than bdr.max_clock_skew = %s): its writes win last-update-wins conflicts they should lose; fix time synchronisation',
+                       r.node_name, round(r.ahead_us / 1e6, 1),
+                       current_setting('bdr.max_clock_skew'))
          WHEN r.wstate = 'paused' THEN format('apply from %s is paused', r.node_name)
        END,
        r.lcommit, r.contact, r.hub_node

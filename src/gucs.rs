@@ -53,6 +53,10 @@ pub static SYNCHRONOUS_COMMIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::n
 /// (an error, a lost connection) is started again.
 pub static APPLY_RETRY_MAX_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 
+/// `bdr.max_clock_skew`: `node_status()` warns when a peer's commit timestamps run ahead
+/// of this node's clock by more than this (milliseconds).
+pub static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+
 /// Register the settings; called once from `_PG_init`.
 pub fn init() {
     GucRegistry::define_int_guc(
@@ -130,6 +134,17 @@ pub fn init() {
         i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_MB,
+    );
+    GucRegistry::define_int_guc(
+        c"bdr.max_clock_skew",
+        c"How far a peer's commit timestamps may run ahead of this node's clock before node_status() warns.",
+        c"Last-update-wins compares commit timestamps from different clocks: a node whose \
+          clock runs ahead wins conflicts it should lose. See docs/conflicts.md.",
+        &MAX_CLOCK_SKEW_MS,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_bool_guc(
         c"bdr.log_conflicts_to_table",

@@ -15,6 +15,12 @@
 //! flag), so "caught up" is confirmed, not assumed. A pause (`bdr.apply_pause`) still
 //! reads up to the next transaction's BEGIN and keeps it aside, so a paused stream knows
 //! the commit time of the oldest transaction it is holding back.
+//!
+//! A transaction whose commit time is in this node's future (the peer's clock runs ahead)
+//! is held the same way until this node's clock passes it (`Stream::clock_wait`), so no
+//! local row ever carries a version from the local future and a local write made after
+//! applying a change is always later than it in last-update-wins (docs/conflicts.md,
+//! *Clock skew*).
 
 use crate::apply::Applier;
 use crate::catalog::nodes::Node;
@@ -32,6 +38,9 @@ thread_local! {
     /// none). Published to shared memory only when it lasts (a long transaction, a pause)
     /// or fails (see [`publish_pending`]), not for every transaction.
     static PENDING: std::cell::Cell<(i64, Option<Instant>)> = const { std::cell::Cell::new((0, None)) };
+    /// The last BEGIN's commit time minus our clock when it arrived (see
+    /// `shmem::Slot::peer_clock_ahead`), published with the transaction's progress.
+    static CLOCK_AHEAD: std::cell::Cell<Option<i64>> = const { std::cell::Cell::new(None) };
 }
 
 /// Make the pending transaction's commit time visible (the worker's error path calls
@@ -109,6 +118,7 @@ impl Stream {
                             self.peer_lsn = self.peer_lsn.max(b.final_lsn);
                             let t = b.commit_time;
                             PENDING.with(|p| p.set((t, Some(Instant::now()))));
+                            CLOCK_AHEAD.with(|c| c.set(Some(t - xact::now())));
                         }
                         Some((start, msg))
                     }
@@ -231,6 +241,19 @@ impl Stream {
             if t != 0 {
                 s.last_applied_commit_time = t;
             }
+            // The most ahead seen in the last 10 minutes: while this node holds the
+            // peer's transactions for its clock (`clock_wait`), the ones queued behind
+            // arrive late and look less ahead than they are.
+            if let Some(ahead) = CLOCK_AHEAD.with(|c| c.take()) {
+                if !s.peer_clock_seen
+                    || ahead >= s.peer_clock_ahead
+                    || now - s.peer_clock_ahead_time > 600_000_000
+                {
+                    s.peer_clock_ahead = ahead;
+                    s.peer_clock_ahead_time = now;
+                }
+                s.peer_clock_seen = true;
+            }
             s.last_message_time = now;
         });
     }
@@ -264,6 +287,30 @@ impl Stream {
         }
         self.probe = None;
         shmem::update(self.slot, |s| s.state = shmem::State::Streaming);
+        false
+    }
+
+    /// The held BEGIN commits at `until`, in this node's future: wait (at most a second
+    /// per call; the main loop calls again, so a pause or SIGTERM is seen) with the
+    /// stream answered. Without this wait, a row applied with a future version and then
+    /// updated locally would keep the local value here (a local write is not compared)
+    /// while every other node keeps the peer's newer-stamped one: divergence for good.
+    /// With it, a peer whose clock runs ahead is applied that much later (its changes
+    /// still win by their timestamps). True on SIGTERM.
+    fn clock_wait(&mut self, until: i64) -> bool {
+        publish_pending(self.slot);
+        let left = (until - xact::now()).clamp(0, 1_000_000);
+        if left > 0
+            && bgw::wait(
+                None,
+                Duration::from_micros(left as u64).max(Duration::from_millis(1)),
+            )
+        {
+            return true;
+        }
+        if self.last_feedback.elapsed() > PING {
+            self.feedback(false);
+        }
         false
     }
 
@@ -389,6 +436,20 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
             None => st.read().map(|(_, m)| m),
         };
         match next {
+            // A transaction committed in this node's future (the peer's clock runs
+            // ahead): held until this node's clock passes its commit time, so that every
+            // local write made after it is applied here is also later in
+            // last-update-wins (see `clock_wait`).
+            Some(wire::Message::Begin(b))
+                if !st.applier.in_transaction() && b.commit_time > xact::now() =>
+            {
+                let until = b.commit_time;
+                st.held = Some(wire::Message::Begin(b));
+                if st.clock_wait(until) {
+                    pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
+                    return;
+                }
+            }
             Some(msg) => {
                 st.apply(msg);
                 if pgrx::bgworkers::BackgroundWorker::sigterm_received() {

@@ -40,6 +40,9 @@ const MAX_SOCKET_DIR_LEN: usize = 85;
 
 static CLUSTER_SEQ: AtomicUsize = AtomicUsize::new(0);
 
+/// libfaketime, as the Debian package `faketime` installs it.
+pub const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
 /// Options for a cluster; see [`Cluster::builder`].
 pub struct ClusterBuilder {
     nodes: usize,
@@ -50,6 +53,7 @@ pub struct ClusterBuilder {
     base_dir: Option<PathBuf>,
     base_port: Option<u16>,
     node_names: Vec<String>,
+    node_env: Vec<(usize, String, String)>,
 }
 
 impl ClusterBuilder {
@@ -89,6 +93,20 @@ impl ClusterBuilder {
     /// Use consecutive ports from here where free (others get free ports).
     pub fn base_port(mut self, port: u16) -> Self {
         self.base_port = Some(port);
+        self
+    }
+    /// Run node `index`'s postmaster (every start of it) with its clock moved by
+    /// `offset`, in libfaketime's `FAKETIME` syntax (`"+1m"`: one minute ahead, `"-1h"`),
+    /// through `LD_PRELOAD` of libfaketime (Debian package `faketime`; panics if missing).
+    pub fn clock_offset(mut self, index: usize, offset: &str) -> Self {
+        assert!(
+            Path::new(FAKETIME_LIB).exists(),
+            "{FAKETIME_LIB} is missing (apt-get install faketime)"
+        );
+        self.node_env
+            .push((index, "LD_PRELOAD".into(), FAKETIME_LIB.into()));
+        self.node_env
+            .push((index, "FAKETIME".into(), offset.into()));
         self
     }
     /// Node names (default node1..nodeN).
@@ -157,11 +175,18 @@ impl ClusterBuilder {
                 Some(bp) if claim_port(bp.saturating_add(i as u16)) => bp + i as u16,
                 _ => free_port(),
             };
-            let node = Node::new(
+            let mut node = Node::new(
                 name.clone(),
                 port,
                 cluster.base.join(&name),
                 self.dbname.clone(),
+            );
+            node.set_env(
+                self.node_env
+                    .iter()
+                    .filter(|(n, _, _)| *n == i)
+                    .map(|(_, k, v)| (k.clone(), v.clone()))
+                    .collect(),
             );
             fs::create_dir_all(node.dir()).unwrap();
             chown_postgres(node.dir());
@@ -341,6 +366,7 @@ impl Cluster {
             base_dir: None,
             base_port: None,
             node_names: Vec::new(),
+            node_env: Vec::new(),
         }
     }
 

@@ -27,7 +27,7 @@ pub mod wait;
 
 pub use postgres;
 
-pub use cluster::{Cluster, ClusterBuilder, DEFAULT_DB, DEFAULT_TEST_DIR};
+pub use cluster::{Cluster, ClusterBuilder, DEFAULT_DB, DEFAULT_TEST_DIR, FAKETIME_LIB};
 pub use node::{db_error_text, Node, CONNECT_TIMEOUT};
 pub use sys::{
     claim_port, free_port, has_output_plugin_libraries, is_root, is_zombie, pg_bindir, pg_command,

@@ -62,6 +62,9 @@ pub struct Node {
     port: AtomicU16,
     dir: PathBuf,
     dbname: String,
+    /// Environment of every start of this node's postmaster (e.g. libfaketime's, set by
+    /// [`crate::ClusterBuilder::clock_offset`]).
+    env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -71,7 +74,12 @@ impl Node {
             port: AtomicU16::new(port),
             dir,
             dbname,
+            env: Vec::new(),
         }
+    }
+
+    pub(crate) fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.env = env;
     }
 
     /// A handle on an existing node directory (`<dir>/data`, `<dir>/server.log`), e.g. one
@@ -220,6 +228,7 @@ impl Node {
     /// [`Node::try_start`] with extra environment variables (see [`Node::start_with_env`]).
     pub fn try_start_with_env(&self, env: &[(&str, &str)]) -> Result<(), String> {
         let mut c = self.pg_ctl(&["-w", "-t", PG_CTL_TIMEOUT_SECS, "start"]);
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c.envs(env.iter().copied());
         c.arg("-l").arg(self.log_path());
         // As a developer's shell often has it: the server must still never show a Rust

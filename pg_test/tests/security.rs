@@ -534,6 +534,7 @@ const REPLICATION_ROLE_SQL: &str = "
 CREATE ROLE bdr_user LOGIN REPLICATION;
 GRANT USAGE ON SCHEMA bdr TO bdr_user;
 GRANT SELECT, INSERT, UPDATE, DELETE ON bdr.nodes TO bdr_user;
+GRANT SELECT, INSERT, DELETE ON bdr.tombstones TO bdr_user;
 GRANT EXECUTE ON FUNCTION bdr.apply_pause(text, integer), bdr.apply_resume(text),
                           bdr.apply_workers() TO bdr_user;
 GRANT SELECT ON pg_replication_origin_status TO bdr_user;
@@ -558,7 +559,9 @@ fn a_non_superuser_replication_role_forms_and_parts_a_group() {
     // The schema exists everywhere (replaying pg_dump's output needs more than this role:
     // it comments on the extension), readable and, for the join's copy, writable by it.
     for n in c.nodes() {
-        n.execute("CREATE TABLE t (id int PRIMARY KEY); GRANT SELECT, INSERT ON t TO bdr_user;");
+        n.execute(
+            "CREATE TABLE t (id int PRIMARY KEY); GRANT SELECT, INSERT, TRUNCATE ON t TO bdr_user;",
+        );
     }
     a.execute("INSERT INTO t VALUES (1)");
     let dsn = |n: &Node| format!("{} user=bdr_user", n.dsn());

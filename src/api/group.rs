@@ -14,8 +14,9 @@
 //! 5. On J: create the replication origins, and J's own slots for every member (before
 //!    any copied row, so nothing committed on J afterwards is missed).
 //! 6. Copy the schema (when J has no tables) with `pg_dump --snapshot`, then every table's
-//!    rows with COPY, in S's snapshot. The copy session runs under S's origin, so J's own
-//!    slots do not send the copied rows back out.
+//!    rows and S's tombstones, in S's snapshot, each with the version it has on S
+//!    (`join_copy`). The copy commits under J's origins, so J's own slots do not send the
+//!    copied rows back out.
 //! 7. Set J's origin for S to S's slot point and for each Mi to P_i; record every member
 //!    in J's catalog; mark J active on every member; start J's supervisor.
 //!
@@ -82,6 +83,8 @@ pub enum GroupError {
     NodeNumberTaken { number: i32, by: String },
     #[error("no node number is left: the group has used all 1024")]
     NoNodeNumberLeft,
+    #[error("this node's clock is {secs} s behind the newest row version it copied")]
+    ClockBehind { secs: i64 },
 }
 
 impl PgError for GroupError {
@@ -95,6 +98,7 @@ impl PgError for GroupError {
                 PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT
             }
             NoNodeNumberLeft => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            ClockBehind { .. } => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             DsnNotLocal(_) | SourceUnreachable(_) | Unreachable(_) => {
                 PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE
             }
@@ -133,6 +137,7 @@ impl PgError for GroupError {
             StandbyReadOnly(_) => "Write on an active node, or promote this node with bdr.promote().".into(),
             BadNodeNumber(_) => "node_number is 0 to 1023, or NULL to take the smallest free one.".into(),
             NodeNumberTaken { .. } => "Nothing was left behind. Run group_join again (node_number := NULL takes the smallest free number); see SELECT node_name, node_number FROM bdr.nodes.".into(),
+            ClockBehind { .. } => "Nothing was left behind. A write here to a row stamped in this node's future would be lost on every other node: synchronise this node's clock (NTP) and run group_join again.".into(),
             NoNodeNumberLeft => "Numbers of parted nodes are not reused while they are listed in bdr.nodes (their ids may still be in flight); a group has at most 1024 nodes over its life.".into(),
         })
     }
@@ -315,6 +320,10 @@ struct Undo {
     local_origins: Vec<String>,
     /// the join source while its apply is paused
     paused: Option<String>,
+    /// J's copying session (backend pid) and the tables it may have written: the copy
+    /// commits as it goes, so a failed join ends that session and empties them again
+    copy_pid: Option<i32>,
+    copied_tables: Vec<String>,
     done: bool,
 }
 
@@ -349,6 +358,17 @@ impl Drop for Undo {
             }
         }
         if let Ok(mut c) = Conn::connect(&self.local_dsn, "bdr_join_undo") {
+            if let Some(pid) = self.copy_pid {
+                // Its open transaction would block the TRUNCATE, and it holds an origin.
+                let _ = c.exec(&format!("SELECT pg_terminate_backend({pid}, 10000)"));
+                if !self.copied_tables.is_empty() {
+                    let _ = c.exec(&format!(
+                        "SET session_replication_role = replica; TRUNCATE {}; \
+                         DELETE FROM bdr.tombstones",
+                        self.copied_tables.join(", ")
+                    ));
+                }
+            }
             for slot in &self.local_slots {
                 let _ = c.exec_params(DROP_SLOT_SQL, &[slot]);
             }
@@ -399,8 +419,18 @@ pub fn join_application_name(joining: &str) -> String {
     format!("bdr_join:{joining}")
 }
 
-/// Commit time given to the rows a join copies: older than any real change.
-const COPY_VERSION_TIME: &str = "2000-01-01 00:00:00.000001+00";
+/// Run on the join source while its apply is paused: the time before which no change
+/// that the joining node can still receive was committed (see `join_copy`): the least of
+/// each active member's last commit the source applied and the source's clock, minus a
+/// second for clock steps; `-infinity` when a member's last applied commit is not known.
+const COPY_HORIZON_SQL: &str = "\
+    SELECT CASE WHEN coalesce(bool_and(w.last_applied_commit_time IS NOT NULL), true) \
+             THEN to_char((least(min(w.last_applied_commit_time), clock_timestamp()) \
+                           - interval '1 second') AT TIME ZONE 'UTC', \
+                          'YYYY-MM-DD HH24:MI:SS.US') || '+00' \
+             ELSE '-infinity' END \
+      FROM bdr.nodes n LEFT JOIN bdr.apply_workers() w ON w.peer = n.node_name \
+     WHERE NOT n.is_local AND n.node_kind = 'active' AND n.node_state = 'active'";
 
 /// A client program (`pg_dump`, `psql`) connecting with `dsn`, with no secret on its
 /// command line (every local user can read it in `/proc`): see [`dsn::for_client`]. The
@@ -644,6 +674,8 @@ pub fn group_join(
         local_slots: Vec::new(),
         local_origins: Vec::new(),
         paused: None,
+        copy_pid: None,
+        copied_tables: Vec::new(),
         done: false,
     };
 
@@ -814,6 +846,12 @@ pub fn group_join(
         .into_iter()
         .map(|r| (r[0].clone().unwrap_or_default(), lsn_of(r[1].clone())))
         .collect();
+    // The copy's horizon (src/api/join_copy.rs): every change J can still receive is newer.
+    let horizon = src_m
+        .conn
+        .query_value(COPY_HORIZON_SQL)
+        .unwrap_or_else(|e| fail(remote_err(&source.name)(e)))
+        .unwrap_or_else(|| "-infinity".into());
     let mut repl = Conn::connect(
         &dsn::with_default(&source.dsn, "replication", "database"),
         "bdr_join_snapshot",
@@ -900,7 +938,9 @@ pub fn group_join(
     let mut reader = Conn::connect(&source.dsn, "bdr_join_copy")
         .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
     reader
-        .exec("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        // Versions travel as text: one unambiguous form.
+        .exec("SET DateStyle = ISO; SET TimeZone = 'UTC'")
+        .and_then(|_| reader.exec("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
         .and_then(|_| {
             // A utility statement takes no parameters: the name is checked instead.
             reader.exec(&format!(
@@ -909,61 +949,67 @@ pub fn group_join(
             ))
         })
         .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
-    let tables = reader
+    let tables: Vec<(String, String)> = reader
         .exec(REPLICATED_TABLES_SQL)
-        .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
-    jconn
-        .exec_params(
-            "SELECT pg_replication_origin_session_setup($1)",
-            &[&origin_points[0].0],
-        )
-        .and_then(|_| jconn.exec("SET session_replication_role = replica"))
-        // One transaction whose commit timestamp is the oldest possible: copied rows carry
-        // no real version, and any change that reaches them later must win over the copy
-        // (the copy already reflects every change it contains).
-        .and_then(|_| jconn.exec("BEGIN"))
-        .and_then(|_| {
-            jconn.exec_params(
-                "SELECT pg_replication_origin_xact_setup('0/0', $1)",
-                &[COPY_VERSION_TIME],
+        .unwrap_or_else(|e| fail(remote_err(&source.name)(e)))
+        .into_iter()
+        .map(|t| {
+            (
+                t[0].clone().unwrap_or_default(),
+                t[1].clone().unwrap_or_default(),
             )
         })
+        .collect();
+    // Rows keep their versions (src/api/join_copy.rs), committed under J's origins so
+    // J's slots never send them back out.
+    let copy_pid = jconn
+        .exec("SET session_replication_role = replica")
+        .and_then(|_| jconn.query_value("SELECT pg_backend_pid()"))
         .unwrap_or_else(|e| fail(remote_err(j)(e)));
-    for t in &tables {
-        let name = format!(
-            "{}.{}",
-            quote_ident(t[0].as_deref().unwrap_or_default()),
-            quote_ident(t[1].as_deref().unwrap_or_default())
-        );
-        reader
-            .start_copy(&format!("COPY {name} TO STDOUT"))
-            .unwrap_or_else(|e| fail(remote_err(&source.name)(e)));
-        jconn
-            .start_copy(&format!("COPY {name} FROM STDIN"))
-            .unwrap_or_else(|e| fail(remote_err(j)(e)));
-        loop {
-            match reader
-                .get_copy_data(false)
-                .unwrap_or_else(|e| fail(remote_err(&source.name)(e)))
-            {
-                crate::pg::libpq::CopyData::Data(buf) => jconn
-                    .put_copy_data(&buf)
-                    .unwrap_or_else(|e| fail(remote_err(j)(e))),
-                crate::pg::libpq::CopyData::Done => break,
-                crate::pg::libpq::CopyData::WouldBlock => {}
-            }
-        }
-        jconn
-            .put_copy_end()
-            .unwrap_or_else(|e| fail(remote_err(j)(e)));
-        pgrx::check_for_interrupts!();
-    }
+    undo.copy_pid = copy_pid.and_then(|p| p.parse().ok());
+    undo.copied_tables = tables
+        .iter()
+        .map(|(s, n)| format!("{}.{}", quote_ident(s), quote_ident(n)))
+        .collect();
+    let target = crate::api::join_copy::Target {
+        source: &source.name,
+        joining: j,
+        source_origin: origin_points[0].0.clone(),
+        origins: reached
+            .iter()
+            .map(|m| m.node.name.clone())
+            .filter(|n| n != j)
+            .filter_map(|n| {
+                let o = origin_name(my_dboid, &n);
+                origin_points.iter().any(|(p, _)| *p == o).then_some((n, o))
+            })
+            .collect(),
+        // Nor may it be after this node's clock: this node's own later writes must be
+        // newer than every version that was collapsed.
+        horizon: jconn
+            .query_value_params(
+                "SELECT CASE WHEN $1 = '-infinity' THEN $1 ELSE \
+                   to_char(least($1::timestamptz, clock_timestamp() - interval '1 second') \
+                           AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00' END",
+                &[&horizon],
+            )
+            .unwrap_or_else(|e| fail(remote_err(j)(e)))
+            .unwrap_or_else(|| "-infinity".into()),
+    };
+    let copied = crate::api::join_copy::copy_versioned(&mut reader, &mut jconn, &tables, &target)
+        .unwrap_or_else(|e| fail(e));
+    pgrx::log!(
+        "bdr: join of \"{j}\" copied {} rows and {} tombstones from \"{}\" in {} transactions",
+        copied.rows,
+        copied.tombstones,
+        source.name,
+        copied.transactions
+    );
     let _ = reader.exec("COMMIT");
     drop(repl);
-    jconn
-        .exec("COMMIT")
-        .and_then(|_| jconn.exec("SELECT pg_replication_origin_session_reset()"))
-        .unwrap_or_else(|e| fail(remote_err(j)(e)));
+    if let Some(latest) = &copied.latest {
+        wait_for_clock(&mut jconn, j, latest);
+    }
 
     // 7. Origins to their starting points; catalogs; go.
     for (o, lsn) in &origin_points {
@@ -1034,6 +1080,37 @@ fn check_topology(members: &[Node], source: &Node, kind: &str, spoke: bool) {
     };
     if let Some(why) = why {
         fail(GroupError::Topology(why));
+    }
+}
+
+/// Longest the join waits for this node's clock to pass the versions it copied.
+const JOIN_CLOCK_WAIT_SECS: f64 = 60.0;
+
+/// Copied rows may carry versions from this node's future (its clock is behind the node
+/// that wrote them). A local write to such a row would be older than the row in
+/// last-update-wins, kept here and lost everywhere else: wait until this node's clock
+/// passes `latest` (as the apply stage does for each remote transaction), or fail if that
+/// is more than [`JOIN_CLOCK_WAIT_SECS`] away.
+fn wait_for_clock(jconn: &mut Conn, j: &str, latest: &str) {
+    loop {
+        let ahead: f64 = jconn
+            .query_value_params(
+                "SELECT extract(epoch FROM $1::timestamptz - clock_timestamp())::float8",
+                &[latest],
+            )
+            .unwrap_or_else(|e| fail(remote_err(j)(e)))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if ahead <= 0.0 {
+            return;
+        }
+        if ahead > JOIN_CLOCK_WAIT_SECS {
+            fail(GroupError::ClockBehind {
+                secs: ahead.ceil() as i64,
+            });
+        }
+        pgrx::check_for_interrupts!();
+        std::thread::sleep(Duration::from_secs_f64(ahead.min(1.0)));
     }
 }
 

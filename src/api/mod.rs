@@ -6,6 +6,7 @@
 use pgrx::prelude::*;
 
 pub mod group;
+pub mod join_copy;
 pub mod lifecycle;
 pub mod monitor;
 pub mod workers;

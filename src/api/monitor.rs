@@ -28,7 +28,9 @@ fn apply_slots() -> Vec<shmem::Slot> {
 
 /// Lag per peer this node applies from, computed from what its apply worker last knew
 /// (`bdr_core::lag`): bytes and microseconds (NULL when unknown) and whether the time is
-/// an upper bound because the peer has not confirmed within the last 10 seconds.
+/// an upper bound because the peer has not confirmed within the last 10 seconds; and how
+/// far the peer's commit timestamps ran ahead of this node's clock (the most seen on
+/// arrival in the last 10 minutes; negative when behind; NULL before any).
 #[pg_extern]
 #[allow(clippy::type_complexity)]
 pub fn apply_lag() -> TableIterator<
@@ -43,6 +45,7 @@ pub fn apply_lag() -> TableIterator<
         name!(caught_up_time, Option<TimestampWithTimeZone>),
         name!(last_contact_time, Option<TimestampWithTimeZone>),
         name!(last_applied_commit_time, Option<TimestampWithTimeZone>),
+        name!(peer_clock_ahead_us, Option<i64>),
     ),
 > {
     let now = xact::now();
@@ -67,6 +70,7 @@ pub fn apply_lag() -> TableIterator<
                 ts(s.caught_up_time),
                 ts(s.last_contact_time),
                 ts(s.last_applied_commit_time),
+                s.peer_clock_seen.then_some(s.peer_clock_ahead),
             )
         })
         .collect();

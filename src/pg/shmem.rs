@@ -79,6 +79,14 @@ pub struct Slot {
     pub peer_lsn: u64,
     pub pending_commit_time: i64,
     pub caught_up_time: i64,
+    /// How far the peer's clock runs ahead of ours, as its commit timestamps show: the
+    /// most, over the last 10 minutes, that a transaction's commit time exceeded our clock
+    /// when its BEGIN arrived (µs; negative when behind, the normal case; a lower bound
+    /// of the clock difference), and when that was seen. Unset until a transaction
+    /// arrived (`peer_clock_seen` false).
+    pub peer_clock_ahead: i64,
+    pub peer_clock_ahead_time: i64,
+    pub peer_clock_seen: bool,
     /// Last time anything (data or keepalive) arrived from the peer.
     pub last_contact_time: i64,
     pub stats: Stats,
@@ -153,6 +161,9 @@ impl Slot {
         peer_lsn: 0,
         pending_commit_time: 0,
         caught_up_time: 0,
+        peer_clock_ahead: 0,
+        peer_clock_ahead_time: 0,
+        peer_clock_seen: false,
         last_contact_time: 0,
         stats: Stats::ZERO,
         skipped_messages: 0,
