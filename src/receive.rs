@@ -15,6 +15,15 @@
 //! flag), so "caught up" is confirmed, not assumed. A pause (`bdr.apply_pause`) still
 //! reads up to the next transaction's BEGIN and keeps it aside, so a paused stream knows
 //! the commit time of the oldest transaction it is holding back.
+//!
+//! A silent peer is detected as PostgreSQL's walreceiver does: nothing at all received
+//! (data or keepalive) for `wal_receiver_timeout` while the stream is live raises
+//! [`ApplyError::PeerSilent`], and the supervisor reconnects with backoff. A TCP
+//! connection through a hung link or to a frozen host stays "open" for ever (our pings
+//! only fill socket buffers), so without this the worker would wait, showing `streaming`,
+//! until the link healed. Healthy idle streams answer our ping every second, so the
+//! timeout only fires on silence; a connect to a silent host is bounded by the DSN's
+//! `connect_timeout` (10 s by default, [`Conn::connect`]).
 
 use crate::apply::Applier;
 use crate::error::{raise, ApplyError};
@@ -78,6 +87,8 @@ struct Stream {
     /// (at most every 100 ms from the data path: one lock per frame would cost apply).
     peer_lsn: u64,
     last_published: Instant,
+    /// When the peer last sent anything (data or keepalive).
+    last_heard: Instant,
 }
 
 impl Stream {
@@ -100,6 +111,7 @@ impl Stream {
     fn read(&mut self) -> Option<(u64, Message)> {
         match self.conn.get_copy_data(true).unwrap_or_else(|e| lib_err(e)) {
             CopyData::Data(buf) => {
+                self.last_heard = Instant::now();
                 let m = parse_server_message(&buf)
                     .unwrap_or_else(|e| raise(&ApplyError::Protocol(e.to_string())));
                 match m {
@@ -266,8 +278,24 @@ impl Stream {
             }
         }
         self.probe = None;
+        // A stream holding a transaction back reads nothing: silence while paused is ours.
+        self.last_heard = Instant::now();
         shmem::update(self.slot, |s| s.state = shmem::State::Streaming);
         false
+    }
+
+    /// Nothing heard from the peer for `wal_receiver_timeout`: give up this connection.
+    fn check_silence(&self) {
+        if let Some(limit) = bgw::wal_receiver_timeout() {
+            let silent = self.last_heard.elapsed();
+            if silent > limit {
+                raise(&ApplyError::PeerSilent {
+                    peer: self.peer.to_string(),
+                    silent_ms: silent.as_millis() as u64,
+                    limit_ms: limit.as_millis() as u64,
+                });
+            }
+        }
     }
 
     /// While a paused stream holds a transaction back it reads nothing more, so ask the
@@ -357,6 +385,7 @@ pub fn run(slot: usize, dboid: u32, local: (&str, i64), peer: (&str, i64), peer_
         probe: None,
         peer_lsn: 0,
         last_published: Instant::now(),
+        last_heard: Instant::now(),
     };
     st.heard(peer_lsn, true);
     loop {
@@ -381,6 +410,7 @@ pub fn run(slot: usize, dboid: u32, local: (&str, i64), peer: (&str, i64), peer_
                     pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
                     return;
                 }
+                st.check_silence();
             }
         }
         st.maybe_feedback();

@@ -62,6 +62,8 @@ pub struct Node {
     port: AtomicU16,
     dir: PathBuf,
     dbname: String,
+    // Environment every start of this node's postmaster gets (e.g. its PGSERVICEFILE).
+    env: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 impl Node {
@@ -71,6 +73,7 @@ impl Node {
             port: AtomicU16::new(port),
             dir,
             dbname,
+            env: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -100,6 +103,25 @@ impl Node {
     pub fn dbname(&self) -> &str {
         &self.dbname
     }
+    /// Set an environment variable for every later start of this node's postmaster.
+    pub fn set_start_env(&self, key: &str, value: &str) {
+        let mut env = self.env.lock().unwrap();
+        env.retain(|(k, _)| k != key);
+        env.push((key.into(), value.into()));
+    }
+
+    /// Where this node's libpq service file is (its postmaster's `PGSERVICEFILE` when the
+    /// cluster was built with [`crate::ClusterBuilder::service_files`]).
+    pub fn service_file_path(&self) -> PathBuf {
+        self.dir.join("pg_service.conf")
+    }
+
+    /// DSN naming this node by service (`service=<name>`): each node resolves it with its
+    /// own service file, e.g. to a [`crate::Proxy`] port for the link to this node.
+    pub fn service_dsn(&self) -> String {
+        format!("service={} dbname={} user=postgres", self.name, self.dbname)
+    }
+
     /// libpq DSN of this node's test database.
     pub fn dsn(&self) -> String {
         self.dsn_for(&self.dbname)
@@ -220,6 +242,7 @@ impl Node {
     /// [`Node::try_start`] with extra environment variables (see [`Node::start_with_env`]).
     pub fn try_start_with_env(&self, env: &[(&str, &str)]) -> Result<(), String> {
         let mut c = self.pg_ctl(&["-w", "-t", PG_CTL_TIMEOUT_SECS, "start"]);
+        c.envs(self.env.lock().unwrap().iter().map(|(k, v)| (k, v)));
         c.envs(env.iter().copied());
         c.arg("-l").arg(self.log_path());
         // As a developer's shell often has it: the server must still never show a Rust
