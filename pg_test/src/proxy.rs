@@ -394,6 +394,10 @@ fn writer(
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => {
+                // A hung link withholds the end of the stream too.
+                while link.state().fault == Fault::Hang && !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(TICK);
+                }
                 let _ = dst.shutdown(Shutdown::Write);
                 return;
             }
