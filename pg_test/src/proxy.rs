@@ -113,7 +113,7 @@ impl Proxy {
         let mut links = HashMap::new();
         let mut threads = Vec::new();
         for from in 0..targets.len() {
-            for to in 0..targets.len() {
+            for (to, &target_port) in targets.iter().enumerate() {
                 if from == to {
                     continue;
                 }
@@ -126,7 +126,7 @@ impl Proxy {
                     accepted: AtomicU64::new(0),
                     bytes: AtomicU64::new(0),
                 });
-                let target: SocketAddr = ([127, 0, 0, 1], targets[to]).into();
+                let target: SocketAddr = ([127, 0, 0, 1], target_port).into();
                 let (l2, s2) = (link.clone(), stop.clone());
                 threads.push(
                     std::thread::Builder::new()

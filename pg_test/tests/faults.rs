@@ -778,6 +778,7 @@ fn long_outage_catches_up_with_truthful_lag() {
     let restarted = Instant::now();
     let mut first = None;
     let mut last_lag = f64::MAX;
+    let mut last_print = Instant::now() - Duration::from_secs(10);
     let caught = try_wait_until("node3 to catch up", Duration::from_secs(1800), || {
         let s1 = status(n3, "node1");
         let s2 = status(n3, "node2");
@@ -786,7 +787,8 @@ fn long_outage_catches_up_with_truthful_lag() {
         }
         let rows: i64 = n3.query_scalar("SELECT count(*) FROM log");
         let lag = s1.lag_bytes.unwrap_or(f64::MAX);
-        if restarted.elapsed().as_secs() % 10 == 0 || lag == 0.0 {
+        if last_print.elapsed() >= Duration::from_secs(10) || lag == 0.0 {
+            last_print = Instant::now();
             println!(
                 "catch-up {:>4}s: node3 has {rows} rows; lag from node1 {:?} B / {:?} s ({}), from node2 {:?} B / {:?} s",
                 restarted.elapsed().as_secs(),
