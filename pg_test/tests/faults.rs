@@ -735,10 +735,12 @@ fn long_outage_catches_up_with_truthful_lag() {
     let mut samples: Vec<Status> = Vec::new();
     while start.elapsed() < Duration::from_secs(secs) {
         std::thread::sleep(Duration::from_secs(30).min(Duration::from_secs(secs)));
-        let s = status(n1, "node3");
+        // WAL written since the stop, read before node_status (whose own reading of the
+        // current position is later, so it must retain at least this much).
         let wal: f64 = n1.query_scalar(&format!(
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{lsn_at_stop}')::float8"
         ));
+        let s = status(n1, "node3");
         let rows: i64 = n1.query_scalar("SELECT count(*) FROM log");
         println!(
             "outage {:>4}s: node1 has {rows} rows, WAL since stop {:.0} MB, retained for node3 {:.0} MB, reachable {}, warning {:?}",
