@@ -142,7 +142,12 @@ impl Stream {
                         self.heard(end, true);
                         if !self.applier.in_transaction() && self.held.is_none() {
                             self.applier.tracker.idle_at(end);
-                            if self.applier.tracker.applied_position() >= end {
+                            // Caught up with the peer's WAL as known (its position at
+                            // connect included), not only with what the walsender has
+                            // sent so far: while a backlog streams in, the worker is idle
+                            // between transactions and keepalives carry the sent
+                            // position, which would read as "no lag" throughout.
+                            if self.applier.tracker.applied_position() >= self.peer_lsn {
                                 shmem::update(self.slot, |s| s.caught_up_time = xact::now());
                             }
                         }
