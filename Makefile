@@ -79,8 +79,13 @@ demo: install
 demo-stop:
 	@bash scripts/demo.sh stop "$(DEMO_DIR)"
 
+# Long runs, not part of `make test`: 300 seeds of random conflicting writes, then the
+# fault soak (random partitions, hung links, kills and restarts under conflicting writes
+# for BDR_FAULT_SOAK_MIN minutes, default 5) and a node down for BDR_OUTAGE_SECS (default
+# 600) while the others write 1M+ rows (pg_test/tests/faults.rs, docs/testing.md).
 soak: install-debug
 	BDR_SOAK_SEEDS=$${BDR_SOAK_SEEDS:-300} cargo test -p pg_test --test conflicts randomized -- --nocapture
+	BDR_FAULT_SOAK_MIN=$${BDR_FAULT_SOAK_MIN:-5} cargo test -p pg_test --test faults -- --ignored --nocapture --test-threads=1
 
 bench: bootstrap
 	@bash scripts/bootstrap.sh --bench

@@ -200,6 +200,12 @@ pub enum ApplyError {
     UnknownRelation(u32),
     #[error("{0}")]
     Protocol(String),
+    #[error("nothing received from node \"{peer}\" for {silent_ms} ms (wal_receiver_timeout is {limit_ms} ms): the connection is given up")]
+    PeerSilent {
+        peer: String,
+        silent_ms: u64,
+        limit_ms: u64,
+    },
     #[error("another apply worker wrote key {key} of \"{table}\" at the same time; the transaction is applied again")]
     ConcurrentKey { table: String, key: String },
     #[error("unchanged TOAST value for column \"{column}\" of \"{table}\" on an insert or a missing row")]
@@ -243,6 +249,7 @@ impl PgError for ApplyError {
                 PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION
             }
             ApplyError::NotReplicatedTarget { .. } => PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            ApplyError::PeerSilent { .. } => PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
             ApplyError::ShapeChanged { .. } => {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
@@ -276,6 +283,12 @@ impl PgError for ApplyError {
             ),
             ApplyError::ShapeChanged { .. } => Some(
                 "Nothing to do: the apply worker re-reads the table's definition and retries."
+                    .into(),
+            ),
+            ApplyError::PeerSilent { .. } => Some(
+                "The peer or the network between the nodes stopped answering; the apply worker \
+                 reconnects with backoff and resumes where it stopped. Check the peer and the \
+                 link; raise wal_receiver_timeout if the link is slow but alive."
                     .into(),
             ),
             ApplyError::OwnerCannotWrite { .. } => Some(

@@ -21,6 +21,15 @@
 //! local row ever carries a version from the local future and a local write made after
 //! applying a change is always later than it in last-update-wins (docs/conflicts.md,
 //! *Clock skew*).
+//!
+//! A silent peer is detected as PostgreSQL's walreceiver does: nothing at all received
+//! (data or keepalive) for `wal_receiver_timeout` while the stream is live raises
+//! [`ApplyError::PeerSilent`], and the supervisor reconnects with backoff. A TCP
+//! connection through a hung link or to a frozen host stays "open" for ever (our pings
+//! only fill socket buffers), so without this the worker would wait, showing `streaming`,
+//! until the link healed. Healthy idle streams answer our ping every second, so the
+//! timeout only fires on silence; a connect to a silent host is bounded by the DSN's
+//! `connect_timeout` (10 s by default, [`Conn::connect`]).
 
 use crate::apply::Applier;
 use crate::catalog::nodes::Node;
@@ -78,6 +87,8 @@ struct Stream {
     /// (at most every 100 ms from the data path: one lock per frame would cost apply).
     peer_lsn: u64,
     last_published: Instant,
+    /// When the peer last sent anything (data or keepalive).
+    last_heard: Instant,
 }
 
 impl Stream {
@@ -100,6 +111,7 @@ impl Stream {
     fn read(&mut self) -> Option<(u64, Message)> {
         match self.conn.get_copy_data(true).unwrap_or_else(|e| lib_err(e)) {
             CopyData::Data(buf) => {
+                self.last_heard = Instant::now();
                 let m = parse_server_message(&buf)
                     .unwrap_or_else(|e| raise(&ApplyError::Protocol(e.to_string())));
                 match m {
@@ -131,7 +143,12 @@ impl Stream {
                         self.heard(end, true);
                         if !self.applier.in_transaction() && self.held.is_none() {
                             self.applier.tracker.idle_at(end);
-                            if self.applier.tracker.applied_position() >= end {
+                            // Caught up with the peer's WAL as known (its position at
+                            // connect included), not only with what the walsender has
+                            // sent so far: while a backlog streams in, the worker is idle
+                            // between transactions and keepalives carry the sent
+                            // position, which would read as "no lag" throughout.
+                            if self.applier.tracker.applied_position() >= self.peer_lsn {
                                 shmem::update(self.slot, |s| s.caught_up_time = xact::now());
                             }
                         }
@@ -286,6 +303,8 @@ impl Stream {
             }
         }
         self.probe = None;
+        // A stream holding a transaction back reads nothing: silence while paused is ours.
+        self.last_heard = Instant::now();
         shmem::update(self.slot, |s| s.state = shmem::State::Streaming);
         false
     }
@@ -312,6 +331,20 @@ impl Stream {
             self.feedback(false);
         }
         false
+    }
+
+    /// Nothing heard from the peer for `wal_receiver_timeout`: give up this connection.
+    fn check_silence(&self) {
+        if let Some(limit) = bgw::wal_receiver_timeout() {
+            let silent = self.last_heard.elapsed();
+            if silent > limit {
+                raise(&ApplyError::PeerSilent {
+                    peer: self.peer.to_string(),
+                    silent_ms: silent.as_millis() as u64,
+                    limit_ms: limit.as_millis() as u64,
+                });
+            }
+        }
     }
 
     /// While a paused stream holds a transaction back it reads nothing more, so ask the
@@ -424,6 +457,7 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         probe: None,
         peer_lsn: 0,
         last_published: Instant::now(),
+        last_heard: Instant::now(),
     };
     st.heard(peer_lsn, true);
     loop {
@@ -462,6 +496,7 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
                     pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
                     return;
                 }
+                st.check_silence();
             }
         }
         st.maybe_feedback();

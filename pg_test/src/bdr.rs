@@ -1,7 +1,7 @@
 //! bdr-specific helpers for scenarios: form a group, wait for replication to catch up,
 //! compare tables across nodes.
 
-use crate::{db_error_text, try_wait_until, Cluster, Node};
+use crate::{db_error_text, try_wait_until, Cluster, ClusterBuilder, Node, Proxy};
 use std::time::Duration;
 
 /// How long a scenario waits for replication before failing.
@@ -10,6 +10,11 @@ pub const CATCHUP: Duration = Duration::from_secs(60);
 /// CREATE EXTENSION on every node, group_create on the first, group_join of the others
 /// (each through the first), waiting for each join to complete.
 pub fn form_group(c: &Cluster) {
+    form_group_with(c, Node::dsn);
+}
+
+/// [`form_group`] with each node's DSN given by `dsn` (e.g. [`Node::service_dsn`]).
+pub fn form_group_with(c: &Cluster, dsn: fn(&Node) -> String) {
     for n in c.nodes() {
         n.execute("CREATE EXTENSION IF NOT EXISTS bdr");
     }
@@ -17,22 +22,46 @@ pub fn form_group(c: &Cluster) {
     first.execute(&format!(
         "SELECT bdr.group_create(local_node_name := '{}', node_external_dsn := '{}')",
         first.name(),
-        first.dsn()
+        dsn(first)
     ));
     for n in &c.nodes()[1..] {
-        join(n, first);
+        join_with(n, first, dsn);
     }
 }
 
 /// group_join `n` through `via`, then wait_for_join.
 pub fn join(n: &Node, via: &Node) {
+    join_with(n, via, Node::dsn);
+}
+
+/// [`join`] with DSNs given by `dsn`.
+pub fn join_with(n: &Node, via: &Node, dsn: fn(&Node) -> String) {
     n.execute(&format!(
         "SELECT bdr.group_join(local_node_name := '{}', node_external_dsn := '{}', join_using_dsn := '{}')",
         n.name(),
-        n.dsn(),
-        via.dsn()
+        dsn(n),
+        dsn(via)
     ));
     n.execute("SELECT bdr.wait_for_join(120)");
+}
+
+/// Start a cluster whose nodes reach each other only through a [`Proxy`]: the builder gets
+/// [`ClusterBuilder::service_files`], and each node's service file sends `service=nodeJ`
+/// to the proxy's port for the link to node J. Form the group with
+/// `form_group_with(&c, Node::service_dsn)`; node DSNs stored by bdr then name services.
+pub fn proxied(builder: ClusterBuilder) -> (Cluster, Proxy) {
+    use std::os::unix::fs::PermissionsExt;
+    let c = builder.service_files().start();
+    let ports: Vec<u16> = c.nodes().iter().map(|n| n.port()).collect();
+    let proxy = Proxy::new(&ports);
+    let names: Vec<&str> = c.nodes().iter().map(|n| n.name()).collect();
+    for (i, n) in c.nodes().iter().enumerate() {
+        let path = n.service_file_path();
+        std::fs::write(&path, proxy.service_file(i, &names))
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    (c, proxy)
 }
 
 /// Wait until every node has applied from every other node everything that node had

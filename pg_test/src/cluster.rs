@@ -54,9 +54,18 @@ pub struct ClusterBuilder {
     base_port: Option<u16>,
     node_names: Vec<String>,
     node_env: Vec<(usize, String, String)>,
+    service_files: bool,
 }
 
 impl ClusterBuilder {
+    /// Start each postmaster with `PGSERVICEFILE` set to its own
+    /// [`Node::service_file_path`] (written later, e.g. by [`crate::bdr::proxied`]), so
+    /// `service=<node name>` DSNs resolve per node: the way every node reaches every other
+    /// through a [`crate::Proxy`].
+    pub fn service_files(mut self) -> Self {
+        self.service_files = true;
+        self
+    }
     /// Number of nodes (default 3).
     pub fn nodes(mut self, n: usize) -> Self {
         self.nodes = n;
@@ -190,6 +199,10 @@ impl ClusterBuilder {
             );
             fs::create_dir_all(node.dir()).unwrap();
             chown_postgres(node.dir());
+            if self.service_files {
+                let path = node.service_file_path();
+                node.set_start_env("PGSERVICEFILE", &path.to_string_lossy());
+            }
             cluster.nodes.push(node);
         }
         // initdb is the slow part (about a second each): run them in parallel. A panic in
@@ -367,6 +380,7 @@ impl Cluster {
             base_port: None,
             node_names: Vec::new(),
             node_env: Vec::new(),
+            service_files: false,
         }
     }
 

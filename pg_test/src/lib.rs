@@ -8,7 +8,8 @@
 //!
 //! Layout: [`cluster`] (builder, default configuration, clean-up), [`node`] (one server:
 //! lifecycle, SQL helpers, log), [`wait`] (bounded polls), [`sys`] (binaries, OS user,
-//! ports, processes) and [`bdr`] (group formation and catch-up helpers for scenarios).
+//! ports, processes), [`bdr`] (group formation and catch-up helpers for scenarios) and
+//! [`proxy`] (a fault-injecting TCP proxy between nodes: cut, hang, delay, throttle).
 //!
 //! Invariants:
 //! - Every wait is bounded ([`wait_until`]); a timeout fails the test with what was awaited.
@@ -22,6 +23,7 @@
 pub mod bdr;
 pub mod cluster;
 pub mod node;
+pub mod proxy;
 pub mod sys;
 pub mod wait;
 
@@ -29,6 +31,7 @@ pub use postgres;
 
 pub use cluster::{Cluster, ClusterBuilder, DEFAULT_DB, DEFAULT_TEST_DIR, FAKETIME_LIB};
 pub use node::{db_error_text, Node, CONNECT_TIMEOUT};
+pub use proxy::{Fault, Proxy};
 pub use sys::{
     claim_port, free_port, has_output_plugin_libraries, is_root, is_zombie, pg_bindir, pg_command,
     pg_config, port_is_free, rss_anon_kb,

@@ -62,9 +62,8 @@ pub struct Node {
     port: AtomicU16,
     dir: PathBuf,
     dbname: String,
-    /// Environment of every start of this node's postmaster (e.g. libfaketime's, set by
-    /// [`crate::ClusterBuilder::clock_offset`]).
-    env: Vec<(String, String)>,
+    // Environment every start of this node's postmaster gets (e.g. its PGSERVICEFILE).
+    env: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 impl Node {
@@ -74,12 +73,14 @@ impl Node {
             port: AtomicU16::new(port),
             dir,
             dbname,
-            env: Vec::new(),
+            env: std::sync::Mutex::new(Vec::new()),
         }
     }
 
     pub(crate) fn set_env(&mut self, env: Vec<(String, String)>) {
-        self.env = env;
+        for (k, v) in env {
+            self.set_start_env(&k, &v);
+        }
     }
 
     /// A handle on an existing node directory (`<dir>/data`, `<dir>/server.log`), e.g. one
@@ -108,6 +109,25 @@ impl Node {
     pub fn dbname(&self) -> &str {
         &self.dbname
     }
+    /// Set an environment variable for every later start of this node's postmaster.
+    pub fn set_start_env(&self, key: &str, value: &str) {
+        let mut env = self.env.lock().unwrap();
+        env.retain(|(k, _)| k != key);
+        env.push((key.into(), value.into()));
+    }
+
+    /// Where this node's libpq service file is (its postmaster's `PGSERVICEFILE` when the
+    /// cluster was built with [`crate::ClusterBuilder::service_files`]).
+    pub fn service_file_path(&self) -> PathBuf {
+        self.dir.join("pg_service.conf")
+    }
+
+    /// DSN naming this node by service (`service=<name>`): each node resolves it with its
+    /// own service file, e.g. to a [`crate::Proxy`] port for the link to this node.
+    pub fn service_dsn(&self) -> String {
+        format!("service={} dbname={} user=postgres", self.name, self.dbname)
+    }
+
     /// libpq DSN of this node's test database.
     pub fn dsn(&self) -> String {
         self.dsn_for(&self.dbname)
@@ -228,7 +248,7 @@ impl Node {
     /// [`Node::try_start`] with extra environment variables (see [`Node::start_with_env`]).
     pub fn try_start_with_env(&self, env: &[(&str, &str)]) -> Result<(), String> {
         let mut c = self.pg_ctl(&["-w", "-t", PG_CTL_TIMEOUT_SECS, "start"]);
-        c.envs(self.env.iter().map(|(k, v)| (k, v)));
+        c.envs(self.env.lock().unwrap().iter().map(|(k, v)| (k, v)));
         c.envs(env.iter().copied());
         c.arg("-l").arg(self.log_path());
         // As a developer's shell often has it: the server must still never show a Rust

@@ -3,7 +3,6 @@
 //! so conflicts resolve the same everywhere and a change never comes back to its spoke.
 
 use pg_test::{bdr, wait_until, Cluster, Node};
-use std::time::Duration;
 
 fn digest(n: &Node) -> String {
     bdr::table_digest(n, "t")

@@ -34,6 +34,15 @@ pub fn wait(socket: Option<i32>, timeout: Duration) -> bool {
     BackgroundWorker::sigterm_received()
 }
 
+/// PostgreSQL's `wal_receiver_timeout` as it is now (a reload changes it); `None` when 0
+/// (disabled).
+pub fn wal_receiver_timeout() -> Option<Duration> {
+    // SAFETY: a GUC variable of this process, only written by this process's own
+    // configuration processing (same thread).
+    let ms = unsafe { pg_sys::wal_receiver_timeout };
+    (ms > 0).then(|| Duration::from_millis(ms as u64))
+}
+
 /// Databases that accept connections and are not templates: (oid, name).
 pub fn list_databases() -> Vec<(u32, String)> {
     let mut out = Vec::new();
