@@ -31,6 +31,17 @@ struct Bound {
     map: Option<RelMap>,
 }
 
+/// How this node streams from a peer (hub and spoke; both false in a full mesh).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Link {
+    /// Ask the peer (our hub) to forward every node's changes, each under its original
+    /// origin (`forward_origins 'all'`).
+    pub forwarded: bool,
+    /// The peer is our spoke: its schema changes are queued again here so that they
+    /// travel on to the other spokes.
+    pub requeue_ddl: bool,
+}
+
 pub struct Applier {
     /// The peer's name (shared with every error context).
     pub peer: std::rc::Rc<str>,
@@ -55,7 +66,7 @@ pub struct Applier {
     /// acknowledge it as soon as it is committed here (see `crate::sync_commit`).
     pub ack_now: bool,
     /// Hub and spoke (see [`Applier::set_link`]).
-    link: crate::receive::Link,
+    link: Link,
     dboid: u32,
     /// The replication origin this session commits under now: the peer's, or (for a
     /// transaction the hub forwarded) the original node's.
@@ -89,7 +100,7 @@ impl Applier {
             counts: shmem::Stats::default(),
             ddl_applied: false,
             ack_now: false,
-            link: crate::receive::Link::default(),
+            link: Link::default(),
             dboid: 0,
             origin_now: String::new(),
             forwarded: None,
@@ -102,7 +113,7 @@ impl Applier {
 
     /// How this stream is linked (hub and spoke), and this database, whose peer origin
     /// the session was set up with.
-    pub fn set_link(&mut self, dboid: u32, link: crate::receive::Link) {
+    pub fn set_link(&mut self, dboid: u32, link: Link) {
         self.link = link;
         self.dboid = dboid;
         self.peer_origin = bdr_core::names::origin_name(dboid, &self.peer);

@@ -23,7 +23,7 @@
 use crate::catalog::nodes::{self, NodeKind, NodeState};
 use crate::error::{raise, DdlError};
 use crate::pg::{libpq::Conn, shmem, utility, xact};
-use bdr_core::ddl::{self, DdlCommand, Decision, Shape};
+use bdr_core::ddl::{self, DdlCommand, Decision, Plan, Shape};
 use bdr_core::{dsn, wire};
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
@@ -31,13 +31,6 @@ use std::time::{Duration, Instant};
 /// How long a fence may hold writes back if the schema change never arrives (its origin
 /// died before committing): `bdr.ddl_unfence()` lifts it by hand.
 const FENCE_LIFETIME_US: i64 = 600_000_000;
-
-/// A statement to replicate.
-pub struct Plan {
-    pub command: DdlCommand,
-    /// Tables to drain first.
-    pub drain: Vec<String>,
-}
 
 /// The local node when it belongs to an active group (read as superuser: any role's DDL
 /// asks).
@@ -113,6 +106,30 @@ fn queue(c: &DdlCommand) {
         )
     })
     .unwrap_or_else(|e| raise(&DdlError::Queue(e.to_string())));
+}
+
+/// A user write to `relid` is about to start (the executor hook): refuse it while a
+/// schema change holds the table, or, for a table that replicates, while this node lacks
+/// its quorum (bdr's own catalog, temporary and unlogged tables are never refused for
+/// that).
+pub fn check_user_write(relid: pgrx::pg_sys::Oid) {
+    refuse_if_fenced(relid);
+    // The verdict first (a shared-memory read); the catalog only when it refuses.
+    if let Some(e) = crate::quorum::refusal() {
+        if crate::pg::relcache::why_not_target(relid).is_none() {
+            raise(&e);
+        }
+    }
+}
+
+/// The policy the utility and executor hooks call (`crate::pg::utility`).
+pub fn hooks() -> utility::Policy {
+    utility::Policy {
+        plan: |shape, text| plan(shape, text),
+        before,
+        after: |p| after(p),
+        check_user_write,
+    }
 }
 
 /// Refuse a user write to `relid` while a schema change from another node holds it.

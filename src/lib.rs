@@ -20,7 +20,9 @@ use pgrx::prelude::*;
 // Named in `extension_sql_file!(... requires = [...])` below (used only when pgrx
 // generates the schema, hence the allow).
 #[allow(unused_imports)]
-use api::group::{group_create, group_join};
+use api::group::group_create;
+#[allow(unused_imports)]
+use api::join::group_join;
 #[allow(unused_imports)]
 use api::lifecycle::promote;
 #[allow(unused_imports)]
@@ -87,7 +89,7 @@ pub extern "C-unwind" fn _PG_init() {
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
     gucs::init();
     pg::shmem::init();
-    pg::utility::install();
+    pg::utility::install(ddl::hooks());
     sync_commit::install();
     match error::check_server_config() {
         Ok(()) => workers::launcher::register(),

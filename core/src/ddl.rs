@@ -123,6 +123,14 @@ pub fn decide(s: &Shape) -> Decision {
     }
 }
 
+/// A statement to replicate: the command as queued, and the tables to drain first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub command: DdlCommand,
+    /// Tables to drain first.
+    pub drain: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

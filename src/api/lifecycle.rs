@@ -6,8 +6,9 @@
 //! and refuses user writes; `promote` creates the promoted node's slots *before* it accepts
 //! writes, so nothing written after the switch is missed.
 
-use crate::api::group::{GroupError, DROP_ORIGIN_SQL, DROP_SLOT_SQL};
+use crate::api::group_error::GroupError;
 use crate::catalog::nodes::{self, Node, NodeKind, NodeState};
+use crate::catalog::{DROP_ORIGIN_SQL, DROP_SLOT_SQL};
 use crate::error::raise;
 use crate::pg::libpq::{quote_ident, Conn};
 use bdr_core::names::{origin_name, slot_name};

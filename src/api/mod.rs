@@ -6,7 +6,8 @@
 use pgrx::prelude::*;
 
 pub mod group;
-pub mod join_copy;
+pub mod group_error;
+pub mod join;
 pub mod lifecycle;
 pub mod monitor;
 pub mod workers;

@@ -5,7 +5,7 @@
 //! Invariant: a pause is not persistent (a restart resumes) and, with a timeout, ends by
 //! itself, so a join that dies cannot leave its source paused for good.
 
-use crate::api::group::GroupError;
+use crate::api::group_error::GroupError;
 use crate::catalog::nodes;
 use crate::error::raise;
 use crate::pg::shmem;

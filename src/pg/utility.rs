@@ -11,6 +11,7 @@
 
 mod describe;
 
+use bdr_core::ddl::{Plan, Shape};
 use describe::{describe, resolve, statement_text};
 use pgrx::pg_sys;
 use pgrx::PgList;
@@ -30,8 +31,29 @@ thread_local! {
     static APPLYING: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Install both hooks; called from `_PG_init`.
-pub fn install() {
+/// What the hooks ask of the policy modules above this one (`crate::ddl` and, through
+/// it, `crate::quorum`), handed over at `_PG_init` so that this module imports neither.
+pub struct Policy {
+    /// What to do with a utility statement of this shape (`None`: run it here only);
+    /// the text is read only when it replicates.
+    pub plan: fn(&Shape, &dyn Fn() -> String) -> Option<Plan>,
+    /// Before the statement runs (drain).
+    pub before: fn(&Plan),
+    /// After it ran (queue it for the peers).
+    pub after: fn(&Plan),
+    /// Before a user write to a table starts (fences, quorum).
+    pub check_user_write: fn(pg_sys::Oid),
+}
+
+static POLICY: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
+
+fn policy() -> &'static Policy {
+    POLICY.get().expect("utility::install ran in _PG_init")
+}
+
+/// Install both hooks, with the policy they call; called from `_PG_init`.
+pub fn install(policy: Policy) {
+    let _ = POLICY.set(policy);
     // SAFETY: _PG_init runs once per process before any query; the previous hooks are
     // kept and called.
     unsafe {
@@ -102,12 +124,12 @@ unsafe extern "C-unwind" fn utility_hook(
         check_fenced_utility((*pstmt).utilityStmt);
         let plan = if considered {
             let shape = describe((*pstmt).utilityStmt);
-            crate::ddl::plan(&shape, || statement_text(pstmt, query_string))
+            (policy().plan)(&shape, &|| statement_text(pstmt, query_string))
         } else {
             None
         };
         if let Some(p) = &plan {
-            crate::ddl::before(p);
+            (policy().before)(p);
         }
         {
             let _depth = Depth::enter();
@@ -135,7 +157,7 @@ unsafe extern "C-unwind" fn utility_hook(
             }
         }
         if let Some(p) = plan {
-            crate::ddl::after(&p);
+            (policy().after)(&p);
         }
     }
 }
@@ -196,17 +218,9 @@ unsafe fn check_fenced_utility(stmt: *mut pg_sys::Node) {
     }
 }
 
-/// A user write to `relid` is about to start: refuse it while a schema change holds the
-/// table, or, for a table that replicates, while this node lacks its quorum (bdr's own
-/// catalog, temporary and unlogged tables are never refused for that).
+/// A user write to `relid` is about to start: the policy refuses it or not.
 fn check_user_write(relid: pg_sys::Oid) {
-    crate::ddl::refuse_if_fenced(relid);
-    // The verdict first (a shared-memory read); the catalog only when it refuses.
-    if let Some(e) = crate::quorum::refusal() {
-        if crate::pg::relcache::why_not_target(relid).is_none() {
-            crate::error::raise(&e);
-        }
-    }
+    (policy().check_user_write)(relid)
 }
 
 /// Name of the current role (`current_user`).

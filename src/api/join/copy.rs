@@ -39,7 +39,7 @@
 //! them; a row whose origin S cannot name (not a bdr origin, or commit time unknown) is
 //! older than anything on S, and gets the oldest possible version on J.
 
-use super::group::GroupError;
+use crate::api::group_error::GroupError;
 use crate::pg::libpq::{quote_ident, quote_literal, Conn, LibpqError};
 use bdr_core::join_copy::{origin_node, split_versioned_row};
 use std::collections::HashMap;
