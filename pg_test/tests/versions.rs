@@ -128,24 +128,7 @@ fn vacuum_freeze_keeps_versions_comparable() {
     let stop = &stop;
     std::thread::scope(|scope| {
         for (i, n) in c.nodes().iter().enumerate() {
-            scope.spawn(move || {
-                let mut cl = n.connect();
-                let mut k = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    k += 1;
-                    let id = (k * 7 + i as u64 * 13) % 50 + 1;
-                    let sql = match k % 5 {
-                        0 => format!("DELETE FROM kv WHERE id = {id}"),
-                        1 => format!(
-                            "INSERT INTO kv VALUES ({id}, '{} {k}') \
-                             ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v",
-                            n.name()
-                        ),
-                        _ => format!("UPDATE kv SET v = '{} {k}' WHERE id = {id}", n.name()),
-                    };
-                    cl.batch_execute(&sql).unwrap();
-                }
-            });
+            scope.spawn(move || conflicting_writer(n, i, stop));
             scope.spawn(move || {
                 let mut cl = n.connect();
                 while !stop.load(Ordering::SeqCst) {
@@ -261,24 +244,7 @@ fn a_node_whose_clock_runs_ahead_wins_by_its_timestamps_and_is_warned_about() {
     let stop = &stop;
     std::thread::scope(|scope| {
         for (i, n) in c.nodes().iter().enumerate() {
-            scope.spawn(move || {
-                let mut cl = n.connect();
-                let mut k = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    k += 1;
-                    let id = (k * 7 + i as u64 * 13) % 50 + 1;
-                    let sql = match k % 5 {
-                        0 => format!("DELETE FROM kv WHERE id = {id}"),
-                        1 => format!(
-                            "INSERT INTO kv VALUES ({id}, '{} {k}') \
-                             ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v",
-                            n.name()
-                        ),
-                        _ => format!("UPDATE kv SET v = '{} {k}' WHERE id = {id}", n.name()),
-                    };
-                    cl.batch_execute(&sql).unwrap();
-                }
-            });
+            scope.spawn(move || conflicting_writer(n, i, stop));
         }
         wait_until("conflicts on node1 and node2", CATCHUP, || {
             [a, b]
@@ -362,4 +328,25 @@ fn a_node_whose_clock_is_behind_joins_without_losing_its_later_writes() {
         a.query_scalar::<String>("SELECT v FROM kv WHERE id = 1"),
         "node2 after the join"
     );
+}
+
+/// Node `n` (the `i`-th) updates, deletes and re-inserts the same 50 keys of `kv` as the
+/// other writers until `stop`.
+fn conflicting_writer(n: &Node, i: usize, stop: &AtomicBool) {
+    let mut cl = n.connect();
+    let mut k = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        k += 1;
+        let id = (k * 7 + i as u64 * 13) % 50 + 1;
+        let sql = match k % 5 {
+            0 => format!("DELETE FROM kv WHERE id = {id}"),
+            1 => format!(
+                "INSERT INTO kv VALUES ({id}, '{} {k}') \
+                 ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v",
+                n.name()
+            ),
+            _ => format!("UPDATE kv SET v = '{} {k}' WHERE id = {id}", n.name()),
+        };
+        cl.batch_execute(&sql).unwrap();
+    }
 }
