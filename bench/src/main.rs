@@ -9,7 +9,10 @@
 //! is better (for latency and memory, baseline / ours).
 //!
 //! `BENCH_SCALE` (default 1.0) scales the row counts; the table also goes to
-//! `bench/results/latest.md`.
+//! `bench/results/latest.md`. `BENCH_ONLY=small` runs only workloads 1, 2 and 1b (2 fills
+//! the table 1b updates); `BENCH_SYSTEMS=bdr,native` picks the systems; `BENCH_RUNS=3`
+//! repeats the whole run and reports each ratio's median (and every run's ratio) — on a
+//! shared machine, compare ratios from the same run, not absolute numbers.
 //!
 //! `bdr-bench keys` (`make bench-keys`): ids per second from `bdr.snowflake_nextval` vs
 //! plain `nextval` on one node, in one session and in two at once.
@@ -188,12 +191,32 @@ fn apply_pid(sys: System, b: &Node) -> Option<i32> {
         .map(|r| r.get(0))
 }
 
-/// Release apply and time until `table` on B has `rows` rows; returns (seconds, peak
-/// private memory of the apply process in kB).
-fn timed_apply(sys: System, b: &Node, table: &str, rows: i64) -> (f64, i64) {
+/// CPU clock ticks (user + system, 1/100 s) process `pid` used so far.
+fn cpu_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// What [`timed_apply`] measured.
+struct Applied {
+    secs: f64,
+    /// Peak private memory of the apply process, kB.
+    peak_kb: i64,
+    /// CPU seconds the apply process used meanwhile.
+    cpu_secs: f64,
+}
+
+/// Release apply and time until `table` on B has `rows` rows; also the apply process's
+/// peak private memory and the CPU it used.
+fn timed_apply(sys: System, b: &Node, table: &str, rows: i64) -> Applied {
+    // bdr's worker stays up while paused; the baselines' start on release (from 0).
+    let before = apply_pid(sys, b).and_then(|p| Some((p, cpu_ticks(p)?)));
     let t0 = Instant::now();
     release(sys, b);
     let mut peak = 0;
+    let mut last: Option<(i32, u64)> = None;
     let mut client = b.connect();
     let sql = format!("SELECT count(*) FROM {table}");
     wait_until(
@@ -202,6 +225,9 @@ fn timed_apply(sys: System, b: &Node, table: &str, rows: i64) -> (f64, i64) {
         || {
             if let Some(pid) = apply_pid(sys, b) {
                 peak = peak.max(pg_test::rss_anon_kb(pid));
+                if let Some(t) = cpu_ticks(pid) {
+                    last = Some((pid, t));
+                }
             }
             client
                 .query_one(&sql, &[])
@@ -210,7 +236,17 @@ fn timed_apply(sys: System, b: &Node, table: &str, rows: i64) -> (f64, i64) {
                 >= rows
         },
     );
-    (t0.elapsed().as_secs_f64(), peak)
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = match (before, last) {
+        (Some((p0, t0)), Some((p1, t1))) if p0 == p1 => t1.saturating_sub(t0),
+        (_, Some((p1, _))) => cpu_ticks(p1).unwrap_or(0),
+        _ => 0,
+    };
+    Applied {
+        secs,
+        peak_kb: peak,
+        cpu_secs: cpu as f64 / 100.0,
+    }
 }
 
 fn pgbench(n: &Node, args: &[&str], script: &str) -> String {
@@ -282,6 +318,28 @@ fn scale() -> f64 {
         .unwrap_or(1.0)
 }
 
+/// `BENCH_ONLY=small`: workloads 1, 2 and 1b only.
+fn only_small() -> bool {
+    std::env::var("BENCH_ONLY").is_ok_and(|v| v == "small")
+}
+
+/// The systems to run (`BENCH_SYSTEMS`, comma-separated; default all three).
+fn systems() -> Vec<System> {
+    let all = [System::Bdr, System::Native, System::Pglogical];
+    match std::env::var("BENCH_SYSTEMS") {
+        Ok(v) => all
+            .into_iter()
+            .filter(|s| v.split(',').any(|x| x.trim() == s.name()))
+            .collect(),
+        Err(_) => all.to_vec(),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 fn run_system(sys: System, rows: &mut Vec<Row>) {
     let idx = sys as usize;
     let mut put = |workload: &str, metric: &str, hib: bool, v: f64| {
@@ -312,21 +370,35 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
     let clients = 4;
     pgbench_transactions(a, clients, small_n, "INSERT INTO small (v) VALUES (1);\n");
     let committed: i64 = a.query_scalar("SELECT count(*) FROM small");
-    let (secs, _) = timed_apply(sys, b, "small", committed);
+    let ap = timed_apply(sys, b, "small", committed);
+    let secs = ap.secs;
     put(
         "1. small txns (single-row INSERT)",
         "rows/s applied",
         true,
         committed as f64 / secs,
     );
-    eprintln!("   small: {committed} rows in {secs:.1}s");
+    put(
+        "1. small txns (single-row INSERT)",
+        "apply CPU µs/txn",
+        false,
+        ap.cpu_secs * 1e6 / committed as f64,
+    );
+    eprintln!(
+        "   small: {committed} rows in {secs:.2}s, apply CPU {:.2}s",
+        ap.cpu_secs
+    );
 
     // 2. One big transaction.
     hold(sys, b);
     a.execute(&format!(
         "INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, {big_n}) g"
     ));
-    let (secs, peak) = timed_apply(sys, b, "big", big_n);
+    let Applied {
+        secs,
+        peak_kb: peak,
+        ..
+    } = timed_apply(sys, b, "big", big_n);
     put(
         "2. one big txn (INSERT)",
         "rows/s applied",
@@ -352,7 +424,8 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
         &format!("\\set id random(1, {big_n})\nUPDATE big SET v = 'updated' WHERE id = :id;\n"),
     );
     a.execute("INSERT INTO small (v) VALUES (-1)");
-    let (secs, _) = timed_apply(sys, b, "small", committed + 1);
+    let ap = timed_apply(sys, b, "small", committed + 1);
+    let secs = ap.secs;
     let updates = (upd_n / clients) * clients;
     put(
         "1b. small txns (UPDATE random rows of 1M)",
@@ -360,7 +433,19 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
         true,
         updates as f64 / secs,
     );
-    eprintln!("   updates: {updates} in {secs:.1}s");
+    put(
+        "1b. small txns (UPDATE random rows of 1M)",
+        "apply CPU µs/txn",
+        false,
+        ap.cpu_secs * 1e6 / updates as f64,
+    );
+    eprintln!(
+        "   updates: {updates} in {secs:.2}s, apply CPU {:.2}s",
+        ap.cpu_secs
+    );
+    if only_small() {
+        return;
+    }
 
     // 3. Latency at a steady rate.
     let secs = (20.0 * scale().max(0.25)) as u64;
@@ -682,20 +767,81 @@ fn main() {
         profile(sys);
         return;
     }
-    let mut rows = Vec::new();
-    for sys in [System::Bdr, System::Native, System::Pglogical] {
-        run_system(sys, &mut rows);
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let mut all_runs: Vec<Vec<Row>> = Vec::new();
+    for run in 0..runs {
+        if runs > 1 {
+            eprintln!("==== run {} of {runs}", run + 1);
+        }
+        let mut rows = Vec::new();
+        for sys in systems() {
+            run_system(sys, &mut rows);
+        }
+        if !only_small() {
+            let secs = (20.0 * scale().max(0.25)) as u64;
+            let alone = writer_alone(secs);
+            rows.push(Row {
+                workload: "4. writer TPS, no replication".into(),
+                metric: "TPS on the writer".into(),
+                higher_is_better: true,
+                values: [Some(alone), Some(alone), Some(alone)],
+            });
+            decode_cost(&mut rows);
+        }
+        rows.sort_by(|x, y| x.workload.cmp(&y.workload));
+        all_runs.push(rows);
     }
-    let secs = (20.0 * scale().max(0.25)) as u64;
-    let alone = writer_alone(secs);
-    rows.push(Row {
-        workload: "4. writer TPS, no replication".into(),
-        metric: "TPS on the writer".into(),
-        higher_is_better: true,
-        values: [Some(alone), Some(alone), Some(alone)],
-    });
-    decode_cost(&mut rows);
-    rows.sort_by(|x, y| x.workload.cmp(&y.workload));
+    // Each run's ratio per row (ours / baseline, as in the table), for the median.
+    let run_ratio = |r: &Row, j: usize| match (r.values[0], r.values[j]) {
+        (Some(o), Some(b)) if o > 0.0 && b > 0.0 => {
+            Some(if r.higher_is_better { o / b } else { b / o })
+        }
+        _ => None,
+    };
+    let mut per_run = String::new();
+    if runs > 1 {
+        per_run.push_str(&format!(
+            "\nPer-run ratios vs native (median of {runs} in the table's ratio columns, values are the median run's):\n\n"
+        ));
+        for (i, r) in all_runs[0].iter().enumerate() {
+            let ratios: Vec<String> = all_runs
+                .iter()
+                .map(|rows| {
+                    run_ratio(&rows[i], 1)
+                        .map(|x| format!("{x:.2}"))
+                        .unwrap_or_else(|| "-".into())
+                })
+                .collect();
+            per_run.push_str(&format!(
+                "- {} / {}: {}\n",
+                r.workload,
+                r.metric,
+                ratios.join(", ")
+            ));
+        }
+    }
+    // The table shows the run with the median ratio vs native for each row.
+    let rows: Vec<Row> = (0..all_runs[0].len())
+        .map(|i| {
+            let ratios: Vec<f64> = all_runs
+                .iter()
+                .map(|rows| run_ratio(&rows[i], 1).unwrap_or(0.0))
+                .collect();
+            let m = median(ratios.clone());
+            let pick = ratios.iter().position(|x| *x == m).unwrap_or(0);
+            let r = &all_runs[pick][i];
+            Row {
+                workload: r.workload.clone(),
+                metric: r.metric.clone(),
+                higher_is_better: r.higher_is_better,
+                values: r.values,
+            }
+        })
+        .collect();
 
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -728,7 +874,7 @@ fn main() {
         _ => "-".into(),
     };
     let mut out = format!(
-        "Machine: {cores} cores, {mem:.0} GiB; {pgver}; scale {}\n\n\
+        "Machine: {cores} cores, {mem:.0} GiB; {pgver}; scale {}; {runs} run(s)\n\n\
          | workload | metric | bdr | native LR | ratio vs native | pglogical | ratio vs pglogical |\n\
          |---|---|---|---|---|---|---|\n",
         scale()
@@ -745,6 +891,7 @@ fn main() {
             ratio(r, r.values[2]),
         ));
     }
+    out.push_str(&per_run);
     out.push_str("\nratio > 1 means bdr is better (for latency and memory: lower is better, the ratio is baseline / bdr).\n");
     println!("{out}");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
