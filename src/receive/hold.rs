@@ -4,7 +4,7 @@
 //! ordinary connection), and a transaction stamped in this node's future, held until the
 //! local clock passes it (see the module note of `crate::receive`).
 
-use super::{publish_pending, Stream, PING};
+use super::{publish_pending, publish_progress, Stream, PING};
 use crate::pg::libpq::Conn;
 use crate::pg::{bgw, shmem, xact};
 use bdr_core::{dsn, wire};
@@ -15,8 +15,10 @@ impl Stream {
     /// ahead only to the next transaction's first frame, so its commit time is known.
     /// True on SIGTERM.
     pub(super) fn paused(&mut self) -> bool {
+        publish_progress(self.slot);
         shmem::update(self.slot, |s| s.state = shmem::State::Paused);
         while shmem::pause_requested(self.slot) && !pause_expired(self.slot, &self.peer) {
+            self.now = Instant::now();
             if self.held.is_none() {
                 if let Some((_, msg)) = self.read() {
                     self.held = Some(msg);
