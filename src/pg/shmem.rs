@@ -3,7 +3,8 @@
 //! so a supervisor is never started twice for a database; and the state of every
 //! snowflake sequence in use (`shmem/sequences.rs`); fences of replicated schema
 //! changes (`shmem/fences.rs`) and the quorum verdict (`shmem/quorum.rs`) live in the
-//! worker table too.
+//! worker table too; the tombstone state ([`TOMBSTONES`]), read by every remote INSERT,
+//! is one atomic word beside it.
 //!
 //! Invariant: a slot is claimed under the exclusive lock before its worker is registered,
 //! and released by its owner; shared memory is rebuilt from scratch after a crash restart.
@@ -211,13 +212,6 @@ fn put(dst: &mut [u8], s: &str) {
 #[derive(Copy, Clone)]
 pub struct Workers {
     pub slots: [Slot; MAX_WORKERS],
-    /// Bumped whenever any tombstone is written on this server, so apply workers can cache
-    /// "this table has no tombstones" until it changes instead of asking every transaction.
-    pub tombstone_epoch: u64,
-    /// Transactions that have written a tombstone and not yet ended. An apply worker that
-    /// inserted a row where it saw no tombstone re-checks for one while this is non-zero
-    /// (or the epoch moved): see `conflict::Resolver::verify_no_new_tombstone`.
-    pub tombstone_writers: u32,
     /// Databases where `bdr.apply_pause()` (all peers) is in force: a worker slot
     /// created there later starts paused too.
     pub paused_dbs: [u32; 16],
@@ -236,8 +230,6 @@ impl Default for Workers {
     fn default() -> Self {
         Workers {
             slots: [Slot::EMPTY; MAX_WORKERS],
-            tombstone_epoch: 0,
-            tombstone_writers: 0,
             paused_dbs: [0; 16],
             fences: [Fence::EMPTY; MAX_FENCES],
             quorum: [Quorum::EMPTY; 16],
@@ -265,25 +257,46 @@ pub fn set_pause_all(dboid: u32, pause: bool) {
     }
 }
 
+/// The tombstone state of this server in one atomic word, read by every remote INSERT
+/// twice (before and after its write) without taking the worker table's lock: the high
+/// 40 bits are the epoch, bumped whenever a transaction starts or ends writing tombstones
+/// (so apply workers can cache "this table has no tombstones" until it changes instead
+/// of asking every transaction); the low 24 bits count the transactions that have written
+/// a tombstone and not yet ended. An apply worker that inserted a row where it saw no
+/// tombstone re-checks for one while that count is non-zero or the epoch moved (see
+/// `conflict::Resolver::verify_no_new_tombstone`). Every access is sequentially
+/// consistent, as the lock was.
+pub static TOMBSTONES: pgrx::PgAtomic<std::sync::atomic::AtomicU64> =
+    // SAFETY: the name is unique to this extension.
+    unsafe { pgrx::PgAtomic::new(c"bdr_tombstone_state") };
+
+const WRITER_BITS: u32 = 24;
+const WRITER_MASK: u64 = (1 << WRITER_BITS) - 1;
+
+/// Apply `f` to (epoch, writers) atomically.
+fn tombstone_update(f: impl Fn(u64, u64) -> (u64, u64)) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let _ = TOMBSTONES.get().fetch_update(SeqCst, SeqCst, |v| {
+        let (epoch, writers) = f(v >> WRITER_BITS, v & WRITER_MASK);
+        Some((epoch << WRITER_BITS) | writers.min(WRITER_MASK))
+    });
+}
+
 /// A transaction starts writing tombstones (called before its first tombstone write).
 pub fn tombstone_writer_start() {
-    let mut w = WORKERS.exclusive();
-    w.tombstone_epoch += 1;
-    w.tombstone_writers += 1;
+    tombstone_update(|epoch, writers| (epoch + 1, writers + 1));
 }
 
 /// A transaction that wrote tombstones ended (commit or abort): its tombstones are now
 /// visible, or gone.
 pub fn tombstone_writer_end() {
-    let mut w = WORKERS.exclusive();
-    w.tombstone_epoch += 1;
-    w.tombstone_writers = w.tombstone_writers.saturating_sub(1);
+    tombstone_update(|epoch, writers| (epoch + 1, writers.saturating_sub(1)));
 }
 
 /// (epoch, transactions writing tombstones right now).
 pub fn tombstone_state() -> (u64, u32) {
-    let w = WORKERS.share();
-    (w.tombstone_epoch, w.tombstone_writers)
+    let v = TOMBSTONES.get().load(std::sync::atomic::Ordering::SeqCst);
+    (v >> WRITER_BITS, (v & WRITER_MASK) as u32)
 }
 
 /// Whether apply from slot `i` should pause (a cheap read of one field).
@@ -301,6 +314,7 @@ pub static WORKERS: PgLwLock<Workers> = unsafe { PgLwLock::new(c"bdr_workers") }
 pub fn init() {
     pgrx::pg_shmem_init!(WORKERS);
     pgrx::pg_shmem_init!(FENCES_ACTIVE);
+    pgrx::pg_shmem_init!(TOMBSTONES);
     pgrx::pg_shmem_init!(SEQUENCES);
 }
 
