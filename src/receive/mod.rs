@@ -30,8 +30,16 @@
 //! until the link healed. Healthy idle streams answer our ping every second, so the
 //! timeout only fires on silence; a connect to a silent host is bounded by the DSN's
 //! `connect_timeout` (10 s by default, [`Conn::connect`]).
+//!
+//! The data path reads the clock once per round of the main loop (`Stream::now`), and
+//! publishes committed transactions' progress to shared memory at most every few
+//! milliseconds (`progress.rs`): per-message clock reads and per-commit locks of the
+//! worker table were a measurable share of small transactions' apply cost.
 
 mod hold;
+mod progress;
+
+use progress::publish_progress;
 
 use crate::apply::Applier;
 use crate::catalog::nodes::Node;
@@ -52,69 +60,6 @@ thread_local! {
     /// The most a BEGIN's commit time was ahead of our clock when it arrived, since
     /// progress was last published (see `shmem::Slot::peer_clock_ahead`).
     static CLOCK_AHEAD: std::cell::Cell<Option<i64>> = const { std::cell::Cell::new(None) };
-    /// Progress of committed transactions not yet published to shared memory (see
-    /// [`publish_progress`]).
-    static UNPUBLISHED: std::cell::RefCell<Option<Progress>> = const { std::cell::RefCell::new(None) };
-}
-
-/// How often at most the progress of committed transactions is published to shared
-/// memory while transactions keep coming (one exclusive lock of the shared slot per
-/// commit cost small transactions several percent of the apply process's time). A stream
-/// that runs dry, pauses, waits for its clock or fails publishes at once.
-const PUBLISH_EVERY: Duration = Duration::from_millis(5);
-
-/// What committed transactions changed since progress was last published.
-struct Progress {
-    counts: shmem::Stats,
-    conflicts: [u64; 9],
-    received: u64,
-    applied: u64,
-    /// Last applied commit time (0: none).
-    commit_time: i64,
-    peer_lsn: u64,
-}
-
-/// Publish the progress of committed transactions not published yet (see
-/// [`PUBLISH_EVERY`]).
-fn publish_progress(slot: usize) {
-    let Some(p) = UNPUBLISHED.with(|u| u.borrow_mut().take()) else {
-        return;
-    };
-    let now = xact::now();
-    shmem::update(slot, |s| {
-        s.peer_lsn = s.peer_lsn.max(p.peer_lsn);
-        s.last_contact_time = now;
-        for (total, new) in s.conflicts.iter_mut().zip(p.conflicts) {
-            *total += new;
-        }
-        s.stats.add(&p.counts);
-        // The apply-rate window restarts every minute.
-        if now - s.stats.rate_time > 60_000_000 {
-            s.stats.rate_commits = s.stats.commits;
-            s.stats.rate_time = now;
-        }
-        s.received_lsn = p.received;
-        s.applied_lsn = p.applied;
-        s.pending_commit_time = 0;
-        s.peer_lsn = s.peer_lsn.max(p.applied);
-        if p.commit_time != 0 {
-            s.last_applied_commit_time = p.commit_time;
-        }
-        // The most ahead seen in the last 10 minutes: while this node holds the
-        // peer's transactions for its clock (`clock_wait`), the ones queued behind
-        // arrive late and look less ahead than they are.
-        if let Some(ahead) = CLOCK_AHEAD.with(|c| c.take()) {
-            if !s.peer_clock_seen
-                || ahead >= s.peer_clock_ahead
-                || now - s.peer_clock_ahead_time > 600_000_000
-            {
-                s.peer_clock_ahead = ahead;
-                s.peer_clock_ahead_time = now;
-            }
-            s.peer_clock_seen = true;
-        }
-        s.last_message_time = now;
-    });
 }
 
 /// Make the pending transaction's commit time visible (the worker's error path calls
@@ -322,29 +267,10 @@ impl Stream {
         }
         let (counts, conflicts) = self.applier.take_counts();
         PENDING.with(|p| p.set((0, None)));
-        let peer_lsn = self.peer_lsn;
-        UNPUBLISHED.with(|u| {
-            let mut u = u.borrow_mut();
-            let p = u.get_or_insert_with(|| Progress {
-                counts: shmem::Stats::default(),
-                conflicts: [0; 9],
-                received: 0,
-                applied: 0,
-                commit_time: 0,
-                peer_lsn: 0,
-            });
-            p.counts.add(&counts);
-            for (total, new) in p.conflicts.iter_mut().zip(conflicts) {
-                *total += new;
-            }
-            p.received = received;
-            p.applied = applied;
-            if t != 0 {
-                p.commit_time = t;
-            }
-            p.peer_lsn = p.peer_lsn.max(peer_lsn);
-        });
-        if ack_now || self.now.saturating_duration_since(self.last_published) >= PUBLISH_EVERY {
+        progress::note_commit(&counts, conflicts, received, applied, t, self.peer_lsn);
+        if ack_now
+            || self.now.saturating_duration_since(self.last_published) >= progress::PUBLISH_EVERY
+        {
             self.last_published = self.now;
             publish_progress(self.slot);
         }
