@@ -77,21 +77,22 @@ fn commit() {
 }
 
 /// This database's peers and how far each confirmed.
-fn peer_slots() -> Vec<(String, u64)> {
-    let dboid = crate::catalog::nodes::my_database_oid();
-    let prefix = format!("bdr_{dboid}_");
-    syncrep::slots(dboid, &prefix)
+fn peer_slots(dboid: u32, prefix: &str) -> Vec<(String, u64)> {
+    syncrep::slots(dboid, prefix)
         .into_iter()
-        .filter_map(|(name, flush)| peer_of_slot(&name, &prefix).map(|p| (p.to_string(), flush)))
+        .filter_map(|(name, flush)| peer_of_slot(&name, prefix).map(|p| (p.to_string(), flush)))
         .collect()
 }
 
 fn wait(wanted: usize, commit_end: u64) -> (Outcome, usize, Duration) {
     let start = Instant::now();
+    // The slots this node feeds in this database: `bdr_<dboid>_<peer>` (bdr_core::names).
+    let dboid = crate::catalog::nodes::my_database_oid();
+    let prefix = bdr_core::names::slot_name(dboid, "");
     let timeout_ms = SYNCHRONOUS_COMMIT_TIMEOUT_MS.get();
     let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms as u64));
     loop {
-        let slots = peer_slots();
+        let slots = peer_slots(dboid, &prefix);
         let tally = Tally::of(&slots, commit_end);
         if tally.enough(wanted) {
             return (Outcome::Confirmed, tally.confirmed.len(), start.elapsed());
