@@ -81,6 +81,8 @@ pub struct Applier {
     peer_origin: String,
     /// Node ids of forwarded transactions' nodes, by name.
     node_ids: HashMap<String, i64>,
+    /// Peer relations whose table the current transaction opened (released at commit).
+    touched: Vec<u32>,
 }
 
 impl Applier {
@@ -108,6 +110,7 @@ impl Applier {
             local: local.name.clone(),
             peer_origin: String::new(),
             node_ids: HashMap::new(),
+            touched: Vec::new(),
         }
     }
 
@@ -223,6 +226,7 @@ impl Applier {
             statement: Some(cmd.command.chars().take(500).collect::<String>().into()),
         }));
         self.see_previous_change();
+        self.release_tables();
         crate::ddl::apply(&cmd);
         if self.link.requeue_ddl {
             // Hub and spoke: queued here too, it travels on in this transaction to the
@@ -322,32 +326,21 @@ impl Applier {
         };
         self.context(action, Some(name));
         self.see_previous_change();
-        // Lock the table before trusting its cached mapping: taking the lock processes
-        // any change of its definition committed meanwhile, which drops the mapping.
-        if let Some(relid) = self.rels[&relation].map.as_ref().map(|m| m.relid) {
-            let inv = relcache::lock_and_take(relid);
-            self.forget_mappings(&inv, None);
-        }
-        let bound = self.rels.get_mut(&relation).expect("checked above");
-        if bound.map.is_none() {
-            let map = RelMap::build(&bound.remote, &self.cache_cxt);
-            bound.map = Some(map.unwrap_or_else(|e| raise(&e)));
-            // Invalidations seen while building describe the table as just read.
-            let inv = relcache::take_invalidated();
-            self.forget_mappings(&inv, Some(relation));
-        }
         let kind = match action {
             "INSERT" => "insert",
             "UPDATE" => "update",
             _ => "delete",
         };
-        let bound = self.rels.get_mut(&relation).expect("checked above");
-        let map = bound.map.as_ref().expect("built above");
-        map.check_may(kind).unwrap_or_else(|e| raise(&e));
+        self.open_table(relation, kind);
+        if self.touched.last() != Some(&relation) && !self.touched.contains(&relation) {
+            self.touched.push(relation);
+        }
+        let map = self.rels[&relation].map.as_ref().expect("opened above");
         {
             // Everything the change allocates is freed when it is done.
             let _change = self.change_cxt.scope();
             f(&mut self.resolver, map);
+            map.end_change();
         }
         self.pending_cci = true;
         self.changes += 1;
@@ -356,6 +349,50 @@ impl Applier {
             "update" => self.counts.updates += 1,
             _ => self.counts.deletes += 1,
         }
+    }
+
+    /// Make peer relation `relation`'s mapping and table ready for a change of `kind`.
+    /// Lock the table before trusting its cached mapping: taking the lock processes any
+    /// change of its definition committed meanwhile, which drops the mapping (and with
+    /// it the table's executor state). Building a mapping reads the catalog before the
+    /// lock is taken, and re-opening a kept table locks its indexes (which processes
+    /// invalidations too): if what was seen then concerns it, it is built once more,
+    /// under the lock.
+    fn open_table(&mut self, relation: u32, kind: &'static str) {
+        if let Some(relid) = self.rels[&relation].map.as_ref().map(|m| m.relid) {
+            let inv = relcache::lock_and_take(relid);
+            self.forget_mappings(&inv, None);
+        }
+        for attempt in 0..2 {
+            let bound = self.rels.get_mut(&relation).expect("checked by the caller");
+            if bound.map.is_none() {
+                let map = RelMap::build(&bound.remote, &self.cache_cxt);
+                bound.map = Some(map.unwrap_or_else(|e| raise(&e)));
+            }
+            let map = bound.map.as_mut().expect("built above");
+            map.check_may(kind).unwrap_or_else(|e| raise(&e));
+            map.begin_change(&self.cache_cxt);
+            let inv = relcache::take_invalidated();
+            if attempt == 0 && map.invalidated_by(&inv) {
+                bound.map = None;
+                self.forget_mappings(&inv, None);
+                continue;
+            }
+            // Later invalidations of this table describe it as just opened.
+            self.forget_mappings(&inv, Some(relation));
+            return;
+        }
+    }
+
+    /// Release every table kept open (and its executor state): DDL and TRUNCATE in the
+    /// applying transaction refuse a table this session holds open.
+    fn release_tables(&mut self) {
+        for b in self.rels.values_mut() {
+            if let Some(m) = &mut b.map {
+                m.release_target();
+            }
+        }
+        self.touched.clear();
     }
 
     /// Drop the cached mapping of every table whose definition changed (all of them on a
@@ -368,10 +405,7 @@ impl Applier {
             if Some(*id) == keep {
                 continue;
             }
-            if b.map
-                .as_ref()
-                .is_some_and(|m| inv.all || inv.relids.contains(&m.relid))
-            {
+            if b.map.as_ref().is_some_and(|m| m.invalidated_by(inv)) {
                 b.map = None;
             }
         }
@@ -395,6 +429,7 @@ impl Applier {
             .collect();
         self.context("TRUNCATE", Some(names.join(", ").into()));
         self.see_previous_change();
+        self.release_tables();
         let mut targets: Vec<(pg_sys::Oid, pg_sys::Oid)> = Vec::new();
         for id in &t.relations {
             let bound = self.rels.get_mut(id).expect("checked above");
@@ -455,6 +490,12 @@ impl Applier {
             (Some(_), Some(o)) => o.lsn,
             _ => c.end_lsn,
         };
+        // The tables opened by this transaction's changes are released before it ends.
+        for id in std::mem::take(&mut self.touched) {
+            if let Some(m) = self.rels.get_mut(&id).and_then(|b| b.map.as_mut()) {
+                m.end_transaction();
+            }
+        }
         let origin: String = self.origin_node().into();
         let local_end = xact::commit_remote(origin_lsn, c.commit_time);
         self.tracker.applied(c.end_lsn, local_end);

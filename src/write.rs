@@ -24,6 +24,7 @@ use crate::error::ApplyError;
 pub use crate::pg::exec::{LocalRow, Row, Target};
 use crate::pg::memcxt::MemCxt;
 use crate::pg::owner::{self, OwnerRights};
+use crate::pg::relcache::Invalidated;
 pub use crate::pg::tables::relation_name;
 use crate::pg::tables::{self, InputFn, LocalAttr};
 use bdr_core::wire::{self, OldRow, ReplicaIdentity, Value};
@@ -56,6 +57,10 @@ pub struct RelMap {
     key: Vec<usize>,
     /// The table's owner and what it may do.
     pub rights: OwnerRights,
+    /// The table opened for writing with its executor state, kept from change to change
+    /// and across transactions while the mapping lives (see `pg::exec`, "Kept across
+    /// transactions"); built by the first change.
+    target: Option<Target>,
 }
 
 impl RelMap {
@@ -93,7 +98,65 @@ impl RelMap {
             inputs,
             local_only,
             rights,
+            target: None,
         })
+    }
+
+    /// Whether the invalidations `inv` concern this mapping: its table, or an index its
+    /// target writes (then the mapping must be dropped and built again).
+    pub fn invalidated_by(&self, inv: &Invalidated) -> bool {
+        inv.all
+            || inv.relids.contains(&self.relid)
+            || self
+                .target
+                .as_ref()
+                .is_some_and(|t| t.indexes().iter().any(|i| inv.relids.contains(i)))
+    }
+
+    /// Start a change on the table: its target is built on first use (executor state in a
+    /// context under `cxt`), re-opened in a new transaction, or built again if the
+    /// relcache gave other entries than the ones it was built on.
+    ///
+    /// Inside a transaction with an active snapshot, the table locked and its
+    /// invalidations taken; [`RelMap::end_change`] after the change.
+    pub fn begin_change(&mut self, cxt: &MemCxt) {
+        loop {
+            let relid = self.relid;
+            let t = self.target.get_or_insert_with(|| Target::build(relid, cxt));
+            if t.begin_change() {
+                return;
+            }
+            // Stale: a fresh one holds this transaction's references and cannot be.
+            self.target = None;
+        }
+    }
+
+    /// The table's target, for the change in progress.
+    pub fn target(&self) -> &Target {
+        match &self.target {
+            Some(t) => t,
+            None => pgrx::error!("bdr: internal error: a change without its table open"),
+        }
+    }
+
+    /// The change is done: its AFTER triggers fire, its slots are released.
+    pub fn end_change(&self) {
+        if let Some(t) = &self.target {
+            t.end_change();
+        }
+    }
+
+    /// The transaction ends (before its commit): release its references to the table.
+    pub fn end_transaction(&mut self) {
+        if let Some(t) = &mut self.target {
+            t.end_transaction();
+        }
+    }
+
+    /// Close the table and free its executor state (before DDL or TRUNCATE in the applying
+    /// transaction, which refuse a table this session holds open).
+    pub fn release_target(&mut self) {
+        self.target = None;
     }
 
     /// Whether the table's owner may make a change of kind `action` ("insert", "update",

@@ -250,7 +250,7 @@ impl Resolver {
     }
 
     pub fn insert(&mut self, map: &RelMap, new: &[Value]) {
-        let t = Target::open(map.relid);
+        let t = map.target();
         let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
         t.fill_defaults(&mut row, map.local_only());
         let keyed = map.remote.columns.iter().any(|c| c.key);
@@ -258,9 +258,8 @@ impl Resolver {
         // unless a unique index already holds the key (then decide as below).
         if keyed && t.can_try_insert() && !self.may_have_tombstones(t.relid()) && t.try_insert(&row)
         {
-            let mut key = LazyKey::new(&t, &row);
-            self.verify_no_new_tombstone(&t, Local::Missing, &mut key);
-            t.close();
+            let mut key = LazyKey::new(t, &row);
+            self.verify_no_new_tombstone(t, Local::Missing, &mut key);
             return;
         }
         let found = if keyed {
@@ -269,41 +268,35 @@ impl Resolver {
         } else {
             None
         };
-        let mut key = LazyKey::new(&t, &row);
-        let local = self.local_state(&t, found.as_ref(), &mut key);
+        let mut key = LazyKey::new(t, &row);
+        let local = self.local_state(t, found.as_ref(), &mut key);
         let d = decide(Change::Insert, local, self.remote_version());
         let base = found.as_ref().map(|f| f.values());
         match d.action {
-            Action::Insert => self.insert_checked(&t, map, &row, new, local, &mut key),
+            Action::Insert => self.insert_checked(t, map, &row, new, local, &mut key),
             Action::Update => {
-                replace_row(&t, map, found.as_ref(), new, base.as_ref());
+                replace_row(t, map, found.as_ref(), new, base.as_ref());
             }
             Action::Delete | Action::Nothing => {}
         }
-        self.record_decision(
-            &t,
-            map,
-            &mut key,
-            Decided::of(&d, new, local, base.as_ref()),
-        );
-        t.close();
+        self.record_decision(t, map, &mut key, Decided::of(&d, new, local, base.as_ref()));
     }
 
     pub fn update(&mut self, map: &RelMap, old: Option<&wire::OldRow>, new: &[Value]) {
-        let t = Target::open(map.relid);
+        let t = map.target();
         let key_row = match old {
             Some(o) => map.search_row_old(o, "update"),
             None => map.search_row_new(new),
         }
         .unwrap_or_else(|e| raise(&e));
         let found = t.find(&key_row);
-        let mut key = LazyKey::new(&t, &key_row);
-        let local = self.local_state(&t, found.as_ref(), &mut key);
+        let mut key = LazyKey::new(t, &key_row);
+        let local = self.local_state(t, found.as_ref(), &mut key);
         let mut d = decide(Change::Update, local, self.remote_version());
         let base = found.as_ref().map(|f| f.values());
         match d.action {
             Action::Update => {
-                let row = replace_row(&t, map, found.as_ref(), new, base.as_ref());
+                let row = replace_row(t, map, found.as_ref(), new, base.as_ref());
                 // A key change removes the old key: remember it as deleted.
                 if let (Some(_), Some(k)) = (old, key.get()) {
                     if t.key_text(&row).as_ref() != Some(&k) {
@@ -319,28 +312,22 @@ impl Resolver {
                 } else {
                     let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
                     t.fill_defaults(&mut row, map.local_only());
-                    self.insert_checked(&t, map, &row, new, local, &mut key);
+                    self.insert_checked(t, map, &row, new, local, &mut key);
                 }
             }
             Action::Delete | Action::Nothing => {}
         }
-        self.record_decision(
-            &t,
-            map,
-            &mut key,
-            Decided::of(&d, new, local, base.as_ref()),
-        );
-        t.close();
+        self.record_decision(t, map, &mut key, Decided::of(&d, new, local, base.as_ref()));
     }
 
     pub fn delete(&mut self, map: &RelMap, old: &wire::OldRow) {
-        let t = Target::open(map.relid);
+        let t = map.target();
         let key_row = map
             .search_row_old(old, "delete")
             .unwrap_or_else(|e| raise(&e));
         let found = t.find(&key_row);
-        let mut key = LazyKey::new(&t, &key_row);
-        let local = self.local_state(&t, found.as_ref(), &mut key);
+        let mut key = LazyKey::new(t, &key_row);
+        let local = self.local_state(t, found.as_ref(), &mut key);
         let d = decide(Change::Delete, local, self.remote_version());
         let base = found.as_ref().map(|f| f.values());
         if d.action == Action::Delete {
@@ -350,12 +337,11 @@ impl Resolver {
             wire::OldRow::Key(k) | wire::OldRow::Full(k) => k.clone(),
         };
         self.record_decision(
-            &t,
+            t,
             map,
             &mut key,
             Decided::of(&d, &values, local, base.as_ref()),
         );
-        t.close();
     }
 
     fn tombstone(&mut self, relid: pg_sys::Oid, key: &str) {

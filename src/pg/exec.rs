@@ -7,10 +7,28 @@
 //! planned per row.
 //!
 //! Invariants: every function here runs inside a transaction with an active snapshot
-//! ([`Target::open`] checks both and raises an ERROR otherwise); a [`Target`] is closed with
-//! [`Target::close`] (after-trigger queue flushed, executor state freed) before the
-//! transaction commits; a [`LocalRow`] borrows the target that found it and is written
-//! back only through that target; a row of another width than the table's is an ERROR.
+//! ([`Target::begin_change`] checks both and raises an ERROR otherwise), between
+//! [`Target::begin_change`] and [`Target::end_change`] (AFTER triggers fired, slots and
+//! their buffer pins released); [`Target::end_transaction`] runs before the transaction
+//! commits; a [`LocalRow`] borrows the target that found it and is written back only
+//! through that target; a row of another width than the table's is an ERROR.
+//!
+//! Kept across transactions (issue 17): a [`Target`]'s executor state (EState,
+//! ResultRelInfo with the IndexInfo of every index, prepared DEFAULT, CHECK and generated
+//! column expressions, slots) lives in a memory context of its own under the apply
+//! worker's cache context, so a change no longer builds and frees it. What belongs to a
+//! transaction is taken again in each one: the table and index locks and relcache
+//! references (`table_open` / `index_open` in the first change of a transaction, released
+//! by [`Target::end_transaction`]), the command id, the AFTER-trigger query level. The
+//! references are *not* held between transactions, as PostgreSQL's own apply does not
+//! hold them (`logicalrep_rel_open` opens the table in each transaction): a relcache entry
+//! still referenced when another session drops its table makes invalidation processing
+//! raise "relation ... deleted while still in use", and DDL in the applying transaction
+//! refuses a table this session holds open. So the target is only valid while no relcache
+//! invalidation of its table or of one of its indexes has been seen since it was built:
+//! the caller drops it on any such invalidation (`write::RelMap`, invariant 16 in
+//! ARCHITECTURE.md), and [`Target::begin_change`] also refuses (returns false) when the
+//! relcache hands back other entries than the ones the state was built on.
 //! Everything that can run code a table's owner wrote (triggers, CHECK and index
 //! expressions, type input functions of domains) runs as that owner inside a
 //! security-restricted operation ([`crate::pg::owner::as_user`]), as PostgreSQL 16+ native
@@ -30,6 +48,8 @@ use crate::pg::owner::as_user;
 use crate::pg::tables::relation_name;
 use pgrx::pg_sys;
 use pgrx::{PgBox, PgList};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::marker::PhantomData;
 
@@ -49,11 +69,67 @@ unsafe fn store_row(slot: *mut pg_sys::TupleTableSlot, row: &Row) {
     }
 }
 
-/// A local table opened for writing, with its executor state.
+/// Slots reused change after change (an executor state that lives across transactions
+/// must not grow a slot per change): those handed out during the current change are
+/// counted and cleared (buffer pins released) when it ends.
+#[derive(Default)]
+struct SlotPool {
+    slots: RefCell<Vec<*mut pg_sys::TupleTableSlot>>,
+    used: Cell<usize>,
+}
+
+impl SlotPool {
+    /// The next free slot, made by `make` when every pooled one is in use.
+    fn take(
+        &self,
+        make: impl FnOnce() -> *mut pg_sys::TupleTableSlot,
+    ) -> *mut pg_sys::TupleTableSlot {
+        let i = self.used.get();
+        self.used.set(i + 1);
+        let mut slots = self.slots.borrow_mut();
+        if i == slots.len() {
+            slots.push(make());
+        }
+        slots[i]
+    }
+
+    /// Clear every slot handed out since the last call.
+    ///
+    /// # Safety
+    /// Inside the transaction the slots were filled in.
+    unsafe fn clear(&self) {
+        let slots = self.slots.borrow();
+        for &s in &slots[..self.used.replace(0)] {
+            // SAFETY: a slot of this target's executor state.
+            unsafe { pg_sys::ExecClearTuple(s) };
+        }
+    }
+}
+
+/// DEFAULT expressions of the table, prepared once (the executor state keeps them).
+struct Defaults {
+    econtext: *mut pg_sys::ExprContext,
+    /// Per attribute index: its prepared DEFAULT, null when it has none.
+    exprs: HashMap<usize, *mut pg_sys::ExprState>,
+}
+
+/// A local table opened for writing, with its executor state, kept from one change to the
+/// next and across transactions (see "Kept across transactions" in the module note).
 pub struct Target {
+    relid: pg_sys::Oid,
     rel: pg_sys::Relation,
     estate: *mut pg_sys::EState,
     rri: *mut pg_sys::ResultRelInfo,
+    /// The index relations `ExecOpenIndices` opened, in `ri_IndexRelationDescs` order.
+    indexes: Vec<pg_sys::Oid>,
+    /// The local transaction (`lxid`) whose references to the table and its indexes this
+    /// target holds; `None` between transactions.
+    held: Option<u32>,
+    /// A change is in progress (`AfterTriggerBeginQuery` called, `end_change` owed).
+    in_change: Cell<bool>,
+    virtual_slots: SlotPool,
+    table_slots: SlotPool,
+    defaults: RefCell<Option<Defaults>>,
     /// Replica identity index (primary key or chosen index), or InvalidOid.
     pub identity_index: pg_sys::Oid,
     pub natts: usize,
@@ -64,19 +140,28 @@ pub struct Target {
 /// Values for every attribute of the table (index = attnum - 1); `None` is NULL.
 pub type Row = Vec<Option<pg_sys::Datum>>;
 
+/// This backend's local transaction id (tells one transaction from the next).
+fn current_lxid() -> u32 {
+    // SAFETY: MyProc is set for the life of a backend or background worker.
+    unsafe { (*pg_sys::MyProc).lxid }
+}
+
 impl Target {
+    /// Open table `relid` (locked for writing) and build its executor state in a context
+    /// of its own under `cxt`, which must outlive the target; the target holds the
+    /// table's and its indexes' references for the current transaction.
+    ///
     /// # Preconditions
-    /// Inside a transaction with an active snapshot.
-    pub fn open(relid: pg_sys::Oid) -> Target {
+    /// Inside a transaction.
+    pub fn build(relid: pg_sys::Oid, cxt: &crate::pg::memcxt::MemCxt) -> Target {
         crate::pg::xact::require_transaction();
-        // SAFETY: a plain read of the snapshot stack.
-        if !unsafe { pg_sys::ActiveSnapshotSet() } {
-            pgrx::error!("bdr: internal error: table write without an active snapshot");
-        }
-        // SAFETY: standard executor setup, as execReplication's callers do it.
+        // SAFETY: standard executor setup, as execReplication's callers do it, with every
+        // allocation in the executor state's own context (it outlives the transaction).
         unsafe {
             let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as i32);
+            let outer = pg_sys::MemoryContextSwitchTo(cxt.raw());
             let estate = pg_sys::CreateExecutorState();
+            pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
             let mut rte =
                 PgBox::<pg_sys::RangeTblEntry>::alloc_node(pg_sys::NodeTag::T_RangeTblEntry);
             rte.rtekind = pg_sys::RTEKind::RTE_RELATION;
@@ -89,13 +174,25 @@ impl Target {
             let rri = PgBox::<pg_sys::ResultRelInfo>::alloc_node(pg_sys::NodeTag::T_ResultRelInfo)
                 .into_pg();
             pg_sys::InitResultRelInfo(rri, rel, 1, std::ptr::null_mut(), 0);
-            (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-            pg_sys::AfterTriggerBeginQuery();
+            // AFTER triggers find their relation here instead of opening it again.
+            (*estate).es_opened_result_relations =
+                pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
             pg_sys::ExecOpenIndices(rri, false);
+            pg_sys::MemoryContextSwitchTo(outer);
+            let indexes = (0..(*rri).ri_NumIndices as usize)
+                .map(|i| (**(*rri).ri_IndexRelationDescs.add(i)).rd_id)
+                .collect();
             Target {
+                relid,
                 rel,
                 estate,
                 rri,
+                indexes,
+                held: Some(current_lxid()),
+                in_change: Cell::new(false),
+                virtual_slots: SlotPool::default(),
+                table_slots: SlotPool::default(),
+                defaults: RefCell::new(None),
                 identity_index: pg_sys::RelationGetReplicaIndex(rel),
                 natts: (*(*rel).rd_att).natts as usize,
                 owner: (*(*rel).rd_rel).relowner,
@@ -103,23 +200,132 @@ impl Target {
         }
     }
 
+    /// The index relations this target writes (an invalidation of any of them, as of the
+    /// table, makes the target stale).
+    pub fn indexes(&self) -> &[pg_sys::Oid] {
+        &self.indexes
+    }
+
+    /// Start a change: in a new transaction, lock and re-open the table and its indexes
+    /// (the references of the last one were released at its end); then set what belongs
+    /// to this transaction and change (command id, the AFTER-trigger query level).
+    /// `false`: the relcache gave other entries than the ones this state was built on
+    /// (the table or an index was rebuilt): drop this target and build a new one.
+    ///
     /// # Preconditions
-    /// Once, before the transaction ends.
-    pub fn close(self) {
-        // SAFETY: reverses `open`; the relation stays locked until commit.
+    /// Inside a transaction with an active snapshot, the table's invalidations taken and
+    /// found not to concern this target; [`Target::end_change`] before the next call.
+    pub fn begin_change(&mut self) -> bool {
+        crate::pg::xact::require_transaction();
+        // SAFETY: a plain read of the snapshot stack.
+        if !unsafe { pg_sys::ActiveSnapshotSet() } {
+            pgrx::error!("bdr: internal error: table write without an active snapshot");
+        }
+        let lxid = current_lxid();
+        if self.held != Some(lxid) {
+            self.held = None;
+            // SAFETY: references taken under the transaction's resource owner; each is
+            // released again before returning false, or at the transaction's end.
+            unsafe {
+                let rel = pg_sys::table_open(self.relid, pg_sys::RowExclusiveLock as i32);
+                if rel != self.rel {
+                    pg_sys::table_close(rel, pg_sys::NoLock as i32);
+                    return false;
+                }
+                for (i, &oid) in self.indexes.iter().enumerate() {
+                    let idx = pg_sys::index_open(oid, pg_sys::RowExclusiveLock as i32);
+                    if idx != *(*self.rri).ri_IndexRelationDescs.add(i) {
+                        pg_sys::index_close(idx, pg_sys::NoLock as i32);
+                        for k in 0..i {
+                            pg_sys::index_close(
+                                *(*self.rri).ri_IndexRelationDescs.add(k),
+                                pg_sys::NoLock as i32,
+                            );
+                        }
+                        pg_sys::table_close(rel, pg_sys::NoLock as i32);
+                        return false;
+                    }
+                }
+            }
+            self.held = Some(lxid);
+        }
+        // SAFETY: the executor state is this target's; one query level per change.
         unsafe {
-            pg_sys::ExecCloseIndices(self.rri);
-            // AFTER triggers fire here: as the owner.
+            (*self.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+            pg_sys::AfterTriggerBeginQuery();
+        }
+        self.in_change.set(true);
+        true
+    }
+
+    /// End a change: fire its AFTER triggers (as the owner), release the slots it used
+    /// (and their buffer pins) and the per-row expression memory.
+    ///
+    /// # Preconditions
+    /// After [`Target::begin_change`], in the same transaction.
+    pub fn end_change(&self) {
+        if !self.in_change.replace(false) {
+            return;
+        }
+        // SAFETY: reverses begin_change's query level; the slots and expression contexts
+        // belong to this executor state.
+        unsafe {
             as_user(self.owner, || pg_sys::AfterTriggerEndQuery(self.estate));
-            pg_sys::ExecResetTupleTable((*self.estate).es_tupleTable, false);
-            pg_sys::FreeExecutorState(self.estate);
+            self.close_trigger_relations();
+            self.virtual_slots.clear();
+            self.table_slots.clear();
+            let per_tuple = (*self.estate).es_per_tuple_exprcontext;
+            if !per_tuple.is_null() {
+                pg_sys::MemoryContextReset((*per_tuple).ecxt_per_tuple_memory);
+            }
+            if let Some(d) = self.defaults.borrow().as_ref() {
+                pg_sys::MemoryContextReset((*d.econtext).ecxt_per_tuple_memory);
+            }
+        }
+    }
+
+    /// Close relations AFTER triggers opened for themselves (none expected: the target's
+    /// own relation is found in `es_opened_result_relations`), so no reference outlives
+    /// the transaction.
+    ///
+    /// # Safety
+    /// Inside the transaction that opened them.
+    unsafe fn close_trigger_relations(&self) {
+        // SAFETY: a list of ResultRelInfo whose relations were opened with NoLock.
+        unsafe {
+            let list = (*self.estate).es_trig_target_relations;
+            if list.is_null() {
+                return;
+            }
+            for r in PgList::<pg_sys::ResultRelInfo>::from_pg(list).iter_ptr() {
+                pg_sys::table_close((*r).ri_RelationDesc, pg_sys::NoLock as i32);
+            }
+            (*self.estate).es_trig_target_relations = std::ptr::null_mut();
+        }
+    }
+
+    /// The transaction ends: release the references to the table and its indexes (the
+    /// locks stay until the end, as with any table). Call before it commits.
+    pub fn end_transaction(&mut self) {
+        self.end_change();
+        if self.held.take() != Some(current_lxid()) {
+            return;
+        }
+        // SAFETY: the references this transaction took (build or begin_change).
+        unsafe {
+            for i in 0..self.indexes.len() {
+                pg_sys::index_close(
+                    *(*self.rri).ri_IndexRelationDescs.add(i),
+                    pg_sys::NoLock as i32,
+                );
+            }
             pg_sys::table_close(self.rel, pg_sys::NoLock as i32);
         }
     }
 
     /// # Safety
-    /// See [`Target::open`]. A row of another width than the table's is refused with an
-    /// ERROR (the table changed under a cached mapping), never stored.
+    /// See [`Target::begin_change`]. A row of another width than the table's is refused
+    /// with an ERROR (the table changed under a cached mapping), never stored.
     unsafe fn virtual_slot(&self, row: &Row) -> *mut pg_sys::TupleTableSlot {
         if row.len() != self.natts {
             crate::error::raise(&crate::error::ApplyError::ShapeChanged {
@@ -127,40 +333,81 @@ impl Target {
                 what: format!("{} columns now, {} in the row", self.natts, row.len()),
             });
         }
-        // SAFETY: a virtual slot of the relation's descriptor, filled attribute by attribute.
+        // SAFETY: a virtual slot of the relation's descriptor, made in the executor
+        // state's context, filled attribute by attribute.
         unsafe {
-            let slot = pg_sys::ExecInitExtraTupleSlot(
-                self.estate,
-                (*self.rel).rd_att,
-                &pg_sys::TTSOpsVirtual,
-            );
+            let slot = self.virtual_slots.take(|| {
+                self.in_query_cxt(|| {
+                    pg_sys::ExecInitExtraTupleSlot(
+                        self.estate,
+                        (*self.rel).rd_att,
+                        &pg_sys::TTSOpsVirtual,
+                    )
+                })
+            });
             store_row(slot, row);
             slot
         }
+    }
+
+    /// A slot for a row of the table found by an index scan.
+    ///
+    /// # Safety
+    /// See [`Target::begin_change`].
+    unsafe fn table_slot(&self) -> *mut pg_sys::TupleTableSlot {
+        self.table_slots.take(|| {
+            // SAFETY: made in the executor state's context, listed in its tuple table.
+            self.in_query_cxt(|| unsafe {
+                pg_sys::table_slot_create(self.rel, &mut (*self.estate).es_tupleTable)
+            })
+        })
+    }
+
+    /// Run `f` with the executor state's (long-lived) context current.
+    fn in_query_cxt<R>(&self, f: impl FnOnce() -> R) -> R {
+        // SAFETY: the context lives as long as the executor state.
+        let outer = unsafe { pg_sys::MemoryContextSwitchTo((*self.estate).es_query_cxt) };
+        let r = f();
+        // SAFETY: restores the caller's context.
+        unsafe { pg_sys::MemoryContextSwitchTo(outer) };
+        r
     }
 
     /// Give the attributes `attrs` of a row to be inserted their DEFAULT (computed as the
     /// table's owner); attributes without one stay NULL.
     ///
     /// # Preconditions
-    /// See [`Target::open`]; `row` has one entry per attribute.
+    /// See [`Target::begin_change`]; `row` has one entry per attribute.
     pub fn fill_defaults(&self, row: &mut Row, attrs: &[usize]) {
         if attrs.is_empty() {
             return;
         }
-        // SAFETY: default expressions of this relation, evaluated in its executor state;
-        // results live in the current (per-change) memory context.
+        let mut defaults = self.defaults.borrow_mut();
+        // SAFETY: default expressions of this relation, built and prepared once in its
+        // executor state's context, evaluated in its expression context; results live in
+        // the current (per-change) memory context.
+        let d = defaults.get_or_insert_with(|| Defaults {
+            econtext: unsafe { pg_sys::CreateExprContext(self.estate) },
+            exprs: HashMap::new(),
+        });
         as_user(self.owner, || unsafe {
-            let econtext = pg_sys::CreateExprContext(self.estate);
             for &i in attrs {
-                let expr = pg_sys::build_column_default(self.rel, i as i32 + 1);
-                if expr.is_null() {
+                let state = *d.exprs.entry(i).or_insert_with(|| {
+                    self.in_query_cxt(|| {
+                        let expr = pg_sys::build_column_default(self.rel, i as i32 + 1);
+                        if expr.is_null() {
+                            std::ptr::null_mut()
+                        } else {
+                            pg_sys::ExecPrepareExpr(expr as *mut pg_sys::Expr, self.estate)
+                        }
+                    })
+                });
+                if state.is_null() {
                     continue;
                 }
-                let state = pg_sys::ExecPrepareExpr(expr as *mut pg_sys::Expr, self.estate);
                 let mut isnull = false;
-                let d = pg_sys::ExecEvalExpr(state, econtext, &mut isnull);
-                row[i] = (!isnull).then_some(d);
+                let v = pg_sys::ExecEvalExpr(state, d.econtext, &mut isnull);
+                row[i] = (!isnull).then_some(v);
             }
         })
     }
@@ -168,7 +415,7 @@ impl Target {
     /// Insert a row.
     ///
     /// # Preconditions
-    /// See [`Target::open`].
+    /// See [`Target::begin_change`].
     pub fn insert(&self, row: &Row) {
         // SAFETY: slot built for this relation.
         unsafe {
@@ -201,7 +448,7 @@ impl Target {
     /// always of a new key.
     ///
     /// # Preconditions
-    /// See [`Target::open`]; only when [`Target::can_try_insert`].
+    /// See [`Target::begin_change`]; only when [`Target::can_try_insert`].
     pub fn try_insert(&self, row: &Row) -> bool {
         // SAFETY: the steps of ExecSimpleRelationInsert, with the speculative insertion
         // protocol of ExecInsert's ON CONFLICT branch around the heap and index writes.
@@ -261,12 +508,12 @@ impl Target {
     /// (REPLICA IDENTITY FULL).
     ///
     /// # Preconditions
-    /// See [`Target::open`].
+    /// See [`Target::begin_change`].
     pub fn find(&self, key: &Row) -> Option<LocalRow<'_>> {
         // SAFETY: both slots belong to this relation and this executor state.
         let search = unsafe { self.virtual_slot(key) };
+        let found = unsafe { self.table_slot() };
         as_user(self.owner, || unsafe {
-            let found = pg_sys::table_slot_create(self.rel, &mut (*self.estate).es_tupleTable);
             let ok = if self.identity_index != pg_sys::InvalidOid {
                 pg_sys::RelationFindReplTupleByIndex(
                     self.rel,
@@ -295,7 +542,7 @@ impl Target {
     /// ...Delete need for concurrent-update rechecks), ended afterwards.
     ///
     /// # Safety
-    /// See [`Target::open`].
+    /// See [`Target::begin_change`].
     unsafe fn with_epq(&self, f: impl FnOnce(*mut pg_sys::EPQState)) {
         // SAFETY: the EPQ state lives on this stack frame for the duration of `f`.
         unsafe {
@@ -384,8 +631,27 @@ impl LocalRow<'_> {
 
 impl Target {
     pub fn relid(&self) -> pg_sys::Oid {
-        // SAFETY: the relation is open while the target lives.
-        unsafe { (*self.rel).rd_id }
+        self.relid
+    }
+}
+
+impl Drop for Target {
+    /// Release what the current transaction holds (if any) and free the executor state.
+    /// Nothing while an error unwinds: the transaction's abort releases the references
+    /// and the worker exits.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        // SAFETY: outside a transaction nothing is held (released at its end or by its
+        // abort); the slots were cleared when their change ended.
+        unsafe {
+            if pg_sys::IsTransactionState() {
+                self.end_transaction();
+            }
+            pg_sys::ExecResetTupleTable((*self.estate).es_tupleTable, false);
+            pg_sys::FreeExecutorState(self.estate);
+        }
     }
 }
 

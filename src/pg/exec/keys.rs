@@ -69,7 +69,7 @@ impl Target {
     /// `row` as a JSON object of column name to text form (for conflict history).
     ///
     /// # Preconditions
-    /// See [`Target::open`].
+    /// See [`Target::begin_change`].
     pub fn row_json(&self, row: &Row) -> String {
         // SAFETY: the descriptor matches `row`.
         unsafe {
@@ -96,7 +96,7 @@ impl Target {
     /// The canonical key text of `row` (identity columns), or None without an identity.
     ///
     /// # Preconditions
-    /// See [`Target::open`].
+    /// See [`Target::begin_change`].
     pub fn key_text(&self, row: &Row) -> Option<String> {
         // SAFETY: forwarded.
         unsafe {
@@ -109,7 +109,7 @@ impl Target {
     /// (plain columns, no predicate): (index oid, its attribute indexes).
     ///
     /// # Preconditions
-    /// See [`Target::open`].
+    /// See [`Target::begin_change`].
     pub fn other_unique_indexes(&self) -> Vec<(pg_sys::Oid, Vec<usize>)> {
         let mut out = Vec::new();
         // SAFETY: the index list is a palloc'd OID list; each index is opened and closed.
@@ -145,12 +145,12 @@ impl Target {
     /// Find (and lock) the row whose values in `index`'s columns equal `row`'s.
     ///
     /// # Preconditions
-    /// See [`Target::open`].
+    /// See [`Target::begin_change`].
     pub fn find_by_index(&self, index: pg_sys::Oid, row: &Row) -> Option<LocalRow<'_>> {
         // SAFETY: as in find.
         let search = unsafe { self.virtual_slot(row) };
+        let found = unsafe { self.table_slot() };
         as_user(self.owner, || unsafe {
-            let found = pg_sys::table_slot_create(self.rel, &mut (*self.estate).es_tupleTable);
             pg_sys::RelationFindReplTupleByIndex(
                 self.rel,
                 index,
