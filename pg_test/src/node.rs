@@ -385,14 +385,19 @@ impl Node {
 
     /// The last `lines` lines of the server log.
     /// Lines of the server log that must never appear: a Rust backtrace in an error
-    /// report, or a backend that crashed (segfault, abort).
+    /// report, a backend that crashed (segfault, abort), or a reference or buffer pin a
+    /// transaction's resource owner found left over at its end.
     pub fn forbidden_log_lines(&self) -> Vec<String> {
-        const MARKS: [&str; 5] = [
+        const MARKS: [&str; 7] = [
             "pgrx_pg_sys::submodules::panic",
             "std::backtrace",
             "stack backtrace:",
             "terminated by signal 11",
             "terminated by signal 6",
+            // A relcache, TupleDesc, snapshot, ... reference or a buffer pin left at a
+            // transaction's end (resowner.c): state kept past its transaction.
+            "reference leak",
+            "refcount leak",
         ];
         self.log()
             .lines()

@@ -252,3 +252,155 @@ fn truncate_applies_as_the_owner_and_never_cascades_into_local_tables() {
     assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM t"), 0);
     assert_same_everywhere(&c, "t");
 }
+
+/// Run `sql` on `n` as `app`, on that node only (DDL replication off).
+fn local_only(n: &Node, sql: &str) {
+    n.connect_as("app")
+        .batch_execute(&format!("SET bdr.ddl_replication = off; {sql}"))
+        .unwrap();
+}
+
+/// Whether an index scan and a sequential scan of `t` on `n` agree on the rows matching
+/// `cond` (an index the apply worker failed to maintain would miss rows).
+fn index_agrees(n: &Node, cond: &str) -> (i64, i64) {
+    let mut cl = n.connect();
+    let count = |cl: &mut Client, seq: bool| -> i64 {
+        cl.batch_execute(&format!(
+            "SET enable_seqscan = {seq}; SET enable_indexscan = {}; SET enable_bitmapscan = {};",
+            !seq, !seq
+        ))
+        .unwrap();
+        cl.query_one(&format!("SELECT count(*) FROM t WHERE {cond}"), &[])
+            .unwrap()
+            .get(0)
+    };
+    (count(&mut cl, false), count(&mut cl, true))
+}
+
+fn apply_errors(n: &Node) -> i64 {
+    n.query_scalar("SELECT coalesce(sum(errors), 0)::int8 FROM bdr.apply_stats()")
+}
+
+/// Issue 17: the apply worker keeps each table's executor state (indexes, defaults,
+/// constraints) from one remote transaction to the next. Every local schema change made
+/// between two of them must be seen by the next one: a new column's default, a new unique
+/// index (a collision on it is a conflict, not a duplicate), a dropped index or column, a
+/// table dropped and created again under the same name.
+#[test]
+fn the_kept_table_state_follows_local_schema_changes_between_transactions() {
+    let c = pair_owned_by_app("kept_state");
+    let (a, b) = (c.node(0), c.node(1));
+    let pid = b.postmaster_pid();
+    let mut app = a.connect_as("app");
+    let mut ins = |id: i32, v: &str| {
+        app.execute("INSERT INTO t VALUES ($1, $2)", &[&id, &v])
+            .unwrap();
+        wait_for_catchup(&c);
+    };
+    ins(1, "one");
+    ins(2, "two");
+    // A column with a default, on node2 only: the next remote row gets it.
+    local_only(b, "ALTER TABLE t ADD COLUMN note text DEFAULT 'here'");
+    ins(3, "three");
+    assert_eq!(
+        b.query_scalar::<String>("SELECT note FROM t WHERE id = 3"),
+        "here"
+    );
+    // A unique index on node2 only: a remote row colliding on it is a unique_key
+    // conflict (the newer row wins), never a duplicate or an error.
+    local_only(b, "CREATE UNIQUE INDEX t_v ON t (v)");
+    ins(4, "one");
+    assert_eq!(
+        b.query_scalar::<i64>("SELECT count(*) FROM t WHERE v = 'one'"),
+        1
+    );
+    assert_eq!(b.query_scalar::<i32>("SELECT id FROM t WHERE v = 'one'"), 4);
+    assert!(
+        pg_test::bdr::conflicts(b)
+            .iter()
+            .any(|(kind, _, _)| kind == "unique_key"),
+        "no unique_key conflict on node2: {:?}",
+        pg_test::bdr::conflicts(b)
+    );
+    assert_eq!(index_agrees(b, "v = 'one'"), (1, 1));
+    // The index and the column dropped: rows go in without them.
+    local_only(b, "DROP INDEX t_v; ALTER TABLE t DROP COLUMN note");
+    ins(5, "one");
+    assert_eq!(
+        b.query_scalar::<i64>("SELECT count(*) FROM t WHERE v = 'one'"),
+        2
+    );
+    // A plain index added: maintained by the next remote rows.
+    local_only(b, "CREATE INDEX t_v2 ON t (v)");
+    ins(6, "six");
+    ins(7, "six");
+    assert_eq!(index_agrees(b, "v = 'six'"), (2, 2));
+    // The table dropped and created again with its columns in another order.
+    local_only(
+        b,
+        "DROP TABLE t; CREATE TABLE t (v text, extra int DEFAULT 42, id int PRIMARY KEY)",
+    );
+    ins(8, "eight");
+    assert_eq!(
+        b.query_scalar::<String>("SELECT v || ' ' || extra || ' ' || id FROM t"),
+        "eight 42 8"
+    );
+    assert_eq!(apply_errors(b), 0, "node2's apply worker errored");
+    assert_eq!(b.postmaster_pid(), pid);
+}
+
+/// Issue 17, mid-stream: changes queued while node2's apply is paused (the worker and its
+/// kept table state stay up), node2's table changed meanwhile; on resume every change is
+/// applied against the table as it is now.
+#[test]
+fn the_kept_table_state_follows_schema_changes_made_while_changes_are_queued() {
+    let c = pair_owned_by_app("kept_state_queued");
+    let (a, b) = (c.node(0), c.node(1));
+    let mut app = a.connect_as("app");
+    for i in 1..=20 {
+        app.execute("INSERT INTO t VALUES ($1::int, 'before ' || $1::int)", &[&i])
+            .unwrap();
+    }
+    wait_for_catchup(&c);
+    b.execute("SELECT bdr.apply_pause()");
+    wait_until("apply paused on node2", CATCHUP, || {
+        b.query_scalar::<bool>("SELECT bool_and(state = 'paused') FROM bdr.apply_workers()")
+    });
+    // Queued on node1: single-row transactions, one of many rows, updates and deletes.
+    for i in 21..=60 {
+        app.execute("INSERT INTO t VALUES ($1::int, 'queued ' || $1::int)", &[&i])
+            .unwrap();
+    }
+    app.batch_execute(
+        "INSERT INTO t SELECT g, 'batch ' || g FROM generate_series(61, 160) g;
+         UPDATE t SET v = 'updated ' || id WHERE id % 7 = 0;
+         DELETE FROM t WHERE id % 10 = 0;",
+    )
+    .unwrap();
+    local_only(
+        b,
+        "ALTER TABLE t ADD COLUMN note text DEFAULT 'd';
+         CREATE UNIQUE INDEX t_v ON t (v);
+         CREATE INDEX t_note ON t (note);",
+    );
+    b.execute("SELECT bdr.apply_resume()");
+    wait_for_catchup(&c);
+    assert_eq!(
+        b.query_scalar::<i64>("SELECT count(*) FROM t"),
+        a.query_scalar::<i64>("SELECT count(*) FROM t")
+    );
+    assert_eq!(
+        b.query_scalar::<String>("SELECT string_agg(id || v, ',' ORDER BY id) FROM t"),
+        a.query_scalar::<String>("SELECT string_agg(id || v, ',' ORDER BY id) FROM t")
+    );
+    // Rows inserted after the change got the default, and both new indexes hold them.
+    assert_eq!(
+        b.query_scalar::<i64>("SELECT count(*) FROM t WHERE id > 20 AND note IS DISTINCT FROM 'd'"),
+        0
+    );
+    let n: i64 = b.query_scalar("SELECT count(*) FROM t WHERE note = 'd'");
+    assert!(n > 100, "only {n} rows with the default");
+    assert_eq!(index_agrees(b, "note = 'd'"), (n, n));
+    assert_eq!(index_agrees(b, "v = 'updated 14'"), (1, 1));
+    assert_eq!(apply_errors(b), 0, "node2's apply worker errored");
+}

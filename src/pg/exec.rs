@@ -71,7 +71,7 @@ unsafe fn store_row(slot: *mut pg_sys::TupleTableSlot, row: &Row) {
 
 /// Slots reused change after change (an executor state that lives across transactions
 /// must not grow a slot per change): those handed out during the current change are
-/// counted and cleared (buffer pins released) when it ends.
+/// counted, and may be handed out again once it ends.
 #[derive(Default)]
 struct SlotPool {
     slots: RefCell<Vec<*mut pg_sys::TupleTableSlot>>,
@@ -93,16 +93,9 @@ impl SlotPool {
         slots[i]
     }
 
-    /// Clear every slot handed out since the last call.
-    ///
-    /// # Safety
-    /// Inside the transaction the slots were filled in.
-    unsafe fn clear(&self) {
-        let slots = self.slots.borrow();
-        for &s in &slots[..self.used.replace(0)] {
-            // SAFETY: a slot of this target's executor state.
-            unsafe { pg_sys::ExecClearTuple(s) };
-        }
+    /// Every slot may be handed out again (the caller clears them).
+    fn release(&self) {
+        self.used.set(0);
     }
 }
 
@@ -122,6 +115,11 @@ pub struct Target {
     rri: *mut pg_sys::ResultRelInfo,
     /// The index relations `ExecOpenIndices` opened, in `ri_IndexRelationDescs` order.
     indexes: Vec<pg_sys::Oid>,
+    /// The slots' tuple descriptor: a copy of the relation's (with its constraints and
+    /// the values of columns added with a default), not reference-counted, so a slot
+    /// kept across transactions holds no pin a transaction's resource owner would
+    /// report as leaked and drop.
+    desc: pg_sys::TupleDesc,
     /// The local transaction (`lxid`) whose references to the table and its indexes this
     /// target holds; `None` between transactions.
     held: Option<u32>,
@@ -178,6 +176,12 @@ impl Target {
             (*estate).es_opened_result_relations =
                 pg_sys::lappend((*estate).es_opened_result_relations, rri.cast());
             pg_sys::ExecOpenIndices(rri, false);
+            let desc = pg_sys::CreateTupleDescCopyConstr((*rel).rd_att);
+            // The slots triggers use, made here with that descriptor before the executor
+            // makes them (pinned) on first use.
+            let ops = pg_sys::table_slot_callbacks(rel);
+            (*rri).ri_TrigOldSlot = pg_sys::ExecInitExtraTupleSlot(estate, desc, ops);
+            (*rri).ri_TrigNewSlot = pg_sys::ExecInitExtraTupleSlot(estate, desc, ops);
             pg_sys::MemoryContextSwitchTo(outer);
             let indexes = (0..(*rri).ri_NumIndices as usize)
                 .map(|i| (**(*rri).ri_IndexRelationDescs.add(i)).rd_id)
@@ -188,6 +192,7 @@ impl Target {
                 estate,
                 rri,
                 indexes,
+                desc,
                 held: Some(current_lxid()),
                 in_change: Cell::new(false),
                 virtual_slots: SlotPool::default(),
@@ -272,8 +277,15 @@ impl Target {
         unsafe {
             as_user(self.owner, || pg_sys::AfterTriggerEndQuery(self.estate));
             self.close_trigger_relations();
-            self.virtual_slots.clear();
-            self.table_slots.clear();
+            self.virtual_slots.release();
+            self.table_slots.release();
+            // Every slot of the state, the executor's own too (BEFORE UPDATE triggers
+            // fetch the old row into `ri_TrigOldSlot`): no buffer pin outlives the change.
+            for slot in
+                PgList::<pg_sys::TupleTableSlot>::from_pg((*self.estate).es_tupleTable).iter_ptr()
+            {
+                pg_sys::ExecClearTuple(slot);
+            }
             let per_tuple = (*self.estate).es_per_tuple_exprcontext;
             if !per_tuple.is_null() {
                 pg_sys::MemoryContextReset((*per_tuple).ecxt_per_tuple_memory);
@@ -338,11 +350,7 @@ impl Target {
         unsafe {
             let slot = self.virtual_slots.take(|| {
                 self.in_query_cxt(|| {
-                    pg_sys::ExecInitExtraTupleSlot(
-                        self.estate,
-                        (*self.rel).rd_att,
-                        &pg_sys::TTSOpsVirtual,
-                    )
+                    pg_sys::ExecInitExtraTupleSlot(self.estate, self.desc, &pg_sys::TTSOpsVirtual)
                 })
             });
             store_row(slot, row);
@@ -358,7 +366,11 @@ impl Target {
         self.table_slots.take(|| {
             // SAFETY: made in the executor state's context, listed in its tuple table.
             self.in_query_cxt(|| unsafe {
-                pg_sys::table_slot_create(self.rel, &mut (*self.estate).es_tupleTable)
+                pg_sys::ExecInitExtraTupleSlot(
+                    self.estate,
+                    self.desc,
+                    pg_sys::table_slot_callbacks(self.rel),
+                )
             })
         })
     }
