@@ -358,8 +358,11 @@ fn the_kept_table_state_follows_schema_changes_made_while_changes_are_queued() {
     let (a, b) = (c.node(0), c.node(1));
     let mut app = a.connect_as("app");
     for i in 1..=20 {
-        app.execute("INSERT INTO t VALUES ($1::int, 'before ' || $1::int)", &[&i])
-            .unwrap();
+        app.execute(
+            "INSERT INTO t VALUES ($1::int, 'before ' || $1::int)",
+            &[&i],
+        )
+        .unwrap();
     }
     wait_for_catchup(&c);
     b.execute("SELECT bdr.apply_pause()");
@@ -368,8 +371,11 @@ fn the_kept_table_state_follows_schema_changes_made_while_changes_are_queued() {
     });
     // Queued on node1: single-row transactions, one of many rows, updates and deletes.
     for i in 21..=60 {
-        app.execute("INSERT INTO t VALUES ($1::int, 'queued ' || $1::int)", &[&i])
-            .unwrap();
+        app.execute(
+            "INSERT INTO t VALUES ($1::int, 'queued ' || $1::int)",
+            &[&i],
+        )
+        .unwrap();
     }
     app.batch_execute(
         "INSERT INTO t SELECT g, 'batch ' || g FROM generate_series(61, 160) g;

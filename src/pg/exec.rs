@@ -222,8 +222,8 @@ impl Target {
     /// found not to concern this target; [`Target::end_change`] before the next call.
     pub fn begin_change(&mut self) -> bool {
         crate::pg::xact::require_transaction();
-        // SAFETY: a plain read of the snapshot stack.
-        if !unsafe { pg_sys::ActiveSnapshotSet() } {
+        // SAFETY: a plain read of the snapshot stack (cannot raise).
+        if !unsafe { crate::pg::unguarded::ActiveSnapshotSet() } {
             pgrx::error!("bdr: internal error: table write without an active snapshot");
         }
         let lxid = current_lxid();
@@ -256,8 +256,8 @@ impl Target {
         }
         // SAFETY: the executor state is this target's; one query level per change.
         unsafe {
-            (*self.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-            pg_sys::AfterTriggerBeginQuery();
+            (*self.estate).es_output_cid = crate::pg::unguarded::GetCurrentCommandId(true);
+            crate::pg::unguarded::AfterTriggerBeginQuery();
         }
         self.in_change.set(true);
         true
@@ -284,14 +284,14 @@ impl Target {
             for slot in
                 PgList::<pg_sys::TupleTableSlot>::from_pg((*self.estate).es_tupleTable).iter_ptr()
             {
-                pg_sys::ExecClearTuple(slot);
+                crate::pg::unguarded::clear_slot(slot);
             }
             let per_tuple = (*self.estate).es_per_tuple_exprcontext;
             if !per_tuple.is_null() {
-                pg_sys::MemoryContextReset((*per_tuple).ecxt_per_tuple_memory);
+                crate::pg::unguarded::reset_context((*per_tuple).ecxt_per_tuple_memory);
             }
             if let Some(d) = self.defaults.borrow().as_ref() {
-                pg_sys::MemoryContextReset((*d.econtext).ecxt_per_tuple_memory);
+                crate::pg::unguarded::reset_context((*d.econtext).ecxt_per_tuple_memory);
             }
         }
     }

@@ -17,6 +17,7 @@ pub mod sequence;
 pub mod shmem;
 pub mod syncrep;
 pub mod tables;
+pub mod unguarded;
 pub mod utility;
 pub mod xact;
 

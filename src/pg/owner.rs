@@ -14,8 +14,8 @@ struct RestoreUser(pg_sys::Oid, i32);
 
 impl Drop for RestoreUser {
     fn drop(&mut self) {
-        // SAFETY: restores the values read by GetUserIdAndSecContext.
-        unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        // SAFETY: restores the values read by GetUserIdAndSecContext (cannot raise).
+        unsafe { crate::pg::unguarded::SetUserIdAndSecContext(self.0, self.1) };
     }
 }
 
@@ -33,10 +33,11 @@ pub fn as_user<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
 /// also when an error unwinds through.
 pub fn switch_user<R>(role: pg_sys::Oid, flags: u32, f: impl FnOnce() -> R) -> R {
     let (mut user, mut sec) = (pg_sys::InvalidOid, 0);
-    // SAFETY: plain reads and writes of the backend's current user and context.
+    // SAFETY: plain reads and writes of the backend's current user and context (they
+    // cannot raise, so no guard is needed).
     unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut sec);
-        pg_sys::SetUserIdAndSecContext(role, sec | flags as i32);
+        crate::pg::unguarded::GetUserIdAndSecContext(&mut user, &mut sec);
+        crate::pg::unguarded::SetUserIdAndSecContext(role, sec | flags as i32);
     }
     let _restore = RestoreUser(user, sec);
     f()

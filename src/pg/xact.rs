@@ -21,8 +21,8 @@ pub fn begin() {
 /// Raise an internal error unless a transaction is open: what the safe functions of
 /// `pg/` that read catalogs or write tables check first.
 pub fn require_transaction() {
-    // SAFETY: a plain read of the transaction state.
-    if !unsafe { pg_sys::IsTransactionState() } {
+    // SAFETY: a plain read of the transaction state (cannot raise).
+    if !unsafe { crate::pg::unguarded::IsTransactionState() } {
         pgrx::error!("bdr: internal error: catalog access outside a transaction");
     }
 }
@@ -283,8 +283,8 @@ pub fn commit_ts(xid: pg_sys::TransactionId) -> Option<(i64, u16)> {
 
 /// Whether `xid` is (part of) the current transaction.
 pub fn is_current_xact(xid: pg_sys::TransactionId) -> bool {
-    // SAFETY: plain lookup.
-    unsafe { pg_sys::TransactionIdIsCurrentTransactionId(xid) }
+    // SAFETY: plain lookup (cannot raise).
+    unsafe { crate::pg::unguarded::TransactionIdIsCurrentTransactionId(xid) }
 }
 
 /// The name of a replication origin.
