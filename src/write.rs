@@ -13,7 +13,9 @@
 //!
 //! A mapping is cached per peer relation and dropped whenever the local table's definition
 //! changes (relcache invalidation, see `pg::relcache`), so it always describes the table as
-//! it is. Text values are converted by the column types' input functions as the table's
+//! it is. It also keeps the table's [`Target`] (executor state, kept across changes and
+//! transactions, see `pg::exec`), which an invalidation of one of the table's indexes
+//! makes stale too ([`RelMap::invalidated_by`]). Text values are converted by the column types' input functions as the table's
 //! owner (a domain's CHECK may call the owner's functions), and the owner's privileges on
 //! the table are checked before each kind of change.
 
