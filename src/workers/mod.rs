@@ -13,3 +13,4 @@
 pub mod apply;
 pub mod launcher;
 pub mod supervisor;
+pub mod writer;
