@@ -173,11 +173,19 @@ pub struct Deps {
     table_excl: HashMap<u32, u64>,
     /// Last transaction that must run alone (DDL, TRUNCATE, a serial table).
     barrier: u64,
+    /// Keys recorded for the current transaction (see [`KEYS_PER_TRANSACTION`]).
+    current_keys: usize,
 }
+
+/// Most keys recorded for one transaction: past this, its further changes count as
+/// touching their whole table (later transactions on that table wait for it), so a
+/// million-row transaction does not make the receiver hold a million keys.
+pub const KEYS_PER_TRANSACTION: usize = 10_000;
 
 impl Deps {
     /// Transaction `seq` begins: the barrier it must wait for (0: none).
-    pub fn begin(&self, _seq: u64) -> u64 {
+    pub fn begin(&mut self, _seq: u64) -> u64 {
+        self.current_keys = 0;
         self.barrier
     }
 
@@ -193,8 +201,10 @@ impl Deps {
     pub fn change(&mut self, seq: u64, table: u32, keys: Option<&[u64]>) -> u64 {
         let before = |v: Option<&u64>| v.copied().filter(|&s| s < seq).unwrap_or(0);
         let mut dep = before(self.table_excl.get(&table));
+        let keys = keys.filter(|k| self.current_keys + k.len() <= KEYS_PER_TRANSACTION);
         match keys {
             Some(keys) => {
+                self.current_keys += keys.len();
                 for k in keys {
                     dep = dep.max(before(self.keys.get(k)));
                     self.keys.insert(*k, seq);
@@ -318,5 +328,19 @@ mod tests {
         d.prune(6);
         assert!(d.is_empty());
         assert_eq!(d.change(7, 10, Some(&[100])), 0);
+    }
+
+    #[test]
+    fn a_huge_transaction_holds_bounded_keys_and_takes_its_table() {
+        let mut d = Deps::default();
+        d.begin(1);
+        for k in 0..(KEYS_PER_TRANSACTION as u64 * 3) {
+            assert_eq!(d.change(1, 10, Some(&[k])), 0);
+        }
+        assert_eq!(d.len(), KEYS_PER_TRANSACTION);
+        d.begin(2);
+        // A key it never recorded still waits: the table is taken.
+        assert_eq!(d.change(2, 10, Some(&[u64::MAX])), 1);
+        assert_eq!(d.change(2, 11, Some(&[u64::MAX - 1])), 0);
     }
 }

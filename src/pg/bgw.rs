@@ -34,6 +34,15 @@ pub fn wait(socket: Option<i32>, timeout: Duration) -> bool {
     BackgroundWorker::sigterm_received()
 }
 
+/// Re-read the configuration file if SIGHUP arrived since the last look (a process that
+/// waits elsewhere than in [`wait`], e.g. a parallel-apply writer on its queue).
+pub fn reload_if_asked() {
+    if BackgroundWorker::sighup_received() {
+        // SAFETY: re-reading the configuration file is what SIGHUP asks for.
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    }
+}
+
 /// PostgreSQL's `wal_receiver_timeout` as it is now (a reload changes it); `None` when 0
 /// (disabled).
 pub fn wal_receiver_timeout() -> Option<Duration> {

@@ -123,7 +123,11 @@ fn run(group: &mut Group, slot: usize, dboid: u32, local: &nodes::Node, peer: &n
             }
         };
         match step {
-            Step::Begin(s) => seq = s,
+            Step::Begin(s) => {
+                // Settings (e.g. bdr.log_conflicts_to_table) change between transactions.
+                bgw::reload_if_asked();
+                seq = s
+            }
             Step::Wait(d) => wait(group, d, &peer.name),
             Step::Msg(m @ Message::Begin(_)) => {
                 applier.handle(m);
