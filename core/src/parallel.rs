@@ -142,24 +142,17 @@ pub fn change_keys(
             return None;
         }
     }
-    match old {
-        None => {}
-        Some(Some(OldRow::Full(v))) => {
-            if !hash_sets(relation, &mut out, &|c| v.get(c), keys) {
-                return None;
-            }
-        }
+    let known = match old {
+        None => true,
+        Some(Some(OldRow::Full(v))) => hash_sets(relation, &mut out, &|c| v.get(c), keys),
         // Identity unchanged (in the new tuple); other unique values freed are unknown.
-        Some(None) if identity_only => {}
-        Some(Some(OldRow::Key(v))) if identity_only => {
+        Some(None) => identity_only,
+        Some(Some(OldRow::Key(v))) => {
             let at = |c: usize| identity.iter().position(|&k| k == c).and_then(|i| v.get(i));
-            if !hash_sets(relation, &mut out, &at, &keys[..1]) {
-                return None;
-            }
+            identity_only && hash_sets(relation, &mut out, &at, &keys[..1])
         }
-        Some(_) => return None,
-    }
-    Some(out)
+    };
+    known.then_some(out)
 }
 
 /// Which earlier transactions a transaction's changes depend on (the receiver's half of
@@ -280,7 +273,12 @@ mod tests {
     fn key_change_hashes_old_and_new() {
         let keys = vec![vec![0]];
         let old = OldRow::Key(vec![t("1")]);
-        let upd = change_keys(1, &keys, true, Change::Update(Some(&old), &[t("2"), t("x")]));
+        let upd = change_keys(
+            1,
+            &keys,
+            true,
+            Change::Update(Some(&old), &[t("2"), t("x")]),
+        );
         assert_eq!(upd.unwrap().len(), 2);
     }
 
@@ -293,12 +291,16 @@ mod tests {
         assert!(change_keys(1, &keys, false, Change::Update(None, &[t("1"), t("b")])).is_none());
         let full = OldRow::Full(vec![t("1"), t("a")]);
         assert_eq!(
-            change_keys(1, &keys, false, Change::Delete(&full)).unwrap().len(),
+            change_keys(1, &keys, false, Change::Delete(&full))
+                .unwrap()
+                .len(),
             2
         );
         // An insert knows every value.
         assert_eq!(
-            change_keys(1, &keys, false, Change::Insert(&[t("1"), t("a")])).unwrap().len(),
+            change_keys(1, &keys, false, Change::Insert(&[t("1"), t("a")]))
+                .unwrap()
+                .len(),
             2
         );
         // Unchanged TOAST in a key column.
@@ -307,7 +309,9 @@ mod tests {
         // NULL in a unique column: no key for that index.
         let keys = vec![vec![0], vec![1]];
         assert_eq!(
-            change_keys(1, &keys, false, Change::Insert(&[t("1"), Value::Null])).unwrap().len(),
+            change_keys(1, &keys, false, Change::Insert(&[t("1"), Value::Null]))
+                .unwrap()
+                .len(),
             1
         );
     }
@@ -321,7 +325,11 @@ mod tests {
         assert_eq!(d.change(2, 10, Some(&[200])), 0, "independent");
         assert_eq!(d.change(3, 10, Some(&[100])), 1, "same key");
         assert_eq!(d.change(4, 10, None), 3, "unknown keys wait for the table");
-        assert_eq!(d.change(5, 10, Some(&[300])), 4, "after an unknown-key change");
+        assert_eq!(
+            d.change(5, 10, Some(&[300])),
+            4,
+            "after an unknown-key change"
+        );
         assert_eq!(d.change(5, 11, Some(&[400])), 0, "other table, other key");
         assert_eq!(d.serial(6), 5);
         assert_eq!(d.begin(7), 6);

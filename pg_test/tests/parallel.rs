@@ -69,20 +69,28 @@ fn independent_transactions_overlap_dependent_ones_apply_in_order() {
     hold.batch_execute("BEGIN; SELECT * FROM t WHERE id = 1 FOR UPDATE")
         .unwrap();
     let mut app = a.connect_as("app");
-    app.batch_execute("UPDATE t SET v = 'x1' WHERE id = 1").unwrap(); // T1
-    app.batch_execute("INSERT INTO t VALUES (10, 'first')").unwrap(); // T2
-    app.batch_execute("INSERT INTO t VALUES (11, 'other')").unwrap(); // T3, independent
-    app.batch_execute("UPDATE t SET v = 'second' WHERE id = 10").unwrap(); // T4, after T2
+    app.batch_execute("UPDATE t SET v = 'x1' WHERE id = 1")
+        .unwrap(); // T1
+    app.batch_execute("INSERT INTO t VALUES (10, 'first')")
+        .unwrap(); // T2
+    app.batch_execute("INSERT INTO t VALUES (11, 'other')")
+        .unwrap(); // T3, independent
+    app.batch_execute("UPDATE t SET v = 'second' WHERE id = 10")
+        .unwrap(); // T4, after T2
 
     // T2 and T3 are applied (in progress, each in its own writer) and wait for their
     // turn to commit; T4 waits for T2 before its change (no xid yet).
-    wait_until("T2 and T3 applied at once, waiting to commit", CATCHUP, || {
-        b.query_scalar::<i64>(
-            "SELECT count(*) FROM pg_stat_activity \
+    wait_until(
+        "T2 and T3 applied at once, waiting to commit",
+        CATCHUP,
+        || {
+            b.query_scalar::<i64>(
+                "SELECT count(*) FROM pg_stat_activity \
              WHERE backend_type LIKE 'bdr writer%' AND backend_xid IS NOT NULL",
-        ) >= 2
-            && b.query_scalar::<i64>(TAG_WAITS) >= 3
-    });
+            ) >= 2
+                && b.query_scalar::<i64>(TAG_WAITS) >= 3
+        },
+    );
     let waiting_without_xid: i64 = b.query_scalar(
         "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s USING (pid) \
          WHERE l.locktype = 'advisory' AND l.objsubid = 16964 AND NOT l.granted \
@@ -135,7 +143,8 @@ fn randomized_transactions_converge_with_parallel_apply() {
             .map(|i| {
                 let dsn = c.node(i).dsn();
                 std::thread::spawn(move || {
-                    let mut rng = Rng((seed * 3 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+                    let mut rng =
+                        Rng((seed * 3 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
                     let mut cl = postgres::Client::connect(&dsn, postgres::NoTls).unwrap();
                     for txn in 0..30 {
                         let mut sql = String::from("BEGIN;");
@@ -168,7 +177,9 @@ fn randomized_transactions_converge_with_parallel_apply() {
         .nodes()
         .iter()
         .map(|n| {
-            n.query_scalar::<i64>("SELECT coalesce(sum(error_count), 0)::int8 FROM bdr.apply_workers()")
+            n.query_scalar::<i64>(
+                "SELECT coalesce(sum(error_count), 0)::int8 FROM bdr.apply_workers()",
+            )
         })
         .sum();
     eprintln!("{seeds} seeds converged; apply retries on all nodes: {retries}");
@@ -229,17 +240,22 @@ fn kill9(pid: i32) {
 /// Wait until node `n` is back up with its writers running (after a crash restart).
 fn wait_writers(n: &Node) {
     wait_until(&format!("writers running on {}", n.name()), CATCHUP, || {
-        n.connect().query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'bdr writer%'",
-            &[],
-        )
-        .map(|r| r.get::<_, i64>(0) == K as i64)
-        .unwrap_or(false)
+        n.connect()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'bdr writer%'",
+                &[],
+            )
+            .map(|r| r.get::<_, i64>(0) == K as i64)
+            .unwrap_or(false)
     });
 }
 
 fn grows(b: &Node, what: &str) {
-    let before: i64 = b.connect().query_one("SELECT count(*) FROM t", &[]).map(|r| r.get(0)).unwrap_or(0);
+    let before: i64 = b
+        .connect()
+        .query_one("SELECT count(*) FROM t", &[])
+        .map(|r| r.get(0))
+        .unwrap_or(0);
     wait_until(what, CATCHUP, || {
         b.connect()
             .query_one("SELECT count(*) FROM t", &[])
@@ -257,8 +273,11 @@ fn kills_of_receiver_writer_and_walsender_lose_and_duplicate_nothing() {
     grows(b, "rows arrive on node2");
 
     // 1. The receiver (apply worker) on node2: the postmaster restarts node2's processes.
-    let pid = pid_of(b, "SELECT pid FROM bdr.apply_workers() WHERE peer = 'node1'")
-        .expect("apply worker pid");
+    let pid = pid_of(
+        b,
+        "SELECT pid FROM bdr.apply_workers() WHERE peer = 'node1'",
+    )
+    .expect("apply worker pid");
     kill9(pid);
     wait_writers(b);
     grows(b, "rows arrive after the receiver's kill");
@@ -316,9 +335,11 @@ fn a_writer_error_stops_the_group_and_it_resumes_in_order() {
     );
     let mut app = a.connect_as("app");
     app.batch_execute("INSERT INTO t VALUES (30, 'a')").unwrap(); // N-1
-    app.batch_execute("INSERT INTO t VALUES (31, 'poison')").unwrap(); // N
+    app.batch_execute("INSERT INTO t VALUES (31, 'poison')")
+        .unwrap(); // N
     app.batch_execute("INSERT INTO t VALUES (32, 'b')").unwrap(); // N+1
-    app.batch_execute("UPDATE t SET v = 'a2' WHERE id = 30").unwrap(); // N+2
+    app.batch_execute("UPDATE t SET v = 'a2' WHERE id = 30")
+        .unwrap(); // N+2
     wait_until("the apply error recorded on node2", CATCHUP, || {
         b.query_scalar::<i64>(
             "SELECT count(*) FROM bdr.conflict_history WHERE conflict_type = 'apply_error'",

@@ -190,7 +190,13 @@ impl Group {
     pub fn send(&self, w: usize, bytes: &[u8]) -> Sent {
         // SAFETY: our own queue handle; `bytes` is valid for the call.
         let r = unsafe {
-            pg_sys::shm_mq_send(self.queues[w], bytes.len(), bytes.as_ptr().cast(), true, true)
+            pg_sys::shm_mq_send(
+                self.queues[w],
+                bytes.len(),
+                bytes.as_ptr().cast(),
+                true,
+                true,
+            )
         };
         match r {
             pg_sys::shm_mq_result::SHM_MQ_SUCCESS => Sent::Done,

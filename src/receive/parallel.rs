@@ -408,7 +408,11 @@ fn read_plan(r: &wire::Relation) -> (TablePlan, pgrx::pg_sys::Oid) {
         WHERE n.nspname = $1 AND c.relname = $2";
     xact::begin();
     let row = pgrx::Spi::connect(|client| {
-        let t = client.select(SQL, Some(1), &[r.schema.as_str().into(), r.name.as_str().into()])?;
+        let t = client.select(
+            SQL,
+            Some(1),
+            &[r.schema.as_str().into(), r.name.as_str().into()],
+        )?;
         let mut out = None;
         for row in t {
             out = Some((

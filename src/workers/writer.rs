@@ -67,13 +67,13 @@ pub fn main(arg: pg_sys::Datum) {
         let mut g = group_cell;
         run(&mut g.0, slot, dboid, local_ref, peer_ref)
     })
-        .catch_others(|e| {
-            // The group stops: nobody commits after a failed transaction.
-            aborter.set_abort();
-            super::apply::record_failure(slot, &local.name, &peer.name, &e);
-            e.rethrow()
-        })
-        .execute();
+    .catch_others(|e| {
+        // The group stops: nobody commits after a failed transaction.
+        aborter.set_abort();
+        super::apply::record_failure(slot, &local.name, &peer.name, &e);
+        e.rethrow()
+    })
+    .execute();
 }
 
 /// One step read from the queue.
@@ -115,7 +115,9 @@ fn run(group: &mut Group, slot: usize, dboid: u32, local: &nodes::Node, peer: &n
                 Some(Ctl::Begin { seq }) => Step::Begin(seq),
                 Some(Ctl::Wait { seq }) => Step::Wait(seq),
                 Some(Ctl::Frame(f)) => Step::Msg(wire::decode_frame(f).unwrap_or_else(|e| {
-                    raise(&ApplyError::Protocol(format!("bad frame from the receiver: {e}")))
+                    raise(&ApplyError::Protocol(format!(
+                        "bad frame from the receiver: {e}"
+                    )))
                 })),
                 None => raise(&ApplyError::Protocol(
                     "bad control message from the receiver".into(),
