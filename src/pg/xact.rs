@@ -18,6 +18,18 @@ pub fn begin() {
     }
 }
 
+/// Take a new snapshot for the rest of the transaction (parallel apply: after waiting
+/// for an earlier transaction to commit, its changes must be visible to the next one).
+pub fn refresh_snapshot() {
+    require_transaction();
+    // SAFETY: inside a transaction started by `begin`, which pushed the active snapshot
+    // replaced here (read committed: GetTransactionSnapshot takes a new one).
+    unsafe {
+        pg_sys::PopActiveSnapshot();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+}
+
 /// Raise an internal error unless a transaction is open: what the safe functions of
 /// `pg/` that read catalogs or write tables check first.
 pub fn require_transaction() {

@@ -130,7 +130,11 @@ fn run(group: &mut Group, slot: usize, dboid: u32, local: &nodes::Node, peer: &n
                 bgw::reload_if_asked();
                 seq = s
             }
-            Step::Wait(d) => wait(group, d, &peer.name),
+            Step::Wait(d) => {
+                wait(group, d, &peer.name);
+                // What `d` wrote must be visible to the changes that waited for it.
+                xact::refresh_snapshot();
+            }
             Step::Msg(m @ Message::Begin(_)) => {
                 applier.handle(m);
                 group.start(seq);
