@@ -31,6 +31,10 @@
 //! timeout only fires on silence; a connect to a silent host is bounded by the DSN's
 //! `connect_timeout` (10 s by default, [`Conn::connect`]).
 //!
+//! With `bdr.writers_per_peer` > 1 the frames go to writer processes instead of an
+//! in-process [`Applier`] (`parallel.rs`); everything above stays here, and flush
+//! feedback follows what the writers committed.
+//!
 //! The data path reads the clock once per round of the main loop (`Stream::now`), and
 //! publishes committed transactions' progress to shared memory at most every few
 //! milliseconds (`progress.rs`): per-message clock reads and per-commit locks of the
