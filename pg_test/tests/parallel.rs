@@ -377,3 +377,57 @@ fn a_writer_error_stops_the_group_and_it_resumes_in_order() {
     assert_eq!(value(b, 32).as_deref(), Some("b"));
     assert_same_everywhere(&c, "t");
 }
+
+/// Measurement, run by hand (`cargo test -p pg_test --test parallel -- --ignored
+/// --nocapture`): time for node2 to apply a backlog of `BDR_PARALLEL_TXNS` (default
+/// 5000) single-row transactions from node1, with 1 writer (in-process) and with 4.
+#[test]
+#[ignore]
+fn parallel_apply_timing() {
+    let txns: i32 = std::env::var("BDR_PARALLEL_TXNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    for k in [1, 4, 1, 4] {
+        let c = Cluster::builder()
+            .name(&format!("par_timing{k}"))
+            .nodes(2)
+            .writers_per_peer(k)
+            .start();
+        for n in c.nodes() {
+            n.execute("CREATE EXTENSION bdr; CREATE TABLE t (id int PRIMARY KEY, v text)");
+        }
+        form_group(&c);
+        let (a, b) = (c.node(0), c.node(1));
+        b.execute("SELECT bdr.apply_pause()");
+        wait_until("paused", CATCHUP, || {
+            b.query_scalar::<bool>("SELECT bool_and(state = 'paused') FROM bdr.apply_workers()")
+        });
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let dsn = a.dsn();
+                std::thread::spawn(move || {
+                    let mut cl = postgres::Client::connect(&dsn, postgres::NoTls).unwrap();
+                    let mut id = i;
+                    while id < txns {
+                        cl.execute("INSERT INTO t VALUES ($1, 'x')", &[&id])
+                            .unwrap();
+                        id += 4;
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let start = std::time::Instant::now();
+        b.execute("SELECT bdr.apply_resume()");
+        wait_until("backlog applied", Duration::from_secs(600), || {
+            b.query_scalar::<i64>("SELECT count(*) FROM t") == txns as i64
+        });
+        println!(
+            "writers_per_peer = {k}: {txns} single-row transactions applied in {:.2} s",
+            start.elapsed().as_secs_f64()
+        );
+    }
+}
