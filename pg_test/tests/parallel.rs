@@ -18,10 +18,15 @@ const K: usize = 4;
 /// `n` nodes with 4 writers per peer, an application role and table `t`, created on
 /// node1 after the group formed and replicated.
 fn group(name: &str, n: usize) -> Cluster {
+    // BDR_PARALLEL_K overrides the writers (e.g. 1, to compare a scenario without).
+    let k = std::env::var("BDR_PARALLEL_K")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(K);
     let c = Cluster::builder()
         .name(name)
         .nodes(n)
-        .writers_per_peer(K)
+        .writers_per_peer(k)
         .conf("bdr.apply_retry_max_delay", "'1s'")
         .start();
     for n in c.nodes() {

@@ -91,6 +91,11 @@ pub enum WaitFailed {
 pub struct Aborter(*mut Header);
 
 impl Aborter {
+    /// Whether the group is stopping already.
+    pub fn aborted(&self) -> bool {
+        header_ref(self.0).abort.load(Ordering::Acquire)
+    }
+
     pub fn set_abort(&self) {
         let hdr = header_ref(self.0);
         hdr.abort.store(true, Ordering::Release);

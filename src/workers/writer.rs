@@ -68,9 +68,17 @@ pub fn main(arg: pg_sys::Datum) {
         run(&mut g.0, slot, dboid, local_ref, peer_ref)
     })
     .catch_others(|e| {
-        // The group stops: nobody commits after a failed transaction.
+        // The group stops: nobody commits after a failed transaction. Only the first
+        // failure is the cause: the others (waits that found the group stopping) do not
+        // overwrite the error the worker's slot shows.
+        let first = !aborter.aborted();
         aborter.set_abort();
-        super::apply::record_failure(slot, &local.name, &peer.name, &e);
+        if first {
+            super::apply::record_failure(slot, &local.name, &peer.name, &e);
+        } else {
+            xact::abort();
+            xact::clear_origin();
+        }
         e.rethrow()
     })
     .execute();
