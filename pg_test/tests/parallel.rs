@@ -425,6 +425,11 @@ fn parallel_apply_timing() {
         for t in threads {
             t.join().unwrap();
         }
+        assert_eq!(
+            b.query_scalar::<i64>("SELECT count(*) FROM t"),
+            0,
+            "nothing applied while paused"
+        );
         let start = std::time::Instant::now();
         b.execute("SELECT bdr.apply_resume()");
         wait_until("backlog applied", Duration::from_secs(600), || {
