@@ -42,8 +42,10 @@
 
 mod hold;
 pub mod parallel;
+mod plans;
 mod progress;
 
+use parallel::Sink;
 use progress::publish_progress;
 
 use crate::apply::Applier;
@@ -84,38 +86,6 @@ fn lib_err(e: crate::pg::libpq::LibpqError) -> ! {
 
 /// How often an idle stream asks the walsender to confirm its position.
 const PING: Duration = Duration::from_secs(1);
-
-/// Where received transactions go: applied in this process (`bdr.writers_per_peer` =
-/// 1), or handed to writers (parallel apply, `parallel.rs`).
-enum Sink {
-    One(Box<Applier>),
-    Many(Box<parallel::Dispatch>),
-}
-
-impl Sink {
-    fn tracker(&mut self) -> &mut bdr_core::stream::FlushTracker {
-        match self {
-            Sink::One(a) => &mut a.tracker,
-            Sink::Many(d) => &mut d.tracker,
-        }
-    }
-
-    /// Between a transaction's BEGIN and COMMIT (as received).
-    fn in_transaction(&self) -> bool {
-        match self {
-            Sink::One(a) => a.in_transaction(),
-            Sink::Many(d) => d.receiving(),
-        }
-    }
-
-    /// Anything received and not committed yet.
-    fn busy(&self) -> bool {
-        match self {
-            Sink::One(a) => a.in_transaction(),
-            Sink::Many(d) => d.busy(),
-        }
-    }
-}
 
 /// One replication stream from a peer into the local apply stage.
 struct Stream {
@@ -324,44 +294,6 @@ impl Stream {
             self.last_published = self.now;
             publish_progress(self.slot);
         }
-    }
-
-    /// Parallel apply: take in what the writers committed (positions, last commit time),
-    /// and answer a synchronous commit at once.
-    fn poll_writers(&mut self) {
-        let Sink::Many(d) = &mut self.sink else {
-            return;
-        };
-        let (any, ack) = d.poll();
-        if any {
-            let (applied, t, busy) = (d.tracker.applied_position(), d.last_commit_time, d.busy());
-            if !busy {
-                PENDING.with(|p| p.set((0, None)));
-            }
-            progress::note_commit(
-                &shmem::Stats::default(),
-                [0; 9],
-                self.received,
-                applied,
-                t,
-                self.peer_lsn,
-            );
-            if ack
-                || self.now.saturating_duration_since(self.last_published)
-                    >= progress::PUBLISH_EVERY
-            {
-                self.last_published = self.now;
-                publish_progress(self.slot);
-            }
-        }
-        if ack {
-            self.feedback(false);
-        }
-    }
-
-    /// A stop was asked for while waiting for a writer.
-    fn stopping(&self) -> bool {
-        matches!(&self.sink, Sink::Many(d) if d.stopping)
     }
 
     /// Nothing heard from the peer for `wal_receiver_timeout`: give up this connection.

@@ -50,6 +50,78 @@ pub fn shutdown() {
     }
 }
 
+/// Where received transactions go: applied in this process (`bdr.writers_per_peer` =
+/// 1), or handed to writers (parallel apply, `parallel.rs`).
+pub(super) enum Sink {
+    One(Box<crate::apply::Applier>),
+    Many(Box<Dispatch>),
+}
+
+impl Sink {
+    pub(super) fn tracker(&mut self) -> &mut bdr_core::stream::FlushTracker {
+        match self {
+            Sink::One(a) => &mut a.tracker,
+            Sink::Many(d) => &mut d.tracker,
+        }
+    }
+
+    /// Between a transaction's BEGIN and COMMIT (as received).
+    pub(super) fn in_transaction(&self) -> bool {
+        match self {
+            Sink::One(a) => a.in_transaction(),
+            Sink::Many(d) => d.receiving(),
+        }
+    }
+
+    /// Anything received and not committed yet.
+    pub(super) fn busy(&self) -> bool {
+        match self {
+            Sink::One(a) => a.in_transaction(),
+            Sink::Many(d) => d.busy(),
+        }
+    }
+}
+
+impl super::Stream {
+    /// Parallel apply: take in what the writers committed (positions, last commit time),
+    /// and answer a synchronous commit at once.
+    pub(super) fn poll_writers(&mut self) {
+        let Sink::Many(d) = &mut self.sink else {
+            return;
+        };
+        let (any, ack) = d.poll();
+        if any {
+            let (applied, t, busy) = (d.tracker.applied_position(), d.last_commit_time, d.busy());
+            if !busy {
+                super::PENDING.with(|p| p.set((0, None)));
+            }
+            super::progress::note_commit(
+                &shmem::Stats::default(),
+                [0; 9],
+                self.received,
+                applied,
+                t,
+                self.peer_lsn,
+            );
+            if ack
+                || self.now.saturating_duration_since(self.last_published)
+                    >= super::progress::PUBLISH_EVERY
+            {
+                self.last_published = self.now;
+                super::progress::publish_progress(self.slot);
+            }
+        }
+        if ack {
+            self.feedback(false);
+        }
+    }
+
+    /// A stop was asked for while waiting for a writer.
+    pub(super) fn stopping(&self) -> bool {
+        matches!(&self.sink, Sink::Many(d) if d.stopping)
+    }
+}
+
 struct Rel {
     remote: wire::Relation,
     plan: Option<(TablePlan, pgrx::pg_sys::Oid)>,
@@ -359,7 +431,7 @@ impl Dispatch {
     fn plan(&mut self, relation: u32) -> Option<TablePlan> {
         let rel = self.rels.get_mut(&relation)?;
         if rel.plan.is_none() {
-            rel.plan = Some(read_plan(&rel.remote));
+            rel.plan = Some(super::plans::read_plan(&rel.remote));
         }
         rel.plan.as_ref().map(|(p, _)| p.clone())
     }
@@ -386,82 +458,4 @@ impl Dispatch {
             }
         }
     }
-}
-
-/// A peer relation's plan from the local table's catalog (serial when the table is not
-/// here, or anything makes its changes' order matter beyond their keys).
-fn read_plan(r: &wire::Relation) -> (TablePlan, pgrx::pg_sys::Oid) {
-    const SQL: &str = "SELECT c.oid::int8, \
-        EXISTS (SELECT 1 FROM pg_catalog.pg_constraint f WHERE f.contype = 'f' \
-                AND (f.conrelid = c.oid OR f.confrelid = c.oid)) \
-        OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid \
-                AND NOT t.tgisinternal AND t.tgenabled IN ('A', 'R')) \
-        OR EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid \
-                AND i.indisunique AND i.indexprs IS NOT NULL), \
-        COALESCE((SELECT pg_catalog.json_agg((SELECT pg_catalog.json_agg(a.attname::text ORDER BY k.ord) \
-                FROM pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) \
-                JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum \
-                WHERE k.ord <= i.indnkeyatts)) \
-            FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisunique \
-            AND i.indexprs IS NULL), '[]'::json)::text \
-        FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-        WHERE n.nspname = $1 AND c.relname = $2";
-    xact::begin();
-    let row = pgrx::Spi::connect(|client| {
-        let t = client.select(
-            SQL,
-            Some(1),
-            &[r.schema.as_str().into(), r.name.as_str().into()],
-        )?;
-        let mut out = None;
-        for row in t {
-            out = Some((
-                row.get::<i64>(1)?.unwrap_or(0),
-                row.get::<bool>(2)?.unwrap_or(true),
-                row.get::<String>(3)?.unwrap_or_default(),
-            ));
-        }
-        Ok::<_, pgrx::spi::Error>(out)
-    })
-    .unwrap_or_else(|e| raise(&ApplyError::spi(e)));
-    xact::commit();
-    let Some((oid, serial, uniques)) = row else {
-        return (TablePlan::Serial, pgrx::pg_sys::Oid::INVALID);
-    };
-    let relid = pgrx::pg_sys::Oid::from(oid as u32);
-    let identity = r.key_columns();
-    let usable_identity = matches!(
-        r.replica_identity,
-        wire::ReplicaIdentity::Default | wire::ReplicaIdentity::Index
-    ) && !identity.is_empty();
-    let uniques: Vec<Vec<String>> = serde_json::from_str(&uniques).unwrap_or_default();
-    if serial || (!usable_identity && uniques.is_empty()) {
-        return (TablePlan::Serial, relid);
-    }
-    let mut keys = vec![identity];
-    for cols in uniques {
-        let pos: Option<Vec<usize>> = cols
-            .iter()
-            .map(|c| r.columns.iter().position(|rc| &rc.name == c))
-            .collect();
-        match pos {
-            // A unique column the peer does not send: its values are unknown.
-            None => return (TablePlan::Serial, relid),
-            Some(p) if !keys.contains(&p) => keys.push(p),
-            Some(_) => {}
-        }
-    }
-    if !usable_identity {
-        // REPLICA IDENTITY FULL with unique indexes here: the old tuple is complete, the
-        // "identity" is the whole row.
-        keys[0] = (0..r.columns.len()).collect();
-    }
-    let identity_only = keys.len() == 1;
-    (
-        TablePlan::Keyed {
-            keys,
-            identity_only,
-        },
-        relid,
-    )
 }
