@@ -151,6 +151,8 @@ pub struct Dispatch {
     last_inval_check: Instant,
     /// SIGTERM arrived while waiting for a writer: the main loop stops.
     pub stopping: bool,
+    /// Size of the dependency map at which it is pruned next.
+    prune_at: usize,
 }
 
 impl Dispatch {
@@ -197,6 +199,7 @@ impl Dispatch {
             last_check: Instant::now(),
             last_inval_check: Instant::now(),
             stopping: false,
+            prune_at: 4096,
         }
     }
 
@@ -214,6 +217,8 @@ impl Dispatch {
     /// second value is a writer's request to acknowledge a synchronous commit now.
     pub fn poll(&mut self) -> (bool, bool) {
         self.check_writers(false);
+        // The request first: the commit it is about is then published already.
+        let ack = self.group.take_ack();
         let lc = self.group.last_committed();
         let mut any = false;
         if lc > self.seen_committed {
@@ -225,11 +230,14 @@ impl Dispatch {
             }
             self.seen_committed = lc;
             any = true;
-            if self.deps.len() > 4096 {
+            // Forget what committed transactions touched, when the map has doubled
+            // since the last time (not on every commit: pruning walks the whole map).
+            if self.deps.len() > self.prune_at {
                 self.deps.prune(lc);
+                self.prune_at = (self.deps.len() * 2).max(4096);
             }
         }
-        (any, self.group.take_ack())
+        (any, ack)
     }
 
     /// Wait until everything received has committed (before a pause). True on SIGTERM.
