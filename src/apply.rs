@@ -83,6 +83,12 @@ pub struct Applier {
     node_ids: HashMap<String, i64>,
     /// Peer relations whose table the current transaction opened (released at commit).
     touched: Vec<u32>,
+    /// A parallel-apply writer: changes are stamped with the origin without holding its
+    /// session, which is set up only for the commit (`xact::commit_remote_turn`).
+    parallel: bool,
+    /// (remote end LSN, local commit end LSN) of the last transaction finished (local 0:
+    /// nothing committed, it was skipped).
+    pub last_done: (u64, u64),
 }
 
 impl Applier {
@@ -111,6 +117,8 @@ impl Applier {
             peer_origin: String::new(),
             node_ids: HashMap::new(),
             touched: Vec::new(),
+            parallel: false,
+            last_done: (0, 0),
         }
     }
 
@@ -121,6 +129,23 @@ impl Applier {
         self.dboid = dboid;
         self.peer_origin = bdr_core::names::origin_name(dboid, &self.peer);
         self.origin_now = self.peer_origin.clone();
+    }
+
+    /// Apply as a parallel-apply writer (see the `parallel` field); stamps changes with
+    /// the peer's origin from now on.
+    pub fn set_parallel(&mut self) {
+        self.parallel = true;
+        xact::begin();
+        xact::set_origin(&self.peer_origin);
+        xact::commit();
+    }
+
+    fn use_origin(&mut self, name: &str) {
+        if self.parallel {
+            xact::set_origin(name);
+        } else {
+            xact::switch_origin(name);
+        }
     }
 
     /// The node whose change is being applied: the peer, or the node a forwarded
@@ -147,8 +172,9 @@ impl Applier {
         let Some(o) = forwarded else {
             // The common case: the peer's own transaction, under the peer's origin.
             if self.origin_now != self.peer_origin {
-                xact::switch_origin(&self.peer_origin);
-                self.origin_now = self.peer_origin.clone();
+                let name = self.peer_origin.clone();
+                self.use_origin(&name);
+                self.origin_now = name;
             }
             return;
         };
@@ -181,7 +207,7 @@ impl Applier {
         }
         self.forwarded = Some((node.into(), id));
         if name != self.origin_now {
-            xact::switch_origin(&name);
+            self.use_origin(&name);
             self.origin_now = name;
         }
     }
@@ -472,6 +498,7 @@ impl Applier {
             // position is as good as flushed.
             xact::abort();
             self.tracker.applied(c.end_lsn, 0);
+            self.last_done = (c.end_lsn, 0);
             self.begin = None;
             xact::set_context(None);
             return;
@@ -497,8 +524,13 @@ impl Applier {
             }
         }
         let origin: String = self.origin_node().into();
-        let local_end = xact::commit_remote(origin_lsn, c.commit_time);
+        let local_end = if self.parallel {
+            xact::commit_remote_turn(origin_lsn, c.commit_time)
+        } else {
+            xact::commit_remote(origin_lsn, c.commit_time)
+        };
         self.tracker.applied(c.end_lsn, local_end);
+        self.last_done = (c.end_lsn, local_end);
         self.last_commit_time = c.commit_time;
         self.counts.commits += 1;
         self.begin = None;

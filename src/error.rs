@@ -226,6 +226,8 @@ pub enum ApplyError {
     },
     #[error("role \"{role}\", owner of \"{table}\", is subject to its row-level security")]
     RowLevelSecurity { role: String, table: String },
+    #[error("parallel apply from node \"{peer}\" stopped: {why}")]
+    ParallelStopped { peer: String, why: String },
 }
 
 impl ApplyError {
@@ -244,7 +246,9 @@ impl PgError for ApplyError {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             ApplyError::NulInText => PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
-            ApplyError::ConcurrentKey { .. } => PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            ApplyError::ConcurrentKey { .. } | ApplyError::ParallelStopped { .. } => {
+                PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE
+            }
             ApplyError::Protocol(_) | ApplyError::UnknownRelation(_) => {
                 PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION
             }
@@ -279,6 +283,12 @@ impl PgError for ApplyError {
                  and bdr schemas that belong to no extension, as on the sending node. Make the \
                  local relation such a table (same name, same columns); the apply worker \
                  retries and resumes where it stopped."
+                    .into(),
+            ),
+            ApplyError::ParallelStopped { .. } => Some(
+                "The first error logged by this peer's apply worker or writers is the cause; \
+                 once it is removed, the apply worker restarts and resumes at the first \
+                 transaction not committed here."
                     .into(),
             ),
             ApplyError::ShapeChanged { .. } => Some(

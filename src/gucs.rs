@@ -57,8 +57,25 @@ pub static APPLY_RETRY_MAX_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(30
 /// of this node's clock by more than this (milliseconds).
 pub static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 
+/// `bdr.writers_per_peer`: processes applying one peer's transactions (1: the apply
+/// worker itself; more: parallel apply, see `src/receive/parallel.rs`). Read when an
+/// apply worker starts.
+pub static WRITERS_PER_PEER: GucSetting<i32> = GucSetting::<i32>::new(1);
+
 /// Register the settings; called once from `_PG_init`.
 pub fn init() {
+    GucRegistry::define_int_guc(
+        c"bdr.writers_per_peer",
+        c"Processes applying one peer's transactions (parallel apply).",
+        c"1 (the default): the apply worker applies every transaction itself. More: it hands \
+          whole transactions to that many writer processes, which apply independent ones at \
+          once and commit in the peer's commit order. Read when an apply worker starts.",
+        &WRITERS_PER_PEER,
+        1,
+        crate::pg::mq::MAX_WRITERS as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"bdr.apply_retry_max_delay",
         c"Longest pause before an apply worker that stopped is started again.",

@@ -5,6 +5,7 @@ pub mod join_copy;
 pub mod lag;
 pub mod names;
 pub mod node;
+pub mod parallel;
 pub mod replication;
 pub mod snowflake;
 pub mod stream;

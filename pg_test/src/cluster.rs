@@ -81,6 +81,11 @@ impl ClusterBuilder {
         self.preload_bdr = yes;
         self
     }
+    /// Parallel apply with `k` writers per peer (`bdr.writers_per_peer`).
+    pub fn writers_per_peer(self, k: usize) -> Self {
+        self.conf("bdr.writers_per_peer", &k.to_string())
+    }
+
     /// An extra postgresql.conf line, written after the defaults (so it overrides them).
     /// `value` is written verbatim: quote strings yourself.
     pub fn conf(mut self, key: &str, value: &str) -> Self {
@@ -313,6 +318,15 @@ impl ClusterBuilder {
                 "output_plugin_libraries".into(),
                 "'pgoutput, test_decoding, bdr'".into(),
             ));
+        }
+        // BDR_TEST_CONF="key=value;key=value": extra settings for every node of every
+        // test (e.g. `bdr.writers_per_peer=4` runs a suite with parallel apply).
+        if let Ok(extra) = std::env::var("BDR_TEST_CONF") {
+            for kv in extra.split(';').filter(|s| !s.trim().is_empty()) {
+                if let Some((k, v)) = kv.split_once('=') {
+                    conf.push((k.trim().into(), v.trim().into()));
+                }
+            }
         }
         conf.extend(self.conf.iter().cloned());
         let mut f = fs::OpenOptions::new()

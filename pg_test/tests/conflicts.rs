@@ -39,12 +39,14 @@ fn resume_all(c: &Cluster) {
     wait_for_catchup(c);
 }
 
-/// (type, resolution, remote node) of every history row on `n` for `relation`.
+/// (type, resolution, remote node) of every history row on `n` for `relation`, by key
+/// then in the order recorded (with parallel apply, `bdr.writers_per_peer`, transactions
+/// on different keys may be applied, and their conflicts recorded, in either order).
 fn history(n: &Node, relation: &str) -> Vec<(String, String, String)> {
     n.connect()
         .query(
             "SELECT conflict_type, conflict_resolution, remote_node FROM bdr.conflict_history \
-             WHERE relation = $1 ORDER BY conflict_id",
+             WHERE relation = $1 ORDER BY key::text, conflict_id",
             &[&relation],
         )
         .unwrap()

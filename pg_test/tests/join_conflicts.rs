@@ -12,12 +12,14 @@ fn rows(n: &Node) -> String {
     n.query_scalar("SELECT coalesce(string_agg(id || '=' || v, ',' ORDER BY id), '') FROM hot")
 }
 
-/// Conflicts recorded on `n` for changes from `peer` (type/resolution in arrival order).
+/// Conflicts recorded on `n` for changes from `peer` (type/resolution), by key, then in
+/// arrival order (parallel apply may record the conflicts of transactions on different
+/// keys in either order).
 fn conflicts_from(n: &Node, peer: &str) -> Vec<String> {
     n.connect()
         .query(
             "SELECT conflict_type || '/' || conflict_resolution || ' ' || coalesce(key::text, '') \
-             FROM bdr.conflict_history WHERE remote_node = $1 ORDER BY conflict_id",
+             FROM bdr.conflict_history WHERE remote_node = $1 ORDER BY key::text, conflict_id",
             &[&peer],
         )
         .unwrap()

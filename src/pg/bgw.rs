@@ -34,6 +34,15 @@ pub fn wait(socket: Option<i32>, timeout: Duration) -> bool {
     BackgroundWorker::sigterm_received()
 }
 
+/// Re-read the configuration file if SIGHUP arrived since the last look (a process that
+/// waits elsewhere than in [`wait`], e.g. a parallel-apply writer on its queue).
+pub fn reload_if_asked() {
+    if BackgroundWorker::sighup_received() {
+        // SAFETY: re-reading the configuration file is what SIGHUP asks for.
+        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+    }
+}
+
 /// PostgreSQL's `wal_receiver_timeout` as it is now (a reload changes it); `None` when 0
 /// (disabled).
 pub fn wal_receiver_timeout() -> Option<Duration> {
@@ -93,11 +102,56 @@ pub fn start_worker(
         .ok()
 }
 
+/// Start a dynamic background worker whose exit this process is told about (its latch
+/// is set), so it can notice at once that the worker is gone.
+pub fn start_child_worker(
+    name: &str,
+    function: &str,
+    dboid: u32,
+    extra: &str,
+) -> Option<DynamicBackgroundWorker> {
+    BackgroundWorkerBuilder::new(name)
+        .set_type(name)
+        .set_library("bdr")
+        .set_function(function)
+        .set_argument(pg_sys::Oid::from(dboid).into_datum())
+        .set_extra(extra)
+        .enable_spi_access()
+        .set_restart_time(None)
+        // SAFETY: a plain read of this process's pid.
+        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .load_dynamic()
+        .ok()
+}
+
 /// Start-up of a per-database worker: signal handlers, then a connection to the database
 /// whose OID is the worker's argument. Returns that OID.
 pub fn connect_to_arg_database(arg: pg_sys::Datum) -> u32 {
     use pgrx::bgworkers::SignalWakeFlags;
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let dboid = pg_sys::Oid::from(arg.value() as u32);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
+    dboid.to_u32()
+}
+
+extern "C-unwind" {
+    /// PostgreSQL's SIGTERM handler for backends (`tcop/postgres.c`): sets ProcDiePending,
+    /// acted on at the next CHECK_FOR_INTERRUPTS.
+    #[link_name = "die"]
+    fn pg_die(signo: std::ffi::c_int);
+}
+
+/// Start-up of a parallel-apply writer: like [`connect_to_arg_database`], except that
+/// SIGTERM uses PostgreSQL's own backend handler, so a writer asked to stop leaves at
+/// once even while it waits for a lock, a condition variable or its queue (all of which
+/// process interrupts). Returns the database OID.
+pub fn connect_writer_to_arg_database(arg: pg_sys::Datum) -> u32 {
+    use pgrx::bgworkers::SignalWakeFlags;
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP);
+    // SAFETY: installs the postgres binary's own handler for a signal of this process.
+    unsafe {
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(pg_die));
+    }
     let dboid = pg_sys::Oid::from(arg.value() as u32);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
     dboid.to_u32()

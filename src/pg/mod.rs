@@ -11,6 +11,7 @@ pub mod decoding;
 pub mod exec;
 pub mod libpq;
 pub mod memcxt;
+pub mod mq;
 pub mod owner;
 pub mod relcache;
 pub mod sequence;

@@ -18,6 +18,18 @@ pub fn begin() {
     }
 }
 
+/// Take a new snapshot for the rest of the transaction (parallel apply: after waiting
+/// for an earlier transaction to commit, its changes must be visible to the next one).
+pub fn refresh_snapshot() {
+    require_transaction();
+    // SAFETY: inside a transaction started by `begin`, which pushed the active snapshot
+    // replaced here (read committed: GetTransactionSnapshot takes a new one).
+    unsafe {
+        pg_sys::PopActiveSnapshot();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+}
+
 /// Raise an internal error unless a transaction is open: what the safe functions of
 /// `pg/` that read catalogs or write tables check first.
 pub fn require_transaction() {
@@ -117,6 +129,62 @@ pub fn switch_origin(name: &str) {
         pg_sys::replorigin_session_setup(id);
         pg_sys::replorigin_session_origin = id;
     }
+}
+
+/// Parallel apply (a writer): stamp this process's changes with replication origin
+/// `name` (created if missing) without setting up its session — any number of processes
+/// may do that at once; only the commit needs the session ([`commit_remote_turn`]).
+/// Inside a transaction.
+pub fn set_origin(name: &str) {
+    let id = origin_id(name, true).expect("created");
+    // SAFETY: a plain write of this process's global; no session is set up here.
+    unsafe { pg_sys::replorigin_session_origin = id };
+}
+
+/// Parallel apply (a writer): stop stamping changes with an origin (before a transaction
+/// of its own, e.g. recording an apply error).
+pub fn clear_origin() {
+    // SAFETY: a plain write of this process's global.
+    unsafe { pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as _ };
+}
+
+/// Parallel apply (a writer whose turn it is to commit): set up the session of the
+/// origin the transaction was applied under, commit with the remote LSN and timestamp,
+/// and reset the session at once so the next writer can set it up. Returns the local
+/// commit record's end LSN. Only one writer of a group runs this at a time (commit
+/// order), and the receiver holds no session, so the setup cannot find it taken by
+/// another process of the group.
+pub fn commit_remote_turn(remote_end_lsn: u64, remote_commit_time: i64) -> u64 {
+    // SAFETY: a transaction started by `begin` is open; `replorigin_session_origin` was
+    // set by `set_origin`; the session is reset right after the commit (an error before
+    // that ends the process, whose exit releases the origin).
+    unsafe {
+        let id = pg_sys::replorigin_session_origin;
+        if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+            pgrx::error!("bdr: internal error: parallel apply commit without an origin");
+        }
+        pg_sys::replorigin_session_setup(id);
+        pg_sys::PopActiveSnapshot();
+        pg_sys::replorigin_session_origin_lsn = remote_end_lsn;
+        pg_sys::replorigin_session_origin_timestamp = remote_commit_time;
+        pg_sys::CommitTransactionCommand();
+        pg_sys::replorigin_session_origin_lsn = 0;
+        pg_sys::replorigin_session_origin_timestamp = 0;
+        pg_sys::replorigin_session_reset();
+        pg_sys::replorigin_session_origin = id;
+        pg_sys::XactLastCommitEnd
+    }
+}
+
+/// Flushed progress of replication origin `name` (created if missing), without setting
+/// up its session: where a parallel-apply receiver starts streaming.
+pub fn origin_flushed_progress(name: &str) -> u64 {
+    begin();
+    let id = origin_id(name, true).expect("created");
+    // SAFETY: a valid origin id; `true`: only what is flushed here.
+    let p = unsafe { pg_sys::replorigin_get_progress(id, true) };
+    commit();
+    p
 }
 
 /// Progress of replication origin `name` (0 if it does not exist): the remote end LSN of

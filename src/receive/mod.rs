@@ -31,14 +31,21 @@
 //! timeout only fires on silence; a connect to a silent host is bounded by the DSN's
 //! `connect_timeout` (10 s by default, [`Conn::connect`]).
 //!
+//! With `bdr.writers_per_peer` > 1 the frames go to writer processes instead of an
+//! in-process [`Applier`] (`parallel.rs`); everything above stays here, and flush
+//! feedback follows what the writers committed.
+//!
 //! The data path reads the clock once per round of the main loop (`Stream::now`), and
 //! publishes committed transactions' progress to shared memory at most every few
 //! milliseconds (`progress.rs`): per-message clock reads and per-commit locks of the
 //! worker table were a measurable share of small transactions' apply cost.
 
 mod hold;
+pub mod parallel;
+mod plans;
 mod progress;
 
+use parallel::Sink;
 use progress::publish_progress;
 
 use crate::apply::Applier;
@@ -85,7 +92,9 @@ struct Stream {
     conn: Conn,
     slot: usize,
     peer: std::rc::Rc<str>,
-    applier: Applier,
+    sink: Sink,
+    /// The raw bytes of the last frame read (parallel apply forwards them).
+    raw: Vec<u8>,
     /// Highest peer position received (data or keepalive).
     received: u64,
     last_feedback: Instant,
@@ -144,6 +153,10 @@ impl Stream {
                                 wire::format_lsn(start)
                             )))
                         });
+                        if matches!(self.sink, Sink::Many(_)) {
+                            self.raw.clear();
+                            self.raw.extend_from_slice(data);
+                        }
                         self.received = self.received.max(start);
                         self.heard(start, false);
                         if let Message::Begin(b) = &msg {
@@ -166,14 +179,14 @@ impl Stream {
                     } => {
                         self.received = self.received.max(end);
                         self.heard(end, true);
-                        if !self.applier.in_transaction() && self.held.is_none() {
-                            self.applier.tracker.idle_at(end);
+                        if !self.sink.busy() && self.held.is_none() {
+                            self.sink.tracker().idle_at(end);
                             // Caught up with the peer's WAL as known (its position at
                             // connect included), not only with what the walsender has
                             // sent so far: while a backlog streams in, the worker is idle
                             // between transactions and keepalives carry the sent
                             // position, which would read as "no lag" throughout.
-                            if self.applier.tracker.applied_position() >= self.peer_lsn {
+                            if self.sink.tracker().applied_position() >= self.peer_lsn {
                                 shmem::update(self.slot, |s| s.caught_up_time = xact::now());
                             }
                         }
@@ -203,8 +216,8 @@ impl Stream {
 
     /// Send a standby status update; `ping` asks the walsender for a keepalive back.
     fn feedback(&mut self, ping: bool) {
-        let flushed = self.applier.tracker.flushed(xact::flush_lsn());
-        let applied = self.applier.tracker.applied_position();
+        let flushed = self.sink.tracker().flushed(xact::flush_lsn());
+        let applied = self.sink.tracker().applied_position();
         let upd = status_update(self.received, flushed, applied, xact::now(), ping);
         self.conn.put_copy_data(&upd).unwrap_or_else(|e| lib_err(e));
         self.conn.flush().unwrap_or_else(|e| lib_err(e));
@@ -230,15 +243,15 @@ impl Stream {
             publish_pending(self.slot);
             PENDING.with(|p| p.set((t, None)));
         }
-        let idle = !self.applier.in_transaction();
+        let idle = !self.sink.busy();
         let elapsed = self.now.saturating_duration_since(self.last_feedback);
         // Nothing is sent within 100 ms of the last feedback: spare the flush position
         // read (a spinlock) on every message.
         if elapsed <= Duration::from_millis(100) || !idle && elapsed <= Duration::from_secs(10) {
             return;
         }
-        let flushed = self.applier.tracker.flushed(xact::flush_lsn());
-        let news = (flushed, self.applier.tracker.applied_position()) != self.last_reported;
+        let flushed = self.sink.tracker().flushed(xact::flush_lsn());
+        let news = (flushed, self.sink.tracker().applied_position()) != self.last_reported;
         if news && elapsed > Duration::from_millis(100) || elapsed > PING {
             self.feedback(idle && self.held.is_none());
         }
@@ -246,26 +259,33 @@ impl Stream {
 
     /// Apply one message, then publish progress once a transaction is complete.
     fn apply(&mut self, msg: Message) {
-        if skip_foreign_message(self.slot, &self.peer, &msg, self.applier.in_transaction()) {
+        if skip_foreign_message(self.slot, &self.peer, &msg, self.sink.in_transaction()) {
             return;
         }
-        self.applier.handle(msg);
-        if self.applier.in_transaction() {
+        let applier = match &mut self.sink {
+            Sink::One(a) => a,
+            Sink::Many(d) => {
+                d.handle(&msg, &self.raw);
+                return;
+            }
+        };
+        applier.handle(msg);
+        if applier.in_transaction() {
             return;
         }
         let (received, applied, t) = (
             self.received,
-            self.applier.tracker.applied_position(),
-            self.applier.last_commit_time,
+            applier.tracker.applied_position(),
+            applier.last_commit_time,
         );
-        let ack_now = std::mem::take(&mut self.applier.ack_now);
+        let ack_now = std::mem::take(&mut applier.ack_now);
+        let (counts, conflicts) = applier.take_counts();
         if ack_now {
             // The origin waits for this commit (bdr.synchronous_commit_peers): make it
             // durable now rather than at the WAL writer's next round, and say so.
             xact::flush_last_commit();
             self.feedback(false);
         }
-        let (counts, conflicts) = self.applier.take_counts();
         PENDING.with(|p| p.set((0, None)));
         progress::note_commit(&counts, conflicts, received, applied, t, self.peer_lsn);
         if ack_now
@@ -294,15 +314,28 @@ impl Stream {
 /// Stream from `peer` until SIGTERM. Errors are raised (the worker exits, is restarted).
 pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
     let (local, peer, peer_dsn) = (&local_node.name, &peer_node.name, &peer_node.dsn);
-    let progress = xact::setup_origin(&origin_name(dboid, peer));
+    // Parallel apply: the writers set up the origin's session, each for its commit only.
+    let writers = crate::gucs::WRITERS_PER_PEER.get().clamp(1, 16) as usize;
+    let progress = if writers > 1 {
+        xact::origin_flushed_progress(&origin_name(dboid, peer))
+    } else {
+        xact::setup_origin(&origin_name(dboid, peer))
+    };
     let link = crate::apply::Link {
         // A spoke asks its hub for every node's changes (forwarding).
         forwarded: local_node.hub.as_deref() == Some(peer.as_str()),
         // A hub passes its spokes' schema changes on to the other spokes.
         requeue_ddl: peer_node.hub.as_deref() == Some(local.as_str()),
     };
-    let mut applier = Applier::new(peer_node, local_node, progress);
-    applier.set_link(dboid, link);
+    let sink = if writers > 1 {
+        Sink::Many(Box::new(parallel::Dispatch::start(
+            writers, slot, dboid, peer, progress,
+        )))
+    } else {
+        let mut applier = Applier::new(peer_node, local_node, progress);
+        applier.set_link(dboid, link);
+        Sink::One(Box::new(applier))
+    };
     shmem::update(slot, |s| {
         s.state = shmem::State::Connecting;
         s.applied_lsn = progress;
@@ -347,8 +380,9 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
     let mut st = Stream {
         conn,
         slot,
-        peer: applier.peer.clone(),
-        applier,
+        peer: peer.as_str().into(),
+        sink,
+        raw: Vec::new(),
         received: progress,
         last_feedback: Instant::now() - Duration::from_secs(10),
         last_reported: (0, 0),
@@ -365,8 +399,22 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
     loop {
         st.now = Instant::now();
         // Pause takes effect between transactions; the connection stays open.
-        if !st.applier.in_transaction() && shmem::pause_requested(slot) && st.paused() {
+        st.poll_writers();
+        if st.stopping() {
+            pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
             return;
+        }
+        if !st.sink.in_transaction() && shmem::pause_requested(slot) {
+            // Parallel apply: what was handed out commits before the pause holds.
+            if let Sink::Many(d) = &mut st.sink {
+                if d.drain() {
+                    return;
+                }
+                st.poll_writers();
+            }
+            if st.paused() {
+                return;
+            }
         }
         let next = match st.held.take() {
             Some(m) => Some(m),
@@ -378,7 +426,7 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
             // local write made after it is applied here is also later in
             // last-update-wins (see `clock_wait`).
             Some(wire::Message::Begin(b))
-                if !st.applier.in_transaction()
+                if !st.sink.in_transaction()
                     && b.commit_time > st.begin_clock.take().unwrap_or_else(xact::now) =>
             {
                 let until = b.commit_time;

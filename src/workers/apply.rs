@@ -38,57 +38,70 @@ pub fn main(arg: pg_sys::Datum) {
     crate::pg::utility::set_applying();
     PgTryBuilder::new(|| crate::receive::run(slot, dboid, &local, &peer))
         .catch_others(|e| {
-            let report = match &e {
-                CaughtError::PostgresError(r)
-                | CaughtError::ErrorReport(r)
-                | CaughtError::RustPanic { ereport: r, .. } => r,
-            };
-            let (msg, code) = (report.message().to_string(), report.sql_error_code());
-            shmem::update(slot, |s| {
-                s.state = shmem::State::Erroring;
-                s.set_error(&msg, xact::now());
-            });
-            crate::receive::publish_pending(slot);
-            // Record it as an apply_error conflict, in a transaction of its own (the failed one
-            // is rolled back first). Best effort: the error is re-raised and logged either way.
-            let context = xact::current_context();
-            xact::abort();
-            // Only a change that could not be applied is an apply_error; a lost connection or
-            // a protocol problem (SQLSTATE class 08) is not about any row, and a serialization
-            // failure or deadlock between two apply workers is a race that the retry resolves
-            // (logged, not a conflict).
-            let not_about_a_row = matches!(
-                code,
-                PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION
-                    | PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE
-                    | PgSqlErrorCode::ERRCODE_CONNECTION_EXCEPTION
-                    | PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE
-                    | PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED
-            );
-            // A change to a row: the context names its relation.
-            let relation = context.as_ref().and_then(|c| c.relation.clone());
-            if let (false, Some(relation)) = (not_about_a_row, relation) {
-                let failed = crate::history::ApplyFailure {
-                    relation: &relation,
-                    message: &msg,
-                    sqlstate: code,
-                    detail: report.detail(),
-                    hint: report.hint(),
-                    context: &context.as_ref().map(|c| c.to_string()).unwrap_or_default(),
-                };
-                PgTryBuilder::new(|| {
-                    xact::begin();
-                    crate::history::record_apply_error(&local.name, &peer.name, &failed);
-                    xact::commit();
-                })
-                .catch_others(|_| {
-                    pgrx::log!("bdr: could not record the apply error in bdr.conflict_history");
-                    xact::abort();
-                })
-                .execute();
-            }
+            record_failure(slot, &local.name, &peer.name, &e);
+            // Parallel apply: no writer of this group may outlive it.
+            crate::receive::parallel::shutdown();
             e.rethrow()
         })
         .execute();
+    crate::receive::parallel::shutdown();
     shmem::update(slot, |s| s.state = shmem::State::Stopped);
+}
+
+/// The error path of an apply worker or a parallel-apply writer: show the error in the
+/// worker's shared-memory slot, roll back, and record a failed change as an
+/// `apply_error` in `bdr.conflict_history` (best effort, in a transaction of its own).
+pub fn record_failure(slot: usize, local: &str, peer: &str, e: &CaughtError) {
+    let report = match e {
+        CaughtError::PostgresError(r)
+        | CaughtError::ErrorReport(r)
+        | CaughtError::RustPanic { ereport: r, .. } => r,
+    };
+    let (msg, code) = (report.message().to_string(), report.sql_error_code());
+    shmem::update(slot, |s| {
+        s.state = shmem::State::Erroring;
+        s.set_error(&msg, xact::now());
+    });
+    crate::receive::publish_pending(slot);
+    // Record it as an apply_error conflict, in a transaction of its own (the failed one
+    // is rolled back first). Best effort: the error is re-raised and logged either way.
+    let context = xact::current_context();
+    xact::abort();
+    // A parallel-apply writer stamps changes with the origin without holding its
+    // session; a commit under it now would need the session.
+    xact::clear_origin();
+    // Only a change that could not be applied is an apply_error; a lost connection or
+    // a protocol problem (SQLSTATE class 08) is not about any row, and a serialization
+    // failure or deadlock between two apply workers is a race that the retry resolves
+    // (logged, not a conflict).
+    let not_about_a_row = matches!(
+        code,
+        PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION
+            | PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE
+            | PgSqlErrorCode::ERRCODE_CONNECTION_EXCEPTION
+            | PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE
+            | PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED
+    );
+    // A change to a row: the context names its relation.
+    let relation = context.as_ref().and_then(|c| c.relation.clone());
+    if let (false, Some(relation)) = (not_about_a_row, relation) {
+        let failed = crate::history::ApplyFailure {
+            relation: &relation,
+            message: &msg,
+            sqlstate: code,
+            detail: report.detail(),
+            hint: report.hint(),
+            context: &context.as_ref().map(|c| c.to_string()).unwrap_or_default(),
+        };
+        PgTryBuilder::new(|| {
+            xact::begin();
+            crate::history::record_apply_error(local, peer, &failed);
+            xact::commit();
+        })
+        .catch_others(|_| {
+            pgrx::log!("bdr: could not record the apply error in bdr.conflict_history");
+            xact::abort();
+        })
+        .execute();
+    }
 }

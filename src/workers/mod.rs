@@ -3,7 +3,11 @@
 //!
 //! ```text
 //! launcher ──starts──> supervisor(db) ──starts/restarts with backoff──> apply(db, peer)
+//!                                                      (bdr.writers_per_peer > 1) ──starts──> writer × K
 //! ```
+//!
+//! With parallel apply the apply worker starts its writers itself (they are its
+//! children: it is told when one exits) and stops them on every way out.
 //!
 //! The launcher only lists databases (it connects to none) and makes sure each has a
 //! supervisor; a supervisor finding no bdr node in its database exits. Supervisors follow
@@ -13,3 +17,4 @@
 pub mod apply;
 pub mod launcher;
 pub mod supervisor;
+pub mod writer;
