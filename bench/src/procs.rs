@@ -7,9 +7,13 @@
 //! process that starts during the interval (native's apply worker after `ENABLE`) must be
 //! counted from zero; one that exits during it is lost (none of the measured ones do).
 //!
+//! Processes that exit meanwhile (pgbench's sessions end before the second snapshot) are
+//! not lost: the postmaster reaps them, so their CPU shows in its `cutime + cstime`,
+//! reported as the pseudo-process "exited processes" (pid = −postmaster pid).
+//!
 //! Invariants: ticks are user + system clock ticks (1/100 s on Linux); a snapshot only
-//! holds direct children of the given nodes' postmasters, labelled with the node's index
-//! as "A", "B", "C".
+//! holds direct children of the given nodes' postmasters (and the reaped-children
+//! pseudo-process), labelled with the node's index as "A", "B", "C".
 
 use pg_test::Node;
 use std::collections::HashMap;
@@ -40,6 +44,31 @@ pub fn snapshot(nodes: &[&Node]) -> HashMap<i32, Proc> {
         .filter_map(|(i, n)| Some((n.postmaster_pid()?, ((b'A' + i as u8) as char).to_string())))
         .collect();
     let mut out = HashMap::new();
+    for (pm, node) in &parents {
+        // Fields after the command: ... utime(14) stime(15) cutime(16) cstime(17).
+        let reaped = std::fs::read_to_string(format!("/proc/{pm}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let f: Vec<u64> = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .skip(13)
+                    .take(2)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                Some(f.iter().sum::<u64>())
+            })
+            .unwrap_or(0);
+        out.insert(
+            -pm,
+            Proc {
+                node: node.clone(),
+                title: "exited processes".into(),
+                ticks: reaped,
+            },
+        );
+    }
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
@@ -76,9 +105,11 @@ pub fn snapshot(nodes: &[&Node]) -> HashMap<i32, Proc> {
 }
 
 /// The role of a server process, from its title.
-pub fn role(title: &str) -> &'static str {
+pub fn role(title: &str) -> String {
     let t = title.to_ascii_lowercase();
-    if t.contains("walsender") {
+    if t == "exited processes" {
+        "exited processes (mostly pgbench's sessions)"
+    } else if t.contains("walsender") {
         "walsender"
     } else if t.contains("walwriter") || t.contains("wal writer") {
         "walwriter"
@@ -92,11 +123,20 @@ pub fn role(title: &str) -> &'static str {
         || t.contains("pglogical apply")
     {
         "apply/receiver"
+    } else if t.contains("autovacuum") {
+        "autovacuum"
     } else if t.contains("bdrtest") || t.contains("idle") {
         "client backends"
     } else {
-        "other"
+        // The process kind, without its arguments: "other (bdr supervisor)".
+        let kind: Vec<&str> = t
+            .trim_start_matches("postgres: ")
+            .split_whitespace()
+            .take(2)
+            .collect();
+        return format!("other ({})", kind.join(" "));
     }
+    .to_string()
 }
 
 /// CPU seconds used between two snapshots, summed per "<node> <role>", largest first.

@@ -54,7 +54,14 @@ fn perf_report(data: &Path) -> String {
             .lines()
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty() && keep(l))
             .take(max)
-            .map(|l| l.trim_end().to_string())
+            .map(|l| {
+                // perf pads the symbol column to the widest name: collapse the padding.
+                l.split("   ")
+                    .map(str::trim)
+                    .filter(|x| !x.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("  ")
+            })
             .collect::<Vec<_>>()
             .join("\n")
     };
