@@ -60,7 +60,7 @@ fn combine(all_runs: &[Vec<Row>]) -> (Vec<Row>, String) {
             let v: Vec<f64> = found.iter().map(|r| r.values[0].unwrap_or(0.0)).collect();
             (median_index(&v), v)
         };
-        if all_runs.len() > 1 {
+        if all_runs.len() > 1 && !w.starts_with("cpu ") {
             let kind = if ratios.iter().all(Option::is_some) {
                 "ratio vs native"
             } else {
