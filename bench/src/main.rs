@@ -765,36 +765,85 @@ fn k_scaling(rows: &mut Vec<Row>, notes: &mut Vec<String>) {
 const WRITER_SCRIPT: &str =
     "INSERT INTO small (v) VALUES (1);\nUPDATE small SET v = v + 1 WHERE id = (SELECT max(id) FROM small);\n";
 
-/// Writer TPS with no replication at all (the baseline of workloads 4 and 4b).
+/// Writer TPS with no replication at all (the baseline of workloads 4 and 4b), and with
+/// bdr in a one-node group (bdr's own writer-side cost: ids, triggers, hooks, commit
+/// callbacks, without peers competing for the cores).
 fn writer_alone(secs: u64, rows: &mut Vec<Row>) {
-    let c = Cluster::builder()
-        .name("bench-alone")
-        .nodes(1)
-        .preload_bdr(false)
-        .start();
-    c.node(0).execute(TABLES);
-    let t = tps(&pgbench(
-        c.node(0),
-        &["-c", "2", "-j", "2", "-T", &secs.to_string()],
-        WRITER_SCRIPT,
-    ));
-    rows.push(Row {
-        workload: "4. writer TPS, no replication".into(),
-        metric: "TPS on the writer".into(),
-        higher_is_better: true,
-        values: [Some(t), Some(t), Some(t)],
-    });
-    let t = tps(&pgbench(
-        c.node(0),
-        &["-c", "4", "-j", "2", "-T", &secs.to_string()],
-        "INSERT INTO small (v) VALUES (1);\n",
-    ));
+    let insert = "INSERT INTO small (v) VALUES (1);\n";
+    let plain = {
+        let c = Cluster::builder()
+            .name("bench-alone")
+            .nodes(1)
+            .preload_bdr(false)
+            .start();
+        let a = c.node(0);
+        a.execute(TABLES);
+        let t = tps(&pgbench(
+            a,
+            &["-c", "2", "-j", "2", "-T", &secs.to_string()],
+            WRITER_SCRIPT,
+        ));
+        rows.push(Row {
+            workload: "4. writer TPS, no replication".into(),
+            metric: "TPS on the writer".into(),
+            higher_is_better: true,
+            values: [Some(t), Some(t), Some(t)],
+        });
+        let s0 = procs::snapshot(&[a]);
+        let t = tps(&pgbench(
+            a,
+            &["-c", "4", "-j", "2", "-T", &secs.to_string()],
+            insert,
+        ));
+        let n: i64 = a.query_scalar("SELECT count(*) FROM small");
+        let roles = procs::by_role(&s0, &procs::snapshot(&[a]));
+        put_roles(
+            rows,
+            System::Native,
+            "4b. writer alone, 4 clients INSERT (CPU µs/txn)",
+            &roles,
+            n,
+        );
+        t
+    };
     rows.push(Row {
         workload: "4b. writer TPS, no replication (4 clients, single-row INSERT)".into(),
         metric: "TPS on the writer".into(),
         higher_is_better: true,
-        values: [Some(t), Some(t), Some(t)],
+        values: [Some(plain), Some(plain), Some(plain)],
     });
+    if !systems().contains(&System::Bdr) {
+        return;
+    }
+    let c = Cluster::builder().name("bench-alone-bdr").nodes(1).start();
+    let a = c.node(0);
+    a.execute(TABLES);
+    a.execute("CREATE EXTENSION bdr");
+    a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+    let s0 = procs::snapshot(&[a]);
+    let t = tps(&pgbench(
+        a,
+        &["-c", "4", "-j", "2", "-T", &secs.to_string()],
+        insert,
+    ));
+    let n: i64 = a.query_scalar("SELECT count(*) FROM small");
+    let roles = procs::by_role(&s0, &procs::snapshot(&[a]));
+    put_roles(
+        rows,
+        System::Bdr,
+        "4b. writer alone, 4 clients INSERT (CPU µs/txn)",
+        &roles,
+        n,
+    );
+    // The native column is the plain node's figure: the ratio is bdr's own writer cost.
+    rows.push(Row {
+        workload: "4b. writer TPS, bdr one-node group, no peers (4 clients, single-row INSERT)"
+            .into(),
+        metric: "TPS on the writer (native column: no bdr)".into(),
+        higher_is_better: true,
+        values: [Some(t), Some(plain), None],
+    });
+    eprintln!("   writer alone: {plain:.0} TPS without bdr, {t:.0} TPS in a one-node bdr group");
 }
 
 /// WAL decoded per second by the bdr plugin and by pgoutput, over the same WAL.
