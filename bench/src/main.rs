@@ -19,8 +19,8 @@
 //! reports each row's median ([`report`]). On a shared machine compare ratios from the same
 //! run, not absolute numbers. The table also goes to `bench/results/latest.md`.
 //!
-//! Subcommands: `keys` ([`keys`]), `profile [system]` and `profile-big [system]`
-//! ([`profile`]).
+//! Subcommands: `keys` ([`keys`]), `profile [system]`, `profile-big [system]` and
+//! `profile-writer [system]` ([`profile`]).
 
 mod keys;
 mod procs;
@@ -50,7 +50,7 @@ impl System {
     }
 }
 
-const TABLES: &str = "
+pub(crate) const TABLES: &str = "
     CREATE TABLE small (id bigserial PRIMARY KEY, v int);
     CREATE TABLE big (id int8 PRIMARY KEY, v text);
     CREATE TABLE big0 (id int8 PRIMARY KEY, v text);
@@ -896,6 +896,7 @@ fn main() {
         Some("keys") => return keys::keys_bench(),
         Some("profile") => return profile::profile(sys_arg()),
         Some("profile-big") => return profile::profile_big(sys_arg()),
+        Some("profile-writer") => return profile::profile_writer(sys_arg()),
         _ => {}
     }
     let runs: usize = std::env::var("BENCH_RUNS")

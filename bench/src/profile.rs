@@ -1,5 +1,5 @@
-//! `bdr-bench profile [system]` (`make bench-profile`) and `bdr-bench profile-big [system]`:
-//! flat `perf` profiles of the processes a workload's time goes to, with the CPU every
+//! `bdr-bench profile [system]` (`make bench-profile`), `profile-big [system]` and
+//! `profile-writer [system]`: flat `perf` profiles of the processes a workload's time goes to, with the CPU every
 //! server process of both nodes used meanwhile.
 //!
 //! - `profile`: B's apply process while it catches up on small INSERT transactions
@@ -7,8 +7,10 @@
 //! - `profile-big`: workload 0 — A's walsender (decoding after COMMIT + output plugin) and
 //!   B's apply process, each in its own `perf record`, from the COMMIT of one big
 //!   transaction on A until its rows are visible on B (apply not held).
+//! - `profile-writer`: the writer backends of a lone node (see [`profile_writer`]).
 //!
-//! Reports go to `bench/results/profile-<system>.txt` and `profile-big-<system>.txt`.
+//! Reports go to `bench/results/profile-<system>.txt`, `profile-big-<system>.txt` and
+//! `profile-writer-<system>.txt`.
 
 use crate::procs;
 use crate::{apply_pid, hold, pgbench_transactions, release, scale, setup, walsender_pid, System};
@@ -185,5 +187,71 @@ pub fn profile_big(sys: System) {
     println!("{out}");
     let file = results_dir().join(format!("profile-big-{}.txt", sys.name()));
     std::fs::write(&file, out).unwrap();
+    eprintln!("written to {}", file.display());
+}
+
+/// `bdr-bench profile-writer [bdr|native]`: the writer backends of one node with no peers
+/// (a one-node bdr group, or plain PostgreSQL for `native`) while 4 pgbench clients commit
+/// single-row INSERTs as fast as they can (workload 4b's shape): what bdr adds to a
+/// writer's own path (ids, triggers, hooks, commit callbacks).
+pub fn profile_writer(sys: System) {
+    let secs = ((20.0 * scale()) as u64).max(5);
+    let c = pg_test::Cluster::builder()
+        .name("bench-prof-writer")
+        .nodes(1)
+        .preload_bdr(sys == System::Bdr)
+        .start();
+    let a = c.node(0);
+    a.execute(crate::TABLES);
+    if sys == System::Bdr {
+        a.execute("CREATE EXTENSION bdr");
+        a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+    }
+    let before: i64 = a.query_scalar("SELECT count(*) FROM small");
+    let out = std::thread::scope(|s| {
+        let bench = s.spawn(|| {
+            crate::pgbench(
+                a,
+                &["-c", "4", "-j", "2", "-T", &secs.to_string()],
+                "INSERT INTO small (v) VALUES (1);\n",
+            )
+        });
+        let mut pids: Vec<i32> = Vec::new();
+        wait_until("pgbench's sessions", Duration::from_secs(60), || {
+            pids = a
+                .connect()
+                .query(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgbench'",
+                    &[],
+                )
+                .map(|r| r.iter().map(|r| r.get(0)).collect())
+                .unwrap_or_default();
+            pids.len() == 4
+        });
+        let data = std::env::temp_dir().join(format!("bdr-writer-{}.perf", sys.name()));
+        let list: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
+        let perf = Command::new("perf")
+            .args(["record", "-F", "1000", "--call-graph", "dwarf,16384", "-o"])
+            .arg(&data)
+            .args(["-p", &list.join(",")])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf (install linux-perf)");
+        let text = bench.join().unwrap();
+        perf_stop(perf);
+        (text, data)
+    });
+    let after: i64 = a.query_scalar("SELECT count(*) FROM small");
+    let report = format!(
+        "{}: 4 pgbench clients, single-row INSERT, {secs} s, no peers: {:.0} TPS ({} rows)\n\n\
+         perf record -F 1000 of the 4 writer backends, {}",
+        sys.name(),
+        crate::tps(&out.0),
+        after - before,
+        perf_report(&out.1)
+    );
+    println!("{report}");
+    let file = results_dir().join(format!("profile-writer-{}.txt", sys.name()));
+    std::fs::write(&file, report).unwrap();
     eprintln!("written to {}", file.display());
 }
