@@ -676,6 +676,7 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
             true,
             tps(&t),
         );
+        let n0: i64 = a.query_scalar("SELECT count(*) FROM small");
         let s0 = procs::snapshot(&[a, c.node(1), c.node(2)]);
         let t = pgbench(
             a,
@@ -685,7 +686,7 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
         let roles = procs::by_role(&s0, &procs::snapshot(&[a, c.node(1), c.node(2)]));
         let w = "4b. writer TPS, 2 peers (4 clients, single-row INSERT)";
         put(rows, sys, w, "TPS on the writer", true, tps(&t));
-        let n: i64 = a.query_scalar("SELECT count(*) FROM small");
+        let n = a.query_scalar::<i64>("SELECT count(*) FROM small") - n0;
         put_roles(
             rows,
             sys,
@@ -789,13 +790,14 @@ fn writer_alone(secs: u64, rows: &mut Vec<Row>) {
             higher_is_better: true,
             values: [Some(t), Some(t), Some(t)],
         });
+        let n0: i64 = a.query_scalar("SELECT count(*) FROM small");
         let s0 = procs::snapshot(&[a]);
         let t = tps(&pgbench(
             a,
             &["-c", "4", "-j", "2", "-T", &secs.to_string()],
             insert,
         ));
-        let n: i64 = a.query_scalar("SELECT count(*) FROM small");
+        let n = a.query_scalar::<i64>("SELECT count(*) FROM small") - n0;
         let roles = procs::by_role(&s0, &procs::snapshot(&[a]));
         put_roles(
             rows,

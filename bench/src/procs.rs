@@ -107,7 +107,10 @@ pub fn snapshot(nodes: &[&Node]) -> HashMap<i32, Proc> {
 /// The role of a server process, from its title.
 pub fn role(title: &str) -> String {
     let t = title.to_ascii_lowercase();
-    if t == "exited processes" {
+    if t.is_empty() {
+        // A process exiting right now has no command line any more.
+        "exiting processes"
+    } else if t == "exited processes" {
         "exited processes (mostly pgbench's sessions)"
     } else if t.contains("walsender") {
         "walsender"
