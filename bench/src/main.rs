@@ -5,31 +5,43 @@
 //! A -> B replication of the same tables); bdr's group is bidirectional but only A writes.
 //! Apply throughput is measured by holding apply on B (bdr.apply_pause / ALTER SUBSCRIPTION
 //! DISABLE / pglogical.alter_subscription_disable), committing the workload on A, then
-//! timing from release until B has every row. Ratios are ours / baseline with >1 meaning bdr
-//! is better (for latency and memory, baseline / ours).
+//! timing from release until B has every row. Workload 0 does not hold apply: it times one
+//! big transaction from its COMMIT returning on A until it is visible on B (what a user
+//! waits for). Ratios are ours / baseline with >1 meaning bdr is better (for times,
+//! latency, CPU and memory, baseline / ours). Where the CPU goes is measured per server
+//! process from `/proc` ([`procs`]) and printed as a second table.
 //!
-//! `BENCH_SCALE` (default 1.0) scales the row counts; the table also goes to
-//! `bench/results/latest.md`. `BENCH_ONLY=small` runs only workloads 1, 2 and 1b (2 fills
-//! the table 1b updates); `BENCH_SYSTEMS=bdr,native` picks the systems; `BENCH_RUNS=3`
-//! repeats the whole run and reports each ratio's median (and every run's ratio) — on a
-//! shared machine, compare ratios from the same run, not absolute numbers.
+//! Environment: `BENCH_SCALE` (default 1.0) scales row counts and durations;
+//! `BENCH_ONLY` (comma-separated) picks workloads: `big` (0), `small` (1, 2, 1b: 2 fills
+//! the table 1b updates), `latency` (3), `writer` (4, 4b), `decode` (5), `sustained` (a),
+//! `k` (b: workload 1 with `bdr.writers_per_peer` = 1, 2, 4); default all.
+//! `BENCH_SYSTEMS=bdr,native` picks the systems; `BENCH_RUNS=3` repeats the whole run and
+//! reports each row's median ([`report`]). On a shared machine compare ratios from the same
+//! run, not absolute numbers. The table also goes to `bench/results/latest.md`.
 //!
-//! `bdr-bench keys` (`make bench-keys`): ids per second from `bdr.snowflake_nextval` vs
-//! plain `nextval` on one node, in one session and in two at once.
+//! Subcommands: `keys` ([`keys`]), `profile [system]`, `profile-big [system]` and
+//! `profile-writer [system]` ([`profile`]).
+
+mod keys;
+mod procs;
+mod profile;
+mod report;
+mod sustained;
 
 use pg_test::{wait_until, Cluster, Node};
+pub(crate) use report::Row;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum System {
+pub(crate) enum System {
     Bdr,
     Native,
     Pglogical,
 }
 
 impl System {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             System::Bdr => "bdr",
             System::Native => "native",
@@ -38,13 +50,32 @@ impl System {
     }
 }
 
-const TABLES: &str = "
+pub(crate) const TABLES: &str = "
     CREATE TABLE small (id bigserial PRIMARY KEY, v int);
     CREATE TABLE big (id int8 PRIMARY KEY, v text);
-    CREATE TABLE probe (id bigserial PRIMARY KEY, sent_at timestamptz, recv_at timestamptz);";
+    CREATE TABLE big0 (id int8 PRIMARY KEY, v text);
+    CREATE TABLE probe (id bigserial PRIMARY KEY, sent_at timestamptz, recv_at timestamptz);
+    CREATE TABLE marker (id int PRIMARY KEY, sent_at timestamptz, recv_at timestamptz);";
+
+/// The bdr GUC that sets the number of parallel apply writers per peer (workload (b)).
+const WRITERS_GUC: &str = "bdr.writers_per_peer";
 
 /// Start A and B (and C for the writer-overhead run) wired up for `sys`.
-fn setup(sys: System, nodes: usize) -> Cluster {
+pub(crate) fn setup(sys: System, nodes: usize) -> Cluster {
+    setup_with(sys, nodes, &Setup::default())
+}
+
+/// What a cluster needs besides the defaults.
+#[derive(Default)]
+pub(crate) struct Setup {
+    /// Extra postgresql.conf lines for the bdr nodes only (e.g. `bdr.writers_per_peer`).
+    pub bdr_conf: Vec<(String, String)>,
+    /// pgbench's tables at this scale, with a primary key on `pgbench_history`.
+    pub pgbench_scale: Option<u32>,
+}
+
+/// [`setup`] with `opts`.
+pub(crate) fn setup_with(sys: System, nodes: usize, opts: &Setup) -> Cluster {
     let mut b = Cluster::builder()
         .name(&format!("bench-{}", sys.name()))
         .nodes(nodes)
@@ -53,7 +84,7 @@ fn setup(sys: System, nodes: usize) -> Cluster {
         .conf("checkpoint_timeout", "'30min'")
         .conf("logical_decoding_work_mem", "'64MB'");
     b = match sys {
-        System::Bdr => b,
+        System::Bdr => opts.bdr_conf.iter().fold(b, |b, (k, v)| b.conf(k, v)),
         System::Native => b.preload_bdr(false),
         System::Pglogical => {
             let b = b
@@ -77,8 +108,17 @@ fn setup(sys: System, nodes: usize) -> Cluster {
             "CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS
                $$ BEGIN NEW.recv_at := clock_timestamp(); RETURN NEW; END $$;
              CREATE TRIGGER stamp BEFORE INSERT ON probe FOR EACH ROW EXECUTE FUNCTION stamp();
-             ALTER TABLE probe ENABLE ALWAYS TRIGGER stamp;",
+             ALTER TABLE probe ENABLE ALWAYS TRIGGER stamp;
+             CREATE TRIGGER stamp BEFORE INSERT ON marker FOR EACH ROW EXECUTE FUNCTION stamp();
+             ALTER TABLE marker ENABLE ALWAYS TRIGGER stamp;",
         );
+    }
+    if let Some(s) = opts.pgbench_scale {
+        for (i, n) in c.nodes().iter().enumerate() {
+            // bdr's join copies A's rows to B; the baselines subscribe without a copy.
+            let data = i == 0 || sys != System::Bdr;
+            pgbench_init(n, s, data);
+        }
     }
     let a = c.node(0);
     match sys {
@@ -144,8 +184,41 @@ fn setup(sys: System, nodes: usize) -> Cluster {
     }
     c
 }
+/// pgbench's tables at `scale` on `n` (rows only if `data`), plus a primary key column on
+/// `pgbench_history` (bdr needs a key on every replicated table; all systems get it).
+fn pgbench_init(n: &Node, scale: u32, data: bool) {
+    let steps = if data { "dtgp" } else { "dtp" };
+    let out = Command::new(pg_test::pg_bindir().join("pgbench"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &n.port().to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(["-i", "-q", "-I", steps, "-s", &scale.to_string()])
+        .arg(n.dbname())
+        .output()
+        .expect("pgbench -i");
+    assert!(
+        out.status.success(),
+        "pgbench -i failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    n.execute("ALTER TABLE pgbench_history ADD COLUMN hid bigserial PRIMARY KEY");
+}
 
-fn hold(sys: System, b: &Node) {
+/// PID of A's walsender (the one streaming to B; A has no other in a 2-node setup).
+pub(crate) fn walsender_pid(a: &Node) -> Option<i32> {
+    a.connect()
+        .query_opt("SELECT pid FROM pg_stat_replication LIMIT 1", &[])
+        .ok()
+        .flatten()
+        .map(|r| r.get(0))
+}
+
+pub(crate) fn hold(sys: System, b: &Node) {
     match sys {
         System::Bdr => {
             b.execute("SELECT bdr.apply_pause()");
@@ -167,7 +240,7 @@ fn hold(sys: System, b: &Node) {
     }
 }
 
-fn release(sys: System, b: &Node) {
+pub(crate) fn release(sys: System, b: &Node) {
     match sys {
         System::Bdr => b.execute("SELECT bdr.apply_resume()"),
         System::Native => b.execute("ALTER SUBSCRIPTION s0 ENABLE"),
@@ -176,7 +249,7 @@ fn release(sys: System, b: &Node) {
 }
 
 /// PID of B's apply process for `sys`.
-fn apply_pid(sys: System, b: &Node) -> Option<i32> {
+pub(crate) fn apply_pid(sys: System, b: &Node) -> Option<i32> {
     let sql = match sys {
         System::Bdr => "SELECT pid FROM bdr.apply_workers() WHERE pid > 0 LIMIT 1",
         System::Native => "SELECT pid FROM pg_stat_subscription WHERE pid IS NOT NULL LIMIT 1",
@@ -191,14 +264,6 @@ fn apply_pid(sys: System, b: &Node) -> Option<i32> {
         .map(|r| r.get(0))
 }
 
-/// CPU clock ticks (user + system, 1/100 s) process `pid` used so far.
-fn cpu_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
 /// What [`timed_apply`] measured.
 struct Applied {
     secs: f64,
@@ -206,13 +271,16 @@ struct Applied {
     peak_kb: i64,
     /// CPU seconds the apply process used meanwhile.
     cpu_secs: f64,
+    /// CPU seconds every server process of A and B used meanwhile, by role.
+    roles: Vec<(String, f64)>,
 }
 
 /// Release apply and time until `table` on B has `rows` rows; also the apply process's
 /// peak private memory and the CPU it used.
-fn timed_apply(sys: System, b: &Node, table: &str, rows: i64) -> Applied {
+fn timed_apply(sys: System, a: &Node, b: &Node, table: &str, rows: i64) -> Applied {
     // bdr's worker stays up while paused; the baselines' start on release (from 0).
-    let before = apply_pid(sys, b).and_then(|p| Some((p, cpu_ticks(p)?)));
+    let before = apply_pid(sys, b).and_then(|p| Some((p, procs::cpu_ticks(p)?)));
+    let procs_before = procs::snapshot(&[a, b]);
     let t0 = Instant::now();
     release(sys, b);
     let mut peak = 0;
@@ -225,7 +293,7 @@ fn timed_apply(sys: System, b: &Node, table: &str, rows: i64) -> Applied {
         || {
             if let Some(pid) = apply_pid(sys, b) {
                 peak = peak.max(pg_test::rss_anon_kb(pid));
-                if let Some(t) = cpu_ticks(pid) {
+                if let Some(t) = procs::cpu_ticks(pid) {
                     last = Some((pid, t));
                 }
             }
@@ -237,19 +305,22 @@ fn timed_apply(sys: System, b: &Node, table: &str, rows: i64) -> Applied {
         },
     );
     let secs = t0.elapsed().as_secs_f64();
+    let roles = procs::by_role(&procs_before, &procs::snapshot(&[a, b]));
     let cpu = match (before, last) {
         (Some((p0, t0)), Some((p1, t1))) if p0 == p1 => t1.saturating_sub(t0),
-        (_, Some((p1, _))) => cpu_ticks(p1).unwrap_or(0),
+        (_, Some((p1, _))) => procs::cpu_ticks(p1).unwrap_or(0),
         _ => 0,
     };
     Applied {
         secs,
         peak_kb: peak,
         cpu_secs: cpu as f64 / 100.0,
+        roles,
     }
 }
-
-fn pgbench(n: &Node, args: &[&str], script: &str) -> String {
+/// Run pgbench on `n` with `args` and `script` (SQL, or `builtin:<name>` for `-b <name>`);
+/// returns its output.
+pub(crate) fn pgbench(n: &Node, args: &[&str], script: &str) -> String {
     let dir = std::env::temp_dir().join(format!("bdr-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("script.sql");
@@ -265,8 +336,10 @@ fn pgbench(n: &Node, args: &[&str], script: &str) -> String {
             "-n",
         ])
         .args(args)
-        .arg("-f")
-        .arg(&file)
+        .args(match script.strip_prefix("builtin:") {
+            Some(name) => ["-b".to_string(), name.to_string()],
+            None => ["-f".to_string(), file.display().to_string()],
+        })
         .arg(n.dbname())
         .output()
         .expect("pgbench");
@@ -280,7 +353,7 @@ fn pgbench(n: &Node, args: &[&str], script: &str) -> String {
 }
 
 /// `total` transactions of `script` on `n`, spread over `clients` pgbench clients.
-fn pgbench_transactions(n: &Node, clients: i64, total: i64, script: &str) -> String {
+pub(crate) fn pgbench_transactions(n: &Node, clients: i64, total: i64, script: &str) -> String {
     pgbench(
         n,
         &[
@@ -295,7 +368,7 @@ fn pgbench_transactions(n: &Node, clients: i64, total: i64, script: &str) -> Str
     )
 }
 
-fn tps(pgbench_output: &str) -> f64 {
+pub(crate) fn tps(pgbench_output: &str) -> f64 {
     pgbench_output
         .lines()
         .find(|l| l.starts_with("tps = "))
@@ -303,24 +376,59 @@ fn tps(pgbench_output: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
-
-struct Row {
-    workload: String,
-    metric: String,
-    higher_is_better: bool,
-    values: [Option<f64>; 3],
+/// Record `v` for `sys` in the row (`workload`, `metric`), creating the row if needed.
+pub(crate) fn put(
+    rows: &mut Vec<Row>,
+    sys: System,
+    workload: &str,
+    metric: &str,
+    hib: bool,
+    v: f64,
+) {
+    let idx = sys as usize;
+    if let Some(r) = rows
+        .iter_mut()
+        .find(|r| r.workload == workload && r.metric == metric)
+    {
+        r.values[idx] = Some(v);
+    } else {
+        let mut values = [None; 3];
+        values[idx] = Some(v);
+        rows.push(Row {
+            workload: workload.into(),
+            metric: metric.into(),
+            higher_is_better: hib,
+            values,
+        });
+    }
 }
 
-fn scale() -> f64 {
+/// One "cpu ..." row per process role, CPU per transaction in µs (or total seconds when
+/// `per` is 0).
+fn put_roles(rows: &mut Vec<Row>, sys: System, workload: &str, roles: &[(String, f64)], per: i64) {
+    for (role, secs) in roles.iter().filter(|(_, s)| *s > 0.0) {
+        let v = if per > 0 {
+            secs * 1e6 / per as f64
+        } else {
+            *secs
+        };
+        put(rows, sys, &format!("cpu {workload}"), role, false, v);
+    }
+}
+
+pub(crate) fn scale() -> f64 {
     std::env::var("BENCH_SCALE")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1.0)
 }
 
-/// `BENCH_ONLY=small`: workloads 1, 2 and 1b only.
-fn only_small() -> bool {
-    std::env::var("BENCH_ONLY").is_ok_and(|v| v == "small")
+/// Whether workload group `name` runs (`BENCH_ONLY`, comma-separated; default all).
+fn enabled(name: &str) -> bool {
+    match std::env::var("BENCH_ONLY") {
+        Ok(v) if !v.trim().is_empty() => v.split(',').any(|x| x.trim() == name),
+        _ => true,
+    }
 }
 
 /// The systems to run (`BENCH_SYSTEMS`, comma-separated; default all three).
@@ -335,172 +443,409 @@ fn systems() -> Vec<System> {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+/// Workload 0: one big transaction committed on A with apply running; seconds from the
+/// COMMIT returning on A until the rows are visible on B, and the CPU of every process
+/// meanwhile (and during the INSERT, before the COMMIT).
+fn big_to_visible(sys: System, a: &Node, b: &Node, n: i64, rows: &mut Vec<Row>) {
+    const W: &str = "0. one big txn, COMMIT -> visible on B";
+    let s0 = procs::snapshot(&[a, b]);
+    let mut ca = a.connect();
+    let t_insert = Instant::now();
+    ca.batch_execute(&format!(
+        "BEGIN; INSERT INTO big0 SELECT g, 'row ' || g FROM generate_series(1, {n}) g"
+    ))
+    .unwrap();
+    let insert_secs = t_insert.elapsed().as_secs_f64();
+    let s1 = procs::snapshot(&[a, b]);
+    let t_commit = Instant::now();
+    // The marker is stamped right after the COMMIT returned, in the same session; B's
+    // trigger stamps its arrival, which (apply in commit order) follows the big one's.
+    ca.batch_execute("COMMIT").unwrap();
+    let commit_secs = t_commit.elapsed().as_secs_f64();
+    ca.batch_execute("INSERT INTO marker (id, sent_at) VALUES (1, clock_timestamp())")
+        .unwrap();
+    let mut cb = b.connect();
+    wait_until("big txn visible on B", Duration::from_secs(1800), || {
+        cb.query_opt("SELECT 1 FROM marker WHERE id = 1", &[])
+            .ok()
+            .flatten()
+            .is_some()
+    });
+    let s2 = procs::snapshot(&[a, b]);
+    let secs: f64 = b.query_scalar(
+        "SELECT extract(epoch FROM recv_at - sent_at)::float8 FROM marker WHERE id = 1",
+    );
+    let got: i64 = b.query_scalar("SELECT count(*) FROM big0");
+    assert_eq!(
+        got,
+        n,
+        "{}: B has {got} of the big transaction's {n} rows",
+        sys.name()
+    );
+    put(rows, sys, W, "seconds (lower is better)", false, secs);
+    put(rows, sys, W, "COMMIT on A, seconds", false, commit_secs);
+    let during = procs::by_role(&s0, &s1);
+    let after = procs::by_role(&s1, &s2);
+    eprintln!(
+        "   big txn: INSERT {insert_secs:.1}s, COMMIT {commit_secs:.2}s, COMMIT -> visible {secs:.2}s; CPU after COMMIT: {}",
+        after
+            .iter()
+            .filter(|(_, s)| *s > 0.0)
+            .map(|(r, s)| format!("{r} {s:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    put_roles(
+        rows,
+        sys,
+        "0. big txn: COMMIT -> visible (CPU s)",
+        &after,
+        0,
+    );
+    put_roles(
+        rows,
+        sys,
+        "0. big txn: during the INSERT, before COMMIT (CPU s)",
+        &during,
+        0,
+    );
+}
+
+/// Workload 1's measurement: `n` single-row INSERT transactions committed by 4 clients
+/// with apply held, then timed from release. Returns (committed, what was measured).
+fn small_txns(sys: System, a: &Node, b: &Node, n: i64) -> (i64, Applied) {
+    hold(sys, b);
+    let before: i64 = a.query_scalar("SELECT count(*) FROM small");
+    pgbench_transactions(a, 4, n, "INSERT INTO small (v) VALUES (1);\n");
+    let total: i64 = a.query_scalar("SELECT count(*) FROM small");
+    let ap = timed_apply(sys, a, b, "small", total);
+    (total - before, ap)
 }
 
 fn run_system(sys: System, rows: &mut Vec<Row>) {
-    let idx = sys as usize;
-    let mut put = |workload: &str, metric: &str, hib: bool, v: f64| {
-        if let Some(r) = rows
-            .iter_mut()
-            .find(|r| r.workload == workload && r.metric == metric)
-        {
-            r.values[idx] = Some(v);
-        } else {
-            let mut values = [None; 3];
-            values[idx] = Some(v);
-            rows.push(Row {
-                workload: workload.into(),
-                metric: metric.into(),
-                higher_is_better: hib,
-                values,
-            });
-        }
-    };
     let small_n = (200_000.0 * scale()) as i64;
     let big_n = (1_000_000.0 * scale()) as i64;
-    eprintln!("== {}: 2 nodes", sys.name());
-    let c = setup(sys, 2);
-    let (a, b) = (c.node(0), c.node(1));
+    let secs = (20.0 * scale().max(0.25)) as u64;
+    if enabled("big") || enabled("small") || enabled("latency") {
+        eprintln!("== {}: 2 nodes", sys.name());
+        let c = setup(sys, 2);
+        let (a, b) = (c.node(0), c.node(1));
 
-    // 1. Small transactions.
-    hold(sys, b);
-    let clients = 4;
-    pgbench_transactions(a, clients, small_n, "INSERT INTO small (v) VALUES (1);\n");
-    let committed: i64 = a.query_scalar("SELECT count(*) FROM small");
-    let ap = timed_apply(sys, b, "small", committed);
-    let secs = ap.secs;
-    put(
-        "1. small txns (single-row INSERT)",
-        "rows/s applied",
-        true,
-        committed as f64 / secs,
-    );
-    put(
-        "1. small txns (single-row INSERT)",
-        "apply CPU µs/txn",
-        false,
-        ap.cpu_secs * 1e6 / committed as f64,
-    );
-    eprintln!(
-        "   small: {committed} rows in {secs:.2}s, apply CPU {:.2}s",
-        ap.cpu_secs
-    );
+        // 0. One big transaction, apply running.
+        if enabled("big") {
+            big_to_visible(sys, a, b, big_n, rows);
+        }
 
-    // 2. One big transaction.
-    hold(sys, b);
-    a.execute(&format!(
-        "INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, {big_n}) g"
-    ));
-    let Applied {
-        secs,
-        peak_kb: peak,
-        ..
-    } = timed_apply(sys, b, "big", big_n);
-    put(
-        "2. one big txn (INSERT)",
-        "rows/s applied",
-        true,
-        big_n as f64 / secs,
-    );
-    put(
-        "2. one big txn (INSERT)",
-        "apply peak private MB",
-        false,
-        peak as f64 / 1024.0,
-    );
-    eprintln!("   big: {big_n} rows in {secs:.1}s, peak {peak} kB");
+        if enabled("small") {
+            // 1. Small transactions.
+            let (committed, ap) = small_txns(sys, a, b, small_n);
+            let w = "1. small txns (single-row INSERT)";
+            put(
+                rows,
+                sys,
+                w,
+                "rows/s applied",
+                true,
+                committed as f64 / ap.secs,
+            );
+            put(
+                rows,
+                sys,
+                w,
+                "apply CPU µs/txn",
+                false,
+                ap.cpu_secs * 1e6 / committed as f64,
+            );
+            put_roles(
+                rows,
+                sys,
+                "1. small INSERT txns (CPU µs/txn)",
+                &ap.roles,
+                committed,
+            );
+            eprintln!(
+                "   small: {committed} rows in {:.2}s, apply CPU {:.2}s",
+                ap.secs, ap.cpu_secs
+            );
 
-    // 1b. Small transactions updating random rows of the (now 1M-row) big table. Apply
-    // is in commit order, so a marker row committed last tells when B has them all.
-    hold(sys, b);
-    let upd_n = (100_000.0 * scale()) as i64;
-    pgbench_transactions(
-        a,
-        clients,
-        upd_n,
-        &format!("\\set id random(1, {big_n})\nUPDATE big SET v = 'updated' WHERE id = :id;\n"),
-    );
-    a.execute("INSERT INTO small (v) VALUES (-1)");
-    let ap = timed_apply(sys, b, "small", committed + 1);
-    let secs = ap.secs;
-    let updates = (upd_n / clients) * clients;
-    put(
-        "1b. small txns (UPDATE random rows of 1M)",
-        "rows/s applied",
-        true,
-        updates as f64 / secs,
-    );
-    put(
-        "1b. small txns (UPDATE random rows of 1M)",
-        "apply CPU µs/txn",
-        false,
-        ap.cpu_secs * 1e6 / updates as f64,
-    );
-    eprintln!(
-        "   updates: {updates} in {secs:.2}s, apply CPU {:.2}s",
-        ap.cpu_secs
-    );
-    if only_small() {
-        return;
+            // 2. One big transaction, apply held.
+            hold(sys, b);
+            a.execute(&format!(
+                "INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, {big_n}) g"
+            ));
+            let ap = timed_apply(sys, a, b, "big", big_n);
+            let w = "2. one big txn (INSERT), apply held then released";
+            put(rows, sys, w, "rows/s applied", true, big_n as f64 / ap.secs);
+            put(
+                rows,
+                sys,
+                w,
+                "apply peak private MB",
+                false,
+                ap.peak_kb as f64 / 1024.0,
+            );
+            eprintln!(
+                "   big: {big_n} rows in {:.1}s, peak {} kB",
+                ap.secs, ap.peak_kb
+            );
+
+            // 1b. Small transactions updating random rows of the (now 1M-row) big table.
+            // Apply is in commit order, so a marker row committed last tells when B has
+            // them all.
+            hold(sys, b);
+            let upd_n = (100_000.0 * scale()) as i64;
+            let clients = 4;
+            pgbench_transactions(
+                a,
+                clients,
+                upd_n,
+                &format!(
+                    "\\set id random(1, {big_n})\nUPDATE big SET v = 'updated' WHERE id = :id;\n"
+                ),
+            );
+            a.execute("INSERT INTO small (v) VALUES (-1)");
+            let total: i64 = a.query_scalar("SELECT count(*) FROM small");
+            let ap = timed_apply(sys, a, b, "small", total);
+            let updates = (upd_n / clients) * clients;
+            let w = "1b. small txns (UPDATE random rows of 1M)";
+            put(
+                rows,
+                sys,
+                w,
+                "rows/s applied",
+                true,
+                updates as f64 / ap.secs,
+            );
+            put(
+                rows,
+                sys,
+                w,
+                "apply CPU µs/txn",
+                false,
+                ap.cpu_secs * 1e6 / updates as f64,
+            );
+            eprintln!(
+                "   updates: {updates} in {:.2}s, apply CPU {:.2}s",
+                ap.secs, ap.cpu_secs
+            );
+        }
+
+        // 3. Latency at a steady rate.
+        if enabled("latency") {
+            pgbench(
+                a,
+                &["-c", "2", "-j", "2", "-R", "500", "-T", &secs.to_string()],
+                "INSERT INTO probe (sent_at) VALUES (clock_timestamp());\n",
+            );
+            let sent: i64 = a.query_scalar("SELECT count(*) FROM probe");
+            wait_until("probes arrive", Duration::from_secs(300), || {
+                b.query_scalar::<i64>("SELECT count(*) FROM probe") == sent
+            });
+            let r = b
+                .connect()
+                .query_one(
+                    "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), \
+                            percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) \
+                       FROM (SELECT extract(epoch FROM recv_at - sent_at) * 1000 AS ms FROM probe) x",
+                    &[],
+                )
+                .unwrap();
+            let (p50, p99): (f64, f64) = (r.get(0), r.get(1));
+            put(rows, sys, "3. latency at 500 TPS", "p50 ms", false, p50);
+            put(rows, sys, "3. latency at 500 TPS", "p99 ms", false, p99);
+            eprintln!("   latency: p50 {p50:.2} ms, p99 {p99:.2} ms over {sent} commits");
+        }
     }
 
-    // 3. Latency at a steady rate.
-    let secs = (20.0 * scale().max(0.25)) as u64;
-    pgbench(
-        a,
-        &["-c", "2", "-j", "2", "-R", "500", "-T", &secs.to_string()],
-        "INSERT INTO probe (sent_at) VALUES (clock_timestamp());\n",
-    );
-    let sent: i64 = a.query_scalar("SELECT count(*) FROM probe");
-    wait_until("probes arrive", Duration::from_secs(300), || {
-        b.query_scalar::<i64>("SELECT count(*) FROM probe") == sent
-    });
-    let (p50, p99): (f64, f64) = {
-        let r = b
-            .connect()
-            .query_one(
-                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), \
-                        percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) \
-                   FROM (SELECT extract(epoch FROM recv_at - sent_at) * 1000 AS ms FROM probe) x",
-                &[],
-            )
-            .unwrap();
-        (r.get(0), r.get(1))
-    };
-    put("3. latency at 500 TPS", "p50 ms", false, p50);
-    put("3. latency at 500 TPS", "p99 ms", false, p99);
-    eprintln!("   latency: p50 {p50:.2} ms, p99 {p99:.2} ms over {sent} commits");
-    drop(c);
+    // 4. Writer overhead with two peers attached: the INSERT + UPDATE script with 2
+    // clients, and (4b) single-row INSERTs from 4 clients as fast as they can.
+    if enabled("writer") {
+        eprintln!("== {}: 3 nodes (writer overhead)", sys.name());
+        let c = setup(sys, 3);
+        let a = c.node(0);
+        let t = pgbench(
+            a,
+            &["-c", "2", "-j", "2", "-T", &secs.to_string()],
+            WRITER_SCRIPT,
+        );
+        put(
+            rows,
+            sys,
+            "4. writer TPS, 2 peers",
+            "TPS on the writer",
+            true,
+            tps(&t),
+        );
+        let n0: i64 = a.query_scalar("SELECT count(*) FROM small");
+        let s0 = procs::snapshot(&[a, c.node(1), c.node(2)]);
+        let t = pgbench(
+            a,
+            &["-c", "4", "-j", "2", "-T", &secs.to_string()],
+            "INSERT INTO small (v) VALUES (1);\n",
+        );
+        let roles = procs::by_role(&s0, &procs::snapshot(&[a, c.node(1), c.node(2)]));
+        let w = "4b. writer TPS, 2 peers (4 clients, single-row INSERT)";
+        put(rows, sys, w, "TPS on the writer", true, tps(&t));
+        let n = a.query_scalar::<i64>("SELECT count(*) FROM small") - n0;
+        put_roles(
+            rows,
+            sys,
+            "4b. writer, 4 clients INSERT, 2 peers (CPU µs/txn)",
+            &roles,
+            n,
+        );
+        eprintln!(
+            "   writer: {:.0} TPS (4 clients, single-row INSERT)",
+            tps(&t)
+        );
+    }
 
-    // 4. Writer overhead with two peers attached.
-    eprintln!("== {}: 3 nodes (writer overhead)", sys.name());
-    let c = setup(sys, 3);
-    let a = c.node(0);
-    let t = pgbench(
-        a,
-        &["-c", "2", "-j", "2", "-T", &secs.to_string()],
-        "INSERT INTO small (v) VALUES (1);\nUPDATE small SET v = v + 1 WHERE id = (SELECT max(id) FROM small);\n",
-    );
-    put("4. writer TPS, 2 peers", "TPS on the writer", true, tps(&t));
-    drop(c);
+    // (a) Sustained load.
+    if enabled("sustained") {
+        sustained::sustained(sys, rows);
+    }
 }
 
-/// Writer TPS with no replication at all (the baseline of workload 4).
-fn writer_alone(secs: u64) -> f64 {
-    let c = Cluster::builder()
-        .name("bench-alone")
-        .nodes(1)
-        .preload_bdr(false)
-        .start();
-    c.node(0).execute(TABLES);
-    tps(&pgbench(
-        c.node(0),
-        &["-c", "2", "-j", "2", "-T", &secs.to_string()],
-        "INSERT INTO small (v) VALUES (1);\nUPDATE small SET v = v + 1 WHERE id = (SELECT max(id) FROM small);\n",
-    ))
+/// Workload (b): workload 1 for bdr with `bdr.writers_per_peer` = K, each K on fresh
+/// nodes (the GUC is read at server start). Without the GUC (a build before parallel
+/// apply), K = 1 runs and K > 1 is skipped with a note. The native column holds native's
+/// workload 1 figure of the same run (if it ran), so the ratio is against one native
+/// apply worker.
+fn k_scaling(rows: &mut Vec<Row>, notes: &mut Vec<String>) {
+    let n = (200_000.0 * scale()) as i64;
+    let native_rate = rows
+        .iter()
+        .find(|r| r.workload.starts_with("1. small txns") && r.metric == "rows/s applied")
+        .and_then(|r| r.values[1]);
+    for k in [1, 2, 4] {
+        eprintln!("== bdr: 2 nodes, {WRITERS_GUC} = {k}");
+        let c = setup_with(
+            System::Bdr,
+            2,
+            &Setup {
+                bdr_conf: vec![(WRITERS_GUC.into(), k.to_string())],
+                ..Setup::default()
+            },
+        );
+        let (a, b) = (c.node(0), c.node(1));
+        let present: i64 = b.query_scalar(&format!(
+            "SELECT count(*) FROM pg_settings WHERE name = '{WRITERS_GUC}'"
+        ));
+        if present == 0 {
+            let note = format!(
+                "workload b: GUC missing: this bdr build has no {WRITERS_GUC}; K = 1 only (the default single apply process), K = 2 and 4 skipped"
+            );
+            eprintln!("   {note}");
+            notes.push(note);
+            if k > 1 {
+                break;
+            }
+        }
+        let (committed, ap) = small_txns(System::Bdr, a, b, n);
+        let w = "b. small INSERT txns, K apply writers";
+        let rate = committed as f64 / ap.secs;
+        let metric = format!("rows/s applied, K={k}");
+        put(rows, System::Bdr, w, &metric, true, rate);
+        if let Some(v) = native_rate {
+            put(rows, System::Native, w, &metric, true, v);
+        }
+        put_roles(
+            rows,
+            System::Bdr,
+            &format!("b. small INSERT txns, K={k} (CPU µs/txn)"),
+            &ap.roles,
+            committed,
+        );
+        eprintln!(
+            "   K={k}: {committed} rows in {:.2}s ({rate:.0} rows/s)",
+            ap.secs
+        );
+    }
+}
+
+const WRITER_SCRIPT: &str =
+    "INSERT INTO small (v) VALUES (1);\nUPDATE small SET v = v + 1 WHERE id = (SELECT max(id) FROM small);\n";
+
+/// Writer TPS with no replication at all (the baseline of workloads 4 and 4b), and with
+/// bdr in a one-node group (bdr's own writer-side cost: ids, triggers, hooks, commit
+/// callbacks, without peers competing for the cores).
+fn writer_alone(secs: u64, rows: &mut Vec<Row>) {
+    let insert = "INSERT INTO small (v) VALUES (1);\n";
+    let plain = {
+        let c = Cluster::builder()
+            .name("bench-alone")
+            .nodes(1)
+            .preload_bdr(false)
+            .start();
+        let a = c.node(0);
+        a.execute(TABLES);
+        let t = tps(&pgbench(
+            a,
+            &["-c", "2", "-j", "2", "-T", &secs.to_string()],
+            WRITER_SCRIPT,
+        ));
+        rows.push(Row {
+            workload: "4. writer TPS, no replication".into(),
+            metric: "TPS on the writer".into(),
+            higher_is_better: true,
+            values: [Some(t), Some(t), Some(t)],
+        });
+        let n0: i64 = a.query_scalar("SELECT count(*) FROM small");
+        let s0 = procs::snapshot(&[a]);
+        let t = tps(&pgbench(
+            a,
+            &["-c", "4", "-j", "2", "-T", &secs.to_string()],
+            insert,
+        ));
+        let n = a.query_scalar::<i64>("SELECT count(*) FROM small") - n0;
+        let roles = procs::by_role(&s0, &procs::snapshot(&[a]));
+        put_roles(
+            rows,
+            System::Native,
+            "4b. writer alone, 4 clients INSERT (CPU µs/txn)",
+            &roles,
+            n,
+        );
+        t
+    };
+    rows.push(Row {
+        workload: "4b. writer TPS, no replication (4 clients, single-row INSERT)".into(),
+        metric: "TPS on the writer".into(),
+        higher_is_better: true,
+        values: [Some(plain), Some(plain), Some(plain)],
+    });
+    if !systems().contains(&System::Bdr) {
+        return;
+    }
+    let c = Cluster::builder().name("bench-alone-bdr").nodes(1).start();
+    let a = c.node(0);
+    a.execute(TABLES);
+    a.execute("CREATE EXTENSION bdr");
+    a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+    let s0 = procs::snapshot(&[a]);
+    let t = tps(&pgbench(
+        a,
+        &["-c", "4", "-j", "2", "-T", &secs.to_string()],
+        insert,
+    ));
+    let n: i64 = a.query_scalar("SELECT count(*) FROM small");
+    let roles = procs::by_role(&s0, &procs::snapshot(&[a]));
+    put_roles(
+        rows,
+        System::Bdr,
+        "4b. writer alone, 4 clients INSERT (CPU µs/txn)",
+        &roles,
+        n,
+    );
+    // The native column is the plain node's figure: the ratio is bdr's own writer cost.
+    rows.push(Row {
+        workload: "4b. writer TPS, bdr one-node group, no peers (4 clients, single-row INSERT)"
+            .into(),
+        metric: "TPS on the writer (native column: no bdr)".into(),
+        higher_is_better: true,
+        values: [Some(t), Some(plain), None],
+    });
+    eprintln!("   writer alone: {plain:.0} TPS without bdr, {t:.0} TPS in a one-node bdr group");
 }
 
 /// WAL decoded per second by the bdr plugin and by pgoutput, over the same WAL.
@@ -541,231 +886,20 @@ fn decode_cost(rows: &mut Vec<Row>) {
     });
 }
 
-/// CPU time (clock ticks, user + system) of every child process of the nodes'
-/// postmasters, by pid, with its process title.
-fn cpu_by_process(nodes: &[&Node]) -> std::collections::HashMap<i32, (String, u64)> {
-    let parents: Vec<(i32, &str)> = nodes
-        .iter()
-        .filter_map(|n| Some((n.postmaster_pid()?, n.name())))
-        .collect();
-    let mut out = std::collections::HashMap::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the parenthesised command: state ppid ... utime(14) stime(15).
-        let Some(rest) = stat.rsplit_once(')').map(|x| x.1) else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ppid: i32 = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let Some(&(_, node)) = parents.iter().find(|(p, _)| *p == ppid) else {
-            continue;
-        };
-        let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        let title = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-            .unwrap_or_default()
-            .replace('\0', " ")
-            .trim()
-            .to_string();
-        out.insert(pid, (format!("{node}: {title}"), ticks));
-    }
-    out
-}
-
-/// `bdr-bench profile [bdr|native|pglogical]`: record a flat `perf` profile of B's apply
-/// process while it catches up on small transactions (the workload where bdr trails), and
-/// write the top symbols to `bench/results/profile-<system>.txt`.
-fn profile(sys: System) {
-    let n = (100_000.0 * scale()) as i64;
-    let c = setup(sys, 2);
-    let (a, b) = (c.node(0), c.node(1));
-    hold(sys, b);
-    pgbench_transactions(a, 4, n, "INSERT INTO small (v) VALUES (1);\n");
-    let committed: i64 = a.query_scalar("SELECT count(*) FROM small");
-    // The bdr worker stays up while paused; the baselines' workers start on release.
-    let pid_before = apply_pid(sys, b);
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
-    std::fs::create_dir_all(&dir).unwrap();
-    let data = std::env::temp_dir().join(format!("bdr-apply-{}.perf", sys.name()));
-    let cpu_before = cpu_by_process(&[a, b]);
-    let t0 = Instant::now();
-    release(sys, b);
-    let pid = pid_before.unwrap_or_else(|| {
-        let mut pid = None;
-        wait_until("apply process", Duration::from_secs(60), || {
-            pid = apply_pid(sys, b);
-            pid.is_some()
-        });
-        pid.unwrap()
-    });
-    let mut perf = Command::new("perf")
-        .args(["record", "-F", "2000", "--call-graph", "dwarf,16384", "-o"])
-        .arg(&data)
-        .args(["-p", &pid.to_string()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("perf (install linux-perf)");
-    wait_until("catch-up", Duration::from_secs(1800), || {
-        b.query_scalar::<i64>("SELECT count(*) FROM small") >= committed
-    });
-    let secs = t0.elapsed().as_secs_f64();
-    let cpu_after = cpu_by_process(&[a, b]);
-    let mut used: Vec<(f64, String)> = cpu_after
-        .iter()
-        .map(|(pid, (title, t))| {
-            let before = cpu_before.get(pid).map(|x| x.1).unwrap_or(0);
-            // Clock ticks are 1/100 s on Linux.
-            ((t - before) as f64 / 100.0, title.clone())
-        })
-        .filter(|(s, _)| *s > 0.0)
-        .collect();
-    used.sort_by(|x, y| y.0.total_cmp(&x.0));
-    let cpu_table: String = used
-        .iter()
-        .map(|(s, t)| format!("  {s:5.2} s  {t}\n"))
-        .collect();
-    let _ = Command::new("kill")
-        .args(["-INT", &perf.id().to_string()])
-        .status();
-    perf.wait().unwrap();
-    let report = |args: &[&str], keep: &dyn Fn(&str) -> bool, max: usize| {
-        let out = Command::new("perf")
-            .args(["report", "--stdio", "-g", "none", "-i"])
-            .arg(&data)
-            .args(args)
-            .output()
-            .expect("perf report");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty() && keep(l))
-            .take(max)
-            .map(|l| l.trim_end().to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    let text = report(
-        &[
-            "--no-children",
-            "--sort",
-            "dso,symbol",
-            "--percent-limit",
-            "0.7",
-        ],
-        &|_| true,
-        50,
-    );
-    // Inclusive time of the apply loop's own stages and the PostgreSQL calls they make.
-    let stages = report(
-        &["--children", "--sort", "symbol", "--percent-limit", "1.5"],
-        &|l| {
-            ![
-                "inlined",
-                "closure",
-                "cee_scape",
-                "call_from_c",
-                "pg_guard",
-                "catch_unwind",
-            ]
-            .iter()
-            .any(|x| l.contains(x))
-                && !l.contains("0x0000")
-        },
-        60,
-    );
-    let out = format!(
-        "{} apply process, {committed} single-row INSERT transactions in {secs:.1}s \
-         ({:.0} rows/s)\n\nCPU used during the catch-up, by process (both nodes):\n{cpu_table}\n\
-         perf record -F 2000 of the apply process, self time by symbol:\n\n{text}\n\n\
-         inclusive time (children included):\n\n{stages}\n",
-        sys.name(),
-        committed as f64 / secs
-    );
-    println!("{out}");
-    let file = dir.join(format!("profile-{}.txt", sys.name()));
-    std::fs::write(&file, out).unwrap();
-    eprintln!("written to {}", file.display());
-}
-
-/// Ids per second of `expr` (`nextval('s')` or `bdr.snowflake_nextval('s')`) drawn by
-/// `sessions` sessions at once, each `n` ids in one statement; best of 3 runs.
-fn ids_per_sec(node: &Node, expr: &str, n: i64, sessions: usize) -> f64 {
-    let sql = format!("SELECT count({expr}) FROM generate_series(1, {n})");
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let mut clients: Vec<_> = (0..sessions).map(|_| node.connect()).collect();
-        let start = Instant::now();
-        std::thread::scope(|s| {
-            for c in clients.iter_mut() {
-                let sql = &sql;
-                s.spawn(move || {
-                    let got: i64 = c.query_one(sql.as_str(), &[]).unwrap().get(0);
-                    assert_eq!(got, n);
-                });
-            }
-        });
-        best = best.min(start.elapsed().as_secs_f64());
-    }
-    (n as f64 * sessions as f64) / best
-}
-
-/// `bdr-bench keys`: snowflake ids vs nextval on one node.
-fn keys_bench() {
-    let c = Cluster::builder()
-        .name("bench-keys")
-        .nodes(1)
-        .conf("shared_buffers", "'256MB'")
-        .start();
-    let a = c.node(0);
-    a.execute("CREATE EXTENSION bdr; CREATE SEQUENCE s; CREATE SEQUENCE l;");
-    a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
-    let n = (1_000_000.0 * scale()) as i64;
-    // Warm up (first call builds the shared slot and persists a floor).
-    a.execute("SELECT count(bdr.snowflake_nextval('s')) FROM generate_series(1, 1000)");
-    let mut out = format!(
-        "Machine: {} cores; {n} ids per session, best of 3\n\n\
-         | sessions | nextval ids/s | snowflake_nextval ids/s | ratio snowflake / nextval |\n\
-         |---|---|---|---|\n",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
-    );
-    for sessions in [1, 2] {
-        let plain = ids_per_sec(a, "nextval('l')", n, sessions);
-        let snow = ids_per_sec(a, "bdr.snowflake_nextval('s')", n, sessions);
-        out.push_str(&format!(
-            "| {sessions} | {plain:.0} | {snow:.0} | {:.2} |\n",
-            snow / plain
-        ));
-    }
-    // Every id handed out is distinct and they increase: nothing was reissued.
-    let dup: i64 = a.query_scalar(
-        "SELECT count(*) - count(DISTINCT v) FROM \
-           (SELECT bdr.snowflake_nextval('s') AS v FROM generate_series(1, 100000)) x",
-    );
-    assert_eq!(dup, 0);
-    println!("{out}");
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("keys") {
-        keys_bench();
-        return;
-    }
-    if args.get(1).map(String::as_str) == Some("profile") {
-        let sys = match args.get(2).map(String::as_str) {
-            None | Some("bdr") => System::Bdr,
-            Some("native") => System::Native,
-            Some("pglogical") => System::Pglogical,
-            Some(other) => panic!("unknown system {other}: bdr, native or pglogical"),
-        };
-        profile(sys);
-        return;
+    let sys_arg = || match args.get(2).map(String::as_str) {
+        None | Some("bdr") => System::Bdr,
+        Some("native") => System::Native,
+        Some("pglogical") => System::Pglogical,
+        Some(other) => panic!("unknown system {other}: bdr, native or pglogical"),
+    };
+    match args.get(1).map(String::as_str) {
+        Some("keys") => return keys::keys_bench(),
+        Some("profile") => return profile::profile(sys_arg()),
+        Some("profile-big") => return profile::profile_big(sys_arg()),
+        Some("profile-writer") => return profile::profile_writer(sys_arg()),
+        _ => {}
     }
     let runs: usize = std::env::var("BENCH_RUNS")
         .ok()
@@ -773,6 +907,7 @@ fn main() {
         .unwrap_or(1)
         .max(1);
     let mut all_runs: Vec<Vec<Row>> = Vec::new();
+    let mut notes = Vec::new();
     for run in 0..runs {
         if runs > 1 {
             eprintln!("==== run {} of {runs}", run + 1);
@@ -781,118 +916,18 @@ fn main() {
         for sys in systems() {
             run_system(sys, &mut rows);
         }
-        if !only_small() {
-            let secs = (20.0 * scale().max(0.25)) as u64;
-            let alone = writer_alone(secs);
-            rows.push(Row {
-                workload: "4. writer TPS, no replication".into(),
-                metric: "TPS on the writer".into(),
-                higher_is_better: true,
-                values: [Some(alone), Some(alone), Some(alone)],
-            });
+        if enabled("k") && systems().contains(&System::Bdr) {
+            k_scaling(&mut rows, &mut notes);
+        }
+        if enabled("writer") {
+            writer_alone((20.0 * scale().max(0.25)) as u64, &mut rows);
+        }
+        if enabled("decode") {
             decode_cost(&mut rows);
         }
-        rows.sort_by(|x, y| x.workload.cmp(&y.workload));
         all_runs.push(rows);
     }
-    // Each run's ratio per row (ours / baseline, as in the table), for the median.
-    let run_ratio = |r: &Row, j: usize| match (r.values[0], r.values[j]) {
-        (Some(o), Some(b)) if o > 0.0 && b > 0.0 => {
-            Some(if r.higher_is_better { o / b } else { b / o })
-        }
-        _ => None,
-    };
-    let mut per_run = String::new();
-    if runs > 1 {
-        per_run.push_str(&format!(
-            "\nPer-run ratios vs native (median of {runs} in the table's ratio columns, values are the median run's):\n\n"
-        ));
-        for (i, r) in all_runs[0].iter().enumerate() {
-            let ratios: Vec<String> = all_runs
-                .iter()
-                .map(|rows| {
-                    run_ratio(&rows[i], 1)
-                        .map(|x| format!("{x:.2}"))
-                        .unwrap_or_else(|| "-".into())
-                })
-                .collect();
-            per_run.push_str(&format!(
-                "- {} / {}: {}\n",
-                r.workload,
-                r.metric,
-                ratios.join(", ")
-            ));
-        }
-    }
-    // The table shows the run with the median ratio vs native for each row.
-    let rows: Vec<Row> = (0..all_runs[0].len())
-        .map(|i| {
-            let ratios: Vec<f64> = all_runs
-                .iter()
-                .map(|rows| run_ratio(&rows[i], 1).unwrap_or(0.0))
-                .collect();
-            let m = median(ratios.clone());
-            let pick = ratios.iter().position(|x| *x == m).unwrap_or(0);
-            let r = &all_runs[pick][i];
-            Row {
-                workload: r.workload.clone(),
-                metric: r.metric.clone(),
-                higher_is_better: r.higher_is_better,
-                values: r.values,
-            }
-        })
-        .collect();
-
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
-        / 1024.0;
-    let pgver = String::from_utf8_lossy(
-        &Command::new(pg_test::pg_bindir().join("postgres"))
-            .arg("--version")
-            .output()
-            .map(|o| o.stdout)
-            .unwrap_or_default(),
-    )
-    .trim()
-    .to_string();
-    let fmt = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
-    let ratio = |r: &Row, base: Option<f64>| match (r.values[0], base) {
-        (Some(o), Some(b)) if o > 0.0 && b > 0.0 => {
-            format!("{:.2}", if r.higher_is_better { o / b } else { b / o })
-        }
-        _ => "-".into(),
-    };
-    let mut out = format!(
-        "Machine: {cores} cores, {mem:.0} GiB; {pgver}; scale {}; {runs} run(s)\n\n\
-         | workload | metric | bdr | native LR | ratio vs native | pglogical | ratio vs pglogical |\n\
-         |---|---|---|---|---|---|---|\n",
-        scale()
-    );
-    for r in &rows {
-        out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
-            r.workload,
-            r.metric,
-            fmt(r.values[0]),
-            fmt(r.values[1]),
-            ratio(r, r.values[1]),
-            fmt(r.values[2]),
-            ratio(r, r.values[2]),
-        ));
-    }
-    out.push_str(&per_run);
-    out.push_str("\nratio > 1 means bdr is better (for latency and memory: lower is better, the ratio is baseline / bdr).\n");
+    let out = report::render(&all_runs, &notes, scale());
     println!("{out}");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
     std::fs::create_dir_all(&dir).unwrap();

@@ -97,6 +97,8 @@ struct Stream {
     raw: Vec<u8>,
     /// Highest peer position received (data or keepalive).
     received: u64,
+    /// The write being read, while it has frames not yet returned by [`Stream::read`].
+    batch: Option<Batch>,
     last_feedback: Instant,
     last_reported: (u64, u64),
     /// A transaction's first frame read while paused, applied first on resume.
@@ -119,6 +121,31 @@ struct Stream {
     begin_clock: Option<i64>,
 }
 
+/// One XLogData write from the peer: one frame, or several (protocol version 3).
+struct Batch {
+    /// The write's start position (the sender's position when it wrote).
+    start: u64,
+    buf: Vec<u8>,
+    /// Offset in `buf` of the next frame.
+    pos: usize,
+}
+
+impl Batch {
+    /// Decode the next frame; a bad one stops the stream with the write's position.
+    fn next(&mut self, peer: &str) -> Message {
+        match wire::decode_frame_prefix(&self.buf[self.pos..]) {
+            Ok((msg, _, used)) => {
+                self.pos += used;
+                msg
+            }
+            Err(e) => raise(&ApplyError::Protocol(format!(
+                "bad frame from node \"{peer}\" at {}: {e}",
+                wire::format_lsn(self.start)
+            ))),
+        }
+    }
+}
+
 impl Stream {
     /// The peer told us (stream, probe or `IDENTIFY_SYSTEM`) its WAL is at least at
     /// `peer_lsn`: note it and the time.
@@ -137,8 +164,24 @@ impl Stream {
     }
 
     /// Read one message without blocking. Data frames are returned; keepalives are
-    /// handled here. `None`: nothing more to read now.
+    /// handled here. `None`: nothing more to read now. A write of several frames
+    /// (a protocol version 3 batch) is kept whole and its frames decoded one per call,
+    /// so at most one decoded message exists at a time.
     fn read(&mut self) -> Option<(u64, Message)> {
+        if let Some(b) = &mut self.batch {
+            let start = b.start;
+            let from = b.pos;
+            let msg = b.next(&self.peer);
+            if matches!(self.sink, Sink::Many(_)) {
+                // Parallel apply forwards each frame's own bytes to a writer.
+                self.raw.clear();
+                self.raw.extend_from_slice(&b.buf[from..b.pos]);
+            }
+            if b.pos == b.buf.len() {
+                self.batch = None;
+            }
+            return Some(self.returned(start, msg));
+        }
         match self.conn.get_copy_data(true).unwrap_or_else(|e| lib_err(e)) {
             CopyData::Data(buf) => {
                 self.last_heard = self.now;
@@ -146,31 +189,11 @@ impl Stream {
                     .unwrap_or_else(|e| raise(&ApplyError::Protocol(e.to_string())));
                 match m {
                     ServerMessage::XLogData { start, data, .. } => {
-                        let msg = wire::decode_frame(data).unwrap_or_else(|e| {
-                            raise(&ApplyError::Protocol(format!(
-                                "bad frame from node \"{}\" at {}: {e}",
-                                self.peer,
-                                wire::format_lsn(start)
-                            )))
-                        });
-                        if matches!(self.sink, Sink::Many(_)) {
-                            self.raw.clear();
-                            self.raw.extend_from_slice(data);
-                        }
+                        let pos = buf.len() - data.len();
                         self.received = self.received.max(start);
                         self.heard(start, false);
-                        if let Message::Begin(b) = &msg {
-                            // The peer has committed it: its WAL is at least there.
-                            self.peer_lsn = self.peer_lsn.max(b.final_lsn);
-                            let t = b.commit_time;
-                            PENDING.with(|p| p.set((t, Some(self.now))));
-                            let clock = xact::now();
-                            self.begin_clock = Some(clock);
-                            let ahead = t - clock;
-                            CLOCK_AHEAD
-                                .with(|c| c.set(Some(c.get().map_or(ahead, |a| a.max(ahead)))));
-                        }
-                        Some((start, msg))
+                        self.batch = Some(Batch { start, buf, pos });
+                        self.read()
                     }
                     ServerMessage::Keepalive {
                         end,
@@ -203,6 +226,22 @@ impl Stream {
                 self.peer
             ))),
         }
+    }
+
+    /// Note what a message about to be returned by [`Stream::read`] tells: a BEGIN's
+    /// commit time (pending, and how far ahead of our clock it is).
+    fn returned(&mut self, start: u64, msg: Message) -> (u64, Message) {
+        if let Message::Begin(b) = &msg {
+            // The peer has committed it: its WAL is at least there.
+            self.peer_lsn = self.peer_lsn.max(b.final_lsn);
+            let t = b.commit_time;
+            PENDING.with(|p| p.set((t, Some(self.now))));
+            let clock = xact::now();
+            self.begin_clock = Some(clock);
+            let ahead = t - clock;
+            CLOCK_AHEAD.with(|c| c.set(Some(c.get().map_or(ahead, |a| a.max(ahead)))));
+        }
+        (start, msg)
     }
 
     /// Wait for the socket (or `timeout`); true on SIGTERM.
@@ -384,6 +423,7 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         sink,
         raw: Vec::new(),
         received: progress,
+        batch: None,
         last_feedback: Instant::now() - Duration::from_secs(10),
         last_reported: (0, 0),
         held: None,

@@ -1,0 +1,180 @@
+//! Where the CPU goes: per-process CPU time of the nodes' server processes, read from
+//! `/proc`, and their grouping by role (apply / receiver, writers, walsender, walwriter,
+//! checkpointer, client backends, other) so a workload's cost can be split per process
+//! kind and projected onto machines with more cores.
+//!
+//! Why `/proc` and not `pg_stat_*`: PostgreSQL 15 has no per-process CPU counters, and a
+//! process that starts during the interval (native's apply worker after `ENABLE`) must be
+//! counted from zero; one that exits during it is lost (none of the measured ones do).
+//!
+//! Processes that exit meanwhile (pgbench's sessions end before the second snapshot) are
+//! not lost: the postmaster reaps them, so their CPU shows in its `cutime + cstime`,
+//! reported as the pseudo-process "exited processes" (pid = −postmaster pid).
+//!
+//! Invariants: ticks are user + system clock ticks (1/100 s on Linux); a snapshot only
+//! holds direct children of the given nodes' postmasters (and the reaped-children
+//! pseudo-process), labelled with the node's index as "A", "B", "C".
+
+use pg_test::Node;
+use std::collections::HashMap;
+
+/// CPU clock ticks (user + system, 1/100 s) process `pid` used so far.
+pub fn cpu_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// One server process as seen in a [`snapshot`].
+#[derive(Clone, Debug)]
+pub struct Proc {
+    /// "A", "B", ... (index of its node in the snapshot's list).
+    pub node: String,
+    /// Process title (`/proc/<pid>/cmdline`).
+    pub title: String,
+    pub ticks: u64,
+}
+
+/// CPU time of every child process of the nodes' postmasters, by pid.
+pub fn snapshot(nodes: &[&Node]) -> HashMap<i32, Proc> {
+    let parents: Vec<(i32, String)> = nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| Some((n.postmaster_pid()?, ((b'A' + i as u8) as char).to_string())))
+        .collect();
+    let mut out = HashMap::new();
+    for (pm, node) in &parents {
+        // Fields after the command: ... utime(14) stime(15) cutime(16) cstime(17).
+        let reaped = std::fs::read_to_string(format!("/proc/{pm}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let f: Vec<u64> = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .skip(13)
+                    .take(2)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                Some(f.iter().sum::<u64>())
+            })
+            .unwrap_or(0);
+        out.insert(
+            -pm,
+            Proc {
+                node: node.clone(),
+                title: "exited processes".into(),
+                ticks: reaped,
+            },
+        );
+    }
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command: state ppid ... utime(14) stime(15).
+        let Some(rest) = stat.rsplit_once(')').map(|x| x.1) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ppid: i32 = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let Some((_, node)) = parents.iter().find(|(p, _)| *p == ppid) else {
+            continue;
+        };
+        let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let title = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .replace('\0', " ")
+            .trim()
+            .to_string();
+        out.insert(
+            pid,
+            Proc {
+                node: node.clone(),
+                title,
+                ticks,
+            },
+        );
+    }
+    out
+}
+
+/// The role of a server process, from its title.
+pub fn role(title: &str) -> String {
+    let t = title.to_ascii_lowercase();
+    if t.is_empty() {
+        // A process exiting right now has no command line any more.
+        "exiting processes"
+    } else if t == "exited processes" {
+        "exited processes (mostly pgbench's sessions)"
+    } else if t.contains("walsender") {
+        "walsender"
+    } else if t.contains("walwriter") || t.contains("wal writer") {
+        "walwriter"
+    } else if t.contains("checkpointer") || t.contains("background writer") {
+        "checkpointer+bgwriter"
+    } else if t.contains("writer") {
+        // Parallel apply's writer processes (bdr.writers_per_peer > 1).
+        "writers"
+    } else if t.contains("bdr apply")
+        || t.contains("logical replication worker")
+        || t.contains("pglogical apply")
+    {
+        "apply/receiver"
+    } else if t.contains("autovacuum") {
+        "autovacuum"
+    } else if t.contains("bdrtest") || t.contains("idle") {
+        "client backends"
+    } else {
+        // The process kind, without its arguments: "other (bdr supervisor)".
+        let kind: Vec<&str> = t
+            .trim_start_matches("postgres: ")
+            .split_whitespace()
+            .take(2)
+            .collect();
+        return format!("other ({})", kind.join(" "));
+    }
+    .to_string()
+}
+
+/// CPU seconds used between two snapshots, summed per "<node> <role>", largest first.
+/// Processes that appeared meanwhile count from zero.
+pub fn by_role(before: &HashMap<i32, Proc>, after: &HashMap<i32, Proc>) -> Vec<(String, f64)> {
+    let mut sums: HashMap<String, u64> = HashMap::new();
+    for (pid, p) in after {
+        let t0 = before.get(pid).map(|b| b.ticks).unwrap_or(0);
+        *sums
+            .entry(format!("{} {}", p.node, role(&p.title)))
+            .or_default() += p.ticks.saturating_sub(t0);
+    }
+    let mut v: Vec<(String, f64)> = sums
+        .into_iter()
+        .map(|(k, t)| (k, t as f64 / 100.0))
+        .collect();
+    v.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+    v
+}
+
+/// Per-process CPU seconds between two snapshots, largest first, as "  1.23 s  A: title".
+pub fn by_process(before: &HashMap<i32, Proc>, after: &HashMap<i32, Proc>) -> String {
+    let mut used: Vec<(f64, String)> = after
+        .iter()
+        .map(|(pid, p)| {
+            let t0 = before.get(pid).map(|b| b.ticks).unwrap_or(0);
+            (
+                p.ticks.saturating_sub(t0) as f64 / 100.0,
+                format!("{}: {}", p.node, p.title),
+            )
+        })
+        .filter(|(s, _)| *s > 0.0)
+        .collect();
+    used.sort_by(|x, y| y.0.total_cmp(&x.0));
+    used.iter()
+        .map(|(s, t)| format!("  {s:5.2} s  {t}\n"))
+        .collect()
+}

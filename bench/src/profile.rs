@@ -1,0 +1,257 @@
+//! `bdr-bench profile [system]` (`make bench-profile`), `profile-big [system]` and
+//! `profile-writer [system]`: flat `perf` profiles of the processes a workload's time goes to, with the CPU every
+//! server process of both nodes used meanwhile.
+//!
+//! - `profile`: B's apply process while it catches up on small INSERT transactions
+//!   (workload 1's shape, apply held then released).
+//! - `profile-big`: workload 0 — A's walsender (decoding after COMMIT + output plugin) and
+//!   B's apply process, each in its own `perf record`, from the COMMIT of one big
+//!   transaction on A until its rows are visible on B (apply not held).
+//! - `profile-writer`: the writer backends of a lone node (see [`profile_writer`]).
+//!
+//! Reports go to `bench/results/profile-<system>.txt`, `profile-big-<system>.txt` and
+//! `profile-writer-<system>.txt`.
+
+use crate::procs;
+use crate::{apply_pid, hold, pgbench_transactions, release, scale, setup, walsender_pid, System};
+use pg_test::wait_until;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+fn results_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Start `perf record` (call graphs) on `pid`, writing to `data`.
+fn perf_record(pid: i32, data: &Path) -> Child {
+    Command::new("perf")
+        .args(["record", "-F", "2000", "--call-graph", "dwarf,16384", "-o"])
+        .arg(data)
+        .args(["-p", &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("perf (install linux-perf)")
+}
+
+fn perf_stop(mut perf: Child) {
+    let _ = Command::new("kill")
+        .args(["-INT", &perf.id().to_string()])
+        .status();
+    perf.wait().unwrap();
+}
+
+/// Self time by symbol, then inclusive time of the stages (children included).
+fn perf_report(data: &Path) -> String {
+    let report = |args: &[&str], keep: &dyn Fn(&str) -> bool, max: usize| {
+        let out = Command::new("perf")
+            .args(["report", "--stdio", "-g", "none", "-i"])
+            .arg(data)
+            .args(args)
+            .output()
+            .expect("perf report");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty() && keep(l))
+            .take(max)
+            .map(|l| {
+                // perf pads the symbol column to the widest name: collapse the padding.
+                l.split("   ")
+                    .map(str::trim)
+                    .filter(|x| !x.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("  ")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let text = report(
+        &[
+            "--no-children",
+            "--sort",
+            "dso,symbol",
+            "--percent-limit",
+            "0.7",
+        ],
+        &|_| true,
+        50,
+    );
+    let stages = report(
+        &["--children", "--sort", "symbol", "--percent-limit", "1.5"],
+        &|l| {
+            ![
+                "inlined",
+                "closure",
+                "cee_scape",
+                "call_from_c",
+                "pg_guard",
+                "catch_unwind",
+            ]
+            .iter()
+            .any(|x| l.contains(x))
+                && !l.contains("0x0000")
+        },
+        60,
+    );
+    format!("self time by symbol:\n\n{text}\n\ninclusive time (children included):\n\n{stages}\n")
+}
+
+/// `bdr-bench profile`: B's apply process during workload 1's catch-up.
+pub fn profile(sys: System) {
+    let n = (100_000.0 * scale()) as i64;
+    let c = setup(sys, 2);
+    let (a, b) = (c.node(0), c.node(1));
+    hold(sys, b);
+    pgbench_transactions(a, 4, n, "INSERT INTO small (v) VALUES (1);\n");
+    let committed: i64 = a.query_scalar("SELECT count(*) FROM small");
+    // The bdr worker stays up while paused; the baselines' workers start on release.
+    let pid_before = apply_pid(sys, b);
+    let data = std::env::temp_dir().join(format!("bdr-apply-{}.perf", sys.name()));
+    let cpu_before = procs::snapshot(&[a, b]);
+    let t0 = Instant::now();
+    release(sys, b);
+    let pid = pid_before.unwrap_or_else(|| {
+        let mut pid = None;
+        wait_until("apply process", Duration::from_secs(60), || {
+            pid = apply_pid(sys, b);
+            pid.is_some()
+        });
+        pid.unwrap()
+    });
+    let perf = perf_record(pid, &data);
+    wait_until("catch-up", Duration::from_secs(1800), || {
+        b.query_scalar::<i64>("SELECT count(*) FROM small") >= committed
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu_table = procs::by_process(&cpu_before, &procs::snapshot(&[a, b]));
+    perf_stop(perf);
+    let out = format!(
+        "{} apply process, {committed} single-row INSERT transactions in {secs:.1}s \
+         ({:.0} rows/s)\n\nCPU used during the catch-up, by process (both nodes):\n{cpu_table}\n\
+         perf record -F 2000 of the apply process, {}",
+        sys.name(),
+        committed as f64 / secs,
+        perf_report(&data)
+    );
+    println!("{out}");
+    let file = results_dir().join(format!("profile-{}.txt", sys.name()));
+    std::fs::write(&file, out).unwrap();
+    eprintln!("written to {}", file.display());
+}
+
+/// `bdr-bench profile-big`: A's walsender and B's apply process from the COMMIT of one
+/// big transaction on A until it is visible on B (workload 0).
+pub fn profile_big(sys: System) {
+    let n = (1_000_000.0 * scale()) as i64;
+    let c = setup(sys, 2);
+    let (a, b) = (c.node(0), c.node(1));
+    let sender = walsender_pid(a).expect("A's walsender");
+    let applier = apply_pid(sys, b).expect("B's apply process");
+    let mut ca = a.connect();
+    ca.batch_execute(&format!(
+        "BEGIN; INSERT INTO big0 SELECT g, 'row ' || g FROM generate_series(1, {n}) g"
+    ))
+    .unwrap();
+    let d_send = std::env::temp_dir().join(format!("bdr-big-walsender-{}.perf", sys.name()));
+    let d_apply = std::env::temp_dir().join(format!("bdr-big-apply-{}.perf", sys.name()));
+    let p1 = perf_record(sender, &d_send);
+    let p2 = perf_record(applier, &d_apply);
+    // perf needs a moment to attach; nothing is being decoded or applied yet.
+    std::thread::sleep(Duration::from_millis(500));
+    let cpu_before = procs::snapshot(&[a, b]);
+    let t0 = Instant::now();
+    ca.batch_execute("COMMIT; INSERT INTO marker (id, sent_at) VALUES (1, clock_timestamp())")
+        .unwrap();
+    let mut cb = b.connect();
+    wait_until("big txn visible on B", Duration::from_secs(1800), || {
+        cb.query_opt("SELECT 1 FROM marker WHERE id = 1", &[])
+            .ok()
+            .flatten()
+            .is_some()
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu_table = procs::by_process(&cpu_before, &procs::snapshot(&[a, b]));
+    perf_stop(p1);
+    perf_stop(p2);
+    let out = format!(
+        "{}: one {n}-row INSERT transaction, COMMIT on A -> visible on B in {secs:.1}s\n\n\
+         CPU used meanwhile, by process (both nodes):\n{cpu_table}\n\
+         == A's walsender (pid {sender}), perf record -F 2000, {}\n\
+         == B's apply process (pid {applier}), perf record -F 2000, {}",
+        sys.name(),
+        perf_report(&d_send),
+        perf_report(&d_apply)
+    );
+    println!("{out}");
+    let file = results_dir().join(format!("profile-big-{}.txt", sys.name()));
+    std::fs::write(&file, out).unwrap();
+    eprintln!("written to {}", file.display());
+}
+
+/// `bdr-bench profile-writer [bdr|native]`: the writer backends of one node with no peers
+/// (a one-node bdr group, or plain PostgreSQL for `native`) while 4 pgbench clients commit
+/// single-row INSERTs as fast as they can (workload 4b's shape): what bdr adds to a
+/// writer's own path (ids, triggers, hooks, commit callbacks).
+pub fn profile_writer(sys: System) {
+    let secs = ((20.0 * scale()) as u64).max(5);
+    let c = pg_test::Cluster::builder()
+        .name("bench-prof-writer")
+        .nodes(1)
+        .preload_bdr(sys == System::Bdr)
+        .start();
+    let a = c.node(0);
+    a.execute(crate::TABLES);
+    if sys == System::Bdr {
+        a.execute("CREATE EXTENSION bdr");
+        a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+    }
+    let before: i64 = a.query_scalar("SELECT count(*) FROM small");
+    let out = std::thread::scope(|s| {
+        let bench = s.spawn(|| {
+            crate::pgbench(
+                a,
+                &["-c", "4", "-j", "2", "-T", &secs.to_string()],
+                "INSERT INTO small (v) VALUES (1);\n",
+            )
+        });
+        let mut pids: Vec<i32> = Vec::new();
+        wait_until("pgbench's sessions", Duration::from_secs(60), || {
+            pids = a
+                .connect()
+                .query(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgbench'",
+                    &[],
+                )
+                .map(|r| r.iter().map(|r| r.get(0)).collect())
+                .unwrap_or_default();
+            pids.len() == 4
+        });
+        let data = std::env::temp_dir().join(format!("bdr-writer-{}.perf", sys.name()));
+        let list: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
+        let perf = Command::new("perf")
+            .args(["record", "-F", "1000", "--call-graph", "dwarf,16384", "-o"])
+            .arg(&data)
+            .args(["-p", &list.join(",")])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf (install linux-perf)");
+        let text = bench.join().unwrap();
+        perf_stop(perf);
+        (text, data)
+    });
+    let after: i64 = a.query_scalar("SELECT count(*) FROM small");
+    let report = format!(
+        "{}: 4 pgbench clients, single-row INSERT, {secs} s, no peers: {:.0} TPS ({} rows)\n\n\
+         perf record -F 1000 of the 4 writer backends, {}",
+        sys.name(),
+        crate::tps(&out.0),
+        after - before,
+        perf_report(&out.1)
+    );
+    println!("{report}");
+    let file = results_dir().join(format!("profile-writer-{}.txt", sys.name()));
+    std::fs::write(&file, report).unwrap();
+    eprintln!("written to {}", file.display());
+}
