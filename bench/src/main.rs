@@ -188,15 +188,7 @@ pub(crate) fn setup_with(sys: System, nodes: usize, opts: &Setup) -> Cluster {
 /// `pgbench_history` (bdr needs a key on every replicated table; all systems get it).
 fn pgbench_init(n: &Node, scale: u32, data: bool) {
     let steps = if data { "dtgp" } else { "dtp" };
-    let out = Command::new(pg_test::pg_bindir().join("pgbench"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &n.port().to_string(),
-            "-U",
-            "postgres",
-        ])
+    let out = pgbench_cmd(n)
         .args(["-i", "-q", "-I", steps, "-s", &scale.to_string()])
         .arg(n.dbname())
         .output()
@@ -325,16 +317,8 @@ pub(crate) fn pgbench(n: &Node, args: &[&str], script: &str) -> String {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("script.sql");
     std::fs::write(&file, script).unwrap();
-    let out = Command::new(pg_test::pg_bindir().join("pgbench"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &n.port().to_string(),
-            "-U",
-            "postgres",
-            "-n",
-        ])
+    let out = pgbench_cmd(n)
+        .arg("-n")
         .args(args)
         .args(match script.strip_prefix("builtin:") {
             Some(name) => ["-b".to_string(), name.to_string()],
@@ -464,13 +448,7 @@ fn big_to_visible(sys: System, a: &Node, b: &Node, n: i64, rows: &mut Vec<Row>) 
     let commit_secs = t_commit.elapsed().as_secs_f64();
     ca.batch_execute("INSERT INTO marker (id, sent_at) VALUES (1, clock_timestamp())")
         .unwrap();
-    let mut cb = b.connect();
-    wait_until("big txn visible on B", Duration::from_secs(1800), || {
-        cb.query_opt("SELECT 1 FROM marker WHERE id = 1", &[])
-            .ok()
-            .flatten()
-            .is_some()
-    });
+    wait_for_marker(b);
     let s2 = procs::snapshot(&[a, b]);
     let secs: f64 = b.query_scalar(
         "SELECT extract(epoch FROM recv_at - sent_at)::float8 FROM marker WHERE id = 1",
@@ -933,4 +911,30 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("latest.md"), &out).unwrap();
     eprintln!("written to {}", dir.join("latest.md").display());
+}
+
+/// A pgbench command connected to `n` as postgres.
+fn pgbench_cmd(n: &Node) -> Command {
+    let mut c = Command::new(pg_test::pg_bindir().join("pgbench"));
+    c.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &n.port().to_string(),
+        "-U",
+        "postgres",
+    ]);
+    c
+}
+
+/// Wait (bounded) until workload 0's marker row, committed right after the big
+/// transaction, is visible on `b`.
+pub(crate) fn wait_for_marker(b: &Node) {
+    let mut cb = b.connect();
+    wait_until("big txn visible on B", Duration::from_secs(1800), || {
+        cb.query_opt("SELECT 1 FROM marker WHERE id = 1", &[])
+            .ok()
+            .flatten()
+            .is_some()
+    });
 }

@@ -164,13 +164,7 @@ pub fn profile_big(sys: System) {
     let t0 = Instant::now();
     ca.batch_execute("COMMIT; INSERT INTO marker (id, sent_at) VALUES (1, clock_timestamp())")
         .unwrap();
-    let mut cb = b.connect();
-    wait_until("big txn visible on B", Duration::from_secs(1800), || {
-        cb.query_opt("SELECT 1 FROM marker WHERE id = 1", &[])
-            .ok()
-            .flatten()
-            .is_some()
-    });
+    crate::wait_for_marker(b);
     let secs = t0.elapsed().as_secs_f64();
     let cpu_table = procs::by_process(&cpu_before, &procs::snapshot(&[a, b]));
     perf_stop(p1);

@@ -24,6 +24,7 @@ pub mod bdr;
 pub mod cluster;
 pub mod node;
 pub mod proxy;
+pub mod rng;
 pub mod sys;
 pub mod wait;
 
@@ -32,6 +33,7 @@ pub use postgres;
 pub use cluster::{Cluster, ClusterBuilder, DEFAULT_DB, DEFAULT_TEST_DIR, FAKETIME_LIB};
 pub use node::{db_error_text, Node, CONNECT_TIMEOUT};
 pub use proxy::{Fault, Proxy};
+pub use rng::Rng;
 pub use sys::{
     claim_port, free_port, has_output_plugin_libraries, is_root, is_zombie, pg_bindir, pg_command,
     pg_config, port_is_free, rss_anon_kb,

@@ -2,7 +2,7 @@
 //! apply is paused on every node, the competing writes are made, apply resumes.
 
 use pg_test::bdr::{assert_same_everywhere, form_group, wait_for_catchup, CATCHUP};
-use pg_test::{wait_until, Cluster, Node};
+use pg_test::{wait_until, Cluster, Node, Rng};
 
 fn group(name: &str) -> Cluster {
     let c = Cluster::builder().name(name).nodes(3).start();
@@ -307,22 +307,8 @@ fn two_workers_racing_on_absent_keys_converge() {
     }
 }
 
-/// A tiny deterministic PRNG (xorshift), so failures can be replayed from the seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 fn random_rounds(c: &Cluster, seed: u64, rounds: usize) {
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::seeded(seed);
     for round in 0..rounds {
         // Pause a random subset of apply workers on each node.
         for n in c.nodes() {

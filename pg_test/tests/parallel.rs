@@ -8,7 +8,7 @@
 //! (docs/testing.md), e.g. conflicts.rs with `BDR_SOAK_SEEDS=100`.
 
 use pg_test::bdr::{assert_same_everywhere, conflicts, form_group, wait_for_catchup, CATCHUP};
-use pg_test::{wait_until, Cluster, Node};
+use pg_test::{wait_until, Cluster, Node, Rng};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,20 +120,6 @@ fn independent_transactions_overlap_dependent_ones_apply_in_order() {
     assert_eq!(conflicts(b), vec![], "no conflict on node2");
 }
 
-/// A tiny deterministic PRNG (xorshift), so failures can be replayed from the seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// Random multi-statement transactions from every node at once (no pause: the writers
 /// really race), over few keys so that dependencies and conflicts are frequent.
 #[test]
@@ -148,8 +134,7 @@ fn randomized_transactions_converge_with_parallel_apply() {
             .map(|i| {
                 let dsn = c.node(i).dsn();
                 std::thread::spawn(move || {
-                    let mut rng =
-                        Rng((seed * 3 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+                    let mut rng = Rng::seeded(seed * 3 + i as u64);
                     let mut cl = postgres::Client::connect(&dsn, postgres::NoTls).unwrap();
                     for txn in 0..30 {
                         let mut sql = String::from("BEGIN;");

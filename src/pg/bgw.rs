@@ -89,17 +89,7 @@ pub fn start_worker(
     dboid: u32,
     extra: &str,
 ) -> Option<DynamicBackgroundWorker> {
-    BackgroundWorkerBuilder::new(name)
-        .set_type(name)
-        .set_library("bdr")
-        .set_function(function)
-        .set_argument(pg_sys::Oid::from(dboid).into_datum())
-        .set_extra(extra)
-        .enable_spi_access()
-        .set_restart_time(None)
-        .set_notify_pid(0)
-        .load_dynamic()
-        .ok()
+    launch(name, function, dboid, extra, 0)
 }
 
 /// Start a dynamic background worker whose exit this process is told about (its latch
@@ -110,6 +100,17 @@ pub fn start_child_worker(
     dboid: u32,
     extra: &str,
 ) -> Option<DynamicBackgroundWorker> {
+    // SAFETY: a plain read of this process's pid.
+    launch(name, function, dboid, extra, unsafe { pg_sys::MyProcPid })
+}
+
+fn launch(
+    name: &str,
+    function: &str,
+    dboid: u32,
+    extra: &str,
+    notify_pid: i32,
+) -> Option<DynamicBackgroundWorker> {
     BackgroundWorkerBuilder::new(name)
         .set_type(name)
         .set_library("bdr")
@@ -118,8 +119,7 @@ pub fn start_child_worker(
         .set_extra(extra)
         .enable_spi_access()
         .set_restart_time(None)
-        // SAFETY: a plain read of this process's pid.
-        .set_notify_pid(unsafe { pg_sys::MyProcPid })
+        .set_notify_pid(notify_pid)
         .load_dynamic()
         .ok()
 }

@@ -158,22 +158,19 @@ pub fn commit_remote_turn(remote_end_lsn: u64, remote_commit_time: i64) -> u64 {
     // SAFETY: a transaction started by `begin` is open; `replorigin_session_origin` was
     // set by `set_origin`; the session is reset right after the commit (an error before
     // that ends the process, whose exit releases the origin).
+    let id = unsafe { pg_sys::replorigin_session_origin };
+    if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+        pgrx::error!("bdr: internal error: parallel apply commit without an origin");
+    }
+    // SAFETY: see above; `id` is a valid origin this group's writers take in turn.
+    unsafe { pg_sys::replorigin_session_setup(id) };
+    let end = commit_remote(remote_end_lsn, remote_commit_time);
+    // SAFETY: the session set up above; the global keeps stamping this origin.
     unsafe {
-        let id = pg_sys::replorigin_session_origin;
-        if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
-            pgrx::error!("bdr: internal error: parallel apply commit without an origin");
-        }
-        pg_sys::replorigin_session_setup(id);
-        pg_sys::PopActiveSnapshot();
-        pg_sys::replorigin_session_origin_lsn = remote_end_lsn;
-        pg_sys::replorigin_session_origin_timestamp = remote_commit_time;
-        pg_sys::CommitTransactionCommand();
-        pg_sys::replorigin_session_origin_lsn = 0;
-        pg_sys::replorigin_session_origin_timestamp = 0;
         pg_sys::replorigin_session_reset();
         pg_sys::replorigin_session_origin = id;
-        pg_sys::XactLastCommitEnd
     }
+    end
 }
 
 /// Flushed progress of replication origin `name` (created if missing), without setting
