@@ -135,10 +135,7 @@ pub fn profile(sys: System) {
         committed as f64 / secs,
         perf_report(&data)
     );
-    println!("{out}");
-    let file = results_dir().join(format!("profile-{}.txt", sys.name()));
-    std::fs::write(&file, out).unwrap();
-    eprintln!("written to {}", file.display());
+    publish(&format!("profile-{}.txt", sys.name()), &out);
 }
 
 /// `bdr-bench profile-big`: A's walsender and B's apply process from the COMMIT of one
@@ -178,10 +175,7 @@ pub fn profile_big(sys: System) {
         perf_report(&d_send),
         perf_report(&d_apply)
     );
-    println!("{out}");
-    let file = results_dir().join(format!("profile-big-{}.txt", sys.name()));
-    std::fs::write(&file, out).unwrap();
-    eprintln!("written to {}", file.display());
+    publish(&format!("profile-big-{}.txt", sys.name()), &out);
 }
 
 /// `bdr-bench profile-writer [bdr|native]`: the writer backends of one node with no peers
@@ -244,8 +238,13 @@ pub fn profile_writer(sys: System) {
         after - before,
         perf_report(&out.1)
     );
+    publish(&format!("profile-writer-{}.txt", sys.name()), &report);
+}
+
+/// Print a profile report and write it to `bench/results/<name>`.
+fn publish(name: &str, report: &str) {
     println!("{report}");
-    let file = results_dir().join(format!("profile-writer-{}.txt", sys.name()));
+    let file = results_dir().join(name);
     std::fs::write(&file, report).unwrap();
     eprintln!("written to {}", file.display());
 }
