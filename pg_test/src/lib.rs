@@ -8,8 +8,9 @@
 //!
 //! Layout: [`cluster`] (builder, default configuration, clean-up), [`node`] (one server:
 //! lifecycle, SQL helpers, log), [`wait`] (bounded polls), [`sys`] (binaries, OS user,
-//! ports, processes), [`bdr`] (group formation and catch-up helpers for scenarios) and
-//! [`proxy`] (a fault-injecting TCP proxy between nodes: cut, hang, delay, throttle).
+//! ports, processes), [`bdr`] (group formation and catch-up helpers for scenarios),
+//! [`proxy`] (a fault-injecting TCP proxy between nodes: cut, hang, delay, throttle) and
+//! [`fake_peer`] (a scripted peer that sends a node's apply worker arbitrary stream bytes).
 //!
 //! Invariants:
 //! - Every wait is bounded ([`wait_until`]); a timeout fails the test with what was awaited.
@@ -22,6 +23,7 @@
 
 pub mod bdr;
 pub mod cluster;
+pub mod fake_peer;
 pub mod node;
 pub mod proxy;
 pub mod rng;

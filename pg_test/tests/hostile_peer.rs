@@ -1,0 +1,314 @@
+//! A peer that sends what no walsender of ours would: truncated, corrupted and unknown
+//! frames, messages out of order, rows that do not fit the local table, a write into
+//! bdr's own catalog. Each must stop the apply worker with an ERROR naming the peer (the
+//! worker retries with backoff), apply nothing, confirm nothing, and never crash the
+//! server; after all of them a well-formed transaction from the same peer still applies.
+//! Run with one writer and with parallel apply (frames then travel on to writer
+//! processes).
+//!
+//! The peer is `pg_test::fake_peer` (a scripted replication server); the node under test
+//! is a real postmaster with the extension.
+
+use bdr_core::wire::{self, Begin, Column, Commit, Insert, Message, Relation, ReplicaIdentity};
+use pg_test::fake_peer::{FakePeer, Script};
+use pg_test::{wait_until, Cluster, Node};
+use std::time::Duration;
+
+const V: u8 = 2;
+const REL: u32 = 70_000;
+
+fn frame(m: &Message) -> Vec<u8> {
+    wire::encode_frame(m, V)
+}
+
+/// A frame with any version, kind and body, with a correct length and CRC.
+fn raw_frame(version: u8, kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut payload = vec![version, kind];
+    payload.extend_from_slice(body);
+    let mut out = (payload.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
+    out.extend(payload);
+    out
+}
+
+fn begin(xid: u32, lsn: u64) -> Vec<u8> {
+    frame(&Message::Begin(Begin {
+        xid,
+        final_lsn: lsn,
+        commit_time: 0,
+        origin: None,
+    }))
+}
+
+fn commit(lsn: u64) -> Vec<u8> {
+    frame(&Message::Commit(Commit {
+        commit_lsn: lsn,
+        end_lsn: lsn + 0x30,
+        commit_time: 0,
+    }))
+}
+
+fn relation(id: u32, schema: &str, name: &str, cols: &[(&str, &str, bool)]) -> Vec<u8> {
+    frame(&Message::Relation(Relation {
+        id,
+        schema: schema.into(),
+        name: name.into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: cols
+            .iter()
+            .map(|(n, t, k)| Column {
+                name: (*n).into(),
+                type_name: (*t).into(),
+                key: *k,
+            })
+            .collect(),
+    }))
+}
+
+fn rel_t() -> Vec<u8> {
+    relation(
+        REL,
+        "public",
+        "t",
+        &[("id", "integer", true), ("v", "text", false)],
+    )
+}
+
+fn insert(rel: u32, vals: &[&str]) -> Vec<u8> {
+    frame(&Message::Insert(Insert {
+        relation: rel,
+        new: vals
+            .iter()
+            .map(|v| wire::Value::Text((*v).into()))
+            .collect(),
+    }))
+}
+
+fn cat(parts: &[Vec<u8>]) -> Vec<u8> {
+    parts.concat()
+}
+
+/// The odd streams, each with a piece of the ERROR it must cause.
+fn odd_scripts() -> Vec<(&'static str, Vec<u8>, &'static str)> {
+    let mut bad_crc = begin(700, 0x0100_0000);
+    let last = bad_crc.len() - 1;
+    bad_crc[last] ^= 0x55;
+    vec![
+        ("two bytes", vec![0, 0], "truncated frame"),
+        (
+            "a length of 4 GiB",
+            vec![0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 2, b'B'],
+            "truncated frame",
+        ),
+        ("a corrupted frame", bad_crc, "checksum mismatch"),
+        (
+            "an unknown protocol version",
+            raw_frame(99, b'B', b"{}"),
+            "unsupported protocol version 99",
+        ),
+        (
+            "an unknown kind",
+            raw_frame(V, b'Z', b""),
+            "unknown message kind",
+        ),
+        (
+            "a body that is not JSON",
+            raw_frame(V, b'R', b"{not json"),
+            "malformed relation message",
+        ),
+        (
+            "bytes after the last frame of a write",
+            cat(&[begin(701, 0x0100_0000), vec![1, 2, 3]]),
+            "truncated frame",
+        ),
+        (
+            "COMMIT outside a transaction",
+            commit(0x0100_0000),
+            "outside a transaction",
+        ),
+        (
+            "BEGIN inside a transaction",
+            cat(&[begin(702, 0x0100_0000), begin(703, 0x0100_0100)]),
+            "BEGIN inside a transaction",
+        ),
+        (
+            "a change for a relation never described",
+            cat(&[
+                begin(704, 0x0100_0000),
+                insert(REL + 1, &["1", "x"]),
+                commit(0x0100_0000),
+            ]),
+            "arrived before its metadata",
+        ),
+        (
+            "a table that does not exist here",
+            cat(&[
+                begin(705, 0x0100_0000),
+                relation(
+                    REL + 2,
+                    "public",
+                    "no_such_table",
+                    &[("id", "integer", true)],
+                ),
+                insert(REL + 2, &["1"]),
+                commit(0x0100_0000),
+            ]),
+            "no_such_table",
+        ),
+        (
+            "a value that is not of the column's type",
+            cat(&[
+                begin(706, 0x0100_0000),
+                rel_t(),
+                insert(REL, &["abc", "x"]),
+                commit(0x0100_0000),
+            ]),
+            "invalid input syntax for type integer",
+        ),
+        (
+            "more values than the relation has columns",
+            cat(&[
+                begin(707, 0x0100_0000),
+                rel_t(),
+                insert(REL, &["1", "x", "extra"]),
+                commit(0x0100_0000),
+            ]),
+            "has 3 values",
+        ),
+        (
+            "a write into bdr's catalog",
+            cat(&[
+                begin(708, 0x0100_0000),
+                relation(
+                    REL + 3,
+                    "bdr",
+                    "nodes",
+                    &[
+                        ("node_name", "text", true),
+                        ("node_id", "bigint", false),
+                        ("node_dsn", "text", false),
+                    ],
+                ),
+                insert(REL + 3, &["mallory", "12345", "host=nowhere"]),
+                commit(0x0100_0000),
+            ]),
+            "cannot receive replicated changes",
+        ),
+    ]
+}
+
+fn run(k: usize) {
+    let c: Cluster = Cluster::builder()
+        .nodes(1)
+        .writers_per_peer(k)
+        .conf("bdr.apply_retry_max_delay", "200ms")
+        .start();
+    let n: &Node = c.node(0);
+    n.execute("CREATE EXTENSION bdr");
+    n.execute(&format!(
+        "SELECT bdr.group_create(local_node_name := '{}', node_external_dsn := '{}')",
+        n.name(),
+        n.dsn()
+    ));
+    n.execute("CREATE TABLE t (id int PRIMARY KEY, v text)");
+
+    let odd = odd_scripts();
+    let valid_commit = 0x0200_0000u64;
+    let mut scripts: Vec<Script> = odd
+        .iter()
+        .map(|(_, bytes, _)| Script {
+            writes: vec![(0x0100_0000, bytes.clone())],
+        })
+        .collect();
+    scripts.push(Script {
+        writes: vec![(
+            valid_commit,
+            cat(&[
+                begin(800, valid_commit),
+                rel_t(),
+                insert(REL, &["1", "ok"]),
+                commit(valid_commit),
+            ]),
+        )],
+    });
+    let peer = FakePeer::start(scripts);
+    let postmaster = n.postmaster_pid();
+    let log_start = n.log().len();
+    n.execute(&format!(
+        "INSERT INTO bdr.nodes (node_name, node_id, node_kind, node_state, node_dsn, node_number) \
+         VALUES ('evil', 4242, 'active', 'active', '{}', 77)",
+        peer.dsn()
+    ));
+
+    wait_until(
+        "the valid transaction after every odd one",
+        Duration::from_secs(180),
+        || n.query_scalar::<i64>("SELECT count(*) FROM t") == 1,
+    );
+    let seen = peer.seen();
+    assert_eq!(
+        seen.streams,
+        odd.len() + 1,
+        "each odd stream should have stopped the worker once: {seen:?}"
+    );
+    assert_eq!(
+        n.query_scalar::<String>("SELECT id || ':' || v FROM t"),
+        "1:ok",
+        "only the valid transaction's row"
+    );
+    assert_eq!(
+        n.query_scalar::<i64>("SELECT count(*) FROM bdr.nodes WHERE node_name = 'mallory'"),
+        0,
+        "a peer's change must never write bdr's catalog"
+    );
+    assert_eq!(
+        n.postmaster_pid(),
+        postmaster,
+        "the server must not have restarted"
+    );
+
+    // Nothing was confirmed before the valid transaction; it is confirmed once applied.
+    let end = valid_commit + 0x30;
+    wait_until(
+        "the valid commit's flush confirmed",
+        Duration::from_secs(30),
+        || peer.seen().flushed.contains(&end),
+    );
+    let flushed = peer.seen().flushed;
+    assert!(
+        flushed.iter().all(|&f| f == 0 || f == end),
+        "confirmed something other than the valid commit: {flushed:x?}"
+    );
+
+    // Each odd stream was refused with its own ERROR, naming the peer.
+    let log = n.log()[log_start..].to_string();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ERROR:") && l.contains("evil"))
+        .collect();
+    for (what, _, needle) in &odd {
+        let needle = needle.to_ascii_lowercase();
+        assert!(
+            errors
+                .iter()
+                .any(|l| l.to_ascii_lowercase().contains(&needle)),
+            "no ERROR naming the peer and containing {needle:?} for {what}; errors:\n{}",
+            errors.join("\n")
+        );
+    }
+    assert!(
+        n.forbidden_log_lines().is_empty(),
+        "{:?}",
+        n.forbidden_log_lines()
+    );
+}
+
+#[test]
+fn odd_frames_from_a_peer_are_refused_with_one_writer() {
+    run(1);
+}
+
+#[test]
+fn odd_frames_from_a_peer_are_refused_with_parallel_apply() {
+    run(3);
+}
