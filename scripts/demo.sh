@@ -6,6 +6,14 @@ set -euo pipefail
 cmd=${1:-start}
 dir=${2:-$(pwd)/.demo}
 cd "$(dirname "$0")/.."
+
+# As root, the servers run as the postgres OS user, which must be able to reach the data
+# directory: a checkout under /root (mode 700) is out of its reach, so the cluster then
+# lives in /tmp/bdr-demo (start and stop pick the same place).
+if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$(dirname "$dir")" 2>/dev/null; then
+  [ "$cmd" = stop ] || echo "note: the postgres OS user cannot reach $(dirname "$dir"); the demo cluster goes to /tmp/bdr-demo"
+  dir=/tmp/bdr-demo
+fi
 say() { printf '\n\033[1;32m==> %s\033[0m\n' "$*"; }
 
 echo "building the cluster tool..."

@@ -112,6 +112,17 @@ impl Args {
 }
 
 fn main() {
+    // A failure is reported as one line (the harness library panics with a message that
+    // says what to do), never as a Rust panic report or backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("unexpected failure");
+        eprintln!("bdr-cluster: error: {msg}");
+    }));
     let args = Args::parse(std::env::args().skip(1));
     match args.cmd.as_str() {
         "start" => {
