@@ -19,7 +19,8 @@
 //! reports each row's median ([`report`]). On a shared machine compare ratios from the same
 //! run, not absolute numbers. The table also goes to `bench/results/latest.md`.
 //!
-//! Subcommands: `keys` ([`keys`]), `profile [system]`, `profile-big [system]` and
+//! Subcommands: `keys` ([`keys`]), `profile [system]`, `profile-update [system]`,
+//! `profile-big [system]` and
 //! `profile-writer [system]` ([`profile`]).
 
 mod keys;
@@ -875,6 +876,7 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("keys") => return keys::keys_bench(),
         Some("profile") => return profile::profile(sys_arg()),
+        Some("profile-update") => return profile::profile_update(sys_arg()),
         Some("profile-big") => return profile::profile_big(sys_arg()),
         Some("profile-writer") => return profile::profile_writer(sys_arg()),
         _ => {}
