@@ -110,7 +110,8 @@ pub fn profile(sys: System) {
     pgbench_transactions(a, 4, n, "INSERT INTO small (v) VALUES (1);\n");
     let committed: i64 = a.query_scalar("SELECT count(*) FROM small");
     let what = format!("{committed} single-row INSERT transactions");
-    profile_catch_up(sys, a, b, committed, &what, &format!("profile-{}.txt", sys.name()));
+    let name = format!("profile-{}.txt", sys.name());
+    profile_catch_up(sys, a, b, (committed, committed), &what, &name);
 }
 
 /// `bdr-bench profile-update`: B's apply process during workload 1b's catch-up: single-row
@@ -142,34 +143,42 @@ pub fn profile_update(sys: System) {
     let total: i64 = a.query_scalar("SELECT count(*) FROM small");
     let updates = (n / 4) * 4;
     let what = format!("{updates} single-row UPDATE transactions (random rows of {rows})");
-    profile_catch_up(sys, a, b, total, &what, &format!("profile-update-{}.txt", sys.name()));
+    let name = format!("profile-update-{}.txt", sys.name());
+    profile_catch_up(sys, a, b, (total, updates), &what, &name);
 }
 
 /// Release B's held apply, `perf record` its apply process until `small` has `committed`
-/// rows on B, and publish the report as `name`.
+/// rows on B (`txns` transactions to apply), and publish the report as `name`.
 fn profile_catch_up(
     sys: System,
     a: &pg_test::Node,
     b: &pg_test::Node,
-    committed: i64,
+    (committed, txns): (i64, i64),
     what: &str,
     name: &str,
 ) {
-    // The bdr worker stays up while paused; the baselines' workers start on release.
+    // The bdr worker stays up while paused: perf is attached before the release (it
+    // needs a moment to attach; the paused worker applies nothing meanwhile), so the
+    // profile covers the whole catch-up. The baselines' workers start on release (after
+    // the launcher's delay, before which they apply nothing either).
     let pid_before = apply_pid(sys, b);
     let data = std::env::temp_dir().join(format!("bdr-apply-{}.perf", sys.name()));
+    let early = pid_before.map(|pid| {
+        let perf = perf_record(pid, &data);
+        std::thread::sleep(Duration::from_millis(500));
+        perf
+    });
     let cpu_before = procs::snapshot(&[a, b]);
     let t0 = Instant::now();
     release(sys, b);
-    let pid = pid_before.unwrap_or_else(|| {
+    let perf = early.unwrap_or_else(|| {
         let mut pid = None;
         wait_until("apply process", Duration::from_secs(60), || {
             pid = apply_pid(sys, b);
             pid.is_some()
         });
-        pid.unwrap()
+        perf_record(pid.unwrap(), &data)
     });
-    let perf = perf_record(pid, &data);
     wait_until("catch-up", Duration::from_secs(1800), || {
         b.query_scalar::<i64>("SELECT count(*) FROM small") >= committed
     });
@@ -181,7 +190,7 @@ fn profile_catch_up(
          ({:.0} transactions/s)\n\nCPU used during the catch-up, by process (both nodes):\n{cpu_table}\n\
          perf record -F 2000 of the apply process, {}",
         sys.name(),
-        committed as f64 / secs,
+        txns as f64 / secs,
         perf_report(&data)
     );
     publish(name, &out);

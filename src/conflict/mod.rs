@@ -297,10 +297,15 @@ impl Resolver {
         match d.action {
             Action::Update => {
                 let row = replace_row(t, map, found.as_ref(), new, base.as_ref());
-                // A key change removes the old key: remember it as deleted.
-                if let (Some(_), Some(k)) = (old, key.get()) {
-                    if t.key_text(&row).as_ref() != Some(&k) {
-                        self.tombstone(t.relid(), &k);
+                // A key change removes the old key: remember it as deleted. Only a
+                // change that carries its old row can change the key (the sender sends
+                // the old key exactly when it changed, or every old row under REPLICA
+                // IDENTITY FULL), so without one no key text is rendered.
+                if old.is_some() {
+                    if let Some(k) = key.get() {
+                        if t.key_text(&row).as_ref() != Some(&k) {
+                            self.tombstone(t.relid(), &k);
+                        }
                     }
                 }
             }
