@@ -18,6 +18,12 @@
 //!   with SQLSTATE 40001.
 //! - **No silent skip**: every conflict is counted and, with `bdr.log_conflicts_to_table`,
 //!   written to `bdr.conflict_history` in the applying transaction.
+//!
+//! Cost (issue 17): a key's canonical text ([`LazyKey`]) is rendered only for what needs
+//! it — a tombstone lookup or write, a history row, or an UPDATE that carries its old row
+//! (the only kind whose key can change: the sender sends the old row exactly when the
+//! key changed, or always under REPLICA IDENTITY FULL). A plain UPDATE or INSERT of a
+//! table without tombstones and without a conflict renders none.
 
 pub use bdr_core::conflict::*;
 
