@@ -21,6 +21,13 @@ case "${1:-}" in
       cargo run --release -q -p bdr-bench -- profile "$sys"
     done
     ;;
+  profile-update)
+    # Small UPDATE transactions (workload 1b's shape): the apply process, bdr and native.
+    for sys in bdr native; do
+      echo "==> profiling the $sys apply process on small UPDATEs (BENCH_SCALE=${BENCH_SCALE:-1})"
+      cargo run --release -q -p bdr-bench -- profile-update "$sys"
+    done
+    ;;
   profile-big)
     # Workload 0: A's walsender and B's apply process from one big COMMIT to visible.
     for sys in bdr native; do

@@ -271,25 +271,45 @@ impl RelMap {
     pub fn search_row_old(&self, old: &OldRow, action: &'static str) -> Result<Row, ApplyError> {
         match old {
             OldRow::Full(values) => self.row(values, None),
-            OldRow::Key(values) => owner::as_user(self.rights.owner, || {
-                if self.key.is_empty() || values.len() != self.key.len() {
+            OldRow::Key(values) => {
+                if values.len() != self.key.len() {
                     return Err(ApplyError::NoIdentity {
                         table: self.name(),
                         action,
                     });
                 }
-                let mut row = vec![None; self.natts];
-                for (k, &ri) in values.iter().zip(&self.key) {
-                    let li = self.local_of[ri].ok_or_else(|| self.missing_column(ri))?;
-                    row[li] = match k {
-                        Value::Null => None,
-                        Value::Text(t) => Some(self.input(ri, t)?),
-                        Value::UnchangedToast => return Err(self.toast_error(ri)),
-                    };
-                }
-                Ok(row)
-            }),
+                self.key_search_row(values.iter(), action)
+            }
         }
+    }
+
+    /// The search row from the key columns' values, in key order (`values` yields one per
+    /// key column).
+    ///
+    /// As [`RelMap::row`].
+    fn key_search_row<'v>(
+        &self,
+        values: impl Iterator<Item = &'v Value>,
+        action: &'static str,
+    ) -> Result<Row, ApplyError> {
+        if self.key.is_empty() {
+            return Err(ApplyError::NoIdentity {
+                table: self.name(),
+                action,
+            });
+        }
+        owner::as_user(self.rights.owner, || {
+            let mut row = vec![None; self.natts];
+            for (k, &ri) in values.zip(&self.key) {
+                let li = self.local_of[ri].ok_or_else(|| self.missing_column(ri))?;
+                row[li] = match k {
+                    Value::Null => None,
+                    Value::Text(t) => Some(self.input(ri, t)?),
+                    Value::UnchangedToast => return Err(self.toast_error(ri)),
+                };
+            }
+            Ok(row)
+        })
     }
 
     /// The search row for an UPDATE whose key did not change: the key columns of `new`.
@@ -303,8 +323,16 @@ impl RelMap {
                 self.name()
             )));
         }
-        let key: Vec<Value> = self.key.iter().map(|&ri| new[ri].clone()).collect();
-        self.search_row_old(&OldRow::Key(key), "update")
+        if new.len() != self.local_of.len() {
+            return Err(ApplyError::Protocol(format!(
+                "row for {} has {} values, its metadata {} columns",
+                self.name(),
+                new.len(),
+                self.local_of.len()
+            )));
+        }
+        // The key columns' values, read in place (no copy of the text).
+        self.key_search_row(self.key.iter().map(|&ri| &new[ri]), "update")
     }
 }
 

@@ -19,7 +19,8 @@
 //! reports each row's median ([`report`]). On a shared machine compare ratios from the same
 //! run, not absolute numbers. The table also goes to `bench/results/latest.md`.
 //!
-//! Subcommands: `keys` ([`keys`]), `profile [system]`, `profile-big [system]` and
+//! Subcommands: `keys` ([`keys`]), `profile [system]`, `profile-update [system]`,
+//! `profile-big [system]` and
 //! `profile-writer [system]` ([`profile`]).
 
 mod keys;
@@ -263,20 +264,35 @@ struct Applied {
     peak_kb: i64,
     /// CPU seconds the apply process used meanwhile.
     cpu_secs: f64,
+    /// Of which user-space (its own work, without the kernel's).
+    user_secs: f64,
+    /// Times the apply process was preempted meanwhile (see `procs::Usage`).
+    preempted: u64,
     /// CPU seconds every server process of A and B used meanwhile, by role.
     roles: Vec<(String, f64)>,
+}
+
+/// Two more rows for a small-transaction workload `w` of `txns` transactions: the apply
+/// process's user-space CPU per transaction (its own work: the system part also holds the
+/// cost of being preempted and of interrupts, which moves with the machine's other load),
+/// and how often it was preempted per 1,000 transactions.
+fn put_user_and_preempted(rows: &mut Vec<Row>, sys: System, w: &str, ap: &Applied, txns: i64) {
+    let per_txn = ap.user_secs * 1e6 / txns as f64;
+    put(rows, sys, w, "apply user CPU µs/txn", false, per_txn);
+    let per_1000 = ap.preempted as f64 * 1000.0 / txns as f64;
+    put(rows, sys, w, "apply preempted /1000 txns", false, per_1000);
 }
 
 /// Release apply and time until `table` on B has `rows` rows; also the apply process's
 /// peak private memory and the CPU it used.
 fn timed_apply(sys: System, a: &Node, b: &Node, table: &str, rows: i64) -> Applied {
     // bdr's worker stays up while paused; the baselines' start on release (from 0).
-    let before = apply_pid(sys, b).and_then(|p| Some((p, procs::cpu_ticks(p)?)));
+    let before = apply_pid(sys, b).and_then(|p| Some((p, procs::usage(p)?)));
     let procs_before = procs::snapshot(&[a, b]);
     let t0 = Instant::now();
     release(sys, b);
     let mut peak = 0;
-    let mut last: Option<(i32, u64)> = None;
+    let mut last: Option<(i32, procs::Usage)> = None;
     let mut client = b.connect();
     let sql = format!("SELECT count(*) FROM {table}");
     wait_until(
@@ -285,8 +301,8 @@ fn timed_apply(sys: System, a: &Node, b: &Node, table: &str, rows: i64) -> Appli
         || {
             if let Some(pid) = apply_pid(sys, b) {
                 peak = peak.max(pg_test::rss_anon_kb(pid));
-                if let Some(t) = procs::cpu_ticks(pid) {
-                    last = Some((pid, t));
+                if let Some(u) = procs::usage(pid) {
+                    last = Some((pid, u));
                 }
             }
             client
@@ -298,15 +314,21 @@ fn timed_apply(sys: System, a: &Node, b: &Node, table: &str, rows: i64) -> Appli
     );
     let secs = t0.elapsed().as_secs_f64();
     let roles = procs::by_role(&procs_before, &procs::snapshot(&[a, b]));
-    let cpu = match (before, last) {
-        (Some((p0, t0)), Some((p1, t1))) if p0 == p1 => t1.saturating_sub(t0),
-        (_, Some((p1, _))) => procs::cpu_ticks(p1).unwrap_or(0),
-        _ => 0,
+    let used = match (before, last) {
+        (Some((p0, u0)), Some((p1, u1))) if p0 == p1 => procs::Usage {
+            user: u1.user.saturating_sub(u0.user),
+            system: u1.system.saturating_sub(u0.system),
+            preempted: u1.preempted.saturating_sub(u0.preempted),
+        },
+        (_, Some((p1, _))) => procs::usage(p1).unwrap_or_default(),
+        _ => procs::Usage::default(),
     };
     Applied {
         secs,
         peak_kb: peak,
-        cpu_secs: cpu as f64 / 100.0,
+        cpu_secs: (used.user + used.system) as f64 / 100.0,
+        user_secs: used.user as f64 / 100.0,
+        preempted: used.preempted,
         roles,
     }
 }
@@ -534,6 +556,7 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
                 false,
                 ap.cpu_secs * 1e6 / committed as f64,
             );
+            put_user_and_preempted(rows, sys, w, &ap, committed);
             put_roles(
                 rows,
                 sys,
@@ -542,8 +565,8 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
                 committed,
             );
             eprintln!(
-                "   small: {committed} rows in {:.2}s, apply CPU {:.2}s",
-                ap.secs, ap.cpu_secs
+                "   small: {committed} rows in {:.2}s, apply CPU {:.2}s (user {:.2}s), preempted {}",
+                ap.secs, ap.cpu_secs, ap.user_secs, ap.preempted
             );
 
             // 2. One big transaction, apply held.
@@ -602,9 +625,10 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
                 false,
                 ap.cpu_secs * 1e6 / updates as f64,
             );
+            put_user_and_preempted(rows, sys, w, &ap, updates);
             eprintln!(
-                "   updates: {updates} in {:.2}s, apply CPU {:.2}s",
-                ap.secs, ap.cpu_secs
+                "   updates: {updates} in {:.2}s, apply CPU {:.2}s (user {:.2}s), preempted {}",
+                ap.secs, ap.cpu_secs, ap.user_secs, ap.preempted
             );
         }
 
@@ -875,6 +899,7 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("keys") => return keys::keys_bench(),
         Some("profile") => return profile::profile(sys_arg()),
+        Some("profile-update") => return profile::profile_update(sys_arg()),
         Some("profile-big") => return profile::profile_big(sys_arg()),
         Some("profile-writer") => return profile::profile_writer(sys_arg()),
         _ => {}

@@ -18,12 +18,33 @@
 use pg_test::Node;
 use std::collections::HashMap;
 
-/// CPU clock ticks (user + system, 1/100 s) process `pid` used so far.
-pub fn cpu_ticks(pid: i32) -> Option<u64> {
+/// What process `pid` used so far: user and system CPU ticks (1/100 s), and how often the
+/// kernel took the CPU away from it while it could still run (`nonvoluntary_ctxt_switches`:
+/// preemption by a process it woke, or by another one). The system time includes what
+/// those switches and the interrupts served in its time cost, which depends on the
+/// machine's other load as much as on the process's own work.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Usage {
+    pub user: u64,
+    pub system: u64,
+    pub preempted: u64,
+}
+
+pub fn usage(pid: i32) -> Option<Usage> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let preempted = status
+        .lines()
+        .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    Some(Usage {
+        user: f.get(11)?.parse().ok()?,
+        system: f.get(12)?.parse().ok()?,
+        preempted,
+    })
 }
 
 /// One server process as seen in a [`snapshot`].

@@ -4,12 +4,15 @@
 //!
 //! - `profile`: B's apply process while it catches up on small INSERT transactions
 //!   (workload 1's shape, apply held then released).
+//! - `profile-update`: the same for small UPDATE transactions (workload 1b's shape:
+//!   single-row UPDATEs of random rows of a pre-loaded table).
 //! - `profile-big`: workload 0 — A's walsender (decoding after COMMIT + output plugin) and
 //!   B's apply process, each in its own `perf record`, from the COMMIT of one big
 //!   transaction on A until its rows are visible on B (apply not held).
 //! - `profile-writer`: the writer backends of a lone node (see [`profile_writer`]).
 //!
-//! Reports go to `bench/results/profile-<system>.txt`, `profile-big-<system>.txt` and
+//! Reports go to `bench/results/profile-<system>.txt`, `profile-update-<system>.txt`,
+//! `profile-big-<system>.txt` and
 //! `profile-writer-<system>.txt`.
 
 use crate::procs;
@@ -106,21 +109,76 @@ pub fn profile(sys: System) {
     hold(sys, b);
     pgbench_transactions(a, 4, n, "INSERT INTO small (v) VALUES (1);\n");
     let committed: i64 = a.query_scalar("SELECT count(*) FROM small");
-    // The bdr worker stays up while paused; the baselines' workers start on release.
+    let what = format!("{committed} single-row INSERT transactions");
+    let name = format!("profile-{}.txt", sys.name());
+    profile_catch_up(sys, a, b, (committed, committed), &what, &name);
+}
+
+/// `bdr-bench profile-update`: B's apply process during workload 1b's catch-up: single-row
+/// UPDATEs of random rows of a pre-loaded table (`big`, 1M rows at scale 1, loaded and
+/// replicated before the apply is held), then one marker INSERT into `small` committed
+/// last (apply is in commit order, so its arrival means every update is applied).
+pub fn profile_update(sys: System) {
+    let rows = (1_000_000.0 * scale()) as i64;
+    let n = (100_000.0 * scale()) as i64;
+    let c = setup(sys, 2);
+    let (a, b) = (c.node(0), c.node(1));
+    a.execute(&format!(
+        "INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, {rows}) g"
+    ));
+    wait_until("the table loaded on B", Duration::from_secs(1800), || {
+        b.query_scalar::<i64>("SELECT count(*) FROM big") >= rows
+    });
+    // Both systems start from the same state: table and indexes freshly vacuumed and
+    // analyzed on B, as they would be after autovacuum.
+    b.execute("VACUUM ANALYZE big");
+    hold(sys, b);
+    pgbench_transactions(
+        a,
+        4,
+        n,
+        &format!("\\set id random(1, {rows})\nUPDATE big SET v = 'updated' WHERE id = :id;\n"),
+    );
+    a.execute("INSERT INTO small (v) VALUES (-1)");
+    let total: i64 = a.query_scalar("SELECT count(*) FROM small");
+    let updates = (n / 4) * 4;
+    let what = format!("{updates} single-row UPDATE transactions (random rows of {rows})");
+    let name = format!("profile-update-{}.txt", sys.name());
+    profile_catch_up(sys, a, b, (total, updates), &what, &name);
+}
+
+/// Release B's held apply, `perf record` its apply process until `small` has `committed`
+/// rows on B (`txns` transactions to apply), and publish the report as `name`.
+fn profile_catch_up(
+    sys: System,
+    a: &pg_test::Node,
+    b: &pg_test::Node,
+    (committed, txns): (i64, i64),
+    what: &str,
+    name: &str,
+) {
+    // The bdr worker stays up while paused: perf is attached before the release (it
+    // needs a moment to attach; the paused worker applies nothing meanwhile), so the
+    // profile covers the whole catch-up. The baselines' workers start on release (after
+    // the launcher's delay, before which they apply nothing either).
     let pid_before = apply_pid(sys, b);
     let data = std::env::temp_dir().join(format!("bdr-apply-{}.perf", sys.name()));
+    let early = pid_before.map(|pid| {
+        let perf = perf_record(pid, &data);
+        std::thread::sleep(Duration::from_millis(500));
+        perf
+    });
     let cpu_before = procs::snapshot(&[a, b]);
     let t0 = Instant::now();
     release(sys, b);
-    let pid = pid_before.unwrap_or_else(|| {
+    let perf = early.unwrap_or_else(|| {
         let mut pid = None;
         wait_until("apply process", Duration::from_secs(60), || {
             pid = apply_pid(sys, b);
             pid.is_some()
         });
-        pid.unwrap()
+        perf_record(pid.unwrap(), &data)
     });
-    let perf = perf_record(pid, &data);
     wait_until("catch-up", Duration::from_secs(1800), || {
         b.query_scalar::<i64>("SELECT count(*) FROM small") >= committed
     });
@@ -128,14 +186,14 @@ pub fn profile(sys: System) {
     let cpu_table = procs::by_process(&cpu_before, &procs::snapshot(&[a, b]));
     perf_stop(perf);
     let out = format!(
-        "{} apply process, {committed} single-row INSERT transactions in {secs:.1}s \
-         ({:.0} rows/s)\n\nCPU used during the catch-up, by process (both nodes):\n{cpu_table}\n\
+        "{} apply process, {what} in {secs:.1}s \
+         ({:.0} transactions/s)\n\nCPU used during the catch-up, by process (both nodes):\n{cpu_table}\n\
          perf record -F 2000 of the apply process, {}",
         sys.name(),
-        committed as f64 / secs,
+        txns as f64 / secs,
         perf_report(&data)
     );
-    publish(&format!("profile-{}.txt", sys.name()), &out);
+    publish(name, &out);
 }
 
 /// `bdr-bench profile-big`: A's walsender and B's apply process from the COMMIT of one

@@ -410,3 +410,50 @@ fn the_kept_table_state_follows_schema_changes_made_while_changes_are_queued() {
     assert_eq!(index_agrees(b, "v = 'updated 14'"), (1, 1));
     assert_eq!(apply_errors(b), 0, "node2's apply worker errored");
 }
+
+/// Issue 17, small UPDATE: the apply worker hides a table's triggers from the executor
+/// when none of them can fire under `session_replication_role = replica` (bdr's own
+/// `bdr_tombstone` trigger is enabled ORIGIN). A trigger enabled ALWAYS or REPLICA later,
+/// between two remote transactions on a table whose executor state is kept, must fire on
+/// the next remote UPDATE and DELETE; enabled ORIGIN again, it must not.
+#[test]
+fn an_always_trigger_enabled_on_a_kept_table_fires_on_remote_updates_and_deletes() {
+    let c = pair_owned_by_app("kept_triggers");
+    let (a, b) = (c.node(0), c.node(1));
+    let mut app = a.connect_as("app");
+    let mut run = |sql: &str| {
+        app.batch_execute(sql).unwrap();
+        wait_for_catchup(&c);
+    };
+    // The kept state is built by these changes, with no trigger that fires in apply.
+    run("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 4) g");
+    run("UPDATE t SET v = 'w' WHERE id = 1");
+    local_only(
+        b,
+        "CREATE UNLOGGED TABLE seen (op text, id int);
+         CREATE FUNCTION note() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO seen VALUES (TG_OP, OLD.id);
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER note AFTER UPDATE OR DELETE ON t
+             FOR EACH ROW EXECUTE FUNCTION note();",
+    );
+    // Enabled ORIGIN (the default): never in apply.
+    run("UPDATE t SET v = 'x' WHERE id = 2");
+    assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM seen"), 0);
+    local_only(b, "ALTER TABLE t ENABLE ALWAYS TRIGGER note");
+    run("UPDATE t SET v = 'y' WHERE id = 3");
+    run("DELETE FROM t WHERE id = 4");
+    assert_eq!(
+        b.query_scalar::<String>(
+            "SELECT coalesce(string_agg(op || id, ',' ORDER BY id), '') FROM seen"
+        ),
+        "UPDATE3,DELETE4"
+    );
+    local_only(b, "ALTER TABLE t ENABLE TRIGGER note");
+    run("UPDATE t SET v = 'z' WHERE id = 1");
+    assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM seen"), 2);
+    assert_same_everywhere(&c, "t");
+    assert_eq!(apply_errors(b), 0, "node2's apply worker errored");
+}

@@ -18,6 +18,12 @@
 //!   with SQLSTATE 40001.
 //! - **No silent skip**: every conflict is counted and, with `bdr.log_conflicts_to_table`,
 //!   written to `bdr.conflict_history` in the applying transaction.
+//!
+//! Cost (issue 17): a key's canonical text ([`LazyKey`]) is rendered only for what needs
+//! it — a tombstone lookup or write, a history row, or an UPDATE that carries its old row
+//! (the only kind whose key can change: the sender sends the old row exactly when the
+//! key changed, or always under REPLICA IDENTITY FULL). A plain UPDATE or INSERT of a
+//! table without tombstones and without a conflict renders none.
 
 pub use bdr_core::conflict::*;
 
@@ -297,10 +303,15 @@ impl Resolver {
         match d.action {
             Action::Update => {
                 let row = replace_row(t, map, found.as_ref(), new, base.as_ref());
-                // A key change removes the old key: remember it as deleted.
-                if let (Some(_), Some(k)) = (old, key.get()) {
-                    if t.key_text(&row).as_ref() != Some(&k) {
-                        self.tombstone(t.relid(), &k);
+                // A key change removes the old key: remember it as deleted. Only a
+                // change that carries its old row can change the key (the sender sends
+                // the old key exactly when it changed, or every old row under REPLICA
+                // IDENTITY FULL), so without one no key text is rendered.
+                if old.is_some() {
+                    if let Some(k) = key.get() {
+                        if t.key_text(&row).as_ref() != Some(&k) {
+                            self.tombstone(t.relid(), &k);
+                        }
                     }
                 }
             }

@@ -29,6 +29,24 @@
 //! the caller drops it on any such invalidation (`write::RelMap`, invariant 16 in
 //! ARCHITECTURE.md), and [`Target::begin_change`] also refuses (returns false) when the
 //! relcache hands back other entries than the ones the state was built on.
+//!
+//! Triggers that cannot fire: every replicated table has bdr's own `bdr_tombstone` AFTER
+//! UPDATE OR DELETE row trigger (enabled ORIGIN: it records local deletes), and may have
+//! user triggers enabled ORIGIN or DISABLED; none of them fires under
+//! `session_replication_role = replica`, the apply workers' role. With the trigger
+//! descriptor in place `ExecSimpleRelationUpdate`/`Delete` would still fetch the old row
+//! again from the heap for the AFTER trigger (`GetTupleForTrigger`) and look at every
+//! trigger before queueing nothing. So [`Target::begin_change`] hides the descriptor when
+//! the session's role is replica and no trigger of the table is enabled ALWAYS or
+//! REPLICA (`TriggerEnabled`'s rule, checked once per built target: `ALTER TABLE ...
+//! ENABLE ALWAYS TRIGGER` and every trigger DDL invalidate the table's relcache entry,
+//! which drops the target). Nothing that would have run is skipped: the role is read at
+//! every change, and the executor's only other uses of the descriptor are transition
+//! tables (no transition capture is passed by the `ExecSimpleRelation*` calls) and the
+//! BEFORE-row checks, which find no trigger to run either way. Such a change queues no
+//! AFTER trigger event, so it opens no AFTER-trigger query level either (the SPI
+//! statements a change may run, tombstones and history rows, open their own).
+//!
 //! Everything that can run code a table's owner wrote (triggers, CHECK and index
 //! expressions, type input functions of domains) runs as that owner inside a
 //! security-restricted operation ([`crate::pg::owner::as_user`]), as PostgreSQL 16+ native
@@ -125,14 +143,40 @@ pub struct Target {
     held: Option<u32>,
     /// A change is in progress (`AfterTriggerBeginQuery` called, `end_change` owed).
     in_change: Cell<bool>,
+    /// The change opened an AFTER-trigger query level (not when the table's triggers are
+    /// hidden, see "Triggers that cannot fire" in the module note).
+    trigger_query: Cell<bool>,
     virtual_slots: SlotPool,
     table_slots: SlotPool,
     defaults: RefCell<Option<Defaults>>,
+    /// The table's triggers as `InitResultRelInfo` copied them (null: none), and whether
+    /// any of them can fire under `session_replication_role = replica` (see
+    /// [`Target::begin_change`], "Triggers that cannot fire").
+    trigdesc: *mut pg_sys::TriggerDesc,
+    trigger_fires_in_replica: bool,
     /// Replica identity index (primary key or chosen index), or InvalidOid.
     pub identity_index: pg_sys::Oid,
     pub natts: usize,
     /// The table's owner: what runs its code runs as this role.
     owner: pg_sys::Oid,
+}
+
+/// Whether any trigger of `trigdesc` (null: none) fires under `session_replication_role =
+/// replica`: those enabled ALWAYS or REPLICA (trigger.c's `TriggerEnabled`).
+///
+/// # Safety
+/// `trigdesc` is null or a valid trigger descriptor.
+unsafe fn fires_in_replica(trigdesc: *const pg_sys::TriggerDesc) -> bool {
+    if trigdesc.is_null() {
+        return false;
+    }
+    // SAFETY: `numtriggers` entries in `triggers`.
+    unsafe {
+        (0..(*trigdesc).numtriggers as usize).any(|i| {
+            let enabled = (*(*trigdesc).triggers.add(i)).tgenabled as u8;
+            enabled == pg_sys::TRIGGER_FIRES_ALWAYS || enabled == pg_sys::TRIGGER_FIRES_ON_REPLICA
+        })
+    }
 }
 
 /// Values for every attribute of the table (index = attnum - 1); `None` is NULL.
@@ -186,6 +230,7 @@ impl Target {
             let indexes = (0..(*rri).ri_NumIndices as usize)
                 .map(|i| (**(*rri).ri_IndexRelationDescs.add(i)).rd_id)
                 .collect();
+            let trigdesc = (*rri).ri_TrigDesc;
             Target {
                 relid,
                 rel,
@@ -193,8 +238,11 @@ impl Target {
                 rri,
                 indexes,
                 desc,
+                trigdesc,
+                trigger_fires_in_replica: fires_in_replica(trigdesc),
                 held: Some(current_lxid()),
                 in_change: Cell::new(false),
+                trigger_query: Cell::new(false),
                 virtual_slots: SlotPool::default(),
                 table_slots: SlotPool::default(),
                 defaults: RefCell::new(None),
@@ -254,10 +302,25 @@ impl Target {
             }
             self.held = Some(lxid);
         }
-        // SAFETY: the executor state is this target's; one query level per change.
+        // SAFETY: the executor state is this target's; one query level per change. The
+        // trigger descriptor is the one built with it, or none when none of its triggers
+        // can fire in this session (see "Triggers that cannot fire" in the module note).
         unsafe {
+            let replica =
+                pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32;
+            let hidden = replica && !self.trigger_fires_in_replica;
+            (*self.rri).ri_TrigDesc = if hidden {
+                std::ptr::null_mut()
+            } else {
+                self.trigdesc
+            };
             (*self.estate).es_output_cid = crate::pg::unguarded::GetCurrentCommandId(true);
-            crate::pg::unguarded::AfterTriggerBeginQuery();
+            // Without a trigger descriptor the writes queue no AFTER trigger event (SPI
+            // statements a change runs queue theirs at their own query level).
+            if !hidden {
+                crate::pg::unguarded::AfterTriggerBeginQuery();
+            }
+            self.trigger_query.set(!hidden);
         }
         self.in_change.set(true);
         true
@@ -275,8 +338,10 @@ impl Target {
         // SAFETY: reverses begin_change's query level; the slots and expression contexts
         // belong to this executor state.
         unsafe {
-            as_user(self.owner, || pg_sys::AfterTriggerEndQuery(self.estate));
-            self.close_trigger_relations();
+            if self.trigger_query.replace(false) {
+                as_user(self.owner, || pg_sys::AfterTriggerEndQuery(self.estate));
+                self.close_trigger_relations();
+            }
             self.virtual_slots.release();
             self.table_slots.release();
             // Every slot of the state, the executor's own too (BEFORE UPDATE triggers
