@@ -8,6 +8,7 @@
 #   make bench-profile  perf profiles of the bdr and native apply processes
 #   make bench-keys     ids/s of bdr.snowflake_nextval vs nextval on one node
 #   make lint      rustfmt, clippy, shellcheck, and the tests of the scripts
+#   make test-bare BARE=demo|ci   the README's commands on a bare Debian 12 (debootstrap, root)
 #   make clean     remove build output and scratch clusters
 #
 # Every target bootstraps what it needs first (scripts/bootstrap.sh, idempotent).
@@ -22,7 +23,7 @@ DEMO_DIR ?= $(CURDIR)/.demo
 TEST_THREADS ?= 2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo --sudo)
 
-.PHONY: all bootstrap build install install-debug package test-package test test-unit test-pg test-cluster demo demo-stop \
+.PHONY: all bootstrap build install install-debug package test-package test-bare test test-unit test-pg test-cluster demo demo-stop \
         bench bench-profile bench-keys soak fmt lint shellcheck test-scripts test-alerts clean
 
 all: build
@@ -52,6 +53,13 @@ package: bootstrap
 # in the system PostgreSQL 15 with it (dpkg -i), runs a 2-node group, then dpkg -r.
 test-package: bootstrap
 	@bash scripts/test-package.sh
+
+# On demand (root, network to the Debian mirror and crates.io): the README's commands on a
+# debootstrap'ed bare Debian 12 with only Rust, make, git and curl, in a clone without
+# ../shared. BARE=demo (make demo; about 15 min) or BARE=ci (bash .ci/run; over 30 min).
+BARE ?= demo
+test-bare:
+	@bash scripts/test-bare-machine.sh $(BARE)
 
 test: bootstrap
 	@echo "==> [1/3] pure Rust tests (wire format, conflict policy)"
