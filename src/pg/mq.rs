@@ -11,12 +11,16 @@
 //! once per transaction (started, committed with its positions) in atomics, read by
 //! whoever needs them; nothing in it is guarded by a lock of its own.
 //!
+//! Wake-ups are kept to what is needed: the receiver sends one queue message per small
+//! transaction (one latch wake-up of a sleeping writer), and a writer's commit wakes the
+//! receiver only while it waits for a writer or when nothing else is in flight.
+//!
 //! Invariants: a writer holds its transaction's tag exclusively (a session lock) from just
 //! after BEGIN until it has published the commit, so a waiter that gets the tag in share
 //! mode and does not find the transaction committed knows it failed. `last_committed`
 //! only grows, one by one, in origin commit order. The ring of per-transaction records is
-//! larger than the number of transactions that can be in flight (one per writer), so a
-//! record is read before it can be reused.
+//! larger than the number of transactions that can be in flight ([`MAX_IN_FLIGHT`]), so
+//! a record is read before it can be reused.
 
 use pgrx::pg_sys;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -26,6 +30,9 @@ use std::time::Duration;
 pub const MAX_WRITERS: usize = 16;
 /// Per-transaction records kept (more than can be in flight).
 const RING: usize = 64;
+/// Most transactions handed out and not committed at once (the receiver's bound; several
+/// may wait in one writer's queue), well below [`RING`].
+pub const MAX_IN_FLIGHT: u64 = (RING / 2) as u64;
 /// Bytes of each writer's queue (a larger frame passes in pieces).
 const QUEUE_SIZE: usize = 256 * 1024;
 /// `LOCKTAG.locktag_field4` of bdr's transaction tags (`pg_locks.objsubid`).
@@ -48,6 +55,11 @@ struct Header {
     abort: AtomicBool,
     /// A writer committed a synchronous-commit transaction: send feedback now.
     ack: AtomicBool,
+    /// The receiver waits for a writer (a commit, room in a queue): every commit sets
+    /// its latch. Otherwise only the commit of the last transaction handed out does.
+    receiver_waiting: AtomicBool,
+    /// The last transaction whose COMMIT the receiver has sent to a writer.
+    handed_out: AtomicU64,
     last_committed: AtomicU64,
     cv: pg_sys::ConditionVariable,
     started: [AtomicU64; RING],
@@ -229,7 +241,20 @@ impl Group {
     }
 
     pub fn last_committed(&self) -> u64 {
-        self.hdr().last_committed.load(Ordering::Acquire)
+        self.hdr().last_committed.load(Ordering::SeqCst)
+    }
+
+    /// Receiver: whether it is about to wait for a writer (see [`Group::sleep`]): while
+    /// set, every commit wakes it. Set before checking what it waits for (the writer
+    /// stores its commit, then reads this: one of the two sees the other).
+    pub fn set_receiver_waiting(&self, waiting: bool) {
+        self.hdr().receiver_waiting.store(waiting, Ordering::SeqCst);
+    }
+
+    /// Receiver: transaction `seq`'s COMMIT is about to be sent to its writer; that
+    /// writer's commit of it wakes the receiver (nothing else is in flight then).
+    pub fn set_handed_out(&self, seq: u64) {
+        self.hdr().handed_out.store(seq, Ordering::SeqCst);
     }
 
     /// (remote end LSN, local commit end LSN, remote commit time) of committed
@@ -360,7 +385,7 @@ impl Group {
         d.local_end.store(local_end, Ordering::Relaxed);
         d.commit_time.store(time, Ordering::Relaxed);
         d.seq.store(seq, Ordering::Release);
-        hdr.last_committed.store(seq, Ordering::Release);
+        hdr.last_committed.store(seq, Ordering::SeqCst);
         if let Some(held) = self.held.take() {
             let tag = self.tag(held);
             // SAFETY: the session lock taken in `start`.
@@ -370,7 +395,16 @@ impl Group {
         }
         // SAFETY: the condition variable was initialised with the header.
         unsafe { pg_sys::ConditionVariableBroadcast(&raw mut (*self.hdr).cv) };
-        self.wake_receiver();
+        // The receiver only needs this commit now if it waits for a writer or nothing
+        // else is in flight (it then publishes progress and feedback); otherwise it takes
+        // the commit in at its next round, and a wake-up (a signal and a context switch
+        // when it sleeps on its socket) per transaction would be pure overhead.
+        let hdr = self.hdr();
+        if hdr.receiver_waiting.load(Ordering::SeqCst)
+            || seq >= hdr.handed_out.load(Ordering::SeqCst)
+        {
+            self.wake_receiver();
+        }
     }
 
     /// Wait on this process's latch (set by a writer's commit or by queue progress) for
