@@ -35,6 +35,12 @@ const RING: usize = 64;
 pub const MAX_IN_FLIGHT: u64 = (RING / 2) as u64;
 /// Bytes of each writer's queue (a larger frame passes in pieces).
 const QUEUE_SIZE: usize = 256 * 1024;
+/// How long a wait for an earlier transaction sleeps on that transaction's condition
+/// variable before it becomes a lock wait on its tag (seen by the deadlock detector and
+/// in `pg_locks`). Most waits (commit order) end well before: a lock wait costs the
+/// holder's release and the waiter's grant under the lock manager's partition lock,
+/// besides the same sleep and wake-up.
+const QUICK_WAIT: Duration = Duration::from_millis(100);
 /// `LOCKTAG.locktag_field4` of bdr's transaction tags (`pg_locks.objsubid`).
 pub const LOCK_FIELD4: u16 = 0x4244;
 
@@ -62,6 +68,9 @@ struct Header {
     handed_out: AtomicU64,
     last_committed: AtomicU64,
     cv: pg_sys::ConditionVariable,
+    /// Per transaction (`seq % RING`): broadcast by its commit alone, so a wait for it
+    /// wakes only its own waiters.
+    committed_cv: [pg_sys::ConditionVariable; RING],
     started: [AtomicU64; RING],
     done: [Done; RING],
 }
@@ -111,8 +120,13 @@ impl Aborter {
     pub fn set_abort(&self) {
         let hdr = header_ref(self.0);
         hdr.abort.store(true, Ordering::Release);
-        // SAFETY: the condition variable was initialised with the header.
-        unsafe { pg_sys::ConditionVariableBroadcast(&raw mut (*self.0).cv) };
+        // SAFETY: the condition variables were initialised with the header.
+        unsafe {
+            pg_sys::ConditionVariableBroadcast(&raw mut (*self.0).cv);
+            for i in 0..RING {
+                pg_sys::ConditionVariableBroadcast(&raw mut (*self.0).committed_cv[i]);
+            }
+        }
         let latch = hdr.receiver_latch.load(Ordering::Acquire);
         if latch != 0 {
             // SAFETY: as in `Group::wake_receiver`.
@@ -145,6 +159,9 @@ impl Group {
                 .receiver_latch
                 .store(pg_sys::MyLatch as usize, Ordering::Release);
             pg_sys::ConditionVariableInit(&raw mut (*hdr).cv);
+            for i in 0..RING {
+                pg_sys::ConditionVariableInit(&raw mut (*hdr).committed_cv[i]);
+            }
             let mut queues = Vec::with_capacity(n);
             for w in 0..n {
                 let mq = pg_sys::shm_mq_create(
@@ -333,13 +350,43 @@ impl Group {
     }
 
     /// Writer: wait until transaction `seq` has committed (0: nothing to wait for).
-    /// The wait for its tag is a lock wait (seen by the deadlock detector and in
-    /// `pg_locks`); before that, a short sleep until its writer has begun it.
+    /// First a sleep of at most [`QUICK_WAIT`] on its own condition variable; then a
+    /// wait for its tag, a lock wait (seen by the deadlock detector and in `pg_locks`),
+    /// before which a short sleep until its writer has begun it.
     pub fn wait_for(&self, seq: u64) -> Result<(), WaitFailed> {
         if seq == 0 || self.last_committed() >= seq {
             return Ok(());
         }
         let hdr = self.hdr();
+        // First a sleep on the transaction's own condition variable (one sleep, one
+        // wake-up by its commit); past QUICK_WAIT, the lock wait below.
+        let cv = &raw const hdr.committed_cv[seq as usize % RING] as *mut pg_sys::ConditionVariable;
+        let until = std::time::Instant::now() + QUICK_WAIT;
+        let quick = loop {
+            if hdr.abort.load(Ordering::Acquire) {
+                break Some(Err(WaitFailed::Aborted));
+            }
+            if self.last_committed() >= seq {
+                break Some(Ok(()));
+            }
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break None;
+            }
+            // SAFETY: an initialised condition variable; the sleep processes interrupts.
+            unsafe {
+                pg_sys::ConditionVariableTimedSleep(
+                    cv,
+                    left.as_millis().max(1) as std::ffi::c_long,
+                    pg_sys::PG_WAIT_EXTENSION,
+                );
+            }
+        };
+        // SAFETY: no condition-variable sleep is prepared any more after this.
+        unsafe { pg_sys::ConditionVariableCancelSleep() };
+        if let Some(r) = quick {
+            return r;
+        }
         let cv = &raw const hdr.cv as *mut pg_sys::ConditionVariable;
         let result = loop {
             if hdr.abort.load(Ordering::Acquire) {
@@ -386,6 +433,12 @@ impl Group {
         d.commit_time.store(time, Ordering::Relaxed);
         d.seq.store(seq, Ordering::Release);
         hdr.last_committed.store(seq, Ordering::SeqCst);
+        // SAFETY: initialised with the header; wakes the waiters for this commit only.
+        unsafe {
+            pg_sys::ConditionVariableBroadcast(
+                &raw mut (*self.hdr).committed_cv[seq as usize % RING],
+            )
+        };
         if let Some(held) = self.held.take() {
             let tag = self.tag(held);
             // SAFETY: the session lock taken in `start`.
