@@ -13,7 +13,7 @@
 //!
 //! Wake-ups are kept to what is needed: the receiver sends one queue message per small
 //! transaction (one latch wake-up of a sleeping writer), and a writer's commit wakes the
-//! receiver only while it waits for a writer or when nothing else is in flight.
+//! receiver only while it waits for a writer (or asks for a synchronous-commit ack).
 //!
 //! Invariants: a writer holds its transaction's tag exclusively (a session lock) from just
 //! after BEGIN until it has published the commit, so a waiter that gets the tag in share
@@ -23,7 +23,7 @@
 //! a record is read before it can be reused.
 
 use pgrx::pg_sys;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Most writers per peer (`bdr.writers_per_peer`).
@@ -35,12 +35,45 @@ const RING: usize = 64;
 pub const MAX_IN_FLIGHT: u64 = (RING / 2) as u64;
 /// Bytes of each writer's queue (a larger frame passes in pieces).
 const QUEUE_SIZE: usize = 256 * 1024;
-/// How long a wait for an earlier transaction sleeps on that transaction's condition
-/// variable before it becomes a lock wait on its tag (seen by the deadlock detector and
-/// in `pg_locks`). Most waits (commit order) end well before: a lock wait costs the
-/// holder's release and the waiter's grant under the lock manager's partition lock,
-/// besides the same sleep and wake-up.
+/// How long a wait for an earlier transaction sleeps on that transaction's futex word
+/// before it becomes a lock wait on its tag (seen by the deadlock detector and in
+/// `pg_locks`). Most waits (commit order) end well before. A latch wake-up is a signal
+/// (`kill`, then `signalfd` and `epoll` in the sleeper): on small transactions those
+/// signals were a third of the writers' CPU; a futex wake-up is one system call, and
+/// none when nobody sleeps.
 const QUICK_WAIT: Duration = Duration::from_millis(100);
+/// Longest single futex sleep: interrupts (SIGTERM) are checked between two.
+const SLICE: Duration = Duration::from_millis(10);
+
+/// Sleep while `word` holds `expected`, until woken or `timeout` (a spurious return is
+/// fine: the caller checks again).
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `word` is an aligned u32 in a shared mapping (DSM), kept mapped for the
+    // process's life; FUTEX_WAIT (not the private variant) because other processes wake
+    // it; `ts` outlives the call. Errors (EAGAIN: the word moved, EINTR, ETIMEDOUT) all
+    // mean "check again".
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        );
+    }
+}
+
+/// Wake every process sleeping on `word`.
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: as in `futex_wait`; FUTEX_WAKE only reads the address as a key.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
+    }
+}
 /// `LOCKTAG.locktag_field4` of bdr's transaction tags (`pg_locks.objsubid`).
 pub const LOCK_FIELD4: u16 = 0x4244;
 
@@ -61,16 +94,18 @@ struct Header {
     abort: AtomicBool,
     /// A writer committed a synchronous-commit transaction: send feedback now.
     ack: AtomicBool,
-    /// The receiver waits for a writer (a commit, room in a queue): every commit sets
-    /// its latch. Otherwise only the commit of the last transaction handed out does.
-    receiver_waiting: AtomicBool,
-    /// The last transaction whose COMMIT the receiver has sent to a writer.
-    handed_out: AtomicU64,
+    /// The receiver waits for the commit of this transaction (room for more work, a
+    /// drain): that commit and later ones set its latch. `u64::MAX` while it does not
+    /// wait: commits do not wake it (it polls while work is in flight).
+    wake_receiver_at: AtomicU64,
     last_committed: AtomicU64,
     cv: pg_sys::ConditionVariable,
-    /// Per transaction (`seq % RING`): broadcast by its commit alone, so a wait for it
-    /// wakes only its own waiters.
-    committed_cv: [pg_sys::ConditionVariable; RING],
+    /// Per transaction (`seq % RING`): a futex word bumped by its commit alone (and by
+    /// an abort), so a wait for it wakes only its own waiters.
+    commit_word: [AtomicU32; RING],
+    /// Per transaction: how many processes sleep on its `commit_word` (no wake-up
+    /// system call when none does).
+    sleepers: [AtomicU32; RING],
     started: [AtomicU64; RING],
     done: [Done; RING],
 }
@@ -120,12 +155,11 @@ impl Aborter {
     pub fn set_abort(&self) {
         let hdr = header_ref(self.0);
         hdr.abort.store(true, Ordering::Release);
-        // SAFETY: the condition variables were initialised with the header.
-        unsafe {
-            pg_sys::ConditionVariableBroadcast(&raw mut (*self.0).cv);
-            for i in 0..RING {
-                pg_sys::ConditionVariableBroadcast(&raw mut (*self.0).committed_cv[i]);
-            }
+        // SAFETY: the condition variable was initialised with the header.
+        unsafe { pg_sys::ConditionVariableBroadcast(&raw mut (*self.0).cv) };
+        for word in &hdr.commit_word {
+            word.fetch_add(1, Ordering::SeqCst);
+            futex_wake(word);
         }
         let latch = hdr.receiver_latch.load(Ordering::Acquire);
         if latch != 0 {
@@ -154,14 +188,12 @@ impl Group {
             let base = pg_sys::dsm_segment_address(seg) as *mut u8;
             std::ptr::write_bytes(base, 0, header_size());
             let hdr = base as *mut Header;
+            (*hdr).wake_receiver_at = AtomicU64::new(u64::MAX);
             (*hdr).nwriters = n;
             (*hdr)
                 .receiver_latch
                 .store(pg_sys::MyLatch as usize, Ordering::Release);
             pg_sys::ConditionVariableInit(&raw mut (*hdr).cv);
-            for i in 0..RING {
-                pg_sys::ConditionVariableInit(&raw mut (*hdr).committed_cv[i]);
-            }
             let mut queues = Vec::with_capacity(n);
             for w in 0..n {
                 let mq = pg_sys::shm_mq_create(
@@ -261,17 +293,14 @@ impl Group {
         self.hdr().last_committed.load(Ordering::SeqCst)
     }
 
-    /// Receiver: whether it is about to wait for a writer (see [`Group::sleep`]): while
-    /// set, every commit wakes it. Set before checking what it waits for (the writer
-    /// stores its commit, then reads this: one of the two sees the other).
-    pub fn set_receiver_waiting(&self, waiting: bool) {
-        self.hdr().receiver_waiting.store(waiting, Ordering::SeqCst);
-    }
-
-    /// Receiver: transaction `seq`'s COMMIT is about to be sent to its writer; that
-    /// writer's commit of it wakes the receiver (nothing else is in flight then).
-    pub fn set_handed_out(&self, seq: u64) {
-        self.hdr().handed_out.store(seq, Ordering::SeqCst);
+    /// Receiver: it is about to wait until transaction `seq` has committed (`None`: it
+    /// no longer waits); the commits from `seq` on set its latch. Set before checking
+    /// what it waits for (the writer stores its commit, then reads this: one of the two
+    /// sees the other).
+    pub fn wake_receiver_at(&self, seq: Option<u64>) {
+        self.hdr()
+            .wake_receiver_at
+            .store(seq.unwrap_or(u64::MAX), Ordering::SeqCst);
     }
 
     /// (remote end LSN, local commit end LSN, remote commit time) of committed
@@ -350,7 +379,7 @@ impl Group {
     }
 
     /// Writer: wait until transaction `seq` has committed (0: nothing to wait for).
-    /// First a sleep of at most [`QUICK_WAIT`] on its own condition variable; then a
+    /// First a sleep of at most [`QUICK_WAIT`] on its own futex word; then a
     /// wait for its tag, a lock wait (seen by the deadlock detector and in `pg_locks`),
     /// before which a short sleep until its writer has begun it.
     pub fn wait_for(&self, seq: u64) -> Result<(), WaitFailed> {
@@ -358,34 +387,33 @@ impl Group {
             return Ok(());
         }
         let hdr = self.hdr();
-        // First a sleep on the transaction's own condition variable (one sleep, one
-        // wake-up by its commit); past QUICK_WAIT, the lock wait below.
-        let cv = &raw const hdr.committed_cv[seq as usize % RING] as *mut pg_sys::ConditionVariable;
+        // First a sleep on the transaction's own futex word (one sleep, one wake-up by
+        // its commit, no signal); past QUICK_WAIT, the lock wait below.
+        let slot = seq as usize % RING;
+        let (word, sleepers) = (&hdr.commit_word[slot], &hdr.sleepers[slot]);
         let until = std::time::Instant::now() + QUICK_WAIT;
-        let quick = loop {
-            if hdr.abort.load(Ordering::Acquire) {
-                break Some(Err(WaitFailed::Aborted));
+        loop {
+            if hdr.abort.load(Ordering::SeqCst) {
+                return Err(WaitFailed::Aborted);
             }
             if self.last_committed() >= seq {
-                break Some(Ok(()));
+                return Ok(());
             }
-            let left = until.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                break None;
+            if std::time::Instant::now() >= until {
+                break;
             }
-            // SAFETY: an initialised condition variable; the sleep processes interrupts.
-            unsafe {
-                pg_sys::ConditionVariableTimedSleep(
-                    cv,
-                    left.as_millis().max(1) as std::ffi::c_long,
-                    pg_sys::PG_WAIT_EXTENSION,
-                );
+            // The commit stores `last_committed`, bumps the word, then reads `sleepers`;
+            // this reads the word, counts itself, then reads `last_committed` (all
+            // SeqCst): either it sees the commit, or the word moved (the futex returns at
+            // once), or the commit sees a sleeper and wakes it.
+            let seen = word.load(Ordering::SeqCst);
+            sleepers.fetch_add(1, Ordering::SeqCst);
+            if self.last_committed() < seq && !hdr.abort.load(Ordering::SeqCst) {
+                futex_wait(word, seen, SLICE);
             }
-        };
-        // SAFETY: no condition-variable sleep is prepared any more after this.
-        unsafe { pg_sys::ConditionVariableCancelSleep() };
-        if let Some(r) = quick {
-            return r;
+            sleepers.fetch_sub(1, Ordering::SeqCst);
+            // SIGTERM (the backend `die` handler) and other interrupts, every slice.
+            pgrx::check_for_interrupts!();
         }
         let cv = &raw const hdr.cv as *mut pg_sys::ConditionVariable;
         let result = loop {
@@ -433,12 +461,11 @@ impl Group {
         d.commit_time.store(time, Ordering::Relaxed);
         d.seq.store(seq, Ordering::Release);
         hdr.last_committed.store(seq, Ordering::SeqCst);
-        // SAFETY: initialised with the header; wakes the waiters for this commit only.
-        unsafe {
-            pg_sys::ConditionVariableBroadcast(
-                &raw mut (*self.hdr).committed_cv[seq as usize % RING],
-            )
-        };
+        let slot = seq as usize % RING;
+        hdr.commit_word[slot].fetch_add(1, Ordering::SeqCst);
+        if hdr.sleepers[slot].load(Ordering::SeqCst) > 0 {
+            futex_wake(&hdr.commit_word[slot]);
+        }
         if let Some(held) = self.held.take() {
             let tag = self.tag(held);
             // SAFETY: the session lock taken in `start`.
@@ -448,14 +475,11 @@ impl Group {
         }
         // SAFETY: the condition variable was initialised with the header.
         unsafe { pg_sys::ConditionVariableBroadcast(&raw mut (*self.hdr).cv) };
-        // The receiver only needs this commit now if it waits for a writer or nothing
-        // else is in flight (it then publishes progress and feedback); otherwise it takes
-        // the commit in at its next round, and a wake-up (a signal and a context switch
-        // when it sleeps on its socket) per transaction would be pure overhead.
-        let hdr = self.hdr();
-        if hdr.receiver_waiting.load(Ordering::SeqCst)
-            || seq >= hdr.handed_out.load(Ordering::SeqCst)
-        {
+        // The receiver only needs this commit at once if it waits for it;
+        // otherwise it takes the commit in at its next round (it polls every 10 ms while
+        // work is in flight). A wake-up per commit (a signal, and a context switch when it
+        // sleeps on its socket) was one `kill` per transaction, for nothing.
+        if seq >= self.hdr().wake_receiver_at.load(Ordering::SeqCst) {
             self.wake_receiver();
         }
     }

@@ -264,14 +264,14 @@ impl Dispatch {
 
     /// Wait until everything received has committed (before a pause). True on SIGTERM.
     pub fn drain(&mut self) -> bool {
-        self.group.set_receiver_waiting(true);
+        self.group.wake_receiver_at(Some(self.next_seq));
         while self.busy() && !self.stopping {
             self.check_writers(true);
             if Group::sleep(Duration::from_millis(10)) {
                 self.stopping = true;
             }
         }
-        self.group.set_receiver_waiting(false);
+        self.group.wake_receiver_at(None);
         self.stopping
     }
 
@@ -344,8 +344,11 @@ impl Dispatch {
                 }
                 Sent::WouldBlock => {
                     if !waiting {
+                        // Room comes from the writer reading (its queue sets our latch),
+                        // or its failure: any commit.
                         waiting = true;
-                        self.group.set_receiver_waiting(true);
+                        self.group
+                            .wake_receiver_at(Some(self.group.last_committed() + 1));
                     }
                     self.check_writers(false);
                     if Group::sleep(Duration::from_millis(10)) {
@@ -356,7 +359,7 @@ impl Dispatch {
             }
         }
         if waiting {
-            self.group.set_receiver_waiting(false);
+            self.group.wake_receiver_at(None);
         }
         // Keep the allocation for the next batch.
         let mut buf = buf;
@@ -393,9 +396,13 @@ impl Dispatch {
                 }
             }
             if !waiting {
-                // Set before the next look at what committed (see `set_receiver_waiting`).
+                // Woken when half of what is in flight has committed (not by every
+                // commit: a signal each), then hand out several at once. Set before the
+                // next look at what committed (see `Group::wake_receiver_at`).
                 waiting = true;
-                self.group.set_receiver_waiting(true);
+                let in_flight = self.next_seq - lc;
+                self.group
+                    .wake_receiver_at(Some(lc + in_flight.div_ceil(2).max(1)));
                 continue;
             }
             self.check_writers(false);
@@ -405,7 +412,7 @@ impl Dispatch {
             }
         };
         if waiting {
-            self.group.set_receiver_waiting(false);
+            self.group.wake_receiver_at(None);
         }
         picked
     }
@@ -469,8 +476,7 @@ impl Dispatch {
             Message::Message(_) => self.forward(raw),
             Message::Commit(_) => {
                 self.forward(raw);
-                if let Some((w, seq)) = self.current.take() {
-                    self.group.set_handed_out(seq);
+                if let Some((w, _)) = self.current.take() {
                     self.flush(w);
                 }
             }
