@@ -1,19 +1,25 @@
 //! Parallel apply, the raw half: the dynamic shared memory a receiver shares with its
 //! writers (one `shm_mq` queue per writer, receiver -> writer, and a small header), the
-//! heavyweight locks that order commits and dependency waits, and the condition
-//! variable writers sleep on.
+//! futex words and heavyweight locks that order commits and dependency waits, and the
+//! condition variable writers sleep on until a transaction has started.
 //!
-//! Why this way: waits between writers are PostgreSQL lock waits on a tag per transaction
-//! (an advisory-class `LOCKTAG` with `field4` = [`LOCK_FIELD4`], a value no SQL advisory
-//! lock uses: those use 1 and 2), so the deadlock detector sees a cycle between a writer
-//! waiting for an earlier transaction and that transaction waiting for a row the later one
-//! wrote, and `pg_locks` shows who waits for whom. The header only carries facts written
-//! once per transaction (started, committed with its positions) in atomics, read by
-//! whoever needs them; nothing in it is guarded by a lock of its own.
+//! Why this way: a wait for an earlier transaction first sleeps on that transaction's
+//! futex word (bumped by its commit, which wakes only its own waiters and makes no system
+//! call when nobody sleeps): PostgreSQL's latches wake with a signal (`kill`, then
+//! `signalfd` and `epoll` in the sleeper), and one signal per commit was a third of the
+//! writers' CPU on small transactions. A wait that lasts [`QUICK_WAIT`] becomes a
+//! PostgreSQL lock wait on a tag per transaction (an advisory-class `LOCKTAG` with `field4`
+//! = [`LOCK_FIELD4`], a value no SQL advisory lock uses: those use 1 and 2), so the
+//! deadlock detector sees a cycle between a writer waiting for an earlier transaction and
+//! that transaction waiting for a row the later one wrote, and `pg_locks` shows who waits
+//! for whom. The header only carries facts written once per transaction (started,
+//! committed with its positions) in atomics, read by whoever needs them; nothing in it is
+//! guarded by a lock of its own.
 //!
 //! Wake-ups are kept to what is needed: the receiver sends one queue message per small
-//! transaction (one latch wake-up of a sleeping writer), and a writer's commit wakes the
-//! receiver only while it waits for a writer (or asks for a synchronous-commit ack).
+//! transaction (one latch wake-up of a sleeping writer), and a writer's commit sets the
+//! receiver's latch only from the transaction the receiver said it waits for
+//! ([`Group::wake_receiver_at`]), or to ask for a synchronous-commit ack.
 //!
 //! Invariants: a writer holds its transaction's tag exclusively (a session lock) from just
 //! after BEGIN until it has published the commit, so a waiter that gets the tag in share
