@@ -4,7 +4,9 @@
 //!
 //! Why this way: the receiver forwards each frame's raw bytes (self-contained,
 //! `wire::decode_frame`) and only adds two tiny controls, so a writer runs the very same
-//! apply code as the one-process path. The dependency rule is kept here, without a server,
+//! apply code as the one-process path. Controls travel in batches (one queue message per
+//! small transaction, [`Ctl::push_to_batch`] / [`batch`]): one queue message and at most
+//! one wake-up per transaction instead of one per frame. The dependency rule is kept here, without a server,
 //! so it can be tested over every case.
 //!
 //! Invariants: a change's keys are hashed from the relation and the text of the key
@@ -53,6 +55,29 @@ impl Ctl<'_> {
         }
     }
 
+    /// Append to `out` as one entry of a batch (a queue message carries a batch: each
+    /// entry a little-endian `u32` length, then the encoded control).
+    pub fn push_to_batch(&self, out: &mut Vec<u8>) {
+        let at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        match self {
+            Ctl::Begin { seq } => {
+                out.push(TAG_BEGIN);
+                out.extend_from_slice(&seq.to_le_bytes());
+            }
+            Ctl::Wait { seq } => {
+                out.push(TAG_WAIT);
+                out.extend_from_slice(&seq.to_le_bytes());
+            }
+            Ctl::Frame(f) => {
+                out.push(TAG_FRAME);
+                out.extend_from_slice(f);
+            }
+        }
+        let len = (out.len() - at - 4) as u32;
+        out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
     /// Decode a message from the queue; `None` if malformed.
     pub fn decode(buf: &[u8]) -> Option<Ctl<'_>> {
         let (&tag, rest) = buf.split_first()?;
@@ -62,6 +87,46 @@ impl Ctl<'_> {
             TAG_WAIT => Some(Ctl::Wait { seq: seq()? }),
             TAG_FRAME => Some(Ctl::Frame(rest)),
             _ => None,
+        }
+    }
+}
+
+/// The controls of one batch (see [`Ctl::push_to_batch`]), in order; an entry that is
+/// cut short or malformed yields `None` (and ends the batch).
+pub fn batch(buf: &[u8]) -> Batch<'_> {
+    Batch { rest: buf }
+}
+
+/// Iterator over a batch's controls ([`batch`]).
+pub struct Batch<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Batch<'a> {
+    type Item = Option<Ctl<'a>>;
+
+    fn next(&mut self) -> Option<Option<Ctl<'a>>> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let entry = self
+            .rest
+            .get(..4)
+            .map(|l| u32::from_le_bytes(l.try_into().unwrap()) as usize)
+            .and_then(|len| self.rest.get(4..4 + len).map(|e| (e, 4 + len)));
+        match entry {
+            Some((e, used)) => {
+                self.rest = &self.rest[used..];
+                let c = Ctl::decode(e);
+                if c.is_none() {
+                    self.rest = &[];
+                }
+                Some(c)
+            }
+            None => {
+                self.rest = &[];
+                Some(None)
+            }
         }
     }
 }
@@ -252,6 +317,33 @@ mod tests {
         assert_eq!(Ctl::decode(b""), None);
         assert_eq!(Ctl::decode(b"B123"), None);
         assert_eq!(Ctl::decode(b"X"), None);
+    }
+
+    #[test]
+    fn batches_round_trip_and_stop_at_damage() {
+        let ctls = [
+            Ctl::Begin { seq: 7 },
+            Ctl::Frame(b"abc"),
+            Ctl::Wait { seq: 3 },
+            Ctl::Frame(b""),
+        ];
+        let mut buf = Vec::new();
+        for c in &ctls {
+            c.push_to_batch(&mut buf);
+        }
+        let got: Vec<_> = batch(&buf).collect();
+        assert_eq!(got, ctls.iter().cloned().map(Some).collect::<Vec<_>>());
+        assert_eq!(batch(b"").count(), 0);
+        // Cut short: the whole entries first, then one `None`, then the end.
+        let got: Vec<_> = batch(&buf[..buf.len() - 2]).collect();
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[3], None);
+        // A length past the end, or a bad control.
+        assert_eq!(batch(&[9, 0, 0, 0, b'F']).collect::<Vec<_>>(), vec![None]);
+        assert_eq!(
+            batch(&[1, 0, 0, 0, b'X', 1]).collect::<Vec<_>>(),
+            vec![None]
+        );
     }
 
     #[test]

@@ -1,33 +1,85 @@
 //! Parallel apply, the raw half: the dynamic shared memory a receiver shares with its
 //! writers (one `shm_mq` queue per writer, receiver -> writer, and a small header), the
-//! heavyweight locks that order commits and dependency waits, and the condition
-//! variable writers sleep on.
+//! futex words and heavyweight locks that order commits and dependency waits, and the
+//! condition variable writers sleep on until a transaction has started.
 //!
-//! Why this way: waits between writers are PostgreSQL lock waits on a tag per transaction
-//! (an advisory-class `LOCKTAG` with `field4` = [`LOCK_FIELD4`], a value no SQL advisory
-//! lock uses: those use 1 and 2), so the deadlock detector sees a cycle between a writer
-//! waiting for an earlier transaction and that transaction waiting for a row the later one
-//! wrote, and `pg_locks` shows who waits for whom. The header only carries facts written
-//! once per transaction (started, committed with its positions) in atomics, read by
-//! whoever needs them; nothing in it is guarded by a lock of its own.
+//! Why this way: a wait for an earlier transaction first sleeps on that transaction's
+//! futex word (bumped by its commit, which wakes only its own waiters and makes no system
+//! call when nobody sleeps): PostgreSQL's latches wake with a signal (`kill`, then
+//! `signalfd` and `epoll` in the sleeper), and one signal per commit was a third of the
+//! writers' CPU on small transactions. A wait that lasts [`QUICK_WAIT`] becomes a
+//! PostgreSQL lock wait on a tag per transaction (an advisory-class `LOCKTAG` with `field4`
+//! = [`LOCK_FIELD4`], a value no SQL advisory lock uses: those use 1 and 2), so the
+//! deadlock detector sees a cycle between a writer waiting for an earlier transaction and
+//! that transaction waiting for a row the later one wrote, and `pg_locks` shows who waits
+//! for whom. The header only carries facts written once per transaction (started,
+//! committed with its positions) in atomics, read by whoever needs them; nothing in it is
+//! guarded by a lock of its own.
+//!
+//! Wake-ups are kept to what is needed: the receiver sends one queue message per small
+//! transaction (one latch wake-up of a sleeping writer), and a writer's commit sets the
+//! receiver's latch only from the transaction the receiver said it waits for
+//! ([`Group::wake_receiver_at`]), or to ask for a synchronous-commit ack.
 //!
 //! Invariants: a writer holds its transaction's tag exclusively (a session lock) from just
 //! after BEGIN until it has published the commit, so a waiter that gets the tag in share
 //! mode and does not find the transaction committed knows it failed. `last_committed`
 //! only grows, one by one, in origin commit order. The ring of per-transaction records is
-//! larger than the number of transactions that can be in flight (one per writer), so a
-//! record is read before it can be reused.
+//! larger than the number of transactions that can be in flight ([`MAX_IN_FLIGHT`]), so
+//! a record is read before it can be reused.
 
 use pgrx::pg_sys;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Most writers per peer (`bdr.writers_per_peer`).
 pub const MAX_WRITERS: usize = 16;
 /// Per-transaction records kept (more than can be in flight).
 const RING: usize = 64;
+/// Most transactions handed out and not committed at once (the receiver's bound; several
+/// may wait in one writer's queue), well below [`RING`].
+pub const MAX_IN_FLIGHT: u64 = (RING / 2) as u64;
 /// Bytes of each writer's queue (a larger frame passes in pieces).
 const QUEUE_SIZE: usize = 256 * 1024;
+/// How long a wait for an earlier transaction sleeps on that transaction's futex word
+/// before it becomes a lock wait on its tag (seen by the deadlock detector and in
+/// `pg_locks`). Most waits (commit order) end well before. A latch wake-up is a signal
+/// (`kill`, then `signalfd` and `epoll` in the sleeper): on small transactions those
+/// signals were a third of the writers' CPU; a futex wake-up is one system call, and
+/// none when nobody sleeps.
+const QUICK_WAIT: Duration = Duration::from_millis(100);
+/// Longest single futex sleep: interrupts (SIGTERM) are checked between two.
+const SLICE: Duration = Duration::from_millis(10);
+
+/// Sleep while `word` holds `expected`, until woken or `timeout` (a spurious return is
+/// fine: the caller checks again).
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `word` is an aligned u32 in a shared mapping (DSM), kept mapped for the
+    // process's life; FUTEX_WAIT (not the private variant) because other processes wake
+    // it; `ts` outlives the call. Errors (EAGAIN: the word moved, EINTR, ETIMEDOUT) all
+    // mean "check again".
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        );
+    }
+}
+
+/// Wake every process sleeping on `word`.
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: as in `futex_wait`; FUTEX_WAKE only reads the address as a key.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
+    }
+}
 /// `LOCKTAG.locktag_field4` of bdr's transaction tags (`pg_locks.objsubid`).
 pub const LOCK_FIELD4: u16 = 0x4244;
 
@@ -48,8 +100,18 @@ struct Header {
     abort: AtomicBool,
     /// A writer committed a synchronous-commit transaction: send feedback now.
     ack: AtomicBool,
+    /// The receiver waits for the commit of this transaction (room for more work, a
+    /// drain): that commit and later ones set its latch. `u64::MAX` while it does not
+    /// wait: commits do not wake it (it polls while work is in flight).
+    wake_receiver_at: AtomicU64,
     last_committed: AtomicU64,
     cv: pg_sys::ConditionVariable,
+    /// Per transaction (`seq % RING`): a futex word bumped by its commit alone (and by
+    /// an abort), so a wait for it wakes only its own waiters.
+    commit_word: [AtomicU32; RING],
+    /// Per transaction: how many processes sleep on its `commit_word` (no wake-up
+    /// system call when none does).
+    sleepers: [AtomicU32; RING],
     started: [AtomicU64; RING],
     done: [Done; RING],
 }
@@ -101,6 +163,10 @@ impl Aborter {
         hdr.abort.store(true, Ordering::Release);
         // SAFETY: the condition variable was initialised with the header.
         unsafe { pg_sys::ConditionVariableBroadcast(&raw mut (*self.0).cv) };
+        for word in &hdr.commit_word {
+            word.fetch_add(1, Ordering::SeqCst);
+            futex_wake(word);
+        }
         let latch = hdr.receiver_latch.load(Ordering::Acquire);
         if latch != 0 {
             // SAFETY: as in `Group::wake_receiver`.
@@ -128,6 +194,7 @@ impl Group {
             let base = pg_sys::dsm_segment_address(seg) as *mut u8;
             std::ptr::write_bytes(base, 0, header_size());
             let hdr = base as *mut Header;
+            (*hdr).wake_receiver_at = AtomicU64::new(u64::MAX);
             (*hdr).nwriters = n;
             (*hdr)
                 .receiver_latch
@@ -229,7 +296,17 @@ impl Group {
     }
 
     pub fn last_committed(&self) -> u64 {
-        self.hdr().last_committed.load(Ordering::Acquire)
+        self.hdr().last_committed.load(Ordering::SeqCst)
+    }
+
+    /// Receiver: it is about to wait until transaction `seq` has committed (`None`: it
+    /// no longer waits); the commits from `seq` on set its latch. Set before checking
+    /// what it waits for (the writer stores its commit, then reads this: one of the two
+    /// sees the other).
+    pub fn wake_receiver_at(&self, seq: Option<u64>) {
+        self.hdr()
+            .wake_receiver_at
+            .store(seq.unwrap_or(u64::MAX), Ordering::SeqCst);
     }
 
     /// (remote end LSN, local commit end LSN, remote commit time) of committed
@@ -308,13 +385,42 @@ impl Group {
     }
 
     /// Writer: wait until transaction `seq` has committed (0: nothing to wait for).
-    /// The wait for its tag is a lock wait (seen by the deadlock detector and in
-    /// `pg_locks`); before that, a short sleep until its writer has begun it.
+    /// First a sleep of at most [`QUICK_WAIT`] on its own futex word; then a
+    /// wait for its tag, a lock wait (seen by the deadlock detector and in `pg_locks`),
+    /// before which a short sleep until its writer has begun it.
     pub fn wait_for(&self, seq: u64) -> Result<(), WaitFailed> {
         if seq == 0 || self.last_committed() >= seq {
             return Ok(());
         }
         let hdr = self.hdr();
+        // First a sleep on the transaction's own futex word (one sleep, one wake-up by
+        // its commit, no signal); past QUICK_WAIT, the lock wait below.
+        let slot = seq as usize % RING;
+        let (word, sleepers) = (&hdr.commit_word[slot], &hdr.sleepers[slot]);
+        let until = std::time::Instant::now() + QUICK_WAIT;
+        loop {
+            if hdr.abort.load(Ordering::SeqCst) {
+                return Err(WaitFailed::Aborted);
+            }
+            if self.last_committed() >= seq {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= until {
+                break;
+            }
+            // The commit stores `last_committed`, bumps the word, then reads `sleepers`;
+            // this reads the word, counts itself, then reads `last_committed` (all
+            // SeqCst): either it sees the commit, or the word moved (the futex returns at
+            // once), or the commit sees a sleeper and wakes it.
+            let seen = word.load(Ordering::SeqCst);
+            sleepers.fetch_add(1, Ordering::SeqCst);
+            if self.last_committed() < seq && !hdr.abort.load(Ordering::SeqCst) {
+                futex_wait(word, seen, SLICE);
+            }
+            sleepers.fetch_sub(1, Ordering::SeqCst);
+            // SIGTERM (the backend `die` handler) and other interrupts, every slice.
+            pgrx::check_for_interrupts!();
+        }
         let cv = &raw const hdr.cv as *mut pg_sys::ConditionVariable;
         let result = loop {
             if hdr.abort.load(Ordering::Acquire) {
@@ -360,7 +466,12 @@ impl Group {
         d.local_end.store(local_end, Ordering::Relaxed);
         d.commit_time.store(time, Ordering::Relaxed);
         d.seq.store(seq, Ordering::Release);
-        hdr.last_committed.store(seq, Ordering::Release);
+        hdr.last_committed.store(seq, Ordering::SeqCst);
+        let slot = seq as usize % RING;
+        hdr.commit_word[slot].fetch_add(1, Ordering::SeqCst);
+        if hdr.sleepers[slot].load(Ordering::SeqCst) > 0 {
+            futex_wake(&hdr.commit_word[slot]);
+        }
         if let Some(held) = self.held.take() {
             let tag = self.tag(held);
             // SAFETY: the session lock taken in `start`.
@@ -370,7 +481,13 @@ impl Group {
         }
         // SAFETY: the condition variable was initialised with the header.
         unsafe { pg_sys::ConditionVariableBroadcast(&raw mut (*self.hdr).cv) };
-        self.wake_receiver();
+        // The receiver only needs this commit at once if it waits for it;
+        // otherwise it takes the commit in at its next round (it polls every 10 ms while
+        // work is in flight). A wake-up per commit (a signal, and a context switch when it
+        // sleeps on its socket) was one `kill` per transaction, for nothing.
+        if seq >= self.hdr().wake_receiver_at.load(Ordering::SeqCst) {
+            self.wake_receiver();
+        }
     }
 
     /// Wait on this process's latch (set by a writer's commit or by queue progress) for

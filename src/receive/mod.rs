@@ -486,7 +486,14 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
             None => {
                 // Nothing more to read now: what was applied is shown before waiting.
                 publish_progress(slot);
-                if st.wait(Duration::from_millis(250)) {
+                // Parallel apply: writers' commits do not wake this process (a signal per
+                // transaction); it looks again within 10 ms while work is in flight.
+                let poll = if matches!(st.sink, Sink::Many(_)) && st.sink.busy() {
+                    Duration::from_millis(10)
+                } else {
+                    Duration::from_millis(250)
+                };
+                if st.wait(poll) {
                     pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
                     return;
                 }

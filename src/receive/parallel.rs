@@ -1,8 +1,15 @@
 //! Receive stage, parallel apply (`bdr.writers_per_peer` > 1): the receiver numbers each
-//! remote transaction in the peer's commit order, hands it whole to an idle writer
-//! (`src/workers/writer.rs`) over that writer's shared-memory queue as its frames arrive
-//! (a big transaction is never held in memory), and tells the writer which earlier
-//! transaction to wait for before a change that depends on it.
+//! remote transaction in the peer's commit order, hands it whole to a writer
+//! (`src/workers/writer.rs`) over that writer's shared-memory queue, and tells the writer
+//! which earlier transaction to wait for before a change that depends on it. A
+//! transaction's frames and controls are batched and sent as one queue message at its
+//! COMMIT, or whenever the batch passes [`BATCH_BYTES`] (a big transaction is never held
+//! whole in memory): one message, and at most one wake-up of the writer, per small
+//! transaction. A transaction goes to an idle writer (the one that committed last: warm
+//! caches), else queues behind the busy writer with the fewest outstanding transactions
+//! (at most [`DEPTH`] each, [`MAX_IN_FLIGHT`] in all), so a writer that commits finds
+//! its next transaction already in its queue instead of sleeping until the receiver
+//! notices.
 //!
 //! Why this way: the receiver keeps everything about the stream (pause, clock hold,
 //! keepalives, feedback, lag); writers only apply. Dependencies are decided here from the
@@ -16,21 +23,28 @@
 //!
 //! Invariants: flush feedback only covers transactions committed here (the last
 //! committed transaction's (remote end, local end), commits being in order); the
-//! receiver holds no origin session; any writer's failure or exit stops the receiver with
+//! receiver holds no origin session; only the transaction being received is partly
+//! unsent (every earlier one was sent whole), so a writer never waits for a transaction
+//! whose frames sit in the receiver; any writer's failure or exit stops the receiver with
 //! an error, and whenever the receiver stops, its writers are stopped and waited for
 //! before anything else restarts (`shutdown`), so no writer of an old group commits
 //! behind a new one's back.
 
 use crate::error::{raise, ApplyError};
-use crate::pg::mq::{Aborter, Group, Sent};
+use crate::pg::mq::{Aborter, Group, Sent, MAX_IN_FLIGHT};
 use crate::pg::{relcache, shmem, xact};
 use bdr_core::parallel::{change_keys, Change, Ctl, Deps, TablePlan};
 use bdr_core::stream::FlushTracker;
 use bdr_core::wire::{self, Message};
 use pgrx::bgworkers::{BackgroundWorkerStatus, DynamicBackgroundWorker};
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
+
+/// A writer's batch is sent when it passes this many bytes (else at COMMIT).
+const BATCH_BYTES: usize = 64 * 1024;
+/// Most transactions handed to one writer and not committed yet.
+const DEPTH: usize = 4;
 
 thread_local! {
     /// This process's writers and group, for [`shutdown`] on any way out.
@@ -89,7 +103,7 @@ impl super::Stream {
         let Sink::Many(d) = &mut self.sink else {
             return;
         };
-        let (any, ack) = d.poll();
+        let (any, ack) = d.poll(self.now);
         if any {
             let (applied, t, busy) = (d.tracker.applied_position(), d.last_commit_time, d.busy());
             if !busy {
@@ -131,8 +145,12 @@ struct Rel {
 pub struct Dispatch {
     group: Group,
     nwriters: usize,
-    /// Transaction each writer was last given (idle once it committed).
-    assigned: Vec<u64>,
+    /// Transactions handed to each writer and not seen committed, oldest first.
+    outstanding: Vec<VecDeque<u64>>,
+    /// Transaction each writer was last given.
+    last_given: Vec<u64>,
+    /// Each writer's batch not sent yet.
+    out: Vec<Vec<u8>>,
     /// Last transaction number given out.
     next_seq: u64,
     /// The writer and number of the transaction being received.
@@ -144,7 +162,6 @@ pub struct Dispatch {
     pub tracker: FlushTracker,
     seen_committed: u64,
     pub last_commit_time: i64,
-    buf: Vec<u8>,
     slot: usize,
     peer: std::rc::Rc<str>,
     last_check: Instant,
@@ -184,7 +201,9 @@ impl Dispatch {
         Dispatch {
             group,
             nwriters: k,
-            assigned: vec![0; k],
+            outstanding: vec![VecDeque::new(); k],
+            last_given: vec![0; k],
+            out: vec![Vec::new(); k],
             next_seq: 0,
             current: None,
             waited: 0,
@@ -193,7 +212,6 @@ impl Dispatch {
             tracker: FlushTracker::new(progress),
             seen_committed: 0,
             last_commit_time: 0,
-            buf: Vec::new(),
             slot,
             peer: peer.into(),
             last_check: Instant::now(),
@@ -215,8 +233,12 @@ impl Dispatch {
 
     /// Take in what writers committed since the last call: true if anything did; the
     /// second value is a writer's request to acknowledge a synchronous commit now.
-    pub fn poll(&mut self) -> (bool, bool) {
-        self.check_writers(false);
+    pub fn poll(&mut self, now: Instant) -> (bool, bool) {
+        if self.group.aborted()
+            || now.saturating_duration_since(self.last_check) >= Duration::from_millis(100)
+        {
+            self.check_writers(true);
+        }
         // The request first: the commit it is about is then published already.
         let ack = self.group.take_ack();
         let lc = self.group.last_committed();
@@ -242,12 +264,14 @@ impl Dispatch {
 
     /// Wait until everything received has committed (before a pause). True on SIGTERM.
     pub fn drain(&mut self) -> bool {
+        self.group.wake_receiver_at(Some(self.next_seq));
         while self.busy() && !self.stopping {
             self.check_writers(true);
             if Group::sleep(Duration::from_millis(10)) {
                 self.stopping = true;
             }
         }
+        self.group.wake_receiver_at(None);
         self.stopping
     }
 
@@ -289,13 +313,25 @@ impl Dispatch {
         })
     }
 
-    /// Send one control or frame to writer `w`, waiting while its queue is full.
+    /// Add one control or frame to writer `w`'s batch; the batch is sent when it is
+    /// big (else by the caller, at COMMIT).
     fn send(&mut self, w: usize, ctl: Ctl<'_>) {
         if self.stopping {
             return;
         }
-        let mut buf = std::mem::take(&mut self.buf);
-        ctl.encode_into(&mut buf);
+        ctl.push_to_batch(&mut self.out[w]);
+        if self.out[w].len() >= BATCH_BYTES {
+            self.flush(w);
+        }
+    }
+
+    /// Send writer `w`'s batch as one queue message, waiting while its queue is full.
+    fn flush(&mut self, w: usize) {
+        if self.stopping || self.out[w].is_empty() {
+            return;
+        }
+        let buf = std::mem::take(&mut self.out[w]);
+        let mut waiting = false;
         loop {
             match self.group.send(w, &buf) {
                 Sent::Done => break,
@@ -307,6 +343,13 @@ impl Dispatch {
                     })
                 }
                 Sent::WouldBlock => {
+                    if !waiting {
+                        // Room comes from the writer reading (its queue sets our latch),
+                        // or its failure: any commit.
+                        waiting = true;
+                        self.group
+                            .wake_receiver_at(Some(self.group.last_committed() + 1));
+                    }
                     self.check_writers(false);
                     if Group::sleep(Duration::from_millis(10)) {
                         self.stopping = true;
@@ -315,22 +358,63 @@ impl Dispatch {
                 }
             }
         }
-        self.buf = buf;
+        if waiting {
+            self.group.wake_receiver_at(None);
+        }
+        // Keep the allocation for the next batch.
+        let mut buf = buf;
+        buf.clear();
+        self.out[w] = buf;
     }
 
-    /// An idle writer (its last transaction committed), waiting for one if need be.
-    fn idle_writer(&mut self) -> Option<usize> {
-        loop {
+    /// The writer for the next transaction, waiting for one if need be: an idle writer
+    /// (the one given a transaction last: it committed most recently, its caches are
+    /// warm), else the one with the fewest outstanding transactions (the earliest to be
+    /// free on ties), if it has fewer than [`DEPTH`] and fewer than [`MAX_IN_FLIGHT`] are
+    /// in flight.
+    fn pick_writer(&mut self) -> Option<usize> {
+        let mut waiting = false;
+        let picked = loop {
             let lc = self.group.last_committed();
-            if let Some(w) = (0..self.nwriters).find(|&w| self.assigned[w] <= lc) {
-                return Some(w);
+            for q in &mut self.outstanding {
+                while q.front().is_some_and(|&s| s <= lc) {
+                    q.pop_front();
+                }
+            }
+            if self.next_seq - lc < MAX_IN_FLIGHT {
+                let w = (0..self.nwriters)
+                    .min_by_key(|&w| {
+                        let q = &self.outstanding[w];
+                        match q.back() {
+                            None => (0, u64::MAX - self.last_given[w]),
+                            Some(&last) => (q.len(), last),
+                        }
+                    })
+                    .unwrap_or(0);
+                if self.outstanding[w].len() < DEPTH {
+                    break Some(w);
+                }
+            }
+            if !waiting {
+                // Woken when half of what is in flight has committed (not by every
+                // commit: a signal each), then hand out several at once. Set before the
+                // next look at what committed (see `Group::wake_receiver_at`).
+                waiting = true;
+                let in_flight = self.next_seq - lc;
+                self.group
+                    .wake_receiver_at(Some(lc + in_flight.div_ceil(2).max(1)));
+                continue;
             }
             self.check_writers(false);
             if Group::sleep(Duration::from_millis(10)) {
                 self.stopping = true;
-                return None;
+                break None;
             }
+        };
+        if waiting {
+            self.group.wake_receiver_at(None);
         }
+        picked
     }
 
     /// The current transaction must wait for transaction `dep` (0: none).
@@ -355,12 +439,13 @@ impl Dispatch {
                     raise(&ApplyError::Protocol("BEGIN inside a transaction".into()));
                 }
                 self.refresh_plans();
-                let Some(w) = self.idle_writer() else {
+                let Some(w) = self.pick_writer() else {
                     return;
                 };
                 self.next_seq += 1;
                 let seq = self.next_seq;
-                self.assigned[w] = seq;
+                self.outstanding[w].push_back(seq);
+                self.last_given[w] = seq;
                 self.current = Some((w, seq));
                 self.waited = 0;
                 self.send(w, Ctl::Begin { seq });
@@ -391,7 +476,9 @@ impl Dispatch {
             Message::Message(_) => self.forward(raw),
             Message::Commit(_) => {
                 self.forward(raw);
-                self.current = None;
+                if let Some((w, _)) = self.current.take() {
+                    self.flush(w);
+                }
             }
         }
     }

@@ -1,6 +1,8 @@
 //! A parallel-apply writer: applies the remote transactions its receiver (the apply
 //! worker of one peer, `src/receive/parallel.rs`) hands it over a shared-memory queue,
-//! one at a time, with the same [`Applier`] as the one-process path.
+//! one at a time, with the same [`Applier`] as the one-process path. Each queue message
+//! is a batch of controls and frames (a whole small transaction, or a piece of a big
+//! one); several transactions may wait in the queue, taken in order.
 //!
 //! Why this way: the receiver numbers transactions in the peer's commit order and decides
 //! dependencies; the writer only obeys. After a transaction's BEGIN it holds the
@@ -114,12 +116,14 @@ fn run(group: &mut Group, slot: usize, dboid: u32, local: &nodes::Node, peer: &n
     applier.set_link(dboid, link);
     applier.set_parallel();
     let mut seq = 0u64;
-    loop {
-        let step = {
-            let Some(buf) = group.receive() else {
-                break;
-            };
-            match Ctl::decode(buf) {
+    // One queue message is a batch of controls and frames (a whole small transaction),
+    // copied out of the queue so the group can be used while its steps run.
+    let mut batch = Vec::new();
+    while let Some(buf) = group.receive() {
+        batch.clear();
+        batch.extend_from_slice(buf);
+        for ctl in bdr_core::parallel::batch(&batch) {
+            let step = match ctl {
                 Some(Ctl::Begin { seq }) => Step::Begin(seq),
                 Some(Ctl::Wait { seq }) => Step::Wait(seq),
                 Some(Ctl::Frame(f)) => Step::Msg(wire::decode_frame(f).unwrap_or_else(|e| {
@@ -130,56 +134,68 @@ fn run(group: &mut Group, slot: usize, dboid: u32, local: &nodes::Node, peer: &n
                 None => raise(&ApplyError::Protocol(
                     "bad control message from the receiver".into(),
                 )),
-            }
-        };
-        match step {
-            Step::Begin(s) => {
-                // Settings (e.g. bdr.log_conflicts_to_table) change between transactions.
-                bgw::reload_if_asked();
-                seq = s
-            }
-            Step::Wait(d) => {
-                wait(group, d, &peer.name);
-                // What `d` wrote must be visible to the changes that waited for it.
-                xact::refresh_snapshot();
-            }
-            Step::Msg(m @ Message::Begin(_)) => {
-                applier.handle(m);
-                group.start(seq);
-            }
-            Step::Msg(m @ Message::Commit(_)) => {
-                // Commit order: the transaction before this one first.
-                wait(group, seq - 1, &peer.name);
-                if group.aborted() {
-                    raise(&ApplyError::ParallelStopped {
-                        peer: peer.name.clone(),
-                        why: "the group is stopping".into(),
-                    });
-                }
-                applier.handle(m);
-                let (remote_end, local_end) = applier.last_done;
-                let ack = std::mem::take(&mut applier.ack_now);
-                if ack {
-                    // The origin waits for this commit: durable now, and say so.
-                    xact::flush_last_commit();
-                }
-                let (counts, conflicts) = applier.take_counts();
-                shmem::update(slot, |s| {
-                    s.stats.add(&counts);
-                    for (total, new) in s.conflicts.iter_mut().zip(conflicts) {
-                        *total += new;
-                    }
-                });
-                group.committed_here(seq, remote_end, local_end, applier.last_commit_time);
-                if ack {
-                    group.request_ack();
-                }
-            }
-            Step::Msg(m) => applier.handle(m),
+            };
+            step_one(group, &mut applier, &mut seq, slot, peer, step);
         }
     }
     // The receiver left: what is in progress is rolled back, never committed.
     if applier.in_transaction() {
         xact::abort();
+    }
+}
+
+/// Run one step of the receiver's batch.
+fn step_one(
+    group: &mut Group,
+    applier: &mut Applier,
+    seq: &mut u64,
+    slot: usize,
+    peer: &nodes::Node,
+    step: Step,
+) {
+    match step {
+        Step::Begin(s) => {
+            // Settings (e.g. bdr.log_conflicts_to_table) change between transactions.
+            bgw::reload_if_asked();
+            *seq = s
+        }
+        Step::Wait(d) => {
+            wait(group, d, &peer.name);
+            // What `d` wrote must be visible to the changes that waited for it.
+            xact::refresh_snapshot();
+        }
+        Step::Msg(m @ Message::Begin(_)) => {
+            applier.handle(m);
+            group.start(*seq);
+        }
+        Step::Msg(m @ Message::Commit(_)) => {
+            // Commit order: the transaction before this one first.
+            wait(group, *seq - 1, &peer.name);
+            if group.aborted() {
+                raise(&ApplyError::ParallelStopped {
+                    peer: peer.name.clone(),
+                    why: "the group is stopping".into(),
+                });
+            }
+            applier.handle(m);
+            let (remote_end, local_end) = applier.last_done;
+            let ack = std::mem::take(&mut applier.ack_now);
+            if ack {
+                // The origin waits for this commit: durable now, and say so.
+                xact::flush_last_commit();
+            }
+            let (counts, conflicts) = applier.take_counts();
+            shmem::update(slot, |s| {
+                s.stats.add(&counts);
+                for (total, new) in s.conflicts.iter_mut().zip(conflicts) {
+                    *total += new;
+                }
+            });
+            group.committed_here(*seq, remote_end, local_end, applier.last_commit_time);
+            if ack {
+                group.request_ack();
+            }
+        }
+        Step::Msg(m) => applier.handle(m),
     }
 }
