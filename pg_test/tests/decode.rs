@@ -417,17 +417,17 @@ fn unsupported_protocol_and_bad_options_fail_clearly() {
     let err = c
         .query(
             "SELECT data FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL, \
-             'min_proto_version', '4', 'max_proto_version', '5')",
+             'min_proto_version', '5', 'max_proto_version', '6')",
             &[],
         )
         .unwrap_err();
     let text = db_error_text(&err);
     assert!(
-        text.contains("bdr output plugin cannot speak protocol versions 4 to 5"),
+        text.contains("bdr output plugin cannot speak protocol versions 5 to 6"),
         "{text}"
     );
     assert!(
-        text.contains("This node speaks protocol versions 1 to 3"),
+        text.contains("This node speaks protocol versions 1 to 4"),
         "{text}"
     );
     assert!(text.contains("HINT"), "{text}");

@@ -1,0 +1,326 @@
+//! Streamed transactions (protocol version 4): the receiver's pure rules.
+//!
+//! A sender asked for it (`bdr.stream_large_transactions`) sends a transaction that
+//! outgrows `logical_decoding_work_mem` before it commits, in pieces: `STREAM START(xid)`,
+//! changes tagged with their (sub)xid, `STREAM STOP`, more pieces later (ordinary
+//! transactions are sent between them), and finally `STREAM COMMIT(xid)` or
+//! `STREAM ABORT(xid, subxid)`.
+//!
+//! - [`StreamCheck`] checks the order of those frames on one connection. A frame out of
+//!   order (STOP without START, a change for a transaction that is not the one being
+//!   streamed, COMMIT of a transaction never started, an untagged change inside a
+//!   piece...) is a protocol violation: the receiver stops with an ERROR naming the peer
+//!   and the position, it never guesses.
+//! - [`Fallback`] remembers the transactions the receiver refused to take streamed: it
+//!   reconnects without streaming, the sender then decodes them whole at their COMMIT,
+//!   and streaming is asked for again once they have been applied that way (or after
+//!   [`Fallback::RETRY_AFTER`], for one that was rolled back on the sender and so never
+//!   arrives).
+//!
+//! Invariants: nothing here touches PostgreSQL; a [`StreamCheck`] lives exactly as long
+//! as one replication connection (xids and first-segment flags are per connection).
+
+use crate::wire::Message;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+/// The frame order of one replication connection.
+#[derive(Debug, Default)]
+pub struct StreamCheck {
+    /// Between an ordinary BEGIN and its COMMIT.
+    in_txn: bool,
+    /// The transaction whose piece is being received (between START and STOP).
+    current: Option<u32>,
+    /// Transactions with a piece received and no COMMIT or ABORT yet.
+    open: BTreeSet<u32>,
+}
+
+impl StreamCheck {
+    /// Check that `m` may come now, and note what it changes; `Err` says why not.
+    pub fn check(&mut self, m: &Message) -> Result<(), String> {
+        let in_piece = |what: &str, cur: Option<u32>| match cur {
+            Some(x) => Err(format!(
+                "{what} inside a piece of streamed transaction {x} (no STREAM STOP before it)"
+            )),
+            None => Ok(()),
+        };
+        match m {
+            Message::Begin(_) => {
+                in_piece("a BEGIN", self.current)?;
+                self.in_txn = true;
+            }
+            Message::Commit(_) => {
+                in_piece("a COMMIT", self.current)?;
+                self.in_txn = false;
+            }
+            Message::Insert(_)
+            | Message::Update(_)
+            | Message::Delete(_)
+            | Message::Truncate(_)
+            | Message::Message(_) => {
+                if let Some(x) = self.current {
+                    return Err(format!(
+                        "a {} without its transaction id inside a piece of streamed transaction {x}",
+                        m.kind_name()
+                    ));
+                }
+            }
+            Message::Relation(_) => {}
+            Message::StreamStart(s) => {
+                in_piece("a STREAM START", self.current)?;
+                if self.in_txn {
+                    return Err(format!(
+                        "STREAM START of transaction {} inside an ordinary transaction",
+                        s.xid
+                    ));
+                }
+                let known = self.open.contains(&s.xid);
+                if s.first_segment && known {
+                    return Err(format!(
+                        "STREAM START says transaction {} starts, but it was already streamed",
+                        s.xid
+                    ));
+                }
+                if !s.first_segment && !known {
+                    return Err(format!(
+                        "STREAM START continues transaction {}, which was never started",
+                        s.xid
+                    ));
+                }
+                self.open.insert(s.xid);
+                self.current = Some(s.xid);
+            }
+            Message::StreamStop => {
+                if self.current.take().is_none() {
+                    return Err("STREAM STOP without STREAM START".into());
+                }
+            }
+            Message::StreamChange(c) => match self.current {
+                Some(x) if x == c.xid => {}
+                Some(x) => {
+                    return Err(format!(
+                        "a change of transaction {} inside a piece of transaction {x}",
+                        c.xid
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "a change of streamed transaction {} outside STREAM START/STOP",
+                        c.xid
+                    ))
+                }
+            },
+            Message::StreamAbort(a) => {
+                in_piece("a STREAM ABORT", self.current)?;
+                if !self.open.contains(&a.xid) {
+                    return Err(format!(
+                        "STREAM ABORT of transaction {}, which was never streamed",
+                        a.xid
+                    ));
+                }
+                if a.subxid == a.xid {
+                    self.open.remove(&a.xid);
+                }
+            }
+            Message::StreamCommit(c) => {
+                in_piece("a STREAM COMMIT", self.current)?;
+                if self.in_txn {
+                    return Err(format!(
+                        "STREAM COMMIT of transaction {} inside an ordinary transaction",
+                        c.xid
+                    ));
+                }
+                if !self.open.remove(&c.xid) {
+                    return Err(format!(
+                        "STREAM COMMIT of transaction {}, which was never streamed",
+                        c.xid
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Transactions streamed in part and not finished yet.
+    pub fn open(&self) -> impl Iterator<Item = u32> + '_ {
+        self.open.iter().copied()
+    }
+}
+
+/// Transactions the receiver refused to take streamed (see the module note).
+#[derive(Debug, Default)]
+pub struct Fallback {
+    xids: BTreeSet<u32>,
+    since: Option<Instant>,
+}
+
+impl Fallback {
+    /// A fallen-back transaction that never arrives whole (rolled back on the sender)
+    /// keeps streaming off this long at most.
+    pub const RETRY_AFTER: Duration = Duration::from_secs(60);
+
+    /// Transaction `xid` (top level) will be taken whole, not streamed.
+    pub fn fall_back(&mut self, xid: u32, now: Instant) {
+        self.xids.insert(xid);
+        self.since.get_or_insert(now);
+    }
+
+    /// Transaction `xid` arrived whole and committed here.
+    pub fn committed(&mut self, xid: u32) {
+        if self.xids.remove(&xid) && self.xids.is_empty() {
+            self.since = None;
+        }
+    }
+
+    /// Whether transactions fell back and are not applied yet.
+    pub fn pending(&self) -> bool {
+        !self.xids.is_empty()
+    }
+
+    /// Whether the next connection may ask for streaming.
+    pub fn may_stream(&self, now: Instant) -> bool {
+        self.since
+            .is_none_or(|s| now.saturating_duration_since(s) >= Self::RETRY_AFTER)
+    }
+
+    /// Forget everything (streaming asked for again after [`Self::RETRY_AFTER`]).
+    pub fn clear(&mut self) {
+        *self = Fallback::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::*;
+
+    fn start(xid: u32, first: bool) -> Message {
+        Message::StreamStart(StreamStart {
+            xid,
+            first_segment: first,
+        })
+    }
+    fn change(xid: u32, subxid: u32) -> Message {
+        Message::StreamChange(StreamChange {
+            xid,
+            subxid,
+            change: Box::new(Message::Insert(Insert {
+                relation: 1,
+                new: vec![Value::text("1")],
+            })),
+        })
+    }
+    fn commit(xid: u32) -> Message {
+        Message::StreamCommit(StreamCommit {
+            xid,
+            commit_lsn: 1,
+            end_lsn: 2,
+            commit_time: 3,
+            origin: None,
+        })
+    }
+    fn abort(xid: u32, subxid: u32) -> Message {
+        Message::StreamAbort(StreamAbort { xid, subxid })
+    }
+    fn begin() -> Message {
+        Message::Begin(Begin {
+            xid: 9,
+            final_lsn: 1,
+            commit_time: 1,
+            origin: None,
+        })
+    }
+    fn plain_commit() -> Message {
+        Message::Commit(Commit {
+            commit_lsn: 1,
+            end_lsn: 2,
+            commit_time: 3,
+        })
+    }
+    fn run(ms: &[Message]) -> Result<(), String> {
+        let mut c = StreamCheck::default();
+        for m in ms {
+            c.check(m)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn interleaved_pieces_and_transactions_are_accepted() {
+        run(&[
+            start(5, true),
+            change(5, 5),
+            change(5, 6),
+            Message::StreamStop,
+            begin(),
+            plain_commit(),
+            start(7, true),
+            change(7, 7),
+            Message::StreamStop,
+            start(5, false),
+            change(5, 5),
+            Message::StreamStop,
+            abort(5, 6),
+            commit(7),
+            commit(5),
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn out_of_order_frames_are_refused() {
+        assert!(run(&[Message::StreamStop])
+            .unwrap_err()
+            .contains("without STREAM START"));
+        assert!(run(&[change(5, 5)]).unwrap_err().contains("outside"));
+        assert!(run(&[start(5, true), change(6, 6)])
+            .unwrap_err()
+            .contains("inside a piece of transaction 5"));
+        assert!(run(&[commit(5)]).unwrap_err().contains("never streamed"));
+        assert!(run(&[abort(5, 5)]).unwrap_err().contains("never streamed"));
+        assert!(run(&[start(5, false)])
+            .unwrap_err()
+            .contains("never started"));
+        assert!(run(&[start(5, true), Message::StreamStop, start(5, true)])
+            .unwrap_err()
+            .contains("already streamed"));
+        assert!(run(&[start(5, true), start(6, true)]).is_err());
+        assert!(run(&[start(5, true), begin()]).is_err());
+        assert!(run(&[begin(), start(5, true)]).is_err());
+        assert!(run(&[start(5, true), Message::StreamStop, begin(), commit(5)]).is_err());
+        assert!(
+            run(&[start(5, true), commit(5)]).is_err(),
+            "COMMIT before STOP"
+        );
+        let insert = Message::Insert(Insert {
+            relation: 1,
+            new: vec![],
+        });
+        assert!(run(&[start(5, true), insert])
+            .unwrap_err()
+            .contains("without its transaction id"));
+        // A top-level abort ends it; a subtransaction's does not.
+        assert!(run(&[start(5, true), Message::StreamStop, abort(5, 5), commit(5)]).is_err());
+        run(&[start(5, true), Message::StreamStop, abort(5, 8), commit(5)]).unwrap();
+    }
+
+    #[test]
+    fn fallback_ends_when_the_transactions_arrive_or_after_a_while() {
+        let t0 = Instant::now();
+        let mut f = Fallback::default();
+        assert!(f.may_stream(t0));
+        f.fall_back(5, t0);
+        f.fall_back(7, t0 + Duration::from_secs(1));
+        assert!(f.pending());
+        assert!(!f.may_stream(t0 + Duration::from_secs(2)));
+        f.committed(5);
+        assert!(!f.may_stream(t0 + Duration::from_secs(2)));
+        f.committed(99);
+        f.committed(7);
+        assert!(f.may_stream(t0 + Duration::from_secs(2)));
+        f.fall_back(8, t0);
+        assert!(f.may_stream(t0 + Fallback::RETRY_AFTER));
+        f.clear();
+        assert!(!f.pending());
+    }
+}
