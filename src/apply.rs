@@ -319,6 +319,15 @@ impl Applier {
                 self.require_transaction("MESSAGE");
             }
             Message::Commit(c) => self.commit(&c),
+            // The receiver handles streamed transactions (src/receive/stream.rs).
+            m @ (Message::StreamStart(_)
+            | Message::StreamStop
+            | Message::StreamChange(_)
+            | Message::StreamAbort(_)
+            | Message::StreamCommit(_)) => raise(&ApplyError::Protocol(format!(
+                "{} frame in the whole-transaction apply path",
+                m.kind_name()
+            ))),
         }
     }
 

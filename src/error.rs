@@ -163,7 +163,8 @@ impl PgError for DecodeError {
             }
             DecodeError::UnknownOption(_) | DecodeError::BadOption { .. } => {
                 "Valid options: min_proto_version, max_proto_version (integers), \
-                 forward_origins ('none' or 'all')."
+                 forward_origins ('none' or 'all'), streaming ('on' or 'off'; protocol \
+                 version 4 or later, without forward_origins)."
                     .into()
             }
             DecodeError::NotUtf8 { .. } => {

@@ -44,6 +44,7 @@ mod hold;
 pub mod parallel;
 mod plans;
 mod progress;
+mod stream;
 
 use parallel::Sink;
 use progress::publish_progress;
@@ -51,9 +52,10 @@ use progress::publish_progress;
 use crate::apply::Applier;
 use crate::catalog::nodes::Node;
 use crate::error::{raise, ApplyError};
-use crate::pg::libpq::{quote_ident, quote_literal, Conn, CopyData};
+use crate::pg::libpq::{Conn, CopyData};
 use crate::pg::{bgw, shmem, xact};
-use bdr_core::names::{origin_name, slot_name};
+use bdr_core::names::origin_name;
+use bdr_core::streaming::{Fallback, StreamCheck};
 use bdr_core::stream::{parse_server_message, status_update, ServerMessage};
 use bdr_core::wire::Message;
 use bdr_core::{dsn, wire};
@@ -119,6 +121,18 @@ struct Stream {
     /// This node's clock when the last BEGIN was read (taken once for both uses: the
     /// peer's clock lead and the future-commit check), until the main loop takes it.
     begin_clock: Option<i64>,
+    /// Streamed transactions (`stream.rs`): how to reconnect, whether this connection
+    /// streams, whether the setting asked for it, the frame-order check of this
+    /// connection, the transactions that fell back, and the xid of the ordinary
+    /// transaction being received.
+    connect_args: stream::ConnectArgs,
+    streaming: bool,
+    want_streaming: bool,
+    check: StreamCheck,
+    fallback: Fallback,
+    /// This connection gave streaming up for a fallback: ask again when it is over.
+    restream: bool,
+    cur_xid: Option<u32>,
 }
 
 /// One XLogData write from the peer: one frame, or several (protocol version 3).
@@ -231,6 +245,7 @@ impl Stream {
     /// Note what a message about to be returned by [`Stream::read`] tells: a BEGIN's
     /// commit time (pending, and how far ahead of our clock it is).
     fn returned(&mut self, start: u64, msg: Message) -> (u64, Message) {
+        self.check_order(start, &msg);
         if let Message::Begin(b) = &msg {
             // The peer has committed it: its WAL is at least there.
             self.peer_lsn = self.peer_lsn.max(b.final_lsn);
@@ -296,21 +311,33 @@ impl Stream {
         }
     }
 
-    /// Apply one message, then publish progress once a transaction is complete.
-    fn apply(&mut self, msg: Message) {
-        if skip_foreign_message(self.slot, &self.peer, &msg, self.sink.in_transaction()) {
-            return;
+    /// Apply one message, then publish progress once a transaction is complete. True on
+    /// SIGTERM (met while reconnecting for a streamed transaction).
+    fn apply(&mut self, msg: Message) -> bool {
+        if msg.is_stream() {
+            return self.streamed_frame(&msg);
         }
+        if skip_foreign_message(self.slot, &self.peer, &msg, self.sink.in_transaction()) {
+            return false;
+        }
+        let committed = match &msg {
+            Message::Commit(_) => self.cur_xid.take(),
+            _ => None,
+        };
         let applier = match &mut self.sink {
             Sink::One(a) => a,
             Sink::Many(d) => {
                 d.handle(&msg, &self.raw);
-                return;
+                if let Some(x) = committed {
+                    self.fallback.committed(x);
+                    return self.maybe_restream();
+                }
+                return false;
             }
         };
         applier.handle(msg);
         if applier.in_transaction() {
-            return;
+            return false;
         }
         let (received, applied, t) = (
             self.received,
@@ -333,6 +360,11 @@ impl Stream {
             self.last_published = self.now;
             publish_progress(self.slot);
         }
+        if let Some(x) = committed {
+            self.fallback.committed(x);
+            return self.maybe_restream();
+        }
+        false
     }
 
     /// Nothing heard from the peer for `wal_receiver_timeout`: give up this connection.
@@ -381,39 +413,24 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         s.flushed_lsn = progress;
         s.stats.connects += 1;
     });
-    let repl_dsn = dsn::with_default(peer_dsn, "replication", "database");
-    let mut conn = Conn::connect(&repl_dsn, &format!("bdr_apply_{local}_from_{peer}"))
-        .unwrap_or_else(|e| lib_err(e));
-    // Where the peer's WAL is now: what lag in bytes is measured against until the
-    // stream reports more.
-    let identify = conn.exec("IDENTIFY_SYSTEM").unwrap_or_else(|e| lib_err(e));
-    let peer_lsn = identify
-        .first()
-        .and_then(|r| r.get(2).cloned().flatten())
-        .and_then(|v| wire::parse_lsn(&v))
-        .unwrap_or(0);
-    let provider_dboid = conn
-        .query_value("SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()")
-        .unwrap_or_else(|e| lib_err(e))
-        .unwrap_or_default();
-    let slot_name = slot_name(provider_dboid.parse().unwrap_or(0), local);
-    conn.start_copy(&format!(
-        "START_REPLICATION SLOT {} LOGICAL {} (\"min_proto_version\" {}, \"max_proto_version\" {}{})",
-        quote_ident(&slot_name),
-        wire::format_lsn(progress),
-        quote_literal(&wire::PROTOCOL_VERSION_MIN.to_string()),
-        quote_literal(&wire::PROTOCOL_VERSION_MAX.to_string()),
-        if link.forwarded {
-            ", \"forward_origins\" 'all'"
-        } else {
-            ""
-        },
-    ))
-    .unwrap_or_else(|e| lib_err(e));
+    let connect_args = stream::ConnectArgs {
+        repl_dsn: dsn::with_default(peer_dsn, "replication", "database"),
+        local: local.to_string(),
+        peer: peer.to_string(),
+        forwarded: link.forwarded,
+    };
+    let want_streaming = crate::gucs::STREAM_LARGE_TRANSACTIONS.get();
+    let (conn, peer_lsn, slot_name, streaming) =
+        stream::connect(&connect_args, progress, want_streaming);
     shmem::update(slot, |s| s.state = shmem::State::Streaming);
     pgrx::log!(
-        "bdr: apply worker for node \"{peer}\" streaming from slot {slot_name} at {}",
-        wire::format_lsn(progress)
+        "bdr: apply worker for node \"{peer}\" streaming from slot {slot_name} at {}{}",
+        wire::format_lsn(progress),
+        if streaming {
+            " (large transactions streamed)"
+        } else {
+            ""
+        }
     );
 
     let mut st = Stream {
@@ -434,6 +451,13 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         last_heard: Instant::now(),
         now: Instant::now(),
         begin_clock: None,
+        connect_args,
+        streaming,
+        want_streaming,
+        check: StreamCheck::default(),
+        fallback: Fallback::default(),
+        restream: false,
+        cur_xid: None,
     };
     st.heard(peer_lsn, true);
     loop {
@@ -477,8 +501,7 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
                 }
             }
             Some(msg) => {
-                st.apply(msg);
-                if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
+                if st.apply(msg) || pgrx::bgworkers::BackgroundWorker::sigterm_received() {
                     pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
                     return;
                 }
@@ -492,6 +515,10 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
                 }
                 st.now = Instant::now();
                 st.check_silence();
+                if st.maybe_restream() {
+                    pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
+                    return;
+                }
             }
         }
         st.maybe_feedback();

@@ -393,6 +393,11 @@ impl Dispatch {
                 self.forward(raw);
                 self.current = None;
             }
+            // The receiver handles streamed transactions (src/receive/stream.rs).
+            m => raise(&ApplyError::Protocol(format!(
+                "{} frame handed to the writers",
+                m.kind_name()
+            ))),
         }
     }
 
