@@ -52,12 +52,12 @@ use bdr_core::wire::{
     self, Begin, Commit, Delete, Insert, LogicalMessage, Message, OldRow, OriginInfo,
     ReplicaIdentity, StreamAbort, StreamChange, StreamCommit, StreamStart, Truncate, Update,
 };
-use std::collections::HashSet;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgList;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::ffi::{c_char, c_int, CStr};
 
 /// Per-decoding-context state, owned by `ctx->output_plugin_private`.

@@ -33,7 +33,7 @@ use crate::pg::shmem;
 use bdr_core::names::slot_name;
 use bdr_core::streaming::StreamCheck;
 use bdr_core::wire::{self, Message};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// How to (re)connect to the peer.
 pub(super) struct ConnectArgs {
@@ -45,9 +45,24 @@ pub(super) struct ConnectArgs {
 
 /// A new replication connection, streaming from `from`: the connection, the peer's WAL
 /// position at connect, the slot name, and whether the peer streams large transactions.
-pub(super) fn connect(a: &ConnectArgs, from: u64, want_streaming: bool) -> (Conn, u64, String, bool) {
-    let mut conn = Conn::connect(&a.repl_dsn, &format!("bdr_apply_{}_from_{}", a.local, a.peer))
-        .unwrap_or_else(|e| lib_err(e));
+pub(super) fn connect(
+    a: &ConnectArgs,
+    from: u64,
+    want_streaming: bool,
+) -> (Conn, u64, String, bool) {
+    let (mut conn, peer_lsn, slot, streaming) = open(a, want_streaming);
+    start(&mut conn, a, &slot, from, streaming, false);
+    (conn, peer_lsn, slot, streaming)
+}
+
+/// Connect and identify, without starting to stream: the connection, the peer's WAL
+/// position, the slot name, and whether streaming will be asked for.
+fn open(a: &ConnectArgs, want_streaming: bool) -> (Conn, u64, String, bool) {
+    let mut conn = Conn::connect(
+        &a.repl_dsn,
+        &format!("bdr_apply_{}_from_{}", a.local, a.peer),
+    )
+    .unwrap_or_else(|e| lib_err(e));
     // Where the peer's WAL is now: what lag in bytes is measured against until the
     // stream reports more.
     let identify = conn.exec("IDENTIFY_SYSTEM").unwrap_or_else(|e| lib_err(e));
@@ -62,9 +77,23 @@ pub(super) fn connect(a: &ConnectArgs, from: u64, want_streaming: bool) -> (Conn
         .unwrap_or_default();
     let slot = slot_name(provider_dboid.parse().unwrap_or(0), &a.local);
     let streaming = want_streaming && !a.forwarded && peer_streams(&mut conn);
-    conn.start_copy(&format!(
+    (conn, peer_lsn, slot, streaming)
+}
+
+/// `START_REPLICATION` on `conn`. With `retry`, a slot still held by the walsender of the
+/// connection just closed is waited for (it exits once it notices; at most 30 s). True
+/// on SIGTERM.
+fn start(
+    conn: &mut Conn,
+    a: &ConnectArgs,
+    slot: &str,
+    from: u64,
+    streaming: bool,
+    retry: bool,
+) -> bool {
+    let cmd = format!(
         "START_REPLICATION SLOT {} LOGICAL {} (\"min_proto_version\" {}, \"max_proto_version\" {}{}{})",
-        quote_ident(&slot),
+        quote_ident(slot),
         wire::format_lsn(from),
         quote_literal(&wire::PROTOCOL_VERSION_MIN.to_string()),
         quote_literal(&wire::PROTOCOL_VERSION_MAX.to_string()),
@@ -74,9 +103,23 @@ pub(super) fn connect(a: &ConnectArgs, from: u64, want_streaming: bool) -> (Conn
             ""
         },
         if streaming { ", \"streaming\" 'on'" } else { "" },
-    ))
-    .unwrap_or_else(|e| lib_err(e));
-    (conn, peer_lsn, slot, streaming)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match conn.start_copy(&cmd) {
+            Ok(()) => return false,
+            Err(e)
+                if retry
+                    && Instant::now() < deadline
+                    && e.to_string().contains("is active for PID") =>
+            {
+                if crate::pg::bgw::wait(None, Duration::from_millis(20)) {
+                    return true;
+                }
+            }
+            Err(e) => lib_err(e),
+        }
+    }
 }
 
 /// Whether the peer's bdr speaks protocol version 4 (`bdr.version()` names its range); an
@@ -169,8 +212,19 @@ impl Stream {
         }
         self.poll_writers();
         let from = self.sink.tracker().applied_position();
-        let (conn, peer_lsn, _, streaming) = connect(&self.connect_args, from, want_streaming);
-        self.conn = conn;
+        let (conn, peer_lsn, slot, streaming) = open(&self.connect_args, want_streaming);
+        // Closing the old connection ends its walsender, which then frees the slot.
+        drop(std::mem::replace(&mut self.conn, conn));
+        if start(
+            &mut self.conn,
+            &self.connect_args,
+            &slot,
+            from,
+            streaming,
+            true,
+        ) {
+            return true;
+        }
         self.streaming = streaming;
         self.batch = None;
         self.check = StreamCheck::default();
