@@ -290,6 +290,11 @@ fn kills_mid_stream_lose_and_duplicate_nothing() {
     wait_streamed(b, "node1", 1);
     let pid: i32 = b.query_scalar("SELECT pid FROM bdr.apply_workers() WHERE peer = 'node1'");
     kill9(pid);
+    wait_until("node2 restarting after the kill", CATCHUP, || {
+        b.connect().query_one("SELECT 1", &[]).is_err()
+            || b.log()
+                .contains("terminating any other active server processes")
+    });
     wait_until("node2 back after the kill", CATCHUP, || {
         b.connect()
             .query_one(
@@ -314,10 +319,22 @@ fn kills_mid_stream_lose_and_duplicate_nothing() {
     )
     .unwrap();
     wait_streamed(b, "node1", streamed + 1);
-    let pid: i32 = a.query_scalar(
-        "SELECT active_pid FROM pg_replication_slots WHERE slot_name LIKE 'bdr_%' AND active",
-    );
-    kill9(pid);
+    // The receiver reconnects when it falls back: take the walsender serving it now.
+    let mut pid = None;
+    wait_until("node1's walsender to node2", CATCHUP, || {
+        pid = a
+            .connect()
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots \
+                 WHERE slot_name LIKE 'bdr_%' AND active_pid IS NOT NULL",
+                &[],
+            )
+            .ok()
+            .flatten()
+            .map(|r| r.get::<_, i32>(0));
+        pid.is_some()
+    });
+    kill9(pid.unwrap());
     drop(big);
     wait_until("node1 back after the kill", CATCHUP, || {
         a.connect()
