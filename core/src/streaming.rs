@@ -147,6 +147,16 @@ impl StreamCheck {
     }
 }
 
+/// Whether a peer whose `bdr.version()` says `version` (`bdr 0.1.0 (protocol 1..4)`)
+/// can stream: the highest protocol version it names is at least
+/// [`STREAM_FROM_VERSION`](crate::wire::STREAM_FROM_VERSION).
+pub fn version_streams(version: &str) -> bool {
+    version
+        .rsplit_once("..")
+        .and_then(|(_, max)| max.trim().trim_end_matches(')').trim().parse::<u8>().ok())
+        .is_some_and(|max| max >= crate::wire::STREAM_FROM_VERSION)
+}
+
 /// Transactions the receiver refused to take streamed (see the module note).
 #[derive(Debug, Default)]
 pub struct Fallback {
@@ -302,6 +312,16 @@ mod tests {
         // A top-level abort ends it; a subtransaction's does not.
         assert!(run(&[start(5, true), Message::StreamStop, abort(5, 5), commit(5)]).is_err());
         run(&[start(5, true), Message::StreamStop, abort(5, 8), commit(5)]).unwrap();
+    }
+
+    #[test]
+    fn peers_that_stream_are_recognised_by_their_version() {
+        assert!(version_streams("bdr 0.1.0 (protocol 1..4)"));
+        assert!(version_streams("bdr 2.0.0 (protocol 2..9)"));
+        assert!(!version_streams("bdr 0.1.0 (protocol 1..3)"));
+        assert!(!version_streams("bdr 0.1.0"));
+        assert!(!version_streams(""));
+        assert!(!version_streams("bdr (protocol 1..x)"));
     }
 
     #[test]

@@ -128,10 +128,7 @@ fn peer_streams(conn: &mut Conn) -> bool {
     let Ok(Some(v)) = conn.query_value("SELECT bdr.version()") else {
         return false;
     };
-    // "bdr 1.2.3 (protocol 1..4)"
-    v.rsplit_once("..")
-        .and_then(|(_, max)| max.trim_end_matches(')').trim().parse::<u8>().ok())
-        .is_some_and(|max| max >= wire::STREAM_FROM_VERSION)
+    bdr_core::streaming::version_streams(&v)
 }
 
 impl Stream {
