@@ -281,33 +281,42 @@ fn kills_mid_stream_lose_and_duplicate_nothing() {
     let (a, b) = (c.node(0), c.node(1));
     // 1. node2's receiver killed while node1 streams an open transaction to it (the
     // postmaster restarts node2's processes; the new receiver is streamed the
-    // transaction again from its start).
+    // transaction again from its start). Small transactions committed meanwhile make
+    // node2 confirm positions past the open transaction's start first: that must not make
+    // node1's walsender skip it (the slot's restart_lsn stays before it).
+    let start_lsn: String = a.query_scalar("SELECT pg_current_wal_insert_lsn()::text");
     let mut big = a.connect_as("app");
     big.batch_execute(
         "BEGIN; INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 5000) g",
     )
     .unwrap();
     wait_streamed(b, "node1", 1);
+    a.connect_as("app")
+        .batch_execute("INSERT INTO t SELECT g, 'small' FROM generate_series(50001, 50010) g")
+        .unwrap();
+    wait_until(
+        "node2 confirms past the open transaction's start, its WAL still held",
+        CATCHUP,
+        || {
+            a.query_scalar::<bool>(&format!(
+                "SELECT confirmed_flush_lsn > '{start_lsn}' AND restart_lsn <= '{start_lsn}' \
+                 FROM pg_replication_slots WHERE slot_name LIKE 'bdr_%'"
+            ))
+        },
+    );
     let pid: i32 = b.query_scalar("SELECT pid FROM bdr.apply_workers() WHERE peer = 'node1'");
     kill9(pid);
-    wait_until("node2 restarting after the kill", CATCHUP, || {
-        b.connect().query_one("SELECT 1", &[]).is_err()
-            || b.log()
-                .contains("terminating any other active server processes")
-    });
-    wait_until("node2 back after the kill", CATCHUP, || {
-        b.connect()
-            .query_one(
-                "SELECT count(*) FROM bdr.apply_workers() WHERE state = 'streaming'",
-                &[],
-            )
-            .map(|r| r.get::<_, i64>(0) == 1)
-            .unwrap_or(false)
+    wait_restarted(b);
+    wait_until("node2's apply worker back after the kill", CATCHUP, || {
+        try_count(
+            b,
+            "SELECT count(*) FROM bdr.apply_workers() WHERE state = 'streaming'",
+        ) == Some(1)
     });
     big.batch_execute("INSERT INTO t SELECT g, 'more' FROM generate_series(5001, 6000) g; COMMIT")
         .unwrap();
     wait_for_catchup(&c);
-    assert_eq!(count(b, "SELECT count(*) FROM t"), 6000);
+    assert_eq!(count(b, "SELECT count(*) FROM t"), 6010);
 
     // 2. node1's walsender killed mid-stream: node1 restarts its processes, the open
     // transaction is lost on the origin (its session is gone) and must not appear.
@@ -336,18 +345,13 @@ fn kills_mid_stream_lose_and_duplicate_nothing() {
     });
     kill9(pid.unwrap());
     drop(big);
-    wait_until("node1 back after the kill", CATCHUP, || {
-        a.connect()
-            .query_one("SELECT 1", &[])
-            .map(|_| true)
-            .unwrap_or(false)
-    });
+    wait_restarted(a);
     a.connect_as("app")
         .batch_execute("INSERT INTO t SELECT g, 'after' FROM generate_series(20001, 23000) g")
         .unwrap();
     wait_for_catchup(&c);
     let d = assert_same_everywhere(&c, "t");
-    assert_eq!(count(b, "SELECT count(*) FROM t"), 9000, "{d}");
+    assert_eq!(count(b, "SELECT count(*) FROM t"), 9010, "{d}");
     assert_eq!(
         count(b, "SELECT count(*) FROM t WHERE id BETWEEN 10001 AND 15000"),
         0
@@ -386,6 +390,26 @@ fn two_streamed_transactions_committed_in_the_opposite_order() {
     assert_eq!(conflicts(b), vec![]);
 }
 
+/// A count from `n`, or None while it cannot be reached (restarting).
+fn try_count(n: &Node, sql: &str) -> Option<i64> {
+    let mut cl = pg_test::postgres::Client::connect(&n.dsn(), pg_test::postgres::NoTls).ok()?;
+    cl.query_one(sql, &[]).ok().map(|r| r.get(0))
+}
+
+/// After a kill -9 of one of `n`'s processes: wait until the postmaster reinitialised
+/// (crash restart) and accepts connections again.
+fn wait_restarted(n: &Node) {
+    wait_until(
+        &format!("{} to restart after the kill", n.name()),
+        CATCHUP,
+        || {
+            n.log()
+                .contains("all server processes terminated; reinitializing")
+                && try_count(n, "SELECT 1::int8") == Some(1)
+        },
+    );
+}
+
 fn kill9(pid: i32) {
     let ok = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -398,4 +422,63 @@ fn kill9(pid: i32) {
             .args(["-u", "postgres", "--", "kill", "-9", &pid.to_string()])
             .status();
     }
+}
+
+/// Measurement, not a check (`cargo test -p pg_test --test streaming -- --ignored`):
+/// how much of workload 0's transaction (500,000 rows, `BENCH_ROWS` to change) the
+/// walsender streams before COMMIT with the default `logical_decoding_work_mem` (64MB),
+/// from `pg_stat_replication_slots` on the sender.
+#[test]
+#[ignore]
+fn measure_how_much_of_a_big_transaction_streams_before_commit() {
+    let rows: i64 = std::env::var("BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500_000);
+    let c = Cluster::builder()
+        .name("stream_measure")
+        .nodes(2)
+        .conf("logical_decoding_work_mem", "'64MB'")
+        .conf("bdr.stream_large_transactions", "on")
+        .start();
+    form_group(&c);
+    let (a, b) = (c.node(0), c.node(1));
+    a.execute("CREATE TABLE big0 (id int8 PRIMARY KEY, v text)");
+    wait_for_catchup(&c);
+    wait_streaming(b, "node1");
+    let stats = |what: &str| {
+        let r = a
+            .connect()
+            .query_one(
+                "SELECT stream_txns, stream_bytes, spill_bytes, total_bytes \
+                 FROM pg_stat_replication_slots WHERE slot_name LIKE 'bdr_%'",
+                &[],
+            )
+            .unwrap();
+        let (st, sb, sp, tb): (i64, i64, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        eprintln!(
+            "{what}: stream_txns {st}, stream_bytes {sb}, spill_bytes {sp}, total_bytes {tb}"
+        );
+    };
+    let mut big = a.connect();
+    big.batch_execute(&format!(
+        "BEGIN; INSERT INTO big0 SELECT g, 'row ' || g FROM generate_series(1, {rows}) g"
+    ))
+    .unwrap();
+    let streamed_before = stream_counts(b, "node1").0;
+    // Give the walsender time to read the transaction's WAL (bounded poll on its position).
+    let lsn: String = a.query_scalar("SELECT pg_current_wal_insert_lsn()::text");
+    let _ = pg_test::try_wait_until("the walsender read the open transaction", CATCHUP, || {
+        a.query_scalar::<bool>(&format!(
+            "SELECT coalesce(bool_and(sent_lsn >= '{lsn}'), false) FROM pg_stat_replication"
+        ))
+    });
+    stats("before COMMIT");
+    eprintln!(
+        "node2 counted {} streamed transaction(s) before COMMIT",
+        stream_counts(b, "node1").0 - streamed_before
+    );
+    big.batch_execute("COMMIT").unwrap();
+    wait_for_catchup(&c);
+    stats("after COMMIT");
 }
