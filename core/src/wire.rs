@@ -24,7 +24,11 @@
 //! than one transaction's, and at least every [`BATCH_BYTES`]) into one write: each write
 //! is a CopyData message the walsender sends with its own system call, and one per change
 //! was ~30% of the sending walsender's CPU on a big transaction ([`decode_frames`] reads
-//! a batch).
+//! a batch). Version 4 adds the frames of a transaction streamed before its commit
+//! (`S` start, `X` change tagged with its xids, `E` stop, `A` abort, `c` commit; binary
+//! bodies), sent only to a subscriber that asked for them; a frame of one of these kinds
+//! in an older version is an unknown kind. Their order is checked by
+//! [`crate::streaming::StreamCheck`].
 //!
 //! Column values travel in text form (the type's output function on the sender, the
 //! local type's input function on the receiver), so nodes of different architectures and

@@ -69,6 +69,14 @@ mod tests {
             e.to_string(),
             "bdr output plugin cannot speak protocol versions 5 to 5"
         );
+        assert!(!o.streaming, "streaming only when asked");
+        let o = DecodeOptions::parse([("streaming", Some("on"))]).unwrap();
+        assert!(o.streaming && o.version >= bdr_core::wire::STREAM_FROM_VERSION);
+        let below = [("max_proto_version", Some("3")), ("streaming", Some("on"))];
+        assert!(DecodeOptions::parse(below).is_err());
+        let forwarding = [("forward_origins", Some("all")), ("streaming", Some("on"))];
+        assert!(DecodeOptions::parse(forwarding).is_err());
+        assert!(DecodeOptions::parse([("streaming", Some("maybe"))]).is_err());
         assert!(DecodeOptions::parse([("bogus", None)]).is_err());
         assert!(DecodeOptions::parse([("forward_origins", Some("some"))]).is_err());
     }

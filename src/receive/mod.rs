@@ -31,6 +31,10 @@
 //! timeout only fires on silence; a connect to a silent host is bounded by the DSN's
 //! `connect_timeout` (10 s by default, [`Conn::connect`]).
 //!
+//! With `bdr.stream_large_transactions` the peer may stream a large transaction before
+//! its commit (protocol version 4); every frame's order is checked, and such a
+//! transaction makes the worker reconnect without streaming (`stream.rs`).
+//!
 //! With `bdr.writers_per_peer` > 1 the frames go to writer processes instead of an
 //! in-process [`Applier`] (`parallel.rs`); everything above stays here, and flush
 //! feedback follows what the writers committed.
