@@ -20,6 +20,7 @@
 //! Invariants: nothing here touches PostgreSQL; a [`StreamCheck`] lives exactly as long
 //! as one replication connection (xids and first-segment flags are per connection).
 
+use crate::conflict::{Change, Local, Version};
 use crate::wire::Message;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -199,9 +200,51 @@ impl Fallback {
     }
 }
 
+/// Whether a change of a streamed transaction may be applied before its commit (by the
+/// stream writer, whose commit time is not known yet), given what is there locally for
+/// its key; `peer_id` is the node the transaction comes from.
+///
+/// Only what needs no last-update-wins decision is applied: an INSERT of a key with no
+/// row and no tombstone; an UPDATE or DELETE of a row this transaction wrote, or whose
+/// last writer is the same peer (its changes reach us in its commit order, and this one
+/// commits after every one already applied here). Anything else (a row of another node
+/// or of this one, a row of unknown origin, a tombstone, a missing row, an INSERT
+/// meeting a row) would need the commit time: `false` makes the receiver fall back to
+/// the whole-transaction path, which decides with it.
+pub fn direct_apply(change: Change, local: Local, peer_id: i64) -> bool {
+    match (change, local) {
+        (Change::Insert, Local::Missing) => true,
+        (Change::Insert, _) => false,
+        (
+            _,
+            Local::Row {
+                same_transaction: true,
+                ..
+            },
+        ) => true,
+        (
+            _,
+            Local::Row {
+                version: Some(v), ..
+            },
+        ) => v.node_id == peer_id,
+        _ => false,
+    }
+}
+
+/// The version the conflict rules see for a streamed change applied early: its commit
+/// time is unknown and later than everything already applied from the peer.
+pub fn streamed_version(peer_id: i64) -> Version {
+    Version {
+        commit_time: i64::MAX,
+        node_id: peer_id,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conflict::{decide, Action};
     use crate::wire::*;
 
     fn start(xid: u32, first: bool) -> Message {
@@ -342,5 +385,64 @@ mod tests {
         assert!(f.may_stream(t0 + Fallback::RETRY_AFTER));
         f.clear();
         assert!(!f.pending());
+    }
+
+    #[test]
+    fn direct_apply_only_without_a_decision() {
+        let peer = 2;
+        let row = |node: i64, same| Local::Row {
+            version: Some(Version {
+                commit_time: 5,
+                node_id: node,
+            }),
+            same_transaction: same,
+        };
+        let tomb = Local::Deleted(Version {
+            commit_time: 5,
+            node_id: peer,
+        });
+        let unknown = Local::Row {
+            version: None,
+            same_transaction: false,
+        };
+        assert!(direct_apply(Change::Insert, Local::Missing, peer));
+        for c in [Change::Insert, Change::Update, Change::Delete] {
+            assert!(!direct_apply(c, tomb, peer), "{c:?} on a tombstone");
+            assert!(
+                !direct_apply(c, row(1, false), peer),
+                "{c:?} on another node's row"
+            );
+            assert!(
+                !direct_apply(c, unknown, peer),
+                "{c:?} on a row of unknown origin"
+            );
+        }
+        assert!(!direct_apply(Change::Update, Local::Missing, peer));
+        assert!(!direct_apply(Change::Delete, Local::Missing, peer));
+        assert!(!direct_apply(Change::Insert, row(peer, false), peer));
+        for c in [Change::Update, Change::Delete] {
+            assert!(direct_apply(c, row(peer, false), peer));
+            assert!(direct_apply(c, row(1, true), peer));
+        }
+        // What is applied early is what the whole-transaction path would do, without a
+        // conflict, whatever the real commit time turns out to be.
+        for (c, l) in [
+            (Change::Insert, Local::Missing),
+            (Change::Update, row(peer, false)),
+            (Change::Delete, row(peer, false)),
+            (Change::Update, row(1, true)),
+        ] {
+            let d = decide(c, l, streamed_version(peer));
+            assert!(d.conflict.is_none() && d.action != Action::Nothing, "{c:?}");
+            let later = decide(
+                c,
+                l,
+                Version {
+                    commit_time: 6,
+                    node_id: peer,
+                },
+            );
+            assert_eq!(d, later, "{c:?}");
+        }
     }
 }

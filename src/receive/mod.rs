@@ -33,7 +33,8 @@
 //!
 //! With `bdr.stream_large_transactions` the peer may stream a large transaction before
 //! its commit (protocol version 4); every frame's order is checked, and such a
-//! transaction makes the worker reconnect without streaming (`stream.rs`).
+//! transaction is applied as it arrives by a stream writer (`direct.rs`), or makes the
+//! worker reconnect without streaming (`stream.rs`) when it cannot be.
 //!
 //! With `bdr.writers_per_peer` > 1 the frames go to writer processes instead of an
 //! in-process [`Applier`] (`parallel.rs`); everything above stays here, and flush
@@ -44,6 +45,7 @@
 //! milliseconds (`progress.rs`): per-message clock reads and per-commit locks of the
 //! worker table were a measurable share of small transactions' apply cost.
 
+pub mod direct;
 mod hold;
 pub mod parallel;
 mod plans;
@@ -137,6 +139,9 @@ struct Stream {
     /// This connection gave streaming up for a fallback: ask again when it is over.
     restream: bool,
     cur_xid: Option<u32>,
+    /// The stream writer applying a streamed transaction before its commit (`direct.rs`).
+    direct: Option<direct::Direct>,
+    dboid: u32,
 }
 
 /// One XLogData write from the peer: one frame, or several (protocol version 3).
@@ -190,8 +195,9 @@ impl Stream {
             let start = b.start;
             let from = b.pos;
             let msg = b.next(&self.peer);
-            if matches!(self.sink, Sink::Many(_)) {
-                // Parallel apply forwards each frame's own bytes to a writer.
+            if matches!(self.sink, Sink::Many(_)) || self.streaming {
+                // Parallel apply forwards each frame's own bytes to a writer, and so
+                // does a streamed transaction's apply to the stream writer.
                 self.raw.clear();
                 self.raw.extend_from_slice(&b.buf[from..b.pos]);
             }
@@ -321,6 +327,9 @@ impl Stream {
         if msg.is_stream() {
             return self.streamed_frame(&msg);
         }
+        if matches!(msg, Message::Relation(_)) && self.direct_relation() {
+            return true;
+        }
         if skip_foreign_message(self.slot, &self.peer, &msg, self.sink.in_transaction()) {
             return false;
         }
@@ -339,7 +348,26 @@ impl Stream {
                 return false;
             }
         };
-        applier.handle(msg);
+        if self.direct.as_ref().is_some_and(|d| d.xid.is_some()) {
+            // The deadlock guard (`direct.rs`): a lock timeout while a streamed
+            // transaction is open in the stream writer means falling back.
+            let a = std::panic::AssertUnwindSafe(&mut **applier);
+            let fired = pgrx::PgTryBuilder::new(move || {
+                let a = a;
+                a.0.handle(msg);
+                false
+            })
+            .catch_when(pgrx::PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| true)
+            .execute();
+            if fired {
+                return self.guard_fired();
+            }
+        } else {
+            applier.handle(msg);
+        }
+        let Sink::One(applier) = &mut self.sink else {
+            unreachable!("checked above")
+        };
         if applier.in_transaction() {
             return false;
         }
@@ -462,6 +490,8 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         fallback: Fallback::default(),
         restream: false,
         cur_xid: None,
+        direct: None,
+        dboid,
     };
     st.heard(peer_lsn, true);
     loop {

@@ -29,7 +29,7 @@
 use super::{lib_err, Stream};
 use crate::error::{raise, ApplyError};
 use crate::pg::libpq::{quote_ident, quote_literal, Conn};
-use crate::pg::shmem;
+use crate::pg::{shmem, xact};
 use bdr_core::names::slot_name;
 use bdr_core::streaming::StreamCheck;
 use bdr_core::wire::{self, Message};
@@ -147,9 +147,13 @@ impl Stream {
         }
     }
 
-    /// A stream frame reached the apply step: the first piece of a transaction makes this
-    /// receiver fall back (reconnect without streaming). True on SIGTERM.
+    /// A stream frame reached the apply step: with one writer it goes to the stream
+    /// writer (`direct.rs`); with parallel apply the first piece of a transaction makes
+    /// this receiver fall back (reconnect without streaming). True on SIGTERM.
     pub(super) fn streamed_frame(&mut self, msg: &Message) -> bool {
+        if self.direct_possible() {
+            return self.direct_frame(msg);
+        }
         let Message::StreamStart(s) = msg else {
             // After a START this connection is given up at once: nothing else of a
             // streamed transaction can get here.
@@ -201,7 +205,14 @@ impl Stream {
 
     /// Close the connection between transactions and open a new one from what was
     /// applied. True on SIGTERM (while parallel writers drain).
-    fn reconnect(&mut self, want_streaming: bool) -> bool {
+    pub(super) fn reconnect(&mut self, want_streaming: bool) -> bool {
+        // A streamed transaction open in the stream writer is rolled back: the new
+        // connection sends it again, from its start or whole.
+        if self.direct_open() {
+            super::direct::shutdown();
+            self.direct = None;
+            xact::set_config("lock_timeout", "0");
+        }
         if let super::Sink::Many(d) = &mut self.sink {
             if d.drain() {
                 return true;
