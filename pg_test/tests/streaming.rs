@@ -86,6 +86,23 @@ fn wait_streamed(n: &Node, peer: &str, k: i64) {
     );
 }
 
+/// Wait until `n`'s stream writer holds an open transaction (it applied a piece).
+fn wait_writer_open(n: &Node) -> i32 {
+    let mut pid = 0;
+    wait_until(
+        &format!("{}'s stream writer to apply a piece", n.name()),
+        CATCHUP,
+        || {
+            pid = n.query_scalar(
+                "SELECT coalesce(max(pid), 0) FROM pg_stat_activity \
+                 WHERE backend_type LIKE 'bdr stream writer%' AND backend_xid IS NOT NULL",
+            );
+            pid != 0
+        },
+    );
+    pid
+}
+
 fn count(n: &Node, sql: &str) -> i64 {
     n.query_scalar(sql)
 }
@@ -106,8 +123,9 @@ fn a_streamed_transaction_arrives_whole_with_concurrent_small_ones() {
          UPDATE t SET v = 'big' WHERE id BETWEEN 100001 AND 100500",
     )
     .unwrap();
-    // The walsender streams it while it is open.
+    // The walsender streams it while it is open, and node2's stream writer applies it.
     wait_streamed(b, "node1", 1);
+    wait_writer_open(b);
     // Small transactions on other keys commit (and replicate) meanwhile.
     let mut small = a.connect_as("app");
     for i in 0..20 {
@@ -164,6 +182,21 @@ fn a_streamed_transaction_arrives_whole_with_concurrent_small_ones() {
         (streamed + 1, streamed + 1, 0),
         "committed by the stream writer again"
     );
+    // A big UPDATE and DELETE of rows the peer wrote earlier: applied early too.
+    a.connect_as("app")
+        .batch_execute(
+            "BEGIN; UPDATE t SET v = 'upd' WHERE id > 300000; \
+             DELETE FROM t WHERE id BETWEEN 300001 AND 301000; COMMIT",
+        )
+        .unwrap();
+    wait_for_catchup(&c);
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'upd'"), 4000);
+    assert_same_everywhere(&c, "t");
+    assert_eq!(
+        stream_counts(b, "node1"),
+        (streamed + 2, streamed + 2, 0),
+        "the UPDATE/DELETE transaction committed by the stream writer"
+    );
     // And from node2 to node1 the same way.
     b.connect_as("app")
         .batch_execute(
@@ -186,6 +219,7 @@ fn a_streamed_transaction_rolled_back_leaves_nothing() {
     )
     .unwrap();
     wait_streamed(b, "node1", 1);
+    wait_writer_open(b);
     big.batch_execute("ROLLBACK").unwrap();
     a.connect_as("app")
         .batch_execute("INSERT INTO t VALUES (999999, 'after')")
@@ -194,6 +228,8 @@ fn a_streamed_transaction_rolled_back_leaves_nothing() {
     assert_eq!(count(b, "SELECT count(*) FROM t"), 1);
     assert_same_everywhere(&c, "t");
     assert_eq!(conflicts(b), vec![]);
+    // Rolled back by the stream writer (pieces had been applied): no commit, no fallback.
+    assert_eq!(stream_counts(b, "node1"), (1, 0, 0));
 }
 
 #[test]
@@ -243,7 +279,9 @@ fn a_conflict_met_while_streaming_resolves_as_without_streaming() {
     }
     for n in c.nodes() {
         wait_until(&format!("apply paused on {}", n.name()), CATCHUP, || {
-            n.query_scalar::<bool>("SELECT bool_and(state = 'paused') FROM bdr.apply_workers()")
+            n.query_scalar::<bool>(
+                "SELECT coalesce(bool_and(state = 'paused'), false) FROM bdr.apply_workers()",
+            )
         });
     }
     // node2's own row for a key the big transaction inserts, written first.
@@ -282,7 +320,11 @@ fn a_conflict_met_while_streaming_resolves_as_without_streaming() {
             "public.t".to_string()
         )]
     );
-    assert!(stream_counts(b, "node1").0 >= 1, "it was streamed");
+    let (streamed, commits, fallbacks) = stream_counts(b, "node1");
+    assert!(
+        streamed >= 1 && commits == 0 && fallbacks >= 1,
+        "it was streamed and fell back at the conflict: {streamed} {commits} {fallbacks}"
+    );
 }
 
 #[test]
@@ -315,8 +357,9 @@ fn kills_mid_stream_lose_and_duplicate_nothing() {
         },
     );
     let pid: i32 = b.query_scalar("SELECT pid FROM bdr.apply_workers() WHERE peer = 'node1'");
+    let before = restarts(b);
     kill9(pid);
-    wait_restarted(b);
+    wait_restarted(b, before);
     wait_until("node2's apply worker back after the kill", CATCHUP, || {
         try_count(
             b,
@@ -353,9 +396,10 @@ fn kills_mid_stream_lose_and_duplicate_nothing() {
             .map(|r| r.get::<_, i32>(0));
         pid.is_some()
     });
+    let before = restarts(a);
     kill9(pid.unwrap());
     drop(big);
-    wait_restarted(a);
+    wait_restarted(a, before);
     a.connect_as("app")
         .batch_execute("INSERT INTO t SELECT g, 'after' FROM generate_series(20001, 23000) g")
         .unwrap();
@@ -367,6 +411,30 @@ fn kills_mid_stream_lose_and_duplicate_nothing() {
         0
     );
     assert_eq!(conflicts(b), vec![], "nothing applied twice on node2");
+
+    // 3. node2's stream writer killed while it holds the open transaction's pieces (the
+    // postmaster restarts node2's processes; the transaction is streamed again).
+    wait_streaming(b, "node1");
+    let mut big = a.connect_as("app");
+    big.batch_execute(
+        "BEGIN; INSERT INTO t SELECT g, repeat('w', 50) FROM generate_series(30001, 35000) g",
+    )
+    .unwrap();
+    let pid = wait_writer_open(b);
+    let before = restarts(b);
+    kill9(pid);
+    wait_restarted(b, before);
+    big.batch_execute("UPDATE t SET v = 'w2' WHERE id BETWEEN 30001 AND 30100; COMMIT")
+        .unwrap();
+    wait_for_catchup(&c);
+    let d = assert_same_everywhere(&c, "t");
+    assert_eq!(count(b, "SELECT count(*) FROM t"), 14010, "{d}");
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'w2'"), 100);
+    assert_eq!(conflicts(b), vec![], "nothing applied twice on node2");
+    assert!(
+        stream_counts(b, "node1").1 >= 1,
+        "the stream writer committed after the restart"
+    );
 }
 
 #[test]
@@ -398,6 +466,52 @@ fn two_streamed_transactions_committed_in_the_opposite_order() {
     assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'first'"), 4001);
     assert_same_everywhere(&c, "t");
     assert_eq!(conflicts(b), vec![]);
+    // The second one fell back (the first one's pieces were rolled back with the stream
+    // writer); once it was applied, streaming resumed and the first one, streamed again
+    // from its start, may commit through the stream writer.
+    let (_, commits, fallbacks) = stream_counts(b, "node1");
+    assert!(
+        commits <= 1 && fallbacks >= 1,
+        "a second streamed transaction falls back: {commits} {fallbacks}"
+    );
+}
+
+#[test]
+fn an_ordinary_transaction_blocked_by_the_streamed_one_falls_back_instead_of_hanging() {
+    let c = group("stream_guard");
+    let (a, b) = (c.node(0), c.node(1));
+    // A unique index on node2 only: node1's small transaction below does not collide
+    // there, but collides here with a row the open streamed transaction wrote.
+    b.execute("SET bdr.ddl_replication = off; CREATE UNIQUE INDEX t_v ON t (v)");
+    let mut big = a.connect_as("app");
+    big.batch_execute("BEGIN; INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 5000) g")
+        .unwrap();
+    wait_streamed(b, "node1", 1);
+    wait_writer_open(b);
+    // Committed on node1 while the big one is open; on node2 its insert waits for the
+    // stream writer's row, and the stream writer waits for the next piece.
+    a.connect_as("app")
+        .batch_execute("INSERT INTO t VALUES (900000, 'v10')")
+        .unwrap();
+    wait_until("the deadlock guard to fall back on node2", CATCHUP, || {
+        stream_counts(b, "node1").2 >= 1
+    });
+    big.batch_execute("COMMIT").unwrap();
+    wait_for_catchup(&c);
+    // Whole-transaction path afterwards: the small one first, then the big one, whose
+    // newer row wins the unique index on node2 (as without streaming).
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE id <= 5000"), 5000);
+    assert_eq!(count(a, "SELECT count(*) FROM t"), 5001);
+    assert_eq!(
+        stream_counts(b, "node1").1,
+        0,
+        "nothing committed by the stream writer"
+    );
+    assert!(
+        b.log()
+            .contains("waited for a row lock of the streamed one"),
+        "the guard's fallback is logged"
+    );
 }
 
 /// A count from `n`, or None while it cannot be reached (restarting).
@@ -408,16 +522,19 @@ fn try_count(n: &Node, sql: &str) -> Option<i64> {
 
 /// After a kill -9 of one of `n`'s processes: wait until the postmaster reinitialised
 /// (crash restart) and accepts connections again.
-fn wait_restarted(n: &Node) {
+fn wait_restarted(n: &Node, before: usize) {
     wait_until(
         &format!("{} to restart after the kill", n.name()),
         CATCHUP,
-        || {
-            n.log()
-                .contains("all server processes terminated; reinitializing")
-                && try_count(n, "SELECT 1::int8") == Some(1)
-        },
+        || restarts(n) > before && try_count(n, "SELECT 1::int8") == Some(1),
     );
+}
+
+/// How many times `n`'s postmaster reinitialised after a crash so far.
+fn restarts(n: &Node) -> usize {
+    n.log()
+        .matches("all server processes terminated; reinitializing")
+        .count()
 }
 
 fn kill9(pid: i32) {
