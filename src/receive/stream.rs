@@ -77,8 +77,24 @@ fn open(a: &ConnectArgs, want_streaming: bool) -> (Conn, u64, String, bool) {
         .unwrap_or_default();
     let slot = slot_name(provider_dboid.parse().unwrap_or(0), &a.local);
     let streaming = want_streaming && !a.forwarded && peer_streams(&mut conn);
+    if streaming {
+        // The walsender streams a transaction once its reorder buffer outgrows
+        // logical_decoding_work_mem (64MB by default): only what comes after that can be
+        // applied before the COMMIT. Its session setting is lowered to at most
+        // STREAM_WORK_MEM_KB so that pieces flow while the transaction runs.
+        conn.exec(&format!(
+            "SELECT pg_catalog.set_config('logical_decoding_work_mem', \
+             least(setting::int, {STREAM_WORK_MEM_KB})::text || 'kB', false) \
+             FROM pg_catalog.pg_settings WHERE name = 'logical_decoding_work_mem'"
+        ))
+        .unwrap_or_else(|e| lib_err(e));
+    }
     (conn, peer_lsn, slot, streaming)
 }
+
+/// The most a peer's walsender buffers of a transaction before streaming it, when
+/// streaming is asked for (its `logical_decoding_work_mem`, in kB, lowered to this).
+const STREAM_WORK_MEM_KB: u32 = 4096;
 
 /// `START_REPLICATION` on `conn`. With `retry`, a slot still held by the walsender of the
 /// connection just closed is waited for (it exits once it notices; at most 30 s). True
