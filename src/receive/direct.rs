@@ -244,7 +244,6 @@ impl Stream {
 
     /// STREAM ABORT of the whole transaction: the writer rolls it back.
     fn direct_abort(&mut self) -> bool {
-        let xid = self.direct.as_ref().and_then(|d| d.xid).unwrap_or(0);
         let r = match &mut self.direct {
             Some(d) if d.xid.is_some() => {
                 let raw = std::mem::take(&mut self.raw);
@@ -265,7 +264,6 @@ impl Stream {
             Err(Failed::Writer) => {
                 shutdown();
                 self.direct = None;
-                let _ = xid;
                 false
             }
         }
