@@ -15,8 +15,12 @@ use pg_test::{wait_until, Cluster, Node};
 /// Two nodes streaming large transactions to each other, an application role, and
 /// table `t`, created on node1 after the group formed and replicated.
 fn group(name: &str) -> Cluster {
-    let c = Cluster::builder()
-        .name(name)
+    group_of(Cluster::builder().name(name))
+}
+
+/// [`group`] from a builder with more settings.
+fn group_of(b: pg_test::ClusterBuilder) -> Cluster {
+    let c = b
         .nodes(2)
         .conf("logical_decoding_work_mem", "'64kB'")
         .conf("bdr.stream_large_transactions", "on")
@@ -537,6 +541,49 @@ fn an_ordinary_transaction_blocked_by_the_streamed_one_falls_back_instead_of_han
         b.log()
             .contains("waited for a row lock of the streamed one"),
         "the guard's fallback is logged"
+    );
+}
+
+#[test]
+fn a_streamed_commit_stamped_in_the_future_waits_for_the_local_clock() {
+    // node1's postmaster runs 8 s ahead: its commit times are in node2's future.
+    let c = group_of(
+        Cluster::builder()
+            .name("stream_clock")
+            .clock_offset(0, "+8"),
+    );
+    let (a, b) = (c.node(0), c.node(1));
+    if !direct(b) {
+        return;
+    }
+    let mut big = a.connect_as("app");
+    big.batch_execute(
+        "BEGIN; INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 5000) g",
+    )
+    .unwrap();
+    wait_streamed(b, "node1", 1);
+    wait_writer_open(b);
+    let committed_at: f64 = b.query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8");
+    big.batch_execute("COMMIT").unwrap();
+    wait_until("the streamed transaction on node2", CATCHUP, || {
+        count(b, "SELECT count(*) FROM t") == 5000
+    });
+    // Visible only once node2's clock passed node1's commit time (held, not applied
+    // with a version from node2's future).
+    let visible_at: f64 = b.query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8");
+    assert!(
+        visible_at - committed_at > 5.0,
+        "visible {} s after the COMMIT",
+        visible_at - committed_at
+    );
+    let newest: f64 = b.query_scalar(
+        "SELECT extract(epoch FROM max(pg_xact_commit_timestamp(xmin)))::float8 FROM t",
+    );
+    assert!(newest <= visible_at, "a version from node2's future");
+    assert_eq!(
+        stream_counts(b, "node1").1,
+        1,
+        "committed by the stream writer"
     );
 }
 
