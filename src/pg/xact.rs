@@ -265,6 +265,17 @@ pub fn set_config(name: &str, value: &str) {
     }
 }
 
+/// The current value of GUC `name` as text (`None` if there is no such setting).
+pub fn get_config(name: &str) -> Option<String> {
+    let n = CString::new(name).ok()?;
+    // SAFETY: a valid C string; `missing_ok` returns NULL for an unknown name; the value
+    // is copied at once (it points into the GUC's storage).
+    unsafe {
+        let v = pg_sys::GetConfigOption(n.as_ptr(), true, false);
+        (!v.is_null()).then(|| std::ffi::CStr::from_ptr(v).to_string_lossy().into_owned())
+    }
+}
+
 extern "C-unwind" {
     // Variadic, not in pgrx's bindings; exported by the postgres binary.
     fn errcontext_msg(fmt: *const c_char, ...) -> c_int;

@@ -146,10 +146,26 @@ impl Direct {
     }
 }
 
+thread_local! {
+    /// The receiver's `lock_timeout` before the guard set it (while it is on).
+    static SAVED_LOCK_TIMEOUT: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
 /// The receiver's own transactions wait for locks at most [`GUARD_TIMEOUT`] while a
-/// streamed transaction is open in the writer (see the module note).
-fn guard(on: bool) {
-    xact::set_config("lock_timeout", if on { GUARD_TIMEOUT } else { "0" });
+/// streamed transaction is open in the writer (see the module note); its own setting
+/// comes back after.
+pub(super) fn guard(on: bool) {
+    SAVED_LOCK_TIMEOUT.with(|saved| {
+        let mut saved = saved.borrow_mut();
+        if on {
+            if saved.is_none() {
+                *saved = Some(xact::get_config("lock_timeout").unwrap_or_else(|| "0".into()));
+                xact::set_config("lock_timeout", GUARD_TIMEOUT);
+            }
+        } else if let Some(v) = saved.take() {
+            xact::set_config("lock_timeout", &v);
+        }
+    });
 }
 
 impl Stream {

@@ -29,7 +29,7 @@
 use super::{lib_err, Stream};
 use crate::error::{raise, ApplyError};
 use crate::pg::libpq::{quote_ident, quote_literal, Conn};
-use crate::pg::{shmem, xact};
+use crate::pg::shmem;
 use bdr_core::names::slot_name;
 use bdr_core::streaming::StreamCheck;
 use bdr_core::wire::{self, Message};
@@ -227,7 +227,7 @@ impl Stream {
         if self.direct_open() {
             super::direct::shutdown();
             self.direct = None;
-            xact::set_config("lock_timeout", "0");
+            super::direct::guard(false);
         }
         if let super::Sink::Many(d) = &mut self.sink {
             if d.drain() {
