@@ -319,7 +319,88 @@ impl Applier {
                 self.require_transaction("MESSAGE");
             }
             Message::Commit(c) => self.commit(&c),
+            // The receiver handles streamed transactions (src/receive/stream.rs).
+            m @ (Message::StreamStart(_)
+            | Message::StreamStop
+            | Message::StreamChange(_)
+            | Message::StreamAbort(_)
+            | Message::StreamCommit(_)) => raise(&ApplyError::Protocol(format!(
+                "{} frame in the whole-transaction apply path",
+                m.kind_name()
+            ))),
         }
+    }
+
+    /// A stream writer: the first piece of streamed transaction `xid` starts a local
+    /// transaction, applied before the remote commit (see `Resolver::begin_streamed`).
+    pub fn begin_streamed(&mut self, xid: u32) {
+        if self.begin.is_some() {
+            raise(&ApplyError::Protocol(
+                "STREAM START inside a transaction".into(),
+            ));
+        }
+        self.begin = Some(wire::Begin {
+            xid,
+            final_lsn: 0,
+            commit_time: 0,
+            origin: None,
+        });
+        self.changes = 0;
+        self.pending_cci = false;
+        self.ddl_applied = false;
+        self.ack_now = false;
+        self.context("stream start", None);
+        xact::begin();
+        self.route_origin();
+        self.resolver.begin_streamed(xid);
+    }
+
+    /// A stream writer: the streamed transaction committed on the peer: commit it here
+    /// under the origin, as a whole transaction's COMMIT does.
+    pub fn commit_streamed(&mut self, c: &wire::StreamCommit) {
+        if let Some(b) = &mut self.begin {
+            b.final_lsn = c.commit_lsn;
+            b.commit_time = c.commit_time;
+        }
+        self.commit(&wire::Commit {
+            commit_lsn: c.commit_lsn,
+            end_lsn: c.end_lsn,
+            commit_time: c.commit_time,
+        });
+    }
+
+    /// Roll back the transaction being applied (a streamed transaction rolled back on
+    /// the peer); nothing of it is counted.
+    pub fn abandon(&mut self) {
+        for id in std::mem::take(&mut self.touched) {
+            if let Some(m) = self.rels.get_mut(&id).and_then(|b| b.map.as_mut()) {
+                m.end_transaction();
+            }
+        }
+        xact::abort();
+        self.forget_transaction();
+    }
+
+    /// After an error caught in the middle of a change (the receiver's deadlock guard,
+    /// `receive/direct.rs`): roll back and start afresh. The tables' executor states may
+    /// hold what the abort already released, so they are leaked, never touched again
+    /// (the relations are sent again on the next connection, which follows at once).
+    pub fn abandon_after_error(&mut self) {
+        xact::abort();
+        std::mem::forget(std::mem::take(&mut self.rels));
+        self.touched.clear();
+        self.forget_transaction();
+    }
+
+    fn forget_transaction(&mut self) {
+        self.begin = None;
+        self.skipping = false;
+        self.forwarded = None;
+        self.ddl_applied = false;
+        self.pending_cci = false;
+        self.ack_now = false;
+        let _ = self.take_counts();
+        xact::set_context(None);
     }
 
     fn require_transaction(&self, what: &str) {

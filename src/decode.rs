@@ -28,6 +28,10 @@ use bdr_core::wire::{self, Begin};
 pub struct DecodeOptions {
     pub version: u8,
     pub forward_origins: bool,
+    /// Send a transaction that outgrows `logical_decoding_work_mem` before it commits
+    /// (protocol version 4, `streaming 'on'`; never together with `forward_origins`:
+    /// a transaction's origin is only known at its commit).
+    pub streaming: bool,
 }
 
 impl DecodeOptions {
@@ -39,6 +43,7 @@ impl DecodeOptions {
         let mut min = wire::PROTOCOL_VERSION_MIN;
         let mut max: Option<u8> = None;
         let mut forward_origins = false;
+        let mut streaming = None;
         for (name, value) in opts {
             let bad = || DecodeError::BadOption {
                 option: name.to_owned(),
@@ -60,6 +65,13 @@ impl DecodeOptions {
                         _ => return Err(bad()),
                     }
                 }
+                "streaming" => {
+                    streaming = Some(match value.map(str::to_ascii_lowercase).as_deref() {
+                        Some("on") | Some("true") | Some("1") | None => true,
+                        Some("off") | Some("false") | Some("0") => false,
+                        _ => return Err(bad()),
+                    })
+                }
                 other => return Err(DecodeError::UnknownOption(other.to_owned())),
             }
         }
@@ -69,9 +81,21 @@ impl DecodeOptions {
             theirs_min: min,
             theirs_max: max,
         })?;
+        let streaming = streaming.unwrap_or(false);
+        if streaming && (version < wire::STREAM_FROM_VERSION || forward_origins) {
+            return Err(DecodeError::BadOption {
+                option: "streaming".into(),
+                value: format!(
+                    "on (needs protocol version {} or later and forward_origins none; \
+                     negotiated version {version})",
+                    wire::STREAM_FROM_VERSION
+                ),
+            });
+        }
         Ok(DecodeOptions {
             version,
             forward_origins,
+            streaming,
         })
     }
 }

@@ -163,7 +163,8 @@ impl PgError for DecodeError {
             }
             DecodeError::UnknownOption(_) | DecodeError::BadOption { .. } => {
                 "Valid options: min_proto_version, max_proto_version (integers), \
-                 forward_origins ('none' or 'all')."
+                 forward_origins ('none' or 'all'), streaming ('on' or 'off'; protocol \
+                 version 4 or later, without forward_origins)."
                     .into()
             }
             DecodeError::NotUtf8 { .. } => {
@@ -228,6 +229,10 @@ pub enum ApplyError {
     RowLevelSecurity { role: String, table: String },
     #[error("parallel apply from node \"{peer}\" stopped: {why}")]
     ParallelStopped { peer: String, why: String },
+    #[error(
+        "streamed transaction from node \"{peer}\" cannot be applied before its commit: {why}"
+    )]
+    StreamFallback { peer: String, why: String },
 }
 
 impl ApplyError {
@@ -246,7 +251,9 @@ impl PgError for ApplyError {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             ApplyError::NulInText => PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
-            ApplyError::ConcurrentKey { .. } | ApplyError::ParallelStopped { .. } => {
+            ApplyError::ConcurrentKey { .. }
+            | ApplyError::ParallelStopped { .. }
+            | ApplyError::StreamFallback { .. } => {
                 PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE
             }
             ApplyError::Protocol(_) | ApplyError::UnknownRelation(_) => {
@@ -283,6 +290,11 @@ impl PgError for ApplyError {
                  and bdr schemas that belong to no extension, as on the sending node. Make the \
                  local relation such a table (same name, same columns); the apply worker \
                  retries and resumes where it stopped."
+                    .into(),
+            ),
+            ApplyError::StreamFallback { .. } => Some(
+                "Nothing to do: the transaction is applied whole at its commit instead, with \
+                 every conflict rule (bdr.apply_stats().stream_fallbacks counts this)."
                     .into(),
             ),
             ApplyError::ParallelStopped { .. } => Some(

@@ -62,8 +62,24 @@ pub static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 /// apply worker starts.
 pub static WRITERS_PER_PEER: GucSetting<i32> = GucSetting::<i32>::new(1);
 
+/// `bdr.stream_large_transactions`: ask peers to stream a transaction that outgrows
+/// their `logical_decoding_work_mem` before it commits (protocol version 4). Read when an
+/// apply worker connects (see `src/receive/stream.rs`). On by default: with one writer
+/// per peer the pieces are applied before the commit (`src/receive/direct.rs`).
+pub static STREAM_LARGE_TRANSACTIONS: GucSetting<bool> = GucSetting::<bool>::new(true);
+
 /// Register the settings; called once from `_PG_init`.
 pub fn init() {
+    GucRegistry::define_bool_guc(
+        c"bdr.stream_large_transactions",
+        c"Ask peers to send large transactions before they commit (streaming).",
+        c"A peer of protocol version 4 then sends a transaction that outgrows its \
+          logical_decoding_work_mem in pieces while it is still in progress. Read when an \
+          apply worker connects.",
+        &STREAM_LARGE_TRANSACTIONS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"bdr.writers_per_peer",
         c"Processes applying one peer's transactions (parallel apply).",

@@ -15,6 +15,8 @@
 //! `BENCH_ONLY` (comma-separated) picks workloads: `big` (0), `small` (1, 2, 1b: 2 fills
 //! the table 1b updates), `latency` (3), `writer` (4, 4b), `decode` (5), `sustained` (a),
 //! `k` (b: workload 1 with `bdr.writers_per_peer` = 1, 2, 4); default all.
+//! `BENCH_NATIVE_STREAMING=on` creates native subscriptions with `streaming = on`.
+//! `BENCH_BDR_STREAMING=on|off` sets `bdr.stream_large_transactions` on the bdr nodes.
 //! `BENCH_SYSTEMS=bdr,native` picks the systems; `BENCH_RUNS=3` repeats the whole run and
 //! reports each row's median ([`report`]). On a shared machine compare ratios from the same
 //! run, not absolute numbers. The table also goes to `bench/results/latest.md`.
@@ -85,7 +87,14 @@ pub(crate) fn setup_with(sys: System, nodes: usize, opts: &Setup) -> Cluster {
         .conf("checkpoint_timeout", "'30min'")
         .conf("logical_decoding_work_mem", "'64MB'");
     b = match sys {
-        System::Bdr => opts.bdr_conf.iter().fold(b, |b, (k, v)| b.conf(k, v)),
+        System::Bdr => {
+            // BENCH_BDR_STREAMING=on|off: bdr.stream_large_transactions (else its default).
+            let b = match std::env::var("BENCH_BDR_STREAMING").as_deref() {
+                Ok(v @ ("on" | "off")) => b.conf("bdr.stream_large_transactions", v),
+                _ => b,
+            };
+            opts.bdr_conf.iter().fold(b, |b, (k, v)| b.conf(k, v))
+        }
         System::Native => b.preload_bdr(false),
         System::Pglogical => {
             let b = b
@@ -134,9 +143,15 @@ pub(crate) fn setup_with(sys: System, nodes: usize, opts: &Setup) -> Cluster {
         }
         System::Native => {
             a.execute("CREATE PUBLICATION p FOR ALL TABLES");
+            // BENCH_NATIVE_STREAMING=on: the subscription streams large in-progress
+            // transactions (PostgreSQL 14+: spooled on B, applied at COMMIT).
+            let streaming = match std::env::var("BENCH_NATIVE_STREAMING").as_deref() {
+                Ok("on") => ", streaming = on",
+                _ => "",
+            };
             for (i, n) in c.nodes()[1..].iter().enumerate() {
                 n.execute(&format!(
-                    "CREATE SUBSCRIPTION s{i} CONNECTION '{}' PUBLICATION p WITH (copy_data = false)",
+                    "CREATE SUBSCRIPTION s{i} CONNECTION '{}' PUBLICATION p WITH (copy_data = false{streaming})",
                     a.dsn()
                 ));
             }

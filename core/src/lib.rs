@@ -9,5 +9,6 @@ pub mod parallel;
 pub mod replication;
 pub mod snowflake;
 pub mod stream;
+pub mod streaming;
 pub mod sync_commit;
 pub mod wire;

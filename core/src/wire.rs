@@ -24,7 +24,11 @@
 //! than one transaction's, and at least every [`BATCH_BYTES`]) into one write: each write
 //! is a CopyData message the walsender sends with its own system call, and one per change
 //! was ~30% of the sending walsender's CPU on a big transaction ([`decode_frames`] reads
-//! a batch).
+//! a batch). Version 4 adds the frames of a transaction streamed before its commit
+//! (`S` start, `X` change tagged with its xids, `E` stop, `A` abort, `c` commit; binary
+//! bodies), sent only to a subscriber that asked for them; a frame of one of these kinds
+//! in an older version is an unknown kind. Their order is checked by
+//! [`crate::streaming::StreamCheck`].
 //!
 //! Column values travel in text form (the type's output function on the sender, the
 //! local type's input function on the receiver), so nodes of different architectures and
@@ -46,7 +50,10 @@ use std::fmt;
 /// The lowest protocol version this build can speak.
 pub const PROTOCOL_VERSION_MIN: u8 = 1;
 /// The highest protocol version this build can speak.
-pub const PROTOCOL_VERSION_MAX: u8 = 3;
+pub const PROTOCOL_VERSION_MAX: u8 = 4;
+/// From this version on, a sender asked for it (plugin option `streaming`) may send a
+/// large transaction in pieces before it commits (the `S`, `E`, `X`, `A`, `c` frames).
+pub const STREAM_FROM_VERSION: u8 = 4;
 /// From this version on, one write may carry several frames ([`decode_frames`]).
 pub const BATCH_FROM_VERSION: u8 = 3;
 /// A batching sender writes what it has gathered once it reaches this many bytes (and at
@@ -302,6 +309,49 @@ pub struct Commit {
     pub commit_time: i64,
 }
 
+/// Start of one piece (segment) of a transaction streamed before its commit (version 4).
+/// The frames up to the next [`Message::StreamStop`] belong to transaction `xid`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamStart {
+    /// The top-level transaction's id on the sender.
+    pub xid: u32,
+    /// The first piece of this transaction on this stream (connection).
+    pub first_segment: bool,
+}
+
+/// A change of a transaction being streamed: the change as it would travel in a
+/// committed transaction, tagged with its top-level `xid` and the (sub)transaction
+/// `subxid` that made it (`subxid == xid` for the top level).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamChange {
+    pub xid: u32,
+    pub subxid: u32,
+    /// An INSERT, UPDATE, DELETE, TRUNCATE or logical message.
+    pub change: Box<Message>,
+}
+
+/// A streamed transaction (`subxid == xid`) or one of its subtransactions was rolled
+/// back on the sender: what was streamed of it must be discarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamAbort {
+    pub xid: u32,
+    pub subxid: u32,
+}
+
+/// A streamed transaction committed on the sender: every piece was sent before this.
+/// The fields are those of [`Begin`] and [`Commit`] together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamCommit {
+    pub xid: u32,
+    /// LSN of the commit record.
+    pub commit_lsn: u64,
+    /// LSN just past the commit record: the receiver's progress for this origin.
+    pub end_lsn: u64,
+    pub commit_time: i64,
+    /// As in [`Begin`]: only for transactions replayed here from another origin.
+    pub origin: Option<OriginInfo>,
+}
+
 /// Every message kind, with its kind byte on the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -313,6 +363,11 @@ pub enum Message {
     Truncate(Truncate),
     Message(LogicalMessage),
     Commit(Commit),
+    StreamStart(StreamStart),
+    StreamStop,
+    StreamChange(StreamChange),
+    StreamAbort(StreamAbort),
+    StreamCommit(StreamCommit),
 }
 
 impl Message {
@@ -327,7 +382,17 @@ impl Message {
             Message::Truncate(_) => b'T',
             Message::Message(_) => b'M',
             Message::Commit(_) => b'C',
+            Message::StreamStart(_) => b'S',
+            Message::StreamStop => b'E',
+            Message::StreamChange(_) => b'X',
+            Message::StreamAbort(_) => b'A',
+            Message::StreamCommit(_) => b'c',
         }
+    }
+
+    /// One of the frames of a transaction streamed before its commit (version 4).
+    pub fn is_stream(&self) -> bool {
+        is_stream_kind(self.kind_byte())
     }
 
     pub fn kind_name(&self) -> &'static str {
@@ -346,8 +411,23 @@ pub fn kind_name(kind: u8) -> Option<&'static str> {
         b'T' => "truncate",
         b'M' => "message",
         b'C' => "commit",
+        b'S' => "stream start",
+        b'E' => "stream stop",
+        b'X' => "stream change",
+        b'A' => "stream abort",
+        b'c' => "stream commit",
         _ => return None,
     })
+}
+
+/// The kinds that only exist from [`STREAM_FROM_VERSION`] on.
+pub fn is_stream_kind(kind: u8) -> bool {
+    matches!(kind, b'S' | b'E' | b'X' | b'A' | b'c')
+}
+
+/// The kinds a [`StreamChange`] may carry.
+fn is_streamable_kind(kind: u8) -> bool {
+    matches!(kind, b'I' | b'U' | b'D' | b'T' | b'M')
 }
 
 /// Pick the highest version both sides speak, or say why there is none.
@@ -371,8 +451,14 @@ pub fn encode_frame_into(msg: &Message, version: u8, out: &mut Vec<u8>) {
     out.extend_from_slice(&[0u8; 8]); // length and crc, filled in below
     out.push(version);
     out.push(msg.kind_byte());
-    if version >= 2 && bin::encode(msg, out) {
-        return finish_frame(out, start);
+    encode_body(msg, version, out);
+    finish_frame(out, start);
+}
+
+/// Append `msg`'s body in `version`'s encoding.
+fn encode_body(msg: &Message, version: u8, out: &mut Vec<u8>) {
+    if (version >= 2 || msg.is_stream()) && bin::encode(msg, version, out) {
+        return;
     }
     // Serialising our own plain structs into a Vec cannot fail.
     let res = match msg {
@@ -384,9 +470,14 @@ pub fn encode_frame_into(msg: &Message, version: u8, out: &mut Vec<u8>) {
         Message::Truncate(m) => serde_json::to_writer(&mut *out, m),
         Message::Message(m) => serde_json::to_writer(&mut *out, m),
         Message::Commit(m) => serde_json::to_writer(&mut *out, m),
+        // Always binary (`bin::encode` took them above).
+        Message::StreamStart(_)
+        | Message::StreamStop
+        | Message::StreamChange(_)
+        | Message::StreamAbort(_)
+        | Message::StreamCommit(_) => Ok(()),
     };
     res.expect("serialising a wire message to memory cannot fail");
-    finish_frame(out, start);
 }
 
 /// Fill in the length and CRC of the frame that starts at `start`.
@@ -434,7 +525,20 @@ pub fn decode_frame_prefix(buf: &[u8]) -> Result<(Message, u8, usize), WireError
     }
     let kind = payload[1];
     let name = kind_name(kind).ok_or(WireError::UnknownKind { kind })?;
-    let body = &payload[2..];
+    if is_stream_kind(kind) && version < STREAM_FROM_VERSION {
+        return Err(WireError::UnknownKind { kind });
+    }
+    let msg = decode_body(kind, name, &payload[2..], version)?;
+    Ok((msg, version, total))
+}
+
+/// Parse the body of a frame of kind `kind` (named `name`) in `version`'s encoding.
+fn decode_body(
+    kind: u8,
+    name: &'static str,
+    body: &[u8],
+    version: u8,
+) -> Result<Message, WireError> {
     fn parse<'a, T: Deserialize<'a>>(name: &'static str, body: &'a [u8]) -> Result<T, WireError> {
         serde_json::from_slice(body).map_err(|e| WireError::BadBody {
             kind: name,
@@ -442,13 +546,13 @@ pub fn decode_frame_prefix(buf: &[u8]) -> Result<(Message, u8, usize), WireError
         })
     }
     if version >= 2 {
-        if let Some(m) =
-            bin::decode(kind, body).map_err(|reason| WireError::BadBody { kind: name, reason })?
+        if let Some(m) = bin::decode(kind, body, version)
+            .map_err(|reason| WireError::BadBody { kind: name, reason })?
         {
-            return Ok((m, version, total));
+            return Ok(m);
         }
     }
-    let msg = match kind {
+    Ok(match kind {
         b'B' => Message::Begin(parse(name, body)?),
         b'R' => Message::Relation(parse(name, body)?),
         b'I' => Message::Insert(parse(name, body)?),
@@ -457,9 +561,13 @@ pub fn decode_frame_prefix(buf: &[u8]) -> Result<(Message, u8, usize), WireError
         b'T' => Message::Truncate(parse(name, body)?),
         b'M' => Message::Message(parse(name, body)?),
         b'C' => Message::Commit(parse(name, body)?),
-        _ => unreachable!("kind_name accepted an unknown kind"),
-    };
-    Ok((msg, version, total))
+        _ => {
+            return Err(WireError::BadBody {
+                kind: name,
+                reason: format!("no encoding in protocol version {version}"),
+            })
+        }
+    })
 }
 
 /// Decode `buf`, which must hold exactly one frame.
@@ -517,20 +625,35 @@ pub mod bin {
     use super::*;
 
     /// Append `msg`'s binary body; false for kinds that stay JSON.
-    pub fn encode(msg: &Message, out: &mut Vec<u8>) -> bool {
+    pub fn encode(msg: &Message, version: u8, out: &mut Vec<u8>) -> bool {
         match msg {
+            Message::StreamStart(m) => {
+                out.extend_from_slice(&m.xid.to_be_bytes());
+                out.push(m.first_segment as u8);
+            }
+            Message::StreamStop => {}
+            Message::StreamChange(m) => {
+                out.extend_from_slice(&m.xid.to_be_bytes());
+                out.extend_from_slice(&m.subxid.to_be_bytes());
+                out.push(m.change.kind_byte());
+                super::encode_body(&m.change, version, out);
+            }
+            Message::StreamAbort(m) => {
+                out.extend_from_slice(&m.xid.to_be_bytes());
+                out.extend_from_slice(&m.subxid.to_be_bytes());
+            }
+            Message::StreamCommit(m) => {
+                out.extend_from_slice(&m.xid.to_be_bytes());
+                out.extend_from_slice(&m.commit_lsn.to_be_bytes());
+                out.extend_from_slice(&m.end_lsn.to_be_bytes());
+                out.extend_from_slice(&m.commit_time.to_be_bytes());
+                origin(m.origin.as_ref(), out);
+            }
             Message::Begin(b) => {
                 out.extend_from_slice(&b.xid.to_be_bytes());
                 out.extend_from_slice(&b.final_lsn.to_be_bytes());
                 out.extend_from_slice(&b.commit_time.to_be_bytes());
-                match &b.origin {
-                    None => out.push(0),
-                    Some(o) => {
-                        out.push(1);
-                        string(&o.name, out);
-                        out.extend_from_slice(&o.lsn.to_be_bytes());
-                    }
-                }
+                origin(b.origin.as_ref(), out);
             }
             Message::Insert(m) => {
                 out.extend_from_slice(&m.relation.to_be_bytes());
@@ -553,6 +676,17 @@ pub mod bin {
             Message::Relation(_) | Message::Truncate(_) | Message::Message(_) => return false,
         }
         true
+    }
+
+    fn origin(o: Option<&OriginInfo>, out: &mut Vec<u8>) {
+        match o {
+            None => out.push(0),
+            Some(o) => {
+                out.push(1);
+                string(&o.name, out);
+                out.extend_from_slice(&o.lsn.to_be_bytes());
+            }
+        }
     }
 
     fn string(s: &str, out: &mut Vec<u8>) {
@@ -638,6 +772,16 @@ pub mod bin {
             }
             Ok(v)
         }
+        fn origin(&mut self) -> Result<Option<OriginInfo>, String> {
+            Ok(match self.u8()? {
+                0 => None,
+                1 => Some(OriginInfo {
+                    name: self.string()?,
+                    lsn: self.u64()?,
+                }),
+                f => return Err(format!("bad origin flag {f}")),
+            })
+        }
         fn old_row(&mut self) -> Result<Option<OldRow>, String> {
             Ok(match self.u8()? {
                 b'-' => None,
@@ -649,21 +793,48 @@ pub mod bin {
     }
 
     /// Decode a binary body; `Ok(None)` for kinds that stay JSON.
-    pub fn decode(kind: u8, body: &[u8]) -> Result<Option<Message>, String> {
+    pub fn decode(kind: u8, body: &[u8], version: u8) -> Result<Option<Message>, String> {
         let mut r = Reader { buf: body };
         let m = match kind {
             b'B' => Message::Begin(Begin {
                 xid: r.u32()?,
                 final_lsn: r.u64()?,
                 commit_time: r.i64()?,
-                origin: match r.u8()? {
-                    0 => None,
-                    1 => Some(OriginInfo {
-                        name: r.string()?,
-                        lsn: r.u64()?,
-                    }),
-                    f => return Err(format!("bad origin flag {f}")),
+                origin: r.origin()?,
+            }),
+            b'S' => Message::StreamStart(StreamStart {
+                xid: r.u32()?,
+                first_segment: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    f => return Err(format!("bad first-segment flag {f}")),
                 },
+            }),
+            b'E' => Message::StreamStop,
+            b'X' => {
+                let (xid, subxid, inner) = (r.u32()?, r.u32()?, r.u8()?);
+                if !super::is_streamable_kind(inner) {
+                    return Err(format!("kind {inner:#04x} cannot be a streamed change"));
+                }
+                let name = super::kind_name(inner).unwrap_or("unknown");
+                let change = super::decode_body(inner, name, r.buf, version)
+                    .map_err(|e| format!("its {name}: {e}"))?;
+                return Ok(Some(Message::StreamChange(StreamChange {
+                    xid,
+                    subxid,
+                    change: Box::new(change),
+                })));
+            }
+            b'A' => Message::StreamAbort(StreamAbort {
+                xid: r.u32()?,
+                subxid: r.u32()?,
+            }),
+            b'c' => Message::StreamCommit(StreamCommit {
+                xid: r.u32()?,
+                commit_lsn: r.u64()?,
+                end_lsn: r.u64()?,
+                commit_time: r.i64()?,
+                origin: r.origin()?,
             }),
             b'I' => Message::Insert(Insert {
                 relation: r.u32()?,
@@ -1004,6 +1175,116 @@ mod tests {
         assert!(decode_frames(&[]).is_err());
     }
 
+    fn stream_samples() -> Vec<Message> {
+        let mut v = vec![
+            Message::StreamStart(StreamStart {
+                xid: 700,
+                first_segment: true,
+            }),
+            Message::StreamStart(StreamStart {
+                xid: 700,
+                first_segment: false,
+            }),
+            Message::StreamStop,
+            Message::StreamAbort(StreamAbort {
+                xid: 700,
+                subxid: 701,
+            }),
+            Message::StreamCommit(StreamCommit {
+                xid: 700,
+                commit_lsn: 10,
+                end_lsn: 20,
+                commit_time: -30,
+                origin: Some(OriginInfo {
+                    name: "bdr_1_node2".into(),
+                    lsn: 5,
+                }),
+            }),
+            Message::StreamCommit(StreamCommit {
+                xid: 700,
+                commit_lsn: 10,
+                end_lsn: 20,
+                commit_time: 30,
+                origin: None,
+            }),
+        ];
+        for m in samples() {
+            if matches!(m.kind_byte(), b'I' | b'U' | b'D' | b'T' | b'M') {
+                v.push(Message::StreamChange(StreamChange {
+                    xid: 700,
+                    subxid: 702,
+                    change: Box::new(m),
+                }));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn stream_frames_round_trip_from_version_4_only() {
+        for m in stream_samples() {
+            assert!(m.is_stream());
+            let f = encode_frame(&m, STREAM_FROM_VERSION);
+            assert_eq!(decode_frame(&f).unwrap(), m, "kind {}", m.kind_name());
+            for v in PROTOCOL_VERSION_MIN..STREAM_FROM_VERSION {
+                let g = encode_frame(&m, v);
+                assert_eq!(
+                    decode_frame(&g).unwrap_err(),
+                    WireError::UnknownKind {
+                        kind: m.kind_byte()
+                    },
+                    "a {} frame in version {v}",
+                    m.kind_name()
+                );
+            }
+            // Every corrupted byte is still caught.
+            for i in 4..f.len() {
+                let mut g = f.clone();
+                g[i] ^= 0x40;
+                assert!(decode_frame(&g).is_err());
+            }
+        }
+        // Ordinary frames are unchanged in version 4.
+        for m in samples() {
+            let (f3, f4) = (encode_frame(&m, 3), encode_frame(&m, 4));
+            assert_eq!(f3[HEADER_LEN..], f4[HEADER_LEN..]);
+            assert_eq!(decode_frame(&f4).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn a_stream_change_carries_only_changes() {
+        let commit = samples().pop().unwrap();
+        let mut f = encode_frame(
+            &Message::StreamChange(StreamChange {
+                xid: 1,
+                subxid: 1,
+                change: Box::new(commit),
+            }),
+            4,
+        );
+        f = reseal(f);
+        let err = decode_frame(&f).unwrap_err();
+        assert!(
+            matches!(&err, WireError::BadBody { kind: "stream change", reason } if reason.contains("cannot be a streamed change")),
+            "{err:?}"
+        );
+        // A cut-short inner body is a bad body of the stream change.
+        let m = stream_samples().pop().unwrap();
+        let f = encode_frame(&m, 4);
+        let payload = f[8..f.len() - 1].to_vec();
+        let mut g = (payload.len() as u32).to_be_bytes().to_vec();
+        g.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
+        g.extend_from_slice(&payload);
+        assert!(matches!(
+            decode_frame(&g).unwrap_err(),
+            WireError::BadBody {
+                kind: "stream change",
+                ..
+            }
+        ));
+    }
+
     #[test]
     fn version_negotiation() {
         assert_eq!(negotiate_version(1, 1), Ok(1));
@@ -1011,10 +1292,11 @@ mod tests {
         assert_eq!(negotiate_version(0, 1), Ok(1));
         assert_eq!(negotiate_version(1, 2), Ok(2));
         assert_eq!(negotiate_version(1, 3), Ok(3));
-        let err = negotiate_version(4, 5).unwrap_err();
+        assert_eq!(negotiate_version(1, 4), Ok(4));
+        let err = negotiate_version(5, 6).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "protocol version ranges do not overlap: this node speaks 1 to 3, the peer asked for 4 to 5"
+            "protocol version ranges do not overlap: this node speaks 1 to 4, the peer asked for 5 to 6"
         );
         assert!(negotiate_version(1, 0).is_err());
     }

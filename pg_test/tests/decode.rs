@@ -417,17 +417,17 @@ fn unsupported_protocol_and_bad_options_fail_clearly() {
     let err = c
         .query(
             "SELECT data FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL, \
-             'min_proto_version', '4', 'max_proto_version', '5')",
+             'min_proto_version', '5', 'max_proto_version', '6')",
             &[],
         )
         .unwrap_err();
     let text = db_error_text(&err);
     assert!(
-        text.contains("bdr output plugin cannot speak protocol versions 4 to 5"),
+        text.contains("bdr output plugin cannot speak protocol versions 5 to 6"),
         "{text}"
     );
     assert!(
-        text.contains("This node speaks protocol versions 1 to 3"),
+        text.contains("This node speaks protocol versions 1 to 4"),
         "{text}"
     );
     assert!(text.contains("HINT"), "{text}");
@@ -468,4 +468,148 @@ fn unsupported_protocol_and_bad_options_fail_clearly() {
     assert_eq!(v2, v3);
     assert!(v2.iter().any(|m| matches!(m, Message::Update(u)
         if u.new.contains(&Value::UnchangedToast))));
+}
+
+/// Protocol version 4 with `streaming 'on'`: a transaction that outgrows
+/// `logical_decoding_work_mem` is sent in pieces before its commit, every piece well
+/// framed (the receiver's own order check accepts the stream), relations sent again in
+/// each piece, a rolled-back subtransaction and a rolled-back transaction announced;
+/// what the pieces hold, less what was rolled back, is exactly what committed. Without
+/// the option nothing streams.
+#[test]
+fn large_transactions_stream_in_pieces_only_when_asked() {
+    use bdr_core::streaming::StreamCheck;
+    use std::collections::{HashMap, HashSet};
+    let cluster = Cluster::builder()
+        .name("decode_stream")
+        .nodes(1)
+        .conf("logical_decoding_work_mem", "'64kB'")
+        .start();
+    let (_n, mut c) = node_with_slot(&cluster);
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .unwrap();
+    create_slot(&mut c);
+    c.batch_execute(
+        "BEGIN; \
+         INSERT INTO t SELECT g, repeat('a', 40) FROM generate_series(1, 3000) g; \
+         SAVEPOINT s; \
+         INSERT INTO t SELECT g, 'gone' FROM generate_series(10001, 13000) g; \
+         ROLLBACK TO SAVEPOINT s; \
+         INSERT INTO t SELECT g, 'b' FROM generate_series(3001, 3010) g; \
+         COMMIT; \
+         BEGIN; INSERT INTO t SELECT g, 'aborted' FROM generate_series(20001, 24000) g; ROLLBACK; \
+         INSERT INTO t VALUES (0, 'small');",
+    )
+    .unwrap();
+    let whole = read_slot(&mut c, "s", true, &[]);
+    assert!(
+        whole.iter().all(|m| !m.is_stream()),
+        "no streaming unless asked"
+    );
+    let txns = transactions(&whole);
+    assert_eq!(txns.len(), 2);
+    assert_eq!(
+        txns[0]
+            .iter()
+            .filter(|m| matches!(m, Message::Insert(_)))
+            .count(),
+        3010
+    );
+
+    // Without version 4 the option is refused.
+    let err = c
+        .query(
+            "SELECT data FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL, \
+             'max_proto_version', '3', 'streaming', 'on')",
+            &[],
+        )
+        .unwrap_err();
+    assert!(
+        db_error_text(&err).contains("streaming"),
+        "{}",
+        db_error_text(&err)
+    );
+
+    let stream = read_slot(&mut c, "s", false, &["streaming", "on"]);
+    let mut check = StreamCheck::default();
+    for m in &stream {
+        check
+            .check(m)
+            .unwrap_or_else(|e| panic!("{e}: {:#?}", &stream[..20.min(stream.len())]));
+    }
+    assert_eq!(check.open().count(), 0, "every streamed transaction ended");
+    let starts: Vec<(u32, bool)> = stream
+        .iter()
+        .filter_map(|m| match m {
+            Message::StreamStart(s) => Some((s.xid, s.first_segment)),
+            _ => None,
+        })
+        .collect();
+    let xids: HashSet<u32> = starts.iter().map(|s| s.0).collect();
+    assert_eq!(xids.len(), 2, "both big transactions streamed: {starts:?}");
+    for x in &xids {
+        let firsts = starts.iter().filter(|s| s.0 == *x && s.1).count();
+        assert_eq!(firsts, 1, "one first segment for {x}: {starts:?}");
+    }
+    // A relation frame precedes the first change of every piece.
+    let mut seen_rel = false;
+    for m in &stream {
+        match m {
+            Message::StreamStart(_) => seen_rel = false,
+            Message::Relation(_) => seen_rel = true,
+            Message::StreamChange(_) => assert!(seen_rel, "a piece's change before its relation"),
+            _ => {}
+        }
+    }
+    // Apply the pieces as a receiver would: drop what was rolled back.
+    let mut changes: HashMap<u32, Vec<(u32, Message)>> = HashMap::new();
+    let mut committed = Vec::new();
+    for m in &stream {
+        match m {
+            Message::StreamChange(ch) => changes
+                .entry(ch.xid)
+                .or_default()
+                .push((ch.subxid, (*ch.change).clone())),
+            Message::StreamAbort(a) if a.subxid == a.xid => {
+                changes.remove(&a.xid);
+            }
+            Message::StreamAbort(a) => {
+                assert_ne!(a.subxid, a.xid);
+                if let Some(v) = changes.get_mut(&a.xid) {
+                    v.retain(|(sub, _)| *sub != a.subxid);
+                }
+            }
+            Message::StreamCommit(sc) => {
+                assert!(sc.end_lsn > sc.commit_lsn && sc.origin.is_none());
+                committed.push(changes.remove(&sc.xid).unwrap_or_default());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(committed.len(), 1, "one streamed transaction committed");
+    let inserted: Vec<i64> = committed[0]
+        .iter()
+        .filter_map(|(_, m)| match m {
+            Message::Insert(i) => i.new[0].as_text().and_then(|t| t.parse().ok()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(inserted.len(), 3010, "exactly the committed rows");
+    assert!(inserted.iter().all(|id| (1..=3010).contains(id)));
+    assert!(
+        stream
+            .iter()
+            .any(|m| matches!(m, Message::StreamAbort(a) if a.subxid != a.xid)),
+        "the rolled-back subtransaction was announced"
+    );
+    // The small transaction still travels whole.
+    let begins = stream
+        .iter()
+        .filter(|m| matches!(m, Message::Begin(_)))
+        .count();
+    let commits = stream
+        .iter()
+        .filter(|m| matches!(m, Message::Commit(_)))
+        .count();
+    assert_eq!((begins, commits), (1, 1));
 }

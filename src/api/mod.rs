@@ -42,7 +42,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(v.starts_with("bdr "), "{v}");
-        assert!(v.contains("protocol 1..3"), "{v}");
+        assert!(v.contains("protocol 1..4"), "{v}");
     }
 
     #[pg_test]
@@ -64,11 +64,19 @@ mod tests {
         assert_eq!(o.version, bdr_core::wire::PROTOCOL_VERSION_MAX);
         let o = DecodeOptions::parse([("max_proto_version", Some("1"))]).unwrap();
         assert_eq!(o.version, 1);
-        let e = DecodeOptions::parse([("min_proto_version", Some("4"))]).unwrap_err();
+        let e = DecodeOptions::parse([("min_proto_version", Some("5"))]).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "bdr output plugin cannot speak protocol versions 4 to 4"
+            "bdr output plugin cannot speak protocol versions 5 to 5"
         );
+        assert!(!o.streaming, "streaming only when asked");
+        let o = DecodeOptions::parse([("streaming", Some("on"))]).unwrap();
+        assert!(o.streaming && o.version >= bdr_core::wire::STREAM_FROM_VERSION);
+        let below = [("max_proto_version", Some("3")), ("streaming", Some("on"))];
+        assert!(DecodeOptions::parse(below).is_err());
+        let forwarding = [("forward_origins", Some("all")), ("streaming", Some("on"))];
+        assert!(DecodeOptions::parse(forwarding).is_err());
+        assert!(DecodeOptions::parse([("streaming", Some("maybe"))]).is_err());
         assert!(DecodeOptions::parse([("bogus", None)]).is_err());
         assert!(DecodeOptions::parse([("forward_origins", Some("some"))]).is_err());
     }

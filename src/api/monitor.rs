@@ -78,8 +78,9 @@ pub fn apply_lag() -> TableIterator<
 }
 
 /// Apply counters per peer since the worker slot was created or last reset: changes,
-/// commits, conflicts, errors, reconnects, skipped messages, and the apply rate (commits
-/// per second over the last one to two minutes).
+/// commits, conflicts, errors, reconnects, skipped messages, the apply rate (commits
+/// per second over the last one to two minutes), and streamed transactions (begun,
+/// applied streamed, fallen back).
 #[pg_extern]
 #[allow(clippy::type_complexity)]
 pub fn apply_stats() -> TableIterator<
@@ -99,6 +100,9 @@ pub fn apply_stats() -> TableIterator<
         name!(apply_rate, f64),
         name!(last_applied_commit_time, Option<TimestampWithTimeZone>),
         name!(stats_reset, Option<TimestampWithTimeZone>),
+        name!(streamed, i64),
+        name!(stream_commits, i64),
+        name!(stream_fallbacks, i64),
     ),
 > {
     let now = xact::now();
@@ -128,6 +132,9 @@ pub fn apply_stats() -> TableIterator<
                 rate,
                 ts(s.last_applied_commit_time),
                 ts(st.reset),
+                n(st.streamed),
+                n(st.stream_commits),
+                n(st.stream_fallbacks),
             )
         })
         .collect();

@@ -91,6 +91,9 @@ pub struct Resolver {
     txn: RemoteTxn,
     /// Conflicts resolved since last taken, per type (like `Conflict::ALL`).
     conflict_counts: [u64; 9],
+    /// The transaction is applied before its commit (a stream writer): only changes that
+    /// need no last-update-wins decision (`bdr_core::streaming::direct_apply`).
+    streamed: bool,
 }
 
 impl Resolver {
@@ -107,6 +110,7 @@ impl Resolver {
             decision_epoch: 0,
             txn: RemoteTxn::default(),
             conflict_counts: [0; 9],
+            streamed: false,
         }
     }
 
@@ -120,6 +124,43 @@ impl Resolver {
             xid: b.xid,
             forwarded,
         };
+        self.streamed = false;
+    }
+
+    /// A streamed transaction starts, applied before its commit (its commit time is not
+    /// known): every change that would need it raises [`ApplyError::StreamFallback`].
+    pub fn begin_streamed(&mut self, xid: u32) {
+        self.txn = RemoteTxn {
+            commit_time: i64::MAX,
+            lsn: 0,
+            xid,
+            forwarded: None,
+        };
+        self.streamed = true;
+    }
+
+    /// In a streamed transaction, refuse (fall back) what needs a decision.
+    fn check_streamed(&self, t: &Target, change: Change, local: Local) {
+        if !self.streamed || bdr_core::streaming::direct_apply(change, local, self.peer_id) {
+            return;
+        }
+        let what = match local {
+            Local::Missing => "no row".to_string(),
+            Local::Deleted(_) => "a tombstone".to_string(),
+            Local::Row { version: None, .. } => "a row of unknown origin".to_string(),
+            Local::Row { .. } => "a row".to_string(),
+        };
+        self.fall_back(
+            t,
+            format!("{change:?} found {what} needing a last-update-wins decision"),
+        )
+    }
+
+    fn fall_back(&self, t: &Target, why: String) -> ! {
+        raise(&ApplyError::StreamFallback {
+            peer: self.peer.to_string(),
+            why: format!("{} of \"{}\"", why, crate::write::relation_name(t.relid())),
+        })
     }
 
     /// Conflicts resolved since the last call, per type (like `Conflict::ALL`).
@@ -129,6 +170,9 @@ impl Resolver {
 
     /// The remote transaction's version.
     fn remote_version(&self) -> Version {
+        if self.streamed {
+            return bdr_core::streaming::streamed_version(self.peer_id);
+        }
         Version {
             commit_time: self.txn.commit_time,
             node_id: self.txn.forwarded.as_ref().map_or(self.peer_id, |f| f.1),
@@ -228,6 +272,9 @@ impl Resolver {
             let Some(other) = t.find_by_index(index, row) else {
                 continue;
             };
+            if self.streamed {
+                self.fall_back(t, "an INSERT met another row on a unique index".into());
+            }
             let local = self.version_of(other.xmin());
             let wins = unique_key_remote_wins(local, remote);
             let base = other.values();
@@ -276,6 +323,7 @@ impl Resolver {
         };
         let mut key = LazyKey::new(t, &row);
         let local = self.local_state(t, found.as_ref(), &mut key);
+        self.check_streamed(t, Change::Insert, local);
         let d = decide(Change::Insert, local, self.remote_version());
         let base = found.as_ref().map(|f| f.values());
         match d.action {
@@ -298,6 +346,7 @@ impl Resolver {
         let found = t.find(&key_row);
         let mut key = LazyKey::new(t, &key_row);
         let local = self.local_state(t, found.as_ref(), &mut key);
+        self.check_streamed(t, Change::Update, local);
         let mut d = decide(Change::Update, local, self.remote_version());
         let base = found.as_ref().map(|f| f.values());
         match d.action {
@@ -339,6 +388,7 @@ impl Resolver {
         let found = t.find(&key_row);
         let mut key = LazyKey::new(t, &key_row);
         let local = self.local_state(t, found.as_ref(), &mut key);
+        self.check_streamed(t, Change::Delete, local);
         let d = decide(Change::Delete, local, self.remote_version());
         let base = found.as_ref().map(|f| f.values());
         if d.action == Action::Delete {

@@ -23,6 +23,18 @@
 //!   CPU on a big transaction. The SQL functions (`pg_logical_slot_*_changes`) keep one
 //!   frame per row.
 //!
+//! - **Streaming** (protocol version 4, only when the subscriber asks with `streaming
+//!   'on'`): `ctx->streaming` is left on, and PostgreSQL's reorder buffer then hands a
+//!   transaction that outgrows `logical_decoding_work_mem` to the `stream_*` callbacks in
+//!   pieces before its commit. They share the ordinary callbacks' code: `State::tag` says
+//!   which (sub)transaction the change being emitted belongs to, and [`emit`] then writes
+//!   a `STREAM START` before the piece's first frame (lazily, as BEGIN), relation frames
+//!   again in every piece (a streamed transaction may roll back or change a table's
+//!   definition, so nothing sent inside it is assumed known afterwards: every relation is
+//!   re-sent after a piece, as pgoutput does), and each change wrapped in a
+//!   `STREAM CHANGE` with its xids. `STREAM STOP`, `ABORT` and `COMMIT` are only sent
+//!   for a transaction of which something was sent (`State::streamed`).
+//!
 //! Invariants: a frame is only written between the transaction's BEGIN and COMMIT frames
 //! (non-transactional messages are never sent); a relation's metadata frame precedes
 //! its first change in the stream; a value this node does not have (unchanged on-disk
@@ -38,13 +50,14 @@ use crate::decode::{self, DecodeOptions, TxnFraming};
 use crate::error;
 use bdr_core::wire::{
     self, Begin, Commit, Delete, Insert, LogicalMessage, Message, OldRow, OriginInfo,
-    ReplicaIdentity, Truncate, Update,
+    ReplicaIdentity, StreamAbort, StreamChange, StreamCommit, StreamStart, Truncate, Update,
 };
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgList;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::ffi::{c_char, c_int, CStr};
 
 /// Per-decoding-context state, owned by `ctx->output_plugin_private`.
@@ -62,6 +75,13 @@ struct State {
     /// Gather frames into batches (version 3 or later, streaming to a walsender client).
     batch: bool,
     change_cxt: pg_sys::MemoryContext,
+    /// Inside a `stream_*` change callback: the (top xid, subxid) the change belongs to.
+    tag: Option<(u32, u32)>,
+    /// The piece being streamed (between stream_start and stream_stop): its top xid and
+    /// whether its STREAM START was written.
+    piece: Option<(u32, bool)>,
+    /// Top-level transactions of which a piece was sent and that did not end yet.
+    streamed: HashSet<u32>,
 }
 
 #[derive(Default)]
@@ -93,6 +113,15 @@ pub unsafe extern "C-unwind" fn _PG_output_plugin_init(cb: *mut pg_sys::OutputPl
     cb.message_cb = Some(message_cb);
     cb.filter_by_origin_cb = Some(filter_by_origin_cb);
     cb.shutdown_cb = Some(shutdown_cb);
+    // Streaming (used only when the subscriber asks: `startup_cb` turns it off
+    // otherwise). stream_prepare_cb is left NULL: bdr does not decode two-phase commits.
+    cb.stream_start_cb = Some(stream_start_cb);
+    cb.stream_stop_cb = Some(stream_stop_cb);
+    cb.stream_abort_cb = Some(stream_abort_cb);
+    cb.stream_commit_cb = Some(stream_commit_cb);
+    cb.stream_change_cb = Some(stream_change_cb);
+    cb.stream_truncate_cb = Some(stream_truncate_cb);
+    cb.stream_message_cb = Some(stream_message_cb);
 }
 
 /// # Safety
@@ -160,6 +189,9 @@ unsafe extern "C-unwind" fn startup_cb(
             cstring((*(*ctx).slot).data.name.data.as_ptr())
         };
         let batch = opts.version >= wire::BATCH_FROM_VERSION && pg_sys::am_walsender;
+        // PostgreSQL turns streaming on because the stream callbacks are set; only a
+        // subscriber that asked for it gets it.
+        (*ctx).streaming = opts.streaming;
         let st = Box::new(State {
             opts,
             slot_name,
@@ -169,6 +201,9 @@ unsafe extern "C-unwind" fn startup_cb(
             buf: Vec::with_capacity(8192),
             batch,
             change_cxt,
+            tag: None,
+            piece: None,
+            streamed: HashSet::new(),
         });
         (*ctx).output_plugin_private = Box::into_raw(st) as *mut std::ffi::c_void;
     }
@@ -319,7 +354,7 @@ unsafe extern "C-unwind" fn change_cb(
                     prefix: bdr_core::ddl::DDL_PREFIX.into(),
                     content: serde_json::to_vec(&cmd).unwrap_or_default(),
                 });
-                emit(ctx, state(ctx), &[], &m);
+                emit(ctx, state(ctx), &[], m);
                 pg_sys::MemoryContextSwitchTo(old_cxt);
                 pg_sys::MemoryContextReset(change_cxt);
             }
@@ -366,7 +401,7 @@ unsafe extern "C-unwind" fn change_cb(
             _ => None,
         };
         if let Some(msg) = msg {
-            emit(ctx, st, &[relid], &msg);
+            emit(ctx, st, &[relid], msg);
         }
         pg_sys::MemoryContextSwitchTo(old_cxt);
         pg_sys::MemoryContextReset(change_cxt);
@@ -400,7 +435,7 @@ unsafe extern "C-unwind" fn truncate_cb(
             cascade: t.cascade,
             restart_identity: t.restart_seqs,
         });
-        emit(ctx, st, &ids, &msg);
+        emit(ctx, st, &ids, msg);
     }
 }
 
@@ -437,7 +472,7 @@ unsafe extern "C-unwind" fn message_cb(
             content,
         });
         // Only transactional messages get here: inside their transaction's frames.
-        emit(ctx, state(ctx), &[], &m);
+        emit(ctx, state(ctx), &[], m);
     }
 }
 
@@ -449,16 +484,38 @@ unsafe fn emit(
     ctx: *mut pg_sys::LogicalDecodingContext,
     st: &mut State,
     rels: &[pg_sys::Oid],
-    msg: &Message,
+    msg: Message,
 ) {
     if st.skip {
         return;
     }
     // SAFETY: forwarded from the caller.
     unsafe {
-        if let Some(b) = st.framing.before_change() {
-            write_frame(ctx, st, &Message::Begin(b), false);
-        }
+        let msg = match st.tag {
+            // A piece of a transaction streamed before its commit.
+            Some((xid, subxid)) => {
+                if let Some((piece, started @ false)) = &mut st.piece {
+                    *started = true;
+                    let first_segment = st.streamed.insert(*piece);
+                    let start = Message::StreamStart(StreamStart {
+                        xid: *piece,
+                        first_segment,
+                    });
+                    write_frame(ctx, st, &start, false);
+                }
+                Message::StreamChange(StreamChange {
+                    xid,
+                    subxid,
+                    change: Box::new(msg),
+                })
+            }
+            None => {
+                if let Some(b) = st.framing.before_change() {
+                    write_frame(ctx, st, &Message::Begin(b), false);
+                }
+                msg
+            }
+        };
         for relid in rels {
             let meta = match st.rels.get_mut(relid) {
                 Some(e) if !e.sent => {
@@ -469,7 +526,7 @@ unsafe fn emit(
             };
             write_frame(ctx, st, &Message::Relation(meta), false);
         }
-        write_frame(ctx, st, msg, true);
+        write_frame(ctx, st, &msg, true);
     }
 }
 
@@ -485,7 +542,14 @@ unsafe fn write_frame(
     last_write: bool,
 ) {
     wire::encode_frame_into(msg, st.opts.version, &mut st.buf);
-    if st.batch && !matches!(msg, Message::Commit(_)) && st.buf.len() < wire::BATCH_BYTES {
+    let ends_write = matches!(
+        msg,
+        Message::Commit(_)
+            | Message::StreamStop
+            | Message::StreamCommit(_)
+            | Message::StreamAbort(_)
+    );
+    if st.batch && !ends_write && st.buf.len() < wire::BATCH_BYTES {
         return;
     }
     // SAFETY: ctx->out is the StringInfo the walsender / SQL function collects.
@@ -499,4 +563,173 @@ unsafe fn write_frame(
         pg_sys::OutputPluginWrite(ctx, last_write);
     }
     st.buf.clear();
+}
+
+/// The (top-level xid, xid) a streamed change belongs to.
+///
+/// # Safety
+/// `txn` is a live reorder-buffer transaction.
+unsafe fn xids(txn: *mut pg_sys::ReorderBufferTXN) -> (u32, u32) {
+    // SAFETY: forwarded; a subtransaction's toptxn points at its live top level.
+    unsafe {
+        let top = if (*txn).toptxn.is_null() {
+            txn
+        } else {
+            (*txn).toptxn
+        };
+        ((*top).xid.into(), (*txn).xid.into())
+    }
+}
+
+/// Every relation's metadata is sent again before its next change (see the module note).
+fn forget_sent_relations(st: &mut State) {
+    for e in st.rels.values_mut() {
+        e.sent = false;
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_start_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+) {
+    // SAFETY: called between startup and shutdown with the transaction being streamed.
+    unsafe {
+        let st = state(ctx);
+        st.piece = Some((xids(txn).0, false));
+        forget_sent_relations(st);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_stop_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    _txn: *mut pg_sys::ReorderBufferTXN,
+) {
+    // SAFETY: as in stream_start_cb.
+    unsafe {
+        let st = state(ctx);
+        if let Some((_, true)) = st.piece.take() {
+            write_frame(ctx, st, &Message::StreamStop, true);
+        }
+        forget_sent_relations(st);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_abort_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    _abort_lsn: pg_sys::XLogRecPtr,
+) {
+    // SAFETY: txn is the (sub)transaction rolled back, with its top level.
+    unsafe {
+        let st = state(ctx);
+        let (xid, subxid) = xids(txn);
+        if !st.streamed.contains(&xid) {
+            return;
+        }
+        if subxid == xid {
+            st.streamed.remove(&xid);
+        }
+        let m = Message::StreamAbort(StreamAbort { xid, subxid });
+        write_frame(ctx, st, &m, true);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_commit_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    commit_lsn: pg_sys::XLogRecPtr,
+) {
+    // SAFETY: txn is the committed top-level transaction; its commit data is known.
+    unsafe {
+        let st = state(ctx);
+        let xid: u32 = (*txn).xid.into();
+        if !st.streamed.remove(&xid) {
+            // Nothing of it was sent: let the walsender advance past it all the same.
+            pg_sys::OutputPluginUpdateProgress(ctx, true);
+            return;
+        }
+        let m = Message::StreamCommit(StreamCommit {
+            xid,
+            commit_lsn,
+            end_lsn: (*txn).end_lsn,
+            commit_time: (*txn).xact_time.commit_time,
+            // Streaming is never combined with forwarding: the changes are this node's.
+            origin: None,
+        });
+        write_frame(ctx, st, &m, true);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_change_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    rel: pg_sys::Relation,
+    change: *mut pg_sys::ReorderBufferChange,
+) {
+    // SAFETY: as change_cb; the change knows the (sub)transaction that made it.
+    unsafe {
+        let sub = if (*change).txn.is_null() {
+            txn
+        } else {
+            (*change).txn
+        };
+        state(ctx).tag = Some((xids(txn).0, xids(sub).1));
+        change_cb(ctx, txn, rel, change);
+        state(ctx).tag = None;
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_truncate_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    nrelations: c_int,
+    relations: *mut pg_sys::Relation,
+    change: *mut pg_sys::ReorderBufferChange,
+) {
+    // SAFETY: as truncate_cb.
+    unsafe {
+        let sub = if (*change).txn.is_null() {
+            txn
+        } else {
+            (*change).txn
+        };
+        state(ctx).tag = Some((xids(txn).0, xids(sub).1));
+        truncate_cb(ctx, txn, nrelations, relations, change);
+        state(ctx).tag = None;
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn stream_message_cb(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    txn: *mut pg_sys::ReorderBufferTXN,
+    message_lsn: pg_sys::XLogRecPtr,
+    transactional: bool,
+    prefix: *const c_char,
+    message_size: pg_sys::Size,
+    message: *const c_char,
+) {
+    // SAFETY: as message_cb. A non-transactional message may come without a txn: it is
+    // never sent (message_policy), so it needs no tag.
+    unsafe {
+        if !txn.is_null() {
+            state(ctx).tag = Some(xids(txn));
+        }
+        message_cb(
+            ctx,
+            txn,
+            message_lsn,
+            transactional,
+            prefix,
+            message_size,
+            message,
+        );
+        state(ctx).tag = None;
+    }
 }

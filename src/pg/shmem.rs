@@ -109,6 +109,11 @@ pub struct Stats {
     pub ddl: u64,
     pub errors: u64,
     pub connects: u64,
+    /// Transactions the peer began to stream before their commit, those applied
+    /// streamed, and those that fell back to whole-transaction apply (`src/receive/stream.rs`).
+    pub streamed: u64,
+    pub stream_commits: u64,
+    pub stream_fallbacks: u64,
     pub reset: i64,
     /// Commits and time at the start of the apply-rate window.
     pub rate_commits: u64,
@@ -125,6 +130,9 @@ impl Stats {
         ddl: 0,
         errors: 0,
         connects: 0,
+        streamed: 0,
+        stream_commits: 0,
+        stream_fallbacks: 0,
         reset: 0,
         rate_commits: 0,
         rate_time: 0,

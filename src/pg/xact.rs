@@ -173,6 +173,35 @@ pub fn commit_remote_turn(remote_end_lsn: u64, remote_commit_time: i64) -> u64 {
     end
 }
 
+/// A receiver hands its origin's session to its stream writer for one commit
+/// (`receive/direct.rs`): release it (PostgreSQL 15 lets one process hold an origin's
+/// session at a time). The origin stays the one this session's changes are stamped
+/// with; nothing may commit here until [`retake_origin_session`].
+pub fn release_origin_session() {
+    // SAFETY: this process set the session up (`setup_origin`); outside a transaction.
+    unsafe { pg_sys::replorigin_session_reset() };
+}
+
+/// Take the origin's session back after [`release_origin_session`] (the stream writer
+/// released it after its commit, or exited, which releases it too). Returns the origin's
+/// progress as now in memory (it covers the stream writer's commit, if it happened).
+pub fn retake_origin_session() -> u64 {
+    // SAFETY: `replorigin_session_origin` still names the origin set up by
+    // `setup_origin`; the stream writer resets its session right after its commit and an
+    // exited process holds none.
+    unsafe {
+        pg_sys::replorigin_session_setup(pg_sys::replorigin_session_origin);
+        pg_sys::replorigin_session_get_progress(false)
+    }
+}
+
+/// The current end of this server's WAL (a local commit made by another process of
+/// ours is at or before it).
+pub fn insert_lsn() -> u64 {
+    // SAFETY: a plain read under WAL insertion locks, valid in any backend.
+    unsafe { pg_sys::GetXLogInsertRecPtr() }
+}
+
 /// Flushed progress of replication origin `name` (created if missing), without setting
 /// up its session: where a parallel-apply receiver starts streaming.
 pub fn origin_flushed_progress(name: &str) -> u64 {
@@ -233,6 +262,17 @@ pub fn set_config(name: &str, value: &str) {
             pg_sys::GucContext::PGC_SUSET,
             pg_sys::GucSource::PGC_S_OVERRIDE,
         );
+    }
+}
+
+/// The current value of GUC `name` as text (`None` if there is no such setting).
+pub fn get_config(name: &str) -> Option<String> {
+    let n = CString::new(name).ok()?;
+    // SAFETY: a valid C string; `missing_ok` returns NULL for an unknown name; the value
+    // is copied at once (it points into the GUC's storage).
+    unsafe {
+        let v = pg_sys::GetConfigOption(n.as_ptr(), true, false);
+        (!v.is_null()).then(|| std::ffi::CStr::from_ptr(v).to_string_lossy().into_owned())
     }
 }
 

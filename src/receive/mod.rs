@@ -31,6 +31,11 @@
 //! timeout only fires on silence; a connect to a silent host is bounded by the DSN's
 //! `connect_timeout` (10 s by default, [`Conn::connect`]).
 //!
+//! With `bdr.stream_large_transactions` the peer may stream a large transaction before
+//! its commit (protocol version 4); every frame's order is checked, and such a
+//! transaction is applied as it arrives by a stream writer (`direct.rs`), or makes the
+//! worker reconnect without streaming (`stream.rs`) when it cannot be.
+//!
 //! With `bdr.writers_per_peer` > 1 the frames go to writer processes instead of an
 //! in-process [`Applier`] (`parallel.rs`); everything above stays here, and flush
 //! feedback follows what the writers committed.
@@ -40,10 +45,12 @@
 //! milliseconds (`progress.rs`): per-message clock reads and per-commit locks of the
 //! worker table were a measurable share of small transactions' apply cost.
 
+pub mod direct;
 mod hold;
 pub mod parallel;
 mod plans;
 mod progress;
+mod stream;
 
 use parallel::Sink;
 use progress::publish_progress;
@@ -51,10 +58,11 @@ use progress::publish_progress;
 use crate::apply::Applier;
 use crate::catalog::nodes::Node;
 use crate::error::{raise, ApplyError};
-use crate::pg::libpq::{quote_ident, quote_literal, Conn, CopyData};
+use crate::pg::libpq::{Conn, CopyData};
 use crate::pg::{bgw, shmem, xact};
-use bdr_core::names::{origin_name, slot_name};
+use bdr_core::names::origin_name;
 use bdr_core::stream::{parse_server_message, status_update, ServerMessage};
+use bdr_core::streaming::{Fallback, StreamCheck};
 use bdr_core::wire::Message;
 use bdr_core::{dsn, wire};
 use std::time::{Duration, Instant};
@@ -119,6 +127,21 @@ struct Stream {
     /// This node's clock when the last BEGIN was read (taken once for both uses: the
     /// peer's clock lead and the future-commit check), until the main loop takes it.
     begin_clock: Option<i64>,
+    /// Streamed transactions (`stream.rs`): how to reconnect, whether this connection
+    /// streams, whether the setting asked for it, the frame-order check of this
+    /// connection, the transactions that fell back, and the xid of the ordinary
+    /// transaction being received.
+    connect_args: stream::ConnectArgs,
+    streaming: bool,
+    want_streaming: bool,
+    check: StreamCheck,
+    fallback: Fallback,
+    /// This connection gave streaming up for a fallback: ask again when it is over.
+    restream: bool,
+    cur_xid: Option<u32>,
+    /// The stream writer applying a streamed transaction before its commit (`direct.rs`).
+    direct: Option<direct::Direct>,
+    dboid: u32,
 }
 
 /// One XLogData write from the peer: one frame, or several (protocol version 3).
@@ -172,8 +195,9 @@ impl Stream {
             let start = b.start;
             let from = b.pos;
             let msg = b.next(&self.peer);
-            if matches!(self.sink, Sink::Many(_)) {
-                // Parallel apply forwards each frame's own bytes to a writer.
+            if matches!(self.sink, Sink::Many(_)) || self.streaming {
+                // Parallel apply forwards each frame's own bytes to a writer, and so
+                // does a streamed transaction's apply to the stream writer.
                 self.raw.clear();
                 self.raw.extend_from_slice(&b.buf[from..b.pos]);
             }
@@ -231,6 +255,7 @@ impl Stream {
     /// Note what a message about to be returned by [`Stream::read`] tells: a BEGIN's
     /// commit time (pending, and how far ahead of our clock it is).
     fn returned(&mut self, start: u64, msg: Message) -> (u64, Message) {
+        self.check_order(start, &msg);
         if let Message::Begin(b) = &msg {
             // The peer has committed it: its WAL is at least there.
             self.peer_lsn = self.peer_lsn.max(b.final_lsn);
@@ -296,21 +321,55 @@ impl Stream {
         }
     }
 
-    /// Apply one message, then publish progress once a transaction is complete.
-    fn apply(&mut self, msg: Message) {
-        if skip_foreign_message(self.slot, &self.peer, &msg, self.sink.in_transaction()) {
-            return;
+    /// Apply one message, then publish progress once a transaction is complete. True on
+    /// SIGTERM (met while reconnecting for a streamed transaction).
+    fn apply(&mut self, msg: Message) -> bool {
+        if msg.is_stream() {
+            return self.streamed_frame(&msg);
         }
+        if matches!(msg, Message::Relation(_)) && self.direct_relation() {
+            return true;
+        }
+        if skip_foreign_message(self.slot, &self.peer, &msg, self.sink.in_transaction()) {
+            return false;
+        }
+        let committed = match &msg {
+            Message::Commit(_) => self.cur_xid.take(),
+            _ => None,
+        };
         let applier = match &mut self.sink {
             Sink::One(a) => a,
             Sink::Many(d) => {
                 d.handle(&msg, &self.raw);
-                return;
+                if let Some(x) = committed {
+                    self.fallback.committed(x);
+                    return self.maybe_restream();
+                }
+                return false;
             }
         };
-        applier.handle(msg);
+        if self.direct.as_ref().is_some_and(|d| d.xid.is_some()) {
+            // The deadlock guard (`direct.rs`): a lock timeout while a streamed
+            // transaction is open in the stream writer means falling back.
+            let a = std::panic::AssertUnwindSafe(&mut **applier);
+            let fired = pgrx::PgTryBuilder::new(move || {
+                let a = a;
+                a.0.handle(msg);
+                false
+            })
+            .catch_when(pgrx::PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| true)
+            .execute();
+            if fired {
+                return self.guard_fired();
+            }
+        } else {
+            applier.handle(msg);
+        }
+        let Sink::One(applier) = &mut self.sink else {
+            unreachable!("checked above")
+        };
         if applier.in_transaction() {
-            return;
+            return false;
         }
         let (received, applied, t) = (
             self.received,
@@ -333,6 +392,11 @@ impl Stream {
             self.last_published = self.now;
             publish_progress(self.slot);
         }
+        if let Some(x) = committed {
+            self.fallback.committed(x);
+            return self.maybe_restream();
+        }
+        false
     }
 
     /// Nothing heard from the peer for `wal_receiver_timeout`: give up this connection.
@@ -381,39 +445,24 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         s.flushed_lsn = progress;
         s.stats.connects += 1;
     });
-    let repl_dsn = dsn::with_default(peer_dsn, "replication", "database");
-    let mut conn = Conn::connect(&repl_dsn, &format!("bdr_apply_{local}_from_{peer}"))
-        .unwrap_or_else(|e| lib_err(e));
-    // Where the peer's WAL is now: what lag in bytes is measured against until the
-    // stream reports more.
-    let identify = conn.exec("IDENTIFY_SYSTEM").unwrap_or_else(|e| lib_err(e));
-    let peer_lsn = identify
-        .first()
-        .and_then(|r| r.get(2).cloned().flatten())
-        .and_then(|v| wire::parse_lsn(&v))
-        .unwrap_or(0);
-    let provider_dboid = conn
-        .query_value("SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()")
-        .unwrap_or_else(|e| lib_err(e))
-        .unwrap_or_default();
-    let slot_name = slot_name(provider_dboid.parse().unwrap_or(0), local);
-    conn.start_copy(&format!(
-        "START_REPLICATION SLOT {} LOGICAL {} (\"min_proto_version\" {}, \"max_proto_version\" {}{})",
-        quote_ident(&slot_name),
-        wire::format_lsn(progress),
-        quote_literal(&wire::PROTOCOL_VERSION_MIN.to_string()),
-        quote_literal(&wire::PROTOCOL_VERSION_MAX.to_string()),
-        if link.forwarded {
-            ", \"forward_origins\" 'all'"
-        } else {
-            ""
-        },
-    ))
-    .unwrap_or_else(|e| lib_err(e));
+    let connect_args = stream::ConnectArgs {
+        repl_dsn: dsn::with_default(peer_dsn, "replication", "database"),
+        local: local.to_string(),
+        peer: peer.to_string(),
+        forwarded: link.forwarded,
+    };
+    let want_streaming = crate::gucs::STREAM_LARGE_TRANSACTIONS.get();
+    let (conn, peer_lsn, slot_name, streaming) =
+        stream::connect(&connect_args, progress, want_streaming);
     shmem::update(slot, |s| s.state = shmem::State::Streaming);
     pgrx::log!(
-        "bdr: apply worker for node \"{peer}\" streaming from slot {slot_name} at {}",
-        wire::format_lsn(progress)
+        "bdr: apply worker for node \"{peer}\" streaming from slot {slot_name} at {}{}",
+        wire::format_lsn(progress),
+        if streaming {
+            " (large transactions streamed)"
+        } else {
+            ""
+        }
     );
 
     let mut st = Stream {
@@ -434,6 +483,15 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         last_heard: Instant::now(),
         now: Instant::now(),
         begin_clock: None,
+        connect_args,
+        streaming,
+        want_streaming,
+        check: StreamCheck::default(),
+        fallback: Fallback::default(),
+        restream: false,
+        cur_xid: None,
+        direct: None,
+        dboid,
     };
     st.heard(peer_lsn, true);
     loop {
@@ -477,8 +535,7 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
                 }
             }
             Some(msg) => {
-                st.apply(msg);
-                if pgrx::bgworkers::BackgroundWorker::sigterm_received() {
+                if st.apply(msg) || pgrx::bgworkers::BackgroundWorker::sigterm_received() {
                     pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
                     return;
                 }
@@ -499,6 +556,10 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
                 }
                 st.now = Instant::now();
                 st.check_silence();
+                if st.maybe_restream() {
+                    pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
+                    return;
+                }
             }
         }
         st.maybe_feedback();

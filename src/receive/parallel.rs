@@ -480,6 +480,11 @@ impl Dispatch {
                     self.flush(w);
                 }
             }
+            // The receiver handles streamed transactions (src/receive/stream.rs).
+            m => raise(&ApplyError::Protocol(format!(
+                "{} frame handed to the writers",
+                m.kind_name()
+            ))),
         }
     }
 

@@ -41,10 +41,12 @@ pub fn main(arg: pg_sys::Datum) {
             record_failure(slot, &local.name, &peer.name, &e);
             // Parallel apply: no writer of this group may outlive it.
             crate::receive::parallel::shutdown();
+            crate::receive::direct::shutdown();
             e.rethrow()
         })
         .execute();
     crate::receive::parallel::shutdown();
+    crate::receive::direct::shutdown();
     shmem::update(slot, |s| s.state = shmem::State::Stopped);
 }
 

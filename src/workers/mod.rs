@@ -4,6 +4,7 @@
 //! ```text
 //! launcher ──starts──> supervisor(db) ──starts/restarts with backoff──> apply(db, peer)
 //!                                                      (bdr.writers_per_peer > 1) ──starts──> writer × K
+//!                                                      (a streamed transaction) ──starts──> stream writer
 //! ```
 //!
 //! With parallel apply the apply worker starts its writers itself (they are its
@@ -16,5 +17,6 @@
 
 pub mod apply;
 pub mod launcher;
+pub mod stream_writer;
 pub mod supervisor;
 pub mod writer;

@@ -1,0 +1,684 @@
+//! Streamed transactions (issue 17, protocol version 4, `bdr.stream_large_transactions`).
+//!
+//! The senders run with `logical_decoding_work_mem = 64kB`, so a few thousand rows make
+//! the walsender stream a transaction before it commits. Each scenario first waits until
+//! the receiver's counters (`bdr.apply_stats()`: `streamed`) show that the peer really
+//! began to stream the open transaction, then ends it on the origin and checks the
+//! outcome on every node. This build's receiver falls back for every streamed
+//! transaction (reconnects without streaming; the walsender then sends it whole at its
+//! commit): the scenarios check that nothing is lost, duplicated, or applied of a
+//! transaction rolled back, and that streaming is asked for again afterwards.
+
+use pg_test::bdr::{assert_same_everywhere, conflicts, form_group, wait_for_catchup, CATCHUP};
+use pg_test::{wait_until, Cluster, Node};
+
+/// Two nodes streaming large transactions to each other, an application role, and
+/// table `t`, created on node1 after the group formed and replicated.
+fn group(name: &str) -> Cluster {
+    group_of(Cluster::builder().name(name))
+}
+
+/// [`group`] from a builder with more settings.
+fn group_of(b: pg_test::ClusterBuilder) -> Cluster {
+    let c = b
+        .nodes(2)
+        .conf("logical_decoding_work_mem", "'64kB'")
+        .conf("bdr.stream_large_transactions", "on")
+        .conf("bdr.apply_retry_max_delay", "'1s'")
+        .start();
+    for n in c.nodes() {
+        n.execute("CREATE ROLE app LOGIN");
+    }
+    form_group(&c);
+    c.node(0).execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); GRANT ALL ON t TO app; \
+         GRANT USAGE ON SCHEMA bdr TO app;",
+    );
+    for n in c.nodes() {
+        wait_until(&format!("t on {}", n.name()), CATCHUP, || {
+            n.query_scalar::<bool>("SELECT to_regclass('public.t') IS NOT NULL")
+        });
+    }
+    wait_streaming(c.node(1), "node1");
+    c
+}
+
+/// (streamed, stream_commits, stream_fallbacks) on `n` for transactions from `peer`.
+fn stream_counts(n: &Node, peer: &str) -> (i64, i64, i64) {
+    let r = n
+        .connect()
+        .query_one(
+            "SELECT streamed, stream_commits, stream_fallbacks FROM bdr.apply_stats() \
+             WHERE peer = $1",
+            &[&peer],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+/// Wait until `n`'s apply worker for `peer` is connected with streaming asked for.
+fn wait_streaming(n: &Node, peer: &str) {
+    let needle = format!("apply worker for node \"{peer}\"");
+    wait_until(
+        &format!("{} streaming large transactions from {peer}", n.name()),
+        CATCHUP,
+        || {
+            let log = n.log();
+            // The last connect line of this worker says whether it streams.
+            log.lines()
+                .rev()
+                .find(|l| {
+                    l.contains(&needle)
+                        && (l.contains("streaming from slot") || l.contains("reconnected at"))
+                })
+                .is_some_and(|l| {
+                    l.contains("(large transactions streamed)") || l.contains("with streaming")
+                })
+        },
+    );
+}
+
+/// Wait until `n` counted at least `k` transactions from `peer` begun streamed.
+fn wait_streamed(n: &Node, peer: &str, k: i64) {
+    wait_until(
+        &format!(
+            "{} to see {k} streamed transaction(s) from {peer}",
+            n.name()
+        ),
+        CATCHUP,
+        || stream_counts(n, peer).0 >= k,
+    );
+}
+
+/// Whether `n` applies streamed transactions before their commit (one writer per peer;
+/// with parallel apply, `BDR_TEST_CONF='bdr.writers_per_peer=4'`, every one falls back).
+fn direct(n: &Node) -> bool {
+    n.query_scalar::<String>("SHOW bdr.writers_per_peer") == "1"
+}
+
+/// `n`'s (streamed, stream_commits, stream_fallbacks) from `peer` as expected for `k`
+/// streamed transactions that the stream writer commits (or, with parallel apply, that
+/// fall back).
+fn expect_direct(n: &Node, peer: &str, k: i64, what: &str) {
+    let want = if direct(n) { (k, k, 0) } else { (k, 0, k) };
+    assert_eq!(stream_counts(n, peer), want, "{what}");
+}
+
+/// Wait until `n`'s stream writer holds an open transaction (it applied a piece); at
+/// once with parallel apply (no stream writer).
+fn wait_writer_open(n: &Node) -> i32 {
+    let mut pid = 0;
+    if !direct(n) {
+        return pid;
+    }
+    wait_until(
+        &format!("{}'s stream writer to apply a piece", n.name()),
+        CATCHUP,
+        || {
+            pid = n.query_scalar(
+                "SELECT coalesce(max(pid), 0) FROM pg_stat_activity \
+                 WHERE backend_type LIKE 'bdr stream writer%' AND backend_xid IS NOT NULL",
+            );
+            pid != 0
+        },
+    );
+    pid
+}
+
+fn count(n: &Node, sql: &str) -> i64 {
+    n.query_scalar(sql)
+}
+
+#[test]
+fn a_streamed_transaction_arrives_whole_with_concurrent_small_ones() {
+    let c = group("stream_commit");
+    let (a, b) = (c.node(0), c.node(1));
+    a.execute("INSERT INTO t SELECT g, 'old' FROM generate_series(100001, 101000) g");
+    wait_for_catchup(&c);
+
+    let mut big = a.connect_as("app");
+    big.batch_execute(
+        "BEGIN; \
+         INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 5000) g; \
+         UPDATE t SET v = 'updated' WHERE id <= 1000; \
+         DELETE FROM t WHERE id > 4500 AND id <= 5000; \
+         UPDATE t SET v = 'big' WHERE id BETWEEN 100001 AND 100500",
+    )
+    .unwrap();
+    // The walsender streams it while it is open, and node2's stream writer applies it.
+    wait_streamed(b, "node1", 1);
+    wait_writer_open(b);
+    // Small transactions on other keys commit (and replicate) meanwhile.
+    let mut small = a.connect_as("app");
+    for i in 0..20 {
+        small
+            .execute("INSERT INTO t VALUES ($1, 'small')", &[&(200_000 + i)])
+            .unwrap();
+    }
+    small
+        .batch_execute("DELETE FROM t WHERE id BETWEEN 100901 AND 101000")
+        .unwrap();
+    wait_until("small transactions applied on node2", CATCHUP, || {
+        count(b, "SELECT count(*) FROM t WHERE v = 'small'") == 20
+    });
+    assert_eq!(
+        count(b, "SELECT count(*) FROM t WHERE id <= 5000"),
+        0,
+        "nothing of the open transaction is visible on node2"
+    );
+    big.batch_execute("COMMIT").unwrap();
+    wait_for_catchup(&c);
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE id <= 5000"), 4500);
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'updated'"), 1000);
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'big'"), 500);
+    assert_eq!(count(b, "SELECT count(*) FROM t"), 4500 + 900 + 20);
+    assert_same_everywhere(&c, "t");
+    // Applied before its COMMIT by the stream writer, committed there: no fallback.
+    // (The 1,000-row set-up transaction streams too, at 64kB.)
+    let streamed = stream_counts(b, "node1").0;
+    assert!(streamed >= 1);
+    expect_direct(b, "node1", streamed, "committed by the stream writer");
+    assert_eq!(
+        conflicts(b),
+        vec![],
+        "nothing applied twice, nothing missing"
+    );
+
+    // Streaming is asked for again once the fallen-back transaction was applied: a
+    // second big transaction streams too.
+    wait_streaming(b, "node1");
+    let mut big = a.connect_as("app");
+    big.batch_execute(
+        "BEGIN; INSERT INTO t SELECT g, repeat('y', 50) FROM generate_series(300001, 305000) g",
+    )
+    .unwrap();
+    wait_streamed(b, "node1", streamed + 1);
+    big.batch_execute("COMMIT").unwrap();
+    wait_for_catchup(&c);
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE id > 300000"), 5000);
+    assert_same_everywhere(&c, "t");
+    expect_direct(
+        b,
+        "node1",
+        streamed + 1,
+        "committed by the stream writer again",
+    );
+    // A big UPDATE and DELETE of rows the peer wrote earlier: applied early too.
+    a.connect_as("app")
+        .batch_execute(
+            "BEGIN; UPDATE t SET v = 'upd' WHERE id > 300000; \
+             DELETE FROM t WHERE id BETWEEN 300001 AND 301000; COMMIT",
+        )
+        .unwrap();
+    wait_for_catchup(&c);
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'upd'"), 4000);
+    assert_same_everywhere(&c, "t");
+    expect_direct(
+        b,
+        "node1",
+        streamed + 2,
+        "the UPDATE/DELETE transaction committed by the stream writer",
+    );
+    // And from node2 to node1 the same way.
+    b.connect_as("app")
+        .batch_execute(
+            "BEGIN; INSERT INTO t SELECT g, 'from2' FROM generate_series(400001, 405000) g; \
+             COMMIT",
+        )
+        .unwrap();
+    wait_for_catchup(&c);
+    assert_same_everywhere(&c, "t");
+    assert!(stream_counts(a, "node2").0 >= 1, "node2 streamed to node1");
+}
+
+#[test]
+fn a_streamed_transaction_rolled_back_leaves_nothing() {
+    let c = group("stream_abort");
+    let (a, b) = (c.node(0), c.node(1));
+    let mut big = a.connect_as("app");
+    big.batch_execute(
+        "BEGIN; INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 5000) g",
+    )
+    .unwrap();
+    wait_streamed(b, "node1", 1);
+    wait_writer_open(b);
+    big.batch_execute("ROLLBACK").unwrap();
+    a.connect_as("app")
+        .batch_execute("INSERT INTO t VALUES (999999, 'after')")
+        .unwrap();
+    wait_for_catchup(&c);
+    assert_eq!(count(b, "SELECT count(*) FROM t"), 1);
+    assert_same_everywhere(&c, "t");
+    assert_eq!(conflicts(b), vec![]);
+    // Rolled back by the stream writer (pieces had been applied): no commit, no fallback.
+    if direct(b) {
+        assert_eq!(stream_counts(b, "node1"), (1, 0, 0));
+    }
+}
+
+#[test]
+fn a_subtransaction_rolled_back_inside_a_streamed_transaction() {
+    let c = group("stream_subxact");
+    let (a, b) = (c.node(0), c.node(1));
+    let mut big = a.connect_as("app");
+    big.batch_execute(
+        "BEGIN; \
+         INSERT INTO t SELECT g, 'top' FROM generate_series(1, 3000) g; \
+         SAVEPOINT s; \
+         INSERT INTO t SELECT g, 'rolled back' FROM generate_series(10001, 13000) g; \
+         UPDATE t SET v = 'rolled back' WHERE id <= 100",
+    )
+    .unwrap();
+    wait_streamed(b, "node1", 1);
+    big.batch_execute(
+        "ROLLBACK TO SAVEPOINT s; \
+         INSERT INTO t SELECT g, 'after' FROM generate_series(3001, 3100) g; \
+         COMMIT",
+    )
+    .unwrap();
+    wait_for_catchup(&c);
+    assert_eq!(count(b, "SELECT count(*) FROM t"), 3100);
+    assert_eq!(
+        count(b, "SELECT count(*) FROM t WHERE v = 'rolled back'"),
+        0
+    );
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'after'"), 100);
+    assert_same_everywhere(&c, "t");
+    assert!(
+        stream_counts(b, "node1").2 >= 1,
+        "the fallback counter moved"
+    );
+    assert!(
+        b.log().contains("falls back for streamed transaction"),
+        "the fallback is logged"
+    );
+}
+
+#[test]
+fn a_conflict_met_while_streaming_resolves_as_without_streaming() {
+    let c = group("stream_conflict");
+    let (a, b) = (c.node(0), c.node(1));
+    for n in c.nodes() {
+        n.execute("SELECT bdr.apply_pause()");
+    }
+    for n in c.nodes() {
+        wait_until(&format!("apply paused on {}", n.name()), CATCHUP, || {
+            n.query_scalar::<bool>(
+                "SELECT coalesce(bool_and(state = 'paused'), false) FROM bdr.apply_workers()",
+            )
+        });
+    }
+    // node2's own row for a key the big transaction inserts, written first.
+    b.connect_as("app")
+        .batch_execute("INSERT INTO t VALUES (42, 'node2 local')")
+        .unwrap();
+    a.connect_as("app")
+        .batch_execute(
+            "BEGIN; INSERT INTO t SELECT g, 'node1 big' FROM generate_series(1, 5000) g; \
+             COMMIT",
+        )
+        .unwrap();
+    for n in c.nodes() {
+        n.execute("SELECT bdr.apply_resume()");
+    }
+    wait_for_catchup(&c);
+    // The later commit (node1's) wins everywhere, as without streaming.
+    assert_eq!(
+        b.query_scalar::<String>("SELECT v FROM t WHERE id = 42"),
+        "node1 big"
+    );
+    assert_same_everywhere(&c, "t");
+    assert_eq!(
+        conflicts(b),
+        vec![(
+            "insert_exists".to_string(),
+            "apply_remote".to_string(),
+            "public.t".to_string()
+        )]
+    );
+    assert_eq!(
+        conflicts(a),
+        vec![(
+            "insert_exists".to_string(),
+            "keep_local".to_string(),
+            "public.t".to_string()
+        )]
+    );
+    let (streamed, commits, fallbacks) = stream_counts(b, "node1");
+    assert!(
+        streamed >= 1 && commits == 0 && fallbacks >= 1,
+        "it was streamed and fell back at the conflict: {streamed} {commits} {fallbacks}"
+    );
+}
+
+#[test]
+fn kills_mid_stream_lose_and_duplicate_nothing() {
+    let c = group("stream_kill");
+    let (a, b) = (c.node(0), c.node(1));
+    // 1. node2's receiver killed while node1 streams an open transaction to it (the
+    // postmaster restarts node2's processes; the new receiver is streamed the
+    // transaction again from its start). Small transactions committed meanwhile make
+    // node2 confirm positions past the open transaction's start first: that must not make
+    // node1's walsender skip it (the slot's restart_lsn stays before it).
+    let start_lsn: String = a.query_scalar("SELECT pg_current_wal_insert_lsn()::text");
+    let mut big = a.connect_as("app");
+    big.batch_execute(
+        "BEGIN; INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 5000) g",
+    )
+    .unwrap();
+    wait_streamed(b, "node1", 1);
+    a.connect_as("app")
+        .batch_execute("INSERT INTO t SELECT g, 'small' FROM generate_series(50001, 50010) g")
+        .unwrap();
+    wait_until(
+        "node2 confirms past the open transaction's start, its WAL still held",
+        CATCHUP,
+        || {
+            a.query_scalar::<bool>(&format!(
+                "SELECT confirmed_flush_lsn > '{start_lsn}' AND restart_lsn <= '{start_lsn}' \
+                 FROM pg_replication_slots WHERE slot_name LIKE 'bdr_%'"
+            ))
+        },
+    );
+    let pid: i32 = b.query_scalar("SELECT pid FROM bdr.apply_workers() WHERE peer = 'node1'");
+    let before = restarts(b);
+    kill9(pid);
+    wait_restarted(b, before);
+    wait_until("node2's apply worker back after the kill", CATCHUP, || {
+        try_count(
+            b,
+            "SELECT count(*) FROM bdr.apply_workers() WHERE state = 'streaming'",
+        ) == Some(1)
+    });
+    big.batch_execute("INSERT INTO t SELECT g, 'more' FROM generate_series(5001, 6000) g; COMMIT")
+        .unwrap();
+    wait_for_catchup(&c);
+    assert_eq!(count(b, "SELECT count(*) FROM t"), 6010);
+
+    // 2. node1's walsender killed mid-stream: node1 restarts its processes, the open
+    // transaction is lost on the origin (its session is gone) and must not appear.
+    wait_streaming(b, "node1");
+    let streamed = stream_counts(b, "node1").0;
+    let mut big = a.connect_as("app");
+    big.batch_execute(
+        "BEGIN; INSERT INTO t SELECT g, repeat('z', 50) FROM generate_series(10001, 15000) g",
+    )
+    .unwrap();
+    wait_streamed(b, "node1", streamed + 1);
+    // The receiver reconnects when it falls back: take the walsender serving it now.
+    let mut pid = None;
+    wait_until("node1's walsender to node2", CATCHUP, || {
+        pid = a
+            .connect()
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots \
+                 WHERE slot_name LIKE 'bdr_%' AND active_pid IS NOT NULL",
+                &[],
+            )
+            .ok()
+            .flatten()
+            .map(|r| r.get::<_, i32>(0));
+        pid.is_some()
+    });
+    let before = restarts(a);
+    kill9(pid.unwrap());
+    drop(big);
+    wait_restarted(a, before);
+    a.connect_as("app")
+        .batch_execute("INSERT INTO t SELECT g, 'after' FROM generate_series(20001, 23000) g")
+        .unwrap();
+    wait_for_catchup(&c);
+    let d = assert_same_everywhere(&c, "t");
+    assert_eq!(count(b, "SELECT count(*) FROM t"), 9010, "{d}");
+    assert_eq!(
+        count(b, "SELECT count(*) FROM t WHERE id BETWEEN 10001 AND 15000"),
+        0
+    );
+    assert_eq!(conflicts(b), vec![], "nothing applied twice on node2");
+
+    // 3. node2's stream writer killed while it holds the open transaction's pieces (the
+    // postmaster restarts node2's processes; the transaction is streamed again).
+    if !direct(b) {
+        return;
+    }
+    wait_streaming(b, "node1");
+    let mut big = a.connect_as("app");
+    big.batch_execute(
+        "BEGIN; INSERT INTO t SELECT g, repeat('w', 50) FROM generate_series(30001, 35000) g",
+    )
+    .unwrap();
+    let pid = wait_writer_open(b);
+    let before = restarts(b);
+    kill9(pid);
+    wait_restarted(b, before);
+    big.batch_execute("UPDATE t SET v = 'w2' WHERE id BETWEEN 30001 AND 30100; COMMIT")
+        .unwrap();
+    wait_for_catchup(&c);
+    let d = assert_same_everywhere(&c, "t");
+    assert_eq!(count(b, "SELECT count(*) FROM t"), 14010, "{d}");
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'w2'"), 100);
+    assert_eq!(conflicts(b), vec![], "nothing applied twice on node2");
+    assert!(
+        stream_counts(b, "node1").1 >= 1,
+        "the stream writer committed after the restart"
+    );
+}
+
+#[test]
+fn two_streamed_transactions_committed_in_the_opposite_order() {
+    let c = group("stream_two");
+    let (a, b) = (c.node(0), c.node(1));
+    let mut first = a.connect_as("app");
+    first
+        .batch_execute("BEGIN; INSERT INTO t SELECT g, 'first' FROM generate_series(1, 4000) g")
+        .unwrap();
+    wait_streamed(b, "node1", 1);
+    let mut second = a.connect_as("app");
+    second
+        .batch_execute(
+            "BEGIN; INSERT INTO t SELECT g, 'second' FROM generate_series(10001, 14000) g; \
+             UPDATE t SET v = 'second' WHERE id = 10001",
+        )
+        .unwrap();
+    // The second commits first; both arrive, each whole.
+    second.batch_execute("COMMIT").unwrap();
+    wait_until("the second transaction on node2", CATCHUP, || {
+        count(b, "SELECT count(*) FROM t WHERE v = 'second'") == 4000
+    });
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'first'"), 0);
+    first
+        .batch_execute("INSERT INTO t VALUES (5000, 'first'); COMMIT")
+        .unwrap();
+    wait_for_catchup(&c);
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'first'"), 4001);
+    assert_same_everywhere(&c, "t");
+    assert_eq!(conflicts(b), vec![]);
+    // The second one fell back (the first one's pieces were rolled back with the stream
+    // writer); once it was applied, streaming resumed and the first one, streamed again
+    // from its start, may commit through the stream writer.
+    let (_, commits, fallbacks) = stream_counts(b, "node1");
+    assert!(
+        commits <= 1 && fallbacks >= 1,
+        "a second streamed transaction falls back: {commits} {fallbacks}"
+    );
+}
+
+#[test]
+fn an_ordinary_transaction_blocked_by_the_streamed_one_falls_back_instead_of_hanging() {
+    let c = group("stream_guard");
+    let (a, b) = (c.node(0), c.node(1));
+    // A unique index on node2 only: node1's small transaction below does not collide
+    // there, but collides here with a row the open streamed transaction wrote.
+    if !direct(b) {
+        return; // no stream writer with parallel apply
+    }
+    b.execute("SET bdr.ddl_replication = off; CREATE UNIQUE INDEX t_v ON t (v)");
+    let mut big = a.connect_as("app");
+    big.batch_execute("BEGIN; INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 5000) g")
+        .unwrap();
+    wait_streamed(b, "node1", 1);
+    wait_writer_open(b);
+    // Committed on node1 while the big one is open; on node2 its insert waits for the
+    // stream writer's row, and the stream writer waits for the next piece.
+    a.connect_as("app")
+        .batch_execute("INSERT INTO t VALUES (900000, 'v10')")
+        .unwrap();
+    wait_until("the deadlock guard to fall back on node2", CATCHUP, || {
+        stream_counts(b, "node1").2 >= 1
+    });
+    big.batch_execute("COMMIT").unwrap();
+    wait_for_catchup(&c);
+    // Whole-transaction path afterwards: the small one first, then the big one, whose
+    // newer row wins the unique index on node2 (as without streaming).
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE id <= 5000"), 5000);
+    assert_eq!(count(a, "SELECT count(*) FROM t"), 5001);
+    assert_eq!(
+        stream_counts(b, "node1").1,
+        0,
+        "nothing committed by the stream writer"
+    );
+    assert!(
+        b.log()
+            .contains("waited for a row lock of the streamed one"),
+        "the guard's fallback is logged"
+    );
+}
+
+#[test]
+fn a_streamed_commit_stamped_in_the_future_waits_for_the_local_clock() {
+    // node1's postmaster runs 8 s ahead: its commit times are in node2's future.
+    let c = group_of(
+        Cluster::builder()
+            .name("stream_clock")
+            .clock_offset(0, "+8"),
+    );
+    let (a, b) = (c.node(0), c.node(1));
+    if !direct(b) {
+        return;
+    }
+    let mut big = a.connect_as("app");
+    big.batch_execute(
+        "BEGIN; INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 5000) g",
+    )
+    .unwrap();
+    wait_streamed(b, "node1", 1);
+    wait_writer_open(b);
+    let committed_at: f64 = b.query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8");
+    big.batch_execute("COMMIT").unwrap();
+    wait_until("the streamed transaction on node2", CATCHUP, || {
+        count(b, "SELECT count(*) FROM t") == 5000
+    });
+    // Visible only once node2's clock passed node1's commit time (held, not applied
+    // with a version from node2's future).
+    let visible_at: f64 = b.query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8");
+    assert!(
+        visible_at - committed_at > 5.0,
+        "visible {} s after the COMMIT",
+        visible_at - committed_at
+    );
+    let newest: f64 = b.query_scalar(
+        "SELECT extract(epoch FROM max(pg_xact_commit_timestamp(xmin)))::float8 FROM t",
+    );
+    assert!(newest <= visible_at, "a version from node2's future");
+    assert_eq!(
+        stream_counts(b, "node1").1,
+        1,
+        "committed by the stream writer"
+    );
+}
+
+/// A count from `n`, or None while it cannot be reached (restarting).
+fn try_count(n: &Node, sql: &str) -> Option<i64> {
+    let mut cl = pg_test::postgres::Client::connect(&n.dsn(), pg_test::postgres::NoTls).ok()?;
+    cl.query_one(sql, &[]).ok().map(|r| r.get(0))
+}
+
+/// After a kill -9 of one of `n`'s processes: wait until the postmaster reinitialised
+/// (crash restart) and accepts connections again.
+fn wait_restarted(n: &Node, before: usize) {
+    wait_until(
+        &format!("{} to restart after the kill", n.name()),
+        CATCHUP,
+        || restarts(n) > before && try_count(n, "SELECT 1::int8") == Some(1),
+    );
+}
+
+/// How many times `n`'s postmaster reinitialised after a crash so far.
+fn restarts(n: &Node) -> usize {
+    n.log()
+        .matches("all server processes terminated; reinitializing")
+        .count()
+}
+
+fn kill9(pid: i32) {
+    let ok = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        // The servers run as postgres: kill through runuser like the harness.
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", "kill", "-9", &pid.to_string()])
+            .status();
+    }
+}
+
+/// Measurement, not a check (`cargo test -p pg_test --test streaming -- --ignored`):
+/// how much of workload 0's transaction (500,000 rows, `BENCH_ROWS` to change) the
+/// walsender streams before COMMIT with the default `logical_decoding_work_mem` (64MB),
+/// from `pg_stat_replication_slots` on the sender.
+#[test]
+#[ignore]
+fn measure_how_much_of_a_big_transaction_streams_before_commit() {
+    let rows: i64 = std::env::var("BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500_000);
+    let c = Cluster::builder()
+        .name("stream_measure")
+        .nodes(2)
+        .conf("logical_decoding_work_mem", "'64MB'")
+        .conf("bdr.stream_large_transactions", "on")
+        .start();
+    form_group(&c);
+    let (a, b) = (c.node(0), c.node(1));
+    a.execute("CREATE TABLE big0 (id int8 PRIMARY KEY, v text)");
+    wait_for_catchup(&c);
+    wait_streaming(b, "node1");
+    let stats = |what: &str| {
+        let r = a
+            .connect()
+            .query_one(
+                "SELECT stream_txns, stream_bytes, spill_bytes, total_bytes \
+                 FROM pg_stat_replication_slots WHERE slot_name LIKE 'bdr_%'",
+                &[],
+            )
+            .unwrap();
+        let (st, sb, sp, tb): (i64, i64, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        eprintln!(
+            "{what}: stream_txns {st}, stream_bytes {sb}, spill_bytes {sp}, total_bytes {tb}"
+        );
+    };
+    let mut big = a.connect();
+    big.batch_execute(&format!(
+        "BEGIN; INSERT INTO big0 SELECT g, 'row ' || g FROM generate_series(1, {rows}) g"
+    ))
+    .unwrap();
+    let streamed_before = stream_counts(b, "node1").0;
+    // Give the walsender time to read the transaction's WAL (bounded poll on its position).
+    let lsn: String = a.query_scalar("SELECT pg_current_wal_insert_lsn()::text");
+    let _ = pg_test::try_wait_until("the walsender read the open transaction", CATCHUP, || {
+        a.query_scalar::<bool>(&format!(
+            "SELECT coalesce(bool_and(sent_lsn >= '{lsn}'), false) FROM pg_stat_replication"
+        ))
+    });
+    stats("before COMMIT");
+    eprintln!(
+        "node2 counted {} streamed transaction(s) before COMMIT",
+        stream_counts(b, "node1").0 - streamed_before
+    );
+    big.batch_execute("COMMIT").unwrap();
+    wait_for_catchup(&c);
+    stats("after COMMIT");
+}

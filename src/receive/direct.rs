@@ -1,0 +1,387 @@
+//! Streamed transactions applied before their commit: the receiver's side of the stream
+//! writer (`src/workers/stream_writer.rs`).
+//!
+//! With `bdr.writers_per_peer` = 1, the first piece of a streamed transaction starts a
+//! stream writer (once; it stays for the receiver's life unless it fails) and every
+//! frame of the transaction is forwarded to it as it arrives; ordinary transactions
+//! received between the pieces are applied here as usual. At STREAM COMMIT the receiver
+//! (every earlier transaction already committed by itself) waits for the commit time if
+//! it lies in this node's future, hands its origin's session over (PostgreSQL 15 allows
+//! one process per origin session), tells the writer to commit, waits for it, takes the
+//! session back and records (remote end, local end) for flush feedback.
+//!
+//! Fallback (`Stream::fall_back_direct`): a change the writer cannot apply without the
+//! commit time, DDL/TRUNCATE/a message in the stream, a subtransaction abort, a second
+//! streamed transaction while one is open, a writer that failed, or the deadlock guard
+//! below: the writer is stopped (its transaction rolls back with it, so its locks go),
+//! and the receiver reconnects without streaming from what it applied; the peer then
+//! sends the transaction whole at its COMMIT (`stream.rs`).
+//!
+//! Deadlock guard: while the writer holds an open transaction, an ordinary transaction
+//! applied here may wait for one of its row locks (a key the streamed transaction wrote,
+//! e.g. through a unique index that exists only here), and the writer waits for the
+//! next piece, which the blocked receiver will never read: a cycle no lock manager sees.
+//! So while a streamed transaction is open, the receiver's own transactions run with
+//! `lock_timeout` (`GUARD_TIMEOUT`); a lock timeout then rolls the ordinary transaction
+//! back, stops the writer and falls back (the ordinary transaction is sent again after
+//! the reconnect, and no longer waits).
+//!
+//! Invariants: at most one streamed transaction is open in the writer; the receiver
+//! commits nothing while its origin session is handed over; on every way out of the
+//! receiver the writer is stopped and waited for ([`shutdown`]), so none outlives it.
+
+use super::Stream;
+use crate::pg::mq::{Aborter, Group, Sent};
+use crate::pg::{shmem, xact};
+use bdr_core::parallel::Ctl;
+use bdr_core::wire::{self, Message};
+use pgrx::bgworkers::{BackgroundWorkerStatus, DynamicBackgroundWorker};
+use std::cell::RefCell;
+use std::time::Duration;
+
+/// `lock_timeout` of the receiver's own transactions while a streamed one is open.
+const GUARD_TIMEOUT: &str = "1s";
+
+thread_local! {
+    /// This process's stream writer and its group, for [`shutdown`] on any way out.
+    static LIVE: RefCell<Option<(Aborter, DynamicBackgroundWorker)>> = const { RefCell::new(None) };
+}
+
+/// Stop this process's stream writer (if any) and wait until it has exited (its open
+/// transaction is rolled back by its exit). Called on every way out of the receiver and
+/// before every fallback.
+pub fn shutdown() {
+    let Some((aborter, w)) = LIVE.with(|l| l.borrow_mut().take()) else {
+        return;
+    };
+    aborter.set_abort();
+    let _ = w.terminate().wait_for_shutdown();
+}
+
+fn writer_alive() -> bool {
+    LIVE.with(|l| {
+        l.borrow().as_ref().is_some_and(|(a, w)| {
+            !a.aborted() && !matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped))
+        })
+    })
+}
+
+/// The receiver's handle on its stream writer.
+pub(super) struct Direct {
+    group: Group,
+    /// The streamed transaction open in the writer.
+    pub xid: Option<u32>,
+    seq: u64,
+    buf: Vec<u8>,
+}
+
+/// Why a send or a wait did not go through.
+pub(super) enum Failed {
+    /// The writer failed or left (its log line says why).
+    Writer,
+    /// SIGTERM.
+    Stopping,
+}
+
+impl Direct {
+    /// Start a stream writer; `None` if no background worker slot is free.
+    fn start(slot: usize, dboid: u32, peer: &str) -> Option<Direct> {
+        shutdown();
+        let group = Group::create(1);
+        let extra = crate::workers::stream_writer::extra(group.handle(), slot, peer);
+        let w = crate::pg::bgw::start_child_worker(
+            &format!("bdr stream writer {dboid} {peer}"),
+            "bdr_stream_writer_main",
+            dboid,
+            &extra,
+        )?;
+        LIVE.with(|l| *l.borrow_mut() = Some((group.aborter(), w)));
+        Some(Direct {
+            group,
+            xid: None,
+            seq: 0,
+            buf: Vec::new(),
+        })
+    }
+
+    fn send(&mut self, ctl: Ctl<'_>) -> Result<(), Failed> {
+        let mut buf = std::mem::take(&mut self.buf);
+        ctl.encode_into(&mut buf);
+        let r = loop {
+            match self.group.send(0, &buf) {
+                Sent::Done => break Ok(()),
+                Sent::Detached => break Err(Failed::Writer),
+                Sent::WouldBlock => {
+                    if !writer_alive() {
+                        break Err(Failed::Writer);
+                    }
+                    if Group::sleep(Duration::from_millis(10)) {
+                        break Err(Failed::Stopping);
+                    }
+                }
+            }
+        };
+        self.buf = buf;
+        r
+    }
+
+    /// Wait until the writer has published the end of the current transaction:
+    /// (remote end, local end) of its commit ((0, 0) after a rollback).
+    fn wait_done(&mut self) -> Result<(u64, u64), Failed> {
+        loop {
+            if self.group.last_committed() >= self.seq {
+                return self
+                    .group
+                    .committed(self.seq)
+                    .map(|(r, l, _)| (r, l))
+                    .ok_or(Failed::Writer);
+            }
+            if !writer_alive() {
+                return Err(Failed::Writer);
+            }
+            if Group::sleep(Duration::from_millis(10)) {
+                return Err(Failed::Stopping);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The receiver's `lock_timeout` before the guard set it (while it is on).
+    static SAVED_LOCK_TIMEOUT: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// The receiver's own transactions wait for locks at most [`GUARD_TIMEOUT`] while a
+/// streamed transaction is open in the writer (see the module note); its own setting
+/// comes back after.
+pub(super) fn guard(on: bool) {
+    SAVED_LOCK_TIMEOUT.with(|saved| {
+        let mut saved = saved.borrow_mut();
+        if on {
+            if saved.is_none() {
+                *saved = Some(xact::get_config("lock_timeout").unwrap_or_else(|| "0".into()));
+                xact::set_config("lock_timeout", GUARD_TIMEOUT);
+            }
+        } else if let Some(v) = saved.take() {
+            xact::set_config("lock_timeout", &v);
+        }
+    });
+}
+
+impl Stream {
+    /// Whether streamed transactions can be applied before their commit here.
+    pub(super) fn direct_possible(&self) -> bool {
+        matches!(self.sink, super::Sink::One(_))
+    }
+
+    /// A stream frame (with its raw bytes in `self.raw`), applied early by the stream
+    /// writer. True on SIGTERM.
+    pub(super) fn direct_frame(&mut self, msg: &Message) -> bool {
+        let xid = match msg {
+            Message::StreamStart(s) => s.xid,
+            Message::StreamChange(c) => c.xid,
+            Message::StreamAbort(a) => a.xid,
+            Message::StreamCommit(c) => c.xid,
+            _ => self.direct.as_ref().and_then(|d| d.xid).unwrap_or(0),
+        };
+        let open = self.direct.as_ref().and_then(|d| d.xid);
+        if open.is_some_and(|x| x != xid) {
+            return self.fall_back_direct(xid, "a second streamed transaction while one is open");
+        }
+        let r = match msg {
+            Message::StreamStart(_) => self.direct_start(xid),
+            Message::StreamChange(c)
+                if !matches!(
+                    *c.change,
+                    Message::Insert(_) | Message::Update(_) | Message::Delete(_)
+                ) =>
+            {
+                return self.fall_back_direct(
+                    xid,
+                    &format!("a {} inside the streamed transaction", c.change.kind_name()),
+                );
+            }
+            Message::StreamAbort(a) if a.subxid != a.xid => {
+                return self.fall_back_direct(xid, "a subtransaction of it rolled back");
+            }
+            Message::StreamAbort(_) => return self.direct_abort(),
+            Message::StreamCommit(c) => return self.direct_commit(c),
+            _ => self.forward_raw(),
+        };
+        match r {
+            Ok(()) => false,
+            Err(Failed::Stopping) => true,
+            Err(Failed::Writer) => self.fall_back_direct(xid, "the stream writer stopped"),
+        }
+    }
+
+    /// A relation arrived: the writer may need it for the pieces to come.
+    pub(super) fn direct_relation(&mut self) -> bool {
+        if self.direct.as_ref().is_none_or(|d| d.xid.is_none()) {
+            return false;
+        }
+        match self.forward_raw() {
+            Ok(()) => false,
+            Err(Failed::Stopping) => true,
+            Err(Failed::Writer) => {
+                let xid = self.direct.as_ref().and_then(|d| d.xid).unwrap_or(0);
+                self.fall_back_direct(xid, "the stream writer stopped")
+            }
+        }
+    }
+
+    fn forward_raw(&mut self) -> Result<(), Failed> {
+        let raw = std::mem::take(&mut self.raw);
+        let r = match &mut self.direct {
+            Some(d) => d.send(Ctl::Frame(&raw)),
+            None => Err(Failed::Writer),
+        };
+        self.raw = raw;
+        r
+    }
+
+    fn direct_start(&mut self, xid: u32) -> Result<(), Failed> {
+        if self.direct.is_none() || !writer_alive() {
+            self.direct = Direct::start(self.slot, self.dboid, &self.peer);
+        }
+        let Some(d) = &mut self.direct else {
+            return Err(Failed::Writer);
+        };
+        if d.xid.is_none() {
+            d.xid = Some(xid);
+            d.seq += 1;
+            let seq = d.seq;
+            d.send(Ctl::Begin { seq })?;
+            shmem::update(self.slot, |sl| sl.stats.streamed += 1);
+            guard(true);
+        }
+        self.forward_raw()
+    }
+
+    /// STREAM ABORT of the whole transaction: the writer rolls it back.
+    fn direct_abort(&mut self) -> bool {
+        let r = match &mut self.direct {
+            Some(d) if d.xid.is_some() => {
+                let raw = std::mem::take(&mut self.raw);
+                let r = d
+                    .send(Ctl::Frame(&raw))
+                    .and_then(|_| d.wait_done().map(|_| ()));
+                self.raw = raw;
+                d.xid = None;
+                r
+            }
+            _ => Ok(()),
+        };
+        guard(false);
+        match r {
+            Ok(()) => false,
+            Err(Failed::Stopping) => true,
+            // Rolled back either way (the writer's exit rolls back).
+            Err(Failed::Writer) => {
+                shutdown();
+                self.direct = None;
+                false
+            }
+        }
+    }
+
+    /// STREAM COMMIT: commit through the writer under the origin (see the module note).
+    fn direct_commit(&mut self, c: &wire::StreamCommit) -> bool {
+        if self.direct.as_ref().is_none_or(|d| d.xid != Some(c.xid)) {
+            // Every way a streamed transaction leaves the writer reconnects, so its
+            // COMMIT cannot arrive on this connection.
+            crate::error::raise(&crate::error::ApplyError::Protocol(format!(
+                "STREAM COMMIT of transaction {} from node \"{}\", which the stream writer does not hold",
+                c.xid, self.peer
+            )));
+        }
+        // A commit time in this node's future: wait until it has passed (see
+        // `clock_wait`), with the stream answered.
+        while c.commit_time > xact::now() {
+            if self.clock_wait(c.commit_time) {
+                return true;
+            }
+        }
+        xact::release_origin_session();
+        let d = self.direct.as_mut().expect("checked above");
+        let raw = std::mem::take(&mut self.raw);
+        let mut r = d.send(Ctl::Frame(&raw)).and_then(|_| d.wait_done());
+        self.raw = raw;
+        d.xid = None;
+        if r.is_err() {
+            // The writer must be gone before the session is taken back (it may hold it).
+            shutdown();
+            self.direct = None;
+        }
+        let progress = xact::retake_origin_session();
+        guard(false);
+        if r.is_err() && progress >= c.end_lsn {
+            // It committed, and stopped before it could say so.
+            r = Ok((c.end_lsn, xact::insert_lsn()));
+        }
+        match r {
+            Ok((remote, local)) => {
+                self.sink.tracker().applied(remote, local);
+                super::PENDING.with(|p| p.set((0, None)));
+                shmem::update(self.slot, |sl| sl.stats.stream_commits += 1);
+                let applied = self.sink.tracker().applied_position();
+                super::progress::note_commit(
+                    &shmem::Stats::default(),
+                    [0; 9],
+                    self.received,
+                    applied,
+                    c.commit_time,
+                    self.peer_lsn,
+                );
+                self.last_published = self.now;
+                super::progress::publish_progress(self.slot);
+                false
+            }
+            Err(Failed::Stopping) => true,
+            Err(Failed::Writer) => {
+                self.fall_back_direct(c.xid, "the stream writer failed at the commit")
+            }
+        }
+    }
+
+    /// Give up applying streamed transaction `xid` early (see the module note): stop
+    /// the writer, then reconnect without streaming. True on SIGTERM.
+    pub(super) fn fall_back_direct(&mut self, xid: u32, why: &str) -> bool {
+        let counted = self.direct.as_ref().is_some_and(|d| d.xid.is_some());
+        shutdown();
+        self.direct = None;
+        guard(false);
+        pgrx::log!(
+            "bdr: apply worker for node \"{}\" falls back for streamed transaction {xid}: \
+             {why}; reconnecting without streaming",
+            self.peer
+        );
+        self.fallback.fall_back(xid, self.now);
+        self.restream = true;
+        shmem::update(self.slot, |sl| {
+            if !counted {
+                sl.stats.streamed += 1;
+            }
+            sl.stats.stream_fallbacks += 1;
+        });
+        self.reconnect(false)
+    }
+
+    /// The deadlock guard fired in the receiver's own transaction (see the module note):
+    /// roll it back and fall back. True on SIGTERM.
+    pub(super) fn guard_fired(&mut self) -> bool {
+        if let super::Sink::One(a) = &mut self.sink {
+            a.abandon_after_error();
+        }
+        let xid = self.direct.as_ref().and_then(|d| d.xid).unwrap_or(0);
+        self.fall_back_direct(
+            xid,
+            "an ordinary transaction waited for a row lock of the streamed one",
+        )
+    }
+
+    /// Whether a streamed transaction is open in the writer (the guard is on).
+    pub(super) fn direct_open(&self) -> bool {
+        self.direct.as_ref().is_some_and(|d| d.xid.is_some())
+    }
+}

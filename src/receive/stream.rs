@@ -1,0 +1,267 @@
+//! Streamed transactions on the receiving side (protocol version 4), and the replication
+//! connection they are negotiated on.
+//!
+//! With `bdr.stream_large_transactions` on, the apply worker asks a peer that speaks
+//! version 4 for `streaming 'on'` (never on a forwarding stream: a transaction's origin is
+//! only known at its commit). The peer then sends a transaction that outgrows its
+//! `logical_decoding_work_mem` in pieces before it commits.
+//!
+//! What this build does with a streamed transaction: it **falls back**. At the first
+//! `STREAM START` of a transaction it notes the xid (`bdr_core::streaming::Fallback`),
+//! logs why, counts it (`bdr.apply_stats()`: `streamed`, `stream_fallbacks`) and
+//! reconnects without streaming from what it has applied. The walsender then decodes the
+//! transaction whole at its COMMIT and the ordinary path applies it, with every conflict
+//! rule (last-update-wins needs the commit time, which a streamed transaction only tells
+//! at its end). Streaming is asked for again at a reconnect once the fallen-back
+//! transactions have been applied (their COMMIT seen), or after
+//! `Fallback::RETRY_AFTER` for one rolled back on the peer.
+//!
+//! Why this is safe: nothing of a streamed piece is applied, so nothing of it can be
+//! visible or half-applied; the reconnect happens between transactions, from the flush
+//! tracker's applied position, which never passes an unapplied commit; the peer's slot
+//! keeps the in-progress transaction's WAL (its `restart_lsn` is held back by every
+//! transaction still in progress, streamed or not), and a walsender only skips
+//! transactions whose commit lies before the start position.
+//!
+//! Invariant: every frame read is checked by [`StreamCheck`] first; a stream frame out of
+//! order is an ERROR naming the peer and the position, never a guess.
+
+use super::{lib_err, Stream};
+use crate::error::{raise, ApplyError};
+use crate::pg::libpq::{quote_ident, quote_literal, Conn};
+use crate::pg::shmem;
+use bdr_core::names::slot_name;
+use bdr_core::streaming::StreamCheck;
+use bdr_core::wire::{self, Message};
+use std::time::{Duration, Instant};
+
+/// How to (re)connect to the peer.
+pub(super) struct ConnectArgs {
+    pub repl_dsn: String,
+    pub local: String,
+    pub peer: String,
+    pub forwarded: bool,
+}
+
+/// A new replication connection, streaming from `from`: the connection, the peer's WAL
+/// position at connect, the slot name, and whether the peer streams large transactions.
+pub(super) fn connect(
+    a: &ConnectArgs,
+    from: u64,
+    want_streaming: bool,
+) -> (Conn, u64, String, bool) {
+    let (mut conn, peer_lsn, slot, streaming) = open(a, want_streaming);
+    start(&mut conn, a, &slot, from, streaming, false);
+    (conn, peer_lsn, slot, streaming)
+}
+
+/// Connect and identify, without starting to stream: the connection, the peer's WAL
+/// position, the slot name, and whether streaming will be asked for.
+fn open(a: &ConnectArgs, want_streaming: bool) -> (Conn, u64, String, bool) {
+    let mut conn = Conn::connect(
+        &a.repl_dsn,
+        &format!("bdr_apply_{}_from_{}", a.local, a.peer),
+    )
+    .unwrap_or_else(|e| lib_err(e));
+    // Where the peer's WAL is now: what lag in bytes is measured against until the
+    // stream reports more.
+    let identify = conn.exec("IDENTIFY_SYSTEM").unwrap_or_else(|e| lib_err(e));
+    let peer_lsn = identify
+        .first()
+        .and_then(|r| r.get(2).cloned().flatten())
+        .and_then(|v| wire::parse_lsn(&v))
+        .unwrap_or(0);
+    let provider_dboid = conn
+        .query_value("SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database()")
+        .unwrap_or_else(|e| lib_err(e))
+        .unwrap_or_default();
+    let slot = slot_name(provider_dboid.parse().unwrap_or(0), &a.local);
+    let streaming = want_streaming && !a.forwarded && peer_streams(&mut conn);
+    if streaming {
+        // The walsender streams a transaction once its reorder buffer outgrows
+        // logical_decoding_work_mem (64MB by default): only what comes after that can be
+        // applied before the COMMIT. Its session setting is lowered to at most
+        // STREAM_WORK_MEM_KB so that pieces flow while the transaction runs.
+        conn.exec(&format!(
+            "SELECT pg_catalog.set_config('logical_decoding_work_mem', \
+             least(setting::int, {STREAM_WORK_MEM_KB})::text || 'kB', false) \
+             FROM pg_catalog.pg_settings WHERE name = 'logical_decoding_work_mem'"
+        ))
+        .unwrap_or_else(|e| lib_err(e));
+    }
+    (conn, peer_lsn, slot, streaming)
+}
+
+/// The most a peer's walsender buffers of a transaction before streaming it, when
+/// streaming is asked for (its `logical_decoding_work_mem`, in kB, lowered to this).
+const STREAM_WORK_MEM_KB: u32 = 4096;
+
+/// `START_REPLICATION` on `conn`. With `retry`, a slot still held by the walsender of the
+/// connection just closed is waited for (it exits once it notices; at most 30 s). True
+/// on SIGTERM.
+fn start(
+    conn: &mut Conn,
+    a: &ConnectArgs,
+    slot: &str,
+    from: u64,
+    streaming: bool,
+    retry: bool,
+) -> bool {
+    let cmd = format!(
+        "START_REPLICATION SLOT {} LOGICAL {} (\"min_proto_version\" {}, \"max_proto_version\" {}{}{})",
+        quote_ident(slot),
+        wire::format_lsn(from),
+        quote_literal(&wire::PROTOCOL_VERSION_MIN.to_string()),
+        quote_literal(&wire::PROTOCOL_VERSION_MAX.to_string()),
+        if a.forwarded {
+            ", \"forward_origins\" 'all'"
+        } else {
+            ""
+        },
+        if streaming { ", \"streaming\" 'on'" } else { "" },
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match conn.start_copy(&cmd) {
+            Ok(()) => return false,
+            Err(e)
+                if retry
+                    && Instant::now() < deadline
+                    && e.to_string().contains("is active for PID") =>
+            {
+                if crate::pg::bgw::wait(None, Duration::from_millis(20)) {
+                    return true;
+                }
+            }
+            Err(e) => lib_err(e),
+        }
+    }
+}
+
+/// Whether the peer's bdr speaks protocol version 4 (`bdr.version()` names its range); an
+/// older peer would refuse the `streaming` option.
+fn peer_streams(conn: &mut Conn) -> bool {
+    let Ok(Some(v)) = conn.query_value("SELECT bdr.version()") else {
+        return false;
+    };
+    bdr_core::streaming::version_streams(&v)
+}
+
+impl Stream {
+    /// Check a frame's place in the stream (see the module note); `at` is its write's
+    /// position, for the message.
+    pub(super) fn check_order(&mut self, at: u64, msg: &Message) {
+        if let Err(why) = self.check.check(msg) {
+            raise(&ApplyError::Protocol(format!(
+                "stream frame out of order from node \"{}\" at {}: {why}",
+                self.peer,
+                wire::format_lsn(at)
+            )));
+        }
+        if let Message::Begin(b) = msg {
+            self.cur_xid = Some(b.xid);
+        }
+    }
+
+    /// A stream frame reached the apply step: with one writer it goes to the stream
+    /// writer (`direct.rs`); with parallel apply the first piece of a transaction makes
+    /// this receiver fall back (reconnect without streaming). True on SIGTERM.
+    pub(super) fn streamed_frame(&mut self, msg: &Message) -> bool {
+        if self.direct_possible() {
+            return self.direct_frame(msg);
+        }
+        let Message::StreamStart(s) = msg else {
+            // After a START this connection is given up at once: nothing else of a
+            // streamed transaction can get here.
+            raise(&ApplyError::Protocol(format!(
+                "unexpected {} frame from node \"{}\"",
+                msg.kind_name(),
+                self.peer
+            )));
+        };
+        let why = "streamed transactions are applied whole at their commit by this build";
+        pgrx::log!(
+            "bdr: apply worker for node \"{}\" falls back for streamed transaction {}: {why}; \
+             reconnecting without streaming",
+            self.peer,
+            s.xid
+        );
+        self.fallback.fall_back(s.xid, self.now);
+        self.restream = true;
+        shmem::update(self.slot, |sl| {
+            sl.stats.streamed += 1;
+            sl.stats.stream_fallbacks += 1;
+        });
+        self.reconnect(false)
+    }
+
+    /// A transaction committed (or the stream is idle): ask for streaming again once
+    /// nothing fallen back is outstanding. True on SIGTERM.
+    pub(super) fn maybe_restream(&mut self) -> bool {
+        if !self.restream
+            || self.streaming
+            || !self.want_streaming
+            || self.sink.in_transaction()
+            || self.held.is_some()
+            || !self.fallback.may_stream(Instant::now())
+        {
+            return false;
+        }
+        if self.fallback.pending() {
+            pgrx::log!(
+                "bdr: apply worker for node \"{}\" asks for streaming again (a fallen-back \
+                 transaction never arrived: rolled back on the peer)",
+                self.peer
+            );
+        }
+        self.fallback.clear();
+        self.restream = false;
+        self.reconnect(true)
+    }
+
+    /// Close the connection between transactions and open a new one from what was
+    /// applied. True on SIGTERM (while parallel writers drain).
+    pub(super) fn reconnect(&mut self, want_streaming: bool) -> bool {
+        // A streamed transaction open in the stream writer is rolled back: the new
+        // connection sends it again, from its start or whole.
+        if self.direct_open() {
+            super::direct::shutdown();
+            self.direct = None;
+            super::direct::guard(false);
+        }
+        if let super::Sink::Many(d) = &mut self.sink {
+            if d.drain() {
+                return true;
+            }
+        }
+        self.poll_writers();
+        let from = self.sink.tracker().applied_position();
+        let (conn, peer_lsn, slot, streaming) = open(&self.connect_args, want_streaming);
+        // Closing the old connection ends its walsender, which then frees the slot.
+        drop(std::mem::replace(&mut self.conn, conn));
+        if start(
+            &mut self.conn,
+            &self.connect_args,
+            &slot,
+            from,
+            streaming,
+            true,
+        ) {
+            return true;
+        }
+        self.streaming = streaming;
+        self.batch = None;
+        self.check = StreamCheck::default();
+        self.cur_xid = None;
+        self.last_heard = Instant::now();
+        self.heard(peer_lsn, true);
+        shmem::update(self.slot, |s| s.stats.connects += 1);
+        pgrx::log!(
+            "bdr: apply worker for node \"{}\" reconnected at {}{}",
+            self.peer,
+            wire::format_lsn(from),
+            if streaming { " with streaming" } else { "" }
+        );
+        false
+    }
+}

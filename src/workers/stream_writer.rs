@@ -1,0 +1,177 @@
+//! A stream writer: applies a transaction streamed by the peer (protocol version 4) while
+//! it is still running there, so that at its STREAM COMMIT only the commit remains.
+//!
+//! Why this way: the receiver (the apply worker of one peer, `bdr.writers_per_peer` = 1)
+//! must keep applying the ordinary transactions that arrive between the streamed pieces,
+//! each committed in order, while the streamed one stays open; one process holds one
+//! transaction, so the streamed one lives here. The receiver starts this worker at the
+//! first streamed piece (`src/receive/direct.rs`) and feeds it over a shared-memory queue
+//! (the parallel-apply group of `src/pg/mq.rs`, with one queue): `Begin(seq)` then the
+//! raw frames `S` (piece start), `R` (relations), `X` (changes), `E` (piece stop), and
+//! `c` (commit) or `A` (roll back).
+//!
+//! The changes are applied by an [`Applier`] in streamed mode: whatever would need the
+//! commit time (a last-update-wins decision) raises `ApplyError::StreamFallback`
+//! (`bdr_core::streaming::direct_apply`). Any error here ends the worker (its transaction
+//! rolls back with it) after setting the group's abort flag; the receiver sees it and
+//! falls back to the whole-transaction path.
+//!
+//! Invariants: the transaction commits only on the receiver's `c`, under the peer's
+//! origin with the origin's session set up for that commit only (the receiver released
+//! it first: `xact::commit_remote_turn`), and is published with (remote end, local end)
+//! through `Group::committed_here`; nothing of it is visible before. The worker leaves
+//! when its receiver does (the queue detaches), rolling back what it holds.
+
+use crate::apply::{Applier, Link};
+use crate::catalog::nodes;
+use crate::error::{raise, ApplyError};
+use crate::pg::mq::Group;
+use crate::pg::{bgw, shmem, xact};
+use bdr_core::parallel::Ctl;
+use bdr_core::wire::{self, Message};
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+
+crate::pg::bgw::worker_entry!(bdr_stream_writer_main => main);
+
+/// What a stream writer's `bgw_extra` says: "<segment handle> <slot> <peer>".
+pub fn extra(handle: u32, slot: usize, peer: &str) -> String {
+    format!("{handle} {slot} {peer}")
+}
+
+/// The worker's body, started by its receiver at `bdr_stream_writer_main`.
+pub fn main(arg: pg_sys::Datum) {
+    let dboid = bgw::connect_writer_to_arg_database(arg);
+    let extra = BackgroundWorker::get_extra().to_string();
+    let mut parts = extra.splitn(3, ' ');
+    let (Some(handle), Some(slot), Some(peer_name)) = (
+        parts.next().and_then(|v| v.parse::<u32>().ok()),
+        parts.next().and_then(|v| v.parse::<usize>().ok()),
+        parts.next(),
+    ) else {
+        pgrx::warning!("bdr: stream writer started with a bad argument \"{extra}\"");
+        return;
+    };
+    let Some(group) = Group::attach(handle, 0) else {
+        pgrx::log!("bdr: stream writer for \"{peer_name}\": its receiver is gone");
+        return;
+    };
+    xact::set_config("session_replication_role", "replica");
+    xact::set_config("synchronous_commit", "off");
+    xact::begin();
+    let (local, peer) = (nodes::local(), nodes::by_name(peer_name));
+    xact::commit();
+    let (Some(local), Some(peer)) = (local, peer) else {
+        group.set_abort();
+        return;
+    };
+    xact::install_error_context();
+    crate::pg::relcache::watch();
+    crate::pg::utility::set_applying();
+    let aborter = group.aborter();
+    let (local_ref, peer_ref) = (&local, &peer);
+    let group_cell = std::panic::AssertUnwindSafe(group);
+    PgTryBuilder::new(move || {
+        let mut g = group_cell;
+        run(&mut g.0, slot, dboid, local_ref, peer_ref)
+    })
+    .catch_others(|e| {
+        // Whatever went wrong, the receiver falls back: say why in the log (not in the
+        // apply worker's slot: this is not an apply failure), roll back, and leave.
+        let msg = match &e {
+            CaughtError::PostgresError(r)
+            | CaughtError::ErrorReport(r)
+            | CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+        };
+        pgrx::log!(
+            "bdr: stream writer for node \"{}\" gives up its transaction: {msg}",
+            peer.name
+        );
+        xact::abort();
+        xact::clear_origin();
+        aborter.set_abort();
+    })
+    .execute();
+}
+
+fn run(group: &mut Group, slot: usize, dboid: u32, local: &nodes::Node, peer: &nodes::Node) {
+    let link = Link {
+        forwarded: false,
+        requeue_ddl: peer.hub.as_deref() == Some(local.name.as_str()),
+    };
+    let mut applier = Applier::new(peer, local, 0);
+    applier.set_link(dboid, link);
+    // Changes are stamped with the peer's origin; its session is set up for the commit.
+    applier.set_parallel();
+    let mut seq = 0u64;
+    loop {
+        let msg = {
+            let Some(buf) = group.receive() else {
+                break;
+            };
+            match Ctl::decode(buf) {
+                Some(Ctl::Begin { seq: s }) => {
+                    bgw::reload_if_asked();
+                    seq = s;
+                    continue;
+                }
+                Some(Ctl::Frame(f)) => wire::decode_frame(f).unwrap_or_else(|e| {
+                    raise(&ApplyError::Protocol(format!(
+                        "bad frame from the receiver: {e}"
+                    )))
+                }),
+                _ => raise(&ApplyError::Protocol(
+                    "bad control message from the receiver".into(),
+                )),
+            }
+        };
+        match msg {
+            Message::Relation(_) => applier.handle(msg),
+            Message::StreamStart(s) => {
+                if applier.in_transaction() {
+                    // Ordinary transactions committed since the last piece: see them.
+                    xact::refresh_snapshot();
+                } else {
+                    applier.begin_streamed(s.xid);
+                }
+            }
+            Message::StreamStop => {}
+            Message::StreamChange(c) => match *c.change {
+                m @ (Message::Insert(_) | Message::Update(_) | Message::Delete(_)) => {
+                    applier.handle(m)
+                }
+                m => raise(&ApplyError::StreamFallback {
+                    peer: peer.name.clone(),
+                    why: format!("a {} inside the stream", m.kind_name()),
+                }),
+            },
+            Message::StreamCommit(c) => {
+                applier.commit_streamed(&c);
+                let (remote_end, local_end) = applier.last_done;
+                let (counts, conflicts) = applier.take_counts();
+                shmem::update(slot, |s| {
+                    s.stats.add(&counts);
+                    for (total, new) in s.conflicts.iter_mut().zip(conflicts) {
+                        *total += new;
+                    }
+                });
+                group.committed_here(seq, remote_end, local_end, c.commit_time);
+            }
+            Message::StreamAbort(_) => {
+                if applier.in_transaction() {
+                    applier.abandon();
+                }
+                group.committed_here(seq, 0, 0, 0);
+            }
+            m => raise(&ApplyError::Protocol(format!(
+                "{} frame sent to a stream writer",
+                m.kind_name()
+            ))),
+        }
+    }
+    // The receiver left: what is in progress is rolled back, never committed.
+    if applier.in_transaction() {
+        xact::abort();
+    }
+}
