@@ -277,6 +277,9 @@ fn serve(
                 } else if upper.starts_with("SELECT") {
                     let v = if q.contains("pg_database") {
                         "16384"
+                    } else if q.contains("bdr.version") {
+                        // A peer of this build: it may be asked to stream (protocol 4).
+                        "bdr 0.1.0 (protocol 1..4)"
                     } else {
                         "0/5000000"
                     };

@@ -24,6 +24,9 @@ fn group_of(b: pg_test::ClusterBuilder) -> Cluster {
         .nodes(2)
         .conf("logical_decoding_work_mem", "'64kB'")
         .conf("bdr.stream_large_transactions", "on")
+        // Streaming is for one writer per peer (parallel apply never asks for it:
+        // `parallel_apply_never_asks_for_streaming`), whatever BDR_TEST_CONF says.
+        .writers_per_peer(1)
         .conf("bdr.apply_retry_max_delay", "'1s'")
         .start();
     for n in c.nodes() {
@@ -681,4 +684,35 @@ fn measure_how_much_of_a_big_transaction_streams_before_commit() {
     big.batch_execute("COMMIT").unwrap();
     wait_for_catchup(&c);
     stats("after COMMIT");
+}
+
+/// With parallel apply the apply worker never asks for streaming (every streamed
+/// transaction would fall back and be decoded twice): a big transaction arrives whole at
+/// its commit, nothing is counted as streamed.
+#[test]
+fn parallel_apply_never_asks_for_streaming() {
+    let c = Cluster::builder()
+        .name("stream_parallel")
+        .nodes(2)
+        .conf("logical_decoding_work_mem", "'64kB'")
+        .conf("bdr.stream_large_transactions", "on")
+        .writers_per_peer(3)
+        .start();
+    form_group(&c);
+    let (a, b) = (c.node(0), c.node(1));
+    a.execute("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    wait_for_catchup(&c);
+    a.execute("INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g");
+    wait_for_catchup(&c);
+    assert_eq!(count(b, "SELECT count(*) FROM t"), 20000);
+    assert_same_everywhere(&c, "t");
+    assert_eq!(
+        stream_counts(b, "node1"),
+        (0, 0, 0),
+        "nothing streamed to node2"
+    );
+    assert!(
+        !b.log().contains("(large transactions streamed)"),
+        "node2 asked for streaming with parallel apply"
+    );
 }

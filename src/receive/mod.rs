@@ -451,7 +451,11 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         peer: peer.to_string(),
         forwarded: link.forwarded,
     };
-    let want_streaming = crate::gucs::STREAM_LARGE_TRANSACTIONS.get();
+    // Only one writer applies a streamed transaction before its commit (the stream
+    // writer); parallel apply would fall back for every one, and each fallback makes the
+    // peer decode the transaction twice: it does not ask.
+    let want_streaming =
+        crate::gucs::STREAM_LARGE_TRANSACTIONS.get() && matches!(sink, Sink::One(_));
     let (conn, peer_lsn, slot_name, streaming) =
         stream::connect(&connect_args, progress, want_streaming);
     shmem::update(slot, |s| s.state = shmem::State::Streaming);

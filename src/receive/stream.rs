@@ -151,6 +151,22 @@ impl Stream {
     /// Check a frame's place in the stream (see the module note); `at` is its write's
     /// position, for the message.
     pub(super) fn check_order(&mut self, at: u64, msg: &Message) {
+        let stream_frame = matches!(
+            msg,
+            Message::StreamStart(_)
+                | Message::StreamStop
+                | Message::StreamChange(_)
+                | Message::StreamAbort(_)
+                | Message::StreamCommit(_)
+        );
+        if stream_frame && !self.streaming {
+            raise(&ApplyError::Protocol(format!(
+                "{} frame from node \"{}\" at {}, but this connection did not ask for streaming",
+                msg.kind_name(),
+                self.peer,
+                wire::format_lsn(at)
+            )));
+        }
         if let Err(why) = self.check.check(msg) {
             raise(&ApplyError::Protocol(format!(
                 "stream frame out of order from node \"{}\" at {}: {why}",
