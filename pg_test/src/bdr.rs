@@ -13,6 +13,26 @@ pub fn form_group(c: &Cluster) {
     form_group_with(c, Node::dsn);
 }
 
+/// The scenario most apply tests start from: a login role `app` on every node, the group
+/// formed, and a table `t (id int PRIMARY KEY, v text)` created on the first node (DDL
+/// replication takes it everywhere) with every right on it granted to `app`; returns once
+/// `t` exists on every node.
+pub fn form_group_with_app_table(c: &Cluster) {
+    for n in c.nodes() {
+        n.execute("CREATE ROLE app LOGIN");
+    }
+    form_group(c);
+    c.node(0).execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); GRANT ALL ON t TO app; \
+         GRANT USAGE ON SCHEMA bdr TO app;",
+    );
+    for n in c.nodes() {
+        crate::wait_until(&format!("t on {}", n.name()), CATCHUP, || {
+            n.query_scalar::<bool>("SELECT to_regclass('public.t') IS NOT NULL")
+        });
+    }
+}
+
 /// [`form_group`] with each node's DSN given by `dsn` (e.g. [`Node::service_dsn`]).
 pub fn form_group_with(c: &Cluster, dsn: fn(&Node) -> String) {
     for n in c.nodes() {

@@ -7,7 +7,10 @@
 //! Other suites run with parallel apply too: `BDR_TEST_CONF='bdr.writers_per_peer=4'`
 //! (docs/testing.md), e.g. conflicts.rs with `BDR_SOAK_SEEDS=100`.
 
-use pg_test::bdr::{assert_same_everywhere, conflicts, form_group, wait_for_catchup, CATCHUP};
+use pg_test::bdr::{
+    assert_same_everywhere, conflicts, form_group, form_group_with_app_table, wait_for_catchup,
+    CATCHUP,
+};
 use pg_test::{wait_until, Cluster, Node, Rng};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,19 +32,7 @@ fn group(name: &str, n: usize) -> Cluster {
         .writers_per_peer(k)
         .conf("bdr.apply_retry_max_delay", "'1s'")
         .start();
-    for n in c.nodes() {
-        n.execute("CREATE ROLE app LOGIN");
-    }
-    form_group(&c);
-    c.node(0).execute(
-        "CREATE TABLE t (id int PRIMARY KEY, v text); GRANT ALL ON t TO app; \
-         GRANT USAGE ON SCHEMA bdr TO app;",
-    );
-    for n in c.nodes() {
-        wait_until(&format!("t on {}", n.name()), CATCHUP, || {
-            n.query_scalar::<bool>("SELECT to_regclass('public.t') IS NOT NULL")
-        });
-    }
+    form_group_with_app_table(&c);
     c
 }
 

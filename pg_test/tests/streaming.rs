@@ -9,7 +9,10 @@
 //! commit): the scenarios check that nothing is lost, duplicated, or applied of a
 //! transaction rolled back, and that streaming is asked for again afterwards.
 
-use pg_test::bdr::{assert_same_everywhere, conflicts, form_group, wait_for_catchup, CATCHUP};
+use pg_test::bdr::{
+    assert_same_everywhere, conflicts, form_group, form_group_with_app_table, wait_for_catchup,
+    CATCHUP,
+};
 use pg_test::{wait_until, Cluster, Node};
 
 /// Two nodes streaming large transactions to each other, an application role, and
@@ -29,19 +32,7 @@ fn group_of(b: pg_test::ClusterBuilder) -> Cluster {
         .writers_per_peer(1)
         .conf("bdr.apply_retry_max_delay", "'1s'")
         .start();
-    for n in c.nodes() {
-        n.execute("CREATE ROLE app LOGIN");
-    }
-    form_group(&c);
-    c.node(0).execute(
-        "CREATE TABLE t (id int PRIMARY KEY, v text); GRANT ALL ON t TO app; \
-         GRANT USAGE ON SCHEMA bdr TO app;",
-    );
-    for n in c.nodes() {
-        wait_until(&format!("t on {}", n.name()), CATCHUP, || {
-            n.query_scalar::<bool>("SELECT to_regclass('public.t') IS NOT NULL")
-        });
-    }
+    form_group_with_app_table(&c);
     wait_streaming(c.node(1), "node1");
     c
 }

@@ -57,18 +57,10 @@ pub fn main(arg: pg_sys::Datum) {
         pgrx::log!("bdr: stream writer for \"{peer_name}\": its receiver is gone");
         return;
     };
-    xact::set_config("session_replication_role", "replica");
-    xact::set_config("synchronous_commit", "off");
-    xact::begin();
-    let (local, peer) = (nodes::local(), nodes::by_name(peer_name));
-    xact::commit();
-    let (Some(local), Some(peer)) = (local, peer) else {
+    let Some((local, peer)) = super::writer::session(peer_name) else {
         group.set_abort();
         return;
     };
-    xact::install_error_context();
-    crate::pg::relcache::watch();
-    crate::pg::utility::set_applying();
     let aborter = group.aborter();
     let (local_ref, peer_ref) = (&local, &peer);
     let group_cell = std::panic::AssertUnwindSafe(group);

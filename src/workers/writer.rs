@@ -17,7 +17,7 @@
 //! changes and conflicts are added to the receiver's shared-memory slot as it commits.
 
 use crate::apply::{Applier, Link};
-use crate::catalog::nodes;
+use crate::catalog::nodes::{self, Node};
 use crate::error::{raise, ApplyError};
 use crate::pg::mq::{Group, WaitFailed};
 use crate::pg::{bgw, shmem, xact};
@@ -31,6 +31,25 @@ crate::pg::bgw::worker_entry!(bdr_writer_main => main);
 /// What a writer's `bgw_extra` says: "<segment handle> <writer index> <slot> <peer>".
 pub fn extra(handle: u32, w: usize, slot: usize, peer: &str) -> String {
     format!("{handle} {w} {slot} {peer}")
+}
+
+/// Set up an applying session for a process that applies `peer_name`'s changes beside its
+/// receiver (a parallel apply writer, a stream writer): replica role, asynchronous
+/// commits (flush feedback follows WAL flushes), the error context, relcache watch and the
+/// applying flag. The local node and the peer, or None if either is gone.
+pub(super) fn session(peer_name: &str) -> Option<(Node, Node)> {
+    xact::set_config("session_replication_role", "replica");
+    xact::set_config("synchronous_commit", "off");
+    xact::begin();
+    let (local, peer) = (nodes::local(), nodes::by_name(peer_name));
+    xact::commit();
+    let (Some(local), Some(peer)) = (local, peer) else {
+        return None;
+    };
+    xact::install_error_context();
+    crate::pg::relcache::watch();
+    crate::pg::utility::set_applying();
+    Some((local, peer))
 }
 
 /// The writer's body, started by its receiver at `bdr_writer_main`.
@@ -51,17 +70,9 @@ pub fn main(arg: pg_sys::Datum) {
         pgrx::log!("bdr: parallel apply writer for \"{peer_name}\": its receiver is gone");
         return;
     };
-    xact::set_config("session_replication_role", "replica");
-    xact::set_config("synchronous_commit", "off");
-    xact::begin();
-    let (local, peer) = (nodes::local(), nodes::by_name(peer_name));
-    xact::commit();
-    let (Some(local), Some(peer)) = (local, peer) else {
+    let Some((local, peer)) = session(peer_name) else {
         return;
     };
-    xact::install_error_context();
-    crate::pg::relcache::watch();
-    crate::pg::utility::set_applying();
     let aborter = group.aborter();
     let (local_ref, peer_ref) = (&local, &peer);
     let group_cell = std::panic::AssertUnwindSafe(group);
