@@ -28,6 +28,13 @@ case "${1:-}" in
       cargo run --release -q -p bdr-bench -- profile-update "$sys"
     done
     ;;
+  profile-live)
+    # Workload 4b's shape with one peer: B's apply process following A live.
+    for sys in bdr native; do
+      echo "==> profiling the $sys apply process following a live writer (BENCH_SCALE=${BENCH_SCALE:-1})"
+      cargo run --release -q -p bdr-bench -- profile-live "$sys"
+    done
+    ;;
   profile-big)
     # Workload 0: A's walsender and B's apply process from one big COMMIT to visible.
     for sys in bdr native; do

@@ -23,7 +23,7 @@
 //!
 //! Subcommands: `keys` ([`keys`]), `profile [system]`, `profile-update [system]`,
 //! `profile-big [system]` and
-//! `profile-writer [system]` ([`profile`]).
+//! `profile-writer [system]`, `profile-live [system]` ([`profile`]).
 
 mod keys;
 mod procs;
@@ -917,6 +917,7 @@ fn main() {
         Some("profile-update") => return profile::profile_update(sys_arg()),
         Some("profile-big") => return profile::profile_big(sys_arg()),
         Some("profile-writer") => return profile::profile_writer(sys_arg()),
+        Some("profile-live") => return profile::profile_live(sys_arg()),
         _ => {}
     }
     let runs: usize = std::env::var("BENCH_RUNS")

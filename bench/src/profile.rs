@@ -10,6 +10,8 @@
 //!   B's apply process, each in its own `perf record`, from the COMMIT of one big
 //!   transaction on A until its rows are visible on B (apply not held).
 //! - `profile-writer`: the writer backends of a lone node (see [`profile_writer`]).
+//! - `profile-live`: B's apply process following A live under 4 writing clients
+//!   (workload 4b's shape with one peer, see [`profile_live`]).
 //!
 //! Reports go to `bench/results/profile-<system>.txt`, `profile-update-<system>.txt`,
 //! `profile-big-<system>.txt` and
@@ -297,6 +299,46 @@ pub fn profile_writer(sys: System) {
         perf_report(&out.1)
     );
     publish(&format!("profile-writer-{}.txt", sys.name()), &report);
+}
+
+/// `bdr-bench profile-live`: B's apply process while it follows A live (apply not held):
+/// 4 pgbench clients commit single-row INSERTs on A for a while, as in workload 4b, and
+/// B applies each transaction as it arrives (one wake-up per transaction or few, unlike
+/// a backlog's catch-up).
+pub fn profile_live(sys: System) {
+    let secs = ((20.0 * scale()) as u64).max(5);
+    let c = setup(sys, 2);
+    let (a, b) = (c.node(0), c.node(1));
+    let mut pid = None;
+    wait_until("apply process", Duration::from_secs(60), || {
+        pid = apply_pid(sys, b);
+        pid.is_some()
+    });
+    let before: i64 = a.query_scalar("SELECT count(*) FROM small");
+    let data = std::env::temp_dir().join(format!("bdr-live-{}.perf", sys.name()));
+    let cpu_before = procs::snapshot(&[a, b]);
+    let perf = perf_record(pid.unwrap(), &data);
+    let out = crate::pgbench(
+        a,
+        &["-c", "4", "-j", "2", "-T", &secs.to_string()],
+        "INSERT INTO small (v) VALUES (1);\n",
+    );
+    let committed: i64 = a.query_scalar("SELECT count(*) FROM small");
+    wait_until("B caught up", Duration::from_secs(600), || {
+        b.query_scalar::<i64>("SELECT count(*) FROM small") >= committed
+    });
+    perf_stop(perf);
+    let cpu_table = procs::by_process(&cpu_before, &procs::snapshot(&[a, b]));
+    let report = format!(
+        "{} apply process following A live: 4 pgbench clients, single-row INSERT, {secs} s, \
+         {:.0} TPS on A ({} transactions)\n\nCPU used meanwhile, by process (both nodes):\n\
+         {cpu_table}\nperf record -F 2000 of B's apply process, {}",
+        sys.name(),
+        crate::tps(&out),
+        committed - before,
+        perf_report(&data)
+    );
+    publish(&format!("profile-live-{}.txt", sys.name()), &report);
 }
 
 /// Print a profile report and write it to `bench/results/<name>`.

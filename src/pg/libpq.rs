@@ -64,6 +64,8 @@ impl Conn {
             dsn: safe_dsn.clone(),
             message: "connection string contains a NUL byte".into(),
         })?;
+        // A new socket may take the number of one a kept wait set watched.
+        crate::pg::bgw::forget_socket_waits();
         // SAFETY: c is a valid C string; the result is checked and owned by Conn.
         let raw = unsafe { pq::PQconnectdb(c.as_ptr()) };
         let conn = Conn { raw, safe_dsn };
@@ -339,6 +341,7 @@ impl Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         if !self.raw.is_null() {
+            crate::pg::bgw::forget_socket_waits();
             // SAFETY: we own the connection; it is not used after this.
             unsafe { pq::PQfinish(self.raw) };
         }
