@@ -294,3 +294,11 @@ pub fn rss_anon_kb(pid: i32) -> i64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
+
+/// SIGKILL one process of a test server (a backend or background worker: its crash, as
+/// the postmaster sees it). The servers run as this user, or as root's `postgres` user,
+/// which root may signal. False if the process was not there.
+pub fn kill9_pid(pid: i32) -> bool {
+    // SAFETY: a signal to a process of our own test server.
+    unsafe { libc::kill(pid, libc::SIGKILL) == 0 }
+}

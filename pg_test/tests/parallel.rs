@@ -11,6 +11,7 @@ use pg_test::bdr::{
     assert_same_everywhere, conflicts, form_group, form_group_with_app_table, wait_for_catchup,
     CATCHUP,
 };
+use pg_test::sys::kill9_pid as kill9;
 use pg_test::{wait_until, Cluster, Node, Rng};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -212,20 +213,6 @@ fn pid_of(n: &Node, sql: &str) -> Option<i32> {
         .ok()
         .flatten()
         .and_then(|r| r.get::<_, Option<i32>>(0))
-}
-
-fn kill9(pid: i32) {
-    let ok = std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        // The servers run as postgres: kill through sudo/runuser like the harness.
-        let _ = std::process::Command::new("runuser")
-            .args(["-u", "postgres", "--", "kill", "-9", &pid.to_string()])
-            .status();
-    }
 }
 
 /// Wait until node `n` is back up with its writers running (after a crash restart).

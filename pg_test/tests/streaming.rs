@@ -13,6 +13,7 @@ use pg_test::bdr::{
     assert_same_everywhere, conflicts, form_group, form_group_with_app_table, wait_for_catchup,
     CATCHUP,
 };
+use pg_test::sys::kill9_pid as kill9;
 use pg_test::{wait_until, Cluster, Node};
 
 /// Two nodes streaming large transactions to each other, an application role, and
@@ -602,20 +603,6 @@ fn restarts(n: &Node) -> usize {
     n.log()
         .matches("all server processes terminated; reinitializing")
         .count()
-}
-
-fn kill9(pid: i32) {
-    let ok = std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        // The servers run as postgres: kill through runuser like the harness.
-        let _ = std::process::Command::new("runuser")
-            .args(["-u", "postgres", "--", "kill", "-9", &pid.to_string()])
-            .status();
-    }
 }
 
 /// Measurement, not a check (`cargo test -p pg_test --test streaming -- --ignored`):

@@ -70,6 +70,21 @@ unsafe fn socket_set(fd: i32) -> *mut pg_sys::WaitEventSet {
     }
 }
 
+/// Sleep until this process's latch is set or `ms` milliseconds pass (exits if the
+/// postmaster died), then reset the latch.
+pub fn sleep_on_latch(ms: i64) {
+    // SAFETY: MyLatch is this process's latch, set up for every backend and worker.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+}
+
 /// Wait until the latch is set, `socket` (if any) is readable, or `timeout` passes.
 /// Exits the process if the postmaster died. Returns true if SIGTERM was received.
 pub fn wait(socket: Option<i32>, timeout: Duration) -> bool {
@@ -83,16 +98,7 @@ pub fn wait(socket: Option<i32>, timeout: Duration) -> bool {
             pg_sys::WaitEventSetWait(set, ms, &mut ev, 1, pg_sys::PG_WAIT_EXTENSION);
             pg_sys::ResetLatch(pg_sys::MyLatch);
         },
-        // SAFETY: MyLatch is this process's latch.
-        _ => unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                ms,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        },
+        _ => sleep_on_latch(ms),
     }
     pgrx::check_for_interrupts!();
     if BackgroundWorker::sighup_received() {

@@ -151,13 +151,7 @@ pub fn nap(ms: i64) -> Option<Interrupt> {
             pg_sys::QueryCancelPending = 0;
             return Some(Interrupt::Cancel);
         }
-        pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            ms,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        pg_sys::ResetLatch(pg_sys::MyLatch);
+        crate::pg::bgw::sleep_on_latch(ms);
     }
     None
 }
