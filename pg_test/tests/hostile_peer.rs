@@ -274,6 +274,7 @@ fn run(k: usize) {
     let c: Cluster = Cluster::builder()
         .nodes(1)
         .writers_per_peer(k)
+        .conf("bdr.stream_large_transactions", "on")
         .conf("bdr.apply_retry_max_delay", "200ms")
         .start();
     let n: &Node = c.node(0);
