@@ -282,13 +282,7 @@ impl Applier {
                     raise(&ApplyError::Protocol("BEGIN inside a transaction".into()));
                 }
                 self.begin = Some(b);
-                self.changes = 0;
-                self.pending_cci = false;
-                self.ddl_applied = false;
-                self.ack_now = false;
-                self.context("begin", None);
-                xact::begin();
-                self.route_origin();
+                self.start_transaction("begin");
                 let b = self.begin.as_ref().expect("set above");
                 self.resolver.begin(b, self.forwarded.clone());
             }
@@ -345,14 +339,20 @@ impl Applier {
             commit_time: 0,
             origin: None,
         });
+        self.start_transaction("stream start");
+        self.resolver.begin_streamed(xid);
+    }
+
+    /// The local transaction of the remote one `self.begin` now describes: per-transaction
+    /// state reset, error context, BEGIN, and the origin its changes are stamped with.
+    fn start_transaction(&mut self, what: &'static str) {
         self.changes = 0;
         self.pending_cci = false;
         self.ddl_applied = false;
         self.ack_now = false;
-        self.context("stream start", None);
+        self.context(what, None);
         xact::begin();
         self.route_origin();
-        self.resolver.begin_streamed(xid);
     }
 
     /// A stream writer: the streamed transaction committed on the peer: commit it here

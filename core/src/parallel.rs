@@ -39,6 +39,11 @@ impl Ctl<'_> {
     /// Encode into `out` (cleared first).
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.clear();
+        self.append(out);
+    }
+
+    /// Append the encoding (tag, then the sequence number or the frame's bytes) to `out`.
+    fn append(&self, out: &mut Vec<u8>) {
         match self {
             Ctl::Begin { seq } => {
                 out.push(TAG_BEGIN);
@@ -60,20 +65,7 @@ impl Ctl<'_> {
     pub fn push_to_batch(&self, out: &mut Vec<u8>) {
         let at = out.len();
         out.extend_from_slice(&[0; 4]);
-        match self {
-            Ctl::Begin { seq } => {
-                out.push(TAG_BEGIN);
-                out.extend_from_slice(&seq.to_le_bytes());
-            }
-            Ctl::Wait { seq } => {
-                out.push(TAG_WAIT);
-                out.extend_from_slice(&seq.to_le_bytes());
-            }
-            Ctl::Frame(f) => {
-                out.push(TAG_FRAME);
-                out.extend_from_slice(f);
-            }
-        }
+        self.append(out);
         let len = (out.len() - at - 4) as u32;
         out[at..at + 4].copy_from_slice(&len.to_le_bytes());
     }
