@@ -64,10 +64,9 @@ pub static WRITERS_PER_PEER: GucSetting<i32> = GucSetting::<i32>::new(1);
 
 /// `bdr.stream_large_transactions`: ask peers to stream a transaction that outgrows
 /// their `logical_decoding_work_mem` before it commits (protocol version 4). Read when an
-/// apply worker connects (see `src/receive/stream.rs`). Off by default: a conflict met
-/// by the stream writer was seen to leave the transaction unapplied (docs/limitations.md);
-/// with one writer per peer the pieces are applied before the commit (`src/receive/direct.rs`).
-pub static STREAM_LARGE_TRANSACTIONS: GucSetting<bool> = GucSetting::<bool>::new(false);
+/// apply worker connects (see `src/receive/stream.rs`). With one writer per peer the
+/// pieces are applied before the commit (`src/receive/direct.rs`).
+pub static STREAM_LARGE_TRANSACTIONS: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 /// Register the settings; called once from `_PG_init`.
 pub fn init() {

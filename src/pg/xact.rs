@@ -305,11 +305,19 @@ impl std::fmt::Display for ApplyContext {
         }
         write!(
             f,
-            " from node \"{}\" in remote transaction {} committed at LSN {}",
-            self.peer,
-            self.xid,
-            bdr_core::wire::format_lsn(self.lsn)
-        )
+            " from node \"{}\" in remote transaction {}",
+            self.peer, self.xid
+        )?;
+        if self.lsn == 0 {
+            // A streamed transaction, applied before the peer committed it.
+            write!(f, " (streamed, not committed yet)")
+        } else {
+            write!(
+                f,
+                " committed at LSN {}",
+                bdr_core::wire::format_lsn(self.lsn)
+            )
+        }
     }
 }
 

@@ -241,6 +241,12 @@ impl Stream {
     }
 
     fn direct_start(&mut self, xid: u32) -> Result<(), Failed> {
+        // A writer that stopped while holding this transaction took its earlier pieces
+        // with it: the transaction can only be had whole (fall back), never continued in
+        // a new writer, which would commit its later pieces alone.
+        if self.direct_open() && !writer_alive() {
+            return Err(Failed::Writer);
+        }
         if self.direct.is_none() || !writer_alive() {
             self.direct = Direct::start(self.slot, self.dboid, &self.peer);
         }

@@ -195,9 +195,12 @@ impl Stream {
             let start = b.start;
             let from = b.pos;
             let msg = b.next(&self.peer);
-            if matches!(self.sink, Sink::Many(_)) || self.streaming {
+            if matches!(self.sink, Sink::Many(_))
+                || self.streaming && (msg.is_stream() || matches!(msg, Message::Relation(_)))
+            {
                 // Parallel apply forwards each frame's own bytes to a writer, and so
-                // does a streamed transaction's apply to the stream writer.
+                // does a streamed transaction's apply to the stream writer (its pieces,
+                // and the relations it may need).
                 self.raw.clear();
                 self.raw.extend_from_slice(&b.buf[from..b.pos]);
             }
