@@ -295,6 +295,28 @@ pub fn rss_anon_kb(pid: i32) -> i64 {
         .unwrap_or(0)
 }
 
+/// How many dynamic shared memory segments of `min_kb..=max_kb` process `pid` has mapped
+/// (POSIX segments, `/dev/shm/PostgreSQL.<handle>`, PostgreSQL's default
+/// `dynamic_shared_memory_type`). The size tells bdr's segments from PostgreSQL's own
+/// (e.g. the statistics' 1 MB area).
+pub fn dsm_mappings(pid: i32, min_kb: u64, max_kb: u64) -> usize {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let mut segs: Vec<&str> = maps
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (range, path) = (f.next()?, f.nth(4)?);
+            let (a, b) = range.split_once('-')?;
+            let kb = (u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?) / 1024;
+            (path.starts_with("/dev/shm/PostgreSQL.") && (min_kb..=max_kb).contains(&kb))
+                .then_some(path)
+        })
+        .collect();
+    segs.sort_unstable();
+    segs.dedup();
+    segs.len()
+}
+
 /// SIGKILL one process of a test server (a backend or background worker: its crash, as
 /// the postmaster sees it). The servers run as this user, or as root's `postgres` user,
 /// which root may signal. False if the process was not there.

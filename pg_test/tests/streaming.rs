@@ -353,6 +353,15 @@ fn a_conflict_met_while_streaming_resolves_as_without_streaming() {
         streamed >= 1 && commits == 0 && fallbacks >= 1,
         "it was streamed and fell back at the conflict: {streamed} {commits} {fallbacks}"
     );
+    // The stopped stream writer's queue segment (one 256 kB queue and a header) was given
+    // back, not left mapped in the apply worker: one per fallback would use up the
+    // server's segment slots.
+    let pid: i32 = b.query_scalar("SELECT pid FROM bdr.apply_workers() WHERE peer = 'node1'");
+    assert_eq!(
+        pg_test::sys::dsm_mappings(pid, 256, 512),
+        0,
+        "a stream writer's queue segment still mapped in the apply worker after the fallback"
+    );
 }
 
 #[test]

@@ -252,6 +252,23 @@ impl Group {
         header_ref(self.hdr)
     }
 
+    /// Receiver: unmap the segment, once no process can still use it through this
+    /// group: every writer has exited, and no [`Aborter`] of it is left. PostgreSQL
+    /// destroys it when its last mapping goes. The queue handles (a few bytes of local
+    /// memory each, allocated in whatever context was current at `create`) are left
+    /// alone: freeing them could touch a context already reset.
+    pub fn close(self) {
+        // SAFETY: the segment is mapped in this process (pinned at `create`/`attach`);
+        // `dsm_detach` runs the queues' detach callbacks (shared memory only), then
+        // unmaps. Nothing in this process points into it after (the caller's contract).
+        unsafe {
+            let seg = pg_sys::dsm_find_mapping(self.handle);
+            if !seg.is_null() {
+                pg_sys::dsm_detach(seg);
+            }
+        }
+    }
+
     /// The segment's handle (what a writer attaches with).
     pub fn handle(&self) -> u32 {
         self.handle

@@ -248,6 +248,7 @@ impl Stream {
             return Err(Failed::Writer);
         }
         if self.direct.is_none() || !writer_alive() {
+            self.discard_direct();
             self.direct = Direct::start(self.slot, self.dboid, &self.peer);
         }
         let Some(d) = &mut self.direct else {
@@ -284,8 +285,7 @@ impl Stream {
             Err(Failed::Stopping) => true,
             // Rolled back either way (the writer's exit rolls back).
             Err(Failed::Writer) => {
-                shutdown();
-                self.direct = None;
+                self.discard_direct();
                 false
             }
         }
@@ -316,8 +316,7 @@ impl Stream {
         d.xid = None;
         if r.is_err() {
             // The writer must be gone before the session is taken back (it may hold it).
-            shutdown();
-            self.direct = None;
+            self.discard_direct();
         }
         let progress = xact::retake_origin_session();
         guard(false);
@@ -354,8 +353,7 @@ impl Stream {
     /// the writer, then reconnect without streaming. True on SIGTERM.
     pub(super) fn fall_back_direct(&mut self, xid: u32, why: &str) -> bool {
         let counted = self.direct.as_ref().is_some_and(|d| d.xid.is_some());
-        shutdown();
-        self.direct = None;
+        self.discard_direct();
         guard(false);
         pgrx::log!(
             "bdr: apply worker for node \"{}\" falls back for streamed transaction {xid}: \
@@ -384,6 +382,16 @@ impl Stream {
             xid,
             "an ordinary transaction waited for a row lock of the streamed one",
         )
+    }
+
+    /// Stop the stream writer (if any), wait until it has exited, and give its queue
+    /// segment back: a receiver falling back many times must not pile up segments
+    /// (each is one of the server's limited dynamic shared memory slots).
+    pub(super) fn discard_direct(&mut self) {
+        shutdown();
+        if let Some(d) = self.direct.take() {
+            d.group.close();
+        }
     }
 
     /// Whether a streamed transaction is open in the writer (the guard is on).

@@ -241,8 +241,7 @@ impl Stream {
         // A streamed transaction open in the stream writer is rolled back: the new
         // connection sends it again, from its start or whole.
         if self.direct_open() {
-            super::direct::shutdown();
-            self.direct = None;
+            self.discard_direct();
             super::direct::guard(false);
         }
         if let super::Sink::Many(d) = &mut self.sink {
