@@ -15,7 +15,12 @@
 //!   reconnects without streaming, the sender then decodes them whole at their COMMIT,
 //!   and streaming is asked for again once they have been applied that way (or after
 //!   [`Fallback::RETRY_AFTER`], for one that was rolled back on the sender and so never
-//!   arrives).
+//!   arrives). After [`Fallback::STREAK`] fallbacks in a row (no streamed transaction
+//!   committed streamed in between) it waits longer before asking again (from
+//!   [`Fallback::QUIET_MIN`], doubling per further fallback, at most
+//!   [`Fallback::QUIET_MAX`]): each fallback costs the sender a second decoding of the
+//!   transaction, and a workload whose big transactions keep meeting rows other nodes
+//!   wrote would pay it every time.
 //!
 //! Invariants: nothing here touches PostgreSQL; a [`StreamCheck`] lives exactly as long
 //! as one replication connection (xids and first-segment flags are per connection).
@@ -163,17 +168,46 @@ pub fn version_streams(version: &str) -> bool {
 pub struct Fallback {
     xids: BTreeSet<u32>,
     since: Option<Instant>,
+    /// Fallbacks since a streamed transaction last committed streamed.
+    streak: u32,
+    /// After [`Self::STREAK`] fallbacks in a row: not before this.
+    quiet_until: Option<Instant>,
 }
 
 impl Fallback {
     /// A fallen-back transaction that never arrives whole (rolled back on the sender)
     /// keeps streaming off this long at most.
     pub const RETRY_AFTER: Duration = Duration::from_secs(60);
+    /// Fallbacks in a row after which streaming waits [`Self::QUIET_MIN`] or more.
+    pub const STREAK: u32 = 3;
+    pub const QUIET_MIN: Duration = Duration::from_secs(60);
+    pub const QUIET_MAX: Duration = Duration::from_secs(30 * 60);
 
     /// Transaction `xid` (top level) will be taken whole, not streamed.
     pub fn fall_back(&mut self, xid: u32, now: Instant) {
         self.xids.insert(xid);
         self.since.get_or_insert(now);
+        self.streak = self.streak.saturating_add(1);
+        if self.streak >= Self::STREAK {
+            let doublings = (self.streak - Self::STREAK).min(16);
+            let quiet = Self::QUIET_MIN
+                .saturating_mul(1 << doublings)
+                .min(Self::QUIET_MAX);
+            self.quiet_until = Some(now + quiet);
+        }
+    }
+
+    /// How long streaming stays off after the fallback just noted, beyond the fallen-back
+    /// transactions' arrival (for the log), and how many fell back in a row.
+    pub fn quiet_for(&self, now: Instant) -> Option<(Duration, u32)> {
+        self.quiet_until
+            .map(|t| (t.saturating_duration_since(now), self.streak))
+    }
+
+    /// A streamed transaction committed streamed: the streak is over.
+    pub fn streamed_ok(&mut self) {
+        self.streak = 0;
+        self.quiet_until = None;
     }
 
     /// Transaction `xid` arrived whole and committed here.
@@ -192,11 +226,14 @@ impl Fallback {
     pub fn may_stream(&self, now: Instant) -> bool {
         self.since
             .is_none_or(|s| now.saturating_duration_since(s) >= Self::RETRY_AFTER)
+            && self.quiet_until.is_none_or(|t| now >= t)
     }
 
-    /// Forget everything (streaming asked for again after [`Self::RETRY_AFTER`]).
+    /// Forget the fallen-back transactions (streaming asked for again); the streak is
+    /// kept until a streamed transaction commits streamed.
     pub fn clear(&mut self) {
-        *self = Fallback::default();
+        self.xids.clear();
+        self.since = None;
     }
 }
 
@@ -382,9 +419,46 @@ mod tests {
         f.committed(7);
         assert!(f.may_stream(t0 + Duration::from_secs(2)));
         f.fall_back(8, t0);
-        assert!(f.may_stream(t0 + Fallback::RETRY_AFTER));
+        // The third in a row: a quiet minute beyond the RETRY_AFTER bound.
+        assert_eq!(f.quiet_for(t0), Some((Fallback::QUIET_MIN, 3)));
         f.clear();
         assert!(!f.pending());
+    }
+
+    #[test]
+    fn fallbacks_in_a_row_back_off_until_one_commits_streamed() {
+        let t0 = Instant::now();
+        let mut f = Fallback::default();
+        let mut t = t0;
+        for xid in 1..Fallback::STREAK {
+            f.fall_back(xid, t);
+            f.committed(xid);
+            assert!(f.may_stream(t), "no back-off before the streak");
+            assert_eq!(f.quiet_for(t), None);
+            t += Duration::from_secs(1);
+        }
+        f.fall_back(10, t);
+        f.committed(10);
+        assert!(!f.may_stream(t), "the streak reached: quiet");
+        assert!(!f.may_stream(t + Fallback::QUIET_MIN - Duration::from_secs(1)));
+        assert!(f.may_stream(t + Fallback::QUIET_MIN));
+        // Each further fallback doubles the wait, up to QUIET_MAX.
+        t += Fallback::QUIET_MIN;
+        f.fall_back(11, t);
+        f.committed(11);
+        assert_eq!(f.quiet_for(t), Some((2 * Fallback::QUIET_MIN, 4)));
+        for xid in 12..40 {
+            f.fall_back(xid, t);
+        }
+        assert_eq!(f.quiet_for(t).map(|q| q.0), Some(Fallback::QUIET_MAX));
+        // clear() (streaming asked again) keeps the streak; a streamed commit ends it.
+        f.clear();
+        assert!(!f.may_stream(t));
+        f.streamed_ok();
+        assert!(f.may_stream(t));
+        f.fall_back(50, t);
+        f.committed(50);
+        assert!(f.may_stream(t), "a new streak starts from zero");
     }
 
     #[test]

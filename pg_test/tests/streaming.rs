@@ -365,6 +365,51 @@ fn a_conflict_met_while_streaming_resolves_as_without_streaming() {
 }
 
 #[test]
+fn fallbacks_in_a_row_make_the_receiver_wait_before_streaming_again() {
+    let c = group("stream_streak");
+    let (a, b) = (c.node(0), c.node(1));
+    b.connect_as("app")
+        .batch_execute("INSERT INTO t SELECT g, 'node2' FROM generate_series(1, 3000) g")
+        .unwrap();
+    wait_for_catchup(&c);
+    // Each round: node2 writes every row last, then node1 updates them all in one big
+    // transaction; on node2 its first change meets node2's own row (a last-update-wins
+    // decision), so the stream writer gives it up and it arrives whole.
+    for round in 1..=4 {
+        b.connect_as("app")
+            .batch_execute(&format!("UPDATE t SET v = 'node2 {round}'"))
+            .unwrap();
+        wait_for_catchup(&c);
+        a.connect_as("app")
+            .batch_execute(&format!("UPDATE t SET v = 'node1 {round}'"))
+            .unwrap();
+        wait_until(&format!("node1's update {round} on node2"), CATCHUP, || {
+            count(
+                b,
+                &format!("SELECT count(*) FROM t WHERE v = 'node1 {round}'"),
+            ) == 3000
+        });
+        wait_for_catchup(&c);
+        let (streamed, commits, fallbacks) = stream_counts(b, "node1");
+        // Three streamed and fell back; the fourth was not streamed at all: node2 waits
+        // (a minute at least) before asking for streaming again.
+        let k = round.min(3);
+        assert_eq!(
+            (streamed, commits, fallbacks),
+            (k, 0, k),
+            "round {round}: (streamed, committed streamed, fell back)"
+        );
+    }
+    assert!(
+        b.log().contains(
+            "3 streamed transactions in a row fell back; streaming is asked for again in 60 s"
+        ),
+        "the back-off is logged"
+    );
+    assert_same_everywhere(&c, "t");
+}
+
+#[test]
 fn kills_mid_stream_lose_and_duplicate_nothing() {
     let c = group("stream_kill");
     let (a, b) = (c.node(0), c.node(1));

@@ -326,6 +326,7 @@ impl Stream {
         }
         match r {
             Ok((remote, local)) => {
+                self.fallback.streamed_ok();
                 self.sink.tracker().applied(remote, local);
                 super::PENDING.with(|p| p.set((0, None)));
                 shmem::update(self.slot, |sl| sl.stats.stream_commits += 1);
@@ -360,8 +361,7 @@ impl Stream {
              {why}; reconnecting without streaming",
             self.peer
         );
-        self.fallback.fall_back(xid, self.now);
-        self.restream = true;
+        self.note_fallback(xid);
         shmem::update(self.slot, |sl| {
             if !counted {
                 sl.stats.streamed += 1;

@@ -202,13 +202,27 @@ impl Stream {
             self.peer,
             s.xid
         );
-        self.fallback.fall_back(s.xid, self.now);
-        self.restream = true;
+        self.note_fallback(s.xid);
         shmem::update(self.slot, |sl| {
             sl.stats.streamed += 1;
             sl.stats.stream_fallbacks += 1;
         });
         self.reconnect(false)
+    }
+
+    /// Streamed transaction `xid` falls back: streaming is asked for again once it
+    /// arrived whole, later after several fallbacks in a row (logged).
+    pub(super) fn note_fallback(&mut self, xid: u32) {
+        self.fallback.fall_back(xid, self.now);
+        self.restream = true;
+        if let Some((quiet, streak)) = self.fallback.quiet_for(self.now) {
+            pgrx::log!(
+                "bdr: apply worker for node \"{}\": {streak} streamed transactions in a row \
+                 fell back; streaming is asked for again in {} s at the earliest",
+                self.peer,
+                quiet.as_secs()
+            );
+        }
     }
 
     /// A transaction committed (or the stream is idle): ask for streaming again once
