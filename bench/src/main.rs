@@ -277,6 +277,10 @@ struct Applied {
     secs: f64,
     /// Peak private memory of the apply process, kB.
     peak_kb: i64,
+    /// Peak private memory of the apply process and its stream writer together (bdr
+    /// with `bdr.stream_large_transactions`: the stream writer applies a streamed
+    /// transaction, the apply process only receives it), kB.
+    peak_with_writer_kb: i64,
     /// CPU seconds the apply process used meanwhile.
     cpu_secs: f64,
     /// Of which user-space (its own work, without the kernel's).
@@ -307,6 +311,7 @@ fn timed_apply(sys: System, a: &Node, b: &Node, table: &str, rows: i64) -> Appli
     let t0 = Instant::now();
     release(sys, b);
     let mut peak = 0;
+    let mut peak_with_writer = 0;
     let mut last: Option<(i32, procs::Usage)> = None;
     let mut client = b.connect();
     let sql = format!("SELECT count(*) FROM {table}");
@@ -315,7 +320,23 @@ fn timed_apply(sys: System, a: &Node, b: &Node, table: &str, rows: i64) -> Appli
         Duration::from_secs(1800),
         || {
             if let Some(pid) = apply_pid(sys, b) {
-                peak = peak.max(pg_test::rss_anon_kb(pid));
+                let kb = pg_test::rss_anon_kb(pid);
+                peak = peak.max(kb);
+                let writers: i64 = match sys {
+                    System::Bdr => client
+                        .query_one(
+                            "SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_activity \
+                             WHERE backend_type LIKE 'bdr stream writer%'",
+                            &[],
+                        )
+                        .map(|r| r.get::<_, Vec<i32>>(0))
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(pg_test::rss_anon_kb)
+                        .sum(),
+                    _ => 0,
+                };
+                peak_with_writer = peak_with_writer.max(kb + writers);
                 if let Some(u) = procs::usage(pid) {
                     last = Some((pid, u));
                 }
@@ -341,6 +362,7 @@ fn timed_apply(sys: System, a: &Node, b: &Node, table: &str, rows: i64) -> Appli
     Applied {
         secs,
         peak_kb: peak,
+        peak_with_writer_kb: peak_with_writer,
         cpu_secs: (used.user + used.system) as f64 / 100.0,
         user_secs: used.user as f64 / 100.0,
         preempted: used.preempted,
@@ -600,9 +622,17 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
                 false,
                 ap.peak_kb as f64 / 1024.0,
             );
+            put(
+                rows,
+                sys,
+                w,
+                "apply + stream writer peak private MB",
+                false,
+                ap.peak_with_writer_kb as f64 / 1024.0,
+            );
             eprintln!(
-                "   big: {big_n} rows in {:.1}s, peak {} kB",
-                ap.secs, ap.peak_kb
+                "   big: {big_n} rows in {:.1}s, peak {} kB (with the stream writer {} kB)",
+                ap.secs, ap.peak_kb, ap.peak_with_writer_kb
             );
 
             // 1b. Small transactions updating random rows of the (now 1M-row) big table.
