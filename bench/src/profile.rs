@@ -12,10 +12,13 @@
 //! - `profile-writer`: the writer backends of a lone node (see [`profile_writer`]).
 //! - `profile-live`: B's apply process following A live under 4 writing clients
 //!   (workload 4b's shape with one peer, see [`profile_live`]).
+//! - `profile-decode`: the backend running workload 5's `pg_logical_slot_peek_binary_changes`,
+//!   bdr's plugin and pgoutput over the same WAL, timed in alternating rounds first (see
+//!   [`profile_decode`]).
 //!
 //! Reports go to `bench/results/profile-<system>.txt`, `profile-update-<system>.txt`,
-//! `profile-big-<system>.txt` and
-//! `profile-writer-<system>.txt`.
+//! `profile-big-<system>.txt`,
+//! `profile-writer-<system>.txt` and `profile-decode-{bdr,pgoutput}.txt`.
 
 use crate::procs;
 use crate::{apply_pid, hold, pgbench_transactions, release, scale, setup, walsender_pid, System};
@@ -339,6 +342,89 @@ pub fn profile_live(sys: System) {
         perf_report(&data)
     );
     publish(&format!("profile-live-{}.txt", sys.name()), &report);
+}
+
+/// `bdr-bench profile-decode`: workload 5's WAL (a big INSERT and an UPDATE of a quarter of
+/// it), peeked through the bdr plugin and pgoutput from one backend. First
+/// `BENCH_DECODE_ROUNDS` (default 5) alternating rounds of both, after one warm-up peek
+/// each: every peek's time and each plugin's median MB/s (one peek is a fraction of a
+/// second at scale 0.5, so a single one, as workload 5 takes, moves a lot on a shared
+/// machine). Then `perf record` of that backend over 3 peeks of each plugin.
+pub fn profile_decode() {
+    let (c, mb) = crate::decode_setup();
+    let a = c.node(0);
+    let mut cl = a.connect();
+    let pid: i32 = cl.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    // The backend's CPU time so far, ns (`/proc/<pid>/schedstat`: time on a CPU).
+    let cpu_ns = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .expect("/proc/<pid>/schedstat")
+    };
+    // (wall seconds, CPU seconds) of one peek.
+    let mut peek = |sql: &str| {
+        let (t0, c0) = (Instant::now(), cpu_ns());
+        cl.batch_execute(sql).unwrap();
+        (t0.elapsed().as_secs_f64(), (cpu_ns() - c0) as f64 / 1e9)
+    };
+    peek(crate::PEEK_BDR);
+    peek(crate::PEEK_PGOUTPUT);
+    let rounds: usize = std::env::var("BENCH_DECODE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1);
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        ours.push(peek(crate::PEEK_BDR));
+        base.push(peek(crate::PEEK_PGOUTPUT));
+    }
+    // MB/s per round (by wall time, by CPU time), and the median of each.
+    let rates = |v: &[(f64, f64)], cpu: bool| -> (String, f64) {
+        let mut r: Vec<f64> = v
+            .iter()
+            .map(|&(w, c)| mb / if cpu { c } else { w })
+            .collect();
+        let list = r
+            .iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        r.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        (list, r[r.len() / 2])
+    };
+    let mut timing = format!(
+        "{mb:.0} MB of WAL, {rounds} alternating rounds after a warm-up peek each \
+         (MB of WAL per second of wall time, and per second of the backend's CPU time)\n"
+    );
+    for cpu in [false, true] {
+        let (lo, mo) = rates(&ours, cpu);
+        let (lb, mbase) = rates(&base, cpu);
+        let what = if cpu { "CPU" } else { "wall" };
+        timing += &format!(
+            "{what:>4}: bdr {lo}; median {mo:.0}\n      pgoutput {lb}; median {mbase:.0}\n      \
+             ratio of medians (bdr / pgoutput): {:.2}\n",
+            mo / mbase
+        );
+    }
+    eprint!("{timing}");
+    for (name, sql) in [("bdr", crate::PEEK_BDR), ("pgoutput", crate::PEEK_PGOUTPUT)] {
+        let data = std::env::temp_dir().join(format!("bdr-decode-{name}.perf"));
+        let perf = perf_record(pid, &data);
+        // perf needs a moment to attach; the backend is idle meanwhile.
+        std::thread::sleep(Duration::from_millis(500));
+        for _ in 0..3 {
+            peek(sql);
+        }
+        perf_stop(perf);
+        let out = format!(
+            "{name}: 3 x pg_logical_slot_peek_binary_changes over {mb:.0} MB of WAL \
+             (backend pid {pid})\n\n{timing}\nperf record -F 2000 of the backend, {}",
+            perf_report(&data)
+        );
+        publish(&format!("profile-decode-{name}.txt"), &out);
+    }
 }
 
 /// Print a profile report and write it to `bench/results/<name>`.
