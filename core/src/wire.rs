@@ -500,7 +500,8 @@ fn finish_frame(out: &mut [u8], start: usize) {
 /// followed, unless none, by its values and [`ChangeWriter::end_values`]; for an INSERT or
 /// UPDATE [`ChangeWriter::new_row`], the values, [`ChangeWriter::end_values`]; then
 /// [`ChangeWriter::finish`]. A value list holds at most `u16::MAX` values (PostgreSQL
-/// allows 1,600 columns).
+/// allows 1,600 columns). Nothing but [`ChangeWriter::finish`] panics (misuse is a debug
+/// assertion), so the plugin can call it between PostgreSQL calls that may `longjmp`.
 pub struct ChangeWriter<'a> {
     out: &'a mut Vec<u8>,
     start: usize,
@@ -548,9 +549,13 @@ impl<'a> ChangeWriter<'a> {
         self.out.extend_from_slice(&[0, 0]);
     }
 
+    // No panics in here (a misuse is a debug assertion): the plugin calls these between
+    // PostgreSQL calls that may `longjmp`, where unwinding is not allowed.
     fn value(&mut self) {
-        let (_, n) = self.list.as_mut().expect("no value list is open");
-        *n += 1;
+        debug_assert!(self.list.is_some(), "no value list is open");
+        if let Some((_, n)) = self.list.as_mut() {
+            *n = n.wrapping_add(1);
+        }
     }
 
     /// An UPDATE without an old row (the key did not change).
@@ -597,8 +602,12 @@ impl<'a> ChangeWriter<'a> {
 
     /// Close the open value list (write its count).
     pub fn end_values(&mut self) {
-        let (at, n) = self.list.take().expect("no value list is open");
-        self.out[at..at + 2].copy_from_slice(&n.to_be_bytes());
+        debug_assert!(self.list.is_some(), "no value list is open");
+        if let Some((at, n)) = self.list.take() {
+            if let Some(count) = self.out.get_mut(at..at + 2) {
+                count.copy_from_slice(&n.to_be_bytes());
+            }
+        }
     }
 
     /// Fill in the frame's length and CRC.

@@ -42,6 +42,7 @@
 //! its transaction's commit callback (the COMMIT frame flushes it), so nothing is held
 //! back between transactions.
 
+mod raw;
 mod relations;
 
 use relations::{entry, not_utf8, put_row, row_values, Deformed, RelEntry, RelMap};
@@ -386,10 +387,10 @@ unsafe extern "C-unwind" fn change_cb(
             REORDER_BUFFER_CHANGE_DELETE => b'D',
             _ => return,
         };
-        let old_cxt = pg_sys::MemoryContextSwitchTo(change_cxt);
         if st.opts.version >= 2 {
             write_change(ctx, st, rel, kind, newtup, oldtup);
         } else {
+            let old_cxt = pg_sys::MemoryContextSwitchTo(change_cxt);
             let old_row = |e: &RelEntry| -> Option<OldRow> {
                 if oldtup.is_null() {
                     return None;
@@ -419,20 +420,21 @@ unsafe extern "C-unwind" fn change_cb(
                 }),
             };
             emit(ctx, st, &[relid], msg);
+            pg_sys::MemoryContextSwitchTo(old_cxt);
+            pg_sys::MemoryContextReset(change_cxt);
         }
-        pg_sys::MemoryContextSwitchTo(old_cxt);
-        pg_sys::MemoryContextReset(change_cxt);
     }
 }
 
 /// The hot path of [`change_cb`] (protocol version 2 and later): write what precedes the
 /// change, then its frame straight from the tuples into the pending write
 /// ([`ChangeWriter`]: the same bytes as encoding a [`Message`], without building one).
+/// The rendering runs under one guard ([`raw::guarded`]) in the per-change memory
+/// context, reset at its end.
 ///
 /// # Safety
-/// Inside a change callback, in the per-change memory context; `rel` is open and its
-/// cache entry exists and replicates; `newtup` is non-null unless `kind` is `b'D'`;
-/// `oldtup` may be null.
+/// Inside a change callback; `rel` is open and its cache entry exists and replicates;
+/// `newtup` is non-null unless `kind` is `b'D'`; `oldtup` may be null.
 unsafe fn write_change(
     ctx: *mut pg_sys::LogicalDecodingContext,
     st: &mut State,
@@ -452,8 +454,10 @@ unsafe fn write_change(
             scratch,
             opts,
             tag,
+            change_cxt,
             ..
         } = &mut *st;
+        let cxt = *change_cxt;
         let e = &rels[&relid];
         let mut w = ChangeWriter::begin(buf, opts.version, kind, relid.to_u32(), *tag);
         let mut rows = || -> Result<(), usize> {
@@ -482,7 +486,17 @@ unsafe fn write_change(
             }
             Ok(())
         };
-        match rows() {
+        // SAFETY: the closure calls only `raw` functions and `put_row` (see raw's
+        // invariant); the output functions' strings are copied into the frame before the
+        // reset.
+        let res = raw::guarded(|| {
+            let old = pg_sys::MemoryContextSwitchTo(cxt);
+            let res = rows();
+            pg_sys::MemoryContextSwitchTo(old);
+            raw::MemoryContextReset(cxt);
+            res
+        });
+        match res {
             Ok(()) => w.finish(),
             Err(ci) => {
                 let err = not_utf8(e, ci);
@@ -666,33 +680,17 @@ unsafe fn flush(
     if st.batch && !ends_write && st.buf.len() < wire::BATCH_BYTES {
         return;
     }
-    // SAFETY: ctx->out is the StringInfo the walsender / SQL function collects.
+    let buf = &st.buf;
+    // SAFETY: ctx->out is the StringInfo the walsender / SQL function collects; one
+    // guard for the three calls (raw's invariant: nothing but them and a copy).
     unsafe {
-        pg_sys::OutputPluginPrepareWrite(ctx, last_write);
-        append(&mut *(*ctx).out, &st.buf);
-        pg_sys::OutputPluginWrite(ctx, last_write);
+        raw::guarded(|| {
+            raw::OutputPluginPrepareWrite(ctx, last_write);
+            raw::append((*ctx).out, buf);
+            raw::OutputPluginWrite(ctx, last_write);
+        });
     }
     st.buf.clear();
-}
-
-/// `appendBinaryStringInfo` without a guarded call when the buffer has room (it nearly
-/// always has: the walsender and the SQL functions reuse one `StringInfo`).
-///
-/// # Safety
-/// `si` is a valid StringInfo in a live memory context.
-unsafe fn append(si: &mut pg_sys::StringInfoData, bytes: &[u8]) {
-    // SAFETY: `data` has `maxlen` bytes, of which `len` + the NUL are used; the copy and
-    // the terminator stay within `maxlen` after the enlarge.
-    unsafe {
-        let len = si.len as usize;
-        if len + bytes.len() + 1 > si.maxlen as usize {
-            pg_sys::enlargeStringInfo(si, bytes.len() as c_int);
-        }
-        let dst = si.data.add(len) as *mut u8;
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len());
-        *dst.add(bytes.len()) = 0;
-        si.len += bytes.len() as c_int;
-    }
 }
 
 /// The (top-level xid, xid) a streamed change belongs to.

@@ -11,7 +11,7 @@
 //! invalidation of its relation; an unchanged on-disk TOAST value is rendered as
 //! [`Value::UnchangedToast`], never as a guess; both renderings give the same values.
 
-use super::{cstring, State, CACHE_CXT, INVALIDATED, INVALIDATED_ANY};
+use super::{cstring, raw, State, CACHE_CXT, INVALIDATED, INVALIDATED_ANY};
 use crate::decode::{self, RelFacts};
 use crate::error::{self, DecodeError};
 use bdr_core::wire::{self, ChangeWriter, Column, ReplicaIdentity, Value};
@@ -260,8 +260,10 @@ pub(super) unsafe fn row_values(
 /// (nothing more was written; the caller abandons the frame and raises).
 ///
 /// # Safety
-/// `tuple` is a heap tuple shaped by `desc`; the output functions allocate in the current
-/// memory context, which the caller resets after the change.
+/// Inside [`raw::guarded`] (this calls unguarded functions, and neither panics nor owns
+/// anything with a destructor); `tuple` is a heap tuple shaped by `desc`, which is the
+/// descriptor `e` was built from; the output functions allocate in the current memory
+/// context, which the caller resets after the change.
 pub(super) unsafe fn put_row(
     w: &mut ChangeWriter,
     e: &RelEntry,
@@ -278,25 +280,31 @@ pub(super) unsafe fn put_row(
             scratch.datums.resize(natts, pg_sys::Datum::from(0));
             scratch.nulls.resize(natts, true);
         }
-        pg_sys::heap_deform_tuple(
+        raw::heap_deform_tuple(
             tuple,
             desc,
             scratch.datums.as_mut_ptr(),
             scratch.nulls.as_mut_ptr(),
         );
+        let nulls = &scratch.nulls[..natts];
+        let datums = &scratch.datums[..natts];
         let mut put = |ci: usize| -> Result<(), usize> {
-            let c = &e.cols[ci];
+            // Indexes from the entry are in range (it was built from `desc`); `get`
+            // keeps this free of panics all the same.
+            let Some(c) = e.cols.get(ci) else {
+                return Err(ci);
+            };
             // A column added after this tuple was written reads as NULL past its natts.
-            if scratch.nulls[c.attidx] {
+            let (Some(false), Some(&d)) = (nulls.get(c.attidx).copied(), datums.get(c.attidx))
+            else {
                 w.null();
                 return Ok(());
-            }
-            let d = scratch.datums[c.attidx];
+            };
             if c.varlena && is_external_ondisk(d) {
                 w.unchanged_toast();
                 return Ok(());
             }
-            let s = pg_sys::OutputFunctionCall(&*c.out as *const _ as *mut _, d);
+            let s = raw::OutputFunctionCall(&*c.out as *const _ as *mut _, d);
             let t = std::str::from_utf8(CStr::from_ptr(s).to_bytes()).map_err(|_| ci)?;
             w.text(t);
             Ok(())
@@ -314,6 +322,10 @@ pub(super) unsafe fn put_row(
 pub(super) fn not_utf8(e: &RelEntry, ci: usize) -> DecodeError {
     DecodeError::NotUtf8 {
         relation: e.meta.qualified_name(),
-        column: e.meta.columns[ci].name.clone(),
+        column: e
+            .meta
+            .columns
+            .get(ci)
+            .map_or_else(|| format!("#{ci}"), |c| c.name.clone()),
     }
 }
