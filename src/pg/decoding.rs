@@ -16,12 +16,18 @@
 //!   allocated in a context reset after every change, so memory does not grow with the
 //!   size of a transaction.
 //!
-//! - **Batched writes** (protocol version 3, walsender only): frames are gathered in
-//!   `State::buf` and written as one CopyData message at every COMMIT frame and whenever
-//!   [`wire::BATCH_BYTES`] have gathered. The walsender sends each write with its own
-//!   system call (`WalSndWriteData` flushes every time); one per change was ~30% of its
-//!   CPU on a big transaction. The SQL functions (`pg_logical_slot_*_changes`) keep one
-//!   frame per row.
+//! - **Batched writes** (protocol version 3 and later): frames are gathered in
+//!   `State::buf` and written as one write at every COMMIT frame (and the end of a
+//!   streamed piece) and whenever [`wire::BATCH_BYTES`] have gathered. The walsender
+//!   sends each write with its own system call (`WalSndWriteData` flushes every time);
+//!   one per change was ~30% of its CPU on a big transaction. The SQL functions
+//!   (`pg_logical_slot_*_changes`) store each write as a row of a tuplestore: one per
+//!   change was ~20% of a backend decoding through them, so they get batches too (one
+//!   row per transaction or per 64 KiB; versions 1 and 2 keep one frame per row).
+//! - **Frames straight from the tuples**: from version 2 an INSERT, UPDATE or DELETE is
+//!   written value by value into the pending write ([`wire::ChangeWriter`], byte-identical
+//!   to encoding a [`Message`]), and the PostgreSQL calls of a change run under one pgrx
+//!   guard per step instead of one per call ([`raw`]).
 //!
 //! - **Streaming** (protocol version 4, only when the subscriber asks with `streaming
 //!   'on'`): `ctx->streaming` is left on, and PostgreSQL's reorder buffer then hands a
@@ -74,7 +80,7 @@ struct State {
     scratch: Deformed,
     /// Frames not yet written (one frame, or a batch: see the module note).
     buf: Vec<u8>,
-    /// Gather frames into batches (version 3 or later, streaming to a walsender client).
+    /// Gather frames into batches (version 3 or later).
     batch: bool,
     change_cxt: pg_sys::MemoryContext,
     /// Inside a `stream_*` change callback: the (top xid, subxid) the change belongs to.
@@ -193,7 +199,7 @@ unsafe extern "C-unwind" fn startup_cb(
         } else {
             cstring((*(*ctx).slot).data.name.data.as_ptr())
         };
-        let batch = opts.version >= wire::BATCH_FROM_VERSION && pg_sys::am_walsender;
+        let batch = opts.version >= wire::BATCH_FROM_VERSION;
         // PostgreSQL turns streaming on because the stream callbacks are set; only a
         // subscriber that asked for it gets it.
         (*ctx).streaming = opts.streaming;
