@@ -2,8 +2,8 @@
 //!
 //! PostgreSQL calls these with its own structures (`ReorderBufferTXN`,
 //! `ReorderBufferChange`, `Relation`); this module reads them, asks [`crate::decode`] what
-//! to send, builds [`bdr_core::wire`] messages and writes one frame per
-//! `OutputPluginWrite`.
+//! to send, encodes [`bdr_core::wire`] frames and writes them with `OutputPluginWrite`
+//! (one frame per write up to protocol version 2, batches from version 3).
 //!
 //! Why this way:
 //! - **Per-stream relation cache** (`State::rels`): the replicate/skip decision, the column
