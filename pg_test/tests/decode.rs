@@ -655,3 +655,49 @@ fn large_transactions_stream_in_pieces_only_when_asked() {
         .count();
     assert_eq!((begins, commits), (1, 1));
 }
+
+/// A value whose text is not UTF-8 (a SQL_ASCII database can hold one) stops decoding with
+/// one clear error naming the relation and column (SQLSTATE 22021), never a frame with
+/// those bytes: in the path that writes frames straight from the tuples (version 2 and
+/// later, batched or not) and in version 1's. The server survives it (the harness fails
+/// the test on a crash or a backtrace in the log) and the session goes on.
+#[test]
+fn a_value_that_is_not_utf8_is_refused_clearly() {
+    let cluster = Cluster::builder().name("decode_ascii").nodes(1).start();
+    let n = cluster.node(0);
+    n.execute(
+        "CREATE DATABASE ascii ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' \
+         TEMPLATE template0",
+    );
+    let mut c = n.connect_db("ascii");
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .unwrap();
+    create_slot(&mut c);
+    c.batch_execute("INSERT INTO t VALUES (1, 'fine'); INSERT INTO t VALUES (2, E'caf\\xe9')")
+        .unwrap();
+    for opts in [
+        &[][..],
+        &["max_proto_version", "2"],
+        &["max_proto_version", "1"],
+    ] {
+        let opts_sql: String = opts.iter().map(|o| format!(", '{o}'")).collect();
+        let err = c
+            .query(
+                &format!(
+                    "SELECT data FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL{opts_sql})"
+                ),
+                &[],
+            )
+            .unwrap_err();
+        let text = db_error_text(&err);
+        assert!(
+            text.contains(
+                "column \"v\" of relation \"public.t\" has a value that is not valid UTF-8"
+            ),
+            "{opts:?}: {text}"
+        );
+        assert_eq!(err.as_db_error().unwrap().code().code(), "22021", "{text}");
+        let one: i32 = c.query_one("SELECT 1", &[]).unwrap().get(0);
+        assert_eq!(one, 1);
+    }
+}
