@@ -42,6 +42,11 @@ case "${1:-}" in
       cargo run --release -q -p bdr-bench -- profile-big "$sys"
     done
     ;;
+  profile-decode)
+    # Workload 5: the backend peeking the same WAL through bdr's plugin and pgoutput.
+    echo "==> profiling decoding via the SQL functions, bdr and pgoutput (BENCH_SCALE=${BENCH_SCALE:-1})"
+    cargo run --release -q -p bdr-bench -- profile-decode
+    ;;
   *)
     echo "==> running the benchmarks (BENCH_SCALE=${BENCH_SCALE:-1}, BENCH_ONLY=${BENCH_ONLY:-all})"
     cargo run --release -q -p bdr-bench

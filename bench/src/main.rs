@@ -896,7 +896,16 @@ fn writer_alone(secs: u64, rows: &mut Vec<Row>) {
 }
 
 /// WAL decoded per second by the bdr plugin and by pgoutput, over the same WAL.
-fn decode_cost(rows: &mut Vec<Row>) {
+/// The SQL statements workload 5 times: the whole WAL peeked through each plugin.
+pub(crate) const PEEK_BDR: &str =
+    "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('s_bdr', NULL, NULL)";
+pub(crate) const PEEK_PGOUTPUT: &str =
+    "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('s_pgoutput', NULL, NULL, \
+     'proto_version', '1', 'publication_names', 'p')";
+
+/// Workload 5's node: one slot per plugin, then the WAL both decode (a big INSERT and an
+/// UPDATE of a quarter of it). Returns the cluster and the WAL's size in MB.
+pub(crate) fn decode_setup() -> (Cluster, f64) {
     let n = (500_000.0 * scale()) as i64;
     let c = Cluster::builder().name("bench-decode").nodes(1).start();
     let a = c.node(0);
@@ -912,19 +921,20 @@ fn decode_cost(rows: &mut Vec<Row>) {
     let wal: f64 = a.query_scalar(&format!(
         "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{start}')::float8"
     ));
+    (c, wal / 1024.0 / 1024.0)
+}
+
+fn decode_cost(rows: &mut Vec<Row>) {
+    let (c, mb) = decode_setup();
+    let a = c.node(0);
     let time = |sql: &str| {
         let t0 = Instant::now();
         a.execute(sql);
         t0.elapsed().as_secs_f64()
     };
-    let ours =
-        time("SELECT count(*) FROM pg_logical_slot_peek_binary_changes('s_bdr', NULL, NULL)");
-    let base = time(
-        "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('s_pgoutput', NULL, NULL, \
-         'proto_version', '1', 'publication_names', 'p')",
-    );
-    let mb = wal / 1024.0 / 1024.0;
-    eprintln!("== decode: {mb:.0} MB of WAL: bdr {ours:.1}s, pgoutput {base:.1}s");
+    let ours = time(PEEK_BDR);
+    let base = time(PEEK_PGOUTPUT);
+    eprintln!("== decode: {mb:.0} MB of WAL: bdr {ours:.2}s, pgoutput {base:.2}s");
     rows.push(Row {
         workload: "5. decode (plugin vs pgoutput)".into(),
         metric: "MB of WAL decoded/s".into(),
@@ -948,6 +958,7 @@ fn main() {
         Some("profile-big") => return profile::profile_big(sys_arg()),
         Some("profile-writer") => return profile::profile_writer(sys_arg()),
         Some("profile-live") => return profile::profile_live(sys_arg()),
+        Some("profile-decode") => return profile::profile_decode(),
         _ => {}
     }
     let runs: usize = std::env::var("BENCH_RUNS")

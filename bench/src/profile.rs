@@ -12,10 +12,13 @@
 //! - `profile-writer`: the writer backends of a lone node (see [`profile_writer`]).
 //! - `profile-live`: B's apply process following A live under 4 writing clients
 //!   (workload 4b's shape with one peer, see [`profile_live`]).
+//! - `profile-decode`: the backend running workload 5's `pg_logical_slot_peek_binary_changes`,
+//!   bdr's plugin and pgoutput over the same WAL, timed in alternating rounds first (see
+//!   [`profile_decode`]).
 //!
 //! Reports go to `bench/results/profile-<system>.txt`, `profile-update-<system>.txt`,
-//! `profile-big-<system>.txt` and
-//! `profile-writer-<system>.txt`.
+//! `profile-big-<system>.txt`,
+//! `profile-writer-<system>.txt` and `profile-decode-{bdr,pgoutput}.txt`.
 
 use crate::procs;
 use crate::{apply_pid, hold, pgbench_transactions, release, scale, setup, walsender_pid, System};
@@ -339,6 +342,179 @@ pub fn profile_live(sys: System) {
         perf_report(&data)
     );
     publish(&format!("profile-live-{}.txt", sys.name()), &report);
+}
+
+/// `bdr-bench profile-decode`: workload 5's WAL (a big INSERT and an UPDATE of a quarter of
+/// it), peeked through the bdr plugin and pgoutput from one backend. First
+/// `BENCH_DECODE_ROUNDS` (default 5) alternating rounds of both, after one warm-up peek
+/// each: every peek's MB/s by wall time and by the backend's CPU time, and each plugin's
+/// median (one peek is a fraction of a second at scale 0.5, so a single one, as workload
+/// 5 takes, moves a lot on a shared machine; the CPU time much less). Then the walsender
+/// path: 3 rounds per peek round of `pg_recvlogical` reading a copy of each slot, the
+/// walsender's CPU counted as the postmaster's exited children's. Then `perf record` of
+/// the backend over 3 peeks of each plugin.
+pub fn profile_decode() {
+    let rounds: usize = std::env::var("BENCH_DECODE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1);
+    let (c, mb) = crate::decode_setup();
+    let a = c.node(0);
+    // Nothing else may start and end processes while the walsender rounds count the
+    // CPU of the postmaster's exited children.
+    a.execute("ALTER SYSTEM SET autovacuum = off");
+    a.execute("SELECT pg_reload_conf()");
+    let end: String = a.query_scalar("SELECT pg_current_wal_lsn()::text");
+    let mut cl = a.connect();
+    let pid: i32 = cl.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    // The backend's CPU time so far, ns (`/proc/<pid>/schedstat`: time on a CPU).
+    let cpu_ns = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .expect("/proc/<pid>/schedstat")
+    };
+    // (wall seconds, CPU seconds) of one peek.
+    let mut peek = |sql: &str| {
+        let (t0, c0) = (Instant::now(), cpu_ns());
+        cl.batch_execute(sql).unwrap();
+        (t0.elapsed().as_secs_f64(), (cpu_ns() - c0) as f64 / 1e9)
+    };
+    peek(crate::PEEK_BDR);
+    peek(crate::PEEK_PGOUTPUT);
+    let (mut ours, mut base) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        ours.push(peek(crate::PEEK_BDR));
+        base.push(peek(crate::PEEK_PGOUTPUT));
+    }
+    // MB/s per round (by wall time, by CPU time), and the median of each.
+    let rates = |v: &[(f64, f64)], cpu: bool| -> (String, f64) {
+        let mut r: Vec<f64> = v
+            .iter()
+            .map(|&(w, c)| mb / if cpu { c } else { w })
+            .collect();
+        let list = r
+            .iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        r.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        (list, r[r.len() / 2])
+    };
+    let mut timing = format!(
+        "{mb:.0} MB of WAL, {rounds} alternating rounds after a warm-up peek each \
+         (MB of WAL per second of wall time, and per second of the backend's CPU time)\n"
+    );
+    for cpu in [false, true] {
+        let (lo, mo) = rates(&ours, cpu);
+        let (lb, mbase) = rates(&base, cpu);
+        let what = if cpu { "CPU" } else { "wall" };
+        timing += &format!(
+            "{what:>4}: bdr {lo}; median {mo:.0}\n      pgoutput {lb}; median {mbase:.0}\n      \
+             ratio of medians (bdr / pgoutput): {:.2}\n",
+            mo / mbase
+        );
+    }
+    // The walsender path: pg_recvlogical reads a copy of each plugin's slot up to the same
+    // end (to /dev/null; it consumes the copy); the walsender's CPU is the postmaster's
+    // exited children's CPU (ticks of 10 ms: 3 rounds per peek round) over the run.
+    let postmaster = a.postmaster_pid().expect("postmaster pid");
+    let children_ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{postmaster}/stat")).unwrap();
+        let f: Vec<u64> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // After the state letter: ppid .. utime stime cutime cstime (fields 14-17).
+        f[12] + f[13]
+    };
+    // A session of its own for the polls (a new connection would be a process exiting).
+    let mut cw = a.connect();
+    let mut recv = |slot: &str, opts: &[&str]| -> (f64, f64) {
+        cw.batch_execute(&format!(
+            "SELECT pg_copy_logical_replication_slot('{slot}', 'ws')"
+        ))
+        .unwrap();
+        let (t0, c0) = (Instant::now(), children_ticks());
+        let mut cmd = Command::new(pg_test::pg_bindir().join("pg_recvlogical"));
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &a.port().to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args([
+            "-d",
+            a.dbname(),
+            "-S",
+            "ws",
+            "--start",
+            "--no-loop",
+            "-f",
+            "/dev/null",
+        ])
+        .args(["-E", &end]);
+        for o in opts {
+            cmd.args(["-o", o]);
+        }
+        let st = cmd.status().expect("pg_recvlogical");
+        assert!(st.success(), "pg_recvlogical {slot}: {st}");
+        // The walsender exits right after its client; wait until it is gone, and give
+        // the postmaster a moment to reap it.
+        wait_until("walsender gone", Duration::from_secs(30), || {
+            let n: i64 = cw
+                .query_one("SELECT count(*) FROM pg_stat_replication", &[])
+                .unwrap()
+                .get(0);
+            n == 0
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let ticks = children_ticks() - c0;
+        cw.batch_execute("SELECT pg_drop_replication_slot('ws')")
+            .unwrap();
+        (t0.elapsed().as_secs_f64(), ticks as f64 / 100.0)
+    };
+    let (mut ws_ours, mut ws_base) = (Vec::new(), Vec::new());
+    for _ in 0..rounds * 3 {
+        ws_ours.push(recv("s_bdr", &[]));
+        ws_base.push(recv(
+            "s_pgoutput",
+            &["proto_version=1", "publication_names=p"],
+        ));
+    }
+    let total = |v: &[(f64, f64)]| v.iter().map(|x| x.1).sum::<f64>();
+    let (co, cb) = (total(&ws_ours), total(&ws_base));
+    timing += &format!(
+        "walsender (pg_recvlogical to /dev/null, {} rounds): CPU-s in all: bdr {co:.2}, \
+         pgoutput {cb:.2}; MB per CPU-s: bdr {:.0}, pgoutput {:.0}, ratio {:.2}\n",
+        rounds * 3,
+        mb * (rounds * 3) as f64 / co,
+        mb * (rounds * 3) as f64 / cb,
+        cb / co
+    );
+    eprint!("{timing}");
+    for (name, sql) in [("bdr", crate::PEEK_BDR), ("pgoutput", crate::PEEK_PGOUTPUT)] {
+        let data = std::env::temp_dir().join(format!("bdr-decode-{name}.perf"));
+        let perf = perf_record(pid, &data);
+        // perf needs a moment to attach; the backend is idle meanwhile.
+        std::thread::sleep(Duration::from_millis(500));
+        for _ in 0..3 {
+            peek(sql);
+        }
+        perf_stop(perf);
+        let out = format!(
+            "{name}: 3 x pg_logical_slot_peek_binary_changes over {mb:.0} MB of WAL \
+             (backend pid {pid})\n\n{timing}\nperf record -F 2000 of the backend, {}",
+            perf_report(&data)
+        );
+        publish(&format!("profile-decode-{name}.txt"), &out);
+    }
 }
 
 /// Print a profile report and write it to `bench/results/<name>`.

@@ -8,8 +8,17 @@ use bdr_core::wire::{self, Message, OldRow, ReplicaIdentity, Value};
 use pg_test::{db_error_text, Cluster, Node};
 use postgres::Client;
 
-/// Every frame the slot holds, decoded; `options` are extra plugin options.
+/// Every frame the slot holds, decoded (from protocol version 3 a row may hold several);
+/// `options` are extra plugin options.
 fn read_slot(c: &mut Client, slot: &str, peek: bool, options: &[&str]) -> Vec<Message> {
+    read_rows(c, slot, peek, options)
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// The slot's rows, each decoded into its frames.
+fn read_rows(c: &mut Client, slot: &str, peek: bool, options: &[&str]) -> Vec<Vec<Message>> {
     let func = if peek {
         "pg_logical_slot_peek_binary_changes"
     } else {
@@ -24,8 +33,8 @@ fn read_slot(c: &mut Client, slot: &str, peek: bool, options: &[&str]) -> Vec<Me
         .unwrap_or_else(|e| panic!("{sql}: {}", db_error_text(&e)))
         .iter()
         .map(|r| {
-            let frame: Vec<u8> = r.get(0);
-            wire::decode_frame(&frame).unwrap_or_else(|e| panic!("bad frame {frame:x?}: {e}"))
+            let frames: Vec<u8> = r.get(0);
+            wire::decode_frames(&frames).unwrap_or_else(|e| panic!("bad frames {frames:x?}: {e}"))
         })
         .collect()
 }
@@ -449,15 +458,23 @@ fn unsupported_protocol_and_bad_options_fail_clearly() {
     read_slot(&mut c, "s", true, &["min_proto_version", "1"]);
 
     // Versions 1 (JSON bodies), 2 (binary bodies for the hot messages) and 3 (version 2's
-    // frames, batched only towards a walsender, so one frame per row here) carry the same
-    // messages, TOAST marker and NULLs included.
+    // frames, batched) carry the same messages, TOAST marker and NULLs included.
     c.batch_execute(
         "CREATE TABLE v (id int PRIMARY KEY, a text, b bytea);
          ALTER TABLE v ALTER COLUMN b SET STORAGE EXTERNAL;
          INSERT INTO v VALUES (1, 'x', decode(repeat('ab', 5000), 'hex')), (2, NULL, NULL);
          UPDATE v SET a = 'y' WHERE id = 1;
          UPDATE v SET id = 3 WHERE id = 2;
-         DELETE FROM v WHERE id = 3;",
+         DELETE FROM v WHERE id = 3;
+         CREATE TABLE full_id (id int PRIMARY KEY, a text);
+         ALTER TABLE full_id REPLICA IDENTITY FULL;
+         INSERT INTO full_id VALUES (1, 'x');
+         UPDATE full_id SET a = NULL;
+         DELETE FROM full_id;
+         CREATE TABLE no_id (id int, a text);
+         ALTER TABLE no_id REPLICA IDENTITY NOTHING;
+         INSERT INTO no_id VALUES (1, 'x');
+         DELETE FROM no_id;",
     )
     .unwrap();
     let v1 = read_slot(&mut c, "s", true, &["max_proto_version", "1"]);
@@ -466,8 +483,33 @@ fn unsupported_protocol_and_bad_options_fail_clearly() {
     assert_eq!(v1, v2);
     let v3 = read_slot(&mut c, "s", true, &["max_proto_version", "3"]);
     assert_eq!(v2, v3);
+    // Up to version 2 a row is one frame; from 3 a row is a batch: a whole transaction
+    // here (BEGIN .. COMMIT, never two transactions' frames), also with no option (4).
+    let one_per_row = read_rows(&mut c, "s", true, &["max_proto_version", "2"]);
+    assert!(one_per_row.iter().all(|r| r.len() == 1), "{one_per_row:?}");
+    for opts in [&["max_proto_version", "3"][..], &[]] {
+        let batched = read_rows(&mut c, "s", true, opts);
+        assert!(batched.len() < one_per_row.len(), "{batched:?}");
+        for row in &batched {
+            let (first, last) = (row.first().unwrap(), row.last().unwrap());
+            assert!(matches!(first, Message::Begin(_)), "{row:?}");
+            assert!(matches!(last, Message::Commit(_)), "{row:?}");
+            let commits = row.iter().filter(|m| matches!(m, Message::Commit(_)));
+            assert_eq!(commits.count(), 1, "{row:?}");
+        }
+        assert_eq!(batched.concat(), v2);
+    }
     assert!(v2.iter().any(|m| matches!(m, Message::Update(u)
         if u.new.contains(&Value::UnchangedToast))));
+    // REPLICA IDENTITY FULL sends the whole old row; a DELETE without a replica identity
+    // an empty key (the receiver reports it rather than guessing).
+    let full_old = vec![Value::text("1"), Value::text("x")];
+    assert!(v2.iter().any(|m| matches!(m, Message::Update(u)
+        if u.old == Some(OldRow::Full(full_old.clone())))));
+    assert!(v2.iter().any(|m| matches!(m, Message::Delete(d)
+        if d.old == OldRow::Full(vec![Value::text("1"), Value::Null]))));
+    assert!(v2.iter().any(|m| matches!(m, Message::Delete(d)
+        if d.old == OldRow::Key(Vec::new()))));
 }
 
 /// Protocol version 4 with `streaming 'on'`: a transaction that outgrows
@@ -612,4 +654,50 @@ fn large_transactions_stream_in_pieces_only_when_asked() {
         .filter(|m| matches!(m, Message::Commit(_)))
         .count();
     assert_eq!((begins, commits), (1, 1));
+}
+
+/// A value whose text is not UTF-8 (a SQL_ASCII database can hold one) stops decoding with
+/// one clear error naming the relation and column (SQLSTATE 22021), never a frame with
+/// those bytes: in the path that writes frames straight from the tuples (version 2 and
+/// later, batched or not) and in version 1's. The server survives it (the harness fails
+/// the test on a crash or a backtrace in the log) and the session goes on.
+#[test]
+fn a_value_that_is_not_utf8_is_refused_clearly() {
+    let cluster = Cluster::builder().name("decode_ascii").nodes(1).start();
+    let n = cluster.node(0);
+    n.execute(
+        "CREATE DATABASE ascii ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' \
+         TEMPLATE template0",
+    );
+    let mut c = n.connect_db("ascii");
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .unwrap();
+    create_slot(&mut c);
+    c.batch_execute("INSERT INTO t VALUES (1, 'fine'); INSERT INTO t VALUES (2, E'caf\\xe9')")
+        .unwrap();
+    for opts in [
+        &[][..],
+        &["max_proto_version", "2"],
+        &["max_proto_version", "1"],
+    ] {
+        let opts_sql: String = opts.iter().map(|o| format!(", '{o}'")).collect();
+        let err = c
+            .query(
+                &format!(
+                    "SELECT data FROM pg_logical_slot_peek_binary_changes('s', NULL, NULL{opts_sql})"
+                ),
+                &[],
+            )
+            .unwrap_err();
+        let text = db_error_text(&err);
+        assert!(
+            text.contains(
+                "column \"v\" of relation \"public.t\" has a value that is not valid UTF-8"
+            ),
+            "{opts:?}: {text}"
+        );
+        assert_eq!(err.as_db_error().unwrap().code().code(), "22021", "{text}");
+        let one: i32 = c.query_one("SELECT 1", &[]).unwrap().get(0);
+        assert_eq!(one, 1);
+    }
 }

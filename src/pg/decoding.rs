@@ -2,8 +2,8 @@
 //!
 //! PostgreSQL calls these with its own structures (`ReorderBufferTXN`,
 //! `ReorderBufferChange`, `Relation`); this module reads them, asks [`crate::decode`] what
-//! to send, builds [`bdr_core::wire`] messages and writes one frame per
-//! `OutputPluginWrite`.
+//! to send, encodes [`bdr_core::wire`] frames and writes them with `OutputPluginWrite`
+//! (one frame per write up to protocol version 2, batches from version 3).
 //!
 //! Why this way:
 //! - **Per-stream relation cache** (`State::rels`): the replicate/skip decision, the column
@@ -16,12 +16,18 @@
 //!   allocated in a context reset after every change, so memory does not grow with the
 //!   size of a transaction.
 //!
-//! - **Batched writes** (protocol version 3, walsender only): frames are gathered in
-//!   `State::buf` and written as one CopyData message at every COMMIT frame and whenever
-//!   [`wire::BATCH_BYTES`] have gathered. The walsender sends each write with its own
-//!   system call (`WalSndWriteData` flushes every time); one per change was ~30% of its
-//!   CPU on a big transaction. The SQL functions (`pg_logical_slot_*_changes`) keep one
-//!   frame per row.
+//! - **Batched writes** (protocol version 3 and later): frames are gathered in
+//!   `State::buf` and written as one write at every COMMIT frame (and the end of a
+//!   streamed piece) and whenever [`wire::BATCH_BYTES`] have gathered. The walsender
+//!   sends each write with its own system call (`WalSndWriteData` flushes every time);
+//!   one per change was ~30% of its CPU on a big transaction. The SQL functions
+//!   (`pg_logical_slot_*_changes`) store each write as a row of a tuplestore: one per
+//!   change was ~20% of a backend decoding through them, so they get batches too (one
+//!   row per transaction or per 64 KiB; versions 1 and 2 keep one frame per row).
+//! - **Frames straight from the tuples**: from version 2 an INSERT, UPDATE or DELETE is
+//!   written value by value into the pending write ([`wire::ChangeWriter`], byte-identical
+//!   to encoding a [`Message`]), and the PostgreSQL calls of a change run under one pgrx
+//!   guard per step instead of one per call ([`raw`]).
 //!
 //! - **Streaming** (protocol version 4, only when the subscriber asks with `streaming
 //!   'on'`): `ctx->streaming` is left on, and PostgreSQL's reorder buffer then hands a
@@ -42,21 +48,21 @@
 //! its transaction's commit callback (the COMMIT frame flushes it), so nothing is held
 //! back between transactions.
 
+mod raw;
 mod relations;
 
-use relations::{entry, row_values, RelEntry};
+use relations::{entry, not_utf8, put_row, row_values, Deformed, RelEntry, RelMap};
 
 use crate::decode::{self, DecodeOptions, TxnFraming};
 use crate::error;
 use bdr_core::wire::{
-    self, Begin, Commit, Delete, Insert, LogicalMessage, Message, OldRow, OriginInfo,
+    self, Begin, ChangeWriter, Commit, Delete, Insert, LogicalMessage, Message, OldRow, OriginInfo,
     ReplicaIdentity, StreamAbort, StreamChange, StreamCommit, StreamStart, Truncate, Update,
 };
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgList;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::collections::HashSet;
 use std::ffi::{c_char, c_int, CStr};
 
@@ -69,10 +75,12 @@ struct State {
     /// The current transaction is not sent (a forwarded change of the subscriber itself).
     skip: bool,
     framing: TxnFraming,
-    rels: HashMap<pg_sys::Oid, RelEntry>,
+    rels: RelMap,
+    /// `heap_deform_tuple`'s arrays, reused by every change.
+    scratch: Deformed,
     /// Frames not yet written (one frame, or a batch: see the module note).
     buf: Vec<u8>,
-    /// Gather frames into batches (version 3 or later, streaming to a walsender client).
+    /// Gather frames into batches (version 3 or later).
     batch: bool,
     change_cxt: pg_sys::MemoryContext,
     /// Inside a `stream_*` change callback: the (top xid, subxid) the change belongs to.
@@ -92,6 +100,8 @@ struct Invalidations {
 
 thread_local! {
     static INVALIDATED: RefCell<Invalidations> = RefCell::new(Invalidations::default());
+    /// Whether `INVALIDATED` holds anything: read at every change, so a plain flag.
+    static INVALIDATED_ANY: Cell<bool> = const { Cell::new(false) };
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
     static CACHE_CXT: Cell<pg_sys::MemoryContext> = const { Cell::new(std::ptr::null_mut()) };
 }
@@ -183,12 +193,13 @@ unsafe extern "C-unwind" fn startup_cb(
             CALLBACK_REGISTERED.set(true);
         }
         INVALIDATED.with(|i| *i.borrow_mut() = Invalidations::default());
+        INVALIDATED_ANY.set(false);
         let slot_name = if (*ctx).slot.is_null() {
             String::new()
         } else {
             cstring((*(*ctx).slot).data.name.data.as_ptr())
         };
-        let batch = opts.version >= wire::BATCH_FROM_VERSION && pg_sys::am_walsender;
+        let batch = opts.version >= wire::BATCH_FROM_VERSION;
         // PostgreSQL turns streaming on because the stream callbacks are set; only a
         // subscriber that asked for it gets it.
         (*ctx).streaming = opts.streaming;
@@ -197,7 +208,8 @@ unsafe extern "C-unwind" fn startup_cb(
             slot_name,
             skip: false,
             framing: TxnFraming::default(),
-            rels: HashMap::new(),
+            rels: RelMap::default(),
+            scratch: Deformed::default(),
             buf: Vec::with_capacity(8192),
             batch,
             change_cxt,
@@ -231,6 +243,7 @@ unsafe extern "C-unwind" fn relcache_cb(_arg: pg_sys::Datum, relid: pg_sys::Oid)
             i.rels.push(relid);
         }
     });
+    INVALIDATED_ANY.set(true);
 }
 
 #[pg_guard]
@@ -360,7 +373,9 @@ unsafe extern "C-unwind" fn change_cb(
             }
             return;
         }
-        let old_cxt = pg_sys::MemoryContextSwitchTo(change_cxt);
+        if st.skip {
+            return;
+        }
         let tp = (*change).data.tp;
         let desc = (*rel).rd_att;
         let tuple = |buf: *mut pg_sys::ReorderBufferTupleBuf| -> *mut pg_sys::HeapTupleData {
@@ -371,40 +386,131 @@ unsafe extern "C-unwind" fn change_cb(
             }
         };
         let (newtup, oldtup) = (tuple(tp.newtuple), tuple(tp.oldtuple));
-        let old_row = |e: &RelEntry| -> Option<OldRow> {
-            if oldtup.is_null() {
-                return None;
-            }
-            Some(if e.meta.replica_identity == ReplicaIdentity::Full {
-                OldRow::Full(row_values(e, desc, oldtup, None))
-            } else {
-                OldRow::Key(row_values(e, desc, oldtup, Some(&e.key)))
-            })
-        };
         use pg_sys::ReorderBufferChangeType::*;
-        let msg = match (*change).action {
-            REORDER_BUFFER_CHANGE_INSERT if !newtup.is_null() => Some(Message::Insert(Insert {
-                relation: relid.to_u32(),
-                new: row_values(entry, desc, newtup, None),
-            })),
-            REORDER_BUFFER_CHANGE_UPDATE if !newtup.is_null() => Some(Message::Update(Update {
-                relation: relid.to_u32(),
-                old: old_row(entry),
-                new: row_values(entry, desc, newtup, None),
-            })),
-            REORDER_BUFFER_CHANGE_DELETE => Some(Message::Delete(Delete {
-                relation: relid.to_u32(),
-                // No old tuple means the table has no replica identity: send an empty key,
-                // which the receiver reports as an apply error rather than guessing.
-                old: old_row(entry).unwrap_or(OldRow::Key(Vec::new())),
-            })),
-            _ => None,
+        let kind = match (*change).action {
+            REORDER_BUFFER_CHANGE_INSERT if !newtup.is_null() => b'I',
+            REORDER_BUFFER_CHANGE_UPDATE if !newtup.is_null() => b'U',
+            REORDER_BUFFER_CHANGE_DELETE => b'D',
+            _ => return,
         };
-        if let Some(msg) = msg {
+        if st.opts.version >= 2 {
+            write_change(ctx, st, rel, kind, newtup, oldtup);
+        } else {
+            let old_cxt = pg_sys::MemoryContextSwitchTo(change_cxt);
+            let old_row = |e: &RelEntry| -> Option<OldRow> {
+                if oldtup.is_null() {
+                    return None;
+                }
+                Some(if e.meta.replica_identity == ReplicaIdentity::Full {
+                    OldRow::Full(row_values(e, desc, oldtup, None))
+                } else {
+                    OldRow::Key(row_values(e, desc, oldtup, Some(&e.key)))
+                })
+            };
+            let entry = &st.rels[&relid];
+            let msg = match kind {
+                b'I' => Message::Insert(Insert {
+                    relation: relid.to_u32(),
+                    new: row_values(entry, desc, newtup, None),
+                }),
+                b'U' => Message::Update(Update {
+                    relation: relid.to_u32(),
+                    old: old_row(entry),
+                    new: row_values(entry, desc, newtup, None),
+                }),
+                _ => Message::Delete(Delete {
+                    relation: relid.to_u32(),
+                    // No old tuple means the table has no replica identity: send an empty
+                    // key, which the receiver reports as an apply error rather than guessing.
+                    old: old_row(entry).unwrap_or(OldRow::Key(Vec::new())),
+                }),
+            };
             emit(ctx, st, &[relid], msg);
+            pg_sys::MemoryContextSwitchTo(old_cxt);
+            pg_sys::MemoryContextReset(change_cxt);
         }
-        pg_sys::MemoryContextSwitchTo(old_cxt);
-        pg_sys::MemoryContextReset(change_cxt);
+    }
+}
+
+/// The hot path of [`change_cb`] (protocol version 2 and later): write what precedes the
+/// change, then its frame straight from the tuples into the pending write
+/// ([`ChangeWriter`]: the same bytes as encoding a [`Message`], without building one).
+/// The rendering runs under one guard ([`raw::guarded`]) in the per-change memory
+/// context, reset at its end.
+///
+/// # Safety
+/// Inside a change callback; `rel` is open and its cache entry exists and replicates;
+/// `newtup` is non-null unless `kind` is `b'D'`; `oldtup` may be null.
+unsafe fn write_change(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    st: &mut State,
+    rel: pg_sys::Relation,
+    kind: u8,
+    newtup: *mut pg_sys::HeapTupleData,
+    oldtup: *mut pg_sys::HeapTupleData,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let relid = (*rel).rd_id;
+        let desc = (*rel).rd_att;
+        before_change(ctx, st, &[relid]);
+        let State {
+            rels,
+            buf,
+            scratch,
+            opts,
+            tag,
+            change_cxt,
+            ..
+        } = &mut *st;
+        let cxt = *change_cxt;
+        let e = &rels[&relid];
+        let mut w = ChangeWriter::begin(buf, opts.version, kind, relid.to_u32(), *tag);
+        let mut rows = || -> Result<(), usize> {
+            if kind != b'I' {
+                if oldtup.is_null() {
+                    // UPDATE: the key did not change. DELETE without an old tuple: the
+                    // table has no replica identity; an empty key, which the receiver
+                    // reports as an apply error rather than guessing.
+                    if kind == b'U' {
+                        w.no_old_row();
+                    } else {
+                        w.old_key();
+                        w.end_values();
+                    }
+                } else if e.meta.replica_identity == ReplicaIdentity::Full {
+                    w.old_full();
+                    put_row(&mut w, e, desc, oldtup, None, scratch)?;
+                } else {
+                    w.old_key();
+                    put_row(&mut w, e, desc, oldtup, Some(&e.key), scratch)?;
+                }
+            }
+            if kind != b'D' {
+                w.new_row();
+                put_row(&mut w, e, desc, newtup, None, scratch)?;
+            }
+            Ok(())
+        };
+        // SAFETY: the closure calls only `raw` functions and `put_row` (see raw's
+        // invariant); the output functions' strings are copied into the frame before the
+        // reset.
+        let res = raw::guarded(|| {
+            let old = pg_sys::MemoryContextSwitchTo(cxt);
+            let res = rows();
+            pg_sys::MemoryContextSwitchTo(old);
+            raw::MemoryContextReset(cxt);
+            res
+        });
+        match res {
+            Ok(()) => w.finish(),
+            Err(ci) => {
+                let err = not_utf8(e, ci);
+                w.abandon();
+                error::raise(&err)
+            }
+        }
+        flush(ctx, st, true, false);
     }
 }
 
@@ -491,31 +597,45 @@ unsafe fn emit(
     }
     // SAFETY: forwarded from the caller.
     unsafe {
+        before_change(ctx, st, rels);
         let msg = match st.tag {
             // A piece of a transaction streamed before its commit.
-            Some((xid, subxid)) => {
-                if let Some((piece, started @ false)) = &mut st.piece {
-                    *started = true;
-                    let first_segment = st.streamed.insert(*piece);
-                    let start = Message::StreamStart(StreamStart {
-                        xid: *piece,
-                        first_segment,
-                    });
-                    write_frame(ctx, st, &start, false);
-                }
-                Message::StreamChange(StreamChange {
-                    xid,
-                    subxid,
-                    change: Box::new(msg),
-                })
-            }
-            None => {
-                if let Some(b) = st.framing.before_change() {
-                    write_frame(ctx, st, &Message::Begin(b), false);
-                }
-                msg
-            }
+            Some((xid, subxid)) => Message::StreamChange(StreamChange {
+                xid,
+                subxid,
+                change: Box::new(msg),
+            }),
+            None => msg,
         };
+        write_frame(ctx, st, &msg, true);
+    }
+}
+
+/// What precedes a change: the transaction's pending BEGIN (or, in a streamed piece, its
+/// STREAM START) and the metadata of `rels` not sent yet in this stream.
+///
+/// # Safety
+/// Called from a change-type callback with the context's state.
+unsafe fn before_change(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    st: &mut State,
+    rels: &[pg_sys::Oid],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if st.tag.is_some() {
+            if let Some((piece, started @ false)) = &mut st.piece {
+                *started = true;
+                let first_segment = st.streamed.insert(*piece);
+                let start = Message::StreamStart(StreamStart {
+                    xid: *piece,
+                    first_segment,
+                });
+                write_frame(ctx, st, &start, false);
+            }
+        } else if let Some(b) = st.framing.before_change() {
+            write_frame(ctx, st, &Message::Begin(b), false);
+        }
         for relid in rels {
             let meta = match st.rels.get_mut(relid) {
                 Some(e) if !e.sent => {
@@ -526,12 +646,10 @@ unsafe fn emit(
             };
             write_frame(ctx, st, &Message::Relation(meta), false);
         }
-        write_frame(ctx, st, &msg, true);
     }
 }
 
-/// Add `msg`'s frame to the pending write, and write it unless batching (see the module
-/// note) lets it wait for more.
+/// Add `msg`'s frame to the pending write and [`flush`] it.
 ///
 /// # Safety
 /// `ctx` is a live decoding context inside a callback.
@@ -549,18 +667,34 @@ unsafe fn write_frame(
             | Message::StreamCommit(_)
             | Message::StreamAbort(_)
     );
+    // SAFETY: forwarded from the caller.
+    unsafe { flush(ctx, st, last_write, ends_write) }
+}
+
+/// Write the pending frames, unless batching (see the module note) lets them wait for
+/// more: a batch is written when its last frame `ends_write` (a transaction's or a
+/// streamed piece's end) or it reached [`wire::BATCH_BYTES`].
+///
+/// # Safety
+/// `ctx` is a live decoding context inside a callback.
+unsafe fn flush(
+    ctx: *mut pg_sys::LogicalDecodingContext,
+    st: &mut State,
+    last_write: bool,
+    ends_write: bool,
+) {
     if st.batch && !ends_write && st.buf.len() < wire::BATCH_BYTES {
         return;
     }
-    // SAFETY: ctx->out is the StringInfo the walsender / SQL function collects.
+    let buf = &st.buf;
+    // SAFETY: ctx->out is the StringInfo the walsender / SQL function collects; one
+    // guard for the three calls (raw's invariant: nothing but them and a copy).
     unsafe {
-        pg_sys::OutputPluginPrepareWrite(ctx, last_write);
-        pg_sys::appendBinaryStringInfo(
-            (*ctx).out,
-            st.buf.as_ptr() as *const c_char,
-            st.buf.len() as c_int,
-        );
-        pg_sys::OutputPluginWrite(ctx, last_write);
+        raw::guarded(|| {
+            raw::OutputPluginPrepareWrite(ctx, last_write);
+            raw::append((*ctx).out, buf);
+            raw::OutputPluginWrite(ctx, last_write);
+        });
     }
     st.buf.clear();
 }

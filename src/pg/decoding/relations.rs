@@ -1,16 +1,54 @@
 //! Decode stage, raw half: the plugin's per-stream relation cache (replicate or not,
 //! columns, key, output functions) and the rendering of a tuple's values as text.
 //!
+//! Two renderings of a tuple: [`put_row`] writes the values straight into a frame being
+//! built ([`wire::ChangeWriter`], the hot path of every INSERT, UPDATE and DELETE from
+//! protocol version 2 on: no `String` or `Vec` per value or row, `heap_deform_tuple`
+//! into arrays kept across changes); [`row_values`] builds [`Value`]s for the rest
+//! (version 1's JSON frames, the `bdr.ddl_queue` rows turned into DDL messages).
+//!
 //! Invariants: an entry is dropped, and its metadata sent again, after a relcache
 //! invalidation of its relation; an unchanged on-disk TOAST value is rendered as
-//! [`Value::UnchangedToast`], never as a guess.
+//! [`Value::UnchangedToast`], never as a guess; both renderings give the same values.
 
-use super::{cstring, State, CACHE_CXT, INVALIDATED};
+use super::{cstring, raw, State, CACHE_CXT, INVALIDATED, INVALIDATED_ANY};
 use crate::decode::{self, RelFacts};
 use crate::error::{self, DecodeError};
-use bdr_core::wire::{self, Column, ReplicaIdentity, Value};
+use bdr_core::wire::{self, ChangeWriter, Column, ReplicaIdentity, Value};
 use pgrx::pg_sys;
+use std::collections::HashMap;
 use std::ffi::{c_int, CStr};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Hashes an OID (`Oid` hashes as one `u32`) with one multiplication: the relation
+/// cache is looked up at every change, and SipHash showed in the decode profile.
+#[derive(Default)]
+pub(super) struct OidHasher(u64);
+
+impl Hasher for OidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// The per-stream relation cache.
+pub(super) type RelMap = HashMap<pg_sys::Oid, RelEntry, BuildHasherDefault<OidHasher>>;
+
+/// `heap_deform_tuple`'s output arrays, kept across changes (sized to the widest
+/// relation seen).
+#[derive(Default)]
+pub(super) struct Deformed {
+    datums: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
+}
 
 /// One sent column of a relation.
 pub(super) struct Col {
@@ -40,15 +78,17 @@ pub(super) struct RelEntry {
 /// `rel` is an open relation; catalog access is allowed (we are inside decoding's
 /// transaction).
 pub(super) unsafe fn entry(st: &mut State, rel: pg_sys::Relation) -> &mut RelEntry {
-    INVALIDATED.with(|i| {
-        let mut i = i.borrow_mut();
-        if std::mem::take(&mut i.all) {
-            st.rels.clear();
-        }
-        for relid in i.rels.drain(..) {
-            st.rels.remove(&relid);
-        }
-    });
+    if INVALIDATED_ANY.replace(false) {
+        INVALIDATED.with(|i| {
+            let mut i = i.borrow_mut();
+            if std::mem::take(&mut i.all) {
+                st.rels.clear();
+            }
+            for relid in i.rels.drain(..) {
+                st.rels.remove(&relid);
+            }
+        });
+    }
     // SAFETY: forwarded from the caller.
     let relid = unsafe { (*rel).rd_id };
     // SAFETY: forwarded from the caller.
@@ -205,15 +245,87 @@ pub(super) unsafe fn row_values(
             let s = pg_sys::OutputFunctionCall(&*c.out as *const _ as *mut _, d);
             match CStr::from_ptr(s).to_str() {
                 Ok(t) => Value::Text(t.to_owned()),
-                Err(_) => error::raise(&DecodeError::NotUtf8 {
-                    relation: e.meta.qualified_name(),
-                    column: e.meta.columns[ci].name.clone(),
-                }),
+                Err(_) => error::raise(&not_utf8(e, ci)),
             }
         };
         match only {
             Some(idx) => idx.iter().map(|&ci| render(ci)).collect(),
             None => (0..e.cols.len()).map(render).collect(),
         }
+    }
+}
+
+/// Write the values of `tuple` (all of `e.cols`, or only those listed in `only`) into
+/// `w`'s open value list and close it. `Err(i)`: column `i`'s text is not UTF-8
+/// (nothing more was written; the caller abandons the frame and raises).
+///
+/// # Safety
+/// Inside [`raw::guarded`] (this calls unguarded functions, and neither panics nor owns
+/// anything with a destructor); `tuple` is a heap tuple shaped by `desc`, which is the
+/// descriptor `e` was built from; the output functions allocate in the current memory
+/// context, which the caller resets after the change.
+pub(super) unsafe fn put_row(
+    w: &mut ChangeWriter,
+    e: &RelEntry,
+    desc: pg_sys::TupleDesc,
+    tuple: *mut pg_sys::HeapTupleData,
+    only: Option<&[usize]>,
+    scratch: &mut Deformed,
+) -> Result<(), usize> {
+    // SAFETY: heap_deform_tuple fills natts datums/nulls; output functions return
+    // NUL-terminated strings in the current (per-change) memory context.
+    unsafe {
+        let natts = (*desc).natts as usize;
+        if scratch.datums.len() < natts {
+            scratch.datums.resize(natts, pg_sys::Datum::from(0));
+            scratch.nulls.resize(natts, true);
+        }
+        raw::heap_deform_tuple(
+            tuple,
+            desc,
+            scratch.datums.as_mut_ptr(),
+            scratch.nulls.as_mut_ptr(),
+        );
+        let nulls = &scratch.nulls[..natts];
+        let datums = &scratch.datums[..natts];
+        let mut put = |ci: usize| -> Result<(), usize> {
+            // Indexes from the entry are in range (it was built from `desc`); `get`
+            // keeps this free of panics all the same.
+            let Some(c) = e.cols.get(ci) else {
+                return Err(ci);
+            };
+            // A column added after this tuple was written reads as NULL past its natts.
+            let (Some(false), Some(&d)) = (nulls.get(c.attidx).copied(), datums.get(c.attidx))
+            else {
+                w.null();
+                return Ok(());
+            };
+            if c.varlena && is_external_ondisk(d) {
+                w.unchanged_toast();
+                return Ok(());
+            }
+            let s = raw::OutputFunctionCall(&*c.out as *const _ as *mut _, d);
+            let t = std::str::from_utf8(CStr::from_ptr(s).to_bytes()).map_err(|_| ci)?;
+            w.text(t);
+            Ok(())
+        };
+        match only {
+            Some(idx) => idx.iter().try_for_each(|&ci| put(ci))?,
+            None => (0..e.cols.len()).try_for_each(&mut put)?,
+        }
+        w.end_values();
+        Ok(())
+    }
+}
+
+/// The error for a column whose text is not UTF-8.
+pub(super) fn not_utf8(e: &RelEntry, ci: usize) -> DecodeError {
+    DecodeError::NotUtf8 {
+        relation: e.meta.qualified_name(),
+        column: e
+            .meta
+            .columns
+            .get(ci)
+            .map_or_else(|| format!("#{ci}"), |c| c.name.clone()),
     }
 }
