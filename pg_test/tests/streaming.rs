@@ -224,6 +224,33 @@ fn a_streamed_transaction_arrives_whole_with_concurrent_small_ones() {
     wait_for_catchup(&c);
     assert_same_everywhere(&c, "t");
     assert!(stream_counts(a, "node2").0 >= 1, "node2 streamed to node1");
+
+    // An idle stream writer leaves after 30 s (its worker slot and memory go back),
+    // quietly: no FATAL line, no SIGTERM. The next big transaction starts a new one.
+    let writers = |n: &Node| {
+        count(
+            n,
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'bdr stream writer%'",
+        )
+    };
+    wait_until("node2's idle stream writer to leave", CATCHUP * 2, || {
+        writers(b) == 0
+    });
+    assert!(
+        !b.log()
+            .contains("terminating background worker \"bdr stream writer"),
+        "the idle stream writer left without being signalled"
+    );
+    a.connect_as("app")
+        .batch_execute(
+            "BEGIN; INSERT INTO t SELECT g, 'again' FROM generate_series(500001, 505000) g; \
+             COMMIT",
+        )
+        .unwrap();
+    wait_for_catchup(&c);
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'again'"), 5000);
+    assert_same_everywhere(&c, "t");
+    expect_direct(b, "node1", streamed + 3, "committed by a new stream writer");
 }
 
 #[test]

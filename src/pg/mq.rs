@@ -252,9 +252,10 @@ impl Group {
         header_ref(self.hdr)
     }
 
-    /// Receiver: unmap the segment, once no process can still use it through this
-    /// group: every writer has exited, and no [`Aborter`] of it is left. PostgreSQL
-    /// destroys it when its last mapping goes. The queue handles (a few bytes of local
+    /// Receiver: unmap the segment, once nothing in this process uses it any more (no
+    /// [`Aborter`] of it is left). A writer still attached sees its queue detached (its
+    /// `receive` returns `None` once the queue is empty); PostgreSQL destroys the segment
+    /// when its last mapping goes. The queue handles (a few bytes of local
     /// memory each, allocated in whatever context was current at `create`) are left
     /// alone: freeing them could touch a context already reset.
     pub fn close(self) {

@@ -2,7 +2,8 @@
 //! writer (`src/workers/stream_writer.rs`).
 //!
 //! With `bdr.writers_per_peer` = 1, the first piece of a streamed transaction starts a
-//! stream writer (once; it stays for the receiver's life unless it fails) and every
+//! stream writer (unless one is running: a writer idle for 30 s is let go — its queue
+//! segment is unmapped, which ends its wait, and it exits without a signal) and every
 //! frame of the transaction is forwarded to it as it arrives; ordinary transactions
 //! received between the pieces are applied here as usual. At STREAM COMMIT the receiver
 //! (every earlier transaction already committed by itself) waits for the commit time if
@@ -42,6 +43,11 @@ use std::time::Duration;
 /// `lock_timeout` of the receiver's own transactions while a streamed one is open.
 const GUARD_TIMEOUT: &str = "1s";
 
+/// A stream writer with no streamed transaction for this long exits (its
+/// `max_worker_processes` slot and its memory go back); the next streamed transaction
+/// starts a new one.
+const IDLE_WRITER: Duration = Duration::from_secs(30);
+
 thread_local! {
     /// This process's stream writer and its group, for [`shutdown`] on any way out.
     static LIVE: RefCell<Option<(Aborter, DynamicBackgroundWorker)>> = const { RefCell::new(None) };
@@ -71,6 +77,8 @@ pub(super) struct Direct {
     group: Group,
     /// The streamed transaction open in the writer.
     pub xid: Option<u32>,
+    /// Since when the writer holds no transaction.
+    idle_since: std::time::Instant,
     seq: u64,
     buf: Vec<u8>,
 }
@@ -99,6 +107,7 @@ impl Direct {
         Some(Direct {
             group,
             xid: None,
+            idle_since: std::time::Instant::now(),
             seq: 0,
             buf: Vec::new(),
         })
@@ -275,6 +284,7 @@ impl Stream {
                     .and_then(|_| d.wait_done().map(|_| ()));
                 self.raw = raw;
                 d.xid = None;
+                d.idle_since = std::time::Instant::now();
                 r
             }
             _ => Ok(()),
@@ -314,6 +324,7 @@ impl Stream {
         let mut r = d.send(Ctl::Frame(&raw)).and_then(|_| d.wait_done());
         self.raw = raw;
         d.xid = None;
+        d.idle_since = std::time::Instant::now();
         if r.is_err() {
             // The writer must be gone before the session is taken back (it may hold it).
             self.discard_direct();
@@ -391,6 +402,39 @@ impl Stream {
         shutdown();
         if let Some(d) = self.direct.take() {
             d.group.close();
+        }
+    }
+
+    /// A stream writer idle for [`IDLE_WRITER`] is let go (called while the stream is
+    /// idle), without a signal: unmapping its queue ends its wait for the next message
+    /// and it exits normally, leaving no FATAL line in the log. SIGTERM only if it has
+    /// not gone within 5 s.
+    pub(super) fn retire_idle_writer(&mut self) {
+        if !self
+            .direct
+            .as_ref()
+            .is_some_and(|d| d.xid.is_none() && d.idle_since.elapsed() >= IDLE_WRITER)
+        {
+            return;
+        }
+        let Some(d) = self.direct.take() else {
+            return;
+        };
+        // The aborter points into the segment about to be unmapped: dropped unused.
+        let live = LIVE.with(|l| l.borrow_mut().take());
+        d.group.close();
+        let Some((_, w)) = live else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped)) {
+                return;
+            }
+            if std::time::Instant::now() > deadline || Group::sleep(Duration::from_millis(10)) {
+                let _ = w.terminate().wait_for_shutdown();
+                return;
+            }
         }
     }
 

@@ -563,6 +563,7 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
                 }
                 st.now = Instant::now();
                 st.check_silence();
+                st.retire_idle_writer();
                 if st.maybe_restream() {
                     pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
                     return;
