@@ -627,6 +627,12 @@ fn an_ordinary_transaction_blocked_by_the_streamed_one_falls_back_instead_of_han
             .contains("waited for a row lock of the streamed one"),
         "the guard's fallback is logged"
     );
+    // The stream writer, waiting for its next piece, was let go without a signal.
+    assert!(
+        !b.log()
+            .contains("terminating background worker \"bdr stream writer"),
+        "the stream writer left without being signalled"
+    );
 }
 
 #[test]

@@ -43,6 +43,9 @@ use std::time::Duration;
 /// `lock_timeout` of the receiver's own transactions while a streamed one is open.
 const GUARD_TIMEOUT: &str = "1s";
 
+/// How long a stream writer being let go may take to leave on its own before SIGTERM.
+const LET_GO: Duration = Duration::from_secs(2);
+
 /// A stream writer with no streamed transaction for this long exits (its
 /// `max_worker_processes` slot and its memory go back); the next streamed transaction
 /// starts a new one.
@@ -395,46 +398,45 @@ impl Stream {
         )
     }
 
-    /// Stop the stream writer (if any), wait until it has exited, and give its queue
-    /// segment back: a receiver falling back many times must not pile up segments
-    /// (each is one of the server's limited dynamic shared memory slots).
+    /// Stop the stream writer (if any), wait until it has exited (its transaction, if
+    /// any, rolled back), and give its queue segment back: a receiver falling back many
+    /// times must not pile up segments (each is one of the server's limited dynamic
+    /// shared memory slots). Quietly when it can: unmapping the queue ends the writer's
+    /// wait for its next message and it exits normally (no FATAL line in the log);
+    /// SIGTERM only if it has not gone within [`LET_GO`] (e.g. it waits for a lock).
     pub(super) fn discard_direct(&mut self) {
-        shutdown();
+        let live = LIVE.with(|l| l.borrow_mut().take());
+        if let Some((aborter, _)) = &live {
+            // While the segment is still mapped: the writer stops at its next check.
+            aborter.set_abort();
+        }
         if let Some(d) = self.direct.take() {
             d.group.close();
         }
-    }
-
-    /// A stream writer idle for [`IDLE_WRITER`] is let go (called while the stream is
-    /// idle), without a signal: unmapping its queue ends its wait for the next message
-    /// and it exits normally, leaving no FATAL line in the log. SIGTERM only if it has
-    /// not gone within 5 s.
-    pub(super) fn retire_idle_writer(&mut self) {
-        if !self
-            .direct
-            .as_ref()
-            .is_some_and(|d| d.xid.is_none() && d.idle_since.elapsed() >= IDLE_WRITER)
-        {
-            return;
-        }
-        let Some(d) = self.direct.take() else {
-            return;
-        };
-        // The aborter points into the segment about to be unmapped: dropped unused.
-        let live = LIVE.with(|l| l.borrow_mut().take());
-        d.group.close();
         let Some((_, w)) = live else {
             return;
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + LET_GO;
         loop {
             if matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped)) {
                 return;
             }
-            if std::time::Instant::now() > deadline || Group::sleep(Duration::from_millis(10)) {
+            if std::time::Instant::now() > deadline || Group::sleep(Duration::from_millis(5)) {
                 let _ = w.terminate().wait_for_shutdown();
                 return;
             }
+        }
+    }
+
+    /// A stream writer idle for [`IDLE_WRITER`] is let go (called while the stream is
+    /// idle).
+    pub(super) fn retire_idle_writer(&mut self) {
+        if self
+            .direct
+            .as_ref()
+            .is_some_and(|d| d.xid.is_none() && d.idle_since.elapsed() >= IDLE_WRITER)
+        {
+            self.discard_direct();
         }
     }
 
