@@ -247,7 +247,13 @@ mod tests {
         let mut t = FlushTracker::new(0);
         let n = FlushTracker::MAX_PENDING as u64 * 3;
         // Remote ends 10, 20, ...; local ends 1000, 1010, ...; every 7th was skipped (0).
-        let local = |i: u64| if i % 7 == 0 { 0 } else { 1000 + i * 10 };
+        let local = |i: u64| {
+            if i.is_multiple_of(7) {
+                0
+            } else {
+                1000 + i * 10
+            }
+        };
         for i in 1..=n {
             t.applied(i * 10, local(i));
         }
