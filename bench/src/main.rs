@@ -903,7 +903,7 @@ fn decode_cost(rows: &mut Vec<Row>) {
     });
 }
 
-/// `mem [system]`: workload 1 then workload 2 only, printing the apply process's peak
+/// `mem [system]`: workload 0 (unless `BENCH_ONLY` leaves `big` out), 1 and 2 only, printing the apply process's peak
 /// private memory (RssAnon), for finding where the apply process's memory goes. With
 /// `BENCH_MEM_WAIT=<file>` it prints the apply PID and waits until `<file>.0` exists before
 /// workload 1, and until `<file>` exists with apply held and the big transaction committed
@@ -921,6 +921,14 @@ fn apply_memory(sys: System) {
     };
     if let Ok(file) = std::env::var("BENCH_MEM_WAIT") {
         wait(&format!("{file}.0"));
+    }
+    if enabled("big") {
+        // As in the full run, workload 0 goes first (apply running through a big one).
+        big_to_visible(sys, a, b, big_n, &mut Vec::new());
+        eprintln!(
+            "   after workload 0: {} kB",
+            pg_test::rss_anon_kb(apply_pid(sys, b).unwrap_or(0))
+        );
     }
     let (_, ap) = small_txns(sys, a, b, small_n);
     eprintln!("   small: peak {} kB", ap.peak_kb);
