@@ -35,6 +35,13 @@ case "${1:-}" in
       cargo run --release -q -p bdr-bench -- profile-live "$sys"
     done
     ;;
+  mem)
+    # Workloads 1 and 2 only: the apply process's peak private memory, bdr and native.
+    for sys in bdr native; do
+      echo "==> apply peak memory, $sys (BENCH_SCALE=${BENCH_SCALE:-1})"
+      cargo run --release -q -p bdr-bench -- mem "$sys"
+    done
+    ;;
   profile-big)
     # Workload 0: A's walsender and B's apply process from one big COMMIT to visible.
     for sys in bdr native; do

@@ -943,6 +943,51 @@ fn decode_cost(rows: &mut Vec<Row>) {
     });
 }
 
+/// `mem [system]`: workload 0 (unless `BENCH_ONLY` leaves `big` out), 1 and 2 only, printing the apply process's peak
+/// private memory (RssAnon), for finding where the apply process's memory goes. With
+/// `BENCH_MEM_WAIT=<file>` it prints the apply PID and waits until `<file>.0` exists before
+/// workload 1, and until `<file>` exists with apply held and the big transaction committed
+/// (to attach a tool such as heaptrack, or to read `/proc`).
+fn apply_memory(sys: System) {
+    let small_n = (200_000.0 * scale()) as i64;
+    let big_n = (1_000_000.0 * scale()) as i64;
+    let c = setup(sys, 2);
+    let (a, b) = (c.node(0), c.node(1));
+    let wait = |file: &str| {
+        eprintln!("   apply pid {:?}: waiting for {file}", apply_pid(sys, b));
+        wait_until("the go-ahead file", Duration::from_secs(3600), || {
+            std::path::Path::new(file).exists()
+        });
+    };
+    if let Ok(file) = std::env::var("BENCH_MEM_WAIT") {
+        wait(&format!("{file}.0"));
+    }
+    if enabled("big") {
+        // As in the full run, workload 0 goes first (apply running through a big one).
+        big_to_visible(sys, a, b, big_n, &mut Vec::new());
+        eprintln!(
+            "   after workload 0: {} kB",
+            pg_test::rss_anon_kb(apply_pid(sys, b).unwrap_or(0))
+        );
+    }
+    let (_, ap) = small_txns(sys, a, b, small_n);
+    eprintln!("   small: peak {} kB", ap.peak_kb);
+    hold(sys, b);
+    a.execute(&format!(
+        "INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, {big_n}) g"
+    ));
+    if let Ok(file) = std::env::var("BENCH_MEM_WAIT") {
+        wait(&file);
+    }
+    let ap = timed_apply(sys, a, b, "big", big_n);
+    println!(
+        "{}: big: {big_n} rows in {:.1}s, peak {} kB",
+        sys.name(),
+        ap.secs,
+        ap.peak_kb
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let sys_arg = || match args.get(2).map(String::as_str) {
@@ -959,6 +1004,7 @@ fn main() {
         Some("profile-writer") => return profile::profile_writer(sys_arg()),
         Some("profile-live") => return profile::profile_live(sys_arg()),
         Some("profile-decode") => return profile::profile_decode(),
+        Some("mem") => return apply_memory(sys_arg()),
         _ => {}
     }
     let runs: usize = std::env::var("BENCH_RUNS")

@@ -12,7 +12,13 @@
 //! replication origin already filters out.
 //!
 //! Invariants: the reported flush position never goes backwards, and never passes a remote
-//! commit whose local commit LSN is beyond the local flush LSN.
+//! commit whose local commit LSN is beyond the local flush LSN. The tracker's memory is
+//! bounded ([`FlushTracker::MAX_PENDING`] pairs): the flushed position is only asked for
+//! with each status update (at most every 100 ms), and small transactions applied at
+//! 100,000/s left tens of thousands of pairs pending, whose queue (capacity never given
+//! back) was the largest single piece of the apply process's private memory. Past the
+//! bound the newest pair absorbs the one before it, which can only report a position
+//! later, never earlier.
 
 use std::collections::VecDeque;
 
@@ -109,6 +115,9 @@ pub struct FlushTracker {
 }
 
 impl FlushTracker {
+    /// Most (remote, local) pairs kept; see the module note.
+    pub const MAX_PENDING: usize = 1024;
+
     /// Start from the replication origin's progress (already durable here).
     pub fn new(origin_progress: u64) -> Self {
         FlushTracker {
@@ -120,8 +129,19 @@ impl FlushTracker {
 
     /// A remote transaction ending at `remote_end` was committed locally, its commit
     /// record ending at `local_end`.
+    ///
+    /// With [`FlushTracker::MAX_PENDING`] pairs pending, the last pair is replaced by
+    /// (`remote_end`, the later of both local ends): its remote position then counts as
+    /// flushed when this commit is, a little later than it could have, never earlier
+    /// (local commits end in apply order; a skipped transaction's local end is 0).
     pub fn applied(&mut self, remote_end: u64, local_end: u64) {
         self.applied = self.applied.max(remote_end);
+        if self.pending.len() >= Self::MAX_PENDING {
+            if let Some(last) = self.pending.back_mut() {
+                *last = (remote_end, last.1.max(local_end));
+                return;
+            }
+        }
         self.pending.push_back((remote_end, local_end));
     }
 
@@ -220,6 +240,43 @@ mod tests {
         assert_eq!(t.flushed(5999), 200);
         assert_eq!(t.flushed(6000), 400, "all flushed: idle position counts");
         assert_eq!(t.flushed(0), 400, "never goes backwards");
+    }
+
+    #[test]
+    fn pending_pairs_are_bounded_and_never_report_early() {
+        let mut t = FlushTracker::new(0);
+        let n = FlushTracker::MAX_PENDING as u64 * 3;
+        // Remote ends 10, 20, ...; local ends 1000, 1010, ...; every 7th was skipped (0).
+        let local = |i: u64| {
+            if i.is_multiple_of(7) {
+                0
+            } else {
+                1000 + i * 10
+            }
+        };
+        for i in 1..=n {
+            t.applied(i * 10, local(i));
+        }
+        assert!(t.pending.len() <= FlushTracker::MAX_PENDING);
+        assert!(t.pending.capacity() < 2 * FlushTracker::MAX_PENDING);
+        // Exact while under the bound.
+        assert_eq!(t.flushed(1000 + 10), 10);
+        assert_eq!(t.flushed(1000 + 500 * 10), 500 * 10);
+        // Past it: never a remote position whose local commit is not flushed...
+        let last_exact = FlushTracker::MAX_PENDING as u64 - 1;
+        assert_eq!(t.flushed(local(last_exact)), last_exact * 10);
+        assert_eq!(
+            t.flushed(local(n) - 1),
+            last_exact * 10,
+            "the merged pair waits"
+        );
+        // ...and everything once the last commit is.
+        assert_eq!(t.flushed(local(n)), n * 10);
+        assert!(t.pending.is_empty());
+        // Below the bound again, exact again.
+        t.applied(n * 10 + 10, 90_000);
+        t.applied(n * 10 + 20, 90_010);
+        assert_eq!(t.flushed(90_000), n * 10 + 10);
     }
 
     #[test]

@@ -57,8 +57,12 @@ pub const STREAM_FROM_VERSION: u8 = 4;
 /// From this version on, one write may carry several frames ([`decode_frames`]).
 pub const BATCH_FROM_VERSION: u8 = 3;
 /// A batching sender writes what it has gathered once it reaches this many bytes (and at
-/// every COMMIT frame), so a receiver applies a big transaction as it streams in.
-pub const BATCH_BYTES: usize = 64 * 1024;
+/// every COMMIT frame), so a receiver applies a big transaction as it streams in. Kept
+/// small for the receiver's memory: libpq holds a whole CopyData message in its input
+/// buffer (doubled from 16 KiB until it fits, never shrunk) plus a copy it hands over, so
+/// 64 KiB writes cost the apply process a 128 KiB buffer and a 64 KiB one for good; 16 KiB
+/// ones need 32 KiB and 16 KiB. A big transaction's writes are still ~400 frames each.
+pub const BATCH_BYTES: usize = 16 * 1024;
 /// Bytes before the body: length (4) + crc (4) + version (1) + kind (1).
 pub const HEADER_LEN: usize = 10;
 /// Prefix of transactional logical messages that belong to bdr (e.g. DDL replication).

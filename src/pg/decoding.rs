@@ -23,7 +23,7 @@
 //!   one per change was ~30% of its CPU on a big transaction. The SQL functions
 //!   (`pg_logical_slot_*_changes`) store each write as a row of a tuplestore: one per
 //!   change was ~20% of a backend decoding through them, so they get batches too (one
-//!   row per transaction or per 64 KiB; versions 1 and 2 keep one frame per row).
+//!   row per transaction or per 16 KiB, `wire::BATCH_BYTES`; versions 1 and 2 keep one frame per row).
 //! - **Frames straight from the tuples**: from version 2 an INSERT, UPDATE or DELETE is
 //!   written value by value into the pending write ([`wire::ChangeWriter`], byte-identical
 //!   to encoding a [`Message`]), and the PostgreSQL calls of a change run under one pgrx

@@ -31,9 +31,32 @@ pub enum LibpqError {
 /// A row of text values (NULL as None).
 pub type Row = Vec<Option<String>>;
 
+/// One CopyData message's bytes, in the buffer libpq allocated for it (freed with
+/// `PQfreemem` on drop). Not copied: a protocol version 3 write is up to ~64 KiB, and a
+/// copy per message was a second buffer that size, and a memcpy, for nothing.
+pub struct PqBuf {
+    ptr: *mut c_char,
+    len: usize,
+}
+
+impl std::ops::Deref for PqBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: libpq returned `len` bytes at `ptr`, owned by us until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for PqBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated by PQgetCopyData, freed once, here.
+        unsafe { pq::PQfreemem(self.ptr as *mut std::ffi::c_void) };
+    }
+}
+
 /// What `get_copy_data` found.
 pub enum CopyData {
-    Data(Vec<u8>),
+    Data(PqBuf),
     WouldBlock,
     Done,
 }
@@ -233,13 +256,14 @@ impl Conn {
     /// One CopyData message, or WouldBlock (async) / Done (COPY finished).
     pub fn get_copy_data(&mut self, nonblocking: bool) -> Result<CopyData, LibpqError> {
         let mut buf: *mut c_char = std::ptr::null_mut();
-        // SAFETY: libpq allocates buf; we copy it and free it with PQfreemem.
+        // SAFETY: libpq allocates buf, which PqBuf owns and frees with PQfreemem.
         unsafe {
             let n = pq::PQgetCopyData(self.raw, &mut buf, nonblocking as c_int);
             if n > 0 {
-                let data = std::slice::from_raw_parts(buf as *const u8, n as usize).to_vec();
-                pq::PQfreemem(buf as *mut std::ffi::c_void);
-                Ok(CopyData::Data(data))
+                Ok(CopyData::Data(PqBuf {
+                    ptr: buf,
+                    len: n as usize,
+                }))
             } else if n == 0 {
                 Ok(CopyData::WouldBlock)
             } else if n == -1 {

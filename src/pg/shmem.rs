@@ -10,6 +10,7 @@
 //! and released by its owner; shared memory is rebuilt from scratch after a crash restart.
 
 mod fences;
+mod lock;
 mod quorum;
 mod sequences;
 
@@ -17,9 +18,8 @@ pub use fences::{fence_add, fence_clear, fence_origin, fenced_by, Fence, FENCES_
 pub use quorum::{quorum, seen_at, set_quorum, set_seen, Quorum, Seen};
 pub use sequences::{with_sequences, SeqSlot, Sequences, MAX_SEQUENCES, SEQUENCES};
 
-use pgrx::lwlock::PgLwLock;
+use lock::ShmemLock;
 use pgrx::prelude::*;
-use pgrx::shmem::PGRXSharedMemory;
 
 pub const MAX_WORKERS: usize = 64;
 const NAME_LEN: usize = 64;
@@ -312,18 +312,74 @@ pub fn pause_requested(i: usize) -> bool {
     WORKERS.share().slots[i].pause_requested
 }
 
-// SAFETY: plain old data with no pointers; every access goes through the LWLock.
-unsafe impl PGRXSharedMemory for Workers {}
+// SAFETY: the name is unique to this extension; plain old data with no pointers, valid
+// zeroed (`Kind::Free` and `State::Starting` are 0); every access goes through the LWLock.
+pub static WORKERS: ShmemLock<Workers> = unsafe { ShmemLock::new(c"bdr_workers") };
 
-// SAFETY: the name is unique to this extension.
-pub static WORKERS: PgLwLock<Workers> = unsafe { PgLwLock::new(c"bdr_workers") };
+impl Workers {
+    /// Make a zeroed table equal to `Workers::default()`, in place (see `shmem/lock.rs`).
+    ///
+    /// # Safety
+    /// `w` points to a zeroed `Workers` no one else uses yet.
+    unsafe fn init(w: *mut Workers) {
+        // SAFETY: element writes inside the struct `w` points to.
+        unsafe {
+            let slots = (&raw mut (*w).slots).cast::<Slot>();
+            for i in 0..MAX_WORKERS {
+                slots.add(i).write(Slot::EMPTY);
+            }
+            let fences = (&raw mut (*w).fences).cast::<Fence>();
+            for i in 0..MAX_FENCES {
+                fences.add(i).write(Fence::EMPTY);
+            }
+            let quorum = (&raw mut (*w).quorum).cast::<Quorum>();
+            for i in 0..16 {
+                quorum.add(i).write(Quorum::EMPTY);
+            }
+        }
+    }
+}
 
-/// Register the shared memory; called from `_PG_init`.
+static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
+static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_request() {
+    // SAFETY: the hook chain, in the request hook.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_REQUEST {
+            prev();
+        }
+        WORKERS.request();
+        SEQUENCES.request();
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn shmem_startup() {
+    // SAFETY: the hook chain, in the startup hook, after our request hook ran.
+    unsafe {
+        if let Some(prev) = PREV_SHMEM_STARTUP {
+            prev();
+        }
+        WORKERS.startup(Workers::init);
+        SEQUENCES.startup(Sequences::init);
+    }
+}
+
+/// Register the shared memory; called from `_PG_init`. The two tables are built in place
+/// (`shmem/lock.rs`: pgrx's `pg_shmem_init!` builds them on the postmaster's stack, whose
+/// pages every server process inherits); the two atomic words go through pgrx.
 pub fn init() {
-    pgrx::pg_shmem_init!(WORKERS);
+    // SAFETY: `_PG_init` of a preloaded library, in the postmaster: the hooks are chained.
+    unsafe {
+        PREV_SHMEM_REQUEST = pg_sys::shmem_request_hook;
+        pg_sys::shmem_request_hook = Some(shmem_request);
+        PREV_SHMEM_STARTUP = pg_sys::shmem_startup_hook;
+        pg_sys::shmem_startup_hook = Some(shmem_startup);
+    }
     pgrx::pg_shmem_init!(FENCES_ACTIVE);
     pgrx::pg_shmem_init!(TOMBSTONES);
-    pgrx::pg_shmem_init!(SEQUENCES);
 }
 
 /// Claim a slot for (`kind`, `dboid`, `peer`) unless one is in use; returns its index, or

@@ -58,7 +58,7 @@ use progress::publish_progress;
 use crate::apply::Applier;
 use crate::catalog::nodes::Node;
 use crate::error::{raise, ApplyError};
-use crate::pg::libpq::{Conn, CopyData};
+use crate::pg::libpq::{Conn, CopyData, PqBuf};
 use crate::pg::{bgw, shmem, xact};
 use bdr_core::names::origin_name;
 use bdr_core::stream::{parse_server_message, status_update, ServerMessage};
@@ -148,7 +148,7 @@ struct Stream {
 struct Batch {
     /// The write's start position (the sender's position when it wrote).
     start: u64,
-    buf: Vec<u8>,
+    buf: PqBuf,
     /// Offset in `buf` of the next frame.
     pos: usize,
 }

@@ -7,8 +7,7 @@
 //! dropped at any time (LRU eviction when the table is full): it is rebuilt from the
 //! sequence's value, above every id it handed out.
 
-use pgrx::lwlock::PgLwLock;
-use pgrx::shmem::PGRXSharedMemory;
+use super::lock::ShmemLock;
 
 /// How many sequences can be in use at once before the least recently used is evicted.
 pub const MAX_SEQUENCES: usize = 512;
@@ -117,11 +116,25 @@ impl Sequences {
     }
 }
 
-// SAFETY: plain old data with no pointers; every access goes through the LWLock.
-unsafe impl PGRXSharedMemory for Sequences {}
+// SAFETY: the name is unique to this extension; plain old data with no pointers, valid
+// zeroed; every access goes through the LWLock.
+pub static SEQUENCES: ShmemLock<Sequences> = unsafe { ShmemLock::new(c"bdr_sequences") };
 
-// SAFETY: the name is unique to this extension.
-pub static SEQUENCES: PgLwLock<Sequences> = unsafe { PgLwLock::new(c"bdr_sequences") };
+impl Sequences {
+    /// Make a zeroed table equal to `Sequences::default()`, in place (see `lock.rs`).
+    ///
+    /// # Safety
+    /// `s` points to a zeroed `Sequences` no one else uses yet.
+    pub(super) unsafe fn init(s: *mut Sequences) {
+        // SAFETY: element writes inside the struct `s` points to.
+        unsafe {
+            let slots = (&raw mut (*s).slots).cast::<SeqSlot>();
+            for i in 0..MAX_SEQUENCES {
+                slots.add(i).write(SeqSlot::default());
+            }
+        }
+    }
+}
 
 /// Run `f` on the sequence table under the exclusive lock (keep it short: no I/O).
 pub fn with_sequences<R>(f: impl FnOnce(&mut Sequences) -> R) -> R {
