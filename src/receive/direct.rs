@@ -57,8 +57,9 @@ thread_local! {
 }
 
 /// Stop this process's stream writer (if any) and wait until it has exited (its open
-/// transaction is rolled back by its exit). Called on every way out of the receiver and
-/// before every fallback.
+/// transaction is rolled back by its exit). Called on the receiver's error and exit
+/// paths (`workers/apply.rs`), where the `Stream` is gone; the receiver itself lets its
+/// writer go with `Stream::discard_direct`.
 pub fn shutdown() {
     let Some((aborter, w)) = LIVE.with(|l| l.borrow_mut().take()) else {
         return;
@@ -95,17 +96,21 @@ pub(super) enum Failed {
 }
 
 impl Direct {
-    /// Start a stream writer; `None` if no background worker slot is free.
+    /// Start a stream writer; `None` if no background worker slot is free (its queue
+    /// segment is then given back at once). The caller let the previous writer go first
+    /// (`Stream::discard_direct`).
     fn start(slot: usize, dboid: u32, peer: &str) -> Option<Direct> {
-        shutdown();
         let group = Group::create(1);
         let extra = crate::workers::stream_writer::extra(group.handle(), slot, peer);
-        let w = crate::pg::bgw::start_child_worker(
+        let Some(w) = crate::pg::bgw::start_child_worker(
             &format!("bdr stream writer {dboid} {peer}"),
             "bdr_stream_writer_main",
             dboid,
             &extra,
-        )?;
+        ) else {
+            group.close();
+            return None;
+        };
         LIVE.with(|l| *l.borrow_mut() = Some((group.aborter(), w)));
         Some(Direct {
             group,
@@ -114,6 +119,12 @@ impl Direct {
             seq: 0,
             buf: Vec::new(),
         })
+    }
+
+    /// The writer holds no transaction any more (committed or rolled back).
+    fn end_transaction(&mut self) {
+        self.xid = None;
+        self.idle_since = std::time::Instant::now();
     }
 
     fn send(&mut self, ctl: Ctl<'_>) -> Result<(), Failed> {
@@ -286,8 +297,7 @@ impl Stream {
                     .send(Ctl::Frame(&raw))
                     .and_then(|_| d.wait_done().map(|_| ()));
                 self.raw = raw;
-                d.xid = None;
-                d.idle_since = std::time::Instant::now();
+                d.end_transaction();
                 r
             }
             _ => Ok(()),
@@ -326,8 +336,7 @@ impl Stream {
         let raw = std::mem::take(&mut self.raw);
         let mut r = d.send(Ctl::Frame(&raw)).and_then(|_| d.wait_done());
         self.raw = raw;
-        d.xid = None;
-        d.idle_since = std::time::Instant::now();
+        d.end_transaction();
         if r.is_err() {
             // The writer must be gone before the session is taken back (it may hold it).
             self.discard_direct();
