@@ -392,6 +392,55 @@ fn a_conflict_met_while_streaming_resolves_as_without_streaming() {
 }
 
 #[test]
+fn no_free_worker_slot_for_a_stream_writer_falls_back_and_says_why() {
+    let c = group("stream_noslot");
+    let (a, b) = (c.node(0), c.node(1));
+    if !direct(b) {
+        return; // no stream writer with parallel apply
+    }
+    // node2's background worker slots, as many as it uses now: a stream writer would
+    // need one more.
+    let used: i64 = b.query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type NOT IN \
+         ('client backend', 'walsender', 'walreceiver', 'autovacuum launcher', \
+          'autovacuum worker', 'background writer', 'checkpointer', 'walwriter', \
+          'archiver', 'startup', 'logger')",
+    );
+    b.set_conf("max_worker_processes", &used.to_string());
+    b.restart();
+    wait_streaming(b, "node1");
+    a.connect_as("app")
+        .batch_execute(
+            "BEGIN; INSERT INTO t SELECT g, 'node1 big' FROM generate_series(1, 5000) g; \
+             COMMIT",
+        )
+        .unwrap();
+    wait_until("node1's big transaction applied on node2", CATCHUP, || {
+        count(b, "SELECT count(*) FROM t WHERE v = 'node1 big'") == 5000
+    });
+    wait_for_catchup(&c);
+    assert_same_everywhere(&c, "t");
+    let (streamed, commits, fallbacks) = stream_counts(b, "node1");
+    assert!(
+        streamed >= 1 && commits == 0 && fallbacks >= 1,
+        "streamed, then received whole: {streamed} {commits} {fallbacks}"
+    );
+    assert!(
+        b.log()
+            .contains("no background worker slot was free for a stream writer"),
+        "the fallback says why:\n{}",
+        b.log_tail(30)
+    );
+    // The queue segment made for the writer that could not start was given back.
+    let pid: i32 = b.query_scalar("SELECT pid FROM bdr.apply_workers() WHERE peer = 'node1'");
+    assert_eq!(
+        pg_test::sys::dsm_mappings(pid, 256, 512),
+        0,
+        "the unused stream writer queue segment is still mapped in the apply worker"
+    );
+}
+
+#[test]
 fn fallbacks_in_a_row_make_the_receiver_wait_before_streaming_again() {
     let c = group("stream_streak");
     let (a, b) = (c.node(0), c.node(1));

@@ -93,7 +93,13 @@ pub(super) enum Failed {
     Writer,
     /// SIGTERM.
     Stopping,
+    /// No background worker slot was free for a stream writer (`max_worker_processes`).
+    NoSlot,
 }
+
+/// Why a transaction falls back when no stream writer could be started.
+const NO_SLOT: &str = "no background worker slot was free for a stream writer \
+     (max_worker_processes counts one per peer streaming to this node)";
 
 impl Direct {
     /// Start a stream writer; `None` if no background worker slot is free (its queue
@@ -235,6 +241,7 @@ impl Stream {
             Ok(()) => false,
             Err(Failed::Stopping) => true,
             Err(Failed::Writer) => self.fall_back_direct(xid, "the stream writer stopped"),
+            Err(Failed::NoSlot) => self.fall_back_direct(xid, NO_SLOT),
         }
     }
 
@@ -246,7 +253,7 @@ impl Stream {
         match self.forward_raw() {
             Ok(()) => false,
             Err(Failed::Stopping) => true,
-            Err(Failed::Writer) => {
+            Err(Failed::Writer | Failed::NoSlot) => {
                 let xid = self.direct.as_ref().and_then(|d| d.xid).unwrap_or(0);
                 self.fall_back_direct(xid, "the stream writer stopped")
             }
@@ -275,7 +282,7 @@ impl Stream {
             self.direct = Direct::start(self.slot, self.dboid, &self.peer);
         }
         let Some(d) = &mut self.direct else {
-            return Err(Failed::Writer);
+            return Err(Failed::NoSlot);
         };
         if d.xid.is_none() {
             d.xid = Some(xid);
@@ -307,7 +314,7 @@ impl Stream {
             Ok(()) => false,
             Err(Failed::Stopping) => true,
             // Rolled back either way (the writer's exit rolls back).
-            Err(Failed::Writer) => {
+            Err(Failed::Writer | Failed::NoSlot) => {
                 self.discard_direct();
                 false
             }
@@ -367,7 +374,7 @@ impl Stream {
                 false
             }
             Err(Failed::Stopping) => true,
-            Err(Failed::Writer) => {
+            Err(Failed::Writer | Failed::NoSlot) => {
                 self.fall_back_direct(c.xid, "the stream writer failed at the commit")
             }
         }
