@@ -457,3 +457,54 @@ fn an_always_trigger_enabled_on_a_kept_table_fires_on_remote_updates_and_deletes
     assert_same_everywhere(&c, "t");
     assert_eq!(apply_errors(b), 0, "node2's apply worker errored");
 }
+
+/// Issue 17: the apply worker sets up an EvalPlanQual state for a remote UPDATE or DELETE
+/// only when the table has a BEFORE ROW trigger for it (the executor uses it for nothing
+/// else). Such a trigger enabled ALWAYS on a kept table must fire, may change the new
+/// row, and may skip a delete, exactly as for a local statement.
+#[test]
+fn before_row_triggers_enabled_always_fire_on_remote_updates_and_deletes() {
+    let c = pair_owned_by_app("before_triggers");
+    let (a, b) = (c.node(0), c.node(1));
+    let mut app = a.connect_as("app");
+    let mut run = |sql: &str| {
+        app.batch_execute(sql).unwrap();
+        wait_for_catchup(&c);
+    };
+    // The kept state is built by these changes, with no trigger.
+    run("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 3) g");
+    run("UPDATE t SET v = 'w' WHERE id = 1");
+    local_only(
+        b,
+        "CREATE UNLOGGED TABLE seen (op text, id int);
+         CREATE FUNCTION mark() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO seen VALUES (TG_OP, OLD.id);
+             IF TG_OP = 'DELETE' THEN
+                 RETURN CASE WHEN OLD.id = 3 THEN NULL ELSE OLD END;
+             END IF;
+             NEW.v := NEW.v || ' (marked)';
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER mark BEFORE UPDATE OR DELETE ON t
+             FOR EACH ROW EXECUTE FUNCTION mark();
+         ALTER TABLE t ENABLE ALWAYS TRIGGER mark;",
+    );
+    run("UPDATE t SET v = 'x' WHERE id = 2");
+    run("DELETE FROM t WHERE id = 1");
+    run("DELETE FROM t WHERE id = 3");
+    assert_eq!(
+        b.query_scalar::<String>("SELECT string_agg(op || id, ',' ORDER BY id) FROM seen"),
+        "DELETE1,UPDATE2,DELETE3"
+    );
+    assert_eq!(
+        b.query_scalar::<String>("SELECT string_agg(id || '=' || v, ',' ORDER BY id) FROM t"),
+        "2=x (marked),3=v",
+        "the trigger's new row was written and its skipped delete kept the row"
+    );
+    assert_eq!(
+        a.query_scalar::<String>("SELECT string_agg(id || '=' || v, ',' ORDER BY id) FROM t"),
+        "2=x"
+    );
+    assert_eq!(apply_errors(b), 0, "node2's apply worker errored");
+}

@@ -615,14 +615,28 @@ impl Target {
         })
     }
 
-    /// Run `f` with an initialised EvalPlanQual state (what ExecSimpleRelationUpdate and
-    /// ...Delete need for concurrent-update rechecks), ended afterwards.
+    /// Run `f` with an initialised EvalPlanQual state, ended afterwards, when the table
+    /// has BEFORE ROW triggers for the operation (`before_row` of its trigger
+    /// description): ExecSimpleRelationUpdate and ...Delete use it only to run those.
+    /// Without such triggers `f` gets a null pointer (most tables: the set-up and
+    /// tear-down are skipped for every change).
     ///
     /// # Safety
     /// See [`Target::begin_change`].
-    unsafe fn with_epq(&self, f: impl FnOnce(*mut pg_sys::EPQState)) {
-        // SAFETY: the EPQ state lives on this stack frame for the duration of `f`.
+    unsafe fn with_epq(
+        &self,
+        before_row: impl FnOnce(&pg_sys::TriggerDesc) -> bool,
+        f: impl FnOnce(*mut pg_sys::EPQState),
+    ) {
+        // SAFETY: the result relation info and its trigger description (if any) live as
+        // long as the target; the EPQ state lives on this stack frame for the duration
+        // of `f`.
         unsafe {
+            let trig = (*self.rri).ri_TrigDesc;
+            if trig.is_null() || !before_row(&*trig) {
+                f(std::ptr::null_mut());
+                return;
+            }
             let mut epq: pg_sys::EPQState = std::mem::zeroed();
             pg_sys::EvalPlanQualInit(
                 &mut epq,
@@ -653,9 +667,12 @@ impl Target {
         unsafe {
             let slot = self.virtual_slot(row);
             as_user(self.owner, || {
-                self.with_epq(|epq| {
-                    pg_sys::ExecSimpleRelationUpdate(self.rri, self.estate, epq, old.slot, slot)
-                })
+                self.with_epq(
+                    |t| t.trig_update_before_row,
+                    |epq| {
+                        pg_sys::ExecSimpleRelationUpdate(self.rri, self.estate, epq, old.slot, slot)
+                    },
+                )
             });
         }
     }
@@ -669,9 +686,10 @@ impl Target {
         // SAFETY: as in update.
         unsafe {
             as_user(self.owner, || {
-                self.with_epq(|epq| {
-                    pg_sys::ExecSimpleRelationDelete(self.rri, self.estate, epq, old.slot)
-                })
+                self.with_epq(
+                    |t| t.trig_delete_before_row,
+                    |epq| pg_sys::ExecSimpleRelationDelete(self.rri, self.estate, epq, old.slot),
+                )
             });
         }
     }
