@@ -184,6 +184,7 @@ fn profile_catch_up(
         });
         perf_record(pid.unwrap(), &data)
     });
+    pin_if_asked(sys, b);
     wait_until("catch-up", Duration::from_secs(1800), || {
         b.query_scalar::<i64>("SELECT count(*) FROM small") >= committed
     });
@@ -199,6 +200,26 @@ fn profile_catch_up(
         perf_report(&data)
     );
     publish(name, &out);
+}
+
+/// A diagnostic: with `BENCH_PIN_CPU=<n>`, B's apply process and B's WAL writer are
+/// pinned to CPU n for the catch-up, so that the WAL writer's wake-up at an asynchronous
+/// commit never has to reach another (possibly idle) CPU.
+fn pin_if_asked(sys: System, b: &pg_test::Node) {
+    let Ok(cpu) = std::env::var("BENCH_PIN_CPU") else {
+        return;
+    };
+    let walwriter: i32 =
+        b.query_scalar("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'");
+    let pids = [apply_pid(sys, b).expect("B's apply process"), walwriter];
+    for pid in pids {
+        let ok = std::process::Command::new("taskset")
+            .args(["-pc", &cpu, &pid.to_string()])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(ok, "taskset -pc {cpu} {pid} failed");
+    }
+    eprintln!("   pinned B's apply process and WAL writer ({pids:?}) to CPU {cpu}");
 }
 
 /// `bdr-bench profile-big`: A's walsender and B's apply process from the COMMIT of one
