@@ -137,6 +137,12 @@ pub fn profile_update(sys: System) {
     // Both systems start from the same state: table and indexes freshly vacuumed and
     // analyzed on B, as they would be after autovacuum.
     b.execute("VACUUM ANALYZE big");
+    let layout: String = b.query_scalar(
+        "SELECT format('table %s pages, index %s pages, %s rows/page', \
+                pg_relation_size('big') / 8192, pg_indexes_size('big') / 8192, \
+                round(reltuples / greatest(relpages, 1))) FROM pg_class WHERE relname = 'big'",
+    );
+    eprintln!("   B's table before the updates: {layout}");
     hold(sys, b);
     pgbench_transactions(
         a,
