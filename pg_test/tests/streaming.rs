@@ -14,7 +14,7 @@ use pg_test::bdr::{
     CATCHUP,
 };
 use pg_test::sys::kill9_pid as kill9;
-use pg_test::{wait_until, Cluster, Node};
+use pg_test::{wait_until, Cluster, Node, Rng};
 
 /// Two nodes streaming large transactions to each other, an application role, and
 /// table `t`, created on node1 after the group formed and replicated.
@@ -24,8 +24,13 @@ fn group(name: &str) -> Cluster {
 
 /// [`group`] from a builder with more settings.
 fn group_of(b: pg_test::ClusterBuilder) -> Cluster {
+    group_n(b, 2)
+}
+
+/// [`group_of`] with `nodes` nodes, each streaming from every other.
+fn group_n(b: pg_test::ClusterBuilder, nodes: usize) -> Cluster {
     let c = b
-        .nodes(2)
+        .nodes(nodes)
         .conf("logical_decoding_work_mem", "'64kB'")
         .conf("bdr.stream_large_transactions", "on")
         // Streaming is for one writer per peer (parallel apply never asks for it:
@@ -34,7 +39,13 @@ fn group_of(b: pg_test::ClusterBuilder) -> Cluster {
         .conf("bdr.apply_retry_max_delay", "'1s'")
         .start();
     form_group_with_app_table(&c);
-    wait_streaming(c.node(1), "node1");
+    for n in c.nodes() {
+        for peer in c.nodes() {
+            if peer.name() != n.name() {
+                wait_streaming(n, peer.name());
+            }
+        }
+    }
     c
 }
 
@@ -837,5 +848,243 @@ fn parallel_apply_never_asks_for_streaming() {
     assert!(
         !b.log().contains("(large transactions streamed)"),
         "node2 asked for streaming with parallel apply"
+    );
+}
+
+/// Streamed and ordinary transactions from every node of three, under random apply
+/// pauses (so they race into conflicts), some with a rolled-back subtransaction, some
+/// rolled back whole, converge: the streamed path (applied before the commit), its
+/// fallbacks and the whole-transaction path give the same rows everywhere.
+/// `BDR_SOAK_SEEDS` sets the number of seeds (default 4).
+#[test]
+fn randomized_streamed_and_small_transactions_converge() {
+    let c = group_n(Cluster::builder().name("stream_random"), 3);
+    let seeds: u64 = std::env::var("BDR_SOAK_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let names = ["node1", "node2", "node3"];
+    c.node(0)
+        .connect_as("app")
+        .batch_execute("INSERT INTO t SELECT g, 'start' FROM generate_series(1, 3000) g")
+        .unwrap();
+    wait_for_catchup(&c);
+    let (mut waited, mut local_deadlocks) = (0, 0);
+    for seed in 1..=seeds {
+        let mut rng = Rng::seeded(seed);
+        for round in 0..3 {
+            for n in c.nodes() {
+                for peer in names {
+                    if peer != n.name() && rng.below(2) == 0 {
+                        n.execute(&format!("SELECT bdr.apply_pause('{peer}')"));
+                    }
+                }
+            }
+            // One big transaction (thousands of rows: streamed at 64kB), left open while
+            // small ones commit on every node.
+            let origin = c.node(rng.below(3) as usize);
+            let tag = format!("s{seed}r{round}{}", origin.name());
+            // Its own fresh range (nothing else writes there: no decision needed, so it
+            // can commit streamed) or the shared range 1..3000 (rows of every node).
+            let fresh = 100_000 * seed as i64 + 10_000 * round as i64;
+            // Half of them in a fresh range: those commit streamed (a fallback streak
+            // makes the receiver stop asking for streaming for a minute).
+            let big_sql = match rng.below(6) {
+                0..=2 => format!(
+                    "INSERT INTO t SELECT g, '{tag}' FROM generate_series({fresh}, {fresh} + 2999) g"
+                ),
+                3 => format!("UPDATE t SET v = '{tag}' WHERE id BETWEEN 1 AND 3000"),
+                4 => format!(
+                    "DELETE FROM t WHERE id BETWEEN 1 AND 3000 AND id % 7 = {}",
+                    rng.below(7)
+                ),
+                _ => format!(
+                    "INSERT INTO t SELECT g, '{tag}' FROM generate_series(1, 3000) g \
+                     ON CONFLICT (id) DO UPDATE SET v = excluded.v"
+                ),
+            };
+            let mut big = origin.connect_as("app");
+            big.batch_execute("BEGIN").unwrap();
+            if rng.below(3) == 0 {
+                // A subtransaction rolled back inside it (its rows never count).
+                big.batch_execute(&format!(
+                    "SAVEPOINT s; INSERT INTO t SELECT g, 'gone' FROM \
+                     generate_series({fresh} + 5000, {fresh} + 7999) g; ROLLBACK TO s"
+                ))
+                .unwrap();
+            }
+            // It can deadlock with another node's big transaction being applied here
+            // (same rows, another order); the apply side checks first, so this is rare.
+            let big_ok = match big.batch_execute(&big_sql) {
+                Ok(()) => true,
+                Err(e) if e.code() == Some(&postgres::error::SqlState::T_R_DEADLOCK_DETECTED) => {
+                    local_deadlocks += 1;
+                    false
+                }
+                Err(e) => panic!("{big_sql} on {}: {e}", origin.name()),
+            };
+            for _ in 0..8 {
+                let n = c.node(rng.below(3) as usize);
+                let id = rng.below(6) + 1;
+                let val = format!("{tag}{}", n.name());
+                let sql = match rng.below(3) {
+                    0 => {
+                        format!("INSERT INTO t VALUES ({id}, '{val}') ON CONFLICT (id) DO NOTHING")
+                    }
+                    1 => format!("UPDATE t SET v = '{val}' WHERE id = {id}"),
+                    _ => format!("DELETE FROM t WHERE id = {id}"),
+                };
+                if n.name() == origin.name() {
+                    // The big transaction holds these rows on its own node: another
+                    // session there would wait for it.
+                    continue;
+                }
+                // On a node whose stream writer already applied part of the big
+                // transaction, a local write of one of its rows waits for it to commit
+                // (as for any open transaction): given up after a moment here.
+                match n
+                    .connect_as("app")
+                    .batch_execute(&format!("SET lock_timeout = '300ms'; {sql}"))
+                {
+                    Ok(()) => {}
+                    Err(e) if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                        waited += 1
+                    }
+                    Err(e) => panic!("{sql} on {}: {e}", n.name()),
+                }
+            }
+            let end = if !big_ok || rng.below(5) == 0 {
+                "ROLLBACK"
+            } else {
+                "COMMIT"
+            };
+            big.batch_execute(end).unwrap();
+            for n in c.nodes() {
+                n.execute("SELECT bdr.apply_resume()");
+            }
+        }
+        wait_for_catchup(&c);
+        let digest = assert_same_everywhere(&c, "t");
+        eprintln!("seed {seed}: converged ({digest})");
+    }
+    // Both ways of applying a streamed transaction were taken (else this proves less).
+    let (mut streamed, mut committed, mut fell_back) = (0, 0, 0);
+    for n in c.nodes() {
+        for peer in names.iter().filter(|p| **p != n.name()) {
+            let (s, k, f) = stream_counts(n, peer);
+            streamed += s;
+            committed += k;
+            fell_back += f;
+        }
+    }
+    eprintln!(
+        "{seeds} seeds: {streamed} streamed, {committed} committed streamed, {fell_back} fell \
+         back; {waited} local writes gave up waiting for an open streamed transaction; \
+         {local_deadlocks} big local transactions lost a deadlock"
+    );
+    assert!(streamed > 0, "nothing was streamed");
+    if direct(c.node(0)) {
+        assert!(
+            committed > 0 && fell_back > 0,
+            "both paths taken: {committed} committed streamed, {fell_back} fell back"
+        );
+    }
+    for n in c.nodes() {
+        assert!(
+            n.forbidden_log_lines().is_empty(),
+            "{}: {:?}",
+            n.name(),
+            n.forbidden_log_lines()
+        );
+    }
+}
+
+/// A local transaction and a streamed one (applied by node2's stream writer before its
+/// commit) that lock the same two rows in opposite orders deadlock. The local one waited
+/// first, so with equal `deadlock_timeout`s PostgreSQL would roll back the application's
+/// transaction; the apply side checks first (a fifth of the server's timeout), so the
+/// stream writer gives up (the transaction falls back and arrives whole) and the
+/// application's transaction commits.
+#[test]
+fn a_deadlock_with_a_local_transaction_rolls_back_the_apply_side() {
+    // 5 s for the application's sessions: the stream writer's wait (1 s at most here)
+    // begins well within that after the local one's.
+    let c = group_of(
+        Cluster::builder()
+            .name("stream_deadlock")
+            .conf("deadlock_timeout", "'5s'"),
+    );
+    let (a, b) = (c.node(0), c.node(1));
+    if !direct(b) {
+        return;
+    }
+    a.connect_as("app")
+        .batch_execute("INSERT INTO t VALUES (1, 'node1'), (2, 'node1')")
+        .unwrap();
+    wait_for_catchup(&c);
+    // The application on node2 holds row 1.
+    let mut local = b.connect_as("app");
+    local
+        .batch_execute("BEGIN; UPDATE t SET v = 'local' WHERE id = 1")
+        .unwrap();
+    let local_pid: i32 = local
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    // node1's big transaction updates row 2 first; the piece holding it streams (the rows
+    // around it pass 64kB) and node2's stream writer applies it: row 2 is held there.
+    let mut big = a.connect_as("app");
+    big.batch_execute(
+        "BEGIN; INSERT INTO t SELECT g, 'big' FROM generate_series(1001, 4000) g; \
+         UPDATE t SET v = 'node1 big' WHERE id = 2; \
+         INSERT INTO t SELECT g, 'big' FROM generate_series(4001, 7000) g",
+    )
+    .unwrap();
+    wait_until("node2's stream writer to hold row 2", CATCHUP, || {
+        b.connect()
+            .batch_execute("BEGIN; SELECT 1 FROM t WHERE id = 2 FOR UPDATE NOWAIT; ROLLBACK")
+            .is_err_and(|e| e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE))
+    });
+    // The application now waits for row 2 (first in the cycle)...
+    let waiter = std::thread::spawn(move || {
+        let r = local.batch_execute("UPDATE t SET v = 'local' WHERE id = 2");
+        let r = r.and_then(|_| local.batch_execute("COMMIT"));
+        r.map_err(|e| pg_test::db_error_text(&e))
+    });
+    wait_until("the local transaction to wait for row 2", CATCHUP, || {
+        b.query_scalar::<bool>(&format!(
+            "SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity \
+             WHERE pid = {local_pid}"
+        ))
+    });
+    // ...then node1's transaction reaches row 1 and commits: node2's stream writer waits
+    // for the application's row 1. A cycle.
+    big.batch_execute(
+        "UPDATE t SET v = 'node1 big' WHERE id = 1; \
+         INSERT INTO t SELECT g, 'big' FROM generate_series(7001, 10000) g; COMMIT",
+    )
+    .unwrap();
+    let outcome = waiter.join().unwrap();
+    assert_eq!(
+        outcome,
+        Ok(()),
+        "the application's transaction was rolled back, not the apply side's"
+    );
+    wait_for_catchup(&c);
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'big'"), 9000);
+    // The application's transaction committed last: its rows win everywhere.
+    assert_eq!(
+        b.query_scalar::<String>("SELECT string_agg(v, ',' ORDER BY id) FROM t WHERE id <= 2"),
+        "local,local"
+    );
+    assert_same_everywhere(&c, "t");
+    let (streamed, commits, fallbacks) = stream_counts(b, "node1");
+    assert!(
+        streamed >= 1 && commits == 0 && fallbacks >= 1,
+        "the stream writer gave the transaction up: {streamed} {commits} {fallbacks}"
+    );
+    assert!(
+        b.log().contains("deadlock detected"),
+        "the deadlock is in node2's log"
     );
 }

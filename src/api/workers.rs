@@ -80,6 +80,9 @@ fn set_pause(peer: Option<&str>, pause: bool, limit_secs: Option<i32>) -> i32 {
                 s.pause_requested = pause;
                 s.pause_deadline = deadline;
             });
+            // Taken up now, not at the worker's next look (a paused worker waits up to
+            // 200 ms at a time).
+            crate::pg::bgw::wake(s.pid);
             n += 1;
         }
     }

@@ -108,6 +108,25 @@ pub fn wait(socket: Option<i32>, timeout: Duration) -> bool {
     BackgroundWorker::sigterm_received()
 }
 
+/// Set the latch of backend `pid`, if it still runs: a worker waiting on its latch (a
+/// paused apply worker, for instance) looks at its shared state at once instead of at its
+/// next timeout. A pid reused meanwhile only costs that backend a spurious wake-up, which
+/// every latch wait tolerates.
+pub fn wake(pid: i32) {
+    if pid <= 0 {
+        return;
+    }
+    // SAFETY: BackendPidGetProc looks the pid up under ProcArrayLock; a PGPROC and its
+    // latch live in shared memory for the server's life, and setting another backend's
+    // process latch is what PostgreSQL itself does to wake it.
+    unsafe {
+        let proc = pg_sys::BackendPidGetProc(pid);
+        if !proc.is_null() {
+            pg_sys::SetLatch(&mut (*proc).procLatch);
+        }
+    }
+}
+
 /// Re-read the configuration file if SIGHUP arrived since the last look (a process that
 /// waits elsewhere than in [`wait`], e.g. a parallel-apply writer on its queue).
 pub fn reload_if_asked() {

@@ -250,6 +250,12 @@ pub fn now() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
+/// This session's `deadlock_timeout`, in milliseconds.
+pub fn deadlock_timeout_ms() -> i32 {
+    // SAFETY: a plain read of the GUC's variable.
+    unsafe { pg_sys::DeadlockTimeout }
+}
+
 /// Set a GUC for this session with superuser rights.
 pub fn set_config(name: &str, value: &str) {
     let n = CString::new(name).unwrap();

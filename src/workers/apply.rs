@@ -22,10 +22,7 @@ pub fn main(arg: pg_sys::Datum) {
         s.state = shmem::State::Starting;
         s.started_at = xact::now();
     });
-    // Replicated rows do not fire ordinary triggers (only ENABLE REPLICA / ALWAYS ones);
-    // durability comes from flush feedback, not from waiting for each commit.
-    xact::set_config("session_replication_role", "replica");
-    xact::set_config("synchronous_commit", "off");
+    super::applying_settings();
     xact::begin();
     let (local, peer) = (nodes::local(), nodes::by_name(&peer_name));
     xact::commit();

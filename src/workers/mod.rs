@@ -20,3 +20,24 @@ pub mod launcher;
 pub mod stream_writer;
 pub mod supervisor;
 pub mod writer;
+
+/// The settings of every process that applies a peer's changes (apply worker, parallel
+/// writer, stream writer):
+/// - replicated rows fire only ENABLE REPLICA / ALWAYS triggers (`session_replication_role
+///   = replica`);
+/// - commits are asynchronous (durability comes from flush feedback, not from waiting for
+///   each commit);
+/// - `deadlock_timeout` is a fifth of the server's (at most 200 ms): in a deadlock between
+///   applied changes and local transactions, the process that checks first is the one
+///   PostgreSQL rolls back, so it is the apply side (which retries, or falls back for a
+///   streamed transaction) rather than the application's transaction.
+pub(crate) fn applying_settings() {
+    use crate::pg::xact::set_config;
+    set_config("session_replication_role", "replica");
+    set_config("synchronous_commit", "off");
+    let server = crate::pg::xact::deadlock_timeout_ms();
+    set_config(
+        "deadlock_timeout",
+        &format!("{}ms", (server / 5).clamp(1, 200)),
+    );
+}

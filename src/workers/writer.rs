@@ -34,12 +34,10 @@ pub fn extra(handle: u32, w: usize, slot: usize, peer: &str) -> String {
 }
 
 /// Set up an applying session for a process that applies `peer_name`'s changes beside its
-/// receiver (a parallel apply writer, a stream writer): replica role, asynchronous
-/// commits (flush feedback follows WAL flushes), the error context, relcache watch and the
-/// applying flag. The local node and the peer, or None if either is gone.
+/// receiver (a parallel apply writer, a stream writer): [`super::applying_settings`], the
+/// error context, relcache watch and the applying flag. The local node and the peer, or None if either is gone.
 pub(super) fn session(peer_name: &str) -> Option<(Node, Node)> {
-    xact::set_config("session_replication_role", "replica");
-    xact::set_config("synchronous_commit", "off");
+    super::applying_settings();
     xact::begin();
     let (local, peer) = (nodes::local(), nodes::by_name(peer_name));
     xact::commit();
