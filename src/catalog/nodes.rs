@@ -126,6 +126,18 @@ pub fn by_name(name: &str) -> Option<Node> {
     .next()
 }
 
+/// Share-lock node `name`'s row until the end of the transaction; whether it is there and
+/// not parted (read after any concurrent change of it committed).
+pub fn lock_if_not_parted(name: &str) -> bool {
+    Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM bdr.nodes \
+          WHERE node_name = $1 AND node_state <> 'parted' FOR SHARE)",
+        &[name.into()],
+    )
+    .or_raise_as(ApplyError::spi)
+    .unwrap_or(false)
+}
+
 /// Insert or replace a node row.
 pub fn upsert(n: &Node) {
     Spi::run_with_args(

@@ -80,9 +80,15 @@ pub fn commit_remote(remote_end_lsn: u64, remote_commit_time: i64) -> u64 {
 
 /// Make this session apply under the replication origin `name` (created if missing);
 /// returns the origin's progress: the end LSN of the last remote commit applied here.
-pub fn setup_origin(name: &str) -> u64 {
+/// `None` (and nothing created) if `wanted`, asked first in the same transaction, says
+/// the origin is not wanted any more (its node was parted meanwhile).
+pub fn setup_origin(name: &str, wanted: impl FnOnce() -> bool) -> Option<u64> {
     let c = CString::new(name).expect("origin name without NUL");
     begin();
+    if !wanted() {
+        commit();
+        return None;
+    }
     // SAFETY: inside a transaction; the origin is acquired for the life of the process.
     let progress = unsafe {
         let mut id = pg_sys::replorigin_by_name(c.as_ptr(), true);
@@ -96,7 +102,7 @@ pub fn setup_origin(name: &str) -> u64 {
         pg_sys::replorigin_session_get_progress(true)
     };
     commit();
-    progress
+    Some(progress)
 }
 
 /// The id of replication origin `name`, created if `create` and missing (`None` if
@@ -204,13 +210,18 @@ pub fn insert_lsn() -> u64 {
 
 /// Flushed progress of replication origin `name` (created if missing), without setting
 /// up its session: where a parallel-apply receiver starts streaming.
-pub fn origin_flushed_progress(name: &str) -> u64 {
+/// `None` (and nothing created) if `wanted` says no, as for [`setup_origin`].
+pub fn origin_flushed_progress(name: &str, wanted: impl FnOnce() -> bool) -> Option<u64> {
     begin();
+    if !wanted() {
+        commit();
+        return None;
+    }
     let id = origin_id(name, true).expect("created");
     // SAFETY: a valid origin id; `true`: only what is flushed here.
     let p = unsafe { pg_sys::replorigin_get_progress(id, true) };
     commit();
-    p
+    Some(p)
 }
 
 /// Progress of replication origin `name` (0 if it does not exist): the remote end LSN of

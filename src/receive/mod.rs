@@ -422,10 +422,18 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
     let (local, peer, peer_dsn) = (&local_node.name, &peer_node.name, &peer_node.dsn);
     // Parallel apply: the writers set up the origin's session, each for its commit only.
     let writers = crate::gucs::WRITERS_PER_PEER.get().clamp(1, 16) as usize;
+    // The peer's row is share-locked while its origin is made: a `bdr.part` marking it
+    // parted either waits for this (and then drops the origin once this worker is
+    // stopped) or went first (and then nothing is created here).
+    let wanted = || crate::catalog::nodes::lock_if_not_parted(peer);
     let progress = if writers > 1 {
-        xact::origin_flushed_progress(&origin_name(dboid, peer))
+        xact::origin_flushed_progress(&origin_name(dboid, peer), wanted)
     } else {
-        xact::setup_origin(&origin_name(dboid, peer))
+        xact::setup_origin(&origin_name(dboid, peer), wanted)
+    };
+    let Some(progress) = progress else {
+        pgrx::log!("bdr: node \"{peer}\" was parted; its apply worker exits");
+        return;
     };
     let link = crate::apply::Link {
         // A spoke asks its hub for every node's changes (forwarding).
