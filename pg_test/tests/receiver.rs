@@ -411,6 +411,22 @@ fn the_kept_table_state_follows_schema_changes_made_while_changes_are_queued() {
     assert_eq!(apply_errors(b), 0, "node2's apply worker errored");
 }
 
+/// Rows 1..=`rows` of `t` inserted on node1 (as `app`) and row 1 updated, each applied on
+/// node2, which so keeps `t`'s executor state; then a runner of more such statements,
+/// each waited for on every node.
+fn kept_state_on_node2(c: &Cluster, rows: i32) -> impl FnMut(&str) + '_ {
+    let mut app = c.node(0).connect_as("app");
+    let mut run = move |sql: &str| {
+        app.batch_execute(sql).unwrap();
+        wait_for_catchup(c);
+    };
+    run(&format!(
+        "INSERT INTO t SELECT g, 'v' FROM generate_series(1, {rows}) g"
+    ));
+    run("UPDATE t SET v = 'w' WHERE id = 1");
+    run
+}
+
 /// Issue 17, small UPDATE: the apply worker hides a table's triggers from the executor
 /// when none of them can fire under `session_replication_role = replica` (bdr's own
 /// `bdr_tombstone` trigger is enabled ORIGIN). A trigger enabled ALWAYS or REPLICA later,
@@ -419,15 +435,9 @@ fn the_kept_table_state_follows_schema_changes_made_while_changes_are_queued() {
 #[test]
 fn an_always_trigger_enabled_on_a_kept_table_fires_on_remote_updates_and_deletes() {
     let c = pair_owned_by_app("kept_triggers");
-    let (a, b) = (c.node(0), c.node(1));
-    let mut app = a.connect_as("app");
-    let mut run = |sql: &str| {
-        app.batch_execute(sql).unwrap();
-        wait_for_catchup(&c);
-    };
-    // The kept state is built by these changes, with no trigger that fires in apply.
-    run("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 4) g");
-    run("UPDATE t SET v = 'w' WHERE id = 1");
+    let b = c.node(1);
+    // The kept state is built with no trigger that fires in apply.
+    let mut run = kept_state_on_node2(&c, 4);
     local_only(
         b,
         "CREATE UNLOGGED TABLE seen (op text, id int);
@@ -466,14 +476,8 @@ fn an_always_trigger_enabled_on_a_kept_table_fires_on_remote_updates_and_deletes
 fn before_row_triggers_enabled_always_fire_on_remote_updates_and_deletes() {
     let c = pair_owned_by_app("before_triggers");
     let (a, b) = (c.node(0), c.node(1));
-    let mut app = a.connect_as("app");
-    let mut run = |sql: &str| {
-        app.batch_execute(sql).unwrap();
-        wait_for_catchup(&c);
-    };
-    // The kept state is built by these changes, with no trigger.
-    run("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 3) g");
-    run("UPDATE t SET v = 'w' WHERE id = 1");
+    // The kept state is built with no trigger.
+    let mut run = kept_state_on_node2(&c, 3);
     local_only(
         b,
         "CREATE UNLOGGED TABLE seen (op text, id int);
