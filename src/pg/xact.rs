@@ -83,26 +83,25 @@ pub fn commit_remote(remote_end_lsn: u64, remote_commit_time: i64) -> u64 {
 /// `None` (and nothing created) if `wanted`, asked first in the same transaction, says
 /// the origin is not wanted any more (its node was parted meanwhile).
 pub fn setup_origin(name: &str, wanted: impl FnOnce() -> bool) -> Option<u64> {
-    let c = CString::new(name).expect("origin name without NUL");
-    begin();
-    if !wanted() {
-        commit();
-        return None;
-    }
-    // SAFETY: inside a transaction; the origin is acquired for the life of the process.
-    let progress = unsafe {
-        let mut id = pg_sys::replorigin_by_name(c.as_ptr(), true);
-        if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
-            id = pg_sys::replorigin_create(c.as_ptr());
+    if_wanted(wanted, || {
+        let id = origin_id(name, true).expect("created");
+        // SAFETY: inside a transaction; the origin is acquired for the life of the process.
+        unsafe {
+            pg_sys::replorigin_session_setup(id);
+            pg_sys::replorigin_session_origin = id;
+            // Flushed (`true`): the in-memory progress may cover asynchronous local commits
+            // not yet on disk, and this value is reported upstream as flushed.
+            pg_sys::replorigin_session_get_progress(true)
         }
-        pg_sys::replorigin_session_setup(id);
-        pg_sys::replorigin_session_origin = id;
-        // Flushed (`true`): the in-memory progress may cover asynchronous local commits
-        // not yet on disk, and this value is reported upstream as flushed.
-        pg_sys::replorigin_session_get_progress(true)
-    };
+    })
+}
+
+/// In one transaction: `None` if `wanted()` says no, else `Some(f())`.
+fn if_wanted<T>(wanted: impl FnOnce() -> bool, f: impl FnOnce() -> T) -> Option<T> {
+    begin();
+    let r = wanted().then(f);
     commit();
-    Some(progress)
+    r
 }
 
 /// The id of replication origin `name`, created if `create` and missing (`None` if
@@ -212,16 +211,11 @@ pub fn insert_lsn() -> u64 {
 /// up its session: where a parallel-apply receiver starts streaming.
 /// `None` (and nothing created) if `wanted` says no, as for [`setup_origin`].
 pub fn origin_flushed_progress(name: &str, wanted: impl FnOnce() -> bool) -> Option<u64> {
-    begin();
-    if !wanted() {
-        commit();
-        return None;
-    }
-    let id = origin_id(name, true).expect("created");
-    // SAFETY: a valid origin id; `true`: only what is flushed here.
-    let p = unsafe { pg_sys::replorigin_get_progress(id, true) };
-    commit();
-    Some(p)
+    if_wanted(wanted, || {
+        let id = origin_id(name, true).expect("created");
+        // SAFETY: a valid origin id; `true`: only what is flushed here.
+        unsafe { pg_sys::replorigin_get_progress(id, true) }
+    })
 }
 
 /// Progress of replication origin `name` (0 if it does not exist): the remote end LSN of

@@ -35,7 +35,8 @@ pub fn extra(handle: u32, w: usize, slot: usize, peer: &str) -> String {
 
 /// Set up an applying session for a process that applies `peer_name`'s changes beside its
 /// receiver (a parallel apply writer, a stream writer): [`super::applying_settings`], the
-/// error context, relcache watch and the applying flag. The local node and the peer, or None if either is gone.
+/// error context, relcache watch and the applying flag. The local node and the peer, or
+/// None if either is gone.
 pub(super) fn session(peer_name: &str) -> Option<(Node, Node)> {
     super::applying_settings();
     xact::begin();
