@@ -724,16 +724,36 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
             tps(&t),
         );
         let n0: i64 = a.query_scalar("SELECT count(*) FROM small");
+        procs::settle(&[a, c.node(1), c.node(2)]);
+        let wal0: Vec<String> = (0..3)
+            .map(|i| c.node(i).query_scalar("SELECT pg_current_wal_lsn()::text"))
+            .collect();
         let s0 = procs::snapshot(&[a, c.node(1), c.node(2)]);
         let t = pgbench(
             a,
             &["-c", "4", "-j", "2", "-T", &secs.to_string()],
             "INSERT INTO small (v) VALUES (1);\n",
         );
+        procs::settle(&[a, c.node(1), c.node(2)]);
         let roles = procs::by_role(&s0, &procs::snapshot(&[a, c.node(1), c.node(2)]));
         let w = "4b. writer TPS, 2 peers (4 clients, single-row INSERT)";
         put(rows, sys, w, "TPS on the writer", true, tps(&t));
         let n = a.query_scalar::<i64>("SELECT count(*) FROM small") - n0;
+        // WAL written per writer transaction on each node (on B and C: what applying it
+        // wrote, which their WAL writers flush and their walsenders read).
+        for (i, start) in wal0.iter().enumerate() {
+            let bytes: f64 = c.node(i).query_scalar(&format!(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{start}')::float8"
+            ));
+            put(
+                rows,
+                sys,
+                w,
+                &format!("WAL bytes per txn on {}", (b'A' + i as u8) as char),
+                false,
+                bytes / n.max(1) as f64,
+            );
+        }
         put_roles(
             rows,
             sys,
@@ -838,6 +858,7 @@ fn writer_alone(secs: u64, rows: &mut Vec<Row>) {
             values: [Some(t), Some(t), Some(t)],
         });
         let n0: i64 = a.query_scalar("SELECT count(*) FROM small");
+        procs::settle(&[a]);
         let s0 = procs::snapshot(&[a]);
         let t = tps(&pgbench(
             a,
@@ -845,6 +866,7 @@ fn writer_alone(secs: u64, rows: &mut Vec<Row>) {
             insert,
         ));
         let n = a.query_scalar::<i64>("SELECT count(*) FROM small") - n0;
+        procs::settle(&[a]);
         let roles = procs::by_role(&s0, &procs::snapshot(&[a]));
         put_roles(
             rows,
@@ -869,6 +891,7 @@ fn writer_alone(secs: u64, rows: &mut Vec<Row>) {
     a.execute(TABLES);
     a.execute("CREATE EXTENSION bdr");
     a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+    procs::settle(&[a]);
     let s0 = procs::snapshot(&[a]);
     let t = tps(&pgbench(
         a,
@@ -876,6 +899,7 @@ fn writer_alone(secs: u64, rows: &mut Vec<Row>) {
         insert,
     ));
     let n: i64 = a.query_scalar("SELECT count(*) FROM small");
+    procs::settle(&[a]);
     let roles = procs::by_role(&s0, &procs::snapshot(&[a]));
     put_roles(
         rows,

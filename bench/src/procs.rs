@@ -125,6 +125,23 @@ pub fn snapshot(nodes: &[&Node]) -> HashMap<i32, Proc> {
     out
 }
 
+/// Waits (at most 10 s) until no child of the nodes' postmasters is exiting (a process
+/// whose command line is already gone), so that a snapshot taken next neither misses a
+/// session that is about to be reaped nor charges an earlier workload's sessions, reaped
+/// during the next interval, to that interval.
+pub fn settle(nodes: &[&Node]) {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < std::time::Duration::from_secs(10) {
+        let exiting = snapshot(nodes)
+            .iter()
+            .any(|(pid, p)| *pid > 0 && p.title.is_empty());
+        if !exiting {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// The role of a server process, from its title.
 pub fn role(title: &str) -> String {
     let t = title.to_ascii_lowercase();
