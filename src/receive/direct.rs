@@ -89,13 +89,16 @@ pub(super) struct Direct {
 
 /// Why a send or a wait did not go through.
 pub(super) enum Failed {
-    /// The writer failed or left (its log line says why).
-    Writer,
+    /// No stream writer to take the transaction: why, for the fallback's log line
+    /// ([`WRITER_STOPPED`] when it failed or left, its own log line saying why;
+    /// [`NO_SLOT`] when none could be started).
+    Writer(&'static str),
     /// SIGTERM.
     Stopping,
-    /// No background worker slot was free for a stream writer (`max_worker_processes`).
-    NoSlot,
 }
+
+/// Why a transaction falls back when its stream writer failed or left.
+const WRITER_STOPPED: &str = "the stream writer stopped";
 
 /// Why a transaction falls back when no stream writer could be started.
 const NO_SLOT: &str = "no background worker slot was free for a stream writer \
@@ -139,10 +142,10 @@ impl Direct {
         let r = loop {
             match self.group.send(0, &buf) {
                 Sent::Done => break Ok(()),
-                Sent::Detached => break Err(Failed::Writer),
+                Sent::Detached => break Err(Failed::Writer(WRITER_STOPPED)),
                 Sent::WouldBlock => {
                     if !writer_alive() {
-                        break Err(Failed::Writer);
+                        break Err(Failed::Writer(WRITER_STOPPED));
                     }
                     if Group::sleep(Duration::from_millis(10)) {
                         break Err(Failed::Stopping);
@@ -163,10 +166,10 @@ impl Direct {
                     .group
                     .committed(self.seq)
                     .map(|(r, l, _)| (r, l))
-                    .ok_or(Failed::Writer);
+                    .ok_or(Failed::Writer(WRITER_STOPPED));
             }
             if !writer_alive() {
-                return Err(Failed::Writer);
+                return Err(Failed::Writer(WRITER_STOPPED));
             }
             if Group::sleep(Duration::from_millis(10)) {
                 return Err(Failed::Stopping);
@@ -240,8 +243,7 @@ impl Stream {
         match r {
             Ok(()) => false,
             Err(Failed::Stopping) => true,
-            Err(Failed::Writer) => self.fall_back_direct(xid, "the stream writer stopped"),
-            Err(Failed::NoSlot) => self.fall_back_direct(xid, NO_SLOT),
+            Err(Failed::Writer(why)) => self.fall_back_direct(xid, why),
         }
     }
 
@@ -253,9 +255,9 @@ impl Stream {
         match self.forward_raw() {
             Ok(()) => false,
             Err(Failed::Stopping) => true,
-            Err(Failed::Writer | Failed::NoSlot) => {
+            Err(Failed::Writer(why)) => {
                 let xid = self.direct.as_ref().and_then(|d| d.xid).unwrap_or(0);
-                self.fall_back_direct(xid, "the stream writer stopped")
+                self.fall_back_direct(xid, why)
             }
         }
     }
@@ -264,7 +266,7 @@ impl Stream {
         let raw = std::mem::take(&mut self.raw);
         let r = match &mut self.direct {
             Some(d) => d.send(Ctl::Frame(&raw)),
-            None => Err(Failed::Writer),
+            None => Err(Failed::Writer(WRITER_STOPPED)),
         };
         self.raw = raw;
         r
@@ -275,14 +277,14 @@ impl Stream {
         // with it: the transaction can only be had whole (fall back), never continued in
         // a new writer, which would commit its later pieces alone.
         if self.direct_open() && !writer_alive() {
-            return Err(Failed::Writer);
+            return Err(Failed::Writer(WRITER_STOPPED));
         }
         if self.direct.is_none() || !writer_alive() {
             self.discard_direct();
             self.direct = Direct::start(self.slot, self.dboid, &self.peer);
         }
         let Some(d) = &mut self.direct else {
-            return Err(Failed::NoSlot);
+            return Err(Failed::Writer(NO_SLOT));
         };
         if d.xid.is_none() {
             d.xid = Some(xid);
@@ -314,7 +316,7 @@ impl Stream {
             Ok(()) => false,
             Err(Failed::Stopping) => true,
             // Rolled back either way (the writer's exit rolls back).
-            Err(Failed::Writer | Failed::NoSlot) => {
+            Err(Failed::Writer(_)) => {
                 self.discard_direct();
                 false
             }
@@ -374,7 +376,7 @@ impl Stream {
                 false
             }
             Err(Failed::Stopping) => true,
-            Err(Failed::Writer | Failed::NoSlot) => {
+            Err(Failed::Writer(_)) => {
                 self.fall_back_direct(c.xid, "the stream writer failed at the commit")
             }
         }
