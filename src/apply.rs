@@ -89,6 +89,10 @@ pub struct Applier {
     /// (remote end LSN, local commit end LSN) of the last transaction finished (local 0:
     /// nothing committed, it was skipped).
     pub last_done: (u64, u64),
+    /// A stream writer: the local subtransactions opened for the streamed transaction's
+    /// subtransactions, innermost last: the peer's subxid, and the counts when it began
+    /// (see [`Applier::enter_subtransaction`]).
+    subxacts: Vec<(u32, shmem::Stats)>,
 }
 
 impl Applier {
@@ -119,6 +123,7 @@ impl Applier {
             touched: Vec::new(),
             parallel: false,
             last_done: (0, 0),
+            subxacts: Vec::new(),
         }
     }
 
@@ -343,6 +348,67 @@ impl Applier {
         self.resolver.begin_streamed(xid);
     }
 
+    /// A stream writer: the next change belongs to the peer's subtransaction `subxid` of
+    /// the streamed transaction. The first change of a subtransaction starts a local one,
+    /// so that a rollback of it on the peer (STREAM ABORT of `subxid`) rolls back here
+    /// exactly the changes made since (those of `subxid` and of anything after it: on
+    /// the peer, everything after a savepoint belongs to it or to its children until it
+    /// ends, and once released into its parent it can no longer be rolled back alone).
+    /// A later change of the top level or of a released subtransaction goes into the
+    /// innermost local one, which then can only end with the whole transaction.
+    pub fn enter_subtransaction(&mut self, subxid: u32) {
+        self.require_transaction("a subtransaction's change");
+        if self.subxacts.iter().any(|(x, _)| *x == subxid) {
+            return;
+        }
+        self.end_table_references();
+        xact::begin_subtransaction();
+        self.subxacts.push((subxid, self.counts));
+    }
+
+    /// A stream writer: the peer rolled back its subtransaction `subxid`: roll back the
+    /// local subtransaction opened at its first change, with every one opened since, and
+    /// forget their counts. Nothing to do for a subtransaction none of whose changes came
+    /// here (it had none, or they were never streamed).
+    pub fn rollback_subtransaction(&mut self, subxid: u32) {
+        self.require_transaction("STREAM ABORT of a subtransaction");
+        let Some(at) = self.subxacts.iter().position(|(x, _)| *x == subxid) else {
+            return;
+        };
+        self.end_table_references();
+        while self.subxacts.len() > at {
+            let (_, counts) = self.subxacts.pop().expect("longer than at");
+            xact::rollback_subtransaction();
+            self.counts = counts;
+        }
+        // The next change takes a new command id (what it reads must not be the
+        // rolled-back rows' command).
+        self.pending_cci = true;
+    }
+
+    /// Merge every local subtransaction into the transaction (before its commit).
+    fn release_subtransactions(&mut self) {
+        if self.subxacts.is_empty() {
+            return;
+        }
+        self.end_table_references();
+        while self.subxacts.pop().is_some() {
+            xact::release_subtransaction();
+        }
+    }
+
+    /// Give back the table and index references this transaction's changes took, at the
+    /// (sub)transaction level that took them: relation references must not cross a
+    /// subtransaction boundary (its end releases them, or warns of a leak). The locks
+    /// stay; the next change of each table takes its references again.
+    fn end_table_references(&mut self) {
+        for id in &self.touched {
+            if let Some(m) = self.rels.get_mut(id).and_then(|b| b.map.as_mut()) {
+                m.end_transaction();
+            }
+        }
+    }
+
     /// The local transaction of the remote one `self.begin` now describes: per-transaction
     /// state reset, error context, BEGIN, and the origin its changes are stamped with.
     fn start_transaction(&mut self, what: &'static str) {
@@ -358,6 +424,7 @@ impl Applier {
     /// A stream writer: the streamed transaction committed on the peer: commit it here
     /// under the origin, as a whole transaction's COMMIT does.
     pub fn commit_streamed(&mut self, c: &wire::StreamCommit) {
+        self.release_subtransactions();
         if let Some(b) = &mut self.begin {
             b.final_lsn = c.commit_lsn;
             b.commit_time = c.commit_time;
@@ -393,6 +460,8 @@ impl Applier {
     }
 
     fn forget_transaction(&mut self) {
+        // Rolled back with the transaction (`xact::abort` unwinds every level).
+        self.subxacts.clear();
         self.begin = None;
         self.skipping = false;
         self.forwarded = None;

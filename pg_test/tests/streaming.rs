@@ -4,10 +4,12 @@
 //! the walsender stream a transaction before it commits. Each scenario first waits until
 //! the receiver's counters (`bdr.apply_stats()`: `streamed`) show that the peer really
 //! began to stream the open transaction, then ends it on the origin and checks the
-//! outcome on every node. This build's receiver falls back for every streamed
-//! transaction (reconnects without streaming; the walsender then sends it whole at its
-//! commit): the scenarios check that nothing is lost, duplicated, or applied of a
-//! transaction rolled back, and that streaming is asked for again afterwards.
+//! outcome on every node. With one writer per peer the receiver's stream writer applies
+//! the pieces as they come and commits at STREAM COMMIT; whatever it cannot apply
+//! without the commit time makes the receiver fall back (reconnect without streaming;
+//! the walsender then sends the transaction whole at its commit). The scenarios check
+//! which path was taken, that nothing is lost, duplicated, or applied of a transaction
+//! or savepoint rolled back, and that streaming is asked for again afterwards.
 
 use pg_test::bdr::{
     assert_same_everywhere, conflicts, form_group, form_group_with_app_table, wait_for_catchup,
@@ -289,41 +291,103 @@ fn a_streamed_transaction_rolled_back_leaves_nothing() {
     }
 }
 
+/// Savepoints rolled back inside a streamed transaction, after the stream writer applied
+/// their changes: the writer rolls back exactly those (a local subtransaction per
+/// subtransaction of the peer's) and commits the rest, with no fallback. Covered: a
+/// rollback to a savepoint whose rows (and an UPDATE of earlier rows) were applied here;
+/// nested savepoints, the inner one released into the outer, both rolled back by the
+/// outer's rollback; a released savepoint whose rows stay; PL/pgSQL exception blocks (a
+/// subtransaction each) of which every tenth raises; and changes after each rollback.
 #[test]
-fn a_subtransaction_rolled_back_inside_a_streamed_transaction() {
+fn subtransactions_rolled_back_inside_a_streamed_transaction() {
     let c = group("stream_subxact");
     let (a, b) = (c.node(0), c.node(1));
+    // A function with an exception block (a subtransaction per call), replicated as DDL.
+    a.execute(
+        "CREATE FUNCTION put_or_skip(k int) RETURNS void LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           BEGIN \
+             INSERT INTO t VALUES (k, 'block'); \
+             IF k % 10 = 0 THEN RAISE EXCEPTION 'skip %', k; END IF; \
+           EXCEPTION WHEN raise_exception THEN NULL; \
+           END; \
+         END $$",
+    );
+    a.execute("GRANT EXECUTE ON FUNCTION put_or_skip(int) TO app");
+    wait_for_catchup(&c);
+    let streamed0 = stream_counts(b, "node1").0;
     let mut big = a.connect_as("app");
+    big.batch_execute("BEGIN; INSERT INTO t SELECT g, 'top' FROM generate_series(1, 3000) g")
+        .unwrap();
+    // The table's size on node1 with the first 3,000 rows (sizes are physical: they
+    // count rows of open transactions).
+    let size = "SELECT pg_relation_size('t')";
+    let top_only = count(a, size);
     big.batch_execute(
-        "BEGIN; \
-         INSERT INTO t SELECT g, 'top' FROM generate_series(1, 3000) g; \
-         SAVEPOINT s; \
+        "SAVEPOINT s; \
          INSERT INTO t SELECT g, 'rolled back' FROM generate_series(10001, 13000) g; \
          UPDATE t SET v = 'rolled back' WHERE id <= 100",
     )
     .unwrap();
-    wait_streamed(b, "node1", 1);
+    wait_streamed(b, "node1", streamed0 + 1);
+    wait_writer_open(b);
+    // Before the rollback, node2's stream writer has applied rows of the savepoint (the
+    // table there grew past 3,000 rows' worth), so it has something to roll back.
+    wait_until(
+        "node2's stream writer to apply rows of the savepoint",
+        CATCHUP,
+        || count(b, size) >= top_only + 4 * 8192,
+    );
     big.batch_execute(
         "ROLLBACK TO SAVEPOINT s; \
          INSERT INTO t SELECT g, 'after' FROM generate_series(3001, 3100) g; \
+         SAVEPOINT outer_sp; \
+         INSERT INTO t SELECT g, 'rolled back' FROM generate_series(20001, 22000) g; \
+         SAVEPOINT inner_sp; \
+         INSERT INTO t SELECT g, 'rolled back' FROM generate_series(22001, 24000) g; \
+         RELEASE SAVEPOINT inner_sp; \
+         UPDATE t SET v = 'rolled back' WHERE id BETWEEN 3001 AND 3050; \
+         ROLLBACK TO SAVEPOINT outer_sp; \
+         SAVEPOINT kept; \
+         INSERT INTO t SELECT g, 'kept' FROM generate_series(30001, 32000) g; \
+         RELEASE SAVEPOINT kept; \
+         SELECT put_or_skip(g) FROM generate_series(40001, 42000) g; \
+         UPDATE t SET v = 'top updated' WHERE id BETWEEN 2901 AND 3000; \
          COMMIT",
     )
     .unwrap();
     wait_for_catchup(&c);
-    assert_eq!(count(b, "SELECT count(*) FROM t"), 3100);
     assert_eq!(
         count(b, "SELECT count(*) FROM t WHERE v = 'rolled back'"),
-        0
+        0,
+        "nothing of a rolled-back savepoint"
+    );
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'top'"), 2900);
+    assert_eq!(
+        count(b, "SELECT count(*) FROM t WHERE v = 'top updated'"),
+        100
     );
     assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'after'"), 100);
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'kept'"), 2000);
+    assert_eq!(
+        count(b, "SELECT count(*) FROM t WHERE v = 'block'"),
+        1800,
+        "every tenth exception block rolled back"
+    );
+    assert_eq!(count(b, "SELECT count(*) FROM t"), 3000 + 100 + 2000 + 1800);
     assert_same_everywhere(&c, "t");
-    assert!(
-        stream_counts(b, "node1").2 >= 1,
-        "the fallback counter moved"
+    assert_eq!(conflicts(b), vec![]);
+    // Committed by the stream writer, with its savepoints rolled back there.
+    let (streamed, commits, fallbacks) = stream_counts(b, "node1");
+    assert!(streamed > streamed0);
+    assert_eq!(
+        (commits, fallbacks),
+        (streamed, 0),
+        "every streamed transaction committed by the stream writer, none fell back"
     );
     assert!(
-        b.log().contains("falls back for streamed transaction"),
-        "the fallback is logged"
+        !b.log().contains("falls back for streamed transaction"),
+        "no fallback logged"
     );
 }
 

@@ -30,6 +30,54 @@ pub fn refresh_snapshot() {
     }
 }
 
+/// Start a subtransaction of the current transaction (a stream writer: the peer's
+/// subtransaction whose changes may be rolled back alone). Resources taken from now on
+/// belong to it; the memory context stays the caller's (as PL/pgSQL does), so nothing
+/// the caller keeps is freed by a rollback of the subtransaction.
+pub fn begin_subtransaction() {
+    require_transaction();
+    // SAFETY: inside a transaction (checked); BeginInternalSubTransaction switches the
+    // memory context to the subtransaction's, switched back at once.
+    unsafe {
+        let cxt = pg_sys::CurrentMemoryContext;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(cxt);
+    }
+}
+
+/// Roll back the innermost subtransaction (see [`begin_subtransaction`]). Snapshots
+/// pushed inside it are popped with it: if none is left active, a new one is taken for
+/// the rest of the transaction.
+///
+/// # Preconditions
+/// Inside a subtransaction started by [`begin_subtransaction`], with no relation
+/// reference or slot of it still held by the caller.
+pub fn rollback_subtransaction() {
+    // SAFETY: see the preconditions; the memory context is the caller's again after.
+    unsafe {
+        let cxt = pg_sys::CurrentMemoryContext;
+        pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        pg_sys::MemoryContextSwitchTo(cxt);
+        if !crate::pg::unguarded::ActiveSnapshotSet() {
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        }
+    }
+}
+
+/// Merge the innermost subtransaction into its parent (its changes, locks and active
+/// snapshot stay; they commit or roll back with the parent).
+///
+/// # Preconditions
+/// As for [`rollback_subtransaction`].
+pub fn release_subtransaction() {
+    // SAFETY: see the preconditions.
+    unsafe {
+        let cxt = pg_sys::CurrentMemoryContext;
+        pg_sys::ReleaseCurrentSubTransaction();
+        pg_sys::MemoryContextSwitchTo(cxt);
+    }
+}
+
 /// Raise an internal error unless a transaction is open: what the safe functions of
 /// `pg/` that read catalogs or write tables check first.
 pub fn require_transaction() {
@@ -377,8 +425,10 @@ pub fn context() -> Option<String> {
 
 /// Roll back whatever transaction an error interrupted (the apply worker's error path).
 pub fn abort() {
-    // SAFETY: valid in any transaction state after an error has been caught.
-    unsafe { pg_sys::AbortCurrentTransaction() }
+    // SAFETY: valid in any transaction state, also after an error has been caught; rolls
+    // back every open subtransaction level too (a stream writer's), not only the
+    // innermost one as AbortCurrentTransaction would.
+    unsafe { pg_sys::AbortOutOfAnyTransaction() }
 }
 
 /// What the worker is doing now, for error reports (`None` clears it).

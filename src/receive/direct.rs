@@ -11,8 +11,11 @@
 //! one process per origin session), tells the writer to commit, waits for it, takes the
 //! session back and records (remote end, local end) for flush feedback.
 //!
+//! A subtransaction rolled back on the peer is forwarded like any frame: the writer rolls
+//! back its changes and the transaction goes on (see the writer's module note).
+//!
 //! Fallback (`Stream::fall_back_direct`): a change the writer cannot apply without the
-//! commit time, DDL/TRUNCATE/a message in the stream, a subtransaction abort, a second
+//! commit time, DDL/TRUNCATE/a message in the stream, a second
 //! streamed transaction while one is open, a writer that failed, or the deadlock guard
 //! below: the writer is stopped (its transaction rolls back with it, so its locks go),
 //! and the receiver reconnects without streaming from what it applied; the peer then
@@ -233,9 +236,8 @@ impl Stream {
                     &format!("a {} inside the streamed transaction", c.change.kind_name()),
                 );
             }
-            Message::StreamAbort(a) if a.subxid != a.xid => {
-                return self.fall_back_direct(xid, "a subtransaction of it rolled back");
-            }
+            // A subtransaction's rollback: the writer rolls it back and goes on.
+            Message::StreamAbort(a) if a.subxid != a.xid => self.forward_raw(),
             Message::StreamAbort(_) => return self.direct_abort(),
             Message::StreamCommit(c) => return self.direct_commit(c),
             _ => self.forward_raw(),

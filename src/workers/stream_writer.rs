@@ -7,8 +7,15 @@
 //! transaction, so the streamed one lives here. The receiver starts this worker at the
 //! first streamed piece (`src/receive/direct.rs`) and feeds it over a shared-memory queue
 //! (the parallel-apply group of `src/pg/mq.rs`, with one queue): `Begin(seq)` then the
-//! raw frames `S` (piece start), `R` (relations), `X` (changes), `E` (piece stop), and
-//! `c` (commit) or `A` (roll back).
+//! raw frames `S` (piece start), `R` (relations), `X` (changes), `E` (piece stop), `A`
+//! of a subtransaction (roll it back), and `c` (commit) or `A` of the transaction (roll
+//! back).
+//!
+//! The peer's subtransactions: the first change of each starts a local subtransaction
+//! (`Applier::enter_subtransaction`), so that a `ROLLBACK TO SAVEPOINT` on the peer (an
+//! `A` frame naming the subtransaction) rolls back here exactly what it rolled back there;
+//! at the commit they are merged into the transaction. Table references never cross a
+//! subtransaction boundary (they are given back before each, the locks stay).
 //!
 //! The changes are applied by an [`Applier`] in streamed mode: whatever would need the
 //! commit time (a last-update-wins decision) raises `ApplyError::StreamFallback`
@@ -131,6 +138,9 @@ fn run(group: &mut Group, slot: usize, dboid: u32, local: &nodes::Node, peer: &n
             Message::StreamStop => {}
             Message::StreamChange(c) => match *c.change {
                 m @ (Message::Insert(_) | Message::Update(_) | Message::Delete(_)) => {
+                    if c.subxid != c.xid {
+                        applier.enter_subtransaction(c.subxid);
+                    }
                     applier.handle(m)
                 }
                 m => raise(&ApplyError::StreamFallback {
@@ -149,6 +159,13 @@ fn run(group: &mut Group, slot: usize, dboid: u32, local: &nodes::Node, peer: &n
                     }
                 });
                 group.committed_here(seq, remote_end, local_end, c.commit_time);
+            }
+            // A subtransaction rolled back on the peer: its changes (and those after it)
+            // are rolled back here; the transaction goes on.
+            Message::StreamAbort(a) if a.subxid != a.xid => {
+                if applier.in_transaction() {
+                    applier.rollback_subtransaction(a.subxid);
+                }
             }
             Message::StreamAbort(_) => {
                 if applier.in_transaction() {
