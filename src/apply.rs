@@ -93,6 +93,10 @@ pub struct Applier {
     /// subtransactions, innermost last: the peer's subxid, and the counts when it began
     /// (see [`Applier::enter_subtransaction`]).
     subxacts: Vec<(u32, shmem::Stats)>,
+    /// A stream writer: a change of the streamed transaction needed its commit time (a
+    /// last-update-wins decision), so it and every later change wait for the commit
+    /// ([`Applier::apply_streamed_change`]).
+    waits_for_commit: bool,
 }
 
 impl Applier {
@@ -124,6 +128,7 @@ impl Applier {
             parallel: false,
             last_done: (0, 0),
             subxacts: Vec::new(),
+            waits_for_commit: false,
         }
     }
 
@@ -346,6 +351,46 @@ impl Applier {
         });
         self.start_transaction("stream start");
         self.resolver.begin_streamed(xid);
+        self.waits_for_commit = false;
+    }
+
+    /// A stream writer: apply a change (INSERT, UPDATE or DELETE) of the streamed
+    /// transaction now, or hand it back when it must wait for the commit: it needs a
+    /// last-update-wins decision, which needs the commit time, or an earlier change of the
+    /// transaction did. From the first such change on, every later one waits too, so the
+    /// transaction is applied as a prefix now and the rest, in order, at the commit
+    /// ([`Applier::commit_streamed`]): the same as the whole-transaction path, which
+    /// applies the prefix (no decision in it) and then the rest.
+    pub fn apply_streamed_change(&mut self, msg: Message) -> Option<Message> {
+        if self.waits_for_commit {
+            return Some(msg);
+        }
+        match msg {
+            Message::Insert(m) => {
+                self.change("INSERT", m.relation, |r, map| r.insert(map, &m.new));
+                self.waits_for_commit.then_some(Message::Insert(m))
+            }
+            Message::Update(m) => {
+                self.change("UPDATE", m.relation, |r, map| {
+                    r.update(map, m.old.as_ref(), &m.new)
+                });
+                self.waits_for_commit.then_some(Message::Update(m))
+            }
+            Message::Delete(m) => {
+                self.change("DELETE", m.relation, |r, map| r.delete(map, &m.old));
+                self.waits_for_commit.then_some(Message::Delete(m))
+            }
+            m => raise(&ApplyError::Protocol(format!(
+                "{} as a change of a streamed transaction",
+                m.kind_name()
+            ))),
+        }
+    }
+
+    /// A stream writer: whether the streamed transaction's changes now wait for its
+    /// commit (see [`Applier::apply_streamed_change`]).
+    pub fn waits_for_commit(&self) -> bool {
+        self.waits_for_commit
     }
 
     /// A stream writer: the next change belongs to the peer's subtransaction `subxid` of
@@ -368,12 +413,13 @@ impl Applier {
 
     /// A stream writer: the peer rolled back its subtransaction `subxid`: roll back the
     /// local subtransaction opened at its first change, with every one opened since, and
-    /// forget their counts. Nothing to do for a subtransaction none of whose changes came
-    /// here (it had none, or they were never streamed).
-    pub fn rollback_subtransaction(&mut self, subxid: u32) {
+    /// forget their counts; `true` then. `false` (nothing done) for a subtransaction none
+    /// of whose changes was applied here (it had none, they were never streamed, or they
+    /// wait for the commit).
+    pub fn rollback_subtransaction(&mut self, subxid: u32) -> bool {
         self.require_transaction("STREAM ABORT of a subtransaction");
         let Some(at) = self.subxacts.iter().position(|(x, _)| *x == subxid) else {
-            return;
+            return false;
         };
         self.end_table_references();
         while self.subxacts.len() > at {
@@ -384,6 +430,7 @@ impl Applier {
         // The next change takes a new command id (what it reads must not be the
         // rolled-back rows' command).
         self.pending_cci = true;
+        true
     }
 
     /// Merge every local subtransaction into the transaction (before its commit).
@@ -421,13 +468,20 @@ impl Applier {
         self.route_origin();
     }
 
-    /// A stream writer: the streamed transaction committed on the peer: commit it here
-    /// under the origin, as a whole transaction's COMMIT does.
-    pub fn commit_streamed(&mut self, c: &wire::StreamCommit) {
+    /// A stream writer: the streamed transaction committed on the peer: apply the
+    /// changes that waited for its commit time (`deferred`, in order; decided as in any
+    /// transaction), then commit it here under the origin, as a whole transaction's
+    /// COMMIT does.
+    pub fn commit_streamed(&mut self, c: &wire::StreamCommit, deferred: Vec<Message>) {
         self.release_subtransactions();
         if let Some(b) = &mut self.begin {
             b.final_lsn = c.commit_lsn;
             b.commit_time = c.commit_time;
+        }
+        self.resolver.end_streamed(c.commit_time, c.commit_lsn);
+        self.waits_for_commit = false;
+        for m in deferred {
+            self.handle(m);
         }
         self.commit(&wire::Commit {
             commit_lsn: c.commit_lsn,
@@ -462,6 +516,7 @@ impl Applier {
     fn forget_transaction(&mut self) {
         // Rolled back with the transaction (`xact::abort` unwinds every level).
         self.subxacts.clear();
+        self.waits_for_commit = false;
         self.begin = None;
         self.skipping = false;
         self.forwarded = None;
@@ -517,6 +572,11 @@ impl Applier {
             let _change = self.change_cxt.scope();
             f(&mut self.resolver, map);
             map.end_change();
+        }
+        if self.resolver.take_deferred() {
+            // Nothing written: it is applied at the commit (a streamed transaction).
+            self.waits_for_commit = true;
+            return;
         }
         self.pending_cci = true;
         self.changes += 1;

@@ -167,6 +167,12 @@ pub fn version_streams(version: &str) -> bool {
 #[derive(Debug, Default)]
 pub struct Fallback {
     xids: BTreeSet<u32>,
+    /// Fallen-back transactions that then arrived whole and committed here, newest last
+    /// (at most [`Self::APPLIED_KEPT`]): PostgreSQL 15's walsender, restarted past such a
+    /// transaction's commit, may stream it once more (it re-reads its changes from the
+    /// slot's restart point) and then sends a STREAM ABORT for it instead of a commit.
+    /// Those pieces are ignored ([`Fallback::applied_whole`]).
+    applied: std::collections::VecDeque<u32>,
     since: Option<Instant>,
     /// Fallbacks since a streamed transaction last committed streamed.
     streak: u32,
@@ -210,11 +216,31 @@ impl Fallback {
         self.quiet_until = None;
     }
 
+    /// How many applied fallen-back transactions are remembered.
+    pub const APPLIED_KEPT: usize = 32;
+
     /// Transaction `xid` arrived whole and committed here.
     pub fn committed(&mut self, xid: u32) {
-        if self.xids.remove(&xid) && self.xids.is_empty() {
-            self.since = None;
+        if self.xids.remove(&xid) {
+            if self.xids.is_empty() {
+                self.since = None;
+            }
+            if self.applied.len() == Self::APPLIED_KEPT {
+                self.applied.pop_front();
+            }
+            self.applied.push_back(xid);
         }
+    }
+
+    /// Whether `xid` fell back and was then applied whole here: streamed again, it is
+    /// already applied and must not be applied twice.
+    pub fn applied_whole(&self, xid: u32) -> bool {
+        self.applied.contains(&xid)
+    }
+
+    /// The peer ended the repeated stream of `xid` (see [`Fallback::applied_whole`]).
+    pub fn forget_applied(&mut self, xid: u32) {
+        self.applied.retain(|x| *x != xid);
     }
 
     /// Whether transactions fell back and are not applied yet.
@@ -246,8 +272,8 @@ impl Fallback {
 /// last writer is the same peer (its changes reach us in its commit order, and this one
 /// commits after every one already applied here). Anything else (a row of another node
 /// or of this one, a row of unknown origin, a tombstone, a missing row, an INSERT
-/// meeting a row) would need the commit time: `false` makes the receiver fall back to
-/// the whole-transaction path, which decides with it.
+/// meeting a row) would need the commit time: `false` makes the stream writer keep that
+/// change and every later one for the commit, when it decides with it.
 pub fn direct_apply(change: Change, local: Local, peer_id: i64) -> bool {
     match (change, local) {
         (Change::Insert, Local::Missing) => true,
@@ -459,6 +485,28 @@ mod tests {
         f.fall_back(50, t);
         f.committed(50);
         assert!(f.may_stream(t), "a new streak starts from zero");
+    }
+
+    #[test]
+    fn fallen_back_transactions_applied_whole_are_remembered() {
+        let t = Instant::now();
+        let mut f = Fallback::default();
+        f.fall_back(7, t);
+        assert!(!f.applied_whole(7), "not applied yet");
+        f.committed(8);
+        assert!(!f.applied_whole(8), "never fell back");
+        f.committed(7);
+        assert!(f.applied_whole(7));
+        f.clear();
+        assert!(f.applied_whole(7), "kept when streaming is asked for again");
+        f.forget_applied(7);
+        assert!(!f.applied_whole(7));
+        for xid in 100..100 + Fallback::APPLIED_KEPT as u32 + 1 {
+            f.fall_back(xid, t);
+            f.committed(xid);
+        }
+        assert!(!f.applied_whole(100), "the oldest forgotten");
+        assert!(f.applied_whole(101) && f.applied_whole(100 + Fallback::APPLIED_KEPT as u32));
     }
 
     #[test]

@@ -418,12 +418,11 @@ fn a_conflict_met_while_streaming_resolves_as_without_streaming() {
     for n in c.nodes() {
         n.execute("SELECT bdr.apply_resume()");
     }
-    // Wait for the outcome itself (bounded): node1's transaction falls back and arrives
-    // whole after a reconnect. Until session 7, when the stream writer stopped at the
-    // conflict before the receiver noticed, the next piece started a new writer that
-    // committed the later pieces alone (rows missing, applied position past the commit)
-    // or waited for ever (1 run in ~8): `direct_start` now falls back instead.
-    // Row 42 counts only if the later commit (node1's) won it.
+    // Wait for the outcome itself (bounded). On node2 the INSERT of 42 meets node2's row:
+    // a decision that needs the commit time, so the stream writer applies that change
+    // and every later one at the STREAM COMMIT (until session 9 it gave the transaction
+    // up and it arrived whole after a reconnect). Row 42 counts only if the later commit
+    // (node1's) won it.
     wait_until("node1's big transaction applied on node2", CATCHUP, || {
         count(b, "SELECT count(*) FROM t WHERE v = 'node1 big'") == 5000
     });
@@ -452,17 +451,13 @@ fn a_conflict_met_while_streaming_resolves_as_without_streaming() {
     );
     let (streamed, commits, fallbacks) = stream_counts(b, "node1");
     assert!(
-        streamed >= 1 && commits == 0 && fallbacks >= 1,
-        "it was streamed and fell back at the conflict: {streamed} {commits} {fallbacks}"
+        streamed >= 1 && commits == streamed && fallbacks == 0,
+        "streamed, the conflict decided at the commit by the stream writer, no fallback: \
+         {streamed} {commits} {fallbacks}"
     );
-    // The stopped stream writer's queue segment (one 256 kB queue and a header) was given
-    // back, not left mapped in the apply worker: one per fallback would use up the
-    // server's segment slots.
-    let pid: i32 = b.query_scalar("SELECT pid FROM bdr.apply_workers() WHERE peer = 'node1'");
-    assert_eq!(
-        pg_test::sys::dsm_mappings(pid, 256, 512),
-        0,
-        "a stream writer's queue segment still mapped in the apply worker after the fallback"
+    assert!(
+        !b.log().contains("falls back for streamed transaction"),
+        "no fallback logged"
     );
 }
 
@@ -519,20 +514,23 @@ fn no_free_worker_slot_for_a_stream_writer_falls_back_and_says_why() {
 fn fallbacks_in_a_row_make_the_receiver_wait_before_streaming_again() {
     let c = group("stream_streak");
     let (a, b) = (c.node(0), c.node(1));
-    b.connect_as("app")
-        .batch_execute("INSERT INTO t SELECT g, 'node2' FROM generate_series(1, 3000) g")
+    a.execute("CREATE TABLE t2 (id int PRIMARY KEY)");
+    a.execute("GRANT ALL ON t2 TO app");
+    a.connect_as("app")
+        .batch_execute("INSERT INTO t SELECT g, 'node1' FROM generate_series(1, 3000) g")
         .unwrap();
     wait_for_catchup(&c);
-    // Each round: node2 writes every row last, then node1 updates them all in one big
-    // transaction; on node2 its first change meets node2's own row (a last-update-wins
-    // decision), so the stream writer gives it up and it arrives whole.
+    // That insert streams too (committed by the stream writer): count from here.
+    let base = stream_counts(b, "node1");
+    // Each round node1 updates every row in one big transaction that ends with a
+    // TRUNCATE: the stream writer applies the updates as they stream, then the TRUNCATE
+    // makes node2 give the transaction up (DDL and TRUNCATE are not applied early), and
+    // it arrives whole.
     for round in 1..=4 {
-        b.connect_as("app")
-            .batch_execute(&format!("UPDATE t SET v = 'node2 {round}'"))
-            .unwrap();
-        wait_for_catchup(&c);
         a.connect_as("app")
-            .batch_execute(&format!("UPDATE t SET v = 'node1 {round}'"))
+            .batch_execute(&format!(
+                "BEGIN; UPDATE t SET v = 'node1 {round}'; TRUNCATE t2; COMMIT"
+            ))
             .unwrap();
         wait_until(&format!("node1's update {round} on node2"), CATCHUP, || {
             count(
@@ -543,10 +541,12 @@ fn fallbacks_in_a_row_make_the_receiver_wait_before_streaming_again() {
         wait_for_catchup(&c);
         let (streamed, commits, fallbacks) = stream_counts(b, "node1");
         // Three streamed and fell back; the fourth was not streamed at all: node2 waits
-        // (a minute at least) before asking for streaming again.
+        // (a minute at least) before asking for streaming again. (After each fallback the
+        // peer's walsender streams the transaction once more, already applied here: those
+        // pieces are ignored, not counted.)
         let k = round.min(3);
         assert_eq!(
-            (streamed, commits, fallbacks),
+            (streamed - base.0, commits - base.1, fallbacks - base.2),
             (k, 0, k),
             "round {round}: (streamed, committed streamed, fell back)"
         );
@@ -757,6 +757,15 @@ fn an_ordinary_transaction_blocked_by_the_streamed_one_falls_back_instead_of_han
             .contains("terminating background worker \"bdr stream writer"),
         "the stream writer left without being signalled"
     );
+    // The stopped stream writer's queue segment (one 256 kB queue and a header) was given
+    // back, not left mapped in the apply worker: one per fallback would use up the
+    // server's segment slots.
+    let pid: i32 = b.query_scalar("SELECT pid FROM bdr.apply_workers() WHERE peer = 'node1'");
+    assert_eq!(
+        pg_test::sys::dsm_mappings(pid, 256, 512),
+        0,
+        "a stream writer's queue segment still mapped in the apply worker after the fallback"
+    );
 }
 
 #[test]
@@ -933,7 +942,7 @@ fn randomized_streamed_and_small_transactions_converge() {
         .batch_execute("INSERT INTO t SELECT g, 'start' FROM generate_series(1, 3000) g")
         .unwrap();
     wait_for_catchup(&c);
-    let (mut waited, mut local_deadlocks) = (0, 0);
+    let (mut waited, mut local_deadlocks, mut big_waits) = (0, 0, 0);
     for seed in 1..=seeds {
         let mut rng = Rng::seeded(seed);
         for round in 0..3 {
@@ -968,7 +977,12 @@ fn randomized_streamed_and_small_transactions_converge() {
                 ),
             };
             let mut big = origin.connect_as("app");
-            big.batch_execute("BEGIN").unwrap();
+            // The application gives up after 2 s: a stream writer here may hold rows of
+            // the shared range for another node's open transaction (the rows it applied,
+            // and the first one whose change waits for the commit), and its receiver may
+            // be paused by this test until this round ends.
+            big.batch_execute("BEGIN; SET LOCAL lock_timeout = '2s'")
+                .unwrap();
             if rng.below(3) == 0 {
                 // A subtransaction rolled back inside it (its rows never count).
                 big.batch_execute(&format!(
@@ -983,6 +997,10 @@ fn randomized_streamed_and_small_transactions_converge() {
                 Ok(()) => true,
                 Err(e) if e.code() == Some(&postgres::error::SqlState::T_R_DEADLOCK_DETECTED) => {
                     local_deadlocks += 1;
+                    false
+                }
+                Err(e) if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                    big_waits += 1;
                     false
                 }
                 Err(e) => panic!("{big_sql} on {}: {e}", origin.name()),
@@ -1044,13 +1062,17 @@ fn randomized_streamed_and_small_transactions_converge() {
     eprintln!(
         "{seeds} seeds: {streamed} streamed, {committed} committed streamed, {fell_back} fell \
          back; {waited} local writes gave up waiting for an open streamed transaction; \
-         {local_deadlocks} big local transactions lost a deadlock"
+         {local_deadlocks} big local transactions lost a deadlock, {big_waits} gave up \
+         waiting (2 s)"
     );
     assert!(streamed > 0, "nothing was streamed");
     if direct(c.node(0)) {
+        // Fallbacks are rare since changes needing a decision wait for the commit in the
+        // stream writer (session 9): what is left (the deadlock guard, a second streamed
+        // transaction while one is open) may not happen in a few seeds.
         assert!(
-            committed > 0 && fell_back > 0,
-            "both paths taken: {committed} committed streamed, {fell_back} fell back"
+            committed > 0,
+            "streamed transactions committed streamed: {committed} ({fell_back} fell back)"
         );
     }
     for n in c.nodes() {

@@ -19,6 +19,11 @@
 //! - **No silent skip**: every conflict is counted and, with `bdr.log_conflicts_to_table`,
 //!   written to `bdr.conflict_history` in the applying transaction.
 //!
+//! - **Streamed transactions** (a stream writer, before the remote commit time is known):
+//!   a change that would need a decision writes nothing and reports itself deferred
+//!   ([`Resolver::take_deferred`]); it is decided at the commit, after
+//!   [`Resolver::end_streamed`], exactly as the whole-transaction path decides it.
+//!
 //! Cost (issue 17): a key's canonical text ([`LazyKey`]) is rendered only for what needs
 //! it — a tombstone lookup or write, a history row, or an UPDATE that carries its old row
 //! (the only kind whose key can change: the sender sends the old row exactly when the
@@ -94,6 +99,9 @@ pub struct Resolver {
     /// The transaction is applied before its commit (a stream writer): only changes that
     /// need no last-update-wins decision (`bdr_core::streaming::direct_apply`).
     streamed: bool,
+    /// In a streamed transaction, the current change needed the commit time: nothing of
+    /// it was written, and it waits for the commit (see [`Resolver::take_deferred`]).
+    deferred: bool,
 }
 
 impl Resolver {
@@ -111,6 +119,7 @@ impl Resolver {
             txn: RemoteTxn::default(),
             conflict_counts: [0; 9],
             streamed: false,
+            deferred: false,
         }
     }
 
@@ -125,10 +134,12 @@ impl Resolver {
             forwarded,
         };
         self.streamed = false;
+        self.deferred = false;
     }
 
     /// A streamed transaction starts, applied before its commit (its commit time is not
-    /// known): every change that would need it raises [`ApplyError::StreamFallback`].
+    /// known): a change that would need it is not written but deferred
+    /// ([`Resolver::take_deferred`]).
     pub fn begin_streamed(&mut self, xid: u32) {
         self.txn = RemoteTxn {
             commit_time: i64::MAX,
@@ -137,30 +148,33 @@ impl Resolver {
             forwarded: None,
         };
         self.streamed = true;
+        self.deferred = false;
     }
 
-    /// In a streamed transaction, refuse (fall back) what needs a decision.
-    fn check_streamed(&self, t: &Target, change: Change, local: Local) {
+    /// The streamed transaction committed on the peer at `commit_time` (commit record at
+    /// `lsn`): the changes that waited for it are decided from now on as those of any
+    /// transaction.
+    pub fn end_streamed(&mut self, commit_time: i64, lsn: u64) {
+        self.txn.commit_time = commit_time;
+        self.txn.lsn = lsn;
+        self.streamed = false;
+        self.deferred = false;
+    }
+
+    /// Whether the last change needed the commit time and was not written (in a streamed
+    /// transaction); cleared by the call.
+    pub fn take_deferred(&mut self) -> bool {
+        std::mem::take(&mut self.deferred)
+    }
+
+    /// In a streamed transaction, whether a change that found `local` may be written now
+    /// (`false`: it needs a last-update-wins decision, so it is deferred, nothing written).
+    fn check_streamed(&mut self, change: Change, local: Local) -> bool {
         if !self.streamed || bdr_core::streaming::direct_apply(change, local, self.peer_id) {
-            return;
+            return true;
         }
-        let what = match local {
-            Local::Missing => "no row".to_string(),
-            Local::Deleted(_) => "a tombstone".to_string(),
-            Local::Row { version: None, .. } => "a row of unknown origin".to_string(),
-            Local::Row { .. } => "a row".to_string(),
-        };
-        self.fall_back(
-            t,
-            format!("{change:?} found {what} needing a last-update-wins decision"),
-        )
-    }
-
-    fn fall_back(&self, t: &Target, why: String) -> ! {
-        raise(&ApplyError::StreamFallback {
-            peer: self.peer.to_string(),
-            why: format!("{} of \"{}\"", why, crate::write::relation_name(t.relid())),
-        })
+        self.deferred = true;
+        false
     }
 
     /// Conflicts resolved since the last call, per type (like `Conflict::ALL`).
@@ -248,6 +262,8 @@ impl Resolver {
 
     /// Insert `row` (see [`Resolver::insert_resolving_unique`]), then check that no other
     /// worker wrote the key's tombstone meanwhile.
+    ///
+    /// `false` when the insert was deferred (see [`Resolver::insert_resolving_unique`]).
     fn insert_checked(
         &mut self,
         t: &Target,
@@ -256,24 +272,35 @@ impl Resolver {
         new: &[Value],
         local: Local,
         key: &mut LazyKey,
-    ) {
-        self.insert_resolving_unique(t, map, row, new);
+    ) -> bool {
+        if !self.insert_resolving_unique(t, map, row, new) {
+            return false;
+        }
         self.verify_no_new_tombstone(t, local, key);
+        true
     }
 
     /// Insert `row`, first resolving collisions on other unique indexes: a colliding
     /// local row that is older than the remote change is deleted (and remembered as
     /// deleted); a newer one keeps its place and the remote row is not inserted.
     ///
-    /// Inside the applying transaction, with `t` open.
-    fn insert_resolving_unique(&mut self, t: &Target, map: &RelMap, row: &Row, new: &[Value]) {
+    /// Inside the applying transaction, with `t` open. `false` (nothing written) when a
+    /// collision needs a decision in a streamed transaction: the insert is deferred.
+    fn insert_resolving_unique(
+        &mut self,
+        t: &Target,
+        map: &RelMap,
+        row: &Row,
+        new: &[Value],
+    ) -> bool {
         let remote = self.remote_version();
         for (index, _cols) in t.other_unique_indexes() {
             let Some(other) = t.find_by_index(index, row) else {
                 continue;
             };
             if self.streamed {
-                self.fall_back(t, "an INSERT met another row on a unique index".into());
+                self.deferred = true;
+                return false;
             }
             let local = self.version_of(other.xmin());
             let wins = unique_key_remote_wins(local, remote);
@@ -296,10 +323,11 @@ impl Resolver {
             };
             self.record(map, Conflict::UniqueKey, res, new, info);
             if !wins {
-                return;
+                return true;
             }
         }
         t.insert(row);
+        true
     }
 
     pub fn insert(&mut self, map: &RelMap, new: &[Value]) {
@@ -323,11 +351,17 @@ impl Resolver {
         };
         let mut key = LazyKey::new(t, &row);
         let local = self.local_state(t, found.as_ref(), &mut key);
-        self.check_streamed(t, Change::Insert, local);
+        if !self.check_streamed(Change::Insert, local) {
+            return;
+        }
         let d = decide(Change::Insert, local, self.remote_version());
         let base = found.as_ref().map(|f| f.values());
         match d.action {
-            Action::Insert => self.insert_checked(t, map, &row, new, local, &mut key),
+            Action::Insert => {
+                if !self.insert_checked(t, map, &row, new, local, &mut key) {
+                    return;
+                }
+            }
             Action::Update => {
                 replace_row(t, map, found.as_ref(), new, base.as_ref());
             }
@@ -346,7 +380,9 @@ impl Resolver {
         let found = t.find(&key_row);
         let mut key = LazyKey::new(t, &key_row);
         let local = self.local_state(t, found.as_ref(), &mut key);
-        self.check_streamed(t, Change::Update, local);
+        if !self.check_streamed(Change::Update, local) {
+            return;
+        }
         let mut d = decide(Change::Update, local, self.remote_version());
         let base = found.as_ref().map(|f| f.values());
         match d.action {
@@ -372,7 +408,9 @@ impl Resolver {
                 } else {
                     let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
                     t.fill_defaults(&mut row, map.local_only());
-                    self.insert_checked(t, map, &row, new, local, &mut key);
+                    if !self.insert_checked(t, map, &row, new, local, &mut key) {
+                        return;
+                    }
                 }
             }
             Action::Delete | Action::Nothing => {}
@@ -388,7 +426,9 @@ impl Resolver {
         let found = t.find(&key_row);
         let mut key = LazyKey::new(t, &key_row);
         let local = self.local_state(t, found.as_ref(), &mut key);
-        self.check_streamed(t, Change::Delete, local);
+        if !self.check_streamed(Change::Delete, local) {
+            return;
+        }
         let d = decide(Change::Delete, local, self.remote_version());
         let base = found.as_ref().map(|f| f.values());
         if d.action == Action::Delete {

@@ -136,6 +136,9 @@ struct Stream {
     want_streaming: bool,
     check: StreamCheck,
     fallback: Fallback,
+    /// The streamed transaction whose pieces are being ignored: already applied whole
+    /// here after a fallback, streamed again by the peer (`Fallback::applied_whole`).
+    ignoring: Option<u32>,
     /// This connection gave streaming up for a fallback: ask again when it is over.
     restream: bool,
     cur_xid: Option<u32>,
@@ -503,6 +506,7 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         want_streaming,
         check: StreamCheck::default(),
         fallback: Fallback::default(),
+        ignoring: None,
         restream: false,
         cur_xid: None,
         direct: None,

@@ -183,6 +183,9 @@ impl Stream {
     /// writer (`direct.rs`); with parallel apply the first piece of a transaction makes
     /// this receiver fall back (reconnect without streaming). True on SIGTERM.
     pub(super) fn streamed_frame(&mut self, msg: &Message) -> bool {
+        if self.ignore_restreamed(msg) {
+            return false;
+        }
         if self.direct_possible() {
             return self.direct_frame(msg);
         }
@@ -208,6 +211,47 @@ impl Stream {
             sl.stats.stream_fallbacks += 1;
         });
         self.reconnect(false)
+    }
+
+    /// Whether `msg` belongs to a transaction streamed again after it fell back and was
+    /// applied whole here (PostgreSQL 15's walsender, restarted past its commit, re-reads
+    /// it from the slot's restart point, streams it, and ends it with a STREAM ABORT, not
+    /// a commit). Its pieces are dropped: it is applied already. A STREAM COMMIT of it
+    /// would be a second copy of what was applied, and is refused with an error (the
+    /// worker retries; nothing is applied twice).
+    fn ignore_restreamed(&mut self, msg: &Message) -> bool {
+        match msg {
+            Message::StreamStart(s) => {
+                let again = self.fallback.applied_whole(s.xid);
+                if again && s.first_segment {
+                    pgrx::log!(
+                        "bdr: apply worker for node \"{}\" ignores streamed transaction {}: \
+                         it was applied whole here after its fallback",
+                        self.peer,
+                        s.xid
+                    );
+                }
+                self.ignoring = again.then_some(s.xid);
+                again
+            }
+            Message::StreamStop => self.ignoring.is_some(),
+            Message::StreamChange(c) => self.ignoring == Some(c.xid),
+            Message::StreamAbort(a) if self.fallback.applied_whole(a.xid) => {
+                if a.subxid == a.xid {
+                    self.fallback.forget_applied(a.xid);
+                    self.ignoring = None;
+                }
+                true
+            }
+            Message::StreamCommit(c) if self.fallback.applied_whole(c.xid) => {
+                raise(&ApplyError::Protocol(format!(
+                    "STREAM COMMIT from node \"{}\" of transaction {}, which was applied whole \
+                     here already",
+                    self.peer, c.xid
+                )))
+            }
+            _ => false,
+        }
     }
 
     /// Streamed transaction `xid` falls back: streaming is asked for again once it

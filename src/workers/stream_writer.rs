@@ -17,11 +17,13 @@
 //! at the commit they are merged into the transaction. Table references never cross a
 //! subtransaction boundary (they are given back before each, the locks stay).
 //!
-//! The changes are applied by an [`Applier`] in streamed mode: whatever would need the
-//! commit time (a last-update-wins decision) raises `ApplyError::StreamFallback`
-//! (`bdr_core::streaming::direct_apply`). Any error here ends the worker (its transaction
-//! rolls back with it) after setting the group's abort flag; the receiver sees it and
-//! falls back to the whole-transaction path.
+//! The changes are applied by an [`Applier`] in streamed mode until one needs the commit
+//! time (a last-update-wins decision, `bdr_core::streaming::direct_apply`): that one and
+//! every later change are kept in order ([`Waiting`], at most `WAITING_MAX_BYTES`) and
+//! applied at the `c` with the commit time (`Applier::commit_streamed`), which is what
+//! the whole-transaction path does with them. Any error here ends the worker (its
+//! transaction rolls back with it) after setting the group's abort flag; the receiver
+//! sees it and falls back to the whole-transaction path.
 //!
 //! Invariants: the transaction commits only on the receiver's `c`, under the peer's
 //! origin with the origin's session set up for that commit only (the receiver released
@@ -94,6 +96,52 @@ pub fn main(arg: pg_sys::Datum) {
     .execute();
 }
 
+/// How much of a streamed transaction may wait for its commit here: the frames' size as
+/// received. Beyond it the transaction falls back (it is then sent whole at its commit).
+const WAITING_MAX_BYTES: usize = 64 << 20;
+
+/// The changes of the streamed transaction that wait for its commit (the first one that
+/// needed a last-update-wins decision and every one after it), in order, with the
+/// subtransaction each belongs to.
+#[derive(Default)]
+struct Waiting {
+    changes: Vec<(u32, Message)>,
+    bytes: usize,
+}
+
+impl Waiting {
+    fn push(&mut self, subxid: u32, m: Message, frame_len: usize, peer: &str) {
+        self.bytes += frame_len;
+        if self.bytes > WAITING_MAX_BYTES {
+            raise(&ApplyError::StreamFallback {
+                peer: peer.to_string(),
+                why: format!(
+                    "more than {} MB of its changes would wait for the commit",
+                    WAITING_MAX_BYTES >> 20
+                ),
+            });
+        }
+        self.changes.push((subxid, m));
+    }
+
+    /// The peer rolled back subtransaction `subxid`, none of whose changes was applied:
+    /// drop its first waiting change and everything after it (on the peer, everything
+    /// after it belonged to it or to its children until it ended).
+    fn roll_back(&mut self, subxid: u32) {
+        if let Some(at) = self.changes.iter().position(|(x, _)| *x == subxid) {
+            self.changes.truncate(at);
+        }
+    }
+
+    fn take(&mut self) -> Vec<Message> {
+        self.bytes = 0;
+        std::mem::take(&mut self.changes)
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect()
+    }
+}
+
 fn run(group: &mut Group, slot: usize, dboid: u32, local: &nodes::Node, peer: &nodes::Node) {
     let link = Link {
         forwarded: false,
@@ -104,8 +152,9 @@ fn run(group: &mut Group, slot: usize, dboid: u32, local: &nodes::Node, peer: &n
     // Changes are stamped with the peer's origin; its session is set up for the commit.
     applier.set_parallel();
     let mut seq = 0u64;
+    let mut waiting = Waiting::default();
     loop {
-        let msg = {
+        let (msg, frame_len) = {
             let Some(buf) = group.receive() else {
                 break;
             };
@@ -113,13 +162,17 @@ fn run(group: &mut Group, slot: usize, dboid: u32, local: &nodes::Node, peer: &n
                 Some(Ctl::Begin { seq: s }) => {
                     bgw::reload_if_asked();
                     seq = s;
+                    waiting = Waiting::default();
                     continue;
                 }
-                Some(Ctl::Frame(f)) => wire::decode_frame(f).unwrap_or_else(|e| {
-                    raise(&ApplyError::Protocol(format!(
-                        "bad frame from the receiver: {e}"
-                    )))
-                }),
+                Some(Ctl::Frame(f)) => (
+                    wire::decode_frame(f).unwrap_or_else(|e| {
+                        raise(&ApplyError::Protocol(format!(
+                            "bad frame from the receiver: {e}"
+                        )))
+                    }),
+                    f.len(),
+                ),
                 _ => raise(&ApplyError::Protocol(
                     "bad control message from the receiver".into(),
                 )),
@@ -138,10 +191,16 @@ fn run(group: &mut Group, slot: usize, dboid: u32, local: &nodes::Node, peer: &n
             Message::StreamStop => {}
             Message::StreamChange(c) => match *c.change {
                 m @ (Message::Insert(_) | Message::Update(_) | Message::Delete(_)) => {
+                    if applier.waits_for_commit() {
+                        waiting.push(c.subxid, m, frame_len, &peer.name);
+                        continue;
+                    }
                     if c.subxid != c.xid {
                         applier.enter_subtransaction(c.subxid);
                     }
-                    applier.handle(m)
+                    if let Some(m) = applier.apply_streamed_change(m) {
+                        waiting.push(c.subxid, m, frame_len, &peer.name);
+                    }
                 }
                 m => raise(&ApplyError::StreamFallback {
                     peer: peer.name.clone(),
@@ -149,7 +208,7 @@ fn run(group: &mut Group, slot: usize, dboid: u32, local: &nodes::Node, peer: &n
                 }),
             },
             Message::StreamCommit(c) => {
-                applier.commit_streamed(&c);
+                applier.commit_streamed(&c, waiting.take());
                 let (remote_end, local_end) = applier.last_done;
                 let (counts, conflicts) = applier.take_counts();
                 shmem::update(slot, |s| {
@@ -164,10 +223,16 @@ fn run(group: &mut Group, slot: usize, dboid: u32, local: &nodes::Node, peer: &n
             // are rolled back here; the transaction goes on.
             Message::StreamAbort(a) if a.subxid != a.xid => {
                 if applier.in_transaction() {
-                    applier.rollback_subtransaction(a.subxid);
+                    if applier.rollback_subtransaction(a.subxid) {
+                        // Its first change was applied, so every waiting one came after.
+                        waiting = Waiting::default();
+                    } else {
+                        waiting.roll_back(a.subxid);
+                    }
                 }
             }
             Message::StreamAbort(_) => {
+                waiting = Waiting::default();
                 if applier.in_transaction() {
                     applier.abandon();
                 }
