@@ -68,6 +68,11 @@ pub static WRITERS_PER_PEER: GucSetting<i32> = GucSetting::<i32>::new(1);
 /// pieces are applied before the commit (`src/receive/direct.rs`).
 pub static STREAM_LARGE_TRANSACTIONS: GucSetting<bool> = GucSetting::<bool>::new(true);
 
+/// `bdr.stream_writer_wait_memory` (kB): how much of a streamed transaction's changes a
+/// stream writer keeps for its commit (from the first one that needs a last-update-wins
+/// decision on; see `src/workers/stream_writer.rs`) before the transaction falls back.
+pub static STREAM_WRITER_WAIT_MEMORY_KB: GucSetting<i32> = GucSetting::<i32>::new(65_536);
+
 /// Register the settings; called once from `_PG_init`.
 pub fn init() {
     GucRegistry::define_bool_guc(
@@ -79,6 +84,19 @@ pub fn init() {
         &STREAM_LARGE_TRANSACTIONS,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"bdr.stream_writer_wait_memory",
+        c"Most of a streamed transaction's changes a stream writer keeps for its commit.",
+        c"A change of a streamed transaction that needs a last-update-wins decision, and \
+          every later one, wait in the stream writer's memory for the commit time. Beyond \
+          this much (as received) the transaction falls back and is sent whole at its \
+          commit.",
+        &STREAM_WRITER_WAIT_MEMORY_KB,
+        64,
+        i32::MAX / 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
     );
     GucRegistry::define_int_guc(
         c"bdr.writers_per_peer",

@@ -461,6 +461,111 @@ fn a_conflict_met_while_streaming_resolves_as_without_streaming() {
     );
 }
 
+/// Pieces node1's walsender streamed so far on its slot for node2
+/// (`pg_stat_replication_slots.stream_count`).
+fn pieces_streamed(a: &Node) -> i64 {
+    a.query_scalar(
+        "SELECT coalesce(sum(stream_count), 0)::bigint FROM pg_stat_replication_slots \
+         WHERE slot_name LIKE '%node2'",
+    )
+}
+
+/// A big transaction whose UPDATE meets node2's rows (so from there on its changes wait
+/// in node2's stream writer for the commit) rolls back a savepoint whose rows were
+/// streamed while waiting: they are dropped from what waits, the rest is applied at the
+/// commit, and the transaction is committed by the stream writer without a fallback.
+#[test]
+fn a_savepoint_rolled_back_while_changes_wait_for_the_commit() {
+    let c = group("stream_wait_subxact");
+    let (a, b) = (c.node(0), c.node(1));
+    b.connect_as("app")
+        .batch_execute("INSERT INTO t SELECT g, 'node2' FROM generate_series(1, 1000) g")
+        .unwrap();
+    wait_for_catchup(&c);
+    let before = stream_counts(b, "node1");
+    let mut big = a.connect_as("app");
+    big.batch_execute(
+        "BEGIN; \
+         INSERT INTO t SELECT g, 'fresh' FROM generate_series(10001, 13000) g; \
+         UPDATE t SET v = 'node1 big' WHERE id <= 1000",
+    )
+    .unwrap();
+    wait_streamed(b, "node1", before.0 + 1);
+    let pieces = pieces_streamed(a);
+    big.batch_execute(
+        "SAVEPOINT s; \
+         INSERT INTO t SELECT g, 'rolled back' FROM generate_series(20001, 23000) g",
+    )
+    .unwrap();
+    // Pieces streamed after the savepoint began carry its rows (3,000 rows are several
+    // pieces at 64kB): they reach node2 before the rollback below.
+    wait_until("node1 to stream the savepoint's rows", CATCHUP, || {
+        pieces_streamed(a) >= pieces + 3
+    });
+    big.batch_execute(
+        "ROLLBACK TO SAVEPOINT s; \
+         INSERT INTO t SELECT g, 'after' FROM generate_series(30001, 30100) g; \
+         COMMIT",
+    )
+    .unwrap();
+    wait_for_catchup(&c);
+    assert_eq!(
+        count(b, "SELECT count(*) FROM t WHERE v = 'rolled back'"),
+        0
+    );
+    assert_eq!(
+        count(b, "SELECT count(*) FROM t WHERE v = 'node1 big'"),
+        1000
+    );
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'fresh'"), 3000);
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'after'"), 100);
+    assert_eq!(count(b, "SELECT count(*) FROM t"), 4100);
+    assert_same_everywhere(&c, "t");
+    let after = stream_counts(b, "node1");
+    assert_eq!(
+        (after.1 - before.1, after.2 - before.2),
+        (after.0 - before.0, 0),
+        "committed by the stream writer, no fallback"
+    );
+}
+
+/// `bdr.stream_writer_wait_memory` bounds what waits for the commit: past it the
+/// transaction falls back (logged with the setting's name) and arrives whole.
+#[test]
+fn changes_waiting_past_the_memory_limit_fall_back() {
+    let c = group_of(
+        Cluster::builder()
+            .name("stream_wait_limit")
+            .conf("bdr.stream_writer_wait_memory", "64"),
+    );
+    let (a, b) = (c.node(0), c.node(1));
+    b.connect_as("app")
+        .batch_execute("INSERT INTO t SELECT g, 'node2' FROM generate_series(1, 5000) g")
+        .unwrap();
+    wait_for_catchup(&c);
+    let before = stream_counts(b, "node1");
+    // Its first change meets node2's row: all 5,000 updates wait, far more than 64 kB.
+    a.connect_as("app")
+        .batch_execute("UPDATE t SET v = 'node1 big'")
+        .unwrap();
+    wait_for_catchup(&c);
+    assert_eq!(
+        count(b, "SELECT count(*) FROM t WHERE v = 'node1 big'"),
+        5000
+    );
+    assert_same_everywhere(&c, "t");
+    let after = stream_counts(b, "node1");
+    assert!(
+        after.2 > before.2,
+        "the transaction fell back: {before:?} -> {after:?}"
+    );
+    assert!(
+        b.log()
+            .contains("more than bdr.stream_writer_wait_memory (64 kB) of its changes would wait"),
+        "the reason is logged"
+    );
+}
+
 #[test]
 fn no_free_worker_slot_for_a_stream_writer_falls_back_and_says_why() {
     let c = group("stream_noslot");

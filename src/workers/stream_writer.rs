@@ -19,7 +19,7 @@
 //!
 //! The changes are applied by an [`Applier`] in streamed mode until one needs the commit
 //! time (a last-update-wins decision, `bdr_core::streaming::direct_apply`): that one and
-//! every later change are kept in order ([`Waiting`], at most `WAITING_MAX_BYTES`) and
+//! every later change are kept in order ([`Waiting`], at most `bdr.stream_writer_wait_memory`) and
 //! applied at the `c` with the commit time (`Applier::commit_streamed`), which is what
 //! the whole-transaction path does with them. Any error here ends the worker (its
 //! transaction rolls back with it) after setting the group's abort flag; the receiver
@@ -96,10 +96,6 @@ pub fn main(arg: pg_sys::Datum) {
     .execute();
 }
 
-/// How much of a streamed transaction may wait for its commit here: the frames' size as
-/// received. Beyond it the transaction falls back (it is then sent whole at its commit).
-const WAITING_MAX_BYTES: usize = 64 << 20;
-
 /// The changes of the streamed transaction that wait for its commit (the first one that
 /// needed a last-update-wins decision and every one after it), in order, with the
 /// subtransaction each belongs to.
@@ -110,14 +106,18 @@ struct Waiting {
 }
 
 impl Waiting {
+    /// Keep a change for the commit. How much may wait (the frames' size as received) is
+    /// `bdr.stream_writer_wait_memory`; beyond it the transaction falls back (it is then
+    /// sent whole at its commit).
     fn push(&mut self, subxid: u32, m: Message, frame_len: usize, peer: &str) {
         self.bytes += frame_len;
-        if self.bytes > WAITING_MAX_BYTES {
+        let max_kb = crate::gucs::STREAM_WRITER_WAIT_MEMORY_KB.get().max(64) as usize;
+        if self.bytes > max_kb * 1024 {
             raise(&ApplyError::StreamFallback {
                 peer: peer.to_string(),
                 why: format!(
-                    "more than {} MB of its changes would wait for the commit",
-                    WAITING_MAX_BYTES >> 20
+                    "more than bdr.stream_writer_wait_memory ({max_kb} kB) of its changes \
+                     would wait for the commit"
                 ),
             });
         }
