@@ -134,3 +134,50 @@ fn commit_timestamps_off_is_reported_with_hint() {
     ok.node(0)
         .execute("CREATE EXTENSION bdr; SELECT bdr.check_replication_config();");
 }
+
+/// Docs are part of the feature: every `bdr.*` setting is described in docs/settings.md,
+/// every function of schema `bdr` in docs/sql.md (internal ones in its "Internal
+/// functions" section), and every table or view of schema `bdr` somewhere in docs/.
+#[test]
+fn every_bdr_setting_function_and_relation_is_documented() {
+    let c = Cluster::builder().name("docs").nodes(1).start();
+    let n = c.node(0);
+    n.execute("CREATE EXTENSION bdr");
+    let docs = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    let read = |f: &str| std::fs::read_to_string(docs.join(f)).unwrap();
+    let all: String = std::fs::read_dir(&docs)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+        .collect();
+    let (settings, sql) = (read("settings.md"), read("sql.md"));
+    let names = |q: &str| -> Vec<String> {
+        n.connect()
+            .query(q, &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect()
+    };
+    let mut missing = Vec::new();
+    for g in names("SELECT name FROM pg_settings WHERE name LIKE 'bdr.%'") {
+        if !settings.contains(&format!("`{g}`")) {
+            missing.push(format!("setting {g} (docs/settings.md)"));
+        }
+    }
+    for f in
+        names("SELECT DISTINCT proname::text FROM pg_proc WHERE pronamespace = 'bdr'::regnamespace")
+    {
+        if !sql.contains(&format!("bdr.{f}(")) {
+            missing.push(format!("function bdr.{f} (docs/sql.md)"));
+        }
+    }
+    for r in names(
+        "SELECT relname::text FROM pg_class WHERE relnamespace = 'bdr'::regnamespace \
+         AND relkind IN ('r', 'v', 'p')",
+    ) {
+        if !all.contains(&format!("bdr.{r}")) {
+            missing.push(format!("relation bdr.{r} (docs/)"));
+        }
+    }
+    assert!(missing.is_empty(), "undocumented: {missing:#?}");
+}
