@@ -361,9 +361,20 @@ impl Applier {
     /// transaction is applied as a prefix now and the rest, in order, at the commit
     /// ([`Applier::commit_streamed`]): the same as the whole-transaction path, which
     /// applies the prefix (no decision in it) and then the rest.
-    pub fn apply_streamed_change(&mut self, msg: Message) -> Option<Message> {
+    ///
+    /// `subxid` is the peer's subtransaction the change belongs to (`xid` for the top
+    /// level): see [`Applier::enter_subtransaction`].
+    pub fn apply_streamed_change(
+        &mut self,
+        xid: u32,
+        subxid: u32,
+        msg: Message,
+    ) -> Option<Message> {
         if self.waits_for_commit {
             return Some(msg);
+        }
+        if subxid != xid {
+            self.enter_subtransaction(subxid);
         }
         match msg {
             Message::Insert(m) => {
@@ -387,12 +398,6 @@ impl Applier {
         }
     }
 
-    /// A stream writer: whether the streamed transaction's changes now wait for its
-    /// commit (see [`Applier::apply_streamed_change`]).
-    pub fn waits_for_commit(&self) -> bool {
-        self.waits_for_commit
-    }
-
     /// A stream writer: the next change belongs to the peer's subtransaction `subxid` of
     /// the streamed transaction. The first change of a subtransaction starts a local one,
     /// so that a rollback of it on the peer (STREAM ABORT of `subxid`) rolls back here
@@ -401,7 +406,7 @@ impl Applier {
     /// ends, and once released into its parent it can no longer be rolled back alone).
     /// A later change of the top level or of a released subtransaction goes into the
     /// innermost local one, which then can only end with the whole transaction.
-    pub fn enter_subtransaction(&mut self, subxid: u32) {
+    fn enter_subtransaction(&mut self, subxid: u32) {
         self.require_transaction("a subtransaction's change");
         if self.subxacts.iter().any(|(x, _)| *x == subxid) {
             return;
@@ -493,11 +498,8 @@ impl Applier {
     /// Roll back the transaction being applied (a streamed transaction rolled back on
     /// the peer); nothing of it is counted.
     pub fn abandon(&mut self) {
-        for id in std::mem::take(&mut self.touched) {
-            if let Some(m) = self.rels.get_mut(&id).and_then(|b| b.map.as_mut()) {
-                m.end_transaction();
-            }
-        }
+        self.end_table_references();
+        self.touched.clear();
         xact::abort();
         self.forget_transaction();
     }
@@ -728,11 +730,8 @@ impl Applier {
             _ => c.end_lsn,
         };
         // The tables opened by this transaction's changes are released before it ends.
-        for id in std::mem::take(&mut self.touched) {
-            if let Some(m) = self.rels.get_mut(&id).and_then(|b| b.map.as_mut()) {
-                m.end_transaction();
-            }
-        }
+        self.end_table_references();
+        self.touched.clear();
         let origin: String = self.origin_node().into();
         let local_end = if self.parallel {
             xact::commit_remote_turn(origin_lsn, c.commit_time)

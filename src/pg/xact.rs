@@ -36,13 +36,20 @@ pub fn refresh_snapshot() {
 /// the caller keeps is freed by a rollback of the subtransaction.
 pub fn begin_subtransaction() {
     require_transaction();
-    // SAFETY: inside a transaction (checked); BeginInternalSubTransaction switches the
-    // memory context to the subtransaction's, switched back at once.
-    unsafe {
-        let cxt = pg_sys::CurrentMemoryContext;
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(cxt);
-    }
+    // SAFETY: inside a transaction (checked).
+    in_callers_context(|| unsafe { pg_sys::BeginInternalSubTransaction(std::ptr::null()) });
+}
+
+/// Run `f`, a subtransaction start or end (which switches the memory context to the
+/// subtransaction's or its parent's), and switch back to the caller's context after it.
+fn in_callers_context(f: impl FnOnce()) {
+    // SAFETY: a plain read of the current memory context, which outlives `f`: the
+    // caller's context is never a subtransaction's (every start and end goes through
+    // here), so no subtransaction end frees it.
+    let cxt = unsafe { pg_sys::CurrentMemoryContext };
+    f();
+    // SAFETY: `cxt` is still valid (see above).
+    unsafe { pg_sys::MemoryContextSwitchTo(cxt) };
 }
 
 /// Roll back the innermost subtransaction (see [`begin_subtransaction`]). Snapshots
@@ -53,11 +60,11 @@ pub fn begin_subtransaction() {
 /// Inside a subtransaction started by [`begin_subtransaction`], with no relation
 /// reference or slot of it still held by the caller.
 pub fn rollback_subtransaction() {
-    // SAFETY: see the preconditions; the memory context is the caller's again after.
+    // SAFETY: see the preconditions.
+    in_callers_context(|| unsafe { pg_sys::RollbackAndReleaseCurrentSubTransaction() });
+    // SAFETY: inside the transaction; a plain read of the snapshot stack, then a new
+    // snapshot for the rest of it when none is active.
     unsafe {
-        let cxt = pg_sys::CurrentMemoryContext;
-        pg_sys::RollbackAndReleaseCurrentSubTransaction();
-        pg_sys::MemoryContextSwitchTo(cxt);
         if !crate::pg::unguarded::ActiveSnapshotSet() {
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
         }
@@ -71,11 +78,7 @@ pub fn rollback_subtransaction() {
 /// As for [`rollback_subtransaction`].
 pub fn release_subtransaction() {
     // SAFETY: see the preconditions.
-    unsafe {
-        let cxt = pg_sys::CurrentMemoryContext;
-        pg_sys::ReleaseCurrentSubTransaction();
-        pg_sys::MemoryContextSwitchTo(cxt);
-    }
+    in_callers_context(|| unsafe { pg_sys::ReleaseCurrentSubTransaction() });
 }
 
 /// Raise an internal error unless a transaction is open: what the safe functions of

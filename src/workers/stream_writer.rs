@@ -191,14 +191,7 @@ fn run(group: &mut Group, slot: usize, dboid: u32, local: &nodes::Node, peer: &n
             Message::StreamStop => {}
             Message::StreamChange(c) => match *c.change {
                 m @ (Message::Insert(_) | Message::Update(_) | Message::Delete(_)) => {
-                    if applier.waits_for_commit() {
-                        waiting.push(c.subxid, m, frame_len, &peer.name);
-                        continue;
-                    }
-                    if c.subxid != c.xid {
-                        applier.enter_subtransaction(c.subxid);
-                    }
-                    if let Some(m) = applier.apply_streamed_change(m) {
+                    if let Some(m) = applier.apply_streamed_change(c.xid, c.subxid, m) {
                         waiting.push(c.subxid, m, frame_len, &peer.name);
                     }
                 }
