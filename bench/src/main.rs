@@ -18,7 +18,8 @@
 //! `BENCH_NATIVE_STREAMING=on` creates native subscriptions with `streaming = on`.
 //! `BENCH_BDR_STREAMING=on|off` sets `bdr.stream_large_transactions` on the bdr nodes.
 //! `BENCH_SYSTEMS=bdr,native` picks the systems; `BENCH_RUNS=3` repeats the whole run and
-//! reports each row's median ([`report`]). On a shared machine compare ratios from the same
+//! reports each row's median ([`report`]); every other run takes the systems in the
+//! opposite order (drift during a run then favours no system). On a shared machine compare ratios from the same
 //! run, not absolute numbers. The table also goes to `bench/results/latest.md`.
 //!
 //! Subcommands: `keys` ([`keys`]), `profile [system]`, `profile-update [system]`,
@@ -1043,7 +1044,14 @@ fn main() {
             eprintln!("==== run {} of {runs}", run + 1);
         }
         let mut rows = Vec::new();
-        for sys in systems() {
+        // Every other run takes the systems in the opposite order, so that whatever drifts
+        // during a run (the disk's flush latency, page cache, other load) does not always
+        // favour the same system.
+        let mut order = systems();
+        if run % 2 == 1 {
+            order.reverse();
+        }
+        for sys in order {
             run_system(sys, &mut rows);
         }
         if enabled("k") && systems().contains(&System::Bdr) {

@@ -272,19 +272,32 @@ pub fn profile_big(sys: System) {
 /// (a one-node bdr group, or plain PostgreSQL for `native`) while 4 pgbench clients commit
 /// single-row INSERTs as fast as they can (workload 4b's shape): what bdr adds to a
 /// writer's own path (ids, triggers, hooks, commit callbacks).
+///
+/// `BENCH_PEERS=2`: the same with two peers attached (workload 4b itself), to see what the
+/// writer's backends pay for them.
 pub fn profile_writer(sys: System) {
     let secs = ((20.0 * scale()) as u64).max(5);
-    let c = pg_test::Cluster::builder()
-        .name("bench-prof-writer")
-        .nodes(1)
-        .preload_bdr(sys == System::Bdr)
-        .start();
+    let peers: usize = std::env::var("BENCH_PEERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let c = if peers > 0 {
+        setup(sys, 1 + peers)
+    } else {
+        let c = pg_test::Cluster::builder()
+            .name("bench-prof-writer")
+            .nodes(1)
+            .preload_bdr(sys == System::Bdr)
+            .start();
+        let a = c.node(0);
+        a.execute(crate::TABLES);
+        if sys == System::Bdr {
+            a.execute("CREATE EXTENSION bdr");
+            a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+        }
+        c
+    };
     let a = c.node(0);
-    a.execute(crate::TABLES);
-    if sys == System::Bdr {
-        a.execute("CREATE EXTENSION bdr");
-        a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
-    }
     let before: i64 = a.query_scalar("SELECT count(*) FROM small");
     let out = std::thread::scope(|s| {
         let bench = s.spawn(|| {
@@ -321,14 +334,22 @@ pub fn profile_writer(sys: System) {
     });
     let after: i64 = a.query_scalar("SELECT count(*) FROM small");
     let report = format!(
-        "{}: 4 pgbench clients, single-row INSERT, {secs} s, no peers: {:.0} TPS ({} rows)\n\n\
+        "{}: 4 pgbench clients, single-row INSERT, {secs} s, {peers} peers: {:.0} TPS ({} rows)\n\n\
          perf record -F 1000 of the 4 writer backends, {}",
         sys.name(),
         crate::tps(&out.0),
         after - before,
         perf_report(&out.1)
     );
-    publish(&format!("profile-writer-{}.txt", sys.name()), &report);
+    let peers_tag = if peers > 0 {
+        format!("-{peers}peers")
+    } else {
+        String::new()
+    };
+    publish(
+        &format!("profile-writer{peers_tag}-{}.txt", sys.name()),
+        &report,
+    );
 }
 
 /// `bdr-bench profile-live`: B's apply process while it follows A live (apply not held):

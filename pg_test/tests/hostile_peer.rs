@@ -393,3 +393,173 @@ fn odd_frames_from_a_peer_are_refused_with_one_writer() {
 fn odd_frames_from_a_peer_are_refused_with_parallel_apply() {
     run(3);
 }
+
+fn tagged_sub(xid: u32, subxid: u32, m: &[u8]) -> Vec<u8> {
+    let change = wire::decode_frame(m).expect("a frame of ours");
+    v4(Message::StreamChange(StreamChange {
+        xid,
+        subxid,
+        change: Box::new(change),
+    }))
+}
+
+fn stream_abort(xid: u32, subxid: u32) -> Vec<u8> {
+    v4(Message::StreamAbort(StreamAbort { xid, subxid }))
+}
+
+/// Streamed transactions a peer may send that need care rather than an ERROR, and one
+/// that must be an ERROR: a STREAM ABORT of a subtransaction this node never saw a
+/// change of is a no-op (the transaction goes on and commits); a transaction that fell
+/// back and was applied whole, then streamed once more, must never be applied a second
+/// time: its STREAM COMMIT is refused (PostgreSQL 15's walsender streams such a
+/// transaction again but ends it with a STREAM ABORT; a STREAM COMMIT of it is a peer
+/// gone wrong). One writer, so the stream writer takes the pieces.
+#[test]
+fn a_peer_committing_again_what_was_applied_whole_is_refused() {
+    let c: Cluster = Cluster::builder()
+        .nodes(1)
+        .conf("bdr.stream_large_transactions", "on")
+        .conf("bdr.apply_retry_max_delay", "200ms")
+        .start();
+    let n: &Node = c.node(0);
+    n.execute("CREATE EXTENSION bdr");
+    n.execute(&format!(
+        "SELECT bdr.group_create(local_node_name := '{}', node_external_dsn := '{}')",
+        n.name(),
+        n.dsn()
+    ));
+    n.execute("CREATE TABLE t (id int PRIMARY KEY, v text)");
+
+    let (l0, l1, l2, l3) = (
+        0x0100_0000u64,
+        0x0200_0000u64,
+        0x0300_0000u64,
+        0x0400_0000u64,
+    );
+    let scripts = vec![
+        // Connection 0 (streaming): transaction 920 with an abort of a subtransaction it
+        // never streamed a change of, committed; then 930, whose TRUNCATE makes it fall
+        // back (the receiver reconnects without streaming).
+        Script {
+            writes: vec![
+                (
+                    l0,
+                    cat(&[
+                        start(920, true),
+                        rel_t(),
+                        tagged(920, &insert(REL, &["5", "five"])),
+                        v4(Message::StreamStop),
+                        stream_abort(920, 9_999),
+                        start(920, false),
+                        tagged_sub(920, 921, &insert(REL, &["6", "six"])),
+                        v4(Message::StreamStop),
+                        stream_commit(920, l0 + 0x100),
+                    ]),
+                ),
+                (
+                    l0 + 0x200,
+                    cat(&[
+                        start(930, true),
+                        tagged(930, &insert(REL, &["1", "streamed"])),
+                        v4(Message::StreamStop),
+                        start(930, false),
+                        tagged(
+                            930,
+                            &frame(&Message::Truncate(wire::Truncate {
+                                relations: vec![REL],
+                                cascade: false,
+                                restart_identity: false,
+                            })),
+                        ),
+                        v4(Message::StreamStop),
+                    ]),
+                ),
+            ],
+        },
+        // Connection 1 (no streaming): 930 whole at its commit.
+        Script {
+            writes: vec![(
+                l1,
+                cat(&[
+                    begin(930, l1),
+                    rel_t(),
+                    insert(REL, &["1", "whole"]),
+                    commit(l1),
+                ]),
+            )],
+        },
+        // Connection 2 (streaming asked for again): 930 streamed once more, and committed.
+        Script {
+            writes: vec![(
+                l2,
+                cat(&[
+                    start(930, true),
+                    rel_t(),
+                    tagged(930, &insert(REL, &["2", "again"])),
+                    v4(Message::StreamStop),
+                    stream_commit(930, l2),
+                ]),
+            )],
+        },
+        // Every later connection: an ordinary transaction.
+        Script {
+            writes: vec![(
+                l3,
+                cat(&[
+                    begin(940, l3),
+                    rel_t(),
+                    insert(REL, &["3", "ok"]),
+                    commit(l3),
+                ]),
+            )],
+        },
+    ];
+    let peer = FakePeer::start(scripts);
+    let postmaster = n.postmaster_pid();
+    let log_start = n.log().len();
+    n.execute(&format!(
+        "INSERT INTO bdr.nodes (node_name, node_id, node_kind, node_state, node_dsn, node_number) \
+         VALUES ('evil', 4242, 'active', 'active', '{}', 77)",
+        peer.dsn()
+    ));
+
+    wait_until(
+        "the ordinary transaction after the refused STREAM COMMIT",
+        Duration::from_secs(120),
+        || n.query_scalar::<i64>("SELECT count(*) FROM t WHERE id = 3") == 1,
+    );
+    assert_eq!(
+        n.query_scalar::<String>("SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM t"),
+        "1:whole,3:ok,5:five,6:six",
+        "920 committed with both rows despite the abort of a subtransaction it never \
+         streamed a change of; 930 applied once, whole; its second STREAM COMMIT refused"
+    );
+    let starts = peer.seen().starts;
+    assert!(
+        starts.len() >= 4,
+        "expected a fallback reconnect, a reconnect with streaming and a retry: {starts:?}"
+    );
+    assert!(
+        starts[0].contains("streaming") && !starts[1].contains("streaming"),
+        "the fallback should reconnect without streaming: {starts:?}"
+    );
+    let log = n.log()[log_start..].to_string();
+    assert!(
+        log.lines().any(|l| l.contains("ERROR:")
+            && l.contains(
+                "STREAM COMMIT from node \"evil\" of transaction 930, which was \
+                           applied whole here already"
+            )),
+        "no ERROR refusing the second STREAM COMMIT:\n{log}"
+    );
+    assert_eq!(
+        n.postmaster_pid(),
+        postmaster,
+        "the server must not have restarted"
+    );
+    assert!(
+        n.forbidden_log_lines().is_empty(),
+        "{:?}",
+        n.forbidden_log_lines()
+    );
+}

@@ -566,6 +566,88 @@ fn changes_waiting_past_the_memory_limit_fall_back() {
     );
 }
 
+/// The changes of a savepoint rolled back on the peer stop counting towards
+/// `bdr.stream_writer_wait_memory`: a transaction whose waiting changes would pass the
+/// limit only if the rolled-back ones still counted is committed by the stream writer.
+/// (Until session 10 they kept counting, and this transaction fell back.)
+#[test]
+fn changes_of_a_rolled_back_savepoint_stop_counting_towards_the_wait_limit() {
+    const N: usize = 4000;
+    // What one waiting INSERT of these rows takes, as the peer frames it.
+    let one = bdr_core::wire::encode_frame(
+        &bdr_core::wire::Message::StreamChange(bdr_core::wire::StreamChange {
+            xid: 1000,
+            subxid: 1001,
+            change: Box::new(bdr_core::wire::Message::Insert(bdr_core::wire::Insert {
+                relation: 16_384,
+                new: vec![
+                    bdr_core::wire::Value::Text("20001".into()),
+                    bdr_core::wire::Value::Text("rolled back".into()),
+                ],
+            })),
+        }),
+        4,
+    )
+    .len();
+    // N such rows fit with room to spare; twice N do not.
+    let limit_kb = (N * one * 16 / 10 / 1024).max(64);
+    let c = group_of(
+        Cluster::builder()
+            .name("stream_wait_limit_subxact")
+            .conf("bdr.stream_writer_wait_memory", &limit_kb.to_string()),
+    );
+    let (a, b) = (c.node(0), c.node(1));
+    b.connect_as("app")
+        .batch_execute("INSERT INTO t SELECT g, 'node2' FROM generate_series(1, 100) g")
+        .unwrap();
+    wait_for_catchup(&c);
+    let before = stream_counts(b, "node1");
+    let pieces = pieces_streamed(a);
+    let mut big = a.connect_as("app");
+    // The first change meets node2's row: from here on every change waits for the commit.
+    big.batch_execute(&format!(
+        "BEGIN; UPDATE t SET v = 'node1 big' WHERE id <= 100; SAVEPOINT s; \
+         INSERT INTO t SELECT g, 'rolled back' FROM generate_series(20001, {}) g",
+        20_000 + N
+    ))
+    .unwrap();
+    wait_streamed(b, "node1", before.0 + 1);
+    // The savepoint's rows go out in pieces as node1 decodes them (all but the last
+    // 64kB), before the rollback's record: several pieces.
+    wait_until("node1 to stream the savepoint's rows", CATCHUP, || {
+        pieces_streamed(a) >= pieces + 3
+    });
+    big.batch_execute(&format!(
+        "ROLLBACK TO SAVEPOINT s; \
+         INSERT INTO t SELECT g, 'after' FROM generate_series(30001, {}) g; \
+         COMMIT",
+        30_000 + N
+    ))
+    .unwrap();
+    wait_for_catchup(&c);
+    assert_eq!(
+        count(b, "SELECT count(*) FROM t WHERE v = 'rolled back'"),
+        0
+    );
+    assert_eq!(
+        count(b, "SELECT count(*) FROM t WHERE v = 'node1 big'"),
+        100
+    );
+    assert_eq!(
+        count(b, "SELECT count(*) FROM t WHERE v = 'after'"),
+        N as i64
+    );
+    assert_same_everywhere(&c, "t");
+    let after = stream_counts(b, "node1");
+    assert_eq!(
+        (after.1 - before.1, after.2 - before.2),
+        (after.0 - before.0, 0),
+        "committed by the stream writer, no fallback (limit {limit_kb} kB, {one} bytes a \
+         row): {before:?} -> {after:?}\n{}",
+        b.log_tail(20)
+    );
+}
+
 #[test]
 fn no_free_worker_slot_for_a_stream_writer_falls_back_and_says_why() {
     let c = group("stream_noslot");

@@ -14,10 +14,13 @@
 //! A subtransaction rolled back on the peer is forwarded like any frame: the writer rolls
 //! back its changes and the transaction goes on (see the writer's module note).
 //!
-//! Fallback (`Stream::fall_back_direct`): a change the writer cannot apply without the
-//! commit time, DDL/TRUNCATE/a message in the stream, a second
-//! streamed transaction while one is open, a writer that failed, or the deadlock guard
-//! below: the writer is stopped (its transaction rolls back with it, so its locks go),
+//! A change that needs a last-update-wins decision (so the commit time) is not a
+//! fallback: the writer keeps it, and every later change of the transaction, until
+//! STREAM COMMIT (up to `bdr.stream_writer_wait_memory`; see the writer's module note).
+//!
+//! Fallback (`Stream::fall_back_direct`): DDL/TRUNCATE/a message in the stream, more
+//! waiting changes than `bdr.stream_writer_wait_memory`, a second streamed transaction
+//! while one is open, a writer that failed, or the deadlock guard below: the writer is stopped (its transaction rolls back with it, so its locks go),
 //! and the receiver reconnects without streaming from what it applied; the peer then
 //! sends the transaction whole at its COMMIT (`stream.rs`).
 //!

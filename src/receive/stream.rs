@@ -6,18 +6,20 @@
 //! only known at its commit). The peer then sends a transaction that outgrows its
 //! `logical_decoding_work_mem` in pieces before it commits.
 //!
-//! What this build does with a streamed transaction: it **falls back**. At the first
-//! `STREAM START` of a transaction it notes the xid (`bdr_core::streaming::Fallback`),
-//! logs why, counts it (`bdr.apply_stats()`: `streamed`, `stream_fallbacks`) and
-//! reconnects without streaming from what it has applied. The walsender then decodes the
-//! transaction whole at its COMMIT and the ordinary path applies it, with every conflict
-//! rule (last-update-wins needs the commit time, which a streamed transaction only tells
-//! at its end). Streaming is asked for again at a reconnect once the fallen-back
-//! transactions have been applied (their COMMIT seen), or after
-//! `Fallback::RETRY_AFTER` for one rolled back on the peer.
+//! What happens to a streamed transaction: with one writer per peer, its pieces go to the
+//! stream writer as they arrive and it commits at STREAM COMMIT (`direct.rs`). When that
+//! cannot be done (parallel apply, DDL or TRUNCATE in the stream, a second open streamed
+//! transaction, too much waiting for the commit, the deadlock guard, a failed writer), it
+//! **falls back**: the receiver notes the xid (`bdr_core::streaming::Fallback`), logs why,
+//! counts it (`bdr.apply_stats()`: `streamed`, `stream_fallbacks`) and reconnects
+//! without streaming from what it has applied. The walsender then decodes the
+//! transaction whole at its COMMIT and the ordinary path applies it. Streaming is asked
+//! for again at a reconnect once the fallen-back transactions have been applied (their
+//! COMMIT seen), or after `Fallback::RETRY_AFTER` for one rolled back on the peer.
 //!
-//! Why this is safe: nothing of a streamed piece is applied, so nothing of it can be
-//! visible or half-applied; the reconnect happens between transactions, from the flush
+//! Why a fallback is safe: what the stream writer applied of the transaction is rolled
+//! back with it before the reconnect, so nothing of it can be visible or half-applied;
+//! the reconnect happens between transactions, from the flush
 //! tracker's applied position, which never passes an unapplied commit; the peer's slot
 //! keeps the in-progress transaction's WAL (its `restart_lsn` is held back by every
 //! transaction still in progress, streamed or not), and a walsender only skips

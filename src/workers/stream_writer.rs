@@ -98,10 +98,11 @@ pub fn main(arg: pg_sys::Datum) {
 
 /// The changes of the streamed transaction that wait for its commit (the first one that
 /// needed a last-update-wins decision and every one after it), in order, with the
-/// subtransaction each belongs to.
+/// subtransaction each belongs to and its frame's size.
 #[derive(Default)]
 struct Waiting {
-    changes: Vec<(u32, Message)>,
+    changes: Vec<(u32, Message, usize)>,
+    /// The sum of the kept frames' sizes (what `bdr.stream_writer_wait_memory` bounds).
     bytes: usize,
 }
 
@@ -121,14 +122,17 @@ impl Waiting {
                 ),
             });
         }
-        self.changes.push((subxid, m));
+        self.changes.push((subxid, m, frame_len));
     }
 
     /// The peer rolled back subtransaction `subxid`, none of whose changes was applied:
     /// drop its first waiting change and everything after it (on the peer, everything
-    /// after it belonged to it or to its children until it ended).
+    /// after it belonged to it or to its children until it ended). What they took no
+    /// longer counts towards the limit.
     fn roll_back(&mut self, subxid: u32) {
-        if let Some(at) = self.changes.iter().position(|(x, _)| *x == subxid) {
+        if let Some(at) = self.changes.iter().position(|(x, _, _)| *x == subxid) {
+            let dropped: usize = self.changes[at..].iter().map(|(_, _, n)| n).sum();
+            self.bytes -= dropped;
             self.changes.truncate(at);
         }
     }
@@ -137,7 +141,7 @@ impl Waiting {
         self.bytes = 0;
         std::mem::take(&mut self.changes)
             .into_iter()
-            .map(|(_, m)| m)
+            .map(|(_, m, _)| m)
             .collect()
     }
 }
