@@ -270,7 +270,9 @@ fn odd_scripts() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     ]
 }
 
-fn run(k: usize) {
+/// One node in a one-node group with table `t`, `k` writers per peer, streaming on and
+/// quick retries.
+fn node_under_test(k: usize) -> Cluster {
     let c: Cluster = Cluster::builder()
         .nodes(1)
         .writers_per_peer(k)
@@ -285,6 +287,21 @@ fn run(k: usize) {
         n.dsn()
     ));
     n.execute("CREATE TABLE t (id int PRIMARY KEY, v text)");
+    c
+}
+
+/// Make `peer` node "evil" of `n`'s group: its apply worker starts and connects to it.
+fn add_evil_peer(n: &Node, peer: &FakePeer) {
+    n.execute(&format!(
+        "INSERT INTO bdr.nodes (node_name, node_id, node_kind, node_state, node_dsn, node_number) \
+         VALUES ('evil', 4242, 'active', 'active', '{}', 77)",
+        peer.dsn()
+    ));
+}
+
+fn run(k: usize) {
+    let c = node_under_test(k);
+    let n: &Node = c.node(0);
 
     let odd = odd_scripts();
     let valid_commit = 0x0200_0000u64;
@@ -308,11 +325,7 @@ fn run(k: usize) {
     let peer = FakePeer::start(scripts);
     let postmaster = n.postmaster_pid();
     let log_start = n.log().len();
-    n.execute(&format!(
-        "INSERT INTO bdr.nodes (node_name, node_id, node_kind, node_state, node_dsn, node_number) \
-         VALUES ('evil', 4242, 'active', 'active', '{}', 77)",
-        peer.dsn()
-    ));
+    add_evil_peer(n, &peer);
 
     wait_until(
         "the valid transaction after every odd one",
@@ -416,19 +429,8 @@ fn stream_abort(xid: u32, subxid: u32) -> Vec<u8> {
 /// gone wrong). One writer, so the stream writer takes the pieces.
 #[test]
 fn a_peer_committing_again_what_was_applied_whole_is_refused() {
-    let c: Cluster = Cluster::builder()
-        .nodes(1)
-        .conf("bdr.stream_large_transactions", "on")
-        .conf("bdr.apply_retry_max_delay", "200ms")
-        .start();
+    let c = node_under_test(1);
     let n: &Node = c.node(0);
-    n.execute("CREATE EXTENSION bdr");
-    n.execute(&format!(
-        "SELECT bdr.group_create(local_node_name := '{}', node_external_dsn := '{}')",
-        n.name(),
-        n.dsn()
-    ));
-    n.execute("CREATE TABLE t (id int PRIMARY KEY, v text)");
 
     let (l0, l1, l2, l3) = (
         0x0100_0000u64,
@@ -517,11 +519,7 @@ fn a_peer_committing_again_what_was_applied_whole_is_refused() {
     let peer = FakePeer::start(scripts);
     let postmaster = n.postmaster_pid();
     let log_start = n.log().len();
-    n.execute(&format!(
-        "INSERT INTO bdr.nodes (node_name, node_id, node_kind, node_state, node_dsn, node_number) \
-         VALUES ('evil', 4242, 'active', 'active', '{}', 77)",
-        peer.dsn()
-    ));
+    add_evil_peer(n, &peer);
 
     wait_until(
         "the ordinary transaction after the refused STREAM COMMIT",

@@ -477,55 +477,73 @@ fn pieces_streamed(a: &Node) -> i64 {
 #[test]
 fn a_savepoint_rolled_back_while_changes_wait_for_the_commit() {
     let c = group("stream_wait_subxact");
+    rollback_while_waiting(&c, 1000, 3000, 3000, 100);
+}
+
+/// On `c` (node1 and node2 streaming): node2 writes `node2_rows` rows; node1 then, in one
+/// transaction, inserts `fresh` new rows (applied at once: no decision needed), updates
+/// node2's rows (from here on every change waits for the commit), inserts
+/// `rolled_back` rows in a savepoint that is rolled back after they were streamed, and
+/// `after` rows more. Exactly the committed rows must arrive, committed by node2's stream
+/// writer with no fallback.
+fn rollback_while_waiting(c: &Cluster, node2_rows: i64, fresh: i64, rolled_back: i64, after: i64) {
     let (a, b) = (c.node(0), c.node(1));
     b.connect_as("app")
-        .batch_execute("INSERT INTO t SELECT g, 'node2' FROM generate_series(1, 1000) g")
+        .batch_execute(&format!(
+            "INSERT INTO t SELECT g, 'node2' FROM generate_series(1, {node2_rows}) g"
+        ))
         .unwrap();
-    wait_for_catchup(&c);
+    wait_for_catchup(c);
     let before = stream_counts(b, "node1");
+    let pieces = pieces_streamed(a);
     let mut big = a.connect_as("app");
-    big.batch_execute(
+    big.batch_execute(&format!(
         "BEGIN; \
-         INSERT INTO t SELECT g, 'fresh' FROM generate_series(10001, 13000) g; \
-         UPDATE t SET v = 'node1 big' WHERE id <= 1000",
-    )
+         INSERT INTO t SELECT g, 'fresh' FROM generate_series(10001, {}) g; \
+         UPDATE t SET v = 'node1 big' WHERE id <= {node2_rows}; \
+         SAVEPOINT s; \
+         INSERT INTO t SELECT g, 'rolled back' FROM generate_series(20001, {}) g",
+        10_000 + fresh,
+        20_000 + rolled_back
+    ))
     .unwrap();
     wait_streamed(b, "node1", before.0 + 1);
-    let pieces = pieces_streamed(a);
-    big.batch_execute(
-        "SAVEPOINT s; \
-         INSERT INTO t SELECT g, 'rolled back' FROM generate_series(20001, 23000) g",
-    )
-    .unwrap();
-    // Pieces streamed after the savepoint began carry its rows (3,000 rows are several
-    // pieces at 64kB): they reach node2 before the rollback below.
-    wait_until("node1 to stream the savepoint's rows", CATCHUP, || {
+    // The transaction goes out in pieces as node1 decodes it (all but its last 64kB), so
+    // the savepoint's rows are streamed before the rollback's record is decoded.
+    wait_until("node1 to stream the transaction", CATCHUP, || {
         pieces_streamed(a) >= pieces + 3
     });
-    big.batch_execute(
+    big.batch_execute(&format!(
         "ROLLBACK TO SAVEPOINT s; \
-         INSERT INTO t SELECT g, 'after' FROM generate_series(30001, 30100) g; \
+         INSERT INTO t SELECT g, 'after' FROM generate_series(30001, {}) g; \
          COMMIT",
-    )
+        30_000 + after
+    ))
     .unwrap();
-    wait_for_catchup(&c);
+    wait_for_catchup(c);
+    for (v, n) in [
+        ("rolled back", 0),
+        ("node1 big", node2_rows),
+        ("fresh", fresh),
+        ("after", after),
+    ] {
+        assert_eq!(
+            count(b, &format!("SELECT count(*) FROM t WHERE v = '{v}'")),
+            n,
+            "rows '{v}' on node2"
+        );
+    }
     assert_eq!(
-        count(b, "SELECT count(*) FROM t WHERE v = 'rolled back'"),
-        0
+        count(b, "SELECT count(*) FROM t"),
+        node2_rows + fresh + after
     );
+    assert_same_everywhere(c, "t");
+    let now = stream_counts(b, "node1");
     assert_eq!(
-        count(b, "SELECT count(*) FROM t WHERE v = 'node1 big'"),
-        1000
-    );
-    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'fresh'"), 3000);
-    assert_eq!(count(b, "SELECT count(*) FROM t WHERE v = 'after'"), 100);
-    assert_eq!(count(b, "SELECT count(*) FROM t"), 4100);
-    assert_same_everywhere(&c, "t");
-    let after = stream_counts(b, "node1");
-    assert_eq!(
-        (after.1 - before.1, after.2 - before.2),
-        (after.0 - before.0, 0),
-        "committed by the stream writer, no fallback"
+        (now.1 - before.1, now.2 - before.2),
+        (now.0 - before.0, 0),
+        "committed by the stream writer, no fallback: {before:?} -> {now:?}\n{}",
+        b.log_tail(20)
     );
 }
 
@@ -596,56 +614,7 @@ fn changes_of_a_rolled_back_savepoint_stop_counting_towards_the_wait_limit() {
             .name("stream_wait_limit_subxact")
             .conf("bdr.stream_writer_wait_memory", &limit_kb.to_string()),
     );
-    let (a, b) = (c.node(0), c.node(1));
-    b.connect_as("app")
-        .batch_execute("INSERT INTO t SELECT g, 'node2' FROM generate_series(1, 100) g")
-        .unwrap();
-    wait_for_catchup(&c);
-    let before = stream_counts(b, "node1");
-    let pieces = pieces_streamed(a);
-    let mut big = a.connect_as("app");
-    // The first change meets node2's row: from here on every change waits for the commit.
-    big.batch_execute(&format!(
-        "BEGIN; UPDATE t SET v = 'node1 big' WHERE id <= 100; SAVEPOINT s; \
-         INSERT INTO t SELECT g, 'rolled back' FROM generate_series(20001, {}) g",
-        20_000 + N
-    ))
-    .unwrap();
-    wait_streamed(b, "node1", before.0 + 1);
-    // The savepoint's rows go out in pieces as node1 decodes them (all but the last
-    // 64kB), before the rollback's record: several pieces.
-    wait_until("node1 to stream the savepoint's rows", CATCHUP, || {
-        pieces_streamed(a) >= pieces + 3
-    });
-    big.batch_execute(&format!(
-        "ROLLBACK TO SAVEPOINT s; \
-         INSERT INTO t SELECT g, 'after' FROM generate_series(30001, {}) g; \
-         COMMIT",
-        30_000 + N
-    ))
-    .unwrap();
-    wait_for_catchup(&c);
-    assert_eq!(
-        count(b, "SELECT count(*) FROM t WHERE v = 'rolled back'"),
-        0
-    );
-    assert_eq!(
-        count(b, "SELECT count(*) FROM t WHERE v = 'node1 big'"),
-        100
-    );
-    assert_eq!(
-        count(b, "SELECT count(*) FROM t WHERE v = 'after'"),
-        N as i64
-    );
-    assert_same_everywhere(&c, "t");
-    let after = stream_counts(b, "node1");
-    assert_eq!(
-        (after.1 - before.1, after.2 - before.2),
-        (after.0 - before.0, 0),
-        "committed by the stream writer, no fallback (limit {limit_kb} kB, {one} bytes a \
-         row): {before:?} -> {after:?}\n{}",
-        b.log_tail(20)
-    );
+    rollback_while_waiting(&c, 100, 0, N as i64, N as i64);
 }
 
 #[test]
