@@ -306,11 +306,9 @@ impl Applier {
                     },
                 );
             }
-            Message::Insert(m) => self.change("INSERT", m.relation, |r, map| r.insert(map, &m.new)),
-            Message::Update(m) => self.change("UPDATE", m.relation, |r, map| {
-                r.update(map, m.old.as_ref(), &m.new)
-            }),
-            Message::Delete(m) => self.change("DELETE", m.relation, |r, map| r.delete(map, &m.old)),
+            m @ (Message::Insert(_) | Message::Update(_) | Message::Delete(_)) => {
+                self.row_change(&m)
+            }
             Message::Truncate(t) => self.truncate(&t),
             Message::Message(m) if m.prefix == bdr_core::ddl::DDL_PREFIX => self.ddl(&m.content),
             Message::Message(m) if m.prefix == bdr_core::wire::SYNC_COMMIT_PREFIX => {
@@ -373,28 +371,32 @@ impl Applier {
         if self.waits_for_commit {
             return Some(msg);
         }
+        if !matches!(
+            msg,
+            Message::Insert(_) | Message::Update(_) | Message::Delete(_)
+        ) {
+            raise(&ApplyError::Protocol(format!(
+                "{} as a change of a streamed transaction",
+                msg.kind_name()
+            )));
+        }
         if subxid != xid {
             self.enter_subtransaction(subxid);
         }
+        self.row_change(&msg);
+        self.waits_for_commit.then_some(msg)
+    }
+
+    /// Apply an INSERT, UPDATE or DELETE (any other message is ignored: callers pass only
+    /// those).
+    fn row_change(&mut self, msg: &Message) {
         match msg {
-            Message::Insert(m) => {
-                self.change("INSERT", m.relation, |r, map| r.insert(map, &m.new));
-                self.waits_for_commit.then_some(Message::Insert(m))
-            }
-            Message::Update(m) => {
-                self.change("UPDATE", m.relation, |r, map| {
-                    r.update(map, m.old.as_ref(), &m.new)
-                });
-                self.waits_for_commit.then_some(Message::Update(m))
-            }
-            Message::Delete(m) => {
-                self.change("DELETE", m.relation, |r, map| r.delete(map, &m.old));
-                self.waits_for_commit.then_some(Message::Delete(m))
-            }
-            m => raise(&ApplyError::Protocol(format!(
-                "{} as a change of a streamed transaction",
-                m.kind_name()
-            ))),
+            Message::Insert(m) => self.change("INSERT", m.relation, |r, map| r.insert(map, &m.new)),
+            Message::Update(m) => self.change("UPDATE", m.relation, |r, map| {
+                r.update(map, m.old.as_ref(), &m.new)
+            }),
+            Message::Delete(m) => self.change("DELETE", m.relation, |r, map| r.delete(map, &m.old)),
+            _ => {}
         }
     }
 

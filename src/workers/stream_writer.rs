@@ -137,9 +137,10 @@ impl Waiting {
         }
     }
 
+    /// Every waiting change, in order; nothing waits afterwards.
     fn take(&mut self) -> Vec<Message> {
-        self.bytes = 0;
-        std::mem::take(&mut self.changes)
+        std::mem::take(self)
+            .changes
             .into_iter()
             .map(|(_, m, _)| m)
             .collect()
