@@ -19,6 +19,7 @@ use crate::error::{raise, ApplyError};
 use crate::pg::memcxt::MemCxt;
 use crate::pg::{relcache, shmem, xact};
 use crate::write::RelMap;
+use bdr_core::idmap::IdMap;
 use bdr_core::stream::FlushTracker;
 use bdr_core::wire::{self, Message};
 use pgrx::pg_sys;
@@ -47,7 +48,7 @@ pub struct Applier {
     pub peer: std::rc::Rc<str>,
     /// The conflict stage, with its caches.
     resolver: Resolver,
-    rels: HashMap<u32, Bound>,
+    rels: IdMap<u32, Bound>,
     /// A change was applied since the last CommandCounterIncrement.
     pending_cci: bool,
     begin: Option<wire::Begin>,
@@ -105,7 +106,7 @@ impl Applier {
         Applier {
             resolver: Resolver::new(peer_name.clone(), peer.id, local),
             peer: peer_name,
-            rels: HashMap::new(),
+            rels: IdMap::default(),
             pending_cci: false,
             begin: None,
             changes: 0,

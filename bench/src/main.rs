@@ -24,8 +24,11 @@
 //!
 //! Subcommands: `keys` ([`keys`]), `profile [system]`, `profile-update [system]`,
 //! `profile-big [system]` and
-//! `profile-writer [system]`, `profile-live [system]` ([`profile`]).
+//! `profile-writer [system]`, `profile-live [system]` ([`profile`]);
+//! `count-insert [system]`, `count-update [system]`: instructions per applied transaction
+//! under callgrind ([`count`]).
 
+mod count;
 mod keys;
 mod procs;
 mod profile;
@@ -1029,6 +1032,8 @@ fn main() {
         Some("profile-writer") => return profile::profile_writer(sys_arg()),
         Some("profile-live") => return profile::profile_live(sys_arg()),
         Some("profile-decode") => return profile::profile_decode(),
+        Some("count-update") => return count::count(sys_arg(), count::Shape::Update),
+        Some("count-insert") => return count::count(sys_arg(), count::Shape::Insert),
         Some("mem") => return apply_memory(sys_arg()),
         _ => {}
     }

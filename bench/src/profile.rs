@@ -124,8 +124,22 @@ pub fn profile(sys: System) {
 /// replicated before the apply is held), then one marker INSERT into `small` committed
 /// last (apply is in commit order, so its arrival means every update is applied).
 pub fn profile_update(sys: System) {
-    let rows = (1_000_000.0 * scale()) as i64;
     let n = (100_000.0 * scale()) as i64;
+    let (c, rows) = update_setup(sys);
+    let (a, b) = (c.node(0), c.node(1));
+    hold(sys, b);
+    let updates = random_updates(a, n, rows);
+    let total: i64 = a.query_scalar("SELECT count(*) FROM small");
+    let what = format!("{updates} single-row UPDATE transactions (random rows of {rows})");
+    let name = format!("profile-update-{}.txt", sys.name());
+    profile_catch_up(sys, a, b, (total, updates), &what, &name);
+}
+
+/// A pair for workload 1b's shape: `big` loaded on A (1M rows at scale 1), replicated,
+/// then vacuumed and analyzed on B (as after autovacuum), so both systems start from the
+/// same state. Returns the cluster and the row count.
+pub(crate) fn update_setup(sys: System) -> (pg_test::Cluster, i64) {
+    let rows = (1_000_000.0 * scale()) as i64;
     let c = setup(sys, 2);
     let (a, b) = (c.node(0), c.node(1));
     a.execute(&format!(
@@ -143,7 +157,13 @@ pub fn profile_update(sys: System) {
                 round(reltuples / greatest(relpages, 1))) FROM pg_class WHERE relname = 'big'",
     );
     eprintln!("   B's table before the updates: {layout}");
-    hold(sys, b);
+    (c, rows)
+}
+
+/// Commit about `n` single-row UPDATE transactions of random rows of `big` (1..=`rows`) on
+/// `a` with 4 clients, then one marker INSERT into `small` (apply is in commit order: its
+/// arrival means every update is applied). Returns the number of updates.
+pub(crate) fn random_updates(a: &pg_test::Node, n: i64, rows: i64) -> i64 {
     pgbench_transactions(
         a,
         4,
@@ -151,11 +171,7 @@ pub fn profile_update(sys: System) {
         &format!("\\set id random(1, {rows})\nUPDATE big SET v = 'updated' WHERE id = :id;\n"),
     );
     a.execute("INSERT INTO small (v) VALUES (-1)");
-    let total: i64 = a.query_scalar("SELECT count(*) FROM small");
-    let updates = (n / 4) * 4;
-    let what = format!("{updates} single-row UPDATE transactions (random rows of {rows})");
-    let name = format!("profile-update-{}.txt", sys.name());
-    profile_catch_up(sys, a, b, (total, updates), &what, &name);
+    (n / 4) * 4
 }
 
 /// Release B's held apply, `perf record` its apply process until `small` has `committed`
@@ -566,7 +582,7 @@ pub fn profile_decode() {
 }
 
 /// Print a profile report and write it to `bench/results/<name>`.
-fn publish(name: &str, report: &str) {
+pub(crate) fn publish(name: &str, report: &str) {
     println!("{report}");
     let file = results_dir().join(name);
     std::fs::write(&file, report).unwrap();

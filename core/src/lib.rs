@@ -1,6 +1,7 @@
 pub mod conflict;
 pub mod ddl;
 pub mod dsn;
+pub mod idmap;
 pub mod join_copy;
 pub mod lag;
 pub mod names;

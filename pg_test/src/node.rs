@@ -247,7 +247,22 @@ impl Node {
 
     /// [`Node::try_start`] with extra environment variables (see [`Node::start_with_env`]).
     pub fn try_start_with_env(&self, env: &[(&str, &str)]) -> Result<(), String> {
+        self.try_start_as(env, None)
+    }
+
+    /// Start the server with `postgres` (passed to `pg_ctl -p`) run instead of the
+    /// installation's own: a wrapper that runs the real one under a tool (the benchmark's
+    /// instruction counts run it under valgrind). Panics if it does not come up.
+    pub fn start_with_postgres(&self, postgres: &Path) {
+        self.try_start_as(&[], Some(postgres))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn try_start_as(&self, env: &[(&str, &str)], postgres: Option<&Path>) -> Result<(), String> {
         let mut c = self.pg_ctl(&["-w", "-t", PG_CTL_TIMEOUT_SECS, "start"]);
+        if let Some(p) = postgres {
+            c.arg("-p").arg(p);
+        }
         c.envs(self.env.lock().unwrap().iter().map(|(k, v)| (k, v)));
         c.envs(env.iter().copied());
         c.arg("-l").arg(self.log_path());

@@ -39,10 +39,10 @@ use crate::catalog::tombstones;
 use crate::error::{raise, ApplyError};
 use crate::pg::{shmem, xact};
 use crate::write::{LazyKey, LocalRow, RelMap, Row, Target};
+use bdr_core::idmap::IdMap;
 use bdr_core::wire::{self, Value};
 use pgrx::pg_sys;
 use record::{Decided, Recorded};
-use std::collections::HashMap;
 
 /// Replace the found local row by the remote values (unsent and unchanged-TOAST columns
 /// keep the local ones, from `base`); returns the row written.
@@ -84,10 +84,10 @@ pub struct Resolver {
     local: String,
     peer_id: i64,
     local_id: i64,
-    origin_nodes: HashMap<u16, i64>,
+    origin_nodes: IdMap<u16, i64>,
     /// Whether a table has tombstones, valid while no tombstone is written anywhere on
     /// this server (`tombstone_epoch` unchanged).
-    has_tombstones: HashMap<pg_sys::Oid, bool>,
+    has_tombstones: IdMap<pg_sys::Oid, bool>,
     tombstone_epoch: u64,
     /// The tombstone epoch when the current change looked for its key (see
     /// [`Resolver::verify_no_new_tombstone`]).
@@ -112,8 +112,8 @@ impl Resolver {
             local: local.name.clone(),
             peer_id,
             local_id: local.id,
-            origin_nodes: HashMap::new(),
-            has_tombstones: HashMap::new(),
+            origin_nodes: IdMap::default(),
+            has_tombstones: IdMap::default(),
             tombstone_epoch: u64::MAX,
             decision_epoch: 0,
             txn: RemoteTxn::default(),

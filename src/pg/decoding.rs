@@ -55,6 +55,7 @@ use relations::{entry, not_utf8, put_row, row_values, Deformed, RelEntry, RelMap
 
 use crate::decode::{self, DecodeOptions, TxnFraming};
 use crate::error;
+use bdr_core::idmap::IdSet;
 use bdr_core::wire::{
     self, Begin, ChangeWriter, Commit, Delete, Insert, LogicalMessage, Message, OldRow, OriginInfo,
     ReplicaIdentity, StreamAbort, StreamChange, StreamCommit, StreamStart, Truncate, Update,
@@ -63,7 +64,6 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgList;
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
 use std::ffi::{c_char, c_int, CStr};
 
 /// Per-decoding-context state, owned by `ctx->output_plugin_private`.
@@ -89,7 +89,7 @@ struct State {
     /// whether its STREAM START was written.
     piece: Option<(u32, bool)>,
     /// Top-level transactions of which a piece was sent and that did not end yet.
-    streamed: HashSet<u32>,
+    streamed: IdSet<u32>,
 }
 
 #[derive(Default)]
@@ -215,7 +215,7 @@ unsafe extern "C-unwind" fn startup_cb(
             change_cxt,
             tag: None,
             piece: None,
-            streamed: HashSet::new(),
+            streamed: IdSet::default(),
         });
         (*ctx).output_plugin_private = Box::into_raw(st) as *mut std::ffi::c_void;
     }

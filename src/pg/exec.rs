@@ -64,10 +64,10 @@ pub mod keys;
 
 use crate::pg::owner::as_user;
 use crate::pg::tables::relation_name;
+use bdr_core::idmap::IdMap;
 use pgrx::pg_sys;
 use pgrx::{PgBox, PgList};
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::ffi::CString;
 use std::marker::PhantomData;
 
@@ -77,13 +77,15 @@ use std::marker::PhantomData;
 /// `slot` is a virtual slot with at least `row.len()` attributes.
 unsafe fn store_row(slot: *mut pg_sys::TupleTableSlot, row: &Row) {
     // SAFETY: the slot's value and null arrays have natts entries.
+    // The store is two field writes, made unguarded (it cannot raise); the clear is
+    // skipped for an empty slot (the usual case: `end_change` clears them all).
     unsafe {
-        pg_sys::ExecClearTuple(slot);
+        crate::pg::unguarded::clear_slot(slot);
         for (i, v) in row.iter().enumerate() {
             *(*slot).tts_values.add(i) = v.unwrap_or(pg_sys::Datum::from(0));
             *(*slot).tts_isnull.add(i) = v.is_none();
         }
-        pg_sys::ExecStoreVirtualTuple(slot);
+        crate::pg::unguarded::ExecStoreVirtualTuple(slot);
     }
 }
 
@@ -121,7 +123,7 @@ impl SlotPool {
 struct Defaults {
     econtext: *mut pg_sys::ExprContext,
     /// Per attribute index: its prepared DEFAULT, null when it has none.
-    exprs: HashMap<usize, *mut pg_sys::ExprState>,
+    exprs: IdMap<usize, *mut pg_sys::ExprState>,
 }
 
 /// A local table opened for writing, with its executor state, kept from one change to the
@@ -278,26 +280,39 @@ impl Target {
         if self.held != Some(lxid) {
             self.held = None;
             // SAFETY: references taken under the transaction's resource owner; each is
-            // released again before returning false, or at the transaction's end.
+            // released again before returning false, or at the transaction's end. The
+            // table and its indexes are opened under one guard (the closure holds only
+            // plain values); a mismatch is undone after it.
             unsafe {
-                let rel = pg_sys::table_open(self.relid, pg_sys::RowExclusiveLock as i32);
-                if rel != self.rel {
+                use crate::pg::unguarded::{guarded, raw};
+                let (relid, want_rel, rri) = (self.relid, self.rel, self.rri);
+                let indexes = self.indexes.as_slice();
+                let lock = pg_sys::RowExclusiveLock as i32;
+                let (rel, opened, wrong) = guarded(|| {
+                    let rel = raw::table_open(relid, lock);
+                    if rel != want_rel {
+                        return (rel, 0, std::ptr::null_mut());
+                    }
+                    for (i, &oid) in indexes.iter().enumerate() {
+                        let idx = raw::index_open(oid, lock);
+                        if idx != *(*rri).ri_IndexRelationDescs.add(i) {
+                            return (rel, i, idx);
+                        }
+                    }
+                    (rel, indexes.len(), std::ptr::null_mut())
+                });
+                if rel != self.rel || !wrong.is_null() {
+                    if !wrong.is_null() {
+                        pg_sys::index_close(wrong, pg_sys::NoLock as i32);
+                    }
+                    for k in 0..opened {
+                        pg_sys::index_close(
+                            *(*self.rri).ri_IndexRelationDescs.add(k),
+                            pg_sys::NoLock as i32,
+                        );
+                    }
                     pg_sys::table_close(rel, pg_sys::NoLock as i32);
                     return false;
-                }
-                for (i, &oid) in self.indexes.iter().enumerate() {
-                    let idx = pg_sys::index_open(oid, pg_sys::RowExclusiveLock as i32);
-                    if idx != *(*self.rri).ri_IndexRelationDescs.add(i) {
-                        pg_sys::index_close(idx, pg_sys::NoLock as i32);
-                        for k in 0..i {
-                            pg_sys::index_close(
-                                *(*self.rri).ri_IndexRelationDescs.add(k),
-                                pg_sys::NoLock as i32,
-                            );
-                        }
-                        pg_sys::table_close(rel, pg_sys::NoLock as i32);
-                        return false;
-                    }
                 }
             }
             self.held = Some(lxid);
@@ -346,11 +361,7 @@ impl Target {
             self.table_slots.release();
             // Every slot of the state, the executor's own too (BEFORE UPDATE triggers
             // fetch the old row into `ri_TrigOldSlot`): no buffer pin outlives the change.
-            for slot in
-                PgList::<pg_sys::TupleTableSlot>::from_pg((*self.estate).es_tupleTable).iter_ptr()
-            {
-                crate::pg::unguarded::clear_slot(slot);
-            }
+            crate::pg::unguarded::clear_slots((*self.estate).es_tupleTable);
             let per_tuple = (*self.estate).es_per_tuple_exprcontext;
             if !per_tuple.is_null() {
                 crate::pg::unguarded::reset_context((*per_tuple).ecxt_per_tuple_memory);
@@ -388,15 +399,17 @@ impl Target {
         if self.held.take() != Some(current_lxid()) {
             return;
         }
-        // SAFETY: the references this transaction took (build or begin_change).
+        // SAFETY: the references this transaction took (build or begin_change), given
+        // back under one guard (the closure holds only plain values).
         unsafe {
-            for i in 0..self.indexes.len() {
-                pg_sys::index_close(
-                    *(*self.rri).ri_IndexRelationDescs.add(i),
-                    pg_sys::NoLock as i32,
-                );
-            }
-            pg_sys::table_close(self.rel, pg_sys::NoLock as i32);
+            use crate::pg::unguarded::{guarded, raw};
+            let (rel, rri, n) = (self.rel, self.rri, self.indexes.len());
+            guarded(|| {
+                for i in 0..n {
+                    raw::index_close(*(*rri).ri_IndexRelationDescs.add(i), pg_sys::NoLock as i32);
+                }
+                raw::table_close(rel, pg_sys::NoLock as i32);
+            });
         }
     }
 
@@ -465,7 +478,7 @@ impl Target {
         // the current (per-change) memory context.
         let d = defaults.get_or_insert_with(|| Defaults {
             econtext: unsafe { pg_sys::CreateExprContext(self.estate) },
-            exprs: HashMap::new(),
+            exprs: IdMap::default(),
         });
         as_user(self.owner, || unsafe {
             for &i in attrs {

@@ -50,17 +50,30 @@ impl InputFn {
     /// # Preconditions
     /// Inside a transaction; errors are raised as PostgreSQL errors.
     pub fn call(&self, text: &str) -> pg_sys::Datum {
-        let c = CString::new(text)
-            .unwrap_or_else(|_| crate::error::raise(&crate::error::ApplyError::NulInText));
-        // SAFETY: flinfo was set up by fmgr_info_cxt; the string is NUL-terminated.
-        unsafe {
-            pg_sys::InputFunctionCall(
-                &*self.flinfo as *const _ as *mut _,
-                c.as_ptr() as *mut c_char,
-                self.typioparam,
-                self.typmod,
-            )
+        if text.as_bytes().contains(&0) {
+            crate::error::raise(&crate::error::ApplyError::NulInText);
         }
+        // The NUL-terminated copy goes into a buffer kept for the process, not a new
+        // allocation per value (two to three per applied row).
+        thread_local! {
+            static TEXT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        TEXT.with(|t| {
+            let mut t = t.borrow_mut();
+            t.clear();
+            t.extend_from_slice(text.as_bytes());
+            t.push(0);
+            // SAFETY: flinfo was set up by fmgr_info_cxt; the buffer is NUL-terminated
+            // with no NUL before (checked above); input functions copy what they keep.
+            unsafe {
+                pg_sys::InputFunctionCall(
+                    &*self.flinfo as *const _ as *mut _,
+                    t.as_mut_ptr() as *mut c_char,
+                    self.typioparam,
+                    self.typmod,
+                )
+            }
+        })
     }
 }
 

@@ -11,10 +11,14 @@ use std::ffi::{c_char, c_int, CString};
 
 /// Start a transaction with a snapshot, for catalog reads or applying a remote one.
 pub fn begin() {
-    // SAFETY: called outside any transaction (the apply loop's invariant).
+    // SAFETY: called outside any transaction (the apply loop's invariant); three calls
+    // under one guard (the closure holds nothing).
     unsafe {
-        pg_sys::StartTransactionCommand();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        use crate::pg::unguarded::{guarded, raw};
+        guarded(|| {
+            raw::StartTransactionCommand();
+            raw::PushActiveSnapshot(raw::GetTransactionSnapshot());
+        });
     }
 }
 
@@ -107,22 +111,29 @@ pub fn assign_xid() {
 
 /// Commit a plain (not replicated-from-anywhere) transaction.
 pub fn commit() {
-    // SAFETY: a transaction started by `begin` is open.
+    // SAFETY: a transaction started by `begin` is open; two calls under one guard.
     unsafe {
-        pg_sys::PopActiveSnapshot();
-        pg_sys::CommitTransactionCommand();
+        use crate::pg::unguarded::{guarded, raw};
+        guarded(|| {
+            raw::PopActiveSnapshot();
+            raw::CommitTransactionCommand();
+        });
     }
 }
 
 /// Commit the transaction that applied a remote one; returns the local commit record's
 /// end LSN (for flush tracking).
 pub fn commit_remote(remote_end_lsn: u64, remote_commit_time: i64) -> u64 {
-    // SAFETY: a transaction started by `begin` is open and this session has an origin.
+    // SAFETY: a transaction started by `begin` is open and this session has an origin;
+    // the two calls under one guard (the closure holds plain values only).
     unsafe {
-        pg_sys::PopActiveSnapshot();
-        pg_sys::replorigin_session_origin_lsn = remote_end_lsn;
-        pg_sys::replorigin_session_origin_timestamp = remote_commit_time;
-        pg_sys::CommitTransactionCommand();
+        use crate::pg::unguarded::{guarded, raw};
+        guarded(|| {
+            raw::PopActiveSnapshot();
+            pg_sys::replorigin_session_origin_lsn = remote_end_lsn;
+            pg_sys::replorigin_session_origin_timestamp = remote_commit_time;
+            raw::CommitTransactionCommand();
+        });
         pg_sys::replorigin_session_origin_lsn = 0;
         pg_sys::replorigin_session_origin_timestamp = 0;
         pg_sys::XactLastCommitEnd
@@ -302,8 +313,9 @@ pub fn flush_lsn() -> u64 {
 
 /// Current time, PostgreSQL epoch microseconds.
 pub fn now() -> i64 {
-    // SAFETY: no preconditions.
-    unsafe { pg_sys::GetCurrentTimestamp() }
+    // SAFETY: no preconditions; cannot raise (a clock read), so it goes unguarded: the
+    // receiver reads the clock several times per transaction.
+    unsafe { crate::pg::unguarded::GetCurrentTimestamp() }
 }
 
 /// This session's `deadlock_timeout`, in milliseconds.

@@ -95,6 +95,10 @@ fn lib_err(e: crate::pg::libpq::LibpqError) -> ! {
 /// How often an idle stream asks the walsender to confirm its position.
 const PING: Duration = Duration::from_secs(1);
 
+/// How often at most the receiver reads the shared pause flag while transactions keep
+/// coming (see [`Stream::pause_requested`]).
+const PAUSE_CHECK_EVERY: Duration = Duration::from_millis(5);
+
 /// One replication stream from a peer into the local apply stage.
 struct Stream {
     conn: Conn,
@@ -108,6 +112,8 @@ struct Stream {
     /// The write being read, while it has frames not yet returned by [`Stream::read`].
     batch: Option<Batch>,
     last_feedback: Instant,
+    /// [`Stream::maybe_feedback`] looks again from then on.
+    feedback_look: Instant,
     last_reported: (u64, u64),
     /// A transaction's first frame read while paused, applied first on resume.
     held: Option<Message>,
@@ -118,6 +124,14 @@ struct Stream {
     /// (at most every 100 ms from the data path: one lock per frame would cost apply).
     peer_lsn: u64,
     last_published: Instant,
+    /// When the last keepalive that found everything applied was published as
+    /// `caught_up_time` (at most every 100 ms: a walsender near the head of its WAL sends
+    /// a keepalive per transaction, and two exclusive locks each were ~1% of the apply
+    /// process; lag counts a confirmation as live for seconds).
+    last_caught_up: Instant,
+    /// When the pause flag was last read (at most every [`PAUSE_CHECK_EVERY`] while
+    /// transactions keep coming: a shared lock of the worker table per transaction).
+    pause_checked: Instant,
     /// When the peer last sent anything (data or keepalive).
     last_heard: Instant,
     /// The time at the top of this round of the main loop: what the data path's
@@ -231,7 +245,9 @@ impl Stream {
                         ..
                     } => {
                         self.received = self.received.max(end);
-                        self.heard(end, true);
+                        // Throttled as data is: a walsender near the head of its WAL
+                        // sends one per transaction. A reply request is published now.
+                        self.heard(end, reply_requested);
                         if !self.sink.busy() && self.held.is_none() {
                             self.sink.tracker().idle_at(end);
                             // Caught up with the peer's WAL as known (its position at
@@ -239,12 +255,17 @@ impl Stream {
                             // sent so far: while a backlog streams in, the worker is idle
                             // between transactions and keepalives carry the sent
                             // position, which would read as "no lag" throughout.
-                            if self.sink.tracker().applied_position() >= self.peer_lsn {
+                            if self.sink.tracker().applied_position() >= self.peer_lsn
+                                && self.now.saturating_duration_since(self.last_caught_up)
+                                    > Duration::from_millis(100)
+                            {
                                 shmem::update(self.slot, |s| s.caught_up_time = xact::now());
+                                self.last_caught_up = self.now;
                             }
                         }
                         if reply_requested {
                             self.last_feedback = Instant::now() - Duration::from_secs(10);
+                            self.feedback_look = self.now;
                         }
                         self.read()
                     }
@@ -273,6 +294,17 @@ impl Stream {
             CLOCK_AHEAD.with(|c| c.set(Some(c.get().map_or(ahead, |a| a.max(ahead)))));
         }
         (start, msg)
+    }
+
+    /// Whether a pause was asked for: the shared flag, read at most every
+    /// [`PAUSE_CHECK_EVERY`] (a pause takes effect between transactions that much later
+    /// at most).
+    fn pause_requested(&mut self) -> bool {
+        if self.now.saturating_duration_since(self.pause_checked) < PAUSE_CHECK_EVERY {
+            return false;
+        }
+        self.pause_checked = self.now;
+        shmem::pause_requested(self.slot)
     }
 
     /// Wait for the socket (or `timeout`); true on SIGTERM.
@@ -304,6 +336,12 @@ impl Stream {
     /// Feedback at most every 100 ms when there is news, and a ping every second while
     /// idle (at least every 10 s mid-transaction).
     fn maybe_feedback(&mut self) {
+        // Every threshold below is 100 ms or more: look at most once a millisecond (this
+        // runs for every message, and each look is a few clock subtractions).
+        if self.now < self.feedback_look {
+            return;
+        }
+        self.feedback_look = self.now + Duration::from_millis(1);
         // A transaction applying for more than 100 ms: show its commit time.
         let (t, since) = PENDING.with(|p| p.get());
         if t != 0
@@ -492,12 +530,15 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         received: progress,
         batch: None,
         last_feedback: Instant::now() - Duration::from_secs(10),
+        feedback_look: Instant::now(),
         last_reported: (0, 0),
         held: None,
         peer_dsn: peer_dsn.to_string(),
         probe: None,
         peer_lsn: 0,
         last_published: Instant::now(),
+        last_caught_up: Instant::now() - Duration::from_secs(1),
+        pause_checked: Instant::now() - Duration::from_secs(1),
         last_heard: Instant::now(),
         now: Instant::now(),
         begin_clock: None,
@@ -521,7 +562,7 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
             pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
             return;
         }
-        if !st.sink.in_transaction() && shmem::pause_requested(slot) {
+        if !st.sink.in_transaction() && st.pause_requested() {
             // Parallel apply: what was handed out commits before the pause holds.
             if let Sink::Many(d) = &mut st.sink {
                 if d.drain() {

@@ -33,12 +33,13 @@
 use crate::error::{raise, ApplyError};
 use crate::pg::mq::{Aborter, Group, Sent, MAX_IN_FLIGHT};
 use crate::pg::{relcache, shmem, xact};
+use bdr_core::idmap::IdMap;
 use bdr_core::parallel::{change_keys, Change, Ctl, Deps, TablePlan};
 use bdr_core::stream::FlushTracker;
 use bdr_core::wire::{self, Message};
 use pgrx::bgworkers::{BackgroundWorkerStatus, DynamicBackgroundWorker};
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// A writer's batch is sent when it passes this many bytes (else at COMMIT).
@@ -158,7 +159,7 @@ pub struct Dispatch {
     /// Highest transaction the current one already waits for.
     waited: u64,
     deps: Deps,
-    rels: HashMap<u32, Rel>,
+    rels: IdMap<u32, Rel>,
     pub tracker: FlushTracker,
     seen_committed: u64,
     pub last_commit_time: i64,
@@ -208,7 +209,7 @@ impl Dispatch {
             current: None,
             waited: 0,
             deps: Deps::default(),
-            rels: HashMap::new(),
+            rels: IdMap::default(),
             tracker: FlushTracker::new(progress),
             seen_committed: 0,
             last_commit_time: 0,

@@ -14,33 +14,13 @@
 use super::{cstring, raw, State, CACHE_CXT, INVALIDATED, INVALIDATED_ANY};
 use crate::decode::{self, RelFacts};
 use crate::error::{self, DecodeError};
+use bdr_core::idmap::IdMap;
 use bdr_core::wire::{self, ChangeWriter, Column, ReplicaIdentity, Value};
 use pgrx::pg_sys;
-use std::collections::HashMap;
 use std::ffi::{c_int, CStr};
-use std::hash::{BuildHasherDefault, Hasher};
-
-/// Hashes an OID (`Oid` hashes as one `u32`) with one multiplication: the relation
-/// cache is looked up at every change, and SipHash showed in the decode profile.
-#[derive(Default)]
-pub(super) struct OidHasher(u64);
-
-impl Hasher for OidHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
 
 /// The per-stream relation cache.
-pub(super) type RelMap = HashMap<pg_sys::Oid, RelEntry, BuildHasherDefault<OidHasher>>;
+pub(super) type RelMap = IdMap<pg_sys::Oid, RelEntry>;
 
 /// `heap_deform_tuple`'s output arrays, kept across changes (sized to the widest
 /// relation seen).

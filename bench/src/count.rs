@@ -1,0 +1,217 @@
+//! `bdr-bench count-update [system]` and `count-insert [system]`: the instructions B's
+//! apply process executes per applied transaction, counted by valgrind's callgrind.
+//!
+//! Why: CPU time per transaction moves by ±5–10% between runs on this shared 2-core
+//! machine, so a change worth 2% in the apply path cannot be seen with `perf` or
+//! `/proc` times. An instruction count is the same from run to run to well under 1%.
+//! It is a proxy, not the criterion: it leaves out the kernel (system calls) and the
+//! cost of cache misses, which the timed workloads in `make bench` still measure.
+//!
+//! How: the pair is set up as for workload 1 (`count-insert`) or 1b (`count-update`),
+//! then B is restarted with its postgres run under `valgrind --tool=callgrind
+//! --dump-before=ProcessConfigFile`, so that every server process writes its counts and
+//! starts again from zero whenever it reloads its configuration. With B's apply process
+//! caught up and idle, `pg_reload_conf()` on B starts the count; A commits the
+//! transactions; once B has the last one, a second `pg_reload_conf()` ends it. The
+//! apply process's dump between the two reloads holds exactly the catch-up (plus a few
+//! idle wake-ups). The report goes to `bench/results/count-<shape>-<system>.txt` with
+//! `callgrind_annotate`'s self and inclusive listings.
+
+use crate::profile::{publish, random_updates, update_setup};
+use crate::{apply_pid, pgbench_transactions, scale, setup, System};
+use pg_test::{wait_until, Node};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// What the counted transactions are.
+#[derive(Clone, Copy)]
+pub enum Shape {
+    /// Single-row INSERTs into `small` (workload 1).
+    Insert,
+    /// Single-row UPDATEs of random rows of `big` (workload 1b).
+    Update,
+}
+
+/// `bdr-bench count-insert|count-update [system]`.
+pub fn count(sys: System, shape: Shape) {
+    // Under callgrind the apply process runs ~50 times slower: a tenth of the profile's
+    // transactions still gives a count per transaction that does not move.
+    let n = (10_000.0 * scale()) as i64;
+    let (c, rows) = match shape {
+        Shape::Update => update_setup(sys),
+        Shape::Insert => (setup(sys, 2), 0),
+    };
+    let (a, b) = (c.node(0), c.node(1));
+    let dir = std::env::temp_dir().join(format!("bdr-callgrind-{}", sys.name()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let wrapper = dir.join("postgres");
+    let real = pg_test::sys::pg_bindir().join("postgres");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec valgrind --tool=callgrind --quiet \
+             --dump-before=ProcessConfigFile --callgrind-out-file={}/cg.%p {} \"$@\"\n",
+            dir.display(),
+            real.display()
+        ),
+    )
+    .unwrap();
+    let chown = |p: &Path| {
+        if pg_test::sys::is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(p)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "chown postgres {}", p.display());
+        }
+    };
+    let ok = Command::new("chmod")
+        .arg("755")
+        .arg(&wrapper)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "chmod {}", wrapper.display());
+    chown(&dir);
+    b.stop();
+    b.start_with_postgres(&wrapper);
+    // B's apply process is up and caught up once a row committed on A now is on B.
+    let marker = |label: &str| {
+        a.execute("INSERT INTO small (v) VALUES (-2)");
+        let want: i64 = a.query_scalar("SELECT count(*) FROM small");
+        wait_until(label, Duration::from_secs(600), || {
+            b.query_scalar::<i64>("SELECT count(*) FROM small") >= want
+        });
+    };
+    marker("B's apply process, under valgrind, caught up");
+    let pid = apply_pid(sys, b).expect("B's apply process");
+    let first = reload_and_dump(b, &dir, pid, 0);
+    // Workload 1's regime by default: the transactions are committed while B's apply
+    // waits on a lock of the table, then applied as a backlog (the peer's walsender
+    // reads WAL that is all there). `BENCH_COUNT_LIVE=1`: B follows A as A commits (a
+    // walsender at the head of its WAL sends a keepalive per transaction).
+    let live = std::env::var("BENCH_COUNT_LIVE").is_ok_and(|v| v == "1");
+    let table = match shape {
+        Shape::Update => "big",
+        Shape::Insert => "small",
+    };
+    let mut lock = b.connect();
+    if !live {
+        lock.batch_execute(&format!("BEGIN; LOCK TABLE {table} IN SHARE MODE"))
+            .unwrap();
+    }
+    let txns = match shape {
+        Shape::Update => random_updates(a, n, rows),
+        Shape::Insert => {
+            pgbench_transactions(a, 4, n, "INSERT INTO small (v) VALUES (1);\n");
+            (n / 4) * 4
+        }
+    };
+    if !live {
+        lock.batch_execute("COMMIT").unwrap();
+    }
+    drop(lock);
+    marker("the catch-up under valgrind");
+    assert_eq!(
+        apply_pid(sys, b),
+        Some(pid),
+        "B's apply process restarted during the count"
+    );
+    let dump = reload_and_dump(b, &dir, pid, first);
+    let text = std::fs::read_to_string(dump_path(&dir, pid, dump)).unwrap();
+    let total = totals(&text);
+    let per = total as f64 / txns as f64;
+    // callgrind_annotate's percentages are of the dump's `summary:`, which after a
+    // `--dump-before` counts only part of the dump; every figure here is recomputed from
+    // `totals:`. The frames that were on the stack when the count began are listed with
+    // the whole count even as self cost: in the self listing they are left out.
+    let annotate = |inclusive: bool, lines: usize| {
+        let out = Command::new("callgrind_annotate")
+            .args([
+                "--threshold=100",
+                &format!("--inclusive={}", if inclusive { "yes" } else { "no" }),
+            ])
+            .arg(dump_path(&dir, pid, dump))
+            .output()
+            .expect("callgrind_annotate (install valgrind)");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip_while(|l| !l.contains("file:function"))
+            .skip(2)
+            .filter_map(|l| {
+                let (count, rest) = l.trim_start().split_once(' ')?;
+                let count: u64 = count.replace(',', "").parse().ok()?;
+                let name = rest.split_once(")  ").map_or(rest, |(_, n)| n);
+                let name = name.split_once(':').map_or(name, |(_, f)| f);
+                (inclusive || (count as f64) < 0.99 * total as f64).then(|| {
+                    format!(
+                        "{:>9.0} {:>6.2}%  {name}",
+                        count as f64 / txns as f64,
+                        100.0 * count as f64 / total as f64
+                    )
+                })
+            })
+            .take(lines)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let what = match shape {
+        Shape::Update => format!("{txns} single-row UPDATE transactions (random rows of {rows})"),
+        Shape::Insert => format!("{txns} single-row INSERT transactions"),
+    };
+    let out = format!(
+        "{} apply process, {what}, {}, counted by callgrind (user-space instructions; \
+         the kernel is not counted):\n\n{per:.0} instructions per transaction ({total} in all, plus \
+         two marker INSERTs)\n\nself, by function (instructions per transaction, share of \
+         all):\n\n{}\n\ninclusive (callees included):\n\n{}\n",
+        sys.name(),
+        if live {
+            "applied live (BENCH_COUNT_LIVE=1)"
+        } else {
+            "applied as a backlog"
+        },
+        annotate(false, 45),
+        annotate(true, 70)
+    );
+    let name = match shape {
+        Shape::Update => "update",
+        Shape::Insert => "insert",
+    };
+    let live = if live { "-live" } else { "" };
+    publish(&format!("count-{name}{live}-{}.txt", sys.name()), &out);
+}
+
+fn dump_path(dir: &Path, pid: i32, k: u32) -> PathBuf {
+    dir.join(format!("cg.{pid}.{k}"))
+}
+
+/// Ask B to reload its configuration and wait until process `pid` has written the dump
+/// after `last` (callgrind numbers them 1, 2, ...); returns its number.
+fn reload_and_dump(b: &Node, dir: &Path, pid: i32, last: u32) -> u32 {
+    // A dump from an earlier reload (the server's own, at start) is the first one counted.
+    let mut k = last;
+    while dump_path(dir, pid, k + 1).exists() {
+        k += 1;
+    }
+    b.execute("SELECT pg_reload_conf()");
+    let next = k + 1;
+    wait_until(
+        "the apply process's callgrind dump",
+        Duration::from_secs(120),
+        || {
+            std::fs::read_to_string(dump_path(dir, pid, next))
+                .is_ok_and(|t| t.lines().any(|l| l.starts_with("totals:")))
+        },
+    );
+    next
+}
+
+/// The `totals:` line of a callgrind dump (instructions, the only event counted).
+fn totals(text: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix("totals:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("a totals: line in the callgrind dump")
+}
