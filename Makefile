@@ -6,6 +6,7 @@
 #   make package   Debian package of the release build (target/debian/postgresql-15-bdr_*.deb)
 #   make bench     benchmarks against native logical replication and pglogical
 #   make bench-profile  perf profiles of the bdr and native apply processes
+#   make bench-count    instructions per applied transaction (callgrind), bdr and native
 #   make bench-keys     ids/s of bdr.snowflake_nextval vs nextval on one node
 #   make lint      rustfmt, clippy, shellcheck, and the tests of the scripts
 #   make test-bare BARE=demo|ci   the README's commands on a bare Debian 12 (debootstrap, root)
@@ -24,7 +25,7 @@ TEST_THREADS ?= 2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo --sudo)
 
 .PHONY: all bootstrap build install install-debug package test-package test-bare test test-unit test-pg test-cluster demo demo-stop \
-        bench bench-profile bench-keys soak fmt lint shellcheck test-scripts test-alerts clean
+        bench bench-profile bench-count bench-keys soak fmt lint shellcheck test-scripts test-alerts clean
 
 all: build
 
@@ -102,6 +103,10 @@ bench: bootstrap
 bench-profile: bootstrap
 	@bash scripts/bootstrap.sh --bench
 	@bash bench/run.sh profile
+
+bench-count: bootstrap
+	@bash scripts/bootstrap.sh --bench
+	@bash bench/run.sh count
 
 bench-keys: bootstrap
 	@bash bench/run.sh keys

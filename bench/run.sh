@@ -49,6 +49,16 @@ case "${1:-}" in
       cargo run --release -q -p bdr-bench -- profile-big "$sys"
     done
     ;;
+  count)
+    # make bench-count: instructions per applied transaction (callgrind), small UPDATEs and
+    # INSERTs, bdr and native: a figure that does not move between runs.
+    for shape in update insert; do
+      for sys in bdr native; do
+        echo "==> counting the $sys apply process's instructions per $shape (BENCH_SCALE=${BENCH_SCALE:-1})"
+        cargo run --release -q -p bdr-bench -- "count-$shape" "$sys" | sed -n 1,3p
+      done
+    done
+    ;;
   profile-decode)
     # Workload 5: the backend peeking the same WAL through bdr's plugin and pgoutput.
     echo "==> profiling decoding via the SQL functions, bdr and pgoutput (BENCH_SCALE=${BENCH_SCALE:-1})"

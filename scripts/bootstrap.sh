@@ -54,7 +54,7 @@ as_root() { if [ -n "$SUDO" ]; then run "$SUDO" "$@"; else run "$@"; fi; }
 step "Debian packages: checking what is installed"
 pkgs=("postgresql-$PG_MAJOR" "postgresql-server-dev-$PG_MAJOR" "postgresql-client-$PG_MAJOR"
       libpq-dev libclang-dev clang pkg-config sudo util-linux shellcheck faketime)
-[ "$WANT_BENCH" = 1 ] && pkgs+=("postgresql-$PG_MAJOR-pglogical" linux-perf)
+[ "$WANT_BENCH" = 1 ] && pkgs+=("postgresql-$PG_MAJOR-pglogical" linux-perf valgrind)
 
 # dpkg-query exits 1 for a package it has never heard of: that means "not installed".
 installed_version() { { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null || true; } | awk '$3=="installed"{print $4}'; }

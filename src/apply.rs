@@ -735,7 +735,8 @@ impl Applier {
         // The tables opened by this transaction's changes are released before it ends.
         self.end_table_references();
         self.touched.clear();
-        let origin: String = self.origin_node().into();
+        // The node a replicated schema change came from (allocated only then).
+        let ddl_origin = self.ddl_applied.then(|| self.origin_node().to_string());
         let local_end = if self.parallel {
             xact::commit_remote_turn(origin_lsn, c.commit_time)
         } else {
@@ -747,7 +748,8 @@ impl Applier {
         self.counts.commits += 1;
         self.begin = None;
         self.forwarded = None;
-        if std::mem::take(&mut self.ddl_applied) {
+        self.ddl_applied = false;
+        if let Some(origin) = ddl_origin {
             crate::ddl::applied_from(&origin);
         }
         xact::set_context(None);

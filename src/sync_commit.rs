@@ -51,13 +51,14 @@ pub fn install() {
 }
 
 fn pre_commit() {
-    let wanted = SYNCHRONOUS_COMMIT_PEERS.get().max(0) as usize;
     WANTED.with(|w| w.set(0));
     // Read-only transactions (the one that asks bdr.last_synchronous_commit(), say)
-    // leave the last outcome alone.
+    // leave the last outcome alone. The setting is read after these checks: the apply
+    // processes commit here too, once per applied transaction.
     if !syncrep::is_client_backend() || !syncrep::has_xid() {
         return;
     }
+    let wanted = SYNCHRONOUS_COMMIT_PEERS.get().max(0) as usize;
     if wanted == 0 {
         LAST.with(|l| l.set((Outcome::NotRequested, 0, 0, Duration::ZERO)));
         return;

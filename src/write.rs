@@ -242,7 +242,7 @@ impl RelMap {
         }
         let mut row: Row = match base {
             Some(b) => b.clone(),
-            None => vec![None; self.natts],
+            None => smallvec::smallvec![None; self.natts],
         };
         for (ri, v) in values.iter().enumerate() {
             let Some(li) = self.local_of[ri] else {
@@ -299,7 +299,7 @@ impl RelMap {
             });
         }
         owner::as_user(self.rights.owner, || {
-            let mut row = vec![None; self.natts];
+            let mut row: Row = smallvec::smallvec![None; self.natts];
             for (k, &ri) in values.zip(&self.key) {
                 let li = self.local_of[ri].ok_or_else(|| self.missing_column(ri))?;
                 row[li] = match k {

@@ -162,12 +162,20 @@ pub(crate) fn update_setup(sys: System) -> (pg_test::Cluster, i64) {
 
 /// Commit about `n` single-row UPDATE transactions of random rows of `big` (1..=`rows`) on
 /// `a` with 4 clients, then one marker INSERT into `small` (apply is in commit order: its
-/// arrival means every update is applied). Returns the number of updates.
+/// arrival means every update is applied). The random ids are the same from run to run
+/// and system to system (a fixed seed). Returns the number of updates.
 pub(crate) fn random_updates(a: &pg_test::Node, n: i64, rows: i64) -> i64 {
-    pgbench_transactions(
+    crate::pgbench(
         a,
-        4,
-        n,
+        &[
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-t",
+            &(n / 4).to_string(),
+            "--random-seed=1",
+        ],
         &format!("\\set id random(1, {rows})\nUPDATE big SET v = 'updated' WHERE id = :id;\n"),
     );
     a.execute("INSERT INTO small (v) VALUES (-1)");

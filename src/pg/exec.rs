@@ -182,7 +182,9 @@ unsafe fn fires_in_replica(trigdesc: *const pg_sys::TriggerDesc) -> bool {
 }
 
 /// Values for every attribute of the table (index = attnum - 1); `None` is NULL.
-pub type Row = Vec<Option<pg_sys::Datum>>;
+/// The datums (NULL as `None`), one per attribute; inline up to 8 attributes (a
+/// few are built per applied change: no allocation for the common narrow table).
+pub type Row = smallvec::SmallVec<[Option<pg_sys::Datum>; 8]>;
 
 /// This backend's local transaction id (tells one transaction from the next).
 fn current_lxid() -> u32 {
@@ -839,6 +841,6 @@ pub fn lock_by_oid_and_text(
     let text_datum = unsafe { pg_sys::Datum::from(pg_sys::cstring_to_text(t.as_ptr())) };
     lock_by_identity(
         relid,
-        &vec![Some(pg_sys::Datum::from(oid)), Some(text_datum)],
+        &smallvec::smallvec![Some(pg_sys::Datum::from(oid)), Some(text_datum)],
     )
 }

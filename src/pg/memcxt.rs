@@ -64,7 +64,7 @@ impl Drop for Scope<'_> {
         // after it (the writes it made are closed before the scope ends).
         unsafe {
             pg_sys::MemoryContextSwitchTo(self.previous);
-            pg_sys::MemoryContextReset(self.cxt.0);
+            crate::pg::unguarded::reset_context(self.cxt.0);
         }
     }
 }

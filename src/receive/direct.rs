@@ -376,7 +376,7 @@ impl Stream {
                     c.commit_time,
                     self.peer_lsn,
                 );
-                self.last_published = self.now;
+                self.published();
                 super::progress::publish_progress(self.slot);
                 false
             }

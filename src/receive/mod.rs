@@ -122,16 +122,22 @@ struct Stream {
     probe: Option<(Conn, Instant)>,
     /// Highest peer position heard, and when it was last published to shared memory
     /// (at most every 100 ms from the data path: one lock per frame would cost apply).
+    /// (The throttles of the data path keep the instant they are next due rather than
+    /// the last one: a comparison instead of a clock subtraction per message.)
     peer_lsn: u64,
-    last_published: Instant,
-    /// When the last keepalive that found everything applied was published as
-    /// `caught_up_time` (at most every 100 ms: a walsender near the head of its WAL sends
-    /// a keepalive per transaction, and two exclusive locks each were ~1% of the apply
-    /// process; lag counts a confirmation as live for seconds).
-    last_caught_up: Instant,
-    /// When the pause flag was last read (at most every [`PAUSE_CHECK_EVERY`] while
+    /// Publication to shared memory is next due then: of the peer's position
+    /// ([`Stream::heard`], 100 ms) and of committed transactions' progress
+    /// ([`progress::PUBLISH_EVERY`]); both set by [`Stream::published`].
+    publish_heard_at: Instant,
+    publish_progress_at: Instant,
+    /// A keepalive that finds everything applied is next published as `caught_up_time`
+    /// then (at most every 100 ms: a walsender near the head of its WAL sends a keepalive
+    /// per transaction, and two exclusive locks each were ~1% of the apply process; lag
+    /// counts a confirmation as live for seconds).
+    caught_up_at: Instant,
+    /// The pause flag is next read then (at most every [`PAUSE_CHECK_EVERY`] while
     /// transactions keep coming: a shared lock of the worker table per transaction).
-    pause_checked: Instant,
+    pause_check_at: Instant,
     /// When the peer last sent anything (data or keepalive).
     last_heard: Instant,
     /// The time at the top of this round of the main loop: what the data path's
@@ -191,16 +197,21 @@ impl Stream {
     /// `peer_lsn`: note it and the time.
     fn heard(&mut self, peer_lsn: u64, publish_now: bool) {
         self.peer_lsn = self.peer_lsn.max(peer_lsn);
-        if publish_now
-            || self.now.saturating_duration_since(self.last_published) > Duration::from_millis(100)
-        {
+        if publish_now || self.now > self.publish_heard_at {
             let lsn = self.peer_lsn;
             shmem::update(self.slot, |s| {
                 s.peer_lsn = s.peer_lsn.max(lsn);
                 s.last_contact_time = xact::now();
             });
-            self.last_published = self.now;
+            self.published();
         }
+    }
+
+    /// Progress was published to shared memory now: the next publication is due 100 ms
+    /// from now for the peer's position, [`progress::PUBLISH_EVERY`] for the rest.
+    fn published(&mut self) {
+        self.publish_heard_at = self.now + Duration::from_millis(100);
+        self.publish_progress_at = self.now + progress::PUBLISH_EVERY;
     }
 
     /// Read one message without blocking. Data frames are returned; keepalives are
@@ -256,11 +267,10 @@ impl Stream {
                             // between transactions and keepalives carry the sent
                             // position, which would read as "no lag" throughout.
                             if self.sink.tracker().applied_position() >= self.peer_lsn
-                                && self.now.saturating_duration_since(self.last_caught_up)
-                                    > Duration::from_millis(100)
+                                && self.now > self.caught_up_at
                             {
                                 shmem::update(self.slot, |s| s.caught_up_time = xact::now());
-                                self.last_caught_up = self.now;
+                                self.caught_up_at = self.now + Duration::from_millis(100);
                             }
                         }
                         if reply_requested {
@@ -300,10 +310,10 @@ impl Stream {
     /// [`PAUSE_CHECK_EVERY`] (a pause takes effect between transactions that much later
     /// at most).
     fn pause_requested(&mut self) -> bool {
-        if self.now.saturating_duration_since(self.pause_checked) < PAUSE_CHECK_EVERY {
+        if self.now < self.pause_check_at {
             return false;
         }
-        self.pause_checked = self.now;
+        self.pause_check_at = self.now + PAUSE_CHECK_EVERY;
         shmem::pause_requested(self.slot)
     }
 
@@ -430,10 +440,8 @@ impl Stream {
         }
         PENDING.with(|p| p.set((0, None)));
         progress::note_commit(&counts, conflicts, received, applied, t, self.peer_lsn);
-        if ack_now
-            || self.now.saturating_duration_since(self.last_published) >= progress::PUBLISH_EVERY
-        {
-            self.last_published = self.now;
+        if ack_now || self.now >= self.publish_progress_at {
+            self.published();
             publish_progress(self.slot);
         }
         if let Some(x) = committed {
@@ -536,9 +544,10 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         peer_dsn: peer_dsn.to_string(),
         probe: None,
         peer_lsn: 0,
-        last_published: Instant::now(),
-        last_caught_up: Instant::now() - Duration::from_secs(1),
-        pause_checked: Instant::now() - Duration::from_secs(1),
+        publish_heard_at: Instant::now(),
+        publish_progress_at: Instant::now(),
+        caught_up_at: Instant::now(),
+        pause_check_at: Instant::now(),
         last_heard: Instant::now(),
         now: Instant::now(),
         begin_clock: None,

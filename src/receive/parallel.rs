@@ -118,11 +118,8 @@ impl super::Stream {
                 t,
                 self.peer_lsn,
             );
-            if ack
-                || self.now.saturating_duration_since(self.last_published)
-                    >= super::progress::PUBLISH_EVERY
-            {
-                self.last_published = self.now;
+            if ack || self.now >= self.publish_progress_at {
+                self.published();
                 super::progress::publish_progress(self.slot);
             }
         }
