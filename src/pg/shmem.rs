@@ -307,13 +307,18 @@ pub fn tombstone_state() -> (u64, u32) {
     (v >> WRITER_BITS, (v & WRITER_MASK) as u32)
 }
 
-/// Whether apply from slot `i` should pause (a cheap read of one field).
+/// Whether apply from slot `i` should pause: one field read without the lock (the apply
+/// loop asks at every transaction boundary). `bdr.apply_pause` sets it under the lock and
+/// then wakes the worker, so a request is seen at the next boundary.
 pub fn pause_requested(i: usize) -> bool {
-    WORKERS.share().slots[i].pause_requested
+    // SAFETY: a bool, written whole under the lock; a value from just before a
+    // concurrent request only delays the pause to the next boundary.
+    unsafe { WORKERS.peek(|w| &raw const (*w).slots[i].pause_requested) }
 }
 
 // SAFETY: the name is unique to this extension; plain old data with no pointers, valid
-// zeroed (`Kind::Free` and `State::Starting` are 0); every access goes through the LWLock.
+// zeroed (`Kind::Free` and `State::Starting` are 0); every access goes through the LWLock
+// but `pause_requested`'s read (`ShmemLock::peek`).
 pub static WORKERS: ShmemLock<Workers> = unsafe { ShmemLock::new(c"bdr_workers") };
 
 impl Workers {

@@ -95,10 +95,6 @@ fn lib_err(e: crate::pg::libpq::LibpqError) -> ! {
 /// How often an idle stream asks the walsender to confirm its position.
 const PING: Duration = Duration::from_secs(1);
 
-/// How often at most the receiver reads the shared pause flag while transactions keep
-/// coming (see [`Stream::pause_requested`]).
-const PAUSE_CHECK_EVERY: Duration = Duration::from_millis(5);
-
 /// One replication stream from a peer into the local apply stage.
 struct Stream {
     conn: Conn,
@@ -135,9 +131,6 @@ struct Stream {
     /// per transaction, and two exclusive locks each were ~1% of the apply process; lag
     /// counts a confirmation as live for seconds).
     caught_up_at: Instant,
-    /// The pause flag is next read then (at most every [`PAUSE_CHECK_EVERY`] while
-    /// transactions keep coming: a shared lock of the worker table per transaction).
-    pause_check_at: Instant,
     /// When the peer last sent anything (data or keepalive).
     last_heard: Instant,
     /// The time at the top of this round of the main loop: what the data path's
@@ -304,17 +297,6 @@ impl Stream {
             CLOCK_AHEAD.with(|c| c.set(Some(c.get().map_or(ahead, |a| a.max(ahead)))));
         }
         (start, msg)
-    }
-
-    /// Whether a pause was asked for: the shared flag, read at most every
-    /// [`PAUSE_CHECK_EVERY`] (a pause takes effect between transactions that much later
-    /// at most).
-    fn pause_requested(&mut self) -> bool {
-        if self.now < self.pause_check_at {
-            return false;
-        }
-        self.pause_check_at = self.now + PAUSE_CHECK_EVERY;
-        shmem::pause_requested(self.slot)
     }
 
     /// Wait for the socket (or `timeout`); true on SIGTERM.
@@ -547,7 +529,6 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         publish_heard_at: Instant::now(),
         publish_progress_at: Instant::now(),
         caught_up_at: Instant::now(),
-        pause_check_at: Instant::now(),
         last_heard: Instant::now(),
         now: Instant::now(),
         begin_clock: None,
@@ -571,7 +552,7 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
             pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
             return;
         }
-        if !st.sink.in_transaction() && st.pause_requested() {
+        if !st.sink.in_transaction() && shmem::pause_requested(slot) {
             // Parallel apply: what was handed out commits before the pause holds.
             if let Sink::Many(d) = &mut st.sink {
                 if d.drain() {
