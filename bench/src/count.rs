@@ -43,40 +43,7 @@ pub fn count(sys: System, shape: Shape) {
         Shape::Insert => (setup(sys, 2), 0),
     };
     let (a, b) = (c.node(0), c.node(1));
-    let dir = std::env::temp_dir().join(format!("bdr-callgrind-{}", sys.name()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let wrapper = dir.join("postgres");
-    let real = pg_test::sys::pg_bindir().join("postgres");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec valgrind --tool=callgrind --quiet \
-             --dump-before=ProcessConfigFile --callgrind-out-file={}/cg.%p {} \"$@\"\n",
-            dir.display(),
-            real.display()
-        ),
-    )
-    .unwrap();
-    let chown = |p: &Path| {
-        if pg_test::sys::is_root() {
-            let ok = Command::new("chown")
-                .args(["-R", "postgres"])
-                .arg(p)
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "chown postgres {}", p.display());
-        }
-    };
-    let ok = Command::new("chmod")
-        .arg("755")
-        .arg(&wrapper)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "chmod {}", wrapper.display());
-    chown(&dir);
-    b.stop();
-    b.start_with_postgres(&wrapper);
+    let dir = restart_under_callgrind(sys, b);
     // B's apply process is up and caught up once a row committed on A now is on B.
     let marker = |label: &str| {
         a.execute("INSERT INTO small (v) VALUES (-2)");
@@ -123,6 +90,11 @@ pub fn count(sys: System, shape: Shape) {
     let text = std::fs::read_to_string(dump_path(&dir, pid, dump)).unwrap();
     let total = totals(&text);
     let per = total as f64 / txns as f64;
+    let all_events = events(&text)
+        .iter()
+        .map(|(name, n)| format!("{name} {:.0}", *n as f64 / txns as f64))
+        .collect::<Vec<_>>()
+        .join(", ");
     // callgrind_annotate's percentages are of the dump's `summary:`, which after a
     // `--dump-before` counts only part of the dump; every figure here is recomputed from
     // `totals:`. The frames that were on the stack when the count began are listed with
@@ -164,7 +136,7 @@ pub fn count(sys: System, shape: Shape) {
     let out = format!(
         "{} apply process, {what}, {}, counted by callgrind (user-space instructions; \
          the kernel is not counted):\n\n{per:.0} instructions per transaction ({total} in all, plus \
-         two marker INSERTs)\n\nself, by function (instructions per transaction, share of \
+         two marker INSERTs)\nevery event per transaction: {all_events}\n\nself, by function (instructions per transaction, share of \
          all):\n\n{}\n\ninclusive (callees included):\n\n{}\n",
         sys.name(),
         if live {
@@ -181,6 +153,136 @@ pub fn count(sys: System, shape: Shape) {
     };
     let live = if live { "-live" } else { "" };
     publish(&format!("count-{name}{live}-{}.txt", sys.name()), &out);
+}
+
+/// Restart `node` with its postgres run under callgrind (see the module note); returns
+/// the directory the dumps go to (`cg.<pid>.<n>`).
+fn restart_under_callgrind(sys: System, node: &Node) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bdr-callgrind-{}", sys.name()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let wrapper = dir.join("postgres");
+    let real = pg_test::sys::pg_bindir().join("postgres");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec valgrind --tool=callgrind --quiet {}\
+             --dump-before=ProcessConfigFile --callgrind-out-file={}/cg.%p {} \"$@\"\n",
+            if cache_sim() {
+                "--cache-sim=yes --branch-sim=yes "
+            } else {
+                ""
+            },
+            dir.display(),
+            real.display()
+        ),
+    )
+    .unwrap();
+    let chown = |p: &Path| {
+        if pg_test::sys::is_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(p)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "chown postgres {}", p.display());
+        }
+    };
+    let ok = Command::new("chmod")
+        .arg("755")
+        .arg(&wrapper)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "chmod {}", wrapper.display());
+    chown(&dir);
+    node.stop();
+    node.start_with_postgres(&wrapper);
+    dir
+}
+
+/// `bdr-bench count-writer [bdr|native]`: the instructions a writer's backend executes
+/// per single-row INSERT transaction (workload 4b's statement, one pgbench client) on a
+/// lone node: a one-node bdr group (bdr's writer-side cost: ids, hooks, commit callbacks)
+/// or a node without bdr (`native`).
+pub fn count_writer(sys: System) {
+    let n = (20_000.0 * scale()) as i64;
+    let mut b = pg_test::Cluster::builder()
+        .name(&format!("count-writer-{}", sys.name()))
+        .nodes(1);
+    if sys != System::Bdr {
+        b = b.preload_bdr(false);
+    }
+    let c = b.start();
+    let a = c.node(0);
+    a.execute(crate::TABLES);
+    if sys == System::Bdr {
+        a.execute("CREATE EXTENSION bdr");
+        a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+    }
+    let dir = restart_under_callgrind(sys, a);
+    // A forked backend's counts start with what its postmaster had counted (callgrind's
+    // counters are copied at fork): two runs of different lengths, each in a new
+    // backend, and their difference is the transactions' own.
+    let short = backend_total(a, &dir, n / 4);
+    let long = backend_total(a, &dir, n);
+    let per = (long as f64 - short as f64) / (n - n / 4) as f64;
+    let out = format!(
+        "{} writer backend, single-row INSERT transactions (one client, {}), counted by \
+         callgrind: {per:.0} instructions per transaction (runs of {} and {n} transactions, \
+         each in a new backend: {short} and {long} instructions)\n",
+        sys.name(),
+        if sys == System::Bdr {
+            "a one-node bdr group"
+        } else {
+            "a node without bdr"
+        },
+        n / 4
+    );
+    publish(&format!("count-writer-{}.txt", sys.name()), &out);
+}
+
+/// Run `n` single-row INSERT transactions from one pgbench client on `a` (under
+/// callgrind) and return the instructions its backend counted, from fork to exit.
+fn backend_total(a: &Node, dir: &Path, n: i64) -> u64 {
+    let before = dump_names(dir);
+    crate::pgbench(
+        a,
+        &["-c", "1", "-t", &n.to_string()],
+        "INSERT INTO small (v) VALUES (1);\n",
+    );
+    // The backend writes its last dump when it exits, a moment after pgbench: wait for
+    // the largest new process's dumps to stop changing.
+    let mut last = 0;
+    let mut total = 0;
+    wait_until("the backend's callgrind dump", Duration::from_secs(120), || {
+        std::thread::sleep(Duration::from_millis(500));
+        let mut by_pid: std::collections::HashMap<String, u64> = Default::default();
+        for name in dump_names(dir).difference(&before) {
+            let Ok(text) = std::fs::read_to_string(dir.join(name)) else {
+                continue;
+            };
+            if !text.lines().any(|l| l.starts_with("totals:")) {
+                continue;
+            }
+            let pid = name.split('.').nth(1).unwrap_or("").to_string();
+            *by_pid.entry(pid).or_default() += totals(&text);
+        }
+        total = by_pid.values().copied().max().unwrap_or(0);
+        let settled = total > 0 && total == last;
+        last = total;
+        settled
+    });
+    total
+}
+
+fn dump_names(dir: &Path) -> std::collections::HashSet<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("cg."))
+        .collect()
 }
 
 fn dump_path(dir: &Path, pid: i32, k: u32) -> PathBuf {
@@ -208,10 +310,27 @@ fn reload_and_dump(b: &Node, dir: &Path, pid: i32, last: u32) -> u32 {
     next
 }
 
-/// The `totals:` line of a callgrind dump (instructions, the only event counted).
+/// `BENCH_COUNT_CACHE=1`: callgrind also simulates the caches and branch predictors
+/// (its model of them, not this machine's): misses and mispredictions per transaction.
+fn cache_sim() -> bool {
+    std::env::var("BENCH_COUNT_CACHE").is_ok_and(|v| v == "1")
+}
+
+/// The instructions of a callgrind dump's `totals:` line (its first event).
 fn totals(text: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix("totals:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("a totals: line in the callgrind dump")
+    events(text)[0].1
+}
+
+/// Every event of a callgrind dump (`events:` names, `totals:` counts).
+fn events(text: &str) -> Vec<(String, u64)> {
+    let line = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("a {prefix} line in the callgrind dump"))
+    };
+    line("events:")
+        .split_whitespace()
+        .zip(line("totals:").split_whitespace())
+        .map(|(name, n)| (name.to_string(), n.parse().expect("a count")))
+        .collect()
 }

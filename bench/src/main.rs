@@ -739,7 +739,15 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
             "INSERT INTO small (v) VALUES (1);\n",
         );
         procs::settle(&[a, c.node(1), c.node(2)]);
-        let roles = procs::by_role(&s0, &procs::snapshot(&[a, c.node(1), c.node(2)]));
+        let s1 = procs::snapshot(&[a, c.node(1), c.node(2)]);
+        let roles = procs::by_role(&s0, &s1);
+        if std::env::var("BENCH_PROCS").is_ok_and(|v| v == "1") {
+            eprintln!(
+                "   4b, CPU by process ({}):\n{}",
+                sys.name(),
+                procs::by_process(&s0, &s1)
+            );
+        }
         let w = "4b. writer TPS, 2 peers (4 clients, single-row INSERT)";
         put(rows, sys, w, "TPS on the writer", true, tps(&t));
         let n = a.query_scalar::<i64>("SELECT count(*) FROM small") - n0;
@@ -1034,6 +1042,7 @@ fn main() {
         Some("profile-decode") => return profile::profile_decode(),
         Some("count-update") => return count::count(sys_arg(), count::Shape::Update),
         Some("count-insert") => return count::count(sys_arg(), count::Shape::Insert),
+        Some("count-writer") => return count::count_writer(sys_arg()),
         Some("mem") => return apply_memory(sys_arg()),
         _ => {}
     }
