@@ -55,8 +55,12 @@ case "${1:-}" in
     for shape in update insert; do
       for sys in bdr native; do
         echo "==> counting the $sys apply process's instructions per $shape (BENCH_SCALE=${BENCH_SCALE:-1})"
-        cargo run --release -q -p bdr-bench -- "count-$shape" "$sys" | sed -n 1,3p
+        cargo run --release -q -p bdr-bench -- "count-$shape" "$sys" | sed -n 1,4p
       done
+    done
+    for sys in bdr native; do
+      echo "==> counting a writer backend's instructions per single-row INSERT, $sys"
+      cargo run --release -q -p bdr-bench -- count-writer "$sys" | sed -n 1p
     done
     ;;
   profile-decode)

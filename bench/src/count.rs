@@ -254,24 +254,28 @@ fn backend_total(a: &Node, dir: &Path, n: i64) -> u64 {
     // the largest new process's dumps to stop changing.
     let mut last = 0;
     let mut total = 0;
-    wait_until("the backend's callgrind dump", Duration::from_secs(120), || {
-        std::thread::sleep(Duration::from_millis(500));
-        let mut by_pid: std::collections::HashMap<String, u64> = Default::default();
-        for name in dump_names(dir).difference(&before) {
-            let Ok(text) = std::fs::read_to_string(dir.join(name)) else {
-                continue;
-            };
-            if !text.lines().any(|l| l.starts_with("totals:")) {
-                continue;
+    wait_until(
+        "the backend's callgrind dump",
+        Duration::from_secs(120),
+        || {
+            std::thread::sleep(Duration::from_millis(500));
+            let mut by_pid: std::collections::HashMap<String, u64> = Default::default();
+            for name in dump_names(dir).difference(&before) {
+                let Ok(text) = std::fs::read_to_string(dir.join(name)) else {
+                    continue;
+                };
+                if !text.lines().any(|l| l.starts_with("totals:")) {
+                    continue;
+                }
+                let pid = name.split('.').nth(1).unwrap_or("").to_string();
+                *by_pid.entry(pid).or_default() += totals(&text);
             }
-            let pid = name.split('.').nth(1).unwrap_or("").to_string();
-            *by_pid.entry(pid).or_default() += totals(&text);
-        }
-        total = by_pid.values().copied().max().unwrap_or(0);
-        let settled = total > 0 && total == last;
-        last = total;
-        settled
-    });
+            total = by_pid.values().copied().max().unwrap_or(0);
+            let settled = total > 0 && total == last;
+            last = total;
+            settled
+        },
+    );
     total
 }
 

@@ -13,7 +13,7 @@
 //! Several calls that may raise, made one after another on the hot path (start and
 //! commit a transaction, open a table and its indexes, clear an executor's slots), go
 //! under one guard instead of one each ([`guarded`] with the [`raw`] declarations):
-//! `bdr-bench count-update` counted ~40 guarded calls per single-row UPDATE, ~100
+//! `bdr-bench count-update` counted ~41 guarded calls per single-row UPDATE (now ~16), ~100
 //! instructions each, together about as much as bdr's apply used beyond native's.
 //!
 //! Invariants: the plain declarations are only functions whose PostgreSQL 15 source
