@@ -158,6 +158,68 @@ fn apply_error_is_logged_retried_and_resumes_without_loss() {
     );
 }
 
+/// A deferred constraint trigger enabled for replicated changes on the receiving node
+/// cannot fire in bdr's apply (it runs each change as the table's owner in a
+/// security-restricted operation, where PostgreSQL refuses deferred triggers): an apply
+/// error like any other, raised inside the one guard the speculative insertion runs
+/// under (`pg::unguarded::guarded`): logged with the remote node and position, the
+/// transaction rolled back, retried until the DBA removes the trigger, nothing lost, the
+/// server up. The writes come from a plain role.
+#[test]
+fn a_deferred_trigger_on_the_receiver_is_an_apply_error_until_removed() {
+    let c = Cluster::builder().name("deferredtrg").nodes(2).start();
+    for n in c.nodes() {
+        n.execute(
+            "CREATE EXTENSION bdr; CREATE TABLE t (id int PRIMARY KEY, v text);
+             CREATE ROLE app LOGIN; GRANT SELECT, INSERT ON t TO app;",
+        );
+    }
+    form_group(&c);
+    let (a, b) = (c.node(0), c.node(1));
+    b.execute(
+        "SET bdr.ddl_replication = off;
+         CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN RAISE EXCEPTION 'refused at commit'; END $$;
+         CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON t
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse();
+         ALTER TABLE t ENABLE ALWAYS TRIGGER refuse_at_commit;",
+    );
+    let mut app = a.connect_as("app");
+    app.batch_execute("INSERT INTO t VALUES (1, 'one'); INSERT INTO t VALUES (2, 'two');")
+        .unwrap();
+    wait_until(
+        "the apply error logged with its context on node2",
+        CATCHUP,
+        || {
+            let log = b.log();
+            log.contains("ERROR:  cannot fire deferred trigger within security-restricted operation")
+            && log.contains(
+                "CONTEXT:  bdr apply: INSERT on relation public.t from node \"node1\" in remote transaction",
+            )
+        },
+    );
+    // It retries, and the refused transaction stays rolled back meanwhile.
+    wait_until("a retry", CATCHUP, || {
+        b.query_scalar::<i64>("SELECT max(error_count) FROM bdr.apply_workers()") >= 2
+    });
+    assert!(b.query_scalar::<bool>(
+        "SELECT bool_or(last_error LIKE '%deferred trigger%') FROM bdr.apply_workers()"
+    ));
+    assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM t"), 0);
+    // The DBA removes the cause: replication resumes with nothing lost.
+    b.execute("SET bdr.ddl_replication = off; DROP TRIGGER refuse_at_commit ON t");
+    wait_for_catchup(&c);
+    assert_eq!(assert_same_everywhere(&c, "t").split(':').next(), Some("2"));
+    let history = conflicts(b);
+    assert!(!history.is_empty());
+    assert!(
+        history
+            .iter()
+            .all(|h| (h.0.as_str(), h.2.as_str()) == ("apply_error", "public.t")),
+        "{history:?}"
+    );
+}
+
 /// Numbered single-row transactions from `n` until `stop` is set; returns how many.
 fn writer(
     n: &Node,

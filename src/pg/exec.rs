@@ -542,56 +542,80 @@ impl Target {
     /// # Preconditions
     /// See [`Target::begin_change`]; only when [`Target::can_try_insert`].
     pub fn try_insert(&self, row: &Row) -> bool {
+        // SAFETY: the caller's preconditions (see `begin_change`).
+        let slot = unsafe { self.virtual_slot(row) };
+        // SAFETY: a plain read of the relation's table access method.
+        let (insert, complete) = unsafe {
+            let am = (*self.rel).rd_tableam;
+            (
+                (*am).tuple_insert_speculative,
+                (*am).tuple_complete_speculative,
+            )
+        };
+        let (Some(insert), Some(complete)) = (insert, complete) else {
+            pgrx::error!(
+                "bdr: table {} uses a table access method without speculative insertion",
+                relation_name(self.relid)
+            );
+        };
+        let (rel, rri, estate) = (self.rel, self.rri, self.estate);
         // SAFETY: the steps of ExecSimpleRelationInsert, with the speculative insertion
         // protocol of ExecInsert's ON CONFLICT branch around the heap and index writes.
-        let slot = unsafe { self.virtual_slot(row) };
         as_user(self.owner, || unsafe {
-            pg_sys::CheckCmdReplicaIdentity(self.rel, pg_sys::CmdType::CMD_INSERT);
-            if !(*(*self.rel).rd_att).constr.is_null() {
-                pg_sys::ExecConstraints(self.rri, slot, self.estate);
-            }
-            if (*(*self.rel).rd_rel).relispartition {
-                pg_sys::ExecPartitionCheck(self.rri, slot, self.estate, true);
-            }
-            let xid = pg_sys::GetCurrentTransactionId();
-            let token = pg_sys::SpeculativeInsertionLockAcquire(xid);
-            pg_sys::table_tuple_insert_speculative(
-                self.rel,
-                slot,
-                (*self.estate).es_output_cid,
-                0,
-                std::ptr::null_mut(),
-                token,
-            );
-            let mut clash = false;
-            let clashing = if (*self.rri).ri_NumIndices > 0 {
-                pg_sys::ExecInsertIndexTuples(
-                    self.rri,
+            use crate::pg::unguarded::{guarded, raw};
+            // Every step under one guard (they were ten guarded calls per applied INSERT);
+            // the closure holds only plain values.
+            guarded(|| {
+                raw::CheckCmdReplicaIdentity(rel, pg_sys::CmdType::CMD_INSERT);
+                if !(*(*rel).rd_att).constr.is_null() {
+                    raw::ExecConstraints(rri, slot, estate);
+                }
+                if (*(*rel).rd_rel).relispartition {
+                    raw::ExecPartitionCheck(rri, slot, estate, true);
+                }
+                let xid = raw::GetCurrentTransactionId();
+                let token = raw::SpeculativeInsertionLockAcquire(xid);
+                // table_tuple_insert_speculative, an inline function: the AM's callback.
+                insert(
+                    rel,
                     slot,
-                    self.estate,
-                    false,
-                    true,
-                    &mut clash,
+                    (*estate).es_output_cid,
+                    0,
                     std::ptr::null_mut(),
-                )
-            } else {
-                std::ptr::null_mut()
-            };
-            // Any index listed (a unique, deferrable or exclusion one) is a possible clash.
-            let ok = !clash && clashing.is_null();
-            pg_sys::table_tuple_complete_speculative(self.rel, slot, token, ok);
-            pg_sys::SpeculativeInsertionLockRelease(xid);
-            pg_sys::list_free(clashing);
-            if ok {
-                pg_sys::ExecARInsertTriggers(
-                    self.estate,
-                    self.rri,
-                    slot,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
+                    token,
                 );
-            }
-            ok
+                let mut clash = false;
+                let clashing = if (*rri).ri_NumIndices > 0 {
+                    raw::ExecInsertIndexTuples(
+                        rri,
+                        slot,
+                        estate,
+                        false,
+                        true,
+                        &mut clash,
+                        std::ptr::null_mut(),
+                    )
+                } else {
+                    std::ptr::null_mut()
+                };
+                // Any index listed (a unique, deferrable or exclusion one) is a possible
+                // clash.
+                let ok = !clash && clashing.is_null();
+                // table_tuple_complete_speculative, likewise.
+                complete(rel, slot, token, ok);
+                raw::SpeculativeInsertionLockRelease(xid);
+                raw::list_free(clashing);
+                if ok {
+                    raw::ExecARInsertTriggers(
+                        estate,
+                        rri,
+                        slot,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                    );
+                }
+                ok
+            })
         })
     }
 

@@ -64,6 +64,38 @@ pub mod raw {
         pub fn table_close(relation: pg_sys::Relation, lockmode: c_int);
         pub fn index_open(relation_id: Oid, lockmode: c_int) -> pg_sys::Relation;
         pub fn index_close(relation: pg_sys::Relation, lockmode: c_int);
+        pub fn CheckCmdReplicaIdentity(rel: pg_sys::Relation, cmd: pg_sys::CmdType::Type);
+        pub fn ExecConstraints(
+            rri: *mut pg_sys::ResultRelInfo,
+            slot: *mut pg_sys::TupleTableSlot,
+            estate: *mut pg_sys::EState,
+        );
+        pub fn ExecPartitionCheck(
+            rri: *mut pg_sys::ResultRelInfo,
+            slot: *mut pg_sys::TupleTableSlot,
+            estate: *mut pg_sys::EState,
+            emit_error: bool,
+        ) -> bool;
+        pub fn GetCurrentTransactionId() -> pg_sys::TransactionId;
+        pub fn SpeculativeInsertionLockAcquire(xid: pg_sys::TransactionId) -> u32;
+        pub fn SpeculativeInsertionLockRelease(xid: pg_sys::TransactionId);
+        pub fn ExecInsertIndexTuples(
+            rri: *mut pg_sys::ResultRelInfo,
+            slot: *mut pg_sys::TupleTableSlot,
+            estate: *mut pg_sys::EState,
+            update: bool,
+            no_dup_err: bool,
+            spec_conflict: *mut bool,
+            arbiter_indexes: *mut pg_sys::List,
+        ) -> *mut pg_sys::List;
+        pub fn list_free(list: *mut pg_sys::List);
+        pub fn ExecARInsertTriggers(
+            estate: *mut pg_sys::EState,
+            rri: *mut pg_sys::ResultRelInfo,
+            slot: *mut pg_sys::TupleTableSlot,
+            recheck_indexes: *mut pg_sys::List,
+            transition_capture: *mut pg_sys::TransitionCaptureState,
+        );
     }
 }
 
