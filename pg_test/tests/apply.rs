@@ -126,27 +126,37 @@ fn apply_error_is_logged_retried_and_resumes_without_loss() {
             "SELECT coalesce(bool_or(last_error LIKE '%has no column \"extra\"%'), false) FROM bdr.apply_workers()",
         )
     });
+    retried_until_fixed(
+        &c,
+        "ERROR:  table \"public\".\"t\" has no column \"extra\" on this node",
+        "SET bdr.ddl_replication = off; ALTER TABLE t ADD COLUMN extra int",
+    );
+}
+
+/// Node2 of `c` fails to apply node1's two-row INSERT into `t` with `error`: the error is
+/// logged with the change's context, retried (the error count grows) with nothing
+/// applied meanwhile; once the DBA runs `fix` on node2, replication resumes with nothing
+/// lost, and each failed attempt is in the history as an apply_error, nothing else is.
+fn retried_until_fixed(c: &Cluster, error: &str, fix: &str) {
+    let b = c.node(1);
     wait_until(
         "the error logged with its context on node2",
         CATCHUP,
         || {
             let log = b.log();
-            log.contains("ERROR:  table \"public\".\"t\" has no column \"extra\" on this node")
-                && log.contains(
-                    "CONTEXT:  bdr apply: INSERT on relation public.t from node \"node1\"",
-                )
+            log.contains(error)
+            && log.contains(
+                "CONTEXT:  bdr apply: INSERT on relation public.t from node \"node1\" in remote transaction",
+            )
         },
     );
-    // It retries (the error count grows), and nothing was applied meanwhile.
     wait_until("a retry", CATCHUP, || {
         b.query_scalar::<i64>("SELECT max(error_count) FROM bdr.apply_workers()") >= 2
     });
     assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM t"), 0);
-    // The DBA fixes the cause: replication resumes with nothing lost.
-    b.execute("SET bdr.ddl_replication = off; ALTER TABLE t ADD COLUMN extra int");
-    wait_for_catchup(&c);
-    assert_eq!(assert_same_everywhere(&c, "t").split(':').next(), Some("2"));
-    // Each failed attempt is in the history as an apply_error, nothing else is.
+    b.execute(fix);
+    wait_for_catchup(c);
+    assert_eq!(assert_same_everywhere(c, "t").split(':').next(), Some("2"));
     let history = conflicts(b);
     assert!(!history.is_empty());
     assert!(
@@ -187,36 +197,10 @@ fn a_deferred_trigger_on_the_receiver_is_an_apply_error_until_removed() {
     let mut app = a.connect_as("app");
     app.batch_execute("INSERT INTO t VALUES (1, 'one'); INSERT INTO t VALUES (2, 'two');")
         .unwrap();
-    wait_until(
-        "the apply error logged with its context on node2",
-        CATCHUP,
-        || {
-            let log = b.log();
-            log.contains("ERROR:  cannot fire deferred trigger within security-restricted operation")
-            && log.contains(
-                "CONTEXT:  bdr apply: INSERT on relation public.t from node \"node1\" in remote transaction",
-            )
-        },
-    );
-    // It retries, and the refused transaction stays rolled back meanwhile.
-    wait_until("a retry", CATCHUP, || {
-        b.query_scalar::<i64>("SELECT max(error_count) FROM bdr.apply_workers()") >= 2
-    });
-    assert!(b.query_scalar::<bool>(
-        "SELECT bool_or(last_error LIKE '%deferred trigger%') FROM bdr.apply_workers()"
-    ));
-    assert_eq!(b.query_scalar::<i64>("SELECT count(*) FROM t"), 0);
-    // The DBA removes the cause: replication resumes with nothing lost.
-    b.execute("SET bdr.ddl_replication = off; DROP TRIGGER refuse_at_commit ON t");
-    wait_for_catchup(&c);
-    assert_eq!(assert_same_everywhere(&c, "t").split(':').next(), Some("2"));
-    let history = conflicts(b);
-    assert!(!history.is_empty());
-    assert!(
-        history
-            .iter()
-            .all(|h| (h.0.as_str(), h.2.as_str()) == ("apply_error", "public.t")),
-        "{history:?}"
+    retried_until_fixed(
+        &c,
+        "ERROR:  cannot fire deferred trigger within security-restricted operation",
+        "SET bdr.ddl_replication = off; DROP TRIGGER refuse_at_commit ON t",
     );
 }
 
