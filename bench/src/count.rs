@@ -115,7 +115,8 @@ pub fn count(sys: System, shape: Shape) {
             .filter_map(|l| {
                 let (count, rest) = l.trim_start().split_once(' ')?;
                 let count: u64 = count.replace(',', "").parse().ok()?;
-                let name = rest.split_once(")  ").map_or(rest, |(_, n)| n);
+                // After the last event's "(share)" (one per event with the cache model).
+                let name = rest.rsplit_once(")  ").map_or(rest, |(_, n)| n);
                 let name = name.split_once(':').map_or(name, |(_, f)| f);
                 (inclusive || (count as f64) < 0.99 * total as f64).then(|| {
                     format!(

@@ -26,7 +26,8 @@
 //! `profile-big [system]` and
 //! `profile-writer [system]`, `profile-live [system]` ([`profile`]);
 //! `count-insert [system]`, `count-update [system]`: instructions per applied transaction
-//! under callgrind ([`count`]).
+//! under callgrind, and `count-writer [system]`: per transaction of a writer's backend
+//! ([`count`]).
 
 mod count;
 mod keys;
@@ -880,51 +881,47 @@ const ALONE_INSERT: &str = "INSERT INTO small (v) VALUES (1);\n";
 
 /// Workloads 4 and 4b on a node without bdr; returns 4b's TPS.
 fn plain_alone(secs: u64, rows: &mut Vec<Row>) -> f64 {
-    let insert = ALONE_INSERT;
-    {
-        let c = Cluster::builder()
-            .name("bench-alone")
-            .nodes(1)
-            .preload_bdr(false)
-            .start();
-        let a = c.node(0);
-        a.execute(TABLES);
-        let t = tps(&pgbench(
-            a,
-            &["-c", "2", "-j", "2", "-T", &secs.to_string()],
-            WRITER_SCRIPT,
-        ));
-        rows.push(Row {
-            workload: "4. writer TPS, no replication".into(),
-            metric: "TPS on the writer".into(),
-            higher_is_better: true,
-            values: [Some(t), Some(t), Some(t)],
-        });
-        let n0: i64 = a.query_scalar("SELECT count(*) FROM small");
-        procs::settle(&[a]);
-        let s0 = procs::snapshot(&[a]);
-        let t = tps(&pgbench(
-            a,
-            &["-c", "4", "-j", "2", "-T", &secs.to_string()],
-            insert,
-        ));
-        let n = a.query_scalar::<i64>("SELECT count(*) FROM small") - n0;
-        procs::settle(&[a]);
-        let roles = procs::by_role(&s0, &procs::snapshot(&[a]));
-        put_roles(
-            rows,
-            System::Native,
-            "4b. writer alone, 4 clients INSERT (CPU µs/txn)",
-            &roles,
-            n,
-        );
-        t
-    }
+    let c = Cluster::builder()
+        .name("bench-alone")
+        .nodes(1)
+        .preload_bdr(false)
+        .start();
+    let a = c.node(0);
+    a.execute(TABLES);
+    let t = tps(&pgbench(
+        a,
+        &["-c", "2", "-j", "2", "-T", &secs.to_string()],
+        WRITER_SCRIPT,
+    ));
+    rows.push(Row {
+        workload: "4. writer TPS, no replication".into(),
+        metric: "TPS on the writer".into(),
+        higher_is_better: true,
+        values: [Some(t), Some(t), Some(t)],
+    });
+    let n0: i64 = a.query_scalar("SELECT count(*) FROM small");
+    procs::settle(&[a]);
+    let s0 = procs::snapshot(&[a]);
+    let t = tps(&pgbench(
+        a,
+        &["-c", "4", "-j", "2", "-T", &secs.to_string()],
+        ALONE_INSERT,
+    ));
+    let n = a.query_scalar::<i64>("SELECT count(*) FROM small") - n0;
+    procs::settle(&[a]);
+    let roles = procs::by_role(&s0, &procs::snapshot(&[a]));
+    put_roles(
+        rows,
+        System::Native,
+        "4b. writer alone, 4 clients INSERT (CPU µs/txn)",
+        &roles,
+        n,
+    );
+    t
 }
 
 /// Workload 4b on a one-node bdr group; returns its TPS.
 fn bdr_alone(secs: u64, rows: &mut Vec<Row>) -> f64 {
-    let insert = ALONE_INSERT;
     let c = Cluster::builder().name("bench-alone-bdr").nodes(1).start();
     let a = c.node(0);
     a.execute(TABLES);
@@ -935,7 +932,7 @@ fn bdr_alone(secs: u64, rows: &mut Vec<Row>) -> f64 {
     let t = tps(&pgbench(
         a,
         &["-c", "4", "-j", "2", "-T", &secs.to_string()],
-        insert,
+        ALONE_INSERT,
     ));
     let n: i64 = a.query_scalar("SELECT count(*) FROM small");
     procs::settle(&[a]);

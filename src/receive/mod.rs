@@ -116,14 +116,14 @@ struct Stream {
     /// The peer's DSN, for the position probe while paused.
     peer_dsn: String,
     probe: Option<(Conn, Instant)>,
-    /// Highest peer position heard, and when it was last published to shared memory
-    /// (at most every 100 ms from the data path: one lock per frame would cost apply).
-    /// (The throttles of the data path keep the instant they are next due rather than
-    /// the last one: a comparison instead of a clock subtraction per message.)
+    /// Highest peer position heard.
     peer_lsn: u64,
     /// Publication to shared memory is next due then: of the peer's position
-    /// ([`Stream::heard`], 100 ms) and of committed transactions' progress
-    /// ([`progress::PUBLISH_EVERY`]); both set by [`Stream::published`].
+    /// ([`Stream::heard`], at most every 100 ms from the data path: one lock per frame
+    /// would cost apply) and of committed transactions' progress
+    /// ([`progress::PUBLISH_EVERY`]); both set by [`Stream::published`]. (The data path's
+    /// throttles keep the instant they are next due, not the last one: a comparison
+    /// instead of a clock subtraction per message.)
     publish_heard_at: Instant,
     publish_progress_at: Instant,
     /// A keepalive that finds everything applied is next published as `caught_up_time`
