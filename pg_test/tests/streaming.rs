@@ -35,9 +35,9 @@ fn group_n(b: pg_test::ClusterBuilder, nodes: usize) -> Cluster {
         .nodes(nodes)
         .conf("logical_decoding_work_mem", "'64kB'")
         .conf("bdr.stream_large_transactions", "on")
-        // Streaming is for one writer per peer (parallel apply never asks for it:
-        // `parallel_apply_never_asks_for_streaming`), whatever BDR_TEST_CONF says.
-        .writers_per_peer(1)
+        // One writer per peer unless the builder or BDR_TEST_CONF says otherwise (the
+        // suite runs with `bdr.writers_per_peer=4` too: the stream writer then works
+        // beside the parallel writers).
         .conf("bdr.apply_retry_max_delay", "'1s'")
         .start();
     form_group_with_app_table(&c);
@@ -98,27 +98,15 @@ fn wait_streamed(n: &Node, peer: &str, k: i64) {
     );
 }
 
-/// Whether `n` applies streamed transactions before their commit (one writer per peer;
-/// with parallel apply, `BDR_TEST_CONF='bdr.writers_per_peer=4'`, every one falls back).
-fn direct(n: &Node) -> bool {
-    n.query_scalar::<String>("SHOW bdr.writers_per_peer") == "1"
-}
-
 /// `n`'s (streamed, stream_commits, stream_fallbacks) from `peer` as expected for `k`
-/// streamed transactions that the stream writer commits (or, with parallel apply, that
-/// fall back).
+/// streamed transactions that the stream writer commits.
 fn expect_direct(n: &Node, peer: &str, k: i64, what: &str) {
-    let want = if direct(n) { (k, k, 0) } else { (k, 0, k) };
-    assert_eq!(stream_counts(n, peer), want, "{what}");
+    assert_eq!(stream_counts(n, peer), (k, k, 0), "{what}");
 }
 
-/// Wait until `n`'s stream writer holds an open transaction (it applied a piece); at
-/// once with parallel apply (no stream writer).
+/// Wait until `n`'s stream writer holds an open transaction (it applied a piece).
 fn wait_writer_open(n: &Node) -> i32 {
     let mut pid = 0;
-    if !direct(n) {
-        return pid;
-    }
     wait_until(
         &format!("{}'s stream writer to apply a piece", n.name()),
         CATCHUP,
@@ -139,7 +127,32 @@ fn count(n: &Node, sql: &str) -> i64 {
 
 #[test]
 fn a_streamed_transaction_arrives_whole_with_concurrent_small_ones() {
-    let c = group("stream_commit");
+    streamed_beside_small_ones(group_of(
+        Cluster::builder().name("stream_commit").writers_per_peer(1),
+    ));
+}
+
+/// The same with parallel apply: the small transactions committed during the streamed
+/// one are applied by the parallel writers while the stream writer holds it open, and it
+/// commits after them.
+#[test]
+fn with_parallel_apply_a_streamed_transaction_commits_after_the_small_ones() {
+    let c = group_of(Cluster::builder().name("stream_par").writers_per_peer(3));
+    assert_eq!(
+        count(
+            c.node(1),
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'bdr writer%'"
+        ),
+        3,
+        "node2 applies node1's transactions with 3 parallel writers"
+    );
+    streamed_beside_small_ones(c);
+}
+
+/// A 5,000-row transaction from node1 left open while small ones commit: applied by
+/// node2's stream writer before its COMMIT, nothing of it visible before; then more big
+/// transactions the same way, node2 to node1, and the idle stream writer's exit.
+fn streamed_beside_small_ones(c: Cluster) {
     let (a, b) = (c.node(0), c.node(1));
     a.execute("INSERT INTO t SELECT g, 'old' FROM generate_series(100001, 101000) g");
     wait_for_catchup(&c);
@@ -286,9 +299,7 @@ fn a_streamed_transaction_rolled_back_leaves_nothing() {
     assert_same_everywhere(&c, "t");
     assert_eq!(conflicts(b), vec![]);
     // Rolled back by the stream writer (pieces had been applied): no commit, no fallback.
-    if direct(b) {
-        assert_eq!(stream_counts(b, "node1"), (1, 0, 0));
-    }
+    assert_eq!(stream_counts(b, "node1"), (1, 0, 0));
 }
 
 /// Savepoints rolled back inside a streamed transaction, after the stream writer applied
@@ -621,9 +632,6 @@ fn changes_of_a_rolled_back_savepoint_stop_counting_towards_the_wait_limit() {
 fn no_free_worker_slot_for_a_stream_writer_falls_back_and_says_why() {
     let c = group("stream_noslot");
     let (a, b) = (c.node(0), c.node(1));
-    if !direct(b) {
-        return; // no stream writer with parallel apply
-    }
     // node2's background worker slots, as many as it uses now: a stream writer would
     // need one more.
     let used: i64 = b.query_scalar(
@@ -803,9 +811,6 @@ fn kills_mid_stream_lose_and_duplicate_nothing() {
 
     // 3. node2's stream writer killed while it holds the open transaction's pieces (the
     // postmaster restarts node2's processes; the transaction is streamed again).
-    if !direct(b) {
-        return;
-    }
     wait_streaming(b, "node1");
     let mut big = a.connect_as("app");
     big.batch_execute(
@@ -870,13 +875,12 @@ fn two_streamed_transactions_committed_in_the_opposite_order() {
 
 #[test]
 fn an_ordinary_transaction_blocked_by_the_streamed_one_falls_back_instead_of_hanging() {
-    let c = group("stream_guard");
+    // The receiver's own lock_timeout guard (one writer per peer; parallel apply's guard:
+    // `with_parallel_apply_a_writer_blocked_by_the_streamed_transaction_falls_back`).
+    let c = group_of(Cluster::builder().name("stream_guard").writers_per_peer(1));
     let (a, b) = (c.node(0), c.node(1));
     // A unique index on node2 only: node1's small transaction below does not collide
     // there, but collides here with a row the open streamed transaction wrote.
-    if !direct(b) {
-        return; // no stream writer with parallel apply
-    }
     b.execute("SET bdr.ddl_replication = off; CREATE UNIQUE INDEX t_v ON t (v)");
     let mut big = a.connect_as("app");
     big.batch_execute("BEGIN; INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 5000) g")
@@ -933,9 +937,6 @@ fn a_streamed_commit_stamped_in_the_future_waits_for_the_local_clock() {
             .clock_offset(0, "+8"),
     );
     let (a, b) = (c.node(0), c.node(1));
-    if !direct(b) {
-        return;
-    }
     let mut big = a.connect_as("app");
     big.batch_execute(
         "BEGIN; INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 5000) g",
@@ -1049,34 +1050,58 @@ fn measure_how_much_of_a_big_transaction_streams_before_commit() {
     stats("after COMMIT");
 }
 
-/// With parallel apply the apply worker never asks for streaming (every streamed
-/// transaction would fall back and be decoded twice): a big transaction arrives whole at
-/// its commit, nothing is counted as streamed.
+/// Parallel apply's deadlock guard: node1's small transaction, committed while its big
+/// one is open, waits in a node2 writer for a row lock of the streamed transaction (a
+/// unique index on node2 only). It is not left waiting until the big one commits: node2's
+/// receiver sees its writers stalled, finds in the lock manager that the stream writer
+/// blocks one, stops it and falls back; the small transaction is applied while the big
+/// one is still open on node1, and the big one arrives whole at its commit.
 #[test]
-fn parallel_apply_never_asks_for_streaming() {
-    let c = Cluster::builder()
-        .name("stream_parallel")
-        .nodes(2)
-        .conf("logical_decoding_work_mem", "'64kB'")
-        .conf("bdr.stream_large_transactions", "on")
-        .writers_per_peer(3)
-        .start();
-    form_group(&c);
+fn with_parallel_apply_a_writer_blocked_by_the_streamed_transaction_falls_back() {
+    let c = group_of(Cluster::builder().name("stream_pguard").writers_per_peer(3));
     let (a, b) = (c.node(0), c.node(1));
-    a.execute("CREATE TABLE t (id int PRIMARY KEY, v text)");
-    wait_for_catchup(&c);
-    a.execute("INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 20000) g");
-    wait_for_catchup(&c);
-    assert_eq!(count(b, "SELECT count(*) FROM t"), 20000);
-    assert_same_everywhere(&c, "t");
+    b.execute("SET bdr.ddl_replication = off; CREATE UNIQUE INDEX t_v ON t (v)");
+    let mut big = a.connect_as("app");
+    big.batch_execute("BEGIN; INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 5000) g")
+        .unwrap();
+    wait_streamed(b, "node1", 1);
+    wait_writer_open(b);
+    a.connect_as("app")
+        .batch_execute("INSERT INTO t VALUES (900000, 'v10')")
+        .unwrap();
+    wait_until(
+        "node1's small transaction applied on node2 while the big one is open",
+        CATCHUP,
+        || count(b, "SELECT count(*) FROM t WHERE id = 900000") == 1,
+    );
+    wait_until("the fallback counted on node2", CATCHUP, || {
+        stream_counts(b, "node1").2 >= 1
+    });
     assert_eq!(
-        stream_counts(b, "node1"),
-        (0, 0, 0),
-        "nothing streamed to node2"
+        count(b, "SELECT count(*) FROM t WHERE id <= 5000"),
+        0,
+        "nothing of the open transaction is visible on node2"
     );
     assert!(
-        !b.log().contains("(large transactions streamed)"),
-        "node2 asked for streaming with parallel apply"
+        b.log()
+            .contains("a parallel writer waited for a row lock of the streamed transaction"),
+        "the guard's fallback is logged"
+    );
+    big.batch_execute("COMMIT").unwrap();
+    wait_for_catchup(&c);
+    // Whole-transaction path afterwards, as without streaming: the big one's newer row
+    // wins node2's unique index.
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE id <= 5000"), 5000);
+    assert_eq!(count(a, "SELECT count(*) FROM t"), 5001);
+    assert_eq!(
+        stream_counts(b, "node1").1,
+        0,
+        "nothing committed by the stream writer"
+    );
+    assert!(
+        b.forbidden_log_lines().is_empty(),
+        "{:?}",
+        b.forbidden_log_lines()
     );
 }
 
@@ -1222,15 +1247,13 @@ fn randomized_streamed_and_small_transactions_converge() {
          waiting (2 s)"
     );
     assert!(streamed > 0, "nothing was streamed");
-    if direct(c.node(0)) {
-        // Fallbacks are rare since changes needing a decision wait for the commit in the
-        // stream writer (session 9): what is left (the deadlock guard, a second streamed
-        // transaction while one is open) may not happen in a few seeds.
-        assert!(
-            committed > 0,
-            "streamed transactions committed streamed: {committed} ({fell_back} fell back)"
-        );
-    }
+    // Fallbacks are rare since changes needing a decision wait for the commit in the
+    // stream writer (session 9): what is left (the deadlock guard, a second streamed
+    // transaction while one is open) may not happen in a few seeds.
+    assert!(
+        committed > 0,
+        "streamed transactions committed streamed: {committed} ({fell_back} fell back)"
+    );
     for n in c.nodes() {
         assert!(
             n.forbidden_log_lines().is_empty(),
@@ -1257,9 +1280,6 @@ fn a_deadlock_with_a_local_transaction_rolls_back_the_apply_side() {
             .conf("deadlock_timeout", "'5s'"),
     );
     let (a, b) = (c.node(0), c.node(1));
-    if !direct(b) {
-        return;
-    }
     a.connect_as("app")
         .batch_execute("INSERT INTO t VALUES (1, 'node1'), (2, 'node1')")
         .unwrap();

@@ -457,6 +457,21 @@ pub fn run_sql(sql: &str) {
         .unwrap_or_else(|e| crate::error::raise(&crate::error::ApplyError::Spi(e.to_string())));
 }
 
+/// Whether process `pid` holds a lock that one of `waiters` (process ids) waits for,
+/// as the lock manager says (`pg_blocking_pids`). Outside a transaction: runs in one.
+pub fn blocks_any(pid: i32, waiters: &[i32]) -> bool {
+    begin();
+    let r = pgrx::Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.unnest($1::pg_catalog.int4[]) AS w(pid) \
+          WHERE $2 = ANY (pg_catalog.pg_blocking_pids(w.pid)))",
+        &[waiters.to_vec().into(), pid.into()],
+    )
+    .unwrap_or_else(|e| crate::error::raise(&crate::error::ApplyError::Spi(e.to_string())))
+    .unwrap_or(false);
+    commit();
+    r
+}
+
 /// Commit timestamp and replication origin of a committed transaction, if known
 /// (`track_commit_timestamp` was on and the data was not truncated).
 pub fn commit_ts(xid: pg_sys::TransactionId) -> Option<(i64, u16)> {

@@ -1,15 +1,18 @@
 //! Streamed transactions applied before their commit: the receiver's side of the stream
 //! writer (`src/workers/stream_writer.rs`).
 //!
-//! With `bdr.writers_per_peer` = 1, the first piece of a streamed transaction starts a
-//! stream writer (unless one is running: a writer idle for 30 s is let go — its queue
-//! segment is unmapped, which ends its wait, and it exits without a signal) and every
-//! frame of the transaction is forwarded to it as it arrives; ordinary transactions
-//! received between the pieces are applied here as usual. At STREAM COMMIT the receiver
-//! (every earlier transaction already committed by itself) waits for the commit time if
-//! it lies in this node's future, hands its origin's session over (PostgreSQL 15 allows
-//! one process per origin session), tells the writer to commit, waits for it, takes the
-//! session back and records (remote end, local end) for flush feedback.
+//! The first piece of a streamed transaction starts a stream writer (unless one is
+//! running: a writer idle for 30 s is let go — its queue segment is unmapped, which ends
+//! its wait, and it exits without a signal) and every frame of the transaction is
+//! forwarded to it as it arrives; ordinary transactions received between the pieces are
+//! applied as usual, here (`bdr.writers_per_peer` = 1) or by the parallel writers
+//! (`parallel.rs`). At STREAM COMMIT the receiver waits until every earlier transaction
+//! has committed (itself, or its parallel writers: it drains them), waits for the commit
+//! time if it lies in this node's future, hands its origin's session over if it holds it
+//! (PostgreSQL 15 allows one process per origin session; with parallel apply nobody holds
+//! it between commits), tells the writer to commit, waits for it, takes the session back
+//! and records (remote end, local end) for flush feedback. Nothing received after the
+//! STREAM COMMIT is applied before it has committed, so commits stay in the peer's order.
 //!
 //! A subtransaction rolled back on the peer is forwarded like any frame: the writer rolls
 //! back its changes and the transaction goes on (see the writer's module note).
@@ -31,7 +34,14 @@
 //! So while a streamed transaction is open, the receiver's own transactions run with
 //! `lock_timeout` (`GUARD_TIMEOUT`); a lock timeout then rolls the ordinary transaction
 //! back, stops the writer and falls back (the ordinary transaction is sent again after
-//! the reconnect, and no longer waits).
+//! the reconnect, and no longer waits). With parallel apply the blocked one is a writer
+//! and the receiver waits for it (a full queue, the in-flight limit, the drain before a
+//! STREAM COMMIT): a receiver that has waited for its writers for [`GUARD_AFTER`] looks
+//! in the lock manager (`pg_blocking_pids`) whether the stream writer blocks one of them
+//! ([`stop_if_blocking`]), and if so stops it, and falls back at its next frame. A cycle
+//! made only of locks (the stream writer waits for a writer's row, which waits for its
+//! commit turn behind one blocked by the stream writer) is PostgreSQL's deadlock
+//! detector's: the stream writer checks first, so it is the one rolled back.
 //!
 //! Invariants: at most one streamed transaction is open in the writer; the receiver
 //! commits nothing while its origin session is handed over; on every way out of the
@@ -48,6 +58,11 @@ use std::time::Duration;
 
 /// `lock_timeout` of the receiver's own transactions while a streamed one is open.
 const GUARD_TIMEOUT: &str = "1s";
+
+/// With parallel apply: how long the receiver waits for its writers before it looks
+/// whether the stream writer blocks one of them (then every [`GUARD_EVERY`]).
+pub(super) const GUARD_AFTER: Duration = Duration::from_secs(1);
+pub(super) const GUARD_EVERY: Duration = Duration::from_millis(250);
 
 /// How long a stream writer being let go may take to leave on its own before SIGTERM.
 const LET_GO: Duration = Duration::from_secs(2);
@@ -72,6 +87,50 @@ pub fn shutdown() {
     };
     aborter.set_abort();
     let _ = w.terminate().wait_for_shutdown();
+}
+
+thread_local! {
+    /// The stream writer was stopped by the parallel deadlock guard: the fallback that
+    /// follows says so.
+    static GUARD_FIRED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// A streamed transaction is open in the stream writer (what the parallel deadlock
+    /// guard looks after).
+    static OPEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a streamed transaction is open in the stream writer.
+pub(super) fn stream_open() -> bool {
+    OPEN.with(|o| o.get())
+}
+
+/// Why a transaction falls back when the parallel deadlock guard stopped its writer.
+const GUARD_WHY: &str = "a parallel writer waited for a row lock of the streamed transaction";
+
+/// Why the stream writer is gone: stopped by the parallel deadlock guard, or on its own.
+fn stopped_why() -> &'static str {
+    if GUARD_FIRED.with(|g| g.get()) {
+        GUARD_WHY
+    } else {
+        WRITER_STOPPED
+    }
+}
+
+/// Parallel apply's deadlock guard (see the module note): if the stream writer holds a
+/// lock that one of `writers` (process ids) waits for, stop it and wait until it has
+/// exited (its transaction rolls back, its locks go); the receiver falls back at the
+/// streamed transaction's next frame. Outside a transaction.
+pub(super) fn stop_if_blocking(writers: &[i32]) {
+    if !stream_open() {
+        return;
+    }
+    let Some(pid) = LIVE.with(|l| l.borrow().as_ref().and_then(|(_, w)| w.pid().ok())) else {
+        return;
+    };
+    if writers.is_empty() || !xact::blocks_any(pid, writers) {
+        return;
+    }
+    GUARD_FIRED.with(|g| g.set(true));
+    shutdown();
 }
 
 fn writer_alive() -> bool {
@@ -138,6 +197,7 @@ impl Direct {
 
     /// The writer holds no transaction any more (committed or rolled back).
     fn end_transaction(&mut self) {
+        OPEN.with(|o| o.set(false));
         self.xid = None;
         self.idle_since = std::time::Instant::now();
     }
@@ -148,10 +208,10 @@ impl Direct {
         let r = loop {
             match self.group.send(0, &buf) {
                 Sent::Done => break Ok(()),
-                Sent::Detached => break Err(Failed::Writer(WRITER_STOPPED)),
+                Sent::Detached => break Err(Failed::Writer(stopped_why())),
                 Sent::WouldBlock => {
                     if !writer_alive() {
-                        break Err(Failed::Writer(WRITER_STOPPED));
+                        break Err(Failed::Writer(stopped_why()));
                     }
                     if Group::sleep(Duration::from_millis(10)) {
                         break Err(Failed::Stopping);
@@ -172,10 +232,10 @@ impl Direct {
                     .group
                     .committed(self.seq)
                     .map(|(r, l, _)| (r, l))
-                    .ok_or(Failed::Writer(WRITER_STOPPED));
+                    .ok_or(Failed::Writer(stopped_why()));
             }
             if !writer_alive() {
-                return Err(Failed::Writer(WRITER_STOPPED));
+                return Err(Failed::Writer(stopped_why()));
             }
             if Group::sleep(Duration::from_millis(10)) {
                 return Err(Failed::Stopping);
@@ -207,11 +267,6 @@ pub(super) fn guard(on: bool) {
 }
 
 impl Stream {
-    /// Whether streamed transactions can be applied before their commit here.
-    pub(super) fn direct_possible(&self) -> bool {
-        matches!(self.sink, super::Sink::One(_))
-    }
-
     /// A stream frame (with its raw bytes in `self.raw`), applied early by the stream
     /// writer. True on SIGTERM.
     pub(super) fn direct_frame(&mut self, msg: &Message) -> bool {
@@ -282,7 +337,7 @@ impl Stream {
         // with it: the transaction can only be had whole (fall back), never continued in
         // a new writer, which would commit its later pieces alone.
         if self.direct_open() && !writer_alive() {
-            return Err(Failed::Writer(WRITER_STOPPED));
+            return Err(Failed::Writer(stopped_why()));
         }
         if self.direct.is_none() || !writer_alive() {
             self.discard_direct();
@@ -293,11 +348,16 @@ impl Stream {
         };
         if d.xid.is_none() {
             d.xid = Some(xid);
+            OPEN.with(|o| o.set(true));
             d.seq += 1;
             let seq = d.seq;
             d.send(Ctl::Begin { seq })?;
             shmem::update(self.slot, |sl| sl.stats.streamed += 1);
-            guard(true);
+            // The receiver's own transactions (one writer per peer); parallel writers
+            // are looked after while the receiver waits for them (see the module note).
+            if matches!(self.sink, super::Sink::One(_)) {
+                guard(true);
+            }
         }
         self.forward_raw()
     }
@@ -338,6 +398,15 @@ impl Stream {
                 c.xid, self.peer
             )));
         }
+        // Parallel apply: every transaction received before this one committed before
+        // it on the peer; they commit here first (the deadlock guard watches the wait).
+        let parallel = matches!(self.sink, super::Sink::Many(_));
+        if let super::Sink::Many(d) = &mut self.sink {
+            if d.drain() {
+                return true;
+            }
+            self.poll_writers();
+        }
         // A commit time in this node's future: wait until it has passed (see
         // `clock_wait`), with the stream answered.
         while c.commit_time > xact::now() {
@@ -345,7 +414,9 @@ impl Stream {
                 return true;
             }
         }
-        xact::release_origin_session();
+        if !parallel {
+            xact::release_origin_session();
+        }
         let d = self.direct.as_mut().expect("checked above");
         let raw = std::mem::take(&mut self.raw);
         let mut r = d.send(Ctl::Frame(&raw)).and_then(|_| d.wait_done());
@@ -355,7 +426,14 @@ impl Stream {
             // The writer must be gone before the session is taken back (it may hold it).
             self.discard_direct();
         }
-        let progress = xact::retake_origin_session();
+        let progress = if parallel {
+            xact::begin();
+            let p = xact::origin_progress(&bdr_core::names::origin_name(self.dboid, &self.peer));
+            xact::commit();
+            p
+        } else {
+            xact::retake_origin_session()
+        };
         guard(false);
         if r.is_err() && progress >= c.end_lsn {
             // It committed, and stopped before it could say so.
@@ -381,6 +459,7 @@ impl Stream {
                 false
             }
             Err(Failed::Stopping) => true,
+            Err(Failed::Writer(why)) if why == GUARD_WHY => self.fall_back_direct(c.xid, why),
             Err(Failed::Writer(_)) => {
                 self.fall_back_direct(c.xid, "the stream writer failed at the commit")
             }
@@ -408,6 +487,19 @@ impl Stream {
         self.reconnect(false)
     }
 
+    /// The parallel deadlock guard stopped the stream writer (see the module note): fall
+    /// back now if no ordinary transaction is being received (else its next frame or
+    /// the streamed transaction's next frame does). True on SIGTERM.
+    pub(super) fn after_parallel_guard(&mut self) -> bool {
+        if !GUARD_FIRED.with(|g| g.get()) || self.sink.in_transaction() {
+            return false;
+        }
+        match self.direct.as_ref().and_then(|d| d.xid) {
+            Some(xid) => self.fall_back_direct(xid, GUARD_WHY),
+            None => false,
+        }
+    }
+
     /// The deadlock guard fired in the receiver's own transaction (see the module note):
     /// roll it back and fall back. True on SIGTERM.
     pub(super) fn guard_fired(&mut self) -> bool {
@@ -428,6 +520,8 @@ impl Stream {
     /// wait for its next message and it exits normally (no FATAL line in the log);
     /// SIGTERM only if it has not gone within [`LET_GO`] (e.g. it waits for a lock).
     pub(super) fn discard_direct(&mut self) {
+        GUARD_FIRED.with(|g| g.set(false));
+        OPEN.with(|o| o.set(false));
         let live = LIVE.with(|l| l.borrow_mut().take());
         if let Some((aborter, _)) = &live {
             // While the segment is still mapped: the writer stops at its next check.

@@ -493,11 +493,9 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         peer: peer.to_string(),
         forwarded: link.forwarded,
     };
-    // Only one writer applies a streamed transaction before its commit (the stream
-    // writer); parallel apply would fall back for every one, and each fallback makes the
-    // peer decode the transaction twice: it does not ask.
-    let want_streaming =
-        crate::gucs::STREAM_LARGE_TRANSACTIONS.get() && matches!(sink, Sink::One(_));
+    // A streamed transaction goes to the stream writer, beside the receiver's own apply
+    // or its parallel writers (`direct.rs`).
+    let want_streaming = crate::gucs::STREAM_LARGE_TRANSACTIONS.get();
     let (conn, peer_lsn, slot_name, streaming) =
         stream::connect(&connect_args, progress, want_streaming);
     shmem::update(slot, |s| s.state = shmem::State::Streaming);
@@ -548,7 +546,7 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         st.now = Instant::now();
         // Pause takes effect between transactions; the connection stays open.
         st.poll_writers();
-        if st.stopping() {
+        if st.stopping() || st.after_parallel_guard() {
             pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
             return;
         }

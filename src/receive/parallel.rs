@@ -168,6 +168,10 @@ pub struct Dispatch {
     pub stopping: bool,
     /// Size of the dependency map at which it is pruned next.
     prune_at: usize,
+    /// When the stream deadlock guard looked last (`direct::stop_if_blocking`).
+    last_guard: Instant,
+    /// Since when nothing handed out has committed (now while nothing is in flight).
+    stalled_since: Instant,
 }
 
 impl Dispatch {
@@ -216,6 +220,8 @@ impl Dispatch {
             last_inval_check: Instant::now(),
             stopping: false,
             prune_at: 4096,
+            last_guard: Instant::now(),
+            stalled_since: Instant::now(),
         }
     }
 
@@ -249,6 +255,7 @@ impl Dispatch {
                 }
             }
             self.seen_committed = lc;
+            self.stalled_since = now;
             any = true;
             // Forget what committed transactions touched, when the map has doubled
             // since the last time (not on every commit: pruning walks the whole map).
@@ -257,20 +264,50 @@ impl Dispatch {
                 self.prune_at = (self.deps.len() * 2).max(4096);
             }
         }
+        if !any {
+            if self.group.last_committed() >= self.next_seq {
+                self.stalled_since = now;
+            } else {
+                // Writers busy without a commit: one may wait for the stream writer.
+                self.stream_guard(self.stalled_since);
+            }
+        }
         (any, ack)
     }
 
     /// Wait until everything received has committed (before a pause). True on SIGTERM.
     pub fn drain(&mut self) -> bool {
         self.group.wake_receiver_at(Some(self.next_seq));
+        let since = Instant::now();
         while self.busy() && !self.stopping {
             self.check_writers(true);
+            self.stream_guard(since);
             if Group::sleep(Duration::from_millis(10)) {
                 self.stopping = true;
             }
         }
         self.group.wake_receiver_at(None);
         self.stopping
+    }
+
+    /// The receiver has waited for its writers since `since`: after
+    /// `direct::GUARD_AFTER`, stop a stream writer that blocks one of them (the deadlock
+    /// guard of `direct.rs`), looking at most every `direct::GUARD_EVERY`.
+    fn stream_guard(&mut self, since: Instant) {
+        let now = Instant::now();
+        if now.saturating_duration_since(since) < super::direct::GUARD_AFTER
+            || now.saturating_duration_since(self.last_guard) < super::direct::GUARD_EVERY
+        {
+            return;
+        }
+        self.last_guard = now;
+        let pids: Vec<i32> = LIVE.with(|l| {
+            l.borrow()
+                .as_ref()
+                .map(|(_, ws)| ws.iter().filter_map(|w| w.pid().ok()).collect())
+                .unwrap_or_default()
+        });
+        super::direct::stop_if_blocking(&pids);
     }
 
     /// Stop with an error if the group failed: a writer exited or raised the abort flag.
@@ -330,6 +367,7 @@ impl Dispatch {
         }
         let buf = std::mem::take(&mut self.out[w]);
         let mut waiting = false;
+        let since = Instant::now();
         loop {
             match self.group.send(w, &buf) {
                 Sent::Done => break,
@@ -349,6 +387,7 @@ impl Dispatch {
                             .wake_receiver_at(Some(self.group.last_committed() + 1));
                     }
                     self.check_writers(false);
+                    self.stream_guard(since);
                     if Group::sleep(Duration::from_millis(10)) {
                         self.stopping = true;
                         break;
@@ -372,6 +411,7 @@ impl Dispatch {
     /// in flight.
     fn pick_writer(&mut self) -> Option<usize> {
         let mut waiting = false;
+        let since = Instant::now();
         let picked = loop {
             let lc = self.group.last_committed();
             for q in &mut self.outstanding {
@@ -404,6 +444,7 @@ impl Dispatch {
                 continue;
             }
             self.check_writers(false);
+            self.stream_guard(since);
             if Group::sleep(Duration::from_millis(10)) {
                 self.stopping = true;
                 break None;

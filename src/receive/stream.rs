@@ -6,10 +6,11 @@
 //! only known at its commit). The peer then sends a transaction that outgrows its
 //! `logical_decoding_work_mem` in pieces before it commits.
 //!
-//! What happens to a streamed transaction: with one writer per peer, its pieces go to the
-//! stream writer as they arrive and it commits at STREAM COMMIT (`direct.rs`). When that
-//! cannot be done (parallel apply, DDL or TRUNCATE in the stream, a second open streamed
-//! transaction, too much waiting for the commit, the deadlock guard, a failed writer), it
+//! What happens to a streamed transaction: its pieces go to the stream writer as they
+//! arrive and it commits at STREAM COMMIT (`direct.rs`), beside the receiver's own apply
+//! or its parallel writers. When that cannot be done (DDL or TRUNCATE in the stream, a
+//! second open streamed transaction, too much waiting for the commit, the deadlock guard,
+//! a failed writer), it
 //! **falls back**: the receiver notes the xid (`bdr_core::streaming::Fallback`), logs why,
 //! counts it (`bdr.apply_stats()`: `streamed`, `stream_fallbacks`) and reconnects
 //! without streaming from what it has applied. The walsender then decodes the
@@ -181,38 +182,13 @@ impl Stream {
         }
     }
 
-    /// A stream frame reached the apply step: with one writer it goes to the stream
-    /// writer (`direct.rs`); with parallel apply the first piece of a transaction makes
-    /// this receiver fall back (reconnect without streaming). True on SIGTERM.
+    /// A stream frame reached the apply step: it goes to the stream writer
+    /// (`direct.rs`). True on SIGTERM.
     pub(super) fn streamed_frame(&mut self, msg: &Message) -> bool {
         if self.ignore_restreamed(msg) {
             return false;
         }
-        if self.direct_possible() {
-            return self.direct_frame(msg);
-        }
-        let Message::StreamStart(s) = msg else {
-            // After a START this connection is given up at once: nothing else of a
-            // streamed transaction can get here.
-            raise(&ApplyError::Protocol(format!(
-                "unexpected {} frame from node \"{}\"",
-                msg.kind_name(),
-                self.peer
-            )));
-        };
-        let why = "streamed transactions are applied whole at their commit by this build";
-        pgrx::log!(
-            "bdr: apply worker for node \"{}\" falls back for streamed transaction {}: {why}; \
-             reconnecting without streaming",
-            self.peer,
-            s.xid
-        );
-        self.note_fallback(s.xid);
-        shmem::update(self.slot, |sl| {
-            sl.stats.streamed += 1;
-            sl.stats.stream_fallbacks += 1;
-        });
-        self.reconnect(false)
+        self.direct_frame(msg)
     }
 
     /// Whether `msg` belongs to a transaction streamed again after it fell back and was

@@ -41,3 +41,16 @@ pub(crate) fn applying_settings() {
         &format!("{}ms", (server / 5).clamp(1, 200)),
     );
 }
+
+/// A stream writer checks for deadlocks before every other applying process (half their
+/// `deadlock_timeout`, at most 100 ms): in a cycle between the streamed transaction and
+/// an ordinary applied one (the receiver's, or a parallel writer's), PostgreSQL then
+/// rolls back the streamed one, which falls back to the whole-transaction path, rather
+/// than the ordinary one, whose failure would restart the peer's apply.
+pub(crate) fn stream_writer_settings() {
+    let server = crate::pg::xact::deadlock_timeout_ms();
+    crate::pg::xact::set_config(
+        "deadlock_timeout",
+        &format!("{}ms", (server / 10).clamp(1, 100)),
+    );
+}

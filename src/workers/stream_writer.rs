@@ -1,10 +1,12 @@
 //! A stream writer: applies a transaction streamed by the peer (protocol version 4) while
 //! it is still running there, so that at its STREAM COMMIT only the commit remains.
 //!
-//! Why this way: the receiver (the apply worker of one peer, `bdr.writers_per_peer` = 1)
-//! must keep applying the ordinary transactions that arrive between the streamed pieces,
-//! each committed in order, while the streamed one stays open; one process holds one
-//! transaction, so the streamed one lives here. The receiver starts this worker at the
+//! Why this way: the receiver (the apply worker of one peer) must keep applying the
+//! ordinary transactions that arrive between the streamed pieces (itself, or through its
+//! parallel writers with `bdr.writers_per_peer` > 1), each committed in order, while the
+//! streamed one stays open; one process holds one transaction, so the streamed one lives
+//! here. It checks for deadlocks first (`super::stream_writer_settings`), so a cycle
+//! with an ordinary applied transaction rolls the streamed one back (a fallback). The receiver starts this worker at the
 //! first streamed piece (`src/receive/direct.rs`) and feeds it over a shared-memory queue
 //! (the parallel-apply group of `src/pg/mq.rs`, with one queue): `Begin(seq)` then the
 //! raw frames `S` (piece start), `R` (relations), `X` (changes), `E` (piece stop), `A`
@@ -27,7 +29,8 @@
 //!
 //! Invariants: the transaction commits only on the receiver's `c`, under the peer's
 //! origin with the origin's session set up for that commit only (the receiver released
-//! it first: `xact::commit_remote_turn`), and is published with (remote end, local end)
+//! it first, or, with parallel apply, every earlier transaction's writer has committed
+//! and none holds it: `xact::commit_remote_turn`), and is published with (remote end, local end)
 //! through `Group::committed_here`; nothing of it is visible before. The worker leaves
 //! when its receiver does (the queue detaches), rolling back what it holds.
 
@@ -70,6 +73,7 @@ pub fn main(arg: pg_sys::Datum) {
         group.set_abort();
         return;
     };
+    super::stream_writer_settings();
     let aborter = group.aborter();
     let (local_ref, peer_ref) = (&local, &peer);
     let group_cell = std::panic::AssertUnwindSafe(group);
