@@ -81,6 +81,8 @@ test-pg: bootstrap
 
 test-cluster: bootstrap
 	cargo test -p pg_test -- --test-threads=$(TEST_THREADS) --nocapture
+	@echo "==> streamed transactions again, with the stream writer beside 4 parallel writers"
+	BDR_TEST_CONF='bdr.writers_per_peer=4' cargo test -p pg_test --test streaming -- --test-threads=$(TEST_THREADS) --nocapture
 
 demo: install
 	@bash scripts/demo.sh start "$(DEMO_DIR)"
