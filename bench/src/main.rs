@@ -733,6 +733,15 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
         let wal0: Vec<String> = (0..3)
             .map(|i| c.node(i).query_scalar("SELECT pg_current_wal_lsn()::text"))
             .collect();
+        // BENCH_PIN=1: A's server processes on CPU 0, the peers and pgbench on CPU 1
+        // (the writer node as if on a machine of its own).
+        let pinned = procs::pin_asked();
+        if pinned {
+            procs::pin(a, "0");
+            procs::pin(c.node(1), "1");
+            procs::pin(c.node(2), "1");
+            procs::pin_self("1");
+        }
         let s0 = procs::snapshot(&[a, c.node(1), c.node(2)]);
         let t = pgbench(
             a,
@@ -741,6 +750,12 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
         );
         procs::settle(&[a, c.node(1), c.node(2)]);
         let s1 = procs::snapshot(&[a, c.node(1), c.node(2)]);
+        if pinned {
+            procs::pin_self("0,1");
+            for i in 0..3 {
+                procs::pin(c.node(i), "0,1");
+            }
+        }
         let roles = procs::by_role(&s0, &s1);
         if std::env::var("BENCH_PROCS").is_ok_and(|v| v == "1") {
             eprintln!(
@@ -749,7 +764,11 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
                 procs::by_process(&s0, &s1)
             );
         }
-        let w = "4b. writer TPS, 2 peers (4 clients, single-row INSERT)";
+        let w = if pinned {
+            "4b. writer TPS, 2 peers, writer node on its own CPU (4 clients, single-row INSERT)"
+        } else {
+            "4b. writer TPS, 2 peers (4 clients, single-row INSERT)"
+        };
         put(rows, sys, w, "TPS on the writer", true, tps(&t));
         let n = a.query_scalar::<i64>("SELECT count(*) FROM small") - n0;
         // WAL written per writer transaction on each node (on B and C: what applying it

@@ -125,6 +125,40 @@ pub fn snapshot(nodes: &[&Node]) -> HashMap<i32, Proc> {
     out
 }
 
+/// `BENCH_PIN=1`: workload 4b runs with the writer node on a CPU of its own (see
+/// [`pin`]), as if each node had its own machine.
+pub fn pin_asked() -> bool {
+    std::env::var("BENCH_PIN").is_ok_and(|v| v == "1")
+}
+
+/// Set the CPU affinity of `node`'s postmaster and every process it has started (they
+/// are all its direct children; the ones it starts later inherit it) to `cpus` (a
+/// `taskset` list, e.g. "0" or "0,1"). A process that exits meanwhile is skipped.
+pub fn pin(node: &Node, cpus: &str) {
+    let Some(pm) = node.postmaster_pid() else {
+        return;
+    };
+    let mut pids = vec![pm];
+    pids.extend(snapshot(&[node]).keys().copied().filter(|&p| p > 0));
+    for pid in pids {
+        let _ = std::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Set this process's CPU affinity (what the pgbench it starts inherits) to `cpus`.
+pub fn pin_self(cpus: &str) {
+    let ok = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "taskset -p -c {cpus} (util-linux)");
+}
+
 /// Waits (at most 10 s) until no child of the nodes' postmasters is exiting (a process
 /// whose command line is already gone), so that a snapshot taken next neither misses a
 /// session that is about to be reaped nor charges an earlier workload's sessions, reaped
