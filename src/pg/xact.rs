@@ -458,9 +458,14 @@ pub fn run_sql(sql: &str) {
 }
 
 /// Whether process `pid` holds a lock that one of `waiters` (process ids) waits for,
-/// as the lock manager says (`pg_blocking_pids`). Outside a transaction: runs in one.
+/// as the lock manager says (`pg_blocking_pids`). In a transaction of its own unless one
+/// is open.
 pub fn blocks_any(pid: i32, waiters: &[i32]) -> bool {
-    begin();
+    // SAFETY: a plain read of the transaction state (cannot raise).
+    let own = !unsafe { crate::pg::unguarded::IsTransactionState() };
+    if own {
+        begin();
+    }
     let r = pgrx::Spi::get_one_with_args::<bool>(
         "SELECT EXISTS (SELECT FROM pg_catalog.unnest($1::pg_catalog.int4[]) AS w(pid) \
           WHERE $2 = ANY (pg_catalog.pg_blocking_pids(w.pid)))",
@@ -468,7 +473,9 @@ pub fn blocks_any(pid: i32, waiters: &[i32]) -> bool {
     )
     .unwrap_or_else(|e| crate::error::raise(&crate::error::ApplyError::Spi(e.to_string())))
     .unwrap_or(false);
-    commit();
+    if own {
+        commit();
+    }
     r
 }
 

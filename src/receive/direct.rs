@@ -118,7 +118,7 @@ fn stopped_why() -> &'static str {
 /// Parallel apply's deadlock guard (see the module note): if the stream writer holds a
 /// lock that one of `writers` (process ids) waits for, stop it and wait until it has
 /// exited (its transaction rolls back, its locks go); the receiver falls back at the
-/// streamed transaction's next frame. Outside a transaction.
+/// streamed transaction's next frame.
 pub(super) fn stop_if_blocking(writers: &[i32]) {
     if !stream_open() {
         return;

@@ -267,7 +267,7 @@ impl Dispatch {
         if !any {
             if self.group.last_committed() >= self.next_seq {
                 self.stalled_since = now;
-            } else {
+            } else if super::direct::stream_open() {
                 // Writers busy without a commit: one may wait for the stream writer.
                 self.stream_guard(self.stalled_since);
             }
