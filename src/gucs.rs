@@ -64,8 +64,9 @@ pub static WRITERS_PER_PEER: GucSetting<i32> = GucSetting::<i32>::new(1);
 
 /// `bdr.stream_large_transactions`: ask peers to stream a transaction that outgrows
 /// their `logical_decoding_work_mem` before it commits (protocol version 4). Read when an
-/// apply worker connects (see `src/receive/stream.rs`). With one writer per peer the
-/// pieces are applied before the commit (`src/receive/direct.rs`).
+/// apply worker connects (see `src/receive/stream.rs`). A stream writer applies the
+/// pieces before the commit, beside the apply worker or its parallel writers
+/// (`src/receive/direct.rs`).
 pub static STREAM_LARGE_TRANSACTIONS: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 /// `bdr.stream_writer_wait_memory` (kB): how much of a streamed transaction's changes a
