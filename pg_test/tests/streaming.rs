@@ -873,25 +873,35 @@ fn two_streamed_transactions_committed_in_the_opposite_order() {
     );
 }
 
-#[test]
-fn an_ordinary_transaction_blocked_by_the_streamed_one_falls_back_instead_of_hanging() {
-    // The receiver's own lock_timeout guard (one writer per peer; parallel apply's guard:
-    // `with_parallel_apply_a_writer_blocked_by_the_streamed_transaction_falls_back`).
-    let c = group_of(Cluster::builder().name("stream_guard").writers_per_peer(1));
+/// Two nodes with `writers` writers per peer and a unique index on node2 only; node1
+/// opens a big transaction (returned, open) that node2's stream writer applies, then
+/// commits a small one that does not collide on node1 but collides on node2 with a row
+/// the open streamed transaction wrote: on node2 its insert waits for the stream
+/// writer's row, and the stream writer waits for the next piece.
+fn small_one_blocked_by_the_streamed_one(
+    name: &str,
+    writers: usize,
+) -> (Cluster, postgres::Client) {
+    let c = group_of(Cluster::builder().name(name).writers_per_peer(writers));
     let (a, b) = (c.node(0), c.node(1));
-    // A unique index on node2 only: node1's small transaction below does not collide
-    // there, but collides here with a row the open streamed transaction wrote.
     b.execute("SET bdr.ddl_replication = off; CREATE UNIQUE INDEX t_v ON t (v)");
     let mut big = a.connect_as("app");
     big.batch_execute("BEGIN; INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 5000) g")
         .unwrap();
     wait_streamed(b, "node1", 1);
     wait_writer_open(b);
-    // Committed on node1 while the big one is open; on node2 its insert waits for the
-    // stream writer's row, and the stream writer waits for the next piece.
     a.connect_as("app")
         .batch_execute("INSERT INTO t VALUES (900000, 'v10')")
         .unwrap();
+    (c, big)
+}
+
+#[test]
+fn an_ordinary_transaction_blocked_by_the_streamed_one_falls_back_instead_of_hanging() {
+    // The receiver's own lock_timeout guard (one writer per peer; parallel apply's guard:
+    // `with_parallel_apply_a_writer_blocked_by_the_streamed_transaction_falls_back`).
+    let (c, mut big) = small_one_blocked_by_the_streamed_one("stream_guard", 1);
+    let (a, b) = (c.node(0), c.node(1));
     wait_until("the deadlock guard to fall back on node2", CATCHUP, || {
         stream_counts(b, "node1").2 >= 1
     });
@@ -1058,17 +1068,8 @@ fn measure_how_much_of_a_big_transaction_streams_before_commit() {
 /// one is still open on node1, and the big one arrives whole at its commit.
 #[test]
 fn with_parallel_apply_a_writer_blocked_by_the_streamed_transaction_falls_back() {
-    let c = group_of(Cluster::builder().name("stream_pguard").writers_per_peer(3));
+    let (c, mut big) = small_one_blocked_by_the_streamed_one("stream_pguard", 3);
     let (a, b) = (c.node(0), c.node(1));
-    b.execute("SET bdr.ddl_replication = off; CREATE UNIQUE INDEX t_v ON t (v)");
-    let mut big = a.connect_as("app");
-    big.batch_execute("BEGIN; INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 5000) g")
-        .unwrap();
-    wait_streamed(b, "node1", 1);
-    wait_writer_open(b);
-    a.connect_as("app")
-        .batch_execute("INSERT INTO t VALUES (900000, 'v10')")
-        .unwrap();
     wait_until(
         "node1's small transaction applied on node2 while the big one is open",
         CATCHUP,
