@@ -1106,6 +1106,78 @@ fn with_parallel_apply_a_writer_blocked_by_the_streamed_transaction_falls_back()
     );
 }
 
+/// Parallel apply: a writer's error while a streamed transaction is open in the stream
+/// writer (a CHECK on node2 only that a small transaction from node1 breaks) stops the
+/// peer's apply, logged, and takes the stream writer with it: while it is retried there
+/// is never more than one stream writer or more than the 3 writers on node2, and nothing
+/// received after the failing transaction commits. Once the DBA drops the constraint
+/// the small transactions and the big one arrive once, rows equal, the server never
+/// restarted.
+#[test]
+fn with_parallel_apply_a_writer_error_while_streaming_stops_both_and_loses_nothing() {
+    let c = group_of(Cluster::builder().name("stream_perr").writers_per_peer(3));
+    let (a, b) = (c.node(0), c.node(1));
+    b.execute(
+        "SET bdr.ddl_replication = off; \
+         ALTER TABLE t ADD CONSTRAINT no_poison CHECK (v <> 'poison')",
+    );
+    let mut big = a.connect_as("app");
+    big.batch_execute(
+        "BEGIN; INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 5000) g",
+    )
+    .unwrap();
+    wait_streamed(b, "node1", 1);
+    wait_writer_open(b);
+    let mut small = a.connect_as("app");
+    small
+        .batch_execute("INSERT INTO t VALUES (900001, 'poison')")
+        .unwrap();
+    small
+        .batch_execute("INSERT INTO t VALUES (900002, 'after')")
+        .unwrap();
+    let processes = |kind: &str| {
+        count(
+            b,
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'bdr {kind} %'"
+            ),
+        )
+    };
+    wait_until(
+        "node2 to retry the failing transaction three times",
+        CATCHUP,
+        || {
+            let (streams, writers) = (processes("stream writer"), processes("writer"));
+            assert!(
+            streams <= 1 && writers <= 3,
+            "{streams} stream writers and {writers} writers on node2: an old one outlived its apply worker"
+        );
+            count(
+                b,
+                "SELECT count(*) FROM bdr.conflict_history WHERE conflict_type = 'apply_error'",
+            ) >= 3
+        },
+    );
+    assert!(b.log().contains("no_poison"), "the error is logged");
+    assert_eq!(
+        count(b, "SELECT count(*) FROM t WHERE id > 900000 OR id <= 5000"),
+        0,
+        "nothing after the failing transaction, nothing of the open one"
+    );
+    b.execute("SET bdr.ddl_replication = off; ALTER TABLE t DROP CONSTRAINT no_poison");
+    big.batch_execute("COMMIT").unwrap();
+    wait_for_catchup(&c);
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE id <= 5000"), 5000);
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE id > 900000"), 2);
+    assert_same_everywhere(&c, "t");
+    assert_eq!(restarts(b), 0, "node2's server restarted");
+    assert!(
+        b.forbidden_log_lines().is_empty(),
+        "{:?}",
+        b.forbidden_log_lines()
+    );
+}
+
 /// Streamed and ordinary transactions from every node of three, under random apply
 /// pauses (so they race into conflicts), some with a rolled-back subtransaction, some
 /// rolled back whole, converge: the streamed path (applied before the commit), its
