@@ -121,6 +121,29 @@ fn wait_writer_open(n: &Node) -> i32 {
     pid
 }
 
+/// No crash, backtrace or leaked reference in `n`'s log.
+fn assert_clean_log(n: &Node) {
+    assert!(
+        n.forbidden_log_lines().is_empty(),
+        "{}: {:?}",
+        n.name(),
+        n.forbidden_log_lines()
+    );
+}
+
+/// node1 opens a 5,000-row transaction (returned, open) and node2's stream writer
+/// applies a piece of it.
+fn big_one_open(c: &Cluster) -> postgres::Client {
+    let mut big = c.node(0).connect_as("app");
+    big.batch_execute(
+        "BEGIN; INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 5000) g",
+    )
+    .unwrap();
+    wait_streamed(c.node(1), "node1", 1);
+    wait_writer_open(c.node(1));
+    big
+}
+
 fn count(n: &Node, sql: &str) -> i64 {
     n.query_scalar(sql)
 }
@@ -283,13 +306,7 @@ fn streamed_beside_small_ones(c: Cluster) {
 fn a_streamed_transaction_rolled_back_leaves_nothing() {
     let c = group("stream_abort");
     let (a, b) = (c.node(0), c.node(1));
-    let mut big = a.connect_as("app");
-    big.batch_execute(
-        "BEGIN; INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 5000) g",
-    )
-    .unwrap();
-    wait_streamed(b, "node1", 1);
-    wait_writer_open(b);
+    let mut big = big_one_open(&c);
     big.batch_execute("ROLLBACK").unwrap();
     a.connect_as("app")
         .batch_execute("INSERT INTO t VALUES (999999, 'after')")
@@ -896,6 +913,23 @@ fn small_one_blocked_by_the_streamed_one(
     (c, big)
 }
 
+/// After [`small_one_blocked_by_the_streamed_one`]'s fallback: node1 commits the big
+/// transaction, which node2 applies on the whole-transaction path after the small one
+/// (its newer row wins node2's unique index, as without streaming), nothing of it
+/// committed by the stream writer.
+fn big_one_arrives_whole(c: &Cluster, mut big: postgres::Client) {
+    let (a, b) = (c.node(0), c.node(1));
+    big.batch_execute("COMMIT").unwrap();
+    wait_for_catchup(c);
+    assert_eq!(count(b, "SELECT count(*) FROM t WHERE id <= 5000"), 5000);
+    assert_eq!(count(a, "SELECT count(*) FROM t"), 5001);
+    assert_eq!(
+        stream_counts(b, "node1").1,
+        0,
+        "nothing committed by the stream writer"
+    );
+}
+
 #[test]
 fn an_ordinary_transaction_blocked_by_the_streamed_one_falls_back_instead_of_hanging() {
     // The receiver's own lock_timeout guard (one writer per peer; parallel apply's guard:
@@ -905,17 +939,7 @@ fn an_ordinary_transaction_blocked_by_the_streamed_one_falls_back_instead_of_han
     wait_until("the deadlock guard to fall back on node2", CATCHUP, || {
         stream_counts(b, "node1").2 >= 1
     });
-    big.batch_execute("COMMIT").unwrap();
-    wait_for_catchup(&c);
-    // Whole-transaction path afterwards: the small one first, then the big one, whose
-    // newer row wins the unique index on node2 (as without streaming).
-    assert_eq!(count(b, "SELECT count(*) FROM t WHERE id <= 5000"), 5000);
-    assert_eq!(count(a, "SELECT count(*) FROM t"), 5001);
-    assert_eq!(
-        stream_counts(b, "node1").1,
-        0,
-        "nothing committed by the stream writer"
-    );
+    big_one_arrives_whole(&c, big);
     assert!(
         b.log()
             .contains("waited for a row lock of the streamed one"),
@@ -947,13 +971,7 @@ fn a_streamed_commit_stamped_in_the_future_waits_for_the_local_clock() {
             .clock_offset(0, "+8"),
     );
     let (a, b) = (c.node(0), c.node(1));
-    let mut big = a.connect_as("app");
-    big.batch_execute(
-        "BEGIN; INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 5000) g",
-    )
-    .unwrap();
-    wait_streamed(b, "node1", 1);
-    wait_writer_open(b);
+    let mut big = big_one_open(&c);
     let committed_at: f64 = b.query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8");
     big.batch_execute("COMMIT").unwrap();
     wait_until("the streamed transaction on node2", CATCHUP, || {
@@ -1088,22 +1106,8 @@ fn with_parallel_apply_a_writer_blocked_by_the_streamed_transaction_falls_back()
             .contains("a parallel writer waited for a row lock of the streamed transaction"),
         "the guard's fallback is logged"
     );
-    big.batch_execute("COMMIT").unwrap();
-    wait_for_catchup(&c);
-    // Whole-transaction path afterwards, as without streaming: the big one's newer row
-    // wins node2's unique index.
-    assert_eq!(count(b, "SELECT count(*) FROM t WHERE id <= 5000"), 5000);
-    assert_eq!(count(a, "SELECT count(*) FROM t"), 5001);
-    assert_eq!(
-        stream_counts(b, "node1").1,
-        0,
-        "nothing committed by the stream writer"
-    );
-    assert!(
-        b.forbidden_log_lines().is_empty(),
-        "{:?}",
-        b.forbidden_log_lines()
-    );
+    big_one_arrives_whole(&c, big);
+    assert_clean_log(b);
 }
 
 /// Parallel apply: a writer's error while a streamed transaction is open in the stream
@@ -1121,13 +1125,7 @@ fn with_parallel_apply_a_writer_error_while_streaming_stops_both_and_loses_nothi
         "SET bdr.ddl_replication = off; \
          ALTER TABLE t ADD CONSTRAINT no_poison CHECK (v <> 'poison')",
     );
-    let mut big = a.connect_as("app");
-    big.batch_execute(
-        "BEGIN; INSERT INTO t SELECT g, repeat('x', 50) FROM generate_series(1, 5000) g",
-    )
-    .unwrap();
-    wait_streamed(b, "node1", 1);
-    wait_writer_open(b);
+    let mut big = big_one_open(&c);
     let mut small = a.connect_as("app");
     small
         .batch_execute("INSERT INTO t VALUES (900001, 'poison')")
@@ -1171,11 +1169,7 @@ fn with_parallel_apply_a_writer_error_while_streaming_stops_both_and_loses_nothi
     assert_eq!(count(b, "SELECT count(*) FROM t WHERE id > 900000"), 2);
     assert_same_everywhere(&c, "t");
     assert_eq!(restarts(b), 0, "node2's server restarted");
-    assert!(
-        b.forbidden_log_lines().is_empty(),
-        "{:?}",
-        b.forbidden_log_lines()
-    );
+    assert_clean_log(b);
 }
 
 /// Streamed and ordinary transactions from every node of three, under random apply
@@ -1328,12 +1322,7 @@ fn randomized_streamed_and_small_transactions_converge() {
         "streamed transactions committed streamed: {committed} ({fell_back} fell back)"
     );
     for n in c.nodes() {
-        assert!(
-            n.forbidden_log_lines().is_empty(),
-            "{}: {:?}",
-            n.name(),
-            n.forbidden_log_lines()
-        );
+        assert_clean_log(n);
     }
 }
 
