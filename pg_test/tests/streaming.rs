@@ -934,8 +934,8 @@ fn big_one_arrives_whole(c: &Cluster, mut big: postgres::Client) {
 fn an_ordinary_transaction_blocked_by_the_streamed_one_falls_back_instead_of_hanging() {
     // The receiver's own lock_timeout guard (one writer per peer; parallel apply's guard:
     // `with_parallel_apply_a_writer_blocked_by_the_streamed_transaction_falls_back`).
-    let (c, mut big) = small_one_blocked_by_the_streamed_one("stream_guard", 1);
-    let (a, b) = (c.node(0), c.node(1));
+    let (c, big) = small_one_blocked_by_the_streamed_one("stream_guard", 1);
+    let b = c.node(1);
     wait_until("the deadlock guard to fall back on node2", CATCHUP, || {
         stream_counts(b, "node1").2 >= 1
     });
@@ -970,7 +970,7 @@ fn a_streamed_commit_stamped_in_the_future_waits_for_the_local_clock() {
             .name("stream_clock")
             .clock_offset(0, "+8"),
     );
-    let (a, b) = (c.node(0), c.node(1));
+    let b = c.node(1);
     let mut big = big_one_open(&c);
     let committed_at: f64 = b.query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8");
     big.batch_execute("COMMIT").unwrap();
@@ -1086,8 +1086,8 @@ fn measure_how_much_of_a_big_transaction_streams_before_commit() {
 /// one is still open on node1, and the big one arrives whole at its commit.
 #[test]
 fn with_parallel_apply_a_writer_blocked_by_the_streamed_transaction_falls_back() {
-    let (c, mut big) = small_one_blocked_by_the_streamed_one("stream_pguard", 3);
-    let (a, b) = (c.node(0), c.node(1));
+    let (c, big) = small_one_blocked_by_the_streamed_one("stream_pguard", 3);
+    let b = c.node(1);
     wait_until(
         "node1's small transaction applied on node2 while the big one is open",
         CATCHUP,
