@@ -141,22 +141,26 @@ pub fn pin(node: &Node, cpus: &str) {
     let mut pids = vec![pm];
     pids.extend(snapshot(&[node]).keys().copied().filter(|&p| p > 0));
     for pid in pids {
-        let _ = std::process::Command::new("taskset")
-            .args(["-a", "-p", "-c", cpus, &pid.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
+        taskset(cpus, pid as u32);
     }
 }
 
 /// Set this process's CPU affinity (what the pgbench it starts inherits) to `cpus`.
 pub fn pin_self(cpus: &str) {
-    let ok = std::process::Command::new("taskset")
-        .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
+    assert!(
+        taskset(cpus, std::process::id()),
+        "taskset -p -c {cpus} (util-linux)"
+    );
+}
+
+/// `taskset -a -p -c <cpus> <pid>`: whether it succeeded.
+fn taskset(cpus: &str, pid: u32) -> bool {
+    std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "taskset -p -c {cpus} (util-linux)");
+        .is_ok_and(|s| s.success())
 }
 
 /// Waits (at most 10 s) until no child of the nodes' postmasters is exiting (a process

@@ -5,6 +5,7 @@
 //! before `CommitTransactionCommand`), so the origin's progress is durable exactly when the
 //! applied rows are: after a crash, streaming resumes right after the last applied commit.
 
+use crate::error::OrRaise;
 use pgrx::pg_sys;
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, CString};
@@ -471,7 +472,7 @@ pub fn blocks_any(pid: i32, waiters: &[i32]) -> bool {
           WHERE $2 = ANY (pg_catalog.pg_blocking_pids(w.pid)))",
         &[waiters.to_vec().into(), pid.into()],
     )
-    .unwrap_or_else(|e| crate::error::raise(&crate::error::ApplyError::Spi(e.to_string())))
+    .or_raise_as(crate::error::ApplyError::spi)
     .unwrap_or(false);
     if own {
         commit();

@@ -6,10 +6,10 @@
 //! parallel writers with `bdr.writers_per_peer` > 1), each committed in order, while the
 //! streamed one stays open; one process holds one transaction, so the streamed one lives
 //! here. It checks for deadlocks first (`super::stream_writer_settings`), so a cycle
-//! with an ordinary applied transaction rolls the streamed one back (a fallback). The receiver starts this worker at the
-//! first streamed piece (`src/receive/direct.rs`) and feeds it over a shared-memory queue
-//! (the parallel-apply group of `src/pg/mq.rs`, with one queue): `Begin(seq)` then the
-//! raw frames `S` (piece start), `R` (relations), `X` (changes), `E` (piece stop), `A`
+//! with an ordinary applied transaction rolls the streamed one back (a fallback). The
+//! receiver starts this worker at the first streamed piece (`src/receive/direct.rs`) and
+//! feeds it over a shared-memory queue (the parallel-apply group of `src/pg/mq.rs`, with
+//! one queue): `Begin(seq)` then the raw frames `S` (piece start), `R` (relations), `X` (changes), `E` (piece stop), `A`
 //! of a subtransaction (roll it back), and `c` (commit) or `A` of the transaction (roll
 //! back).
 //!
@@ -30,8 +30,8 @@
 //! Invariants: the transaction commits only on the receiver's `c`, under the peer's
 //! origin with the origin's session set up for that commit only (the receiver released
 //! it first, or, with parallel apply, every earlier transaction's writer has committed
-//! and none holds it: `xact::commit_remote_turn`), and is published with (remote end, local end)
-//! through `Group::committed_here`; nothing of it is visible before. The worker leaves
+//! and none holds it: `xact::commit_remote_turn`), and is published with (remote end,
+//! local end) through `Group::committed_here`; nothing of it is visible before. The worker leaves
 //! when its receiver does (the queue detaches), rolling back what it holds.
 
 use crate::apply::{Applier, Link};
