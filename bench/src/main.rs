@@ -740,7 +740,11 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
             procs::pin(a, "0");
             procs::pin(c.node(1), "1");
             procs::pin(c.node(2), "1");
-            procs::pin_self("1");
+            procs::pin_self(&procs::client_cpu());
+            if let Some(n) = procs::peers_nice() {
+                procs::renice(c.node(1), n);
+                procs::renice(c.node(2), n);
+            }
         }
         let s0 = procs::snapshot(&[a, c.node(1), c.node(2)]);
         let t = pgbench(
@@ -755,6 +759,10 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
             for i in 0..3 {
                 procs::pin(c.node(i), "0,1");
             }
+            if procs::peers_nice().is_some() {
+                procs::renice(c.node(1), 0);
+                procs::renice(c.node(2), 0);
+            }
         }
         let roles = procs::by_role(&s0, &s1);
         if std::env::var("BENCH_PROCS").is_ok_and(|v| v == "1") {
@@ -764,12 +772,8 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
                 procs::by_process(&s0, &s1)
             );
         }
-        let w = if pinned {
-            "4b. writer TPS, 2 peers, writer node on its own CPU (4 clients, single-row INSERT)"
-        } else {
-            "4b. writer TPS, 2 peers (4 clients, single-row INSERT)"
-        };
-        put(rows, sys, w, "TPS on the writer", true, tps(&t));
+        let w = writer_4b_label(pinned);
+        put(rows, sys, &w, "TPS on the writer", true, tps(&t));
         let n = a.query_scalar::<i64>("SELECT count(*) FROM small") - n0;
         // WAL written per writer transaction on each node (on B and C: what applying it
         // wrote, which their WAL writers flush and their walsenders read).
@@ -780,7 +784,7 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
             put(
                 rows,
                 sys,
-                w,
+                &w,
                 &format!("WAL bytes per txn on {}", (b'A' + i as u8) as char),
                 false,
                 bytes / n.max(1) as f64,
@@ -864,6 +868,24 @@ fn k_scaling(rows: &mut Vec<Row>, notes: &mut Vec<String>) {
 
 const WRITER_SCRIPT: &str =
     "INSERT INTO small (v) VALUES (1);\nUPDATE small SET v = v + 1 WHERE id = (SELECT max(id) FROM small);\n";
+
+/// Workload 4b's row name: how its processes were placed (`BENCH_PIN`, `BENCH_PIN_CLIENT`,
+/// `BENCH_PEERS_NICE`).
+fn writer_4b_label(pinned: bool) -> String {
+    let place = if !pinned {
+        String::new()
+    } else {
+        let mut p = ", writer node on its own CPU".to_string();
+        if procs::client_cpu() == "0" {
+            p.push_str(", pgbench beside it");
+        }
+        if let Some(n) = procs::peers_nice() {
+            p.push_str(&format!(", peers at nice {n}"));
+        }
+        p
+    };
+    format!("4b. writer TPS, 2 peers{place} (4 clients, single-row INSERT)")
+}
 
 /// Writer TPS with no replication at all (the baseline of workloads 4 and 4b), and with
 /// bdr in a one-node group (bdr's own writer-side cost: ids, triggers, hooks, commit

@@ -153,6 +153,39 @@ pub fn pin_self(cpus: &str) {
     );
 }
 
+/// `BENCH_PIN_CLIENT=<cpu>` (with `BENCH_PIN=1`): the CPU pgbench runs on in workload 4b,
+/// "1" (with the peers) unless set; "0" puts the writer's clients beside the writer's
+/// server, so that the peers cannot take CPU from either.
+pub fn client_cpu() -> String {
+    std::env::var("BENCH_PIN_CLIENT").unwrap_or_else(|_| "1".into())
+}
+
+/// `BENCH_PEERS_NICE=<n>` (with `BENCH_PIN=1`): the nice value the peers' processes get
+/// while workload 4b runs pinned, so that pgbench, which shares CPU 1 with them, is not
+/// starved by them (as if the peers had machines of their own too). `None` when unset.
+pub fn peers_nice() -> Option<i32> {
+    std::env::var("BENCH_PEERS_NICE").ok()?.parse().ok()
+}
+
+/// Set the nice value of `node`'s postmaster and of every process it has started (the
+/// ones it starts later inherit it) to `nice`. A process that exits meanwhile is skipped.
+pub fn renice(node: &Node, nice: i32) {
+    let Some(pm) = node.postmaster_pid() else {
+        return;
+    };
+    let mut pids = vec![pm];
+    pids.extend(snapshot(&[node]).keys().copied().filter(|&p| p > 0));
+    for pid in pids {
+        // Every thread of the process (`-p` alone would change the main one only; the
+        // server's processes have one thread, so this is the process).
+        let _ = std::process::Command::new("renice")
+            .args(["-n", &nice.to_string(), "-p", &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 /// `taskset -a -p -c <cpus> <pid>`: whether it succeeded.
 fn taskset(cpus: &str, pid: u32) -> bool {
     std::process::Command::new("taskset")
