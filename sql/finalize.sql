@@ -48,6 +48,11 @@ GRANT EXECUTE ON FUNCTION bdr.snowflake_nextval(regclass) TO PUBLIC;
 -- A session's own outcome of bdr.synchronous_commit_peers (nothing about anyone else).
 GRANT EXECUTE ON FUNCTION bdr.last_synchronous_commit() TO PUBLIC;
 
+-- Waiting until the peers have what this node wrote: it reads only slot positions, which
+-- pg_replication_slots shows to everyone, and changes nothing (applications and deploy
+-- scripts call it after a migration or a batch).
+GRANT EXECUTE ON FUNCTION bdr.wait_slot_confirm_lsn(text, pg_lsn) TO PUBLIC;
+
 -- The extension's triggers do their own writes in schema bdr for any role: they run as
 -- the extension owner, with a search_path nobody else can put objects in. Each writes
 -- only what the triggering statement implies (a tombstone for a key the statement

@@ -448,6 +448,12 @@ pub enum SyncCommitError {
     },
     #[error("bdr: synchronous commit wants {wanted} peers but this node has {have}")]
     TooFewPeers { wanted: usize, have: usize },
+    #[error("bdr.wait_slot_confirm_lsn cannot wait inside a transaction that has written")]
+    WaitAfterWrite,
+    #[error("bdr.wait_slot_confirm_lsn waits only in client sessions")]
+    WaitOutsideSession,
+    #[error("replication slot \"{0}\" of this database does not exist")]
+    NoSuchSlot(String),
 }
 
 impl PgError for SyncCommitError {
@@ -459,6 +465,9 @@ impl PgError for SyncCommitError {
             } => PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN,
             SyncCommitError::Canceled { .. } => PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
             SyncCommitError::TooFewPeers { .. } => PgSqlErrorCode::ERRCODE_WARNING,
+            SyncCommitError::WaitAfterWrite => PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
+            SyncCommitError::WaitOutsideSession => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            SyncCommitError::NoSuchSlot(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
         }
     }
     fn detail(&self) -> Option<String> {
@@ -473,6 +482,9 @@ impl PgError for SyncCommitError {
             SyncCommitError::TooFewPeers { .. } => format!(
                 "{committed}; it was not waited for (a node counts one peer per bdr replication slot it feeds)."
             ),
+            SyncCommitError::WaitAfterWrite => "The peers receive this transaction's changes only after it commits, so the wait would never cover them.".into(),
+            SyncCommitError::NoSuchSlot(_) => "Nothing was waited for.".into(),
+            SyncCommitError::WaitOutsideSession => "An apply worker or other background process waiting for its own peers could hold up replication.".into(),
         })
     }
     fn hint(&self) -> Option<String> {
@@ -480,6 +492,9 @@ impl PgError for SyncCommitError {
             SyncCommitError::TimedOut { .. } => "Check bdr.node_status() for the peers that did not confirm; raise bdr.synchronous_commit_timeout or lower bdr.synchronous_commit_peers.".into(),
             SyncCommitError::Canceled { .. } => "bdr.last_synchronous_commit() reports how the last commit ended.".into(),
             SyncCommitError::TooFewPeers { .. } => "Set bdr.synchronous_commit_peers to at most the number of other data nodes in the group.".into(),
+            SyncCommitError::WaitAfterWrite => "COMMIT first, then call it in a new transaction (or set bdr.synchronous_commit_peers for the transaction).".into(),
+            SyncCommitError::WaitOutsideSession => "Call it from an ordinary session (not in a replicated statement or a trigger that fires in apply).".into(),
+            SyncCommitError::NoSuchSlot(_) => "Pass NULL to wait for every bdr slot of this database; pg_replication_slots lists the slots.".into(),
         })
     }
 }

@@ -18,6 +18,12 @@
 //! `synchronous_standby_names`) happens inside the commit, this one right after it
 //! (docs/settings.md).
 //!
+//! `bdr.wait_slot_confirm_lsn` (PGD's and pglogical's name) is the same wait on demand,
+//! outside any commit: until every bdr slot of the database (or one named slot) has a
+//! `confirmed_flush` at or past an LSN. It may fail like any statement (a cancel or
+//! `statement_timeout` is an ERROR), and it refuses to run in a transaction that has
+//! written, whose changes no peer can have before its COMMIT.
+//!
 //! Invariants: the wait happens after the commit, so it can never turn a committed
 //! transaction into an error: a timeout or a cancel is a WARNING (and
 //! `bdr.last_synchronous_commit()` says which), the same contract as PostgreSQL's
@@ -130,6 +136,73 @@ fn wait(wanted: usize, commit_end: u64) -> (Outcome, usize, Duration) {
             });
             return (Outcome::Canceled, tally.confirmed.len(), start.elapsed());
         }
+    }
+}
+
+/// `bdr.wait_slot_confirm_lsn(slot_name, target_lsn)`: wait until the bdr slot
+/// `slot_name` of this database (every one when NULL) has confirmed `target_lsn` (this
+/// node's current WAL insert position when NULL): the peer it feeds has applied *and*
+/// flushed everything this node wrote up to there. The name and arguments are PGD's and
+/// pglogical's. It waits as long as it takes (`statement_timeout` and a cancel end it
+/// with an ERROR), with a NOTICE naming the peers still missing every 10 s; a slot
+/// dropped meanwhile (its peer parted) is no longer waited for. Refused in a
+/// transaction that has written: its own changes reach the peers only after its COMMIT.
+#[pg_extern(sql = "
+CREATE FUNCTION bdr.wait_slot_confirm_lsn(slot_name text DEFAULT NULL, target_lsn pg_lsn DEFAULT NULL)
+    RETURNS void LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+COMMENT ON FUNCTION bdr.wait_slot_confirm_lsn(text, pg_lsn) IS
+    'Wait until the peers fed by this node''s bdr slots (or one slot) have applied and flushed everything up to target_lsn (default: now)';
+")]
+fn wait_slot_confirm_lsn(slot_name: Option<&str>, target_lsn: Option<i64>) {
+    if !syncrep::is_client_backend() {
+        error::raise(&SyncCommitError::WaitOutsideSession);
+    }
+    if syncrep::has_xid() {
+        error::raise(&SyncCommitError::WaitAfterWrite);
+    }
+    // pg_lsn is passed by value as 8 bytes, read here as a bigint.
+    let target = target_lsn.map_or_else(crate::pg::xact::insert_lsn, |l| l as u64);
+    let dboid = crate::catalog::nodes::my_database_oid();
+    let prefix = bdr_core::names::slot_name(dboid, "");
+    // (peer or slot name, confirmed_flush) of the slots waited for. A named slot may be
+    // any logical slot of this database, bdr's or not.
+    let slots = || -> Vec<(String, u64)> {
+        match slot_name {
+            None => peer_slots(dboid, &prefix),
+            Some(want) => syncrep::slots(dboid, want)
+                .into_iter()
+                .filter(|(name, _)| name == want)
+                .collect(),
+        }
+    };
+    if let Some(want) = slot_name {
+        if slots().is_empty() {
+            error::raise(&SyncCommitError::NoSuchSlot(want.to_string()));
+        }
+    }
+    let start = Instant::now();
+    let mut next_notice = Duration::from_secs(10);
+    loop {
+        let tally = Tally::of(&slots(), target);
+        if tally.missing.is_empty() {
+            return;
+        }
+        let waited = start.elapsed();
+        if waited >= next_notice {
+            next_notice += Duration::from_secs(10);
+            pgrx::notice!(
+                "bdr: still waiting after {} s for {} to confirm {}",
+                waited.as_secs(),
+                tally.missing.join(", "),
+                bdr_core::wire::format_lsn(target)
+            );
+        }
+        syncrep::nap_or_cancel(if waited < Duration::from_millis(50) {
+            1
+        } else {
+            10
+        });
     }
 }
 

@@ -182,3 +182,121 @@ fn with_the_peer_down_a_synchronous_commit_waits_for_the_timeout_and_says_so() {
     }
     bdr::assert_same_everywhere(&c, "t");
 }
+
+/// The SQLSTATE, message and hint of a failed statement.
+fn failure(r: Result<impl Sized, postgres::Error>) -> (String, String, String) {
+    let e = r.err().expect("the statement should have failed");
+    let db = e.as_db_error().expect("a server error");
+    (
+        db.code().code().to_string(),
+        db.message().to_string(),
+        db.hint().unwrap_or_default().to_string(),
+    )
+}
+
+#[test]
+fn wait_slot_confirm_lsn_returns_once_the_peer_has_applied_and_not_before() {
+    let c = two_nodes("sync_wait_slot");
+    let (a, b) = (c.node(0), c.node(1));
+    let mut app = a.connect_as("app");
+    // A plain role may wait: after each commit, the row is on node2 the moment the wait
+    // returns (no poll).
+    for id in 1..=20 {
+        app.execute("INSERT INTO t VALUES ($1, 'waited')", &[&id])
+            .unwrap();
+        app.batch_execute("SELECT bdr.wait_slot_confirm_lsn()")
+            .unwrap();
+        assert!(has_row(b, id), "row {id} not on node2 after the wait");
+    }
+    // While node2 applies nothing, the wait does not return: statement_timeout ends it
+    // with the usual ERROR, and the session goes on.
+    b.execute("SELECT bdr.apply_pause()");
+    app.execute("INSERT INTO t VALUES (100, 'paused')", &[])
+        .unwrap();
+    let target: String = app
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .unwrap()
+        .get(0);
+    app.batch_execute("SET statement_timeout = '2s'").unwrap();
+    let t = Instant::now();
+    let (code, msg, _) = failure(app.batch_execute("SELECT bdr.wait_slot_confirm_lsn()"));
+    assert_eq!(code, "57014", "{msg}");
+    assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(!has_row(b, 100), "applied while paused");
+    // The slot by name and an explicit target: returns once node2 resumes.
+    let slot: String = a.query_scalar(
+        "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'bdr\\_%' \
+          AND database = current_database()",
+    );
+    app.batch_execute("SET statement_timeout = '60s'").unwrap();
+    let waiter = std::thread::spawn({
+        let client = a.connect_as("app");
+        let slot = slot.clone();
+        let target = target.clone();
+        move || {
+            let mut w = client;
+            let t = Instant::now();
+            w.execute(
+                "SELECT bdr.wait_slot_confirm_lsn($1, $2::text::pg_lsn)",
+                &[&slot, &target],
+            )
+            .map(|_| t.elapsed())
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !waiter.is_finished(),
+        "the wait returned while node2 was paused"
+    );
+    b.execute("SELECT bdr.apply_resume()");
+    let waited = waiter.join().unwrap().unwrap();
+    assert!(has_row(b, 100), "row 100 not on node2 after the wait");
+    assert!(waited < Duration::from_secs(30), "{waited:?}");
+
+    // Bad calls: an ERROR with a hint, nothing waited for.
+    let (code, msg, hint) = failure(app.batch_execute(
+        "BEGIN; INSERT INTO t VALUES (200, 'uncommitted'); SELECT bdr.wait_slot_confirm_lsn()",
+    ));
+    assert_eq!(code, "25001", "{msg}");
+    assert!(hint.contains("COMMIT first"), "{hint}");
+    app.batch_execute("ROLLBACK").unwrap();
+    let (code, msg, hint) =
+        failure(app.batch_execute("SELECT bdr.wait_slot_confirm_lsn('no_such_slot')"));
+    assert_eq!(code, "42704", "{msg}");
+    assert!(
+        msg.contains("no_such_slot") && hint.contains("pg_replication_slots"),
+        "{msg} / {hint}"
+    );
+    // Read-only work before it in the same transaction is fine.
+    app.batch_execute("BEGIN; SELECT count(*) FROM t; SELECT bdr.wait_slot_confirm_lsn(); COMMIT")
+        .unwrap();
+    // In apply (a trigger node2's DBA enabled for replicated rows) it is an ERROR: the
+    // apply worker stops with it and retries, it does not wait for its own peers.
+    // (node2's own: not replicated.)
+    b.execute(
+        "SET bdr.ddl_replication = off; \
+         CREATE FUNCTION waits() RETURNS trigger LANGUAGE plpgsql AS \
+           $$BEGIN PERFORM bdr.wait_slot_confirm_lsn(); RETURN NEW; END$$; \
+         CREATE TRIGGER waits BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION waits(); \
+         ALTER TABLE t ENABLE ALWAYS TRIGGER waits;",
+    );
+    app.execute("INSERT INTO t VALUES (300, 'through the trigger')", &[])
+        .unwrap();
+    wait_until("the apply error on node2", bdr::CATCHUP, || {
+        b.query_scalar::<bool>(
+            "SELECT coalesce(bool_or(last_error LIKE '%waits only in client sessions%'), false) \
+               FROM bdr.apply_workers()",
+        )
+    });
+    assert!(!has_row(b, 300));
+    b.execute("SET bdr.ddl_replication = off; DROP TRIGGER waits ON t");
+    app.batch_execute("SELECT bdr.wait_slot_confirm_lsn()")
+        .unwrap();
+    assert!(
+        has_row(b, 300),
+        "row 300 not on node2 after the trigger was dropped"
+    );
+    for n in [a, b] {
+        assert!(n.forbidden_log_lines().is_empty(), "{}", n.log_tail(30));
+    }
+}

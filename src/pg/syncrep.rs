@@ -129,6 +129,15 @@ pub fn slots(dboid: u32, prefix: &str) -> Vec<(String, u64)> {
     out
 }
 
+/// Sleep on the process latch for up to `ms` milliseconds, after acting on a pending
+/// cancel or terminate request like any statement (an ERROR, or the backend exits):
+/// for waits that may still fail, unlike [`nap`].
+pub fn nap_or_cancel(ms: i64) {
+    pgrx::check_for_interrupts!();
+    crate::pg::bgw::sleep_on_latch(ms);
+    pgrx::check_for_interrupts!();
+}
+
 /// Why a wait stopped early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Interrupt {
