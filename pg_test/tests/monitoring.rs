@@ -325,3 +325,105 @@ fn user_facing_errors_carry_no_rust_backtrace() {
     }
     // The Cluster's drop also scans the server log for backtraces.
 }
+
+/// `bdr.compare_table` on node1: (node, row_count, matches_local, error) per node.
+fn compare(n: &Node, table: &str) -> Vec<(String, Option<i64>, Option<bool>, Option<String>)> {
+    n.connect()
+        .query(
+            "SELECT node_name, row_count, matches_local, error FROM bdr.compare_table($1::text::regclass)",
+            &[&table],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+#[test]
+fn compare_table_says_which_nodes_hold_the_same_rows() {
+    let c = pair("compare_table");
+    let (a, b) = (c.node(0), c.node(1));
+    a.execute("ALTER TABLE t ADD COLUMN at timestamptz; GRANT USAGE ON SCHEMA bdr TO app");
+    wait_for_catchup(&c);
+    // Rows from both nodes (as the application), with timestamps: node2's sessions show
+    // them in another time zone, which must not make the nodes differ.
+    b.execute(
+        "DO $$BEGIN EXECUTE format('ALTER DATABASE %I SET timezone = %L', \
+                                   current_database(), 'America/New_York'); END$$",
+    );
+    for (n, base) in [(a, 0), (b, 1000)] {
+        let mut app = n.connect_as("app");
+        for i in 1..=50 {
+            app.execute(
+                "INSERT INTO t VALUES ($1, 'row ' || $1::bigint, '2026-12-01 10:00+00'::timestamptz + $1::bigint * interval '1 min')",
+                &[&(base + i as i64)],
+            )
+            .unwrap();
+        }
+        app.batch_execute("SELECT bdr.wait_slot_confirm_lsn()")
+            .unwrap();
+    }
+    let same = compare(a, "t");
+    assert_eq!(
+        same,
+        vec![
+            ("node1".to_string(), Some(100), Some(true), None),
+            ("node2".to_string(), Some(100), Some(true), None),
+        ]
+    );
+    // node2 does not apply: an extra row on node1, then the same count with one row
+    // changed. Each shows as a difference of node2.
+    b.execute("SELECT bdr.apply_pause()");
+    a.execute("INSERT INTO t VALUES (5000, 'only on node1', now())");
+    let r = compare(a, "t");
+    assert_eq!((r[1].1, r[1].2), (Some(100), Some(false)), "{r:?}");
+    assert_eq!(r[0].1, Some(101));
+    a.execute("DELETE FROM t WHERE id = 5000; UPDATE t SET v = 'changed on node1' WHERE id = 7");
+    let r = compare(a, "t");
+    assert_eq!(
+        (r[0].1, r[1].1, r[1].2),
+        (Some(100), Some(100), Some(false)),
+        "{r:?}"
+    );
+    b.execute("SELECT bdr.apply_resume()");
+    a.execute("SELECT bdr.wait_slot_confirm_lsn()");
+    let r = compare(a, "t");
+    assert_eq!(r[1].2, Some(true), "{r:?}");
+    // Bad input is an ERROR with a hint; a role without SELECT on the table is refused
+    // before any node is read.
+    a.execute(
+        "CREATE VIEW tv AS SELECT * FROM t; CREATE TABLE secret (id int PRIMARY KEY); \
+         GRANT EXECUTE ON FUNCTION bdr.compare_table(regclass) TO app;",
+    );
+    let e = a
+        .try_execute("SELECT * FROM bdr.compare_table('tv')")
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("42809"), "{e}");
+    let mut app = a.connect_as("app");
+    let e = app
+        .query("SELECT * FROM bdr.compare_table('secret')", &[])
+        .unwrap_err();
+    let db = e.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "42501", "{db:?}");
+    assert!(
+        db.hint().unwrap_or_default().contains("GRANT SELECT"),
+        "{db:?}"
+    );
+    assert_eq!(
+        app.query("SELECT * FROM bdr.compare_table('t')", &[])
+            .unwrap()
+            .len(),
+        2
+    );
+    // A node that cannot be reached is a row with the reason, not an ERROR.
+    b.stop();
+    let r = compare(a, "t");
+    assert_eq!((r[0].1, r[0].2), (Some(100), Some(true)), "{r:?}");
+    assert_eq!((r[1].1, r[1].2), (None, None), "{r:?}");
+    assert!(
+        r[1].3
+            .as_deref()
+            .is_some_and(|e| !e.is_empty() && !e.contains("password")),
+        "{r:?}"
+    );
+}

@@ -5,6 +5,7 @@
 
 use pgrx::prelude::*;
 
+pub mod compare;
 pub mod group;
 pub mod group_error;
 pub mod join;
