@@ -326,8 +326,11 @@ fn user_facing_errors_carry_no_rust_backtrace() {
     // The Cluster's drop also scans the server log for backtraces.
 }
 
-/// `bdr.compare_table` on node1: (node, row_count, matches_local, error) per node.
-fn compare(n: &Node, table: &str) -> Vec<(String, Option<i64>, Option<bool>, Option<String>)> {
+/// One row of `bdr.compare_table`: (node, row_count, matches_local, error).
+type Compared = (String, Option<i64>, Option<bool>, Option<String>);
+
+/// `bdr.compare_table` on `n`, one tuple per node.
+fn compare(n: &Node, table: &str) -> Vec<Compared> {
     n.connect()
         .query(
             "SELECT node_name, row_count, matches_local, error FROM bdr.compare_table($1::text::regclass)",
