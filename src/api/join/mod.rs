@@ -228,6 +228,22 @@ impl Join {
             .filter(|m| !standby && self.streams_with.contains(&m.node.name))
         {
             let slot = slot_name(my_dboid, &m.node.name);
+            // A slot of this name on J can only be left by an earlier join of J that
+            // died before its undo ran (a joining node feeds nobody yet, and parting drops
+            // its slots): its position is stale, so it goes, and the slot is made anew.
+            let dropped = self
+                .jconn
+                .exec_params(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                      WHERE slot_name = $1 AND active_pid IS NULL",
+                    &[&slot],
+                )
+                .unwrap_or_else(|e| fail(remote_err(&j)(e)));
+            if !dropped.is_empty() {
+                pgrx::notice!(
+                    "bdr: dropped replication slot \"{slot}\" on node \"{j}\", left by an earlier join of it that did not finish"
+                );
+            }
             self.jconn
                 .exec_params(
                     "SELECT pg_create_logical_replication_slot($1, 'bdr')",
