@@ -373,11 +373,14 @@ impl Node {
         // and a new postmaster refuses to start while postmaster.pid names a PID that
         // still exists ("lock file ... already exists"): give init a moment (bounded;
         // a start after that reports its own error as before).
-        let t0 = Instant::now();
-        // SAFETY: signal 0 only checks for existence.
-        while unsafe { libc::kill(pid, 0) } == 0 && t0.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let _ = try_wait_until(
+            "the killed postmaster to be reaped",
+            Duration::from_secs(10),
+            || {
+                // SAFETY: signal 0 only checks for existence.
+                (unsafe { libc::kill(pid, 0) }) != 0
+            },
+        );
     }
 
     /// Wait (bounded) until none of `pids` is alive, reaping those that are our children.
