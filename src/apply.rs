@@ -20,6 +20,7 @@ use crate::pg::memcxt::MemCxt;
 use crate::pg::{relcache, shmem, xact};
 use crate::write::RelMap;
 use bdr_core::idmap::IdMap;
+use bdr_core::kept::{Kept, Step};
 use bdr_core::stream::FlushTracker;
 use bdr_core::wire::{self, Message};
 use pgrx::pg_sys;
@@ -98,6 +99,14 @@ pub struct Applier {
     /// last-update-wins decision), so it and every later change wait for the commit
     /// ([`Applier::apply_streamed_change`]).
     waits_for_commit: bool,
+    /// The current transaction's messages while it is small (see `bdr_core::kept`): its
+    /// new keys go in as ordinary insertions, and one that meets an existing key rolls
+    /// the transaction back and applies it again ([`Applier::apply_again`]).
+    kept: Kept,
+    /// The counts (changes, conflicts) at the current transaction's BEGIN.
+    counts_at_begin: (shmem::Stats, [u64; 9]),
+    /// The last change met an existing key with an ordinary insertion.
+    clashed: bool,
 }
 
 impl Applier {
@@ -130,6 +139,9 @@ impl Applier {
             last_done: (0, 0),
             subxacts: Vec::new(),
             waits_for_commit: false,
+            kept: Kept::default(),
+            counts_at_begin: Default::default(),
+            clashed: false,
         }
     }
 
@@ -287,6 +299,14 @@ impl Applier {
         {
             return;
         }
+        let keep = match self.kept.step(&msg) {
+            Step::Keep => true,
+            Step::Pass => false,
+            Step::Stop => {
+                self.stop_keeping();
+                false
+            }
+        };
         match msg {
             Message::Begin(b) => {
                 if self.begin.is_some() {
@@ -296,6 +316,11 @@ impl Applier {
                 self.start_transaction("begin");
                 let b = self.begin.as_ref().expect("set above");
                 self.resolver.begin(b, self.forwarded.clone());
+                if !self.skipping {
+                    self.kept.begin();
+                    self.resolver.set_plain_inserts(true);
+                    self.counts_at_begin = (self.counts, self.resolver.counts());
+                }
             }
             Message::Relation(r) => {
                 self.rels.insert(
@@ -308,7 +333,13 @@ impl Applier {
                 );
             }
             m @ (Message::Insert(_) | Message::Update(_) | Message::Delete(_)) => {
-                self.row_change(&m)
+                self.row_change(&m);
+                if keep {
+                    self.kept.push(m);
+                }
+                if std::mem::take(&mut self.clashed) {
+                    self.apply_again();
+                }
             }
             Message::Truncate(t) => self.truncate(&t),
             Message::Message(m) if m.prefix == bdr_core::ddl::DDL_PREFIX => self.ddl(&m.content),
@@ -331,6 +362,48 @@ impl Applier {
                 "{} frame in the whole-transaction apply path",
                 m.kind_name()
             ))),
+        }
+    }
+
+    /// The current transaction can no longer be kept whole: its remaining new keys take
+    /// the careful path (a speculative insertion).
+    fn stop_keeping(&mut self) {
+        self.kept.stop();
+        self.resolver.set_plain_inserts(false);
+    }
+
+    /// An ordinary insertion met an existing key (see `Resolver::set_plain_inserts`):
+    /// roll the local transaction back (the row it wrote with it) and apply the kept
+    /// messages again from the BEGIN, every new key now the careful way, which finds the
+    /// local row and decides. The changes and conflicts counted since the BEGIN are
+    /// rolled back too, and a synchronous commit's request is kept.
+    fn apply_again(&mut self) {
+        if !self.kept.complete() {
+            pgrx::error!(
+                "bdr: internal error: an insertion clashed in a transaction not kept whole"
+            );
+        }
+        let begin = self
+            .begin
+            .clone()
+            .expect("a clash happens inside a transaction");
+        let messages = self.kept.take();
+        let ack_now = self.ack_now;
+        self.end_table_references();
+        self.touched.clear();
+        xact::abort();
+        self.begin = None;
+        self.skipping = false;
+        self.forwarded = None;
+        let (counts, conflicts) = self.counts_at_begin;
+        self.counts = counts;
+        self.resolver.restore_counts(conflicts);
+        self.counts.reapplied += 1;
+        self.handle(Message::Begin(begin));
+        self.stop_keeping();
+        self.ack_now = ack_now;
+        for m in messages {
+            self.handle(m);
         }
     }
 
@@ -519,6 +592,8 @@ impl Applier {
     }
 
     fn forget_transaction(&mut self) {
+        self.kept.end();
+        self.clashed = false;
         // Rolled back with the transaction (`xact::abort` unwinds every level).
         self.subxacts.clear();
         self.waits_for_commit = false;
@@ -577,6 +652,11 @@ impl Applier {
             let _change = self.change_cxt.scope();
             f(&mut self.resolver, map);
             map.end_change();
+        }
+        if self.resolver.take_clash() {
+            // Nothing else happens in this transaction but its rollback (`handle`).
+            self.clashed = true;
+            return;
         }
         if self.resolver.take_deferred() {
             // Nothing written: it is applied at the commit (a streamed transaction).
@@ -746,6 +826,7 @@ impl Applier {
         self.last_done = (c.end_lsn, local_end);
         self.last_commit_time = c.commit_time;
         self.counts.commits += 1;
+        self.kept.end();
         self.begin = None;
         self.forwarded = None;
         self.ddl_applied = false;

@@ -3,6 +3,7 @@ pub mod ddl;
 pub mod dsn;
 pub mod idmap;
 pub mod join_copy;
+pub mod kept;
 pub mod lag;
 pub mod names;
 pub mod node;

@@ -421,6 +421,95 @@ fn counters_remain_when_table_logging_is_off() {
     });
 }
 
+/// A remote INSERT of a new key goes in as an ordinary insertion (issue 17); one that
+/// meets a local row rolls its transaction back and applies it again the careful way.
+/// In a transaction where it comes after other changes (one of them a conflict of its
+/// own) and before more: every row once, each conflict recorded and counted once, the
+/// changes counted once, and `reapplied` says it happened. The writes are an
+/// application's, through a plain role.
+#[test]
+fn an_insert_meeting_a_local_row_mid_transaction_is_applied_again_once() {
+    let c = group("reapply");
+    let (a, b) = (c.node(0), c.node(1));
+    for n in c.nodes() {
+        n.execute("CREATE ROLE app LOGIN; GRANT SELECT, INSERT, UPDATE, DELETE ON t TO app;");
+    }
+    let app = |n: &Node| n.connect_as("app");
+    app(a)
+        .batch_execute("INSERT INTO t VALUES (50, 'first')")
+        .unwrap();
+    wait_for_catchup(&c);
+    let inserts_before: i64 =
+        b.query_scalar("SELECT inserts FROM bdr.apply_stats() WHERE peer = 'node1'");
+
+    pause_all(&c);
+    app(b)
+        .batch_execute(
+            "UPDATE t SET v = 'b50' WHERE id = 50;
+             INSERT INTO t VALUES (101, 'b');",
+        )
+        .unwrap();
+    // Later on node1: it wins both conflicts on node2.
+    app(a)
+        .batch_execute(
+            "BEGIN;
+             UPDATE t SET v = 'a50' WHERE id = 50;
+             INSERT INTO t VALUES (102, 'a');
+             INSERT INTO t VALUES (101, 'a');
+             INSERT INTO t VALUES (103, 'a');
+             COMMIT;",
+        )
+        .unwrap();
+    resume_all(&c);
+    assert_same_everywhere(&c, "t");
+    let rows: Vec<(i32, String)> = b
+        .connect()
+        .query("SELECT id, v FROM t ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (50, "a50".to_string()),
+            (101, "a".to_string()),
+            (102, "a".to_string()),
+            (103, "a".to_string()),
+        ]
+    );
+    let mut seen = history(b, "public.t");
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            h("insert_exists", "apply_remote", "node1"),
+            h("update_origin_differs", "apply_remote", "node1"),
+        ]
+    );
+    wait_until(
+        "node2 publishes what it applied from node1",
+        CATCHUP,
+        || {
+            b.query_scalar::<i64>("SELECT reapplied FROM bdr.apply_stats() WHERE peer = 'node1'")
+                == 1
+        },
+    );
+    assert_eq!(
+        b.query_scalar::<i64>("SELECT inserts FROM bdr.apply_stats() WHERE peer = 'node1'")
+            - inserts_before,
+        3,
+        "the transaction's inserts counted once"
+    );
+    assert_eq!(
+        b.query_scalar::<i64>(
+            "SELECT coalesce(sum(count), 0)::int8 FROM bdr.conflict_counters() WHERE peer = 'node1'"
+        ),
+        2,
+        "each conflict counted once"
+    );
+}
+
 /// Local deletes and key changes leave a tombstone for the old key (so an older remote
 /// change cannot bring it back); an UPDATE that keeps the key leaves none.
 #[test]

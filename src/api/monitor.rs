@@ -80,7 +80,8 @@ pub fn apply_lag() -> TableIterator<
 /// Apply counters per peer since the worker slot was created or last reset: changes,
 /// commits, conflicts, errors, reconnects, skipped messages, the apply rate (commits
 /// per second over the last one to two minutes), and streamed transactions (begun,
-/// applied streamed, fallen back).
+/// applied streamed, fallen back), and transactions applied again because a new row
+/// met an existing key.
 #[pg_extern]
 #[allow(clippy::type_complexity)]
 pub fn apply_stats() -> TableIterator<
@@ -103,6 +104,7 @@ pub fn apply_stats() -> TableIterator<
         name!(streamed, i64),
         name!(stream_commits, i64),
         name!(stream_fallbacks, i64),
+        name!(reapplied, i64),
     ),
 > {
     let now = xact::now();
@@ -135,6 +137,7 @@ pub fn apply_stats() -> TableIterator<
                 n(st.streamed),
                 n(st.stream_commits),
                 n(st.stream_fallbacks),
+                n(st.reapplied),
             )
         })
         .collect();

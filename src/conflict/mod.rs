@@ -102,6 +102,13 @@ pub struct Resolver {
     /// In a streamed transaction, the current change needed the commit time: nothing of
     /// it was written, and it waits for the commit (see [`Resolver::take_deferred`]).
     deferred: bool,
+    /// New keys go in as ordinary insertions (`Target::insert_or_clash`): the caller can
+    /// roll the transaction back and apply it again should one meet an existing key
+    /// (see [`Resolver::set_plain_inserts`]).
+    plain_inserts: bool,
+    /// An ordinary insertion met an existing key: the transaction must be rolled back
+    /// (see [`Resolver::take_clash`]).
+    clashed: bool,
 }
 
 impl Resolver {
@@ -120,6 +127,8 @@ impl Resolver {
             conflict_counts: [0; 9],
             streamed: false,
             deferred: false,
+            plain_inserts: false,
+            clashed: false,
         }
     }
 
@@ -135,6 +144,22 @@ impl Resolver {
         };
         self.streamed = false;
         self.deferred = false;
+        self.plain_inserts = false;
+    }
+
+    /// Whether new keys of this transaction may go in as ordinary insertions (off at each
+    /// `begin`). Only a caller that can roll the whole transaction back and apply it
+    /// again turns it on: an insertion that meets an existing key leaves its row written
+    /// and is reported by [`Resolver::take_clash`]; nothing else may then happen in the
+    /// transaction but its rollback.
+    pub fn set_plain_inserts(&mut self, on: bool) {
+        self.plain_inserts = on;
+    }
+
+    /// Whether the last change met an existing key with an ordinary insertion (see
+    /// [`Resolver::set_plain_inserts`]); cleared by the call.
+    pub fn take_clash(&mut self) -> bool {
+        std::mem::take(&mut self.clashed)
     }
 
     /// A streamed transaction starts, applied before its commit (its commit time is not
@@ -149,6 +174,7 @@ impl Resolver {
         };
         self.streamed = true;
         self.deferred = false;
+        self.plain_inserts = false;
     }
 
     /// The streamed transaction committed on the peer at `commit_time` (commit record at
@@ -180,6 +206,17 @@ impl Resolver {
     /// Conflicts resolved since the last call, per type (like `Conflict::ALL`).
     pub fn take_counts(&mut self) -> [u64; 9] {
         std::mem::take(&mut self.conflict_counts)
+    }
+
+    /// The conflict counts as they are, to be put back by [`Resolver::restore_counts`]
+    /// when the changes counted since are rolled back.
+    pub fn counts(&self) -> [u64; 9] {
+        self.conflict_counts
+    }
+
+    /// Put back counts taken by [`Resolver::counts`].
+    pub fn restore_counts(&mut self, counts: [u64; 9]) {
+        self.conflict_counts = counts;
     }
 
     /// The remote transaction's version.
@@ -337,11 +374,22 @@ impl Resolver {
         let keyed = map.remote.columns.iter().any(|c| c.key);
         // The common case, a new key in a table without tombstones: insert directly,
         // unless a unique index already holds the key (then decide as below).
-        if keyed && t.can_try_insert() && !self.may_have_tombstones(t.relid()) && t.try_insert(&row)
-        {
-            let mut key = LazyKey::new(t, &row);
-            self.verify_no_new_tombstone(t, Local::Missing, &mut key);
-            return;
+        if keyed && t.can_try_insert() && !self.may_have_tombstones(t.relid()) {
+            let inserted = if self.plain_inserts {
+                if !t.insert_or_clash(&row) {
+                    // The row is written: nothing more until the rollback.
+                    self.clashed = true;
+                    return;
+                }
+                true
+            } else {
+                t.try_insert(&row)
+            };
+            if inserted {
+                let mut key = LazyKey::new(t, &row);
+                self.verify_no_new_tombstone(t, Local::Missing, &mut key);
+                return;
+            }
         }
         let found = if keyed {
             let key = map.search_row_new(new).unwrap_or_else(|e| raise(&e));

@@ -114,6 +114,9 @@ pub struct Stats {
     pub streamed: u64,
     pub stream_commits: u64,
     pub stream_fallbacks: u64,
+    /// Transactions rolled back and applied again because a new row met an existing key
+    /// (`bdr_core::kept`).
+    pub reapplied: u64,
     pub reset: i64,
     /// Commits and time at the start of the apply-rate window.
     pub rate_commits: u64,
@@ -133,6 +136,7 @@ impl Stats {
         streamed: 0,
         stream_commits: 0,
         stream_fallbacks: 0,
+        reapplied: 0,
         reset: 0,
         rate_commits: 0,
         rate_time: 0,
@@ -146,6 +150,7 @@ impl Stats {
         self.truncates += d.truncates;
         self.commits += d.commits;
         self.ddl += d.ddl;
+        self.reapplied += d.reapplied;
     }
 }
 

@@ -7,7 +7,7 @@
 
 use crate::error::OrRaise;
 use pgrx::pg_sys;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_int, CString};
 
 /// Start a transaction with a snapshot, for catalog reads or applying a remote one.
@@ -110,8 +110,30 @@ pub fn assign_xid() {
     unsafe { pg_sys::GetCurrentTransactionId() };
 }
 
+thread_local! {
+    /// The open transaction holds a row that met an existing key (see
+    /// `Target::insert_or_clash`): only [`abort`] may end it.
+    static MUST_ROLL_BACK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The open transaction wrote a row that may duplicate a key (see
+/// `Target::insert_or_clash`): until [`abort`], every commit here raises instead.
+pub fn must_roll_back() {
+    MUST_ROLL_BACK.set(true);
+}
+
+/// Refuse to commit a transaction that [`must_roll_back`].
+fn check_may_commit() {
+    if MUST_ROLL_BACK.get() {
+        pgrx::error!(
+            "bdr: internal error: commit of a transaction holding a clashing insert; it is rolled back and applied again"
+        );
+    }
+}
+
 /// Commit a plain (not replicated-from-anywhere) transaction.
 pub fn commit() {
+    check_may_commit();
     // SAFETY: a transaction started by `begin` is open; two calls under one guard.
     unsafe {
         use crate::pg::unguarded::{guarded, raw};
@@ -125,6 +147,7 @@ pub fn commit() {
 /// Commit the transaction that applied a remote one; returns the local commit record's
 /// end LSN (for flush tracking).
 pub fn commit_remote(remote_end_lsn: u64, remote_commit_time: i64) -> u64 {
+    check_may_commit();
     // SAFETY: a transaction started by `begin` is open and this session has an origin;
     // the two calls under one guard (the closure holds plain values only).
     unsafe {
@@ -441,6 +464,7 @@ pub fn context() -> Option<String> {
 
 /// Roll back whatever transaction an error interrupted (the apply worker's error path).
 pub fn abort() {
+    MUST_ROLL_BACK.set(false);
     // SAFETY: valid in any transaction state, also after an error has been caught; rolls
     // back every open subtransaction level too (a stream writer's), not only the
     // innermost one as AbortCurrentTransaction would.
