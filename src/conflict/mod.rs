@@ -24,6 +24,13 @@
 //!   ([`Resolver::take_deferred`]); it is decided at the commit, after
 //!   [`Resolver::end_streamed`], exactly as the whole-transaction path decides it.
 //!
+//! - **New keys without a lookup**: a remote INSERT into a table without tombstones goes
+//!   in directly, its unique indexes checking the key as they go; with
+//!   [`Resolver::set_plain_inserts`] as an ordinary insertion (a clash leaves the row
+//!   written and is reported by [`Resolver::take_clash`]: the caller rolls back and
+//!   applies the transaction again), else as a speculative one that gives way on a
+//!   clash; either way a clash then takes the careful path (look up, decide).
+//!
 //! Cost (issue 17): a key's canonical text ([`LazyKey`]) is rendered only for what needs
 //! it — a tombstone lookup or write, a history row, or an UPDATE that carries its old row
 //! (the only kind whose key can change: the sender sends the old row exactly when the
