@@ -13,9 +13,9 @@
 //! context), so a transaction of any size is applied in bounded memory; a transaction that
 //! applied nothing still commits a record carrying the origin progress.
 //!
-//! A small transaction's messages are kept until its commit (`bdr_core::kept`: at most
-//! 100 changes and 256 kB), and while they all are its new keys go in as ordinary
-//! insertions. One that meets an existing key leaves its row written: the transaction is
+//! A transaction's messages are kept until its commit while they are all INSERTs
+//! (`bdr_core::kept`: at most 100 and 256 kB), and while they all are its new keys go in
+//! as ordinary insertions. One that meets an existing key leaves its row written: the transaction is
 //! rolled back at once and applied again from the kept messages, the careful way
 //! ([`Applier::apply_again`]); a commit before that rollback raises
 //! (`xact::must_roll_back`), so such a row is never committed.

@@ -12,9 +12,10 @@
 //!
 //! Invariants:
 //! - **Complete or nothing**: [`Kept::complete`] is true only while every message of the
-//!   transaction that changed anything is held, in order; once a message cannot be kept
-//!   (too many, too big, a schema change, a TRUNCATE, a relation re-sent after a change),
-//!   everything is dropped and the rest of the transaction takes the careful path.
+//!   transaction that changed anything is held, in order, and all of them are INSERTs;
+//!   once a message cannot be kept (an UPDATE or DELETE, too many, too big, a schema
+//!   change, a TRUNCATE, a relation re-sent after a kept change of it), everything is
+//!   dropped and the rest of the transaction takes the careful path.
 //! - **Bounded memory**: at most [`MAX_MESSAGES`] messages and [`MAX_BYTES`] of column
 //!   text are held, whatever the transaction's size.
 
@@ -63,17 +64,30 @@ impl Kept {
             return Step::Pass;
         }
         match m {
-            Message::Insert(_) | Message::Update(_) | Message::Delete(_) => {
+            Message::Insert(_) => {
                 if self.messages.len() >= MAX_MESSAGES || self.bytes + row_bytes(m) > MAX_BYTES {
                     Step::Stop
                 } else {
                     Step::Keep
                 }
             }
-            // A relation sent before any change is the one the kept changes use; one
-            // sent after a change may redefine a relation a kept change was decoded
-            // against, and the mapping in force at a replay would be the new one.
-            Message::Relation(_) if self.messages.is_empty() => Step::Pass,
+            // Only a run of INSERTs from the BEGIN is kept: an UPDATE or DELETE
+            // transaction (the other common shape) then pays nothing for keeping, and a
+            // mixed one inserts the speculative way from its first UPDATE or DELETE on.
+            Message::Update(_) | Message::Delete(_) => Step::Stop,
+            // A relation sent again after a kept change of it may redefine what that
+            // change was decoded against, and the mapping in force at a replay would be
+            // the new one. Any other (a table's first change on this connection) is the
+            // one every later kept change of it uses.
+            Message::Relation(r)
+                if self
+                    .messages
+                    .iter()
+                    .any(|k| matches!(k, Message::Insert(i) if i.relation == r.id)) =>
+            {
+                Step::Stop
+            }
+            Message::Relation(_) => Step::Pass,
             Message::Commit(_) | Message::Begin(_) => Step::Pass,
             // A logical message that changes nothing (a synchronous commit's marker,
             // a join's) is not kept; the caller keeps what it set.
@@ -195,11 +209,17 @@ mod tests {
     }
 
     #[test]
-    fn a_relation_after_a_change_a_truncate_or_ddl_stops() {
+    fn a_relation_sent_again_a_truncate_or_ddl_stops() {
         let mut k = Kept::default();
         k.begin();
         k.push(ins(1));
+        // Relation 1 again, after a kept change of it: stop; another relation: go on.
         assert_eq!(k.step(&rel()), Step::Stop);
+        let Message::Relation(mut other) = rel() else {
+            unreachable!()
+        };
+        other.id = 2;
+        assert_eq!(k.step(&Message::Relation(other)), Step::Pass);
         assert_eq!(
             k.step(&Message::Truncate(Truncate {
                 relations: vec![1],
@@ -226,6 +246,27 @@ mod tests {
             })),
             Step::Pass
         );
+    }
+
+    #[test]
+    fn an_update_or_delete_stops_keeping() {
+        use crate::wire::{Delete, Update};
+        let mut k = Kept::default();
+        k.begin();
+        k.push(ins(1));
+        let u = Message::Update(Update {
+            relation: 1,
+            old: None,
+            new: vec![Value::text("a")],
+        });
+        assert_eq!(k.step(&u), Step::Stop);
+        let d = Message::Delete(Delete {
+            relation: 1,
+            old: OldRow::Key(vec![Value::text("a")]),
+        });
+        assert_eq!(k.step(&d), Step::Stop);
+        k.stop();
+        assert_eq!(k.step(&ins(1)), Step::Pass);
     }
 
     #[test]
