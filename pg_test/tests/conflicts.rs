@@ -60,10 +60,7 @@ fn h(t: &str, r: &str, from: &str) -> (String, String, String) {
 }
 
 fn value(n: &Node, id: i32) -> Option<String> {
-    n.connect()
-        .query_opt(&format!("SELECT v FROM t WHERE id = {id}"), &[])
-        .unwrap()
-        .map(|r| r.get(0))
+    value_of(n, "t", id)
 }
 
 fn clear_history(c: &Cluster) {
@@ -514,6 +511,7 @@ fn an_insert_meeting_a_local_row_mid_transaction_is_applied_again_once() {
     );
 }
 
+/// Column `v` of row `id` of `table` on `n`.
 fn value_of(n: &Node, table: &str, id: i32) -> Option<String> {
     n.connect()
         .query_opt(&format!("SELECT v FROM {table} WHERE id = {id}"), &[])
