@@ -112,8 +112,6 @@ pub struct Applier {
     kept: Kept,
     /// The counts (changes, conflicts) at the current transaction's BEGIN.
     counts_at_begin: (shmem::Stats, [u64; 9]),
-    /// The last change met an existing key with an ordinary insertion.
-    clashed: bool,
 }
 
 impl Applier {
@@ -148,7 +146,6 @@ impl Applier {
             waits_for_commit: false,
             kept: Kept::default(),
             counts_at_begin: Default::default(),
-            clashed: false,
         }
     }
 
@@ -344,7 +341,8 @@ impl Applier {
                 if keep {
                     self.kept.push(m);
                 }
-                if std::mem::take(&mut self.clashed) {
+                if self.resolver.take_clash() {
+                    // Nothing else happens in this transaction but its rollback.
                     self.apply_again();
                 }
             }
@@ -396,12 +394,7 @@ impl Applier {
             .expect("a clash happens inside a transaction");
         let messages = self.kept.take();
         let ack_now = self.ack_now;
-        self.end_table_references();
-        self.touched.clear();
-        xact::abort();
-        self.begin = None;
-        self.skipping = false;
-        self.forwarded = None;
+        self.abandon();
         let (counts, conflicts) = self.counts_at_begin;
         self.counts = counts;
         self.resolver.restore_counts(conflicts);
@@ -579,7 +572,8 @@ impl Applier {
     }
 
     /// Roll back the transaction being applied (a streamed transaction rolled back on
-    /// the peer); nothing of it is counted.
+    /// the peer, or one to apply again, [`Applier::apply_again`]); nothing of it is
+    /// counted.
     pub fn abandon(&mut self) {
         self.end_table_references();
         self.touched.clear();
@@ -600,7 +594,7 @@ impl Applier {
 
     fn forget_transaction(&mut self) {
         self.kept.end();
-        self.clashed = false;
+        let _ = self.resolver.take_clash();
         // Rolled back with the transaction (`xact::abort` unwinds every level).
         self.subxacts.clear();
         self.waits_for_commit = false;
@@ -659,11 +653,6 @@ impl Applier {
             let _change = self.change_cxt.scope();
             f(&mut self.resolver, map);
             map.end_change();
-        }
-        if self.resolver.take_clash() {
-            // Nothing else happens in this transaction but its rollback (`handle`).
-            self.clashed = true;
-            return;
         }
         if self.resolver.take_deferred() {
             // Nothing written: it is applied at the commit (a streamed transaction).

@@ -19,7 +19,7 @@
 //! - **Bounded memory**: at most [`MAX_MESSAGES`] messages and [`MAX_BYTES`] of column
 //!   text are held, whatever the transaction's size.
 
-use crate::wire::{Message, OldRow, Value};
+use crate::wire::{Message, Value};
 
 /// At most this many messages of one transaction are kept.
 pub const MAX_MESSAGES: usize = 100;
@@ -125,25 +125,18 @@ impl Kept {
     }
 }
 
-/// The bytes of column text a row change carries (0 for other messages).
+/// The bytes of column text a kept message carries (an INSERT's new row; 0 for any
+/// other message, none of which is kept).
 pub fn row_bytes(m: &Message) -> usize {
-    fn sum(v: &[Value]) -> usize {
-        v.iter()
+    match m {
+        Message::Insert(i) => i
+            .new
+            .iter()
             .map(|x| match x {
                 Value::Text(s) => s.len(),
                 _ => 0,
             })
-            .sum()
-    }
-    fn old(o: &OldRow) -> usize {
-        match o {
-            OldRow::Key(v) | OldRow::Full(v) => sum(v),
-        }
-    }
-    match m {
-        Message::Insert(i) => sum(&i.new),
-        Message::Update(u) => sum(&u.new) + u.old.as_ref().map_or(0, old),
-        Message::Delete(d) => old(&d.old),
+            .sum(),
         _ => 0,
     }
 }
@@ -250,7 +243,7 @@ mod tests {
 
     #[test]
     fn an_update_or_delete_stops_keeping() {
-        use crate::wire::{Delete, Update};
+        use crate::wire::{Delete, OldRow, Update};
         let mut k = Kept::default();
         k.begin();
         k.push(ins(1));
@@ -270,19 +263,13 @@ mod tests {
     }
 
     #[test]
-    fn counts_the_text_of_every_row_a_change_carries() {
-        use crate::wire::{Delete, Update};
-        let u = Message::Update(Update {
+    fn counts_the_text_of_an_inserted_row() {
+        let i = Message::Insert(Insert {
             relation: 1,
-            old: Some(OldRow::Key(vec![Value::text("ab")])),
-            new: vec![Value::text("abc"), Value::UnchangedToast],
+            new: vec![Value::text("abc"), Value::UnchangedToast, Value::Null],
         });
-        assert_eq!(row_bytes(&u), 5);
-        let d = Message::Delete(Delete {
-            relation: 1,
-            old: OldRow::Full(vec![Value::text("abcd"), Value::Null]),
-        });
-        assert_eq!(row_bytes(&d), 4);
+        assert_eq!(row_bytes(&i), 3);
+        assert_eq!(row_bytes(&ins(7)), 7);
         assert_eq!(row_bytes(&rel()), 0);
     }
 }

@@ -606,18 +606,16 @@ impl Target {
                     raw::ExecPartitionCheck(rri, slot, estate, true);
                 }
                 let cid = (*estate).es_output_cid;
+                // table_tuple_insert(_speculative), inline functions: the AM's callbacks.
                 let (xid, token) = if speculative {
                     let xid = raw::GetCurrentTransactionId();
-                    (xid, raw::SpeculativeInsertionLockAcquire(xid))
-                } else {
-                    (pg_sys::TransactionId::from(0u32), 0)
-                };
-                // table_tuple_insert(_speculative), inline functions: the AM's callbacks.
-                if speculative {
+                    let token = raw::SpeculativeInsertionLockAcquire(xid);
                     insert_speculative(rel, slot, cid, 0, std::ptr::null_mut(), token);
+                    (xid, token)
                 } else {
                     insert(rel, slot, cid, 0, std::ptr::null_mut());
-                }
+                    (pg_sys::TransactionId::from(0u32), 0)
+                };
                 let mut clash = false;
                 let clashing = if (*rri).ri_NumIndices > 0 {
                     raw::ExecInsertIndexTuples(
