@@ -207,7 +207,7 @@ pub enum ApplyError {
         silent_ms: u64,
         limit_ms: u64,
     },
-    #[error("another apply worker wrote key {key} of \"{table}\" at the same time; the transaction is applied again")]
+    #[error("another transaction wrote key {key} of \"{table}\" at the same time; the transaction is applied again")]
     ConcurrentKey { table: String, key: String },
     #[error("unchanged TOAST value for column \"{column}\" of \"{table}\" on an insert or a missing row")]
     ToastWithoutRow { table: String, column: String },
@@ -278,8 +278,9 @@ impl PgError for ApplyError {
                     .into(),
             ),
             ApplyError::ConcurrentKey { .. } => Some(
-                "Nothing to do: changes from two peers about the same absent row raced; the \
-                 apply worker restarts and decides again on committed data."
+                "Nothing to do: changes about the same absent row raced (two peers', or a \
+                 peer's and a local session's); the apply worker restarts and decides again \
+                 on committed data."
                     .into(),
             ),
             ApplyError::NoIdentity { .. } => Some(

@@ -511,6 +511,81 @@ fn an_insert_meeting_a_local_row_mid_transaction_is_applied_again_once() {
     );
 }
 
+/// A remote UPDATE whose row must come back (`update_missing`) meets the same key
+/// inserted by a local session between the apply's lookup and its insertion: the apply
+/// looks again and decides on the local row, with no apply error. The window is held open
+/// by a column only node1 has, whose DEFAULT (evaluated for the row coming back) sleeps;
+/// the local insert is an application's, through a plain role.
+#[test]
+fn an_update_whose_row_comes_back_meets_a_key_inserted_meanwhile() {
+    let c = group("updrace");
+    let (a, b, x) = (c.node(0), c.node(1), c.node(2));
+    a.execute(
+        "SET bdr.ddl_replication = off;
+         CREATE FUNCTION slow_default() RETURNS int LANGUAGE sql
+             AS $$ SELECT 1 FROM pg_sleep(4) $$;
+         ALTER TABLE t ADD COLUMN s int DEFAULT slow_default();
+         CREATE ROLE app LOGIN;
+         GRANT SELECT, INSERT ON t TO app;",
+    );
+    a.execute("SELECT bdr.apply_pause('node3')");
+    wait_until("node1 paused from node3", CATCHUP, || {
+        a.query_scalar::<bool>(
+            "SELECT state = 'paused' FROM bdr.apply_workers() WHERE peer = 'node3'",
+        )
+    });
+    x.execute("INSERT INTO t VALUES (5, 'from node3')");
+    wait_until("node2 has row 5", CATCHUP, || value(b, 5).is_some());
+    b.execute("UPDATE t SET v = 'updated on node2' WHERE id = 5");
+    // node1 lacks row 5: the update brings it back, and its DEFAULT holds the apply.
+    wait_until("node1's apply sleeps in the row's default", CATCHUP, || {
+        a.query_scalar::<i64>("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
+            == 1
+    });
+    a.connect_as("app")
+        .execute(
+            "INSERT INTO t (id, v, s) VALUES (5, 'local on node1', NULL)",
+            &[],
+        )
+        .unwrap();
+    wait_until("node1 decided node2's update", CATCHUP, || {
+        !history(a, "public.t").is_empty()
+    });
+    // The local row is the latest write: it stays, and node2's update is recorded as
+    // losing to it.
+    assert_eq!(value(a, 5).as_deref(), Some("local on node1"));
+    assert_eq!(
+        history(a, "public.t"),
+        vec![h("update_origin_differs", "keep_local", "node2")]
+    );
+    a.execute("SELECT bdr.apply_resume('node3')");
+    wait_for_catchup(&c);
+    a.execute("SET bdr.ddl_replication = off; ALTER TABLE t DROP COLUMN s");
+    assert_same_everywhere(&c, "t");
+    for n in c.nodes() {
+        assert_eq!(
+            value(n, 5).as_deref(),
+            Some("local on node1"),
+            "on {}",
+            n.name()
+        );
+    }
+    assert_eq!(
+        history(a, "public.t"),
+        vec![
+            h("update_origin_differs", "keep_local", "node2"),
+            h("insert_exists", "keep_local", "node3"),
+        ]
+    );
+    assert_eq!(
+        a.query_scalar::<i64>(
+            "SELECT coalesce(sum(error_count), 0)::int8 FROM bdr.apply_workers()"
+        ),
+        0,
+        "no apply error on node1"
+    );
+}
+
 /// Column `v` of row `id` of `table` on `n`.
 fn value_of(n: &Node, table: &str, id: i32) -> Option<String> {
     n.connect()

@@ -24,6 +24,12 @@
 //!   ([`Resolver::take_deferred`]); it is decided at the commit, after
 //!   [`Resolver::end_streamed`], exactly as the whole-transaction path decides it.
 //!
+//! - **A key that appears after the lookup** (a local session or another worker inserts
+//!   it between this change's lookup and its insertion, for an INSERT, or an UPDATE whose
+//!   row must come back): the insertion is speculative where the table allows it, gives
+//!   way, and the change looks again and decides again on what it then finds
+//!   ([`Resolver::again_on_clash`]); never a duplicate-key apply error.
+//!
 //! - **New keys without a lookup**: a remote INSERT into a table without tombstones goes
 //!   in directly, its unique indexes checking the key as they go; with
 //!   [`Resolver::set_plain_inserts`] as an ordinary insertion (a clash leaves the row
@@ -82,6 +88,21 @@ struct RemoteTxn {
     /// The node it came from when the hub forwarded it (name, id); else the peer.
     forwarded: Option<(std::rc::Rc<str>, i64)>,
 }
+
+/// What became of a row the careful path set out to insert.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Inserted {
+    /// Written (or, after a unique-key conflict the local row won, rightly not).
+    Yes,
+    /// Not written: it needs a decision at the streamed transaction's commit.
+    Deferred,
+    /// Not written: a key appeared since the lookup; look again and decide again.
+    Clashed,
+}
+
+/// How many times one change looks its key up again after its insertion met a key that
+/// appeared since the lookup, before the transaction is rolled back and applied again.
+const CLASH_ATTEMPTS: u32 = 5;
 
 /// Resolves one peer's changes against this node's rows, with what it caches between
 /// changes (the node behind each origin, which tables have tombstones).
@@ -306,8 +327,6 @@ impl Resolver {
 
     /// Insert `row` (see [`Resolver::insert_resolving_unique`]), then check that no other
     /// worker wrote the key's tombstone meanwhile.
-    ///
-    /// `false` when the insert was deferred (see [`Resolver::insert_resolving_unique`]).
     fn insert_checked(
         &mut self,
         t: &Target,
@@ -316,35 +335,43 @@ impl Resolver {
         new: &[Value],
         local: Local,
         key: &mut LazyKey,
-    ) -> bool {
-        if !self.insert_resolving_unique(t, map, row, new) {
-            return false;
+    ) -> Inserted {
+        let done = self.insert_resolving_unique(t, map, row, new, key);
+        if done == Inserted::Yes {
+            self.verify_no_new_tombstone(t, local, key);
         }
-        self.verify_no_new_tombstone(t, local, key);
-        true
+        done
     }
 
     /// Insert `row`, first resolving collisions on other unique indexes: a colliding
     /// local row that is older than the remote change is deleted (and remembered as
     /// deleted); a newer one keeps its place and the remote row is not inserted.
     ///
-    /// Inside the applying transaction, with `t` open. `false` (nothing written) when a
-    /// collision needs a decision in a streamed transaction: the insert is deferred.
+    /// The row goes in as a speculative insertion where the table allows one
+    /// ([`Target::try_insert`]): a key that appeared since the lookup (a local session's
+    /// or another worker's insert, committed or in flight) makes it give way, nothing
+    /// written, and [`Inserted::Clashed`] sends the caller back to the lookup. Should a
+    /// colliding row already have been deleted for it, the transaction is applied again
+    /// instead (SQLSTATE 40001), deciding on committed data.
+    ///
+    /// Inside the applying transaction, with `t` open.
     fn insert_resolving_unique(
         &mut self,
         t: &Target,
         map: &RelMap,
         row: &Row,
         new: &[Value],
-    ) -> bool {
+        key: &mut LazyKey,
+    ) -> Inserted {
         let remote = self.remote_version();
+        let mut deleted = false;
         for (index, _cols) in t.other_unique_indexes() {
             let Some(other) = t.find_by_index(index, row) else {
                 continue;
             };
             if self.streamed {
                 self.deferred = true;
-                return false;
+                return Inserted::Deferred;
             }
             let local = self.version_of(other.xmin());
             let wins = unique_key_remote_wins(local, remote);
@@ -359,6 +386,7 @@ impl Resolver {
                     self.tombstone(t.relid(), k);
                 }
                 t.delete(&other);
+                deleted = true;
             }
             let res = if wins {
                 Resolution::ApplyRemote
@@ -367,11 +395,37 @@ impl Resolver {
             };
             self.record(map, Conflict::UniqueKey, res, new, info);
             if !wins {
-                return true;
+                return Inserted::Yes;
             }
         }
-        t.insert(row);
-        true
+        if !t.can_try_insert() {
+            t.insert(row);
+        } else if !t.try_insert(row) {
+            if deleted {
+                raced(t, key.get().unwrap_or_default());
+            }
+            return Inserted::Clashed;
+        }
+        Inserted::Yes
+    }
+
+    /// Apply a change with `attempt`, again while its insertion meets a key that appeared
+    /// after its lookup (`Err`: the key's text; nothing of the attempt was written or
+    /// recorded). A key that keeps appearing and going away (more than
+    /// [`CLASH_ATTEMPTS`] times) rolls the transaction back, to be applied again.
+    fn again_on_clash(
+        &mut self,
+        t: &Target,
+        mut attempt: impl FnMut(&mut Self) -> Result<(), String>,
+    ) {
+        let mut key = String::new();
+        for _ in 0..CLASH_ATTEMPTS {
+            match attempt(self) {
+                Ok(()) => return,
+                Err(k) => key = k,
+            }
+        }
+        raced(t, key)
     }
 
     pub fn insert(&mut self, map: &RelMap, new: &[Value]) {
@@ -398,34 +452,60 @@ impl Resolver {
                 return;
             }
         }
+        self.again_on_clash(t, |r| r.insert_carefully(map, &row, new, keyed));
+    }
+
+    /// A remote INSERT the careful way: look the key up, decide, carry the decision out.
+    /// `Err` (the key's text): the insertion met a key that appeared since the lookup.
+    fn insert_carefully(
+        &mut self,
+        map: &RelMap,
+        row: &Row,
+        new: &[Value],
+        keyed: bool,
+    ) -> Result<(), String> {
+        let t = map.target();
         let found = if keyed {
             let key = map.search_row_new(new).unwrap_or_else(|e| raise(&e));
             t.find(&key)
         } else {
             None
         };
-        let mut key = LazyKey::new(t, &row);
+        let mut key = LazyKey::new(t, row);
         let local = self.local_state(t, found.as_ref(), &mut key);
         if !self.check_streamed(Change::Insert, local) {
-            return;
+            return Ok(());
         }
         let d = decide(Change::Insert, local, self.remote_version());
         let base = found.as_ref().map(|f| f.values());
         match d.action {
-            Action::Insert => {
-                if !self.insert_checked(t, map, &row, new, local, &mut key) {
-                    return;
-                }
-            }
+            Action::Insert => match self.insert_checked(t, map, row, new, local, &mut key) {
+                Inserted::Yes => {}
+                Inserted::Deferred => return Ok(()),
+                Inserted::Clashed => return Err(key.get().unwrap_or_default()),
+            },
             Action::Update => {
                 replace_row(t, map, found.as_ref(), new, base.as_ref());
             }
             Action::Delete | Action::Nothing => {}
         }
         self.record_decision(t, map, &mut key, Decided::of(&d, new, local, base.as_ref()));
+        Ok(())
     }
 
     pub fn update(&mut self, map: &RelMap, old: Option<&wire::OldRow>, new: &[Value]) {
+        self.again_on_clash(map.target(), |r| r.update_once(map, old, new));
+    }
+
+    /// A remote UPDATE: look the key up, decide, carry the decision out. `Err` (the key's
+    /// text): the row had to come back (`update_missing`, or a deleted row the update
+    /// wins over) and its insertion met a key that appeared since the lookup.
+    fn update_once(
+        &mut self,
+        map: &RelMap,
+        old: Option<&wire::OldRow>,
+        new: &[Value],
+    ) -> Result<(), String> {
         let t = map.target();
         let key_row = match old {
             Some(o) => map.search_row_old(o, "update"),
@@ -436,7 +516,7 @@ impl Resolver {
         let mut key = LazyKey::new(t, &key_row);
         let local = self.local_state(t, found.as_ref(), &mut key);
         if !self.check_streamed(Change::Update, local) {
-            return;
+            return Ok(());
         }
         let mut d = decide(Change::Update, local, self.remote_version());
         let base = found.as_ref().map(|f| f.values());
@@ -463,14 +543,17 @@ impl Resolver {
                 } else {
                     let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
                     t.fill_defaults(&mut row, map.local_only());
-                    if !self.insert_checked(t, map, &row, new, local, &mut key) {
-                        return;
+                    match self.insert_checked(t, map, &row, new, local, &mut key) {
+                        Inserted::Yes => {}
+                        Inserted::Deferred => return Ok(()),
+                        Inserted::Clashed => return Err(key.get().unwrap_or_default()),
                     }
                 }
             }
             Action::Delete | Action::Nothing => {}
         }
         self.record_decision(t, map, &mut key, Decided::of(&d, new, local, base.as_ref()));
+        Ok(())
     }
 
     pub fn delete(&mut self, map: &RelMap, old: &wire::OldRow) {
