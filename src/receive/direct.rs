@@ -103,15 +103,12 @@ pub(super) fn stream_open() -> bool {
     OPEN.with(|o| o.get())
 }
 
-/// Why a transaction falls back when the parallel deadlock guard stopped its writer.
-const GUARD_WHY: &str = "a parallel writer waited for a row lock of the streamed transaction";
-
 /// Why the stream writer is gone: stopped by the parallel deadlock guard, or on its own.
-fn stopped_why() -> &'static str {
+fn stopped_why() -> Gone {
     if GUARD_FIRED.with(|g| g.get()) {
-        GUARD_WHY
+        Gone::Guard
     } else {
-        WRITER_STOPPED
+        Gone::Stopped
     }
 }
 
@@ -154,20 +151,36 @@ pub(super) struct Direct {
 
 /// Why a send or a wait did not go through.
 pub(super) enum Failed {
-    /// No stream writer to take the transaction: why, for the fallback's log line
-    /// ([`WRITER_STOPPED`] when it failed or left, its own log line saying why;
-    /// [`NO_SLOT`] when none could be started).
-    Writer(&'static str),
+    /// No stream writer to take the transaction.
+    Writer(Gone),
     /// SIGTERM.
     Stopping,
 }
 
-/// Why a transaction falls back when its stream writer failed or left.
-const WRITER_STOPPED: &str = "the stream writer stopped";
+/// Why no stream writer is there to take a transaction.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Gone {
+    /// It failed or left (its own log line says why).
+    Stopped,
+    /// The parallel deadlock guard stopped it.
+    Guard,
+    /// None could be started.
+    NoSlot,
+}
 
-/// Why a transaction falls back when no stream writer could be started.
-const NO_SLOT: &str = "no background worker slot was free for a stream writer \
-     (max_worker_processes counts one per peer streaming to this node)";
+impl Gone {
+    /// Why the transaction falls back, for the fallback's log line.
+    fn why(self) -> &'static str {
+        match self {
+            Gone::Stopped => "the stream writer stopped",
+            Gone::Guard => "a parallel writer waited for a row lock of the streamed transaction",
+            Gone::NoSlot => {
+                "no background worker slot was free for a stream writer \
+                 (max_worker_processes counts one per peer streaming to this node)"
+            }
+        }
+    }
+}
 
 impl Direct {
     /// Start a stream writer; `None` if no background worker slot is free (its queue
@@ -303,7 +316,7 @@ impl Stream {
         match r {
             Ok(()) => false,
             Err(Failed::Stopping) => true,
-            Err(Failed::Writer(why)) => self.fall_back_direct(xid, why),
+            Err(Failed::Writer(gone)) => self.fall_back_direct(xid, gone.why()),
         }
     }
 
@@ -315,9 +328,9 @@ impl Stream {
         match self.forward_raw() {
             Ok(()) => false,
             Err(Failed::Stopping) => true,
-            Err(Failed::Writer(why)) => {
+            Err(Failed::Writer(gone)) => {
                 let xid = self.direct.as_ref().and_then(|d| d.xid).unwrap_or(0);
-                self.fall_back_direct(xid, why)
+                self.fall_back_direct(xid, gone.why())
             }
         }
     }
@@ -326,7 +339,7 @@ impl Stream {
         let raw = std::mem::take(&mut self.raw);
         let r = match &mut self.direct {
             Some(d) => d.send(Ctl::Frame(&raw)),
-            None => Err(Failed::Writer(WRITER_STOPPED)),
+            None => Err(Failed::Writer(Gone::Stopped)),
         };
         self.raw = raw;
         r
@@ -344,7 +357,7 @@ impl Stream {
             self.direct = Direct::start(self.slot, self.dboid, &self.peer);
         }
         let Some(d) = &mut self.direct else {
-            return Err(Failed::Writer(NO_SLOT));
+            return Err(Failed::Writer(Gone::NoSlot));
         };
         if d.xid.is_none() {
             d.xid = Some(xid);
@@ -459,7 +472,7 @@ impl Stream {
                 false
             }
             Err(Failed::Stopping) => true,
-            Err(Failed::Writer(why)) if why == GUARD_WHY => self.fall_back_direct(c.xid, why),
+            Err(Failed::Writer(Gone::Guard)) => self.fall_back_direct(c.xid, Gone::Guard.why()),
             Err(Failed::Writer(_)) => {
                 self.fall_back_direct(c.xid, "the stream writer failed at the commit")
             }
@@ -495,7 +508,7 @@ impl Stream {
             return false;
         }
         match self.direct.as_ref().and_then(|d| d.xid) {
-            Some(xid) => self.fall_back_direct(xid, GUARD_WHY),
+            Some(xid) => self.fall_back_direct(xid, Gone::Guard.why()),
             None => false,
         }
     }
