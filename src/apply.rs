@@ -167,6 +167,7 @@ impl Applier {
         xact::commit();
     }
 
+    #[cold]
     fn use_origin(&mut self, name: &str) {
         if self.parallel {
             xact::set_origin(name);
@@ -265,6 +266,7 @@ impl Applier {
     }
 
     /// Run a replicated schema change (see [`crate::ddl`]) in the applying transaction.
+    #[cold]
     fn ddl(&mut self, content: &[u8]) {
         self.require_transaction("DDL");
         let cmd: bdr_core::ddl::DdlCommand = serde_json::from_slice(content)
@@ -372,6 +374,7 @@ impl Applier {
 
     /// The current transaction can no longer be kept whole: its remaining new keys take
     /// the careful path (a speculative insertion).
+    #[cold]
     fn stop_keeping(&mut self) {
         self.kept.stop();
         self.resolver.set_plain_inserts(false);
@@ -382,6 +385,7 @@ impl Applier {
     /// messages again from the BEGIN, every new key now the careful way, which finds the
     /// local row and decides. The changes and conflicts counted since the BEGIN are
     /// rolled back too, and a synchronous commit's request is kept.
+    #[cold]
     fn apply_again(&mut self) {
         if !self.kept.complete() {
             pgrx::error!(
@@ -409,6 +413,7 @@ impl Applier {
 
     /// A stream writer: the first piece of streamed transaction `xid` starts a local
     /// transaction, applied before the remote commit (see `Resolver::begin_streamed`).
+    #[cold]
     pub fn begin_streamed(&mut self, xid: u32) {
         if self.begin.is_some() {
             raise(&ApplyError::Protocol(
@@ -436,6 +441,7 @@ impl Applier {
     ///
     /// `subxid` is the peer's subtransaction the change belongs to (`xid` for the top
     /// level): see [`Applier::enter_subtransaction`].
+    #[cold]
     pub fn apply_streamed_change(
         &mut self,
         xid: u32,
@@ -482,6 +488,7 @@ impl Applier {
     /// ends, and once released into its parent it can no longer be rolled back alone).
     /// A later change of the top level or of a released subtransaction goes into the
     /// innermost local one, which then can only end with the whole transaction.
+    #[cold]
     fn enter_subtransaction(&mut self, subxid: u32) {
         self.require_transaction("a subtransaction's change");
         if self.subxacts.iter().any(|(x, _)| *x == subxid) {
@@ -497,6 +504,7 @@ impl Applier {
     /// forget their counts; `true` then. `false` (nothing done) for a subtransaction none
     /// of whose changes was applied here (it had none, they were never streamed, or they
     /// wait for the commit).
+    #[cold]
     pub fn rollback_subtransaction(&mut self, subxid: u32) -> bool {
         self.require_transaction("STREAM ABORT of a subtransaction");
         let Some(at) = self.subxacts.iter().position(|(x, _)| *x == subxid) else {
@@ -515,6 +523,7 @@ impl Applier {
     }
 
     /// Merge every local subtransaction into the transaction (before its commit).
+    #[cold]
     fn release_subtransactions(&mut self) {
         if self.subxacts.is_empty() {
             return;
@@ -553,6 +562,7 @@ impl Applier {
     /// changes that waited for its commit time (`deferred`, in order; decided as in any
     /// transaction), then commit it here under the origin, as a whole transaction's
     /// COMMIT does.
+    #[cold]
     pub fn commit_streamed(&mut self, c: &wire::StreamCommit, deferred: Vec<Message>) {
         self.release_subtransactions();
         if let Some(b) = &mut self.begin {
@@ -574,6 +584,7 @@ impl Applier {
     /// Roll back the transaction being applied (a streamed transaction rolled back on
     /// the peer, or one to apply again, [`Applier::apply_again`]); nothing of it is
     /// counted.
+    #[cold]
     pub fn abandon(&mut self) {
         self.end_table_references();
         self.touched.clear();
@@ -585,6 +596,7 @@ impl Applier {
     /// `receive/direct.rs`): roll back and start afresh. The tables' executor states may
     /// hold what the abort already released, so they are leaked, never touched again
     /// (the relations are sent again on the next connection, which follows at once).
+    #[cold]
     pub fn abandon_after_error(&mut self) {
         xact::abort();
         std::mem::forget(std::mem::take(&mut self.rels));
@@ -703,6 +715,7 @@ impl Applier {
 
     /// Release every table kept open (and its executor state): DDL and TRUNCATE in the
     /// applying transaction refuse a table this session holds open.
+    #[cold]
     fn release_tables(&mut self) {
         for b in self.rels.values_mut() {
             if let Some(m) = &mut b.map {
@@ -734,6 +747,7 @@ impl Applier {
     /// does not): the peer already listed every table its cascade emptied, and a local-only
     /// table that refers to one of them makes this an apply error rather than losing rows
     /// nobody replicated.
+    #[cold]
     fn truncate(&mut self, t: &wire::Truncate) {
         self.require_transaction("TRUNCATE");
         let names: Vec<std::rc::Rc<str>> = t

@@ -134,10 +134,17 @@ pub fn count(sys: System, shape: Shape) {
         Shape::Update => format!("{txns} single-row UPDATE transactions (random rows of {rows})"),
         Shape::Insert => format!("{txns} single-row INSERT transactions"),
     };
+    let cycles = estimated_cycles(&events(&text)).map_or(String::new(), |c| {
+        format!(
+            "\nestimated cycles per transaction (callgrind's model: Ir + 10 x (L1 misses + \
+             mispredicted branches) + 100 x LL misses): {:.0}",
+            c as f64 / txns as f64
+        )
+    });
     let out = format!(
         "{} apply process, {what}, {}, counted by callgrind (user-space instructions; \
          the kernel is not counted):\n\n{per:.0} instructions per transaction ({total} in all, plus \
-         two marker INSERTs)\nevery event per transaction: {all_events}\n\nself, by function (instructions per transaction, share of \
+         two marker INSERTs)\nevery event per transaction: {all_events}{cycles}\n\nself, by function (instructions per transaction, share of \
          all):\n\n{}\n\ninclusive (callees included):\n\n{}\n",
         sys.name(),
         if live {
@@ -327,6 +334,22 @@ fn totals(text: &str) -> u64 {
 }
 
 /// Every event of a callgrind dump (`events:` names, `totals:` counts).
+/// The cycle estimate of KCachegrind and `callgrind_annotate` (Ir + 10 per first-level
+/// miss and mispredicted branch + 100 per last-level miss), from a cache-model count's
+/// events; `None` without the cache model (`BENCH_COUNT_CACHE=1`).
+fn estimated_cycles(events: &[(String, u64)]) -> Option<u64> {
+    let get = |name: &str| events.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+    let l1 = ["I1mr", "D1mr", "D1mw", "Bcm", "Bim"]
+        .iter()
+        .map(|n| get(n))
+        .sum::<Option<u64>>()?;
+    let ll = ["ILmr", "DLmr", "DLmw"]
+        .iter()
+        .map(|n| get(n))
+        .sum::<Option<u64>>()?;
+    Some(get("Ir")? + 10 * l1 + 100 * ll)
+}
+
 fn events(text: &str) -> Vec<(String, u64)> {
     let line = |prefix: &str| {
         text.lines()

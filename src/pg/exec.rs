@@ -663,28 +663,34 @@ impl Target {
         // SAFETY: both slots belong to this relation and this executor state.
         let search = unsafe { self.virtual_slot(key) };
         let found = unsafe { self.table_slot() };
-        as_user(self.owner, || unsafe {
-            let ok = if self.identity_index != pg_sys::InvalidOid {
-                pg_sys::RelationFindReplTupleByIndex(
-                    self.rel,
-                    self.identity_index,
-                    pg_sys::LockTupleMode::LockTupleExclusive,
-                    search,
-                    found,
-                )
-            } else {
-                pg_sys::RelationFindReplTupleSeq(
-                    self.rel,
-                    pg_sys::LockTupleMode::LockTupleExclusive,
-                    search,
-                    found,
-                )
-            };
-            ok.then_some(LocalRow {
-                slot: found,
-                estate: self.estate,
-                _target: PhantomData,
+        let (rel, index) = (self.rel, self.identity_index);
+        // SAFETY: the lookup, then (found) the row's attributes and xmin read into the
+        // slot, under one guard: every caller reads both. The closure holds pointers
+        // and plain values only.
+        let xmin = as_user(self.owner, || unsafe {
+            use crate::pg::unguarded::{guarded, raw};
+            guarded(|| {
+                let mode = pg_sys::LockTupleMode::LockTupleExclusive;
+                let ok = if index != pg_sys::InvalidOid {
+                    raw::RelationFindReplTupleByIndex(rel, index, mode, search, found)
+                } else {
+                    raw::RelationFindReplTupleSeq(rel, mode, search, found)
+                };
+                if !ok {
+                    return None;
+                }
+                let natts = (*(*found).tts_tupleDescriptor).natts;
+                if i32::from((*found).tts_nvalid) < natts {
+                    raw::slot_getsomeattrs_int(found, natts);
+                }
+                Some(read_xmin(found))
             })
+        })?;
+        Some(LocalRow {
+            slot: found,
+            estate: self.estate,
+            xmin,
+            _target: PhantomData,
         })
     }
 
@@ -743,7 +749,12 @@ impl Target {
                 self.with_epq(
                     |t| t.trig_update_before_row,
                     |epq| {
-                        pg_sys::ExecSimpleRelationUpdate(self.rri, self.estate, epq, old.slot, slot)
+                        let (rri, estate, old) = (self.rri, self.estate, old.slot);
+                        crate::pg::unguarded::guarded(|| {
+                            crate::pg::unguarded::raw::ExecSimpleRelationUpdate(
+                                rri, estate, epq, old, slot,
+                            )
+                        })
                     },
                 )
             });
@@ -761,7 +772,14 @@ impl Target {
             as_user(self.owner, || {
                 self.with_epq(
                     |t| t.trig_delete_before_row,
-                    |epq| pg_sys::ExecSimpleRelationDelete(self.rri, self.estate, epq, old.slot),
+                    |epq| {
+                        let (rri, estate, old) = (self.rri, self.estate, old.slot);
+                        crate::pg::unguarded::guarded(|| {
+                            crate::pg::unguarded::raw::ExecSimpleRelationDelete(
+                                rri, estate, epq, old,
+                            )
+                        })
+                    },
                 )
             });
         }
@@ -772,6 +790,8 @@ impl Target {
 /// is open (the borrow keeps it so).
 pub struct LocalRow<'t> {
     slot: *mut pg_sys::TupleTableSlot,
+    /// The xid that wrote it, when read with the lookup (0: read on demand).
+    xmin: pg_sys::TransactionId,
     /// The executor state of the target that found it (null: found by
     /// [`lock_by_identity`]): a row is written back only through its own target.
     estate: *mut pg_sys::EState,
@@ -784,10 +804,17 @@ impl LocalRow<'_> {
     /// # Preconditions
     /// The target that found this row is still open.
     pub fn values(&self) -> Row {
-        // SAFETY: slot_getallattrs fills tts_values/tts_isnull for natts attributes.
+        // SAFETY: slot_getallattrs (here its out-of-line part, when not done with the
+        // lookup) fills tts_values/tts_isnull for natts attributes.
         unsafe {
-            pg_sys::slot_getallattrs(self.slot);
-            let n = (*(*self.slot).tts_tupleDescriptor).natts as usize;
+            let slot = self.slot;
+            let natts = (*(*slot).tts_tupleDescriptor).natts;
+            if i32::from((*slot).tts_nvalid) < natts {
+                crate::pg::unguarded::guarded(|| {
+                    crate::pg::unguarded::raw::slot_getsomeattrs_int(slot, natts)
+                });
+            }
+            let n = natts as usize;
             (0..n)
                 .map(|i| {
                     (!*(*self.slot).tts_isnull.add(i)).then(|| *(*self.slot).tts_values.add(i))
@@ -829,14 +856,28 @@ impl LocalRow<'_> {
     /// # Preconditions
     /// The target that found this row is still open.
     pub fn xmin(&self) -> pg_sys::TransactionId {
+        if self.xmin != pg_sys::InvalidTransactionId {
+            return self.xmin;
+        }
+        let slot = self.slot;
+        // SAFETY: see read_xmin; the closure holds a pointer only.
+        unsafe { crate::pg::unguarded::guarded(|| read_xmin(slot)) }
+    }
+}
+
+/// The xmin of the row in `slot` (slot_getsysattr, an inline function: the slot's own
+/// callback).
+///
+/// # Safety
+/// Inside a guard; `slot` is a heap tuple slot holding a row (which has the xmin system
+/// attribute).
+unsafe fn read_xmin(slot: *mut pg_sys::TupleTableSlot) -> pg_sys::TransactionId {
+    // SAFETY: see the preconditions.
+    unsafe {
         let mut isnull = false;
-        // SAFETY: a heap tuple slot has the xmin system attribute.
-        let d = unsafe {
-            pg_sys::slot_getsysattr(
-                self.slot,
-                pg_sys::MinTransactionIdAttributeNumber,
-                &mut isnull,
-            )
+        let d = match (*(*slot).tts_ops).getsysattr {
+            Some(get) => get(slot, pg_sys::MinTransactionIdAttributeNumber, &mut isnull),
+            None => pg_sys::Datum::from(0usize),
         };
         pg_sys::TransactionId::from(d.value() as u32)
     }
@@ -874,6 +915,7 @@ pub fn lock_by_identity(relid: pg_sys::Oid, key: &Row) -> Option<pg_sys::Transac
             LocalRow {
                 slot: found,
                 estate: std::ptr::null_mut(),
+                xmin: pg_sys::InvalidTransactionId,
                 _target: PhantomData,
             }
             .xmin()

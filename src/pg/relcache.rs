@@ -57,7 +57,11 @@ pub fn watch() {
 pub fn lock_and_take(relid: pg_sys::Oid) -> Invalidated {
     crate::pg::xact::require_transaction();
     // SAFETY: forwarded; a lock held until the end of the transaction, as table_open's.
-    unsafe { pg_sys::LockRelationOid(relid, pg_sys::RowExclusiveLock as i32) };
+    unsafe {
+        crate::pg::unguarded::guarded(|| {
+            crate::pg::unguarded::raw::LockRelationOid(relid, pg_sys::RowExclusiveLock as i32)
+        })
+    };
     take_invalidated()
 }
 

@@ -65,13 +65,17 @@ impl InputFn {
             t.push(0);
             // SAFETY: flinfo was set up by fmgr_info_cxt; the buffer is NUL-terminated
             // with no NUL before (checked above); input functions copy what they keep.
+            let (flinfo, text) = (&*self.flinfo as *const _ as *mut _, t.as_mut_ptr());
+            let (typioparam, typmod) = (self.typioparam, self.typmod);
             unsafe {
-                pg_sys::InputFunctionCall(
-                    &*self.flinfo as *const _ as *mut _,
-                    t.as_mut_ptr() as *mut c_char,
-                    self.typioparam,
-                    self.typmod,
-                )
+                crate::pg::unguarded::guarded(|| {
+                    crate::pg::unguarded::raw::InputFunctionCall(
+                        flinfo,
+                        text as *mut c_char,
+                        typioparam,
+                        typmod,
+                    )
+                })
             }
         })
     }

@@ -44,6 +44,9 @@ extern "C" {
     pub fn TransactionIdIsCurrentTransactionId(xid: pg_sys::TransactionId) -> bool;
     /// timestamp.c: `gettimeofday` and arithmetic.
     pub fn GetCurrentTimestamp() -> pg_sys::TimestampTz;
+    /// xlog.c: reads the flush position under a spinlock (a stuck spinlock PANICs, which
+    /// aborts the process: no `longjmp`).
+    pub fn GetFlushRecPtr(insert_tli: *mut pg_sys::TimeLineID) -> pg_sys::XLogRecPtr;
     /// execTuples.c: sets the slot's flags and `tts_nvalid` (the rest are `Assert`s).
     pub fn ExecStoreVirtualTuple(slot: *mut pg_sys::TupleTableSlot) -> *mut pg_sys::TupleTableSlot;
 }
@@ -89,6 +92,48 @@ pub mod raw {
             arbiter_indexes: *mut pg_sys::List,
         ) -> *mut pg_sys::List;
         pub fn list_free(list: *mut pg_sys::List);
+        pub fn RelationFindReplTupleByIndex(
+            rel: pg_sys::Relation,
+            index: Oid,
+            mode: pg_sys::LockTupleMode::Type,
+            search: *mut pg_sys::TupleTableSlot,
+            out: *mut pg_sys::TupleTableSlot,
+        ) -> bool;
+        pub fn RelationFindReplTupleSeq(
+            rel: pg_sys::Relation,
+            mode: pg_sys::LockTupleMode::Type,
+            search: *mut pg_sys::TupleTableSlot,
+            out: *mut pg_sys::TupleTableSlot,
+        ) -> bool;
+        pub fn slot_getsomeattrs_int(slot: *mut pg_sys::TupleTableSlot, attnum: c_int);
+        pub fn ExecSimpleRelationUpdate(
+            rri: *mut pg_sys::ResultRelInfo,
+            estate: *mut pg_sys::EState,
+            epq: *mut pg_sys::EPQState,
+            search: *mut pg_sys::TupleTableSlot,
+            slot: *mut pg_sys::TupleTableSlot,
+        );
+        pub fn ExecSimpleRelationDelete(
+            rri: *mut pg_sys::ResultRelInfo,
+            estate: *mut pg_sys::EState,
+            epq: *mut pg_sys::EPQState,
+            search: *mut pg_sys::TupleTableSlot,
+        );
+        pub fn TransactionIdGetCommitTsData(
+            xid: pg_sys::TransactionId,
+            ts: *mut pg_sys::TimestampTz,
+            origin: *mut pg_sys::RepOriginId,
+        ) -> bool;
+        pub fn LWLockAcquire(lock: *mut pg_sys::LWLock, mode: pg_sys::LWLockMode::Type) -> bool;
+        pub fn LWLockRelease(lock: *mut pg_sys::LWLock);
+        pub fn LockRelationOid(relid: Oid, mode: c_int);
+        pub fn MemoryContextReset(cxt: pg_sys::MemoryContext);
+        pub fn InputFunctionCall(
+            flinfo: *mut pg_sys::FmgrInfo,
+            text: *mut std::ffi::c_char,
+            typioparam: Oid,
+            typmod: c_int,
+        ) -> pg_sys::Datum;
         pub fn ExecARInsertTriggers(
             estate: *mut pg_sys::EState,
             rri: *mut pg_sys::ResultRelInfo,
@@ -105,7 +150,36 @@ pub mod raw {
 /// # Safety
 /// `f` only makes raw calls on plain values: no value with a destructor lives in its
 /// frame and nothing in it panics (an ERROR longjmps over it). Main thread only.
+///
+/// Every caller shares one copy of the guard's code ([`guard_dyn`]): pgrx's guard is
+/// generic, so each guarded function had its own (~100 bytes of `sigsetjmp` set-up and
+/// error-stack bookkeeping each), and the apply path, touching a dozen of them once per
+/// transaction, missed the instruction cache on every one.
 pub unsafe fn guarded<T>(f: impl FnOnce() -> T) -> T {
+    let mut f = Some(f);
+    let mut out = None;
+    // SAFETY: forwarded to the caller: the closure's frame holds two references and `f`
+    // (plain values), `out` is written only after `f` returned.
+    unsafe {
+        guard_dyn(&mut || {
+            if let Some(f) = f.take() {
+                out = Some(f());
+            }
+        });
+    }
+    match out {
+        Some(v) => v,
+        // `guard_dyn` returns only after calling its closure (an ERROR unwinds instead).
+        None => unreachable!("the guarded closure ran"),
+    }
+}
+
+/// The one instance of pgrx's guard behind [`guarded`].
+///
+/// # Safety
+/// As [`guarded`].
+#[inline(never)]
+unsafe fn guard_dyn(f: &mut dyn FnMut()) {
     // SAFETY: forwarded to the caller.
     unsafe { pg_sys::ffi::pg_guard_ffi_boundary(f) }
 }
@@ -175,7 +249,7 @@ pub unsafe fn reset_context(cxt: pg_sys::MemoryContext) {
     // SAFETY: a read of the context's flag, then the ordinary reset.
     unsafe {
         if !(*cxt).isReset {
-            pg_sys::MemoryContextReset(cxt);
+            guarded(|| raw::MemoryContextReset(cxt));
         }
     }
 }

@@ -331,8 +331,8 @@ pub fn flush_last_commit() {
 
 /// WAL flushed to disk on this node.
 pub fn flush_lsn() -> u64 {
-    // SAFETY: plain read of shared WAL state.
-    unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) }
+    // SAFETY: plain read of shared WAL state (cannot raise).
+    unsafe { crate::pg::unguarded::GetFlushRecPtr(std::ptr::null_mut()) }
 }
 
 /// Current time, PostgreSQL epoch microseconds.
@@ -510,9 +510,12 @@ pub fn commit_ts(xid: pg_sys::TransactionId) -> Option<(i64, u16)> {
     let mut ts: pg_sys::TimestampTz = 0;
     let mut origin: pg_sys::RepOriginId = 0;
     // SAFETY: plain lookups; out-parameters are valid.
+    let (tsp, originp) = (&mut ts as *mut _, &mut origin as *mut _);
     let found = unsafe {
         u32::from(xid) >= pg_sys::FirstNormalTransactionId.into()
-            && pg_sys::TransactionIdGetCommitTsData(xid, &mut ts, &mut origin)
+            && crate::pg::unguarded::guarded(|| {
+                crate::pg::unguarded::raw::TransactionIdGetCommitTsData(xid, tsp, originp)
+            })
     };
     (found && ts != 0).then_some((ts, origin))
 }

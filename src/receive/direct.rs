@@ -282,6 +282,7 @@ pub(super) fn guard(on: bool) {
 impl Stream {
     /// A stream frame (with its raw bytes in `self.raw`), applied early by the stream
     /// writer. True on SIGTERM.
+    #[cold]
     pub(super) fn direct_frame(&mut self, msg: &Message) -> bool {
         let xid = match msg {
             Message::StreamStart(s) => s.xid,
@@ -321,6 +322,7 @@ impl Stream {
     }
 
     /// A relation arrived: the writer may need it for the pieces to come.
+    #[cold]
     pub(super) fn direct_relation(&mut self) -> bool {
         if self.direct.as_ref().is_none_or(|d| d.xid.is_none()) {
             return false;
@@ -345,6 +347,7 @@ impl Stream {
         r
     }
 
+    #[cold]
     fn direct_start(&mut self, xid: u32) -> Result<(), Failed> {
         // A writer that stopped while holding this transaction took its earlier pieces
         // with it: the transaction can only be had whole (fall back), never continued in
@@ -376,6 +379,7 @@ impl Stream {
     }
 
     /// STREAM ABORT of the whole transaction: the writer rolls it back.
+    #[cold]
     fn direct_abort(&mut self) -> bool {
         let r = match &mut self.direct {
             Some(d) if d.xid.is_some() => {
@@ -402,6 +406,7 @@ impl Stream {
     }
 
     /// STREAM COMMIT: commit through the writer under the origin (see the module note).
+    #[cold]
     fn direct_commit(&mut self, c: &wire::StreamCommit) -> bool {
         if self.direct.as_ref().is_none_or(|d| d.xid != Some(c.xid)) {
             // Every way a streamed transaction leaves the writer reconnects, so its
@@ -481,6 +486,7 @@ impl Stream {
 
     /// Give up applying streamed transaction `xid` early (see the module note): stop
     /// the writer, then reconnect without streaming. True on SIGTERM.
+    #[cold]
     pub(super) fn fall_back_direct(&mut self, xid: u32, why: &str) -> bool {
         let counted = self.direct.as_ref().is_some_and(|d| d.xid.is_some());
         self.discard_direct();
@@ -515,6 +521,7 @@ impl Stream {
 
     /// The deadlock guard fired in the receiver's own transaction (see the module note):
     /// roll it back and fall back. True on SIGTERM.
+    #[cold]
     pub(super) fn guard_fired(&mut self) -> bool {
         if let super::Sink::One(a) = &mut self.sink {
             a.abandon_after_error();
@@ -560,6 +567,7 @@ impl Stream {
 
     /// A stream writer idle for [`IDLE_WRITER`] is let go (called while the stream is
     /// idle).
+    #[cold]
     pub(super) fn retire_idle_writer(&mut self) {
         if self
             .direct

@@ -14,6 +14,7 @@ impl Stream {
     /// Paused (bdr.apply_pause): apply nothing, keep the connection answered, and read
     /// ahead only to the next transaction's first frame, so its commit time is known.
     /// True on SIGTERM.
+    #[cold]
     pub(super) fn paused(&mut self) -> bool {
         publish_progress(self.slot);
         shmem::update(self.slot, |s| s.state = shmem::State::Paused);
@@ -54,6 +55,7 @@ impl Stream {
     /// while every other node keeps the peer's newer-stamped one: divergence for good.
     /// With it, a peer whose clock runs ahead is applied that much later (its changes
     /// still win by their timestamps). True on SIGTERM.
+    #[cold]
     pub(super) fn clock_wait(&mut self, until: i64) -> bool {
         publish_pending(self.slot);
         let left = (until - xact::now()).clamp(0, 1_000_000);
@@ -74,6 +76,7 @@ impl Stream {
     /// While a paused stream holds a transaction back it reads nothing more, so ask the
     /// peer over an ordinary connection where its WAL is (every 5 s), for lag in bytes.
     /// Best effort: a failure only leaves the last known position.
+    #[cold]
     fn probe_position(&mut self) {
         if self
             .probe
@@ -106,6 +109,7 @@ impl Stream {
 
 /// A pause with a time limit (a join's) that has run out is lifted, with a WARNING: a join
 /// that died cannot leave this worker paused for ever.
+#[cold]
 fn pause_expired(slot: usize, peer: &str) -> bool {
     let s = shmem::get(slot);
     if s.pause_deadline == 0 || xact::now() < s.pause_deadline {

@@ -80,6 +80,7 @@ thread_local! {
 /// Make the pending transaction's commit time visible (the worker's error path calls
 /// this before it exits, so lag keeps counting from it while the worker is down), after
 /// the progress of the transactions committed before it.
+#[cold]
 pub fn publish_pending(slot: usize) {
     publish_progress(slot);
     let (t, _) = PENDING.with(|p| p.get());
@@ -88,6 +89,7 @@ pub fn publish_pending(slot: usize) {
     }
 }
 
+#[cold]
 fn lib_err(e: crate::pg::libpq::LibpqError) -> ! {
     raise(&ApplyError::Protocol(e.to_string()))
 }
@@ -300,6 +302,7 @@ impl Stream {
     }
 
     /// Wait for the socket (or `timeout`); true on SIGTERM.
+    #[inline(never)]
     fn wait(&mut self, timeout: Duration) -> bool {
         if bgw::wait(Some(self.conn.socket()), timeout) {
             return true;
@@ -309,6 +312,7 @@ impl Stream {
     }
 
     /// Send a standby status update; `ping` asks the walsender for a keepalive back.
+    #[inline(never)]
     fn feedback(&mut self, ping: bool) {
         let flushed = self.sink.tracker().flushed(xact::flush_lsn());
         let applied = self.sink.tracker().applied_position();
@@ -434,6 +438,7 @@ impl Stream {
     }
 
     /// Nothing heard from the peer for `wal_receiver_timeout`: give up this connection.
+    #[cold]
     fn check_silence(&self) {
         if let Some(limit) = bgw::wal_receiver_timeout() {
             let silent = self.last_heard.elapsed();
@@ -542,76 +547,97 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         dboid,
     };
     st.heard(peer_lsn, true);
-    loop {
-        st.now = Instant::now();
-        // Pause takes effect between transactions; the connection stays open.
-        st.poll_writers();
-        if st.stopping() || st.after_parallel_guard() {
-            pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
-            return;
-        }
-        if !st.sink.in_transaction() && shmem::pause_requested(slot) {
-            // Parallel apply: what was handed out commits before the pause holds.
-            if let Sink::Many(d) = &mut st.sink {
-                if d.drain() {
-                    return;
-                }
-                st.poll_writers();
-            }
-            if st.paused() {
+    st.serve();
+}
+
+impl Stream {
+    /// The receive loop: until SIGTERM or a stop asked for. Its own function, apart from
+    /// the connection's set-up in [`run`], so that the code it runs for every message
+    /// lies together (issue 17: instruction-cache misses).
+    #[inline(never)]
+    fn serve(&mut self) {
+        let st = self;
+        let slot = st.slot;
+        loop {
+            st.now = Instant::now();
+            // Pause takes effect between transactions; the connection stays open.
+            st.poll_writers();
+            if st.stopping() || st.after_parallel_guard() {
+                st.log_stop();
                 return;
             }
+            if !st.sink.in_transaction() && shmem::pause_requested(slot) {
+                // Parallel apply: what was handed out commits before the pause holds.
+                if let Sink::Many(d) = &mut st.sink {
+                    if d.drain() {
+                        return;
+                    }
+                    st.poll_writers();
+                }
+                if st.paused() {
+                    return;
+                }
+            }
+            let next = match st.held.take() {
+                Some(m) => Some(m),
+                None => st.read().map(|(_, m)| m),
+            };
+            match next {
+                // A transaction committed in this node's future (the peer's clock runs
+                // ahead): held until this node's clock passes its commit time, so that every
+                // local write made after it is applied here is also later in
+                // last-update-wins (see `clock_wait`).
+                Some(wire::Message::Begin(b))
+                    if !st.sink.in_transaction()
+                        && b.commit_time > st.begin_clock.take().unwrap_or_else(xact::now) =>
+                {
+                    let until = b.commit_time;
+                    st.held = Some(wire::Message::Begin(b));
+                    if st.clock_wait(until) {
+                        st.log_stop();
+                        return;
+                    }
+                }
+                Some(msg) => {
+                    if st.apply(msg) || pgrx::bgworkers::BackgroundWorker::sigterm_received() {
+                        st.log_stop();
+                        return;
+                    }
+                }
+                None => {
+                    // Nothing more to read now: what was applied is shown before waiting.
+                    publish_progress(slot);
+                    // Parallel apply: writers' commits do not wake this process (a signal per
+                    // transaction); it looks again within 10 ms while work is in flight.
+                    let poll = if matches!(st.sink, Sink::Many(_)) && st.sink.busy() {
+                        Duration::from_millis(10)
+                    } else {
+                        Duration::from_millis(250)
+                    };
+                    if st.wait(poll) {
+                        st.log_stop();
+                        return;
+                    }
+                    st.now = Instant::now();
+                    st.check_silence();
+                    st.retire_idle_writer();
+                    if st.maybe_restream() {
+                        st.log_stop();
+                        return;
+                    }
+                }
+            }
+            st.maybe_feedback();
         }
-        let next = match st.held.take() {
-            Some(m) => Some(m),
-            None => st.read().map(|(_, m)| m),
-        };
-        match next {
-            // A transaction committed in this node's future (the peer's clock runs
-            // ahead): held until this node's clock passes its commit time, so that every
-            // local write made after it is applied here is also later in
-            // last-update-wins (see `clock_wait`).
-            Some(wire::Message::Begin(b))
-                if !st.sink.in_transaction()
-                    && b.commit_time > st.begin_clock.take().unwrap_or_else(xact::now) =>
-            {
-                let until = b.commit_time;
-                st.held = Some(wire::Message::Begin(b));
-                if st.clock_wait(until) {
-                    pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
-                    return;
-                }
-            }
-            Some(msg) => {
-                if st.apply(msg) || pgrx::bgworkers::BackgroundWorker::sigterm_received() {
-                    pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
-                    return;
-                }
-            }
-            None => {
-                // Nothing more to read now: what was applied is shown before waiting.
-                publish_progress(slot);
-                // Parallel apply: writers' commits do not wake this process (a signal per
-                // transaction); it looks again within 10 ms while work is in flight.
-                let poll = if matches!(st.sink, Sink::Many(_)) && st.sink.busy() {
-                    Duration::from_millis(10)
-                } else {
-                    Duration::from_millis(250)
-                };
-                if st.wait(poll) {
-                    pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
-                    return;
-                }
-                st.now = Instant::now();
-                st.check_silence();
-                st.retire_idle_writer();
-                if st.maybe_restream() {
-                    pgrx::log!("bdr: apply worker for node \"{peer}\" stopping on request");
-                    return;
-                }
-            }
-        }
-        st.maybe_feedback();
+    }
+
+    /// Say the loop ends on request.
+    #[cold]
+    fn log_stop(&self) {
+        pgrx::log!(
+            "bdr: apply worker for node \"{}\" stopping on request",
+            self.peer
+        );
     }
 }
 

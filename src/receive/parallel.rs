@@ -101,6 +101,13 @@ impl super::Stream {
     /// Parallel apply: take in what the writers committed (positions, last commit time),
     /// and answer a synchronous commit at once.
     pub(super) fn poll_writers(&mut self) {
+        if matches!(self.sink, Sink::Many(_)) {
+            self.poll_many();
+        }
+    }
+
+    #[inline(never)]
+    fn poll_many(&mut self) {
         let Sink::Many(d) = &mut self.sink else {
             return;
         };
@@ -237,6 +244,7 @@ impl Dispatch {
 
     /// Take in what writers committed since the last call: true if anything did; the
     /// second value is a writer's request to acknowledge a synchronous commit now.
+    #[inline(never)]
     pub fn poll(&mut self, now: Instant) -> (bool, bool) {
         if self.group.aborted()
             || now.saturating_duration_since(self.last_check) >= Duration::from_millis(100)
@@ -276,6 +284,7 @@ impl Dispatch {
     }
 
     /// Wait until everything received has committed (before a pause). True on SIGTERM.
+    #[inline(never)]
     pub fn drain(&mut self) -> bool {
         self.group.wake_receiver_at(Some(self.next_seq));
         let since = Instant::now();
@@ -468,6 +477,7 @@ impl Dispatch {
     }
 
     /// Hand one message (decoded, and its raw frame) to the writers.
+    #[inline(never)]
     pub fn handle(&mut self, msg: &Message, raw: &[u8]) {
         if self.stopping {
             return;

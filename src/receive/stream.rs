@@ -184,6 +184,7 @@ impl Stream {
 
     /// A stream frame reached the apply step: it goes to the stream writer
     /// (`direct.rs`). True on SIGTERM.
+    #[cold]
     pub(super) fn streamed_frame(&mut self, msg: &Message) -> bool {
         if self.ignore_restreamed(msg) {
             return false;
@@ -197,6 +198,7 @@ impl Stream {
     /// a commit). Its pieces are dropped: it is applied already. A STREAM COMMIT of it
     /// would be a second copy of what was applied, and is refused with an error (the
     /// worker retries; nothing is applied twice).
+    #[cold]
     fn ignore_restreamed(&mut self, msg: &Message) -> bool {
         match msg {
             Message::StreamStart(s) => {
@@ -234,6 +236,7 @@ impl Stream {
 
     /// Streamed transaction `xid` falls back: streaming is asked for again once it
     /// arrived whole, later after several fallbacks in a row (logged).
+    #[cold]
     pub(super) fn note_fallback(&mut self, xid: u32) {
         self.fallback.fall_back(xid, self.now);
         self.restream = true;
@@ -250,8 +253,13 @@ impl Stream {
     /// A transaction committed (or the stream is idle): ask for streaming again once
     /// nothing fallen back is outstanding. True on SIGTERM.
     pub(super) fn maybe_restream(&mut self) -> bool {
-        if !self.restream
-            || self.streaming
+        self.restream && self.restream_now()
+    }
+
+    /// As [`Stream::maybe_restream`], once a fallback asked for it.
+    #[cold]
+    fn restream_now(&mut self) -> bool {
+        if self.streaming
             || !self.want_streaming
             || self.sink.in_transaction()
             || self.held.is_some()
@@ -273,6 +281,7 @@ impl Stream {
 
     /// Close the connection between transactions and open a new one from what was
     /// applied. True on SIGTERM (while parallel writers drain).
+    #[cold]
     pub(super) fn reconnect(&mut self, want_streaming: bool) -> bool {
         // A streamed transaction open in the stream writer is rolled back: the new
         // connection sends it again, from its start or whole.

@@ -47,7 +47,7 @@ extern "C-unwind" {
 #[inline(always)]
 pub unsafe fn guarded<T>(f: impl FnOnce() -> T) -> T {
     // SAFETY: forwarded from the caller (see the module's invariant).
-    unsafe { pg_sys::ffi::pg_guard_ffi_boundary(f) }
+    unsafe { crate::pg::unguarded::guarded(f) }
 }
 
 /// `appendBinaryStringInfo`, enlarging only when the buffer has no room (it nearly always

@@ -161,6 +161,7 @@ impl Target {
             .then_some(LocalRow {
                 slot: found,
                 estate: self.estate,
+                xmin: pg_sys::InvalidTransactionId,
                 _target: PhantomData,
             })
         })

@@ -115,7 +115,7 @@ impl<T> ShmemLock<T> {
         // shared lock nobody writes `data`.
         unsafe {
             let lock = (*p).lock;
-            pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_SHARED);
+            acquire(lock, pg_sys::LWLockMode::LW_SHARED);
             ShareGuard {
                 data: &(*p).data,
                 lock,
@@ -130,7 +130,7 @@ impl<T> ShmemLock<T> {
         // until the guard drops.
         unsafe {
             let lock = (*p).lock;
-            pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            acquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
             ExclusiveGuard {
                 data: &mut (*p).data,
                 lock,
@@ -146,8 +146,19 @@ fn release(lock: *mut pg_sys::LWLock) {
     // the process's one thread.
     unsafe {
         if pg_sys::InterruptHoldoffCount > 0 {
-            pg_sys::LWLockRelease(lock);
+            crate::pg::unguarded::guarded(|| crate::pg::unguarded::raw::LWLockRelease(lock));
         }
+    }
+}
+
+/// Acquire `lock` in `mode` (through the guard the apply path's calls share).
+///
+/// # Safety
+/// `lock` is a valid LWLock.
+unsafe fn acquire(lock: *mut pg_sys::LWLock, mode: pg_sys::LWLockMode::Type) {
+    // SAFETY: forwarded; the closure holds two plain values.
+    unsafe {
+        crate::pg::unguarded::guarded(|| crate::pg::unguarded::raw::LWLockAcquire(lock, mode));
     }
 }
 
