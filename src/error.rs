@@ -31,7 +31,10 @@ fn report(e: &dyn PgError) -> ErrorReport {
     r
 }
 
-/// Raise `e` as an ERROR; does not return.
+/// Raise `e` as an ERROR; does not return. Cold and out of line: the hot path's error
+/// branches then cost it no code of its own.
+#[cold]
+#[inline(never)]
 pub fn raise(e: &dyn PgError) -> ! {
     report(e).report(PgLogLevel::ERROR);
     unreachable!("ereport(ERROR) returned")

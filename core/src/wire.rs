@@ -863,13 +863,30 @@ pub mod bin {
         buf: &'a [u8],
     }
 
+    // The error texts are built out of line: the reader's methods are inlined into
+    // `decode` for every field of every kind, and a bad body is rare.
+    #[cold]
+    #[inline(never)]
+    fn short(wanted: usize, left: usize) -> String {
+        format!("body ends early: {wanted} more bytes wanted, {left} left")
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn bad(what: &str) -> String {
+        what.to_string()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn bad_tag(what: &str, tag: u8) -> String {
+        format!("unknown {what} {tag:#04x}")
+    }
+
     impl<'a> Reader<'a> {
         fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
             if self.buf.len() < n {
-                return Err(format!(
-                    "body ends early: {n} more bytes wanted, {} left",
-                    self.buf.len()
-                ));
+                return Err(short(n, self.buf.len()));
             }
             let (head, rest) = self.buf.split_at(n);
             self.buf = rest;
@@ -893,7 +910,10 @@ pub mod bin {
         fn string(&mut self) -> Result<String, String> {
             let n = self.u32()? as usize;
             let b = self.take(n)?;
-            String::from_utf8(b.to_vec()).map_err(|_| "a string is not UTF-8".to_string())
+            match std::str::from_utf8(b) {
+                Ok(t) => Ok(t.to_owned()),
+                Err(_) => Err(bad("a string is not UTF-8")),
+            }
         }
         fn values(&mut self) -> Result<Vec<Value>, String> {
             let n = self.u16()? as usize;
@@ -904,7 +924,7 @@ pub mod bin {
                     b'n' => Value::Null,
                     b'u' => Value::UnchangedToast,
                     b't' => Value::Text(self.string()?),
-                    t => return Err(format!("unknown value tag {t:#04x}")),
+                    t => return Err(bad_tag("value tag", t)),
                 });
             }
             Ok(v)
@@ -916,7 +936,7 @@ pub mod bin {
                     name: self.string()?,
                     lsn: self.u64()?,
                 }),
-                f => return Err(format!("bad origin flag {f}")),
+                f => return Err(bad_tag("origin flag", f)),
             })
         }
         fn old_row(&mut self) -> Result<Option<OldRow>, String> {
@@ -924,7 +944,7 @@ pub mod bin {
                 b'-' => None,
                 b'k' => Some(OldRow::Key(self.values()?)),
                 b'f' => Some(OldRow::Full(self.values()?)),
-                t => return Err(format!("unknown old-row tag {t:#04x}")),
+                t => return Err(bad_tag("old-row tag", t)),
             })
         }
     }
@@ -944,7 +964,7 @@ pub mod bin {
                 first_segment: match r.u8()? {
                     0 => false,
                     1 => true,
-                    f => return Err(format!("bad first-segment flag {f}")),
+                    f => return Err(bad_tag("first-segment flag", f)),
                 },
             }),
             b'E' => Message::StreamStop,
@@ -984,7 +1004,10 @@ pub mod bin {
             }),
             b'D' => Message::Delete(Delete {
                 relation: r.u32()?,
-                old: r.old_row()?.ok_or("a DELETE without its old row")?,
+                old: match r.old_row()? {
+                    Some(o) => o,
+                    None => return Err(bad("a DELETE without its old row")),
+                },
             }),
             b'C' => Message::Commit(Commit {
                 commit_lsn: r.u64()?,

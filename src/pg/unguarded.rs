@@ -13,8 +13,16 @@
 //! Several calls that may raise, made one after another on the hot path (start and
 //! commit a transaction, open a table and its indexes, clear an executor's slots), go
 //! under one guard instead of one each ([`guarded`] with the [`raw`] declarations):
-//! `bdr-bench count-update` counted ~41 guarded calls per single-row UPDATE (now ~16), ~100
+//! `bdr-bench count-update` counted ~41 guarded calls per single-row UPDATE (now ~12), ~100
 //! instructions each, together about as much as bdr's apply used beyond native's.
+//!
+//! Every [`guarded`] call goes through one copy of pgrx's guard ([`guard_dyn`]), and the
+//! apply path's other calls that may raise (a row's lookup, update and delete, a type's
+//! input function, commit timestamps, LWLocks, the table lock, a context reset) are made
+//! through it too: pgrx's guard is generic, so each guarded function had its own copy of
+//! it, and the apply path touched a dozen copies once per transaction, each a miss of the
+//! instruction cache (issue 17: the apply's CPU time above native's at fewer instructions
+//! is mostly such misses in bdr's own code).
 //!
 //! Invariants: the plain declarations are only functions whose PostgreSQL 15 source
 //! cannot `ereport`/`elog` (each note says what the function does). A function that may
