@@ -40,6 +40,14 @@ pub fn raise(e: &dyn PgError) -> ! {
     unreachable!("ereport(ERROR) returned")
 }
 
+/// Raise an internal error (a bug of bdr's, never bad input): `bdr: internal error: ` and
+/// `what`. Cold and out of line, as [`raise`]: the hot path checks its own invariants.
+#[cold]
+#[inline(never)]
+pub fn internal(what: &str) -> ! {
+    pgrx::error!("bdr: internal error: {what}")
+}
+
 /// [`raise`] in method form, for results: the value, or the error raised.
 pub trait OrRaise<T, E> {
     /// The value, or the error (a domain error already) raised as an ERROR.

@@ -137,7 +137,7 @@ impl RelMap {
     pub fn target(&self) -> &Target {
         match &self.target {
             Some(t) => t,
-            None => pgrx::error!("bdr: internal error: a change without its table open"),
+            None => crate::error::internal("a change without its table open"),
         }
     }
 

@@ -276,7 +276,7 @@ impl Target {
         crate::pg::xact::require_transaction();
         // SAFETY: a plain read of the snapshot stack (cannot raise).
         if !unsafe { crate::pg::unguarded::ActiveSnapshotSet() } {
-            pgrx::error!("bdr: internal error: table write without an active snapshot");
+            crate::error::internal("table write without an active snapshot");
         }
         let lxid = current_lxid();
         if self.held != Some(lxid) {
@@ -732,7 +732,7 @@ impl Target {
     /// Refuse a row another target found (its slot belongs to another executor state).
     fn own(&self, old: &LocalRow) {
         if old.estate != self.estate {
-            pgrx::error!("bdr: internal error: a row written through another table's target");
+            crate::error::internal("a row written through another table's target");
         }
     }
 

@@ -91,7 +91,7 @@ pub fn release_subtransaction() {
 pub fn require_transaction() {
     // SAFETY: a plain read of the transaction state (cannot raise).
     if !unsafe { crate::pg::unguarded::IsTransactionState() } {
-        pgrx::error!("bdr: internal error: catalog access outside a transaction");
+        crate::error::internal("catalog access outside a transaction");
     }
 }
 
