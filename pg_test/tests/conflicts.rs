@@ -63,6 +63,25 @@ fn value(n: &Node, id: i32) -> Option<String> {
     value_of(n, "t", id)
 }
 
+/// Make node2's UPDATE of row `id` reach node1 before node3's INSERT of it
+/// (`update_missing` there): node1's apply from node3 is paused (resume it with
+/// `bdr.apply_resume('node3')` on node1), node3 inserts the row, node2 updates it once it
+/// has it.
+fn update_before_insert_on_node1(c: &Cluster, id: i32) {
+    let (a, b, x) = (c.node(0), c.node(1), c.node(2));
+    a.execute("SELECT bdr.apply_pause('node3')");
+    wait_until("node1 paused from node3", CATCHUP, || {
+        a.query_scalar::<bool>(
+            "SELECT state = 'paused' FROM bdr.apply_workers() WHERE peer = 'node3'",
+        )
+    });
+    x.execute(&format!("INSERT INTO t VALUES ({id}, 'inserted on node3')"));
+    wait_until("node2 has the row", CATCHUP, || value(b, id).is_some());
+    b.execute(&format!(
+        "UPDATE t SET v = 'updated on node2' WHERE id = {id}"
+    ));
+}
+
 fn clear_history(c: &Cluster) {
     for n in c.nodes() {
         n.execute("DELETE FROM bdr.conflict_history");
@@ -134,15 +153,7 @@ fn each_conflict_type_resolves_to_the_later_commit_everywhere() {
     clear_history(&c);
 
     // update_missing: node1 gets node2's UPDATE of a row before node3's INSERT of it.
-    a.execute("SELECT bdr.apply_pause('node3')");
-    wait_until("node1 paused from node3", CATCHUP, || {
-        a.query_scalar::<bool>(
-            "SELECT state = 'paused' FROM bdr.apply_workers() WHERE peer = 'node3'",
-        )
-    });
-    x.execute("INSERT INTO t VALUES (2, 'inserted on node3')");
-    wait_until("node2 has the row", CATCHUP, || value(b, 2).is_some());
-    b.execute("UPDATE t SET v = 'updated on node2' WHERE id = 2");
+    update_before_insert_on_node1(&c, 2);
     wait_until("node1 has node2's update", CATCHUP, || {
         value(a, 2).is_some()
     });
@@ -519,7 +530,7 @@ fn an_insert_meeting_a_local_row_mid_transaction_is_applied_again_once() {
 #[test]
 fn an_update_whose_row_comes_back_meets_a_key_inserted_meanwhile() {
     let c = group("updrace");
-    let (a, b, x) = (c.node(0), c.node(1), c.node(2));
+    let a = c.node(0);
     a.execute(
         "SET bdr.ddl_replication = off;
          CREATE FUNCTION slow_default() RETURNS int LANGUAGE sql
@@ -528,15 +539,7 @@ fn an_update_whose_row_comes_back_meets_a_key_inserted_meanwhile() {
          CREATE ROLE app LOGIN;
          GRANT SELECT, INSERT ON t TO app;",
     );
-    a.execute("SELECT bdr.apply_pause('node3')");
-    wait_until("node1 paused from node3", CATCHUP, || {
-        a.query_scalar::<bool>(
-            "SELECT state = 'paused' FROM bdr.apply_workers() WHERE peer = 'node3'",
-        )
-    });
-    x.execute("INSERT INTO t VALUES (5, 'from node3')");
-    wait_until("node2 has row 5", CATCHUP, || value(b, 5).is_some());
-    b.execute("UPDATE t SET v = 'updated on node2' WHERE id = 5");
+    update_before_insert_on_node1(&c, 5);
     // node1 lacks row 5: the update brings it back, and its DEFAULT holds the apply.
     wait_until("node1's apply sleeps in the row's default", CATCHUP, || {
         a.query_scalar::<i64>("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
