@@ -333,7 +333,6 @@ fn totals(text: &str) -> u64 {
     events(text)[0].1
 }
 
-/// Every event of a callgrind dump (`events:` names, `totals:` counts).
 /// The cycle estimate of KCachegrind and `callgrind_annotate` (Ir + 10 per first-level
 /// miss and mispredicted branch + 100 per last-level miss), from a cache-model count's
 /// events; `None` without the cache model (`BENCH_COUNT_CACHE=1`).
@@ -350,6 +349,7 @@ fn estimated_cycles(events: &[(String, u64)]) -> Option<u64> {
     Some(get("Ir")? + 10 * l1 + 100 * ll)
 }
 
+/// Every event of a callgrind dump (`events:` names, `totals:` counts).
 fn events(text: &str) -> Vec<(String, u64)> {
     let line = |prefix: &str| {
         text.lines()

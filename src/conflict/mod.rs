@@ -89,17 +89,6 @@ struct RemoteTxn {
     forwarded: Option<(std::rc::Rc<str>, i64)>,
 }
 
-/// What became of a row the careful path set out to insert.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Inserted {
-    /// Written (or, after a unique-key conflict the local row won, rightly not).
-    Yes,
-    /// Not written: it needs a decision at the streamed transaction's commit.
-    Deferred,
-    /// Not written: a key appeared since the lookup; look again and decide again.
-    Clashed,
-}
-
 /// How many times one change looks its key up again after its insertion met a key that
 /// appeared since the lookup, before the transaction is rolled back and applied again.
 const CLASH_ATTEMPTS: u32 = 5;
@@ -326,7 +315,8 @@ impl Resolver {
     }
 
     /// Insert `row` (see [`Resolver::insert_resolving_unique`]), then check that no other
-    /// worker wrote the key's tombstone meanwhile.
+    /// worker wrote the key's tombstone meanwhile. As that function: `Ok(false)` when
+    /// deferred, `Err` (the key's text) when a key appeared since the lookup.
     fn insert_checked(
         &mut self,
         t: &Target,
@@ -335,12 +325,12 @@ impl Resolver {
         new: &[Value],
         local: Local,
         key: &mut LazyKey,
-    ) -> Inserted {
-        let done = self.insert_resolving_unique(t, map, row, new, key);
-        if done == Inserted::Yes {
-            self.verify_no_new_tombstone(t, local, key);
+    ) -> Result<bool, String> {
+        if !self.insert_resolving_unique(t, map, row, new, key)? {
+            return Ok(false);
         }
-        done
+        self.verify_no_new_tombstone(t, local, key);
+        Ok(true)
     }
 
     /// Insert `row`, first resolving collisions on other unique indexes: a colliding
@@ -350,11 +340,12 @@ impl Resolver {
     /// The row goes in as a speculative insertion where the table allows one
     /// ([`Target::try_insert`]): a key that appeared since the lookup (a local session's
     /// or another worker's insert, committed or in flight) makes it give way, nothing
-    /// written, and [`Inserted::Clashed`] sends the caller back to the lookup. Should a
+    /// written, and `Err` (the key's text) sends the caller back to the lookup. Should a
     /// colliding row already have been deleted for it, the transaction is applied again
     /// instead (SQLSTATE 40001), deciding on committed data.
     ///
-    /// Inside the applying transaction, with `t` open.
+    /// Inside the applying transaction, with `t` open. `Ok(false)` (nothing written) when a
+    /// collision needs a decision in a streamed transaction: the insert is deferred.
     fn insert_resolving_unique(
         &mut self,
         t: &Target,
@@ -362,7 +353,7 @@ impl Resolver {
         row: &Row,
         new: &[Value],
         key: &mut LazyKey,
-    ) -> Inserted {
+    ) -> Result<bool, String> {
         let remote = self.remote_version();
         let mut deleted = false;
         for (index, _cols) in t.other_unique_indexes() {
@@ -371,7 +362,7 @@ impl Resolver {
             };
             if self.streamed {
                 self.deferred = true;
-                return Inserted::Deferred;
+                return Ok(false);
             }
             let local = self.version_of(other.xmin());
             let wins = unique_key_remote_wins(local, remote);
@@ -395,18 +386,19 @@ impl Resolver {
             };
             self.record(map, Conflict::UniqueKey, res, new, info);
             if !wins {
-                return Inserted::Yes;
+                return Ok(true);
             }
         }
         if !t.can_try_insert() {
             t.insert(row);
         } else if !t.try_insert(row) {
+            let k = key.get().unwrap_or_default();
             if deleted {
-                raced(t, key.get().unwrap_or_default());
+                raced(t, k);
             }
-            return Inserted::Clashed;
+            return Err(k);
         }
-        Inserted::Yes
+        Ok(true)
     }
 
     /// Apply a change with `attempt`, again while its insertion meets a key that appeared
@@ -479,11 +471,11 @@ impl Resolver {
         let d = decide(Change::Insert, local, self.remote_version());
         let base = found.as_ref().map(|f| f.values());
         match d.action {
-            Action::Insert => match self.insert_checked(t, map, row, new, local, &mut key) {
-                Inserted::Yes => {}
-                Inserted::Deferred => return Ok(()),
-                Inserted::Clashed => return Err(key.get().unwrap_or_default()),
-            },
+            Action::Insert => {
+                if !self.insert_checked(t, map, row, new, local, &mut key)? {
+                    return Ok(());
+                }
+            }
             Action::Update => {
                 replace_row(t, map, found.as_ref(), new, base.as_ref());
             }
@@ -543,10 +535,8 @@ impl Resolver {
                 } else {
                     let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
                     t.fill_defaults(&mut row, map.local_only());
-                    match self.insert_checked(t, map, &row, new, local, &mut key) {
-                        Inserted::Yes => {}
-                        Inserted::Deferred => return Ok(()),
-                        Inserted::Clashed => return Err(key.get().unwrap_or_default()),
+                    if !self.insert_checked(t, map, &row, new, local, &mut key)? {
+                        return Ok(());
                     }
                 }
             }

@@ -63,10 +63,11 @@ impl InputFn {
             t.clear();
             t.extend_from_slice(text.as_bytes());
             t.push(0);
-            // SAFETY: flinfo was set up by fmgr_info_cxt; the buffer is NUL-terminated
-            // with no NUL before (checked above); input functions copy what they keep.
             let (flinfo, text) = (&*self.flinfo as *const _ as *mut _, t.as_mut_ptr());
             let (typioparam, typmod) = (self.typioparam, self.typmod);
+            // SAFETY: flinfo was set up by fmgr_info_cxt; the buffer is NUL-terminated
+            // with no NUL before (checked above); input functions copy what they keep.
+            // The guarded closure holds pointers and plain values only.
             unsafe {
                 crate::pg::unguarded::guarded(|| {
                     crate::pg::unguarded::raw::InputFunctionCall(

@@ -106,6 +106,8 @@ impl super::Stream {
         }
     }
 
+    /// [`Stream::poll_writers`] with parallel apply on; out of line, as the one-writer
+    /// receive loop never runs it.
     #[inline(never)]
     fn poll_many(&mut self) {
         let Sink::Many(d) = &mut self.sink else {
