@@ -69,7 +69,16 @@ fn value(n: &Node, id: i32) -> Option<String> {
 /// has it.
 fn update_before_insert_on_node1(c: &Cluster, id: i32) {
     let (a, b, x) = (c.node(0), c.node(1), c.node(2));
-    a.execute("SELECT bdr.apply_pause('node3')");
+    // Right after the group forms, node1's worker for node3 may not be registered yet;
+    // a pause asked for before it is pauses nothing.
+    wait_until("node1 applies from node3", CATCHUP, || {
+        a.query_scalar::<i64>("SELECT count(*) FROM bdr.apply_workers() WHERE peer = 'node3'") == 1
+    });
+    assert_eq!(
+        a.query_scalar::<i32>("SELECT bdr.apply_pause('node3')"),
+        1,
+        "one worker paused"
+    );
     wait_until("node1 paused from node3", CATCHUP, || {
         a.query_scalar::<bool>(
             "SELECT state = 'paused' FROM bdr.apply_workers() WHERE peer = 'node3'",
