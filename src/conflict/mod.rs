@@ -89,6 +89,18 @@ struct RemoteTxn {
     forwarded: Option<(std::rc::Rc<str>, i64)>,
 }
 
+/// What a remote UPDATE found about the unique keys of the row it writes
+/// ([`Resolver::make_room`]).
+enum Room {
+    /// No other row holds them (any older holder was deleted): write the row.
+    Made,
+    /// A newer row holds one, or a newer change deleted the key it moves to: the updated
+    /// row goes.
+    Taken,
+    /// A streamed transaction: decided at its commit.
+    Deferred,
+}
+
 /// How many times one change looks its key up again after its insertion met a key that
 /// appeared since the lookup, before the transaction is rolled back and applied again.
 const CLASH_ATTEMPTS: u32 = 5;
@@ -357,7 +369,7 @@ impl Resolver {
         let remote = self.remote_version();
         let mut deleted = false;
         for (index, _cols) in t.other_unique_indexes() {
-            let Some(other) = t.find_by_index(index, row) else {
+            let Some(other) = t.find_by_index(*index, row) else {
                 continue;
             };
             if self.streamed {
@@ -514,17 +526,31 @@ impl Resolver {
         let base = found.as_ref().map(|f| f.values());
         match d.action {
             Action::Update => {
-                let row = replace_row(t, map, found.as_ref(), new, base.as_ref());
-                // A key change removes the old key: remember it as deleted. Only a
-                // change that carries its old row can change the key (the sender sends
-                // the old key exactly when it changed, or every old row under REPLICA
-                // IDENTITY FULL), so without one no key text is rendered.
-                if old.is_some() {
-                    if let Some(k) = key.get() {
-                        if t.key_text(&row).as_ref() != Some(&k) {
+                let f = found.as_ref().expect("update needs the row");
+                let row = map.row(new, base.as_ref()).unwrap_or_else(|e| raise(&e));
+                // Only a change that carries its old row can change the key (the sender
+                // sends the old key exactly when it changed, or every old row under
+                // REPLICA IDENTITY FULL), so without one no key text is rendered.
+                let moved_from = match old {
+                    Some(_) => key.get().filter(|k| t.key_text(&row).as_ref() != Some(k)),
+                    None => None,
+                };
+                match self.make_room(t, map, f, &row, new, moved_from.is_some(), base.as_ref()) {
+                    Room::Made => {
+                        t.update(f, &row);
+                        // A key change removes the old key: remember it as deleted.
+                        if let Some(k) = moved_from {
                             self.tombstone(t.relid(), &k);
                         }
                     }
+                    Room::Taken => {
+                        // On its origin the newer holder of the key displaced this row.
+                        t.delete(f);
+                        if let Some(k) = key.get() {
+                            self.tombstone(t.relid(), &k);
+                        }
+                    }
+                    Room::Deferred => return Ok(()),
                 }
             }
             Action::Insert => {
@@ -535,15 +561,166 @@ impl Resolver {
                 } else {
                     let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
                     t.fill_defaults(&mut row, map.local_only());
-                    if !self.insert_checked(t, map, &row, new, local, &mut key)? {
+                    let moves = old.is_some()
+                        && key
+                            .get()
+                            .is_some_and(|k| t.key_text(&row).as_ref() != Some(&k));
+                    if moves {
+                        // It comes back under the key it moved to, which a local row may
+                        // hold: decided as a remote INSERT of that key.
+                        self.insert_carefully(map, &row, new, true)?;
+                    } else if !self.insert_checked(t, map, &row, new, local, &mut key)? {
                         return Ok(());
                     }
+                }
+            }
+            Action::Nothing if old.is_some() && !new.contains(&Value::UnchangedToast) => {
+                // The old key keeps its newer local state. Should the change move the
+                // row to another key, that key is written as on the change's origin:
+                // decided as a remote INSERT of it (last-update-wins per key).
+                let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
+                t.fill_defaults(&mut row, map.local_only());
+                let moves = key
+                    .get()
+                    .is_some_and(|k| t.key_text(&row).as_ref() != Some(&k));
+                if moves {
+                    self.insert_carefully(map, &row, new, true)?;
                 }
             }
             Action::Delete | Action::Nothing => {}
         }
         self.record_decision(t, map, &mut key, Decided::of(&d, new, local, base.as_ref()));
         Ok(())
+    }
+
+    /// Before a remote UPDATE that won over its row (`found`) writes `row`: the other
+    /// local rows holding one of `row`'s unique keys — the identity key it moves to
+    /// (`moves`), and every other unique index whose columns it changes.
+    ///
+    /// The same rule as an insertion's ([`Resolver::insert_resolving_unique`]), so that
+    /// every node keeps the same row whichever order the two changes arrive in: the newer
+    /// of the two rows keeps the key. An older holder is deleted (`unique_key`,
+    /// `apply_remote`); a newer one makes the update lose its row (`unique_key`,
+    /// `keep_local`: [`Room::Taken`], the caller deletes `found`), as its origin did when
+    /// the newer row arrived there. The identity key it moves to may also have been
+    /// deleted by a newer change (`update_deleted`, `keep_local`: [`Room::Taken`]).
+    ///
+    /// Checked only for an UPDATE that moves its key or changes a column of another
+    /// unique index, so a plain UPDATE costs nothing here.
+    #[allow(clippy::too_many_arguments)]
+    #[cold]
+    fn make_room(
+        &mut self,
+        t: &Target,
+        map: &RelMap,
+        found: &LocalRow,
+        row: &Row,
+        new: &[Value],
+        moves: bool,
+        base: Option<&Row>,
+    ) -> Room {
+        let remote = self.remote_version();
+        let relid = t.relid();
+        if moves {
+            let search = map.search_row_new(new).unwrap_or_else(|e| raise(&e));
+            if let Some(other) = t.find(&search) {
+                if self.streamed {
+                    self.deferred = true;
+                    return Room::Deferred;
+                }
+                let local = self.version_of(other.xmin());
+                let wins = unique_key_remote_wins(local, remote);
+                let values = other.values();
+                let info = Recorded {
+                    local_version: local,
+                    local_row: Some(t.row_json(&values)),
+                    key: t.key_text(&values),
+                };
+                if wins {
+                    // The key stays in use (this row moves in): no tombstone.
+                    t.delete(&other);
+                }
+                self.record_unique(map, wins, new, info);
+                if !wins {
+                    return Room::Taken;
+                }
+            } else if self.may_have_tombstones(relid) {
+                let mut to = LazyKey::new(t, row);
+                let deleted = to.get().and_then(|k| {
+                    let xid = tombstones::lookup(relid, &k)?;
+                    Some((k, xid))
+                });
+                if let Some((k, xid)) = deleted {
+                    let v = self.version_of(xid).unwrap_or(Version {
+                        commit_time: i64::MIN,
+                        node_id: 0,
+                    });
+                    if v > remote {
+                        if self.streamed {
+                            self.deferred = true;
+                            return Room::Deferred;
+                        }
+                        let info = Recorded {
+                            local_version: Some(v),
+                            local_row: None,
+                            key: Some(k),
+                        };
+                        self.record(
+                            map,
+                            Conflict::UpdateDeleted,
+                            Resolution::KeepLocal,
+                            new,
+                            info,
+                        );
+                        return Room::Taken;
+                    }
+                }
+            }
+        }
+        for (index, cols) in t.other_unique_indexes() {
+            // Unchanged columns hold this row's own key.
+            if base.is_some_and(|b| t.same_values(row, b, cols)) {
+                continue;
+            }
+            let Some(other) = t.find_by_index(*index, row) else {
+                continue;
+            };
+            if other.same_tuple(found) {
+                continue;
+            }
+            if self.streamed {
+                self.deferred = true;
+                return Room::Deferred;
+            }
+            let local = self.version_of(other.xmin());
+            let wins = unique_key_remote_wins(local, remote);
+            let values = other.values();
+            let info = Recorded {
+                local_version: local,
+                local_row: Some(t.row_json(&values)),
+                key: t.key_text(&values),
+            };
+            if wins {
+                if let Some(k) = &info.key {
+                    self.tombstone(relid, k);
+                }
+                t.delete(&other);
+            }
+            self.record_unique(map, wins, new, info);
+            if !wins {
+                return Room::Taken;
+            }
+        }
+        Room::Made
+    }
+
+    fn record_unique(&mut self, map: &RelMap, remote_wins: bool, new: &[Value], info: Recorded) {
+        let res = if remote_wins {
+            Resolution::ApplyRemote
+        } else {
+            Resolution::KeepLocal
+        };
+        self.record(map, Conflict::UniqueKey, res, new, info);
     }
 
     pub fn delete(&mut self, map: &RelMap, old: &wire::OldRow) {

@@ -156,6 +156,9 @@ pub struct Target {
     /// [`Target::begin_change`], "Triggers that cannot fire").
     trigdesc: *mut pg_sys::TriggerDesc,
     trigger_fires_in_replica: bool,
+    /// Unique indexes other than the identity index that can find a row, computed on
+    /// first use (see [`Target::other_unique_indexes`]).
+    unique_others: std::cell::OnceCell<Vec<(pg_sys::Oid, Vec<usize>)>>,
     /// Replica identity index (primary key or chosen index), or InvalidOid.
     pub identity_index: pg_sys::Oid,
     pub natts: usize,
@@ -250,6 +253,7 @@ impl Target {
                 virtual_slots: SlotPool::default(),
                 table_slots: SlotPool::default(),
                 defaults: RefCell::new(None),
+                unique_others: std::cell::OnceCell::new(),
                 identity_index: pg_sys::RelationGetReplicaIndex(rel),
                 natts: (*(*rel).rd_att).natts as usize,
                 owner: (*(*rel).rd_rel).relowner,
@@ -862,6 +866,21 @@ impl LocalRow<'_> {
         let slot = self.slot;
         // SAFETY: see read_xmin; the closure holds a pointer only.
         unsafe { crate::pg::unguarded::guarded(|| read_xmin(slot)) }
+    }
+
+    /// Whether `other` is this very row version (the same tuple id): a lookup by another
+    /// unique index can find the row a change is about.
+    ///
+    /// # Preconditions
+    /// The targets that found both rows are still open.
+    pub fn same_tuple(&self, other: &LocalRow) -> bool {
+        // SAFETY: both slots hold a row (found by a lookup), whose tuple id is set.
+        unsafe {
+            let (a, b) = (&(*self.slot).tts_tid, &(*other.slot).tts_tid);
+            a.ip_blkid.bi_hi == b.ip_blkid.bi_hi
+                && a.ip_blkid.bi_lo == b.ip_blkid.bi_lo
+                && a.ip_posid == b.ip_posid
+        }
     }
 }
 

@@ -136,6 +136,13 @@ pub mod raw {
         pub fn LWLockRelease(lock: *mut pg_sys::LWLock);
         pub fn LockRelationOid(relid: Oid, mode: c_int);
         pub fn MemoryContextReset(cxt: pg_sys::MemoryContext);
+        /// datum.c (not in pgrx's bindings): binary equality, no detoasting.
+        pub fn datumIsEqual(
+            value1: pg_sys::Datum,
+            value2: pg_sys::Datum,
+            typ_by_val: bool,
+            typ_len: c_int,
+        ) -> bool;
         pub fn InputFunctionCall(
             flinfo: *mut pg_sys::FmgrInfo,
             text: *mut std::ffi::c_char,

@@ -106,11 +106,39 @@ impl Target {
     }
 
     /// Unique indexes other than the replica identity index, usable to find a row
-    /// (plain columns, no predicate): (index oid, its attribute indexes).
+    /// (plain columns, no predicate): (index oid, its attribute indexes). Read once per
+    /// target: a change to the table's indexes invalidates its relcache entry, and the
+    /// target is built again.
     ///
     /// # Preconditions
     /// See [`Target::begin_change`].
-    pub fn other_unique_indexes(&self) -> Vec<(pg_sys::Oid, Vec<usize>)> {
+    pub fn other_unique_indexes(&self) -> &[(pg_sys::Oid, Vec<usize>)] {
+        self.unique_others
+            .get_or_init(|| self.read_unique_indexes())
+    }
+
+    /// Whether `a` and `b` hold the same binary values in attributes `cols` (equal
+    /// binaries are equal values; unequal ones may still be equal, e.g. `1.0` and `1.00`).
+    ///
+    /// # Preconditions
+    /// See [`Target::begin_change`]; both rows have one entry per attribute.
+    pub fn same_values(&self, a: &Row, b: &Row, cols: &[usize]) -> bool {
+        cols.iter().all(|&i| match (a[i], b[i]) {
+            (None, None) => true,
+            // SAFETY: the descriptor has natts attributes; both datums are of attribute
+            // i's type (rows of this table); the closure holds plain values.
+            (Some(x), Some(y)) => unsafe {
+                let att = &*(*self.desc).attrs.as_ptr().add(i);
+                let (byval, len) = (att.attbyval, att.attlen.into());
+                crate::pg::unguarded::guarded(|| {
+                    crate::pg::unguarded::raw::datumIsEqual(x, y, byval, len)
+                })
+            },
+            _ => false,
+        })
+    }
+
+    fn read_unique_indexes(&self) -> Vec<(pg_sys::Oid, Vec<usize>)> {
         let mut out = Vec::new();
         // SAFETY: the index list is a palloc'd OID list; each index is opened and closed.
         unsafe {
