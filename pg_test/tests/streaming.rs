@@ -1210,7 +1210,7 @@ fn randomized_streamed_and_small_transactions_converge() {
             let fresh = 100_000 * seed as i64 + 10_000 * round as i64;
             // Half of them in a fresh range: those commit streamed (a fallback streak
             // makes the receiver stop asking for streaming for a minute).
-            let big_sql = match rng.below(6) {
+            let big_sql = match rng.below(8) {
                 0..=2 => format!(
                     "INSERT INTO t SELECT g, '{tag}' FROM generate_series({fresh}, {fresh} + 2999) g"
                 ),
@@ -1219,9 +1219,20 @@ fn randomized_streamed_and_small_transactions_converge() {
                     "DELETE FROM t WHERE id BETWEEN 1 AND 3000 AND id % 7 = {}",
                     rng.below(7)
                 ),
-                _ => format!(
+                5 => format!(
                     "INSERT INTO t SELECT g, '{tag}' FROM generate_series(1, 3000) g \
                      ON CONFLICT (id) DO UPDATE SET v = excluded.v"
+                ),
+                // Key changes: rows of the shared range move to the negative keys and
+                // back (where free here), meeting other nodes' moves and writes there.
+                6 => format!(
+                    "UPDATE t SET id = -id, v = '{tag}' WHERE id BETWEEN 1 AND 3000 \
+                       AND id % 5 = {} AND NOT EXISTS (SELECT FROM t t2 WHERE t2.id = -t.id)",
+                    rng.below(5)
+                ),
+                _ => format!(
+                    "UPDATE t SET id = -id, v = '{tag}' WHERE id BETWEEN -3000 AND -1 \
+                       AND NOT EXISTS (SELECT FROM t t2 WHERE t2.id = -t.id)"
                 ),
             };
             let mut big = origin.connect_as("app");
