@@ -535,7 +535,15 @@ impl Resolver {
                     Some(_) => key.get().filter(|k| t.key_text(&row).as_ref() != Some(k)),
                     None => None,
                 };
-                match self.make_room(t, map, f, &row, new, moved_from.is_some(), base.as_ref()) {
+                // Most UPDATEs keep the key, and most tables have no other unique index:
+                // nothing to look up then.
+                let moves = moved_from.is_some();
+                let room = if moves || !t.other_unique_indexes().is_empty() {
+                    self.make_room(t, map, f, &row, new, moves, base.as_ref())
+                } else {
+                    Room::Made
+                };
+                match room {
                     Room::Made => {
                         t.update(f, &row);
                         // A key change removes the old key: remember it as deleted.
@@ -605,8 +613,8 @@ impl Resolver {
     /// the newer row arrived there. The identity key it moves to may also have been
     /// deleted by a newer change (`update_deleted`, `keep_local`: [`Room::Taken`]).
     ///
-    /// Checked only for an UPDATE that moves its key or changes a column of another
-    /// unique index, so a plain UPDATE costs nothing here.
+    /// Called only for an UPDATE that moves its key or of a table with another unique
+    /// index; there only the indexes whose columns the UPDATE changes are looked up.
     #[allow(clippy::too_many_arguments)]
     #[cold]
     fn make_room(
