@@ -158,6 +158,19 @@ pub fn table_digest(n: &Node, table: &str) -> String {
     ))
 }
 
+/// Apply errors since the servers started, summed over every node's workers
+/// (`bdr.apply_workers().error_count`).
+pub fn apply_errors(c: &Cluster) -> i64 {
+    c.nodes()
+        .iter()
+        .map(|n| {
+            n.query_scalar::<i64>(
+                "SELECT coalesce(sum(error_count), 0)::int8 FROM bdr.apply_workers()",
+            )
+        })
+        .sum()
+}
+
 /// Assert `table` is identical on every running node; returns the digest.
 pub fn assert_same_everywhere(c: &Cluster, table: &str) -> String {
     let digests: Vec<(String, String)> = c

@@ -1,7 +1,7 @@
 //! Conflicts (issue: last-update-wins that converges). Races are built deterministically:
 //! apply is paused on every node, the competing writes are made, apply resumes.
 
-use pg_test::bdr::{assert_same_everywhere, form_group, wait_for_catchup, CATCHUP};
+use pg_test::bdr::{apply_errors, assert_same_everywhere, form_group, wait_for_catchup, CATCHUP};
 use pg_test::{wait_until, Cluster, Node, Rng};
 
 fn group(name: &str) -> Cluster {
@@ -645,17 +645,6 @@ fn local_deletes_and_key_changes_leave_tombstones_other_updates_do_not() {
 /// Run `sql` on `n` as the plain role `app` (ordinary table privileges, no superuser).
 fn as_app(n: &Node, sql: &str) {
     n.connect_as("app").batch_execute(sql).unwrap();
-}
-
-fn apply_errors(c: &Cluster) -> i64 {
-    c.nodes()
-        .iter()
-        .map(|n| {
-            n.query_scalar::<i64>(
-                "SELECT coalesce(sum(error_count), 0)::int8 FROM bdr.apply_workers()",
-            )
-        })
-        .sum()
 }
 
 /// An UPDATE that gives its row a unique key another row got on another node meanwhile

@@ -366,7 +366,6 @@ impl Resolver {
         new: &[Value],
         key: &mut LazyKey,
     ) -> Result<bool, String> {
-        let remote = self.remote_version();
         let mut deleted = false;
         for (index, _cols) in t.other_unique_indexes() {
             let Some(other) = t.find_by_index(*index, row) else {
@@ -376,30 +375,10 @@ impl Resolver {
                 self.deferred = true;
                 return Ok(false);
             }
-            let local = self.version_of(other.xmin());
-            let wins = unique_key_remote_wins(local, remote);
-            let base = other.values();
-            let info = Recorded {
-                local_version: local,
-                local_row: Some(t.row_json(&base)),
-                key: t.key_text(&base),
-            };
-            if wins {
-                if let Some(k) = &info.key {
-                    self.tombstone(t.relid(), k);
-                }
-                t.delete(&other);
-                deleted = true;
-            }
-            let res = if wins {
-                Resolution::ApplyRemote
-            } else {
-                Resolution::KeepLocal
-            };
-            self.record(map, Conflict::UniqueKey, res, new, info);
-            if !wins {
+            if !self.displace(t, map, &other, new, true) {
                 return Ok(true);
             }
+            deleted = true;
         }
         if !t.can_try_insert() {
             t.insert(row);
@@ -636,20 +615,8 @@ impl Resolver {
                     self.deferred = true;
                     return Room::Deferred;
                 }
-                let local = self.version_of(other.xmin());
-                let wins = unique_key_remote_wins(local, remote);
-                let values = other.values();
-                let info = Recorded {
-                    local_version: local,
-                    local_row: Some(t.row_json(&values)),
-                    key: t.key_text(&values),
-                };
-                if wins {
-                    // The key stays in use (this row moves in): no tombstone.
-                    t.delete(&other);
-                }
-                self.record_unique(map, wins, new, info);
-                if !wins {
+                // The key stays in use (this row moves in): no tombstone.
+                if !self.displace(t, map, &other, new, false) {
                     return Room::Taken;
                 }
             } else if self.may_have_tombstones(relid) {
@@ -700,35 +667,46 @@ impl Resolver {
                 self.deferred = true;
                 return Room::Deferred;
             }
-            let local = self.version_of(other.xmin());
-            let wins = unique_key_remote_wins(local, remote);
-            let values = other.values();
-            let info = Recorded {
-                local_version: local,
-                local_row: Some(t.row_json(&values)),
-                key: t.key_text(&values),
-            };
-            if wins {
-                if let Some(k) = &info.key {
-                    self.tombstone(relid, k);
-                }
-                t.delete(&other);
-            }
-            self.record_unique(map, wins, new, info);
-            if !wins {
+            if !self.displace(t, map, &other, new, true) {
                 return Room::Taken;
             }
         }
         Room::Made
     }
 
-    fn record_unique(&mut self, map: &RelMap, remote_wins: bool, new: &[Value], info: Recorded) {
-        let res = if remote_wins {
+    /// The local row `other` holds a unique key the remote row (values `new`) needs: the
+    /// newer of the two keeps it. When the remote change is newer, `other` is deleted
+    /// (its own key remembered as deleted if `tombstone`); either way `unique_key` is
+    /// recorded. Returns whether the remote row won.
+    fn displace(
+        &mut self,
+        t: &Target,
+        map: &RelMap,
+        other: &LocalRow,
+        new: &[Value],
+        tombstone: bool,
+    ) -> bool {
+        let local = self.version_of(other.xmin());
+        let wins = unique_key_remote_wins(local, self.remote_version());
+        let values = other.values();
+        let info = Recorded {
+            local_version: local,
+            local_row: Some(t.row_json(&values)),
+            key: t.key_text(&values),
+        };
+        if wins {
+            if let (true, Some(k)) = (tombstone, &info.key) {
+                self.tombstone(t.relid(), k);
+            }
+            t.delete(other);
+        }
+        let res = if wins {
             Resolution::ApplyRemote
         } else {
             Resolution::KeepLocal
         };
         self.record(map, Conflict::UniqueKey, res, new, info);
+        wins
     }
 
     pub fn delete(&mut self, map: &RelMap, old: &wire::OldRow) {
