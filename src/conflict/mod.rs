@@ -30,6 +30,11 @@
 //!   way, and the change looks again and decides again on what it then finds
 //!   ([`Resolver::again_on_clash`]); never a duplicate-key apply error.
 //!
+//! - **A key an UPDATE moves to, or a UNIQUE value it takes** ([`Resolver::make_room`]):
+//!   decided per key like an insertion meeting it — the newer row keeps the key, the older
+//!   row goes — and a key-moving UPDATE that loses at its old key still writes its new
+//!   one; never a duplicate-key apply error.
+//!
 //! - **New keys without a lookup**: a remote INSERT into a table without tombstones goes
 //!   in directly, its unique indexes checking the key as they go; with
 //!   [`Resolver::set_plain_inserts`] as an ordinary insertion (a clash leaves the row
