@@ -569,14 +569,14 @@ impl Resolver {
             Action::Nothing if old.is_some() && !new.contains(&Value::UnchangedToast) => {
                 // The old key keeps its newer local state. Should the change move the
                 // row to another key, that key is written as on the change's origin:
-                // decided as a remote INSERT of it (last-update-wins per key).
-                let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
-                t.fill_defaults(&mut row, map.local_only());
-                let moves = key
-                    .get()
-                    .is_some_and(|k| t.key_text(&row).as_ref() != Some(&k));
-                if moves {
-                    self.insert_carefully(map, &row, new, true)?;
+                // decided as a remote INSERT of it (last-update-wins per key). Local-only
+                // columns get their DEFAULTs only then (a default may have effects).
+                if let Some(k) = key.get() {
+                    let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
+                    if t.key_text(&row).as_ref() != Some(&k) {
+                        t.fill_defaults(&mut row, map.local_only());
+                        self.insert_carefully(map, &row, new, true)?;
+                    }
                 }
             }
             Action::Delete | Action::Nothing => {}
