@@ -559,8 +559,13 @@ impl Resolver {
                             .is_some_and(|k| t.key_text(&row).as_ref() != Some(&k));
                     if moves {
                         // It comes back under the key it moved to, which a local row may
-                        // hold: decided as a remote INSERT of that key.
+                        // hold: decided as a remote INSERT of that key. The old key is
+                        // deleted by this change: remembered with its version, so that an
+                        // older write of it arriving later loses.
                         self.insert_carefully(map, &row, new, true)?;
+                        if let Some(k) = key.get() {
+                            self.tombstone(t.relid(), &k);
+                        }
                     } else if !self.insert_checked(t, map, &row, new, local, &mut key)? {
                         return Ok(());
                     }
