@@ -561,11 +561,12 @@ impl Resolver {
                         // It comes back under the key it moved to, which a local row may
                         // hold: decided as a remote INSERT of that key. The old key is
                         // deleted by this change: remembered with its version, so that an
-                        // older write of it arriving later loses.
+                        // older write of it arriving later loses. Nothing held it when we
+                        // looked: another worker may have inserted it since, which the
+                        // tombstone's write checks for (the transaction is then applied
+                        // again, and this change then moves that row).
                         self.insert_carefully(map, &row, new, true)?;
-                        if let Some(k) = key.get() {
-                            self.tombstone(t.relid(), &k);
-                        }
+                        self.tombstone_absent_key(t, local, &mut key);
                     } else if !self.insert_checked(t, map, &row, new, local, &mut key)? {
                         return Ok(());
                     }
