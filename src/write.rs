@@ -353,6 +353,13 @@ impl<'a> LazyKey<'a> {
         let (t, row) = (self.t, self.row);
         self.text.get_or_insert_with(|| t.key_text(row)).clone()
     }
+
+    /// This key's text when `row` (the row's new version) has another key: the key an
+    /// UPDATE moves its row away from.
+    pub fn left_by(&mut self, row: &Row) -> Option<String> {
+        let t = self.t;
+        self.get().filter(|k| t.key_text(row).as_ref() != Some(k))
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -110,6 +110,10 @@ enum Room {
 /// appeared since the lookup, before the transaction is rolled back and applied again.
 const CLASH_ATTEMPTS: u32 = 5;
 
+/// Remote transactions after which [`Resolver::version_of`]'s cached entry is dropped
+/// (an xid is reused only after 2^31 others).
+const VERSION_CACHE_TXNS: u32 = 1 << 16;
+
 /// Resolves one peer's changes against this node's rows, with what it caches between
 /// changes (the node behind each origin, which tables have tombstones).
 pub struct Resolver {
@@ -119,6 +123,13 @@ pub struct Resolver {
     peer_id: i64,
     local_id: i64,
     origin_nodes: IdMap<u16, i64>,
+    /// The version of the last committed local transaction looked up (its xid): rows
+    /// written by one transaction (a bulk load, a join's copy) share it. A committed
+    /// transaction's commit timestamp and origin never change; the entry is dropped
+    /// every [`VERSION_CACHE_TXNS`] remote transactions, long before its xid could be
+    /// reused.
+    last_version: Option<(pg_sys::TransactionId, Version)>,
+    txns_since_cached: u32,
     /// Whether a table has tombstones, valid while no tombstone is written anywhere on
     /// this server (`tombstone_epoch` unchanged).
     has_tombstones: IdMap<pg_sys::Oid, bool>,
@@ -154,6 +165,8 @@ impl Resolver {
             peer_id,
             local_id: local.id,
             origin_nodes: IdMap::default(),
+            last_version: None,
+            txns_since_cached: 0,
             has_tombstones: IdMap::default(),
             tombstone_epoch: u64::MAX,
             decision_epoch: 0,
@@ -179,6 +192,11 @@ impl Resolver {
         self.streamed = false;
         self.deferred = false;
         self.plain_inserts = false;
+        self.txns_since_cached += 1;
+        if self.txns_since_cached >= VERSION_CACHE_TXNS {
+            self.last_version = None;
+            self.txns_since_cached = 0;
+        }
     }
 
     /// Whether new keys of this transaction may go in as ordinary insertions (off at each
@@ -279,12 +297,20 @@ impl Resolver {
         Some(id)
     }
 
+    /// The version of committed transaction `xid` (its commit timestamp and node).
     fn version_of(&mut self, xid: pg_sys::TransactionId) -> Option<Version> {
+        if let Some((cached, v)) = self.last_version {
+            if cached == xid {
+                return Some(v);
+            }
+        }
         let (ts, origin) = xact::commit_ts(xid)?;
-        Some(Version {
+        let v = Version {
             commit_time: ts,
             node_id: self.node_of_origin(origin)?,
-        })
+        };
+        self.last_version = Some((xid, v));
+        Some(v)
     }
 
     /// Whether table `relid` may have tombstones. Most tables have none at all: ask again
@@ -515,10 +541,7 @@ impl Resolver {
                 // Only a change that carries its old row can change the key (the sender
                 // sends the old key exactly when it changed, or every old row under
                 // REPLICA IDENTITY FULL), so without one no key text is rendered.
-                let moved_from = match old {
-                    Some(_) => key.get().filter(|k| t.key_text(&row).as_ref() != Some(k)),
-                    None => None,
-                };
+                let moved_from = old.and_then(|_| key.left_by(&row));
                 // Most UPDATEs keep the key, and most tables have no other unique index:
                 // nothing to look up then.
                 let moves = moved_from.is_some();
@@ -553,11 +576,7 @@ impl Resolver {
                 } else {
                     let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
                     t.fill_defaults(&mut row, map.local_only());
-                    let moves = old.is_some()
-                        && key
-                            .get()
-                            .is_some_and(|k| t.key_text(&row).as_ref() != Some(&k));
-                    if moves {
+                    if old.is_some() && key.left_by(&row).is_some() {
                         // It comes back under the key it moved to, which a local row may
                         // hold: decided as a remote INSERT of that key. The old key is
                         // deleted by this change: remembered with its version, so that an
@@ -577,9 +596,9 @@ impl Resolver {
                 // row to another key, that key is written as on the change's origin:
                 // decided as a remote INSERT of it (last-update-wins per key). Local-only
                 // columns get their DEFAULTs only then (a default may have effects).
-                if let Some(k) = key.get() {
+                if key.get().is_some() {
                     let mut row = map.row(new, None).unwrap_or_else(|e| raise(&e));
-                    if t.key_text(&row).as_ref() != Some(&k) {
+                    if key.left_by(&row).is_some() {
                         t.fill_defaults(&mut row, map.local_only());
                         self.insert_carefully(map, &row, new, true)?;
                     }
