@@ -647,6 +647,19 @@ fn as_app(n: &Node, sql: &str) {
     n.connect_as("app").batch_execute(sql).unwrap();
 }
 
+/// A three-node group whose nodes each ran `tables` (which grants the plain role `app`
+/// what it writes) before forming it.
+fn app_group(name: &str, tables: &str) -> Cluster {
+    let c = Cluster::builder().name(name).nodes(3).start();
+    for n in c.nodes() {
+        n.execute(&format!(
+            "CREATE EXTENSION bdr; CREATE ROLE app LOGIN; {tables}"
+        ));
+    }
+    form_group(&c);
+    c
+}
+
 /// An UPDATE that gives its row a unique key another row got on another node meanwhile
 /// (a new primary key, or a new value in a UNIQUE column) is decided like two inserts of
 /// that key: the newer row keeps it, the other row goes, on every node and whichever
@@ -658,17 +671,12 @@ fn as_app(n: &Node, sql: &str) {
 /// that had the newer change first).
 #[test]
 fn an_update_onto_a_key_taken_meanwhile_keeps_the_newer_row_everywhere() {
-    let c = Cluster::builder().name("updkey").nodes(3).start();
-    for n in c.nodes() {
-        n.execute(
-            "CREATE EXTENSION bdr;
-             CREATE ROLE app LOGIN;
-             CREATE TABLE t (id int PRIMARY KEY, v text);
-             CREATE TABLE u (id int PRIMARY KEY, email text UNIQUE);
-             GRANT SELECT, INSERT, UPDATE, DELETE ON t, u TO app;",
-        );
-    }
-    form_group(&c);
+    let c = app_group(
+        "updkey",
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         CREATE TABLE u (id int PRIMARY KEY, email text UNIQUE);
+         GRANT SELECT, INSERT, UPDATE, DELETE ON t, u TO app;",
+    );
     let (a, b, x) = (c.node(0), c.node(1), c.node(2));
     as_app(
         a,
@@ -773,20 +781,15 @@ fn an_update_onto_a_key_taken_meanwhile_keeps_the_newer_row_everywhere() {
 /// apply its transaction again, so that the newer move removes it (on the other nodes the
 /// insert came first and the move took its row). The mover is held between its lookup and
 /// its write by a column only node2 has, whose DEFAULT waits on an advisory lock for the
-/// worker (or parallel writer) applying node3's changes. Found by the randomized test (seed 99, under load):
-/// key 5 stayed on node2 only.
+/// worker (or parallel writer) applying node3's changes. Found by the randomized test
+/// (seed 99, under load): key 5 stayed on node2 only.
 #[test]
 fn a_moved_row_coming_back_sees_its_old_key_inserted_meanwhile() {
-    let c = Cluster::builder().name("movrace").nodes(3).start();
-    for n in c.nodes() {
-        n.execute(
-            "CREATE EXTENSION bdr;
-             CREATE ROLE app LOGIN;
-             CREATE TABLE t (id int PRIMARY KEY, v text);
-             GRANT SELECT, INSERT, UPDATE, DELETE ON t TO app;",
-        );
-    }
-    form_group(&c);
+    let c = app_group(
+        "movrace",
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         GRANT SELECT, INSERT, UPDATE, DELETE ON t TO app;",
+    );
     let (a, b, x) = (c.node(0), c.node(1), c.node(2));
     b.execute(
         "SET bdr.ddl_replication = off;
