@@ -647,6 +647,54 @@ fn as_app(n: &Node, sql: &str) {
     n.connect_as("app").batch_execute(sql).unwrap();
 }
 
+/// A group with table `t` (written by `app`) where node2 alone has `hold_node3()`
+/// (returning `ret.0` as `ret.1`, see [`hold_node3_function`]) and ran `then` with it.
+fn held_group(name: &str, ret: (&str, &str), then: &str) -> Cluster {
+    let c = app_group(
+        name,
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         GRANT SELECT, INSERT, UPDATE, DELETE ON t TO app;",
+    );
+    c.node(1)
+        .execute(&format!("{} {then}", hold_node3_function(ret.0, ret.1)));
+    c
+}
+
+/// `CREATE FUNCTION hold_node3()` returning `returns` (`ret`): in the process applying
+/// node3's changes (its apply worker, or a writer under parallel apply) it first waits for
+/// a shared advisory lock on [`HOLD_LOCK`]; elsewhere it returns at once.
+fn hold_node3_function(returns: &str, ret: &str) -> String {
+    format!(
+        "SET bdr.ddl_replication = off;
+         CREATE FUNCTION hold_node3() RETURNS {returns} LANGUAGE plpgsql AS $$
+         BEGIN
+             IF (SELECT backend_type FROM pg_stat_activity WHERE pid = pg_backend_pid())
+                    ~ '^bdr (apply [0-9]+ from node3|writer [0-9]+ node3 [0-9]+)$' THEN
+                 PERFORM pg_advisory_xact_lock_shared({HOLD_LOCK});
+             END IF;
+             RETURN {ret};
+         END $$;"
+    )
+}
+
+const HOLD_LOCK: i64 = 4242;
+
+/// Take [`HOLD_LOCK`] on `n`, resume `n`'s apply from node3 and wait until it waits in
+/// `hold_node3()`. Dropping the returned connection lets it go on.
+fn resume_node3_held(n: &Node) -> pg_test::postgres::Client {
+    let mut holder = n.connect();
+    holder
+        .batch_execute(&format!("SELECT pg_advisory_lock({HOLD_LOCK})"))
+        .unwrap();
+    n.execute("SELECT bdr.apply_resume('node3')");
+    wait_until("node3's apply waits in hold_node3()", CATCHUP, || {
+        n.query_scalar::<i64>(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        ) == 1
+    });
+    holder
+}
+
 /// A three-node group whose nodes each ran `tables` (which grants the plain role `app`
 /// what it writes) before forming it.
 fn app_group(name: &str, tables: &str) -> Cluster {
@@ -785,25 +833,12 @@ fn an_update_onto_a_key_taken_meanwhile_keeps_the_newer_row_everywhere() {
 /// (seed 99, under load): key 5 stayed on node2 only.
 #[test]
 fn a_moved_row_coming_back_sees_its_old_key_inserted_meanwhile() {
-    let c = app_group(
+    let c = held_group(
         "movrace",
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         GRANT SELECT, INSERT, UPDATE, DELETE ON t TO app;",
+        ("int", "1"),
+        "ALTER TABLE t ADD COLUMN s int DEFAULT hold_node3();",
     );
     let (a, b, x) = (c.node(0), c.node(1), c.node(2));
-    b.execute(
-        "SET bdr.ddl_replication = off;
-         CREATE FUNCTION hold_node3() RETURNS int LANGUAGE plpgsql AS $$
-         BEGIN
-             -- node3's apply worker, or one of its writers under parallel apply.
-             IF (SELECT backend_type FROM pg_stat_activity WHERE pid = pg_backend_pid())
-                    ~ '^bdr (apply [0-9]+ from node3|writer [0-9]+ node3 [0-9]+)$' THEN
-                 PERFORM pg_advisory_xact_lock_shared(4242);
-             END IF;
-             RETURN 1;
-         END $$;
-         ALTER TABLE t ADD COLUMN s int DEFAULT hold_node3();",
-    );
     // Key 5 was deleted everywhere (a tombstone on node2); key 7 never existed.
     as_app(a, "INSERT INTO t VALUES (5, 'first')");
     wait_for_catchup(&c);
@@ -818,20 +853,7 @@ fn a_moved_row_coming_back_sees_its_old_key_inserted_meanwhile() {
             x,
             &format!("UPDATE t SET id = {to}, v = 'moved on node3' WHERE id = {key}"),
         );
-        let mut holder = b.connect();
-        holder
-            .batch_execute("SELECT pg_advisory_lock(4242)")
-            .unwrap();
-        b.execute("SELECT bdr.apply_resume('node3')");
-        wait_until(
-            "node2's worker for node3 waits in the DEFAULT",
-            CATCHUP,
-            || {
-                b.query_scalar::<i64>(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-                ) == 1
-            },
-        );
+        let holder = resume_node3_held(b);
         b.execute("SELECT bdr.apply_resume('node1')");
         wait_until("node2 has node1's row", CATCHUP, || value(b, key).is_some());
         drop(holder);
@@ -857,5 +879,70 @@ fn a_moved_row_coming_back_sees_its_old_key_inserted_meanwhile() {
             .sum::<i64>(),
         0,
         "no apply_error anywhere"
+    );
+}
+
+/// Two apply workers and one new key: node3's UPDATE moves row 1 to key 20 while node1's
+/// older INSERT of key 20 reaches node2 through the other worker between the move's
+/// lookup of key 20 and its write. The move is held there by a BEFORE UPDATE trigger
+/// (fired in apply) that waits on an advisory lock for node3's worker. The newer move
+/// keeps key 20 on every node. Its write is not a speculative insertion: on node2 it meets
+/// the new row as a duplicate key, recorded as an `apply_error` and applied again, which
+/// then decides between the two rows (conflicts.md, Limits).
+#[test]
+fn a_row_moving_to_a_key_inserted_meanwhile_converges() {
+    let c = held_group(
+        "movnew",
+        ("trigger", "NEW"),
+        "CREATE TRIGGER hold BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION hold_node3();
+         ALTER TABLE t ENABLE ALWAYS TRIGGER hold;",
+    );
+    let (a, b, x) = (c.node(0), c.node(1), c.node(2));
+    as_app(a, "INSERT INTO t VALUES (1, 'one')");
+    wait_for_catchup(&c);
+    pause_on(b);
+    x.execute("SELECT bdr.apply_pause('node1')");
+    as_app(a, "INSERT INTO t VALUES (20, 'from node1')");
+    as_app(x, "UPDATE t SET id = 20, v = 'moved on node3' WHERE id = 1");
+    let holder = resume_node3_held(b);
+    b.execute("SELECT bdr.apply_resume('node1')");
+    wait_until("node2 has node1's row", CATCHUP, || {
+        value(b, 20).as_deref() == Some("from node1")
+    });
+    drop(holder);
+    x.execute("SELECT bdr.apply_resume('node1')");
+    wait_for_catchup(&c);
+    for n in c.nodes() {
+        assert_eq!(value(n, 1), None, "key 1 on {}", n.name());
+        assert_eq!(
+            value(n, 20).as_deref(),
+            Some("moved on node3"),
+            "key 20 on {}",
+            n.name()
+        );
+    }
+    let errors: Vec<String> = b
+        .connect()
+        .query(
+            "SELECT detail FROM bdr.conflict_history WHERE conflict_type = 'apply_error'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    eprintln!("apply_error rows on node2: {errors:?}");
+    assert!(
+        errors.iter().all(|e| e.contains("[SQLSTATE 23505]")
+            && e.contains("UPDATE on relation public.t from node \"node3\"")),
+        "only the race's duplicate key is an apply error: {errors:?}"
+    );
+    assert_eq!(
+        history(b, "public.t")
+            .into_iter()
+            .filter(|(t, _, _)| t == "unique_key")
+            .collect::<Vec<_>>(),
+        vec![h("unique_key", "apply_remote", "node3")],
+        "node2 decided between the two rows"
     );
 }
