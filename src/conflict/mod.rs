@@ -110,9 +110,9 @@ enum Room {
 /// appeared since the lookup, before the transaction is rolled back and applied again.
 const CLASH_ATTEMPTS: u32 = 5;
 
-/// Remote transactions after which [`Resolver::version_of`]'s cached entry is dropped
-/// (an xid is reused only after 2^31 others).
-const VERSION_CACHE_TXNS: u32 = 1 << 16;
+/// How far transaction ids may move on this server before [`Resolver::version_of`]'s
+/// cached entry is dropped: an xid number is reused only after 2^32 others.
+const VERSION_CACHE_XIDS: u64 = 1 << 30;
 
 /// Resolves one peer's changes against this node's rows, with what it caches between
 /// changes (the node behind each origin, which tables have tombstones).
@@ -123,13 +123,12 @@ pub struct Resolver {
     peer_id: i64,
     local_id: i64,
     origin_nodes: IdMap<u16, i64>,
-    /// The version of the last committed local transaction looked up (its xid): rows
-    /// written by one transaction (a bulk load, a join's copy) share it. A committed
-    /// transaction's commit timestamp and origin never change; the entry is dropped
-    /// every [`VERSION_CACHE_TXNS`] remote transactions, long before its xid could be
-    /// reused.
-    last_version: Option<(pg_sys::TransactionId, Version)>,
-    txns_since_cached: u32,
+    /// The version of the last committed local transaction looked up (its xid), and the
+    /// server's next full xid then: rows written by one transaction (a bulk load, a
+    /// join's copy) share it. A committed transaction's commit timestamp and origin never
+    /// change; the entry is used only while fewer than [`VERSION_CACHE_XIDS`] xids were
+    /// assigned since, long before its xid number could be reused.
+    last_version: Option<(pg_sys::TransactionId, Version, u64)>,
     /// Whether a table has tombstones, valid while no tombstone is written anywhere on
     /// this server (`tombstone_epoch` unchanged).
     has_tombstones: IdMap<pg_sys::Oid, bool>,
@@ -166,7 +165,6 @@ impl Resolver {
             local_id: local.id,
             origin_nodes: IdMap::default(),
             last_version: None,
-            txns_since_cached: 0,
             has_tombstones: IdMap::default(),
             tombstone_epoch: u64::MAX,
             decision_epoch: 0,
@@ -192,11 +190,6 @@ impl Resolver {
         self.streamed = false;
         self.deferred = false;
         self.plain_inserts = false;
-        self.txns_since_cached += 1;
-        if self.txns_since_cached >= VERSION_CACHE_TXNS {
-            self.last_version = None;
-            self.txns_since_cached = 0;
-        }
     }
 
     /// Whether new keys of this transaction may go in as ordinary insertions (off at each
@@ -299,8 +292,9 @@ impl Resolver {
 
     /// The version of committed transaction `xid` (its commit timestamp and node).
     fn version_of(&mut self, xid: pg_sys::TransactionId) -> Option<Version> {
-        if let Some((cached, v)) = self.last_version {
-            if cached == xid {
+        let now = xact::next_full_xid_approx();
+        if let Some((cached, v, at)) = self.last_version {
+            if cached == xid && now.wrapping_sub(at) < VERSION_CACHE_XIDS {
                 return Some(v);
             }
         }
@@ -309,7 +303,7 @@ impl Resolver {
             commit_time: ts,
             node_id: self.node_of_origin(origin)?,
         };
-        self.last_version = Some((xid, v));
+        self.last_version = Some((xid, v, now));
         Some(v)
     }
 

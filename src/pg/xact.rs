@@ -520,6 +520,16 @@ pub fn commit_ts(xid: pg_sys::TransactionId) -> Option<(i64, u16)> {
     (found && ts != 0).then_some((ts, origin))
 }
 
+/// The next transaction id to be assigned, with its epoch (64 bits: it never wraps),
+/// read without `XidGenLock`: possibly a moment old, which is all a caller measuring how
+/// far transaction ids have moved needs.
+pub fn next_full_xid_approx() -> u64 {
+    // SAFETY: `ShmemVariableCache` points into shared memory, set up before any backend or
+    // worker runs; an aligned 64-bit read is not torn on the 64-bit platforms pgrx builds
+    // for, and a stale value only makes the measured distance smaller.
+    unsafe { std::ptr::read_volatile(&(*pg_sys::ShmemVariableCache).nextXid.value) }
+}
+
 /// Whether `xid` is (part of) the current transaction.
 pub fn is_current_xact(xid: pg_sys::TransactionId) -> bool {
     // SAFETY: plain lookup (cannot raise).
