@@ -33,7 +33,10 @@
 //! - **A key an UPDATE moves to, or a UNIQUE value it takes** ([`Resolver::make_room`]):
 //!   decided per key like an insertion meeting it — the newer row keeps the key, the older
 //!   row goes — and a key-moving UPDATE that loses at its old key still writes its new
-//!   one; never a duplicate-key apply error.
+//!   one; never a duplicate-key apply error. The keys looked up are checked again as the
+//!   row's index entries are written ([`Target::update_or_clash`]): one written by
+//!   another process since is a race, rolled back and applied again
+//!   ([`update_raced`]).
 //!
 //! - **New keys without a lookup**: a remote INSERT into a table without tombstones goes
 //!   in directly, its unique indexes checking the key as they go; with
@@ -84,6 +87,19 @@ fn raced(t: &Target, key: String) -> ! {
     raise(&ApplyError::ConcurrentKey { table, key })
 }
 
+/// An UPDATE's row met a key that another process wrote after this change looked it
+/// up ([`Target::update_or_clash`]: the row stays written, so the transaction must
+/// be rolled back): a race, rolled back with SQLSTATE 40001 and applied again after
+/// the worker's pause, its lookups then finding that row (or waiting for its writer
+/// to end) and deciding between the two rows as usual; never an apply error. (An
+/// UPDATE is never in a transaction kept whole, `bdr_core::kept`, so it cannot take
+/// the immediate re-apply an ordinary insertion's clash takes.)
+#[cold]
+fn update_raced(t: &Target, row: &Row) -> ! {
+    let key = LazyKey::new(t, row).get().unwrap_or_default();
+    raced(t, key)
+}
+
 /// The remote transaction a change belongs to, as its history rows name it.
 #[derive(Clone, Default)]
 struct RemoteTxn {
@@ -97,8 +113,10 @@ struct RemoteTxn {
 /// What a remote UPDATE found about the unique keys of the row it writes
 /// ([`Resolver::make_room`]).
 enum Room {
-    /// No other row holds them (any older holder was deleted): write the row.
-    Made,
+    /// No other row holds them (any older holder was deleted): write the row, checking
+    /// the unique indexes it was looked up in (none: nothing was looked up) as it goes:
+    /// another process may have written one of its keys since.
+    Made(Vec<pg_sys::Oid>),
     /// A newer row holds one, or a newer change deleted the key it moves to: the updated
     /// row goes.
     Taken,
@@ -542,11 +560,17 @@ impl Resolver {
                 let room = if moves || !t.other_unique_indexes().is_empty() {
                     self.make_room(t, map, f, &row, new, moves, base.as_ref())
                 } else {
-                    Room::Made
+                    Room::Made(Vec::new())
                 };
                 match room {
-                    Room::Made => {
-                        t.update(f, &row);
+                    Room::Made(checked) => {
+                        if checked.is_empty() {
+                            t.update(f, &row);
+                        } else if !t.update_or_clash(f, &row, &checked) {
+                            // Another process wrote a key it takes after the lookup: the
+                            // transaction goes back, and looks again (see `update_raced`).
+                            update_raced(t, &row);
+                        }
                         // A key change removes the old key: remember it as deleted.
                         if let Some(k) = moved_from {
                             self.tombstone(t.relid(), &k);
@@ -632,7 +656,11 @@ impl Resolver {
     ) -> Room {
         let remote = self.remote_version();
         let relid = t.relid();
+        let mut checked = Vec::new();
         if moves {
+            if t.identity_index != pg_sys::InvalidOid {
+                checked.push(t.identity_index);
+            }
             let search = map.search_row_new(new).unwrap_or_else(|e| raise(&e));
             if let Some(other) = t.find(&search) {
                 if self.streamed {
@@ -681,6 +709,7 @@ impl Resolver {
             if base.is_some_and(|b| t.same_values(row, b, cols)) {
                 continue;
             }
+            checked.push(*index);
             let Some(other) = t.find_by_index(*index, row) else {
                 continue;
             };
@@ -695,7 +724,7 @@ impl Resolver {
                 return Room::Taken;
             }
         }
-        Room::Made
+        Room::Made(checked)
     }
 
     /// The local row `other` holds a unique key the remote row (values `new`) needs: the

@@ -765,6 +765,114 @@ impl Target {
         }
     }
 
+    /// Replace `old` by `row` as [`Target::update`] does, with the new entries of the
+    /// unique indexes `checked` (those the caller looked `row`'s keys up in) checked as
+    /// they are made, as [`Target::insert_or_clash`] does. `false`: one of them already
+    /// held the key (a row another process wrote after the lookup, committed or not), and
+    /// **the row and its index entries stay written**: the transaction must be rolled
+    /// back, and `xact::must_roll_back` makes every commit here raise until it is.
+    /// A duplicate in any other unique index raises, as in [`Target::update`].
+    ///
+    /// # Preconditions
+    /// `old` was returned by [`Target::find`] on this target; `checked` are indexes of
+    /// this table.
+    pub fn update_or_clash(&self, old: &LocalRow, row: &Row, checked: &[pg_sys::Oid]) -> bool {
+        self.own(old);
+        let mut ok = true;
+        // SAFETY: as in find; the steps of ExecSimpleRelationUpdate (PostgreSQL 15), with
+        // the index entries checked as ExecInsert's ON CONFLICT branch does (`noDupErr`,
+        // arbiter indexes `checked`). The closures hold only pointers and plain values
+        // (the arbiter list is read from a slice and built in the current context).
+        unsafe {
+            let slot = self.virtual_slot(row);
+            let ok = &mut ok;
+            as_user(self.owner, || {
+                self.with_epq(
+                    |t| t.trig_update_before_row,
+                    |epq| {
+                        let (rel, rri, estate, old) = (self.rel, self.rri, self.estate, old.slot);
+                        use crate::pg::unguarded::{guarded, raw};
+                        guarded(|| {
+                            let tid = &mut (*old).tts_tid as pg_sys::ItemPointer;
+                            raw::CheckCmdReplicaIdentity(rel, pg_sys::CmdType::CMD_UPDATE);
+                            let trig = (*rri).ri_TrigDesc;
+                            if !trig.is_null()
+                                && (*trig).trig_update_before_row
+                                && !raw::ExecBRUpdateTriggers(
+                                    estate,
+                                    epq,
+                                    rri,
+                                    tid,
+                                    std::ptr::null_mut(),
+                                    slot,
+                                    std::ptr::null_mut(),
+                                )
+                            {
+                                // A trigger said "do nothing".
+                                return;
+                            }
+                            let constr = (*(*rel).rd_att).constr;
+                            if !constr.is_null() && (*constr).has_generated_stored {
+                                raw::ExecComputeStoredGenerated(
+                                    rri,
+                                    estate,
+                                    slot,
+                                    pg_sys::CmdType::CMD_UPDATE,
+                                );
+                            }
+                            if !constr.is_null() {
+                                raw::ExecConstraints(rri, slot, estate);
+                            }
+                            if (*(*rel).rd_rel).relispartition {
+                                raw::ExecPartitionCheck(rri, slot, estate, true);
+                            }
+                            let mut update_indexes = false;
+                            raw::simple_table_tuple_update(
+                                rel,
+                                tid,
+                                slot,
+                                (*estate).es_snapshot,
+                                &mut update_indexes,
+                            );
+                            let mut recheck = std::ptr::null_mut();
+                            if (*rri).ri_NumIndices > 0 && update_indexes {
+                                let mut arbiters = std::ptr::null_mut();
+                                for index in checked {
+                                    arbiters = raw::lappend_oid(arbiters, *index);
+                                }
+                                let mut clash = false;
+                                recheck = raw::ExecInsertIndexTuples(
+                                    rri, slot, estate, true, true, &mut clash, arbiters,
+                                );
+                                raw::list_free(arbiters);
+                                *ok = !clash;
+                            }
+                            if *ok {
+                                raw::ExecARUpdateTriggers(
+                                    estate,
+                                    rri,
+                                    std::ptr::null_mut(),
+                                    std::ptr::null_mut(),
+                                    tid,
+                                    std::ptr::null_mut(),
+                                    slot,
+                                    recheck,
+                                    std::ptr::null_mut(),
+                                    false,
+                                );
+                            }
+                            raw::list_free(recheck);
+                        })
+                    },
+                )
+            });
+        }
+        if !ok {
+            crate::pg::xact::must_roll_back();
+        }
+        ok
+    }
+
     /// Delete `old`.
     ///
     /// # Preconditions

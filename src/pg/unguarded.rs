@@ -156,6 +156,42 @@ pub mod raw {
             recheck_indexes: *mut pg_sys::List,
             transition_capture: *mut pg_sys::TransitionCaptureState,
         );
+        pub fn ExecBRUpdateTriggers(
+            estate: *mut pg_sys::EState,
+            epq: *mut pg_sys::EPQState,
+            rri: *mut pg_sys::ResultRelInfo,
+            tupleid: pg_sys::ItemPointer,
+            fdw_trigtuple: pg_sys::HeapTuple,
+            slot: *mut pg_sys::TupleTableSlot,
+            tmfdp: *mut pg_sys::TM_FailureData,
+        ) -> bool;
+        pub fn ExecComputeStoredGenerated(
+            rri: *mut pg_sys::ResultRelInfo,
+            estate: *mut pg_sys::EState,
+            slot: *mut pg_sys::TupleTableSlot,
+            cmdtype: pg_sys::CmdType::Type,
+        );
+        pub fn simple_table_tuple_update(
+            rel: pg_sys::Relation,
+            otid: pg_sys::ItemPointer,
+            slot: *mut pg_sys::TupleTableSlot,
+            snapshot: pg_sys::Snapshot,
+            update_indexes: *mut bool,
+        );
+        #[allow(clippy::too_many_arguments)]
+        pub fn ExecARUpdateTriggers(
+            estate: *mut pg_sys::EState,
+            rri: *mut pg_sys::ResultRelInfo,
+            src_partinfo: *mut pg_sys::ResultRelInfo,
+            dst_partinfo: *mut pg_sys::ResultRelInfo,
+            tupleid: pg_sys::ItemPointer,
+            fdw_trigtuple: pg_sys::HeapTuple,
+            slot: *mut pg_sys::TupleTableSlot,
+            recheck_indexes: *mut pg_sys::List,
+            transition_capture: *mut pg_sys::TransitionCaptureState,
+            is_crosspart_update: bool,
+        );
+        pub fn lappend_oid(list: *mut pg_sys::List, datum: Oid) -> *mut pg_sys::List;
     }
 }
 
