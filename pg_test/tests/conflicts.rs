@@ -649,11 +649,13 @@ fn as_app(n: &Node, sql: &str) {
 
 /// A group with table `t` (written by `app`) where node2 alone has `hold_node3()`
 /// (returning `ret.0` as `ret.1`, see [`hold_node3_function`]) and ran `then` with it.
-fn held_group(name: &str, ret: (&str, &str), then: &str) -> Cluster {
+fn held_group(name: &str, columns: &str, ret: (&str, &str), then: &str) -> Cluster {
     let c = app_group(
         name,
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         GRANT SELECT, INSERT, UPDATE, DELETE ON t TO app;",
+        &format!(
+            "CREATE TABLE t ({columns});
+             GRANT SELECT, INSERT, UPDATE, DELETE ON t TO app;"
+        ),
     );
     c.node(1)
         .execute(&format!("{} {then}", hold_node3_function(ret.0, ret.1)));
@@ -835,6 +837,7 @@ fn an_update_onto_a_key_taken_meanwhile_keeps_the_newer_row_everywhere() {
 fn a_moved_row_coming_back_sees_its_old_key_inserted_meanwhile() {
     let c = held_group(
         "movrace",
+        "id int PRIMARY KEY, v text",
         ("int", "1"),
         "ALTER TABLE t ADD COLUMN s int DEFAULT hold_node3();",
     );
@@ -894,6 +897,7 @@ fn a_moved_row_coming_back_sees_its_old_key_inserted_meanwhile() {
 fn a_row_moving_to_a_key_inserted_meanwhile_converges() {
     let c = held_group(
         "movnew",
+        "id int PRIMARY KEY, v text",
         ("trigger", "NEW"),
         "CREATE TRIGGER hold BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION hold_node3();
          ALTER TABLE t ENABLE ALWAYS TRIGGER hold;",
@@ -922,6 +926,17 @@ fn a_row_moving_to_a_key_inserted_meanwhile_converges() {
             n.name()
         );
     }
+    // The move met node1's row as it wrote: a race, never a duplicate-key apply error.
+    assert_update_raced_on_node2(&c, "[\"20\"]");
+}
+
+/// node2 applied node3's UPDATE after a race with node1's row: the UPDATE's write met
+/// that row's key, the transaction was rolled back as a race (SQLSTATE 40001, the
+/// worker's `last_error` naming the UPDATE's own key `key`) and applied again, which
+/// decided between the two rows (`unique_key`, node3's newer row kept the key); no
+/// `apply_error` was recorded.
+fn assert_update_raced_on_node2(c: &Cluster, key: &str) {
+    let b = c.node(1);
     let errors: Vec<String> = b
         .connect()
         .query(
@@ -932,15 +947,12 @@ fn a_row_moving_to_a_key_inserted_meanwhile_converges() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    // The move met node1's row as it wrote: a race (SQLSTATE 40001), rolled back and
-    // applied again, never a duplicate-key apply error.
     assert!(errors.is_empty(), "apply errors on node2: {errors:?}");
     let last_error: Option<String> =
         b.query_scalar("SELECT last_error FROM bdr.apply_workers() WHERE peer = 'node3'");
+    let race = format!("wrote key {key} of \"public.t\" at the same time");
     assert!(
-        last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("wrote key [\"20\"] of \"public.t\" at the same time")),
+        last_error.as_deref().is_some_and(|e| e.contains(&race)),
         "node3's worker on node2 met the race: {last_error:?}"
     );
     assert_eq!(
@@ -951,4 +963,46 @@ fn a_row_moving_to_a_key_inserted_meanwhile_converges() {
         vec![h("unique_key", "apply_remote", "node3")],
         "node2 decided between the two rows"
     );
+}
+
+/// Two apply workers and one UNIQUE value: node3's UPDATE gives row 1 the value 7 of the
+/// UNIQUE column `u` while node1's older INSERT of row 2 with `u` = 7 reaches node2
+/// through the other worker between the update's lookup of 7 and its write (held there
+/// by a node2-only ALWAYS trigger, as above). The newer row keeps the value everywhere:
+/// row 2 goes. On node2 the update's write meets row 2 in `u`'s index: a race, applied
+/// again, no `apply_error` (it was a 23505 `apply_error` until session 18).
+#[test]
+fn a_row_taking_a_unique_value_inserted_meanwhile_converges() {
+    let c = held_group(
+        "uqnew",
+        "id int PRIMARY KEY, v text, u int UNIQUE",
+        ("trigger", "NEW"),
+        "CREATE TRIGGER hold BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION hold_node3();
+         ALTER TABLE t ENABLE ALWAYS TRIGGER hold;",
+    );
+    let (a, b, x) = (c.node(0), c.node(1), c.node(2));
+    as_app(a, "INSERT INTO t VALUES (1, 'one', 1)");
+    wait_for_catchup(&c);
+    pause_on(b);
+    x.execute("SELECT bdr.apply_pause('node1')");
+    as_app(a, "INSERT INTO t VALUES (2, 'from node1', 7)");
+    as_app(x, "UPDATE t SET u = 7, v = 'took 7 on node3' WHERE id = 1");
+    let holder = resume_node3_held(b);
+    b.execute("SELECT bdr.apply_resume('node1')");
+    wait_until("node2 has node1's row", CATCHUP, || {
+        value(b, 2).as_deref() == Some("from node1")
+    });
+    drop(holder);
+    x.execute("SELECT bdr.apply_resume('node1')");
+    wait_for_catchup(&c);
+    for n in c.nodes() {
+        assert_eq!(value(n, 2), None, "row 2 on {}", n.name());
+        assert_eq!(
+            n.query_scalar::<Option<String>>("SELECT v || ' ' || u FROM t WHERE id = 1"),
+            Some("took 7 on node3 7".to_string()),
+            "row 1 on {}",
+            n.name()
+        );
+    }
+    assert_update_raced_on_node2(&c, "[\"1\"]");
 }
