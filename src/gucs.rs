@@ -74,6 +74,12 @@ pub static STREAM_LARGE_TRANSACTIONS: GucSetting<bool> = GucSetting::<bool>::new
 /// decision on; see `src/workers/stream_writer.rs`) before the transaction falls back.
 pub static STREAM_WRITER_WAIT_MEMORY_KB: GucSetting<i32> = GucSetting::<i32>::new(65_536);
 
+/// `bdr.apply_batch_wait` (ms): while a peer's transactions arrive faster than this,
+/// its apply worker, having applied everything it had, waits this long before it reads
+/// again instead of waking for each transaction (see `src/receive/mod.rs`, `Stream::
+/// batch_wait`). 0 turns it off.
+pub static APPLY_BATCH_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
+
 /// Register the settings; called once from `_PG_init`.
 pub fn init() {
     GucRegistry::define_bool_guc(
@@ -110,6 +116,19 @@ pub fn init() {
         crate::pg::mq::MAX_WRITERS as i32,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"bdr.apply_batch_wait",
+        c"How long an apply worker that keeps up with a busy peer waits before reading again.",
+        c"While a peer's transactions arrive faster than this (several in a row), the apply \
+          worker, having applied everything it had, waits this long instead of waking for \
+          each transaction: fewer wake-ups per transaction, for at most this much more \
+          delay. 0 (the default) turns it off.",
+        &APPLY_BATCH_WAIT_MS,
+        0,
+        100,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
         c"bdr.apply_retry_max_delay",

@@ -97,6 +97,11 @@ fn lib_err(e: crate::pg::libpq::LibpqError) -> ! {
 /// How often an idle stream asks the walsender to confirm its position.
 const PING: Duration = Duration::from_secs(1);
 
+/// Socket waits in a row, each ended by data within `bdr.apply_batch_wait`, before the
+/// apply worker batches its wake-ups ([`Stream::batch_wait`]): an occasional quick
+/// succession of transactions in a light load keeps its latency.
+const FAST_WAITS: u32 = 8;
+
 /// One replication stream from a peer into the local apply stage.
 struct Stream {
     conn: Conn,
@@ -135,6 +140,11 @@ struct Stream {
     caught_up_at: Instant,
     /// When the peer last sent anything (data or keepalive).
     last_heard: Instant,
+    /// Socket waits in a row that data ended within `bdr.apply_batch_wait`
+    /// ([`Stream::batch_wait`]).
+    fast_waits: u32,
+    /// A batch wait is under way: the peer position received when it began.
+    batch_from: Option<u64>,
     /// The time at the top of this round of the main loop: what the data path's
     /// throttles (publication, feedback) measure against, so a message costs no clock
     /// reads of its own (they were ~8% of the apply process on small transactions).
@@ -524,6 +534,8 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         batch: None,
         last_feedback: Instant::now() - Duration::from_secs(10),
         feedback_look: Instant::now(),
+        fast_waits: 0,
+        batch_from: None,
         last_reported: (0, 0),
         held: None,
         peer_dsn: peer_dsn.to_string(),
@@ -607,6 +619,15 @@ impl Stream {
                 None => {
                     // Nothing more to read now: what was applied is shown before waiting.
                     publish_progress(slot);
+                    match st.batch_wait() {
+                        Some(true) => {
+                            st.log_stop();
+                            return;
+                        }
+                        Some(false) => continue,
+                        None => {}
+                    }
+                    let waited = Instant::now();
                     // Parallel apply: writers' commits do not wake this process (a signal per
                     // transaction); it looks again within 10 ms while work is in flight.
                     let poll = if matches!(st.sink, Sink::Many(_)) && st.sink.busy() {
@@ -619,6 +640,7 @@ impl Stream {
                         return;
                     }
                     st.now = Instant::now();
+                    st.count_fast_wait(st.now - waited);
                     st.check_silence();
                     st.retire_idle_writer();
                     if st.maybe_restream() {
@@ -628,6 +650,46 @@ impl Stream {
                 }
             }
             st.maybe_feedback();
+        }
+    }
+
+    /// Everything received is applied: while the peer's transactions arrive faster than
+    /// `bdr.apply_batch_wait` (the last [`FAST_WAITS`] socket waits each ended within it,
+    /// and batch waits since keep finding data), wait that long on the latch before
+    /// reading again, so that one wake-up applies the transactions that arrived meanwhile
+    /// instead of one each: a wake-up costs the kernel's switch and this process's code
+    /// from cold caches. `None`: wait on the socket as usual; `Some(stop)`: waited (stop
+    /// asked if true), read again. Not with parallel apply (its receiver polls its
+    /// writers meanwhile).
+    fn batch_wait(&mut self) -> Option<bool> {
+        let ms = crate::gucs::APPLY_BATCH_WAIT_MS.get();
+        if let Some(from) = self.batch_from.take() {
+            if self.received == from {
+                // Nothing came: back to waiting on the socket, and counting afresh.
+                self.fast_waits = 0;
+                return None;
+            }
+        } else if self.fast_waits < FAST_WAITS {
+            return None;
+        }
+        if ms <= 0 || matches!(self.sink, Sink::Many(_)) {
+            return None;
+        }
+        self.batch_from = Some(self.received);
+        if bgw::wait(None, Duration::from_millis(ms as u64)) {
+            return Some(true);
+        }
+        self.conn.consume_input().unwrap_or_else(|e| lib_err(e));
+        Some(false)
+    }
+
+    /// A socket wait of `took` ended: count it towards [`Stream::batch_wait`].
+    fn count_fast_wait(&mut self, took: Duration) {
+        let ms = crate::gucs::APPLY_BATCH_WAIT_MS.get();
+        if ms > 0 && took < Duration::from_millis(ms as u64) {
+            self.fast_waits = self.fast_waits.saturating_add(1);
+        } else {
+            self.fast_waits = 0;
         }
     }
 
