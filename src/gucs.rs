@@ -78,7 +78,7 @@ pub static STREAM_WRITER_WAIT_MEMORY_KB: GucSetting<i32> = GucSetting::<i32>::ne
 /// its apply worker, having applied everything it had, waits this long before it reads
 /// again instead of waking for each transaction (see `src/receive/mod.rs`, `Stream::
 /// batch_wait`). 0 turns it off.
-pub static APPLY_BATCH_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static APPLY_BATCH_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(1);
 
 /// Register the settings; called once from `_PG_init`.
 pub fn init() {
@@ -123,7 +123,7 @@ pub fn init() {
         c"While a peer's transactions arrive faster than this (several in a row), the apply \
           worker, having applied everything it had, waits this long instead of waking for \
           each transaction: fewer wake-ups per transaction, for at most this much more \
-          delay. 0 (the default) turns it off.",
+          delay. 1 ms by default; 0 turns it off.",
         &APPLY_BATCH_WAIT_MS,
         0,
         100,

@@ -895,28 +895,16 @@ fn a_moved_row_coming_back_sees_its_old_key_inserted_meanwhile() {
 /// `apply_error` was, until session 18).
 #[test]
 fn a_row_moving_to_a_key_inserted_meanwhile_converges() {
-    let c = held_group(
+    let c = update_raced_with_insert(
         "movnew",
         "id int PRIMARY KEY, v text",
-        ("trigger", "NEW"),
-        "CREATE TRIGGER hold BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION hold_node3();
-         ALTER TABLE t ENABLE ALWAYS TRIGGER hold;",
+        (
+            "INSERT INTO t VALUES (1, 'one')",
+            "INSERT INTO t VALUES (20, 'from node1')",
+        ),
+        "UPDATE t SET id = 20, v = 'moved on node3' WHERE id = 1",
+        20,
     );
-    let (a, b, x) = (c.node(0), c.node(1), c.node(2));
-    as_app(a, "INSERT INTO t VALUES (1, 'one')");
-    wait_for_catchup(&c);
-    pause_on(b);
-    x.execute("SELECT bdr.apply_pause('node1')");
-    as_app(a, "INSERT INTO t VALUES (20, 'from node1')");
-    as_app(x, "UPDATE t SET id = 20, v = 'moved on node3' WHERE id = 1");
-    let holder = resume_node3_held(b);
-    b.execute("SELECT bdr.apply_resume('node1')");
-    wait_until("node2 has node1's row", CATCHUP, || {
-        value(b, 20).as_deref() == Some("from node1")
-    });
-    drop(holder);
-    x.execute("SELECT bdr.apply_resume('node1')");
-    wait_for_catchup(&c);
     for n in c.nodes() {
         assert_eq!(value(n, 1), None, "key 1 on {}", n.name());
         assert_eq!(
@@ -928,6 +916,44 @@ fn a_row_moving_to_a_key_inserted_meanwhile_converges() {
     }
     // The move met node1's row as it wrote: a race, never a duplicate-key apply error.
     assert_update_raced_on_node2(&c, "[\"20\"]");
+}
+
+/// A group of table `t` (`columns`) whose rows the plain role `app` writes: row 1 is
+/// inserted everywhere (`inserts.0`); then node1 inserts a row (`inserts.1`, key
+/// `inserted`) and node3 runs `update`, each before seeing the other's change. node2
+/// applies node3's update held between its lookup and its write (a node2-only ALWAYS
+/// BEFORE UPDATE trigger waiting in `hold_node3()`) until node1's row has reached node2
+/// through the other worker; then everything is caught up.
+fn update_raced_with_insert(
+    name: &str,
+    columns: &str,
+    inserts: (&str, &str),
+    update: &str,
+    inserted: i32,
+) -> Cluster {
+    let c = held_group(
+        name,
+        columns,
+        ("trigger", "NEW"),
+        "CREATE TRIGGER hold BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION hold_node3();
+         ALTER TABLE t ENABLE ALWAYS TRIGGER hold;",
+    );
+    let (a, b, x) = (c.node(0), c.node(1), c.node(2));
+    as_app(a, inserts.0);
+    wait_for_catchup(&c);
+    pause_on(b);
+    x.execute("SELECT bdr.apply_pause('node1')");
+    as_app(a, inserts.1);
+    as_app(x, update);
+    let holder = resume_node3_held(b);
+    b.execute("SELECT bdr.apply_resume('node1')");
+    wait_until("node2 has node1's row", CATCHUP, || {
+        value(b, inserted).as_deref() == Some("from node1")
+    });
+    drop(holder);
+    x.execute("SELECT bdr.apply_resume('node1')");
+    wait_for_catchup(&c);
+    c
 }
 
 /// node2 applied node3's UPDATE after a race with node1's row: the UPDATE's write met
@@ -973,28 +999,16 @@ fn assert_update_raced_on_node2(c: &Cluster, key: &str) {
 /// again, no `apply_error` (it was a 23505 `apply_error` until session 18).
 #[test]
 fn a_row_taking_a_unique_value_inserted_meanwhile_converges() {
-    let c = held_group(
+    let c = update_raced_with_insert(
         "uqnew",
         "id int PRIMARY KEY, v text, u int UNIQUE",
-        ("trigger", "NEW"),
-        "CREATE TRIGGER hold BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION hold_node3();
-         ALTER TABLE t ENABLE ALWAYS TRIGGER hold;",
+        (
+            "INSERT INTO t VALUES (1, 'one', 1)",
+            "INSERT INTO t VALUES (2, 'from node1', 7)",
+        ),
+        "UPDATE t SET u = 7, v = 'took 7 on node3' WHERE id = 1",
+        2,
     );
-    let (a, b, x) = (c.node(0), c.node(1), c.node(2));
-    as_app(a, "INSERT INTO t VALUES (1, 'one', 1)");
-    wait_for_catchup(&c);
-    pause_on(b);
-    x.execute("SELECT bdr.apply_pause('node1')");
-    as_app(a, "INSERT INTO t VALUES (2, 'from node1', 7)");
-    as_app(x, "UPDATE t SET u = 7, v = 'took 7 on node3' WHERE id = 1");
-    let holder = resume_node3_held(b);
-    b.execute("SELECT bdr.apply_resume('node1')");
-    wait_until("node2 has node1's row", CATCHUP, || {
-        value(b, 2).as_deref() == Some("from node1")
-    });
-    drop(holder);
-    x.execute("SELECT bdr.apply_resume('node1')");
-    wait_for_catchup(&c);
     for n in c.nodes() {
         assert_eq!(value(n, 2), None, "row 2 on {}", n.name());
         assert_eq!(

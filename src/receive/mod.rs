@@ -433,6 +433,9 @@ impl Stream {
             // durable now rather than at the WAL writer's next round, and say so.
             xact::flush_last_commit();
             self.feedback(false);
+            // Its peer waits on this process: no batch wait until such waits stop.
+            self.fast_waits = 0;
+            self.batch_from = None;
         }
         PENDING.with(|p| p.set((0, None)));
         progress::note_commit(&counts, conflicts, received, applied, t, self.peer_lsn);
@@ -660,7 +663,8 @@ impl Stream {
     /// instead of one each: a wake-up costs the kernel's switch and this process's code
     /// from cold caches. `None`: wait on the socket as usual; `Some(stop)`: waited (stop
     /// asked if true), read again. Not with parallel apply (its receiver polls its
-    /// writers meanwhile).
+    /// writers meanwhile), nor right after a transaction whose origin waits for it
+    /// (`bdr.synchronous_commit_peers`: its sessions' next commits would wait longer).
     fn batch_wait(&mut self) -> Option<bool> {
         let ms = crate::gucs::APPLY_BATCH_WAIT_MS.get();
         if let Some(from) = self.batch_from.take() {
