@@ -74,11 +74,17 @@ pub static STREAM_LARGE_TRANSACTIONS: GucSetting<bool> = GucSetting::<bool>::new
 /// decision on; see `src/workers/stream_writer.rs`) before the transaction falls back.
 pub static STREAM_WRITER_WAIT_MEMORY_KB: GucSetting<i32> = GucSetting::<i32>::new(65_536);
 
-/// `bdr.apply_batch_wait` (ms): while a peer's transactions arrive faster than this,
-/// its apply worker, having applied everything it had, waits this long before it reads
-/// again instead of waking for each transaction (see `src/receive/mod.rs`, `Stream::
-/// batch_wait`). 0 turns it off.
-pub static APPLY_BATCH_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(1);
+/// `bdr.stream_batch_wait` (ms): while a stream's transactions come faster than this,
+/// each end waits this long once caught up before looking again, instead of waking for
+/// each transaction: the walsender decoding this node's commits (`src/pg/decoding.rs`,
+/// `pace`) and the apply worker reading a peer's (`src/receive/mod.rs`,
+/// `Stream::batch_wait`); see `bdr_core::pace`. 0 turns it off.
+pub static STREAM_BATCH_WAIT_MS: GucSetting<i32> = GucSetting::<i32>::new(1);
+
+/// [`STREAM_BATCH_WAIT_MS`] as a duration (0: off).
+pub fn stream_batch_wait() -> std::time::Duration {
+    std::time::Duration::from_millis(STREAM_BATCH_WAIT_MS.get().max(0) as u64)
+}
 
 /// Register the settings; called once from `_PG_init`.
 pub fn init() {
@@ -118,13 +124,15 @@ pub fn init() {
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
-        c"bdr.apply_batch_wait",
-        c"How long an apply worker that keeps up with a busy peer waits before reading again.",
-        c"While a peer's transactions arrive faster than this (several in a row), the apply \
-          worker, having applied everything it had, waits this long instead of waking for \
-          each transaction: fewer wake-ups per transaction, for at most this much more \
-          delay. 1 ms by default; 0 turns it off.",
-        &APPLY_BATCH_WAIT_MS,
+        c"bdr.stream_batch_wait",
+        c"How long either end of a busy replication stream waits, once caught up, before looking again.",
+        c"While a stream's transactions come faster than this (several in a row), the \
+          walsender sending this node's changes and the apply worker applying a peer's wait \
+          this long once caught up, instead of waking for each transaction: fewer wake-ups \
+          per transaction, for at most this much more delay at each end. Not after a \
+          transaction whose origin waits for its peers (bdr.synchronous_commit_peers), nor \
+          under synchronous_standby_names. 1 ms by default; 0 turns it off.",
+        &STREAM_BATCH_WAIT_MS,
         0,
         100,
         GucContext::Sighup,

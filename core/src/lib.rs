@@ -7,6 +7,7 @@ pub mod kept;
 pub mod lag;
 pub mod names;
 pub mod node;
+pub mod pace;
 pub mod parallel;
 pub mod replication;
 pub mod snowflake;

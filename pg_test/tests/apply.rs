@@ -424,7 +424,7 @@ fn a_million_row_transaction_replicates_in_bounded_memory() {
     );
 }
 
-/// The apply worker's voluntary context switches (its sleeps) so far, from `/proc`.
+/// A process's voluntary context switches (its sleeps) so far, from `/proc`.
 fn sleeps(pid: i32) -> i64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -436,28 +436,30 @@ fn sleeps(pid: i32) -> i64 {
         .unwrap()
 }
 
-/// `bdr.apply_batch_wait`: an apply worker that keeps up with a busy peer batches its
-/// wake-ups instead of waking for each transaction, and loses nothing. Two sessions of
-/// the plain role `app` commit single-row transactions on node1 as fast as they can;
-/// node2's apply worker (the setting at 100 ms) sleeps far fewer times than it applies
-/// transactions (without the batching it slept about once per transaction or four on
-/// this machine), and every row arrives. After the load a single transaction still
-/// arrives (the worker is back to waking on arrival).
+/// `bdr.stream_batch_wait`: both ends of a busy stream batch their wake-ups instead of
+/// waking for each transaction, and lose nothing. Two sessions of the plain role `app`
+/// commit single-row transactions on node1 as fast as they can; with the setting at
+/// 100 ms, node1's walsender towards node2 and node2's apply worker each sleep far fewer
+/// times than there are transactions (without the batching the apply worker slept once
+/// per transaction on this machine, 4,087 times for 4,063), and every row arrives. After
+/// the load a single transaction still arrives (both are back to waking on arrival).
 #[test]
 fn a_busy_stream_is_applied_in_batches() {
     let c = Cluster::builder()
         .name("batchwait")
         .nodes(2)
-        .conf("bdr.apply_batch_wait", "'100ms'")
+        .conf("bdr.stream_batch_wait", "'100ms'")
         .start();
     pg_test::bdr::form_group_with_app_table(&c);
     let (a, b) = (c.node(0), c.node(1));
     a.execute("CREATE TABLE seq (id int8 PRIMARY KEY); GRANT ALL ON seq TO app");
     wait_for_catchup(&c);
     let pid: i32 = b.query_scalar("SELECT pid FROM bdr.apply_workers() WHERE peer = 'node1'");
+    let sender: i32 =
+        a.query_scalar("SELECT active_pid FROM pg_replication_slots WHERE slot_name LIKE '%node2'");
     let commits =
         || -> i64 { b.query_scalar("SELECT commits FROM bdr.apply_stats() WHERE peer = 'node1'") };
-    let (sleeps0, commits0) = (sleeps(pid), commits());
+    let (sleeps0, sent0, commits0) = (sleeps(pid), sleeps(sender), commits());
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..2i64)
         .map(|w| {
@@ -479,7 +481,10 @@ fn a_busy_stream_is_applied_in_batches() {
     let written: i64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
     wait_for_catchup(&c);
     let (slept, applied) = (sleeps(pid) - sleeps0, commits() - commits0);
-    eprintln!("node2's apply worker: {slept} sleeps for {applied} transactions");
+    let sender_slept = sleeps(sender) - sent0;
+    eprintln!(
+        "{applied} transactions: node2's apply worker slept {slept} times, node1's walsender {sender_slept}"
+    );
     assert_eq!(
         b.query_scalar::<i64>("SELECT count(*) FROM seq"),
         written,
@@ -487,7 +492,11 @@ fn a_busy_stream_is_applied_in_batches() {
     );
     assert!(
         slept * 5 < applied,
-        "the worker batched its wake-ups: {slept} sleeps for {applied} transactions"
+        "the apply worker batched its wake-ups: {slept} sleeps for {applied} transactions"
+    );
+    assert!(
+        sender_slept * 5 < applied,
+        "the walsender batched its wake-ups: {sender_slept} sleeps for {applied} transactions"
     );
     a.execute("INSERT INTO seq VALUES (-1)");
     wait_until("a lone transaction after the load", CATCHUP, || {

@@ -90,6 +90,13 @@ struct State {
     piece: Option<(u32, bool)>,
     /// Top-level transactions of which a piece was sent and that did not end yet.
     streamed: IdSet<u32>,
+    /// When the last transaction was sent, and whether commits come fast enough to batch
+    /// this walsender's wake-ups ([`pace`]).
+    last_commit_at: Option<std::time::Instant>,
+    pacer: bdr_core::pace::Pacer,
+    /// The current transaction asks its peers to confirm its commit
+    /// (`bdr.synchronous_commit_peers`): its origin session waits for this walsender.
+    sync_commit: bool,
 }
 
 #[derive(Default)]
@@ -216,6 +223,9 @@ unsafe extern "C-unwind" fn startup_cb(
             tag: None,
             piece: None,
             streamed: IdSet::default(),
+            last_commit_at: None,
+            pacer: bdr_core::pace::Pacer::default(),
+            sync_commit: false,
         });
         (*ctx).output_plugin_private = Box::into_raw(st) as *mut std::ffi::c_void;
     }
@@ -310,10 +320,51 @@ unsafe extern "C-unwind" fn commit_cb(
                 commit_time: (*txn).xact_time.commit_time,
             });
             write_frame(ctx, st, &m, true);
+            pace(st, (*txn).end_lsn);
         } else {
             // Nothing was sent: let the walsender advance past it all the same.
             pg_sys::OutputPluginUpdateProgress(ctx, true);
         }
+    }
+}
+
+/// A transaction was sent (its commit record ends at `end_lsn`). While the origin's
+/// commits come faster than `bdr.stream_batch_wait` ([`bdr_core::pace`]) and this
+/// walsender has decoded everything flushed, it sleeps that long before decoding on,
+/// instead of sleeping on its latch until the next commit wakes it: one wake-up then
+/// sends the transactions committed meanwhile, and the committing sessions do not signal
+/// it (a sleeping walsender's latch costs each commit a signal). Not after a transaction
+/// whose session waits for its peers' confirmation (`bdr.synchronous_commit_peers`),
+/// nor under PostgreSQL's synchronous replication (`synchronous_standby_names`), nor
+/// outside a walsender (SQL decoding functions).
+fn pace(st: &mut State, end_lsn: u64) {
+    let wait = crate::gucs::stream_batch_wait();
+    let now = std::time::Instant::now();
+    if let Some(last) = st.last_commit_at.replace(now) {
+        st.pacer.arrived(now.saturating_duration_since(last), wait);
+    }
+    // SAFETY: plain reads of process globals (a GUC string: NULL or NUL-terminated).
+    let (walsender, sync_rep) = unsafe {
+        let names = pg_sys::SyncRepStandbyNames;
+        (pg_sys::am_walsender, !names.is_null() && *names != 0)
+    };
+    if std::mem::take(&mut st.sync_commit) || sync_rep || !walsender {
+        st.pacer.reset();
+        return;
+    }
+    if !st.pacer.busy() {
+        return;
+    }
+    // SAFETY: a plain read of shared WAL state (a spinlock; cannot raise).
+    let flushed = unsafe { crate::pg::unguarded::GetFlushRecPtr(std::ptr::null_mut()) };
+    // Caught up: nothing beyond this commit but a partial page of WAL.
+    if flushed.saturating_sub(end_lsn) < u64::from(pg_sys::XLOG_BLCKSZ) {
+        // SAFETY: a plain sleep (no latch: the committing sessions then need not signal
+        // this process; a signal only ends it early).
+        unsafe { pg_sys::pg_usleep(wait.as_micros() as std::ffi::c_long) };
+        // The next commit's gap counts from now: one committed during the sleep is
+        // already there to decode, which is what arriving fast means.
+        st.last_commit_at = Some(std::time::Instant::now());
     }
 }
 
@@ -558,6 +609,9 @@ unsafe extern "C-unwind" fn message_cb(
     // SAFETY: prefix is NUL-terminated; message points at message_size bytes.
     unsafe {
         let prefix = cstring(prefix);
+        if transactional && prefix == bdr_core::wire::SYNC_COMMIT_PREFIX {
+            state(ctx).sync_commit = true;
+        }
         match decode::message_policy(&prefix, transactional, message_size) {
             Ok(true) => {}
             Ok(false) => return,

@@ -97,11 +97,6 @@ fn lib_err(e: crate::pg::libpq::LibpqError) -> ! {
 /// How often an idle stream asks the walsender to confirm its position.
 const PING: Duration = Duration::from_secs(1);
 
-/// Socket waits in a row, each ended by data within `bdr.apply_batch_wait`, before the
-/// apply worker batches its wake-ups ([`Stream::batch_wait`]): an occasional quick
-/// succession of transactions in a light load keeps its latency.
-const FAST_WAITS: u32 = 8;
-
 /// One replication stream from a peer into the local apply stage.
 struct Stream {
     conn: Conn,
@@ -140,9 +135,9 @@ struct Stream {
     caught_up_at: Instant,
     /// When the peer last sent anything (data or keepalive).
     last_heard: Instant,
-    /// Socket waits in a row that data ended within `bdr.apply_batch_wait`
+    /// Whether the peer's data comes fast enough to batch wake-ups
     /// ([`Stream::batch_wait`]).
-    fast_waits: u32,
+    pacer: bdr_core::pace::Pacer,
     /// A batch wait is under way: the peer position received when it began.
     batch_from: Option<u64>,
     /// The time at the top of this round of the main loop: what the data path's
@@ -434,7 +429,7 @@ impl Stream {
             xact::flush_last_commit();
             self.feedback(false);
             // Its peer waits on this process: no batch wait until such waits stop.
-            self.fast_waits = 0;
+            self.pacer.reset();
             self.batch_from = None;
         }
         PENDING.with(|p| p.set((0, None)));
@@ -537,7 +532,7 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         batch: None,
         last_feedback: Instant::now() - Duration::from_secs(10),
         feedback_look: Instant::now(),
-        fast_waits: 0,
+        pacer: bdr_core::pace::Pacer::default(),
         batch_from: None,
         last_reported: (0, 0),
         held: None,
@@ -643,7 +638,8 @@ impl Stream {
                         return;
                     }
                     st.now = Instant::now();
-                    st.count_fast_wait(st.now - waited);
+                    st.pacer
+                        .arrived(st.now - waited, crate::gucs::stream_batch_wait());
                     st.check_silence();
                     st.retire_idle_writer();
                     if st.maybe_restream() {
@@ -657,44 +653,35 @@ impl Stream {
     }
 
     /// Everything received is applied: while the peer's transactions arrive faster than
-    /// `bdr.apply_batch_wait` (the last [`FAST_WAITS`] socket waits each ended within it,
-    /// and batch waits since keep finding data), wait that long on the latch before
-    /// reading again, so that one wake-up applies the transactions that arrived meanwhile
-    /// instead of one each: a wake-up costs the kernel's switch and this process's code
-    /// from cold caches. `None`: wait on the socket as usual; `Some(stop)`: waited (stop
-    /// asked if true), read again. Not with parallel apply (its receiver polls its
-    /// writers meanwhile), nor right after a transaction whose origin waits for it
-    /// (`bdr.synchronous_commit_peers`: its sessions' next commits would wait longer).
+    /// `bdr.stream_batch_wait` (socket waits in a row each ended that soon, and batch
+    /// waits since keep finding data; [`bdr_core::pace`]), wait that long on the latch
+    /// before reading again, so that one wake-up applies the transactions that arrived
+    /// meanwhile instead of one each: a wake-up costs the kernel's switch and this
+    /// process's code from cold caches. `None`: wait on the socket as usual;
+    /// `Some(stop)`: waited (stop asked if true), read again. Not with parallel apply (its
+    /// receiver polls its writers meanwhile), nor right after a transaction whose origin
+    /// waits for it (`bdr.synchronous_commit_peers`: its sessions' next commits would wait
+    /// longer).
     fn batch_wait(&mut self) -> Option<bool> {
-        let ms = crate::gucs::APPLY_BATCH_WAIT_MS.get();
+        let wait = crate::gucs::stream_batch_wait();
         if let Some(from) = self.batch_from.take() {
             if self.received == from {
                 // Nothing came: back to waiting on the socket, and counting afresh.
-                self.fast_waits = 0;
+                self.pacer.reset();
                 return None;
             }
-        } else if self.fast_waits < FAST_WAITS {
+        } else if !self.pacer.busy() {
             return None;
         }
-        if ms <= 0 || matches!(self.sink, Sink::Many(_)) {
+        if wait.is_zero() || matches!(self.sink, Sink::Many(_)) {
             return None;
         }
         self.batch_from = Some(self.received);
-        if bgw::wait(None, Duration::from_millis(ms as u64)) {
+        if bgw::wait(None, wait) {
             return Some(true);
         }
         self.conn.consume_input().unwrap_or_else(|e| lib_err(e));
         Some(false)
-    }
-
-    /// A socket wait of `took` ended: count it towards [`Stream::batch_wait`].
-    fn count_fast_wait(&mut self, took: Duration) {
-        let ms = crate::gucs::APPLY_BATCH_WAIT_MS.get();
-        if ms > 0 && took < Duration::from_millis(ms as u64) {
-            self.fast_waits = self.fast_waits.saturating_add(1);
-        } else {
-            self.fast_waits = 0;
-        }
     }
 
     /// Say the loop ends on request.
