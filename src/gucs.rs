@@ -126,7 +126,7 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"bdr.stream_batch_wait",
         c"How long either end of a busy replication stream waits, once caught up, before looking again.",
-        c"While a stream's transactions come faster than this (several in a row), the \
+        c"While a stream's transactions come faster than this (32 in a row), the \
           walsender sending this node's changes and the apply worker applying a peer's wait \
           this long once caught up, instead of waking for each transaction: fewer wake-ups \
           per transaction, for at most this much more delay at each end. Not after a \

@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 /// Arrivals in a row, each within the setting of the previous one, before batching.
-pub const FAST_IN_A_ROW: u32 = 8;
+pub const FAST_IN_A_ROW: u32 = 32;
 
 /// Whether a stream's transactions currently arrive fast enough to batch wake-ups.
 #[derive(Debug, Default, Clone)]
