@@ -286,13 +286,23 @@ pub fn is_zombie(pid: i32) -> bool {
 /// Private (anonymous) resident memory of a process in kB (0 if it is gone). Unlike
 /// VmHWM it does not count shared buffers the process touched.
 pub fn rss_anon_kb(pid: i32) -> i64 {
+    status_number(pid, "RssAnon:").unwrap_or(0)
+}
+
+/// How many times process `pid` gave up the CPU of its own accord so far (its sleeps:
+/// `voluntary_ctxt_switches`); `None` if it is gone.
+pub fn voluntary_switches(pid: i32) -> Option<i64> {
+    status_number(pid, "voluntary_ctxt_switches:")
+}
+
+/// The number after `field` in `/proc/<pid>/status` (`None`: no such process or field).
+fn status_number(pid: i32, field: &str) -> Option<i64> {
     fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
+        .ok()?
         .lines()
-        .find(|l| l.starts_with("RssAnon:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// How many dynamic shared memory segments of `min_kb..=max_kb` process `pid` has mapped

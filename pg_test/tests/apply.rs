@@ -426,14 +426,7 @@ fn a_million_row_transaction_replicates_in_bounded_memory() {
 
 /// A process's voluntary context switches (its sleeps) so far, from `/proc`.
 fn sleeps(pid: i32) -> i64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-        .expect("voluntary_ctxt_switches in /proc/<pid>/status")
-        .trim()
-        .parse()
-        .unwrap()
+    pg_test::sys::voluntary_switches(pid).expect("voluntary_ctxt_switches of a live process")
 }
 
 /// `bdr.stream_batch_wait`: both ends of a busy stream batch their wake-ups instead of

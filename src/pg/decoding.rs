@@ -355,8 +355,7 @@ fn pace(st: &mut State, end_lsn: u64) {
     if !st.pacer.busy() {
         return;
     }
-    // SAFETY: a plain read of shared WAL state (a spinlock; cannot raise).
-    let flushed = unsafe { crate::pg::unguarded::GetFlushRecPtr(std::ptr::null_mut()) };
+    let flushed = crate::pg::xact::flush_lsn();
     // Caught up: nothing beyond this commit but a partial page of WAL.
     if flushed.saturating_sub(end_lsn) < u64::from(pg_sys::XLOG_BLCKSZ) {
         // SAFETY: a plain sleep (no latch: the committing sessions then need not signal
