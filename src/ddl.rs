@@ -122,6 +122,12 @@ pub fn check_user_write(relid: pgrx::pg_sys::Oid) {
     }
 }
 
+/// Whether [`check_user_write`] could refuse a write now: a fence is set on this server,
+/// or a quorum is required. Plain reads (the executor hook calls it unguarded).
+pub fn may_refuse_user_writes() -> bool {
+    shmem::fences_active() || crate::quorum::required()
+}
+
 /// The policy the utility and executor hooks call (`crate::pg::utility`).
 pub fn hooks() -> utility::Policy {
     utility::Policy {
@@ -129,6 +135,7 @@ pub fn hooks() -> utility::Policy {
         before,
         after: |p| after(p),
         check_user_write,
+        may_refuse_user_writes,
     }
 }
 

@@ -76,10 +76,16 @@ pub fn evaluate(dboid: u32, all: &[nodes::Node]) {
     );
 }
 
+/// Whether this database requires a quorum for user writes (`bdr.minimum_nodes`), one
+/// setting's read.
+pub fn required() -> bool {
+    crate::gucs::MINIMUM_NODES.get() > 0
+}
+
 /// Why a user write must be refused now: this node does not see `bdr.minimum_nodes`
 /// voting members (never for an apply worker; nothing is read while the minimum is 0).
 pub fn refusal() -> Option<QuorumError> {
-    if crate::gucs::MINIMUM_NODES.get() <= 0 || utility::applying() {
+    if !required() || utility::applying() {
         return None;
     }
     shmem::quorum(nodes::my_database_oid())

@@ -214,10 +214,9 @@ COMMENT ON FUNCTION bdr.snowflake_nextval(regclass) IS
     'Next conflict-free id: ms since 2024-01-01 | node number | counter';
 ")]
 fn snowflake_nextval(seq: pg_sys::Oid) -> i64 {
-    if !pgseq::may_use(seq) {
+    if !pgseq::may_draw(seq) {
         raise(&SequenceError::PermissionDenied(seq_name(seq)));
     }
-    pgseq::prevent_if_read_only();
     let dboid = nodes::my_database_oid();
     let relid = seq.to_u32();
     let me = pgseq::my_pid();

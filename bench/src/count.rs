@@ -231,27 +231,39 @@ pub fn count_writer(sys: System) {
     // A forked backend's counts start with what its postmaster had counted (callgrind's
     // counters are copied at fork): two runs of different lengths, each in a new
     // backend, and their difference is the transactions' own.
-    let short = backend_total(a, &dir, n / 4);
-    let long = backend_total(a, &dir, n);
-    let per = (long as f64 - short as f64) / (n - n / 4) as f64;
+    let short = backend_events(a, &dir, n / 4);
+    let long = backend_events(a, &dir, n);
+    let per_txn = |f: fn(&[(String, u64)]) -> Option<u64>| {
+        Some((f(&long)? as f64 - f(&short)? as f64) / (n - n / 4) as f64)
+    };
+    let ir = |e: &[(String, u64)]| e.first().map(|(_, v)| *v);
+    let per = per_txn(ir).expect("instructions");
+    let cycles = per_txn(estimated_cycles).map_or(String::new(), |c| {
+        format!(
+            "; estimated cycles per transaction (callgrind's model, BENCH_COUNT_CACHE=1): {c:.0}"
+        )
+    });
     let out = format!(
         "{} writer backend, single-row INSERT transactions (one client, {}), counted by \
          callgrind: {per:.0} instructions per transaction (runs of {} and {n} transactions, \
-         each in a new backend: {short} and {long} instructions)\n",
+         each in a new backend: {} and {} instructions){cycles}\n",
         sys.name(),
         if sys == System::Bdr {
             "a one-node bdr group"
         } else {
             "a node without bdr"
         },
-        n / 4
+        n / 4,
+        ir(&short).unwrap_or(0),
+        ir(&long).unwrap_or(0),
     );
     publish(&format!("count-writer-{}.txt", sys.name()), &out);
 }
 
 /// Run `n` single-row INSERT transactions from one pgbench client on `a` (under
-/// callgrind) and return the instructions its backend counted, from fork to exit.
-fn backend_total(a: &Node, dir: &Path, n: i64) -> u64 {
+/// callgrind) and return every event its backend counted, from fork to exit (the sum of
+/// its dumps).
+fn backend_events(a: &Node, dir: &Path, n: i64) -> Vec<(String, u64)> {
     let before = dump_names(dir);
     crate::pgbench(
         a,
@@ -261,13 +273,14 @@ fn backend_total(a: &Node, dir: &Path, n: i64) -> u64 {
     // The backend writes its last dump when it exits, a moment after pgbench: wait for
     // the largest new process's dumps to stop changing.
     let mut last = 0;
-    let mut total = 0;
+    let mut found = Vec::new();
     wait_until(
         "the backend's callgrind dump",
         Duration::from_secs(120),
         || {
             std::thread::sleep(Duration::from_millis(500));
-            let mut by_pid: std::collections::HashMap<String, u64> = Default::default();
+            let mut by_pid: std::collections::HashMap<String, Vec<(String, u64)>> =
+                Default::default();
             for name in dump_names(dir).difference(&before) {
                 let Ok(text) = std::fs::read_to_string(dir.join(name)) else {
                     continue;
@@ -276,15 +289,26 @@ fn backend_total(a: &Node, dir: &Path, n: i64) -> u64 {
                     continue;
                 }
                 let pid = name.split('.').nth(1).unwrap_or("").to_string();
-                *by_pid.entry(pid).or_default() += totals(&text);
+                let sum = by_pid.entry(pid).or_default();
+                for (i, (event, v)) in events(&text).into_iter().enumerate() {
+                    match sum.get_mut(i) {
+                        Some(e) => e.1 += v,
+                        None => sum.push((event, v)),
+                    }
+                }
             }
-            total = by_pid.values().copied().max().unwrap_or(0);
+            let biggest = by_pid
+                .into_values()
+                .max_by_key(|e| e.first().map_or(0, |(_, v)| *v))
+                .unwrap_or_default();
+            let total = biggest.first().map_or(0, |(_, v)| *v);
             let settled = total > 0 && total == last;
             last = total;
+            found = biggest;
             settled
         },
     );
-    total
+    found
 }
 
 fn dump_names(dir: &Path) -> std::collections::HashSet<String> {

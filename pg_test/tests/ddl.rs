@@ -364,3 +364,58 @@ fn statements_that_cannot_replicate_safely_are_refused_with_a_hint() {
     assert!(shape(a, "t").contains("t_v"));
     assert!(!shape(c.node(1), "t").contains("t_v"));
 }
+
+/// While a schema change drains the other nodes' writes to its table, a user write to
+/// that table on its node is refused with a clear error (the executor hook's fence), and
+/// the table takes writes again once the change is done.
+#[test]
+fn a_write_to_a_table_held_for_a_schema_change_is_refused_until_it_is_done() {
+    let c = group("ddl_fenced", 2);
+    let (a, b) = (c.node(0), c.node(1));
+    a.connect_as("app")
+        .batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
+        .unwrap();
+    wait_for_catchup(&c);
+    // node2 holds the table: the drain waits there, with t fenced on node1 meanwhile.
+    let mut hold = b.connect();
+    hold.batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let mut ddl = a.connect_as("app");
+    let alter = std::thread::spawn(move || {
+        ddl.batch_execute("ALTER TABLE t ADD COLUMN c int DEFAULT 7")
+            .map_err(|e| pg_test::db_error_text(&e))
+    });
+    let mut app = a.connect_as("app");
+    let mut id = 0i64;
+    let mut refused = String::new();
+    wait_until("a write on node1 refused by the fence", CATCHUP, || {
+        id += 1;
+        match app.execute("INSERT INTO t (id, v) VALUES ($1, 'w')", &[&id]) {
+            Ok(_) => false,
+            Err(e) => {
+                refused = pg_test::db_error_text(&e);
+                true
+            }
+        }
+    });
+    assert!(
+        refused.contains("is held for a schema change from node \"node1\""),
+        "{refused}"
+    );
+    assert!(!alter.is_finished(), "the schema change waits for node2");
+    hold.batch_execute("ROLLBACK").unwrap();
+    alter
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("ALTER TABLE: {e}"));
+    app.execute("INSERT INTO t (id, v) VALUES (-1, 'after')", &[])
+        .unwrap();
+    wait_for_catchup(&c);
+    assert_same_shape(&c, "t");
+    assert_same_everywhere(&c, "t");
+    assert_eq!(
+        b.query_scalar::<i32>("SELECT c FROM t WHERE id = -1"),
+        7,
+        "the write after the change reached node2"
+    );
+}

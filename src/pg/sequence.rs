@@ -15,17 +15,25 @@
 
 use pgrx::{pg_sys, IntoDatum, PgRelation};
 
-/// Whether the current user may take values from sequence `relid` (USAGE or UPDATE, as
-/// `nextval`). Raises PostgreSQL's own error when no relation has that OID.
-pub fn may_use(relid: pg_sys::Oid) -> bool {
-    // SAFETY: a catalog lookup inside a transaction; a missing relation raises an ERROR
-    // (turned into a Rust panic by pgrx's FFI guard).
+/// `nextval`'s checks before an id is drawn from sequence `relid`, under one guard (every
+/// call of `bdr.snowflake_nextval` runs them): whether the current role has USAGE or
+/// UPDATE on it (false: the caller refuses), and then, as `nextval` does, an ERROR in a
+/// read-only transaction or on a hot standby.
+pub fn may_draw(relid: pg_sys::Oid) -> bool {
+    use crate::pg::unguarded::{guarded, raw, GetUserId};
+    // SAFETY: a catalog lookup and a read of the transaction state inside a transaction;
+    // a missing relation or a read-only transaction raises an ERROR, which the guard
+    // turns into a Rust panic. The closure holds plain values only.
     unsafe {
-        pg_sys::pg_class_aclcheck(
-            relid,
-            pg_sys::GetUserId(),
-            (pg_sys::ACL_USAGE | pg_sys::ACL_UPDATE) as pg_sys::AclMode,
-        ) == pg_sys::AclResult::ACLCHECK_OK
+        guarded(|| {
+            let mode = (pg_sys::ACL_USAGE | pg_sys::ACL_UPDATE) as pg_sys::AclMode;
+            let ok =
+                raw::pg_class_aclcheck(relid, GetUserId(), mode) == pg_sys::AclResult::ACLCHECK_OK;
+            if ok {
+                raw::PreventCommandIfReadOnly(c"bdr.snowflake_nextval()".as_ptr());
+            }
+            ok
+        })
     }
 }
 
@@ -33,12 +41,6 @@ pub fn may_use(relid: pg_sys::Oid) -> bool {
 pub fn is_sequence(relid: pg_sys::Oid) -> bool {
     // SAFETY: a syscache lookup; returns 0 for a missing relation.
     unsafe { pg_sys::get_rel_relkind(relid) as u8 == pg_sys::RELKIND_SEQUENCE }
-}
-
-/// Refuse in a read-only transaction or on a hot standby, as `nextval` does.
-pub fn prevent_if_read_only() {
-    // SAFETY: reads transaction state; raises an ERROR in a read-only transaction.
-    unsafe { pg_sys::PreventCommandIfReadOnly(c"bdr.snowflake_nextval()".as_ptr()) }
 }
 
 fn owner_of(relid: pg_sys::Oid) -> pg_sys::Oid {

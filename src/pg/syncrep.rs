@@ -64,8 +64,9 @@ unsafe extern "C-unwind" fn xact_callback(
 /// Whether the current transaction has an xid (it wrote something, so it commits a
 /// record peers will receive).
 pub fn has_xid() -> bool {
-    // SAFETY: a plain read of the transaction state.
-    unsafe { pg_sys::GetTopTransactionIdIfAny() != pg_sys::InvalidTransactionId }
+    // SAFETY: a plain read of the transaction state (declared without pgrx's guard: it
+    // runs at every commit).
+    unsafe { crate::pg::unguarded::GetTopTransactionIdIfAny() != pg_sys::InvalidTransactionId }
 }
 
 /// Whether this is an ordinary client backend (not a walsender, an apply worker or any

@@ -50,6 +50,10 @@ extern "C" {
     pub fn GetCurrentCommandId(used: bool) -> pg_sys::CommandId;
     /// xact.c: compares with the transaction stack's xids (a binary search).
     pub fn TransactionIdIsCurrentTransactionId(xid: pg_sys::TransactionId) -> bool;
+    /// miscinit.c: returns a global (an `Assert` that it is set).
+    pub fn GetUserId() -> Oid;
+    /// xact.c: returns the top transaction's xid from a global.
+    pub fn GetTopTransactionIdIfAny() -> pg_sys::TransactionId;
     /// timestamp.c: `gettimeofday` and arithmetic.
     pub fn GetCurrentTimestamp() -> pg_sys::TimestampTz;
     /// xlog.c: reads the flush position under a spinlock (a stuck spinlock PANICs, which
@@ -67,6 +71,12 @@ pub mod raw {
     #[allow(clashing_extern_declarations)]
     extern "C-unwind" {
         pub fn StartTransactionCommand();
+        pub fn pg_class_aclcheck(
+            table_oid: Oid,
+            roleid: Oid,
+            mode: pg_sys::AclMode,
+        ) -> pg_sys::AclResult::Type;
+        pub fn PreventCommandIfReadOnly(cmdname: *const std::ffi::c_char);
         pub fn CommitTransactionCommand();
         pub fn GetTransactionSnapshot() -> pg_sys::Snapshot;
         pub fn PushActiveSnapshot(snapshot: pg_sys::Snapshot);
@@ -192,6 +202,20 @@ pub mod raw {
             is_crosspart_update: bool,
         );
         pub fn lappend_oid(list: *mut pg_sys::List, datum: Oid) -> *mut pg_sys::List;
+    }
+}
+
+/// Functions that may raise an ERROR, declared plain for one use: the last call of a hook
+/// function that has no guard and holds nothing in its frame (no value with a
+/// destructor, nothing after the call), so that an ERROR passes over that frame as over
+/// a C hook's, and the hook costs what a C hook costs (see `utility::executor_start_hook`).
+pub mod tail {
+    use pgrx::pg_sys;
+    use std::ffi::c_int;
+
+    #[allow(clashing_extern_declarations)]
+    extern "C-unwind" {
+        pub fn standard_ExecutorStart(query_desc: *mut pg_sys::QueryDesc, eflags: c_int);
     }
 }
 

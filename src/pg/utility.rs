@@ -43,6 +43,10 @@ pub struct Policy {
     pub after: fn(&Plan),
     /// Before a user write to a table starts (fences, quorum).
     pub check_user_write: fn(pg_sys::Oid),
+    /// Whether `check_user_write` could refuse anything now. Called before every
+    /// statement's executor starts, outside any guard: plain reads only, it must neither
+    /// raise nor panic.
+    pub may_refuse_user_writes: fn() -> bool,
 }
 
 static POLICY: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
@@ -162,26 +166,42 @@ unsafe extern "C-unwind" fn utility_hook(
     }
 }
 
-#[pgrx::pg_guard]
+/// Every statement's executor starts here. Without pgrx's guard: the common case (no
+/// fence set, no quorum required, so nothing to refuse) costs two plain reads, and the
+/// executor then starts as without bdr. Only when something may be refused are the
+/// statement's targets checked, under a guard ([`check_result_relations`]). The previous
+/// hook or `standard_ExecutorStart` is the last call: this frame holds nothing, so an
+/// ERROR raised there passes over it as over a C hook's.
 unsafe extern "C-unwind" fn executor_start_hook(qd: *mut pg_sys::QueryDesc, eflags: i32) {
-    // SAFETY: the query descriptor is valid for the call; its plan's range table and
-    // result relation list are read only.
+    let may_refuse = POLICY.get().is_some_and(|p| (p.may_refuse_user_writes)());
+    // SAFETY: the query descriptor is valid for the call (forwarded as received).
     unsafe {
-        if !applying() {
-            let ps = (*qd).plannedstmt;
-            if !ps.is_null() && !(*ps).resultRelations.is_null() {
-                let rtable = PgList::<pg_sys::RangeTblEntry>::from_pg((*ps).rtable);
-                let results = PgList::<std::ffi::c_void>::from_pg((*ps).resultRelations);
-                for rti in results.iter_int() {
-                    if let Some(rte) = rtable.get_ptr((rti - 1) as usize) {
-                        check_user_write((*rte).relid);
-                    }
-                }
-            }
+        if may_refuse && !applying() {
+            check_result_relations(qd);
         }
         match PREV_EXECUTOR_START {
             Some(prev) => prev(qd, eflags),
-            None => pg_sys::standard_ExecutorStart(qd, eflags),
+            None => crate::pg::unguarded::tail::standard_ExecutorStart(qd, eflags),
+        }
+    }
+}
+
+/// Refuse the statement if one of the tables it writes is refused user writes now.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_result_relations(qd: *mut pg_sys::QueryDesc) {
+    // SAFETY: the query descriptor is valid for the call; its plan's range table and
+    // result relation list are read only.
+    unsafe {
+        let ps = (*qd).plannedstmt;
+        if ps.is_null() || (*ps).resultRelations.is_null() {
+            return;
+        }
+        let rtable = PgList::<pg_sys::RangeTblEntry>::from_pg((*ps).rtable);
+        let results = PgList::<std::ffi::c_void>::from_pg((*ps).resultRelations);
+        for rti in results.iter_int() {
+            if let Some(rte) = rtable.get_ptr((rti - 1) as usize) {
+                check_user_write((*rte).relid);
+            }
         }
     }
 }

@@ -32,6 +32,14 @@ pub static FENCES_ACTIVE: pgrx::PgAtomic<std::sync::atomic::AtomicU32> =
     // SAFETY: the name is unique to this extension.
     unsafe { pgrx::PgAtomic::new(c"bdr_fences_active") };
 
+/// Whether any fence is set on this server (one atomic read).
+pub fn fences_active() -> bool {
+    FENCES_ACTIVE
+        .get()
+        .load(std::sync::atomic::Ordering::SeqCst)
+        != 0
+}
+
 fn count_fences(w: &Workers) {
     let n = w.fences.iter().filter(|f| f.dboid != 0).count() as u32;
     FENCES_ACTIVE
@@ -60,11 +68,7 @@ pub fn fence_add(dboid: u32, relid: u32, origin: &str, exempt_pid: i32, deadline
 
 /// Lift the fences matching `pred`; returns how many.
 pub fn fence_clear(pred: impl Fn(&Fence) -> bool) -> usize {
-    if FENCES_ACTIVE
-        .get()
-        .load(std::sync::atomic::Ordering::SeqCst)
-        == 0
-    {
+    if !fences_active() {
         return 0;
     }
     let mut w = WORKERS.exclusive();
@@ -86,11 +90,7 @@ pub fn fence_origin(f: &Fence) -> String {
 
 /// The origin of a fence on `relid` of `dboid` that applies to backend `pid` at `now`.
 pub fn fenced_by(dboid: u32, relid: u32, pid: i32, now: i64) -> Option<String> {
-    if FENCES_ACTIVE
-        .get()
-        .load(std::sync::atomic::Ordering::SeqCst)
-        == 0
-    {
+    if !fences_active() {
         return None;
     }
     let w = WORKERS.share();
