@@ -496,3 +496,51 @@ fn a_busy_stream_is_applied_in_batches() {
         b.query_scalar::<i64>("SELECT count(*) FROM seq WHERE id = -1") == 1
     });
 }
+
+/// A backlog is sent and read as fast as it can be: the waits of `bdr.stream_batch_wait`
+/// are for a stream that keeps up with its origin, never for one with data waiting.
+/// node2's apply is paused while the plain role `app` commits 10,000 single-row
+/// transactions on node1, then resumed with the setting at 100 ms. Before session 19 the
+/// apply worker waited after each read of its connection's buffer with more in its
+/// socket, and node1's walsender, once within a page of WAL of the end, slept after each
+/// commit it sent: the last page's transactions came one per 100 ms (42 to 55 sleeps of
+/// each process, 3.7 to 4.7 s for this backlog). Now each sleep is followed by
+/// everything that arrived meanwhile (6 to 9 sleeps).
+#[test]
+fn a_backlog_is_read_without_batch_waits() {
+    let c = Cluster::builder()
+        .name("backlogwait")
+        .nodes(2)
+        .conf("bdr.stream_batch_wait", "'100ms'")
+        .start();
+    pg_test::bdr::form_group_with_app_table(&c);
+    let (a, b) = (c.node(0), c.node(1));
+    a.execute("CREATE TABLE seq (id int8 PRIMARY KEY); GRANT ALL ON seq TO app");
+    wait_for_catchup(&c);
+    b.execute("SELECT bdr.apply_pause()");
+    wait_until("node2's apply paused", CATCHUP, || {
+        b.query_scalar::<bool>("SELECT bool_and(state = 'paused') FROM bdr.apply_workers()")
+    });
+    let mut app = a.connect_as("app");
+    for i in 0..10_000i64 {
+        app.execute("INSERT INTO seq VALUES ($1)", &[&i]).unwrap();
+    }
+    let pid: i32 = b.query_scalar("SELECT pid FROM bdr.apply_workers() WHERE peer = 'node1'");
+    let sender: i32 =
+        a.query_scalar("SELECT active_pid FROM pg_replication_slots WHERE slot_name LIKE '%node2'");
+    let (sleeps0, sent0) = (sleeps(pid), sleeps(sender));
+    b.execute("SELECT bdr.apply_resume()");
+    wait_until("the backlog applied on node2", CATCHUP, || {
+        b.query_scalar::<i64>("SELECT count(*) FROM seq") == 10_000
+    });
+    let (slept, sender_slept) = (sleeps(pid) - sleeps0, sleeps(sender) - sent0);
+    eprintln!(
+        "a backlog of 10,000: node2's apply worker slept {slept} times, node1's walsender \
+         {sender_slept}"
+    );
+    assert!(
+        slept < 20 && sender_slept < 20,
+        "the stream waited with data to send or read: the apply worker slept {slept} \
+         times, the walsender {sender_slept}"
+    );
+}

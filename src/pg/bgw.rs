@@ -85,6 +85,22 @@ pub fn sleep_on_latch(ms: i64) {
     }
 }
 
+/// Whether `socket` has data to read right now (a `poll` that does not wait).
+pub fn readable_now(socket: i32) -> bool {
+    if socket < 0 {
+        return false;
+    }
+    let mut fds = libc::pollfd {
+        fd: socket,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, a zero timeout; the socket belongs to a live connection
+    // of this process.
+    let n = unsafe { libc::poll(&mut fds, 1, 0) };
+    n > 0 && fds.revents & libc::POLLIN != 0
+}
+
 /// Wait until the latch is set, `socket` (if any) is readable, or `timeout` passes.
 /// Exits the process if the postmaster died. Returns true if SIGTERM was received.
 pub fn wait(socket: Option<i32>, timeout: Duration) -> bool {

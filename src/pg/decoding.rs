@@ -94,6 +94,9 @@ struct State {
     /// this walsender's wake-ups ([`pace`]).
     last_commit_at: Option<std::time::Instant>,
     pacer: bdr_core::pace::Pacer,
+    /// The flush position when the last pacing sleep ended: everything below it is
+    /// decoded and sent before the next sleep.
+    paced_to: u64,
     /// The current transaction asks its peers to confirm its commit
     /// (`bdr.synchronous_commit_peers`): its origin session waits for this walsender.
     sync_commit: bool,
@@ -225,6 +228,7 @@ unsafe extern "C-unwind" fn startup_cb(
             streamed: IdSet::default(),
             last_commit_at: None,
             pacer: bdr_core::pace::Pacer::default(),
+            paced_to: 0,
             sync_commit: false,
         });
         (*ctx).output_plugin_private = Box::into_raw(st) as *mut std::ffi::c_void;
@@ -352,7 +356,9 @@ fn pace(st: &mut State, end_lsn: u64) {
         st.pacer.reset();
         return;
     }
-    if !st.pacer.busy() {
+    // What was flushed while it slept is sent before it sleeps again (one sleep per
+    // commit would deliver the last page's transactions one per sleep).
+    if !st.pacer.busy() || end_lsn < st.paced_to {
         return;
     }
     let flushed = crate::pg::xact::flush_lsn();
@@ -364,6 +370,7 @@ fn pace(st: &mut State, end_lsn: u64) {
         // The next commit's gap counts from now: one committed during the sleep is
         // already there to decode, which is what arriving fast means.
         st.last_commit_at = Some(std::time::Instant::now());
+        st.paced_to = crate::pg::xact::flush_lsn();
     }
 }
 

@@ -652,12 +652,12 @@ impl Stream {
         }
     }
 
-    /// Everything received is applied: while the peer's transactions arrive faster than
-    /// `bdr.stream_batch_wait` (socket waits in a row each ended that soon, and batch
-    /// waits since keep finding data; [`bdr_core::pace`]), wait that long on the latch
-    /// before reading again, so that one wake-up applies the transactions that arrived
-    /// meanwhile instead of one each: a wake-up costs the kernel's switch and this
-    /// process's code from cold caches. `None`: wait on the socket as usual;
+    /// Everything received is applied and the socket holds nothing more: while the
+    /// peer's transactions arrive faster than `bdr.stream_batch_wait` (socket waits in a
+    /// row each ended that soon, and batch waits since keep finding data;
+    /// [`bdr_core::pace`]), wait that long on the latch before reading again, so that one
+    /// wake-up applies the transactions that arrived meanwhile instead of one each: a
+    /// wake-up costs the kernel's switch and this process's code from cold caches. `None`: wait on the socket as usual;
     /// `Some(stop)`: waited (stop asked if true), read again. Not with parallel apply (its
     /// receiver polls its writers meanwhile), nor right after a transaction whose origin
     /// waits for it (`bdr.synchronous_commit_peers`: its sessions' next commits would wait
@@ -675,6 +675,12 @@ impl Stream {
         }
         if wait.is_zero() || matches!(self.sink, Sink::Many(_)) {
             return None;
+        }
+        // libpq's buffer is empty, not necessarily the socket: while a backlog streams
+        // in, the next batch is already there. Read it now.
+        if bgw::readable_now(self.conn.socket()) {
+            self.conn.consume_input().unwrap_or_else(|e| lib_err(e));
+            return Some(false);
         }
         self.batch_from = Some(self.received);
         if bgw::wait(None, wait) {
