@@ -424,6 +424,33 @@ fn a_million_row_transaction_replicates_in_bounded_memory() {
     );
 }
 
+/// Two nodes with `bdr.stream_batch_wait` at 100 ms and a table `seq` the plain role
+/// `app` may write.
+fn batch_wait_group(name: &str) -> Cluster {
+    let c = Cluster::builder()
+        .name(name)
+        .nodes(2)
+        .conf("bdr.stream_batch_wait", "'100ms'")
+        .start();
+    pg_test::bdr::form_group_with_app_table(&c);
+    c.node(0)
+        .execute("CREATE TABLE seq (id int8 PRIMARY KEY); GRANT ALL ON seq TO app");
+    wait_for_catchup(&c);
+    c
+}
+
+/// The processes of the stream from node1 to node2: node2's apply worker, node1's
+/// walsender.
+fn stream_pids(c: &Cluster) -> (i32, i32) {
+    let apply = c
+        .node(1)
+        .query_scalar("SELECT pid FROM bdr.apply_workers() WHERE peer = 'node1'");
+    let sender = c
+        .node(0)
+        .query_scalar("SELECT active_pid FROM pg_replication_slots WHERE slot_name LIKE '%node2'");
+    (apply, sender)
+}
+
 /// A process's voluntary context switches (its sleeps) so far, from `/proc`.
 fn sleeps(pid: i32) -> i64 {
     pg_test::sys::voluntary_switches(pid).expect("voluntary_ctxt_switches of a live process")
@@ -438,18 +465,9 @@ fn sleeps(pid: i32) -> i64 {
 /// the load a single transaction still arrives (both are back to waking on arrival).
 #[test]
 fn a_busy_stream_is_applied_in_batches() {
-    let c = Cluster::builder()
-        .name("batchwait")
-        .nodes(2)
-        .conf("bdr.stream_batch_wait", "'100ms'")
-        .start();
-    pg_test::bdr::form_group_with_app_table(&c);
+    let c = batch_wait_group("batchwait");
     let (a, b) = (c.node(0), c.node(1));
-    a.execute("CREATE TABLE seq (id int8 PRIMARY KEY); GRANT ALL ON seq TO app");
-    wait_for_catchup(&c);
-    let pid: i32 = b.query_scalar("SELECT pid FROM bdr.apply_workers() WHERE peer = 'node1'");
-    let sender: i32 =
-        a.query_scalar("SELECT active_pid FROM pg_replication_slots WHERE slot_name LIKE '%node2'");
+    let (pid, sender) = stream_pids(&c);
     let commits =
         || -> i64 { b.query_scalar("SELECT commits FROM bdr.apply_stats() WHERE peer = 'node1'") };
     let (sleeps0, sent0, commits0) = (sleeps(pid), sleeps(sender), commits());
@@ -508,15 +526,8 @@ fn a_busy_stream_is_applied_in_batches() {
 /// everything that arrived meanwhile (6 to 9 sleeps).
 #[test]
 fn a_backlog_is_read_without_batch_waits() {
-    let c = Cluster::builder()
-        .name("backlogwait")
-        .nodes(2)
-        .conf("bdr.stream_batch_wait", "'100ms'")
-        .start();
-    pg_test::bdr::form_group_with_app_table(&c);
+    let c = batch_wait_group("backlogwait");
     let (a, b) = (c.node(0), c.node(1));
-    a.execute("CREATE TABLE seq (id int8 PRIMARY KEY); GRANT ALL ON seq TO app");
-    wait_for_catchup(&c);
     b.execute("SELECT bdr.apply_pause()");
     wait_until("node2's apply paused", CATCHUP, || {
         b.query_scalar::<bool>("SELECT bool_and(state = 'paused') FROM bdr.apply_workers()")
@@ -525,9 +536,7 @@ fn a_backlog_is_read_without_batch_waits() {
     for i in 0..10_000i64 {
         app.execute("INSERT INTO seq VALUES ($1)", &[&i]).unwrap();
     }
-    let pid: i32 = b.query_scalar("SELECT pid FROM bdr.apply_workers() WHERE peer = 'node1'");
-    let sender: i32 =
-        a.query_scalar("SELECT active_pid FROM pg_replication_slots WHERE slot_name LIKE '%node2'");
+    let (pid, sender) = stream_pids(&c);
     let (sleeps0, sent0) = (sleeps(pid), sleeps(sender));
     b.execute("SELECT bdr.apply_resume()");
     wait_until("the backlog applied on node2", CATCHUP, || {

@@ -173,10 +173,16 @@ unsafe extern "C-unwind" fn utility_hook(
 /// hook or `standard_ExecutorStart` is the last call: this frame holds nothing, so an
 /// ERROR raised there passes over it as over a C hook's.
 unsafe extern "C-unwind" fn executor_start_hook(qd: *mut pg_sys::QueryDesc, eflags: i32) {
-    let may_refuse = POLICY.get().is_some_and(|p| (p.may_refuse_user_writes)());
+    // Nothing here can panic in a running server (the shared state it reads exists once
+    // the library is preloaded), and should it all the same, no unwinding reaches C: the
+    // guarded check runs instead.
+    let check = std::panic::catch_unwind(|| {
+        !applying() && POLICY.get().is_some_and(|p| (p.may_refuse_user_writes)())
+    })
+    .unwrap_or(true);
     // SAFETY: the query descriptor is valid for the call (forwarded as received).
     unsafe {
-        if may_refuse && !applying() {
+        if check {
             check_result_relations(qd);
         }
         match PREV_EXECUTOR_START {
@@ -189,6 +195,9 @@ unsafe extern "C-unwind" fn executor_start_hook(qd: *mut pg_sys::QueryDesc, efla
 /// Refuse the statement if one of the tables it writes is refused user writes now.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn check_result_relations(qd: *mut pg_sys::QueryDesc) {
+    if applying() {
+        return;
+    }
     // SAFETY: the query descriptor is valid for the call; its plan's range table and
     // result relation list are read only.
     unsafe {
