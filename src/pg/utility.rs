@@ -175,11 +175,10 @@ unsafe extern "C-unwind" fn utility_hook(
 unsafe extern "C-unwind" fn executor_start_hook(qd: *mut pg_sys::QueryDesc, eflags: i32) {
     // Nothing here can panic in a running server (the shared state it reads exists once
     // the library is preloaded), and should it all the same, no unwinding reaches C: the
-    // guarded check runs instead.
-    let check = std::panic::catch_unwind(|| {
-        !applying() && POLICY.get().is_some_and(|p| (p.may_refuse_user_writes)())
-    })
-    .unwrap_or(true);
+    // guarded check runs instead. Apply workers are let through there.
+    let check =
+        std::panic::catch_unwind(|| POLICY.get().is_some_and(|p| (p.may_refuse_user_writes)()))
+            .unwrap_or(true);
     // SAFETY: the query descriptor is valid for the call (forwarded as received).
     unsafe {
         if check {
@@ -192,7 +191,8 @@ unsafe extern "C-unwind" fn executor_start_hook(qd: *mut pg_sys::QueryDesc, efla
     }
 }
 
-/// Refuse the statement if one of the tables it writes is refused user writes now.
+/// Refuse the statement if one of the tables it writes is refused user writes now (never
+/// in an apply worker).
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn check_result_relations(qd: *mut pg_sys::QueryDesc) {
     if applying() {

@@ -657,11 +657,11 @@ impl Stream {
     /// row each ended that soon, and batch waits since keep finding data;
     /// [`bdr_core::pace`]), wait that long on the latch before reading again, so that one
     /// wake-up applies the transactions that arrived meanwhile instead of one each: a
-    /// wake-up costs the kernel's switch and this process's code from cold caches. `None`: wait on the socket as usual;
-    /// `Some(stop)`: waited (stop asked if true), read again. Not with parallel apply (its
-    /// receiver polls its writers meanwhile), nor right after a transaction whose origin
-    /// waits for it (`bdr.synchronous_commit_peers`: its sessions' next commits would wait
-    /// longer).
+    /// wake-up costs the kernel's switch and this process's code from cold caches.
+    /// `None`: wait on the socket as usual; `Some(stop)`: waited (stop asked if true),
+    /// read again. Not with parallel apply (its receiver polls its writers meanwhile), nor
+    /// right after a transaction whose origin waits for it (`bdr.synchronous_commit_peers`:
+    /// its sessions' next commits would wait longer).
     fn batch_wait(&mut self) -> Option<bool> {
         let wait = crate::gucs::stream_batch_wait();
         if let Some(from) = self.batch_from.take() {
