@@ -212,21 +212,35 @@ fn restart_under_callgrind(sys: System, node: &Node) -> PathBuf {
 /// per single-row INSERT transaction (workload 4b's statement, one pgbench client) on a
 /// lone node: a one-node bdr group (bdr's writer-side cost: ids, hooks, commit callbacks)
 /// or a node without bdr (`native`).
+///
+/// `BENCH_COUNT_PEERS=n`: the writer has `n` peers attached instead (workload 4b's
+/// set-up: a bdr group of 1 + n nodes, or native subscriptions on n nodes), which follow
+/// it live while it is counted; what a peer adds to the writer's own sessions.
 pub fn count_writer(sys: System) {
     let n = (20_000.0 * scale()) as i64;
-    let mut b = pg_test::Cluster::builder()
-        .name(&format!("count-writer-{}", sys.name()))
-        .nodes(1);
-    if sys != System::Bdr {
-        b = b.preload_bdr(false);
-    }
-    let c = b.start();
+    let peers: usize = std::env::var("BENCH_COUNT_PEERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let c = if peers > 0 {
+        setup(sys, 1 + peers)
+    } else {
+        let mut b = pg_test::Cluster::builder()
+            .name(&format!("count-writer-{}", sys.name()))
+            .nodes(1);
+        if sys != System::Bdr {
+            b = b.preload_bdr(false);
+        }
+        let c = b.start();
+        let a = c.node(0);
+        a.execute(crate::TABLES);
+        if sys == System::Bdr {
+            a.execute("CREATE EXTENSION bdr");
+            a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+        }
+        c
+    };
     let a = c.node(0);
-    a.execute(crate::TABLES);
-    if sys == System::Bdr {
-        a.execute("CREATE EXTENSION bdr");
-        a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
-    }
     let dir = restart_under_callgrind(sys, a);
     // A forked backend's counts start with what its postmaster had counted (callgrind's
     // counters are copied at fork): two runs of different lengths, each in a new
@@ -248,16 +262,21 @@ pub fn count_writer(sys: System) {
          callgrind: {per:.0} instructions per transaction (runs of {} and {n} transactions, \
          each in a new backend: {} and {} instructions){cycles}\n",
         sys.name(),
-        if sys == System::Bdr {
-            "a one-node bdr group"
-        } else {
-            "a node without bdr"
+        match (sys == System::Bdr, peers) {
+            (true, 0) => "a one-node bdr group".to_string(),
+            (false, 0) => "a node without bdr".to_string(),
+            (true, p) => format!("a bdr group with {p} peer(s) following"),
+            (false, p) => format!("native logical replication to {p} subscriber(s)"),
         },
         n / 4,
         ir(&short).unwrap_or(0),
         ir(&long).unwrap_or(0),
     );
-    publish(&format!("count-writer-{}.txt", sys.name()), &out);
+    let file = match peers {
+        0 => format!("count-writer-{}.txt", sys.name()),
+        p => format!("count-writer-{}-{p}peers.txt", sys.name()),
+    };
+    publish(&file, &out);
 }
 
 /// Run `n` single-row INSERT transactions from one pgbench client on `a` (under

@@ -712,9 +712,13 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
     // 4. Writer overhead with two peers attached: the INSERT + UPDATE script with 2
     // clients, and (4b) single-row INSERTs from 4 clients as fast as they can.
     if enabled("writer") {
-        eprintln!("== {}: 3 nodes (writer overhead)", sys.name());
-        let c = setup(sys, 3);
+        // BENCH_WRITER_PEERS=n: n peers instead of 2 (1: no mesh of walsenders on the
+        // peers, which a bidirectional group runs and a one-way subscription does not).
+        let peers = writer_peers();
+        eprintln!("== {}: {} nodes (writer overhead)", sys.name(), 1 + peers);
+        let c = setup(sys, 1 + peers);
         let a = c.node(0);
+        let nodes: Vec<&Node> = (0..=peers).map(|i| c.node(i)).collect();
         let t = pgbench(
             a,
             &["-c", "2", "-j", "2", "-T", &secs.to_string()],
@@ -723,45 +727,49 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
         put(
             rows,
             sys,
-            "4. writer TPS, 2 peers",
+            &format!("4. writer TPS, {peers} peer{}", plural(peers)),
             "TPS on the writer",
             true,
             tps(&t),
         );
         let n0: i64 = a.query_scalar("SELECT count(*) FROM small");
-        procs::settle(&[a, c.node(1), c.node(2)]);
-        let wal0: Vec<String> = (0..3)
-            .map(|i| c.node(i).query_scalar("SELECT pg_current_wal_lsn()::text"))
+        procs::settle(&nodes);
+        let wal0: Vec<String> = nodes
+            .iter()
+            .map(|n| n.query_scalar("SELECT pg_current_wal_lsn()::text"))
             .collect();
         // BENCH_PIN=1: A's server processes on CPU 0, the peers and pgbench on CPU 1
         // (the writer node as if on a machine of its own).
         let pinned = procs::pin_asked();
         if pinned {
             procs::pin(a, "0");
-            procs::pin(c.node(1), "1");
-            procs::pin(c.node(2), "1");
+            for p in &nodes[1..] {
+                procs::pin(p, "1");
+            }
             procs::pin_self(&procs::client_cpu());
             if let Some(n) = procs::peers_nice() {
-                procs::renice(c.node(1), n);
-                procs::renice(c.node(2), n);
+                for p in &nodes[1..] {
+                    procs::renice(p, n);
+                }
             }
         }
-        let s0 = procs::snapshot(&[a, c.node(1), c.node(2)]);
+        let s0 = procs::snapshot(&nodes);
         let t = pgbench(
             a,
             &["-c", "4", "-j", "2", "-T", &secs.to_string()],
             "INSERT INTO small (v) VALUES (1);\n",
         );
-        procs::settle(&[a, c.node(1), c.node(2)]);
-        let s1 = procs::snapshot(&[a, c.node(1), c.node(2)]);
+        procs::settle(&nodes);
+        let s1 = procs::snapshot(&nodes);
         if pinned {
             procs::pin_self("0,1");
-            for i in 0..3 {
-                procs::pin(c.node(i), "0,1");
+            for n in &nodes {
+                procs::pin(n, "0,1");
             }
             if procs::peers_nice().is_some() {
-                procs::renice(c.node(1), 0);
-                procs::renice(c.node(2), 0);
+                for p in &nodes[1..] {
+                    procs::renice(p, 0);
+                }
             }
         }
         let roles = procs::by_role(&s0, &s1);
@@ -772,13 +780,13 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
                 procs::by_process(&s0, &s1)
             );
         }
-        let w = writer_4b_label(pinned);
+        let w = writer_4b_label(pinned, peers);
         put(rows, sys, &w, "TPS on the writer", true, tps(&t));
         let n = a.query_scalar::<i64>("SELECT count(*) FROM small") - n0;
         // WAL written per writer transaction on each node (on B and C: what applying it
         // wrote, which their WAL writers flush and their walsenders read).
         for (i, start) in wal0.iter().enumerate() {
-            let bytes: f64 = c.node(i).query_scalar(&format!(
+            let bytes: f64 = nodes[i].query_scalar(&format!(
                 "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{start}')::float8"
             ));
             put(
@@ -793,7 +801,10 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
         put_roles(
             rows,
             sys,
-            "4b. writer, 4 clients INSERT, 2 peers (CPU µs/txn)",
+            &format!(
+                "4b. writer, 4 clients INSERT, {peers} peer{} (CPU µs/txn)",
+                plural(peers)
+            ),
             &roles,
             n,
         );
@@ -871,7 +882,7 @@ const WRITER_SCRIPT: &str =
 
 /// Workload 4b's row name: how its processes were placed (`BENCH_PIN`, `BENCH_PIN_CLIENT`,
 /// `BENCH_PEERS_NICE`).
-fn writer_4b_label(pinned: bool) -> String {
+fn writer_4b_label(pinned: bool, peers: usize) -> String {
     let place = if !pinned {
         String::new()
     } else {
@@ -884,7 +895,27 @@ fn writer_4b_label(pinned: bool) -> String {
         }
         p
     };
-    format!("4b. writer TPS, 2 peers{place} (4 clients, single-row INSERT)")
+    format!(
+        "4b. writer TPS, {peers} peer{}{place} (4 clients, single-row INSERT)",
+        plural(peers)
+    )
+}
+
+/// Workloads 4 and 4b's number of peers: `BENCH_WRITER_PEERS` (default 2).
+fn writer_peers() -> usize {
+    std::env::var("BENCH_WRITER_PEERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(2)
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
 }
 
 /// Writer TPS with no replication at all (the baseline of workloads 4 and 4b), and with
