@@ -732,86 +732,18 @@ fn run_system(sys: System, rows: &mut Vec<Row>) {
             true,
             tps(&t),
         );
-        let n0: i64 = a.query_scalar("SELECT count(*) FROM small");
-        procs::settle(&nodes);
-        let wal0: Vec<String> = nodes
-            .iter()
-            .map(|n| n.query_scalar("SELECT pg_current_wal_lsn()::text"))
-            .collect();
-        // BENCH_PIN=1: A's server processes on CPU 0, the peers and pgbench on CPU 1
-        // (the writer node as if on a machine of its own).
+        // BENCH_PIN=1: A's server processes on CPU 0, the peers on CPU 1, pgbench on the
+        // CPU(s) `BENCH_PIN_CLIENT` names (`both`: 4b twice, pgbench first beside the
+        // peers, then beside the writer).
         let pinned = procs::pin_asked();
-        if pinned {
-            procs::pin(a, "0");
-            for p in &nodes[1..] {
-                procs::pin(p, "1");
-            }
-            procs::pin_self(&procs::client_cpu());
-            if let Some(n) = procs::peers_nice() {
-                for p in &nodes[1..] {
-                    procs::renice(p, n);
-                }
-            }
+        let clients = if pinned {
+            procs::client_cpus()
+        } else {
+            vec![String::new()]
+        };
+        for client in &clients {
+            writer_4b(sys, rows, &nodes, pinned.then_some(client.as_str()), secs);
         }
-        let s0 = procs::snapshot(&nodes);
-        let t = pgbench(
-            a,
-            &["-c", "4", "-j", "2", "-T", &secs.to_string()],
-            "INSERT INTO small (v) VALUES (1);\n",
-        );
-        procs::settle(&nodes);
-        let s1 = procs::snapshot(&nodes);
-        if pinned {
-            procs::pin_self("0,1");
-            for n in &nodes {
-                procs::pin(n, "0,1");
-            }
-            if procs::peers_nice().is_some() {
-                for p in &nodes[1..] {
-                    procs::renice(p, 0);
-                }
-            }
-        }
-        let roles = procs::by_role(&s0, &s1);
-        if std::env::var("BENCH_PROCS").is_ok_and(|v| v == "1") {
-            eprintln!(
-                "   4b, CPU by process ({}):\n{}",
-                sys.name(),
-                procs::by_process(&s0, &s1)
-            );
-        }
-        let w = writer_4b_label(pinned, peers);
-        put(rows, sys, &w, "TPS on the writer", true, tps(&t));
-        let n = a.query_scalar::<i64>("SELECT count(*) FROM small") - n0;
-        // WAL written per writer transaction on each node (on B and C: what applying it
-        // wrote, which their WAL writers flush and their walsenders read).
-        for (i, start) in wal0.iter().enumerate() {
-            let bytes: f64 = nodes[i].query_scalar(&format!(
-                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{start}')::float8"
-            ));
-            put(
-                rows,
-                sys,
-                &w,
-                &format!("WAL bytes per txn on {}", (b'A' + i as u8) as char),
-                false,
-                bytes / n.max(1) as f64,
-            );
-        }
-        put_roles(
-            rows,
-            sys,
-            &format!(
-                "4b. writer, 4 clients INSERT, {peers} peer{} (CPU µs/txn)",
-                plural(peers)
-            ),
-            &roles,
-            n,
-        );
-        eprintln!(
-            "   writer: {:.0} TPS (4 clients, single-row INSERT)",
-            tps(&t)
-        );
     }
 
     // (a) Sustained load.
@@ -880,20 +812,110 @@ fn k_scaling(rows: &mut Vec<Row>, notes: &mut Vec<String>) {
 const WRITER_SCRIPT: &str =
     "INSERT INTO small (v) VALUES (1);\nUPDATE small SET v = v + 1 WHERE id = (SELECT max(id) FROM small);\n";
 
+/// Workload 4b on `nodes` (the writer first): 4 clients committing single-row INSERTs on
+/// the writer as fast as they can. `client`: with `BENCH_PIN=1`, the CPU pgbench runs on
+/// (A's server on CPU 0, the peers on CPU 1).
+fn writer_4b(sys: System, rows: &mut Vec<Row>, nodes: &[&Node], client: Option<&str>, secs: u64) {
+    let a = nodes[0];
+    let peers = nodes.len() - 1;
+    let n0: i64 = a.query_scalar("SELECT count(*) FROM small");
+    procs::settle(nodes);
+    let wal0: Vec<String> = nodes
+        .iter()
+        .map(|n| n.query_scalar("SELECT pg_current_wal_lsn()::text"))
+        .collect();
+    if let Some(cpu) = client {
+        procs::pin(a, "0");
+        for p in &nodes[1..] {
+            procs::pin(p, "1");
+        }
+        procs::pin_self(cpu);
+        if let Some(n) = procs::peers_nice() {
+            for p in &nodes[1..] {
+                procs::renice(p, n);
+            }
+        }
+    }
+    let s0 = procs::snapshot(nodes);
+    let t = pgbench(
+        a,
+        &["-c", "4", "-j", "2", "-T", &secs.to_string()],
+        "INSERT INTO small (v) VALUES (1);\n",
+    );
+    procs::settle(nodes);
+    let s1 = procs::snapshot(nodes);
+    if client.is_some() {
+        procs::pin_self("0,1");
+        for n in nodes {
+            procs::pin(n, "0,1");
+        }
+        if procs::peers_nice().is_some() {
+            for p in &nodes[1..] {
+                procs::renice(p, 0);
+            }
+        }
+    }
+    let roles = procs::by_role(&s0, &s1);
+    if std::env::var("BENCH_PROCS").is_ok_and(|v| v == "1") {
+        eprintln!(
+            "   4b, CPU by process ({}):\n{}",
+            sys.name(),
+            procs::by_process(&s0, &s1)
+        );
+    }
+    let w = writer_4b_label(client, peers);
+    put(rows, sys, &w, "TPS on the writer", true, tps(&t));
+    let n = a.query_scalar::<i64>("SELECT count(*) FROM small") - n0;
+    // WAL written per writer transaction on each node (on B and C: what applying it
+    // wrote, which their WAL writers flush and their walsenders read).
+    for (i, start) in wal0.iter().enumerate() {
+        let bytes: f64 = nodes[i].query_scalar(&format!(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{start}')::float8"
+        ));
+        put(
+            rows,
+            sys,
+            &w,
+            &format!("WAL bytes per txn on {}", (b'A' + i as u8) as char),
+            false,
+            bytes / n.max(1) as f64,
+        );
+    }
+    let place = match client {
+        Some("0") => ", pgbench beside the writer",
+        _ => "",
+    };
+    put_roles(
+        rows,
+        sys,
+        &format!(
+            "4b. writer, 4 clients INSERT, {peers} peer{}{place} (CPU µs/txn)",
+            plural(peers)
+        ),
+        &roles,
+        n,
+    );
+    eprintln!(
+        "   writer: {:.0} TPS (4 clients, single-row INSERT{place})",
+        tps(&t)
+    );
+}
+
 /// Workload 4b's row name: how its processes were placed (`BENCH_PIN`, `BENCH_PIN_CLIENT`,
 /// `BENCH_PEERS_NICE`).
-fn writer_4b_label(pinned: bool, peers: usize) -> String {
-    let place = if !pinned {
-        String::new()
-    } else {
-        let mut p = ", writer node on its own CPU".to_string();
-        if procs::client_cpu() == "0" {
-            p.push_str(", pgbench beside it");
+fn writer_4b_label(client: Option<&str>, peers: usize) -> String {
+    let place = match client {
+        None => String::new(),
+        Some(cpu) => {
+            let mut p = ", writer node on its own CPU".to_string();
+            if cpu == "0" {
+                p.push_str(", pgbench beside it");
+            }
+            if let Some(n) = procs::peers_nice() {
+                p.push_str(&format!(", peers at nice {n}"));
+            }
+            p
         }
-        if let Some(n) = procs::peers_nice() {
-            p.push_str(&format!(", peers at nice {n}"));
-        }
-        p
     };
     format!(
         "4b. writer TPS, {peers} peer{}{place} (4 clients, single-row INSERT)",
@@ -999,6 +1021,17 @@ fn bdr_alone(secs: u64, rows: &mut Vec<Row>) -> f64 {
     a.execute(TABLES);
     a.execute("CREATE EXTENSION bdr");
     a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+    // The same history as the plain node's before 4b (workload 4's script first): 4b
+    // then inserts into a table that already has pages and an index, on both nodes.
+    // Until session 20 the group's 4b ran on a fresh, empty table against the plain
+    // node's warmed one.
+    let t = tps(&pgbench(
+        a,
+        &["-c", "2", "-j", "2", "-T", &secs.to_string()],
+        WRITER_SCRIPT,
+    ));
+    eprintln!("   writer alone, workload 4's script: {t:.0} TPS in a one-node bdr group");
+    let n0: i64 = a.query_scalar("SELECT count(*) FROM small");
     procs::settle(&[a]);
     let s0 = procs::snapshot(&[a]);
     let t = tps(&pgbench(
@@ -1006,7 +1039,7 @@ fn bdr_alone(secs: u64, rows: &mut Vec<Row>) -> f64 {
         &["-c", "4", "-j", "2", "-T", &secs.to_string()],
         ALONE_INSERT,
     ));
-    let n: i64 = a.query_scalar("SELECT count(*) FROM small");
+    let n: i64 = a.query_scalar::<i64>("SELECT count(*) FROM small") - n0;
     procs::settle(&[a]);
     let roles = procs::by_role(&s0, &procs::snapshot(&[a]));
     put_roles(

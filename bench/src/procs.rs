@@ -155,9 +155,14 @@ pub fn pin_self(cpus: &str) {
 
 /// `BENCH_PIN_CLIENT=<cpu>` (with `BENCH_PIN=1`): the CPU pgbench runs on in workload 4b,
 /// "1" (with the peers) unless set; "0" puts the writer's clients beside the writer's
-/// server, so that the peers cannot take CPU from either.
-pub fn client_cpu() -> String {
-    std::env::var("BENCH_PIN_CLIENT").unwrap_or_else(|_| "1".into())
+/// server, so that the peers cannot take CPU from either; "both" runs 4b in each
+/// placement, "1" first.
+pub fn client_cpus() -> Vec<String> {
+    match std::env::var("BENCH_PIN_CLIENT").as_deref() {
+        Ok("both") => vec!["1".into(), "0".into()],
+        Ok(cpu) => vec![cpu.to_string()],
+        Err(_) => vec!["1".into()],
+    }
 }
 
 /// `BENCH_PEERS_NICE=<n>` (with `BENCH_PIN=1`): the nice value the peers' processes get
