@@ -218,28 +218,11 @@ fn restart_under_callgrind(sys: System, node: &Node) -> PathBuf {
 /// it live while it is counted; what a peer adds to the writer's own sessions.
 pub fn count_writer(sys: System) {
     let n = (20_000.0 * scale()) as i64;
-    let peers: usize = std::env::var("BENCH_COUNT_PEERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let c = if peers > 0 {
-        setup(sys, 1 + peers)
-    } else {
-        let mut b = pg_test::Cluster::builder()
-            .name(&format!("count-writer-{}", sys.name()))
-            .nodes(1);
-        if sys != System::Bdr {
-            b = b.preload_bdr(false);
-        }
-        let c = b.start();
-        let a = c.node(0);
-        a.execute(crate::TABLES);
-        if sys == System::Bdr {
-            a.execute("CREATE EXTENSION bdr");
-            a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
-        }
-        c
-    };
+    let (c, peers) = crate::profile::writer_cluster(
+        sys,
+        "BENCH_COUNT_PEERS",
+        &format!("count-writer-{}", sys.name()),
+    );
     let a = c.node(0);
     let dir = restart_under_callgrind(sys, a);
     // A forked backend's counts start with what its postmaster had counted (callgrind's

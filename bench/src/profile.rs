@@ -292,6 +292,36 @@ pub fn profile_big(sys: System) {
     publish(&format!("profile-big-{}.txt", sys.name()), &out);
 }
 
+/// The writer of the writer-side profiles and counts: with `n` peers when the environment
+/// variable `peers_var` says so (workload 4b's set-up: a bdr group of 1 + n nodes, or
+/// native subscriptions on n nodes), else a lone node (a one-node bdr group, or plain
+/// PostgreSQL for `native`). The writer is node 0. Returns the cluster and n.
+pub(crate) fn writer_cluster(
+    sys: System,
+    peers_var: &str,
+    name: &str,
+) -> (pg_test::Cluster, usize) {
+    let peers: usize = std::env::var(peers_var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if peers > 0 {
+        return (setup(sys, 1 + peers), peers);
+    }
+    let c = pg_test::Cluster::builder()
+        .name(name)
+        .nodes(1)
+        .preload_bdr(sys == System::Bdr)
+        .start();
+    let a = c.node(0);
+    a.execute(crate::TABLES);
+    if sys == System::Bdr {
+        a.execute("CREATE EXTENSION bdr");
+        a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
+    }
+    (c, 0)
+}
+
 /// `bdr-bench profile-writer [bdr|native]`: the writer backends of one node with no peers
 /// (a one-node bdr group, or plain PostgreSQL for `native`) while 4 pgbench clients commit
 /// single-row INSERTs as fast as they can (workload 4b's shape): what bdr adds to a
@@ -301,26 +331,7 @@ pub fn profile_big(sys: System) {
 /// writer's backends pay for them.
 pub fn profile_writer(sys: System) {
     let secs = ((20.0 * scale()) as u64).max(5);
-    let peers: usize = std::env::var("BENCH_PEERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let c = if peers > 0 {
-        setup(sys, 1 + peers)
-    } else {
-        let c = pg_test::Cluster::builder()
-            .name("bench-prof-writer")
-            .nodes(1)
-            .preload_bdr(sys == System::Bdr)
-            .start();
-        let a = c.node(0);
-        a.execute(crate::TABLES);
-        if sys == System::Bdr {
-            a.execute("CREATE EXTENSION bdr");
-            a.execute(&format!("SELECT bdr.group_create('node1', '{}')", a.dsn()));
-        }
-        c
-    };
+    let (c, peers) = writer_cluster(sys, "BENCH_PEERS", "bench-prof-writer");
     let a = c.node(0);
     let before: i64 = a.query_scalar("SELECT count(*) FROM small");
     let out = std::thread::scope(|s| {
