@@ -153,15 +153,14 @@ pub fn pin_self(cpus: &str) {
     );
 }
 
-/// `BENCH_PIN_CLIENT=<cpu>` (with `BENCH_PIN=1`): the CPU pgbench runs on in workload 4b,
-/// "1" (with the peers) unless set; "0" puts the writer's clients beside the writer's
-/// server, so that the peers cannot take CPU from either; "both" runs 4b in each
-/// placement, "1" first.
+/// `BENCH_PIN_CLIENT=<cpu>` (with `BENCH_PIN=1`): the CPU pgbench runs on in workload 4b:
+/// "1" with the peers, "0" beside the writer's server (the peers then cannot take CPU
+/// from the writer or its clients). Unset or "both": 4b runs in each placement, "1" first
+/// (the two give different answers on 2 cores: docs/benchmarks.md, session 20).
 pub fn client_cpus() -> Vec<String> {
     match std::env::var("BENCH_PIN_CLIENT").as_deref() {
-        Ok("both") => vec!["1".into(), "0".into()],
+        Ok("both") | Err(_) => vec!["1".into(), "0".into()],
         Ok(cpu) => vec![cpu.to_string()],
-        Err(_) => vec!["1".into()],
     }
 }
 
