@@ -464,6 +464,11 @@ fn put_roles(rows: &mut Vec<Row>, sys: System, workload: &str, roles: &[(String,
     }
 }
 
+/// A count from the environment (`var` unset or not a number: `None`).
+pub(crate) fn env_count(var: &str) -> Option<usize> {
+    std::env::var(var).ok()?.parse().ok()
+}
+
 pub(crate) fn scale() -> f64 {
     std::env::var("BENCH_SCALE")
         .ok()
@@ -863,7 +868,11 @@ fn writer_4b(sys: System, rows: &mut Vec<Row>, nodes: &[&Node], client: Option<&
             procs::by_process(&s0, &s1)
         );
     }
-    let w = writer_4b_label(client, peers);
+    let place = writer_4b_place(client);
+    let w = format!(
+        "4b. writer TPS, {peers} peer{}{place} (4 clients, single-row INSERT)",
+        plural(peers)
+    );
     put(rows, sys, &w, "TPS on the writer", true, tps(&t));
     let n = a.query_scalar::<i64>("SELECT count(*) FROM small") - n0;
     // WAL written per writer transaction on each node (on B and C: what applying it
@@ -881,10 +890,6 @@ fn writer_4b(sys: System, rows: &mut Vec<Row>, nodes: &[&Node], client: Option<&
             bytes / n.max(1) as f64,
         );
     }
-    let place = match client {
-        Some("0") => ", pgbench beside the writer",
-        _ => "",
-    };
     put_roles(
         rows,
         sys,
@@ -895,39 +900,28 @@ fn writer_4b(sys: System, rows: &mut Vec<Row>, nodes: &[&Node], client: Option<&
         &roles,
         n,
     );
-    eprintln!(
-        "   writer: {:.0} TPS (4 clients, single-row INSERT{place})",
-        tps(&t)
-    );
+    eprintln!("   writer: {:.0} TPS{place}", tps(&t));
 }
 
-/// Workload 4b's row name: how its processes were placed (`BENCH_PIN`, `BENCH_PIN_CLIENT`,
-/// `BENCH_PEERS_NICE`).
-fn writer_4b_label(client: Option<&str>, peers: usize) -> String {
-    let place = match client {
-        None => String::new(),
-        Some(cpu) => {
-            let mut p = ", writer node on its own CPU".to_string();
-            if cpu == "0" {
-                p.push_str(", pgbench beside it");
-            }
-            if let Some(n) = procs::peers_nice() {
-                p.push_str(&format!(", peers at nice {n}"));
-            }
-            p
-        }
+/// How workload 4b's processes were placed (`BENCH_PIN`, `BENCH_PIN_CLIENT`,
+/// `BENCH_PEERS_NICE`), for its rows' names; empty when not pinned.
+fn writer_4b_place(client: Option<&str>) -> String {
+    let Some(cpu) = client else {
+        return String::new();
     };
-    format!(
-        "4b. writer TPS, {peers} peer{}{place} (4 clients, single-row INSERT)",
-        plural(peers)
-    )
+    let mut p = ", writer node on its own CPU".to_string();
+    if cpu == "0" {
+        p.push_str(", pgbench beside it");
+    }
+    if let Some(n) = procs::peers_nice() {
+        p.push_str(&format!(", peers at nice {n}"));
+    }
+    p
 }
 
 /// Workloads 4 and 4b's number of peers: `BENCH_WRITER_PEERS` (default 2).
 fn writer_peers() -> usize {
-    std::env::var("BENCH_WRITER_PEERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
+    env_count("BENCH_WRITER_PEERS")
         .filter(|&n| n >= 1)
         .unwrap_or(2)
 }
@@ -1167,11 +1161,7 @@ fn main() {
         Some("mem") => return apply_memory(sys_arg()),
         _ => {}
     }
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
-        .max(1);
+    let runs = env_count("BENCH_RUNS").unwrap_or(1).max(1);
     let mut all_runs: Vec<Vec<Row>> = Vec::new();
     let mut notes = Vec::new();
     for run in 0..runs {

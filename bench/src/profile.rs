@@ -301,10 +301,7 @@ pub(crate) fn writer_cluster(
     peers_var: &str,
     name: &str,
 ) -> (pg_test::Cluster, usize) {
-    let peers: usize = std::env::var(peers_var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let peers = crate::env_count(peers_var).unwrap_or(0);
     if peers > 0 {
         return (setup(sys, 1 + peers), peers);
     }
@@ -437,11 +434,7 @@ pub fn profile_live(sys: System) {
 /// walsender's CPU counted as the postmaster's exited children's. Then `perf record` of
 /// the backend over 3 peeks of each plugin.
 pub fn profile_decode() {
-    let rounds: usize = std::env::var("BENCH_DECODE_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5)
-        .max(1);
+    let rounds = crate::env_count("BENCH_DECODE_ROUNDS").unwrap_or(5).max(1);
     let (c, mb) = crate::decode_setup();
     let a = c.node(0);
     // Nothing else may start and end processes while the walsender rounds count the
