@@ -71,7 +71,12 @@ pub const MESSAGE_PREFIX: &str = "bdr";
 /// synchronisation point). `pg_logical_emit_message` is granted to PUBLIC, so any role can
 /// write a message with any prefix: only transactional messages with one of these are
 /// ours ([`is_our_message`]).
-pub const MESSAGE_PREFIXES: &[&str] = &["bdr.sync", SYNC_COMMIT_PREFIX];
+pub const MESSAGE_PREFIXES: &[&str] = &[SYNC_PREFIX, SYNC_COMMIT_PREFIX];
+
+/// The marker of an empty transaction that only records progress: a join's
+/// synchronisation point, and a node's heartbeat (its peers' tombstone collection waits
+/// for a transaction from every peer).
+pub const SYNC_PREFIX: &str = "bdr.sync";
 
 /// The marker a synchronous commit (`bdr.synchronous_commit_peers`) puts in its
 /// transaction: the receiving apply worker flushes that commit and acknowledges it at once

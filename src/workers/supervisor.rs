@@ -25,23 +25,72 @@ const GC_INTERVAL: Duration = Duration::from_secs(10);
 /// Drop tombstones no change can still need: a delete older than the last transaction we
 /// applied from *every* peer. Each peer streams in commit order, so anything it committed
 /// before that point has already arrived here; anything later is newer than the tombstone
-/// and would win against it anyway.
-fn collect_tombstones(dboid: u32, peers: usize) {
+/// and would win against it anyway. A peer that writes nothing sends [`heartbeat`]s while
+/// it matters. Returns how many were removed.
+fn collect_tombstones(dboid: u32, peers: usize) -> i64 {
     let times: Vec<i64> = shmem::apply_slots(dboid)
         .into_iter()
         .map(|s| s.last_applied_commit_time)
         .collect();
     if times.len() < peers || times.contains(&0) {
-        return;
+        return 0;
     }
     let Some(before) = times.into_iter().min() else {
-        return;
+        return 0;
     };
     xact::begin();
     let n = crate::catalog::tombstones::collect_garbage(before);
     xact::commit();
     if n > 0 {
         pgrx::debug1!("bdr: removed {n} tombstones");
+    }
+    n
+}
+
+/// The content of a heartbeat's logical message (prefix `bdr.sync`, which every bdr
+/// version sends and applies as an empty transaction).
+const HEARTBEAT: &str = "heartbeat";
+
+/// What [`heartbeat`] remembers between rounds: the newest start time of a walsender of
+/// a bdr slot of this database when it last sent one.
+#[derive(Default)]
+struct Heartbeats {
+    newest_reader: Option<String>,
+}
+
+/// Commit an empty transaction that every peer streams and applies (a transactional
+/// logical message), so that a node that writes nothing still tells its peers it has
+/// nothing older to send: their tombstone collection waits for a transaction from every
+/// peer committed after the delete ([`collect_tombstones`]), and without this an idle
+/// member held every tombstone of the group for as long as it stayed idle.
+///
+/// Sent only when a peer may be waiting for it, so that an idle group writes no WAL:
+/// while this node has tombstones (a delete replicates to every member, so its peers
+/// have the same ones, and this node applied it before its heartbeat: its commit time is
+/// later), when this round's collection removed some (one more after the last), and when
+/// a peer's apply worker (re)connected since the last one (a restarted peer knows no
+/// commit time of ours until one arrives).
+fn heartbeat(state: &mut Heartbeats, removed: i64) {
+    xact::begin();
+    let found = Spi::get_two::<bool, String>(
+        "SELECT EXISTS (SELECT FROM bdr.tombstones), \
+                (SELECT max(a.backend_start)::text FROM pg_catalog.pg_replication_slots s \
+                   JOIN pg_catalog.pg_stat_activity a ON a.pid = s.active_pid \
+                  WHERE s.plugin = 'bdr' AND s.database = current_database())",
+    );
+    xact::commit();
+    let Ok((pending, newest)) = found else {
+        return;
+    };
+    let reconnected = newest.is_some() && newest != state.newest_reader;
+    let wanted = pending.unwrap_or(false) || removed > 0 || reconnected;
+    if wanted
+        && try_sql(
+            "SELECT pg_catalog.pg_logical_emit_message(true, $1, $2)",
+            &[bdr_core::wire::SYNC_PREFIX, HEARTBEAT],
+        )
+    {
+        state.newest_reader = newest;
     }
 }
 
@@ -232,6 +281,7 @@ fn stop_all(workers: &Workers) {
 fn supervise(dboid: u32, from_launcher: bool, workers: &Workers) {
     let started = Instant::now();
     let mut last_gc = Instant::now();
+    let mut heartbeats = Heartbeats::default();
     let mut no_slot_warned = false;
     let mut dead_joins: HashMap<String, Instant> = HashMap::new();
     let mut last_probe = Instant::now() - Duration::from_secs(10);
@@ -334,7 +384,14 @@ fn supervise(dboid: u32, from_launcher: bool, workers: &Workers) {
             last_probe = Instant::now();
         }
         if last_gc.elapsed() > GC_INTERVAL {
-            collect_tombstones(dboid, wanted.len());
+            let removed = collect_tombstones(dboid, wanted.len());
+            // Only a data node others apply from sends heartbeats.
+            let sends = all
+                .iter()
+                .any(|n| n.is_local && n.kind == NodeKind::Active && n.state == NodeState::Active);
+            if sends {
+                heartbeat(&mut heartbeats, removed);
+            }
             if has_local {
                 janitor(dboid, &all, &mut dead_joins);
             }
