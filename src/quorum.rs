@@ -38,6 +38,8 @@ pub fn evaluate(dboid: u32, all: &[nodes::Node]) {
     {
         let d = dsn::with_default(&n.dsn, "connect_timeout", "2");
         if let Ok(mut c) = Conn::connect(&d, "bdr_quorum_probe") {
+            // A link that hangs after connecting must not hold the supervisor.
+            c.set_timeout(Some(std::time::Duration::from_secs(2)));
             if c.exec("SELECT 1").is_ok() {
                 shmem::set_seen(dboid, &n.name, xact::now());
             }

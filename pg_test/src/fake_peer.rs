@@ -15,6 +15,9 @@
 //! sent as one XLogData message; afterwards the server sends a keepalive every 100 ms and
 //! records the flush positions the worker confirms, until the worker hangs up.
 //!
+//! [`FakePeer::silent`] instead answers nothing after the startup (a link that hangs
+//! once the connection is made), counting the connections that got that far.
+//!
 //! Invariants: it listens on 127.0.0.1 only; dropping it stops the listener and every
 //! connection thread within about 100 ms.
 
@@ -40,6 +43,8 @@ pub struct Seen {
     pub flushed: Vec<u64>,
     /// The `START_REPLICATION` commands, as sent.
     pub starts: Vec<String>,
+    /// Connections that completed the startup.
+    pub connections: usize,
 }
 
 pub struct FakePeer {
@@ -51,6 +56,15 @@ pub struct FakePeer {
 
 impl FakePeer {
     pub fn start(scripts: Vec<Script>) -> FakePeer {
+        Self::start_with(scripts, false)
+    }
+
+    /// A peer that completes every connection's startup and then answers nothing.
+    pub fn silent() -> FakePeer {
+        Self::start_with(vec![Script::default()], true)
+    }
+
+    fn start_with(scripts: Vec<Script>, silent: bool) -> FakePeer {
         assert!(!scripts.is_empty(), "a fake peer needs at least one script");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         listener
@@ -68,7 +82,7 @@ impl FakePeer {
                     Ok((sock, _)) => {
                         let (s, st, sc) = (s.clone(), st.clone(), scripts.clone());
                         conns.push(std::thread::spawn(move || {
-                            let _ = serve(sock, &s, &st, &sc);
+                            let _ = serve(sock, &s, &st, &sc, silent);
                         }));
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -204,6 +218,7 @@ fn serve(
     stop: &AtomicBool,
     seen: &Mutex<Seen>,
     scripts: &[Script],
+    silent: bool,
 ) -> std::io::Result<()> {
     sock.set_nonblocking(false)?;
     sock.set_read_timeout(Some(Duration::from_millis(100)))?;
@@ -245,6 +260,7 @@ fn serve(
     hello.extend(msg(b'K', &[0, 0, 0, 42, 0, 0, 0, 7]));
     hello.extend(msg(b'Z', b"I"));
     out.write_all(&hello)?;
+    seen.lock().unwrap().connections += 1;
     loop {
         if stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -254,6 +270,7 @@ fn serve(
         };
         match kind {
             b'X' => return Ok(()),
+            _ if silent => {}
             b'Q' => {
                 let q = String::from_utf8_lossy(&body)
                     .trim_end_matches('\0')

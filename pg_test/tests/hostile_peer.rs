@@ -556,3 +556,82 @@ fn a_peer_committing_again_what_was_applied_whole_is_refused() {
         n.forbidden_log_lines()
     );
 }
+
+/// A peer whose link hangs right after the connection is made (it completes the startup,
+/// then answers nothing, as a stalled proxy or firewall would): the apply worker gives up
+/// after `wal_receiver_timeout` with an error naming the peer and tries again, and a
+/// backend's `bdr.group_join` through it ends at its `statement_timeout`. Until session 21
+/// both waited inside libpq for ever (neither SIGTERM nor a cancel could end the wait).
+#[test]
+fn a_peer_that_answers_nothing_after_connecting_is_given_up() {
+    let c: Cluster = Cluster::builder()
+        .name("silent")
+        .nodes(2)
+        .conf("wal_receiver_timeout", "2s")
+        .conf("bdr.apply_retry_max_delay", "200ms")
+        .start();
+    let (n, fresh) = (c.node(0), c.node(1));
+    for x in [n, fresh] {
+        x.execute("CREATE EXTENSION bdr");
+    }
+    n.execute(&format!(
+        "SELECT bdr.group_create(local_node_name := '{}', node_external_dsn := '{}')",
+        n.name(),
+        n.dsn()
+    ));
+    let peer = FakePeer::silent();
+    let postmaster = n.postmaster_pid();
+    add_evil_peer(n, &peer);
+    wait_until(
+        "the apply worker to give up on the silent peer and connect again, twice",
+        Duration::from_secs(60),
+        || peer.seen().connections >= 3,
+    );
+    wait_until(
+        "the worker's last error to say why",
+        Duration::from_secs(30),
+        || {
+            n.query_scalar::<bool>(
+                "SELECT coalesce(bool_or(last_error LIKE '%no answer from%within 2000 ms%'), false) \
+                   FROM bdr.apply_workers() WHERE peer = 'evil'",
+            )
+        },
+    );
+    assert_eq!(
+        n.postmaster_pid(),
+        postmaster,
+        "the server must not have restarted"
+    );
+
+    // A backend: the join's first statement to its source gets no answer; the
+    // backend's statement_timeout ends the wait with its usual error.
+    let (dsn, join_from) = (fresh.dsn(), peer.dsn());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut client = fresh.connect();
+    std::thread::spawn(move || {
+        let r = client.batch_execute(&format!(
+            "SET statement_timeout = '3s';
+             SELECT bdr.group_join(local_node_name := 'fresh', node_external_dsn := '{dsn}', \
+                                   join_using_dsn := '{join_from}')"
+        ));
+        let _ = tx.send(r.map_err(|e| {
+            e.as_db_error().map_or(e.to_string(), |d| {
+                format!("{} {}", d.code().code(), d.message())
+            })
+        }));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("group_join through a silent source should end at its statement_timeout");
+    let err = r.expect_err("group_join through a silent source cannot succeed");
+    assert!(
+        err.starts_with("57014") && err.contains("statement timeout"),
+        "{err}"
+    );
+    assert!(
+        n.forbidden_log_lines().is_empty() && fresh.forbidden_log_lines().is_empty(),
+        "{:?} {:?}",
+        n.forbidden_log_lines(),
+        fresh.forbidden_log_lines()
+    );
+}

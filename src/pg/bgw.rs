@@ -102,7 +102,8 @@ pub fn readable_now(socket: i32) -> bool {
 }
 
 /// Wait until the latch is set, `socket` (if any) is readable, or `timeout` passes.
-/// Exits the process if the postmaster died. Returns true if SIGTERM was received.
+/// Exits the process if the postmaster died. Returns true if SIGTERM was received (a
+/// background worker; in a backend a cancel or termination raises its ERROR or FATAL).
 pub fn wait(socket: Option<i32>, timeout: Duration) -> bool {
     let ms = timeout.as_millis().min(i64::MAX as u128) as i64;
     match socket {
@@ -117,6 +118,12 @@ pub fn wait(socket: Option<i32>, timeout: Duration) -> bool {
         _ => sleep_on_latch(ms),
     }
     pgrx::check_for_interrupts!();
+    // pgrx's SIGHUP and SIGTERM flags exist only in a background worker (asked anywhere
+    // else, it raises an ERROR); a backend's signals arrive as interrupts, served above.
+    // SAFETY: a plain read of a process global.
+    if unsafe { pg_sys::MyBackendType } != pg_sys::BackendType::B_BG_WORKER {
+        return false;
+    }
     if BackgroundWorker::sighup_received() {
         // SAFETY: re-reading the configuration file is what SIGHUP asks for.
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };

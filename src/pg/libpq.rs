@@ -6,12 +6,22 @@
 //! runtime of its own, so waiting happens on our latch and socket (`WaitLatchOrSocket`) and
 //! SIGTERM or a config reload interrupt a wait at once.
 //!
+//! Statements are sent and their answers awaited the same way (`PQsendQuery`, then the
+//! socket and the latch), never with libpq's blocking calls: a peer whose link hangs after
+//! the connection was made (a stalled proxy or firewall; TCP alone notices only much
+//! later) cannot hold the process. A backend's wait ends with its cancel or
+//! `statement_timeout`; a background worker's also after [`Conn::timeout`] without an
+//! answer (`wal_receiver_timeout` by default, as PostgreSQL's own walreceiver), and at
+//! SIGTERM.
+//!
 //! Invariants: a [`Conn`] is closed (`PQfinish`) when dropped; every error message that
 //! may include the DSN is built from [`bdr_core::dsn::redact`]ed text.
 
 use bdr_core::dsn;
+use pgrx::pg_sys;
 use pq_sys as pq;
 use std::ffi::{c_char, c_int, CStr, CString};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LibpqError {
@@ -26,6 +36,10 @@ pub enum LibpqError {
     },
     #[error("connection to \"{dsn}\" lost: {message}")]
     Lost { dsn: String, message: String },
+    #[error("no answer from \"{dsn}\" within {ms} ms (the link may hang)")]
+    Timeout { dsn: String, ms: u128 },
+    #[error("stopped on request while waiting for \"{dsn}\"")]
+    Stopping { dsn: String },
 }
 
 /// A row of text values (NULL as None).
@@ -64,6 +78,22 @@ pub enum CopyData {
 pub struct Conn {
     raw: *mut pq::PGconn,
     safe_dsn: String,
+    /// Longest wait for an answer (a statement's result, the next COPY data of a blocking
+    /// read); `None`: no limit but the backend's own cancel and `statement_timeout`.
+    timeout: Option<Duration>,
+}
+
+/// The default [`Conn::timeout`]: `wal_receiver_timeout` in a background worker (0: none),
+/// none in a backend (its user can cancel, and has `statement_timeout`).
+fn default_timeout() -> Option<Duration> {
+    // SAFETY: plain reads of process globals.
+    let (worker, ms) = unsafe {
+        (
+            pg_sys::MyBackendType == pg_sys::BackendType::B_BG_WORKER,
+            pg_sys::wal_receiver_timeout,
+        )
+    };
+    (worker && ms > 0).then(|| Duration::from_millis(ms as u64))
 }
 
 fn cstr_lossy(p: *const c_char) -> String {
@@ -91,7 +121,11 @@ impl Conn {
         crate::pg::bgw::forget_socket_waits();
         // SAFETY: c is a valid C string; the result is checked and owned by Conn.
         let raw = unsafe { pq::PQconnectdb(c.as_ptr()) };
-        let conn = Conn { raw, safe_dsn };
+        let conn = Conn {
+            raw,
+            safe_dsn,
+            timeout: default_timeout(),
+        };
         // SAFETY: raw is a connection object (possibly failed), valid until PQfinish.
         if raw.is_null() || unsafe { pq::PQstatus(raw) } != pq::ConnStatusType::CONNECTION_OK {
             return Err(LibpqError::Connect {
@@ -104,6 +138,101 @@ impl Conn {
 
     pub fn safe_dsn(&self) -> &str {
         &self.safe_dsn
+    }
+
+    /// Wait at most `t` for each answer from now on (`None`: no limit; see the module note).
+    pub fn set_timeout(&mut self, t: Option<Duration>) {
+        self.timeout = t;
+    }
+
+    fn lost(&self) -> LibpqError {
+        LibpqError::Lost {
+            dsn: self.safe_dsn.clone(),
+            message: self.error_message(),
+        }
+    }
+
+    /// Wait until libpq holds the whole of what it is waiting for (`PQisBusy` false),
+    /// serving the latch and interrupts meanwhile (see the module note).
+    fn await_input(&mut self) -> Result<(), LibpqError> {
+        let deadline = self.timeout.map(|t| Instant::now() + t);
+        // SAFETY: connected.
+        while unsafe { pq::PQisBusy(self.raw) } != 0 {
+            self.wait_readable(deadline)?;
+        }
+        Ok(())
+    }
+
+    /// One wait for the socket to have input (or the deadline), then read what it has.
+    fn wait_readable(&mut self, deadline: Option<Instant>) -> Result<(), LibpqError> {
+        let left = match deadline {
+            Some(d) => {
+                let now = Instant::now();
+                if now >= d {
+                    return Err(LibpqError::Timeout {
+                        dsn: self.safe_dsn.clone(),
+                        ms: self.timeout.unwrap_or_default().as_millis(),
+                    });
+                }
+                d - now
+            }
+            // Woken by the socket or the latch anyway; interrupts are served on each turn.
+            None => Duration::from_secs(1),
+        };
+        if crate::pg::bgw::wait(Some(self.socket()), left) {
+            return Err(LibpqError::Stopping {
+                dsn: self.safe_dsn.clone(),
+            });
+        }
+        self.consume_input()
+    }
+
+    /// Send a statement with `send` (a `PQsend*` call) and wait for its results: the
+    /// first error, else the last result (as `PQexec` returns), or the COPY result that
+    /// starts a COPY. Never NULL.
+    fn run(
+        &mut self,
+        send: impl FnOnce(*mut pq::PGconn) -> c_int,
+    ) -> Result<*mut pq::PGresult, LibpqError> {
+        if send(self.raw) == 0 {
+            return Err(self.lost());
+        }
+        let mut kept: *mut pq::PGresult = std::ptr::null_mut();
+        // SAFETY: connected; every result is cleared once: `kept` is handed to the caller
+        // or cleared, any other at once.
+        unsafe {
+            loop {
+                if let Err(e) = self.await_input() {
+                    pq::PQclear(kept);
+                    return Err(e);
+                }
+                let r = pq::PQgetResult(self.raw);
+                if r.is_null() {
+                    break;
+                }
+                let status = pq::PQresultStatus(r);
+                let error = !kept.is_null()
+                    && pq::PQresultStatus(kept) == pq::ExecStatusType::PGRES_FATAL_ERROR;
+                if error {
+                    pq::PQclear(r);
+                    continue;
+                }
+                pq::PQclear(kept);
+                kept = r;
+                if matches!(
+                    status,
+                    pq::ExecStatusType::PGRES_COPY_BOTH
+                        | pq::ExecStatusType::PGRES_COPY_OUT
+                        | pq::ExecStatusType::PGRES_COPY_IN
+                ) {
+                    break;
+                }
+            }
+        }
+        if kept.is_null() {
+            return Err(self.lost());
+        }
+        Ok(kept)
     }
 
     fn error_message(&self) -> String {
@@ -147,8 +276,10 @@ impl Conn {
     /// Run one statement and return its rows (none for a command).
     pub fn exec(&mut self, sql: &str) -> Result<Vec<Row>, LibpqError> {
         let q = CString::new(sql).expect("SQL without NUL bytes");
-        // SAFETY: raw is connected; the result is consumed (and cleared) by `rows`.
-        unsafe { self.rows(pq::PQexec(self.raw, q.as_ptr())) }
+        // SAFETY: `q` outlives the call; the result is consumed (and cleared) by `rows`.
+        let res = self.run(|raw| unsafe { pq::PQsendQuery(raw, q.as_ptr()) })?;
+        // SAFETY: a result of this connection, not used afterwards.
+        unsafe { self.rows(res) }
     }
 
     /// Run one statement with text parameters `$1`, `$2`, ... and return its rows. Values
@@ -167,11 +298,11 @@ impl Conn {
                 hint: None,
             })?;
         let ptrs: Vec<*const c_char> = values.iter().map(|v| v.as_ptr()).collect();
-        // SAFETY: raw is connected; `ptrs` point into `values`, alive for the call; NULL
-        // types, lengths and formats mean text parameters whose types the server infers.
-        unsafe {
-            let res = pq::PQexecParams(
-                self.raw,
+        // SAFETY: `ptrs` point into `values`, alive for the call; NULL types, lengths and
+        // formats mean text parameters whose types the server infers.
+        let res = self.run(|raw| unsafe {
+            pq::PQsendQueryParams(
+                raw,
                 q.as_ptr(),
                 ptrs.len() as c_int,
                 std::ptr::null(),
@@ -179,9 +310,10 @@ impl Conn {
                 std::ptr::null(),
                 std::ptr::null(),
                 0,
-            );
-            self.rows(res)
-        }
+            )
+        })?;
+        // SAFETY: a result of this connection, not used afterwards.
+        unsafe { self.rows(res) }
     }
 
     /// Like [`Conn::query_value`], with parameters.
@@ -239,8 +371,9 @@ impl Conn {
     pub fn start_copy(&mut self, sql: &str) -> Result<(), LibpqError> {
         let q = CString::new(sql).expect("SQL without NUL bytes");
         // SAFETY: as in exec.
+        let res = self.run(|raw| unsafe { pq::PQsendQuery(raw, q.as_ptr()) })?;
+        // SAFETY: a result of this connection, cleared here.
         unsafe {
-            let res = pq::PQexec(self.raw, q.as_ptr());
             let ok = matches!(
                 pq::PQresultStatus(res),
                 pq::ExecStatusType::PGRES_COPY_BOTH
@@ -253,12 +386,24 @@ impl Conn {
         }
     }
 
-    /// One CopyData message, or WouldBlock (async) / Done (COPY finished).
+    /// One CopyData message, or WouldBlock (`nonblocking`, nothing there yet) / Done (COPY
+    /// finished). A blocking read waits as statements do (see the module note).
     pub fn get_copy_data(&mut self, nonblocking: bool) -> Result<CopyData, LibpqError> {
+        let deadline = self.timeout.map(|t| Instant::now() + t);
+        loop {
+            match self.copy_data()? {
+                CopyData::WouldBlock if !nonblocking => self.wait_readable(deadline)?,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// `PQgetCopyData` without blocking.
+    fn copy_data(&mut self) -> Result<CopyData, LibpqError> {
         let mut buf: *mut c_char = std::ptr::null_mut();
         // SAFETY: libpq allocates buf, which PqBuf owns and frees with PQfreemem.
         unsafe {
-            let n = pq::PQgetCopyData(self.raw, &mut buf, nonblocking as c_int);
+            let n = pq::PQgetCopyData(self.raw, &mut buf, 1);
             if n > 0 {
                 Ok(CopyData::Data(PqBuf {
                     ptr: buf,
@@ -268,12 +413,14 @@ impl Conn {
                 Ok(CopyData::WouldBlock)
             } else if n == -1 {
                 // COPY done: collect the final result.
+                self.await_input()?;
                 let res = pq::PQgetResult(self.raw);
                 let status = pq::PQresultStatus(res);
                 let err = (!matches!(status, pq::ExecStatusType::PGRES_COMMAND_OK))
                     .then(|| self.result_error(res));
                 pq::PQclear(res);
                 while {
+                    self.await_input()?;
                     let r = pq::PQgetResult(self.raw);
                     let more = !r.is_null();
                     pq::PQclear(r);
@@ -320,6 +467,7 @@ impl Conn {
             }
             let mut err = None;
             loop {
+                self.await_input()?;
                 let res = pq::PQgetResult(self.raw);
                 if res.is_null() {
                     break;
