@@ -78,6 +78,30 @@ pub const MESSAGE_PREFIXES: &[&str] = &[SYNC_PREFIX, SYNC_COMMIT_PREFIX];
 /// for a transaction from every peer).
 pub const SYNC_PREFIX: &str = "bdr.sync";
 
+/// A heartbeat's message content: `heartbeat <horizon>`, the sender's tombstone horizon
+/// (PostgreSQL-epoch µs; 0: not known) — before it, the sender has applied everything
+/// from every node it streams from, and so forwards nothing older afterwards.
+pub fn heartbeat_content(horizon: i64) -> String {
+    format!("heartbeat {horizon}")
+}
+
+/// The horizon a `bdr.sync` message carries, if it is a heartbeat (one from a version
+/// before horizons says `heartbeat` alone: 0).
+pub fn heartbeat_horizon(prefix: &str, content: &[u8]) -> Option<i64> {
+    if prefix != SYNC_PREFIX {
+        return None;
+    }
+    let text = std::str::from_utf8(content).ok()?;
+    let rest = text.strip_prefix("heartbeat")?;
+    if rest.is_empty() {
+        return Some(0);
+    }
+    rest.strip_prefix(' ')?
+        .parse::<i64>()
+        .ok()
+        .map(|h| h.max(0))
+}
+
 /// The marker a synchronous commit (`bdr.synchronous_commit_peers`) puts in its
 /// transaction: the receiving apply worker flushes that commit and acknowledges it at once
 /// instead of at its next periodic status update.
@@ -1464,6 +1488,20 @@ mod tests {
             "protocol version ranges do not overlap: this node speaks 1 to 4, the peer asked for 5 to 6"
         );
         assert!(negotiate_version(1, 0).is_err());
+    }
+
+    #[test]
+    fn heartbeats_carry_their_horizon() {
+        assert_eq!(
+            heartbeat_horizon(SYNC_PREFIX, heartbeat_content(42).as_bytes()),
+            Some(42)
+        );
+        assert_eq!(heartbeat_horizon(SYNC_PREFIX, b"heartbeat"), Some(0));
+        assert_eq!(heartbeat_horizon(SYNC_PREFIX, b"heartbeat -5"), Some(0));
+        assert_eq!(heartbeat_horizon(SYNC_PREFIX, b"join node2"), None);
+        assert_eq!(heartbeat_horizon(SYNC_PREFIX, b"heartbeatx"), None);
+        assert_eq!(heartbeat_horizon(SYNC_PREFIX, b"heartbeat x"), None);
+        assert_eq!(heartbeat_horizon(SYNC_COMMIT_PREFIX, b"heartbeat 1"), None);
     }
 
     #[test]

@@ -26,10 +26,15 @@ fn converged(c: &Cluster, rows: i64) {
 }
 
 fn hub_and_three_spokes() -> Cluster {
+    hub_and_spokes("hubspoke", &["hub", "spoke1", "spoke2", "spoke3"])
+}
+
+/// A group of `names[0]` as the hub and the others as its spokes.
+fn hub_and_spokes(name: &str, names: &[&str]) -> Cluster {
     let c = Cluster::builder()
-        .name("hubspoke")
-        .node_names(&["hub", "spoke1", "spoke2", "spoke3"])
-        .nodes(4)
+        .name(name)
+        .node_names(names)
+        .nodes(names.len())
         .conf("bdr.apply_retry_max_delay", "'2s'")
         .start();
     for n in c.nodes() {
@@ -272,4 +277,109 @@ fn a_spoke_joins_only_through_the_hub_and_a_mesh_node_cannot_join_a_hub_and_spok
     assert!(e.contains("cannot be a hub"), "{e}");
     // Refused joins changed nothing.
     assert_eq!(hub.query_scalar::<i64>("SELECT count(*) FROM bdr.nodes"), 2);
+}
+
+/// Tombstones `t` has on `n`.
+fn tombstones(n: &Node) -> i64 {
+    n.query_scalar("SELECT count(*) FROM bdr.tombstones WHERE relid = 't'::regclass")
+}
+
+/// A spoke keeps a tombstone until the hub has applied every other spoke past it, not only
+/// until a newer transaction of the hub's arrives. The hub forwards the other spokes'
+/// transactions in the order it applies them: here it holds both spokes' changes, spoke2
+/// updates a row, spoke1 deletes it later, the hub commits something newer of its own,
+/// then applies spoke2's UPDATE (the delete has not reached it: the UPDATE wins there) and
+/// forwards it to spoke1 after its own newer transaction. Until session 21 spoke1 had
+/// collected its tombstone on that newer transaction, so the forwarded UPDATE found no
+/// row and no tombstone and brought the row back on spoke1 alone (`update_missing`),
+/// while the delete then removed it on the hub and spoke2. The hub's heartbeats carry how
+/// far it has applied every spoke; once past, the tombstones go everywhere.
+#[test]
+fn a_spoke_keeps_a_tombstone_until_the_hub_has_every_spoke_past_it() {
+    let c = hub_and_spokes("hubtomb", &["hub", "spoke1", "spoke2"]);
+    let (hub, s1, s2) = (c.node(0), c.node(1), c.node(2));
+    s1.execute("CREATE TABLE t (id int PRIMARY KEY, v text, by_node text); GRANT ALL ON t TO app;");
+    for n in [hub, s2] {
+        wait_until("t everywhere", bdr::CATCHUP, || {
+            n.query_scalar::<bool>(
+                "SELECT to_regclass('public.t') IS NOT NULL \
+                 AND has_table_privilege('app', 'public.t', 'INSERT')",
+            )
+        });
+    }
+    let app = |n: &Node, sql: &str| n.connect_as("app").batch_execute(sql).unwrap();
+    app(hub, "INSERT INTO t VALUES (1, 'first', 'hub')");
+    converged(&c, 1);
+
+    let paused = |peer: &str, want: bool| {
+        wait_until(
+            &format!("the hub's apply from {peer} paused: {want}"),
+            bdr::CATCHUP,
+            || {
+                hub.query_scalar::<bool>(&format!(
+                    "SELECT coalesce(bool_and(state = 'paused'), false) \
+                       FROM bdr.apply_workers() WHERE peer = '{peer}'"
+                )) == want
+            },
+        )
+    };
+    hub.execute("SELECT bdr.apply_pause('spoke1'); SELECT bdr.apply_pause('spoke2')");
+    paused("spoke1", true);
+    paused("spoke2", true);
+    app(
+        s2,
+        "UPDATE t SET v = 'spoke2, older', by_node = 'spoke2' WHERE id = 1",
+    );
+    app(s1, "DELETE FROM t WHERE id = 1");
+    app(hub, "INSERT INTO t VALUES (2, 'hub, newer', 'hub')");
+    wait_until("spoke1 has the hub's newer row", bdr::CATCHUP, || {
+        s1.query_scalar::<i64>("SELECT count(*) FROM t WHERE id = 2") == 1
+    });
+    // Three of spoke1's collection rounds (every 10 s): the tombstone must stay.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(35);
+    while std::time::Instant::now() < until {
+        assert_eq!(
+            tombstones(s1),
+            1,
+            "spoke1 collected its tombstone while spoke2's older UPDATE was still held up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+
+    // The hub applies spoke2's UPDATE (it has not seen the delete) and forwards it.
+    hub.execute("SELECT bdr.apply_resume('spoke2')");
+    paused("spoke2", false);
+    wait_until("the hub applied spoke2's UPDATE", bdr::CATCHUP, || {
+        hub.query_scalar::<i64>("SELECT count(*) FROM t WHERE id = 1 AND by_node = 'spoke2'") == 1
+    });
+    let hub_lsn: String = hub.query_scalar("SELECT pg_current_wal_flush_lsn()::text");
+    wait_until(
+        "spoke1 applied the hub's stream past it",
+        bdr::CATCHUP,
+        || {
+            s1.query_scalar::<bool>(&format!(
+                "SELECT coalesce((SELECT applied_lsn::pg_lsn >= '{hub_lsn}'::pg_lsn \
+               FROM bdr.apply_workers() WHERE peer = 'hub'), false)"
+            ))
+        },
+    );
+    hub.execute("SELECT bdr.apply_resume('spoke1')");
+    paused("spoke1", false);
+    converged(&c, 1);
+    for n in c.nodes() {
+        assert_eq!(
+            n.query_scalar::<i64>("SELECT count(*) FROM t WHERE id = 1"),
+            0,
+            "the older UPDATE must not bring the deleted row back on {}",
+            n.name()
+        );
+    }
+    // Past it everywhere now: the hub's heartbeats let the spokes collect too.
+    for n in c.nodes() {
+        wait_until(
+            &format!("{}'s tombstones collected", n.name()),
+            std::time::Duration::from_secs(120),
+            || tombstones(n) == 0,
+        );
+    }
 }

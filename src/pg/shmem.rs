@@ -74,6 +74,10 @@ pub struct Slot {
     pub applied_lsn: u64,
     pub flushed_lsn: u64,
     pub last_applied_commit_time: i64,
+    /// The peer's own tombstone horizon, from its last heartbeat applied here in commit
+    /// order (0: none yet): how far it had applied every node it forwards from
+    /// (`workers::supervisor`, hub and spoke).
+    pub peer_horizon: i64,
     pub last_message_time: i64,
     pub started_at: i64,
     /// Conflicts resolved, per type (indexed like `Conflict::ALL`), since `stats.reset`.
@@ -171,6 +175,7 @@ impl Slot {
         applied_lsn: 0,
         flushed_lsn: 0,
         last_applied_commit_time: 0,
+        peer_horizon: 0,
         last_message_time: 0,
         started_at: 0,
         conflicts: [0; 9],

@@ -115,6 +115,9 @@ struct Stream {
     last_reported: (u64, u64),
     /// A transaction's first frame read while paused, applied first on resume.
     held: Option<Message>,
+    /// The horizon of a heartbeat in the transaction being read (see
+    /// [`Stream::note_heartbeat`]).
+    heartbeat: Option<i64>,
     /// The peer's DSN, for the position probe while paused.
     peer_dsn: String,
     probe: Option<(Conn, Instant)>,
@@ -306,6 +309,24 @@ impl Stream {
         (start, msg)
     }
 
+    /// A heartbeat's horizon counts once its transaction is applied here
+    /// ([`progress::heartbeat_received`]): noted at its message, queued at its COMMIT.
+    fn note_heartbeat(&mut self, msg: &Message) {
+        match msg {
+            Message::Message(m) => {
+                if let Some(h) = wire::heartbeat_horizon(&m.prefix, &m.content) {
+                    self.heartbeat = Some(h);
+                }
+            }
+            Message::Commit(c) => {
+                if let Some(h) = self.heartbeat.take() {
+                    progress::heartbeat_received(c.end_lsn, h);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Wait for the socket (or `timeout`); true on SIGTERM.
     #[inline(never)]
     fn wait(&mut self, timeout: Duration) -> bool {
@@ -378,6 +399,7 @@ impl Stream {
         if skip_foreign_message(self.slot, &self.peer, &msg, self.sink.in_transaction()) {
             return false;
         }
+        self.note_heartbeat(&msg);
         let committed = match &msg {
             Message::Commit(_) => self.cur_xid.take(),
             _ => None,
@@ -536,6 +558,7 @@ pub fn run(slot: usize, dboid: u32, local_node: &Node, peer_node: &Node) {
         batch_from: None,
         last_reported: (0, 0),
         held: None,
+        heartbeat: None,
         peer_dsn: peer_dsn.to_string(),
         probe: None,
         peer_lsn: 0,

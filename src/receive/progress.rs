@@ -15,6 +15,30 @@ use std::time::Duration;
 thread_local! {
     /// Progress of committed transactions not yet published to shared memory.
     static UNPUBLISHED: std::cell::RefCell<Option<Progress>> = const { std::cell::RefCell::new(None) };
+    /// Heartbeats received and not yet committed here: (their transaction's end LSN, the
+    /// horizon they carry), in stream order.
+    static HEARTBEATS: std::cell::RefCell<std::collections::VecDeque<(u64, i64)>> =
+        const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
+}
+
+/// The transaction ending at `end_lsn` carries a heartbeat with `horizon`: it counts
+/// (`shmem::Slot::peer_horizon`) once everything up to it is applied here, in commit
+/// order, with one writer or several.
+pub(super) fn heartbeat_received(end_lsn: u64, horizon: i64) {
+    HEARTBEATS.with(|h| h.borrow_mut().push_back((end_lsn, horizon)));
+}
+
+/// The greatest horizon of the heartbeats applied up to `applied` (0: none), taken.
+fn heartbeats_applied(applied: u64) -> i64 {
+    HEARTBEATS.with(|h| {
+        let mut h = h.borrow_mut();
+        let mut best = 0;
+        while h.front().is_some_and(|&(lsn, _)| lsn <= applied) {
+            let (_, horizon) = h.pop_front().expect("checked");
+            best = best.max(horizon);
+        }
+        best
+    })
 }
 
 /// How often at most the progress of committed transactions is published to shared
@@ -32,6 +56,8 @@ struct Progress {
     /// Last applied commit time (0: none).
     commit_time: i64,
     peer_lsn: u64,
+    /// The greatest horizon of the peer's heartbeats applied (0: none).
+    horizon: i64,
 }
 
 /// Publish the progress of committed transactions not published yet (see
@@ -60,6 +86,7 @@ pub(super) fn publish_progress(slot: usize) {
         if p.commit_time != 0 {
             s.last_applied_commit_time = p.commit_time;
         }
+        s.peer_horizon = s.peer_horizon.max(p.horizon);
         // The most ahead seen in the last 10 minutes: while this node holds the
         // peer's transactions for its clock (`clock_wait`), the ones queued behind
         // arrive late and look less ahead than they are.
@@ -95,6 +122,7 @@ pub(super) fn note_commit(
             applied: 0,
             commit_time: 0,
             peer_lsn: 0,
+            horizon: 0,
         });
         p.counts.add(counts);
         for (total, new) in p.conflicts.iter_mut().zip(conflicts) {
@@ -106,5 +134,6 @@ pub(super) fn note_commit(
             p.commit_time = commit_time;
         }
         p.peer_lsn = p.peer_lsn.max(peer_lsn);
+        p.horizon = p.horizon.max(heartbeats_applied(applied));
     });
 }

@@ -26,30 +26,42 @@ const GC_INTERVAL: Duration = Duration::from_secs(10);
 /// applied from *every* peer. Each peer streams in commit order, so anything it committed
 /// before that point has already arrived here; anything later is newer than the tombstone
 /// and would win against it anyway. A peer that writes nothing sends [`heartbeat`]s while
-/// it matters. Returns how many were removed.
-fn collect_tombstones(dboid: u32, peers: usize) -> i64 {
-    let times: Vec<i64> = shmem::apply_slots(dboid)
-        .into_iter()
-        .map(|s| s.last_applied_commit_time)
-        .collect();
-    if times.len() < peers || times.contains(&0) {
-        return 0;
+/// it matters.
+///
+/// A hub's stream to its spoke also carries the other spokes' transactions, forwarded
+/// later, in the order the hub applied them: one older than the hub's last transaction
+/// may still come. From the hub, the horizon is therefore also at most the horizon of its
+/// last heartbeat applied here (`Slot::peer_horizon`: how far the hub had applied every
+/// node it streams from; none yet: nothing is collected).
+///
+/// Returns how many were removed, and the horizon (0: not known), which this node's own
+/// heartbeats carry.
+fn collect_tombstones(dboid: u32, peers: &[nodes::Node], hub: Option<&str>) -> (i64, i64) {
+    let slots = shmem::apply_slots(dboid);
+    let mut times = Vec::with_capacity(peers.len());
+    for p in peers {
+        let Some(s) = slots.iter().find(|s| s.peer() == p.name) else {
+            return (0, 0);
+        };
+        let t = if hub == Some(p.name.as_str()) {
+            s.last_applied_commit_time.min(s.peer_horizon)
+        } else {
+            s.last_applied_commit_time
+        };
+        times.push(t);
     }
-    let Some(before) = times.into_iter().min() else {
-        return 0;
-    };
+    let before = times.into_iter().min().unwrap_or(0);
+    if before <= 0 {
+        return (0, 0);
+    }
     xact::begin();
     let n = crate::catalog::tombstones::collect_garbage(before);
     xact::commit();
     if n > 0 {
         pgrx::debug1!("bdr: removed {n} tombstones");
     }
-    n
+    (n, before)
 }
-
-/// The content of a heartbeat's logical message (prefix `bdr.sync`, which every bdr
-/// version sends and applies as an empty transaction).
-const HEARTBEAT: &str = "heartbeat";
 
 /// What [`heartbeat`] remembers between rounds: the newest start time of a walsender of
 /// a bdr slot of this database when it last sent one.
@@ -69,8 +81,9 @@ struct Heartbeats {
 /// have the same ones, and this node applied it before its heartbeat: its commit time is
 /// later), when this round's collection removed some (one more after the last), and when
 /// a peer's apply worker (re)connected since the last one (a restarted peer knows no
-/// commit time of ours until one arrives).
-fn heartbeat(state: &mut Heartbeats, removed: i64) {
+/// commit time of ours until one arrives). It carries this node's tombstone `horizon`
+/// (see [`collect_tombstones`]: what a hub's spokes need).
+fn heartbeat(state: &mut Heartbeats, removed: i64, horizon: i64) {
     xact::begin();
     let found = Spi::get_two::<bool, String>(
         "SELECT EXISTS (SELECT FROM bdr.tombstones), \
@@ -87,7 +100,10 @@ fn heartbeat(state: &mut Heartbeats, removed: i64) {
     if wanted
         && try_sql(
             "SELECT pg_catalog.pg_logical_emit_message(true, $1, $2)",
-            &[bdr_core::wire::SYNC_PREFIX, HEARTBEAT],
+            &[
+                bdr_core::wire::SYNC_PREFIX,
+                &bdr_core::wire::heartbeat_content(horizon),
+            ],
         )
     {
         state.newest_reader = newest;
@@ -384,13 +400,17 @@ fn supervise(dboid: u32, from_launcher: bool, workers: &Workers) {
             last_probe = Instant::now();
         }
         if last_gc.elapsed() > GC_INTERVAL {
-            let removed = collect_tombstones(dboid, wanted.len());
+            let hub = all
+                .iter()
+                .find(|n| n.is_local)
+                .and_then(|n| n.hub.as_deref());
+            let (removed, horizon) = collect_tombstones(dboid, &wanted, hub);
             // Only a data node others apply from sends heartbeats.
             let sends = all
                 .iter()
                 .any(|n| n.is_local && n.kind == NodeKind::Active && n.state == NodeState::Active);
             if sends {
-                heartbeat(&mut heartbeats, removed);
+                heartbeat(&mut heartbeats, removed, horizon);
             }
             if has_local {
                 janitor(dboid, &all, &mut dead_joins);
