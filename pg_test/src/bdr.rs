@@ -189,6 +189,13 @@ pub fn assert_same_everywhere(c: &Cluster, table: &str) -> String {
     digests[0].1.clone()
 }
 
+/// How many tombstones `table` has on `n`.
+pub fn tombstones(n: &Node, table: &str) -> i64 {
+    n.query_scalar(&format!(
+        "SELECT count(*) FROM bdr.tombstones WHERE relid = '{table}'::regclass"
+    ))
+}
+
 /// Rows of bdr.conflict_history on `n` as (type, resolution, relation).
 pub fn conflicts(n: &Node) -> Vec<(String, String, String)> {
     n.connect()

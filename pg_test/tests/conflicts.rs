@@ -1,7 +1,9 @@
 //! Conflicts (issue: last-update-wins that converges). Races are built deterministically:
 //! apply is paused on every node, the competing writes are made, apply resumes.
 
-use pg_test::bdr::{apply_errors, assert_same_everywhere, form_group, wait_for_catchup, CATCHUP};
+use pg_test::bdr::{
+    self, apply_errors, assert_same_everywhere, form_group, wait_for_catchup, CATCHUP,
+};
 use pg_test::{wait_until, Cluster, Node, Rng};
 use std::time::Duration;
 
@@ -1024,7 +1026,7 @@ fn a_row_taking_a_unique_value_inserted_meanwhile_converges() {
 
 /// Tombstones `t` has on `n`.
 fn tombstones(n: &Node) -> i64 {
-    n.query_scalar("SELECT count(*) FROM bdr.tombstones WHERE relid = 't'::regclass")
+    bdr::tombstones(n, "t")
 }
 
 /// Tombstones are removed once every peer has sent a transaction committed after them,

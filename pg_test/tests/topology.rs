@@ -281,7 +281,7 @@ fn a_spoke_joins_only_through_the_hub_and_a_mesh_node_cannot_join_a_hub_and_spok
 
 /// Tombstones `t` has on `n`.
 fn tombstones(n: &Node) -> i64 {
-    n.query_scalar("SELECT count(*) FROM bdr.tombstones WHERE relid = 't'::regclass")
+    bdr::tombstones(n, "t")
 }
 
 /// A spoke keeps a tombstone until the hub has applied every other spoke past it, not only
