@@ -25,6 +25,20 @@ fn converged(c: &Cluster, rows: i64) {
     );
 }
 
+/// Wait until `n`'s apply from `peer` is paused (`want`) or not.
+fn wait_paused(n: &Node, peer: &str, want: bool) {
+    wait_until(
+        &format!("{}'s apply from {peer} paused: {want}", n.name()),
+        bdr::CATCHUP,
+        || {
+            n.query_scalar::<bool>(&format!(
+                "SELECT coalesce(bool_and(state = 'paused'), false) \
+                   FROM bdr.apply_workers() WHERE peer = '{peer}'"
+            )) == want
+        },
+    );
+}
+
 fn hub_and_three_spokes() -> Cluster {
     hub_and_spokes("hubspoke", &["hub", "spoke1", "spoke2", "spoke3"])
 }
@@ -115,16 +129,8 @@ fn spokes_see_each_other_through_the_hub_converge_on_conflicts_and_survive_a_hub
     // them paused), spoke1 updates first, spoke2 later; then the hub resumes. Every node
     // ends with spoke2's value, and the hub records the conflict.
     hub.execute("SELECT bdr.apply_pause('spoke1'); SELECT bdr.apply_pause('spoke2')");
-    wait_until(
-        "the hub's apply from both spokes paused",
-        bdr::CATCHUP,
-        || {
-            hub.query_scalar::<i64>(
-                "SELECT count(*) FROM bdr.apply_workers() \
-             WHERE peer IN ('spoke1', 'spoke2') AND state = 'paused'",
-            ) == 2
-        },
-    );
+    wait_paused(hub, "spoke1", true);
+    wait_paused(hub, "spoke2", true);
     s1.connect_as("app")
         .execute(
             "UPDATE t SET v = 'spoke1 wrote', by_node = 'spoke1' WHERE id = 3",
@@ -311,21 +317,9 @@ fn a_spoke_keeps_a_tombstone_until_the_hub_has_every_spoke_past_it() {
     app(hub, "INSERT INTO t VALUES (1, 'first', 'hub')");
     converged(&c, 1);
 
-    let paused = |peer: &str, want: bool| {
-        wait_until(
-            &format!("the hub's apply from {peer} paused: {want}"),
-            bdr::CATCHUP,
-            || {
-                hub.query_scalar::<bool>(&format!(
-                    "SELECT coalesce(bool_and(state = 'paused'), false) \
-                       FROM bdr.apply_workers() WHERE peer = '{peer}'"
-                )) == want
-            },
-        )
-    };
     hub.execute("SELECT bdr.apply_pause('spoke1'); SELECT bdr.apply_pause('spoke2')");
-    paused("spoke1", true);
-    paused("spoke2", true);
+    wait_paused(hub, "spoke1", true);
+    wait_paused(hub, "spoke2", true);
     app(
         s2,
         "UPDATE t SET v = 'spoke2, older', by_node = 'spoke2' WHERE id = 1",
@@ -348,7 +342,7 @@ fn a_spoke_keeps_a_tombstone_until_the_hub_has_every_spoke_past_it() {
 
     // The hub applies spoke2's UPDATE (it has not seen the delete) and forwards it.
     hub.execute("SELECT bdr.apply_resume('spoke2')");
-    paused("spoke2", false);
+    wait_paused(hub, "spoke2", false);
     wait_until("the hub applied spoke2's UPDATE", bdr::CATCHUP, || {
         hub.query_scalar::<i64>("SELECT count(*) FROM t WHERE id = 1 AND by_node = 'spoke2'") == 1
     });
@@ -364,7 +358,7 @@ fn a_spoke_keeps_a_tombstone_until_the_hub_has_every_spoke_past_it() {
         },
     );
     hub.execute("SELECT bdr.apply_resume('spoke1')");
-    paused("spoke1", false);
+    wait_paused(hub, "spoke1", false);
     converged(&c, 1);
     for n in c.nodes() {
         assert_eq!(

@@ -101,6 +101,13 @@ pub fn readable_now(socket: i32) -> bool {
     n > 0 && fds.revents & libc::POLLIN != 0
 }
 
+/// Whether this process is a background worker (not a client's backend): only there
+/// do pgrx's SIGHUP and SIGTERM flags exist (asked anywhere else, pgrx raises an ERROR).
+pub fn in_background_worker() -> bool {
+    // SAFETY: a plain read of a process global.
+    unsafe { pg_sys::MyBackendType == pg_sys::BackendType::B_BG_WORKER }
+}
+
 /// Wait until the latch is set, `socket` (if any) is readable, or `timeout` passes.
 /// Exits the process if the postmaster died. Returns true if SIGTERM was received (a
 /// background worker; in a backend a cancel or termination raises its ERROR or FATAL).
@@ -118,10 +125,8 @@ pub fn wait(socket: Option<i32>, timeout: Duration) -> bool {
         _ => sleep_on_latch(ms),
     }
     pgrx::check_for_interrupts!();
-    // pgrx's SIGHUP and SIGTERM flags exist only in a background worker (asked anywhere
-    // else, it raises an ERROR); a backend's signals arrive as interrupts, served above.
-    // SAFETY: a plain read of a process global.
-    if unsafe { pg_sys::MyBackendType } != pg_sys::BackendType::B_BG_WORKER {
+    // A backend's signals arrive as interrupts, served above.
+    if !in_background_worker() {
         return false;
     }
     if BackgroundWorker::sighup_received() {

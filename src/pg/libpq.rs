@@ -86,14 +86,9 @@ pub struct Conn {
 /// The default [`Conn::timeout`]: `wal_receiver_timeout` in a background worker (0: none),
 /// none in a backend (its user can cancel, and has `statement_timeout`).
 fn default_timeout() -> Option<Duration> {
-    // SAFETY: plain reads of process globals.
-    let (worker, ms) = unsafe {
-        (
-            pg_sys::MyBackendType == pg_sys::BackendType::B_BG_WORKER,
-            pg_sys::wal_receiver_timeout,
-        )
-    };
-    (worker && ms > 0).then(|| Duration::from_millis(ms as u64))
+    // SAFETY: a plain read of a setting's global.
+    let ms = unsafe { pg_sys::wal_receiver_timeout };
+    (crate::pg::bgw::in_background_worker() && ms > 0).then(|| Duration::from_millis(ms as u64))
 }
 
 fn cstr_lossy(p: *const c_char) -> String {

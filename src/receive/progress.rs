@@ -12,33 +12,31 @@ use super::CLOCK_AHEAD;
 use crate::pg::{shmem, xact};
 use std::time::Duration;
 
-thread_local! {
+/// What this process has not published yet. One thread-local for both parts: every
+/// commit reaches it once (`note_commit`), and a second one per commit was a second
+/// `__tls_get_addr` call on the apply path for heartbeats that come every 10 s.
+struct Unpublished {
     /// Progress of committed transactions not yet published to shared memory.
-    static UNPUBLISHED: std::cell::RefCell<Option<Progress>> = const { std::cell::RefCell::new(None) };
+    progress: Option<Progress>,
     /// Heartbeats received and not yet committed here: (their transaction's end LSN, the
     /// horizon they carry), in stream order.
-    static HEARTBEATS: std::cell::RefCell<std::collections::VecDeque<(u64, i64)>> =
-        const { std::cell::RefCell::new(std::collections::VecDeque::new()) };
+    heartbeats: std::collections::VecDeque<(u64, i64)>,
+}
+
+thread_local! {
+    static UNPUBLISHED: std::cell::RefCell<Unpublished> = const {
+        std::cell::RefCell::new(Unpublished {
+            progress: None,
+            heartbeats: std::collections::VecDeque::new(),
+        })
+    };
 }
 
 /// The transaction ending at `end_lsn` carries a heartbeat with `horizon`: it counts
 /// (`shmem::Slot::peer_horizon`) once everything up to it is applied here, in commit
 /// order, with one writer or several.
 pub(super) fn heartbeat_received(end_lsn: u64, horizon: i64) {
-    HEARTBEATS.with(|h| h.borrow_mut().push_back((end_lsn, horizon)));
-}
-
-/// The greatest horizon of the heartbeats applied up to `applied` (0: none), taken.
-fn heartbeats_applied(applied: u64) -> i64 {
-    HEARTBEATS.with(|h| {
-        let mut h = h.borrow_mut();
-        let mut best = 0;
-        while h.front().is_some_and(|&(lsn, _)| lsn <= applied) {
-            let (_, horizon) = h.pop_front().expect("checked");
-            best = best.max(horizon);
-        }
-        best
-    })
+    UNPUBLISHED.with(|u| u.borrow_mut().heartbeats.push_back((end_lsn, horizon)));
 }
 
 /// How often at most the progress of committed transactions is published to shared
@@ -63,7 +61,7 @@ struct Progress {
 /// Publish the progress of committed transactions not published yet (see
 /// [`PUBLISH_EVERY`]).
 pub(super) fn publish_progress(slot: usize) {
-    let Some(p) = UNPUBLISHED.with(|u| u.borrow_mut().take()) else {
+    let Some(p) = UNPUBLISHED.with(|u| u.borrow_mut().progress.take()) else {
         return;
     };
     let now = xact::now();
@@ -114,8 +112,8 @@ pub(super) fn note_commit(
     peer_lsn: u64,
 ) {
     UNPUBLISHED.with(|u| {
-        let mut u = u.borrow_mut();
-        let p = u.get_or_insert_with(|| Progress {
+        let u = &mut *u.borrow_mut();
+        let p = u.progress.get_or_insert_with(|| Progress {
             counts: shmem::Stats::default(),
             conflicts: [0; 9],
             received: 0,
@@ -134,6 +132,13 @@ pub(super) fn note_commit(
             p.commit_time = commit_time;
         }
         p.peer_lsn = p.peer_lsn.max(peer_lsn);
-        p.horizon = p.horizon.max(heartbeats_applied(applied));
+        // The heartbeats applied up to `applied`, taken: the greatest horizon counts.
+        while let Some(&(lsn, horizon)) = u.heartbeats.front() {
+            if lsn > applied {
+                break;
+            }
+            u.heartbeats.pop_front();
+            p.horizon = p.horizon.max(horizon);
+        }
     });
 }

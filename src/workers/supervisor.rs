@@ -38,20 +38,17 @@ const GC_INTERVAL: Duration = Duration::from_secs(10);
 /// heartbeats carry.
 fn collect_tombstones(dboid: u32, peers: &[nodes::Node], hub: Option<&str>) -> (i64, i64) {
     let slots = shmem::apply_slots(dboid);
-    let mut times = Vec::with_capacity(peers.len());
+    let mut before = i64::MAX;
     for p in peers {
         let Some(s) = slots.iter().find(|s| s.peer() == p.name) else {
             return (0, 0);
         };
-        let t = if hub == Some(p.name.as_str()) {
-            s.last_applied_commit_time.min(s.peer_horizon)
-        } else {
-            s.last_applied_commit_time
-        };
-        times.push(t);
+        before = before.min(s.last_applied_commit_time);
+        if hub == Some(p.name.as_str()) {
+            before = before.min(s.peer_horizon);
+        }
     }
-    let before = times.into_iter().min().unwrap_or(0);
-    if before <= 0 {
+    if before <= 0 || before == i64::MAX {
         return (0, 0);
     }
     xact::begin();
@@ -61,13 +58,6 @@ fn collect_tombstones(dboid: u32, peers: &[nodes::Node], hub: Option<&str>) -> (
         pgrx::debug1!("bdr: removed {n} tombstones");
     }
     (n, before)
-}
-
-/// What [`heartbeat`] remembers between rounds: the newest start time of a walsender of
-/// a bdr slot of this database when it last sent one.
-#[derive(Default)]
-struct Heartbeats {
-    newest_reader: Option<String>,
 }
 
 /// Commit an empty transaction that every peer streams and applies (a transactional
@@ -82,8 +72,10 @@ struct Heartbeats {
 /// later), when this round's collection removed some (one more after the last), and when
 /// a peer's apply worker (re)connected since the last one (a restarted peer knows no
 /// commit time of ours until one arrives). It carries this node's tombstone `horizon`
-/// (see [`collect_tombstones`]: what a hub's spokes need).
-fn heartbeat(state: &mut Heartbeats, removed: i64, horizon: i64) {
+/// (see [`collect_tombstones`]: what a hub's spokes need). `newest_reader` is what it
+/// remembers between rounds: the newest start time of a walsender of a bdr slot of this
+/// database when it last sent one.
+fn heartbeat(newest_reader: &mut Option<String>, removed: i64, horizon: i64) {
     xact::begin();
     let found = Spi::get_two::<bool, String>(
         "SELECT EXISTS (SELECT FROM bdr.tombstones), \
@@ -95,7 +87,7 @@ fn heartbeat(state: &mut Heartbeats, removed: i64, horizon: i64) {
     let Ok((pending, newest)) = found else {
         return;
     };
-    let reconnected = newest.is_some() && newest != state.newest_reader;
+    let reconnected = newest.is_some() && newest != *newest_reader;
     let wanted = pending.unwrap_or(false) || removed > 0 || reconnected;
     if wanted
         && try_sql(
@@ -106,7 +98,7 @@ fn heartbeat(state: &mut Heartbeats, removed: i64, horizon: i64) {
             ],
         )
     {
-        state.newest_reader = newest;
+        *newest_reader = newest;
     }
 }
 
@@ -297,7 +289,7 @@ fn stop_all(workers: &Workers) {
 fn supervise(dboid: u32, from_launcher: bool, workers: &Workers) {
     let started = Instant::now();
     let mut last_gc = Instant::now();
-    let mut heartbeats = Heartbeats::default();
+    let mut newest_reader: Option<String> = None;
     let mut no_slot_warned = false;
     let mut dead_joins: HashMap<String, Instant> = HashMap::new();
     let mut last_probe = Instant::now() - Duration::from_secs(10);
@@ -400,17 +392,12 @@ fn supervise(dboid: u32, from_launcher: bool, workers: &Workers) {
             last_probe = Instant::now();
         }
         if last_gc.elapsed() > GC_INTERVAL {
-            let hub = all
-                .iter()
-                .find(|n| n.is_local)
-                .and_then(|n| n.hub.as_deref());
+            let me = all.iter().find(|n| n.is_local);
+            let hub = me.and_then(|n| n.hub.as_deref());
             let (removed, horizon) = collect_tombstones(dboid, &wanted, hub);
             // Only a data node others apply from sends heartbeats.
-            let sends = all
-                .iter()
-                .any(|n| n.is_local && n.kind == NodeKind::Active && n.state == NodeState::Active);
-            if sends {
-                heartbeat(&mut heartbeats, removed, horizon);
+            if me.is_some_and(|n| n.kind == NodeKind::Active && n.state == NodeState::Active) {
+                heartbeat(&mut newest_reader, removed, horizon);
             }
             if has_local {
                 janitor(dboid, &all, &mut dead_joins);
