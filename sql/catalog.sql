@@ -70,3 +70,15 @@ CREATE TABLE bdr.ddl_queue (
     command      text NOT NULL
 );
 COMMENT ON TABLE bdr.ddl_queue IS 'Schema changes made on this node and replicated to the others';
+
+-- This node's heartbeat (src/workers/supervisor.rs): one row, rewritten by the supervisor
+-- every collection round in which a peer may be waiting for it. The output plugin sends
+-- each write as a `bdr.sync` heartbeat message carrying `horizon` (this node's tombstone
+-- horizon, PostgreSQL-epoch microseconds). Only bdr itself writes here, so no role can
+-- forge a horizon, as it could with pg_logical_emit_message (granted to PUBLIC).
+CREATE TABLE bdr.heartbeat (
+    only_row  boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    horizon   bigint NOT NULL,
+    sent_at   timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE bdr.heartbeat IS 'This node''s last heartbeat to its peers (tombstone horizon)';

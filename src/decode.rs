@@ -16,7 +16,8 @@
 //!   to an extension (that excludes bdr's own catalog and, e.g., a PostGIS table a peer may
 //!   lack — a known trap of `FOR ALL TABLES` publications).
 //! - **Logical messages**: only bdr's own (transactional, exact prefix), up to 1 MB; any
-//!   role can emit messages, so nothing else may reach a peer.
+//!   role can emit messages, so nothing else may reach a peer. A heartbeat is sent only
+//!   from a write of `bdr.heartbeat` (bdr's own code), never from an emitted message.
 //! - **Relation metadata** is sent before a relation's first change in a stream and again
 //!   after its definition changed (relcache invalidation drops the cached entry).
 
@@ -143,11 +144,21 @@ pub fn loops_back(origin: &str, slot: &str) -> bool {
 
 /// What the plugin does with a logical message (`pg_logical_emit_message`, which any role
 /// may call): only bdr's own transactional messages are sent, and only up to
-/// [`wire::MAX_MESSAGE_CONTENT`] bytes.
-pub fn message_policy(prefix: &str, transactional: bool, size: usize) -> Result<bool, DecodeError> {
-    if !wire::is_our_message(prefix, transactional) {
+/// [`wire::MAX_MESSAGE_CONTENT`] bytes. A heartbeat is never taken from a message: its
+/// horizon lets a hub's spokes collect tombstones, so it travels only as a write of
+/// `bdr.heartbeat`, which no role but bdr's own code can make; one emitted by hand is
+/// dropped here.
+pub fn message_policy(
+    prefix: &str,
+    transactional: bool,
+    content: &[u8],
+) -> Result<bool, DecodeError> {
+    if !wire::is_our_message(prefix, transactional)
+        || wire::heartbeat_horizon(prefix, content).is_some()
+    {
         return Ok(false);
     }
+    let size = content.len();
     if size > wire::MAX_MESSAGE_CONTENT {
         return Err(DecodeError::MessageTooLarge {
             prefix: prefix.into(),

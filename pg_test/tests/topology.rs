@@ -326,8 +326,18 @@ fn a_spoke_keeps_a_tombstone_until_the_hub_has_every_spoke_past_it() {
     );
     app(s1, "DELETE FROM t WHERE id = 1");
     app(hub, "INSERT INTO t VALUES (2, 'hub, newer', 'hub')");
-    wait_until("spoke1 has the hub's newer row", bdr::CATCHUP, || {
-        s1.query_scalar::<i64>("SELECT count(*) FROM t WHERE id = 2") == 1
+    // A plain role on the hub forges a heartbeat whose horizon is far in the future
+    // (`pg_logical_emit_message` is granted to PUBLIC): the hub must not send it on.
+    app(
+        hub,
+        "SELECT pg_logical_emit_message(true, 'bdr.sync', 'heartbeat 9000000000000000')",
+    );
+    app(
+        hub,
+        "INSERT INTO t VALUES (3, 'hub, after the forged heartbeat', 'hub')",
+    );
+    wait_until("spoke1 has the hub's newer rows", bdr::CATCHUP, || {
+        s1.query_scalar::<i64>("SELECT count(*) FROM t WHERE id IN (2, 3)") == 2
     });
     // Three of spoke1's collection rounds (every 10 s): the tombstone must stay.
     let until = std::time::Instant::now() + std::time::Duration::from_secs(35);
@@ -359,7 +369,7 @@ fn a_spoke_keeps_a_tombstone_until_the_hub_has_every_spoke_past_it() {
     );
     hub.execute("SELECT bdr.apply_resume('spoke1')");
     wait_paused(hub, "spoke1", false);
-    converged(&c, 1);
+    converged(&c, 2);
     for n in c.nodes() {
         assert_eq!(
             n.query_scalar::<i64>("SELECT count(*) FROM t WHERE id = 1"),

@@ -51,7 +51,7 @@
 mod raw;
 mod relations;
 
-use relations::{entry, not_utf8, put_row, row_values, Deformed, RelEntry, RelMap};
+use relations::{entry, not_utf8, put_row, row_values, Deformed, RelEntry, RelMap, Special};
 
 use crate::decode::{self, DecodeOptions, TxnFraming};
 use crate::error;
@@ -389,10 +389,16 @@ unsafe extern "C-unwind" fn change_cb(
         let change_cxt = st.change_cxt;
         let entry = entry(st, rel);
         if !entry.replicate {
-            if entry.ddl_queue
-                && (*change).action == pg_sys::ReorderBufferChangeType::REORDER_BUFFER_CHANGE_INSERT
-                && !(*change).data.tp.newtuple.is_null()
-            {
+            use pg_sys::ReorderBufferChangeType::{
+                REORDER_BUFFER_CHANGE_INSERT as INSERT, REORDER_BUFFER_CHANGE_UPDATE as UPDATE,
+            };
+            let action = (*change).action;
+            let sent = match entry.special {
+                Special::DdlQueue => action == INSERT,
+                Special::Heartbeat => action == INSERT || action == UPDATE,
+                Special::None => false,
+            };
+            if sent && !(*change).data.tp.newtuple.is_null() {
                 let lsn = (*change).lsn;
                 let old_cxt = pg_sys::MemoryContextSwitchTo(change_cxt);
                 let values = row_values(
@@ -413,16 +419,28 @@ unsafe extern "C-unwind" fn change_cb(
                         })
                         .unwrap_or_default()
                 };
-                let cmd = bdr_core::ddl::DdlCommand {
-                    role: col("role_name"),
-                    search_path: col("search_path"),
-                    command: col("command"),
+                let (prefix, content) = if entry.special == Special::Heartbeat {
+                    let horizon = col("horizon").parse::<i64>().unwrap_or(0);
+                    (
+                        bdr_core::wire::SYNC_PREFIX,
+                        bdr_core::wire::heartbeat_content(horizon).into_bytes(),
+                    )
+                } else {
+                    let cmd = bdr_core::ddl::DdlCommand {
+                        role: col("role_name"),
+                        search_path: col("search_path"),
+                        command: col("command"),
+                    };
+                    (
+                        bdr_core::ddl::DDL_PREFIX,
+                        serde_json::to_vec(&cmd).unwrap_or_default(),
+                    )
                 };
                 let m = Message::Message(LogicalMessage {
                     transactional: true,
                     lsn,
-                    prefix: bdr_core::ddl::DDL_PREFIX.into(),
-                    content: serde_json::to_vec(&cmd).unwrap_or_default(),
+                    prefix: prefix.into(),
+                    content,
                 });
                 emit(ctx, state(ctx), &[], m);
                 pg_sys::MemoryContextSwitchTo(old_cxt);
@@ -618,7 +636,12 @@ unsafe extern "C-unwind" fn message_cb(
         if transactional && prefix == bdr_core::wire::SYNC_COMMIT_PREFIX {
             state(ctx).sync_commit = true;
         }
-        match decode::message_policy(&prefix, transactional, message_size) {
+        let content: &[u8] = if message_size == 0 {
+            &[]
+        } else {
+            std::slice::from_raw_parts(message as *const u8, message_size)
+        };
+        match decode::message_policy(&prefix, transactional, content) {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
@@ -626,11 +649,7 @@ unsafe extern "C-unwind" fn message_cb(
                 return;
             }
         }
-        let content = if message_size == 0 {
-            Vec::new()
-        } else {
-            std::slice::from_raw_parts(message as *const u8, message_size).to_vec()
-        };
+        let content = content.to_vec();
         let m = Message::Message(LogicalMessage {
             transactional,
             lsn: message_lsn,

@@ -60,8 +60,9 @@ fn collect_tombstones(dboid: u32, peers: &[nodes::Node], hub: Option<&str>) -> (
     (n, before)
 }
 
-/// Commit an empty transaction that every peer streams and applies (a transactional
-/// logical message), so that a node that writes nothing still tells its peers it has
+/// Commit a transaction that every peer streams and applies as progress (a write of
+/// `bdr.heartbeat`, which the output plugin sends as a `bdr.sync` heartbeat message: only
+/// bdr's code can write that table, so no role can forge the horizon), so that a node that writes nothing still tells its peers it has
 /// nothing older to send: their tombstone collection waits for a transaction from every
 /// peer committed after the delete ([`collect_tombstones`]), and without this an idle
 /// member held every tombstone of the group for as long as it stayed idle.
@@ -91,11 +92,9 @@ fn heartbeat(newest_reader: &mut Option<String>, removed: i64, horizon: i64) {
     let wanted = pending.unwrap_or(false) || removed > 0 || reconnected;
     if wanted
         && try_sql(
-            "SELECT pg_catalog.pg_logical_emit_message(true, $1, $2)",
-            &[
-                bdr_core::wire::SYNC_PREFIX,
-                &bdr_core::wire::heartbeat_content(horizon),
-            ],
+            "INSERT INTO bdr.heartbeat (horizon) VALUES ($1::bigint) \
+             ON CONFLICT (only_row) DO UPDATE SET horizon = excluded.horizon, sent_at = now()",
+            &[&horizon.to_string()],
         )
     {
         *newest_reader = newest;

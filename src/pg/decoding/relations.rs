@@ -5,7 +5,8 @@
 //! built ([`wire::ChangeWriter`], the hot path of every INSERT, UPDATE and DELETE from
 //! protocol version 2 on: no `String` or `Vec` per value or row, `heap_deform_tuple`
 //! into arrays kept across changes); [`row_values`] builds [`Value`]s for the rest
-//! (version 1's JSON frames, the `bdr.ddl_queue` rows turned into DDL messages).
+//! (version 1's JSON frames, the `bdr.ddl_queue` and `bdr.heartbeat` rows turned into
+//! messages).
 //!
 //! Invariants: an entry is dropped, and its metadata sent again, after a relcache
 //! invalidation of its relation; an unchanged on-disk TOAST value is rendered as
@@ -39,11 +40,23 @@ pub(super) struct Col {
     pub(super) out: Box<pg_sys::FmgrInfo>,
 }
 
+/// bdr's own tables that the plugin turns into messages. Only bdr's code writes them, so
+/// what they carry cannot be forged by a role that can call `pg_logical_emit_message`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Special {
+    None,
+    /// `bdr.ddl_queue`: an insert is sent as a `bdr.ddl` message (src/ddl.rs).
+    DdlQueue,
+    /// `bdr.heartbeat`: an insert or update is sent as a `bdr.sync` heartbeat carrying its
+    /// `horizon` (src/workers/supervisor.rs).
+    Heartbeat,
+}
+
 /// What the plugin caches about a relation for the duration of a stream.
 pub(super) struct RelEntry {
     pub(super) replicate: bool,
-    /// `bdr.ddl_queue`: an insert is sent as a `bdr.ddl` message (src/ddl.rs).
-    pub(super) ddl_queue: bool,
+    /// One of bdr's own tables whose writes travel as a message instead of rows.
+    pub(super) special: Special,
     /// Whether `meta` has been sent in this stream.
     pub(super) sent: bool,
     pub(super) meta: wire::Relation,
@@ -162,7 +175,11 @@ unsafe fn build_entry(rel: pg_sys::Relation) -> RelEntry {
         }
         RelEntry {
             replicate,
-            ddl_queue: schema == "bdr" && name == "ddl_queue",
+            special: match (schema.as_str(), name.as_str()) {
+                ("bdr", "ddl_queue") => Special::DdlQueue,
+                ("bdr", "heartbeat") => Special::Heartbeat,
+                _ => Special::None,
+            },
             sent: false,
             meta: wire::Relation {
                 id: relid.to_u32(),
