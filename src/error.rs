@@ -71,6 +71,19 @@ impl<T, E> OrRaise<T, E> for Result<T, E> {
     }
 }
 
+/// The report of an ERROR caught by `PgTryBuilder` (a PostgreSQL ERROR, or a Rust panic
+/// turned into one).
+pub fn caught_report(
+    e: &pgrx::pg_sys::panic::CaughtError,
+) -> &pgrx::pg_sys::panic::ErrorReportWithLevel {
+    use pgrx::pg_sys::panic::CaughtError;
+    match e {
+        CaughtError::PostgresError(r)
+        | CaughtError::ErrorReport(r)
+        | CaughtError::RustPanic { ereport: r, .. } => r,
+    }
+}
+
 /// Log `e` as a WARNING and carry on.
 pub fn warn(e: &dyn PgError) {
     report(e).report(PgLogLevel::WARNING);

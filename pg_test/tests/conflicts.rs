@@ -1077,4 +1077,16 @@ fn tombstones_are_removed_when_the_peers_write_nothing_more() {
         || tombstones(a) == 0,
     );
     assert_same_everywhere(&c, "t");
+    // A node whose `bdr.heartbeat` is gone (as when its library is newer than the
+    // extension's SQL) says so in its log when a heartbeat is due, instead of failing
+    // unseen round after round (its peers would hold their tombstones without a word).
+    let b = c.node(1);
+    b.execute(
+        "ALTER EXTENSION bdr DROP TABLE bdr.heartbeat; DROP TABLE bdr.heartbeat; \
+         INSERT INTO bdr.tombstones (relid, key) VALUES ('t'::regclass, '[\"98\"]')",
+    );
+    b.wait_for_log(
+        "bdr: supervisor: relation \"bdr.heartbeat\" does not exist",
+        Duration::from_secs(60),
+    );
 }

@@ -332,6 +332,15 @@ fn a_spoke_keeps_a_tombstone_until_the_hub_has_every_spoke_past_it() {
         hub,
         "SELECT pg_logical_emit_message(true, 'bdr.sync', 'heartbeat 9000000000000000')",
     );
+    // Nor can it write the table the real ones come from.
+    let denied = hub
+        .connect_as("app")
+        .batch_execute("UPDATE bdr.heartbeat SET horizon = 9000000000000000")
+        .unwrap_err();
+    assert!(
+        format!("{denied:?}").contains("permission denied"),
+        "a plain role wrote bdr.heartbeat: {denied:?}"
+    );
     app(
         hub,
         "INSERT INTO t VALUES (3, 'hub, after the forged heartbeat', 'hub')",

@@ -51,11 +51,7 @@ pub fn main(arg: pg_sys::Datum) {
 /// worker's shared-memory slot, roll back, and record a failed change as an
 /// `apply_error` in `bdr.conflict_history` (best effort, in a transaction of its own).
 pub fn record_failure(slot: usize, local: &str, peer: &str, e: &CaughtError) {
-    let report = match e {
-        CaughtError::PostgresError(r)
-        | CaughtError::ErrorReport(r)
-        | CaughtError::RustPanic { ereport: r, .. } => r,
-    };
+    let report = crate::error::caught_report(e);
     let (msg, code) = (report.message().to_string(), report.sql_error_code());
     shmem::update(slot, |s| {
         s.state = shmem::State::Erroring;

@@ -42,7 +42,6 @@ use crate::pg::{bgw, shmem, xact};
 use bdr_core::parallel::Ctl;
 use bdr_core::wire::{self, Message};
 use pgrx::bgworkers::BackgroundWorker;
-use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 
 crate::pg::bgw::worker_entry!(bdr_stream_writer_main => main);
@@ -84,11 +83,7 @@ pub fn main(arg: pg_sys::Datum) {
     .catch_others(|e| {
         // Whatever went wrong, the receiver falls back: say why in the log (not in the
         // apply worker's slot: this is not an apply failure), roll back, and leave.
-        let msg = match &e {
-            CaughtError::PostgresError(r)
-            | CaughtError::ErrorReport(r)
-            | CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
-        };
+        let msg = crate::error::caught_report(&e).message().to_string();
         pgrx::log!(
             "bdr: stream writer for node \"{}\" gives up its transaction: {msg}",
             peer.name

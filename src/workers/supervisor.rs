@@ -106,19 +106,32 @@ fn heartbeat(newest_reader: &mut Option<String>, removed: i64, horizon: i64) {
 const DEAD_JOIN_GRACE: Duration = Duration::from_secs(20);
 
 /// Run `sql` in a transaction of its own; false (and rolled back) if it fails.
+/// A failure is logged as a WARNING with the error and the statement's first line: the
+/// supervisor's housekeeping (heartbeats, dropping what a parted node left) must not fail
+/// unseen, round after round.
 fn try_sql(sql: &str, args: &[&str]) -> bool {
     PgTryBuilder::new(|| {
         xact::begin();
         let args: Vec<pgrx::datum::DatumWithOid> = args.iter().map(|a| (*a).into()).collect();
-        let ok = Spi::run_with_args(sql, &args).is_ok();
+        let ok = Spi::run_with_args(sql, &args);
         xact::commit();
-        ok
+        if let Err(e) = &ok {
+            housekeeping_failed(sql, &e.to_string());
+        }
+        ok.is_ok()
     })
-    .catch_others(|_| {
+    .catch_others(|e| {
         xact::abort();
+        housekeeping_failed(sql, crate::error::caught_report(&e).message());
         false
     })
     .execute()
+}
+
+#[cold]
+fn housekeeping_failed(sql: &str, msg: &str) {
+    let what = sql.lines().next().unwrap_or(sql).trim();
+    pgrx::warning!("bdr: supervisor: {msg} (while running: {what})");
 }
 
 /// First column of every row of a read-only query.
