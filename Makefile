@@ -44,6 +44,9 @@ install: bootstrap
 install-debug: bootstrap
 	@echo "==> building (debug, for the tests) and installing the bdr extension into $$($(PG_CONFIG) --pkglibdir)"
 	cargo pgrx install --pg-config $(PG_CONFIG) $(SUDO)
+	@# The previous release's complete SQL, for the upgrade test only (pg_test/tests/upgrade.rs):
+	@# `CREATE EXTENSION bdr VERSION '0.1.0'` then `ALTER EXTENSION bdr UPDATE`. Not shipped.
+	$(if $(SUDO),sudo) install -m 0644 pg_test/fixtures/bdr--0.1.0.sql "$$($(PG_CONFIG) --sharedir)/extension/"
 
 # A Debian package of the release build, for servers without Rust (see README.md,
 # "Production install").

@@ -63,6 +63,18 @@ for f in "./usr/lib/postgresql/$PG_MAJOR/lib/bdr.so" \
          "./usr/share/postgresql/$PG_MAJOR/extension/bdr--$VERSION.sql"; do
   grep -qxF "$f" <<<"$files" || fail "the package lacks $f"
 done
+# Every upgrade script of the tree (ALTER EXTENSION bdr UPDATE on a running node), and not
+# the test-only complete SQL of the previous release (pg_test/fixtures).
+for s in sql/bdr--*--*.sql; do
+  [ -e "$s" ] || continue
+  f="./usr/share/postgresql/$PG_MAJOR/extension/$(basename "$s")"
+  grep -qxF "$f" <<<"$files" || fail "the package lacks the upgrade script $f"
+done
+for s in pg_test/fixtures/bdr--*.sql; do
+  [ -e "$s" ] || continue
+  f="./usr/share/postgresql/$PG_MAJOR/extension/$(basename "$s")"
+  ! grep -qxF "$f" <<<"$files" || fail "the package ships the test fixture $f"
+done
 outside=$(grep -v -e '^\./$' -e '^\./usr/' <<<"$files" || true)
 [ -z "$outside" ] || fail "files outside /usr: $outside"
 unpacked=$(mktemp -d /tmp/bdr-test-package-deb.XXXXXX)
