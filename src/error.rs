@@ -360,6 +360,12 @@ pub enum WorkerError {
     NoSlot { peer: String, max: usize },
     #[error("bdr: apply from node \"{peer}\" was paused for longer than its time limit; resuming")]
     PauseExpired { peer: String },
+    #[error("bdr: the extension's SQL in database \"{database}\" is version {sql}, its library {library}")]
+    SqlVersionDiffers {
+        database: String,
+        sql: String,
+        library: &'static str,
+    },
 }
 
 impl PgError for WorkerError {
@@ -367,6 +373,9 @@ impl PgError for WorkerError {
         match self {
             WorkerError::NoSlot { .. } => PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             WorkerError::PauseExpired { .. } => PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
+            WorkerError::SqlVersionDiffers { .. } => {
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
         }
     }
     fn hint(&self) -> Option<String> {
@@ -376,6 +385,11 @@ impl PgError for WorkerError {
                 .into(),
             WorkerError::PauseExpired { .. } => "A join (or bdr.apply_pause with a time limit) \
                  held it; a join still running fails and can be run again."
+                .into(),
+            WorkerError::SqlVersionDiffers { .. } => "Run ALTER EXTENSION bdr UPDATE in that \
+                 database, on every node (it is not replicated). Replication goes on meanwhile; \
+                 what needs the newer catalog fails until then. A library older than its SQL is \
+                 not supported: install the newer build again."
                 .into(),
         })
     }

@@ -180,6 +180,20 @@ fn a_group_updated_node_by_node_keeps_replicating() {
     for n in c.nodes() {
         assert_eq!(tombstones(n, "t"), 3, "tombstones on {}", n.name());
     }
+    // The library says its SQL is older, once at the supervisor's start, with the fix.
+    let current = default_version(a);
+    a.wait_for_log(
+        &format!(
+            "bdr: the extension's SQL in database \"{}\" is version {PREVIOUS}, its library {current}",
+            a.dbname()
+        ),
+        Duration::from_secs(60),
+    );
+    assert!(
+        a.log()
+            .contains("HINT:  Run ALTER EXTENSION bdr UPDATE in that database"),
+        "the warning's hint"
+    );
     // The previous SQL has no bdr.heartbeat: the new library says so rather than fail
     // unseen (tombstones are pending, so a heartbeat is due every round).
     a.wait_for_log(
@@ -204,7 +218,6 @@ fn a_group_updated_node_by_node_keeps_replicating() {
     app(b, "INSERT INTO t VALUES (22, 'b')");
     wait_for_catchup(&c);
     assert_same_everywhere(&c, "t");
-    let current = default_version(a);
     for n in c.nodes() {
         assert_eq!(extversion(n, n.dbname()), current, "on {}", n.name());
         assert_eq!(

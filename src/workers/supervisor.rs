@@ -101,6 +101,27 @@ fn heartbeat(newest_reader: &mut Option<String>, removed: i64, horizon: i64) {
     }
 }
 
+/// Say so once (at the supervisor's start, that is after a restart with a new library)
+/// when this database's bdr SQL, with a node of a group, is not the library's version: a rolling upgrade's node
+/// that still needs `ALTER EXTENSION bdr UPDATE` keeps replicating, but what needs the
+/// newer catalog fails until then (docs/runbook.md, "Rolling upgrades").
+fn warn_if_sql_differs() {
+    let library = env!("CARGO_PKG_VERSION");
+    let found = Spi::get_two::<String, String>(
+        "SELECT extversion::text, current_database()::text FROM pg_catalog.pg_extension \
+          WHERE extname = 'bdr'",
+    );
+    if let Ok((Some(sql), Some(database))) = found {
+        if sql != library {
+            crate::error::warn(&crate::error::WorkerError::SqlVersionDiffers {
+                database,
+                sql,
+                library,
+            });
+        }
+    }
+}
+
 /// How long a node may stay `joining` here with no session of its join connected before
 /// the janitor takes the join for dead (its backend ended without undoing anything).
 const DEAD_JOIN_GRACE: Duration = Duration::from_secs(20);
@@ -305,6 +326,7 @@ fn supervise(dboid: u32, from_launcher: bool, workers: &Workers) {
     let mut no_slot_warned = false;
     let mut dead_joins: HashMap<String, Instant> = HashMap::new();
     let mut last_probe = Instant::now() - Duration::from_secs(10);
+    let mut version_checked = false;
     loop {
         xact::begin();
         let has_extension = nodes::extension_exists();
@@ -313,6 +335,10 @@ fn supervise(dboid: u32, from_launcher: bool, workers: &Workers) {
         } else {
             Vec::new()
         };
+        if !version_checked && all.iter().any(|n| n.is_local) {
+            version_checked = true;
+            warn_if_sql_differs();
+        }
         xact::commit();
         if !has_extension && from_launcher {
             // The launcher's round: nothing to do here, leave the database at once.
