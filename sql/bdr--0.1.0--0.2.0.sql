@@ -12,3 +12,90 @@ CREATE TABLE bdr.heartbeat (
 );
 COMMENT ON TABLE bdr.heartbeat IS 'This node''s last heartbeat to its peers (tombstone horizon)';
 REVOKE ALL ON bdr.heartbeat FROM PUBLIC;
+
+-- health_check() gains the 'Extension Version' check (sql/monitoring.sql): a node whose
+-- SQL is not its library's reads WARNING. Same body as a fresh install's, to the byte.
+CREATE OR REPLACE FUNCTION bdr.health_check()
+RETURNS TABLE (check_name text, status text, details text)
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog
+AS $$
+  WITH ns AS (SELECT * FROM bdr.node_status()),
+       -- A spoke does not stream with the other spokes (apply_state 'via hub'): the hub's
+       -- own checks cover those links.
+       members AS (SELECT * FROM ns WHERE node_state IN ('active', 'standby')
+                     AND apply_state IS DISTINCT FROM 'via hub')
+  SELECT 'Node Count',
+         CASE WHEN count(*) FILTER (WHERE reachable) = count(*) THEN 'OK'
+              WHEN count(*) FILTER (WHERE reachable AND NOT is_local) = 0 AND count(*) > 1
+                THEN 'CRITICAL'
+              ELSE 'WARNING' END,
+         (count(*) FILTER (WHERE reachable))::text || ' of ' || count(*)::text
+           || ' nodes reachable'
+           || coalesce(' (unreachable: ' || string_agg(node_name, ', ') FILTER (WHERE NOT reachable) || ')', '')
+    FROM members
+  UNION ALL
+  SELECT 'Replication Lag',
+         CASE WHEN bool_or(replication_lag_time IS NULL AND NOT is_local AND node_kind = 'active')
+                THEN 'WARNING'
+              WHEN coalesce(max(replication_lag_time), interval '0') >= interval '5 minutes' THEN 'CRITICAL'
+              WHEN coalesce(max(replication_lag_time), interval '0') >= interval '1 minute' THEN 'WARNING'
+              ELSE 'OK' END,
+         coalesce(max(replication_lag_time), interval '0')::text
+           || coalesce(' (unknown for: ' || string_agg(node_name, ', ')
+                FILTER (WHERE replication_lag_time IS NULL AND NOT is_local AND node_kind = 'active') || ')', '')
+    FROM members
+  UNION ALL
+  SELECT 'Conflicts (1h)',
+         CASE WHEN count(*) < 10 THEN 'OK' ELSE 'WARNING' END,
+         count(*)::text || ' conflicts'
+    FROM bdr.conflict_history WHERE conflict_time > now() - interval '1 hour'
+  UNION ALL
+  SELECT 'Slots',
+         CASE WHEN bool_or(warning LIKE 'slot % was invalidated%') THEN 'CRITICAL'
+              WHEN bool_or(slot_name IS NULL AND NOT is_local AND node_state = 'active'
+                           AND node_kind <> 'witness') THEN 'CRITICAL'
+              WHEN bool_or(warning LIKE 'slot % retains %') THEN 'WARNING'
+              ELSE 'OK' END,
+         coalesce(string_agg(warning, '; ') FILTER (WHERE warning LIKE 'slot %'), '')
+           || coalesce('slot missing for: ' || string_agg(node_name, ', ')
+                FILTER (WHERE slot_name IS NULL AND NOT is_local AND node_state = 'active'
+                        AND node_kind <> 'witness'), '')
+           || CASE WHEN bool_or(warning LIKE 'slot %' OR (slot_name IS NULL AND NOT is_local
+                                AND node_state = 'active' AND node_kind <> 'witness'))
+                   THEN '' ELSE 'every member has a slot; none retains WAL for a disconnected node' END
+    FROM members
+  UNION ALL
+  SELECT 'Workers In Error',
+         CASE WHEN count(*) = 0 THEN 'OK' ELSE 'CRITICAL' END,
+         count(*)::text || ' apply workers erroring'
+           || coalesce(': ' || string_agg(peer || ' (' || coalesce(last_error, '') || ')', ', '), '')
+    FROM bdr.apply_workers() WHERE state = 'erroring'
+  UNION ALL
+  SELECT 'Peers Unreachable',
+         CASE WHEN count(*) = 0 THEN 'OK'
+              WHEN bool_or(coalesce(last_contact_time, 'epoch') < now() - interval '5 minutes') THEN 'CRITICAL'
+              ELSE 'WARNING' END,
+         CASE WHEN count(*) = 0 THEN 'every active peer heard from within 10 s'
+              ELSE string_agg(node_name || ' (last heard ' || coalesce(last_contact_time::text, 'never') || ')', ', ') END
+    FROM members
+   WHERE NOT is_local AND node_kind IN ('active', 'witness') AND NOT reachable
+  UNION ALL
+  SELECT 'Quorum',
+         CASE WHEN minimum_nodes = 0 OR writes_allowed THEN 'OK' ELSE 'CRITICAL' END,
+         CASE WHEN minimum_nodes = 0 THEN 'bdr.minimum_nodes is off'
+              WHEN writes_allowed THEN voters_reached || ' of ' || minimum_nodes || ' voting members reached'
+              ELSE 'writes refused: ' || coalesce(voters_reached, 0) || ' of ' || minimum_nodes
+                   || ' voting members reached; not reached: ' || coalesce(missing, '?') END
+    FROM bdr.quorum()
+  UNION ALL
+  -- A rolling upgrade's node whose SQL is not yet its library's (docs/runbook.md).
+  SELECT 'Extension Version',
+         CASE WHEN x.extversion = v.library THEN 'OK' ELSE 'WARNING' END,
+         CASE WHEN x.extversion = v.library THEN 'SQL and library ' || v.library
+              ELSE 'SQL ' || x.extversion || ', library ' || v.library
+                   || ': run ALTER EXTENSION bdr UPDATE on this node' END
+    FROM pg_extension x, (SELECT split_part(bdr.version(), ' ', 2) AS library) v
+   WHERE x.extname = 'bdr'
+$$;

@@ -192,6 +192,15 @@ AS $$
               ELSE 'writes refused: ' || coalesce(voters_reached, 0) || ' of ' || minimum_nodes
                    || ' voting members reached; not reached: ' || coalesce(missing, '?') END
     FROM bdr.quorum()
+  UNION ALL
+  -- A rolling upgrade's node whose SQL is not yet its library's (docs/runbook.md).
+  SELECT 'Extension Version',
+         CASE WHEN x.extversion = v.library THEN 'OK' ELSE 'WARNING' END,
+         CASE WHEN x.extversion = v.library THEN 'SQL and library ' || v.library
+              ELSE 'SQL ' || x.extversion || ', library ' || v.library
+                   || ': run ALTER EXTENSION bdr UPDATE on this node' END
+    FROM pg_extension x, (SELECT split_part(bdr.version(), ' ', 2) AS library) v
+   WHERE x.extname = 'bdr'
 $$;
 
 -- BDR 1.x names, as used by existing runbooks.

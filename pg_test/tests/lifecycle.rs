@@ -220,7 +220,7 @@ fn runbook_sql_runs_as_written() {
     );
     assert_eq!(st.len(), 3);
     let hc = rows(n1, "SELECT check_name, status FROM bdr.health_check()");
-    assert_eq!(hc.len(), 7, "{hc:?}");
+    assert_eq!(hc.len(), 8, "{hc:?}");
     assert!(hc.iter().all(|r| r[1].as_deref() == Some("OK")), "{hc:?}");
     // The conflict history compat view has conflict_time.
     rows(n1, "SELECT conflict_time FROM bdr.bdr_conflict_history");

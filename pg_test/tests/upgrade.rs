@@ -134,6 +134,38 @@ fn the_previous_release_updated_is_exactly_a_fresh_install() {
         before, fresh,
         "{PREVIOUS} and {current} have the same catalog"
     );
+
+    // health_check() says when the SQL is not the library's (from 0.2.0 on; shown here by
+    // marking a fresh install as the previous version).
+    let check = |db: &str| -> (String, String) {
+        let r = n
+            .connect_db(db)
+            .query_one(
+                "SELECT status, details FROM bdr.health_check() \
+                  WHERE check_name = 'Extension Version'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        check("updated"),
+        ("OK".into(), format!("SQL and library {current}"))
+    );
+    n.connect_db("fresh")
+        .batch_execute(&format!(
+            "UPDATE pg_extension SET extversion = '{PREVIOUS}' WHERE extname = 'bdr'"
+        ))
+        .unwrap();
+    assert_eq!(
+        check("fresh"),
+        (
+            "WARNING".into(),
+            format!(
+                "SQL {PREVIOUS}, library {current}: run ALTER EXTENSION bdr UPDATE on this node"
+            )
+        )
+    );
 }
 
 /// A rolling upgrade: both nodes run the new library on the previous release's SQL, then
