@@ -664,17 +664,18 @@ fn disk_full_on_one_node_stops_only_its_apply_and_it_catches_up() {
     // node_status says why while the worker is between attempts (`erroring`); each retry
     // streams again until it fails, and the retry counted above may have been node2's
     // worker's, so look until node1's is caught erroring (the disk stays full throughout).
-    let says_why = |s: &Status| {
-        s.warning
-            .as_deref()
-            .is_some_and(|w| w.contains("No space left"))
-    };
+    // The status printed and asserted on is the last one read.
+    let mut s = status(n3, "node1");
     let seen = pg_test::try_wait_until(
         "node3's node_status to say why apply from node1 fails",
         Duration::from_secs(90),
-        || says_why(&status(n3, "node1")),
+        || {
+            s = status(n3, "node1");
+            s.warning
+                .as_deref()
+                .is_some_and(|w| w.contains("No space left"))
+        },
     );
-    let s = status(n3, "node1");
     println!("disk full: node3's view of node1: {s:?}");
     assert!(seen.is_ok(), "node3's node_status does not say why: {s:?}");
     // The others keep working with each other.

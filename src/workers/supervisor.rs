@@ -62,10 +62,11 @@ fn collect_tombstones(dboid: u32, peers: &[nodes::Node], hub: Option<&str>) -> (
 
 /// Commit a transaction that every peer streams and applies as progress (a write of
 /// `bdr.heartbeat`, which the output plugin sends as a `bdr.sync` heartbeat message: only
-/// bdr's code can write that table, so no role can forge the horizon), so that a node that writes nothing still tells its peers it has
-/// nothing older to send: their tombstone collection waits for a transaction from every
-/// peer committed after the delete ([`collect_tombstones`]), and without this an idle
-/// member held every tombstone of the group for as long as it stayed idle.
+/// bdr's code can write that table, so no role can forge the horizon), so that a node
+/// that writes nothing still tells its peers it has nothing older to send: their
+/// tombstone collection waits for a transaction from every peer committed after the
+/// delete ([`collect_tombstones`]), and without this an idle member held every tombstone
+/// of the group for as long as it stayed idle.
 ///
 /// Sent only when a peer may be waiting for it, so that an idle group writes no WAL:
 /// while this node has tombstones (a delete replicates to every member, so its peers
@@ -102,9 +103,10 @@ fn heartbeat(newest_reader: &mut Option<String>, removed: i64, horizon: i64) {
 }
 
 /// Say so once (at the supervisor's start, that is after a restart with a new library)
-/// when this database's bdr SQL, with a node of a group, is not the library's version: a rolling upgrade's node
-/// that still needs `ALTER EXTENSION bdr UPDATE` keeps replicating, but what needs the
-/// newer catalog fails until then (docs/runbook.md, "Rolling upgrades").
+/// when this database's bdr SQL, with a node of a group, is not the library's version:
+/// a rolling upgrade's node that still needs `ALTER EXTENSION bdr UPDATE` keeps
+/// replicating, but what needs the newer catalog fails until then (docs/runbook.md,
+/// "Rolling upgrades").
 fn warn_if_sql_differs() {
     let library = env!("CARGO_PKG_VERSION");
     let found = Spi::get_two::<String, String>(
