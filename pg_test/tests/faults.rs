@@ -555,6 +555,7 @@ fn hung_link_is_detected_and_reconnected_without_duplicates() {
         Duration::from_secs(30),
         || status(c.node(2), "node1").apply_state == "streaming",
     );
+    connects_yield_to_cancel_and_sigterm(c.node(0), "node2");
     std::thread::sleep(Duration::from_secs(25).saturating_sub(hung_at.elapsed()));
     proxy.heal_both(0, 1);
     wait_until(
@@ -571,6 +572,79 @@ fn hung_link_is_detected_and_reconnected_without_duplicates() {
     );
     let reports = w.stop();
     converge(&c, &reports, "hung link node1 <-> node2");
+}
+
+/// With the link from `n` to `peer` hung (the proxy accepts, nothing answers, as behind a
+/// black-holing firewall), a connection being made to `peer` holds no process beyond what
+/// asked for it: a schema change on `n`, which must reach `peer` to drain it, ends at its
+/// `statement_timeout` (2 s) with nothing changed, not after its 30 s `connect_timeout`;
+/// `n`'s apply worker for `peer`, back to connecting after it gave up, exits at SIGTERM
+/// (the connect timeout is 10 s).
+fn connects_yield_to_cancel_and_sigterm(n: &Node, peer: &str) {
+    let t = Instant::now();
+    let err = n
+        .connect()
+        .batch_execute(
+            "SET statement_timeout = '2s'; ALTER TABLE kv ADD COLUMN note text DEFAULT 'x'",
+        )
+        .map(|_| "it succeeded".to_string())
+        .unwrap_or_else(|e| db_error_text(&e));
+    let took = t.elapsed();
+    println!(
+        "hang: a schema change on {} ended after {took:.1?}: {err}",
+        n.name()
+    );
+    assert!(
+        err.contains("canceling statement due to statement timeout"),
+        "the schema change was not canceled by its statement_timeout: {err}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the schema change's statement_timeout (2 s) took {took:?} to act"
+    );
+    let added: i64 = n.query_scalar(
+        "SELECT count(*) FROM information_schema.columns \
+         WHERE table_name = 'kv' AND column_name = 'note'",
+    );
+    assert_eq!(added, 0, "the canceled schema change left its column");
+    // The apply worker for `peer` restarts (with backoff) and dials the hung link again.
+    let worker = || {
+        n.query_scalar::<Option<i32>>(&format!(
+            "SELECT (SELECT pid FROM bdr.apply_workers() WHERE peer = '{peer}' \
+             AND state = 'connecting' AND pid > 0)"
+        ))
+    };
+    let mut pid = 0;
+    wait_until(
+        &format!("{}'s apply worker for {peer} to be connecting", n.name()),
+        Duration::from_secs(60),
+        || {
+            pid = worker().unwrap_or(0);
+            pid > 0
+        },
+    );
+    // Well inside its connect (the state is set just before it).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        worker(),
+        Some(pid),
+        "the worker left its connect on its own"
+    );
+    let t = Instant::now();
+    n.execute(&format!("SELECT pg_terminate_backend({pid})"));
+    let gone = try_wait_until("the worker to exit", Duration::from_secs(5), || {
+        n.query_scalar::<i64>(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+        )) == 0
+    });
+    println!(
+        "hang: {}'s apply worker for {peer}, connecting, exited {:.1?} after SIGTERM",
+        n.name(),
+        t.elapsed()
+    );
+    if let Err(e) = gone {
+        panic!("the apply worker connecting to {peer} did not yield to SIGTERM: {e}");
+    }
 }
 
 /// Unmounts a tmpfs when dropped (after the cluster using it has stopped).

@@ -124,6 +124,38 @@ pub fn wait(socket: Option<i32>, timeout: Duration) -> bool {
         },
         _ => sleep_on_latch(ms),
     }
+    after_wait()
+}
+
+/// Wait until `socket` is readable (`writable`: writable), the latch is set, or `timeout`
+/// passes, with a wait set of its own (a connection being made may change sockets).
+/// Returns whether the socket is ready, and whether SIGTERM was received (as [`wait`]).
+pub fn wait_socket(socket: i32, writable: bool, timeout: Duration) -> (bool, bool) {
+    let ms = timeout.as_millis().min(i64::MAX as u128) as std::ffi::c_long;
+    let io = if writable {
+        pg_sys::WL_SOCKET_WRITEABLE
+    } else {
+        pg_sys::WL_SOCKET_READABLE
+    };
+    // SAFETY: MyLatch is this process's latch; the socket belongs to a connection of this
+    // process that is being made.
+    let rc = unsafe {
+        let rc = pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH | io) as i32,
+            socket,
+            ms,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+        rc
+    };
+    (rc & io as i32 != 0, after_wait())
+}
+
+/// After a wait: serve interrupts (a backend's cancel or termination raises here), and in
+/// a background worker a reload asked for; true if SIGTERM was received.
+fn after_wait() -> bool {
     pgrx::check_for_interrupts!();
     // A backend's signals arrive as interrupts, served above.
     if !in_background_worker() {

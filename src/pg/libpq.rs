@@ -6,13 +6,15 @@
 //! runtime of its own, so waiting happens on our latch and socket (`WaitLatchOrSocket`) and
 //! SIGTERM or a config reload interrupt a wait at once.
 //!
-//! Statements are sent and their answers awaited the same way (`PQsendQuery`, then the
-//! socket and the latch), never with libpq's blocking calls: a peer whose link hangs after
-//! the connection was made (a stalled proxy or firewall; TCP alone notices only much
-//! later) cannot hold the process. A backend's wait ends with its cancel or
-//! `statement_timeout`; a background worker's also after [`Conn::timeout`] without an
-//! answer (`wal_receiver_timeout` by default, as PostgreSQL's own walreceiver), and at
-//! SIGTERM.
+//! Connections are made (`PQconnectStart`, `PQconnectPoll`) and statements sent and their
+//! answers awaited (`PQsendQuery`) the same way, on the socket and the latch, never with
+//! libpq's blocking calls (but the connect to a DSN of several hosts, [`Conn::connect`]):
+//! a peer that accepts and never answers, or whose link hangs after the connection was
+//! made (a stalled proxy or firewall; TCP alone notices only much later), cannot hold the
+//! process. A backend's wait ends with its cancel or `statement_timeout`; a background
+//! worker's also after [`Conn::timeout`] without an answer (`wal_receiver_timeout` by
+//! default, as PostgreSQL's own walreceiver), and at SIGTERM; a connect's also after
+//! `connect_timeout`.
 //!
 //! Invariants: a [`Conn`] is closed (`PQfinish`) when dropped; every error message that
 //! may include the DSN is built from [`bdr_core::dsn::redact`]ed text.
@@ -103,7 +105,18 @@ fn cstr_lossy(p: *const c_char) -> String {
 }
 
 impl Conn {
-    /// Connect (blocking, bounded by `connect_timeout`, default 10 s).
+    /// Connect, bounded by `connect_timeout` (10 s unless the DSN says otherwise).
+    ///
+    /// The connection is made without blocking (`PQconnectStart`, then `PQconnectPoll`
+    /// whenever the socket is ready) and waited for on the latch and the socket, as
+    /// PostgreSQL's walreceiver does: a host that accepts and never answers (a
+    /// black-holing firewall, a frozen server) cannot hold the process. A backend's
+    /// cancel and `statement_timeout` end the wait with their ERROR; a background
+    /// worker's SIGTERM with [`LibpqError::Stopping`]. libpq leaves `connect_timeout` to
+    /// the caller in this mode: it is read from the connection's options and bounds the
+    /// whole connect. A DSN naming several hosts is connected the blocking way
+    /// (`PQconnectdb`), whose timeout moves on to the next host, which this mode cannot
+    /// ask libpq to do.
     pub fn connect(conninfo: &str, application_name: &str) -> Result<Conn, LibpqError> {
         let safe_dsn = dsn::redact(conninfo);
         let full = dsn::with_default(conninfo, "connect_timeout", "10");
@@ -114,21 +127,119 @@ impl Conn {
         })?;
         // A new socket may take the number of one a kept wait set watched.
         crate::pg::bgw::forget_socket_waits();
-        // SAFETY: c is a valid C string; the result is checked and owned by Conn.
-        let raw = unsafe { pq::PQconnectdb(c.as_ptr()) };
-        let conn = Conn {
+        // SAFETY: c is a valid C string; the result is owned by Conn (freed on drop).
+        let raw = unsafe { pq::PQconnectStart(c.as_ptr()) };
+        let mut conn = Conn {
             raw,
             safe_dsn,
             timeout: default_timeout(),
         };
         // SAFETY: raw is a connection object (possibly failed), valid until PQfinish.
-        if raw.is_null() || unsafe { pq::PQstatus(raw) } != pq::ConnStatusType::CONNECTION_OK {
-            return Err(LibpqError::Connect {
-                dsn: conn.safe_dsn.clone(),
-                message: conn.error_message(),
-            });
+        if raw.is_null() || unsafe { pq::PQstatus(raw) } == pq::ConnStatusType::CONNECTION_BAD {
+            return Err(conn.connect_error());
+        }
+        let (limit, several_hosts) = conn.connect_options();
+        if several_hosts {
+            // SAFETY: the started connection is freed once and replaced by a new one,
+            // owned by conn from then on.
+            unsafe {
+                pq::PQfinish(conn.raw);
+                conn.raw = pq::PQconnectdb(c.as_ptr());
+            }
+        } else {
+            conn.poll_connect(limit)?;
+        }
+        // SAFETY: as above.
+        if conn.raw.is_null()
+            || unsafe { pq::PQstatus(conn.raw) } != pq::ConnStatusType::CONNECTION_OK
+        {
+            return Err(conn.connect_error());
         }
         Ok(conn)
+    }
+
+    fn connect_error(&self) -> LibpqError {
+        LibpqError::Connect {
+            dsn: self.safe_dsn.clone(),
+            message: self.error_message(),
+        }
+    }
+
+    /// The started connection's `connect_timeout` (`None`: wait without limit; libpq
+    /// takes less than 2 s as 2 s), and whether it names several hosts.
+    fn connect_options(&self) -> (Option<Duration>, bool) {
+        let mut limit = Some(Duration::from_secs(10));
+        let mut several_hosts = false;
+        // SAFETY: PQconninfo returns an array ending with a NULL keyword (or NULL when
+        // out of memory), freed once below; its strings are NUL-terminated.
+        unsafe {
+            let opts = pq::PQconninfo(self.raw);
+            if opts.is_null() {
+                return (limit, several_hosts);
+            }
+            let mut o = opts;
+            while !(*o).keyword.is_null() {
+                let val = cstr_lossy((*o).val);
+                match CStr::from_ptr((*o).keyword).to_bytes() {
+                    b"connect_timeout" => {
+                        limit = match val.parse::<i64>() {
+                            Ok(s) if s > 0 => Some(Duration::from_secs(s.max(2) as u64)),
+                            _ => None,
+                        }
+                    }
+                    b"host" | b"hostaddr" => several_hosts |= val.contains(','),
+                    _ => {}
+                }
+                o = o.add(1);
+            }
+            pq::PQconninfoFree(opts);
+        }
+        (limit, several_hosts)
+    }
+
+    /// Drive a started connection to its end (see [`Conn::connect`]); `limit` bounds it.
+    fn poll_connect(&mut self, limit: Option<Duration>) -> Result<(), LibpqError> {
+        use pq::PostgresPollingStatusType::*;
+        let deadline = limit.map(|t| Instant::now() + t);
+        // After PQconnectStart, as if PQconnectPoll had asked to wait for writing.
+        let mut status = PGRES_POLLING_WRITING;
+        loop {
+            match status {
+                PGRES_POLLING_OK => return Ok(()),
+                PGRES_POLLING_FAILED => return Err(self.connect_error()),
+                _ => {}
+            }
+            let left = match deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Err(LibpqError::Connect {
+                            dsn: self.safe_dsn.clone(),
+                            message: "timeout expired".into(),
+                        });
+                    }
+                    d - now
+                }
+                None => Duration::from_secs(1),
+            };
+            let fd = self.socket();
+            if fd < 0 {
+                return Err(self.connect_error());
+            }
+            let (ready, stop) =
+                crate::pg::bgw::wait_socket(fd, status == PGRES_POLLING_WRITING, left);
+            if stop {
+                return Err(LibpqError::Stopping {
+                    dsn: self.safe_dsn.clone(),
+                });
+            }
+            // Only once the socket is ready: libpq takes a call before it as the
+            // connection's progress (a connect still under way reads as made).
+            if ready {
+                // SAFETY: a started connection, owned by self.
+                status = unsafe { pq::PQconnectPoll(self.raw) };
+            }
+        }
     }
 
     pub fn safe_dsn(&self) -> &str {

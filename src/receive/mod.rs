@@ -29,7 +29,7 @@
 //! only fill socket buffers), so without this the worker would wait, showing `streaming`,
 //! until the link healed. Healthy idle streams answer our ping every second, so the
 //! timeout only fires on silence; a connect to a silent host is bounded by the DSN's
-//! `connect_timeout` (10 s by default, [`Conn::connect`]).
+//! `connect_timeout` (10 s by default, [`Conn::connect`]), during which SIGTERM still acts.
 //!
 //! With `bdr.stream_large_transactions` the peer may stream a large transaction before
 //! its commit (protocol version 4); every frame's order is checked, and such a
