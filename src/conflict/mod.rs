@@ -525,7 +525,15 @@ impl Resolver {
 
     /// A remote UPDATE: look the key up, decide, carry the decision out. `Err` (the key's
     /// text): the row had to come back (`update_missing`, or a deleted row the update
-    /// wins over) and its insertion met a key that appeared since the lookup.
+    /// wins over) and its insertion met a key that appeared since the lookup; or the row
+    /// was found without a lock and another transaction changed it before the update.
+    ///
+    /// The common UPDATE — its key kept (no old row sent), a table whose only unique
+    /// index is its identity, no BEFORE UPDATE trigger that fires, not a streamed
+    /// transaction — finds and writes its row without locking it first
+    /// (`pg::exec::unlocked`: the lock was a WAL record per UPDATE). The decision is
+    /// taken on the newest committed version, and the write refuses any other: a row
+    /// changed in between is looked up and decided again.
     fn update_once(
         &mut self,
         map: &RelMap,
@@ -538,7 +546,12 @@ impl Resolver {
             None => map.search_row_new(new),
         }
         .unwrap_or_else(|e| raise(&e));
-        let found = t.find(&key_row);
+        let unlocked = old.is_none() && !self.streamed && t.can_update_unlocked();
+        let found = if unlocked {
+            t.find_unlocked(&key_row)
+        } else {
+            t.find(&key_row)
+        };
         let mut key = LazyKey::new(t, &key_row);
         let local = self.local_state(t, found.as_ref(), &mut key);
         if !self.check_streamed(Change::Update, local) {
@@ -564,7 +577,12 @@ impl Resolver {
                 };
                 match room {
                     Room::Made(checked) => {
-                        if checked.is_empty() {
+                        if unlocked {
+                            if !t.update_unlocked(f, &row) {
+                                // Changed since the lookup: nothing written, look again.
+                                return Err(key.get().unwrap_or_default());
+                            }
+                        } else if checked.is_empty() {
                             t.update(f, &row);
                         } else if !t.update_or_clash(f, &row, &checked) {
                             // Another process wrote a key it takes after the lookup: the

@@ -57,10 +57,12 @@
 //! make them (`tables::InputFn::call`, [`LocalRow::values`], [`Target::fill_defaults`]),
 //! in the current (per-change) memory context, and code outside `pg/` only passes them on.
 //!
-//! Beside it: [`keys`] (a table's key text, unique indexes, key changes),
+//! Beside it: [`keys`] (a table's key text, unique indexes, key changes), `unlocked`
+//! (the common remote UPDATE's row found and written without a row lock first),
 //! `pg::tables` (catalog facts of local tables) and `pg::owner` (acting as the owner).
 
 pub mod keys;
+mod unlocked;
 
 use crate::pg::owner::as_user;
 use crate::pg::tables::relation_name;
@@ -159,6 +161,9 @@ pub struct Target {
     /// Unique indexes other than the identity index that can find a row, computed on
     /// first use (see [`Target::other_unique_indexes`]).
     unique_others: std::cell::OnceCell<Vec<(pg_sys::Oid, Vec<usize>)>>,
+    /// The identity index's scan keys for the unlocked lookup, found on first use
+    /// (`unlocked`).
+    identity_scan: std::cell::OnceCell<Option<unlocked::IdentityScan>>,
     /// Replica identity index (primary key or chosen index), or InvalidOid.
     pub identity_index: pg_sys::Oid,
     pub natts: usize,
@@ -254,6 +259,7 @@ impl Target {
                 table_slots: SlotPool::default(),
                 defaults: RefCell::new(None),
                 unique_others: std::cell::OnceCell::new(),
+                identity_scan: std::cell::OnceCell::new(),
                 identity_index: pg_sys::RelationGetReplicaIndex(rel),
                 natts: (*(*rel).rd_att).natts as usize,
                 owner: (*(*rel).rd_rel).relowner,
@@ -778,99 +784,168 @@ impl Target {
     /// this table.
     pub fn update_or_clash(&self, old: &LocalRow, row: &Row, checked: &[pg_sys::Oid]) -> bool {
         self.own(old);
-        let mut ok = true;
-        // SAFETY: as in find; the steps of ExecSimpleRelationUpdate (PostgreSQL 15), with
-        // the index entries checked as ExecInsert's ON CONFLICT branch does (`noDupErr`,
-        // arbiter indexes `checked`). The closures hold only pointers and plain values
-        // (the arbiter list is read from a slice and built in the current context).
+        let mut written = unlocked::Written::Done;
+        // SAFETY: as in find (see write_update).
         unsafe {
             let slot = self.virtual_slot(row);
-            let ok = &mut ok;
+            let out = &mut written;
             as_user(self.owner, || {
                 self.with_epq(
                     |t| t.trig_update_before_row,
-                    |epq| {
-                        let (rel, rri, estate, old) = (self.rel, self.rri, self.estate, old.slot);
-                        use crate::pg::unguarded::{guarded, raw};
-                        guarded(|| {
-                            let tid = &mut (*old).tts_tid as pg_sys::ItemPointer;
-                            raw::CheckCmdReplicaIdentity(rel, pg_sys::CmdType::CMD_UPDATE);
-                            let trig = (*rri).ri_TrigDesc;
-                            if !trig.is_null()
-                                && (*trig).trig_update_before_row
-                                && !raw::ExecBRUpdateTriggers(
-                                    estate,
-                                    epq,
-                                    rri,
-                                    tid,
-                                    std::ptr::null_mut(),
-                                    slot,
-                                    std::ptr::null_mut(),
-                                )
-                            {
-                                // A trigger said "do nothing".
-                                return;
-                            }
-                            let constr = (*(*rel).rd_att).constr;
-                            if !constr.is_null() && (*constr).has_generated_stored {
-                                raw::ExecComputeStoredGenerated(
-                                    rri,
-                                    estate,
-                                    slot,
-                                    pg_sys::CmdType::CMD_UPDATE,
-                                );
-                            }
-                            if !constr.is_null() {
-                                raw::ExecConstraints(rri, slot, estate);
-                            }
-                            if (*(*rel).rd_rel).relispartition {
-                                raw::ExecPartitionCheck(rri, slot, estate, true);
-                            }
-                            let mut update_indexes = false;
-                            raw::simple_table_tuple_update(
-                                rel,
-                                tid,
-                                slot,
-                                (*estate).es_snapshot,
-                                &mut update_indexes,
-                            );
-                            let mut recheck = std::ptr::null_mut();
-                            if (*rri).ri_NumIndices > 0 && update_indexes {
-                                let mut arbiters = std::ptr::null_mut();
-                                for index in checked {
-                                    arbiters = raw::lappend_oid(arbiters, *index);
-                                }
-                                let mut clash = false;
-                                recheck = raw::ExecInsertIndexTuples(
-                                    rri, slot, estate, true, true, &mut clash, arbiters,
-                                );
-                                raw::list_free(arbiters);
-                                *ok = !clash;
-                            }
-                            if *ok {
-                                raw::ExecARUpdateTriggers(
-                                    estate,
-                                    rri,
-                                    std::ptr::null_mut(),
-                                    std::ptr::null_mut(),
-                                    tid,
-                                    std::ptr::null_mut(),
-                                    slot,
-                                    recheck,
-                                    std::ptr::null_mut(),
-                                    false,
-                                );
-                            }
-                            raw::list_free(recheck);
-                        })
-                    },
+                    |epq| *out = self.write_update(epq, old.slot, slot, Some(checked)),
                 )
             });
         }
-        if !ok {
-            crate::pg::xact::must_roll_back();
+        match written {
+            unlocked::Written::Done => true,
+            unlocked::Written::Clash => {
+                crate::pg::xact::must_roll_back();
+                false
+            }
+            other => self.update_failed(other),
         }
-        ok
+    }
+
+    /// The steps of `ExecSimpleRelationUpdate` (PostgreSQL 15) replacing the row in
+    /// `old` by `slot`'s, with the table's `tuple_update` called directly, so that a row
+    /// changed since the lookup comes back as [`unlocked::Written::Changed`] (nothing
+    /// written) instead of an ERROR; with `checked`, the new entries of those unique
+    /// indexes are checked as they are made, as `ExecInsert`'s ON CONFLICT branch does
+    /// (`noDupErr`, arbiter indexes), and a taken key comes back as
+    /// [`unlocked::Written::Clash`] with **the row and its index entries written**.
+    ///
+    /// # Safety
+    /// See [`Target::begin_change`]; `old` holds a row this target found in this change,
+    /// `slot` the new row; `epq` is null or the EvalPlanQual state of [`Target::with_epq`].
+    /// Runs as the table's owner (the caller's `as_user`).
+    unsafe fn write_update(
+        &self,
+        epq: *mut pg_sys::EPQState,
+        old: *mut pg_sys::TupleTableSlot,
+        slot: *mut pg_sys::TupleTableSlot,
+        checked: Option<&[pg_sys::Oid]>,
+    ) -> unlocked::Written {
+        use crate::pg::unguarded::{guarded, raw};
+        use unlocked::Written;
+        let (rel, rri, estate) = (self.rel, self.rri, self.estate);
+        // SAFETY: see the preconditions. The closure holds only pointers, plain values
+        // and a slice; the arbiter list is built in the current context.
+        unsafe {
+            guarded(|| {
+                let tid = &mut (*old).tts_tid as pg_sys::ItemPointer;
+                raw::CheckCmdReplicaIdentity(rel, pg_sys::CmdType::CMD_UPDATE);
+                let trig = (*rri).ri_TrigDesc;
+                if !trig.is_null()
+                    && (*trig).trig_update_before_row
+                    && !raw::ExecBRUpdateTriggers(
+                        estate,
+                        epq,
+                        rri,
+                        tid,
+                        std::ptr::null_mut(),
+                        slot,
+                        std::ptr::null_mut(),
+                    )
+                {
+                    // A trigger said "do nothing".
+                    return Written::Done;
+                }
+                let constr = (*(*rel).rd_att).constr;
+                if !constr.is_null() && (*constr).has_generated_stored {
+                    raw::ExecComputeStoredGenerated(rri, estate, slot, pg_sys::CmdType::CMD_UPDATE);
+                }
+                if !constr.is_null() {
+                    raw::ExecConstraints(rri, slot, estate);
+                }
+                if (*(*rel).rd_rel).relispartition {
+                    raw::ExecPartitionCheck(rri, slot, estate, true);
+                }
+                let Some(update) = (*(*rel).rd_tableam).tuple_update else {
+                    return Written::Failed(u32::MAX);
+                };
+                let mut update_indexes = false;
+                let mut tmfd: pg_sys::TM_FailureData = std::mem::zeroed();
+                let mut lockmode: pg_sys::LockTupleMode::Type = 0;
+                // As simple_table_tuple_update: wait for a transaction writing the row.
+                let res = update(
+                    rel,
+                    tid,
+                    slot,
+                    crate::pg::unguarded::GetCurrentCommandId(true),
+                    (*estate).es_snapshot,
+                    std::ptr::null_mut(),
+                    true,
+                    &mut tmfd,
+                    &mut lockmode,
+                    &mut update_indexes,
+                );
+                use pg_sys::TM_Result as tm;
+                if res == tm::TM_Updated || res == tm::TM_Deleted {
+                    return Written::Changed(res);
+                } else if res != tm::TM_Ok {
+                    return Written::Failed(res);
+                }
+                let mut recheck = std::ptr::null_mut();
+                let mut clash = false;
+                if (*rri).ri_NumIndices > 0 && update_indexes {
+                    let mut arbiters = std::ptr::null_mut();
+                    for index in checked.unwrap_or_default() {
+                        arbiters = raw::lappend_oid(arbiters, *index);
+                    }
+                    // Without arbiters, as ExecSimpleRelationUpdate: a duplicate raises.
+                    let no_dup_err = !arbiters.is_null();
+                    let spec = if no_dup_err {
+                        &mut clash as *mut bool
+                    } else {
+                        std::ptr::null_mut()
+                    };
+                    recheck = raw::ExecInsertIndexTuples(
+                        rri, slot, estate, true, no_dup_err, spec, arbiters,
+                    );
+                    raw::list_free(arbiters);
+                }
+                if !clash {
+                    raw::ExecARUpdateTriggers(
+                        estate,
+                        rri,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        tid,
+                        std::ptr::null_mut(),
+                        slot,
+                        recheck,
+                        std::ptr::null_mut(),
+                        false,
+                    );
+                }
+                raw::list_free(recheck);
+                if clash {
+                    Written::Clash
+                } else {
+                    Written::Done
+                }
+            })
+        }
+    }
+
+    /// What `simple_table_tuple_update` raises for what the table's `tuple_update`
+    /// reported (see [`Target::write_update`]).
+    #[cold]
+    fn update_failed(&self, w: unlocked::Written) -> ! {
+        use pg_sys::TM_Result as tm;
+        match w {
+            unlocked::Written::Changed(r) if r == tm::TM_Updated => {
+                pgrx::error!("tuple concurrently updated")
+            }
+            unlocked::Written::Changed(_) => pgrx::error!("tuple concurrently deleted"),
+            unlocked::Written::Failed(r) if r == tm::TM_SelfModified => {
+                pgrx::error!("tuple already updated by self")
+            }
+            unlocked::Written::Failed(r) => {
+                pgrx::error!("unrecognized table_tuple_update status: {r}")
+            }
+            _ => crate::error::internal("an update reported as failed that did not fail"),
+        }
     }
 
     /// Delete `old`.

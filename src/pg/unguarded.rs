@@ -202,6 +202,39 @@ pub mod raw {
             is_crosspart_update: bool,
         );
         pub fn lappend_oid(list: *mut pg_sys::List, datum: Oid) -> *mut pg_sys::List;
+        pub fn ScanKeyInit(
+            entry: pg_sys::ScanKey,
+            attribute_number: pg_sys::AttrNumber,
+            strategy: pg_sys::StrategyNumber,
+            procedure: pg_sys::RegProcedure,
+            argument: pg_sys::Datum,
+        );
+        pub fn index_beginscan(
+            heap: pg_sys::Relation,
+            index: pg_sys::Relation,
+            snapshot: pg_sys::Snapshot,
+            nkeys: c_int,
+            norderbys: c_int,
+        ) -> pg_sys::IndexScanDesc;
+        pub fn index_rescan(
+            scan: pg_sys::IndexScanDesc,
+            keys: pg_sys::ScanKey,
+            nkeys: c_int,
+            orderbys: pg_sys::ScanKey,
+            norderbys: c_int,
+        );
+        pub fn index_getnext_slot(
+            scan: pg_sys::IndexScanDesc,
+            direction: pg_sys::ScanDirection::Type,
+            slot: *mut pg_sys::TupleTableSlot,
+        ) -> bool;
+        pub fn index_endscan(scan: pg_sys::IndexScanDesc);
+        pub fn XactLockTableWait(
+            xid: pg_sys::TransactionId,
+            rel: pg_sys::Relation,
+            ctid: pg_sys::ItemPointer,
+            oper: pg_sys::XLTW_Oper::Type,
+        );
     }
 }
 
