@@ -645,16 +645,16 @@ fn local_deletes_and_key_changes_leave_tombstones_other_updates_do_not() {
     assert_eq!(keys, vec![r#"["2"]"#.to_string(), r#"["3"]"#.to_string()]);
 }
 
-/// A remote UPDATE finds its row without locking it (issue 17: the lock was a WAL record
-/// per UPDATE) and may then meet a local transaction writing the same row: the update
+/// A remote UPDATE or DELETE finds its row without locking it (issue 17: the lock was a
+/// WAL record per change) and may then meet a local transaction writing the same row: it
 /// waits for it and, once it committed a newer version or deleted the row, looks the row
 /// up again and decides against what it committed, as it would have had the local change
-/// come first. Here a local transaction (the plain role `app` on node2) holds row 1, then
-/// row 2, `FOR UPDATE` (a lock the lookup does not wait for), node1 updates the row, and
-/// node2's apply worker is seen waiting in the update; the local transaction then updates
-/// row 1 (deletes row 2) and commits, later than node1's update. Without the second look
-/// the apply worker failed with "tuple concurrently updated" (deleted) and retried; with
-/// the row applied from the first look, node2 would hold node1's older value.
+/// come first. Here a local transaction (the plain role `app` on node2) holds a row `FOR
+/// UPDATE` (a lock the lookup does not wait for), node1 updates (deletes) the row, and
+/// node2's apply worker is seen waiting in its write; the local transaction then updates
+/// or deletes the row and commits, later than node1's change. Without the second look the
+/// apply worker failed with "tuple concurrently updated" (deleted) and retried; with the
+/// row written from the first look, node2 would hold node1's older change.
 #[test]
 fn an_update_meeting_a_local_write_of_its_row_decides_against_what_committed() {
     let c = app_group(
@@ -663,12 +663,16 @@ fn an_update_meeting_a_local_write_of_its_row_decides_against_what_committed() {
          GRANT SELECT, INSERT, UPDATE, DELETE ON t TO app;",
     );
     let (a, b) = (c.node(0), c.node(1));
-    as_app(a, "INSERT INTO t VALUES (1, 'one'), (2, 'two')");
+    as_app(
+        a,
+        "INSERT INTO t VALUES (1, 'one'), (2, 'two'), (3, 'three')",
+    );
     wait_for_catchup(&c);
     let apply_pid: i32 = b.query_scalar("SELECT pid FROM bdr.apply_workers() WHERE peer = 'node1'");
-    for (id, local_change) in [
-        (1, "UPDATE t SET v = 'local' WHERE id = 1"),
-        (2, "DELETE FROM t WHERE id = 2"),
+    for (id, remote_change, local_change) in [
+        (1, "UPDATE t SET v = 'remote'", "UPDATE t SET v = 'local'"),
+        (2, "UPDATE t SET v = 'remote'", "DELETE FROM t"),
+        (3, "DELETE FROM t", "UPDATE t SET v = 'local'"),
     ] {
         let mut local = b.connect_as("app");
         local
@@ -676,7 +680,7 @@ fn an_update_meeting_a_local_write_of_its_row_decides_against_what_committed() {
                 "BEGIN; SELECT * FROM t WHERE id = {id} FOR UPDATE"
             ))
             .unwrap();
-        as_app(a, &format!("UPDATE t SET v = 'remote' WHERE id = {id}"));
+        as_app(a, &format!("{remote_change} WHERE id = {id}"));
         wait_until(
             &format!("node2's apply worker to wait for the local lock of row {id}"),
             CATCHUP,
@@ -687,7 +691,7 @@ fn an_update_meeting_a_local_write_of_its_row_decides_against_what_committed() {
             },
         );
         local
-            .batch_execute(&format!("{local_change}; COMMIT"))
+            .batch_execute(&format!("{local_change} WHERE id = {id}; COMMIT"))
             .unwrap();
         wait_for_catchup(&c);
     }
@@ -700,12 +704,19 @@ fn an_update_meeting_a_local_write_of_its_row_decides_against_what_committed() {
             n.name()
         );
         assert_eq!(value(n, 2), None, "row 2 on {}", n.name());
+        assert_eq!(
+            value(n, 3).as_deref(),
+            Some("local"),
+            "row 3 on {}",
+            n.name()
+        );
     }
     assert_eq!(
         history(b, "public.t"),
         vec![
             h("update_origin_differs", "keep_local", "node1"),
-            h("update_deleted", "keep_local", "node1")
+            h("update_deleted", "keep_local", "node1"),
+            h("delete_origin_differs", "keep_local", "node1")
         ]
     );
     assert_eq!(bdr::apply_errors(&c), 0, "an apply error was counted");

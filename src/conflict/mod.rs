@@ -781,20 +781,41 @@ impl Resolver {
     }
 
     pub fn delete(&mut self, map: &RelMap, old: &wire::OldRow) {
+        self.again_on_clash(map.target(), |r| r.delete_once(map, old));
+    }
+
+    /// A remote DELETE: look the key up, decide, carry the decision out. As an UPDATE
+    /// ([`Resolver::update_once`]), one sent with its key only (the table has an identity
+    /// index), of a table without a BEFORE DELETE trigger that fires, outside a streamed
+    /// transaction, finds and deletes its row without locking it first; `Err` (the key's
+    /// text): another transaction changed the row in between, nothing was deleted.
+    fn delete_once(&mut self, map: &RelMap, old: &wire::OldRow) -> Result<(), String> {
         let t = map.target();
         let key_row = map
             .search_row_old(old, "delete")
             .unwrap_or_else(|e| raise(&e));
-        let found = t.find(&key_row);
+        let unlocked =
+            matches!(old, wire::OldRow::Key(_)) && !self.streamed && t.can_delete_unlocked();
+        let found = if unlocked {
+            t.find_unlocked(&key_row)
+        } else {
+            t.find(&key_row)
+        };
         let mut key = LazyKey::new(t, &key_row);
         let local = self.local_state(t, found.as_ref(), &mut key);
         if !self.check_streamed(Change::Delete, local) {
-            return;
+            return Ok(());
         }
         let d = decide(Change::Delete, local, self.remote_version());
         let base = found.as_ref().map(|f| f.values());
         if d.action == Action::Delete {
-            t.delete(found.as_ref().expect("delete needs the row"));
+            let f = found.as_ref().expect("delete needs the row");
+            if !unlocked {
+                t.delete(f);
+            } else if !t.delete_unlocked(f) {
+                // Changed since the lookup: nothing deleted, look again.
+                return Err(key.get().unwrap_or_default());
+            }
         }
         let values = match old {
             wire::OldRow::Key(k) | wire::OldRow::Full(k) => k.clone(),
@@ -805,6 +826,7 @@ impl Resolver {
             &mut key,
             Decided::of(&d, &values, local, base.as_ref()),
         );
+        Ok(())
     }
 
     fn tombstone(&mut self, relid: pg_sys::Oid, key: &str) {

@@ -802,7 +802,7 @@ impl Target {
                 crate::pg::xact::must_roll_back();
                 false
             }
-            other => self.update_failed(other),
+            other => self.update_failed(other, false),
         }
     }
 
@@ -928,21 +928,26 @@ impl Target {
         }
     }
 
-    /// What `simple_table_tuple_update` raises for what the table's `tuple_update`
-    /// reported (see [`Target::write_update`]).
+    /// What `simple_table_tuple_update` (`delete`: `..._delete`) raises for what the
+    /// table's `tuple_update` (`tuple_delete`) reported (see [`Target::write_update`]).
     #[cold]
-    fn update_failed(&self, w: unlocked::Written) -> ! {
+    fn update_failed(&self, w: unlocked::Written, delete: bool) -> ! {
         use pg_sys::TM_Result as tm;
+        let (done, call) = if delete {
+            ("deleted", "delete")
+        } else {
+            ("updated", "update")
+        };
         match w {
             unlocked::Written::Changed(r) if r == tm::TM_Updated => {
                 pgrx::error!("tuple concurrently updated")
             }
             unlocked::Written::Changed(_) => pgrx::error!("tuple concurrently deleted"),
             unlocked::Written::Failed(r) if r == tm::TM_SelfModified => {
-                pgrx::error!("tuple already updated by self")
+                pgrx::error!("tuple already {done} by self")
             }
             unlocked::Written::Failed(r) => {
-                pgrx::error!("unrecognized table_tuple_update status: {r}")
+                pgrx::error!("unrecognized table_tuple_{call} status: {r}")
             }
             _ => crate::error::internal("an update reported as failed that did not fail"),
         }

@@ -202,6 +202,14 @@ pub mod raw {
             is_crosspart_update: bool,
         );
         pub fn lappend_oid(list: *mut pg_sys::List, datum: Oid) -> *mut pg_sys::List;
+        pub fn ExecARDeleteTriggers(
+            estate: *mut pg_sys::EState,
+            rri: *mut pg_sys::ResultRelInfo,
+            tupleid: pg_sys::ItemPointer,
+            fdw_trigtuple: pg_sys::HeapTuple,
+            transition_capture: *mut pg_sys::TransitionCaptureState,
+            is_crosspart_update: bool,
+        );
         pub fn ScanKeyInit(
             entry: pg_sys::ScanKey,
             attribute_number: pg_sys::AttrNumber,

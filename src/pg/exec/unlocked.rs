@@ -1,5 +1,5 @@
-//! Write stage, raw half: a remote UPDATE's row found and written without locking it
-//! first (issue 17).
+//! Write stage, raw half: a remote UPDATE's (or DELETE's) row found and written without
+//! locking it first (issue 17).
 //!
 //! Why: PostgreSQL's apply locks the row it finds before it updates it
 //! (`RelationFindReplTupleByIndex` ends with `table_tuple_lock`, `LockTupleExclusive`), and
@@ -21,7 +21,9 @@
 //! fetch and lock the row itself, with EvalPlanQual), the identity index is the table's
 //! only unique index and the change keeps its key (nothing else is looked up between the
 //! lookup and the update), and the transaction is not a streamed one (whose waiting
-//! changes keep the row they looked up locked until the commit).
+//! changes keep the row they looked up locked until the commit). A remote DELETE sent
+//! with its key likewise ([`Target::can_delete_unlocked`], [`Target::delete_unlocked`]:
+//! `tuple_delete`, the same give-way).
 //!
 //! Invariants: the lookup is `RelationFindReplTupleByIndex`'s without its last step — a
 //! dirty snapshot, and a row some transaction is writing is waited for and looked up
@@ -99,6 +101,22 @@ impl Target {
                 }
             })
             .as_ref()
+    }
+
+    /// Whether a remote DELETE of this table can take [`Target::find_unlocked`] and
+    /// [`Target::delete_unlocked`]: an identity index this lookup handles and no BEFORE
+    /// DELETE row trigger that fires in this change (the change must not be streamed:
+    /// the caller's part).
+    ///
+    /// # Preconditions
+    /// See [`Target::begin_change`].
+    pub fn can_delete_unlocked(&self) -> bool {
+        // SAFETY: as in can_update_unlocked.
+        let before = unsafe {
+            let trig = (*self.rri).ri_TrigDesc;
+            !trig.is_null() && (*trig).trig_delete_before_row
+        };
+        !before && self.identity_scan().is_some()
     }
 
     /// Whether a remote UPDATE of this table can take [`Target::find_unlocked`] and
@@ -227,7 +245,63 @@ impl Target {
         match written {
             Written::Done => true,
             Written::Changed(_) => false,
-            other => self.update_failed(other),
+            other => self.update_failed(other, false),
+        }
+    }
+
+    /// Delete `old`, found by [`Target::find_unlocked`]: the steps of
+    /// `ExecSimpleRelationDelete` (PostgreSQL 15) without BEFORE triggers (none fires,
+    /// [`Target::can_delete_unlocked`]), with the table's `tuple_delete` called directly.
+    /// `false`: another transaction updated or deleted the row since the lookup, and
+    /// nothing was deleted: look it up and decide again.
+    ///
+    /// # Preconditions
+    /// `old` was returned by [`Target::find_unlocked`] on this target in this change.
+    pub fn delete_unlocked(&self, old: &LocalRow) -> bool {
+        self.own(old);
+        let (rel, rri, estate, slot) = (self.rel, self.rri, self.estate, old.slot);
+        // SAFETY: see begin_change; the row was found by this target in this change. The
+        // closure holds only pointers and plain values.
+        let written = as_user(self.owner, || unsafe {
+            guarded(|| {
+                let tid = &mut (*slot).tts_tid as pg_sys::ItemPointer;
+                raw::CheckCmdReplicaIdentity(rel, pg_sys::CmdType::CMD_DELETE);
+                let Some(delete) = (*(*rel).rd_tableam).tuple_delete else {
+                    return Written::Failed(u32::MAX);
+                };
+                let mut tmfd: pg_sys::TM_FailureData = std::mem::zeroed();
+                // As simple_table_tuple_delete: wait for a transaction writing the row.
+                let res = delete(
+                    rel,
+                    tid,
+                    crate::pg::unguarded::GetCurrentCommandId(true),
+                    (*estate).es_snapshot,
+                    std::ptr::null_mut(),
+                    true,
+                    &mut tmfd,
+                    false,
+                );
+                use pg_sys::TM_Result as tm;
+                if res == tm::TM_Updated || res == tm::TM_Deleted {
+                    return Written::Changed(res);
+                } else if res != tm::TM_Ok {
+                    return Written::Failed(res);
+                }
+                raw::ExecARDeleteTriggers(
+                    estate,
+                    rri,
+                    tid,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    false,
+                );
+                Written::Done
+            })
+        });
+        match written {
+            Written::Done => true,
+            Written::Changed(_) => false,
+            other => self.update_failed(other, true),
         }
     }
 }
