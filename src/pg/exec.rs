@@ -689,19 +689,24 @@ impl Target {
                 if !ok {
                     return None;
                 }
-                let natts = (*(*found).tts_tupleDescriptor).natts;
-                if i32::from((*found).tts_nvalid) < natts {
-                    raw::slot_getsomeattrs_int(found, natts);
-                }
-                Some(read_xmin(found))
+                Some(read_found(found))
             })
         })?;
-        Some(LocalRow {
+        Some(self.found_row(found, xmin))
+    }
+
+    /// The row a lookup of this target found in `found` (see [`read_found`]).
+    fn found_row(
+        &self,
+        found: *mut pg_sys::TupleTableSlot,
+        xmin: pg_sys::TransactionId,
+    ) -> LocalRow<'_> {
+        LocalRow {
             slot: found,
             estate: self.estate,
             xmin,
             _target: PhantomData,
-        })
+        }
     }
 
     /// Run `f` with an initialised EvalPlanQual state, ended afterwards, when the table
@@ -879,11 +884,8 @@ impl Target {
                     &mut lockmode,
                     &mut update_indexes,
                 );
-                use pg_sys::TM_Result as tm;
-                if res == tm::TM_Updated || res == tm::TM_Deleted {
-                    return Written::Changed(res);
-                } else if res != tm::TM_Ok {
-                    return Written::Failed(res);
+                if let w @ (Written::Changed(_) | Written::Failed(_)) = Written::of(res) {
+                    return w;
                 }
                 let mut recheck = std::ptr::null_mut();
                 let mut clash = false;
@@ -1069,6 +1071,23 @@ impl LocalRow<'_> {
                 && a.ip_blkid.bi_lo == b.ip_blkid.bi_lo
                 && a.ip_posid == b.ip_posid
         }
+    }
+}
+
+/// Every attribute of the row a lookup found in `found` read into the slot, and its xmin
+/// (every caller of a lookup reads both: one guard for all of it).
+///
+/// # Safety
+/// Inside a guard; `found` is a table slot holding the row found.
+unsafe fn read_found(found: *mut pg_sys::TupleTableSlot) -> pg_sys::TransactionId {
+    use crate::pg::unguarded::raw;
+    // SAFETY: see the preconditions; slot_getsomeattrs_int fills natts attributes.
+    unsafe {
+        let natts = (*(*found).tts_tupleDescriptor).natts;
+        if i32::from((*found).tts_nvalid) < natts {
+            raw::slot_getsomeattrs_int(found, natts);
+        }
+        read_xmin(found)
     }
 }
 

@@ -34,7 +34,6 @@ use super::{LocalRow, Row, Target};
 use crate::pg::owner::as_user;
 use crate::pg::unguarded::{guarded, raw};
 use pgrx::pg_sys;
-use std::marker::PhantomData;
 
 /// The identity index's scan keys as the target keeps them: where the index sits in the
 /// result relation's index list, and per key column the table's attribute index, the
@@ -55,6 +54,20 @@ pub(super) enum Written {
     Changed(pg_sys::TM_Result::Type),
     /// Anything else the table's `tuple_update` reported (nothing was written).
     Failed(pg_sys::TM_Result::Type),
+}
+
+impl Written {
+    /// What the table's `tuple_update` or `tuple_delete` returned, as a write's outcome.
+    pub(super) fn of(res: pg_sys::TM_Result::Type) -> Written {
+        use pg_sys::TM_Result as tm;
+        if res == tm::TM_Ok {
+            Written::Done
+        } else if res == tm::TM_Updated || res == tm::TM_Deleted {
+            Written::Changed(res)
+        } else {
+            Written::Failed(res)
+        }
+    }
 }
 
 impl Target {
@@ -212,19 +225,10 @@ impl Target {
                 if !found_it {
                     return None;
                 }
-                let natts = (*(*found).tts_tupleDescriptor).natts;
-                if i32::from((*found).tts_nvalid) < natts {
-                    raw::slot_getsomeattrs_int(found, natts);
-                }
-                Some(super::read_xmin(found))
+                Some(super::read_found(found))
             })
         })?;
-        Some(LocalRow {
-            slot: found,
-            estate: self.estate,
-            xmin,
-            _target: PhantomData,
-        })
+        Some(self.found_row(found, xmin))
     }
 
     /// Replace `old`, found by [`Target::find_unlocked`], by `row`. `false`: another
@@ -282,11 +286,8 @@ impl Target {
                     &mut tmfd,
                     false,
                 );
-                use pg_sys::TM_Result as tm;
-                if res == tm::TM_Updated || res == tm::TM_Deleted {
-                    return Written::Changed(res);
-                } else if res != tm::TM_Ok {
-                    return Written::Failed(res);
+                if let w @ (Written::Changed(_) | Written::Failed(_)) = Written::of(res) {
+                    return w;
                 }
                 raw::ExecARDeleteTriggers(
                     estate,
