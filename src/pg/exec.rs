@@ -532,13 +532,11 @@ impl Target {
     /// triggers (they would run again if the attempt gives way) and no stored generated
     /// columns (computed by a function the bindings do not expose).
     pub fn can_try_insert(&self) -> bool {
-        // SAFETY: the relation and its result-relation info are open.
-        unsafe {
-            let trig = (*self.rri).ri_TrigDesc;
-            let constr = (*(*self.rel).rd_att).constr;
-            (trig.is_null() || !(*trig).trig_insert_before_row)
-                && (constr.is_null() || !(*constr).has_generated_stored)
-        }
+        // SAFETY: the relation is open.
+        let constr = unsafe { (*(*self.rel).rd_att).constr };
+        !self.fires(|t| t.trig_insert_before_row)
+            // SAFETY: as above; constr is null or the relation's constraint description.
+            && (constr.is_null() || !unsafe { (*constr).has_generated_stored })
     }
 
     /// Insert `row` unless some unique index already holds one of its keys (a row live
@@ -709,6 +707,18 @@ impl Target {
         }
     }
 
+    /// Whether the trigger descriptor this change runs with (none while the table's
+    /// triggers are hidden, see `begin_change`) has the triggers `which` picks (e.g.
+    /// `trig_update_before_row`).
+    fn fires(&self, which: impl FnOnce(&pg_sys::TriggerDesc) -> bool) -> bool {
+        // SAFETY: the result relation info and its trigger description (if any) live as
+        // long as the target.
+        unsafe {
+            let trig = (*self.rri).ri_TrigDesc;
+            !trig.is_null() && which(&*trig)
+        }
+    }
+
     /// Run `f` with an initialised EvalPlanQual state, ended afterwards, when the table
     /// has BEFORE ROW triggers for the operation (`before_row` of its trigger
     /// description): ExecSimpleRelationUpdate and ...Delete use it only to run those.
@@ -722,15 +732,12 @@ impl Target {
         before_row: impl FnOnce(&pg_sys::TriggerDesc) -> bool,
         f: impl FnOnce(*mut pg_sys::EPQState),
     ) {
-        // SAFETY: the result relation info and its trigger description (if any) live as
-        // long as the target; the EPQ state lives on this stack frame for the duration
-        // of `f`.
+        if !self.fires(before_row) {
+            f(std::ptr::null_mut());
+            return;
+        }
+        // SAFETY: the EPQ state lives on this stack frame for the duration of `f`.
         unsafe {
-            let trig = (*self.rri).ri_TrigDesc;
-            if trig.is_null() || !before_row(&*trig) {
-                f(std::ptr::null_mut());
-                return;
-            }
             let mut epq: pg_sys::EPQState = std::mem::zeroed();
             pg_sys::EvalPlanQualInit(
                 &mut epq,

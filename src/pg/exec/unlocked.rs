@@ -43,7 +43,7 @@ pub(super) struct IdentityScan {
     keys: Vec<(usize, pg_sys::RegProcedure, pg_sys::Oid)>,
 }
 
-/// What the table's `tuple_update` reported.
+/// What a write through the table's `tuple_update` or `tuple_delete` came to.
 pub(super) enum Written {
     /// The row was replaced (or a BEFORE trigger said "do nothing").
     Done,
@@ -52,7 +52,7 @@ pub(super) enum Written {
     /// The row was updated or deleted by another transaction since the lookup
     /// (`TM_Updated`, `TM_Deleted`): nothing was written.
     Changed(pg_sys::TM_Result::Type),
-    /// Anything else the table's `tuple_update` reported (nothing was written).
+    /// Anything else the table's access method reported (nothing was written).
     Failed(pg_sys::TM_Result::Type),
 }
 
@@ -124,12 +124,7 @@ impl Target {
     /// # Preconditions
     /// See [`Target::begin_change`].
     pub fn can_delete_unlocked(&self) -> bool {
-        // SAFETY: as in can_update_unlocked.
-        let before = unsafe {
-            let trig = (*self.rri).ri_TrigDesc;
-            !trig.is_null() && (*trig).trig_delete_before_row
-        };
-        !before && self.identity_scan().is_some()
+        !self.fires(|t| t.trig_delete_before_row) && self.identity_scan().is_some()
     }
 
     /// Whether a remote UPDATE of this table can take [`Target::find_unlocked`] and
@@ -141,13 +136,9 @@ impl Target {
     /// # Preconditions
     /// See [`Target::begin_change`].
     pub fn can_update_unlocked(&self) -> bool {
-        // SAFETY: the result relation info is this target's; its trigger descriptor was
-        // set by begin_change for this change.
-        let before = unsafe {
-            let trig = (*self.rri).ri_TrigDesc;
-            !trig.is_null() && (*trig).trig_update_before_row
-        };
-        !before && self.other_unique_indexes().is_empty() && self.identity_scan().is_some()
+        !self.fires(|t| t.trig_update_before_row)
+            && self.other_unique_indexes().is_empty()
+            && self.identity_scan().is_some()
     }
 
     /// Find the local row whose identity key equals `key`'s, without locking it (see the
@@ -155,7 +146,8 @@ impl Target {
     /// again.
     ///
     /// # Preconditions
-    /// See [`Target::begin_change`]; only after [`Target::can_update_unlocked`].
+    /// See [`Target::begin_change`]; only after [`Target::can_update_unlocked`] or
+    /// [`Target::can_delete_unlocked`].
     pub fn find_unlocked(&self, key: &Row) -> Option<LocalRow<'_>> {
         let Some(scan) = self.identity_scan() else {
             crate::error::internal("an unlocked lookup without its scan keys");
@@ -247,10 +239,16 @@ impl Target {
                 self.write_update(std::ptr::null_mut(), old.slot, slot, None)
             })
         };
+        self.written_unless_changed(written, false)
+    }
+
+    /// `true`: written; `false`: the row changed since the lookup (nothing written). Any
+    /// other outcome raises as `simple_table_tuple_update` (`delete`: `..._delete`) does.
+    fn written_unless_changed(&self, written: Written, delete: bool) -> bool {
         match written {
             Written::Done => true,
             Written::Changed(_) => false,
-            other => self.update_failed(other, false),
+            other => self.update_failed(other, delete),
         }
     }
 
@@ -300,10 +298,6 @@ impl Target {
                 Written::Done
             })
         });
-        match written {
-            Written::Done => true,
-            Written::Changed(_) => false,
-            other => self.update_failed(other, true),
-        }
+        self.written_unless_changed(written, true)
     }
 }
