@@ -22,7 +22,8 @@
 
 use crate::catalog::nodes::{self, NodeKind, NodeState};
 use crate::error::{raise, DdlError};
-use crate::pg::{libpq::Conn, shmem, utility, xact};
+use crate::pg::libpq::{self, Conn};
+use crate::pg::{shmem, utility, xact};
 use bdr_core::ddl::{self, DdlCommand, Decision, Plan, Shape};
 use bdr_core::{dsn, wire};
 use pgrx::prelude::*;
@@ -207,11 +208,18 @@ fn drain(tables: &[String]) {
 /// A connection to every member within the timeout; else fail naming the unreachable.
 fn connect_all(members: &[nodes::Node], timeout: Duration) -> Vec<Member> {
     let connect_timeout = timeout.as_secs().clamp(1, 30).to_string();
+    let dsns: Vec<String> = members
+        .iter()
+        .map(|m| dsn::with_default(&m.dsn, "connect_timeout", &connect_timeout))
+        .collect();
     let mut reached = Vec::new();
     let mut unreachable = Vec::new();
-    for m in members {
-        let dsn = dsn::with_default(&m.dsn, "connect_timeout", &connect_timeout);
-        match Conn::connect(&dsn, "bdr_ddl_drain") {
+    // All at once: unreachable members cost one connect_timeout together.
+    for (m, c) in members
+        .iter()
+        .zip(libpq::connect_many(&dsns, "bdr_ddl_drain"))
+    {
+        match c {
             Ok(conn) => reached.push(Member {
                 name: m.name.clone(),
                 conn,
@@ -234,11 +242,15 @@ fn unfence_if_rolled_back(members: &[nodes::Node], origin: &str) {
     let origin = origin.to_string();
     utility::at_transaction_end(Box::new(move |committed| {
         if !committed {
-            for d in &dsns {
-                let d = dsn::with_default(d, "connect_timeout", "2");
-                if let Ok(mut c) = Conn::connect(&d, "bdr_ddl_unfence") {
-                    let _ = c.exec_params("SELECT bdr.ddl_unfence($1)", &[&origin]);
-                }
+            let dsns: Vec<String> = dsns
+                .iter()
+                .map(|d| dsn::with_default(d, "connect_timeout", "2"))
+                .collect();
+            for mut c in libpq::connect_many(&dsns, "bdr_ddl_unfence")
+                .into_iter()
+                .flatten()
+            {
+                let _ = c.exec_params("SELECT bdr.ddl_unfence($1)", &[&origin]);
             }
         }
     }));

@@ -3,8 +3,9 @@
 //!
 //! Voting members are the active and witness nodes of the group (standbys do not vote);
 //! this node counts itself. The supervisor (`workers::supervisor`) probes every voting
-//! peer every 2 s with a fresh connection (bounded by `connect_timeout`, so a hung peer
-//! counts as unreachable, not as a hang); a peer also counts as reached while its apply
+//! peer every 2 s with a fresh connection, all peers at once (bounded by a 2 s
+//! `connect_timeout` unless the peer's DSN sets one, so hung peers count as unreachable
+//! after that one wait, not as a hang each); a peer also counts as reached while its apply
 //! stream delivered something in the last 6 s. The verdict lives in shared memory, and
 //! the write paths (`ExecutorStart` for INSERT/UPDATE/DELETE/MERGE, and COPY FROM,
 //! TRUNCATE and replicated DDL) check it: one shared-memory read per write statement.
@@ -15,7 +16,7 @@
 
 use crate::catalog::nodes::{self, NodeKind, NodeState};
 use crate::error::{raise, QuorumError};
-use crate::pg::{libpq::Conn, shmem, utility, xact};
+use crate::pg::{libpq, shmem, utility, xact};
 use bdr_core::dsn;
 
 /// How long a reached peer counts as reachable (µs).
@@ -32,17 +33,22 @@ pub fn evaluate(dboid: u32, all: &[nodes::Node]) {
     let required = crate::gucs::MINIMUM_NODES.get().max(0) as u32;
     // Witnesses are probed always (nothing else tells whether one is up); the other
     // voters only when a minimum is set.
-    for n in all
+    let probed: Vec<&nodes::Node> = all
         .iter()
         .filter(|n| !n.is_local && votes(n) && (required > 0 || n.kind == NodeKind::Witness))
+        .collect();
+    let dsns: Vec<String> = probed
+        .iter()
+        .map(|n| dsn::with_default(&n.dsn, "connect_timeout", "2"))
+        .collect();
+    // All at once: unreachable peers cost one connect_timeout together, not one each.
+    for (n, c) in probed
+        .iter()
+        .zip(libpq::connect_many(&dsns, "bdr_quorum_probe"))
     {
-        let d = dsn::with_default(&n.dsn, "connect_timeout", "2");
-        if let Ok(mut c) = Conn::connect(&d, "bdr_quorum_probe") {
-            // A link that hangs after connecting must not hold the supervisor.
-            c.set_timeout(Some(std::time::Duration::from_secs(2)));
-            if c.exec("SELECT 1").is_ok() {
-                shmem::set_seen(dboid, &n.name, xact::now());
-            }
+        // A connection made is the server's answer (it sent ReadyForQuery).
+        if c.is_ok() {
+            shmem::set_seen(dboid, &n.name, xact::now());
         }
     }
     if required == 0 {

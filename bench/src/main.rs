@@ -17,10 +17,13 @@
 //! `k` (b: workload 1 with `bdr.writers_per_peer` = 1, 2, 4); default all.
 //! `BENCH_NATIVE_STREAMING=on` creates native subscriptions with `streaming = on`.
 //! `BENCH_BDR_STREAMING=on|off` sets `bdr.stream_large_transactions` on the bdr nodes.
-//! `BENCH_SYSTEMS=bdr,native` picks the systems; `BENCH_RUNS=3` repeats the whole run and
-//! reports each row's median ([`report`]); every other run takes the systems in the
-//! opposite order (drift during a run then favours no system). On a shared machine compare ratios from the same
-//! run, not absolute numbers. The table also goes to `bench/results/latest.md`.
+//! `BENCH_SYSTEMS=bdr,native` picks the systems, the first named running first;
+//! `BENCH_RUNS=3` repeats the whole run and reports each row's median ([`report`]); every
+//! other run takes the systems in the opposite order (drift during a run then favours no
+//! system). `BENCH_FREEZE_RETURN=1` stops B's walsenders over bdr's timed catch-ups (an
+//! experiment: B's apply without a bidirectional group's return path beside it). On a
+//! shared machine compare ratios from the same run, not absolute numbers. The table also
+//! goes to `bench/results/latest.md`.
 //!
 //! Subcommands: `keys` ([`keys`]), `profile [system]`, `profile-update [system]`,
 //! `profile-big [system]` and
@@ -231,6 +234,24 @@ pub(crate) fn walsender_pid(a: &Node) -> Option<i32> {
         .map(|r| r.get(0))
 }
 
+/// PIDs of every walsender of `n`.
+fn walsender_pids(n: &Node) -> Vec<i32> {
+    n.connect()
+        .query("SELECT pid FROM pg_stat_replication", &[])
+        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        .unwrap_or_default()
+}
+
+/// `kill -<sig>` each of `pids` (as root, the servers' processes are postgres's).
+fn signal_all(pids: &[i32], sig: &str) {
+    for p in pids {
+        let _ = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(p.to_string())
+            .status();
+    }
+}
+
 pub(crate) fn hold(sys: System, b: &Node) {
     match sys {
         System::Bdr => {
@@ -312,6 +333,17 @@ fn put_user_and_preempted(rows: &mut Vec<Row>, sys: System, w: &str, ap: &Applie
 fn timed_apply(sys: System, a: &Node, b: &Node, table: &str, rows: i64) -> Applied {
     // bdr's worker stays up while paused; the baselines' start on release (from 0).
     let before = apply_pid(sys, b).and_then(|p| Some((p, procs::usage(p)?)));
+    // BENCH_FREEZE_RETURN=1 (an experiment, not a configuration anyone runs): B's
+    // walsenders (a bdr group's return path, which decodes every record B's apply writes
+    // only to drop it) are stopped with SIGSTOP over the catch-up, so that B's apply has
+    // the machine to itself as a one-way subscriber's does.
+    let frozen: Vec<i32> =
+        if sys == System::Bdr && std::env::var("BENCH_FREEZE_RETURN").is_ok_and(|v| v == "1") {
+            walsender_pids(b)
+        } else {
+            Vec::new()
+        };
+    signal_all(&frozen, "STOP");
     let procs_before = procs::snapshot(&[a, b]);
     let t0 = Instant::now();
     release(sys, b);
@@ -355,6 +387,7 @@ fn timed_apply(sys: System, a: &Node, b: &Node, table: &str, rows: i64) -> Appli
     );
     let secs = t0.elapsed().as_secs_f64();
     let roles = procs::by_role(&procs_before, &procs::snapshot(&[a, b]));
+    signal_all(&frozen, "CONT");
     let used = match (before, last) {
         (Some((p0, u0)), Some((p1, u1))) if p0 == p1 => procs::Usage {
             user: u1.user.saturating_sub(u0.user),
@@ -484,14 +517,20 @@ fn enabled(name: &str) -> bool {
     }
 }
 
-/// The systems to run (`BENCH_SYSTEMS`, comma-separated; default all three).
+/// The systems to run (`BENCH_SYSTEMS`, comma-separated, in the order given: the first
+/// runs first in odd-numbered runs; default all three, bdr first).
 fn systems() -> Vec<System> {
     let all = [System::Bdr, System::Native, System::Pglogical];
     match std::env::var("BENCH_SYSTEMS") {
-        Ok(v) => all
-            .into_iter()
-            .filter(|s| v.split(',').any(|x| x.trim() == s.name()))
-            .collect(),
+        Ok(v) => v
+            .split(',')
+            .filter_map(|x| all.into_iter().find(|s| s.name() == x.trim()))
+            .fold(Vec::new(), |mut out, s| {
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+                out
+            }),
         Err(_) => all.to_vec(),
     }
 }

@@ -556,6 +556,9 @@ fn hung_link_is_detected_and_reconnected_without_duplicates() {
         || status(c.node(2), "node1").apply_state == "streaming",
     );
     connects_yield_to_cancel_and_sigterm(c.node(0), "node2");
+    proxy.hang(0, 2);
+    hung_members_are_waited_for_together(c.node(0));
+    proxy.heal(0, 2);
     std::thread::sleep(Duration::from_secs(25).saturating_sub(hung_at.elapsed()));
     proxy.heal_both(0, 1);
     wait_until(
@@ -645,6 +648,33 @@ fn connects_yield_to_cancel_and_sigterm(n: &Node, peer: &str) {
     if let Err(e) = gone {
         panic!("the apply worker connecting to {peer} did not yield to SIGTERM: {e}");
     }
+}
+
+/// With `n`'s links to both other members hung, a schema change on `n` (which must reach
+/// every member) fails naming both, after one `connect_timeout` (here
+/// `bdr.ddl_lock_timeout`, 4 s), not one per member in turn: members are dialled at once.
+fn hung_members_are_waited_for_together(n: &Node) {
+    let t = Instant::now();
+    let err = n
+        .connect()
+        .batch_execute(
+            "SET bdr.ddl_lock_timeout = '4s'; ALTER TABLE kv ADD COLUMN note text DEFAULT 'x'",
+        )
+        .map(|_| "it succeeded".to_string())
+        .unwrap_or_else(|e| db_error_text(&e));
+    let took = t.elapsed();
+    println!("hang: a schema change with two members hung ended after {took:.1?}: {err}");
+    for m in ["node2", "node3"] {
+        assert!(
+            err.contains(&format!("{m} (")) && err.contains("timeout expired"),
+            "the schema change's error does not name {m} unreachable: {err}"
+        );
+    }
+    // One 4 s connect_timeout for both; one after the other would be 8 s or more.
+    assert!(
+        took < Duration::from_secs(7),
+        "two hung members cost {took:?}: they were dialled one after the other"
+    );
 }
 
 /// Unmounts a tmpfs when dropped (after the cluster using it has stopped).

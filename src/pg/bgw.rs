@@ -127,30 +127,64 @@ pub fn wait(socket: Option<i32>, timeout: Duration) -> bool {
     after_wait()
 }
 
-/// Wait until `socket` is readable (`writable`: writable), the latch is set, or `timeout`
-/// passes, with a wait set of its own (a connection being made may change sockets).
-/// Returns whether the socket is ready, and whether SIGTERM was received (as [`wait`]).
-pub fn wait_socket(socket: i32, writable: bool, timeout: Duration) -> (bool, bool) {
+/// Wait until one of `sockets` is ready (each `(socket, writable)`: readable, or with
+/// `writable` writable), the latch is set, or `timeout` passes, with a wait set of its
+/// own (connections being made may change sockets). Returns which sockets are ready, and
+/// whether SIGTERM was received (as [`wait`]). The sockets must be distinct.
+pub fn wait_sockets(sockets: &[(i32, bool)], timeout: Duration) -> (Vec<bool>, bool) {
     let ms = timeout.as_millis().min(i64::MAX as u128) as std::ffi::c_long;
-    let io = if writable {
-        pg_sys::WL_SOCKET_WRITEABLE
-    } else {
-        pg_sys::WL_SOCKET_READABLE
-    };
-    // SAFETY: MyLatch is this process's latch; the socket belongs to a connection of this
-    // process that is being made.
-    let rc = unsafe {
-        let rc = pg_sys::WaitLatchOrSocket(
+    let mut ready = vec![false; sockets.len()];
+    // The latch and the postmaster's death come first: a socket's position is its index + 2.
+    const FIRST_SOCKET: usize = 2;
+    let io = pg_sys::WL_SOCKET_READABLE | pg_sys::WL_SOCKET_WRITEABLE;
+    // SAFETY: MyLatch is this process's latch; each socket belongs to a connection of
+    // this process being made or used, and no socket is added twice (epoll would refuse
+    // it with an ERROR). The set is freed before anything here can raise.
+    unsafe {
+        let set =
+            pg_sys::CreateWaitEventSet(pg_sys::CurrentMemoryContext, (sockets.len() + 2) as i32);
+        pg_sys::AddWaitEventToSet(
+            set,
+            pg_sys::WL_LATCH_SET,
+            pg_sys::PGINVALID_SOCKET,
             pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH | io) as i32,
-            socket,
+            std::ptr::null_mut(),
+        );
+        pg_sys::AddWaitEventToSet(
+            set,
+            pg_sys::WL_EXIT_ON_PM_DEATH,
+            pg_sys::PGINVALID_SOCKET,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        );
+        for &(fd, writable) in sockets {
+            let event = if writable {
+                pg_sys::WL_SOCKET_WRITEABLE
+            } else {
+                pg_sys::WL_SOCKET_READABLE
+            };
+            pg_sys::AddWaitEventToSet(set, event, fd, std::ptr::null_mut(), std::ptr::null_mut());
+        }
+        let mut events: Vec<pg_sys::WaitEvent> = (0..sockets.len() + 2)
+            .map(|_| pg_sys::WaitEvent::default())
+            .collect();
+        let n = pg_sys::WaitEventSetWait(
+            set,
             ms,
+            events.as_mut_ptr(),
+            events.len() as i32,
             pg_sys::PG_WAIT_EXTENSION,
         );
+        for e in &events[..n.max(0) as usize] {
+            let pos = e.pos as usize;
+            if e.events & io != 0 && pos >= FIRST_SOCKET {
+                ready[pos - FIRST_SOCKET] = true;
+            }
+        }
+        pg_sys::FreeWaitEventSet(set);
         pg_sys::ResetLatch(pg_sys::MyLatch);
-        rc
-    };
-    (rc & io as i32 != 0, after_wait())
+    }
+    (ready, after_wait())
 }
 
 /// After a wait: serve interrupts (a backend's cancel or termination raises here), and in

@@ -104,6 +104,116 @@ fn cstr_lossy(p: *const c_char) -> String {
         .to_owned()
 }
 
+/// A connection [`connect_many`] is making.
+struct Making {
+    /// Its place in the caller's list.
+    index: usize,
+    conn: Conn,
+    /// What `PQconnectPoll` last asked to wait for.
+    status: pq::PostgresPollingStatusType,
+    /// `connect_timeout`'s end (`None`: no limit).
+    deadline: Option<Instant>,
+}
+
+/// Connect to every one of `conninfos` at once (see [`Conn::connect`], which each
+/// connection behaves as); the results are in the same order. A group operation that must
+/// reach every member, or the supervisor's quorum probe, then waits for the slowest
+/// member's `connect_timeout` once, not for each unreachable member's in turn.
+pub fn connect_many(conninfos: &[String], application_name: &str) -> Vec<Result<Conn, LibpqError>> {
+    use pq::PostgresPollingStatusType::*;
+    let mut out: Vec<Option<Result<Conn, LibpqError>>> = conninfos.iter().map(|_| None).collect();
+    let mut making = Vec::new();
+    let mut blocking = Vec::new();
+    for (index, conninfo) in conninfos.iter().enumerate() {
+        match Conn::start(conninfo, application_name) {
+            Err(e) => out[index] = Some(Err(e)),
+            Ok((conn, Start::Blocking(c))) => blocking.push((index, conn, c)),
+            Ok((conn, Start::Polling(limit))) => making.push(Making {
+                index,
+                conn,
+                // After PQconnectStart, as if PQconnectPoll had asked to wait for writing.
+                status: PGRES_POLLING_WRITING,
+                deadline: limit.map(|t| Instant::now() + t),
+            }),
+        }
+    }
+    while !making.is_empty() {
+        let now = Instant::now();
+        // Settle what has ended: made, failed, or out of time.
+        let mut i = 0;
+        while i < making.len() {
+            let m = &making[i];
+            let end = match m.status {
+                PGRES_POLLING_OK => Some(Ok(())),
+                PGRES_POLLING_FAILED => Some(Err(m.conn.connect_error())),
+                _ if m.deadline.is_some_and(|d| now >= d) => Some(Err(LibpqError::Connect {
+                    dsn: m.conn.safe_dsn.clone(),
+                    message: "timeout expired".into(),
+                })),
+                _ if m.conn.socket() < 0 => Some(Err(m.conn.connect_error())),
+                _ => None,
+            };
+            match end {
+                Some(r) => {
+                    let m = making.swap_remove(i);
+                    out[m.index] = Some(r.map(|()| m.conn));
+                }
+                None => i += 1,
+            }
+        }
+        if making.is_empty() {
+            break;
+        }
+        let left = making
+            .iter()
+            .filter_map(|m| m.deadline)
+            .min()
+            .map_or(Duration::from_secs(1), |d| d.saturating_duration_since(now));
+        let sockets: Vec<(i32, bool)> = making
+            .iter()
+            .map(|m| (m.conn.socket(), m.status == PGRES_POLLING_WRITING))
+            .collect();
+        let (ready, stop) = crate::pg::bgw::wait_sockets(&sockets, left);
+        if stop {
+            for m in making.drain(..) {
+                out[m.index] = Some(Err(LibpqError::Stopping {
+                    dsn: m.conn.safe_dsn.clone(),
+                }));
+            }
+            break;
+        }
+        for (m, ready) in making.iter_mut().zip(ready) {
+            // Only once the socket is ready: libpq takes a call before it as the
+            // connection's progress (a connect still under way reads as made).
+            if ready {
+                // SAFETY: a started connection, owned by m.
+                m.status = unsafe { pq::PQconnectPoll(m.conn.raw) };
+            }
+        }
+    }
+    for (index, mut conn, c) in blocking {
+        // SAFETY: the started connection is freed once and replaced by a new one, owned by
+        // conn from then on.
+        unsafe {
+            pq::PQfinish(conn.raw);
+            conn.raw = pq::PQconnectdb(c.as_ptr());
+        }
+        out[index] = Some(Ok(conn));
+    }
+    out.into_iter()
+        .map(|r| r.expect("every connection has a result"))
+        .map(|r| r.and_then(Conn::made))
+        .collect()
+}
+
+/// How a started connection is to be finished.
+enum Start {
+    /// On the socket and the latch, within this `connect_timeout`.
+    Polling(Option<Duration>),
+    /// With `PQconnectdb` on this connection string (a DSN naming several hosts).
+    Blocking(CString),
+}
+
 impl Conn {
     /// Connect, bounded by `connect_timeout` (10 s unless the DSN says otherwise).
     ///
@@ -116,8 +226,16 @@ impl Conn {
     /// the caller in this mode: it is read from the connection's options and bounds the
     /// whole connect. A DSN naming several hosts is connected the blocking way
     /// (`PQconnectdb`), whose timeout moves on to the next host, which this mode cannot
-    /// ask libpq to do.
+    /// ask libpq to do. [`connect_many`] makes several connections at once.
     pub fn connect(conninfo: &str, application_name: &str) -> Result<Conn, LibpqError> {
+        connect_many(&[conninfo.to_string()], application_name)
+            .pop()
+            .expect("one result")
+    }
+
+    /// `PQconnectStart` on `conninfo` (with defaults for `connect_timeout` and
+    /// `application_name`), and how to finish it.
+    fn start(conninfo: &str, application_name: &str) -> Result<(Conn, Start), LibpqError> {
         let safe_dsn = dsn::redact(conninfo);
         let full = dsn::with_default(conninfo, "connect_timeout", "10");
         let full = dsn::with_default(&full, "application_name", application_name);
@@ -129,7 +247,7 @@ impl Conn {
         crate::pg::bgw::forget_socket_waits();
         // SAFETY: c is a valid C string; the result is owned by Conn (freed on drop).
         let raw = unsafe { pq::PQconnectStart(c.as_ptr()) };
-        let mut conn = Conn {
+        let conn = Conn {
             raw,
             safe_dsn,
             timeout: default_timeout(),
@@ -139,23 +257,23 @@ impl Conn {
             return Err(conn.connect_error());
         }
         let (limit, several_hosts) = conn.connect_options();
-        if several_hosts {
-            // SAFETY: the started connection is freed once and replaced by a new one,
-            // owned by conn from then on.
-            unsafe {
-                pq::PQfinish(conn.raw);
-                conn.raw = pq::PQconnectdb(c.as_ptr());
-            }
+        let how = if several_hosts {
+            Start::Blocking(c)
         } else {
-            conn.poll_connect(limit)?;
-        }
-        // SAFETY: as above.
-        if conn.raw.is_null()
-            || unsafe { pq::PQstatus(conn.raw) } != pq::ConnStatusType::CONNECTION_OK
+            Start::Polling(limit)
+        };
+        Ok((conn, how))
+    }
+
+    /// The connection if it was made, else its error.
+    fn made(self) -> Result<Conn, LibpqError> {
+        // SAFETY: raw is a connection object (or NULL), valid until PQfinish.
+        if self.raw.is_null()
+            || unsafe { pq::PQstatus(self.raw) } != pq::ConnStatusType::CONNECTION_OK
         {
-            return Err(conn.connect_error());
+            return Err(self.connect_error());
         }
-        Ok(conn)
+        Ok(self)
     }
 
     fn connect_error(&self) -> LibpqError {
@@ -195,51 +313,6 @@ impl Conn {
             pq::PQconninfoFree(opts);
         }
         (limit, several_hosts)
-    }
-
-    /// Drive a started connection to its end (see [`Conn::connect`]); `limit` bounds it.
-    fn poll_connect(&mut self, limit: Option<Duration>) -> Result<(), LibpqError> {
-        use pq::PostgresPollingStatusType::*;
-        let deadline = limit.map(|t| Instant::now() + t);
-        // After PQconnectStart, as if PQconnectPoll had asked to wait for writing.
-        let mut status = PGRES_POLLING_WRITING;
-        loop {
-            match status {
-                PGRES_POLLING_OK => return Ok(()),
-                PGRES_POLLING_FAILED => return Err(self.connect_error()),
-                _ => {}
-            }
-            let left = match deadline {
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Err(LibpqError::Connect {
-                            dsn: self.safe_dsn.clone(),
-                            message: "timeout expired".into(),
-                        });
-                    }
-                    d - now
-                }
-                None => Duration::from_secs(1),
-            };
-            let fd = self.socket();
-            if fd < 0 {
-                return Err(self.connect_error());
-            }
-            let (ready, stop) =
-                crate::pg::bgw::wait_socket(fd, status == PGRES_POLLING_WRITING, left);
-            if stop {
-                return Err(LibpqError::Stopping {
-                    dsn: self.safe_dsn.clone(),
-                });
-            }
-            // Only once the socket is ready: libpq takes a call before it as the
-            // connection's progress (a connect still under way reads as made).
-            if ready {
-                // SAFETY: a started connection, owned by self.
-                status = unsafe { pq::PQconnectPoll(self.raw) };
-            }
-        }
     }
 
     pub fn safe_dsn(&self) -> &str {
