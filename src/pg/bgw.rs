@@ -43,7 +43,25 @@ unsafe fn socket_set(fd: i32) -> *mut pg_sys::WaitEventSet {
     // SAFETY: forwarded from the caller; the set lives in TopMemoryContext until freed
     // by `forget_socket_waits` (or the process exits).
     unsafe {
-        let set = pg_sys::CreateWaitEventSet(pg_sys::TopMemoryContext, 3);
+        let set = wait_set(pg_sys::TopMemoryContext, &[(fd, false)]);
+        SOCKET_SET.with(|s| s.set((fd, set)));
+        set
+    }
+}
+
+/// A new wait set in `cxt` watching MyLatch (position 0), the postmaster's death (1) and
+/// each of `sockets` (from position 2): readable, or with `writable` writable.
+///
+/// # Safety
+/// MyLatch is set up; each socket belongs to a connection of this process, and none is
+/// given twice (epoll would refuse it with an ERROR).
+unsafe fn wait_set(
+    cxt: pg_sys::MemoryContext,
+    sockets: &[(i32, bool)],
+) -> *mut pg_sys::WaitEventSet {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        let set = pg_sys::CreateWaitEventSet(cxt, (sockets.len() + 2) as i32);
         pg_sys::AddWaitEventToSet(
             set,
             pg_sys::WL_LATCH_SET,
@@ -58,14 +76,14 @@ unsafe fn socket_set(fd: i32) -> *mut pg_sys::WaitEventSet {
             std::ptr::null_mut(),
             std::ptr::null_mut(),
         );
-        pg_sys::AddWaitEventToSet(
-            set,
-            pg_sys::WL_SOCKET_READABLE,
-            fd,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        );
-        SOCKET_SET.with(|s| s.set((fd, set)));
+        for &(fd, writable) in sockets {
+            let event = if writable {
+                pg_sys::WL_SOCKET_WRITEABLE
+            } else {
+                pg_sys::WL_SOCKET_READABLE
+            };
+            pg_sys::AddWaitEventToSet(set, event, fd, std::ptr::null_mut(), std::ptr::null_mut());
+        }
         set
     }
 }
@@ -134,37 +152,14 @@ pub fn wait(socket: Option<i32>, timeout: Duration) -> bool {
 pub fn wait_sockets(sockets: &[(i32, bool)], timeout: Duration) -> (Vec<bool>, bool) {
     let ms = timeout.as_millis().min(i64::MAX as u128) as std::ffi::c_long;
     let mut ready = vec![false; sockets.len()];
-    // The latch and the postmaster's death come first: a socket's position is its index + 2.
+    // The latch and the postmaster's death come first (see `wait_set`).
     const FIRST_SOCKET: usize = 2;
     let io = pg_sys::WL_SOCKET_READABLE | pg_sys::WL_SOCKET_WRITEABLE;
     // SAFETY: MyLatch is this process's latch; each socket belongs to a connection of
-    // this process being made or used, and no socket is added twice (epoll would refuse
-    // it with an ERROR). The set is freed before anything here can raise.
+    // this process being made or used, none twice (the caller's promise). The set is
+    // freed before anything here can raise.
     unsafe {
-        let set =
-            pg_sys::CreateWaitEventSet(pg_sys::CurrentMemoryContext, (sockets.len() + 2) as i32);
-        pg_sys::AddWaitEventToSet(
-            set,
-            pg_sys::WL_LATCH_SET,
-            pg_sys::PGINVALID_SOCKET,
-            pg_sys::MyLatch,
-            std::ptr::null_mut(),
-        );
-        pg_sys::AddWaitEventToSet(
-            set,
-            pg_sys::WL_EXIT_ON_PM_DEATH,
-            pg_sys::PGINVALID_SOCKET,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        );
-        for &(fd, writable) in sockets {
-            let event = if writable {
-                pg_sys::WL_SOCKET_WRITEABLE
-            } else {
-                pg_sys::WL_SOCKET_READABLE
-            };
-            pg_sys::AddWaitEventToSet(set, event, fd, std::ptr::null_mut(), std::ptr::null_mut());
-        }
+        let set = wait_set(pg_sys::CurrentMemoryContext, sockets);
         let mut events: Vec<pg_sys::WaitEvent> = (0..sockets.len() + 2)
             .map(|_| pg_sys::WaitEvent::default())
             .collect();
