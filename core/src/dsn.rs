@@ -163,6 +163,66 @@ pub fn with_default(dsn: &str, key: &str, value: &str) -> String {
     format!("{} {}={}", dsn.trim(), key, quote(value))
 }
 
+/// For connection options naming several hosts (comma-separated `host` and/or
+/// `hostaddr`, with one `port` or one per host, as libpq takes them): one set of options
+/// per host, in the order libpq tries them, each with that host's `host`, `hostaddr` and
+/// `port` and every other option as given. `Ok(None)` when they name one host or none;
+/// `Err` when the lists' lengths disagree (libpq refuses those too).
+pub fn split_hosts(pairs: &[Pair]) -> Result<Option<Vec<Vec<Pair>>>, String> {
+    let list = |key: &str| {
+        pairs
+            .iter()
+            .rev()
+            .find(|p| p.key == key)
+            .map(|p| p.value.split(',').map(str::to_owned).collect::<Vec<_>>())
+    };
+    let (hosts, addrs, ports) = (list("host"), list("hostaddr"), list("port"));
+    let n = match (&hosts, &addrs) {
+        (Some(h), Some(a)) if h.len() != a.len() => {
+            return Err(format!(
+                "could not match {} host names to {} hostaddr values",
+                h.len(),
+                a.len()
+            ))
+        }
+        (Some(h), _) => h.len(),
+        (None, Some(a)) => a.len(),
+        (None, None) => 1,
+    };
+    if n <= 1 {
+        return Ok(None);
+    }
+    let port_of = |i: usize| match &ports {
+        Some(p) if p.len() == 1 => Ok(Some(p[0].clone())),
+        Some(p) if p.len() == n => Ok(Some(p[i].clone())),
+        Some(p) => Err(format!(
+            "could not match {} port numbers to {n} hosts",
+            p.len()
+        )),
+        None => Ok(None),
+    };
+    let rest = pairs
+        .iter()
+        .filter(|p| !matches!(p.key.as_str(), "host" | "hostaddr" | "port"));
+    (0..n)
+        .map(|i| {
+            let own = [
+                ("host", hosts.as_ref().map(|h| h[i].clone())),
+                ("hostaddr", addrs.as_ref().map(|a| a[i].clone())),
+                ("port", port_of(i)?),
+            ];
+            let own = own.into_iter().filter_map(|(key, value)| {
+                value.map(|value| Pair {
+                    key: key.into(),
+                    value,
+                })
+            });
+            Ok(rest.clone().cloned().chain(own).collect())
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map(Some)
+}
+
 /// How to give a conninfo to a client program (`pg_dump`, `psql`) with no secret on its
 /// command line: `argv_dsn` is the conninfo without secrets (what goes on the command
 /// line); the password travels in `PGPASSWORD` (a process's environment is readable only
@@ -220,6 +280,41 @@ pub fn for_client(dsn: &str, service_path: &str) -> Result<ClientConn, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn split(dsn: &str) -> Result<Option<Vec<String>>, String> {
+        split_hosts(&parse(dsn).unwrap()).map(|o| o.map(|v| v.iter().map(|p| render(p)).collect()))
+    }
+
+    #[test]
+    fn splits_several_hosts_into_one_conninfo_each() {
+        assert_eq!(split("host=a dbname=x").unwrap(), None);
+        assert_eq!(split("dbname=x").unwrap(), None);
+        assert_eq!(
+            split("host=a,b port=5433 dbname=x connect_timeout=3").unwrap(),
+            Some(vec![
+                "dbname=x connect_timeout=3 host=a port=5433".into(),
+                "dbname=x connect_timeout=3 host=b port=5433".into(),
+            ])
+        );
+        assert_eq!(
+            split("host=a,b hostaddr=10.0.0.1,10.0.0.2 port=1,2 password='p w'").unwrap(),
+            Some(vec![
+                "password='p w' host=a hostaddr=10.0.0.1 port=1".into(),
+                "password='p w' host=b hostaddr=10.0.0.2 port=2".into(),
+            ])
+        );
+        assert_eq!(
+            split("hostaddr=10.0.0.1,10.0.0.2").unwrap(),
+            Some(vec!["hostaddr=10.0.0.1".into(), "hostaddr=10.0.0.2".into()])
+        );
+        // An empty entry is the default host (or port), as in libpq.
+        assert_eq!(
+            split("host=a, port=").unwrap(),
+            Some(vec!["host=a port=''".into(), "host='' port=''".into()])
+        );
+        assert!(split("host=a,b port=1,2,3").is_err());
+        assert!(split("host=a,b hostaddr=10.0.0.1").is_err());
+    }
 
     #[test]
     fn parses_plain_and_quoted() {

@@ -650,6 +650,93 @@ fn connects_yield_to_cancel_and_sigterm(n: &Node, peer: &str) {
     }
 }
 
+/// A DSN naming several hosts (`host=a,b port=p,q`, the first host behind a hung link) is
+/// tried host by host on the latch: with every host hung, a backend's connect ends at its
+/// `statement_timeout`, not after `connect_timeout` per host (the blocking `PQconnectdb`
+/// bdr used for such DSNs until session 24 took 20 s here); with the second host up, a
+/// group forms on such DSNs, the join and the apply workers moving past the hung first
+/// host, and rows written by the application role replicate both ways.
+#[test]
+fn a_dsn_naming_several_hosts_moves_past_a_hung_host_and_yields_to_cancel() {
+    let c = Cluster::builder().name("multihost").nodes(2).start();
+    for n in c.nodes() {
+        n.execute(&schema(None));
+    }
+    let ports: Vec<u16> = c.nodes().iter().map(|n| n.port()).collect();
+    let proxy = Proxy::new(&ports);
+    proxy.hang(0, 1);
+    proxy.hang(1, 0);
+    let (a, b) = (c.node(0), c.node(1));
+    let several = |hung: u16, up: u16, db: &str, timeout: u32| {
+        format!(
+            "host=127.0.0.1,127.0.0.1 port={hung},{up} dbname={db} user=postgres \
+             connect_timeout={timeout}"
+        )
+    };
+
+    let all_hung = several(proxy.port(1, 0), proxy.port(0, 1), a.dbname(), 10);
+    let t = Instant::now();
+    let err = a
+        .connect()
+        .batch_execute(&format!(
+            "SET statement_timeout = '1s'; SELECT bdr.group_create('node1', '{all_hung}')"
+        ))
+        .map(|_| "it succeeded".to_string())
+        .unwrap_or_else(|e| db_error_text(&e));
+    let took = t.elapsed();
+    println!("several hosts, all hung: group_create ended after {took:.1?}: {err}");
+    assert!(
+        err.contains("canceling statement due to statement timeout"),
+        "group_create on hung hosts was not canceled by its statement_timeout: {err}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "the statement_timeout (1 s) took {took:?} to end a connect to hung hosts"
+    );
+
+    // Without a statement_timeout: each host is given its connect_timeout, and the error
+    // says what happened at each.
+    let (h1, h2) = (proxy.port(1, 0), proxy.port(0, 1));
+    let err = a
+        .connect()
+        .batch_execute(&format!(
+            "SELECT bdr.group_create('node1', '{}')",
+            several(h1, h2, a.dbname(), 2)
+        ))
+        .map(|_| "it succeeded".to_string())
+        .unwrap_or_else(|e| db_error_text(&e));
+    println!("several hosts, all hung, no statement_timeout: {err}");
+    for p in [h1, h2] {
+        assert!(
+            err.contains(&format!("port {p} failed: timeout expired")),
+            "the error does not say what happened at port {p}: {err}"
+        );
+    }
+
+    let dsn_a = several(proxy.port(1, 0), a.port(), a.dbname(), 2);
+    let dsn_b = several(proxy.port(0, 1), b.port(), b.dbname(), 2);
+    a.execute(&format!("SELECT bdr.group_create('node1', '{dsn_a}')"));
+    b.execute(&format!(
+        "SELECT bdr.group_join('node2', '{dsn_b}', '{dsn_a}')"
+    ));
+    b.execute("SELECT bdr.wait_for_join(120)");
+    a.connect_as("app")
+        .batch_execute("INSERT INTO log VALUES ('node1', 1, 'x')")
+        .unwrap();
+    b.connect_as("app")
+        .batch_execute("INSERT INTO log VALUES ('node2', 1, 'y')")
+        .unwrap();
+    for n in [a, b] {
+        wait_until(
+            &format!("both rows on {}", n.name()),
+            Duration::from_secs(60),
+            || n.query_scalar::<i64>("SELECT count(*) FROM log") == 2,
+        );
+    }
+    // Each apply worker went through its peer's hung first host to the second.
+    assert!(proxy.accepted(0, 1) > 0 && proxy.accepted(1, 0) > 0);
+}
+
 /// With `n`'s links to both other members hung, a schema change on `n` (which must reach
 /// every member) fails naming both, after one `connect_timeout` (here
 /// `bdr.ddl_lock_timeout`, 4 s), not one per member in turn: members are dialled at once.

@@ -6,9 +6,9 @@
 //! runtime of its own, so waiting happens on our latch and socket (`WaitLatchOrSocket`) and
 //! SIGTERM or a config reload interrupt a wait at once.
 //!
-//! Connections are made (`PQconnectStart`, `PQconnectPoll`) and statements sent and their
-//! answers awaited (`PQsendQuery`) the same way, on the socket and the latch, never with
-//! libpq's blocking calls (but the connect to a DSN of several hosts, [`Conn::connect`]):
+//! Connections are made (`PQconnectStart`, `PQconnectPoll`; a DSN of several hosts one
+//! host after the other) and statements sent and their answers awaited (`PQsendQuery`)
+//! the same way, on the socket and the latch, never with libpq's blocking calls:
 //! a peer that accepts and never answers, or whose link hangs after the connection was
 //! made (a stalled proxy or firewall; TCP alone notices only much later), cannot hold the
 //! process. A backend's wait ends with its cancel or `statement_timeout`; a background
@@ -22,6 +22,7 @@
 use bdr_core::dsn;
 use pgrx::pg_sys;
 use pq_sys as pq;
+use std::collections::VecDeque;
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::time::{Duration, Instant};
 
@@ -111,8 +112,28 @@ struct Making {
     conn: Conn,
     /// What `PQconnectPoll` last asked to wait for.
     status: pq::PostgresPollingStatusType,
-    /// `connect_timeout`'s end (`None`: no limit).
+    /// `connect_timeout` (`None`: no limit), for each host.
+    limit: Option<Duration>,
+    /// This host's `connect_timeout`'s end.
     deadline: Option<Instant>,
+    /// The hosts still to try when this one fails (a DSN naming several), in order.
+    next: VecDeque<CString>,
+    /// Why each host tried before failed.
+    failed: Vec<String>,
+}
+
+impl Making {
+    /// The end of this attempt, if it has ended: made, failed, or out of time.
+    fn ended(&self, now: Instant) -> Option<Result<(), String>> {
+        use pq::PostgresPollingStatusType::*;
+        match self.status {
+            PGRES_POLLING_OK => Some(Ok(())),
+            PGRES_POLLING_FAILED => Some(Err(self.conn.error_message())),
+            _ if self.deadline.is_some_and(|d| now >= d) => Some(Err(self.conn.timed_out())),
+            _ if self.conn.socket() < 0 => Some(Err(self.conn.error_message())),
+            _ => None,
+        }
+    }
 }
 
 /// Connect to every one of `conninfos` at once (see [`Conn::connect`], which each
@@ -123,42 +144,59 @@ pub fn connect_many(conninfos: &[String], application_name: &str) -> Vec<Result<
     use pq::PostgresPollingStatusType::*;
     let mut out: Vec<Option<Result<Conn, LibpqError>>> = conninfos.iter().map(|_| None).collect();
     let mut making = Vec::new();
-    let mut blocking = Vec::new();
     for (index, conninfo) in conninfos.iter().enumerate() {
         match Conn::start(conninfo, application_name) {
             Err(e) => out[index] = Some(Err(e)),
-            Ok((conn, Start::Blocking(c))) => blocking.push((index, conn, c)),
-            Ok((conn, Start::Polling(limit))) => making.push(Making {
+            Ok((conn, limit, next)) => making.push(Making {
                 index,
                 conn,
                 // After PQconnectStart, as if PQconnectPoll had asked to wait for writing.
                 status: PGRES_POLLING_WRITING,
+                limit,
                 deadline: limit.map(|t| Instant::now() + t),
+                next,
+                failed: Vec::new(),
             }),
         }
     }
     while !making.is_empty() {
         let now = Instant::now();
-        // Settle what has ended: made, failed, or out of time.
         let mut i = 0;
         while i < making.len() {
-            let m = &making[i];
-            let end = match m.status {
-                PGRES_POLLING_OK => Some(Ok(())),
-                PGRES_POLLING_FAILED => Some(Err(m.conn.connect_error())),
-                _ if m.deadline.is_some_and(|d| now >= d) => Some(Err(LibpqError::Connect {
-                    dsn: m.conn.safe_dsn.clone(),
-                    message: "timeout expired".into(),
-                })),
-                _ if m.conn.socket() < 0 => Some(Err(m.conn.connect_error())),
-                _ => None,
-            };
-            match end {
-                Some(r) => {
-                    let m = making.swap_remove(i);
-                    out[m.index] = Some(r.map(|()| m.conn));
-                }
+            let m = &mut making[i];
+            match m.ended(now) {
                 None => i += 1,
+                Some(Err(why)) if !m.next.is_empty() => {
+                    // On to the next host, as libpq's blocking connect would.
+                    m.failed.push(why);
+                    let c = m.next.pop_front().expect("checked");
+                    match Conn::start_raw(&c, &m.conn.safe_dsn) {
+                        Ok(conn) => {
+                            m.conn = conn;
+                            m.status = PGRES_POLLING_WRITING;
+                            m.deadline = m.limit.map(|t| Instant::now() + t);
+                        }
+                        Err(e) => {
+                            m.status = PGRES_POLLING_FAILED;
+                            m.failed.push(e.to_string());
+                        }
+                    }
+                }
+                Some(end) => {
+                    let m = making.swap_remove(i);
+                    out[m.index] = Some(match end {
+                        Ok(()) => Ok(m.conn),
+                        Err(why) => Err(LibpqError::Connect {
+                            dsn: m.conn.safe_dsn.clone(),
+                            message: m
+                                .failed
+                                .into_iter()
+                                .chain(std::iter::once(why))
+                                .collect::<Vec<_>>()
+                                .join("; "),
+                        }),
+                    });
+                }
             }
         }
         if making.is_empty() {
@@ -191,27 +229,10 @@ pub fn connect_many(conninfos: &[String], application_name: &str) -> Vec<Result<
             }
         }
     }
-    for (index, mut conn, c) in blocking {
-        // SAFETY: the started connection is freed once and replaced by a new one, owned by
-        // conn from then on.
-        unsafe {
-            pq::PQfinish(conn.raw);
-            conn.raw = pq::PQconnectdb(c.as_ptr());
-        }
-        out[index] = Some(Ok(conn));
-    }
     out.into_iter()
         .map(|r| r.expect("every connection has a result"))
         .map(|r| r.and_then(Conn::made))
         .collect()
-}
-
-/// How a started connection is to be finished.
-enum Start {
-    /// On the socket and the latch, within this `connect_timeout`.
-    Polling(Option<Duration>),
-    /// With `PQconnectdb` on this connection string (a DSN naming several hosts).
-    Blocking(CString),
 }
 
 impl Conn {
@@ -223,10 +244,10 @@ impl Conn {
     /// black-holing firewall, a frozen server) cannot hold the process. A backend's
     /// cancel and `statement_timeout` end the wait with their ERROR; a background
     /// worker's SIGTERM with [`LibpqError::Stopping`]. libpq leaves `connect_timeout` to
-    /// the caller in this mode: it is read from the connection's options and bounds the
-    /// whole connect. A DSN naming several hosts is connected the blocking way
-    /// (`PQconnectdb`), whose timeout moves on to the next host, which this mode cannot
-    /// ask libpq to do. [`connect_many`] makes several connections at once.
+    /// the caller in this mode: it is read from the connection's options and bounds each
+    /// host's attempt. A DSN naming several hosts (`host=a,b`) is tried one host after
+    /// the other, each with every other option of the DSN, as libpq's blocking connect
+    /// would. [`connect_many`] makes several connections at once.
     pub fn connect(conninfo: &str, application_name: &str) -> Result<Conn, LibpqError> {
         connect_many(&[conninfo.to_string()], application_name)
             .pop()
@@ -234,8 +255,13 @@ impl Conn {
     }
 
     /// `PQconnectStart` on `conninfo` (with defaults for `connect_timeout` and
-    /// `application_name`), and how to finish it.
-    fn start(conninfo: &str, application_name: &str) -> Result<(Conn, Start), LibpqError> {
+    /// `application_name`); its `connect_timeout`, and for a DSN naming several hosts the
+    /// connection strings of the hosts after the first (the connection started is then
+    /// the first host's).
+    fn start(
+        conninfo: &str,
+        application_name: &str,
+    ) -> Result<(Conn, Option<Duration>, VecDeque<CString>), LibpqError> {
         let safe_dsn = dsn::redact(conninfo);
         let full = dsn::with_default(conninfo, "connect_timeout", "10");
         let full = dsn::with_default(&full, "application_name", application_name);
@@ -243,26 +269,42 @@ impl Conn {
             dsn: safe_dsn.clone(),
             message: "connection string contains a NUL byte".into(),
         })?;
+        let conn = Conn::start_raw(&c, &safe_dsn)?;
+        let (limit, options) = conn.connect_options();
+        // libpq has checked the lists' lengths already (else the start failed).
+        let Ok(Some(hosts)) = dsn::split_hosts(&options) else {
+            return Ok((conn, limit, VecDeque::new()));
+        };
+        drop(conn);
+        let mut hosts = hosts
+            .iter()
+            .map(|pairs| {
+                CString::new(dsn::render(pairs)).map_err(|_| LibpqError::Connect {
+                    dsn: safe_dsn.clone(),
+                    message: "connection string contains a NUL byte".into(),
+                })
+            })
+            .collect::<Result<VecDeque<_>, _>>()?;
+        let first = hosts.pop_front().expect("several hosts");
+        Ok((Conn::start_raw(&first, &safe_dsn)?, limit, hosts))
+    }
+
+    /// `PQconnectStart` on the connection string `c`; `safe_dsn` names it in messages.
+    fn start_raw(c: &CString, safe_dsn: &str) -> Result<Conn, LibpqError> {
         // A new socket may take the number of one a kept wait set watched.
         crate::pg::bgw::forget_socket_waits();
         // SAFETY: c is a valid C string; the result is owned by Conn (freed on drop).
         let raw = unsafe { pq::PQconnectStart(c.as_ptr()) };
         let conn = Conn {
             raw,
-            safe_dsn,
+            safe_dsn: safe_dsn.to_owned(),
             timeout: default_timeout(),
         };
         // SAFETY: raw is a connection object (possibly failed), valid until PQfinish.
         if raw.is_null() || unsafe { pq::PQstatus(raw) } == pq::ConnStatusType::CONNECTION_BAD {
             return Err(conn.connect_error());
         }
-        let (limit, several_hosts) = conn.connect_options();
-        let how = if several_hosts {
-            Start::Blocking(c)
-        } else {
-            Start::Polling(limit)
-        };
-        Ok((conn, how))
+        Ok(conn)
     }
 
     /// The connection if it was made, else its error.
@@ -276,6 +318,19 @@ impl Conn {
         Ok(self)
     }
 
+    /// Why a connect that ran out of `connect_timeout` failed, in libpq's words.
+    fn timed_out(&self) -> String {
+        // SAFETY: a started connection; PQhost and PQport return NUL-terminated strings
+        // (or NULL) owned by it.
+        let (host, port) = unsafe {
+            (
+                cstr_lossy(pq::PQhost(self.raw)),
+                cstr_lossy(pq::PQport(self.raw)),
+            )
+        };
+        format!("connection to server at \"{host}\", port {port} failed: timeout expired")
+    }
+
     fn connect_error(&self) -> LibpqError {
         LibpqError::Connect {
             dsn: self.safe_dsn.clone(),
@@ -284,35 +339,36 @@ impl Conn {
     }
 
     /// The started connection's `connect_timeout` (`None`: wait without limit; libpq
-    /// takes less than 2 s as 2 s), and whether it names several hosts.
-    fn connect_options(&self) -> (Option<Duration>, bool) {
+    /// takes less than 2 s as 2 s), and every option it was given or defaulted to.
+    fn connect_options(&self) -> (Option<Duration>, Vec<dsn::Pair>) {
         let mut limit = Some(Duration::from_secs(10));
-        let mut several_hosts = false;
+        let mut options = Vec::new();
         // SAFETY: PQconninfo returns an array ending with a NULL keyword (or NULL when
         // out of memory), freed once below; its strings are NUL-terminated.
         unsafe {
             let opts = pq::PQconninfo(self.raw);
             if opts.is_null() {
-                return (limit, several_hosts);
+                return (limit, options);
             }
             let mut o = opts;
             while !(*o).keyword.is_null() {
-                let val = cstr_lossy((*o).val);
-                match CStr::from_ptr((*o).keyword).to_bytes() {
-                    b"connect_timeout" => {
-                        limit = match val.parse::<i64>() {
+                let key = CStr::from_ptr((*o).keyword).to_string_lossy().into_owned();
+                if !(*o).val.is_null() {
+                    // Not `cstr_lossy`: a value's trailing blanks are its own.
+                    let value = CStr::from_ptr((*o).val).to_string_lossy().into_owned();
+                    if key == "connect_timeout" {
+                        limit = match value.trim().parse::<i64>() {
                             Ok(s) if s > 0 => Some(Duration::from_secs(s.max(2) as u64)),
                             _ => None,
                         }
                     }
-                    b"host" | b"hostaddr" => several_hosts |= val.contains(','),
-                    _ => {}
+                    options.push(dsn::Pair { key, value });
                 }
                 o = o.add(1);
             }
             pq::PQconninfoFree(opts);
         }
-        (limit, several_hosts)
+        (limit, options)
     }
 
     pub fn safe_dsn(&self) -> &str {
