@@ -713,6 +713,25 @@ fn a_dsn_naming_several_hosts_moves_past_a_hung_host_and_yields_to_cancel() {
         );
     }
 
+    // A second host that cannot even be started (an address that does not parse) ends
+    // the connect with both hosts' reasons.
+    let err = a
+        .connect()
+        .batch_execute(&format!(
+            "SELECT bdr.group_create('node1', 'host=127.0.0.1,127.0.0.1 \
+             hostaddr=127.0.0.1,999.1.1.1 port={h1},{} dbname={} user=postgres \
+             connect_timeout=2')",
+            a.port(),
+            a.dbname()
+        ))
+        .map(|_| "it succeeded".to_string())
+        .unwrap_or_else(|e| db_error_text(&e));
+    println!("several hosts, the second one unusable: {err}");
+    assert!(
+        err.contains(&format!("port {h1} failed: timeout expired")) && err.contains("999.1.1.1"),
+        "the error does not give both hosts' reasons: {err}"
+    );
+
     let dsn_a = several(proxy.port(1, 0), a.port(), a.dbname(), 2);
     let dsn_b = several(proxy.port(0, 1), b.port(), b.dbname(), 2);
     a.execute(&format!("SELECT bdr.group_create('node1', '{dsn_a}')"));

@@ -123,6 +123,19 @@ struct Making {
 }
 
 impl Making {
+    /// The error of a connect that failed: why at each host tried, `last` the last one's.
+    fn failure(self, last: Option<String>) -> LibpqError {
+        LibpqError::Connect {
+            dsn: self.conn.safe_dsn.clone(),
+            message: self
+                .failed
+                .into_iter()
+                .chain(last)
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+    }
+
     /// The end of this attempt, if it has ended: made, failed, or out of time.
     fn ended(&self, now: Instant) -> Option<Result<(), String>> {
         use pq::PostgresPollingStatusType::*;
@@ -167,34 +180,35 @@ pub fn connect_many(conninfos: &[String], application_name: &str) -> Vec<Result<
             match m.ended(now) {
                 None => i += 1,
                 Some(Err(why)) if !m.next.is_empty() => {
-                    // On to the next host, as libpq's blocking connect would.
                     m.failed.push(why);
-                    let c = m.next.pop_front().expect("checked");
-                    match Conn::start_raw(&c, &m.conn.safe_dsn) {
-                        Ok(conn) => {
-                            m.conn = conn;
-                            m.status = PGRES_POLLING_WRITING;
-                            m.deadline = m.limit.map(|t| Instant::now() + t);
+                    // On to the next host that starts, as libpq's blocking connect would.
+                    let mut started = false;
+                    while let Some(c) = m.next.pop_front() {
+                        match Conn::start_raw(&c, &m.conn.safe_dsn) {
+                            Ok(conn) => {
+                                m.conn = conn;
+                                m.status = PGRES_POLLING_WRITING;
+                                m.deadline = m.limit.map(|t| Instant::now() + t);
+                                started = true;
+                                break;
+                            }
+                            Err(LibpqError::Connect { message, .. }) => m.failed.push(message),
+                            Err(e) => m.failed.push(e.to_string()),
                         }
-                        Err(e) => {
-                            m.status = PGRES_POLLING_FAILED;
-                            m.failed.push(e.to_string());
-                        }
+                    }
+                    if !started {
+                        // Every host failed; the last one's reason is in `failed`.
+                        let m = making.swap_remove(i);
+                        let index = m.index;
+                        out[index] = Some(Err(m.failure(None)));
                     }
                 }
                 Some(end) => {
                     let m = making.swap_remove(i);
-                    out[m.index] = Some(match end {
+                    let index = m.index;
+                    out[index] = Some(match end {
                         Ok(()) => Ok(m.conn),
-                        Err(why) => Err(LibpqError::Connect {
-                            dsn: m.conn.safe_dsn.clone(),
-                            message: m
-                                .failed
-                                .into_iter()
-                                .chain(std::iter::once(why))
-                                .collect::<Vec<_>>()
-                                .join("; "),
-                        }),
+                        Err(why) => Err(m.failure(Some(why))),
                     });
                 }
             }
