@@ -585,13 +585,10 @@ fn hung_link_is_detected_and_reconnected_without_duplicates() {
 /// (the connect timeout is 10 s).
 fn connects_yield_to_cancel_and_sigterm(n: &Node, peer: &str) {
     let t = Instant::now();
-    let err = n
-        .connect()
-        .batch_execute(
-            "SET statement_timeout = '2s'; ALTER TABLE kv ADD COLUMN note text DEFAULT 'x'",
-        )
-        .map(|_| "it succeeded".to_string())
-        .unwrap_or_else(|e| db_error_text(&e));
+    let err = outcome(
+        n,
+        "SET statement_timeout = '2s'; ALTER TABLE kv ADD COLUMN note text DEFAULT 'x'",
+    );
     let took = t.elapsed();
     println!(
         "hang: a schema change on {} ended after {took:.1?}: {err}",
@@ -676,13 +673,10 @@ fn a_dsn_naming_several_hosts_moves_past_a_hung_host_and_yields_to_cancel() {
 
     let all_hung = several(proxy.port(1, 0), proxy.port(0, 1), a.dbname(), 10);
     let t = Instant::now();
-    let err = a
-        .connect()
-        .batch_execute(&format!(
-            "SET statement_timeout = '1s'; SELECT bdr.group_create('node1', '{all_hung}')"
-        ))
-        .map(|_| "it succeeded".to_string())
-        .unwrap_or_else(|e| db_error_text(&e));
+    let err = outcome(
+        a,
+        &format!("SET statement_timeout = '1s'; SELECT bdr.group_create('node1', '{all_hung}')"),
+    );
     let took = t.elapsed();
     println!("several hosts, all hung: group_create ended after {took:.1?}: {err}");
     assert!(
@@ -697,14 +691,13 @@ fn a_dsn_naming_several_hosts_moves_past_a_hung_host_and_yields_to_cancel() {
     // Without a statement_timeout: each host is given its connect_timeout, and the error
     // says what happened at each.
     let (h1, h2) = (proxy.port(1, 0), proxy.port(0, 1));
-    let err = a
-        .connect()
-        .batch_execute(&format!(
+    let err = outcome(
+        a,
+        &format!(
             "SELECT bdr.group_create('node1', '{}')",
             several(h1, h2, a.dbname(), 2)
-        ))
-        .map(|_| "it succeeded".to_string())
-        .unwrap_or_else(|e| db_error_text(&e));
+        ),
+    );
     println!("several hosts, all hung, no statement_timeout: {err}");
     for p in [h1, h2] {
         assert!(
@@ -715,17 +708,16 @@ fn a_dsn_naming_several_hosts_moves_past_a_hung_host_and_yields_to_cancel() {
 
     // A second host that cannot even be started (an address that does not parse) ends
     // the connect with both hosts' reasons.
-    let err = a
-        .connect()
-        .batch_execute(&format!(
+    let err = outcome(
+        a,
+        &format!(
             "SELECT bdr.group_create('node1', 'host=127.0.0.1,127.0.0.1 \
              hostaddr=127.0.0.1,999.1.1.1 port={h1},{} dbname={} user=postgres \
              connect_timeout=2')",
             a.port(),
             a.dbname()
-        ))
-        .map(|_| "it succeeded".to_string())
-        .unwrap_or_else(|e| db_error_text(&e));
+        ),
+    );
     println!("several hosts, the second one unusable: {err}");
     assert!(
         err.contains(&format!("port {h1} failed: timeout expired")) && err.contains("999.1.1.1"),
@@ -761,13 +753,10 @@ fn a_dsn_naming_several_hosts_moves_past_a_hung_host_and_yields_to_cancel() {
 /// `bdr.ddl_lock_timeout`, 4 s), not one per member in turn: members are dialled at once.
 fn hung_members_are_waited_for_together(n: &Node) {
     let t = Instant::now();
-    let err = n
-        .connect()
-        .batch_execute(
-            "SET bdr.ddl_lock_timeout = '4s'; ALTER TABLE kv ADD COLUMN note text DEFAULT 'x'",
-        )
-        .map(|_| "it succeeded".to_string())
-        .unwrap_or_else(|e| db_error_text(&e));
+    let err = outcome(
+        n,
+        "SET bdr.ddl_lock_timeout = '4s'; ALTER TABLE kv ADD COLUMN note text DEFAULT 'x'",
+    );
     let took = t.elapsed();
     println!("hang: a schema change with two members hung ended after {took:.1?}: {err}");
     for m in ["node2", "node3"] {
@@ -781,6 +770,14 @@ fn hung_members_are_waited_for_together(n: &Node) {
         took < Duration::from_secs(7),
         "two hung members cost {took:?}: they were dialled one after the other"
     );
+}
+
+/// What running `sql` on `n` came to: "it succeeded", or the error as a user sees it.
+fn outcome(n: &Node, sql: &str) -> String {
+    n.connect()
+        .batch_execute(sql)
+        .map(|_| "it succeeded".to_string())
+        .unwrap_or_else(|e| db_error_text(&e))
 }
 
 /// Unmounts a tmpfs when dropped (after the cluster using it has stopped).
