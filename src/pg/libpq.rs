@@ -245,7 +245,6 @@ pub fn connect_many(conninfos: &[String], application_name: &str) -> Vec<Result<
     }
     out.into_iter()
         .map(|r| r.expect("every connection has a result"))
-        .map(|r| r.and_then(Conn::made))
         .collect()
 }
 
@@ -319,17 +318,6 @@ impl Conn {
             return Err(conn.connect_error());
         }
         Ok(conn)
-    }
-
-    /// The connection if it was made, else its error.
-    fn made(self) -> Result<Conn, LibpqError> {
-        // SAFETY: raw is a connection object (or NULL), valid until PQfinish.
-        if self.raw.is_null()
-            || unsafe { pq::PQstatus(self.raw) } != pq::ConnStatusType::CONNECTION_OK
-        {
-            return Err(self.connect_error());
-        }
-        Ok(self)
     }
 
     /// Why a connect that ran out of `connect_timeout` failed, in libpq's words.
