@@ -99,3 +99,12 @@ AS $$
     FROM pg_extension x, (SELECT split_part(bdr.version(), ' ', 2) AS library) v
    WHERE x.extname = 'bdr'
 $$;
+
+-- A schema change's origin keeps the members' fences once its drain is done (src/ddl.rs):
+-- a fence is set for the drain's time plus a grace, and kept until the change arrives
+-- only then, so that a fence whose schema change failed lapses soon.
+CREATE FUNCTION bdr.ddl_fence_keep(tables text[], origin text) RETURNS boolean
+STRICT
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'ddl_fence_keep_wrapper';
+REVOKE ALL ON FUNCTION bdr.ddl_fence_keep(text[], text) FROM PUBLIC;

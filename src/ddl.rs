@@ -27,11 +27,20 @@ use crate::pg::{shmem, utility, xact};
 use bdr_core::ddl::{self, DdlCommand, Decision, Plan, Shape};
 use bdr_core::{dsn, wire};
 use pgrx::prelude::*;
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-/// How long a fence may hold writes back if the schema change never arrives (its origin
-/// died before committing): `bdr.ddl_unfence()` lifts it by hand.
+/// How long a kept fence may hold writes back if the schema change never arrives (its
+/// origin died before committing): `bdr.ddl_unfence()` lifts it by hand.
 const FENCE_LIFETIME_US: i64 = 600_000_000;
+
+/// How long a member's fence outlives the drain's time left when it was set, unless the
+/// origin keeps it ([`ddl_fence_keep`], once its drain is done): a fence whose schema
+/// change failed, and which the origin could not lift (its link hung, it crashed, the
+/// request arrived late), lapses after the drain's time plus this, not after
+/// [`FENCE_LIFETIME_US`].
+const FENCE_UNKEPT_GRACE_US: i64 = 10_000_000;
 
 /// The local node when it belongs to an active group (read as superuser: any role's DDL
 /// asks).
@@ -152,14 +161,65 @@ pub fn refuse_if_fenced(relid: pgrx::pg_sys::Oid) {
 /// A member the origin talks to while draining.
 struct Member {
     name: String,
-    conn: Conn,
+    dsn: String,
+    /// `None` once it failed to answer (the statement may still run there).
+    conn: Option<Conn>,
 }
+
+/// The drain's members, kept until the transaction ends: a rollback lifts the fences
+/// over the same connections.
+type Held = Rc<RefCell<Vec<Member>>>;
 
 fn ms_left(deadline: Instant) -> u64 {
     deadline
         .saturating_duration_since(Instant::now())
         .as_millis()
         .max(1) as u64
+}
+
+/// Run `sql` with `params` on every member still answering, at once, until `deadline`:
+/// (member, rows or why not). A member that did not answer, or whose connection broke,
+/// is not asked again.
+fn ask_all(
+    held: &mut [Member],
+    sql: &str,
+    params: &[&str],
+    deadline: Instant,
+) -> Vec<(String, libpq::Answer)> {
+    let mut asked: Vec<&mut Member> = held.iter_mut().filter(|m| m.conn.is_some()).collect();
+    let mut conns: Vec<&mut Conn> = Vec::new();
+    let mut names = Vec::new();
+    for m in asked.iter_mut() {
+        names.push(m.name.clone());
+        conns.push(m.conn.as_mut().expect("filtered"));
+    }
+    let left = Duration::from_millis(ms_left(deadline));
+    let results = libpq::exec_params_many(&mut conns, sql, params, Some(left));
+    drop(conns);
+    let mut out = Vec::new();
+    for ((m, name), r) in asked.into_iter().zip(names).zip(results) {
+        if matches!(
+            r,
+            Err(libpq::LibpqError::Timeout { .. }
+                | libpq::LibpqError::Lost { .. }
+                | libpq::LibpqError::Stopping { .. })
+        ) {
+            m.conn = None;
+        }
+        out.push((name, r));
+    }
+    for m in held.iter().filter(|m| m.conn.is_none()) {
+        if !out.iter().any(|(n, _)| *n == m.name) {
+            out.push((
+                m.name.clone(),
+                Err(libpq::LibpqError::Lost {
+                    dsn: dsn::redact(&m.dsn),
+                    message: "it stopped answering earlier in this schema change".into(),
+                }),
+            ));
+        }
+    }
+    out
 }
 
 /// Fence `tables` everywhere and wait until every member applied every other member's
@@ -176,22 +236,26 @@ fn drain(tables: &[String]) {
 
     // Here: refuse new user writes to the tables (this backend is exempt).
     for t in tables {
-        fence(dboid, t, &me.name, utility::my_pid());
+        fence(dboid, t, &me.name, utility::my_pid(), FENCE_LIFETIME_US);
     }
     let my_pid = utility::my_pid();
     utility::at_transaction_end(Box::new(move |_| {
         shmem::fence_clear(|f| f.exempt_pid == my_pid);
     }));
 
-    let mut reached = connect_all(&members, timeout);
-    unfence_if_rolled_back(&members, &me.name);
+    let held: Held = Rc::new(RefCell::new(connect_all(&members, timeout)));
+    unfence_if_rolled_back(held.clone(), &me.name);
+    let mut held = held.borrow_mut();
 
-    let fence_lsn = fence_all(&mut reached, tables, &me.name, deadline);
+    let tables_arr = text_array(tables);
+    let fence_lsn = fence_all(&mut held, &tables_arr, &me.name, deadline);
 
     // Every node (members and here) applies every other member's changes up to its fence.
     loop {
-        let behind = behind(&me.name, dboid, &mut reached, &fence_lsn);
+        let behind = behind(&me.name, dboid, &mut held, &fence_lsn, deadline);
         if behind.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            keep_all(&mut held, &tables_arr, &me.name, left.max(UNFENCE_WAIT));
             return;
         }
         if Instant::now() >= deadline {
@@ -203,6 +267,18 @@ fn drain(tables: &[String]) {
         pgrx::check_for_interrupts!();
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `tables` as a text array literal.
+fn text_array(tables: &[String]) -> String {
+    format!(
+        "{{{}}}",
+        tables
+            .iter()
+            .map(|t| format!("\"{}\"", t.replace('\\', "\\\\").replace('"', "\\\"")))
+            .collect::<Vec<_>>()
+            .join(",")
+    )
 }
 
 /// A connection to every member within the timeout; else fail naming the unreachable.
@@ -222,7 +298,8 @@ fn connect_all(members: &[nodes::Node], timeout: Duration) -> Vec<Member> {
         match c {
             Ok(conn) => reached.push(Member {
                 name: m.name.clone(),
-                conn,
+                dsn: m.dsn.clone(),
+                conn: Some(conn),
             }),
             Err(e) => unreachable.push(format!("{} ({e})", m.name)),
         }
@@ -235,49 +312,63 @@ fn connect_all(members: &[nodes::Node], timeout: Duration) -> Vec<Member> {
     reached
 }
 
+/// How long the unfence at a rollback may take for each step (connecting again, and the
+/// answer): it runs in abort processing, where neither a cancel nor `statement_timeout`
+/// can end a wait.
+const UNFENCE_WAIT: Duration = Duration::from_secs(2);
+
 /// If this transaction does not commit, lift the fences it set on the members (best
-/// effort; they also expire, and bdr.ddl_unfence() lifts them by hand).
-fn unfence_if_rolled_back(members: &[nodes::Node], origin: &str) {
-    let dsns: Vec<String> = members.iter().map(|m| m.dsn.clone()).collect();
+/// effort, within [`UNFENCE_WAIT`] for each step: over the drain's connections, a member
+/// whose connection failed dialled again; fences also expire, and bdr.ddl_unfence()
+/// lifts them by hand). At a commit the connections close.
+fn unfence_if_rolled_back(held: Held, origin: &str) {
     let origin = origin.to_string();
     utility::at_transaction_end(Box::new(move |committed| {
-        if !committed {
-            let dsns: Vec<String> = dsns
-                .iter()
-                .map(|d| dsn::with_default(d, "connect_timeout", "2"))
-                .collect();
-            for mut c in libpq::connect_many(&dsns, "bdr_ddl_unfence")
-                .into_iter()
-                .flatten()
-            {
-                let _ = c.exec_params("SELECT bdr.ddl_unfence($1)", &[&origin]);
-            }
+        // Not borrowed any more unless an error ended the drain without unwinding.
+        let Ok(mut members) = held.try_borrow_mut().map(|mut v| std::mem::take(&mut *v)) else {
+            return;
+        };
+        if committed {
+            return;
         }
+        let again: Vec<String> = members
+            .iter()
+            .filter(|m| m.conn.is_none())
+            .map(|m| dsn::with_default(&m.dsn, "connect_timeout", "2"))
+            .collect();
+        let mut conns: Vec<Conn> = libpq::connect_many(&again, "bdr_ddl_unfence")
+            .into_iter()
+            .flatten()
+            .collect();
+        conns.extend(members.iter_mut().filter_map(|m| m.conn.take()));
+        let mut conns: Vec<&mut Conn> = conns.iter_mut().collect();
+        let _ = libpq::exec_params_many(
+            &mut conns,
+            "SELECT bdr.ddl_unfence($1)",
+            &[&origin],
+            Some(UNFENCE_WAIT),
+        );
     }));
 }
 
-/// Fence `tables` on every member; each answers once its running writers are done, with
-/// its WAL position then: (member, fence LSN).
+/// Fence `tables` on every member at once; each answers once its running writers are
+/// done, with its WAL position then: (member, fence LSN). Fails naming every member that
+/// could not, or did not answer by `deadline`.
 fn fence_all(
-    reached: &mut [Member],
-    tables: &[String],
+    held: &mut [Member],
+    tables_arr: &str,
     origin: &str,
     deadline: Instant,
 ) -> Vec<(String, u64)> {
-    let tables_arr = format!(
-        "{{{}}}",
-        tables
-            .iter()
-            .map(|t| format!("\"{}\"", t.replace('\\', "\\\\").replace('"', "\\\"")))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
     let mut fence_lsn: Vec<(String, u64)> = Vec::new();
-    for m in reached.iter_mut() {
-        let r = m.conn.exec_params(
-            "SELECT bdr.ddl_fence($1::text[], $2, $3::int)::text",
-            &[&tables_arr, origin, &ms_left(deadline).to_string()],
-        );
+    let mut failed = Vec::new();
+    let answers = ask_all(
+        held,
+        "SELECT bdr.ddl_fence($1::text[], $2, $3::int)::text",
+        &[tables_arr, origin, &ms_left(deadline).to_string()],
+        deadline,
+    );
+    for (name, r) in answers {
         match r {
             Ok(rows) => {
                 let lsn = rows
@@ -285,24 +376,66 @@ fn fence_all(
                     .and_then(|r| r.first().cloned().flatten())
                     .and_then(|v| wire::parse_lsn(&v))
                     .unwrap_or(0);
-                fence_lsn.push((m.name.clone(), lsn));
+                fence_lsn.push((name, lsn));
             }
-            Err(e) => raise(&DdlError::FenceFailed {
-                member: m.name.clone(),
-                error: e.to_string(),
-            }),
+            Err(e) => failed.push(format!("{name} ({e})")),
         }
+    }
+    if !failed.is_empty() {
+        raise(&DdlError::FenceFailed {
+            members: failed.join(", "),
+        });
     }
     fence_lsn
 }
 
-/// Who still has to apply whose changes up to the fences ("X applying Y up to LSN"): this
-/// node (`me`) and every member.
+/// Once drained: keep the members' fences until the change arrives there (they would
+/// lapse soon after the drain's time otherwise). A member of the previous release, which
+/// has no `bdr.ddl_fence_keep` and whose fences last 10 minutes, needs nothing. Fails
+/// naming every member whose fence is gone or that did not answer within `limit`.
+fn keep_all(held: &mut [Member], tables_arr: &str, origin: &str, limit: Duration) {
+    let answers = ask_all(
+        held,
+        "SELECT bdr.ddl_fence_keep($1::text[], $2)::text",
+        &[tables_arr, origin],
+        Instant::now() + limit,
+    );
+    let failed: Vec<String> = answers
+        .into_iter()
+        .filter_map(|(name, r)| match r {
+            Ok(rows)
+                if rows
+                    .first()
+                    .and_then(|r| r.first().cloned().flatten())
+                    .as_deref()
+                    == Some("true") =>
+            {
+                None
+            }
+            Ok(_) => Some(format!("{name} (its fence lapsed or was lifted)")),
+            Err(libpq::LibpqError::Query { sqlstate, .. })
+                if sqlstate.as_deref() == Some("42883") =>
+            {
+                None
+            }
+            Err(e) => Some(format!("{name} ({e})")),
+        })
+        .collect();
+    if !failed.is_empty() {
+        raise(&DdlError::FenceFailed {
+            members: failed.join(", "),
+        });
+    }
+}
+
+/// Who still has to apply whose changes up to the fences ("X applying Y up to LSN"), or
+/// did not answer by `deadline`: this node (`me`) and every member.
 fn behind(
     me: &str,
     dboid: u32,
-    reached: &mut [Member],
+    held: &mut [Member],
     fence_lsn: &[(String, u64)],
+    deadline: Instant,
 ) -> Vec<String> {
     let mut behind = Vec::new();
     let here = applied_here(dboid);
@@ -319,12 +452,21 @@ fn behind(
             ));
         }
     }
-    for m in reached.iter_mut() {
-        let rows = m
-            .conn
-            .exec("SELECT peer, applied_lsn FROM bdr.apply_workers()")
-            .unwrap_or_default();
-        for (j, lsn) in fence_lsn.iter().filter(|(j, _)| *j != m.name) {
+    let answers = ask_all(
+        held,
+        "SELECT peer, applied_lsn FROM bdr.apply_workers()",
+        &[],
+        deadline,
+    );
+    for (name, r) in answers {
+        let rows = match r {
+            Ok(rows) => rows,
+            Err(e) => {
+                behind.push(format!("{name} ({e})"));
+                continue;
+            }
+        };
+        for (j, lsn) in fence_lsn.iter().filter(|(j, _)| *j != name) {
             let applied = rows
                 .iter()
                 .find(|r| r.first().cloned().flatten().as_deref() == Some(j.as_str()))
@@ -333,8 +475,7 @@ fn behind(
                 .unwrap_or(0);
             if applied < *lsn {
                 behind.push(format!(
-                    "{} applying {j} up to {}",
-                    m.name,
+                    "{name} applying {j} up to {}",
                     wire::format_lsn(*lsn)
                 ));
             }
@@ -351,19 +492,29 @@ fn applied_here(dboid: u32) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// The OID of the table named `table`, if it exists here.
+fn table_oid(table: &str) -> Option<pgrx::pg_sys::Oid> {
+    Spi::get_one_with_args("SELECT pg_catalog.to_regclass($1)::oid", &[table.into()])
+        .ok()
+        .flatten()
+}
+
 /// Fence the table named `table` (if it exists here) of `dboid` for a schema change from
-/// `origin`, `exempt_pid` excepted; returns its OID.
-fn fence(dboid: u32, table: &str, origin: &str, exempt_pid: i32) -> Option<pgrx::pg_sys::Oid> {
-    let relid: pgrx::pg_sys::Oid =
-        Spi::get_one_with_args("SELECT pg_catalog.to_regclass($1)::oid", &[table.into()])
-            .ok()
-            .flatten()?;
+/// `origin`, `exempt_pid` excepted, for `lifetime_us`; returns its OID.
+fn fence(
+    dboid: u32,
+    table: &str,
+    origin: &str,
+    exempt_pid: i32,
+    lifetime_us: i64,
+) -> Option<pgrx::pg_sys::Oid> {
+    let relid = table_oid(table)?;
     if !shmem::fence_add(
         dboid,
         relid.to_u32(),
         origin,
         exempt_pid,
-        xact::now() + FENCE_LIFETIME_US,
+        xact::now() + lifetime_us,
     ) {
         raise(&DdlError::TooManyFences);
     }
@@ -372,18 +523,36 @@ fn fence(dboid: u32, table: &str, origin: &str, exempt_pid: i32) -> Option<pgrx:
 
 /// Fence `tables` here for a schema change from `origin`, wait (at most `timeout_ms`)
 /// for transactions already writing to them, and return the WAL position after them.
-/// Called by the origin of a schema change over its connection; superuser only.
+/// The fences lapse after `timeout_ms` and a grace unless the origin keeps them
+/// ([`ddl_fence_keep`]). Called by the origin of a schema change over its connection;
+/// superuser only.
 #[pg_extern]
 fn ddl_fence(tables: Vec<String>, origin: &str, timeout_ms: i32) -> String {
     let dboid = nodes::my_database_oid();
-    Spi::run(&format!("SET LOCAL lock_timeout = {}", timeout_ms.max(1)))
+    let timeout_ms = timeout_ms.max(1);
+    Spi::run(&format!("SET LOCAL lock_timeout = {timeout_ms}"))
         .unwrap_or_else(|e| raise(&DdlError::Queue(e.to_string())));
+    let lifetime_us = i64::from(timeout_ms) * 1000 + FENCE_UNKEPT_GRACE_US;
     for t in &tables {
-        if let Some(relid) = fence(dboid, t, origin, 0) {
+        if let Some(relid) = fence(dboid, t, origin, 0, lifetime_us) {
             utility::wait_for_writers(relid);
         }
     }
     wire::format_lsn(utility::insert_lsn())
+}
+
+/// Keep the fences `ddl_fence` set here on `tables` for a schema change from `origin`
+/// until the change arrives (or for 10 minutes): called by the origin once its drain is
+/// done, just before its statement runs. False when one of them is no longer set (it
+/// lapsed, or was lifted by hand): the origin then fails. Superuser only.
+#[pg_extern]
+fn ddl_fence_keep(tables: Vec<String>, origin: &str) -> bool {
+    let dboid = nodes::my_database_oid();
+    let now = xact::now();
+    tables
+        .iter()
+        .filter_map(|t| table_oid(t))
+        .all(|relid| shmem::fence_keep(dboid, relid.to_u32(), origin, now, now + FENCE_LIFETIME_US))
 }
 
 /// Lift every fence set here by schema changes from `origin` (every fence when NULL):

@@ -405,8 +405,8 @@ pub enum DdlError {
     },
     #[error("bdr: cannot replicate this schema change: members unreachable: {members}")]
     Unreachable { members: String },
-    #[error("bdr: node \"{member}\" refused to hold writes for this schema change: {error}")]
-    FenceFailed { member: String, error: String },
+    #[error("bdr: not every node could hold writes for this schema change: {members}")]
+    FenceFailed { members: String },
     #[error("bdr: the other nodes did not drain their writes within {waited_ms} ms: still waiting for {behind}")]
     DrainTimeout { waited_ms: u64, behind: String },
     #[error("bdr: table {table} is held for a schema change from node \"{origin}\"")]

@@ -20,7 +20,9 @@
 //! one at once (the dialer sees the connection end before the startup reply); `Hang`
 //! keeps connections open and accepts new ones but forwards no byte in either direction
 //! until healed (what a silent peer or a black-holing firewall looks like: only timeouts
-//! can detect it); delay adds latency to every chunk; throttle caps bytes per second per
+//! can detect it); `HangAfterConnect` lets each connection be made (up to the server's
+//! first ReadyForQuery message) and then hangs it (a link that stalls while a statement
+//! is on its way); delay adds latency to every chunk; throttle caps bytes per second per
 //! direction. `heal` restores a plain link; bytes held by a hang are then delivered in
 //! order.
 //!
@@ -58,6 +60,9 @@ pub enum Fault {
     Cut,
     /// Keep and accept connections, forward nothing.
     Hang,
+    /// Forward each connection's bytes until the server has sent its first ReadyForQuery
+    /// (the connection is made), then nothing more.
+    HangAfterConnect,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -200,6 +205,11 @@ impl Proxy {
     pub fn hang(&self, from: usize, to: usize) {
         self.set(from, to, |s| s.fault = Fault::Hang);
     }
+    /// Hang link from→to once each connection is made: connecting works, then nothing is
+    /// forwarded (connections already made hang at once).
+    pub fn hang_after_connect(&self, from: usize, to: usize) {
+        self.set(from, to, |s| s.fault = Fault::HangAfterConnect);
+    }
     /// Add `d` of latency to every chunk on link from→to (both byte directions).
     pub fn delay(&self, from: usize, to: usize, d: Duration) {
         self.set(from, to, |s| s.delay = d);
@@ -304,7 +314,9 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, link: Arc<Link>, stop:
         link.conns.lock().unwrap().insert(id, (c2, s2));
         // The last of the connection's four threads to finish forgets it.
         let live = Arc::new(AtomicU64::new(4));
-        for (src, dst) in [(&client, &server), (&server, &client)] {
+        // Set once the server has sent ReadyForQuery (the connection is made).
+        let made = Arc::new(AtomicBool::new(false));
+        for (src, dst, from_server) in [(&client, &server, false), (&server, &client, true)] {
             let (src, dst) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
             let (tx, rx) = sync_channel::<(Instant, Vec<u8>)>(QUEUE);
             let g1 = ConnGuard(id, live.clone(), link.clone());
@@ -315,9 +327,13 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, link: Arc<Link>, stop:
                 let _g = g1;
                 reader(src, tx, st)
             }));
+            let made = Made {
+                flag: made.clone(),
+                watch: from_server,
+            };
             pumps.push(std::thread::spawn(move || {
                 let _g = g2;
-                writer(dst, rx, l2, st2)
+                writer(dst, rx, l2, st2, made)
             }));
         }
     }
@@ -375,6 +391,41 @@ fn reader(mut src: TcpStream, tx: SyncSender<(Instant, Vec<u8>)>, stop: Arc<Atom
     }
 }
 
+/// Whether a connection is made, for [`Fault::HangAfterConnect`]: the writer of the
+/// server's bytes (`watch`) sets `flag` after forwarding a chunk that ends with
+/// ReadyForQuery ('Z', length 5, a status byte).
+struct Made {
+    flag: Arc<AtomicBool>,
+    watch: bool,
+}
+
+impl Made {
+    fn is_made(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+    /// Note the last bytes forwarded (`tail`: what came before, kept to 6 bytes).
+    fn forwarded(&self, tail: &mut Vec<u8>, chunk: &[u8]) {
+        if !self.watch || self.is_made() {
+            return;
+        }
+        tail.extend_from_slice(&chunk[chunk.len().saturating_sub(6)..]);
+        let cut = tail.len().saturating_sub(6);
+        tail.drain(..cut);
+        if tail.len() == 6 && tail[..5] == [b'Z', 0, 0, 0, 5] && b"ITE".contains(&tail[5]) {
+            self.flag.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Whether the link's state holds this connection's bytes back now.
+fn held(fault: Fault, made: &Made) -> bool {
+    match fault {
+        Fault::Hang => true,
+        Fault::HangAfterConnect => made.is_made(),
+        Fault::None | Fault::Cut => false,
+    }
+}
+
 /// Forward queued chunks to `dst`, honouring the link's fault, delay and rate. When the
 /// reader is done (EOF), the write side of `dst` is shut down after the last chunk.
 fn writer(
@@ -382,8 +433,10 @@ fn writer(
     rx: Receiver<(Instant, Vec<u8>)>,
     link: Arc<Link>,
     stop: Arc<AtomicBool>,
+    made: Made,
 ) {
     let mut next_allowed = Instant::now();
+    let mut tail = Vec::new();
     loop {
         let (at, data) = match rx.recv_timeout(TICK * 5) {
             Ok(x) => x,
@@ -395,7 +448,7 @@ fn writer(
             }
             Err(RecvTimeoutError::Disconnected) => {
                 // A hung link withholds the end of the stream too.
-                while link.state().fault == Fault::Hang && !stop.load(Ordering::SeqCst) {
+                while held(link.state().fault, &made) && !stop.load(Ordering::SeqCst) {
                     std::thread::sleep(TICK);
                 }
                 let _ = dst.shutdown(Shutdown::Write);
@@ -408,16 +461,13 @@ fn writer(
                 return;
             }
             let s = link.state();
-            match s.fault {
-                Fault::Cut => {
-                    let _ = dst.shutdown(Shutdown::Both);
-                    return;
-                }
-                Fault::Hang => {
-                    std::thread::sleep(TICK);
-                    continue;
-                }
-                Fault::None => {}
+            if s.fault == Fault::Cut {
+                let _ = dst.shutdown(Shutdown::Both);
+                return;
+            }
+            if held(s.fault, &made) {
+                std::thread::sleep(TICK);
+                continue;
             }
             let due = at + s.delay;
             let now = Instant::now();
@@ -443,6 +493,7 @@ fn writer(
             link.bytes.fetch_add(n as u64, Ordering::SeqCst);
             off += n;
         }
+        made.forwarded(&mut tail, &data);
     }
 }
 
@@ -548,6 +599,33 @@ mod tests {
         s.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"two", "held bytes arrive, once, in order");
         assert_eq!(roundtrip(&mut s, b"three").unwrap(), b"three");
+    }
+
+    #[test]
+    fn hang_after_connect_lets_connections_be_made_then_holds_bytes() {
+        let p = Proxy::new(&[1, echo_server()]);
+        p.hang_after_connect(0, 1);
+        // Echoed back, a ReadyForQuery is what the "server" sends: until it, bytes pass.
+        let mut s = dial(&p);
+        assert_eq!(roundtrip(&mut s, b"startup").unwrap(), b"startup");
+        let rfq = [b'Z', 0, 0, 0, 5, b'I'];
+        assert_eq!(roundtrip(&mut s, &rfq).unwrap(), rfq);
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        s.write_all(b"query").unwrap();
+        let mut b = [0u8; 5];
+        let e = s.read(&mut b).unwrap_err();
+        assert!(matches!(
+            e.kind(),
+            ErrorKind::WouldBlock | ErrorKind::TimedOut
+        ));
+        // Another connection is made the same way, independently.
+        let mut s2 = dial(&p);
+        assert_eq!(roundtrip(&mut s2, b"hello").unwrap(), b"hello");
+        p.heal(0, 1);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"query", "held bytes arrive once healed");
     }
 
     #[test]

@@ -573,8 +573,93 @@ fn hung_link_is_detected_and_reconnected_without_duplicates() {
         reconnects > reconnects_before,
         "no reconnection counted ({reconnects_before} -> {reconnects})"
     );
+    a_member_silent_after_connecting_fails_the_change_at_its_lock_timeout(&c, &proxy);
     let reports = w.stop();
     converge(&c, &reports, "hung link node1 <-> node2");
+}
+
+/// Whether the plain role `app` can write `kv` on `n` now (not held by a fence).
+fn app_writes_kv(n: &Node) -> Result<(), String> {
+    n.connect_as("app")
+        .batch_execute("UPDATE kv SET v = v WHERE k = -1")
+        .map_err(|e| db_error_text(&e))
+}
+
+/// With node1's link to node3 hanging once a connection is made (connecting works, then
+/// nothing comes back: a stateful firewall or proxy stalling an established flow), a
+/// schema change on node1 fails at its `bdr.ddl_lock_timeout` (4 s) naming node3, not at
+/// its 30 s `statement_timeout` (until session 25 the members were asked one after the
+/// other, each answer awaited without a bound). node2, asked at the same time, answered:
+/// its fence is lifted by the failing origin over the connection it holds, so the app
+/// writes there at once. The fence node3 receives when the link heals lapses by itself
+/// soon after (the drain's time plus 10 s; it was 10 minutes), and the same schema change
+/// then succeeds on every node.
+fn a_member_silent_after_connecting_fails_the_change_at_its_lock_timeout(
+    c: &Cluster,
+    proxy: &Proxy,
+) {
+    let n = c.node(0);
+    proxy.hang_after_connect(0, 2);
+    let t = Instant::now();
+    let err = outcome(
+        n,
+        "SET bdr.ddl_lock_timeout = '4s'; SET statement_timeout = '30s'; \
+         ALTER TABLE kv ADD COLUMN note text DEFAULT 'x'",
+    );
+    let took = t.elapsed();
+    println!("hang after connect: a schema change on node1 ended after {took:.1?}: {err}");
+    assert!(
+        err.contains("not every node could hold writes for this schema change")
+            && err.contains("node3 (no answer from"),
+        "the schema change's error does not name node3 silent: {err}"
+    );
+    assert!(!err.contains("node2 ("), "node2 answered in time: {err}");
+    // 4 s, and at most 2 s more for the rollback's best-effort unfence of node3.
+    assert!(
+        took < Duration::from_secs(9),
+        "a member silent after connecting held the schema change {took:?}"
+    );
+    let added: i64 = n.query_scalar(
+        "SELECT count(*) FROM information_schema.columns \
+         WHERE table_name = 'kv' AND column_name = 'note'",
+    );
+    assert_eq!(added, 0, "the failed schema change left its column");
+    app_writes_kv(c.node(1)).expect("node2's fence was not lifted at the rollback");
+    app_writes_kv(n).expect("node1's own fence was not lifted at the rollback");
+
+    proxy.heal(0, 2);
+    let t = Instant::now();
+    wait_until(
+        "node3's fence, delivered late, to lapse by itself",
+        Duration::from_secs(40),
+        || app_writes_kv(c.node(2)).is_ok(),
+    );
+    println!(
+        "hang after connect: node3 took writes again {:.1?} after the heal",
+        t.elapsed()
+    );
+    // node1's apply worker for node3 may be in its restart backoff: retry the change.
+    let mut last = String::new();
+    wait_until(
+        "the schema change to succeed",
+        Duration::from_secs(120),
+        || {
+            last = outcome(n, "ALTER TABLE kv ADD COLUMN note text DEFAULT 'x'");
+            last == "it succeeded"
+        },
+    );
+    for m in c.nodes() {
+        wait_until(
+            &format!("the new column on {}", m.name()),
+            Duration::from_secs(60),
+            || {
+                m.query_scalar::<i64>(
+                    "SELECT count(*) FROM information_schema.columns \
+                     WHERE table_name = 'kv' AND column_name = 'note'",
+                ) == 1
+            },
+        );
+    }
 }
 
 /// With the link from `n` to `peer` hung (the proxy accepts, nothing answers, as behind a

@@ -248,6 +248,15 @@ fn a_group_updated_node_by_node_keeps_replicating() {
     );
     wait_for_catchup(&c);
     assert_same_everywhere(&c, "t");
+    // A drained schema change from the updated node: node2's SQL has no
+    // bdr.ddl_fence_keep yet, which the origin accepts (the fence lapses by itself).
+    a.execute("ALTER TABLE t ADD COLUMN w int NOT NULL DEFAULT 0");
+    wait_until("the new column on node2", CATCHUP, || {
+        b.query_scalar::<i64>(
+            "SELECT count(*) FROM information_schema.columns \
+              WHERE table_name = 't' AND column_name = 'w'",
+        ) == 1
+    });
 
     b.execute("ALTER EXTENSION bdr UPDATE");
     app(b, "INSERT INTO t VALUES (22, 'b')");

@@ -48,6 +48,9 @@ pub enum LibpqError {
 /// A row of text values (NULL as None).
 pub type Row = Vec<Option<String>>;
 
+/// What a statement came to: its rows, or why not.
+pub type Answer = Result<Vec<Row>, LibpqError>;
+
 /// One CopyData message's bytes, in the buffer libpq allocated for it (freed with
 /// `PQfreemem` on drop). Not copied: a protocol version 3 write is up to ~64 KiB, and a
 /// copy per message was a second buffer that size, and a memcpy, for nothing.
@@ -242,6 +245,142 @@ pub fn connect_many(conninfos: &[String], application_name: &str) -> Vec<Result<
                 m.status = unsafe { pq::PQconnectPoll(m.conn.raw) };
             }
         }
+    }
+    out.into_iter()
+        .map(|r| r.expect("every connection has a result"))
+        .collect()
+}
+
+/// A statement with text parameters `$1`, `$2`, ..., ready to send.
+struct Statement {
+    sql: CString,
+    values: Vec<CString>,
+    ptrs: Vec<*const c_char>,
+}
+
+impl Statement {
+    fn new(sql: &str, params: &[&str]) -> Result<Statement, LibpqError> {
+        let values: Vec<CString> = params
+            .iter()
+            .map(|p| CString::new(*p))
+            .collect::<Result<_, _>>()
+            .map_err(|_| LibpqError::Query {
+                sqlstate: None,
+                message: "a query parameter contains a NUL byte".into(),
+                detail: None,
+                hint: None,
+            })?;
+        let ptrs = values.iter().map(|v| v.as_ptr()).collect();
+        Ok(Statement {
+            sql: CString::new(sql).expect("SQL without NUL bytes"),
+            values,
+            ptrs,
+        })
+    }
+
+    /// `PQsendQueryParams` on `raw`: 1 when sent.
+    fn send(&self, raw: *mut pq::PGconn) -> c_int {
+        debug_assert_eq!(self.ptrs.len(), self.values.len());
+        // SAFETY: `raw` is a connection; `ptrs` point into `values`, alive as long as
+        // self; NULL types, lengths and formats mean text parameters whose types the
+        // server infers.
+        unsafe {
+            pq::PQsendQueryParams(
+                raw,
+                self.sql.as_ptr(),
+                self.ptrs.len() as c_int,
+                std::ptr::null(),
+                self.ptrs.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                0,
+            )
+        }
+    }
+}
+
+/// Run one statement with text parameters on every one of `conns` at once, and wait for
+/// every answer at most `limit` in all (`None`: no limit but a backend's cancel and
+/// `statement_timeout`, or a worker's SIGTERM, which end the wait either way). Results in
+/// the connections' order. A connection that did not answer in time gets
+/// [`LibpqError::Timeout`] and still runs its statement: drop it. So one member whose
+/// link hangs after the connection was made costs the caller `limit`, not its own
+/// `statement_timeout`, and members answer in the time of the slowest, not of all.
+pub fn exec_params_many(
+    conns: &mut [&mut Conn],
+    sql: &str,
+    params: &[&str],
+    limit: Option<Duration>,
+) -> Vec<Answer> {
+    let q = match Statement::new(sql, params) {
+        Ok(q) => q,
+        Err(e) => return conns.iter().map(|_| Err(e.clone())).collect(),
+    };
+    let deadline = limit.map(|t| Instant::now() + t);
+    let mut out: Vec<Option<Answer>> = conns.iter().map(|_| None).collect();
+    // (index, first error or last rows so far) of each connection still answering.
+    let mut waiting: Vec<(usize, Option<Answer>)> = Vec::new();
+    for (i, c) in conns.iter_mut().enumerate() {
+        if q.send(c.raw) == 0 {
+            out[i] = Some(Err(c.lost()));
+        } else {
+            waiting.push((i, None));
+        }
+    }
+    loop {
+        waiting.retain_mut(|(i, kept)| {
+            let c = &mut conns[*i];
+            if !c.take_results(kept) {
+                return true;
+            }
+            out[*i] = Some(kept.take().unwrap_or_else(|| Err(c.lost())));
+            false
+        });
+        if waiting.is_empty() {
+            break;
+        }
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            let ms = limit.unwrap_or_default().as_millis();
+            for (i, _) in waiting.drain(..) {
+                out[i] = Some(Err(LibpqError::Timeout {
+                    dsn: conns[i].safe_dsn.clone(),
+                    ms,
+                }));
+            }
+            break;
+        }
+        // Woken by a socket or the latch anyway; interrupts are served on each turn.
+        let left = deadline.map_or(Duration::from_secs(1), |d| d - now);
+        let sockets: Vec<(i32, bool)> = waiting
+            .iter()
+            .map(|(i, _)| (conns[*i].socket(), false))
+            .collect();
+        let (ready, stop) = crate::pg::bgw::wait_sockets(&sockets, left);
+        if stop {
+            for (i, _) in waiting.drain(..) {
+                out[i] = Some(Err(LibpqError::Stopping {
+                    dsn: conns[i].safe_dsn.clone(),
+                }));
+            }
+            break;
+        }
+        waiting = waiting
+            .into_iter()
+            .zip(ready)
+            .filter_map(|((i, kept), ready)| {
+                if !ready {
+                    return Some((i, kept));
+                }
+                match conns[i].consume_input() {
+                    Ok(()) => Some((i, kept)),
+                    Err(e) => {
+                        out[i] = Some(Err(e));
+                        None
+                    }
+                }
+            })
+            .collect();
     }
     out.into_iter()
         .map(|r| r.expect("every connection has a result"))
@@ -523,34 +662,32 @@ impl Conn {
     /// never go through the SQL text, so nothing depends on the peer's quoting settings
     /// (`standard_conforming_strings`) and no value can change the statement.
     pub fn exec_params(&mut self, sql: &str, params: &[&str]) -> Result<Vec<Row>, LibpqError> {
-        let q = CString::new(sql).expect("SQL without NUL bytes");
-        let values: Vec<CString> = params
-            .iter()
-            .map(|p| CString::new(*p))
-            .collect::<Result<_, _>>()
-            .map_err(|_| LibpqError::Query {
-                sqlstate: None,
-                message: "a query parameter contains a NUL byte".into(),
-                detail: None,
-                hint: None,
-            })?;
-        let ptrs: Vec<*const c_char> = values.iter().map(|v| v.as_ptr()).collect();
-        // SAFETY: `ptrs` point into `values`, alive for the call; NULL types, lengths and
-        // formats mean text parameters whose types the server infers.
-        let res = self.run(|raw| unsafe {
-            pq::PQsendQueryParams(
-                raw,
-                q.as_ptr(),
-                ptrs.len() as c_int,
-                std::ptr::null(),
-                ptrs.as_ptr(),
-                std::ptr::null(),
-                std::ptr::null(),
-                0,
-            )
-        })?;
+        let q = Statement::new(sql, params)?;
+        let res = self.run(|raw| q.send(raw))?;
         // SAFETY: a result of this connection, not used afterwards.
         unsafe { self.rows(res) }
+    }
+
+    /// Take the results libpq already holds for the statement sent, without waiting: into
+    /// `kept` the first error, else the last result's rows (as `PQexec` would return).
+    /// True once they are all in (`PQgetResult` said NULL); `kept` is then the outcome.
+    fn take_results(&mut self, kept: &mut Option<Answer>) -> bool {
+        // SAFETY: connected; every result is consumed (and cleared) by `rows` or cleared
+        // at once.
+        unsafe {
+            while pq::PQisBusy(self.raw) == 0 {
+                let r = pq::PQgetResult(self.raw);
+                if r.is_null() {
+                    return true;
+                }
+                if matches!(kept, Some(Err(_))) {
+                    pq::PQclear(r);
+                } else {
+                    *kept = Some(self.rows(r));
+                }
+            }
+        }
+        false
     }
 
     /// Like [`Conn::query_value`], with parameters.

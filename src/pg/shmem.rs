@@ -15,7 +15,8 @@ mod quorum;
 mod sequences;
 
 pub use fences::{
-    fence_add, fence_clear, fence_origin, fenced_by, fences_active, Fence, FENCES_ACTIVE,
+    fence_add, fence_clear, fence_keep, fence_origin, fenced_by, fences_active, Fence,
+    FENCES_ACTIVE,
 };
 pub use quorum::{quorum, seen_at, set_quorum, set_seen, Quorum, Seen};
 pub use sequences::{with_sequences, SeqSlot, Sequences, MAX_SEQUENCES, SEQUENCES};

@@ -66,6 +66,19 @@ pub fn fence_add(dboid: u32, relid: u32, origin: &str, exempt_pid: i32, deadline
     true
 }
 
+/// Extend the fence on table `relid` of `dboid` from `origin` to `deadline`, if it is
+/// still set at `now` (not lifted, not lapsed); false otherwise.
+pub fn fence_keep(dboid: u32, relid: u32, origin: &str, now: i64, deadline: i64) -> bool {
+    let mut w = WORKERS.exclusive();
+    let Some(f) = w.fences.iter_mut().find(|f| {
+        f.dboid == dboid && f.relid == relid && text(&f.origin) == origin && f.deadline > now
+    }) else {
+        return false;
+    };
+    f.deadline = f.deadline.max(deadline);
+    true
+}
+
 /// Lift the fences matching `pred`; returns how many.
 pub fn fence_clear(pred: impl Fn(&Fence) -> bool) -> usize {
     if !fences_active() {
