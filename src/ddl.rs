@@ -7,8 +7,12 @@
 //! 2. **Drain** ([`before`]), only for a change to an existing table's shape: fence user
 //!    writes to those tables here and on every member (`bdr.ddl_fence`, which also waits
 //!    for writers already running there), then wait until every member has applied every
-//!    other member's changes up to the fence. Bounded by `bdr.ddl_lock_timeout`; an
-//!    unreachable or lagging member makes the statement fail at once, naming it.
+//!    other member's changes up to the fence, then keep the members' fences
+//!    (`bdr.ddl_fence_keep`: a fence not kept lapses soon after the drain's time, so one
+//!    the failing origin could not lift does not hold a member's table for long).
+//!    Members are asked at once, and every wait, their answers included, is bounded by
+//!    `bdr.ddl_lock_timeout`; an unreachable, silent or lagging member makes the
+//!    statement fail, naming it.
 //! 3. **Transport** ([`after`]): the statement, the resolved `search_path` and the role
 //!    go into `bdr.ddl_queue` in the same transaction. The output plugin turns that row into
 //!    a `bdr.ddl` message inside the transaction's frames, so peers run it at its commit's

@@ -208,3 +208,13 @@ pub fn conflicts(n: &Node) -> Vec<(String, String, String)> {
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect()
 }
+
+/// Pause every apply worker of `n` (`bdr.apply_pause()`) and wait until each says it is
+/// paused: a worker between its pause check and its next read could still apply what
+/// arrives in that moment.
+pub fn pause_apply(n: &Node) {
+    n.execute("SELECT bdr.apply_pause()");
+    crate::wait_until(&format!("apply paused on {}", n.name()), CATCHUP, || {
+        n.query_scalar::<bool>("SELECT bool_and(state = 'paused') FROM bdr.apply_workers()")
+    });
+}

@@ -20,18 +20,9 @@ fn group(name: &str) -> Cluster {
     c
 }
 
-fn wait_paused(n: &Node) {
-    wait_until(&format!("apply paused on {}", n.name()), CATCHUP, || {
-        n.query_scalar::<bool>("SELECT bool_and(state = 'paused') FROM bdr.apply_workers()")
-    });
-}
-
 fn pause_all(c: &Cluster) {
     for n in c.nodes() {
-        n.execute("SELECT bdr.apply_pause()");
-    }
-    for n in c.nodes() {
-        wait_paused(n);
+        pg_test::bdr::pause_apply(n);
     }
 }
 
@@ -262,12 +253,6 @@ fn update_racing_delete_converges_in_both_orders_and_insert_after_delete() {
     assert_eq!(value(c.node(2), 1).as_deref(), Some("reborn"));
 }
 
-/// Pause apply on `n` only (both peers) and wait until it is paused.
-fn pause_on(n: &Node) {
-    n.execute("SELECT bdr.apply_pause()");
-    wait_paused(n);
-}
-
 fn count_where(n: &Node, sql_where: &str) -> i64 {
     n.query_scalar(&format!("SELECT count(*) FROM t WHERE {sql_where}"))
 }
@@ -284,7 +269,7 @@ fn two_workers_racing_on_absent_keys_converge() {
     for round in 0..4 {
         let (lo, hi) = (round * 1000 + 1, round * 1000 + n);
         let range = format!("id BETWEEN {lo} AND {hi}");
-        pause_on(a);
+        pg_test::bdr::pause_apply(a);
         if round % 2 == 0 {
             // node3 inserts; node2 deletes them after receiving them. node1 gets the
             // INSERTs from node3 and the DELETEs (of rows it lacks) from node2.
@@ -554,16 +539,23 @@ fn an_update_whose_row_comes_back_meets_a_key_inserted_meanwhile() {
     a.execute(
         "SET bdr.ddl_replication = off;
          CREATE FUNCTION slow_default() RETURNS int LANGUAGE sql
-             AS $$ SELECT 1 FROM pg_sleep(4) $$;
+             AS $$ SELECT 1 FROM pg_advisory_xact_lock_shared(4243) $$;
          ALTER TABLE t ADD COLUMN s int DEFAULT slow_default();
          CREATE ROLE app LOGIN;
          GRANT SELECT, INSERT ON t TO app;",
     );
+    // The row's default waits for this session's lock: the apply is held until it goes.
+    let mut holder = a.connect();
+    holder
+        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(4243)")
+        .unwrap();
     update_before_insert_on_node1(&c, 5);
     // node1 lacks row 5: the update brings it back, and its DEFAULT holds the apply.
-    wait_until("node1's apply sleeps in the row's default", CATCHUP, || {
-        a.query_scalar::<i64>("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
-            == 1
+    wait_until("node1's apply waits in the row's default", CATCHUP, || {
+        a.query_scalar::<i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+              WHERE wait_event = 'advisory' AND backend_type LIKE 'bdr %'",
+        ) == 1
     });
     a.connect_as("app")
         .execute(
@@ -571,6 +563,7 @@ fn an_update_whose_row_comes_back_meets_a_key_inserted_meanwhile() {
             &[],
         )
         .unwrap();
+    holder.batch_execute("COMMIT").unwrap();
     wait_until("node1 decided node2's update", CATCHUP, || {
         !history(a, "public.t").is_empty()
     });
@@ -928,7 +921,7 @@ fn a_moved_row_coming_back_sees_its_old_key_inserted_meanwhile() {
     as_app(a, "DELETE FROM t WHERE id = 5");
     wait_for_catchup(&c);
     for (key, to) in [(5, 15), (7, 17)] {
-        pause_on(b);
+        pg_test::bdr::pause_apply(b);
         as_app(a, &format!("INSERT INTO t VALUES ({key}, 'from node1')"));
         wait_until("node3 has node1's row", CATCHUP, || value(x, key).is_some());
         // Newer than the insert: the row moves, key `key` is gone everywhere.
@@ -1021,7 +1014,7 @@ fn update_raced_with_insert(
     let (a, b, x) = (c.node(0), c.node(1), c.node(2));
     as_app(a, inserts.0);
     wait_for_catchup(&c);
-    pause_on(b);
+    pg_test::bdr::pause_apply(b);
     x.execute("SELECT bdr.apply_pause('node1')");
     as_app(a, inserts.1);
     as_app(x, update);

@@ -235,7 +235,7 @@ fn bdr_monitor_sees_state_but_no_secrets_or_rows() {
     let (a, b) = (c.node(0), c.node(1));
     // A conflict, so conflict_history has a row with tuples in it.
     for n in c.nodes() {
-        n.execute("SELECT bdr.apply_pause()");
+        pg_test::bdr::pause_apply(n);
     }
     a.execute("INSERT INTO t VALUES (1, 'secret from node1')");
     b.execute("INSERT INTO t VALUES (1, 'secret from node2')");
@@ -376,7 +376,7 @@ fn compare_table_says_which_nodes_hold_the_same_rows() {
     );
     // node2 does not apply: an extra row on node1, then the same count with one row
     // changed. Each shows as a difference of node2.
-    b.execute("SELECT bdr.apply_pause()");
+    pg_test::bdr::pause_apply(b);
     a.execute("INSERT INTO t VALUES (5000, 'only on node1', now())");
     let r = compare(a, "t");
     assert_eq!((r[1].1, r[1].2), (Some(100), Some(false)), "{r:?}");

@@ -210,7 +210,7 @@ fn wait_slot_confirm_lsn_returns_once_the_peer_has_applied_and_not_before() {
     }
     // While node2 applies nothing, the wait does not return: statement_timeout ends it
     // with the usual ERROR, and the session goes on.
-    b.execute("SELECT bdr.apply_pause()");
+    pg_test::bdr::pause_apply(b);
     app.execute("INSERT INTO t VALUES (100, 'paused')", &[])
         .unwrap();
     let target: String = app
