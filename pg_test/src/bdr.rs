@@ -209,12 +209,15 @@ pub fn conflicts(n: &Node) -> Vec<(String, String, String)> {
         .collect()
 }
 
-/// Pause every apply worker of `n` (`bdr.apply_pause()`) and wait until each says it is
-/// paused: a worker between its pause check and its next read could still apply what
-/// arrives in that moment.
+/// Pause every apply worker of `n` (`bdr.apply_pause()`) and wait until there is one and
+/// each says it is paused: a worker between its pause check and its next read could still
+/// apply what arrives in that moment (right after a group forms, a worker may not be
+/// registered yet; the pause holds it too once it starts).
 pub fn pause_apply(n: &Node) {
     n.execute("SELECT bdr.apply_pause()");
     crate::wait_until(&format!("apply paused on {}", n.name()), CATCHUP, || {
-        n.query_scalar::<bool>("SELECT bool_and(state = 'paused') FROM bdr.apply_workers()")
+        n.query_scalar::<bool>(
+            "SELECT count(*) > 0 AND bool_and(state = 'paused') FROM bdr.apply_workers()",
+        )
     });
 }
