@@ -680,6 +680,21 @@ impl Conn {
                 if r.is_null() {
                     return true;
                 }
+                if matches!(
+                    pq::PQresultStatus(r),
+                    pq::ExecStatusType::PGRES_COPY_BOTH
+                        | pq::ExecStatusType::PGRES_COPY_OUT
+                        | pq::ExecStatusType::PGRES_COPY_IN
+                ) {
+                    // libpq would hand out this result for ever: the statement is over
+                    // for us, and the connection unfit for another.
+                    pq::PQclear(r);
+                    *kept = Some(Err(LibpqError::Lost {
+                        dsn: self.safe_dsn.clone(),
+                        message: "the server started a COPY where rows were expected".into(),
+                    }));
+                    return true;
+                }
                 if matches!(kept, Some(Err(_))) {
                     pq::PQclear(r);
                 } else {
