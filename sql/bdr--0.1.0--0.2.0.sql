@@ -100,11 +100,29 @@ AS $$
    WHERE x.extname = 'bdr'
 $$;
 
--- A schema change's origin keeps the members' fences once its drain is done (src/ddl.rs):
--- a fence is set for the drain's time plus a grace, and kept until the change arrives
--- only then, so that a fence whose schema change failed lapses soon.
-CREATE FUNCTION bdr.ddl_fence_keep(tables text[], origin text) RETURNS boolean
+-- A schema change's fences are named by its origin and the origin's WAL position when
+-- its drain began (src/ddl.rs), so that an earlier change from the same node, arriving
+-- late, does not lift a later one's: the four-argument ddl_fence and the two-argument
+-- ddl_unfence (the rollback's: that change's fences only). The three-argument ddl_fence
+-- stays for origins of the previous release.
+CREATE FUNCTION bdr.ddl_fence(tables text[], origin text, timeout_ms integer, since text)
+RETURNS text
+STRICT
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'ddl_fence_since_wrapper';
+REVOKE ALL ON FUNCTION bdr.ddl_fence(text[], text, integer, text) FROM PUBLIC;
+
+CREATE FUNCTION bdr.ddl_unfence(origin text, since text) RETURNS integer
+STRICT
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'ddl_unfence_change_wrapper';
+REVOKE ALL ON FUNCTION bdr.ddl_unfence(text, text) FROM PUBLIC;
+
+-- The origin keeps the members' fences once its drain is done: a fence is set for the
+-- drain's time plus a grace, and kept until the change arrives only then, so that a
+-- fence whose schema change failed lapses soon.
+CREATE FUNCTION bdr.ddl_fence_keep(tables text[], origin text, since text) RETURNS boolean
 STRICT
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'ddl_fence_keep_wrapper';
-REVOKE ALL ON FUNCTION bdr.ddl_fence_keep(text[], text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION bdr.ddl_fence_keep(text[], text, text) FROM PUBLIC;

@@ -841,7 +841,7 @@ impl Applier {
         self.forwarded = None;
         self.ddl_applied = false;
         if let Some(origin) = ddl_origin {
-            crate::ddl::applied_from(&origin);
+            crate::ddl::applied_from(&origin, origin_lsn);
         }
         xact::set_context(None);
     }

@@ -22,7 +22,11 @@
 //! 4. **Apply** ([`apply`], receiver): run in the applying transaction, as the same role,
 //!    with the same `search_path`, under the peer's origin: exactly once across crashes,
 //!    never sent back out. A failure is an apply error (logged with the statement, retried,
-//!    never skipped). The fence the origin set here lifts when the apply commits.
+//!    never skipped). The fences the origin set here for it lift when the apply commits.
+//!
+//! A fence is named by its origin and the origin's WAL position when the drain began
+//! (`since`): the arrival of an earlier change from the same origin does not lift a later
+//! change's fence; the rollback's unfence and the keep touch their own change's only.
 
 use crate::catalog::nodes::{self, NodeKind, NodeState};
 use crate::error::{raise, DdlError};
@@ -190,7 +194,21 @@ fn ask_all(
     params: &[&str],
     deadline: Instant,
 ) -> Vec<(String, libpq::Answer)> {
-    let mut asked: Vec<&mut Member> = held.iter_mut().filter(|m| m.conn.is_some()).collect();
+    ask_where(held, |_| true, sql, params, deadline)
+}
+
+/// As [`ask_all`], of the members `pick` names only.
+fn ask_where(
+    held: &mut [Member],
+    pick: impl Fn(&str) -> bool,
+    sql: &str,
+    params: &[&str],
+    deadline: Instant,
+) -> Vec<(String, libpq::Answer)> {
+    let mut asked: Vec<&mut Member> = held
+        .iter_mut()
+        .filter(|m| m.conn.is_some() && pick(&m.name))
+        .collect();
     let mut conns: Vec<&mut Conn> = Vec::new();
     let mut names = Vec::new();
     for m in asked.iter_mut() {
@@ -212,7 +230,7 @@ fn ask_all(
         }
         out.push((name, r));
     }
-    for m in held.iter().filter(|m| m.conn.is_none()) {
+    for m in held.iter().filter(|m| m.conn.is_none() && pick(&m.name)) {
         if !out.iter().any(|(n, _)| *n == m.name) {
             out.push((
                 m.name.clone(),
@@ -238,9 +256,18 @@ fn drain(tables: &[String]) {
         .filter(|n| !n.is_local && n.kind == NodeKind::Active && n.state == NodeState::Active)
         .collect();
 
+    // What names this schema change's fences everywhere: every change this node
+    // committed before ends at or below it, this one past it.
+    let since = utility::insert_lsn();
     // Here: refuse new user writes to the tables (this backend is exempt).
     for t in tables {
-        fence(dboid, t, &me.name, utility::my_pid(), FENCE_LIFETIME_US);
+        fence(
+            dboid,
+            t,
+            (&me.name, since),
+            utility::my_pid(),
+            FENCE_LIFETIME_US,
+        );
     }
     let my_pid = utility::my_pid();
     utility::at_transaction_end(Box::new(move |_| {
@@ -248,18 +275,20 @@ fn drain(tables: &[String]) {
     }));
 
     let held: Held = Rc::new(RefCell::new(connect_all(&members, timeout)));
-    unfence_if_rolled_back(held.clone(), &me.name);
+    let since_text = wire::format_lsn(since);
+    unfence_if_rolled_back(held.clone(), &me.name, &since_text);
     let mut held = held.borrow_mut();
 
     let tables_arr = text_array(tables);
-    let fence_lsn = fence_all(&mut held, &tables_arr, &me.name, deadline);
+    let fence_lsn = fence_all(&mut held, &tables_arr, (&me.name, &since_text), deadline);
 
     // Every node (members and here) applies every other member's changes up to its fence.
     loop {
         let behind = behind(&me.name, dboid, &mut held, &fence_lsn, deadline);
         if behind.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
-            keep_all(&mut held, &tables_arr, &me.name, left.max(UNFENCE_WAIT));
+            let change = (me.name.as_str(), since_text.as_str());
+            keep_all(&mut held, &tables_arr, change, left.max(UNFENCE_WAIT));
             return;
         }
         if Instant::now() >= deadline {
@@ -325,8 +354,8 @@ const UNFENCE_WAIT: Duration = Duration::from_secs(2);
 /// effort, within [`UNFENCE_WAIT`] for each step: over the drain's connections, a member
 /// whose connection failed dialled again; fences also expire, and bdr.ddl_unfence()
 /// lifts them by hand). At a commit the connections close.
-fn unfence_if_rolled_back(held: Held, origin: &str) {
-    let origin = origin.to_string();
+fn unfence_if_rolled_back(held: Held, origin: &str, since: &str) {
+    let (origin, since) = (origin.to_string(), since.to_string());
     utility::at_transaction_end(Box::new(move |committed| {
         // Not borrowed any more unless an error ended the drain without unwinding.
         let Ok(mut members) = held.try_borrow_mut().map(|mut v| std::mem::take(&mut *v)) else {
@@ -345,33 +374,71 @@ fn unfence_if_rolled_back(held: Held, origin: &str) {
             .flatten()
             .collect();
         conns.extend(members.iter_mut().filter_map(|m| m.conn.take()));
-        let mut conns: Vec<&mut Conn> = conns.iter_mut().collect();
-        let _ = libpq::exec_params_many(
-            &mut conns,
-            "SELECT bdr.ddl_unfence($1)",
-            &[&origin],
+        let mut all: Vec<&mut Conn> = conns.iter_mut().collect();
+        let answers = libpq::exec_params_many(
+            &mut all,
+            "SELECT bdr.ddl_unfence($1, $2)",
+            &[&origin, &since],
             Some(UNFENCE_WAIT),
         );
+        // A member on the previous release's SQL lifts every fence of this origin.
+        let mut old: Vec<&mut Conn> = all
+            .into_iter()
+            .zip(answers)
+            .filter(|(_, a)| lacks_function(a))
+            .map(|(c, _)| c)
+            .collect();
+        if !old.is_empty() {
+            let _ = libpq::exec_params_many(
+                &mut old,
+                "SELECT bdr.ddl_unfence($1)",
+                &[&origin],
+                Some(UNFENCE_WAIT),
+            );
+        }
     }));
 }
 
-/// Fence `tables` on every member at once; each answers once its running writers are
-/// done, with its WAL position then: (member, fence LSN). Fails naming every member that
-/// could not, or did not answer by `deadline`.
+/// Whether `answer` is "undefined function": the member's SQL is the previous release's
+/// (its library may be new), which lacks a function or form this one added.
+fn lacks_function(answer: &libpq::Answer) -> bool {
+    matches!(answer, Err(libpq::LibpqError::Query { sqlstate, .. }) if sqlstate.as_deref() == Some("42883"))
+}
+
+/// Fence `tables` on every member at once for the schema change (origin, since); each
+/// answers once its running writers are done, with its WAL position then: (member, fence
+/// LSN). A member on the previous release's SQL is asked for a fence of the origin's
+/// (lifted by any change from it). Fails naming every member that could not, or did not
+/// answer by `deadline`.
 fn fence_all(
     held: &mut [Member],
     tables_arr: &str,
-    origin: &str,
+    (origin, since): (&str, &str),
     deadline: Instant,
 ) -> Vec<(String, u64)> {
     let mut fence_lsn: Vec<(String, u64)> = Vec::new();
     let mut failed = Vec::new();
-    let answers = ask_all(
+    let mut answers = ask_all(
         held,
-        "SELECT bdr.ddl_fence($1::text[], $2, $3::int)::text",
-        &[tables_arr, origin, &ms_left(deadline).to_string()],
+        "SELECT bdr.ddl_fence($1::text[], $2, $3::int, $4)::text",
+        &[tables_arr, origin, &ms_left(deadline).to_string(), since],
         deadline,
     );
+    let old: Vec<String> = answers
+        .iter()
+        .filter(|(_, a)| lacks_function(a))
+        .map(|(n, _)| n.clone())
+        .collect();
+    if !old.is_empty() {
+        answers.retain(|(n, _)| !old.contains(n));
+        answers.extend(ask_where(
+            held,
+            |n| old.iter().any(|o| o == n),
+            "SELECT bdr.ddl_fence($1::text[], $2, $3::int)::text",
+            &[tables_arr, origin, &ms_left(deadline).to_string()],
+            deadline,
+        ));
+    }
     for (name, r) in answers {
         match r {
             Ok(rows) => {
@@ -393,15 +460,16 @@ fn fence_all(
     fence_lsn
 }
 
-/// Once drained: keep the members' fences until the change arrives there (they would
-/// lapse soon after the drain's time otherwise). A member of the previous release, which
-/// has no `bdr.ddl_fence_keep` and whose fences last 10 minutes, needs nothing. Fails
-/// naming every member whose fence is gone or that did not answer within `limit`.
-fn keep_all(held: &mut [Member], tables_arr: &str, origin: &str, limit: Duration) {
+/// Once drained: keep the members' fences of the schema change (origin, since) until it
+/// arrives there (they would lapse soon after the drain's time otherwise). A member on
+/// the previous release's SQL has no `bdr.ddl_fence_keep`: its fences stay the short
+/// ones (a library of the previous release set 10-minute fences). Fails naming every
+/// member whose fence is gone or that did not answer within `limit`.
+fn keep_all(held: &mut [Member], tables_arr: &str, (origin, since): (&str, &str), limit: Duration) {
     let answers = ask_all(
         held,
-        "SELECT bdr.ddl_fence_keep($1::text[], $2)::text",
-        &[tables_arr, origin],
+        "SELECT bdr.ddl_fence_keep($1::text[], $2, $3)::text",
+        &[tables_arr, origin, since],
         Instant::now() + limit,
     );
     let failed: Vec<String> = answers
@@ -417,11 +485,7 @@ fn keep_all(held: &mut [Member], tables_arr: &str, origin: &str, limit: Duration
                 None
             }
             Ok(_) => Some(format!("{name} (its fence lapsed or was lifted)")),
-            Err(libpq::LibpqError::Query { sqlstate, .. })
-                if sqlstate.as_deref() == Some("42883") =>
-            {
-                None
-            }
+            ref r @ Err(_) if lacks_function(r) => None,
             Err(e) => Some(format!("{name} ({e})")),
         })
         .collect();
@@ -503,12 +567,12 @@ fn table_oid(table: &str) -> Option<pgrx::pg_sys::Oid> {
         .flatten()
 }
 
-/// Fence the table named `table` (if it exists here) of `dboid` for a schema change from
-/// `origin`, `exempt_pid` excepted, for `lifetime_us`; returns its OID.
+/// Fence the table named `table` (if it exists here) of `dboid` for the schema change
+/// (origin, since), `exempt_pid` excepted, for `lifetime_us`; returns its OID.
 fn fence(
     dboid: u32,
     table: &str,
-    origin: &str,
+    (origin, since): (&str, u64),
     exempt_pid: i32,
     lifetime_us: i64,
 ) -> Option<pgrx::pg_sys::Oid> {
@@ -517,6 +581,7 @@ fn fence(
         dboid,
         relid.to_u32(),
         origin,
+        since,
         exempt_pid,
         xact::now() + lifetime_us,
     ) {
@@ -525,38 +590,62 @@ fn fence(
     Some(relid)
 }
 
-/// Fence `tables` here for a schema change from `origin`, wait (at most `timeout_ms`)
-/// for transactions already writing to them, and return the WAL position after them.
-/// The fences lapse after `timeout_ms` and a grace unless the origin keeps them
-/// ([`ddl_fence_keep`]). Called by the origin of a schema change over its connection;
-/// superuser only.
+/// The origin's position `since` names a schema change in the fence functions.
+fn since_lsn(since: &str) -> u64 {
+    wire::parse_lsn(since).unwrap_or_else(|| raise(&DdlError::BadPosition(since.to_string())))
+}
+
+/// Fence `tables` here for the schema change from `origin` whose drain began at its WAL
+/// position `since`, wait (at most `timeout_ms`) for transactions already writing to
+/// them, and return the WAL position after them. The fences lapse after `timeout_ms` and
+/// a grace unless the origin keeps them ([`ddl_fence_keep`]); that change's arrival
+/// lifts them, an earlier change's does not. Called by the origin of a schema change
+/// over its connection; superuser only.
+#[pg_extern(name = "ddl_fence")]
+fn ddl_fence_since(tables: Vec<String>, origin: &str, timeout_ms: i32, since: &str) -> String {
+    fence_here(&tables, (origin, since_lsn(since)), timeout_ms)
+}
+
+/// As the four-argument form, for an origin of the previous release: the fences are
+/// lifted by the arrival of any schema change from `origin`.
 #[pg_extern]
 fn ddl_fence(tables: Vec<String>, origin: &str, timeout_ms: i32) -> String {
+    fence_here(&tables, (origin, 0), timeout_ms)
+}
+
+fn fence_here(tables: &[String], change: (&str, u64), timeout_ms: i32) -> String {
     let dboid = nodes::my_database_oid();
     let timeout_ms = timeout_ms.max(1);
     Spi::run(&format!("SET LOCAL lock_timeout = {timeout_ms}"))
         .unwrap_or_else(|e| raise(&DdlError::Queue(e.to_string())));
     let lifetime_us = i64::from(timeout_ms) * 1000 + FENCE_UNKEPT_GRACE_US;
-    for t in &tables {
-        if let Some(relid) = fence(dboid, t, origin, 0, lifetime_us) {
+    for t in tables {
+        if let Some(relid) = fence(dboid, t, change, 0, lifetime_us) {
             utility::wait_for_writers(relid);
         }
     }
     wire::format_lsn(utility::insert_lsn())
 }
 
-/// Keep the fences `ddl_fence` set here on `tables` for a schema change from `origin`
-/// until the change arrives (or for 10 minutes): called by the origin once its drain is
+/// Keep the fences `ddl_fence` set here on `tables` for the schema change (`origin`,
+/// `since`) until it arrives (or for 10 minutes): called by the origin once its drain is
 /// done, just before its statement runs. False when one of them is no longer set (it
 /// lapsed, or was lifted by hand): the origin then fails. Superuser only.
 #[pg_extern]
-fn ddl_fence_keep(tables: Vec<String>, origin: &str) -> bool {
+fn ddl_fence_keep(tables: Vec<String>, origin: &str, since: &str) -> bool {
     let dboid = nodes::my_database_oid();
+    let since = since_lsn(since);
     let now = xact::now();
-    tables
-        .iter()
-        .filter_map(|t| table_oid(t))
-        .all(|relid| shmem::fence_keep(dboid, relid.to_u32(), origin, now, now + FENCE_LIFETIME_US))
+    tables.iter().filter_map(|t| table_oid(t)).all(|relid| {
+        shmem::fence_keep(
+            dboid,
+            relid.to_u32(),
+            origin,
+            since,
+            now,
+            now + FENCE_LIFETIME_US,
+        )
+    })
 }
 
 /// Lift every fence set here by schema changes from `origin` (every fence when NULL):
@@ -565,6 +654,16 @@ fn ddl_fence_keep(tables: Vec<String>, origin: &str) -> bool {
 fn ddl_unfence(origin: default!(Option<&str>, "NULL")) -> i32 {
     let dboid = nodes::my_database_oid();
     shmem::fence_clear(|f| f.dboid == dboid && origin.is_none_or(|o| shmem::fence_origin(f) == o))
+        as i32
+}
+
+/// Lift the fences set here for the schema change (`origin`, `since`) only: its origin
+/// rolled it back. Returns how many.
+#[pg_extern(name = "ddl_unfence")]
+fn ddl_unfence_change(origin: &str, since: &str) -> i32 {
+    let dboid = nodes::my_database_oid();
+    let since = since_lsn(since);
+    shmem::fence_clear(|f| f.dboid == dboid && f.since == since && shmem::fence_origin(f) == origin)
         as i32
 }
 
@@ -604,9 +703,13 @@ pub fn apply(c: &DdlCommand) {
     .unwrap_or_else(|e| raise(&DdlError::Command(e.to_string())));
 }
 
-/// Receiver, after committing a transaction that applied DDL from `origin`: lift the
-/// fences that origin set here.
-pub fn applied_from(origin: &str) {
+/// Receiver, after committing a transaction that applied DDL from `origin`, which ended
+/// at `origin_lsn` there: lift the fences of that origin's schema changes whose drain
+/// began before it (its own and any that failed earlier), not those of later ones,
+/// which wait for their own change (it follows in the stream).
+pub fn applied_from(origin: &str, origin_lsn: u64) {
     let dboid = nodes::my_database_oid();
-    shmem::fence_clear(|f| f.dboid == dboid && shmem::fence_origin(f) == origin);
+    shmem::fence_clear(|f| {
+        f.dboid == dboid && f.since < origin_lsn && shmem::fence_origin(f) == origin
+    });
 }

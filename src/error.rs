@@ -423,6 +423,8 @@ pub enum DdlError {
     RoleMissing(String),
     #[error("bdr: this node is not an active member of a bdr group")]
     NotInGroup,
+    #[error("bdr: \"{0}\" is not a WAL position")]
+    BadPosition(String),
 }
 
 impl PgError for DdlError {
@@ -438,6 +440,7 @@ impl PgError for DdlError {
             DdlError::RoleMissing(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             DdlError::NotInGroup => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             DdlError::BadMessage(_) => PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
+            DdlError::BadPosition(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             DdlError::Queue(_) | DdlError::Command(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
     }
@@ -463,6 +466,11 @@ impl PgError for DdlError {
                     .into()
             }
             DdlError::NotInGroup => "Use it on an active node of a group.".into(),
+            DdlError::BadPosition(_) => {
+                "Write it as pg_lsn prints one, e.g. '0/16B3748' (these functions are called \
+                 by a schema change's origin)."
+                    .into()
+            }
             _ => return None,
         })
     }

@@ -419,3 +419,75 @@ fn a_write_to_a_table_held_for_a_schema_change_is_refused_until_it_is_done() {
         "the write after the change reached node2"
     );
 }
+
+/// A member's fence belongs to one schema change: an earlier change from the same node,
+/// arriving late, does not lift it (until session 26 any schema change from the origin
+/// lifted all of that origin's fences, so a later change's table was writable on the
+/// member in its old shape while that change was still on its way).
+#[test]
+fn a_fence_is_lifted_by_its_own_schema_change_not_by_an_earlier_one() {
+    let c = group("ddl_fence_own", 2);
+    let (a, b) = (c.node(0), c.node(1));
+    a.connect_as("app")
+        .batch_execute(
+            "CREATE TABLE t1 (id bigint PRIMARY KEY, v text);
+             CREATE TABLE t2 (id bigint PRIMARY KEY, v text);
+             CREATE TABLE t3 (id bigint PRIMARY KEY, v text);",
+        )
+        .unwrap();
+    wait_for_catchup(&c);
+    // node2 receives nothing from node1 for now: what follows waits in node1's stream,
+    // while node2 holds writes to t1 and to t2 for the two changes (both drains pass:
+    // node1 has applied node2's changes).
+    pg_test::bdr::pause_apply(b);
+    let mut ddl = a.connect_as("app");
+    ddl.batch_execute("ALTER TABLE t1 ADD COLUMN c int DEFAULT 1")
+        .unwrap();
+    ddl.batch_execute("INSERT INTO t3 (id, v) VALUES (1, 'from node1')")
+        .unwrap();
+    ddl.batch_execute("ALTER TABLE t2 ADD COLUMN c int DEFAULT 2")
+        .unwrap();
+    // On node2, the row node1 inserted into t3 waits for this transaction, and with it
+    // t2's change, behind it in the stream.
+    let mut hold = b.connect();
+    hold.batch_execute("BEGIN; INSERT INTO t3 (id, v) VALUES (1, 'held on node2')")
+        .unwrap();
+    b.execute("SELECT bdr.apply_resume()");
+    wait_until("t1's change applied on node2", CATCHUP, || {
+        shape(b, "t1").starts_with("id bigint, v text, c integer")
+    });
+    assert!(
+        !shape(b, "t2").contains(" c "),
+        "t2's change waits behind t3's row"
+    );
+    let mut app = b.connect_as("app");
+    let refused = app
+        .execute("INSERT INTO t2 (id, v) VALUES (1, 'old shape')", &[])
+        .map_err(|e| pg_test::db_error_text(&e))
+        .expect_err("t2 is still held on node2 for its own change");
+    assert!(
+        refused.contains("is held for a schema change from node \"node1\""),
+        "{refused}"
+    );
+    app.execute("INSERT INTO t1 (id, v) VALUES (1, 'new shape')", &[])
+        .expect("t1's change arrived: t1 is writable");
+    hold.batch_execute("ROLLBACK").unwrap();
+    wait_until(
+        "t2 writable on node2 once its change arrived",
+        CATCHUP,
+        || {
+            app.execute("INSERT INTO t2 (id, v) VALUES (2, 'new shape')", &[])
+                .is_ok()
+        },
+    );
+    wait_for_catchup(&c);
+    assert_same_shape(&c, "t1");
+    assert_same_shape(&c, "t2");
+    assert_same_everywhere(&c, "t1");
+    assert_same_everywhere(&c, "t2");
+    assert_eq!(
+        a.query_scalar::<i32>("SELECT c FROM t2 WHERE id = 2"),
+        2,
+        "the write after the change reached node1 with the new column's default"
+    );
+}

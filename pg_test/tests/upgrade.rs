@@ -257,6 +257,16 @@ fn a_group_updated_node_by_node_keeps_replicating() {
               WHERE table_name = 't' AND column_name = 'w'",
         ) == 1
     });
+    // A drained schema change that fails once drained (t has rows): its rollback lifts
+    // node2's fence at once with the one-argument bdr.ddl_unfence that node2's SQL has.
+    let mut ddl = a.connect();
+    let failed = ddl
+        .batch_execute("ALTER TABLE t ADD COLUMN x int NOT NULL")
+        .map_err(|e| pg_test::db_error_text(&e))
+        .expect_err("a NOT NULL column without a default on a table with rows");
+    assert!(failed.contains("contains null values"), "{failed}");
+    ddl.batch_execute("SELECT 1").unwrap(); // the rollback, unfence included, is over
+    app(b, "UPDATE t SET v = 'b3' WHERE id = 12");
 
     b.execute("ALTER EXTENSION bdr UPDATE");
     app(b, "INSERT INTO t VALUES (22, 'b')");

@@ -5,13 +5,18 @@
 use super::{put, text, Workers, NAME_LEN, WORKERS};
 
 /// Writes to table `relid` of database `dboid` are refused (except by `exempt_pid`, the
-/// backend running the schema change) until the schema change from `origin` is applied
-/// here, or until `deadline`.
+/// backend running the schema change) until the schema change from `origin` that set it
+/// is applied here, or until `deadline`.
 #[derive(Copy, Clone)]
 pub struct Fence {
     pub dboid: u32,
     pub relid: u32,
     pub origin: [u8; NAME_LEN],
+    /// The origin's WAL insert position when its drain began: it names the schema change
+    /// (with `origin`), and only a change from `origin` committed past it lifts the fence
+    /// on arrival; an earlier one, arriving late, does not. 0: any change from `origin`
+    /// (a fence asked for by a node of the previous release).
+    pub since: u64,
     pub exempt_pid: i32,
     pub deadline: i64,
 }
@@ -21,6 +26,7 @@ impl Fence {
         dboid: 0,
         relid: 0,
         origin: [0; NAME_LEN],
+        since: 0,
         exempt_pid: 0,
         deadline: 0,
     };
@@ -47,18 +53,35 @@ fn count_fences(w: &Workers) {
         .store(n, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// Fence table `relid` of `dboid` for a schema change from `origin`; false when the
-/// fence table is full.
-pub fn fence_add(dboid: u32, relid: u32, origin: &str, exempt_pid: i32, deadline: i64) -> bool {
+/// Whether fence `f` is the one of the schema change (`origin`, `since`) on `relid` of
+/// `dboid`.
+fn is(f: &Fence, dboid: u32, relid: u32, origin: &str, since: u64) -> bool {
+    f.dboid == dboid && f.relid == relid && f.since == since && text(&f.origin) == origin
+}
+
+/// Fence table `relid` of `dboid` for the schema change (`origin`, `since`); false when
+/// the fence table is full. The same change asking again replaces its fence; another
+/// change's fence on the table stays beside it.
+pub fn fence_add(
+    dboid: u32,
+    relid: u32,
+    origin: &str,
+    since: u64,
+    exempt_pid: i32,
+    deadline: i64,
+) -> bool {
     let mut w = WORKERS.exclusive();
-    let now_free = w.fences.iter().position(|f| {
-        f.dboid == 0 || (f.dboid == dboid && f.relid == relid && text(&f.origin) == origin)
-    });
-    let Some(i) = now_free else { return false };
+    let slot = w
+        .fences
+        .iter()
+        .position(|f| is(f, dboid, relid, origin, since))
+        .or_else(|| w.fences.iter().position(|f| f.dboid == 0));
+    let Some(i) = slot else { return false };
     let mut f = Fence::EMPTY;
     f.dboid = dboid;
     f.relid = relid;
     put(&mut f.origin, origin);
+    f.since = since;
     f.exempt_pid = exempt_pid;
     f.deadline = deadline;
     w.fences[i] = f;
@@ -66,13 +89,22 @@ pub fn fence_add(dboid: u32, relid: u32, origin: &str, exempt_pid: i32, deadline
     true
 }
 
-/// Extend the fence on table `relid` of `dboid` from `origin` to `deadline`, if it is
-/// still set at `now` (not lifted, not lapsed); false otherwise.
-pub fn fence_keep(dboid: u32, relid: u32, origin: &str, now: i64, deadline: i64) -> bool {
+/// Extend the fence on table `relid` of `dboid` of the schema change (`origin`, `since`)
+/// to `deadline`, if it is still set at `now` (not lifted, not lapsed); false otherwise.
+pub fn fence_keep(
+    dboid: u32,
+    relid: u32,
+    origin: &str,
+    since: u64,
+    now: i64,
+    deadline: i64,
+) -> bool {
     let mut w = WORKERS.exclusive();
-    let Some(f) = w.fences.iter_mut().find(|f| {
-        f.dboid == dboid && f.relid == relid && text(&f.origin) == origin && f.deadline > now
-    }) else {
+    let Some(f) = w
+        .fences
+        .iter_mut()
+        .find(|f| is(f, dboid, relid, origin, since) && f.deadline > now)
+    else {
         return false;
     };
     f.deadline = f.deadline.max(deadline);
