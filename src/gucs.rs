@@ -56,6 +56,9 @@ pub static APPLY_RETRY_MAX_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(30
 /// `bdr.max_clock_skew`: `node_status()` warns when a peer's commit timestamps run ahead
 /// of this node's clock by more than this (milliseconds).
 pub static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+/// `bdr.tombstone_min_age`: the least time a tombstone is kept after its delete, even
+/// once no peer can send an older change (0: collected as soon as that is known).
+pub static TOMBSTONE_MIN_AGE_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 
 /// `bdr.writers_per_peer`: processes applying one peer's transactions (1: the apply
 /// worker itself; more: parallel apply, see `src/receive/parallel.rs`). Read when an
@@ -220,6 +223,18 @@ pub fn init() {
         c"Last-update-wins compares commit timestamps from different clocks: a node whose \
           clock runs ahead wins conflicts it should lose. See docs/conflicts.md.",
         &MAX_CLOCK_SKEW_MS,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"bdr.tombstone_min_age",
+        c"The least time a deleted row's tombstone is kept, even once no peer can still send an older change.",
+        c"0 collects a tombstone as soon as every peer has sent a later transaction. More \
+          keeps recent deletes' tombstones in bdr.tombstones to look at (and in tests: \
+          counts that do not move). Never shortens the time a tombstone is needed.",
+        &TOMBSTONE_MIN_AGE_MS,
         0,
         i32::MAX,
         GucContext::Sighup,

@@ -553,3 +553,55 @@ fn a_backlog_is_read_without_batch_waits() {
          times, the walsender {sender_slept}"
     );
 }
+
+/// What the apply evaluates on the receiving node reads the time of the applying
+/// transaction: a local-only column's `DEFAULT now()` and a replicated
+/// `ADD COLUMN ... DEFAULT now()`. Until session 26 a bdr worker's transactions all
+/// started, for PostgreSQL, when the worker connected (nothing set the statement start
+/// time a transaction takes its own from): both read the apply worker's start, however
+/// long ago, and `pg_stat_activity.xact_start` was as stale.
+#[test]
+fn the_apply_reads_its_own_transactions_time_not_its_workers_start() {
+    let c = Cluster::builder().name("applynow").nodes(2).start();
+    for n in c.nodes() {
+        n.execute(
+            "CREATE EXTENSION bdr; CREATE ROLE app LOGIN;
+             CREATE TABLE t (id int PRIMARY KEY, v text);
+             GRANT SELECT, INSERT, UPDATE, DELETE ON t TO app;",
+        );
+    }
+    form_group(&c);
+    let (a, b) = (c.node(0), c.node(1));
+    b.execute(
+        "SET bdr.ddl_replication = off; ALTER TABLE t ADD COLUMN seen timestamptz DEFAULT now()",
+    );
+    let app = |sql: &str| a.connect_as("app").batch_execute(sql).unwrap();
+    // Later than the apply worker's start on node2 (it began before the group formed).
+    let before: String = b.query_scalar("SELECT now()::text");
+    app("INSERT INTO t VALUES (1, 'one')");
+    wait_for_catchup(&c);
+    let seen: String = b.query_scalar("SELECT seen::text FROM t WHERE id = 1");
+    assert!(
+        b.query_scalar::<bool>(&format!(
+            "SELECT seen >= '{before}'::timestamptz FROM t WHERE id = 1"
+        )),
+        "the local-only column's default on node2 is the apply's time: {seen} is before {before}"
+    );
+    let before: String = b.query_scalar("SELECT now()::text");
+    a.execute("ALTER TABLE t ADD COLUMN added timestamptz DEFAULT now()");
+    wait_for_catchup(&c);
+    let added: String = b.query_scalar("SELECT added::text FROM t WHERE id = 1");
+    assert!(
+        b.query_scalar::<bool>(&format!(
+            "SELECT added >= '{before}'::timestamptz FROM t WHERE id = 1"
+        )),
+        "the replicated default on node2 is the apply's time: {added} is before {before}"
+    );
+    assert!(
+        b.query_scalar::<bool>(&format!(
+            "SELECT bool_and(xact_start IS NULL OR xact_start >= '{before}'::timestamptz) \
+               FROM pg_stat_activity WHERE backend_type LIKE 'bdr apply%'"
+        )),
+        "an apply worker's transaction start in pg_stat_activity is not its connection time"
+    );
+}

@@ -773,7 +773,16 @@ fn resume_node3_held(n: &Node) -> pg_test::postgres::Client {
 /// A three-node group whose nodes each ran `tables` (which grants the plain role `app`
 /// what it writes) before forming it.
 fn app_group(name: &str, tables: &str) -> Cluster {
-    let c = Cluster::builder().name(name).nodes(3).start();
+    app_group_with(name, tables, &[])
+}
+
+/// As [`app_group`], with settings in every node's configuration.
+fn app_group_with(name: &str, tables: &str, conf: &[(&str, &str)]) -> Cluster {
+    let mut b = Cluster::builder().name(name).nodes(3);
+    for (k, v) in conf {
+        b = b.conf(k, v);
+    }
+    let c = b.start();
     for n in c.nodes() {
         n.execute(&format!(
             "CREATE EXTENSION bdr; CREATE ROLE app LOGIN; {tables}"
@@ -1106,10 +1115,13 @@ fn tombstones(n: &Node) -> i64 {
 /// when its apply workers reconnect: it knows no commit time of theirs until then).
 #[test]
 fn tombstones_are_removed_when_the_peers_write_nothing_more() {
-    let c = app_group(
+    // Tombstones are kept for now, so that their count after the catch-up cannot move
+    // (a heartbeat round right after it could collect them).
+    let c = app_group_with(
         "tombgc",
         "CREATE TABLE t (id int PRIMARY KEY, v text);
          GRANT SELECT, INSERT, UPDATE, DELETE ON t TO app;",
+        &[("bdr.tombstone_min_age", "1h")],
     );
     let a = c.node(0);
     as_app(
@@ -1127,7 +1139,49 @@ fn tombstones_are_removed_when_the_peers_write_nothing_more() {
         );
         assert_eq!(tombstones(n), 5, "the deletes' tombstones on {}", n.name());
     }
-    // Nobody writes from here on.
+    // Every node commits after the deletes, so that nothing but bdr.tombstone_min_age
+    // keeps the tombstones; they are still there after a whole collection round of each
+    // node begun after that (a node keeping tombstones writes its heartbeat row at the
+    // end of every round: two writes after `since` frame one).
+    for (i, n) in c.nodes().iter().enumerate() {
+        as_app(n, &format!("INSERT INTO t VALUES ({}, 'later')", 100 + i));
+    }
+    wait_for_catchup(&c);
+    let since: String = a.query_scalar("SELECT now()::text");
+    for n in c.nodes() {
+        let sent = || {
+            n.query_scalar::<String>(&format!(
+                "SELECT coalesce(max(sent_at) FILTER (WHERE sent_at > '{since}'), '-infinity')::text \
+                   FROM bdr.heartbeat"
+            ))
+        };
+        let mut first = String::new();
+        wait_until(
+            &format!("a heartbeat round of {}", n.name()),
+            CATCHUP,
+            || {
+                first = sent();
+                first != "-infinity"
+            },
+        );
+        wait_until(
+            &format!("another heartbeat round of {}", n.name()),
+            Duration::from_secs(60),
+            // (a node whose tombstones are gone sends no more)
+            || sent() != first || tombstones(n) != 5,
+        );
+        assert_eq!(
+            tombstones(n),
+            5,
+            "tombstones kept by bdr.tombstone_min_age on {}",
+            n.name()
+        );
+    }
+    // Nobody writes from here on; tombstones are collected as soon as they may be.
+    for n in c.nodes() {
+        n.execute("ALTER SYSTEM SET bdr.tombstone_min_age = 0");
+        n.execute("SELECT pg_reload_conf()");
+    }
     for n in c.nodes() {
         wait_until(
             &format!("{}'s tombstones removed with its peers idle", n.name()),

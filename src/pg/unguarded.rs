@@ -56,6 +56,9 @@ extern "C" {
     pub fn GetTopTransactionIdIfAny() -> pg_sys::TransactionId;
     /// timestamp.c: `gettimeofday` and arithmetic.
     pub fn GetCurrentTimestamp() -> pg_sys::TimestampTz;
+    /// xact.c: `stmtStartTimestamp = GetCurrentTimestamp()` (a clock read; an `Assert`
+    /// against parallel workers).
+    pub fn SetCurrentStatementStartTimestamp();
     /// xlog.c: reads the flush position under a spinlock (a stuck spinlock PANICs, which
     /// aborts the process: no `longjmp`).
     pub fn GetFlushRecPtr(insert_tli: *mut pg_sys::TimeLineID) -> pg_sys::XLogRecPtr;

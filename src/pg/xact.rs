@@ -12,10 +12,16 @@ use std::ffi::{c_char, c_int, CString};
 
 /// Start a transaction with a snapshot, for catalog reads or applying a remote one.
 pub fn begin() {
-    // SAFETY: called outside any transaction (the apply loop's invariant); three calls
-    // under one guard (the closure holds nothing).
+    // SAFETY: called outside any transaction (the apply loop's invariant); the clock read
+    // cannot raise; three calls under one guard (the closure holds nothing).
     unsafe {
         use crate::pg::unguarded::{guarded, raw};
+        // A transaction's start time (now(), pg_stat_activity.xact_start) is the
+        // statement start time when it begins, which only a client backend's main loop
+        // sets: without this every transaction of a bdr worker started at the time of its
+        // first (now() in a replicated `ADD COLUMN ... DEFAULT now()`, a local-only
+        // column's default, a heartbeat's sent_at: the worker's start, hours stale).
+        crate::pg::unguarded::SetCurrentStatementStartTimestamp();
         guarded(|| {
             raw::StartTransactionCommand();
             raw::PushActiveSnapshot(raw::GetTransactionSnapshot());

@@ -51,8 +51,12 @@ fn collect_tombstones(dboid: u32, peers: &[nodes::Node], hub: Option<&str>) -> (
     if before <= 0 || before == i64::MAX {
         return (0, 0);
     }
+    // Kept at least bdr.tombstone_min_age; the horizon the heartbeats carry is the
+    // peers' (what a spoke may collect), not this node's choice to keep more.
+    let min_age_us = i64::from(crate::gucs::TOMBSTONE_MIN_AGE_MS.get()) * 1000;
+    let collect_before = before.min(xact::now() - min_age_us);
     xact::begin();
-    let n = crate::catalog::tombstones::collect_garbage(before);
+    let n = crate::catalog::tombstones::collect_garbage(collect_before);
     xact::commit();
     if n > 0 {
         pgrx::debug1!("bdr: removed {n} tombstones");
