@@ -17,6 +17,9 @@
 //!
 //! [`FakePeer::silent`] instead answers nothing after the startup (a link that hangs
 //! once the connection is made), counting the connections that got that far.
+//! [`FakePeer::copy_on_extended`] answers every extended-protocol statement (what a
+//! schema change's drain sends its members) by starting a COPY that never ends; simple
+//! queries and streams are as in [`FakePeer::start`].
 //!
 //! Invariants: it listens on 127.0.0.1 only; dropping it stops the listener and every
 //! connection thread within about 100 ms.
@@ -45,6 +48,8 @@ pub struct Seen {
     pub starts: Vec<String>,
     /// Connections that completed the startup.
     pub connections: usize,
+    /// Statements answered with a COPY ([`FakePeer::copy_on_extended`]).
+    pub copies: usize,
 }
 
 pub struct FakePeer {
@@ -54,17 +59,30 @@ pub struct FakePeer {
     thread: Option<JoinHandle<()>>,
 }
 
+/// How a fake peer answers after the startup.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Normal,
+    Silent,
+    CopyOnExtended,
+}
+
 impl FakePeer {
     pub fn start(scripts: Vec<Script>) -> FakePeer {
-        Self::start_with(scripts, false)
+        Self::start_with(scripts, Mode::Normal)
     }
 
     /// A peer that completes every connection's startup and then answers nothing.
     pub fn silent() -> FakePeer {
-        Self::start_with(vec![Script::default()], true)
+        Self::start_with(vec![Script::default()], Mode::Silent)
     }
 
-    fn start_with(scripts: Vec<Script>, silent: bool) -> FakePeer {
+    /// A peer that answers each extended-protocol statement with a COPY that never ends.
+    pub fn copy_on_extended() -> FakePeer {
+        Self::start_with(vec![Script::default()], Mode::CopyOnExtended)
+    }
+
+    fn start_with(scripts: Vec<Script>, mode: Mode) -> FakePeer {
         assert!(!scripts.is_empty(), "a fake peer needs at least one script");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         listener
@@ -82,7 +100,7 @@ impl FakePeer {
                     Ok((sock, _)) => {
                         let (s, st, sc) = (s.clone(), st.clone(), scripts.clone());
                         conns.push(std::thread::spawn(move || {
-                            let _ = serve(sock, &s, &st, &sc, silent);
+                            let _ = serve(sock, &s, &st, &sc, mode);
                         }));
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -218,7 +236,7 @@ fn serve(
     stop: &AtomicBool,
     seen: &Mutex<Seen>,
     scripts: &[Script],
-    silent: bool,
+    mode: Mode,
 ) -> std::io::Result<()> {
     sock.set_nonblocking(false)?;
     sock.set_read_timeout(Some(Duration::from_millis(100)))?;
@@ -270,7 +288,16 @@ fn serve(
         };
         match kind {
             b'X' => return Ok(()),
-            _ if silent => {}
+            _ if mode == Mode::Silent => {}
+            // Parse, Bind, Describe, Execute: answered at the Sync.
+            b'P' | b'B' | b'D' | b'E' if mode == Mode::CopyOnExtended => {}
+            b'S' if mode == Mode::CopyOnExtended => {
+                seen.lock().unwrap().copies += 1;
+                let mut m = msg(b'1', &[]);
+                m.extend(msg(b'2', &[]));
+                m.extend(msg(b'H', &[0, 0, 0]));
+                out.write_all(&m)?;
+            }
             b'Q' => {
                 let q = String::from_utf8_lossy(&body)
                     .trim_end_matches('\0')

@@ -635,3 +635,78 @@ fn a_peer_that_answers_nothing_after_connecting_is_given_up() {
         fresh.forbidden_log_lines()
     );
 }
+
+/// A member that answers a schema change's questions by starting a COPY (no server of
+/// ours would): the statement fails at once naming it, its rollback's unfence (which runs
+/// where no cancel reaches) ends too, and the session and the server go on. libpq hands
+/// such a COPY result out on every call; until session 25 the drain's reading of answers
+/// would have looped on it for ever, in the rollback deaf to cancel and termination.
+#[test]
+fn a_member_answering_a_schema_change_with_a_copy_fails_it_and_holds_nothing() {
+    let c: Cluster = Cluster::builder()
+        .name("copymember")
+        .nodes(1)
+        .conf("bdr.apply_retry_max_delay", "200ms")
+        .start();
+    let n = c.node(0);
+    n.execute(&format!(
+        "CREATE EXTENSION bdr; CREATE ROLE app LOGIN; GRANT CREATE ON SCHEMA public TO app;
+         SELECT bdr.group_create(local_node_name := '{}', node_external_dsn := '{}')",
+        n.name(),
+        n.dsn()
+    ));
+    n.connect_as("app")
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .unwrap();
+    let peer = FakePeer::copy_on_extended();
+    let postmaster = n.postmaster_pid();
+    add_evil_peer(n, &peer);
+
+    let mut ddl = n.connect_as("app");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let started = std::time::Instant::now();
+    let alter = std::thread::spawn(move || {
+        let r = ddl
+            .batch_execute(
+                "SET bdr.ddl_lock_timeout = '5s'; ALTER TABLE t ADD COLUMN c int DEFAULT 7",
+            )
+            .map_err(|e| pg_test::db_error_text(&e));
+        // The rollback, unfence included, is over once the session answers again.
+        let after = ddl.query_one("SELECT 1", &[]).map(|r| r.get::<_, i32>(0));
+        let _ = tx.send((r, after));
+    });
+    let (r, after) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the schema change and its rollback must end");
+    let took = started.elapsed();
+    alter.join().unwrap();
+    let err = r.expect_err("a member that answers with a COPY cannot hold writes");
+    assert!(
+        err.contains("not every node could hold writes for this schema change: evil (")
+            && err.contains("the server started a COPY where rows were expected"),
+        "{err}"
+    );
+    assert_eq!(after.expect("the session answers after the rollback"), 1);
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    assert!(
+        peer.seen().copies >= 2,
+        "the fence and the rollback's unfence were both asked: {:?}",
+        peer.seen()
+    );
+    assert_eq!(
+        n.query_scalar::<i64>(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 't' AND column_name = 'c'"
+        ),
+        0,
+        "the column was not added"
+    );
+    n.connect_as("app")
+        .batch_execute("INSERT INTO t VALUES (1, 'writable')")
+        .expect("t is not held here after the failed change");
+    assert_eq!(n.postmaster_pid(), postmaster, "the server did not restart");
+    assert!(
+        n.forbidden_log_lines().is_empty(),
+        "{:?}",
+        n.forbidden_log_lines()
+    );
+}
