@@ -4,7 +4,8 @@
 //! Path of a replicated statement (policy in `bdr_core::ddl`, hooks in `pg::utility`):
 //! 1. **Capture** (origin, `ProcessUtility` hook): a statement typed by a client on a node
 //!    of an active group is described and decided on; refused ones fail with a hint.
-//! 2. **Drain** ([`before`]), only for a change to an existing table's shape: fence user
+//! 2. **Drain** ([`before`]), only for a change to an existing table's shape, one of a
+//!    node at a time (each until its transaction ends): fence user
 //!    writes to those tables here and on every member (`bdr.ddl_fence`, which also waits
 //!    for writers already running there), then wait until every member has applied every
 //!    other member's changes up to the fence, then keep the members' fences
@@ -256,8 +257,10 @@ fn drain(tables: &[String]) {
         .filter(|n| !n.is_local && n.kind == NodeKind::Active && n.state == NodeState::Active)
         .collect();
 
-    // What names this schema change's fences everywhere: every change this node
-    // committed before ends at or below it, this one past it.
+    // One drained change of this node at a time, each until its transaction ends: so
+    // every change this node committed before ends at or below `since`, this one past it,
+    // and no other in between, which names this change's fences everywhere.
+    one_drain_at_a_time(deadline, timeout);
     let since = utility::insert_lsn();
     // Here: refuse new user writes to the tables (this backend is exempt).
     for t in tables {
@@ -295,6 +298,44 @@ fn drain(tables: &[String]) {
             raise(&DdlError::DrainTimeout {
                 waited_ms: timeout.as_millis() as u64,
                 behind: behind.join(", "),
+            });
+        }
+        pgrx::check_for_interrupts!();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The advisory lock (two-key form) that lets one drained schema change of a node run at
+/// a time, held until its transaction ends ("bdr" and "ddl" as ASCII).
+const DRAIN_LOCK: (i32, i32) = (0x0062_6472, 0x0064_646c);
+
+/// Take [`DRAIN_LOCK`] for this transaction, waiting until `deadline` for another
+/// session's drained schema change to end; fail naming it otherwise.
+fn one_drain_at_a_time(deadline: Instant, timeout: Duration) {
+    let (class, obj) = DRAIN_LOCK;
+    loop {
+        let got: Option<bool> = Spi::get_one_with_args(
+            "SELECT pg_catalog.pg_try_advisory_xact_lock($1, $2)",
+            &[class.into(), obj.into()],
+        )
+        .unwrap_or_else(|e| raise(&DdlError::Queue(e.to_string())));
+        if got == Some(true) {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let holder: Option<i32> = Spi::get_one_with_args(
+                "SELECT pid FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted \
+                    AND database = (SELECT oid FROM pg_catalog.pg_database \
+                                     WHERE datname = pg_catalog.current_database()) \
+                    AND classid = $1::int8::oid AND objid = $2::int8::oid AND objsubid = 2 \
+                  LIMIT 1",
+                &[class.into(), obj.into()],
+            )
+            .ok()
+            .flatten();
+            raise(&DdlError::DrainBusy {
+                waited_ms: timeout.as_millis() as u64,
+                holder: holder.map_or("another session".into(), |p| format!("backend {p}")),
             });
         }
         pgrx::check_for_interrupts!();

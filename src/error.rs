@@ -409,6 +409,10 @@ pub enum DdlError {
     FenceFailed { members: String },
     #[error("bdr: the other nodes did not drain their writes within {waited_ms} ms: still waiting for {behind}")]
     DrainTimeout { waited_ms: u64, behind: String },
+    #[error(
+        "bdr: another schema change on this node ({holder}) did not end within {waited_ms} ms"
+    )]
+    DrainBusy { waited_ms: u64, holder: String },
     #[error("bdr: table {table} is held for a schema change from node \"{origin}\"")]
     Fenced { table: String, origin: String },
     #[error("bdr: too many schema changes in progress at once on this server")]
@@ -432,9 +436,9 @@ impl PgError for DdlError {
         match self {
             DdlError::Refused { .. } => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             DdlError::Unreachable { .. } => PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
-            DdlError::FenceFailed { .. } | DdlError::DrainTimeout { .. } => {
-                PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE
-            }
+            DdlError::FenceFailed { .. }
+            | DdlError::DrainTimeout { .. }
+            | DdlError::DrainBusy { .. } => PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
             DdlError::Fenced { .. } => PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
             DdlError::TooManyFences => PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             DdlError::RoleMissing(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
@@ -456,6 +460,10 @@ impl PgError for DdlError {
                  bdr.ddl_lock_timeout."
                     .into()
             }
+            DdlError::DrainBusy { .. } => "A node drains one schema change to an existing table \
+                 at a time, each until its transaction ends: retry once that one has committed \
+                 or rolled back, or raise bdr.ddl_lock_timeout."
+                .into(),
             DdlError::Fenced { .. } => "Retry the transaction: the table is writable again as \
                  soon as this node has applied the schema change (bdr.ddl_unfence() lifts a \
                  fence whose origin died)."

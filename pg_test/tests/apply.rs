@@ -605,3 +605,59 @@ fn the_apply_reads_its_own_transactions_time_not_its_workers_start() {
         "an apply worker's transaction start in pg_stat_activity is not its connection time"
     );
 }
+
+/// What a node applied counts in its statistics views: `pg_stat_user_tables` (whose row
+/// counts autovacuum and autoanalyze go by) for the user's table and bdr's tombstones,
+/// and `pg_stat_activity` shows the workers' state. Until session 26 a bdr worker never
+/// handed its statistics to shared memory while it ran (only a client backend's main
+/// loop does that by itself): on every node that applied them, replicated writes stayed
+/// out of the counts, and such tables were never vacuumed or analyzed by autovacuum.
+#[test]
+fn applied_rows_count_in_the_statistics_autovacuum_reads() {
+    let c = Cluster::builder().name("applystats").nodes(2).start();
+    for n in c.nodes() {
+        n.execute(
+            "CREATE EXTENSION bdr; CREATE ROLE app LOGIN;
+             CREATE TABLE t (id int PRIMARY KEY, v text);
+             GRANT SELECT, INSERT, UPDATE, DELETE ON t TO app;",
+        );
+    }
+    form_group(&c);
+    let (a, b) = (c.node(0), c.node(1));
+    a.connect_as("app")
+        .batch_execute(
+            "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 200) g;
+             UPDATE t SET v = 'w' WHERE id <= 150;
+             DELETE FROM t WHERE id <= 20;",
+        )
+        .unwrap();
+    wait_for_catchup(&c);
+    let counts = |n: &Node, rel: &str| -> String {
+        n.query_scalar(&format!(
+            "SELECT format('%s/%s/%s', n_tup_ins, n_tup_upd, n_tup_del) \
+               FROM pg_stat_user_tables WHERE relid = '{rel}'::regclass"
+        ))
+    };
+    wait_until(
+        "node2's statistics to count the applied rows",
+        CATCHUP,
+        || counts(b, "t") == "200/150/20",
+    );
+    assert_eq!(counts(a, "t"), "200/150/20", "node1's own writes");
+    wait_until(
+        "node2's statistics to count the tombstones it wrote",
+        CATCHUP,
+        || {
+            b.query_scalar::<i64>(
+            "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relid = 'bdr.tombstones'::regclass",
+        ) >= 20
+        },
+    );
+    assert!(
+        b.query_scalar::<bool>(
+            "SELECT count(*) = 1 AND bool_and(state IN ('idle', 'active')) FROM pg_stat_activity \
+              WHERE backend_type LIKE 'bdr apply%'"
+        ),
+        "the apply worker's state is shown"
+    );
+}

@@ -491,3 +491,60 @@ fn a_fence_is_lifted_by_its_own_schema_change_not_by_an_earlier_one() {
         "the write after the change reached node1 with the new column's default"
     );
 }
+
+/// Drained schema changes of one node run one at a time, each until its transaction
+/// ends: so each change's fences are lifted by that change alone on every member (two
+/// at once could lift each other's). A second one waits within `bdr.ddl_lock_timeout`,
+/// then fails naming the backend it waited for.
+#[test]
+fn drained_schema_changes_of_one_node_run_one_at_a_time() {
+    let c = group("ddl_one_drain", 2);
+    let a = c.node(0);
+    a.connect_as("app")
+        .batch_execute(
+            "CREATE TABLE t1 (id bigint PRIMARY KEY, v text);
+             CREATE TABLE t2 (id bigint PRIMARY KEY, v text);",
+        )
+        .unwrap();
+    wait_for_catchup(&c);
+    let mut first = a.connect_as("app");
+    let first_pid: i32 = first
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    first
+        .batch_execute("BEGIN; ALTER TABLE t1 ADD COLUMN c int DEFAULT 1")
+        .unwrap();
+    let refused = a
+        .connect_as("app")
+        .batch_execute("SET bdr.ddl_lock_timeout = '1s'; ALTER TABLE t2 ADD COLUMN c int DEFAULT 2")
+        .map_err(|e| pg_test::db_error_text(&e))
+        .expect_err("the first change's transaction is still open");
+    assert!(
+        refused.contains(&format!(
+            "another schema change on this node (backend {first_pid}) did not end within 1000 ms"
+        )) && refused.contains("55P03"),
+        "{refused}"
+    );
+    let mut second = a.connect_as("app");
+    let waiting = std::thread::spawn(move || {
+        second
+            .batch_execute("ALTER TABLE t2 ADD COLUMN c int DEFAULT 2")
+            .map_err(|e| pg_test::db_error_text(&e))
+    });
+    wait_until("the second change waiting", CATCHUP, || {
+        a.query_scalar::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_stat_activity \
+                             WHERE state = 'active' AND query LIKE 'ALTER TABLE t2%')",
+        )
+    });
+    assert!(!waiting.is_finished(), "it waits for the first to end");
+    first.batch_execute("COMMIT").unwrap();
+    waiting
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the second change once the first ended: {e}"));
+    wait_for_catchup(&c);
+    assert!(assert_same_shape(&c, "t1").contains("c integer"));
+    assert!(assert_same_shape(&c, "t2").contains("c integer"));
+}

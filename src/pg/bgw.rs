@@ -190,6 +190,7 @@ fn after_wait() -> bool {
     if !in_background_worker() {
         return false;
     }
+    crate::pg::xact::report_stats_when_idle();
     if BackgroundWorker::sighup_received() {
         // SAFETY: re-reading the configuration file is what SIGHUP asks for.
         unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };

@@ -59,6 +59,15 @@ extern "C" {
     /// xact.c: `stmtStartTimestamp = GetCurrentTimestamp()` (a clock read; an `Assert`
     /// against parallel workers).
     pub fn SetCurrentStatementStartTimestamp();
+    /// xact.c: reads the transaction state's block state.
+    pub fn IsTransactionOrTransactionBlock() -> bool;
+    /// backend_status.c: writes this backend's own status entry in shared memory (under
+    /// its change count, no lock) and reads the clock; with no command string nothing is
+    /// copied or allocated.
+    pub fn pgstat_report_activity(
+        state: pg_sys::BackendState::Type,
+        cmd_str: *const std::ffi::c_char,
+    );
     /// xlog.c: reads the flush position under a spinlock (a stuck spinlock PANICs, which
     /// aborts the process: no `longjmp`).
     pub fn GetFlushRecPtr(insert_tli: *mut pg_sys::TimeLineID) -> pg_sys::XLogRecPtr;
@@ -81,6 +90,7 @@ pub mod raw {
         ) -> pg_sys::AclResult::Type;
         pub fn PreventCommandIfReadOnly(cmdname: *const std::ffi::c_char);
         pub fn CommitTransactionCommand();
+        pub fn pgstat_report_stat(force: bool) -> std::ffi::c_long;
         pub fn GetTransactionSnapshot() -> pg_sys::Snapshot;
         pub fn PushActiveSnapshot(snapshot: pg_sys::Snapshot);
         pub fn PopActiveSnapshot();

@@ -22,6 +22,10 @@ pub fn begin() {
         // first (now() in a replicated `ADD COLUMN ... DEFAULT now()`, a local-only
         // column's default, a heartbeat's sent_at: the worker's start, hours stale).
         crate::pg::unguarded::SetCurrentStatementStartTimestamp();
+        crate::pg::unguarded::pgstat_report_activity(
+            pg_sys::BackendState::STATE_RUNNING,
+            std::ptr::null(),
+        );
         guarded(|| {
             raw::StartTransactionCommand();
             raw::PushActiveSnapshot(raw::GetTransactionSnapshot());
@@ -140,13 +144,50 @@ fn check_may_commit() {
 /// Commit a plain (not replicated-from-anywhere) transaction.
 pub fn commit() {
     check_may_commit();
-    // SAFETY: a transaction started by `begin` is open; two calls under one guard.
+    // SAFETY: a transaction started by `begin` is open; three calls under one guard (the
+    // statistics after the commit, outside any transaction).
     unsafe {
         use crate::pg::unguarded::{guarded, raw};
         guarded(|| {
             raw::PopActiveSnapshot();
             raw::CommitTransactionCommand();
+            raw::pgstat_report_stat(false);
         });
+        ended();
+    }
+}
+
+/// After a transaction of this worker ended: `pg_stat_activity` shows it idle.
+///
+/// The statistics of what it did (`pg_stat_user_tables`' row counts, which autovacuum and
+/// autoanalyze go by, `pg_stat_database`, `pg_stat_wal`) are handed to shared memory
+/// after each commit and while idle ([`report_stats_when_idle`]), at most once a second
+/// (`pgstat_report_stat` without force); only a client backend's main loop does that by
+/// itself: until session 26 every row a bdr worker applied stayed out of them until the
+/// worker exited, so tables written mostly by replication were never vacuumed or
+/// analyzed by autovacuum on the nodes that applied them.
+fn ended() {
+    // SAFETY: writes this backend's own status entry; cannot raise.
+    unsafe {
+        crate::pg::unguarded::pgstat_report_activity(
+            pg_sys::BackendState::STATE_IDLE,
+            std::ptr::null(),
+        )
+    };
+}
+
+/// While a worker waits outside any transaction: hand statistics still pending (the last
+/// commits' within a second of an earlier report) to shared memory.
+pub fn report_stats_when_idle() {
+    // SAFETY: the block state is a global of this process; pgstat_report_stat is called
+    // outside any transaction (its precondition), under a guard (it may raise: memory).
+    unsafe {
+        use crate::pg::unguarded::{guarded, raw, IsTransactionOrTransactionBlock};
+        if !IsTransactionOrTransactionBlock() {
+            guarded(|| {
+                raw::pgstat_report_stat(false);
+            });
+        }
     }
 }
 
@@ -163,9 +204,11 @@ pub fn commit_remote(remote_end_lsn: u64, remote_commit_time: i64) -> u64 {
             pg_sys::replorigin_session_origin_lsn = remote_end_lsn;
             pg_sys::replorigin_session_origin_timestamp = remote_commit_time;
             raw::CommitTransactionCommand();
+            raw::pgstat_report_stat(false);
         });
         pg_sys::replorigin_session_origin_lsn = 0;
         pg_sys::replorigin_session_origin_timestamp = 0;
+        ended();
         pg_sys::XactLastCommitEnd
     }
 }
@@ -475,6 +518,7 @@ pub fn abort() {
     // back every open subtransaction level too (a stream writer's), not only the
     // innermost one as AbortCurrentTransaction would.
     unsafe { pg_sys::AbortOutOfAnyTransaction() }
+    ended();
 }
 
 /// What the worker is doing now, for error reports (`None` clears it).
