@@ -9,6 +9,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Two nodes in a group, each with table `t (id int PRIMARY KEY, v text)` and a plain role
+/// `app` granted `privileges` on it.
+fn pair_with_app(name: &str, privileges: &str) -> Cluster {
+    let c = Cluster::builder().name(name).nodes(2).start();
+    for n in c.nodes() {
+        n.execute(&format!(
+            "CREATE EXTENSION bdr; CREATE TABLE t (id int PRIMARY KEY, v text);
+             CREATE ROLE app LOGIN; GRANT {privileges} ON t TO app;"
+        ));
+    }
+    form_group(&c);
+    c
+}
+
 /// Everything bdr created that a failed join must not leave behind, as a comparable string.
 fn leftovers(n: &Node) -> String {
     n.query_scalar(
@@ -177,14 +191,7 @@ fn retried_until_fixed(c: &Cluster, error: &str, fix: &str) {
 /// server up. The writes come from a plain role.
 #[test]
 fn a_deferred_trigger_on_the_receiver_is_an_apply_error_until_removed() {
-    let c = Cluster::builder().name("deferredtrg").nodes(2).start();
-    for n in c.nodes() {
-        n.execute(
-            "CREATE EXTENSION bdr; CREATE TABLE t (id int PRIMARY KEY, v text);
-             CREATE ROLE app LOGIN; GRANT SELECT, INSERT ON t TO app;",
-        );
-    }
-    form_group(&c);
+    let c = pair_with_app("deferredtrg", "SELECT, INSERT");
     let (a, b) = (c.node(0), c.node(1));
     b.execute(
         "SET bdr.ddl_replication = off;
@@ -562,15 +569,7 @@ fn a_backlog_is_read_without_batch_waits() {
 /// long ago, and `pg_stat_activity.xact_start` was as stale.
 #[test]
 fn the_apply_reads_its_own_transactions_time_not_its_workers_start() {
-    let c = Cluster::builder().name("applynow").nodes(2).start();
-    for n in c.nodes() {
-        n.execute(
-            "CREATE EXTENSION bdr; CREATE ROLE app LOGIN;
-             CREATE TABLE t (id int PRIMARY KEY, v text);
-             GRANT SELECT, INSERT, UPDATE, DELETE ON t TO app;",
-        );
-    }
-    form_group(&c);
+    let c = pair_with_app("applynow", "SELECT, INSERT, UPDATE, DELETE");
     let (a, b) = (c.node(0), c.node(1));
     b.execute(
         "SET bdr.ddl_replication = off; ALTER TABLE t ADD COLUMN seen timestamptz DEFAULT now()",
@@ -614,15 +613,7 @@ fn the_apply_reads_its_own_transactions_time_not_its_workers_start() {
 /// out of the counts, and such tables were never vacuumed or analyzed by autovacuum.
 #[test]
 fn applied_rows_count_in_the_statistics_autovacuum_reads() {
-    let c = Cluster::builder().name("applystats").nodes(2).start();
-    for n in c.nodes() {
-        n.execute(
-            "CREATE EXTENSION bdr; CREATE ROLE app LOGIN;
-             CREATE TABLE t (id int PRIMARY KEY, v text);
-             GRANT SELECT, INSERT, UPDATE, DELETE ON t TO app;",
-        );
-    }
-    form_group(&c);
+    let c = pair_with_app("applystats", "SELECT, INSERT, UPDATE, DELETE");
     let (a, b) = (c.node(0), c.node(1));
     a.connect_as("app")
         .batch_execute(
