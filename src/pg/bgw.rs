@@ -182,19 +182,26 @@ pub fn wait_sockets(sockets: &[(i32, bool)], timeout: Duration) -> (Vec<bool>, b
     (ready, after_wait())
 }
 
-/// After a wait: serve interrupts (a backend's cancel or termination raises here), and in
-/// a background worker a reload asked for; true if SIGTERM was received.
+/// After a wait: [`serve_signals`], and in a background worker outside a transaction the
+/// statistics still pending; true if SIGTERM was received.
 fn after_wait() -> bool {
+    let stop = serve_signals();
+    if in_background_worker() {
+        crate::pg::xact::report_stats_when_idle();
+    }
+    stop
+}
+
+/// Serve interrupts (a backend's cancel or termination raises here), and in a background
+/// worker a reload asked for; true if SIGTERM was received. Every wait does this after
+/// it; a loop that goes on without waiting (a backlog's reads) calls it itself.
+pub fn serve_signals() -> bool {
     pgrx::check_for_interrupts!();
     // A backend's signals arrive as interrupts, served above.
     if !in_background_worker() {
         return false;
     }
-    crate::pg::xact::report_stats_when_idle();
-    if BackgroundWorker::sighup_received() {
-        // SAFETY: re-reading the configuration file is what SIGHUP asks for.
-        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-    }
+    reload_if_asked();
     BackgroundWorker::sigterm_received()
 }
 

@@ -158,14 +158,6 @@ pub fn commit() {
 }
 
 /// After a transaction of this worker ended: `pg_stat_activity` shows it idle.
-///
-/// The statistics of what it did (`pg_stat_user_tables`' row counts, which autovacuum and
-/// autoanalyze go by, `pg_stat_database`, `pg_stat_wal`) are handed to shared memory
-/// after each commit and while idle ([`report_stats_when_idle`]), at most once a second
-/// (`pgstat_report_stat` without force); only a client backend's main loop does that by
-/// itself: until session 26 every row a bdr worker applied stayed out of them until the
-/// worker exited, so tables written mostly by replication were never vacuumed or
-/// analyzed by autovacuum on the nodes that applied them.
 fn ended() {
     // SAFETY: writes this backend's own status entry; cannot raise.
     unsafe {
@@ -178,6 +170,14 @@ fn ended() {
 
 /// While a worker waits outside any transaction: hand statistics still pending (the last
 /// commits' within a second of an earlier report) to shared memory.
+///
+/// The statistics of what a worker did (`pg_stat_user_tables`' row counts, which
+/// autovacuum and autoanalyze go by, `pg_stat_database`, `pg_stat_wal`) are handed over
+/// after each commit ([`commit`], [`commit_remote`]) and here, at most once a second
+/// (`pgstat_report_stat` without force); only a client backend's main loop does that by
+/// itself: until session 26 every row a bdr worker applied stayed out of them until the
+/// worker exited, so tables written mostly by replication were never vacuumed or
+/// analyzed by autovacuum on the nodes that applied them.
 pub fn report_stats_when_idle() {
     // SAFETY: the block state is a global of this process; pgstat_report_stat is called
     // outside any transaction (its precondition), under a guard (it may raise: memory).

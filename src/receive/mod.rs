@@ -702,10 +702,11 @@ impl Stream {
         // libpq's buffer is empty, not necessarily the socket: while a backlog streams
         // in, the next batch is already there. Read it now.
         if bgw::readable_now(self.conn.socket()) {
-            // No wait, so none of its chores: interrupts (a cancel, a barrier another
-            // backend waits for) and a reload are served here while a backlog lasts.
-            pgrx::check_for_interrupts!();
-            bgw::reload_if_asked();
+            // No wait, so what a wait serves is served here while a backlog lasts:
+            // interrupts (a barrier another backend waits for), a reload, a stop.
+            if bgw::serve_signals() {
+                return Some(true);
+            }
             self.conn.consume_input().unwrap_or_else(|e| lib_err(e));
             return Some(false);
         }
