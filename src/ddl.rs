@@ -305,21 +305,13 @@ fn drain(tables: &[String]) {
     }
 }
 
-/// The advisory lock (two-key form) that lets one drained schema change of a node run at
-/// a time, held until its transaction ends ("bdr" and "ddl" as ASCII).
-const DRAIN_LOCK: (i32, i32) = (0x0062_6472, 0x0064_646c);
-
-/// Take [`DRAIN_LOCK`] for this transaction, waiting until `deadline` for another
-/// session's drained schema change to end; fail naming it otherwise.
+/// Take this node's drain lock for this transaction (`utility::try_drain_lock`, a lock no
+/// SQL advisory lock can take, so no role can hold drained schema changes off), waiting
+/// until `deadline` for another session's drained schema change to end; fail naming it
+/// otherwise.
 fn one_drain_at_a_time(deadline: Instant, timeout: Duration) {
-    let (class, obj) = DRAIN_LOCK;
     loop {
-        let got: Option<bool> = Spi::get_one_with_args(
-            "SELECT pg_catalog.pg_try_advisory_xact_lock($1, $2)",
-            &[class.into(), obj.into()],
-        )
-        .unwrap_or_else(|e| raise(&DdlError::Queue(e.to_string())));
-        if got == Some(true) {
+        if utility::try_drain_lock() {
             return;
         }
         if Instant::now() >= deadline {
@@ -327,9 +319,8 @@ fn one_drain_at_a_time(deadline: Instant, timeout: Duration) {
                 "SELECT pid FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted \
                     AND database = (SELECT oid FROM pg_catalog.pg_database \
                                      WHERE datname = pg_catalog.current_database()) \
-                    AND classid = $1::int8::oid AND objid = $2::int8::oid AND objsubid = 2 \
-                  LIMIT 1",
-                &[class.into(), obj.into()],
+                    AND objsubid = $1 LIMIT 1",
+                &[i32::from(utility::DRAIN_LOCK_FIELD4).into()],
             )
             .ok()
             .flatten();
@@ -658,7 +649,7 @@ fn fence_here(tables: &[String], change: (&str, u64), timeout_ms: i32) -> String
     let dboid = nodes::my_database_oid();
     let timeout_ms = timeout_ms.max(1);
     Spi::run(&format!("SET LOCAL lock_timeout = {timeout_ms}"))
-        .unwrap_or_else(|e| raise(&DdlError::Queue(e.to_string())));
+        .unwrap_or_else(|e| raise(&DdlError::FenceSetup(e.to_string())));
     let lifetime_us = i64::from(timeout_ms) * 1000 + FENCE_UNKEPT_GRACE_US;
     for t in tables {
         if let Some(relid) = fence(dboid, t, change, 0, lifetime_us) {

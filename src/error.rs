@@ -429,6 +429,8 @@ pub enum DdlError {
     NotInGroup,
     #[error("bdr: \"{0}\" is not a WAL position")]
     BadPosition(String),
+    #[error("bdr: could not bound the fence's wait for writers by lock_timeout: {0}")]
+    FenceSetup(String),
 }
 
 impl PgError for DdlError {
@@ -445,7 +447,9 @@ impl PgError for DdlError {
             DdlError::NotInGroup => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             DdlError::BadMessage(_) => PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
             DdlError::BadPosition(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            DdlError::Queue(_) | DdlError::Command(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            DdlError::Queue(_) | DdlError::Command(_) | DdlError::FenceSetup(_) => {
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR
+            }
         }
     }
     fn hint(&self) -> Option<String> {

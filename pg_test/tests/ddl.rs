@@ -547,4 +547,26 @@ fn drained_schema_changes_of_one_node_run_one_at_a_time() {
     wait_for_catchup(&c);
     assert!(assert_same_shape(&c, "t1").contains("c integer"));
     assert!(assert_same_shape(&c, "t2").contains("c integer"));
+
+    // A plain role holding every SQL advisory lock the lock's keys could be spelled as
+    // (the two-key form, and the one-key form of both halves) holds nothing off.
+    let mut squatter = a.connect_as("app");
+    squatter
+        .batch_execute(
+            "SELECT pg_advisory_lock(6448242, 6579308), pg_advisory_lock(6579308, 6448242), \
+                    pg_advisory_lock((6448242::int8 << 32) | 6579308), \
+                    pg_advisory_lock((6579308::int8 << 32) | 6448242)",
+        )
+        .unwrap();
+    a.connect_as("app")
+        .batch_execute("SET bdr.ddl_lock_timeout = '2s'; ALTER TABLE t1 ADD COLUMN d int")
+        .unwrap_or_else(|e| {
+            panic!(
+                "a plain role's advisory locks held a schema change off: {}",
+                pg_test::db_error_text(&e)
+            )
+        });
+    drop(squatter);
+    wait_for_catchup(&c);
+    assert!(assert_same_shape(&c, "t1").contains("d integer"));
 }

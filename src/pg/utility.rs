@@ -281,6 +281,34 @@ pub fn insert_lsn() -> u64 {
     unsafe { pg_sys::GetXLogInsertRecPtr() }
 }
 
+/// `LOCKTAG.locktag_field4` of the lock [`try_drain_lock`] takes (`pg_locks.objsubid`):
+/// advisory-class like SQL's advisory locks, but SQL's use only 1 and 2 there (and
+/// parallel apply's tags, `crate::pg::mq`, another value), so no role can take or hold it
+/// with `pg_advisory_lock`.
+pub const DRAIN_LOCK_FIELD4: u16 = 0x4444;
+
+/// Try to take this database's drain lock for the rest of the transaction: `true` if
+/// taken (or already held by this transaction), `false` if another transaction holds it.
+///
+/// # Preconditions
+/// Inside a transaction.
+pub fn try_drain_lock() -> bool {
+    crate::pg::xact::require_transaction();
+    let tag = pg_sys::LOCKTAG {
+        // SAFETY: set once at backend start.
+        locktag_field1: unsafe { pg_sys::MyDatabaseId }.into(),
+        locktag_field2: 0x0062_6472, // "bdr"
+        locktag_field3: 0x0064_646c, // "ddl"
+        locktag_field4: DRAIN_LOCK_FIELD4,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+    };
+    // SAFETY: a valid tag; a transaction lock (released by commit or abort), not waited
+    // for (`dontWait`), so it returns at once.
+    let got = unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as i32, false, true) };
+    got != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+}
+
 /// Wait (under the session's `lock_timeout`) until no transaction holds a write lock on
 /// `relid`, then keep a SHARE lock on it until the end of this transaction.
 ///
