@@ -622,6 +622,14 @@ fn fence(
     Some(relid)
 }
 
+/// The fence functions' table names: an array element that is NULL is refused.
+fn names(tables: Vec<Option<String>>) -> Vec<String> {
+    tables
+        .into_iter()
+        .map(|t| t.unwrap_or_else(|| raise(&DdlError::NullTable)))
+        .collect()
+}
+
 /// The origin's position `since` names a schema change in the fence functions.
 fn since_lsn(since: &str) -> u64 {
     wire::parse_lsn(since).unwrap_or_else(|| raise(&DdlError::BadPosition(since.to_string())))
@@ -634,15 +642,20 @@ fn since_lsn(since: &str) -> u64 {
 /// lifts them, an earlier change's does not. Called by the origin of a schema change
 /// over its connection; superuser only.
 #[pg_extern(name = "ddl_fence")]
-fn ddl_fence_since(tables: Vec<String>, origin: &str, timeout_ms: i32, since: &str) -> String {
-    fence_here(&tables, (origin, since_lsn(since)), timeout_ms)
+fn ddl_fence_since(
+    tables: Vec<Option<String>>,
+    origin: &str,
+    timeout_ms: i32,
+    since: &str,
+) -> String {
+    fence_here(&names(tables), (origin, since_lsn(since)), timeout_ms)
 }
 
 /// As the four-argument form, for an origin of the previous release: the fences are
 /// lifted by the arrival of any schema change from `origin`.
 #[pg_extern]
-fn ddl_fence(tables: Vec<String>, origin: &str, timeout_ms: i32) -> String {
-    fence_here(&tables, (origin, 0), timeout_ms)
+fn ddl_fence(tables: Vec<Option<String>>, origin: &str, timeout_ms: i32) -> String {
+    fence_here(&names(tables), (origin, 0), timeout_ms)
 }
 
 fn fence_here(tables: &[String], change: (&str, u64), timeout_ms: i32) -> String {
@@ -664,7 +677,8 @@ fn fence_here(tables: &[String], change: (&str, u64), timeout_ms: i32) -> String
 /// done, just before its statement runs. False when one of them is no longer set (it
 /// lapsed, or was lifted by hand): the origin then fails. Superuser only.
 #[pg_extern]
-fn ddl_fence_keep(tables: Vec<String>, origin: &str, since: &str) -> bool {
+fn ddl_fence_keep(tables: Vec<Option<String>>, origin: &str, since: &str) -> bool {
+    let tables = names(tables);
     let dboid = nodes::my_database_oid();
     let since = since_lsn(since);
     let now = xact::now();

@@ -431,6 +431,8 @@ pub enum DdlError {
     BadPosition(String),
     #[error("bdr: could not bound the fence's wait for writers by lock_timeout: {0}")]
     FenceSetup(String),
+    #[error("bdr: a table to fence is NULL")]
+    NullTable,
 }
 
 impl PgError for DdlError {
@@ -447,6 +449,7 @@ impl PgError for DdlError {
             DdlError::NotInGroup => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             DdlError::BadMessage(_) => PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
             DdlError::BadPosition(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            DdlError::NullTable => PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
             DdlError::Queue(_) | DdlError::Command(_) | DdlError::FenceSetup(_) => {
                 PgSqlErrorCode::ERRCODE_INTERNAL_ERROR
             }
@@ -478,6 +481,9 @@ impl PgError for DdlError {
                     .into()
             }
             DdlError::NotInGroup => "Use it on an active node of a group.".into(),
+            DdlError::NullTable => "Name each table as schema.table (these functions are \
+                 called by a schema change's origin)."
+                .into(),
             DdlError::BadPosition(_) => {
                 "Write it as pg_lsn prints one, e.g. '0/16B3748' (these functions are called \
                  by a schema change's origin)."

@@ -414,3 +414,51 @@ fn parallel_apply_timing() {
         );
     }
 }
+
+/// More writers asked for than there are background worker slots: the apply worker runs
+/// with the writers it could start (saying so in a WARNING), and replication goes on;
+/// until session 27 it stopped with "could not start writer" and retried for ever.
+#[test]
+fn more_writers_than_worker_slots_apply_with_the_writers_there_are() {
+    // 7 slots: PostgreSQL's logical replication launcher, bdr's launcher, the supervisor,
+    // the apply worker and its stream writer leave 2 for writers (of the 8 asked for).
+    let c = Cluster::builder()
+        .name("par_few_slots")
+        .nodes(2)
+        .writers_per_peer(8)
+        .conf("max_worker_processes", "7")
+        .conf("bdr.apply_retry_max_delay", "'1s'")
+        .start();
+    form_group_with_app_table(&c);
+    let (a, b) = (c.node(0), c.node(1));
+    let mut app = a.connect_as("app");
+    for i in 0..200 {
+        app.execute("INSERT INTO t VALUES ($1, 'x')", &[&i])
+            .unwrap();
+    }
+    wait_for_catchup(&c);
+    assert_eq!(
+        b.query_scalar::<i64>("SELECT count(*) FROM t"),
+        200,
+        "every row on node2"
+    );
+    let running = writers(b);
+    assert!(
+        (1..8).contains(&running),
+        "node2 runs some writers, not all 8: {running}"
+    );
+    assert!(
+        b.log().contains(&format!(
+            "parallel apply from node \"node1\" runs {running} of bdr.writers_per_peer = 8 writers"
+        )),
+        "the shortfall is logged"
+    );
+    assert_eq!(
+        b.query_scalar::<i64>(
+            "SELECT count(*) FROM bdr.apply_workers() WHERE last_error IS NOT NULL"
+        ),
+        0,
+        "no apply error"
+    );
+    assert_same_everywhere(&c, "t");
+}

@@ -600,3 +600,191 @@ fn a_non_superuser_replication_role_forms_and_parts_a_group() {
         || rows_in_t(a) == 5,
     );
 }
+
+/// Odd values of each argument type the `bdr.*` functions take.
+fn odd_values(ty: &str) -> &'static [&'static str] {
+    match ty {
+        "text" => &[
+            "''",
+            "'x'",
+            "repeat('x', 70000)",
+            "'\"; DROP TABLE t; --'",
+            "E'\\\\'",
+            "'dbname=postgres host=/nonexistent'",
+            "'host=127.0.0.1 port=1'",
+            "'0/0'",
+            "'zz/zz'",
+            "'snowflake'",
+            "'-1'",
+        ],
+        "integer" => &["(-1)", "0", "2147483647", "(-2147483647)"],
+        "interval" => &["'-1 day'", "'0'", "'1000000 years'"],
+        "regclass" => &["0", "'pg_class'", "'bdr.nodes'", "'t'", "'t_id_seq'"],
+        "oid" => &["0", "4294967295", "1"],
+        "text[]" => &[
+            "'{}'",
+            "'{NULL}'",
+            "'{pg_class}'",
+            "'{bdr.nodes}'",
+            "array_fill('x'::text, ARRAY[3000])",
+        ],
+        "pg_lsn" => &["'0/0'", "'FFFFFFFF/FFFFFFFF'"],
+        _ => &["NULL"],
+    }
+}
+
+/// A harmless value of each argument type, for the arguments not under test.
+fn plain_value(ty: &str) -> &'static str {
+    match ty {
+        "text" => "'x'",
+        "integer" => "1",
+        "interval" => "'1 day'",
+        "regclass" => "'pg_class'",
+        "oid" => "0",
+        "text[]" => "'{}'",
+        "pg_lsn" => "'0/0'",
+        _ => "NULL",
+    }
+}
+
+/// Every call of every `bdr.*` function (not the trigger functions) with all arguments
+/// NULL, and with each argument in turn given each odd value of its type.
+fn odd_calls(n: &Node) -> Vec<String> {
+    let mut calls = Vec::new();
+    let mut c = n.connect();
+    let funcs = c
+        .query(
+            "SELECT proname::text, \
+                    coalesce(array_agg(format_type(t, NULL) ORDER BY i) \
+                               FILTER (WHERE t IS NOT NULL), '{}') \
+               FROM pg_proc p LEFT JOIN LATERAL unnest(p.proargtypes::oid[]) \
+                                       WITH ORDINALITY AS a(t, i) ON true \
+              WHERE pronamespace = 'bdr'::regnamespace \
+                AND prorettype NOT IN ('trigger'::regtype, 'event_trigger'::regtype) \
+              GROUP BY p.oid, proname",
+            &[],
+        )
+        .unwrap();
+    assert!(funcs.len() > 30, "bdr's functions: {}", funcs.len());
+    for f in funcs {
+        let name: String = f.get(0);
+        let types: Vec<String> = f.get(1);
+        let call = |args: &[String]| format!("SELECT bdr.{name}({})", args.join(", "));
+        let nulls: Vec<String> = types.iter().map(|t| format!("NULL::{t}")).collect();
+        calls.push(call(&nulls));
+        for (i, t) in types.iter().enumerate() {
+            for v in odd_values(t) {
+                let mut args: Vec<String> = types
+                    .iter()
+                    .map(|t| format!("{}::{t}", plain_value(t)))
+                    .collect();
+                args[i] = format!("{v}::{t}");
+                calls.push(call(&args));
+            }
+        }
+    }
+    calls
+}
+
+/// Run every odd call on `n` as `role`; return what is wrong (a lost session, an internal
+/// error, an error without a hint from bdr's own code).
+fn odd_call_problems(n: &Node, role: &str, calls: &[String]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut c = n.connect_as(role);
+    c.batch_execute("SET statement_timeout = '10s'").unwrap();
+    for sql in calls {
+        match c.batch_execute(sql) {
+            Ok(()) => {}
+            Err(e) => {
+                let Some(db) = e.as_db_error() else {
+                    problems.push(format!("{sql}: the session was lost: {e}"));
+                    c = n.connect_as(role);
+                    c.batch_execute("SET statement_timeout = '10s'").unwrap();
+                    continue;
+                };
+                let code = db.code().code();
+                // XX000: an internal error (a pgrx panic, an SPI misuse); 57014: a call
+                // that outlived the statement timeout.
+                let internal = code == "XX000" || code == "57014";
+                let bdr_without_hint = db.message().starts_with("bdr") && db.hint().is_none();
+                if internal || bdr_without_hint {
+                    problems.push(format!("{sql}: {}", db_error_text(&e)));
+                }
+            }
+        }
+    }
+    problems
+}
+
+/// Nothing a DBA or an application types at a `bdr.*` function crashes the server or
+/// leaks an internal error: every function, called with NULLs and odd values of each
+/// argument (empty, huge, quoted, out of range, OID 0, arrays with NULL or thousands of
+/// elements), on a member and on a database that is in no group, answers with a result
+/// or a clear error (a hint where the error is bdr's own); a plain role gets
+/// "permission denied" for every one of them.
+#[test]
+fn every_bdr_function_answers_odd_arguments_with_a_clear_error() {
+    let c = Cluster::builder().name("sec_odd_args").nodes(3).start();
+    create_app_role(&c);
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr");
+    }
+    let (member, outsider) = (c.node(0), c.node(2));
+    member.execute(&format!(
+        "SELECT bdr.group_create('node1', '{}')",
+        member.dsn()
+    ));
+    pg_test::bdr::join(c.node(1), member);
+    member.execute("CREATE TABLE t (id bigserial PRIMARY KEY, v text)");
+    outsider.execute("CREATE TABLE t (id bigserial PRIMARY KEY, v text)");
+    let started: Vec<String> = c
+        .nodes()
+        .iter()
+        .map(|n| n.query_scalar::<String>("SELECT pg_postmaster_start_time()::text"))
+        .collect();
+
+    let calls = odd_calls(member);
+    assert!(calls.len() > 300, "{} calls", calls.len());
+    let mut problems = odd_call_problems(member, "postgres", &calls);
+    problems.extend(odd_call_problems(outsider, "postgres", &calls));
+
+    // A plain role: refused at the schema (no USAGE on bdr), whatever the arguments.
+    let mut app = member.connect_as("app");
+    for sql in calls.iter().step_by(7) {
+        let e = app
+            .batch_execute(sql)
+            .expect_err("a plain role may call no bdr function");
+        let text = db_error_text(&e);
+        if !text.contains("42501") {
+            problems.push(format!("as app: {sql}: {text}"));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} calls went wrong:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+
+    for (n, before) in c.nodes().iter().zip(&started) {
+        assert_eq!(
+            &n.query_scalar::<String>("SELECT pg_postmaster_start_time()::text"),
+            before,
+            "{} restarted",
+            n.name()
+        );
+        assert!(
+            !n.log().contains("was terminated by signal"),
+            "{}: a process crashed",
+            n.name()
+        );
+        assert!(n.forbidden_log_lines().is_empty(), "{}", n.name());
+    }
+    // The group still replicates.
+    member.execute("INSERT INTO t (v) VALUES ('after')");
+    wait_until("the row on node2", CATCHUP, || {
+        c.node(1)
+            .query_scalar::<i64>("SELECT count(*) FROM t WHERE v = 'after'")
+            == 1
+    });
+}

@@ -170,20 +170,23 @@ fn compare_table(
 /// is an ordinary table the caller may read.
 fn describe(relation: pg_sys::Oid) -> (String, String) {
     let facts = Spi::connect(|c| {
-        let r = c
-            .select(
-                "SELECT format('%I.%I', n.nspname, c.relname), c.relkind::text, \
+        let t = c.select(
+            "SELECT format('%I.%I', n.nspname, c.relname), c.relkind::text, \
                         has_table_privilege(c.oid, 'SELECT'), \
                         (SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) \
                            FROM pg_attribute \
                           WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped) \
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                   WHERE c.oid = $1",
-                Some(1),
-                &[relation.into()],
-            )?
-            .first();
-        Ok::<_, pgrx::spi::Error>((
+            Some(1),
+            &[relation.into()],
+        )?;
+        if t.is_empty() {
+            // No such relation (an OID that names nothing, e.g. 0::regclass).
+            return Ok::<_, pgrx::spi::Error>((None, None, None, None));
+        }
+        let r = t.first();
+        Ok((
             r.get::<String>(1)?,
             r.get::<String>(2)?,
             r.get::<bool>(3)?,

@@ -1,7 +1,7 @@
 //! Group formation: `bdr.group_create`, `bdr.wait_for_join`, and the checks a join shares
 //! with them (names, DSNs, identity, node ids). Joining itself is `crate::api::join`.
 
-use crate::api::group_error::{fail, remote_err, GroupError};
+use crate::api::group_error::{fail, remote_err, required, GroupError};
 use crate::catalog::nodes::{self, Node, NodeKind, NodeState};
 use crate::error::raise;
 use crate::pg::libpq::{Conn, LibpqError};
@@ -111,10 +111,12 @@ pub(crate) fn refuse_unidentifiable_writes() {
 /// Create a new group with this node as its first member.
 #[pg_extern]
 pub fn group_create(
-    local_node_name: &str,
-    node_external_dsn: &str,
+    local_node_name: Option<&str>,
+    node_external_dsn: Option<&str>,
     node_number: default!(Option<i32>, "NULL"),
 ) {
+    let local_node_name = required(local_node_name, "local_node_name");
+    let node_external_dsn = required(node_external_dsn, "node_external_dsn");
     crate::error::check_server_config().unwrap_or_else(|e| raise(&e));
     check_name(local_node_name);
     check_dsn(node_external_dsn);

@@ -10,6 +10,8 @@ use pgrx::PgSqlErrorCode;
 /// Errors of group formation, each with a hint.
 #[derive(Debug, thiserror::Error)]
 pub enum GroupError {
+    #[error("{0} must not be NULL")]
+    NullArgument(&'static str),
     #[error("invalid node name \"{0}\"")]
     BadName(String),
     #[error("invalid connection string: {0}")]
@@ -64,9 +66,8 @@ impl PgError for GroupError {
     fn sqlstate(&self) -> PgSqlErrorCode {
         use GroupError::*;
         match self {
-            BadName(_) | BadDsn(_) | BadKind(_) | BadTopology(_) | JoinSelf | BadNodeNumber(_) => {
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE
-            }
+            NullArgument(_) | BadName(_) | BadDsn(_) | BadKind(_) | BadTopology(_) | JoinSelf
+            | BadNodeNumber(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             AlreadyMember(_) | DuplicateName(_) | NodeNumberTaken { .. } => {
                 PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT
             }
@@ -88,6 +89,7 @@ impl PgError for GroupError {
     fn hint(&self) -> Option<String> {
         use GroupError::*;
         Some(match self {
+            NullArgument(a) => format!("Pass a value for {a}; docs/sql.md lists each argument and its default."),
             BadName(_) => "Node names are 1 to 48 characters: lower-case letters, digits and underscores.".into(),
             BadDsn(_) => "Use the key=value form, e.g. 'host=node1 port=5432 dbname=mydb'.".into(),
             AlreadyMember(_) => "Run bdr.part() first to leave the current group.".into(),
@@ -118,6 +120,12 @@ impl PgError for GroupError {
 
 pub(crate) fn fail(e: GroupError) -> ! {
     raise(&e)
+}
+
+/// An argument of a function that is not `STRICT` (it has an optional argument) that must
+/// still be given: its value, or a clear error naming it.
+pub(crate) fn required<'a>(value: Option<&'a str>, name: &'static str) -> &'a str {
+    value.unwrap_or_else(|| fail(GroupError::NullArgument(name)))
 }
 
 pub(crate) fn remote_err(node: &str) -> impl Fn(LibpqError) -> GroupError + '_ {

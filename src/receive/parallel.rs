@@ -184,7 +184,8 @@ pub struct Dispatch {
 }
 
 impl Dispatch {
-    /// Create the shared memory and start `k` writers.
+    /// Create the shared memory and start `k` writers; with fewer background worker slots
+    /// free, as many as could be started (at least one: none is an error), with a warning.
     pub fn start(k: usize, slot: usize, dboid: u32, peer: &str, progress: u64) -> Dispatch {
         let group = Group::create(k);
         let mut writers = Vec::new();
@@ -197,6 +198,17 @@ impl Dispatch {
                 &extra,
             ) {
                 Some(h) => writers.push(h),
+                None if w > 0 => {
+                    // The queues of the writers not started stay unused: nothing is ever
+                    // handed to a writer at or past `nwriters`.
+                    pgrx::warning!(
+                        "bdr: parallel apply from node \"{peer}\" runs {w} of \
+                         bdr.writers_per_peer = {k} writers: no background worker slot is \
+                         free for more (raise max_worker_processes; the apply worker starts \
+                         the rest when it restarts)"
+                    );
+                    break;
+                }
                 None => {
                     LIVE.with(|l| *l.borrow_mut() = Some((group.aborter(), writers)));
                     raise(&ApplyError::ParallelStopped {
@@ -208,6 +220,7 @@ impl Dispatch {
                 }
             }
         }
+        let k = writers.len();
         LIVE.with(|l| *l.borrow_mut() = Some((group.aborter(), writers)));
         Dispatch {
             group,

@@ -12,7 +12,6 @@ use crate::pg::libpq::quote_ident;
 use crate::pg::sequence as pgseq;
 use bdr_core::snowflake::{self, OFFSET_INCREMENT};
 use pgrx::prelude::*;
-use pgrx::PgRelation;
 
 /// The kinds a sequence can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,8 +263,10 @@ fn set_kind(seq: u32, kind: Kind, node: Option<u16>) {
     refresh_slot(pg_sys::Oid::from(seq));
 }
 
-fn check_sequence(seq: &PgRelation) -> u32 {
-    let oid = seq.oid();
+/// `seq` as a sequence's OID; an OID that names no relation (`0::regclass`, a dropped
+/// one) or another kind of relation is refused with a hint. (The functions take the OID,
+/// not an opened relation: opening one that does not exist is an internal error.)
+fn check_sequence(oid: pg_sys::Oid) -> u32 {
     if !pgseq::is_sequence(oid) {
         raise(&SequenceError::NotSequence(seq_name(oid)));
     }
@@ -275,19 +276,25 @@ fn check_sequence(seq: &PgRelation) -> u32 {
 /// Give sequence `seq` kind `kind` ('snowflake', 'offset' or 'local') on this node,
 /// switching the DEFAULT of the columns that draw from it. Run it on every node (DDL
 /// does not replicate).
-#[pg_extern]
-fn alter_sequence_set_kind(seq: PgRelation, kind: &str) {
+#[pg_extern(sql = "
+CREATE FUNCTION alter_sequence_set_kind(seq regclass, kind text) RETURNS void
+    STRICT LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+")]
+fn alter_sequence_set_kind(seq: pg_sys::Oid, kind: &str) {
     let Some(k) = Kind::parse(kind) else {
         raise(&SequenceError::BadKind(kind.into()))
     };
-    let oid = check_sequence(&seq);
+    let oid = check_sequence(seq);
     set_kind(oid, k, local_node_number());
 }
 
 /// The kind sequence `seq` has on this node.
-#[pg_extern]
-fn sequence_kind(seq: PgRelation) -> &'static str {
-    let oid = check_sequence(&seq);
+#[pg_extern(sql = "
+CREATE FUNCTION sequence_kind(seq regclass) RETURNS text
+    STRICT LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+")]
+fn sequence_kind(seq: pg_sys::Oid) -> &'static str {
+    let oid = check_sequence(seq);
     let cols = columns_of(oid);
     current_kind(&cols, &facts(oid)).name()
 }

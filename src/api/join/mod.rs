@@ -30,7 +30,7 @@ use crate::api::group::{
     already_member_notice, check_dsn, check_name, check_node_number, check_reaches_here, node_id,
     refuse_unidentifiable_writes,
 };
-use crate::api::group_error::{fail, remote_err, GroupError};
+use crate::api::group_error::{fail, remote_err, required, GroupError};
 use crate::catalog::nodes::{self, Node, NodeKind, NodeState};
 use crate::error::raise;
 use crate::pg::libpq::{quote_ident, Conn, LibpqError};
@@ -46,13 +46,18 @@ use undo::{Member, Undo};
 /// Join the group that the node at `join_using_dsn` belongs to.
 #[pg_extern]
 pub fn group_join(
-    local_node_name: &str,
-    node_external_dsn: &str,
-    join_using_dsn: &str,
-    node_kind: default!(&str, "'active'"),
+    local_node_name: Option<&str>,
+    node_external_dsn: Option<&str>,
+    join_using_dsn: Option<&str>,
+    node_kind: default!(Option<&str>, "'active'"),
     node_number: default!(Option<i32>, "NULL"),
-    topology: default!(&str, "'mesh'"),
+    topology: default!(Option<&str>, "'mesh'"),
 ) {
+    let local_node_name = required(local_node_name, "local_node_name");
+    let node_external_dsn = required(node_external_dsn, "node_external_dsn");
+    let join_using_dsn = required(join_using_dsn, "join_using_dsn");
+    let node_kind = required(node_kind, "node_kind");
+    let topology = required(topology, "topology");
     crate::error::check_server_config().unwrap_or_else(|e| raise(&e));
     let wanted_number = check_node_number(node_number);
     let spoke = match topology {
