@@ -253,6 +253,12 @@ pub enum ApplyError {
     RowLevelSecurity { role: String, table: String },
     #[error("parallel apply from node \"{peer}\" stopped: {why}")]
     ParallelStopped { peer: String, why: String },
+    #[error("node \"{local}\" was parted from the group while it was away: node \"{peer}\" has no slot {slot} for it and lists it as parted; it leaves the group here too")]
+    PartedWhileAway {
+        peer: String,
+        local: String,
+        slot: String,
+    },
     #[error(
         "streamed transaction from node \"{peer}\" cannot be applied before its commit: {why}"
     )]
@@ -275,6 +281,9 @@ impl PgError for ApplyError {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             ApplyError::NulInText => PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            ApplyError::PartedWhileAway { .. } => {
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
             ApplyError::ConcurrentKey { .. }
             | ApplyError::ParallelStopped { .. }
             | ApplyError::StreamFallback { .. } => {
@@ -320,6 +329,13 @@ impl PgError for ApplyError {
             ApplyError::StreamFallback { .. } => Some(
                 "Nothing to do: the transaction is applied whole at its commit instead, with \
                  every conflict rule (bdr.apply_stats().stream_fallbacks counts this)."
+                    .into(),
+            ),
+            ApplyError::PartedWhileAway { .. } => Some(
+                "Its rows stay here, no longer replicated; its changes made since it was \
+                 parted never reach the group. To bring it back, empty it (e.g. DROP \
+                 DATABASE and CREATE DATABASE, or drop its tables) and run bdr.group_join \
+                 again."
                     .into(),
             ),
             ApplyError::ParallelStopped { .. } => Some(

@@ -321,6 +321,76 @@ fn parting_a_stopped_node_leaves_no_slot_and_the_rest_replicate_on() {
     });
     let e = a.try_execute("SELECT bdr.part('node1')").unwrap_err();
     assert!(pg_test::db_error_text(&e).contains("cannot part itself"));
+
+    // node3 comes back: it learns from its peers that it was parted, leaves the group
+    // here too, drops what it held for them, and lets go of its database. Until session
+    // 27 its apply workers failed on the missing slot every few seconds for ever.
+    x.start();
+    wait_until("node3 parted on node3 itself", CATCHUP, || {
+        count(
+            x,
+            "SELECT count(*) FROM bdr.nodes WHERE is_local AND node_state = 'parted'",
+        ) == 1
+    });
+    assert!(
+        x.log()
+            .contains("node \"node3\" was parted from the group while it was away: node \"node"),
+        "node3 says why it stopped"
+    );
+    wait_until(
+        "no bdr slot, origin or worker left in node3's database",
+        CATCHUP,
+        || {
+            count(
+                x,
+                "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'bdr\\_%') \
+                      + (SELECT count(*) FROM pg_replication_origin WHERE roname LIKE 'bdr\\_%') \
+                      + (SELECT count(*) FROM pg_stat_activity \
+                          WHERE backend_type LIKE 'bdr%' AND datname = current_database())",
+            ) == 0
+        },
+    );
+    // It is a plain database now: a write there stays there. It may not join with rows,
+    // nor under its old name, and joins under a new one once emptied (here: its database
+    // dropped and created again).
+    x.execute("INSERT INTO t VALUES (100, 'written on node3 after it was parted')");
+    let join_as = |name: &str| {
+        x.try_execute(&format!(
+            "SELECT bdr.group_join('{name}', '{}', '{}')",
+            x.dsn(),
+            a.dsn()
+        ))
+    };
+    let e = pg_test::db_error_text(&join_as("node3b").unwrap_err());
+    assert!(
+        e.contains("table public.t on this node already holds rows"),
+        "{e}"
+    );
+    let mut admin = x.connect_db("postgres");
+    for sql in ["DROP DATABASE", "CREATE DATABASE"] {
+        admin
+            .batch_execute(&format!("{sql} {}", x.dbname()))
+            .unwrap_or_else(|e| panic!("{sql} on the parted node: {}", pg_test::db_error_text(&e)));
+    }
+    x.execute("CREATE EXTENSION bdr");
+    let e = pg_test::db_error_text(&join_as("node3").unwrap_err());
+    assert!(
+        e.contains(
+            "a node named \"node3\" was a member of the group and is listed there as parted"
+        ),
+        "{e}"
+    );
+    join_as("node3b").unwrap();
+    x.execute("SELECT bdr.wait_for_join(120)");
+    a.execute("INSERT INTO t VALUES (2, 'after the rejoin')");
+    wait_until("node3b has node1's new row", CATCHUP, || {
+        count(x, "SELECT count(*) FROM t") == 2
+    });
+    assert_eq!(
+        count(a, "SELECT count(*) FROM t WHERE id = 100"),
+        0,
+        "what the parted node wrote stayed there"
+    );
 }
 
 #[test]

@@ -77,6 +77,18 @@ pub(crate) fn check_reaches_here(d: &str) {
     }
 }
 
+/// Whether this node is a member already (so `group_create` or `group_join` has nothing
+/// to do: a NOTICE if it is the same node, an error if it is another). A node that was
+/// parted is not: it may create or join a group again, and what its catalog still lists
+/// of its old group is forgotten when it writes the new one ([`nodes::forget_parted`]).
+pub(crate) fn already_member(name: &str) -> bool {
+    match nodes::local() {
+        None => false,
+        Some(existing) if existing.state == NodeState::Parted => false,
+        Some(existing) => already_member_notice(&existing, name),
+    }
+}
+
 pub(crate) fn already_member_notice(existing: &Node, name: &str) -> bool {
     if existing.name == name {
         pgrx::notice!("node \"{name}\" is already a member of the bdr group; nothing to do");
@@ -121,13 +133,13 @@ pub fn group_create(
     check_name(local_node_name);
     check_dsn(node_external_dsn);
     let number = check_node_number(node_number).unwrap_or(0);
-    if let Some(n) = nodes::local() {
-        already_member_notice(&n, local_node_name);
+    if already_member(local_node_name) {
         return;
     }
     check_reaches_here(node_external_dsn);
     refuse_unidentifiable_writes();
     crate::catalog::tombstones::attach_tombstone_triggers();
+    nodes::forget_parted();
     nodes::upsert(&Node {
         name: local_node_name.into(),
         id: node_id(local_node_name),

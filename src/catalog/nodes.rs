@@ -138,6 +138,20 @@ pub fn lock_if_not_parted(name: &str) -> bool {
     .unwrap_or(false)
 }
 
+/// Mark every node parted here: what `bdr.part` does on the parted node when it reaches
+/// it. The supervisor then stops this database's workers, and its janitor drops the
+/// slots and origins they used.
+pub fn mark_all_parted() {
+    Spi::run("UPDATE bdr.nodes SET node_state = 'parted' WHERE node_state <> 'parted'")
+        .or_raise_as(ApplyError::spi);
+}
+
+/// Forget the nodes listed as parted here (a parted node creating or joining a group
+/// again).
+pub fn forget_parted() {
+    Spi::run("DELETE FROM bdr.nodes WHERE node_state = 'parted'").or_raise_as(ApplyError::spi);
+}
+
 /// Insert or replace a node row.
 pub fn upsert(n: &Node) {
     Spi::run_with_args(

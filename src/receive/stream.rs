@@ -136,9 +136,38 @@ fn start(
                     return true;
                 }
             }
-            Err(e) => lib_err(e),
+            Err(e) => {
+                if e.to_string().contains("does not exist") {
+                    leave_if_parted_while_away(conn, a, slot);
+                }
+                lib_err(e)
+            }
         }
     }
+}
+
+/// The peer has no slot for this node. If its catalog says this node is parted (a
+/// `bdr.part` run while this node was down, which could not tell it), this node leaves
+/// the group here too, as `bdr.part` would have made it do: every node is marked parted,
+/// so its workers stop and the slots and origins they used are dropped, and it says so.
+/// Otherwise (the peer cannot be asked, or it does not say parted) nothing changes and
+/// the error stands.
+fn leave_if_parted_while_away(conn: &mut Conn, a: &ConnectArgs, slot: &str) {
+    let state = conn.query_value(&format!(
+        "SELECT node_state FROM bdr.nodes WHERE node_name = {}",
+        quote_literal(&a.local)
+    ));
+    if !matches!(state, Ok(Some(ref s)) if s == "parted") {
+        return;
+    }
+    crate::pg::xact::begin();
+    crate::catalog::nodes::mark_all_parted();
+    crate::pg::xact::commit();
+    raise(&ApplyError::PartedWhileAway {
+        peer: a.peer.clone(),
+        local: a.local.clone(),
+        slot: slot.to_string(),
+    })
 }
 
 /// Whether the peer's bdr speaks protocol version 4 (`bdr.version()` names its range); an

@@ -196,6 +196,17 @@ fn drop_slot_and_origin(name: &str) {
     );
 }
 
+/// Whether a `bdr.group_join` is running in this database (its sessions' application
+/// names start with `bdr_join`).
+fn join_running_here() -> bool {
+    !strings(
+        "SELECT application_name FROM pg_stat_activity \
+          WHERE datname = current_database() AND application_name LIKE 'bdr\\_join%' LIMIT 1",
+        &[],
+    )
+    .is_empty()
+}
+
 /// Remove what nobody will use again, which would otherwise hold WAL for ever: the slots
 /// and origins of this database (named `bdr_<dboid>_<node>`) for a node that is not in
 /// `bdr.nodes` or is parted, and everything of a join that died — a node still `joining`
@@ -348,6 +359,23 @@ fn supervise(dboid: u32, from_launcher: bool, workers: &Workers) {
         xact::commit();
         if !has_extension && from_launcher {
             // The launcher's round: nothing to do here, leave the database at once.
+            break;
+        }
+        if all
+            .iter()
+            .any(|n| n.is_local && n.state == NodeState::Parted)
+        {
+            // This node was parted (by `bdr.part` on another member, or found parted on
+            // coming back): stop its workers, drop what they used (nothing will read
+            // those slots again, and they would hold WAL for ever), and leave the
+            // database, so that nothing of bdr stays connected to it (DROP DATABASE). Not
+            // while a join runs here (the node joining a group again, under a new name):
+            // what it creates is named like what is dropped, and its catalog rows are
+            // not committed yet.
+            stop_all(workers);
+            if !join_running_here() {
+                janitor(dboid, &all, &mut dead_joins);
+            }
             break;
         }
         let mut workers = lock(workers);

@@ -43,6 +43,20 @@ pub(super) fn read_source(join_using_dsn: &str, j: &str) -> (Vec<Node>, Node) {
     if members.iter().any(|n| n.name == j) {
         fail(GroupError::DuplicateName(j.into()));
     }
+    // A parted node's row stays listed (its node number is not given out again while it
+    // is, so that ids it issued cannot repeat): its name is not reused either.
+    let parted = src
+        .exec_params(
+            "SELECT node_state FROM bdr.nodes WHERE node_name = $1",
+            &[j],
+        )
+        .unwrap_or_else(|e| fail(GroupError::SourceNotNode(e.to_string())));
+    if let Some(state) = parted.first().and_then(|r| r[0].clone()) {
+        fail(GroupError::NameOfPartedNode {
+            name: j.into(),
+            state,
+        });
+    }
     (members, source)
 }
 

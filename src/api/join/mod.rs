@@ -27,7 +27,7 @@ mod sync;
 mod undo;
 
 use crate::api::group::{
-    already_member_notice, check_dsn, check_name, check_node_number, check_reaches_here, node_id,
+    already_member, check_dsn, check_name, check_node_number, check_reaches_here, node_id,
     refuse_unidentifiable_writes,
 };
 use crate::api::group_error::{fail, remote_err, required, GroupError};
@@ -71,8 +71,7 @@ pub fn group_join(
     if NodeKind::parse(node_kind).is_none() {
         fail(GroupError::BadKind(node_kind.into()));
     }
-    if let Some(n) = nodes::local() {
-        already_member_notice(&n, local_node_name);
+    if already_member(local_node_name) {
         return;
     }
     check_reaches_here(node_external_dsn);
@@ -434,6 +433,10 @@ fn wait_for_clock(jconn: &mut Conn, j: &str, latest: &str) {
 
 /// The joining node's own catalog: every member as seen by the source, and itself.
 fn write_local_catalog(members: &[Node], me: &Node) {
+    // A node parted from a group before (joining again under a new name) forgets it here,
+    // at the end: this transaction must not hold a transaction id while the join's own
+    // sessions create slots (a slot waits for every transaction that has one).
+    nodes::forget_parted();
     for n in members {
         nodes::upsert(&Node {
             is_local: false,
