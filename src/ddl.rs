@@ -154,7 +154,30 @@ pub fn hooks() -> utility::Policy {
         before,
         after: |p| after(p),
         check_user_write,
+        check_extension_drop,
         may_refuse_user_writes,
+    }
+}
+
+/// `DROP EXTENSION bdr` is about to run: refused while this node is a member of a group
+/// with other members (not parted). Dropping it then would stop this node applying while
+/// its peers still stream from it, and leave every slot for it holding WAL for ever.
+fn check_extension_drop() {
+    if !nodes::extension_exists() {
+        return;
+    }
+    let all = utility::as_superuser(nodes::all);
+    let Some(me) = all
+        .iter()
+        .find(|n| n.is_local && n.state != NodeState::Parted)
+    else {
+        return;
+    };
+    if all
+        .iter()
+        .any(|n| !n.is_local && n.state != NodeState::Parted)
+    {
+        raise(&DdlError::DropWhileMember(me.name.clone()));
     }
 }
 

@@ -449,6 +449,8 @@ pub enum DdlError {
     FenceSetup(String),
     #[error("bdr: a table to fence is NULL")]
     NullTable,
+    #[error("bdr: cannot drop extension bdr: this node is \"{0}\", a member of a bdr group with other members")]
+    DropWhileMember(String),
 }
 
 impl PgError for DdlError {
@@ -466,6 +468,9 @@ impl PgError for DdlError {
             DdlError::BadMessage(_) => PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
             DdlError::BadPosition(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             DdlError::NullTable => PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            DdlError::DropWhileMember(_) => {
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
             DdlError::Queue(_) | DdlError::Command(_) | DdlError::FenceSetup(_) => {
                 PgSqlErrorCode::ERRCODE_INTERNAL_ERROR
             }
@@ -497,6 +502,12 @@ impl PgError for DdlError {
                     .into()
             }
             DdlError::NotInGroup => "Use it on an active node of a group.".into(),
+            DdlError::DropWhileMember(me) => format!(
+                "Part this node first, from another member: SELECT bdr.part('{me}'); then \
+                 DROP EXTENSION works here. Dropping it now would stop this node applying \
+                 while the others still stream from it, and leave their slots for it \
+                 holding WAL for ever."
+            ),
             DdlError::NullTable => "Name each table as schema.table (these functions are \
                  called by a schema change's origin)."
                 .into(),

@@ -284,6 +284,14 @@ fn parting_a_stopped_node_leaves_no_slot_and_the_rest_replicate_on() {
     }
     pg_test::bdr::form_group(&c);
     let (a, b, x) = (c.node(0), c.node(1), c.node(2));
+    // A member with peers may not drop the extension: it would stop applying while they
+    // still stream from it, and their slots for it would hold WAL for ever.
+    let e = pg_test::db_error_text(&b.try_execute("DROP EXTENSION bdr CASCADE").unwrap_err());
+    assert!(
+        e.contains("cannot drop extension bdr: this node is \"node2\", a member of a bdr group")
+            && e.contains("SELECT bdr.part('node2')"),
+        "{e}"
+    );
     x.stop();
     a.execute("SELECT bdr.part('node3')");
     for n in [a, b] {
@@ -366,6 +374,8 @@ fn parting_a_stopped_node_leaves_no_slot_and_the_rest_replicate_on() {
         e.contains("table public.t on this node already holds rows"),
         "{e}"
     );
+    // Parted, it may drop the extension.
+    x.execute("DROP EXTENSION bdr CASCADE");
     let mut admin = x.connect_db("postgres");
     for sql in ["DROP DATABASE", "CREATE DATABASE"] {
         admin

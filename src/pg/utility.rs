@@ -43,6 +43,8 @@ pub struct Policy {
     pub after: fn(&Plan),
     /// Before a user write to a table starts (fences, quorum).
     pub check_user_write: fn(pg_sys::Oid),
+    /// Before `DROP EXTENSION bdr` runs here (refuse it while this node is a member).
+    pub check_extension_drop: fn(),
     /// Whether `check_user_write` could refuse anything now. Called before every
     /// statement's executor starts, outside any guard: plain reads only, it must neither
     /// raise nor panic.
@@ -126,6 +128,9 @@ unsafe extern "C-unwind" fn utility_hook(
             && (crate::gucs::DDL_REPLICATION.get() || forced)
             && pg_sys::IsTransactionState();
         check_fenced_utility((*pstmt).utilityStmt);
+        if drops_bdr((*pstmt).utilityStmt) {
+            (policy().check_extension_drop)();
+        }
         let plan = if considered {
             let shape = describe((*pstmt).utilityStmt);
             (policy().plan)(&shape, &|| statement_text(pstmt, query_string))
@@ -212,6 +217,32 @@ unsafe extern "C-unwind" fn check_result_relations(qd: *mut pg_sys::QueryDesc) {
                 check_user_write((*rte).relid);
             }
         }
+    }
+}
+
+/// Whether `stmt` is a `DROP EXTENSION` naming bdr (in whatever context it runs).
+///
+/// # Safety
+/// `stmt` is null or a valid parse tree node.
+unsafe fn drops_bdr(stmt: *mut pg_sys::Node) -> bool {
+    // SAFETY: the node tag says which struct it is; a DropStmt of extensions lists its
+    // names as String nodes.
+    unsafe {
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
+            return false;
+        }
+        let d = stmt as *mut pg_sys::DropStmt;
+        if (*d).removeType != pg_sys::ObjectType::OBJECT_EXTENSION {
+            return false;
+        }
+        PgList::<pg_sys::Node>::from_pg((*d).objects)
+            .iter_ptr()
+            .any(|n| {
+                !n.is_null()
+                    && (*n).type_ == pg_sys::NodeTag::T_String
+                    && !(*(n as *mut pg_sys::String)).sval.is_null()
+                    && CStr::from_ptr((*(n as *mut pg_sys::String)).sval).to_bytes() == b"bdr"
+            })
     }
 }
 
