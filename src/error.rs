@@ -253,6 +253,13 @@ pub enum ApplyError {
     RowLevelSecurity { role: String, table: String },
     #[error("parallel apply from node \"{peer}\" stopped: {why}")]
     ParallelStopped { peer: String, why: String },
+    #[error("node \"{peer}\" has no slot {slot} for node \"{local}\", which it lists as {state}")]
+    SlotGone {
+        peer: String,
+        local: String,
+        slot: String,
+        state: String,
+    },
     #[error("node \"{local}\" was parted from the group while it was away: node \"{peer}\" has no slot {slot} for it and lists it as parted; it leaves the group here too")]
     PartedWhileAway {
         peer: String,
@@ -281,7 +288,7 @@ impl PgError for ApplyError {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             ApplyError::NulInText => PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
-            ApplyError::PartedWhileAway { .. } => {
+            ApplyError::PartedWhileAway { .. } | ApplyError::SlotGone { .. } => {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             ApplyError::ConcurrentKey { .. }
@@ -331,6 +338,12 @@ impl PgError for ApplyError {
                  every conflict rule (bdr.apply_stats().stream_fallbacks counts this)."
                     .into(),
             ),
+            ApplyError::SlotGone { local, .. } => Some(format!(
+                "The slot was dropped by hand (pg_drop_replication_slot) while \"{local}\" is \
+                 a member: what that node committed since cannot reach \"{local}\" any more, \
+                 and this worker retries in vain. Part \"{local}\" (bdr.part, from another \
+                 member) and join it again under a new name once emptied."
+            )),
             ApplyError::PartedWhileAway { .. } => Some(
                 "Its rows stay here, no longer replicated; its changes made since it was \
                  parted never reach the group. To bring it back, empty it (e.g. DROP \

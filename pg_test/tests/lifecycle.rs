@@ -622,3 +622,52 @@ fn the_runbook_played_in_order_on_one_group() {
         Some("4 nodes active")
     );
 }
+
+/// A slot a member feeds from, dropped by hand on the peer while the member is active,
+/// is named in the member's apply error with what it means (the generic "replication
+/// slot does not exist" until session 27), and nothing else changes: the member is not
+/// parted.
+#[test]
+fn a_slot_dropped_by_hand_is_named_in_the_apply_error() {
+    let c = Cluster::start(2);
+    pg_test::bdr::form_group(&c);
+    let (a, b) = (c.node(0), c.node(1));
+    wait_until("node1's slot for node2 dropped by hand", CATCHUP, || {
+        a.try_execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+              WHERE slot_name LIKE 'bdr\\_%\\_node2' AND active_pid IS NOT NULL",
+        )
+        .unwrap();
+        a.try_execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+              WHERE slot_name LIKE 'bdr\\_%\\_node2'",
+        )
+        .is_ok()
+            && count(
+                a,
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'bdr\\_%\\_node2'",
+            ) == 0
+    });
+    wait_until(
+        "node2's apply error names the missing slot",
+        CATCHUP,
+        || {
+            b.query_scalar::<Option<String>>(
+                "SELECT last_error FROM bdr.apply_workers() WHERE peer = 'node1'",
+            )
+            .is_some_and(|e| {
+                e.contains("node \"node1\" has no slot bdr_")
+                    && e.contains("for node \"node2\", which it lists as active")
+            })
+        },
+    );
+    assert!(b.log().contains("The slot was dropped by hand"), "the hint");
+    assert_eq!(
+        count(
+            b,
+            "SELECT count(*) FROM bdr.nodes WHERE is_local AND node_state = 'active'"
+        ),
+        1,
+        "node2 is still a member"
+    );
+}

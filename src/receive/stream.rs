@@ -150,15 +150,24 @@ fn start(
 /// `bdr.part` run while this node was down, which could not tell it), this node leaves
 /// the group here too, as `bdr.part` would have made it do: every node is marked parted,
 /// so its workers stop and the slots and origins they used are dropped, and it says so.
-/// Otherwise (the peer cannot be asked, or it does not say parted) nothing changes and
-/// the error stands.
+/// If it lists this node as an active member, the slot was dropped by hand: an error saying what
+/// that means (retried, as every apply error). If the peer cannot be asked, the error
+/// stands as it came.
 fn leave_if_parted_while_away(conn: &mut Conn, a: &ConnectArgs, slot: &str) {
     let state = conn.query_value(&format!(
         "SELECT node_state FROM bdr.nodes WHERE node_name = {}",
         quote_literal(&a.local)
     ));
-    if !matches!(state, Ok(Some(ref s)) if s == "parted") {
-        return;
+    match state {
+        Ok(Some(s)) if s == "parted" => {}
+        // Joining: its slots may still be on their way.
+        Ok(Some(state)) if state == "active" => raise(&ApplyError::SlotGone {
+            peer: a.peer.clone(),
+            local: a.local.clone(),
+            slot: slot.to_string(),
+            state,
+        }),
+        _ => return,
     }
     crate::pg::xact::begin();
     crate::catalog::nodes::mark_all_parted();
