@@ -671,3 +671,43 @@ fn a_slot_dropped_by_hand_is_named_in_the_apply_error() {
         "node2 is still a member"
     );
 }
+
+/// node3 parted while node2 was down: node3 (reached) dropped its slots, node2 kept its
+/// own view. When node2 comes back its apply from node3 finds no slot there, but node3,
+/// parted itself, lists every node parted: node2 does not take that as its own parting
+/// and goes on replicating with node1.
+#[test]
+fn a_parted_peer_does_not_part_the_node_that_asks_it() {
+    let c = Cluster::start(3);
+    for n in c.nodes() {
+        n.execute("CREATE EXTENSION bdr; CREATE TABLE t (id int PRIMARY KEY, v text);");
+    }
+    pg_test::bdr::form_group(&c);
+    let (a, b) = (c.node(0), c.node(1));
+    b.stop();
+    a.execute("SELECT bdr.part('node3')");
+    b.start();
+    wait_until(
+        "node2's apply from node3 met the missing slot",
+        CATCHUP,
+        || {
+            b.log().contains("replication slot \"bdr_")
+                && b.log().contains("_node2\" does not exist")
+        },
+    );
+    a.execute("INSERT INTO t VALUES (1, 'after node3 was parted')");
+    wait_until("node2 has node1's row", CATCHUP, || {
+        count(b, "SELECT count(*) FROM t") == 1
+    });
+    assert_eq!(
+        count(
+            b,
+            "SELECT count(*) FROM bdr.nodes WHERE is_local AND node_state = 'active'"
+        ),
+        1,
+        "node2 is still a member"
+    );
+    assert!(!b
+        .log()
+        .contains("was parted from the group while it was away"));
+}

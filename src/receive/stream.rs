@@ -154,8 +154,10 @@ fn start(
 /// that means (retried, as every apply error). If the peer cannot be asked, the error
 /// stands as it came.
 fn leave_if_parted_while_away(conn: &mut Conn, a: &ConnectArgs, slot: &str) {
+    // Only a peer that is itself a member knows: a parted node lists every node parted.
     let state = conn.query_value(&format!(
-        "SELECT node_state FROM bdr.nodes WHERE node_name = {}",
+        "SELECT node_state FROM bdr.nodes WHERE node_name = {} \
+            AND EXISTS (SELECT FROM bdr.nodes WHERE is_local AND node_state <> 'parted')",
         quote_literal(&a.local)
     ));
     match state {
