@@ -276,13 +276,31 @@ fn count(n: &Node, sql: &str) -> i64 {
     n.query_scalar(sql)
 }
 
-#[test]
-fn parting_a_stopped_node_leaves_no_slot_and_the_rest_replicate_on() {
+/// Three nodes in a group, each with an empty table `t (id int PRIMARY KEY, v text)`.
+fn three_nodes_with_t() -> Cluster {
     let c = Cluster::start(3);
     for n in c.nodes() {
         n.execute("CREATE EXTENSION bdr; CREATE TABLE t (id int PRIMARY KEY, v text);");
     }
     pg_test::bdr::form_group(&c);
+    c
+}
+
+fn assert_still_member(n: &Node) {
+    assert_eq!(
+        count(
+            n,
+            "SELECT count(*) FROM bdr.nodes WHERE is_local AND node_state = 'active'"
+        ),
+        1,
+        "{} is still a member",
+        n.name()
+    );
+}
+
+#[test]
+fn parting_a_stopped_node_leaves_no_slot_and_the_rest_replicate_on() {
+    let c = three_nodes_with_t();
     let (a, b, x) = (c.node(0), c.node(1), c.node(2));
     // A member with peers may not drop the extension: it would stop applying while they
     // still stream from it, and their slots for it would hold WAL for ever.
@@ -662,14 +680,7 @@ fn a_slot_dropped_by_hand_is_named_in_the_apply_error() {
         },
     );
     assert!(b.log().contains("The slot was dropped by hand"), "the hint");
-    assert_eq!(
-        count(
-            b,
-            "SELECT count(*) FROM bdr.nodes WHERE is_local AND node_state = 'active'"
-        ),
-        1,
-        "node2 is still a member"
-    );
+    assert_still_member(b);
 }
 
 /// node3 parted while node2 was down: node3 (reached) dropped its slots, node2 kept its
@@ -678,11 +689,7 @@ fn a_slot_dropped_by_hand_is_named_in_the_apply_error() {
 /// and goes on replicating with node1.
 #[test]
 fn a_parted_peer_does_not_part_the_node_that_asks_it() {
-    let c = Cluster::start(3);
-    for n in c.nodes() {
-        n.execute("CREATE EXTENSION bdr; CREATE TABLE t (id int PRIMARY KEY, v text);");
-    }
-    pg_test::bdr::form_group(&c);
+    let c = three_nodes_with_t();
     let (a, b) = (c.node(0), c.node(1));
     b.stop();
     a.execute("SELECT bdr.part('node3')");
@@ -699,14 +706,7 @@ fn a_parted_peer_does_not_part_the_node_that_asks_it() {
     wait_until("node2 has node1's row", CATCHUP, || {
         count(b, "SELECT count(*) FROM t") == 1
     });
-    assert_eq!(
-        count(
-            b,
-            "SELECT count(*) FROM bdr.nodes WHERE is_local AND node_state = 'active'"
-        ),
-        1,
-        "node2 is still a member"
-    );
+    assert_still_member(b);
     assert!(!b
         .log()
         .contains("was parted from the group while it was away"));
