@@ -150,9 +150,9 @@ fn start(
 /// `bdr.part` run while this node was down, which could not tell it), this node leaves
 /// the group here too, as `bdr.part` would have made it do: every node is marked parted,
 /// so its workers stop and the slots and origins they used are dropped, and it says so.
-/// If it lists this node as an active member, the slot was dropped by hand: an error saying what
-/// that means (retried, as every apply error). If the peer cannot be asked, the error
-/// stands as it came.
+/// If it lists this node as an active member, the slot was dropped by hand: an error
+/// saying what that means (retried, as every apply error). Otherwise (the peer cannot be
+/// asked, is parted itself, or lists this node as joining) the error stands as it came.
 fn leave_if_parted_while_away(conn: &mut Conn, a: &ConnectArgs, slot: &str) {
     // Only a peer that is itself a member knows: a parted node lists every node parted.
     let state = conn.query_value(&format!(
