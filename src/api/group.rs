@@ -89,7 +89,7 @@ pub(crate) fn already_member(name: &str) -> bool {
     }
 }
 
-pub(crate) fn already_member_notice(existing: &Node, name: &str) -> bool {
+fn already_member_notice(existing: &Node, name: &str) -> bool {
     if existing.name == name {
         pgrx::notice!("node \"{name}\" is already a member of the bdr group; nothing to do");
         return true;

@@ -28,8 +28,8 @@ pub enum GroupError {
     JoinSelf,
     #[error("a node named \"{0}\" is already a member of the group")]
     DuplicateName(String),
-    #[error("a node named \"{name}\" was a member of the group and is listed there as {state}")]
-    NameOfPartedNode { name: String, state: String },
+    #[error("a node named \"{0}\" was a member of the group and is listed there as parted")]
+    NameOfPartedNode(String),
     #[error("cannot join: {} unreachable: {}", if .0.len() == 1 { "a member is" } else { "members are" }, .0.join(", "))]
     Unreachable(Vec<String>),
     #[error("cannot join: table {0} on this node already holds rows")]
@@ -70,10 +70,9 @@ impl PgError for GroupError {
         match self {
             NullArgument(_) | BadName(_) | BadDsn(_) | BadKind(_) | BadTopology(_) | JoinSelf
             | BadNodeNumber(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            AlreadyMember(_)
-            | DuplicateName(_)
-            | NameOfPartedNode { .. }
-            | NodeNumberTaken { .. } => PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            AlreadyMember(_) | DuplicateName(_) | NameOfPartedNode(_) | NodeNumberTaken { .. } => {
+                PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT
+            }
             NoNodeNumberLeft => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             ClockBehind { .. } => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             DsnNotLocal(_) | SourceUnreachable(_) | Unreachable(_) => {
@@ -100,7 +99,7 @@ impl PgError for GroupError {
             SourceUnreachable(_) => "Check join_using_dsn, that the server is running and that pg_hba.conf allows this node (including replication connections).".into(),
             SourceNotNode(_) => "Run CREATE EXTENSION bdr and bdr.group_create() on the join source first.".into(),
             JoinSelf => "join_using_dsn must point at a node that is already a member of the group.".into(),
-            NameOfPartedNode { .. } => "Join under another name (e.g. node3b): a parted node's name and node number stay reserved while the group lists it, so that ids it issued never repeat. Nothing was left behind.".into(),
+            NameOfPartedNode(_) => "Join under another name (e.g. node3b): a parted node's name and node number stay reserved while the group lists it, so that ids it issued never repeat. Nothing was left behind.".into(),
             DuplicateName(_) => "Choose another local_node_name, or bdr.part() the old node first.".into(),
             Unreachable(_) => "Every member must be reachable to join without losing a transaction; start them or bdr.part() the ones that are gone.".into(),
             LocalRows(_) => "A joining node receives every row from the join source; empty the local tables, or drop them and let the join copy the schema.".into(),

@@ -31,7 +31,7 @@
 
 use super::{lib_err, Stream};
 use crate::error::{raise, ApplyError};
-use crate::pg::libpq::{quote_ident, quote_literal, Conn};
+use crate::pg::libpq::{quote_ident, quote_literal, Conn, LibpqError};
 use crate::pg::shmem;
 use bdr_core::names::slot_name;
 use bdr_core::streaming::StreamCheck;
@@ -137,7 +137,9 @@ fn start(
                 }
             }
             Err(e) => {
-                if e.to_string().contains("does not exist") {
+                // 42704: no such slot (the message may be in the peer's language).
+                if matches!(&e, LibpqError::Query { sqlstate, .. } if sqlstate.as_deref() == Some("42704"))
+                {
                     leave_if_parted_while_away(conn, a, slot);
                 }
                 lib_err(e)

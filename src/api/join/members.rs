@@ -4,7 +4,7 @@
 use super::undo::Member;
 use crate::api::group::{identity, local_identity};
 use crate::api::group_error::{fail, remote_err, GroupError};
-use crate::catalog::nodes::{self, Node, NodeKind};
+use crate::catalog::nodes::{self, Node, NodeKind, NodeState};
 use crate::pg::libpq::{quote_ident, Conn, LibpqError};
 use bdr_core::replication::REPLICATED_TABLES_SQL;
 
@@ -19,10 +19,10 @@ pub(super) fn read_source(join_using_dsn: &str, j: &str) -> (Vec<Node>, Node) {
         .exec(
             "SELECT node_name, node_id::text, node_kind, node_state, node_dsn, is_local::text, \
                     node_number::text, hub_node \
-             FROM bdr.nodes WHERE node_state NOT IN ('parting', 'parted') ORDER BY node_name",
+             FROM bdr.nodes ORDER BY node_name",
         )
         .unwrap_or_else(|e| fail(GroupError::SourceNotNode(e.to_string())));
-    let members: Vec<Node> = rows
+    let (members, parted): (Vec<Node>, Vec<Node>) = rows
         .into_iter()
         .map(|r| Node {
             name: r[0].clone().unwrap_or_default(),
@@ -34,7 +34,7 @@ pub(super) fn read_source(join_using_dsn: &str, j: &str) -> (Vec<Node>, Node) {
             number: r[6].as_deref().and_then(|v| v.parse().ok()),
             hub: r[7].clone(),
         })
-        .collect();
+        .partition(|n| n.state != NodeState::Parted);
     let Some(source) = members.iter().find(|n| n.is_local).cloned() else {
         fail(GroupError::SourceNotNode(
             "it has no local node in bdr.nodes".into(),
@@ -45,17 +45,8 @@ pub(super) fn read_source(join_using_dsn: &str, j: &str) -> (Vec<Node>, Node) {
     }
     // A parted node's row stays listed (its node number is not given out again while it
     // is, so that ids it issued cannot repeat): its name is not reused either.
-    let parted = src
-        .exec_params(
-            "SELECT node_state FROM bdr.nodes WHERE node_name = $1",
-            &[j],
-        )
-        .unwrap_or_else(|e| fail(GroupError::SourceNotNode(e.to_string())));
-    if let Some(state) = parted.first().and_then(|r| r[0].clone()) {
-        fail(GroupError::NameOfPartedNode {
-            name: j.into(),
-            state,
-        });
+    if parted.iter().any(|n| n.name == j) {
+        fail(GroupError::NameOfPartedNode(j.into()));
     }
     (members, source)
 }
