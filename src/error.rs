@@ -266,6 +266,12 @@ pub enum ApplyError {
         local: String,
         slot: String,
     },
+    #[error("node \"{peer}\" has left the group: it has no slot {slot} for node \"{local}\" and lists itself as parted; \"{local}\" marks it parted too")]
+    PeerLeft {
+        peer: String,
+        local: String,
+        slot: String,
+    },
     #[error(
         "streamed transaction from node \"{peer}\" cannot be applied before its commit: {why}"
     )]
@@ -288,7 +294,9 @@ impl PgError for ApplyError {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             ApplyError::NulInText => PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
-            ApplyError::PartedWhileAway { .. } | ApplyError::SlotGone { .. } => {
+            ApplyError::PartedWhileAway { .. }
+            | ApplyError::SlotGone { .. }
+            | ApplyError::PeerLeft { .. } => {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
             ApplyError::ConcurrentKey { .. }
@@ -351,6 +359,12 @@ impl PgError for ApplyError {
                  again."
                     .into(),
             ),
+            ApplyError::PeerLeft { peer, local, .. } => Some(format!(
+                "\"{peer}\" was parted (bdr.part) while \"{local}\" was away, so the part \
+                 could not reach \"{local}\". Its apply worker from \"{peer}\" stops, and the \
+                 slot and origin kept here for \"{peer}\" are dropped, as bdr.part would have \
+                 done; nothing else changes."
+            )),
             ApplyError::ParallelStopped { .. } => Some(
                 "The first error logged by this peer's apply worker or writers is the cause; \
                  once it is removed, the apply worker restarts and resumes at the first \

@@ -44,6 +44,48 @@ fn perf_record(pid: i32, data: &Path) -> Child {
         .expect("perf (install linux-perf)")
 }
 
+/// With `BENCH_TRACE=strace`, the catch-up profiles count the apply process's system calls
+/// (`strace -c`) instead of sampling it with `perf`: what it asks of the kernel per
+/// transaction, which the user-space profile and callgrind do not show.
+fn tracing_syscalls() -> bool {
+    std::env::var("BENCH_TRACE").is_ok_and(|v| v == "strace")
+}
+
+/// Start `perf record` on `pid`, or `strace -c` with `BENCH_TRACE=strace`.
+fn trace_start(pid: i32, data: &Path) -> Child {
+    if !tracing_syscalls() {
+        return perf_record(pid, data);
+    }
+    Command::new("strace")
+        .args(["-c", "-U", "name,calls,total-time", "-o"])
+        .arg(data)
+        .args(["-p", &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("strace")
+}
+
+/// The report of [`trace_start`]'s tracer, `txns` transactions applied meanwhile.
+fn trace_report(data: &Path, txns: i64) -> String {
+    if !tracing_syscalls() {
+        return format!(
+            "perf record -F 2000 of the apply process, {}",
+            perf_report(data)
+        );
+    }
+    let text = std::fs::read_to_string(data).unwrap_or_default();
+    let per_txn = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let calls: f64 = f.get(1)?.parse().ok()?;
+            Some(format!("{:>10.3}  {}", calls / txns as f64, f.first()?))
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    format!("strace -c of the apply process, system calls per transaction:\n{per_txn}\n\n{text}")
+}
+
 fn perf_stop(mut perf: Child) {
     let _ = Command::new("kill")
         .args(["-INT", &perf.id().to_string()])
@@ -199,7 +241,7 @@ fn profile_catch_up(
     let pid_before = apply_pid(sys, b);
     let data = std::env::temp_dir().join(format!("bdr-apply-{}.perf", sys.name()));
     let early = pid_before.map(|pid| {
-        let perf = perf_record(pid, &data);
+        let perf = trace_start(pid, &data);
         std::thread::sleep(Duration::from_millis(500));
         perf
     });
@@ -212,7 +254,7 @@ fn profile_catch_up(
             pid = apply_pid(sys, b);
             pid.is_some()
         });
-        perf_record(pid.unwrap(), &data)
+        trace_start(pid.unwrap(), &data)
     });
     pin_if_asked(sys, b);
     wait_until("catch-up", Duration::from_secs(1800), || {
@@ -223,11 +265,10 @@ fn profile_catch_up(
     perf_stop(perf);
     let out = format!(
         "{} apply process, {what} in {secs:.1}s \
-         ({:.0} transactions/s)\n\nCPU used during the catch-up, by process (both nodes):\n{cpu_table}\n\
-         perf record -F 2000 of the apply process, {}",
+         ({:.0} transactions/s)\n\nCPU used during the catch-up, by process (both nodes):\n{cpu_table}\n{}",
         sys.name(),
         txns as f64 / secs,
-        perf_report(&data)
+        trace_report(&data, txns)
     );
     publish(name, &out);
 }

@@ -688,18 +688,20 @@ fn a_slot_dropped_by_hand_is_named_in_the_apply_error() {
 /// parted itself, lists every node parted: node2 does not take that as its own parting
 /// and goes on replicating with node1.
 #[test]
-fn a_parted_peer_does_not_part_the_node_that_asks_it() {
+fn a_parted_peer_is_forgotten_and_does_not_part_the_node_that_asks_it() {
     let c = three_nodes_with_t();
     let (a, b) = (c.node(0), c.node(1));
     b.stop();
     a.execute("SELECT bdr.part('node3')");
     b.start();
+    // node3 says of itself that it left: node2 marks it parted too, and drops the slot
+    // and origin it kept for node3, which would otherwise hold WAL for ever.
     wait_until(
-        "node2's apply from node3 met the missing slot",
+        "node2's apply from node3 met the missing slot and says why it forgets node3",
         CATCHUP,
         || {
-            b.log().contains("replication slot \"bdr_")
-                && b.log().contains("_node2\" does not exist")
+            b.log().contains("node \"node3\" has left the group")
+                && b.log().contains("lists itself as parted")
         },
     );
     a.execute("INSERT INTO t VALUES (1, 'after node3 was parted')");
@@ -710,4 +712,34 @@ fn a_parted_peer_does_not_part_the_node_that_asks_it() {
     assert!(!b
         .log()
         .contains("was parted from the group while it was away"));
+    wait_until(
+        "node2 dropped its slot and origin for node3",
+        CATCHUP,
+        || {
+            count(
+                b,
+                "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'bdr\\_%\\_node3') \
+                      + (SELECT count(*) FROM pg_replication_origin WHERE roname LIKE 'bdr\\_%\\_node3')",
+            ) == 0
+        },
+    );
+    assert_eq!(
+        count(
+            b,
+            "SELECT count(*) FROM bdr.nodes WHERE node_name = 'node3' AND node_state = 'parted'"
+        ),
+        1
+    );
+    // Its apply worker from node3 is gone and does not come back.
+    wait_until("no apply worker from node3 on node2", CATCHUP, || {
+        count(
+            b,
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE '%from node3%'",
+        ) == 0
+    });
+    // node2 and node1 still replicate both ways.
+    b.execute("INSERT INTO t VALUES (2, 'from node2 after')");
+    wait_until("node1 has node2's row", CATCHUP, || {
+        count(a, "SELECT count(*) FROM t") == 2
+    });
 }

@@ -146,6 +146,17 @@ pub fn mark_all_parted() {
         .or_raise_as(ApplyError::spi);
 }
 
+/// Mark node `name` parted here: what `bdr.part` does on every member it reaches. The
+/// supervisor then stops the apply worker from it, and its janitor drops the slot and
+/// origin kept here for it.
+pub fn mark_parted(name: &str) {
+    Spi::run_with_args(
+        "UPDATE bdr.nodes SET node_state = 'parted' WHERE node_name = $1",
+        &[name.into()],
+    )
+    .or_raise_as(ApplyError::spi);
+}
+
 /// Forget the nodes listed as parted here (a parted node creating or joining a group
 /// again).
 pub fn forget_parted() {

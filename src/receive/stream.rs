@@ -95,6 +95,12 @@ fn open(a: &ConnectArgs, want_streaming: bool) -> (Conn, u64, String, bool) {
     (conn, peer_lsn, slot, streaming)
 }
 
+/// Whether the peer answered `e` with SQLSTATE `code` (the message itself may be in the
+/// peer's language): 55006 for a slot held by another walsender, 42704 for no such slot.
+fn sqlstate_is(e: &LibpqError, code: &str) -> bool {
+    matches!(e, LibpqError::Query { sqlstate, .. } if sqlstate.as_deref() == Some(code))
+}
+
 /// The most a peer's walsender buffers of a transaction before streaming it, when
 /// streaming is asked for (its `logical_decoding_work_mem`, in kB, lowered to this).
 const STREAM_WORK_MEM_KB: u32 = 4096;
@@ -127,19 +133,14 @@ fn start(
     loop {
         match conn.start_copy(&cmd) {
             Ok(()) => return false,
-            Err(e)
-                if retry
-                    && Instant::now() < deadline
-                    && e.to_string().contains("is active for PID") =>
-            {
+            Err(e) if retry && Instant::now() < deadline && sqlstate_is(&e, "55006") => {
                 if crate::pg::bgw::wait(None, Duration::from_millis(20)) {
                     return true;
                 }
             }
             Err(e) => {
                 // 42704: no such slot (the message may be in the peer's language).
-                if matches!(&e, LibpqError::Query { sqlstate, .. } if sqlstate.as_deref() == Some("42704"))
-                {
+                if sqlstate_is(&e, "42704") {
                     leave_if_parted_while_away(conn, a, slot);
                 }
                 lib_err(e)
@@ -154,7 +155,9 @@ fn start(
 /// so its workers stop and the slots and origins they used are dropped, and it says so.
 /// If it lists this node as an active member, the slot was dropped by hand: an error
 /// saying what that means (retried, as every apply error). Otherwise (the peer cannot be
-/// asked, is parted itself, or lists this node as joining) the error stands as it came.
+/// asked, or lists this node as joining) the error stands as it came. A peer that is
+/// parted itself lists every node parted and is not believed about this node; if it
+/// lists *itself* parted, it left while this node was away ([`forget_peer_if_it_left`]).
 fn leave_if_parted_while_away(conn: &mut Conn, a: &ConnectArgs, slot: &str) {
     // Only a peer that is itself a member knows: a parted node lists every node parted.
     let state = conn.query_value(&format!(
@@ -162,6 +165,9 @@ fn leave_if_parted_while_away(conn: &mut Conn, a: &ConnectArgs, slot: &str) {
             AND EXISTS (SELECT FROM bdr.nodes WHERE is_local AND node_state <> 'parted')",
         quote_literal(&a.local)
     ));
+    if let Ok(None) = state {
+        forget_peer_if_it_left(conn, a, slot);
+    }
     match state {
         Ok(Some(s)) if s == "parted" => {}
         // Joining: its slots may still be on their way.
@@ -177,6 +183,28 @@ fn leave_if_parted_while_away(conn: &mut Conn, a: &ConnectArgs, slot: &str) {
     crate::catalog::nodes::mark_all_parted();
     crate::pg::xact::commit();
     raise(&ApplyError::PartedWhileAway {
+        peer: a.peer.clone(),
+        local: a.local.clone(),
+        slot: slot.to_string(),
+    })
+}
+
+/// The peer is parted itself: if it says so of itself (a `bdr.part` of it ran while this
+/// node was down, so this node still lists it as a member), this node marks it parted
+/// too: the supervisor then stops this worker and drops the slot and origin kept here
+/// for it, which would otherwise hold WAL for ever.
+fn forget_peer_if_it_left(conn: &mut Conn, a: &ConnectArgs, slot: &str) {
+    let left = conn.query_value(&format!(
+        "SELECT node_state FROM bdr.nodes WHERE is_local AND node_name = {}",
+        quote_literal(&a.peer)
+    ));
+    if !matches!(left, Ok(Some(s)) if s == "parted") {
+        return;
+    }
+    crate::pg::xact::begin();
+    crate::catalog::nodes::mark_parted(&a.peer);
+    crate::pg::xact::commit();
+    raise(&ApplyError::PeerLeft {
         peer: a.peer.clone(),
         local: a.local.clone(),
         slot: slot.to_string(),
