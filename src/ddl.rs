@@ -66,13 +66,16 @@ fn active_local_node() -> Option<nodes::Node> {
 /// of a statement that cannot be replicated safely. Touches the catalog only for
 /// statements that would replicate.
 pub fn plan(shape: &Shape, text: impl FnOnce() -> String) -> Option<Plan> {
-    let drain = match ddl::decide(shape) {
+    let (drain, if_rows) = match ddl::decide(shape) {
         Decision::Local => return None,
-        Decision::Refuse { why, hint } => {
+        Decision::Refuse(r) => {
             active_local_node()?;
-            raise(&DdlError::Refused { why, hint })
+            raise(&DdlError::Refused {
+                why: r.why,
+                hint: r.hint,
+            })
         }
-        Decision::Replicate { drain } => drain,
+        Decision::Replicate { drain, if_rows } => (drain, if_rows),
     };
     active_local_node()?;
     let search_path = utility::as_superuser(|| {
@@ -91,6 +94,7 @@ pub fn plan(shape: &Shape, text: impl FnOnce() -> String) -> Option<Plan> {
             command: text(),
         },
         drain,
+        if_rows,
     })
 }
 
@@ -100,6 +104,28 @@ pub fn before(p: &Plan) {
     if !p.drain.is_empty() {
         drain(&p.drain);
     }
+}
+
+/// Once drained: a statement that would fill existing rows with values each node computes
+/// for itself is refused if its table has rows. Drained, every member's writes to it are
+/// here and new ones are fenced, so no member has rows this node does not see.
+pub fn refuse_if_rows(p: &Plan) {
+    if let (Some(r), Some(table)) = (&p.if_rows, p.drain.first()) {
+        if has_rows(table) {
+            raise(&DdlError::Refused {
+                why: r.why.clone(),
+                hint: r.hint,
+            });
+        }
+    }
+}
+
+/// Whether `table` (quoted) has a row, whoever may see it (read as the superuser: row
+/// security does not hide rows from this check).
+fn has_rows(table: &str) -> bool {
+    utility::as_superuser(|| Spi::get_one::<bool>(&format!("SELECT EXISTS (SELECT FROM {table})")))
+        .unwrap_or_else(|e| raise(&crate::error::ApplyError::spi(e)))
+        .unwrap_or(false)
 }
 
 /// After the statement ran: queue it for the peers, in this transaction.
@@ -152,6 +178,7 @@ pub fn hooks() -> utility::Policy {
     utility::Policy {
         plan: |shape, text| plan(shape, text),
         before,
+        refuse_if_rows,
         after: |p| after(p),
         check_user_write,
         check_extension_drop,

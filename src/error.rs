@@ -442,10 +442,7 @@ impl PgError for WorkerError {
 #[derive(Debug, thiserror::Error)]
 pub enum DdlError {
     #[error("bdr: {why}")]
-    Refused {
-        why: &'static str,
-        hint: &'static str,
-    },
+    Refused { why: String, hint: &'static str },
     #[error("bdr: cannot replicate this schema change: members unreachable: {members}")]
     Unreachable { members: String },
     #[error("bdr: not every node could hold writes for this schema change: {members}")]

@@ -441,7 +441,7 @@ pub fn profile_live(sys: System) {
     let before: i64 = a.query_scalar("SELECT count(*) FROM small");
     let data = std::env::temp_dir().join(format!("bdr-live-{}.perf", sys.name()));
     let cpu_before = procs::snapshot(&[a, b]);
-    let perf = perf_record(pid.unwrap(), &data);
+    let perf = trace_start(pid.unwrap(), &data);
     let out = crate::pgbench(
         a,
         &["-c", "4", "-j", "2", "-T", &secs.to_string()],
@@ -456,11 +456,11 @@ pub fn profile_live(sys: System) {
     let report = format!(
         "{} apply process following A live: 4 pgbench clients, single-row INSERT, {secs} s, \
          {:.0} TPS on A ({} transactions)\n\nCPU used meanwhile, by process (both nodes):\n\
-         {cpu_table}\nperf record -F 2000 of B's apply process, {}",
+         {cpu_table}\nB's {}",
         sys.name(),
         crate::tps(&out),
         committed - before,
-        perf_report(&data)
+        trace_report(&data, committed - before)
     );
     publish(&format!("profile-live-{}.txt", sys.name()), &report);
 }

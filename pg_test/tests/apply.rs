@@ -562,11 +562,12 @@ fn a_backlog_is_read_without_batch_waits() {
 }
 
 /// What the apply evaluates on the receiving node reads the time of the applying
-/// transaction: a local-only column's `DEFAULT now()` and a replicated
-/// `ADD COLUMN ... DEFAULT now()`. Until session 26 a bdr worker's transactions all
-/// started, for PostgreSQL, when the worker connected (nothing set the statement start
-/// time a transaction takes its own from): both read the apply worker's start, however
-/// long ago, and `pg_stat_activity.xact_start` was as stale.
+/// transaction: a local-only column's `DEFAULT now()`. Until session 26 a bdr worker's
+/// transactions all started, for PostgreSQL, when the worker connected (nothing set the
+/// statement start time a transaction takes its own from): it read the apply worker's
+/// start, however long ago, and `pg_stat_activity.xact_start` was as stale. (A
+/// replicated `ADD COLUMN ... DEFAULT now()` read it too; since session 28 that is
+/// refused on a table with rows, `ddl.rs`.)
 #[test]
 fn the_apply_reads_its_own_transactions_time_not_its_workers_start() {
     let c = pair_with_app("applynow", "SELECT, INSERT, UPDATE, DELETE");
@@ -585,16 +586,6 @@ fn the_apply_reads_its_own_transactions_time_not_its_workers_start() {
             "SELECT seen >= '{before}'::timestamptz FROM t WHERE id = 1"
         )),
         "the local-only column's default on node2 is the apply's time: {seen} is before {before}"
-    );
-    let before: String = b.query_scalar("SELECT now()::text");
-    a.execute("ALTER TABLE t ADD COLUMN added timestamptz DEFAULT now()");
-    wait_for_catchup(&c);
-    let added: String = b.query_scalar("SELECT added::text FROM t WHERE id = 1");
-    assert!(
-        b.query_scalar::<bool>(&format!(
-            "SELECT added >= '{before}'::timestamptz FROM t WHERE id = 1"
-        )),
-        "the replicated default on node2 is the apply's time: {added} is before {before}"
     );
     assert!(
         b.query_scalar::<bool>(&format!(

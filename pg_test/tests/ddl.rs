@@ -365,6 +365,104 @@ fn statements_that_cannot_replicate_safely_are_refused_with_a_hint() {
     assert!(!shape(c.node(1), "t").contains("t_v"));
 }
 
+/// A schema change that would fill a table's existing rows with values each node
+/// computes for itself (a column added with `DEFAULT now()`, `random()`, a serial or an
+/// identity column, a type change `USING` such an expression) is refused while the table
+/// has rows: replicated as it is, the nodes' rows would silently differ. Refused, it
+/// changes nothing and leaves the table writable; on an empty table, or with an
+/// immutable default or USING, it replicates; and the hint's recipe converges.
+#[test]
+fn a_change_whose_values_each_node_would_compute_is_refused_while_the_table_has_rows() {
+    let c = group("ddl_per_node", 2);
+    let (a, b) = (c.node(0), c.node(1));
+    let mut app = a.connect_as("app");
+    app.batch_execute(
+        "CREATE TABLE mig (id bigint PRIMARY KEY, n int, v text);
+         INSERT INTO mig SELECT g, g, 'r' || g FROM generate_series(1, 20) g;
+         CREATE TABLE fresh (id bigint PRIMARY KEY);",
+    )
+    .unwrap();
+    wait_for_catchup(&c);
+    let before = assert_same_shape(&c, "mig");
+    for (q, says) in [
+        (
+            "ALTER TABLE mig ADD COLUMN created_at timestamptz NOT NULL DEFAULT now()",
+            "column \"created_at\" is added to \"public\".\"mig\" with a default that is not immutable",
+        ),
+        (
+            "ALTER TABLE mig ADD COLUMN r float8 DEFAULT random()",
+            "column \"r\" is added",
+        ),
+        (
+            "ALTER TABLE mig ADD COLUMN at timestamptz, ADD COLUMN u uuid DEFAULT gen_random_uuid()",
+            "column \"u\" is added",
+        ),
+        (
+            "ALTER TABLE mig ADD COLUMN d date DEFAULT CURRENT_DATE",
+            "column \"d\" is added",
+        ),
+        (
+            "ALTER TABLE mig ADD COLUMN seq bigserial",
+            "serial column \"seq\" is added",
+        ),
+        (
+            "ALTER TABLE mig ADD COLUMN num int GENERATED ALWAYS AS IDENTITY",
+            "identity column \"num\" is added",
+        ),
+        (
+            "ALTER TABLE mig ALTER COLUMN v TYPE text USING v || clock_timestamp()",
+            "column \"v\" of \"public\".\"mig\" changes type USING an expression that is not immutable",
+        ),
+    ] {
+        let e = app.batch_execute(q).expect_err(q);
+        let text = pg_test::db_error_text(&e);
+        assert!(
+            text.contains(says)
+                && text.contains("the nodes' rows would differ")
+                && text.contains("(SQLSTATE 0A000)")
+                && text.contains("HINT: ")
+                && text.contains("UPDATE"),
+            "{q}: {text}"
+        );
+    }
+    // Refused, nothing changed, and the table takes writes on both nodes at once.
+    assert_eq!(assert_same_shape(&c, "mig"), before);
+    app.batch_execute("INSERT INTO mig VALUES (21, 21, 'after')")
+        .unwrap();
+    b.connect_as("app")
+        .batch_execute("INSERT INTO mig VALUES (22, 22, 'after on node2')")
+        .unwrap();
+    // Immutable defaults and USING replicate as before.
+    app.batch_execute(
+        "ALTER TABLE mig ADD COLUMN flag int NOT NULL DEFAULT 0;
+         ALTER TABLE mig ALTER COLUMN n TYPE bigint USING n::bigint * 2;",
+    )
+    .unwrap();
+    // On a table without rows nothing is computed per node: it replicates.
+    app.batch_execute("ALTER TABLE fresh ADD COLUMN created_at timestamptz DEFAULT now()")
+        .unwrap();
+    app.batch_execute("INSERT INTO fresh (id) VALUES (1)")
+        .unwrap();
+    // The hint's recipe: the values are computed once, on the origin, and travel as rows.
+    app.batch_execute(
+        "ALTER TABLE mig ADD COLUMN created_at timestamptz;
+         ALTER TABLE mig ALTER COLUMN created_at SET DEFAULT now();
+         UPDATE mig SET created_at = DEFAULT WHERE created_at IS NULL;",
+    )
+    .unwrap();
+    wait_for_catchup(&c);
+    assert!(assert_same_shape(&c, "mig").contains("created_at timestamp with time zone"));
+    assert_eq!(
+        b.query_scalar::<i64>(
+            "SELECT count(*) FROM mig WHERE created_at IS NOT NULL AND flag = 0 AND n = id * 2"
+        ),
+        22
+    );
+    assert_same_everywhere(&c, "mig");
+    assert_same_everywhere(&c, "fresh");
+    assert_eq!(total_apply_errors(&c), 0);
+}
+
 /// While a schema change drains the other nodes' writes to its table, a user write to
 /// that table on its node is refused with a clear error (the executor hook's fence), and
 /// the table takes writes again once the change is done.

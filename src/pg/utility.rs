@@ -12,7 +12,7 @@
 mod describe;
 
 use bdr_core::ddl::{Plan, Shape};
-use describe::{describe, resolve, statement_text};
+use describe::{describe, per_node_after_drain, resolve, statement_text};
 use pgrx::pg_sys;
 use pgrx::PgList;
 use std::cell::Cell;
@@ -39,6 +39,9 @@ pub struct Policy {
     pub plan: fn(&Shape, &dyn Fn() -> String) -> Option<Plan>,
     /// Before the statement runs (drain).
     pub before: fn(&Plan),
+    /// Once drained, for a statement that fills existing rows with values each node
+    /// computes for itself: refuse it if its table has rows.
+    pub refuse_if_rows: fn(&Plan),
     /// After it ran (queue it for the peers).
     pub after: fn(&Plan),
     /// Before a user write to a table starts (fences, quorum).
@@ -139,6 +142,9 @@ unsafe extern "C-unwind" fn utility_hook(
         };
         if let Some(p) = &plan {
             (policy().before)(p);
+            if p.if_rows.is_some() && per_node_after_drain((*pstmt).utilityStmt) {
+                (policy().refuse_if_rows)(p);
+            }
         }
         {
             let _depth = Depth::enter();

@@ -5,7 +5,7 @@
 //! Invariant: targets are resolved before the statement runs (a DROP cannot be described
 //! afterwards), without taking locks (the statement takes its own).
 
-use bdr_core::ddl::{Shape, Table};
+use bdr_core::ddl::{PerNodeValues, Shape, Table};
 use pgrx::pg_sys;
 use pgrx::PgList;
 use std::ffi::{c_char, CStr};
@@ -133,6 +133,161 @@ unsafe fn only_plain_add_column(cmds: *mut pg_sys::List) -> bool {
     }
 }
 
+/// The first subcommand of an ALTER TABLE of `relid` that fills existing rows with values
+/// each node computes for itself: a column added with a default that is not immutable,
+/// of a serial type or as an identity, or a type change USING an expression that is not
+/// immutable (see `bdr_core::ddl::PerNodeValues`).
+///
+/// A USING expression names the table's columns, so telling whether it is immutable
+/// needs the table open under the ALTER's own lock. Before the drain that lock would
+/// block this node's apply workers, which the drain waits for: then (`after_drain`
+/// false) any USING counts, and [`per_node_after_drain`] looks again once drained.
+///
+/// # Safety
+/// Inside a transaction; `cmds` is the statement's command list.
+unsafe fn per_node_values(
+    relid: pg_sys::Oid,
+    cmds: *mut pg_sys::List,
+    after_drain: bool,
+) -> Option<PerNodeValues> {
+    use pg_sys::AlterTableType as At;
+    // SAFETY: the list holds AlterTableCmd nodes; `def` of ADD COLUMN and of ALTER COLUMN
+    // TYPE is a ColumnDef (for the latter, `raw_default` holds the USING expression).
+    unsafe {
+        for c in PgList::<pg_sys::AlterTableCmd>::from_pg(cmds).iter_ptr() {
+            let d = (*c).def as *mut pg_sys::ColumnDef;
+            if d.is_null() || (*d).type_ != pg_sys::NodeTag::T_ColumnDef {
+                continue;
+            }
+            // ADD COLUMN names its column in the definition, ALTER COLUMN in the command.
+            let column = match cstr((*d).colname) {
+                n if n.is_empty() => cstr((*c).name),
+                n => n,
+            };
+            match (*c).subtype {
+                At::AT_AddColumn | At::AT_AddColumnRecurse => {
+                    if is_serial((*d).typeName) {
+                        return Some(PerNodeValues::Serial { column });
+                    }
+                    let constraints = PgList::<pg_sys::Constraint>::from_pg((*d).constraints);
+                    let of = |kind| constraints.iter_ptr().find(|k| (**k).contype == kind);
+                    if (*d).identity != 0 || of(pg_sys::ConstrType::CONSTR_IDENTITY).is_some() {
+                        return Some(PerNodeValues::Identity { column });
+                    }
+                    let default = match of(pg_sys::ConstrType::CONSTR_DEFAULT) {
+                        Some(k) => (*k).raw_expr,
+                        None => (*d).raw_default,
+                    };
+                    if !default.is_null() && mutable(default, None) {
+                        return Some(PerNodeValues::Default { column });
+                    }
+                }
+                At::AT_AlterColumnType
+                    if !(*d).raw_default.is_null()
+                        && (!after_drain || mutable((*d).raw_default, Some((relid, cmds)))) =>
+                {
+                    return Some(PerNodeValues::Using { column });
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
+/// [`per_node_values`] of an ALTER TABLE, asked again once its tables are drained:
+/// whether it still fills existing rows with values each node computes for itself.
+///
+/// # Safety
+/// Inside a transaction; `stmt` is a valid parse tree node.
+pub(super) unsafe fn per_node_after_drain(stmt: *mut pg_sys::Node) -> bool {
+    // SAFETY: the node tag says which struct it is; forwarded.
+    unsafe {
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_AlterTableStmt {
+            return false;
+        }
+        let a = stmt as *mut pg_sys::AlterTableStmt;
+        resolve((*a).relation)
+            .is_some_and(|relid| per_node_values(relid, (*a).cmds, true).is_some())
+    }
+}
+
+/// Whether a type name is one of the serial pseudo-types (as PostgreSQL recognises them
+/// when it expands `serial` into a sequence and a `nextval()` default).
+///
+/// # Safety
+/// `t` is NULL or a valid TypeName.
+unsafe fn is_serial(t: *mut pg_sys::TypeName) -> bool {
+    // SAFETY: plain reads of the parse node; its names are String nodes.
+    unsafe {
+        if t.is_null() || (*t).pct_type {
+            return false;
+        }
+        let names = PgList::<pg_sys::String>::from_pg((*t).names);
+        let parts: Vec<String> = names.iter_ptr().map(|n| cstr((*n).sval)).collect();
+        let name = match parts.as_slice() {
+            [n] => n,
+            [schema, n] if schema == "pg_catalog" => n,
+            _ => return false,
+        };
+        matches!(
+            name.as_str(),
+            "smallserial" | "serial2" | "serial" | "serial4" | "bigserial" | "serial8"
+        )
+    }
+}
+
+/// Whether a raw (untransformed) expression calls anything that is not immutable, once
+/// transformed as PostgreSQL will: a column default (no table in scope), or with
+/// `using = Some((relid, cmds))` an ALTER COLUMN TYPE's USING expression over the table's
+/// columns. For the latter the table is opened with the lock the ALTER TABLE takes
+/// anyway (`AlterTableGetLockLevel`), so the statement does not upgrade a weaker one.
+/// Errors in the expression are PostgreSQL's own, as the statement would raise them.
+///
+/// # Safety
+/// Inside a transaction; `raw` is a valid raw expression.
+unsafe fn mutable(raw: *mut pg_sys::Node, using: Option<(pg_sys::Oid, *mut pg_sys::List)>) -> bool {
+    // SAFETY: the expression is copied before transformation (which may scribble on its
+    // input); the relation, if any, is opened under a lock kept to the transaction's end.
+    unsafe {
+        let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
+        let kind = match using {
+            None => pg_sys::ParseExprKind::EXPR_KIND_COLUMN_DEFAULT,
+            Some((relid, cmds)) => {
+                let rel = pg_sys::relation_open(relid, pg_sys::AlterTableGetLockLevel(cmds));
+                let item = pg_sys::addRangeTableEntryForRelation(
+                    pstate,
+                    rel,
+                    pg_sys::AccessShareLock as i32,
+                    std::ptr::null_mut(),
+                    false,
+                    true,
+                );
+                pg_sys::addNSItemToQuery(pstate, item, false, true, true);
+                pg_sys::relation_close(rel, pg_sys::NoLock as i32);
+                pg_sys::ParseExprKind::EXPR_KIND_ALTER_COL_TRANSFORM
+            }
+        };
+        let copy = pg_sys::copyObjectImpl(raw as *const std::ffi::c_void) as *mut pg_sys::Node;
+        let expr = pg_sys::transformExpr(pstate, copy, kind);
+        let mutable = pg_sys::contain_mutable_functions(expr);
+        pg_sys::free_parsestate(pstate);
+        mutable
+    }
+}
+
+/// A C string of a parse node, or empty.
+///
+/// # Safety
+/// `s` is NULL or NUL-terminated.
+unsafe fn cstr(s: *const c_char) -> String {
+    if s.is_null() {
+        return String::new();
+    }
+    // SAFETY: NUL-terminated, as the caller says.
+    unsafe { CStr::from_ptr(s).to_string_lossy().into_owned() }
+}
+
 /// Describe a utility statement for the policy.
 ///
 /// # Safety
@@ -179,9 +334,16 @@ pub(super) unsafe fn describe(stmt: *mut pg_sys::Node) -> Shape {
                     return Shape::NotReplicated; // it fails (or IF EXISTS skips) here
                 };
                 if (*a).objtype == OBJECT_TABLE || (*a).objtype == OBJECT_FOREIGN_TABLE {
+                    let t = table(relid);
+                    let per_node = if t.replicates {
+                        per_node_values(relid, (*a).cmds, false)
+                    } else {
+                        None
+                    };
                     Shape::Change {
-                        tables: vec![table(relid)],
+                        tables: vec![t],
                         safe: only_plain_add_column((*a).cmds),
+                        per_node,
                     }
                 } else if local_only(relid) {
                     Shape::NotReplicated
@@ -245,6 +407,7 @@ unsafe fn describe_drop(d: *mut pg_sys::DropStmt) -> Shape {
                     Shape::Change {
                         tables,
                         safe: false,
+                        per_node: None,
                     }
                 }
             }
@@ -296,6 +459,7 @@ unsafe fn describe_rename(r: *mut pg_sys::RenameStmt) -> Shape {
             Some(relid) if renames_table_shape => Shape::Change {
                 tables: vec![table(relid)],
                 safe: false,
+                per_node: None,
             },
             Some(relid) if local_only(relid) => Shape::NotReplicated,
             _ => Shape::Other,
