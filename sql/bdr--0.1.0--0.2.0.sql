@@ -126,3 +126,45 @@ STRICT
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'ddl_fence_keep_wrapper';
 REVOKE ALL ON FUNCTION bdr.ddl_fence_keep(text[], text, text) FROM PUBLIC;
+
+-- An ALTER TABLE that creates a sequence (a serial or identity column added, ADD
+-- GENERATED ... AS IDENTITY) gives it the kind bdr.default_sequence_kind asks for, as a
+-- new table's get (sql/finalize.sql); in 0.1.0 such a sequence stayed local and its
+-- values collided across nodes. Same body as a fresh install's, to the byte.
+CREATE OR REPLACE FUNCTION bdr.on_ddl_command_end() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() d
+                     JOIN pg_class c ON c.oid = d.objid
+                    WHERE d.classid = 'pg_class'::regclass AND c.relpersistence = 'p') THEN
+        RETURN;
+    END IF;
+    IF TG_TAG = 'ALTER TABLE' THEN
+        IF EXISTS (SELECT 1 FROM bdr.nodes WHERE is_local) THEN
+            PERFORM bdr.apply_default_sequence_kinds(c.oid)
+               FROM pg_event_trigger_ddl_commands() d
+               JOIN pg_class c ON c.oid = d.objid
+              WHERE d.classid = 'pg_class'::regclass AND c.relkind = 'S'
+                AND d.command_tag = 'CREATE SEQUENCE';
+        END IF;
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT 1 FROM bdr.nodes WHERE is_local) THEN
+        PERFORM bdr.attach_tombstone_triggers();
+        PERFORM bdr.apply_default_sequence_kinds(c.oid)
+           FROM pg_event_trigger_ddl_commands() d
+           JOIN pg_class c ON c.oid = d.objid
+          WHERE d.classid = 'pg_class'::regclass AND c.relkind IN ('r', 'p')
+            AND c.relpersistence = 'p';
+    END IF;
+    IF EXISTS (SELECT 1 FROM bdr.nodes WHERE is_local AND node_kind = 'standby') THEN
+        PERFORM bdr.refresh_standby_triggers();
+    END IF;
+END
+$$;
+ALTER FUNCTION bdr.on_ddl_command_end() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+DROP EVENT TRIGGER bdr_new_tables;
+CREATE EVENT TRIGGER bdr_new_tables ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
+    EXECUTE FUNCTION bdr.on_ddl_command_end();
+ALTER EVENT TRIGGER bdr_new_tables ENABLE ALWAYS;

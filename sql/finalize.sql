@@ -3,7 +3,9 @@
 -- New tables of a node that belongs to a group get the tombstone trigger (local deletes
 -- must be remembered for last-update-wins), and their serial and identity columns the
 -- sequence kind bdr.default_sequence_kind asks for (keys that cannot collide). Tables of
--- a joining node get both when the join completes.
+-- a joining node get both when the join completes. An ALTER TABLE that creates a sequence
+-- (a serial or identity column added, ADD GENERATED ... AS IDENTITY) gives that sequence
+-- its kind the same way; the table's other sequences keep theirs.
 --
 -- It runs for whoever ran the CREATE (usually an application role without rights in
 -- schema bdr), so it is SECURITY DEFINER (see below); temporary tables never replicate
@@ -14,6 +16,16 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() d
                      JOIN pg_class c ON c.oid = d.objid
                     WHERE d.classid = 'pg_class'::regclass AND c.relpersistence = 'p') THEN
+        RETURN;
+    END IF;
+    IF TG_TAG = 'ALTER TABLE' THEN
+        IF EXISTS (SELECT 1 FROM bdr.nodes WHERE is_local) THEN
+            PERFORM bdr.apply_default_sequence_kinds(c.oid)
+               FROM pg_event_trigger_ddl_commands() d
+               JOIN pg_class c ON c.oid = d.objid
+              WHERE d.classid = 'pg_class'::regclass AND c.relkind = 'S'
+                AND d.command_tag = 'CREATE SEQUENCE';
+        END IF;
         RETURN;
     END IF;
     IF EXISTS (SELECT 1 FROM bdr.nodes WHERE is_local) THEN
@@ -30,7 +42,7 @@ BEGIN
 END
 $$;
 CREATE EVENT TRIGGER bdr_new_tables ON ddl_command_end
-    WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
+    WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
     EXECUTE FUNCTION bdr.on_ddl_command_end();
 -- Also in apply workers (session_replication_role = replica), so a table created by a
 -- replicated CREATE TABLE gets its triggers on every node.

@@ -298,6 +298,18 @@ fn ask_where(
 /// Fence `tables` everywhere and wait until every member applied every other member's
 /// changes up to the fence.
 fn drain(tables: &[String]) {
+    // A table this transaction created reaches the members with this change, in one
+    // transaction: no member can have written it, or write it before the change is
+    // there. Nothing to fence or wait for.
+    let tables: Vec<String> = tables
+        .iter()
+        .filter(|t| !table_oid(t).is_some_and(crate::pg::relcache::created_in_this_transaction))
+        .cloned()
+        .collect();
+    if tables.is_empty() {
+        return;
+    }
+    let tables = &tables[..];
     let timeout = Duration::from_millis(crate::gucs::DDL_LOCK_TIMEOUT_MS.get().max(1) as u64);
     let deadline = Instant::now() + timeout;
     let me = active_local_node().expect("checked by plan");
@@ -333,7 +345,13 @@ fn drain(tables: &[String]) {
     let mut held = held.borrow_mut();
 
     let tables_arr = text_array(tables);
-    let fence_lsn = fence_all(&mut held, &tables_arr, (&me.name, &since_text), deadline);
+    let fence_lsn = fence_all(
+        &mut held,
+        tables,
+        &tables_arr,
+        (&me.name, &since_text),
+        deadline,
+    );
 
     // Every node (members and here) applies every other member's changes up to its fence.
     loop {
@@ -481,6 +499,11 @@ fn unfence_if_rolled_back(held: Held, origin: &str, since: &str) {
     }));
 }
 
+/// Whether the member answered `ddl_fence` with NULL: it has not got a table to fence yet.
+fn lacks_table(answer: &libpq::Answer) -> bool {
+    matches!(answer, Ok(rows) if rows.first().is_some_and(|r| r.first().is_some_and(Option::is_none)))
+}
+
 /// Whether `answer` is "undefined function": the member's SQL is the previous release's
 /// (its library may be new), which lacks a function or form this one added.
 fn lacks_function(answer: &libpq::Answer) -> bool {
@@ -494,18 +517,44 @@ fn lacks_function(answer: &libpq::Answer) -> bool {
 /// answer by `deadline`.
 fn fence_all(
     held: &mut [Member],
+    tables: &[String],
     tables_arr: &str,
     (origin, since): (&str, &str),
     deadline: Instant,
 ) -> Vec<(String, u64)> {
     let mut fence_lsn: Vec<(String, u64)> = Vec::new();
     let mut failed = Vec::new();
+    let fence = "SELECT bdr.ddl_fence($1::text[], $2, $3::int, $4)::text";
     let mut answers = ask_all(
         held,
-        "SELECT bdr.ddl_fence($1::text[], $2, $3::int, $4)::text",
+        fence,
         &[tables_arr, origin, &ms_left(deadline).to_string(), since],
         deadline,
     );
+    // A member that has not got a table yet (this node's CREATE TABLE on its way) is
+    // asked again until it has, or the drain's time is up.
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let waiting: Vec<String> = answers
+            .iter()
+            .filter(|(_, a)| lacks_table(a))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if waiting.is_empty() || Instant::now() + pause >= deadline {
+            break;
+        }
+        pgrx::check_for_interrupts!();
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(200));
+        answers.retain(|(n, _)| !waiting.contains(n));
+        answers.extend(ask_where(
+            held,
+            |n| waiting.iter().any(|w| w == n),
+            fence,
+            &[tables_arr, origin, &ms_left(deadline).to_string(), since],
+            deadline,
+        ));
+    }
     let old: Vec<String> = answers
         .iter()
         .filter(|(_, a)| lacks_function(a))
@@ -523,6 +572,10 @@ fn fence_all(
     }
     for (name, r) in answers {
         match r {
+            ref a if lacks_table(a) => failed.push(format!(
+                "{name} (it has no table {} to hold: it does not exist there)",
+                tables.join(", ")
+            )),
             Ok(rows) => {
                 let lsn = rows
                     .first()
@@ -697,18 +750,24 @@ fn ddl_fence_since(
     origin: &str,
     timeout_ms: i32,
     since: &str,
-) -> String {
+) -> Option<String> {
     fence_here(&names(tables), (origin, since_lsn(since)), timeout_ms)
 }
 
 /// As the four-argument form, for an origin of the previous release: the fences are
 /// lifted by the arrival of any schema change from `origin`.
 #[pg_extern]
-fn ddl_fence(tables: Vec<Option<String>>, origin: &str, timeout_ms: i32) -> String {
+fn ddl_fence(tables: Vec<Option<String>>, origin: &str, timeout_ms: i32) -> Option<String> {
     fence_here(&names(tables), (origin, 0), timeout_ms)
 }
 
-fn fence_here(tables: &[String], change: (&str, u64), timeout_ms: i32) -> String {
+fn fence_here(tables: &[String], change: (&str, u64), timeout_ms: i32) -> Option<String> {
+    // A table not here (yet) cannot be fenced: NULL, before fencing any. The origin asks
+    // again: the table is usually its own CREATE TABLE still on its way, and once that
+    // arrives this node's users could write it in the old shape unfenced.
+    if tables.iter().any(|t| table_oid(t).is_none()) {
+        return None;
+    }
     let dboid = nodes::my_database_oid();
     let timeout_ms = timeout_ms.max(1);
     Spi::run(&format!("SET LOCAL lock_timeout = {timeout_ms}"))
@@ -719,7 +778,7 @@ fn fence_here(tables: &[String], change: (&str, u64), timeout_ms: i32) -> String
             utility::wait_for_writers(relid);
         }
     }
-    wire::format_lsn(utility::insert_lsn())
+    Some(wire::format_lsn(utility::insert_lsn()))
 }
 
 /// Keep the fences `ddl_fence` set here on `tables` for the schema change (`origin`,

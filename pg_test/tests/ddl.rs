@@ -365,6 +365,59 @@ fn statements_that_cannot_replicate_safely_are_refused_with_a_hint() {
     assert!(!shape(c.node(1), "t").contains("t_v"));
 }
 
+/// A migration's usual order: CREATE TABLE, then at once (its own transaction, before the
+/// CREATE has reached the peers) a drained ALTER TABLE of it. The members are asked to
+/// fence it again until the table has arrived there. Until session 28 the ALTER failed
+/// ("its fence lapsed or was lifted": the member had nothing to fence when asked, and the
+/// table by the time the fence was to be kept). A table that exists on the origin only
+/// makes the drained change fail in time, naming the member that lacks it.
+#[test]
+fn an_alter_right_after_its_create_table_waits_for_the_table_to_arrive() {
+    let c = group("ddl_create_alter", 3);
+    let (a, b) = (c.node(0), c.node(1));
+    let mut app = a.connect_as("app");
+    for i in 0..5 {
+        app.batch_execute(&format!(
+            "CREATE TABLE q{i} (id bigint PRIMARY KEY, v text)"
+        ))
+        .unwrap();
+        app.batch_execute(&format!(
+            "ALTER TABLE q{i} ADD COLUMN w int NOT NULL DEFAULT 0;
+             INSERT INTO q{i} VALUES (1, 'one');"
+        ))
+        .unwrap_or_else(|e| panic!("ALTER TABLE q{i}: {}", pg_test::db_error_text(&e)));
+    }
+    wait_for_catchup(&c);
+    for i in 0..5 {
+        assert!(assert_same_shape(&c, &format!("q{i}")).contains("w integer"));
+        assert_same_everywhere(&c, &format!("q{i}"));
+    }
+    // On node1 only: a drained change of it cannot fence it on the others.
+    app.batch_execute(
+        "SET bdr.ddl_replication = off;
+         CREATE TABLE only_here (id int PRIMARY KEY);
+         SET bdr.ddl_replication = on;",
+    )
+    .unwrap();
+    let e = app
+        .batch_execute(
+            "SET bdr.ddl_lock_timeout = '2s'; ALTER TABLE only_here ADD COLUMN v int DEFAULT 1",
+        )
+        .expect_err("a table only node1 has");
+    let text = pg_test::db_error_text(&e);
+    assert!(
+        text.contains(
+            "node2 (it has no table \"public\".\"only_here\" to hold: it does not exist there)"
+        ) && text.contains("(SQLSTATE 55P03)"),
+        "{text}"
+    );
+    // Nothing is left fenced: node2 writes its tables.
+    b.connect_as("app")
+        .batch_execute("INSERT INTO q0 VALUES (2, 'two')")
+        .unwrap();
+    assert_eq!(total_apply_errors(&c), 0);
+}
+
 /// A schema change that would fill a table's existing rows with values each node
 /// computes for itself (a column added with `DEFAULT now()`, `random()`, a serial or an
 /// identity column, a type change `USING` such an expression) is refused while the table

@@ -136,3 +136,24 @@ pub fn quoted_name(relid: pg_sys::Oid) -> String {
         )
     }
 }
+
+/// Whether relation `relid` was created by the current transaction (or one of its
+/// subtransactions still open): nobody else can have seen it yet.
+///
+/// # Preconditions
+/// Inside a transaction.
+pub fn created_in_this_transaction(relid: pg_sys::Oid) -> bool {
+    crate::pg::xact::require_transaction();
+    // SAFETY: a relcache reference taken and released here; a relation that does not
+    // exist gives NULL.
+    unsafe {
+        let rel = pg_sys::RelationIdGetRelation(relid);
+        if rel.is_null() {
+            return false;
+        }
+        // InvalidSubTransactionId is 0.
+        let created = (*rel).rd_createSubid != 0;
+        pg_sys::RelationClose(rel);
+        created
+    }
+}

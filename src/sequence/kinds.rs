@@ -323,69 +323,101 @@ pub fn apply_default_kinds(table: Option<u32>) {
         Some(t) => format!("{TABLES_SQL} AND c.oid = {t}"),
         None => TABLES_SQL.to_string(),
     };
-    let tables: Vec<u32> = Spi::connect(|c| {
-        c.select(&sql, None, &[])?
+    for t in oids(&sql) {
+        let seqs = oids(&format!(
+            "SELECT d.objid FROM pg_depend d JOIN pg_class s ON s.oid = d.objid \
+              WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass \
+                AND d.refobjid = {t} AND d.refobjsubid > 0 AND d.deptype IN ('a', 'i') \
+                AND s.relkind = 'S' ORDER BY d.refobjsubid"
+        ));
+        for seq in seqs {
+            default_kind(seq, t, node, false);
+        }
+    }
+}
+
+/// Give sequence `seq`, just created by an ALTER TABLE for a serial or identity column of
+/// a replicated table (`ADD COLUMN`, `ADD GENERATED ... AS IDENTITY`), the kind
+/// `bdr.default_sequence_kind` asks for. Only a sequence still `local` changes: the
+/// kinds of the table's other sequences are left as they are.
+pub fn apply_default_kind_to_new_sequence(seq: u32) {
+    let Some(node) = local_node_number() else {
+        return;
+    };
+    let owners = oids(&format!(
+        "{TABLES_SQL} AND c.oid IN (SELECT d.refobjid FROM pg_depend d \
+           WHERE d.classid = 'pg_class'::regclass AND d.objid = {seq} \
+             AND d.refclassid = 'pg_class'::regclass AND d.refobjsubid > 0 \
+             AND d.deptype IN ('a', 'i'))"
+    ));
+    if let Some(&t) = owners.first() {
+        default_kind(seq, t, node, true);
+    }
+}
+
+/// The OIDs a query's first column lists.
+fn oids(sql: &str) -> Vec<u32> {
+    Spi::connect(|c| {
+        c.select(sql, None, &[])?
             .map(|r| r.get::<pg_sys::Oid>(1).map(|o| o.map_or(0, |o| o.to_u32())))
             .collect::<Result<Vec<_>, _>>()
     })
-    .or_raise_as(SequenceError::spi);
+    .or_raise_as(SequenceError::spi)
+}
+
+/// The default kind for sequence `seq` of table `t` on node number `node`; with
+/// `only_local`, an `offset` sequence is left as it is.
+fn default_kind(seq: u32, t: u32, node: u16, only_local: bool) {
     let want = DEFAULT_SEQUENCE_KIND.get();
-    for t in tables {
-        let seqs: Vec<u32> = Spi::connect(|c| {
-            c.select(
-                &format!(
-                    "SELECT d.objid FROM pg_depend d JOIN pg_class s ON s.oid = d.objid \
-                      WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass \
-                        AND d.refobjid = {t} AND d.refobjsubid > 0 AND d.deptype IN ('a', 'i') \
-                        AND s.relkind = 'S' ORDER BY d.refobjsubid"
-                ),
-                None,
-                &[],
-            )?
-            .map(|r| r.get::<pg_sys::Oid>(1).map(|o| o.map_or(0, |o| o.to_u32())))
-            .collect::<Result<Vec<_>, _>>()
-        })
-        .or_raise_as(SequenceError::spi);
-        for seq in seqs {
-            let cols = columns_of(seq);
-            let f = facts(seq);
-            match current_kind(&cols, &f) {
-                Kind::Snowflake => {}
-                Kind::Offset => set_kind(seq, Kind::Offset, Some(node)),
-                Kind::Local if want == DefaultSequenceKind::Local => {}
-                Kind::Local => {
-                    let owner = cols.iter().find(|c| c.table_oid == t);
-                    match owner {
-                        Some(c) if !c.identity && c.typid == INT8OID && f.ty == "bigint" => {
-                            set_kind(seq, Kind::Snowflake, Some(node))
-                        }
-                        Some(c) => {
-                            set_kind(seq, Kind::Offset, Some(node));
-                            let why = if c.identity {
-                                "an identity column"
-                            } else {
-                                "not bigint"
-                            };
-                            pgrx::notice!(
-                                "column {} is {why} ({}): it gets an offset sequence \
-                                 (this node's values are {} + k * {OFFSET_INCREMENT}), \
-                                 not snowflake ids",
-                                c.label(),
-                                c.ty,
-                                node as i64 + 1
-                            );
-                        }
-                        None => {}
-                    }
+    let cols = columns_of(seq);
+    let f = facts(seq);
+    match current_kind(&cols, &f) {
+        Kind::Snowflake => {}
+        Kind::Offset if only_local => {}
+        Kind::Offset => set_kind(seq, Kind::Offset, Some(node)),
+        Kind::Local if want == DefaultSequenceKind::Local => {}
+        Kind::Local => {
+            let owner = cols.iter().find(|c| c.table_oid == t);
+            match owner {
+                Some(c) if !c.identity && c.typid == INT8OID && f.ty == "bigint" => {
+                    set_kind(seq, Kind::Snowflake, Some(node))
                 }
+                Some(c) => {
+                    set_kind(seq, Kind::Offset, Some(node));
+                    let why = if c.identity {
+                        "an identity column"
+                    } else {
+                        "not bigint"
+                    };
+                    pgrx::notice!(
+                        "column {} is {why} ({}): it gets an offset sequence \
+                         (this node's values are {} + k * {OFFSET_INCREMENT}), \
+                         not snowflake ids",
+                        c.label(),
+                        c.ty,
+                        node as i64 + 1
+                    );
+                }
+                None => {}
             }
         }
     }
 }
 
-/// Event-trigger helper: default sequence kinds for one new table (see
-/// [`apply_default_kinds`]). Not for direct use (EXECUTE is not granted).
+/// Event-trigger helper: default sequence kinds for one new table, or for one sequence an
+/// ALTER TABLE created (see [`apply_default_kinds`], [`apply_default_kind_to_new_sequence`]).
+/// Not for direct use (EXECUTE is not granted).
 #[pg_extern]
 fn apply_default_sequence_kinds(rel: pg_sys::Oid) {
-    apply_default_kinds(Some(rel.to_u32()));
+    let is_sequence = Spi::get_one_with_args::<bool>(
+        "SELECT relkind = 'S' FROM pg_catalog.pg_class WHERE oid = $1",
+        &[rel.into()],
+    )
+    .or_raise_as(SequenceError::spi)
+    .unwrap_or(false);
+    if is_sequence {
+        apply_default_kind_to_new_sequence(rel.to_u32());
+    } else {
+        apply_default_kinds(Some(rel.to_u32()));
+    }
 }
