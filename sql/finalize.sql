@@ -20,11 +20,23 @@ BEGIN
     END IF;
     IF TG_TAG = 'ALTER TABLE' THEN
         IF EXISTS (SELECT 1 FROM bdr.nodes WHERE is_local) THEN
-            PERFORM bdr.apply_default_sequence_kinds(c.oid)
-               FROM pg_event_trigger_ddl_commands() d
-               JOIN pg_class c ON c.oid = d.objid
-              WHERE d.classid = 'pg_class'::regclass AND c.relkind = 'S'
-                AND d.command_tag = 'CREATE SEQUENCE';
+            -- The sequences this statement created, and those a column default it set
+            -- (in this transaction) calls, as a restored pg_dump's ALTER TABLE ... SET
+            -- DEFAULT nextval(...) does.
+            PERFORM bdr.apply_default_sequence_kinds(s.oid)
+               FROM (SELECT c.oid FROM pg_event_trigger_ddl_commands() d
+                       JOIN pg_class c ON c.oid = d.objid
+                      WHERE d.classid = 'pg_class'::regclass AND c.relkind = 'S'
+                        AND d.command_tag = 'CREATE SEQUENCE'
+                     UNION
+                     SELECT dep.refobjid FROM pg_event_trigger_ddl_commands() d
+                       JOIN pg_attrdef ad ON ad.adrelid = d.objid
+                       JOIN pg_depend dep ON dep.classid = 'pg_attrdef'::regclass
+                                         AND dep.objid = ad.oid
+                                         AND dep.refclassid = 'pg_class'::regclass
+                       JOIN pg_class c ON c.oid = dep.refobjid AND c.relkind = 'S'
+                      WHERE d.classid = 'pg_class'::regclass
+                        AND ad.xmin = pg_current_xact_id()::xid) s;
         END IF;
         RETURN;
     END IF;

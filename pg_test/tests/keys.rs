@@ -239,12 +239,28 @@ fn keys_added_by_alter_table_take_writes_on_every_node_at_once() {
              ALTER TABLE a3 ADD COLUMN n int GENERATED ALWAYS AS IDENTITY;",
         )
         .unwrap_or_else(|e| panic!("node1: {}", db_error_text(&e)));
+    // As pg_dump writes a bigserial table, restored on a member; and a sequence of its
+    // own that a column's default calls.
+    app(c.node(0))
+        .batch_execute(
+            "CREATE TABLE a4 (id bigint NOT NULL, node text NOT NULL);
+             CREATE SEQUENCE a4_id_seq;
+             ALTER SEQUENCE a4_id_seq OWNED BY a4.id;
+             ALTER TABLE ONLY a4 ALTER COLUMN id SET DEFAULT nextval('a4_id_seq'::regclass);
+             ALTER TABLE ONLY a4 ADD CONSTRAINT a4_pkey PRIMARY KEY (id);
+             CREATE SEQUENCE shared_ids;
+             CREATE TABLE a5 (id bigint PRIMARY KEY DEFAULT nextval('shared_ids'),
+                              node text NOT NULL);",
+        )
+        .unwrap_or_else(|e| panic!("node1: {}", db_error_text(&e)));
     wait_for_catchup(&c);
     for n in c.nodes() {
         for (seq, want) in [
             ("a1_id_seq", "snowflake"),
             ("a2_id_seq", "offset"),
             ("a3_n_seq", "offset"),
+            ("a4_id_seq", "snowflake"),
+            ("shared_ids", "snowflake"),
         ] {
             let kind: String = n.query_scalar(&format!("SELECT bdr.sequence_kind('{seq}')"));
             assert_eq!(kind, want, "{seq} on {}", n.name());
@@ -257,19 +273,33 @@ fn keys_added_by_alter_table_take_writes_on_every_node_at_once() {
             .batch_execute(&format!(
                 "INSERT INTO a1 (k, node) SELECT {base} + g, '{0}' FROM generate_series(1, 100) g;
                  INSERT INTO a2 (node) SELECT '{0}' FROM generate_series(1, 100);
-                 INSERT INTO a3 (k, node) SELECT {base} + g, '{0}' FROM generate_series(1, 100) g;",
+                 INSERT INTO a3 (k, node) SELECT {base} + g, '{0}' FROM generate_series(1, 100) g;
+                 INSERT INTO a4 (node) SELECT '{0}' FROM generate_series(1, 100);
+                 INSERT INTO a5 (node) SELECT '{0}' FROM generate_series(1, 100);",
                 n.name()
             ))
             .unwrap_or_else(|e| panic!("{}: {}", n.name(), db_error_text(&e)));
     }
     wait_for_catchup(&c);
-    for (t, key, rows) in [("a1", "id", 300), ("a2", "id", 303), ("a3", "n", 300)] {
+    for (t, key, rows) in [
+        ("a1", "id", 300),
+        ("a2", "id", 303),
+        ("a3", "n", 300),
+        ("a4", "id", 300),
+        ("a5", "id", 300),
+    ] {
         assert_all_rows_no_conflicts(&c, t, rows);
         let distinct: i64 = c
             .node(0)
             .query_scalar(&format!("SELECT count(DISTINCT {key}) FROM {t}"));
         assert_eq!(distinct, rows as i64, "{t}.{key} values are distinct");
     }
+    // A sequence made local by hand stays local (the kind change's own ALTER TABLE does
+    // not give it a kind again).
+    let a = c.node(0);
+    a.execute("SELECT bdr.alter_sequence_set_kind('a1_id_seq', 'local')");
+    let kind: String = a.query_scalar("SELECT bdr.sequence_kind('a1_id_seq')");
+    assert_eq!(kind, "local");
 }
 
 /// Ids of `orders` on `n`, as a set.

@@ -176,8 +176,22 @@ fn local_node_number() -> Option<u16> {
         .map(|n| n as u16)
 }
 
+thread_local! {
+    /// [`set_kind`] is running: the ALTER TABLE ... SET DEFAULT it runs fires the event
+    /// trigger, which must not give the sequence a kind of its own meanwhile (it would
+    /// turn a sequence being made `local` back into `snowflake`).
+    static SETTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Make `seq` of kind `kind` on this node. Checks everything before changing anything.
 fn set_kind(seq: u32, kind: Kind, node: Option<u16>) {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            SETTING.with(|s| s.set(self.0));
+        }
+    }
+    let _reset = Reset(SETTING.with(|s| s.replace(true)));
     let cols = columns_of(seq);
     let f = facts(seq);
     let oid_lit = format!("'{seq}'::regclass");
@@ -324,11 +338,19 @@ pub fn apply_default_kinds(table: Option<u32>) {
         None => TABLES_SQL.to_string(),
     };
     for t in oids(&sql) {
+        // Owned by a column (serial, identity, OWNED BY), or called by a column's
+        // default (`DEFAULT nextval('s')` of a sequence of its own).
         let seqs = oids(&format!(
-            "SELECT d.objid FROM pg_depend d JOIN pg_class s ON s.oid = d.objid \
-              WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass \
-                AND d.refobjid = {t} AND d.refobjsubid > 0 AND d.deptype IN ('a', 'i') \
-                AND s.relkind = 'S' ORDER BY d.refobjsubid"
+            "SELECT objid FROM ( \
+               SELECT d.objid, d.refobjsubid AS attnum FROM pg_depend d \
+                WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass \
+                  AND d.refobjid = {t} AND d.refobjsubid > 0 AND d.deptype IN ('a', 'i') \
+               UNION \
+               SELECT d.refobjid, ad.adnum FROM pg_attrdef ad \
+                 JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid \
+                WHERE ad.adrelid = {t} AND d.refclassid = 'pg_class'::regclass) q \
+              JOIN pg_class s ON s.oid = q.objid \
+             WHERE s.relkind = 'S' GROUP BY objid ORDER BY min(attnum)"
         ));
         for seq in seqs {
             default_kind(seq, t, node, false);
@@ -337,21 +359,20 @@ pub fn apply_default_kinds(table: Option<u32>) {
 }
 
 /// Give sequence `seq`, just created by an ALTER TABLE for a serial or identity column of
-/// a replicated table (`ADD COLUMN`, `ADD GENERATED ... AS IDENTITY`), the kind
+/// a replicated table (`ADD COLUMN`, `ADD GENERATED ... AS IDENTITY`), or just made a
+/// column's default (`ALTER COLUMN ... SET DEFAULT nextval(...)`), the kind
 /// `bdr.default_sequence_kind` asks for. Only a sequence still `local` changes: the
 /// kinds of the table's other sequences are left as they are.
 pub fn apply_default_kind_to_new_sequence(seq: u32) {
     let Some(node) = local_node_number() else {
         return;
     };
-    let owners = oids(&format!(
-        "{TABLES_SQL} AND c.oid IN (SELECT d.refobjid FROM pg_depend d \
-           WHERE d.classid = 'pg_class'::regclass AND d.objid = {seq} \
-             AND d.refclassid = 'pg_class'::regclass AND d.refobjsubid > 0 \
-             AND d.deptype IN ('a', 'i'))"
-    ));
-    if let Some(&t) = owners.first() {
-        default_kind(seq, t, node, true);
+    let replicated = oids(TABLES_SQL);
+    if let Some(c) = columns_of(seq)
+        .into_iter()
+        .find(|c| replicated.contains(&c.table_oid))
+    {
+        default_kind(seq, c.table_oid, node, true);
     }
 }
 
@@ -409,6 +430,9 @@ fn default_kind(seq: u32, t: u32, node: u16, only_local: bool) {
 /// Not for direct use (EXECUTE is not granted).
 #[pg_extern]
 fn apply_default_sequence_kinds(rel: pg_sys::Oid) {
+    if SETTING.with(|s| s.get()) {
+        return;
+    }
     let is_sequence = Spi::get_one_with_args::<bool>(
         "SELECT relkind = 'S' FROM pg_catalog.pg_class WHERE oid = $1",
         &[rel.into()],
