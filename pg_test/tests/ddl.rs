@@ -478,6 +478,11 @@ fn a_change_whose_values_each_node_would_compute_is_refused_while_the_table_has_
             "{q}: {text}"
         );
     }
+    // ADD COLUMN IF NOT EXISTS of a column that is there computes nothing: it runs.
+    app.batch_execute(
+        "ALTER TABLE mig ADD COLUMN IF NOT EXISTS v text DEFAULT clock_timestamp()::text",
+    )
+    .unwrap();
     // Refused, nothing changed, and the table takes writes on both nodes at once.
     assert_eq!(assert_same_shape(&c, "mig"), before);
     app.batch_execute("INSERT INTO mig VALUES (21, 21, 'after')")

@@ -434,7 +434,7 @@ fn apply_default_sequence_kinds(rel: pg_sys::Oid) {
         return;
     }
     let is_sequence = Spi::get_one_with_args::<bool>(
-        "SELECT relkind = 'S' FROM pg_catalog.pg_class WHERE oid = $1",
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_class WHERE oid = $1 AND relkind = 'S')",
         &[rel.into()],
     )
     .or_raise_as(SequenceError::spi)

@@ -166,6 +166,13 @@ unsafe fn per_node_values(
             };
             match (*c).subtype {
                 At::AT_AddColumn | At::AT_AddColumnRecurse => {
+                    // ADD COLUMN IF NOT EXISTS of a column that is there adds nothing.
+                    if (*c).missing_ok && !(*d).colname.is_null() {
+                        let attnum = pg_sys::get_attnum(relid, (*d).colname);
+                        if attnum != pg_sys::InvalidAttrNumber as pg_sys::AttrNumber {
+                            continue;
+                        }
+                    }
                     if is_serial((*d).typeName) {
                         return Some(PerNodeValues::Serial { column });
                     }
