@@ -249,8 +249,11 @@ fn set_kind(seq: u32, kind: Kind, node: Option<u16>) {
                         max: f.max,
                     })
                 });
+            // START too: TRUNCATE ... RESTART IDENTITY (replicated to every node) and
+            // ALTER SEQUENCE ... RESTART go back to it, which must be this node's own
+            // residue, not 1 (every node's sequence would hand out 1, 1025, ... again).
             run(&format!(
-                "ALTER SEQUENCE {} INCREMENT BY {OFFSET_INCREMENT} RESTART WITH {start}",
+                "ALTER SEQUENCE {} INCREMENT BY {OFFSET_INCREMENT} START WITH {start} RESTART WITH {start}",
                 f.name
             ));
             for c in cols.iter().filter(|c| c.snowflake_default) {
