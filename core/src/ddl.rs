@@ -64,6 +64,11 @@ pub enum Shape {
     /// `CREATE/DROP INDEX CONCURRENTLY`, `REINDEX CONCURRENTLY`: cannot run in a
     /// transaction, so cannot travel in one.
     Concurrently,
+    /// `ALTER SEQUENCE` of a permanent sequence that sets where it counts from or by
+    /// how much (RESTART, START, INCREMENT, MINVALUE, MAXVALUE): every node's sequence
+    /// hands out values of its own (docs/sequences.md), which the same values everywhere
+    /// would make collide.
+    SequenceValues,
 }
 
 /// A subcommand that fills a table's existing rows with values each node computes for
@@ -173,6 +178,16 @@ pub fn decide(s: &Shape) -> Decision {
                 .into(),
             hint: "Create the table with CREATE TABLE, then fill it with INSERT ... SELECT; \
                    both replicate.",
+        }),
+        Shape::SequenceValues => Decision::Refuse(Refusal {
+            why: "cannot replicate ALTER SEQUENCE ... RESTART, START, INCREMENT, MINVALUE or \
+                  MAXVALUE: every node's sequence hands out values of its own, and the same \
+                  settings on every node would make them collide"
+                .into(),
+            hint: "To move a serial or identity sequence past the values its column holds, \
+                   run SELECT bdr.alter_sequence_set_kind('seq', 'offset') (or 'snowflake') \
+                   on each node. To change one node's sequence only, run the statement there \
+                   with SET bdr.ddl_replication = off.",
         }),
         Shape::Concurrently => Decision::Refuse(Refusal {
             why: "a CONCURRENTLY statement cannot be replicated: it cannot run inside the \
@@ -300,6 +315,7 @@ mod tests {
     fn unsafe_statements_are_refused_with_a_hint() {
         for s in [
             Shape::Concurrently,
+            Shape::SequenceValues,
             Shape::CreateTableAs { permanent: true },
             Shape::Change {
                 tables: vec![table("public.t", true), table("pg_temp_3.x", false)],

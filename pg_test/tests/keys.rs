@@ -314,6 +314,27 @@ fn keys_added_by_alter_table_take_writes_on_every_node_at_once() {
     wait_for_catchup(&c);
     assert_all_rows_no_conflicts(&c, "a2", 60);
     assert_all_rows_no_conflicts(&c, "a3", 60);
+    // Where a sequence counts from is each node's own: replicating ALTER SEQUENCE ...
+    // RESTART WITH would give every node the same values (until session 28 it did, and
+    // the second node's INSERT failed on a duplicate key). Refused with a hint; other
+    // options (OWNED BY, above) still replicate, and per node it runs.
+    let e = app(c.node(0))
+        .batch_execute("ALTER SEQUENCE a2_id_seq RESTART WITH 5000")
+        .expect_err("ALTER SEQUENCE ... RESTART WITH replicated");
+    let text = db_error_text(&e);
+    assert!(
+        text.contains("cannot replicate ALTER SEQUENCE ... RESTART")
+            && text.contains("bdr.alter_sequence_set_kind")
+            && text.contains("(SQLSTATE 0A000)"),
+        "{text}"
+    );
+    app(c.node(0))
+        .batch_execute(
+            "SET bdr.ddl_replication = off;
+             ALTER SEQUENCE a2_id_seq CACHE 1 INCREMENT BY 1024;
+             SET bdr.ddl_replication = on;",
+        )
+        .unwrap();
     // A sequence made local by hand stays local (the kind change's own ALTER TABLE does
     // not give it a kind again).
     let a = c.node(0);

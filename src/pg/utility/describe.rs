@@ -219,6 +219,24 @@ pub(super) unsafe fn per_node_after_drain(stmt: *mut pg_sys::Node) -> bool {
     }
 }
 
+/// Whether an ALTER SEQUENCE's options set where it counts from or by how much.
+///
+/// # Safety
+/// `options` is NULL or a list of DefElem nodes.
+unsafe fn sets_values(options: *mut pg_sys::List) -> bool {
+    // SAFETY: the list holds DefElem nodes with NUL-terminated names.
+    unsafe {
+        PgList::<pg_sys::DefElem>::from_pg(options)
+            .iter_ptr()
+            .any(|d| {
+                matches!(
+                    cstr((*d).defname).as_str(),
+                    "restart" | "start" | "increment" | "minvalue" | "maxvalue"
+                )
+            })
+    }
+}
+
 /// Whether a type name is one of the serial pseudo-types (as PostgreSQL recognises them
 /// when it expands `serial` into a sequence and a `nextval()` default).
 ///
@@ -364,7 +382,13 @@ pub(super) unsafe fn describe(stmt: *mut pg_sys::Node) -> Shape {
             T_CreatePolicyStmt => other_on((*(stmt as *mut pg_sys::CreatePolicyStmt)).table),
             T_AlterPolicyStmt => other_on((*(stmt as *mut pg_sys::AlterPolicyStmt)).table),
             T_RuleStmt => other_on((*(stmt as *mut pg_sys::RuleStmt)).relation),
-            T_AlterSeqStmt => other_on((*(stmt as *mut pg_sys::AlterSeqStmt)).sequence),
+            T_AlterSeqStmt => {
+                let a = stmt as *mut pg_sys::AlterSeqStmt;
+                match other_on((*a).sequence) {
+                    Shape::Other if sets_values((*a).options) => Shape::SequenceValues,
+                    shape => shape,
+                }
+            }
             T_CommentStmt
             | T_GrantStmt
             | T_CreateSchemaStmt
