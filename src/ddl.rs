@@ -499,6 +499,34 @@ fn unfence_if_rolled_back(held: Held, origin: &str, since: &str) {
     }));
 }
 
+/// Ask the members whose answer `again` picks once more, with `sql`: their new answers
+/// replace those in `answers`.
+fn ask_again(
+    held: &mut [Member],
+    answers: &mut Vec<(String, libpq::Answer)>,
+    again: fn(&libpq::Answer) -> bool,
+    sql: &str,
+    params: &[&str],
+    deadline: Instant,
+) {
+    let names: Vec<String> = answers
+        .iter()
+        .filter(|(_, a)| again(a))
+        .map(|(n, _)| n.clone())
+        .collect();
+    if names.is_empty() {
+        return;
+    }
+    answers.retain(|(n, _)| !names.contains(n));
+    answers.extend(ask_where(
+        held,
+        |n| names.iter().any(|w| w == n),
+        sql,
+        params,
+        deadline,
+    ));
+}
+
 /// Whether the member answered `ddl_fence` with NULL: it has not got a table to fence yet.
 fn lacks_table(answer: &libpq::Answer) -> bool {
     matches!(answer, Ok(rows) if rows.first().is_some_and(|r| r.first().is_some_and(Option::is_none)))
@@ -507,7 +535,7 @@ fn lacks_table(answer: &libpq::Answer) -> bool {
 /// Whether `answer` is "undefined function": the member's SQL is the previous release's
 /// (its library may be new), which lacks a function or form this one added.
 fn lacks_function(answer: &libpq::Answer) -> bool {
-    matches!(answer, Err(libpq::LibpqError::Query { sqlstate, .. }) if sqlstate.as_deref() == Some("42883"))
+    matches!(answer, Err(e) if e.has_sqlstate("42883"))
 }
 
 /// Fence `tables` on every member at once for the schema change (origin, since); each
@@ -525,51 +553,28 @@ fn fence_all(
     let mut fence_lsn: Vec<(String, u64)> = Vec::new();
     let mut failed = Vec::new();
     let fence = "SELECT bdr.ddl_fence($1::text[], $2, $3::int, $4)::text";
-    let mut answers = ask_all(
-        held,
-        fence,
-        &[tables_arr, origin, &ms_left(deadline).to_string(), since],
-        deadline,
-    );
+    let left = || ms_left(deadline).to_string();
+    let mut answers = ask_all(held, fence, &[tables_arr, origin, &left(), since], deadline);
     // A member that has not got a table yet (this node's CREATE TABLE on its way) is
     // asked again until it has, or the drain's time is up.
     let mut pause = Duration::from_millis(10);
-    loop {
-        let waiting: Vec<String> = answers
-            .iter()
-            .filter(|(_, a)| lacks_table(a))
-            .map(|(n, _)| n.clone())
-            .collect();
-        if waiting.is_empty() || Instant::now() + pause >= deadline {
-            break;
-        }
+    while answers.iter().any(|(_, a)| lacks_table(a)) && Instant::now() + pause < deadline {
         pgrx::check_for_interrupts!();
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(200));
-        answers.retain(|(n, _)| !waiting.contains(n));
-        answers.extend(ask_where(
-            held,
-            |n| waiting.iter().any(|w| w == n),
-            fence,
-            &[tables_arr, origin, &ms_left(deadline).to_string(), since],
-            deadline,
-        ));
+        let params = [tables_arr, origin, &left(), since];
+        ask_again(held, &mut answers, lacks_table, fence, &params, deadline);
     }
-    let old: Vec<String> = answers
-        .iter()
-        .filter(|(_, a)| lacks_function(a))
-        .map(|(n, _)| n.clone())
-        .collect();
-    if !old.is_empty() {
-        answers.retain(|(n, _)| !old.contains(n));
-        answers.extend(ask_where(
-            held,
-            |n| old.iter().any(|o| o == n),
-            "SELECT bdr.ddl_fence($1::text[], $2, $3::int)::text",
-            &[tables_arr, origin, &ms_left(deadline).to_string()],
-            deadline,
-        ));
-    }
+    let old_fence = "SELECT bdr.ddl_fence($1::text[], $2, $3::int)::text";
+    let params = [tables_arr, origin, &left()];
+    ask_again(
+        held,
+        &mut answers,
+        lacks_function,
+        old_fence,
+        &params,
+        deadline,
+    );
     for (name, r) in answers {
         match r {
             ref a if lacks_table(a) => failed.push(format!(

@@ -45,6 +45,14 @@ pub enum LibpqError {
     Stopping { dsn: String },
 }
 
+impl LibpqError {
+    /// Whether the server answered with SQLSTATE `code` (the message itself may be in the
+    /// server's language).
+    pub fn has_sqlstate(&self, code: &str) -> bool {
+        matches!(self, LibpqError::Query { sqlstate, .. } if sqlstate.as_deref() == Some(code))
+    }
+}
+
 /// A row of text values (NULL as None).
 pub type Row = Vec<Option<String>>;
 

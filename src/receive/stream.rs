@@ -31,7 +31,7 @@
 
 use super::{lib_err, Stream};
 use crate::error::{raise, ApplyError};
-use crate::pg::libpq::{quote_ident, quote_literal, Conn, LibpqError};
+use crate::pg::libpq::{quote_ident, quote_literal, Conn};
 use crate::pg::shmem;
 use bdr_core::names::slot_name;
 use bdr_core::streaming::StreamCheck;
@@ -95,12 +95,6 @@ fn open(a: &ConnectArgs, want_streaming: bool) -> (Conn, u64, String, bool) {
     (conn, peer_lsn, slot, streaming)
 }
 
-/// Whether the peer answered `e` with SQLSTATE `code` (the message itself may be in the
-/// peer's language): 55006 for a slot held by another walsender, 42704 for no such slot.
-fn sqlstate_is(e: &LibpqError, code: &str) -> bool {
-    matches!(e, LibpqError::Query { sqlstate, .. } if sqlstate.as_deref() == Some(code))
-}
-
 /// The most a peer's walsender buffers of a transaction before streaming it, when
 /// streaming is asked for (its `logical_decoding_work_mem`, in kB, lowered to this).
 const STREAM_WORK_MEM_KB: u32 = 4096;
@@ -133,14 +127,15 @@ fn start(
     loop {
         match conn.start_copy(&cmd) {
             Ok(()) => return false,
-            Err(e) if retry && Instant::now() < deadline && sqlstate_is(&e, "55006") => {
+            // 55006: the slot is held by another walsender.
+            Err(e) if retry && Instant::now() < deadline && e.has_sqlstate("55006") => {
                 if crate::pg::bgw::wait(None, Duration::from_millis(20)) {
                     return true;
                 }
             }
             Err(e) => {
                 // 42704: no such slot (the message may be in the peer's language).
-                if sqlstate_is(&e, "42704") {
+                if e.has_sqlstate("42704") {
                     leave_if_parted_while_away(conn, a, slot);
                 }
                 lib_err(e)

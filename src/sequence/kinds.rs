@@ -370,10 +370,10 @@ pub fn apply_default_kind_to_new_sequence(seq: u32) {
     let Some(node) = local_node_number() else {
         return;
     };
-    let replicated = oids(TABLES_SQL);
+    let replicates = |t: u32| !oids(&format!("{TABLES_SQL} AND c.oid = {t}")).is_empty();
     if let Some(c) = columns_of(seq)
         .into_iter()
-        .find(|c| replicated.contains(&c.table_oid))
+        .find(|c| replicates(c.table_oid))
     {
         default_kind(seq, c.table_oid, node, true);
     }
