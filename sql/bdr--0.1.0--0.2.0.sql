@@ -13,6 +13,10 @@ CREATE TABLE bdr.heartbeat (
 COMMENT ON TABLE bdr.heartbeat IS 'This node''s last heartbeat to its peers (tombstone horizon)';
 REVOKE ALL ON bdr.heartbeat FROM PUBLIC;
 
+-- A replicated statement travels with its origin session's settings that decide what it
+-- means (sql/catalog.sql): a peer runs it under them.
+ALTER TABLE bdr.ddl_queue ADD COLUMN settings jsonb;
+
 -- health_check() gains the 'Extension Version' check (sql/monitoring.sql): a node whose
 -- SQL is not its library's reads WARNING. Same body as a fresh install's, to the byte.
 CREATE OR REPLACE FUNCTION bdr.health_check()

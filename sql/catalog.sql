@@ -67,7 +67,11 @@ CREATE TABLE bdr.ddl_queue (
     queued_at    timestamptz NOT NULL DEFAULT now(),
     role_name    text NOT NULL,
     search_path  text NOT NULL,
-    command      text NOT NULL
+    command      text NOT NULL,
+    -- The origin session's settings that decide what the statement means (DateStyle,
+    -- TimeZone, check_function_bodies...: bdr_core::ddl::STATEMENT_SETTINGS); peers run
+    -- it under them. NULL in rows queued before 0.2.0.
+    settings     jsonb
 );
 COMMENT ON TABLE bdr.ddl_queue IS 'Schema changes made on this node and replicated to the others';
 

@@ -92,6 +92,10 @@ pub fn plan(shape: &Shape, text: impl FnOnce() -> String) -> Option<Plan> {
             role: utility::current_role_name(),
             search_path,
             command: text(),
+            settings: ddl::STATEMENT_SETTINGS
+                .iter()
+                .filter_map(|name| Some((name.to_string(), xact::get_config(name)?)))
+                .collect(),
         },
         drain,
         if_rows,
@@ -140,15 +144,38 @@ pub fn requeue(c: &DdlCommand) {
 }
 
 fn queue(c: &DdlCommand) {
+    let settings = serde_json::to_string(&c.settings).unwrap_or_default();
     utility::as_superuser(|| {
-        Spi::run_with_args(
-            "INSERT INTO bdr.ddl_queue (role_name, search_path, command) VALUES ($1, $2, $3)",
-            &[
-                c.role.as_str().into(),
-                c.search_path.as_str().into(),
-                c.command.as_str().into(),
-            ],
-        )
+        // The SQL of a release before 0.2.0 (the library updated, `ALTER EXTENSION bdr
+        // UPDATE` not run yet) has no `settings` column: the statement then travels
+        // without them, as that release sent it.
+        let has_settings = Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_attribute \
+              WHERE attrelid = 'bdr.ddl_queue'::pg_catalog.regclass \
+                AND attname = 'settings' AND NOT attisdropped)",
+        )?
+        .unwrap_or(false);
+        if has_settings {
+            Spi::run_with_args(
+                "INSERT INTO bdr.ddl_queue (role_name, search_path, command, settings) \
+                 VALUES ($1, $2, $3, $4::jsonb)",
+                &[
+                    c.role.as_str().into(),
+                    c.search_path.as_str().into(),
+                    c.command.as_str().into(),
+                    settings.as_str().into(),
+                ],
+            )
+        } else {
+            Spi::run_with_args(
+                "INSERT INTO bdr.ddl_queue (role_name, search_path, command) VALUES ($1, $2, $3)",
+                &[
+                    c.role.as_str().into(),
+                    c.search_path.as_str().into(),
+                    c.command.as_str().into(),
+                ],
+            )
+        }
     })
     .unwrap_or_else(|e| raise(&DdlError::Queue(e.to_string())));
 }
@@ -839,28 +866,35 @@ pub fn replicate_ddl_command(command: &str) -> bool {
     true
 }
 
-/// Receiver: run a replicated statement in the applying transaction. Errors are raised
-/// (an apply error: logged with the statement, retried).
+/// Receiver: run a replicated statement in the applying transaction, with the origin's
+/// `search_path` and session settings (`bdr_core::ddl::STATEMENT_SETTINGS`), this
+/// transaction's own restored after it. Errors are raised (an apply error: logged with
+/// the statement, retried).
 pub fn apply(c: &DdlCommand) {
     let Some(role) = utility::role_oid(&c.role) else {
         raise(&DdlError::RoleMissing(c.role.clone()))
     };
-    let old_path: String = Spi::get_one("SELECT pg_catalog.current_setting('search_path')")
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    Spi::run_with_args(
-        "SELECT pg_catalog.set_config('search_path', $1, true)",
-        &[c.search_path.as_str().into()],
-    )
-    .unwrap_or_else(|e| raise(&DdlError::Command(e.to_string())));
+    let theirs = std::iter::once(("search_path", c.search_path.as_str()))
+        .chain(c.settings.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let ours: Vec<(String, String)> = theirs
+        .clone()
+        .map(|(name, _)| (name.to_string(), xact::get_config(name).unwrap_or_default()))
+        .collect();
+    let set = |name: &str, value: &str| {
+        Spi::run_with_args(
+            "SELECT pg_catalog.set_config($1, $2, true)",
+            &[name.into(), value.into()],
+        )
+        .unwrap_or_else(|e| raise(&DdlError::Setting(name.to_string(), e.to_string())));
+    };
+    for (name, value) in theirs {
+        set(name, value);
+    }
     utility::as_role(role, || Spi::run(&c.command))
         .unwrap_or_else(|e| raise(&DdlError::Command(e.to_string())));
-    Spi::run_with_args(
-        "SELECT pg_catalog.set_config('search_path', $1, true)",
-        &[old_path.as_str().into()],
-    )
-    .unwrap_or_else(|e| raise(&DdlError::Command(e.to_string())));
+    for (name, value) in &ours {
+        set(name, value);
+    }
 }
 
 /// Receiver, after committing a transaction that applied DDL from `origin`, which ended

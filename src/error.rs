@@ -461,6 +461,8 @@ pub enum DdlError {
     Queue(String),
     #[error("bdr: replicated schema change: {0}")]
     Command(String),
+    #[error("bdr: replicated schema change: cannot use its origin's setting {0}: {1}")]
+    Setting(String, String),
     #[error("bdr: unreadable replicated schema change: {0}")]
     BadMessage(String),
     #[error("bdr: role \"{0}\", which ran the replicated schema change on its origin, does not exist on this node")]
@@ -488,6 +490,7 @@ impl PgError for DdlError {
             DdlError::Fenced { .. } => PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
             DdlError::TooManyFences => PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             DdlError::RoleMissing(_) => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            DdlError::Setting(..) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             DdlError::NotInGroup => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             DdlError::BadMessage(_) => PgSqlErrorCode::ERRCODE_PROTOCOL_VIOLATION,
             DdlError::BadPosition(_) => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -526,6 +529,11 @@ impl PgError for DdlError {
                     .into()
             }
             DdlError::NotInGroup => "Use it on an active node of a group.".into(),
+            DdlError::Setting(name, _) => format!(
+                "The statement ran on its origin under that value of {name}, and means \
+                 something else under another: make the value valid on this node (a time \
+                 zone or access method its origin has), and the apply worker retries."
+            ),
             DdlError::DropWhileMember(me) => format!(
                 "Part this node first, from another member: SELECT bdr.part('{me}'); then \
                  DROP EXTENSION works here. Dropping it now would stop this node applying \

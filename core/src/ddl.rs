@@ -17,19 +17,51 @@
 //! a nullable column without a default, cannot be hit by an old-shaped row: no drain.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Prefix of the logical message a replicated DDL travels as (synthesized by the output
 /// plugin from a `bdr.ddl_queue` row: no role can emit one with `pg_logical_emit_message`).
 pub const DDL_PREFIX: &str = "bdr.ddl";
 
 /// A replicated statement as it travels: the text of one statement, the schemas it was
-/// resolved against, and the role that ran it (the peer runs it as that role).
+/// resolved against, the role that ran it (the peer runs it as that role), and the
+/// origin session's [`STATEMENT_SETTINGS`] (the peer runs it under them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DdlCommand {
     pub role: String,
     pub search_path: String,
     pub command: String,
+    /// Setting name -> the origin session's value. Absent from a statement of a release
+    /// before 0.2.0's (the peer then runs it under its own values, as those releases did);
+    /// a receiver of such a release ignores it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, String>,
 }
+
+/// The session settings that decide what a statement's text means once it is stored in
+/// the catalog, so a peer must run it under the origin session's values: a literal's
+/// reading (`'2024-01-02'::date` under `DateStyle` DMY, `'2024-01-01 00:00'::timestamptz`
+/// under `TimeZone`, `'1 2:03'::interval` under `IntervalStyle`, backslashes under
+/// `standard_conforming_strings` and `backslash_quote`, `NULL` in an array literal, `x =
+/// NULL`, an XML literal), what a constant folded at that moment reads as text
+/// (`extra_float_digits`, `bytea_output`), the access method of a new table, and whether a
+/// function body is checked (`check_function_bodies = off`, as every `pg_dump` restore
+/// runs, lets a body name a table created later; checked on the peer, that statement
+/// fails there and holds the origin's stream until it is fixed by hand).
+pub const STATEMENT_SETTINGS: [&str; 12] = [
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+    "backslash_quote",
+    "array_nulls",
+    "transform_null_equals",
+    "xmloption",
+    "extra_float_digits",
+    "bytea_output",
+    "default_table_access_method",
+    "check_function_bodies",
+];
 
 /// A table a statement changes, as the origin sees it before running it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -390,8 +422,33 @@ mod tests {
             role: "app".into(),
             search_path: "\"my schema\", public".into(),
             command: "ALTER TABLE t ADD COLUMN \"é\" text DEFAULT 'x''y'".into(),
+            settings: [("DateStyle", "SQL, DMY"), ("TimeZone", "America/New_York")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         let j = serde_json::to_vec(&c).unwrap();
         assert_eq!(serde_json::from_slice::<DdlCommand>(&j).unwrap(), c);
+    }
+
+    #[test]
+    fn a_command_without_settings_reads_as_before_and_is_written_as_before() {
+        // What a node of release 0.1.0 sends, and what it reads: no `settings` key.
+        let old = br#"{"role":"app","search_path":"public","command":"CREATE TABLE t ()"}"#;
+        let c = serde_json::from_slice::<DdlCommand>(old).unwrap();
+        assert!(c.settings.is_empty());
+        assert_eq!(serde_json::to_vec(&c).unwrap(), old.to_vec());
+        // A receiver that knows no `settings` reads a new command (serde ignores the key).
+        #[derive(Deserialize)]
+        struct Old {
+            command: String,
+        }
+        let mut c = c;
+        c.settings.insert("TimeZone".into(), "UTC".into());
+        let j = serde_json::to_vec(&c).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Old>(&j).unwrap().command,
+            "CREATE TABLE t ()"
+        );
     }
 }

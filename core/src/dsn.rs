@@ -163,6 +163,50 @@ pub fn with_default(dsn: &str, key: &str, value: &str) -> String {
     format!("{} {}={}", dsn.trim(), key, quote(value))
 }
 
+/// The session settings under which a node sends values as text to another node, so that
+/// every value has one unambiguous form whatever the sender's own configuration says: a
+/// date in ISO order (`DateStyle = 'SQL, DMY'` on a peer sent 3 January 2024 as
+/// `03/01/2024`, read as 1 March elsewhere), an interval in `postgres` style, a float with
+/// every digit (`extra_float_digits = 0` rounds to 15), timestamps in UTC, `bytea` in hex,
+/// `money` in the C locale. Every connection bdr makes to another node asks for them
+/// ([`peer_session_options`]), and bdr's output plugin sets them in its walsender.
+/// PostgreSQL's own walreceiver asks for the first three for the same reason.
+pub const PEER_TEXT_SETTINGS: [(&str, &str); 6] = [
+    ("datestyle", "ISO"),
+    ("intervalstyle", "postgres"),
+    ("extra_float_digits", "3"),
+    ("timezone", "UTC"),
+    ("bytea_output", "hex"),
+    ("lc_monetary", "C"),
+];
+
+/// [`PEER_TEXT_SETTINGS`] as libpq `options` (`-c name=value ...`).
+pub fn peer_session_options() -> String {
+    PEER_TEXT_SETTINGS
+        .iter()
+        .map(|(k, v)| format!("-c {k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `dsn` with `extra` (`-c name=value ...`) added after its own `options`, so that `extra`
+/// wins where both set a setting. Unparseable input is returned as it is (libpq then
+/// reports it).
+pub fn with_options(dsn: &str, extra: &str) -> String {
+    let Ok(mut pairs) = parse(dsn) else {
+        return dsn.to_owned();
+    };
+    match pairs.iter_mut().rev().find(|p| p.key == "options") {
+        Some(p) if !p.value.trim().is_empty() => p.value = format!("{} {extra}", p.value.trim()),
+        Some(p) => p.value = extra.to_owned(),
+        None => pairs.push(Pair {
+            key: "options".into(),
+            value: extra.to_owned(),
+        }),
+    }
+    render(&pairs)
+}
+
 /// For connection options naming several hosts (comma-separated `host` and/or
 /// `hostaddr`, with one `port` or one per host, as libpq takes them): one set of options
 /// per host, in the order libpq tries them, each with that host's `host`, `hostaddr` and
@@ -283,6 +327,31 @@ mod tests {
 
     fn split(dsn: &str) -> Result<Option<Vec<String>>, String> {
         split_hosts(&parse(dsn).unwrap()).map(|o| o.map(|v| v.iter().map(|p| render(p)).collect()))
+    }
+
+    #[test]
+    fn peer_session_options_are_added_after_the_dsns_own() {
+        let x = "-c datestyle=ISO -c timezone=UTC";
+        assert_eq!(
+            with_options("host=a dbname=x", x),
+            "host=a dbname=x options='-c datestyle=ISO -c timezone=UTC'"
+        );
+        // The DSN's own options stay, ours come after them (the later -c wins).
+        let got = with_options("host=a options='-c statement_timeout=0' password='p w'", x);
+        assert_eq!(
+            get(&got, "options").unwrap(),
+            "-c statement_timeout=0 -c datestyle=ISO -c timezone=UTC"
+        );
+        assert_eq!(get(&got, "password").unwrap(), "p w");
+        assert_eq!(get(&with_options("options=''", x), "options").unwrap(), x);
+        // libpq reads the options with its own parser: one value, spaces quoted.
+        let all = peer_session_options();
+        assert_eq!(parse(&with_options("dbname=x", &all)).unwrap().len(), 2);
+        assert!(
+            all.starts_with("-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3")
+        );
+        // Not ours to rewrite: a URI is left to libpq.
+        assert_eq!(with_options("postgresql://a/x", x), "postgresql://a/x");
     }
 
     #[test]

@@ -726,3 +726,186 @@ fn drained_schema_changes_of_one_node_run_one_at_a_time() {
     wait_for_catchup(&c);
     assert!(assert_same_shape(&c, "t1").contains("d integer"));
 }
+
+/// Every row of `v` and the schema the nodes gave it, as text read under one fixed set of
+/// session settings (each node's own would print the same value differently).
+fn canonical(n: &Node) -> String {
+    let mut client = n.connect();
+    client
+        .batch_execute(
+            "SET DateStyle = ISO; SET TimeZone = UTC; SET IntervalStyle = postgres; \
+             SET extra_float_digits = 3; SET bytea_output = hex;",
+        )
+        .unwrap();
+    let rows: String = client
+        .query_one(
+            "SELECT coalesce(string_agg(t::text, E'\\n' ORDER BY id), '') FROM v t",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let schema: String = client
+        .query_one(
+            "SELECT (SELECT string_agg(a.attname || ' ' || pg_get_expr(d.adbin, d.adrelid), '; ' ORDER BY a.attnum)
+                       FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+                      WHERE d.adrelid = 'v'::regclass)
+                    || ' | ' ||
+                    (SELECT string_agg(pg_get_constraintdef(oid), '; ' ORDER BY conname)
+                       FROM pg_constraint WHERE conrelid = 'v'::regclass AND contype = 'c')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    format!("{schema}\n{rows}")
+}
+
+#[test]
+fn nodes_configured_with_other_date_styles_and_time_zones_keep_the_same_values_and_schema() {
+    let c = Cluster::builder().name("ddl_settings").nodes(3).start();
+    let (a, b, x) = (c.node(0), c.node(1), c.node(2));
+    // Three servers configured three ways: what a value's text says, and how a statement's
+    // literal reads, depend on these.
+    for (key, value) in [
+        ("datestyle", "'SQL, DMY'"),
+        ("intervalstyle", "'sql_standard'"),
+        ("extra_float_digits", "0"),
+        ("timezone", "'America/New_York'"),
+        ("bytea_output", "'escape'"),
+    ] {
+        a.set_conf(key, value);
+    }
+    for (key, value) in [
+        ("datestyle", "'German, DMY'"),
+        ("intervalstyle", "'iso_8601'"),
+        ("extra_float_digits", "-3"),
+        ("timezone", "'Asia/Kolkata'"),
+    ] {
+        b.set_conf(key, value);
+    }
+    for n in c.nodes() {
+        n.reload();
+        n.execute(
+            "CREATE EXTENSION bdr; CREATE ROLE app LOGIN; GRANT CREATE ON SCHEMA public TO app;",
+        );
+    }
+    a.execute(&format!(
+        "SELECT bdr.group_create(local_node_name := 'node1', node_external_dsn := '{}')",
+        a.dsn()
+    ));
+    pg_test::bdr::join(b, a);
+    // node3 joins later (wait_for_catchup counts only running nodes).
+    x.stop();
+
+    // A table made on node1 under its own settings: '03/01/2024' is 3 January there, and
+    // midnight is New York's.
+    let mut app = a.connect_as("app");
+    app.batch_execute(
+        "CREATE TABLE v (id int PRIMARY KEY, d date, ts timestamp, tz timestamptz,
+                         iv interval, f float8, r real, by bytea,
+                         d2 date DEFAULT '03/01/2024',
+                         tz2 timestamptz DEFAULT '2024-01-01 00:00',
+                         CHECK (tz IS NULL OR tz > '02/01/2000 00:00'));
+         INSERT INTO v (id, d, ts, tz, iv, f, r, by) VALUES
+           (1, '2024-01-03', '2024-01-03 04:05:06.789', '2024-01-03 04:05:06.789+02',
+            '1 year -2 mons +3 days -04:05:06', 1/3::float8, 0.1::real, '\\x00ff27'::bytea),
+           (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+         -- As a pg_dump restore runs: a function body naming a table created after it.
+         SET check_function_bodies = off;
+         CREATE FUNCTION v_later() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM later_t';
+         CREATE TABLE later_t (id int PRIMARY KEY);",
+    )
+    .unwrap();
+    wait_until("v, v_later and later_t on node2", CATCHUP, || {
+        b.query_scalar::<bool>("SELECT to_regclass('public.later_t') IS NOT NULL")
+    });
+    b.connect_as("app")
+        .batch_execute(
+            "INSERT INTO v (id, d, ts, tz, iv, f, r, by) VALUES
+               (3, '2023-12-11', '2023-12-11 23:59:59', '2023-12-11 23:59:59-08',
+                '-1 days +02:03:04', 2/3::float8, 1e-20::real, '\\xdeadbeef'::bytea),
+               (4, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+             -- A change made under a session's own settings: '03/01/2024' is 1 March
+             -- here, and noon is Auckland's.
+             SET DateStyle = 'Postgres, MDY'; SET TimeZone = 'Pacific/Auckland';
+             ALTER TABLE v ADD COLUMN d3 date DEFAULT '03/01/2024',
+                           ADD COLUMN tz3 timestamptz DEFAULT '2024-06-01 12:00';",
+        )
+        .unwrap();
+    wait_for_catchup(&c);
+    for n in [a, b] {
+        assert_eq!(
+            n.query_scalar::<i64>("SELECT coalesce(sum(errors), 0)::int8 FROM bdr.apply_stats()"),
+            0,
+            "a change failed on {}",
+            n.name()
+        );
+    }
+    b.query_scalar::<i64>("SELECT v_later()");
+
+    // The node that joins now copies node1's rows as node1 prints them.
+    x.start();
+    pg_test::bdr::join(x, a);
+    x.connect_as("app")
+        .batch_execute(
+            "INSERT INTO v (id, d, tz, iv, f) VALUES
+               (5, '2022-02-03', '2022-02-03 10:00+00', '3 mons -1 days', 0.1::float8 + 0.2);
+             INSERT INTO v (id) VALUES (6);",
+        )
+        .unwrap();
+    // The joined node's copy of the schema belongs to the same roles: the owner's next
+    // change runs there as the owner (copied as the joining superuser's, it failed there
+    // with "must be owner of table v" and held node1's stream).
+    assert_eq!(
+        x.query_scalar::<String>("SELECT tableowner::text FROM pg_tables WHERE tablename = 'v'"),
+        "app"
+    );
+    app.batch_execute("ALTER TABLE v ADD COLUMN note text; UPDATE v SET note = 'n' WHERE id = 6;")
+        .unwrap();
+    wait_for_catchup(&c);
+    assert_eq!(total_apply_errors(&c), 0);
+
+    let want = canonical(a);
+    for n in [b, x] {
+        assert_eq!(canonical(n), want, "{} differs from node1", n.name());
+    }
+    // And it is what each statement meant where it ran.
+    let mut s = x.connect();
+    s.batch_execute(
+        "SET DateStyle = ISO; SET TimeZone = UTC; SET IntervalStyle = postgres; \
+         SET extra_float_digits = 3;",
+    )
+    .unwrap();
+    let mut row = |id: i32| -> String {
+        s.query_one(
+            "SELECT concat_ws(' ', d, ts, tz, iv, f, r, encode(by, 'hex'), d2, tz2, d3, tz3) \
+             FROM v WHERE id = $1",
+            &[&id],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(
+        row(1),
+        "2024-01-03 2024-01-03 04:05:06.789 2024-01-03 02:05:06.789+00 \
+         10 mons 3 days -04:05:06 0.3333333333333333 0.1 00ff27 \
+         2024-01-03 2024-01-01 05:00:00+00 2024-03-01 2024-06-01 00:00:00+00"
+    );
+    assert_eq!(
+        row(3),
+        "2023-12-11 2023-12-11 23:59:59 2023-12-12 07:59:59+00 -1 days +02:03:04 \
+         0.6666666666666666 1e-20 deadbeef 2024-01-03 2024-01-01 05:00:00+00 \
+         2024-03-01 2024-06-01 00:00:00+00"
+    );
+    assert_eq!(
+        row(5),
+        "2022-02-03 2022-02-03 10:00:00+00 3 mons -1 days 0.30000000000000004 \
+         2024-01-03 2024-01-01 05:00:00+00 2024-03-01 2024-06-01 00:00:00+00"
+    );
+    assert!(
+        want.contains("(tz > '2000-01-02 05:00:00+00'::timestamp with time zone)"),
+        "{want}"
+    );
+    for n in c.nodes() {
+        assert_eq!(n.query_scalar::<i64>("SELECT v_later()"), 0, "{}", n.name());
+    }
+}

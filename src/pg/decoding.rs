@@ -64,7 +64,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgList;
 use std::cell::{Cell, RefCell};
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int, CStr, CString};
 
 /// Per-decoding-context state, owned by `ctx->output_plugin_private`.
 struct State {
@@ -185,6 +185,25 @@ unsafe extern "C-unwind" fn startup_cb(
     };
     let opts = DecodeOptions::parse(parsed.iter().map(|(n, v)| (n.as_str(), v.as_deref())))
         .unwrap_or_else(|e| error::raise(&e));
+
+    // Values leave as text in one form whatever this server's configuration says (a
+    // receiver of any release then reads them right). Only in a walsender: the SQL
+    // decoding functions run in a user's session, whose settings are the user's.
+    // SAFETY: a plain read of a flag set at connection start; SetConfigOption takes valid
+    // C strings and raises an ERROR on a bad value (these are all valid).
+    unsafe {
+        if pg_sys::am_walsender {
+            for (name, value) in bdr_core::dsn::PEER_TEXT_SETTINGS {
+                let (n, v) = (CString::new(name).unwrap(), CString::new(value).unwrap());
+                pg_sys::SetConfigOption(
+                    n.as_ptr(),
+                    v.as_ptr(),
+                    pg_sys::GucContext::PGC_SUSET,
+                    pg_sys::GucSource::PGC_S_SESSION,
+                );
+            }
+        }
+    }
 
     // SAFETY: ctx and opt are valid for the duration of the call; the memory context is
     // a child of the decoding context and goes away with it.
@@ -430,6 +449,8 @@ unsafe extern "C-unwind" fn change_cb(
                         role: col("role_name"),
                         search_path: col("search_path"),
                         command: col("command"),
+                        // Absent from a queue of a release before 0.2.0.
+                        settings: serde_json::from_str(&col("settings")).unwrap_or_default(),
                     };
                     (
                         bdr_core::ddl::DDL_PREFIX,

@@ -425,6 +425,9 @@ impl Conn {
         let safe_dsn = dsn::redact(conninfo);
         let full = dsn::with_default(conninfo, "connect_timeout", "10");
         let full = dsn::with_default(&full, "application_name", application_name);
+        // Every value the other node sends as text in one form, whatever its own
+        // configuration (dates in ISO order, all of a float's digits...).
+        let full = dsn::with_options(&full, &dsn::peer_session_options());
         let c = CString::new(full).map_err(|_| LibpqError::Connect {
             dsn: safe_dsn.clone(),
             message: "connection string contains a NUL byte".into(),

@@ -412,6 +412,23 @@ pub fn set_config(name: &str, value: &str) {
     }
 }
 
+/// Set a GUC for this session as `SET` would (source `session`): unlike [`set_config`]'s,
+/// a later `set_config(name, value, true)` in a transaction may change it for that
+/// transaction (a replicated statement's own settings, `crate::ddl::apply`).
+pub fn set_session_config(name: &str, value: &str) {
+    let n = CString::new(name).unwrap();
+    let v = CString::new(value).unwrap();
+    // SAFETY: valid C strings; SetConfigOption raises an ERROR on a bad value.
+    unsafe {
+        pg_sys::SetConfigOption(
+            n.as_ptr(),
+            v.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+        );
+    }
+}
+
 /// The current value of GUC `name` as text (`None` if there is no such setting).
 pub fn get_config(name: &str) -> Option<String> {
     let n = CString::new(name).ok()?;

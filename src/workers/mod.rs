@@ -30,9 +30,21 @@ pub mod writer;
 /// - `deadlock_timeout` is a fifth of the server's (at most 200 ms): in a deadlock between
 ///   applied changes and local transactions, the process that checks first is the one
 ///   PostgreSQL rolls back, so it is the apply side (which retries, or falls back for a
-///   streamed transaction) rather than the application's transaction.
+///   streamed transaction) rather than the application's transaction;
+/// - column values, which travel as text, are read in the form the peer sends them
+///   (`bdr_core::dsn::PEER_TEXT_SETTINGS`), whatever this server's own `DateStyle`,
+///   `IntervalStyle`, `xmloption` or `lc_monetary` say. Set as a session's `SET` would, so
+///   a replicated statement can run under its origin's values for its own duration.
 pub(crate) fn applying_settings() {
-    use crate::pg::xact::set_config;
+    use crate::pg::xact::{set_config, set_session_config};
+    for (name, value) in [
+        ("DateStyle", "ISO"),
+        ("IntervalStyle", "postgres"),
+        ("xmloption", "content"),
+        ("lc_monetary", "C"),
+    ] {
+        set_session_config(name, value);
+    }
     set_config("session_replication_role", "replica");
     set_config("synchronous_commit", "off");
     let server = crate::pg::xact::deadlock_timeout_ms();

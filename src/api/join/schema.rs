@@ -1,6 +1,10 @@
 //! Step 6's schema half: the join source's schema, as of the join snapshot, copied into
 //! the joining node with `pg_dump --schema-only --snapshot` piped into `psql` (no
-//! publications; the extension's own objects are left out).
+//! publications; the extension's own objects are left out), owners and privileges
+//! included: the joined node's objects belong to the roles they belong to on every other
+//! member (an application role can write there, a replicated `ALTER TABLE` of a table's
+//! owner runs there as that owner, and apply runs as it). Until session 29 they were
+//! copied without (`--no-owner --no-privileges`): the joining role owned everything.
 //!
 //! Invariant: passwords never reach a command line or an error message (the DSN goes
 //! through a private temporary service file; errors are redacted).
@@ -71,8 +75,6 @@ pub(super) fn copy_schema(
     let mut dump = dump
         .args([
             "--schema-only",
-            "--no-owner",
-            "--no-privileges",
             "--no-publications",
             "--no-subscriptions",
             "--exclude-schema=bdr",
@@ -100,7 +102,8 @@ pub(super) fn copy_schema(
     }
     if !restore.status.success() {
         return Err(format!(
-            "restoring the schema failed: {}",
+            "restoring the schema failed (every role that owns or was granted an object \
+             there must exist here: roles do not replicate): {}",
             String::from_utf8_lossy(&restore.stderr).trim()
         ));
     }
