@@ -111,12 +111,28 @@ pub enum PerNodeValues {
     /// `ADD COLUMN` with a default that is not immutable (`now()`, `random()`,
     /// `gen_random_uuid()`, `nextval()`...).
     Default { column: String },
+    /// `ADD COLUMN` of a date/time type with a default literal PostgreSQL reads from the
+    /// clock as the statement runs (`DEFAULT 'now'`, `'today'::date`): see [`reads_clock`].
+    ClockLiteral { column: String },
     /// `ADD COLUMN` of type `serial`, `bigserial` or `smallserial`.
     Serial { column: String },
     /// `ADD COLUMN ... GENERATED ... AS IDENTITY`.
     Identity { column: String },
     /// `ALTER COLUMN ... TYPE ... USING` an expression that is not immutable.
     Using { column: String },
+}
+
+/// Whether a date/time literal is one PostgreSQL reads from the clock (`now`, `today`,
+/// `tomorrow`, `yesterday`, alone or with a time: `'today 08:00'`): a default written so
+/// is a constant fixed as the statement runs, which each node runs at its own moment.
+pub fn reads_clock(literal: &str) -> bool {
+    literal
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .any(|w| {
+            ["now", "today", "tomorrow", "yesterday"]
+                .iter()
+                .any(|k| w.eq_ignore_ascii_case(k))
+        })
 }
 
 /// Why a statement is refused, and what to do instead.
@@ -146,6 +162,13 @@ impl PerNodeValues {
                 format!(
                     "column \"{column}\" is added to {table} with a default that is not \
                      immutable (such as now(), random() or nextval())"
+                ),
+                FILL_BY_UPDATE_HINT,
+            ),
+            PerNodeValues::ClockLiteral { column } => (
+                format!(
+                    "column \"{column}\" is added to {table} with a default literal read from \
+                     the clock as the statement runs (such as 'now' or 'today')"
                 ),
                 FILL_BY_UPDATE_HINT,
             ),
@@ -372,6 +395,10 @@ mod tests {
                 "column \"created_at\" is added to public.t with a default that is not immutable",
             ),
             (
+                PerNodeValues::ClockLiteral { column: "d".into() },
+                "column \"d\" is added to public.t with a default literal read from the clock",
+            ),
+            (
                 PerNodeValues::Serial { column: "n".into() },
                 "serial column \"n\" is added to public.t",
             ),
@@ -414,6 +441,33 @@ mod tests {
             }),
             Decision::Local
         );
+    }
+
+    #[test]
+    fn literals_read_from_the_clock_are_told_from_fixed_ones() {
+        for l in [
+            "now",
+            " NOW ",
+            "today",
+            "Tomorrow",
+            "yesterday",
+            "today 08:00",
+            "2024-01-01,now",
+        ] {
+            assert!(reads_clock(l), "{l}");
+        }
+        for l in [
+            "2024-01-01",
+            "epoch",
+            "infinity",
+            "-infinity",
+            "allballs",
+            "nowhere",
+            "",
+            "snow",
+        ] {
+            assert!(!reads_clock(l), "{l}");
+        }
     }
 
     #[test]

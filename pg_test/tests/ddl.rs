@@ -455,6 +455,14 @@ fn a_change_whose_values_each_node_would_compute_is_refused_while_the_table_has_
             "column \"d\" is added",
         ),
         (
+            "ALTER TABLE mig ADD COLUMN seen timestamptz DEFAULT 'now'",
+            "column \"seen\" is added to \"public\".\"mig\" with a default literal read from the clock",
+        ),
+        (
+            "ALTER TABLE mig ADD COLUMN day date NOT NULL DEFAULT 'today'::date",
+            "column \"day\" is added",
+        ),
+        (
             "ALTER TABLE mig ADD COLUMN seq bigserial",
             "serial column \"seq\" is added",
         ),
@@ -490,9 +498,12 @@ fn a_change_whose_values_each_node_would_compute_is_refused_while_the_table_has_
     b.connect_as("app")
         .batch_execute("INSERT INTO mig VALUES (22, 22, 'after on node2')")
         .unwrap();
-    // Immutable defaults and USING replicate as before.
+    // Immutable defaults and USING replicate as before, and so do fixed date/time literals
+    // and 'now' as text.
     app.batch_execute(
-        "ALTER TABLE mig ADD COLUMN flag int NOT NULL DEFAULT 0;
+        "ALTER TABLE mig ADD COLUMN since timestamptz DEFAULT '2024-01-01 00:00',
+                         ADD COLUMN word text DEFAULT 'now';
+         ALTER TABLE mig ADD COLUMN flag int NOT NULL DEFAULT 0;
          ALTER TABLE mig ALTER COLUMN n TYPE bigint USING n::bigint * 2;",
     )
     .unwrap();

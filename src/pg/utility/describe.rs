@@ -188,6 +188,9 @@ unsafe fn per_node_values(
                     if !default.is_null() && mutable(default, None) {
                         return Some(PerNodeValues::Default { column });
                     }
+                    if !default.is_null() && clock_literal(default, (*d).typeName) {
+                        return Some(PerNodeValues::ClockLiteral { column });
+                    }
                 }
                 At::AT_AlterColumnType
                     if !(*d).raw_default.is_null()
@@ -260,6 +263,67 @@ unsafe fn is_serial(t: *mut pg_sys::TypeName) -> bool {
             "smallserial" | "serial2" | "serial" | "serial4" | "bigserial" | "serial8"
         )
     }
+}
+
+/// Whether a raw column default is a date/time literal read from the clock as the
+/// statement runs (`bdr_core::ddl::reads_clock`): `'now'` for a column of a date/time type
+/// (or a domain over one), or `'today'::date`. PostgreSQL turns it into a constant while
+/// transforming it, so [`mutable`] cannot see it.
+///
+/// # Safety
+/// Inside a transaction; `raw` is a valid raw expression, `column_type` NULL or a valid
+/// TypeName.
+unsafe fn clock_literal(raw: *mut pg_sys::Node, column_type: *mut pg_sys::TypeName) -> bool {
+    use pg_sys::NodeTag::{T_A_Const, T_String, T_TypeCast};
+    // SAFETY: each cast follows the node's tag; an A_Const's `val` is a String node when
+    // its tag says so.
+    unsafe {
+        let (literal, ty) = match (*raw).type_ {
+            T_A_Const => (raw as *mut pg_sys::A_Const, column_type),
+            T_TypeCast => {
+                let cast = raw as *mut pg_sys::TypeCast;
+                if (*cast).arg.is_null() || (*(*cast).arg).type_ != T_A_Const {
+                    return false;
+                }
+                ((*cast).arg as *mut pg_sys::A_Const, (*cast).typeName)
+            }
+            _ => return false,
+        };
+        if (*literal).isnull || (*literal).val.node.type_ != T_String {
+            return false;
+        }
+        bdr_core::ddl::reads_clock(&cstr((*literal).val.sval.sval)) && is_date_time(ty)
+    }
+}
+
+/// Whether a type name names a date/time type, or a domain over one (a name that names no
+/// type: no; the statement then fails as PostgreSQL says).
+///
+/// # Safety
+/// Inside a transaction; `t` is NULL or a valid TypeName.
+unsafe fn is_date_time(t: *mut pg_sys::TypeName) -> bool {
+    if t.is_null() {
+        return false;
+    }
+    // SAFETY: a cache lookup that returns NULL when missing_ok; the tuple is released.
+    let oid = unsafe {
+        let mut typmod = 0;
+        let tuple = pg_sys::LookupTypeName(std::ptr::null_mut(), t, &mut typmod, true);
+        if tuple.is_null() {
+            return false;
+        }
+        let oid = pg_sys::typeTypeId(tuple);
+        pg_sys::ReleaseSysCache(tuple);
+        pg_sys::getBaseType(oid)
+    };
+    [
+        pg_sys::DATEOID,
+        pg_sys::TIMEOID,
+        pg_sys::TIMETZOID,
+        pg_sys::TIMESTAMPOID,
+        pg_sys::TIMESTAMPTZOID,
+    ]
+    .contains(&oid)
 }
 
 /// Whether a raw (untransformed) expression calls anything that is not immutable, once
