@@ -184,3 +184,27 @@ CREATE EVENT TRIGGER bdr_new_tables ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
     EXECUTE FUNCTION bdr.on_ddl_command_end();
 ALTER EVENT TRIGGER bdr_new_tables ENABLE ALWAYS;
+
+-- Sequences made `offset` before 0.2.0 (increment 1024) kept START 1, so a replicated
+-- TRUNCATE ... RESTART IDENTITY or an ALTER SEQUENCE ... RESTART took every node back to
+-- 1, 1025, ... and the nodes' keys collided. Each one's START becomes its own node's first
+-- value (the residue its values keep), as 0.2.0 sets it when it makes a sequence `offset`.
+-- Run on each node by its own ALTER EXTENSION UPDATE: not replicated.
+DO $$
+DECLARE
+    s record;
+    last bigint;
+    first bigint;
+BEGIN
+    FOR s IN SELECT q.seqrelid::regclass AS seq, q.seqmin
+               FROM pg_catalog.pg_sequence q
+              WHERE q.seqincrement = 1024 AND q.seqstart = 1
+    LOOP
+        EXECUTE format('SELECT last_value FROM %s', s.seq) INTO last;
+        first := (last - 1) % 1024 + 1;
+        IF last > 1 AND first > 1 AND first >= s.seqmin THEN
+            EXECUTE format('ALTER SEQUENCE %s START WITH %s', s.seq, first);
+        END IF;
+    END LOOP;
+END
+$$;
