@@ -64,7 +64,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgList;
 use std::cell::{Cell, RefCell};
-use std::ffi::{c_char, c_int, CStr, CString};
+use std::ffi::{c_char, c_int, CStr};
 
 /// Per-decoding-context state, owned by `ctx->output_plugin_private`.
 struct State {
@@ -189,19 +189,10 @@ unsafe extern "C-unwind" fn startup_cb(
     // Values leave as text in one form whatever this server's configuration says (a
     // receiver of any release then reads them right). Only in a walsender: the SQL
     // decoding functions run in a user's session, whose settings are the user's.
-    // SAFETY: a plain read of a flag set at connection start; SetConfigOption takes valid
-    // C strings and raises an ERROR on a bad value (these are all valid).
-    unsafe {
-        if pg_sys::am_walsender {
-            for (name, value) in bdr_core::dsn::PEER_TEXT_SETTINGS {
-                let (n, v) = (CString::new(name).unwrap(), CString::new(value).unwrap());
-                pg_sys::SetConfigOption(
-                    n.as_ptr(),
-                    v.as_ptr(),
-                    pg_sys::GucContext::PGC_SUSET,
-                    pg_sys::GucSource::PGC_S_SESSION,
-                );
-            }
+    // SAFETY: a plain read of a flag set at connection start.
+    if unsafe { pg_sys::am_walsender } {
+        for (name, value) in bdr_core::dsn::PEER_TEXT_SETTINGS {
+            crate::pg::xact::set_session_config(name, value);
         }
     }
 

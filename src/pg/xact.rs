@@ -399,23 +399,17 @@ pub fn deadlock_timeout_ms() -> i32 {
 
 /// Set a GUC for this session with superuser rights.
 pub fn set_config(name: &str, value: &str) {
-    let n = CString::new(name).unwrap();
-    let v = CString::new(value).unwrap();
-    // SAFETY: valid C strings; SetConfigOption raises an ERROR on a bad value.
-    unsafe {
-        pg_sys::SetConfigOption(
-            n.as_ptr(),
-            v.as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
-    }
+    set_option(name, value, pg_sys::GucSource::PGC_S_OVERRIDE);
 }
 
 /// Set a GUC for this session as `SET` would (source `session`): unlike [`set_config`]'s,
 /// a later `set_config(name, value, true)` in a transaction may change it for that
 /// transaction (a replicated statement's own settings, `crate::ddl::apply`).
 pub fn set_session_config(name: &str, value: &str) {
+    set_option(name, value, pg_sys::GucSource::PGC_S_SESSION);
+}
+
+fn set_option(name: &str, value: &str, source: pg_sys::GucSource::Type) {
     let n = CString::new(name).unwrap();
     let v = CString::new(value).unwrap();
     // SAFETY: valid C strings; SetConfigOption raises an ERROR on a bad value.
@@ -424,7 +418,7 @@ pub fn set_session_config(name: &str, value: &str) {
             n.as_ptr(),
             v.as_ptr(),
             pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_SESSION,
+            source,
         );
     }
 }
